@@ -1,0 +1,3 @@
+from jvpn_trio.cli import main
+
+raise SystemExit(main())
