@@ -1,0 +1,174 @@
+"""The policy: every bound, threshold, interval and window the system uses.
+
+Spec section 8 requires MaxRecoveryWindowMs, MaxSwitchesPerMinute,
+TransportLossTTL, SessionTTL and loss/latency/jitter thresholds, and requires
+the policy to be deterministic and reproducible.  So: one frozen record,
+validated field by field at construction and across fields in
+``__attrs_post_init__``, with units in every name, and a fingerprint (a hash
+of its canonical form) that every event carries, so a recorded run can be
+replayed under exactly the policy that produced it.
+
+Nothing else in the code base holds a threshold: if a number decides
+behaviour, it is a field here or a named protocol constant in ``wire.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+import attrs
+
+#: Property 6 counts switches "per minute": the rate window is that minute.
+SWITCH_RATE_WINDOW_S = 60.0
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used; the message names the field and the problem."""
+
+
+def _int_range(lo: int, hi: int):  # type: ignore[no-untyped-def]
+    def check(_inst: object, attribute: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise PolicyError(f"{attribute.name}: expected an integer, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise PolicyError(f"{attribute.name}: {value} is out of range {lo}..{hi}")
+
+    return check
+
+
+def _float_range(lo: float, hi: float):  # type: ignore[no-untyped-def]
+    def check(_inst: object, attribute: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise PolicyError(f"{attribute.name}: expected a number, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise PolicyError(f"{attribute.name}: {value} is out of range {lo}..{hi}")
+
+    return check
+
+
+def _to_float(value: object) -> object:
+    # TOML integers are fine where a float is expected; anything else is left
+    # for the validator to reject with a clear message.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+DAY_S = 86_400
+HOUR_MS = 3_600_000
+
+
+@attrs.frozen(kw_only=True)
+class Policy:
+    """All bounds of a session.  Defaults are the documented laptop policy (docs/policy.md)."""
+
+    # -- spec section 8 ------------------------------------------------------
+    max_recovery_window_ms: int = attrs.field(default=3_000, validator=_int_range(1, HOUR_MS))
+    max_switches_per_minute: int = attrs.field(default=6, validator=_int_range(1, 600))
+    transport_loss_ttl_ms: int = attrs.field(default=30_000, validator=_int_range(1, HOUR_MS))
+    session_ttl_s: int = attrs.field(default=43_200, validator=_int_range(1, 30 * DAY_S))
+    loss_threshold_pct: float = attrs.field(
+        default=10.0, converter=_to_float, validator=_float_range(0.1, 100.0)
+    )
+    latency_threshold_ms: float = attrs.field(
+        default=400.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
+    )
+    jitter_threshold_ms: float = attrs.field(
+        default=100.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
+    )
+    # -- probing and health ----------------------------------------------------
+    probe_interval_ms: int = attrs.field(default=50, validator=_int_range(1, 60_000))
+    probe_timeout_ms: int = attrs.field(default=150, validator=_int_range(1, 60_000))
+    dead_after_missed_probes: int = attrs.field(default=3, validator=_int_range(1, 1_000))
+    loss_window_probes: int = attrs.field(default=20, validator=_int_range(2, 10_000))
+    # -- hysteresis ------------------------------------------------------------
+    healthy_below_fraction: float = attrs.field(
+        default=0.8, converter=_to_float, validator=_float_range(0.05, 1.0)
+    )
+    min_dwell_ms: int = attrs.field(default=2_000, validator=_int_range(0, HOUR_MS))
+    return_dwell_ms: int = attrs.field(default=5_000, validator=_int_range(0, HOUR_MS))
+    # -- reattach and anti-replay ------------------------------------------------
+    reattach_timeout_ms: int = attrs.field(default=250, validator=_int_range(1, 60_000))
+    freshness_window_ms: int = attrs.field(default=5_000, validator=_int_range(1, HOUR_MS))
+    replay_window_packets: int = attrs.field(default=8_192, validator=_int_range(2_048, 1 << 20))
+    # -- handshake and key rotation (WireGuard's timers, made policy) ----------
+    handshake_retry_ms: int = attrs.field(default=1_000, validator=_int_range(1, 60_000))
+    rekey_after_s: int = attrs.field(default=120, validator=_int_range(1, DAY_S))
+    reject_after_s: int = attrs.field(default=180, validator=_int_range(1, DAY_S))
+    rekey_after_messages: int = attrs.field(default=1 << 60, validator=_int_range(1, 1 << 62))
+    reject_after_messages: int = attrs.field(
+        default=(1 << 64) - (1 << 13) - 1, validator=_int_range(2, (1 << 64) - 1)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        problems = list(self._inconsistencies())
+        if problems:
+            raise PolicyError("; ".join(problems))
+
+    def _inconsistencies(self):  # type: ignore[no-untyped-def]
+        if self.transport_loss_ttl_ms < 2 * self.probe_interval_ms:
+            yield (
+                f"transport_loss_ttl_ms ({self.transport_loss_ttl_ms}) is under two probe intervals "
+                f"({2 * self.probe_interval_ms}): a healthy path would be declared dead between probes"
+            )
+        detect_ms = self.death_detection_bound_ms
+        if detect_ms > self.transport_loss_ttl_ms:
+            yield (
+                f"dead_after_missed_probes x probe_interval_ms + probe_timeout_ms ({detect_ms}) exceeds "
+                f"transport_loss_ttl_ms ({self.transport_loss_ttl_ms}): probing could not detect death in time"
+            )
+        if self.max_recovery_window_ms > self.transport_loss_ttl_ms:
+            yield (
+                f"max_recovery_window_ms ({self.max_recovery_window_ms}) exceeds transport_loss_ttl_ms "
+                f"({self.transport_loss_ttl_ms}): DEGRADED could never be reached before termination"
+            )
+        if self.reattach_timeout_ms >= self.max_recovery_window_ms:
+            yield (
+                f"reattach_timeout_ms ({self.reattach_timeout_ms}) must be under max_recovery_window_ms "
+                f"({self.max_recovery_window_ms}) so recovery can try at least once"
+            )
+        if self.session_ttl_s * 1000 <= self.transport_loss_ttl_ms:
+            yield "session_ttl_s must be longer than transport_loss_ttl_ms"
+        if self.rekey_after_s >= self.reject_after_s:
+            yield f"rekey_after_s ({self.rekey_after_s}) must be under reject_after_s ({self.reject_after_s})"
+        if self.rekey_after_messages >= self.reject_after_messages:
+            yield "rekey_after_messages must be under reject_after_messages"
+        if self.loss_window_probes < self.dead_after_missed_probes:
+            yield "loss_window_probes must be at least dead_after_missed_probes"
+        if self.replay_window_packets % 64:
+            yield f"replay_window_packets ({self.replay_window_packets}) must be a multiple of 64"
+
+    # -- derived values (seconds, for the core's float clock) ------------------
+    @property
+    def death_detection_bound_ms(self) -> int:
+        """Worst case from the last delivered probe until MISSED_PROBES fires."""
+        return self.dead_after_missed_probes * self.probe_interval_ms + self.probe_timeout_ms
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over the canonical JSON form: names the policy in every event."""
+        blob = json.dumps(self.to_mapping(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_mapping(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Policy:
+        """Build from a parsed mapping (a TOML ``[policy]`` table); unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"policy must be a table, got {type(data).__name__}")
+        known = {a.name for a in attrs.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PolicyError(f"unknown policy key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # attrs raises TypeError for a bad call shape
+            raise PolicyError(str(exc)) from exc
+
+
+#: The documented laptop default (docs/policy.md).
+DEFAULT_POLICY = Policy()
