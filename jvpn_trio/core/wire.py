@@ -1,0 +1,838 @@
+"""Every message jvpn-trio puts on the wire: fixed layouts, strict parsing.
+
+Theory of operation
+-------------------
+Each datagram starts with a two-byte header, ``[version][type]``.  There are
+two families of messages:
+
+* Handshake messages (``HANDSHAKE_INIT``, ``HANDSHAKE_RESP``) have one fixed
+  length each; their encrypted fields are produced and consumed by
+  ``handshake.py``.  Their plaintext payloads (:class:`InitPayload`,
+  :class:`RespPayload`) have codecs here too, so every byte layout lives in
+  one file.
+* Transport messages (``DATA`` and everything after it) share one outer
+  framing, :class:`TransportFrame`: a 16-byte header
+  ``[version][type][0][0][receiver_index u32][counter u64]`` followed by AEAD
+  ciphertext and tag.  The header is the AEAD associated data, so a flipped
+  type, index or counter fails authentication.  The outer framing is parsed
+  without keys: cheap length and type checks come first, before any
+  cryptography (wireguard-go's receive order, docs/wire-format.md).  The
+  inner plaintext of each type has its own codec pair
+  (``encode_probe_plaintext`` / ``decode_probe_plaintext_untrusted`` ...),
+  used after ``KeyRing.open`` has authenticated the frame.
+
+Every layout is fixed, so lengths are checked exactly; only ``DATA`` (an IP
+packet of any length up to :data:`MAX_DATA_PLAINTEXT`) and the ``REATTACH``
+metadata (up to :data:`MAX_METADATA`) vary.  Parsers of network bytes end in
+``_untrusted`` and raise exactly one exception type, :class:`BadFrame`, whose
+``reason`` names the check that failed (trio's ``BadPacket`` convention); no
+``struct.error``, ``IndexError`` or other ``ValueError`` can escape them
+(``tests/properties/test_wire_fuzz.py``).  Encoding is canonical:
+``encode(decode(x)) == x`` for every frame that decodes.
+
+Encoders take validated message objects (attrs validators run at
+construction), so they cannot produce a frame the decoders would refuse.
+Integers are big-endian, except the AEAD nonce counter (little-endian, as in
+WireGuard; see ``handshake.aead_nonce``).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from typing import Any, Callable, Mapping, Union
+
+import attrs
+
+from jvpn_trio.core.ids import SESSION_ID_BYTES, PathId, SessionId
+from jvpn_trio.core.states import ReasonCode
+
+# ---------------------------------------------------------------------------
+# Protocol constants
+# ---------------------------------------------------------------------------
+
+#: Byte 0 of every datagram.  A peer speaking another version is refused, never guessed at.
+PROTOCOL_VERSION = 1
+
+#: The largest datagram we ever build or accept (the IPv4 total-length field's limit).
+MAX_DATAGRAM = 65_535
+
+U8_MAX = (1 << 8) - 1
+U16_MAX = (1 << 16) - 1
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
+#: X25519 public keys (ephemeral and static) on the wire.
+KEY_LEN = 32
+#: Poly1305 tag appended by every AEAD seal.
+TAG_LEN = 16
+#: Keyed BLAKE2s-128 MAC over a handshake message (the cheap DoS filter).
+MAC_LEN = 16
+#: TAI64N: 8 bytes of seconds, 4 bytes of nanoseconds.
+TIMESTAMP_LEN = 12
+#: IPv4 tunnel address in the handshake response.
+IPV4_LEN = 4
+#: Largest IPv4 prefix length.
+MAX_IPV4_PREFIX = 32
+#: Bound on the opaque REATTACH metadata (spec 7: "optional metadata"), so the frame stays small.
+MAX_METADATA = 64
+#: ``bound_path_id`` in PROBE_ACK when the session is not bound on any path.
+NO_PATH = 0
+
+
+class MessageType(enum.IntEnum):
+    """Byte 1 of every datagram.  Values are wire format: never renumber."""
+
+    HANDSHAKE_INIT = 1
+    HANDSHAKE_RESP = 2
+    # 3 is reserved for a future cookie reply (WireGuard's type 3); it is refused today.
+    DATA = 4
+    PROBE = 5
+    PROBE_ACK = 6
+    REATTACH = 7
+    REATTACH_ACK = 8
+    REATTACH_REJECT = 9
+    CLOSE = 10
+
+
+HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INIT, MessageType.HANDSHAKE_RESP})
+TRANSPORT_TYPES = frozenset(MessageType) - HANDSHAKE_TYPES
+
+# ---------------------------------------------------------------------------
+# Layouts.  "!" means big-endian with no padding, so sizes are exact.
+# ---------------------------------------------------------------------------
+
+_HEADER = struct.Struct("!BB")
+HEADER_LEN = _HEADER.size  # 2
+
+#: Plaintext of HANDSHAKE_INIT's encrypted payload: TAI64N, rekey session id (zeros = new), path id.
+_INIT_PAYLOAD = struct.Struct(f"!{TIMESTAMP_LEN}s{SESSION_ID_BYTES}sB")
+INIT_PAYLOAD_LEN = _INIT_PAYLOAD.size  # 29
+#: Plaintext of HANDSHAKE_RESP's encrypted payload: session id, state version, tunnel IPv4, prefix.
+_RESP_PAYLOAD = struct.Struct(f"!{SESSION_ID_BYTES}sQ{IPV4_LEN}sB")
+RESP_PAYLOAD_LEN = _RESP_PAYLOAD.size  # 29
+
+ENCRYPTED_STATIC_LEN = KEY_LEN + TAG_LEN  # 48
+ENCRYPTED_INIT_PAYLOAD_LEN = INIT_PAYLOAD_LEN + TAG_LEN  # 45
+ENCRYPTED_RESP_PAYLOAD_LEN = RESP_PAYLOAD_LEN + TAG_LEN  # 45
+
+_HANDSHAKE_INIT = struct.Struct(
+    f"!BBI{KEY_LEN}s{ENCRYPTED_STATIC_LEN}s{ENCRYPTED_INIT_PAYLOAD_LEN}s{MAC_LEN}s"
+)
+HANDSHAKE_INIT_LEN = _HANDSHAKE_INIT.size  # 147
+#: mac1 covers every byte before it.
+HANDSHAKE_INIT_MAC1_OFFSET = HANDSHAKE_INIT_LEN - MAC_LEN
+
+_HANDSHAKE_RESP = struct.Struct(f"!BBII{KEY_LEN}s{ENCRYPTED_RESP_PAYLOAD_LEN}s{MAC_LEN}s")
+HANDSHAKE_RESP_LEN = _HANDSHAKE_RESP.size  # 103
+HANDSHAKE_RESP_MAC1_OFFSET = HANDSHAKE_RESP_LEN - MAC_LEN
+
+#: [version][type][reserved u16 = 0][receiver_index u32][counter u64]: keeps the counter 8-aligned.
+_TRANSPORT_HEADER = struct.Struct("!BBHIQ")
+TRANSPORT_HEADER_LEN = _TRANSPORT_HEADER.size  # 16
+#: Header plus tag: what a transport frame adds to its plaintext.
+TRANSPORT_OVERHEAD = TRANSPORT_HEADER_LEN + TAG_LEN  # 32
+#: An empty DATA frame (a keepalive) is the shortest transport frame.
+MIN_TRANSPORT_LEN = TRANSPORT_OVERHEAD  # 32
+#: The largest IP packet a DATA frame carries.
+MAX_DATA_PLAINTEXT = MAX_DATAGRAM - TRANSPORT_OVERHEAD
+
+_PROBE = struct.Struct("!BIQ")
+PROBE_LEN = _PROBE.size  # 13
+_PROBE_ACK = struct.Struct("!BIQQB")
+PROBE_ACK_LEN = _PROBE_ACK.size  # 22
+_REATTACH_FIXED = struct.Struct(f"!{SESSION_ID_BYTES}sBQQQH")
+REATTACH_MIN_LEN = _REATTACH_FIXED.size  # 43
+REATTACH_MAX_LEN = REATTACH_MIN_LEN + MAX_METADATA  # 107
+_REATTACH_ACK = struct.Struct(f"!{SESSION_ID_BYTES}sQQB")
+REATTACH_ACK_LEN = _REATTACH_ACK.size  # 33
+_REATTACH_REJECT = struct.Struct(f"!{SESSION_ID_BYTES}sQHQ")
+REATTACH_REJECT_LEN = _REATTACH_REJECT.size  # 34
+_CLOSE = struct.Struct(f"!{SESSION_ID_BYTES}sH")
+CLOSE_LEN = _CLOSE.size  # 18
+
+#: Inclusive (min, max) plaintext length per transport type: lets the outer
+#: framing refuse a wrongly sized frame before spending an AEAD open on it.
+PLAINTEXT_LEN_BOUNDS: Mapping[MessageType, tuple[int, int]] = {
+    MessageType.DATA: (0, MAX_DATA_PLAINTEXT),
+    MessageType.PROBE: (PROBE_LEN, PROBE_LEN),
+    MessageType.PROBE_ACK: (PROBE_ACK_LEN, PROBE_ACK_LEN),
+    MessageType.REATTACH: (REATTACH_MIN_LEN, REATTACH_MAX_LEN),
+    MessageType.REATTACH_ACK: (REATTACH_ACK_LEN, REATTACH_ACK_LEN),
+    MessageType.REATTACH_REJECT: (REATTACH_REJECT_LEN, REATTACH_REJECT_LEN),
+    MessageType.CLOSE: (CLOSE_LEN, CLOSE_LEN),
+}
+
+# ---------------------------------------------------------------------------
+# Reason codes on the wire
+# ---------------------------------------------------------------------------
+
+R = ReasonCode
+
+#: REATTACH_REJECT and CLOSE carry a ReasonCode as a u16: its position in this
+#: tuple.  Append only, never reorder or remove: the numbers are wire format
+#: (``tests/data/golden/wire_frames.json`` pins them; docs/wire-format.md lists them).
+#: Position 0 is reserved so an all-zero field is never a valid reason.
+REASON_WIRE_TABLE: tuple[ReasonCode | None, ...] = (
+    None,  # 0: reserved
+    # -- reattach rejections (spec 7, 9, 10) --------------------------------
+    R.REPLAYED_NONCE,  # 1
+    R.STALE_TIMESTAMP,  # 2
+    R.STALE_VERSION,  # 3
+    R.RATE_LIMITED,  # 4
+    R.NOT_OWNER,  # 5
+    R.OWNERSHIP_AMBIGUOUS,  # 6
+    R.SESSION_TERMINATED,  # 7
+    R.UNKNOWN_SESSION,  # 8
+    R.SESSION_MISMATCH,  # 9
+    R.ALREADY_BOUND,  # 10
+    # -- terminations (Property 10) -----------------------------------------
+    R.SESSION_TTL_EXPIRED,  # 11
+    R.TRANSPORT_LOSS_TTL_EXPIRED,  # 12
+    R.KEY_EXHAUSTED,  # 13
+    R.OWNERSHIP_LOST,  # 14
+    R.LOCAL_CLOSE,  # 15
+    R.PEER_CLOSE,  # 16
+    # -- dropped input --------------------------------------------------------
+    R.MALFORMED,  # 17
+    R.BAD_MAC,  # 18
+    R.DECRYPT_FAILED,  # 19
+    R.REPLAYED_COUNTER,  # 20
+    R.STRAY_PACKET,  # 21
+    R.HANDSHAKE_REPLAY,  # 22
+    R.UNKNOWN_PEER,  # 23
+    R.INVALID_TRANSITION,  # 24
+    # -- transitions, switch causes, verdicts, keep-decisions ----------------
+    R.HANDSHAKE_COMPLETE,  # 25
+    R.LINK_DOWN,  # 26
+    R.MISSED_PROBES,  # 27
+    R.DELIVERY_TIMEOUT,  # 28
+    R.LOSS_ABOVE_THRESHOLD,  # 29
+    R.LATENCY_ABOVE_THRESHOLD,  # 30
+    R.JITTER_ABOVE_THRESHOLD,  # 31
+    R.PATH_HEALTHY_AGAIN,  # 32
+    R.REATTACH_CONFIRMED,  # 33
+    R.RECOVERY_WINDOW_EXCEEDED,  # 34
+    R.SWITCH_RATE_EXCEEDED,  # 35
+    R.RATE_WINDOW_CLEARED,  # 36
+    R.PREFERRED_PATH_RESTORED,  # 37
+    R.OPERATOR_PIN,  # 38
+    R.NO_SAMPLES,  # 39
+    R.WITHIN_THRESHOLDS,  # 40
+    R.ACTIVE_PATH_HEALTHY,  # 41
+    R.NO_BETTER_PATH,  # 42
+    R.NO_CANDIDATE,  # 43
+    R.DWELL_NOT_MET,  # 44
+    R.REATTACH_IN_FLIGHT,  # 45
+    R.PINNED,  # 46
+    R.SESSION_CREATED,  # 47
+    R.REATTACH_TIMEOUT,  # 48
+)
+
+#: The inverse of :data:`REASON_WIRE_TABLE`.
+REASON_TO_WIRE: Mapping[ReasonCode, int] = {
+    reason: code for code, reason in enumerate(REASON_WIRE_TABLE) if reason is not None
+}
+
+
+def reason_to_wire(reason: ReasonCode) -> int:
+    """The u16 for ``reason``; ValueError if it has none (add it to REASON_WIRE_TABLE)."""
+    try:
+        return REASON_TO_WIRE[reason]
+    except KeyError:
+        raise ValueError(f"{reason} has no wire code: append it to REASON_WIRE_TABLE") from None
+
+
+def reason_from_wire_untrusted(code: int) -> ReasonCode:
+    """The ReasonCode for a received u16; BadFrame("reason") for 0 or an unknown code."""
+    reason = REASON_WIRE_TABLE[code] if 0 <= code < len(REASON_WIRE_TABLE) else None
+    if reason is None:
+        raise BadFrame("reason")
+    return reason
+
+
+# ---------------------------------------------------------------------------
+# The one error
+# ---------------------------------------------------------------------------
+
+
+class BadFrame(ValueError):
+    """Bytes that are not a valid frame.  The only exception a decoder raises.
+
+    ``reason`` names the failed check (``"short"``, ``"long"``, ``"version"``,
+    ``"type"``, ``"reserved"``, ``"metadata_len"``, ``"path_id"``,
+    ``"reason"``, ``"prefix_len"``, ``"session_id"``); drivers count drops
+    by it (aioquic's ``packet_dropped`` trigger).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------
+# Field validators (local construction errors are ValueError: programming bugs)
+# ---------------------------------------------------------------------------
+
+
+def _uint(bits: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    limit = (1 << bits) - 1
+
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+            raise ValueError(f"{attribute.name}: expected an integer in 0..{limit}, got {value!r}")
+
+    return check
+
+
+def exact_bytes(length: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """An attrs validator for a ``bytes`` field of exactly ``length`` bytes (shared with handshake.py)."""
+
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, bytes) or len(value) != length:
+            raise ValueError(f"{attribute.name}: expected {length} bytes")
+
+    return check
+
+
+def _max_bytes(limit: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, bytes) or len(value) > limit:
+            raise ValueError(f"{attribute.name}: expected at most {limit} bytes")
+
+    return check
+
+
+def _has_wire_code(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, ReasonCode) or value not in REASON_TO_WIRE:
+        raise ValueError(f"{attribute.name}: {value!r} is not a ReasonCode with a wire code")
+
+
+def _prefix_len(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_IPV4_PREFIX:
+        raise ValueError(f"{attribute.name}: expected 0..{MAX_IPV4_PREFIX}, got {value!r}")
+
+
+_ZERO_SESSION = bytes(SESSION_ID_BYTES)
+
+
+def _not_zero_session(_inst: object, attribute: attrs.Attribute[Any], value: SessionId | None) -> None:
+    # All-zero is how the wire says "no session": it cannot also name one.
+    if value is not None and value.raw == _ZERO_SESSION:
+        raise ValueError(f"{attribute.name}: the all-zero session id means 'new session'; pass None")
+
+
+_u16, _u32, _u64 = _uint(16), _uint(32), _uint(64)
+_is_session = attrs.validators.instance_of(SessionId)
+_is_path = attrs.validators.instance_of(PathId)
+_is_optional_path = attrs.validators.optional(_is_path)
+
+# ---------------------------------------------------------------------------
+# Header helpers
+# ---------------------------------------------------------------------------
+
+
+def peek_type_untrusted(data: bytes) -> MessageType:
+    """The message type of a datagram, after checking its length and version.
+
+    The first thing a receive loop calls: it picks the decoder and lets the
+    driver count drops by type.  Raises BadFrame ("short", "version", "type").
+    """
+    if len(data) < HEADER_LEN:
+        raise BadFrame("short")
+    version, raw_type = _HEADER.unpack_from(data)
+    if version != PROTOCOL_VERSION:
+        raise BadFrame("version")
+    try:
+        return MessageType(raw_type)
+    except ValueError:
+        raise BadFrame("type") from None
+
+
+def _expect_type(data: bytes, expected: frozenset[MessageType]) -> MessageType:
+    msg_type = peek_type_untrusted(data)
+    if msg_type not in expected:
+        raise BadFrame("type")
+    return msg_type
+
+
+def _exact_len(data: bytes, length: int) -> None:
+    if len(data) < length:
+        raise BadFrame("short")
+    if len(data) > length:
+        raise BadFrame("long")
+
+
+def _path_id_untrusted(value: int) -> PathId:
+    if value == NO_PATH:
+        raise BadFrame("path_id")
+    return PathId(value)  # one byte, so 1..255 always fits
+
+
+# ---------------------------------------------------------------------------
+# Handshake messages
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class HandshakeInit:
+    """Message 1 of Noise IK: the initiator's ephemeral, encrypted static and payload."""
+
+    sender_index: int = attrs.field(validator=_u32)
+    ephemeral: bytes = attrs.field(validator=exact_bytes(KEY_LEN))
+    encrypted_static: bytes = attrs.field(validator=exact_bytes(ENCRYPTED_STATIC_LEN))
+    encrypted_payload: bytes = attrs.field(validator=exact_bytes(ENCRYPTED_INIT_PAYLOAD_LEN))
+    mac1: bytes = attrs.field(validator=exact_bytes(MAC_LEN))
+
+
+def encode_handshake_init(msg: HandshakeInit) -> bytes:
+    return _HANDSHAKE_INIT.pack(
+        PROTOCOL_VERSION,
+        MessageType.HANDSHAKE_INIT,
+        msg.sender_index,
+        msg.ephemeral,
+        msg.encrypted_static,
+        msg.encrypted_payload,
+        msg.mac1,
+    )
+
+
+_HANDSHAKE_INIT_ONLY = frozenset({MessageType.HANDSHAKE_INIT})
+_HANDSHAKE_RESP_ONLY = frozenset({MessageType.HANDSHAKE_RESP})
+
+
+def decode_handshake_init_untrusted(data: bytes) -> HandshakeInit:
+    """Parse a HANDSHAKE_INIT (exactly :data:`HANDSHAKE_INIT_LEN` bytes); raises BadFrame."""
+    _expect_type(data, _HANDSHAKE_INIT_ONLY)
+    _exact_len(data, HANDSHAKE_INIT_LEN)
+    _, _, sender, ephemeral, enc_static, enc_payload, mac1 = _HANDSHAKE_INIT.unpack(data)
+    return HandshakeInit(
+        sender_index=sender,
+        ephemeral=ephemeral,
+        encrypted_static=enc_static,
+        encrypted_payload=enc_payload,
+        mac1=mac1,
+    )
+
+
+@attrs.frozen(kw_only=True)
+class HandshakeResp:
+    """Message 2 of Noise IK: the responder's ephemeral and encrypted session payload."""
+
+    sender_index: int = attrs.field(validator=_u32)
+    receiver_index: int = attrs.field(validator=_u32)
+    ephemeral: bytes = attrs.field(validator=exact_bytes(KEY_LEN))
+    encrypted_payload: bytes = attrs.field(validator=exact_bytes(ENCRYPTED_RESP_PAYLOAD_LEN))
+    mac1: bytes = attrs.field(validator=exact_bytes(MAC_LEN))
+
+
+def encode_handshake_resp(msg: HandshakeResp) -> bytes:
+    return _HANDSHAKE_RESP.pack(
+        PROTOCOL_VERSION,
+        MessageType.HANDSHAKE_RESP,
+        msg.sender_index,
+        msg.receiver_index,
+        msg.ephemeral,
+        msg.encrypted_payload,
+        msg.mac1,
+    )
+
+
+def decode_handshake_resp_untrusted(data: bytes) -> HandshakeResp:
+    """Parse a HANDSHAKE_RESP (exactly :data:`HANDSHAKE_RESP_LEN` bytes); raises BadFrame."""
+    _expect_type(data, _HANDSHAKE_RESP_ONLY)
+    _exact_len(data, HANDSHAKE_RESP_LEN)
+    _, _, sender, receiver, ephemeral, enc_payload, mac1 = _HANDSHAKE_RESP.unpack(data)
+    return HandshakeResp(
+        sender_index=sender,
+        receiver_index=receiver,
+        ephemeral=ephemeral,
+        encrypted_payload=enc_payload,
+        mac1=mac1,
+    )
+
+
+@attrs.frozen(kw_only=True)
+class InitPayload:
+    """What HANDSHAKE_INIT encrypts: freshness, the session to rekey (None = new), the path."""
+
+    timestamp: bytes = attrs.field(validator=exact_bytes(TIMESTAMP_LEN))
+    rekey_session: SessionId | None = attrs.field(
+        validator=[attrs.validators.optional(_is_session), _not_zero_session]
+    )
+    path_id: PathId = attrs.field(validator=_is_path)
+
+
+def encode_init_payload(payload: InitPayload) -> bytes:
+    rekey = payload.rekey_session.raw if payload.rekey_session is not None else _ZERO_SESSION
+    return _INIT_PAYLOAD.pack(payload.timestamp, rekey, payload.path_id.value)
+
+
+def decode_init_payload_untrusted(data: bytes) -> InitPayload:
+    """Parse the decrypted init payload; raises BadFrame ("short", "long", "path_id")."""
+    _exact_len(data, INIT_PAYLOAD_LEN)
+    timestamp, rekey, path = _INIT_PAYLOAD.unpack(data)
+    return InitPayload(
+        timestamp=timestamp,
+        rekey_session=None if rekey == _ZERO_SESSION else SessionId(rekey),
+        path_id=_path_id_untrusted(path),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class RespPayload:
+    """What HANDSHAKE_RESP encrypts: the session the gateway assigned and its tunnel address."""
+
+    session_id: SessionId = attrs.field(validator=_is_session)
+    state_version: int = attrs.field(validator=_u64)
+    tunnel_ipv4: ipaddress.IPv4Address = attrs.field(
+        validator=attrs.validators.instance_of(ipaddress.IPv4Address)
+    )
+    prefix_len: int = attrs.field(validator=_prefix_len)
+
+
+def encode_resp_payload(payload: RespPayload) -> bytes:
+    return _RESP_PAYLOAD.pack(
+        payload.session_id.raw, payload.state_version, payload.tunnel_ipv4.packed, payload.prefix_len
+    )
+
+
+def decode_resp_payload_untrusted(data: bytes) -> RespPayload:
+    """Parse the decrypted response payload; raises BadFrame ("short", "long", "prefix_len")."""
+    _exact_len(data, RESP_PAYLOAD_LEN)
+    session, version, address, prefix = _RESP_PAYLOAD.unpack(data)
+    if prefix > MAX_IPV4_PREFIX:
+        raise BadFrame("prefix_len")
+    return RespPayload(
+        session_id=SessionId(session),
+        state_version=version,
+        tunnel_ipv4=ipaddress.IPv4Address(address),
+        prefix_len=prefix,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Transport framing (parsed without keys)
+# ---------------------------------------------------------------------------
+
+
+def _transport_type(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in TRANSPORT_TYPES:
+        raise ValueError(f"{attribute.name}: {value!r} is not a transport message type")
+
+
+@attrs.frozen(kw_only=True)
+class TransportHeader:
+    """The 16 bytes before a transport ciphertext; also its AEAD associated data."""
+
+    msg_type: MessageType = attrs.field(converter=MessageType, validator=_transport_type)
+    receiver_index: int = attrs.field(validator=_u32)
+    counter: int = attrs.field(validator=_u64)
+
+
+def encode_transport_header(header: TransportHeader) -> bytes:
+    return _TRANSPORT_HEADER.pack(
+        PROTOCOL_VERSION, header.msg_type, 0, header.receiver_index, header.counter
+    )
+
+
+def _ciphertext_len(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bytes) or len(value) < TAG_LEN:
+        raise ValueError(f"{attribute.name}: expected bytes including a {TAG_LEN}-byte tag")
+
+
+@attrs.frozen(kw_only=True)
+class TransportFrame:
+    """A transport message as received: header plus ciphertext (tag included), not yet opened."""
+
+    header: TransportHeader
+    ciphertext: bytes = attrs.field(validator=_ciphertext_len, repr=lambda c: f"<{len(c)} bytes>")
+
+    def __attrs_post_init__(self) -> None:
+        low, high = PLAINTEXT_LEN_BOUNDS[self.header.msg_type]
+        if not low + TAG_LEN <= len(self.ciphertext) <= high + TAG_LEN:
+            raise ValueError(f"ciphertext length {len(self.ciphertext)} does not fit {self.header.msg_type.name}")
+
+
+def encode_transport(frame: TransportFrame) -> bytes:
+    return encode_transport_header(frame.header) + frame.ciphertext
+
+
+def decode_transport_untrusted(data: bytes) -> TransportFrame:
+    """Split a transport datagram into header and ciphertext, without keys.
+
+    Checks version, type, reserved bytes and the per-type length bounds, so a
+    wrongly sized frame never reaches the AEAD.  Raises BadFrame ("short",
+    "long", "version", "type", "reserved").
+    """
+    msg_type = _expect_type(data, TRANSPORT_TYPES)
+    if len(data) < TRANSPORT_HEADER_LEN:
+        raise BadFrame("short")
+    if len(data) > MAX_DATAGRAM:
+        raise BadFrame("long")
+    _, _, reserved, receiver, counter = _TRANSPORT_HEADER.unpack_from(data)
+    if reserved:
+        raise BadFrame("reserved")
+    low, high = PLAINTEXT_LEN_BOUNDS[msg_type]
+    sealed_len = len(data) - TRANSPORT_HEADER_LEN
+    if sealed_len < low + TAG_LEN:
+        raise BadFrame("short")
+    if sealed_len > high + TAG_LEN:
+        raise BadFrame("long")
+    return TransportFrame(
+        header=TransportHeader(msg_type=msg_type, receiver_index=receiver, counter=counter),
+        ciphertext=bytes(data[TRANSPORT_HEADER_LEN:]),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Transport plaintexts (decoded only after the frame authenticated)
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Data:
+    """An IP packet through the tunnel; empty means keepalive."""
+
+    packet: bytes = attrs.field(validator=_max_bytes(MAX_DATA_PLAINTEXT), repr=lambda p: f"<{len(p)} bytes>")
+
+    @property
+    def is_keepalive(self) -> bool:
+        return not self.packet
+
+
+def encode_data_plaintext(msg: Data) -> bytes:
+    return msg.packet
+
+
+def decode_data_plaintext_untrusted(data: bytes) -> Data:
+    """Wrap a decrypted DATA payload; raises BadFrame("long") past MAX_DATA_PLAINTEXT."""
+    if len(data) > MAX_DATA_PLAINTEXT:
+        raise BadFrame("long")
+    return Data(bytes(data))
+
+
+@attrs.frozen(kw_only=True)
+class Probe:
+    """An authenticated path probe; the gateway echoes ``sent_us`` for RTT."""
+
+    path_id: PathId = attrs.field(validator=_is_path)
+    seq: int = attrs.field(validator=_u32)
+    sent_us: int = attrs.field(validator=_u64)
+
+
+def encode_probe_plaintext(msg: Probe) -> bytes:
+    return _PROBE.pack(msg.path_id.value, msg.seq, msg.sent_us)
+
+
+def decode_probe_plaintext_untrusted(data: bytes) -> Probe:
+    _exact_len(data, PROBE_LEN)
+    path, seq, sent_us = _PROBE.unpack(data)
+    return Probe(path_id=_path_id_untrusted(path), seq=seq, sent_us=sent_us)
+
+
+@attrs.frozen(kw_only=True)
+class ProbeAck:
+    """The gateway's answer to a probe, with its view of the session (version, bound path)."""
+
+    path_id: PathId = attrs.field(validator=_is_path)
+    seq: int = attrs.field(validator=_u32)
+    echo_sent_us: int = attrs.field(validator=_u64)
+    gateway_state_version: int = attrs.field(validator=_u64)
+    #: None = not bound on any path (wire 0).
+    bound_path_id: PathId | None = attrs.field(validator=_is_optional_path)
+
+
+def encode_probe_ack_plaintext(msg: ProbeAck) -> bytes:
+    bound = msg.bound_path_id.value if msg.bound_path_id is not None else NO_PATH
+    return _PROBE_ACK.pack(
+        msg.path_id.value, msg.seq, msg.echo_sent_us, msg.gateway_state_version, bound
+    )
+
+
+def decode_probe_ack_plaintext_untrusted(data: bytes) -> ProbeAck:
+    _exact_len(data, PROBE_ACK_LEN)
+    path, seq, echo, version, bound = _PROBE_ACK.unpack(data)
+    return ProbeAck(
+        path_id=_path_id_untrusted(path),
+        seq=seq,
+        echo_sent_us=echo,
+        gateway_state_version=version,
+        bound_path_id=None if bound == NO_PATH else PathId(bound),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Reattach:
+    """Spec 7: move the session to ``path_id``.  Proof of possession is the AEAD itself."""
+
+    session_id: SessionId = attrs.field(validator=_is_session)
+    path_id: PathId = attrs.field(validator=_is_path)
+    nonce: int = attrs.field(validator=_u64)
+    client_ts_ms: int = attrs.field(validator=_u64)
+    expected_version: int = attrs.field(validator=_u64)
+    metadata: bytes = attrs.field(default=b"", validator=_max_bytes(MAX_METADATA))
+
+
+def encode_reattach_plaintext(msg: Reattach) -> bytes:
+    return (
+        _REATTACH_FIXED.pack(
+            msg.session_id.raw,
+            msg.path_id.value,
+            msg.nonce,
+            msg.client_ts_ms,
+            msg.expected_version,
+            len(msg.metadata),
+        )
+        + msg.metadata
+    )
+
+
+def decode_reattach_plaintext_untrusted(data: bytes) -> Reattach:
+    """Raises BadFrame ("short", "long", "metadata_len", "path_id")."""
+    if len(data) < REATTACH_MIN_LEN:
+        raise BadFrame("short")
+    if len(data) > REATTACH_MAX_LEN:
+        raise BadFrame("long")
+    session, path, nonce, ts_ms, version, meta_len = _REATTACH_FIXED.unpack_from(data)
+    if meta_len > MAX_METADATA or meta_len != len(data) - REATTACH_MIN_LEN:
+        raise BadFrame("metadata_len")
+    return Reattach(
+        session_id=SessionId(session),
+        path_id=_path_id_untrusted(path),
+        nonce=nonce,
+        client_ts_ms=ts_ms,
+        expected_version=version,
+        metadata=bytes(data[REATTACH_MIN_LEN:]),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class ReattachAck:
+    """The gateway bound the session to ``path_id`` at ``new_version``."""
+
+    session_id: SessionId = attrs.field(validator=_is_session)
+    nonce: int = attrs.field(validator=_u64)
+    new_version: int = attrs.field(validator=_u64)
+    path_id: PathId = attrs.field(validator=_is_path)
+
+
+def encode_reattach_ack_plaintext(msg: ReattachAck) -> bytes:
+    return _REATTACH_ACK.pack(msg.session_id.raw, msg.nonce, msg.new_version, msg.path_id.value)
+
+
+def decode_reattach_ack_plaintext_untrusted(data: bytes) -> ReattachAck:
+    _exact_len(data, REATTACH_ACK_LEN)
+    session, nonce, version, path = _REATTACH_ACK.unpack(data)
+    return ReattachAck(
+        session_id=SessionId(session), nonce=nonce, new_version=version, path_id=_path_id_untrusted(path)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class ReattachReject:
+    """Spec 7: an explicit, reason-coded refusal; the gateway changed nothing."""
+
+    session_id: SessionId = attrs.field(validator=_is_session)
+    nonce: int = attrs.field(validator=_u64)
+    reason: ReasonCode = attrs.field(validator=_has_wire_code)
+    current_version: int = attrs.field(validator=_u64)
+
+
+def encode_reattach_reject_plaintext(msg: ReattachReject) -> bytes:
+    return _REATTACH_REJECT.pack(
+        msg.session_id.raw, msg.nonce, REASON_TO_WIRE[msg.reason], msg.current_version
+    )
+
+
+def decode_reattach_reject_plaintext_untrusted(data: bytes) -> ReattachReject:
+    _exact_len(data, REATTACH_REJECT_LEN)
+    session, nonce, code, version = _REATTACH_REJECT.unpack(data)
+    return ReattachReject(
+        session_id=SessionId(session),
+        nonce=nonce,
+        reason=reason_from_wire_untrusted(code),
+        current_version=version,
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Close:
+    """The session ends (Property 10): always with an explicit reason."""
+
+    session_id: SessionId = attrs.field(validator=_is_session)
+    reason: ReasonCode = attrs.field(validator=_has_wire_code)
+
+
+def encode_close_plaintext(msg: Close) -> bytes:
+    return _CLOSE.pack(msg.session_id.raw, REASON_TO_WIRE[msg.reason])
+
+
+def decode_close_plaintext_untrusted(data: bytes) -> Close:
+    _exact_len(data, CLOSE_LEN)
+    session, code = _CLOSE.unpack(data)
+    return Close(session_id=SessionId(session), reason=reason_from_wire_untrusted(code))
+
+
+# ---------------------------------------------------------------------------
+# Dispatchers
+# ---------------------------------------------------------------------------
+
+Frame = Union[HandshakeInit, HandshakeResp, TransportFrame]
+InnerMessage = Union[Data, Probe, ProbeAck, Reattach, ReattachAck, ReattachReject, Close]
+
+_FRAME_DECODERS: Mapping[MessageType, Callable[[bytes], Frame]] = {
+    MessageType.HANDSHAKE_INIT: decode_handshake_init_untrusted,
+    MessageType.HANDSHAKE_RESP: decode_handshake_resp_untrusted,
+    **{t: decode_transport_untrusted for t in TRANSPORT_TYPES},
+}
+
+
+def decode_untrusted(data: bytes) -> Frame:
+    """Decode any datagram by its type byte; raises BadFrame."""
+    return _FRAME_DECODERS[peek_type_untrusted(data)](data)
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode any frame; the inverse of :func:`decode_untrusted`."""
+    if isinstance(frame, HandshakeInit):
+        return encode_handshake_init(frame)
+    if isinstance(frame, HandshakeResp):
+        return encode_handshake_resp(frame)
+    return encode_transport(frame)
+
+
+_PLAINTEXT_CODECS: Mapping[type, tuple[MessageType, Callable[[Any], bytes]]] = {
+    Data: (MessageType.DATA, encode_data_plaintext),
+    Probe: (MessageType.PROBE, encode_probe_plaintext),
+    ProbeAck: (MessageType.PROBE_ACK, encode_probe_ack_plaintext),
+    Reattach: (MessageType.REATTACH, encode_reattach_plaintext),
+    ReattachAck: (MessageType.REATTACH_ACK, encode_reattach_ack_plaintext),
+    ReattachReject: (MessageType.REATTACH_REJECT, encode_reattach_reject_plaintext),
+    Close: (MessageType.CLOSE, encode_close_plaintext),
+}
+
+_PLAINTEXT_DECODERS: Mapping[MessageType, Callable[[bytes], InnerMessage]] = {
+    MessageType.DATA: decode_data_plaintext_untrusted,
+    MessageType.PROBE: decode_probe_plaintext_untrusted,
+    MessageType.PROBE_ACK: decode_probe_ack_plaintext_untrusted,
+    MessageType.REATTACH: decode_reattach_plaintext_untrusted,
+    MessageType.REATTACH_ACK: decode_reattach_ack_plaintext_untrusted,
+    MessageType.REATTACH_REJECT: decode_reattach_reject_plaintext_untrusted,
+    MessageType.CLOSE: decode_close_plaintext_untrusted,
+}
+
+
+def encode_plaintext(msg: InnerMessage) -> tuple[MessageType, bytes]:
+    """The transport type and plaintext bytes for an inner message, ready for ``KeyRing.seal_frame``."""
+    msg_type, encoder = _PLAINTEXT_CODECS[type(msg)]
+    return msg_type, encoder(msg)
+
+
+def decode_plaintext_untrusted(msg_type: MessageType, plaintext: bytes) -> InnerMessage:
+    """Decode an opened frame's plaintext by the (authenticated) header type; raises BadFrame."""
+    decoder = _PLAINTEXT_DECODERS.get(msg_type)
+    if decoder is None:
+        raise BadFrame("type")
+    return decoder(plaintext)
