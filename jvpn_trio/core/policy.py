@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import attrs
 
@@ -28,8 +28,11 @@ class PolicyError(ValueError):
     """A policy that cannot be used; the message names the field and the problem."""
 
 
-def _int_range(lo: int, hi: int):  # type: ignore[no-untyped-def]
-    def check(_inst: object, attribute: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
+Validator = Callable[[object, "attrs.Attribute[Any]", object], None]
+
+
+def _int_range(lo: int, hi: int) -> Validator:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise PolicyError(f"{attribute.name}: expected an integer, got {type(value).__name__}")
         if not lo <= value <= hi:
@@ -38,8 +41,8 @@ def _int_range(lo: int, hi: int):  # type: ignore[no-untyped-def]
     return check
 
 
-def _float_range(lo: float, hi: float):  # type: ignore[no-untyped-def]
-    def check(_inst: object, attribute: attrs.Attribute, value: object) -> None:  # type: ignore[type-arg]
+def _float_range(lo: float, hi: float) -> Validator:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise PolicyError(f"{attribute.name}: expected a number, got {type(value).__name__}")
         if not lo <= value <= hi:
@@ -73,14 +76,14 @@ class Policy:
         default=10.0, converter=_to_float, validator=_float_range(0.1, 100.0)
     )
     latency_threshold_ms: float = attrs.field(
-        default=400.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
+        default=150.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
     )
     jitter_threshold_ms: float = attrs.field(
-        default=100.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
+        default=50.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
     )
     # -- probing and health ----------------------------------------------------
     probe_interval_ms: int = attrs.field(default=50, validator=_int_range(1, 60_000))
-    probe_timeout_ms: int = attrs.field(default=150, validator=_int_range(1, 60_000))
+    probe_timeout_ms: int = attrs.field(default=200, validator=_int_range(1, 60_000))
     dead_after_missed_probes: int = attrs.field(default=3, validator=_int_range(1, 1_000))
     loss_window_probes: int = attrs.field(default=20, validator=_int_range(2, 10_000))
     # -- hysteresis ------------------------------------------------------------
@@ -107,7 +110,7 @@ class Policy:
         if problems:
             raise PolicyError("; ".join(problems))
 
-    def _inconsistencies(self):  # type: ignore[no-untyped-def]
+    def _inconsistencies(self) -> Iterator[str]:
         if self.transport_loss_ttl_ms < 2 * self.probe_interval_ms:
             yield (
                 f"transport_loss_ttl_ms ({self.transport_loss_ttl_ms}) is under two probe intervals "
@@ -119,6 +122,12 @@ class Policy:
                 f"dead_after_missed_probes x probe_interval_ms + probe_timeout_ms ({detect_ms}) exceeds "
                 f"transport_loss_ttl_ms ({self.transport_loss_ttl_ms}): probing could not detect death in time"
             )
+        for name in ("latency_threshold_ms", "jitter_threshold_ms"):
+            if getattr(self, name) >= self.probe_timeout_ms:
+                yield (
+                    f"{name} ({getattr(self, name)}) must be under probe_timeout_ms ({self.probe_timeout_ms}): "
+                    "a reply that slow is already counted as lost, so the threshold could never fire"
+                )
         if self.max_recovery_window_ms > self.transport_loss_ttl_ms:
             yield (
                 f"max_recovery_window_ms ({self.max_recovery_window_ms}) exceeds transport_loss_ttl_ms "

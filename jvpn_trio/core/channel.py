@@ -1,0 +1,106 @@
+"""The secure channel of one session: seal outgoing frames, open incoming ones.
+
+Receive order (wireguard-go's, and the reason this lives in one place):
+cheap structural checks on the untrusted bytes (``wire``), then the keypair
+the receiver index names, then the replay window's *check* (cheap, before any
+crypto), then the AEAD open (proof the sender holds the session keys), and
+only then the window's *commit*.  A frame that fails any step raises
+:class:`ChannelDrop` with a reason code and changes nothing: not the window,
+not the key ring.  Nothing here reads a clock; ``now`` ages keypairs.
+
+One replay window per receive keypair (keyed by its local index), sized by
+``policy.replay_window_packets``; windows of keypairs that left the ring are
+forgotten.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from jvpn_trio.core import wire
+from jvpn_trio.core.handshake import DecryptFailed, KeyExhausted, Keypair, KeyRing
+from jvpn_trio.core.policy import Policy
+from jvpn_trio.core.replay import ReplayWindow
+from jvpn_trio.core.states import ReasonCode
+
+
+class ChannelDrop(Exception):
+    """An incoming frame that must be dropped; ``reason`` says why (never answered)."""
+
+    def __init__(self, reason: ReasonCode, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+@attrs.frozen
+class Opened:
+    msg_type: wire.MessageType
+    plaintext: bytes
+    local_index: int
+
+
+class SecureChannel:
+    """Key ring plus replay windows: the only path from bytes to authenticated plaintext."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.keyring = KeyRing(policy)
+        self._windows: dict[int, ReplayWindow] = {}
+
+    # -- keys -----------------------------------------------------------------------
+    def install_current(self, keypair: Keypair) -> None:
+        self.keyring.install_current(keypair)
+        self._sync_windows()
+
+    def install_next(self, keypair: Keypair) -> None:
+        self.keyring.install_next(keypair)
+        self._sync_windows()
+
+    def drop_expired(self, now: float) -> frozenset[int]:
+        freed = self.keyring.drop_expired(now)
+        self._sync_windows()
+        return freed
+
+    def _sync_windows(self) -> None:
+        live = self.keyring.local_indices()
+        for index in list(self._windows):
+            if index not in live:
+                del self._windows[index]
+        for index in live:
+            if index not in self._windows:
+                self._windows[index] = ReplayWindow(self.policy.replay_window_packets)
+
+    @property
+    def ready(self) -> bool:
+        return self.keyring.current is not None
+
+    # -- send ------------------------------------------------------------------------
+    def seal(self, msg_type: wire.MessageType, plaintext: bytes) -> bytes:
+        """One encoded transport datagram.  Raises KeyExhausted (no keys, or past the limit)."""
+        return wire.encode_transport(self.keyring.seal_frame(msg_type, plaintext))
+
+    # -- receive ---------------------------------------------------------------------
+    def open_untrusted(self, datagram: bytes, *, now: float) -> Opened:
+        """Authenticate ``datagram``; raises :class:`ChannelDrop` and changes nothing on failure."""
+        try:
+            frame = wire.decode_transport_untrusted(datagram)
+        except wire.BadFrame as exc:
+            raise ChannelDrop(ReasonCode.MALFORMED, exc.reason) from None
+        header = frame.header
+        window = self._windows.get(header.receiver_index)
+        if window is None:
+            raise ChannelDrop(ReasonCode.STRAY_PACKET, f"no keypair with index {header.receiver_index}")
+        if not window.check(header.counter):
+            raise ChannelDrop(ReasonCode.REPLAYED_COUNTER, f"counter {header.counter}")
+        try:
+            plaintext, keypair = self.keyring.open_frame(frame, now=now)
+        except DecryptFailed as exc:
+            raise ChannelDrop(exc.reason, exc.detail) from None
+        if not window.commit(header.counter):  # pragma: no cover - check() said yes a moment ago
+            raise ChannelDrop(ReasonCode.REPLAYED_COUNTER, f"counter {header.counter}")
+        self._sync_windows()  # an authenticated packet may have promoted *next*
+        return Opened(msg_type=header.msg_type, plaintext=plaintext, local_index=keypair.local_index)
+
+
+__all__ = ["ChannelDrop", "KeyExhausted", "Opened", "SecureChannel"]

@@ -1,0 +1,205 @@
+"""Inputs to the session machines: what drivers observed, as frozen data.
+
+A driver turns bytes, netlink messages, timers and key presses into one of
+these and calls ``machine.handle(event, now=...)``.  Nothing here carries a
+clock reading: time is always the separate ``now`` argument, so a recorded
+``(now, event)`` sequence replays exactly (``trace.py``).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from jvpn_trio.core.ids import Binding, PathId, SessionId
+from jvpn_trio.core.ownership import OwnershipRecord
+from jvpn_trio.core.states import ReasonCode
+
+# -- client side -------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class HandshakeCompleted:
+    """The gateway answered our handshake on ``binding``: the session is born bound."""
+
+    session_id: SessionId
+    binding: Binding
+    gateway_version: int
+
+
+@attrs.frozen(kw_only=True)
+class PathAdded:
+    """A candidate path appeared.  Lower ``priority`` is preferred (route-metric order)."""
+
+    path: PathId
+    priority: int
+    endpoint: tuple[str, int]
+    link_up: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class PathRemoved:
+    path: PathId
+
+
+@attrs.frozen(kw_only=True)
+class LinkChanged:
+    """Netlink said the path's interface went up or down: acted on at once (spec 6)."""
+
+    path: PathId
+    up: bool
+
+
+@attrs.frozen(kw_only=True)
+class ProbeSent:
+    path: PathId
+    seq: int
+
+
+@attrs.frozen(kw_only=True)
+class ProbeAcked:
+    """An authenticated PROBE_ACK; it also tells us the gateway's version and binding."""
+
+    path: PathId
+    seq: int
+    gateway_version: int
+    gateway_bound_path: PathId | None
+
+
+@attrs.frozen(kw_only=True)
+class DeliveryObserved:
+    """Authenticated data arrived on ``path`` (coalesced by the datapath)."""
+
+    path: PathId
+
+
+@attrs.frozen(kw_only=True)
+class ReattachAcked:
+    path: PathId
+    nonce: int
+    new_version: int
+
+
+@attrs.frozen(kw_only=True)
+class ReattachRejected:
+    path: PathId
+    nonce: int
+    reason: ReasonCode
+    current_version: int
+
+
+@attrs.frozen(kw_only=True)
+class PinRequested:
+    """Operator override from the UI: pin ``path`` (or unpin with ``None``)."""
+
+    path: PathId | None
+
+
+@attrs.frozen(kw_only=True)
+class ReevaluateRequested:
+    """Operator asked for a fresh decision now (the UI's ``s`` key)."""
+
+
+# -- both sides ---------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class TimerFired:
+    """The deadline from ``next_deadline()`` has passed."""
+
+
+@attrs.frozen(kw_only=True)
+class CloseRequested:
+    """Local operator or process shutdown ends the session explicitly."""
+
+
+@attrs.frozen(kw_only=True)
+class PeerClosed:
+    """An authenticated CLOSE from the other side (or a reject that says the session is gone)."""
+
+    reason: ReasonCode
+
+
+@attrs.frozen(kw_only=True)
+class KeysExhausted:
+    """The key ring hit reject-after-messages/time without a successful rekey."""
+
+
+@attrs.frozen(kw_only=True)
+class OwnershipLost:
+    """Cluster store says another node owns this session now: stop serving it (Property 9)."""
+
+
+# -- gateway side -------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class PacketAuthenticated:
+    """Any authenticated transport packet from ``endpoint`` (after AEAD and replay checks).
+
+    In BIRTH the first one confirms the handshake and binds its source; later
+    ones from the active binding refresh its liveness.
+    """
+
+    endpoint: tuple[str, int]
+    path: PathId
+
+
+@attrs.frozen(kw_only=True)
+class FrameDropped:
+    """A control frame addressed to this session failed authentication or was a replay.
+
+    The gateway core records it as a SECURITY_EVENT and changes nothing
+    (spec 9: replays never mutate state).  DATA drops are only counted.
+    """
+
+    reason: ReasonCode
+    endpoint: tuple[str, int]
+    frame: str
+
+
+@attrs.frozen(kw_only=True)
+class ReattachReceived:
+    """A REATTACH as the gateway driver saw it, plus the ownership record it read.
+
+    ``proof_valid`` is True only when the frame opened with this session's
+    keys (proof of possession, spec 7); forged frames arrive with False.
+    """
+
+    session_id: SessionId
+    path: PathId
+    endpoint: tuple[str, int]
+    nonce: int
+    client_ts_ms: int
+    expected_version: int
+    proof_valid: bool
+    ownership: OwnershipRecord | None
+    metadata: bytes = b""
+
+
+ClientInput = (
+    HandshakeCompleted
+    | PathAdded
+    | PathRemoved
+    | LinkChanged
+    | ProbeSent
+    | ProbeAcked
+    | DeliveryObserved
+    | ReattachAcked
+    | ReattachRejected
+    | PinRequested
+    | ReevaluateRequested
+    | TimerFired
+    | CloseRequested
+    | PeerClosed
+    | KeysExhausted
+)
+GatewayInput = (
+    PacketAuthenticated
+    | FrameDropped
+    | ReattachReceived
+    | TimerFired
+    | CloseRequested
+    | PeerClosed
+    | KeysExhausted
+    | OwnershipLost
+)

@@ -1,0 +1,780 @@
+"""Session machines: the client's and the gateway's view of one session.
+
+Theory of operation
+-------------------
+Both machines keep a frozen :class:`SessionRecord` (SessionID, state,
+state_version, the single active binding, and the timestamps the bounds
+need) and replace it only in :meth:`_SessionCore._transition`, which looks
+the change up in the transition table (``states.py``) and commits state,
+binding and ``version + 1`` in one assignment.  Nothing else assigns a
+record.  Each ``handle(event, now=...)`` call does three things in a fixed
+order, so the same ``(now, event)`` sequence always yields the same actions:
+
+1. enforce the time bounds up to ``now`` (session TTL, Property 4's
+   transport-loss TTL, the recovery window, the end of a rate penalty);
+2. apply the input;
+3. evaluate: health verdicts -> transitions of the active path's state, then
+   the switch decision (``switching.py``) -> REATTACH or DEGRADED.
+
+The gateway is authoritative for binding and version: it validates a
+REATTACH (``reattach.py``) and answers with the new version.  The client runs
+the same table on its own view: it decides *when* to move (it is the one
+that can see every path's health) and tracks the gateway's version to put in
+its next REATTACH.  Drivers call ``next_deadline()`` after every call and
+deliver :class:`TimerFired` at that time (``now = max(deadline, clock)``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import attrs
+
+from jvpn_trio.core import events as ev
+from jvpn_trio.core.actions import (
+    Action,
+    BindTransport,
+    EmitEvent,
+    EventKind,
+    ReleaseTransport,
+    Role,
+    Scalar,
+    SendClose,
+    SendReattach,
+    SendReattachAck,
+    SendReattachReject,
+    Terminate,
+)
+from jvpn_trio.core.health import PathHealth, PathStats, PathVerdict, Verdict
+from jvpn_trio.core.ids import Binding, PathId, SessionId
+from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
+from jvpn_trio.core.reattach import (
+    Accept,
+    ReattachContext,
+    rate_has_room,
+    switches_in_window,
+    validate_reattach,
+)
+from jvpn_trio.core.states import BindingEffect, ReasonCode, Rejected, SessionState, plan_transition
+from jvpn_trio.core.switching import Candidate, DecisionKind, SwitchView, decide
+
+S = SessionState
+R = ReasonCode
+
+
+@attrs.frozen(kw_only=True)
+class SessionRecord:
+    """The versioned session state.  Replaced whole, never edited in place."""
+
+    session_id: SessionId
+    state: SessionState
+    version: int
+    binding: Binding | None
+    created_at: float
+    unbound_since: float | None
+    recovering_since: float | None
+    bound_since: float | None
+    last_path: PathId | None
+    switch_times: tuple[float, ...]
+
+
+def _min_deadline(candidates: Iterable[float | None]) -> float | None:
+    present = [c for c in candidates if c is not None]
+    return min(present) if present else None
+
+
+class _SessionCore:
+    """What both sides share: the record, the table-driven commit, the time bounds."""
+
+    role: Role
+
+    def __init__(self, *, policy: Policy, session_id: SessionId, now: float) -> None:
+        self.policy = policy
+        self.record = SessionRecord(
+            session_id=session_id,
+            state=S.BIRTH,
+            version=0,
+            binding=None,
+            created_at=now,
+            unbound_since=now,
+            recovering_since=None,
+            bound_since=None,
+            last_path=None,
+            switch_times=(),
+        )
+        self.counters: dict[str, int] = {}
+
+    # -- observability ----------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _event(self, kind: EventKind, reason: ReasonCode, now: float, **details: Scalar) -> EmitEvent:
+        return EmitEvent(
+            kind=kind,
+            t=now,
+            role=self.role,
+            session=self.record.session_id.hex,
+            version=self.record.version,
+            reason=reason,
+            policy=self.policy.fingerprint,
+            details=details,
+        )
+
+    def creation_events(self) -> list[Action]:
+        """The record of the session's birth (version 0), for the first log line."""
+        return [
+            self._event(
+                EventKind.STATE_CHANGE,
+                R.SESSION_CREATED,
+                self.record.created_at,
+                from_state=None,
+                to_state=S.BIRTH.value,
+            )
+        ]
+
+    # -- the one place where state, binding and version change -----------------
+    def _transition(
+        self,
+        reason: ReasonCode,
+        now: float,
+        *,
+        binding: Binding | None = None,
+        cause: ReasonCode | None = None,
+        **details: Scalar,
+    ) -> list[Action]:
+        """Commit the table's transition for ``reason`` or, if it has none, change nothing."""
+        old = self.record
+        plan = plan_transition(old.state, reason, bound=old.binding is not None)
+        if isinstance(plan, Rejected):
+            self._count("invalid_transitions")
+            return []
+        actions: list[Action] = []
+        new_binding = old.binding
+        if plan.effect is BindingEffect.RELEASE:
+            new_binding = None
+            if old.binding is not None:
+                actions.append(ReleaseTransport(old.binding))
+        elif plan.effect is BindingEffect.BIND:
+            if binding is None:  # a BIND rule always comes with the binding to make
+                self._count("invalid_transitions")
+                return []
+            if old.binding is not None and old.binding != binding:
+                actions.append(ReleaseTransport(old.binding))
+            if old.binding != binding:
+                actions.append(BindTransport(binding))
+            new_binding = binding
+        switch_times = old.switch_times
+        if reason is R.REATTACH_CONFIRMED:
+            horizon = now - SWITCH_RATE_WINDOW_S
+            switch_times = tuple(t for t in old.switch_times if t > horizon) + (now,)
+        self.record = attrs.evolve(
+            old,
+            state=plan.to,
+            version=old.version + 1,
+            binding=new_binding,
+            unbound_since=None if new_binding is not None else (old.unbound_since if old.binding is None else now),
+            recovering_since=(
+                (old.recovering_since if old.state is S.RECOVERING else now) if plan.to is S.RECOVERING else None
+            ),
+            bound_since=now if plan.effect is BindingEffect.BIND else (old.bound_since if new_binding else None),
+            last_path=old.binding.path if old.binding is not None else old.last_path,
+            switch_times=switch_times,
+        )
+        actions.append(
+            self._event(
+                EventKind.STATE_CHANGE,
+                reason,
+                now,
+                from_state=old.state.value,
+                to_state=plan.to.value,
+                binding=str(new_binding) if new_binding else None,
+                **details,
+            )
+        )
+        if plan.effect is BindingEffect.BIND and reason is R.REATTACH_CONFIRMED:
+            previous = old.binding.path if old.binding is not None else old.last_path
+            actions.append(
+                self._event(
+                    EventKind.TRANSPORT_SWITCH,
+                    cause or reason,
+                    now,
+                    from_path=str(previous) if previous else None,
+                    to_path=str(new_binding.path) if new_binding else None,
+                    binding=str(new_binding) if new_binding else None,
+                    switches_last_minute=switches_in_window(switch_times, now),
+                )
+            )
+        if plan.to is S.TERMINATED:
+            actions.append(Terminate(reason=reason))
+        return actions
+
+    # -- time bounds (spec 8, 11; Properties 4, 6, 10) --------------------------
+    def session_deadline(self) -> float:
+        return self.record.created_at + self.policy.session_ttl_s
+
+    def unbound_deadline(self) -> float | None:
+        since = self.record.unbound_since
+        if self.record.binding is not None or since is None:
+            return None
+        return since + self.policy.transport_loss_ttl_ms / 1000.0
+
+    def recovery_deadline(self) -> float | None:
+        if self.record.state is not S.RECOVERING or self.record.recovering_since is None:
+            return None
+        return self.record.recovering_since + self.policy.max_recovery_window_ms / 1000.0
+
+    def rate_clear_deadline(self) -> float | None:
+        """When a DEGRADED-for-rate session may leave DEGRADED: its oldest switch leaves the window."""
+        rec = self.record
+        if rec.state is not S.DEGRADED or rec.binding is None or not rec.switch_times:
+            return None
+        return min(rec.switch_times) + SWITCH_RATE_WINDOW_S
+
+    def _enforce_bounds(self, now: float) -> list[Action]:
+        rec = self.record
+        if rec.state is S.TERMINATED:
+            return []
+        if now >= self.session_deadline():
+            return self._transition(R.SESSION_TTL_EXPIRED, now)
+        unbound = self.unbound_deadline()
+        if unbound is not None and now >= unbound:
+            return self._transition(R.TRANSPORT_LOSS_TTL_EXPIRED, now)
+        recovery = self.recovery_deadline()
+        if recovery is not None and now >= recovery:
+            return self._transition(R.RECOVERY_WINDOW_EXCEEDED, now)
+        if (
+            rec.state is S.DEGRADED
+            and rec.binding is not None
+            and rate_has_room(rec.switch_times, self.policy, now)
+        ):
+            return self._transition(R.RATE_WINDOW_CLEARED, now)
+        return []
+
+    def _bound_deadlines(self) -> list[float | None]:
+        if self.record.state is S.TERMINATED:
+            return []
+        return [
+            self.session_deadline(),
+            self.unbound_deadline(),
+            self.recovery_deadline(),
+            self.rate_clear_deadline(),
+        ]
+
+    @property
+    def terminated(self) -> bool:
+        return self.record.state is S.TERMINATED
+
+
+# =============================================================================
+# Client
+# =============================================================================
+
+
+@attrs.frozen(kw_only=True)
+class PendingReattach:
+    path: PathId
+    nonce: int
+    sent_at: float
+    cause: ReasonCode
+
+
+@attrs.frozen(kw_only=True)
+class PathSnapshot:
+    path: PathId
+    priority: int
+    endpoint: tuple[str, int]
+    verdict: PathVerdict
+    stats: PathStats
+    active: bool
+    pinned: bool
+
+
+@attrs.frozen(kw_only=True)
+class ClientSnapshot:
+    """Everything the UI and `status` show, frozen at one ``now``."""
+
+    now: float
+    record: SessionRecord
+    policy_fingerprint: str
+    max_switches_per_minute: int
+    switches_last_minute: int
+    gateway_version: int
+    paths: tuple[PathSnapshot, ...]
+    pinned: PathId | None
+    pending: PendingReattach | None
+    recovery_deadline: float | None
+    unbound_deadline: float | None
+    counters: tuple[tuple[str, int], ...]
+
+
+@attrs.define
+class _PathEntry:
+    priority: int
+    endpoint: tuple[str, int]
+    health: PathHealth
+
+
+class ClientSession(_SessionCore):
+    """The client's session: sees every path, decides when to move, asks the gateway."""
+
+    role = Role.CLIENT
+
+    def __init__(self, *, policy: Policy, session_id: SessionId, now: float) -> None:
+        super().__init__(policy=policy, session_id=session_id, now=now)
+        self._paths: dict[PathId, _PathEntry] = {}
+        self._reported: dict[PathId, tuple[Verdict, ReasonCode]] = {}
+        self.gateway_version = 0
+        self.pinned: PathId | None = None
+        self.pending: PendingReattach | None = None
+        self._retry_not_before: float | None = None
+        self._next_nonce = 1
+        self._recovery_cause: ReasonCode | None = None
+
+    # -- public API ----------------------------------------------------------------
+    def handle(self, event: ev.ClientInput, *, now: float) -> list[Action]:
+        """Feed one input; returns the actions to carry out, in order."""
+        actions = self._enforce_bounds(now)
+        if self.terminated:
+            self._count("inputs_after_termination")
+            return actions
+        actions += self._apply(event, now)
+        if not self.terminated:
+            actions += self._evaluate(now)
+        return actions
+
+    def next_deadline(self) -> float | None:
+        if self.terminated:
+            return None
+        return _min_deadline(
+            [
+                *self._bound_deadlines(),
+                *(entry.health.next_deadline() for entry in self._paths.values()),
+                self.pending.sent_at + self.policy.reattach_timeout_ms / 1000.0 if self.pending else None,
+                self._retry_not_before,
+            ]
+        )
+
+    def snapshot(self, *, now: float) -> ClientSnapshot:
+        active = self.record.binding.path if self.record.binding else None
+        paths = tuple(
+            PathSnapshot(
+                path=path,
+                priority=entry.priority,
+                endpoint=entry.endpoint,
+                verdict=entry.health.verdict(now=now),
+                stats=entry.health.stats(now=now),
+                active=path == active,
+                pinned=path == self.pinned,
+            )
+            for path, entry in sorted(self._paths.items())
+        )
+        return ClientSnapshot(
+            now=now,
+            record=self.record,
+            policy_fingerprint=self.policy.fingerprint,
+            max_switches_per_minute=self.policy.max_switches_per_minute,
+            switches_last_minute=switches_in_window(self.record.switch_times, now),
+            gateway_version=self.gateway_version,
+            paths=paths,
+            pinned=self.pinned,
+            pending=self.pending,
+            recovery_deadline=self.recovery_deadline(),
+            unbound_deadline=self.unbound_deadline(),
+            counters=tuple(sorted(self.counters.items())),
+        )
+
+    # -- inputs ----------------------------------------------------------------------
+    def _apply(self, event: ev.ClientInput, now: float) -> list[Action]:
+        if isinstance(event, ev.TimerFired | ev.ReevaluateRequested):
+            return []
+        if isinstance(event, ev.HandshakeCompleted):
+            if event.session_id != self.record.session_id:
+                self._count("session_mismatch")
+                return []
+            self.gateway_version = max(self.gateway_version, event.gateway_version)
+            return self._transition(R.HANDSHAKE_COMPLETE, now, binding=event.binding)
+        if isinstance(event, ev.PathAdded):
+            if event.path in self._paths:
+                self._count("duplicate_path")
+                return []
+            health = PathHealth(event.path, self.policy, now=now, link_up=event.link_up)
+            self._paths[event.path] = _PathEntry(event.priority, event.endpoint, health)
+            return []
+        if isinstance(event, ev.PathRemoved):
+            self._paths.pop(event.path, None)
+            self._reported.pop(event.path, None)
+            if self.pinned == event.path:
+                self.pinned = None
+            return []
+        if isinstance(event, ev.PinRequested):
+            self.pinned = event.path if event.path is None or event.path in self._paths else self.pinned
+            return []
+        if isinstance(event, ev.CloseRequested):
+            return [SendClose(reason=R.LOCAL_CLOSE), *self._transition(R.LOCAL_CLOSE, now)]
+        if isinstance(event, ev.PeerClosed):
+            return self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
+        if isinstance(event, ev.KeysExhausted):
+            return self._transition(R.KEY_EXHAUSTED, now)
+        if isinstance(event, ev.ReattachAcked):
+            return self._on_reattach_acked(event, now)
+        if isinstance(event, ev.ReattachRejected):
+            return self._on_reattach_rejected(event, now)
+        entry = self._paths.get(event.path)
+        if entry is None:
+            self._count("unknown_path_inputs")
+            return []
+        if isinstance(event, ev.LinkChanged):
+            entry.health.on_link(event.up, now=now)
+        elif isinstance(event, ev.ProbeSent):
+            entry.health.on_probe_sent(event.seq, now=now)
+        elif isinstance(event, ev.ProbeAcked):
+            entry.health.on_probe_acked(event.seq, now=now)
+            self.gateway_version = max(self.gateway_version, event.gateway_version)
+        elif isinstance(event, ev.DeliveryObserved):
+            entry.health.on_delivery(now=now)
+        return []
+
+    def _on_reattach_acked(self, event: ev.ReattachAcked, now: float) -> list[Action]:
+        pending = self.pending
+        if pending is None or event.nonce != pending.nonce or event.path != pending.path:
+            self._count("stray_reattach_answers")
+            return []
+        entry = self._paths.get(pending.path)
+        self.pending = None
+        if entry is None:
+            self._count("reattach_acked_for_removed_path")
+            return []
+        self.gateway_version = max(self.gateway_version, event.new_version)
+        self._retry_not_before = None
+        return self._transition(
+            R.REATTACH_CONFIRMED,
+            now,
+            binding=Binding(path=pending.path, endpoint=entry.endpoint),
+            cause=pending.cause,
+            gateway_version=event.new_version,
+        )
+
+    def _on_reattach_rejected(self, event: ev.ReattachRejected, now: float) -> list[Action]:
+        pending = self.pending
+        if pending is None or event.nonce != pending.nonce or event.path != pending.path:
+            self._count("stray_reattach_answers")
+            return []
+        self.pending = None
+        self._retry_not_before = now + self.policy.reattach_timeout_ms / 1000.0
+        actions: list[Action] = [
+            self._event(
+                EventKind.REATTACH_REJECTED,
+                event.reason,
+                now,
+                path=str(event.path),
+                nonce=event.nonce,
+                gateway_version=event.current_version,
+            )
+        ]
+        if event.reason is R.STALE_VERSION:
+            self.gateway_version = max(self.gateway_version, event.current_version)
+            self._retry_not_before = None  # resynchronised: retry at once
+        elif event.reason is R.RATE_LIMITED:
+            actions += self._transition(R.SWITCH_RATE_EXCEEDED, now, denied_path=str(event.path))
+        elif event.reason in (R.SESSION_TERMINATED, R.UNKNOWN_SESSION, R.SESSION_TTL_EXPIRED):
+            actions += self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
+        return actions
+
+    # -- evaluation --------------------------------------------------------------------
+    def _verdicts(self, now: float) -> dict[PathId, PathVerdict]:
+        return {path: entry.health.verdict(now=now) for path, entry in sorted(self._paths.items())}
+
+    def _evaluate(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for entry in self._paths.values():
+            entry.health.expire(now=now)
+        if self.pending is not None and now >= self.pending.sent_at + self.policy.reattach_timeout_ms / 1000.0:
+            actions.append(
+                self._event(
+                    EventKind.REATTACH_REJECTED,
+                    R.REATTACH_TIMEOUT,
+                    now,
+                    path=str(self.pending.path),
+                    nonce=self.pending.nonce,
+                )
+            )
+            self.pending = None
+        if self._retry_not_before is not None and now >= self._retry_not_before:
+            self._retry_not_before = None
+        verdicts = self._verdicts(now)
+        actions += self._report_health(verdicts, now)
+
+        binding = self.record.binding
+        if binding is not None:
+            active = verdicts.get(binding.path)
+            if active is None:
+                self._recovery_cause = R.LINK_DOWN
+                actions += self._transition(R.LINK_DOWN, now, path=str(binding.path), detail="path removed")
+            elif active.verdict is Verdict.DEAD:
+                self._recovery_cause = active.reason
+                actions += self._transition(
+                    active.reason, now, path=str(binding.path), measured=active.measured, threshold=active.threshold
+                )
+            elif active.verdict is Verdict.IMPAIRED and self.record.state is S.ATTACHED:
+                actions += self._transition(
+                    active.reason, now, path=str(binding.path), measured=active.measured, threshold=active.threshold
+                )
+            elif active.verdict is Verdict.HEALTHY and self.record.state is S.VOLATILE:
+                actions += self._transition(R.PATH_HEALTHY_AGAIN, now, path=str(binding.path))
+        if self.terminated:
+            return actions
+        actions += self._act_on_decision(verdicts, now)
+        return actions
+
+    def _act_on_decision(self, verdicts: dict[PathId, PathVerdict], now: float) -> list[Action]:
+        rec = self.record
+        view = SwitchView(
+            state=rec.state,
+            active=rec.binding.path if rec.binding else None,
+            bound_since=rec.bound_since,
+            pinned=self.pinned,
+            reattach_in_flight=self.pending is not None or self._retry_not_before is not None,
+            rate_has_room=rate_has_room(rec.switch_times, self.policy, now),
+            recovery_cause=self._recovery_cause,
+        )
+        candidates = tuple(
+            Candidate(
+                path=path,
+                priority=self._paths[path].priority,
+                verdict=verdict.verdict,
+                reason=verdict.reason,
+                healthy_since=self._paths[path].health.stats(now=now).healthy_since,
+            )
+            for path, verdict in verdicts.items()
+        )
+        decision = decide(view, candidates, self.policy, now=now)
+        if decision.kind is DecisionKind.SWITCH and decision.target is not None:
+            nonce = self._next_nonce
+            self._next_nonce += 1
+            self.pending = PendingReattach(path=decision.target, nonce=nonce, sent_at=now, cause=decision.reason)
+            self._count("reattach_sent")
+            return [
+                SendReattach(
+                    path=decision.target,
+                    nonce=nonce,
+                    client_ts_ms=round((now - rec.created_at) * 1000.0),
+                    expected_version=self.gateway_version,
+                )
+            ]
+        if decision.kind is DecisionKind.DEGRADE:
+            denied = [
+                self._event(
+                    EventKind.SWITCH_DENIED,
+                    decision.reason,
+                    now,
+                    target=str(decision.target) if decision.target else None,
+                    switches_last_minute=switches_in_window(rec.switch_times, now),
+                    max_switches_per_minute=self.policy.max_switches_per_minute,
+                )
+            ]
+            return denied + self._transition(R.SWITCH_RATE_EXCEEDED, now)
+        return []
+
+    def _report_health(self, verdicts: dict[PathId, PathVerdict], now: float) -> list[Action]:
+        out: list[Action] = []
+        for path, verdict in verdicts.items():
+            key = (verdict.verdict, verdict.reason)
+            if self._reported.get(path) != key:
+                self._reported[path] = key
+                out.append(
+                    self._event(
+                        EventKind.PATH_HEALTH,
+                        verdict.reason,
+                        now,
+                        path=str(path),
+                        verdict=verdict.verdict.value,
+                        measured=verdict.measured,
+                        threshold=verdict.threshold,
+                    )
+                )
+        return out
+
+
+# =============================================================================
+# Gateway
+# =============================================================================
+
+
+@attrs.frozen(kw_only=True)
+class GatewaySnapshot:
+    now: float
+    record: SessionRecord
+    policy_fingerprint: str
+    last_nonce: int
+    last_delivery: float | None
+    switches_last_minute: int
+    counters: tuple[tuple[str, int], ...]
+
+
+class GatewaySession(_SessionCore):
+    """The gateway's authoritative session: strict binding, reattach validation."""
+
+    role = Role.GATEWAY
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        session_id: SessionId,
+        now: float,
+        node_id: str,
+        held_revision: int,
+        handshake_binding: Binding | None = None,
+    ) -> None:
+        super().__init__(policy=policy, session_id=session_id, now=now)
+        #: Where the handshake came from: the binding the client also starts on.  The
+        #: first authenticated packet (on any path) confirms the keys and binds *this*,
+        #: so both views agree whichever path's packet wins the race.  None: bind the
+        #: confirming packet's source (unit tests without a handshake).
+        self.handshake_binding = handshake_binding
+        self.node_id = node_id
+        self.held_revision = held_revision
+        self.last_nonce = 0
+        self.clock_offset_ms = 0.0
+        self.last_delivery: float | None = None
+
+    def handle(self, event: ev.GatewayInput, *, now: float) -> list[Action]:
+        actions = self._enforce_bounds(now)
+        actions += self._enforce_silence(now)
+        if self.terminated and not isinstance(event, ev.ReattachReceived):
+            self._count("inputs_after_termination")
+            return actions
+        return actions + self._apply(event, now)
+
+    def next_deadline(self) -> float | None:
+        if self.terminated:
+            return None
+        return _min_deadline([*self._bound_deadlines(), self.silence_deadline()])
+
+    def silence_deadline(self) -> float | None:
+        """Spec 6: a binding that delivered nothing for TransportLossTTL is dead."""
+        if self.record.binding is None or self.last_delivery is None:
+            return None
+        return self.last_delivery + self.policy.transport_loss_ttl_ms / 1000.0
+
+    def accepts_data_from(self, endpoint: tuple[str, int]) -> bool:
+        """Strict binding: only the active binding's endpoint carries data."""
+        binding = self.record.binding
+        return binding is not None and binding.endpoint == endpoint and not self.terminated
+
+    def snapshot(self, *, now: float) -> GatewaySnapshot:
+        return GatewaySnapshot(
+            now=now,
+            record=self.record,
+            policy_fingerprint=self.policy.fingerprint,
+            last_nonce=self.last_nonce,
+            last_delivery=self.last_delivery,
+            switches_last_minute=switches_in_window(self.record.switch_times, now),
+            counters=tuple(sorted(self.counters.items())),
+        )
+
+    def _enforce_silence(self, now: float) -> list[Action]:
+        deadline = self.silence_deadline()
+        if deadline is None or now < deadline or self.terminated:
+            return []
+        self.last_delivery = None
+        return self._transition(R.DELIVERY_TIMEOUT, now)
+
+    def _apply(self, event: ev.GatewayInput, now: float) -> list[Action]:
+        if isinstance(event, ev.TimerFired):
+            return []
+        if isinstance(event, ev.PacketAuthenticated):
+            binding = self.record.binding
+            if self.record.state is S.BIRTH:
+                self.last_delivery = now
+                confirmed = self.handshake_binding or Binding(path=event.path, endpoint=event.endpoint)
+                return self._transition(R.HANDSHAKE_COMPLETE, now, binding=confirmed)
+            if binding is not None and binding.endpoint == event.endpoint:
+                self.last_delivery = now
+            else:
+                self._count("packets_off_binding")
+            return []
+        if isinstance(event, ev.ReattachReceived):
+            return self._on_reattach(event, now)
+        if isinstance(event, ev.FrameDropped):
+            self._count(f"dropped_{event.reason.value.lower()}")
+            return [
+                self._event(
+                    EventKind.SECURITY_EVENT,
+                    event.reason,
+                    now,
+                    endpoint=f"{event.endpoint[0]}:{event.endpoint[1]}",
+                    frame=event.frame,
+                )
+            ]
+        if isinstance(event, ev.CloseRequested):
+            return [SendClose(reason=R.LOCAL_CLOSE), *self._transition(R.LOCAL_CLOSE, now)]
+        if isinstance(event, ev.PeerClosed):
+            return self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
+        if isinstance(event, ev.KeysExhausted):
+            return self._transition(R.KEY_EXHAUSTED, now)
+        if isinstance(event, ev.OwnershipLost):
+            return self._transition(R.OWNERSHIP_LOST, now)
+        return []  # pragma: no cover - the input union is closed
+
+    def _on_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
+        rec = self.record
+        ctx = ReattachContext(
+            session_id=rec.session_id,
+            state=rec.state,
+            version=rec.version,
+            binding=rec.binding,
+            last_nonce=self.last_nonce,
+            clock_offset_ms=self.clock_offset_ms,
+            created_at=rec.created_at,
+            switch_times=rec.switch_times,
+            node_id=self.node_id,
+            held_revision=self.held_revision,
+        )
+        verdict = validate_reattach(ctx, req, self.policy, now=now)
+        if isinstance(verdict, Accept):
+            self.last_nonce = verdict.new_last_nonce
+            self.clock_offset_ms = verdict.new_clock_offset_ms
+            self.last_delivery = now
+            actions: list[Action] = []
+            if verdict.already_bound:
+                self._count("reattach_already_bound")
+            else:
+                actions += self._transition(
+                    R.REATTACH_CONFIRMED,
+                    now,
+                    binding=verdict.binding,
+                    cause=R.REATTACH_CONFIRMED,
+                    nonce=req.nonce,
+                )
+            actions.append(
+                SendReattachAck(
+                    endpoint=req.endpoint, nonce=req.nonce, new_version=self.record.version, path=req.path
+                )
+            )
+            return actions
+        self._count(f"reattach_rejected_{verdict.reason.value.lower()}")
+        kind = EventKind.SECURITY_EVENT if verdict.security else EventKind.REATTACH_REJECTED
+        actions = [
+            self._event(
+                kind,
+                verdict.reason,
+                now,
+                path=str(req.path),
+                endpoint=f"{req.endpoint[0]}:{req.endpoint[1]}",
+                nonce=req.nonce,
+                why=verdict.why,
+            )
+        ]
+        if verdict.reason is R.RATE_LIMITED:
+            actions += self._transition(R.SWITCH_RATE_EXCEEDED, now)
+        if verdict.reply:
+            actions.append(
+                SendReattachReject(
+                    endpoint=req.endpoint,
+                    nonce=req.nonce,
+                    reason=verdict.reason,
+                    current_version=self.record.version,
+                )
+            )
+        return actions

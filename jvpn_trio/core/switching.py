@@ -1,0 +1,148 @@
+"""The switch decision: one pure function from what we know to what to do.
+
+Theory of operation
+-------------------
+The client machine calls :func:`decide` after every input, with a frozen
+:class:`SwitchView` of the session and one :class:`Candidate` per known
+path.  The answer is STAY, SWITCH to a path, or DEGRADE, always with a
+reason code.  Transitions that follow from the *active* path's own verdict
+(DEAD -> RECOVERING, IMPAIRED -> VOLATILE) are taken by the machine before it
+asks; this function only chooses where to go next.
+
+Ranking (documented order, ties impossible): HEALTHY before IMPAIRED, then
+lower ``priority`` (the configured or route-metric order: Ethernet, Wi-Fi,
+LTE by default), then lower path id.  UNKNOWN and DEAD paths are never
+chosen.  RTT is deliberately not a ranking key: a noisy float would make the
+choice flip between two equally good paths.
+
+Hysteresis, so that a flapping link cannot make the session flap:
+- leaving an IMPAIRED active path needs a HEALTHY target (not merely a less
+  bad one) and ``min_dwell_ms`` on the current binding;
+- returning to a preferred path needs it HEALTHY for ``return_dwell_ms``;
+- the health verdicts themselves have hysteresis (``health.py``).
+
+Rate (Property 6): a switch is allowed only while fewer than
+``max_switches_per_minute`` switches happened in the last minute.  A needed
+switch (the active path is dead or impaired) that the rate forbids answers
+DEGRADE; an optional one (a preferred path came back) just waits.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from jvpn_trio.core.health import Verdict
+from jvpn_trio.core.ids import PathId
+from jvpn_trio.core.policy import Policy
+from jvpn_trio.core.states import ReasonCode, SessionState
+
+
+@attrs.frozen(kw_only=True)
+class Candidate:
+    path: PathId
+    priority: int
+    verdict: Verdict
+    reason: ReasonCode
+    healthy_since: float | None
+
+
+@attrs.frozen(kw_only=True)
+class SwitchView:
+    state: SessionState
+    active: PathId | None
+    bound_since: float | None
+    pinned: PathId | None
+    reattach_in_flight: bool
+    rate_has_room: bool
+    recovery_cause: ReasonCode | None
+
+
+class DecisionKind(enum.Enum):
+    STAY = "STAY"
+    SWITCH = "SWITCH"
+    DEGRADE = "DEGRADE"
+
+
+@attrs.frozen
+class Decision:
+    kind: DecisionKind
+    reason: ReasonCode
+    target: PathId | None = None
+
+
+def rank(c: Candidate) -> tuple[int, int, int]:
+    """Sort key: verdict, then priority, then path id (see module docstring)."""
+    return (0 if c.verdict is Verdict.HEALTHY else 1, c.priority, c.path.value)
+
+
+def _stay(reason: ReasonCode) -> Decision:
+    return Decision(DecisionKind.STAY, reason)
+
+
+def _needed_switch(view: SwitchView, target: PathId, cause: ReasonCode) -> Decision:
+    if view.rate_has_room:
+        return Decision(DecisionKind.SWITCH, cause, target)
+    if view.state is SessionState.DEGRADED:
+        return _stay(ReasonCode.RATE_LIMITED)
+    return Decision(DecisionKind.DEGRADE, ReasonCode.SWITCH_RATE_EXCEEDED, target)
+
+
+def decide(view: SwitchView, candidates: tuple[Candidate, ...], policy: Policy, *, now: float) -> Decision:
+    """Choose stay / switch / degrade for the session described by ``view``."""
+    if view.state in (SessionState.TERMINATED, SessionState.BIRTH):
+        return _stay(ReasonCode.NO_CANDIDATE)
+    if view.reattach_in_flight:
+        return _stay(ReasonCode.REATTACH_IN_FLIGHT)
+    by_path = {c.path: c for c in candidates}
+    usable = sorted(
+        (c for c in candidates if c.verdict in (Verdict.HEALTHY, Verdict.IMPAIRED) and c.path != view.active),
+        key=rank,
+    )
+    pinned = by_path.get(view.pinned) if view.pinned is not None else None
+    pinned_usable = pinned is not None and pinned in usable
+
+    if view.active is None:
+        if not usable:
+            return _stay(ReasonCode.NO_CANDIDATE)
+        target = pinned.path if pinned_usable and pinned is not None else usable[0].path
+        return _needed_switch(view, target, view.recovery_cause or ReasonCode.LINK_DOWN)
+
+    if pinned is not None and pinned.path == view.active:
+        return _stay(ReasonCode.PINNED)
+    if pinned_usable and pinned is not None:
+        if view.rate_has_room:
+            return Decision(DecisionKind.SWITCH, ReasonCode.OPERATOR_PIN, pinned.path)
+        return _stay(ReasonCode.RATE_LIMITED)
+
+    active = by_path.get(view.active)
+    if active is None or active.verdict in (Verdict.UNKNOWN, Verdict.DEAD):
+        # UNKNOWN: just bound, not yet measured.  DEAD is handled by the machine
+        # (it releases the binding first), so it cannot be seen here.
+        return _stay(ReasonCode.NO_SAMPLES)
+    dwell_met = view.bound_since is None or (now - view.bound_since) * 1000.0 >= policy.min_dwell_ms
+
+    if active.verdict is Verdict.IMPAIRED:
+        healthy = [c for c in usable if c.verdict is Verdict.HEALTHY]
+        if not healthy:
+            return _stay(ReasonCode.NO_BETTER_PATH)
+        if not dwell_met:
+            return _stay(ReasonCode.DWELL_NOT_MET)
+        return _needed_switch(view, healthy[0].path, active.reason)
+
+    preferred = [
+        c
+        for c in usable
+        if c.verdict is Verdict.HEALTHY
+        and c.priority < active.priority
+        and c.healthy_since is not None
+        and (now - c.healthy_since) * 1000.0 >= policy.return_dwell_ms
+    ]
+    if not preferred:
+        return _stay(ReasonCode.ACTIVE_PATH_HEALTHY)
+    if not dwell_met:
+        return _stay(ReasonCode.DWELL_NOT_MET)
+    if not view.rate_has_room:
+        return _stay(ReasonCode.RATE_LIMITED)
+    return Decision(DecisionKind.SWITCH, ReasonCode.PREFERRED_PATH_RESTORED, preferred[0].path)
