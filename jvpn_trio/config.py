@@ -1,0 +1,288 @@
+"""TOML files -> frozen, validated configuration.  The only user of ``tomllib``.
+
+Errors are :class:`ConfigError` with one line that names the file, and the
+key or the TOML syntax position, so the CLI can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pathlib
+import tomllib
+from typing import Any
+
+import attrs
+
+from jvpn_trio.core.policy import Policy, PolicyError
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``str()`` is a one-line explanation."""
+
+
+def read_toml(path: str | pathlib.Path) -> dict[str, Any]:
+    p = pathlib.Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{p}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+
+
+def policy_from_table(table: Any, *, source: str) -> Policy:
+    try:
+        return Policy.from_mapping(table)
+    except PolicyError as exc:
+        raise ConfigError(f"{source}: [policy] {exc}") from None
+
+
+def load_policy(path: str | pathlib.Path) -> Policy:
+    """A policy file holds a ``[policy]`` table (or only policy keys at top level)."""
+    data = read_toml(path)
+    if "policy" not in data:
+        return policy_from_table(data, source=str(path))
+    extra = sorted(k for k in data if k != "policy")
+    if extra:
+        raise ConfigError(f"{path}: unexpected key(s) beside [policy]: {', '.join(extra)}")
+    return policy_from_table(data["policy"], source=str(path))
+
+
+# -----------------------------------------------------------------------------
+# Client and gateway configuration files
+# -----------------------------------------------------------------------------
+
+PATH_KINDS = ("ethernet", "wifi", "lte")
+#: Default preference when a path's priority is not configured: Ethernet, then Wi-Fi, then LTE.
+KIND_PRIORITY = {"ethernet": 10, "wifi": 20, "lte": 30}
+DEFAULT_PORT = 51820
+DEFAULT_MTU = 1420
+
+
+def parse_endpoint(text: Any, *, where: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); the host must be a literal address."""
+    if not isinstance(text, str) or ":" not in text:
+        raise ConfigError(f"{where}: expected 'address:port', got {text!r}")
+    host, _, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{where}: {host!r} is not an IP address (names are not resolved)") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where}: bad port {port_text!r}")
+    return (str(address), int(port_text))
+
+
+def _interface(value: Any, *, where: str) -> ipaddress.IPv4Interface:
+    try:
+        return ipaddress.IPv4Interface(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{where}: expected an IPv4 address with prefix like '10.66.0.1/24', got {value!r}") from None
+
+
+def _networks(values: Any, *, where: str) -> tuple[ipaddress.IPv4Network, ...]:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: expected a non-empty list of prefixes")
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.IPv4Network(v))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}: {v!r} is not an IPv4 prefix") from None
+    return tuple(out)
+
+
+class _Table:
+    """Typed access to one TOML table that remembers which keys were used."""
+
+    def __init__(self, data: Any, *, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a table")
+        self.data, self.where = data, where
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required or default is ...:
+                raise ConfigError(f"{self.where}: missing required key {key!r}")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ConfigError(f"{self.where}.{key}: expected {names}, got {type(value).__name__}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.where}: unknown key(s): {', '.join(unknown)}")
+
+
+def _relative(base: pathlib.Path, value: str) -> pathlib.Path:
+    p = pathlib.Path(value)
+    return p if p.is_absolute() else base / p
+
+
+@attrs.frozen(kw_only=True)
+class PathConfig:
+    interface: str
+    kind: str | None
+    priority: int | None
+
+
+@attrs.frozen(kw_only=True)
+class ClientConfig:
+    private_key_file: pathlib.Path
+    gateway_public_key: str
+    gateway: tuple[str, int]
+    tun_name: str
+    routes: tuple[ipaddress.IPv4Network, ...]
+    paths: tuple[PathConfig, ...]
+    events_file: pathlib.Path | None
+    control_socket: pathlib.Path
+    fwmark_base: int
+    policy: Policy
+
+
+@attrs.frozen(kw_only=True)
+class PeerConfig:
+    name: str
+    public_key: str
+    address: ipaddress.IPv4Address | None
+
+
+@attrs.frozen(kw_only=True)
+class GatewayConfig:
+    private_key_file: pathlib.Path
+    listen: tuple[tuple[str, int], ...]
+    tun_name: str
+    tunnel_address: ipaddress.IPv4Interface
+    mtu: int
+    peers: tuple[PeerConfig, ...]
+    events_file: pathlib.Path | None
+    control_socket: pathlib.Path
+    node_id: str
+    policy: Policy
+
+
+def _policy_of(data: dict[str, Any], *, source: str) -> Policy:
+    return policy_from_table(data.get("policy", {}), source=source)
+
+
+def _top_level(data: dict[str, Any], allowed: set[str], *, source: str) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise ConfigError(f"{source}: unknown table(s): {', '.join(extra)}")
+
+
+def load_client_config(path: str | pathlib.Path) -> ClientConfig:
+    """Read ``client.toml``: ``[client]``, optional ``[[path]]`` entries and ``[policy]``."""
+    source = str(path)
+    base = pathlib.Path(path).resolve().parent
+    data = read_toml(path)
+    _top_level(data, {"client", "path", "policy"}, source=source)
+    t = _Table(data.get("client"), where=f"{source}: [client]")
+    key_file = _relative(base, t.get("private_key_file", str, required=True))
+    public = t.get("gateway_public_key", str, required=True)
+    gateway = parse_endpoint(t.get("gateway", str, required=True), where=f"{t.where}.gateway")
+    tun_name = t.get("tun_name", str, "jvpn0")
+    routes = _networks(t.get("routes", list, ["0.0.0.0/0"]), where=f"{t.where}.routes")
+    events = t.get("events_file", str, None)
+    control = t.get("control_socket", str, "/run/jvpn-trio/client.sock")
+    fwmark_base = t.get("fwmark_base", int, 0x5100)
+    t.finish()
+    raw_paths = data.get("path", [])
+    if not isinstance(raw_paths, list):
+        raise ConfigError(f"{source}: [[path]] must be an array of tables")
+    paths = []
+    for i, raw in enumerate(raw_paths):
+        pt = _Table(raw, where=f"{source}: [[path]] #{i + 1}")
+        kind = pt.get("kind", str, None)
+        if kind is not None and kind not in PATH_KINDS:
+            raise ConfigError(f"{pt.where}.kind: expected one of {', '.join(PATH_KINDS)}, got {kind!r}")
+        paths.append(
+            PathConfig(interface=pt.get("interface", str, required=True), kind=kind, priority=pt.get("priority", int, None))
+        )
+        pt.finish()
+    names = [p.interface for p in paths]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: an interface is listed twice in [[path]]")
+    if len(tun_name) > 15:
+        raise ConfigError(f"{source}: [client].tun_name {tun_name!r} is longer than 15 characters")
+    return ClientConfig(
+        private_key_file=key_file,
+        gateway_public_key=public,
+        gateway=gateway,
+        tun_name=tun_name,
+        routes=routes,
+        paths=tuple(paths),
+        events_file=_relative(base, events) if events else None,
+        control_socket=pathlib.Path(control),
+        fwmark_base=fwmark_base,
+        policy=_policy_of(data, source=source),
+    )
+
+
+def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
+    """Read ``gateway.toml``: ``[gateway]``, ``[[peer]]`` entries and ``[policy]``."""
+    source = str(path)
+    base = pathlib.Path(path).resolve().parent
+    data = read_toml(path)
+    _top_level(data, {"gateway", "peer", "policy"}, source=source)
+    t = _Table(data.get("gateway"), where=f"{source}: [gateway]")
+    key_file = _relative(base, t.get("private_key_file", str, required=True))
+    listen = tuple(
+        parse_endpoint(e, where=f"{t.where}.listen") for e in t.get("listen", list, [f"0.0.0.0:{DEFAULT_PORT}"])
+    )
+    tun_name = t.get("tun_name", str, "jvpn-gw0")
+    tunnel_address = _interface(t.get("tunnel_address", str, "10.66.0.1/24"), where=f"{t.where}.tunnel_address")
+    mtu = t.get("mtu", int, DEFAULT_MTU)
+    events = t.get("events_file", str, None)
+    control = t.get("control_socket", str, "/run/jvpn-trio/gateway.sock")
+    node_id = t.get("node_id", str, "gw-1")
+    t.finish()
+    if not 576 <= mtu <= 65535:
+        raise ConfigError(f"{t.where}.mtu: {mtu} is out of range 576..65535")
+    raw_peers = data.get("peer", [])
+    if not isinstance(raw_peers, list) or not raw_peers:
+        raise ConfigError(f"{source}: at least one [[peer]] with a public_key is required")
+    peers = []
+    for i, raw in enumerate(raw_peers):
+        pt = _Table(raw, where=f"{source}: [[peer]] #{i + 1}")
+        address = pt.get("address", str, None)
+        parsed = None
+        if address is not None:
+            try:
+                parsed = ipaddress.IPv4Address(address)
+            except ValueError:
+                raise ConfigError(f"{pt.where}.address: {address!r} is not an IPv4 address") from None
+            if parsed not in tunnel_address.network or parsed == tunnel_address.ip:
+                raise ConfigError(f"{pt.where}.address: {parsed} is not a free address of {tunnel_address.network}")
+        peers.append(
+            PeerConfig(name=pt.get("name", str, f"peer{i + 1}"), public_key=pt.get("public_key", str, required=True), address=parsed)
+        )
+        pt.finish()
+    if len({p.public_key for p in peers}) != len(peers):
+        raise ConfigError(f"{source}: a public key is listed twice in [[peer]]")
+    return GatewayConfig(
+        private_key_file=key_file,
+        listen=listen,
+        tun_name=tun_name,
+        tunnel_address=tunnel_address,
+        mtu=mtu,
+        peers=tuple(peers),
+        events_file=_relative(base, events) if events else None,
+        control_socket=pathlib.Path(control),
+        node_id=node_id,
+        policy=_policy_of(data, source=source),
+    )
