@@ -1,0 +1,498 @@
+"""The client runtime: one supervisor task owns the session core; the rest move bytes.
+
+Theory of operation
+-------------------
+:meth:`ClientRuntime.run` first handshakes with the gateway, trying the
+paths in priority order (``handshake_retry_ms`` each, until
+``transport_loss_ttl_ms`` runs out), then opens the packet port (the TUN,
+through a factory that knows the assigned address) and starts, in one
+nursery:
+
+- the **supervisor** (:meth:`_supervise`): the only caller of the
+  :class:`ClientSession`.  It reads ``(observed_at, input)`` pairs from one
+  bounded inbox, calls ``handle(input, now=observed_at)`` (never earlier than
+  the previous call), re-arms its timer from ``next_deadline()`` and carries
+  out the actions.  Binding changes are a swap of one reference,
+  ``self._active``: there is never a second one to forget;
+- one **receiver** per path: authenticates what arrives (``SecureChannel``),
+  writes DATA to the TUN, and turns control messages into inputs;
+- one **prober** per path: an authenticated PROBE every ``probe_interval_ms``
+  (``trio_util.periodic``); ``ProbeSent`` is queued *before* the datagram
+  leaves so an ACK can never overtake it;
+- the **TUN pump**: packets from the OS are sealed and sent on the active
+  path, or dropped and counted while there is none;
+- the **rekeyer**: a new handshake on the active path before the keys age
+  out; the SessionID does not change (Property 5).
+
+Inputs are stamped when observed, not when processed, so RTTs are measured
+where the bytes moved and a recorded trace replays exactly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import time
+from collections import Counter
+from typing import Any, AsyncContextManager, Callable
+
+import attrs
+import trio
+import trio_util
+
+from jvpn_trio.core import events as ev
+from jvpn_trio.core import wire
+from jvpn_trio.core.actions import (
+    Action,
+    BindTransport,
+    EmitEvent,
+    ReleaseTransport,
+    SendClose,
+    SendReattach,
+    Terminate,
+)
+from jvpn_trio.core.channel import ChannelDrop, SecureChannel
+from jvpn_trio.core.handshake import (
+    HandshakeError,
+    HandshakeResult,
+    InitiatorHandshake,
+    KeyExhausted,
+    StaticKeypair,
+)
+from jvpn_trio.core.ids import Binding, PathId, RandomBytes
+from jvpn_trio.core.policy import Policy
+from jvpn_trio.core.session import ClientSession, ClientSnapshot
+from jvpn_trio.core.states import ReasonCode
+from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort
+
+#: How many datagrams / packets one wake-up handles before yielding.
+BATCH = 64
+#: Inbox depth: inputs waiting for the supervisor.  Producers wait when it is full (backpressure).
+INBOX_CAPACITY = 4096
+
+Recorder = Callable[[str, float, Any], None]
+PacketPortFactory = Callable[[ipaddress.IPv4Interface], AsyncContextManager[PacketPort | None]]
+
+
+class HandshakeFailed(Exception):
+    """The gateway did not complete a handshake on any path in time."""
+
+
+@attrs.frozen(kw_only=True)
+class ClientPath:
+    path: PathId
+    name: str
+    kind: str
+    priority: int
+    port: DatagramPort
+    gateway: Address
+
+
+@attrs.frozen(kw_only=True)
+class RuntimeStatus:
+    """What the UI and ``status`` show: the core's snapshot plus the driver's counters."""
+
+    snapshot: ClientSnapshot
+    paths: tuple[tuple[PathId, str, str], ...]  # (path, interface, kind)
+    tunnel_address: str | None
+    counters: tuple[tuple[str, int], ...]
+
+
+class ClientRuntime:
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        static: StaticKeypair,
+        gateway_public: bytes,
+        paths: list[ClientPath],
+        emit: Callable[[EmitEvent], None],
+        random_bytes: RandomBytes = os.urandom,
+        wall_time_ns: Callable[[], int] = time.time_ns,
+        recorder: Recorder | None = None,
+    ) -> None:
+        if not paths:
+            raise ValueError("a client needs at least one path")
+        self.policy = policy
+        self._static = static
+        self._gateway_public = gateway_public
+        self.paths = {p.path: p for p in sorted(paths, key=lambda p: (p.priority, p.path.value))}
+        self._emit = emit
+        self._random_bytes = random_bytes
+        self._wall_time_ns = wall_time_ns
+        self._recorder = recorder
+        self.channel = SecureChannel(policy)
+        self.session: ClientSession | None = None
+        self.tunnel_address: ipaddress.IPv4Interface | None = None
+        self.counters: Counter[str] = Counter()
+        self.status = trio_util.AsyncValue[RuntimeStatus | None](None)
+        self.termination_reason: ReasonCode | None = None
+        self._active: ClientPath | None = None
+        self._packets: PacketPort | None = None
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[float, Any]](INBOX_CAPACITY)
+        self._last_now = -math.inf
+        self._pending_rekey: tuple[InitiatorHandshake, int, trio.Event] | None = None
+        self._rekey_result: HandshakeResult | None = None
+        self._delivery_reported: dict[PathId, float] = {}
+
+    # -- inputs from outside (netlink, UI keys, signals) --------------------------------
+    def submit_nowait(self, event: Any) -> bool:
+        """Queue an input stamped now; False (and counted) if the inbox is full."""
+        try:
+            self._inbox_send.send_nowait((trio.current_time(), event))
+        except trio.WouldBlock:
+            self.counters["inbox_full"] += 1
+            return False
+        return True
+
+    async def submit(self, event: Any, *, at: float | None = None) -> None:
+        await self._inbox_send.send((trio.current_time() if at is None else at, event))
+
+    @property
+    def active_path(self) -> ClientPath | None:
+        return self._active
+
+    # -- lifetime ---------------------------------------------------------------------------
+    async def run(
+        self,
+        *,
+        packets: PacketPortFactory | None = None,
+        task_status: trio.TaskStatus[ClientRuntime] = trio.TASK_STATUS_IGNORED,
+    ) -> ReasonCode:
+        """Handshake, then serve until the session terminates; returns the termination reason."""
+        result, path = await self._handshake()
+        now = trio.current_time()
+        self.channel.install_current(result.keypair(created_at=now))
+        self.tunnel_address = ipaddress.IPv4Interface(f"{result.tunnel_ipv4}/{result.prefix_len}")
+        session = ClientSession(policy=self.policy, session_id=result.session_id, now=now)
+        self.session = session
+        self._apply(session.creation_events(), now)
+        for p in self.paths.values():
+            await self._feed(ev.PathAdded(path=p.path, priority=p.priority, endpoint=p.gateway), now)
+        await self._feed(
+            ev.HandshakeCompleted(
+                session_id=result.session_id,
+                binding=Binding(path=path.path, endpoint=path.gateway),
+                gateway_version=result.state_version,
+            ),
+            now,
+        )
+        factory = packets or _no_packets
+        async with factory(self.tunnel_address) as port:
+            self._packets = port
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._supervise, nursery.cancel_scope)
+                for p in self.paths.values():
+                    nursery.start_soon(self._receive, p)
+                    nursery.start_soon(self._probe, p)
+                if port is not None:
+                    nursery.start_soon(self._pump_packets, port)
+                nursery.start_soon(self._rekey_loop)
+                task_status.started(self)
+        self._packets = None
+        return self.termination_reason or ReasonCode.LOCAL_CLOSE
+
+    # -- handshake ------------------------------------------------------------------------------
+    async def _handshake(self) -> tuple[HandshakeResult, ClientPath]:
+        order = list(self.paths.values())
+        retry_s = self.policy.handshake_retry_ms / 1000.0
+        give_up_at = trio.current_time() + self.policy.transport_loss_ttl_ms / 1000.0
+        attempt = 0
+        while trio.current_time() < give_up_at:
+            path = order[attempt % len(order)]
+            attempt += 1
+            sender_index = int.from_bytes(self._random_bytes(4), "big")
+            state, init = InitiatorHandshake.create(
+                self._static,
+                self._gateway_public,
+                sender_index=sender_index,
+                random_bytes=self._random_bytes,
+                wall_time_ns=self._wall_time_ns(),
+                path_id=path.path,
+            )
+            path.port.send_nowait(wire.encode_handshake_init(init), path.gateway)
+            self.counters["handshake_sent"] += 1
+            with trio.move_on_after(retry_s):
+                while True:
+                    for data, addr in await path.port.recv_batch(BATCH):
+                        result = self._try_response(state, sender_index, data, addr, path)
+                        if result is not None:
+                            return result, path
+        raise HandshakeFailed(
+            f"no handshake answer from the gateway on {', '.join(p.name for p in order)} "
+            f"within {self.policy.transport_loss_ttl_ms} ms"
+        )
+
+    def _try_response(
+        self, state: InitiatorHandshake, sender_index: int, data: bytes, addr: Address, path: ClientPath
+    ) -> HandshakeResult | None:
+        if addr != path.gateway:
+            self.counters["stray_source"] += 1
+            return None
+        try:
+            resp = wire.decode_handshake_resp_untrusted(data)
+        except wire.BadFrame:
+            self.counters["handshake_malformed"] += 1
+            return None
+        if resp.receiver_index != sender_index:
+            self.counters["handshake_stray"] += 1
+            return None
+        try:
+            return state.consume_response(resp)
+        except HandshakeError as exc:
+            self.counters[f"handshake_{exc.reason.value.lower()}"] += 1
+            return None
+
+    # -- the supervisor ------------------------------------------------------------------------
+    async def _feed(self, event: Any, now: float) -> None:
+        """Call the core once (only the supervisor and ``run``'s setup do) and act."""
+        assert self.session is not None
+        now = max(now, self._last_now)
+        self._last_now = now
+        if self._recorder is not None:
+            self._recorder("client", now, event)
+        actions = self.session.handle(event, now=now)
+        self._apply(actions, now)
+        self._publish(now)
+
+    async def _supervise(self, cancel_scope: trio.CancelScope) -> None:
+        assert self.session is not None
+        session = self.session
+        while not session.terminated:
+            deadline = session.next_deadline()
+            item = None
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                item = await self._inbox.receive()
+            if item is None:
+                assert deadline is not None
+                await self._feed(ev.TimerFired(), max(deadline, trio.current_time()))
+            else:
+                await self._feed(item[1], item[0])
+        cancel_scope.cancel()
+
+    def _apply(self, actions: list[Action], now: float) -> None:
+        for action in actions:
+            if isinstance(action, EmitEvent):
+                self._emit(action)
+            elif isinstance(action, BindTransport):
+                self._active = self.paths[action.binding.path]
+            elif isinstance(action, ReleaseTransport):
+                if self._active is not None and self._active.path == action.binding.path:
+                    self._active = None
+            elif isinstance(action, SendReattach):
+                self._send_reattach(action)
+            elif isinstance(action, SendClose):
+                self._send_close(action.reason)
+            elif isinstance(action, Terminate):
+                self.termination_reason = action.reason
+
+    def _publish(self, now: float) -> None:
+        assert self.session is not None
+        self.status.value = RuntimeStatus(
+            snapshot=self.session.snapshot(now=now),
+            paths=tuple((p.path, p.name, p.kind) for p in self.paths.values()),
+            tunnel_address=str(self.tunnel_address) if self.tunnel_address else None,
+            counters=tuple(sorted(self.counters.items())),
+        )
+
+    # -- sending control messages ------------------------------------------------------------
+    def _seal(self, msg_type: wire.MessageType, plaintext: bytes) -> bytes | None:
+        try:
+            return self.channel.seal(msg_type, plaintext)
+        except KeyExhausted:
+            self.counters["keys_exhausted"] += 1
+            self.submit_nowait(ev.KeysExhausted())
+            return None
+
+    def _send_reattach(self, action: SendReattach) -> None:
+        assert self.session is not None
+        path = self.paths[action.path]
+        msg = wire.Reattach(
+            session_id=self.session.record.session_id,
+            path_id=action.path,
+            nonce=action.nonce,
+            client_ts_ms=action.client_ts_ms,
+            expected_version=action.expected_version,
+        )
+        datagram = self._seal(wire.MessageType.REATTACH, wire.encode_reattach_plaintext(msg))
+        if datagram is not None:
+            path.port.send_nowait(datagram, path.gateway)
+            self.counters["reattach_sent"] += 1
+
+    def _send_close(self, reason: ReasonCode) -> None:
+        assert self.session is not None
+        target = self._active
+        if target is None:
+            return
+        plaintext = wire.encode_close_plaintext(wire.Close(session_id=self.session.record.session_id, reason=reason))
+        datagram = self._seal(wire.MessageType.CLOSE, plaintext)
+        if datagram is not None:
+            target.port.send_nowait(datagram, target.gateway)
+
+    # -- per-path tasks ------------------------------------------------------------------------
+    async def _probe(self, path: ClientPath) -> None:
+        seq = 0
+        async for _ in trio_util.periodic(self.policy.probe_interval_ms / 1000.0):
+            seq = (seq + 1) % (1 << 32)
+            now = trio.current_time()
+            await self.submit(ev.ProbeSent(path=path.path, seq=seq), at=now)
+            probe = wire.Probe(path_id=path.path, seq=seq, sent_us=int(now * 1e6) % (1 << 64))
+            datagram = self._seal(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))
+            if datagram is not None:
+                path.port.send_nowait(datagram, path.gateway)
+
+    async def _receive(self, path: ClientPath) -> None:
+        while True:
+            batch = await path.port.recv_batch(BATCH)
+            now = trio.current_time()
+            for data, addr in batch:
+                if addr != path.gateway:
+                    self.counters["stray_source"] += 1
+                    continue
+                await self._on_datagram(path, data, now)
+
+    async def _on_datagram(self, path: ClientPath, data: bytes, now: float) -> None:
+        try:
+            msg_type = wire.peek_type_untrusted(data)
+        except wire.BadFrame:
+            self.counters["drop_malformed"] += 1
+            return
+        if msg_type is wire.MessageType.HANDSHAKE_RESP:
+            self._on_rekey_response(data)
+            return
+        try:
+            opened = self.channel.open_untrusted(data, now=now)
+        except ChannelDrop as drop:
+            self.counters[f"drop_{drop.reason.value.lower()}"] += 1
+            return
+        kind, plaintext = opened.msg_type, opened.plaintext
+        try:
+            if kind is wire.MessageType.DATA:
+                self._deliver(path, plaintext, now)
+            elif kind is wire.MessageType.PROBE_ACK:
+                ack = wire.decode_probe_ack_plaintext_untrusted(plaintext)
+                await self.submit(
+                    ev.ProbeAcked(
+                        path=path.path,
+                        seq=ack.seq,
+                        gateway_version=ack.gateway_state_version,
+                        gateway_bound_path=ack.bound_path_id,
+                    ),
+                    at=now,
+                )
+            elif kind is wire.MessageType.REATTACH_ACK:
+                ra = wire.decode_reattach_ack_plaintext_untrusted(plaintext)
+                await self.submit(ev.ReattachAcked(path=path.path, nonce=ra.nonce, new_version=ra.new_version), at=now)
+            elif kind is wire.MessageType.REATTACH_REJECT:
+                rj = wire.decode_reattach_reject_plaintext_untrusted(plaintext)
+                await self.submit(
+                    ev.ReattachRejected(
+                        path=path.path, nonce=rj.nonce, reason=rj.reason, current_version=rj.current_version
+                    ),
+                    at=now,
+                )
+            elif kind is wire.MessageType.CLOSE:
+                close = wire.decode_close_plaintext_untrusted(plaintext)
+                await self.submit(ev.PeerClosed(reason=close.reason), at=now)
+            else:
+                self.counters["unexpected_type"] += 1
+        except wire.BadFrame:
+            self.counters["drop_malformed_plaintext"] += 1
+
+    def _deliver(self, path: ClientPath, packet: bytes, now: float) -> None:
+        self.counters["rx_packets"] += 1
+        self.counters["rx_bytes"] += len(packet)
+        if packet and self._packets is not None and not self._packets.write_nowait(packet):
+            self.counters["rx_tun_full"] += 1
+        last = self._delivery_reported.get(path.path, -math.inf)
+        if now - last >= self.policy.probe_interval_ms / 1000.0:
+            self._delivery_reported[path.path] = now
+            self.submit_nowait(ev.DeliveryObserved(path=path.path))
+
+    async def _pump_packets(self, port: PacketPort) -> None:
+        while True:
+            batch = await port.read_batch(BATCH)
+            active = self._active
+            if active is None:
+                self.counters["tx_dropped_unbound"] += len(batch)
+                continue
+            for packet in batch:
+                datagram = self._seal(wire.MessageType.DATA, packet)
+                if datagram is None:
+                    break
+                active.port.send_nowait(datagram, active.gateway)
+                self.counters["tx_packets"] += 1
+                self.counters["tx_bytes"] += len(packet)
+
+    # -- key rotation ------------------------------------------------------------------------
+    async def _rekey_loop(self) -> None:
+        assert self.session is not None
+        retry_s = self.policy.handshake_retry_ms / 1000.0
+        while True:
+            current = self.channel.keyring.current
+            due = current.created_at + self.policy.rekey_after_s if current else trio.current_time()
+            await trio.sleep_until(due)
+            now = trio.current_time()
+            if self.channel.keyring.expired(now):
+                self.submit_nowait(ev.KeysExhausted())
+                return
+            if not self.channel.keyring.needs_rekey(now):
+                await trio.sleep(retry_s)
+                continue
+            target = self._active
+            if target is None:
+                await trio.sleep(retry_s)
+                continue
+            sender_index = int.from_bytes(self._random_bytes(4), "big")
+            state, init = InitiatorHandshake.create(
+                self._static,
+                self._gateway_public,
+                sender_index=sender_index,
+                random_bytes=self._random_bytes,
+                wall_time_ns=self._wall_time_ns(),
+                path_id=target.path,
+                rekey_session=self.session.record.session_id,
+            )
+            done = trio.Event()
+            self._pending_rekey = (state, sender_index, done)
+            target.port.send_nowait(wire.encode_handshake_init(init), target.gateway)
+            with trio.move_on_after(retry_s):
+                await done.wait()
+            result, self._rekey_result, self._pending_rekey = self._rekey_result, None, None
+            if result is not None:
+                self.channel.install_current(result.keypair(created_at=trio.current_time()))
+                self.counters["rekeys"] += 1
+
+    def _on_rekey_response(self, data: bytes) -> None:
+        pending = self._pending_rekey
+        if pending is None:
+            self.counters["handshake_stray"] += 1
+            return
+        state, sender_index, done = pending
+        try:
+            resp = wire.decode_handshake_resp_untrusted(data)
+            if resp.receiver_index != sender_index:
+                self.counters["handshake_stray"] += 1
+                return
+            result = state.consume_response(resp)
+        except wire.BadFrame:
+            self.counters["handshake_malformed"] += 1
+            return
+        except HandshakeError as exc:
+            self.counters[f"handshake_{exc.reason.value.lower()}"] += 1
+            return
+        self._rekey_result = result
+        done.set()
+
+
+class _NoPackets:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _no_packets(_address: ipaddress.IPv4Interface) -> AsyncContextManager[None]:
+    return _NoPackets()

@@ -1,0 +1,226 @@
+"""Client and gateway runtimes end to end over an in-memory network, on Trio's mock clock.
+
+Determinism rules: virtual time only (autojump_clock), no sockets, seeded
+randomness; every wait is bounded by fail_after in virtual seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+
+import pytest
+import trio
+
+from jvpn_trio.core.actions import EmitEvent, EventKind
+from jvpn_trio.core.handshake import generate_static
+from jvpn_trio.core.ids import PathId
+from jvpn_trio.core.policy import Policy
+from jvpn_trio.core.states import ReasonCode, SessionState
+from jvpn_trio.drivers.client import ClientPath, ClientRuntime
+from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
+from jvpn_trio.drivers.ports import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
+from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
+
+GATEWAY = ("192.0.2.1", 51820)
+TUNNEL = ipaddress.IPv4Interface("10.66.0.1/24")
+
+
+def client_addr(i: int) -> tuple[str, int]:
+    return (f"198.51.100.{i}", 40000 + i)
+
+
+def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
+    total = 20 + len(payload)
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0,
+        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    )
+    return header + payload
+
+
+class World:
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.policy = policy or Policy()
+        rng = random.Random(7)
+        self.random_bytes = lambda n: bytes(rng.getrandbits(8) for _ in range(n))
+        self.gw_static = generate_static(self.random_bytes)
+        self.cl_static = generate_static(self.random_bytes)
+        self.net = MemoryNetwork()
+        self.client_events: list[EmitEvent] = []
+        self.gateway_events: list[EmitEvent] = []
+        self.gw_packets = MemoryPacketPort()
+        self.cl_packets = MemoryPacketPort()
+        self.gateway = GatewayRuntime(
+            policy=self.policy,
+            static=self.gw_static,
+            peers=[GatewayPeer(name="laptop", public=self.cl_static.public)],
+            tunnel=TUNNEL,
+            store=MemoryOwnershipStore(),
+            node_id="gw-test",
+            emit=self.gateway_events.append,
+            random_bytes=self.random_bytes,
+        )
+        self.ports: dict[int, MemoryDatagramPort] = {i: self.net.port(client_addr(i)) for i in (1, 2, 3)}
+        kinds = {1: "ethernet", 2: "wifi", 3: "lte"}
+        self.client = ClientRuntime(
+            policy=self.policy,
+            static=self.cl_static,
+            gateway_public=self.gw_static.public,
+            paths=[
+                ClientPath(path=PathId(i), name=f"if{i}", kind=kinds[i], priority=10 * i, port=self.ports[i], gateway=GATEWAY)
+                for i in (1, 2, 3)
+            ],
+            emit=self.client_events.append,
+            random_bytes=self.random_bytes,
+            wall_time_ns=lambda: 1_700_000_000_000_000_000,
+        )
+
+    def packets_factory(self, address: ipaddress.IPv4Interface):  # type: ignore[no-untyped-def]
+        world = self
+
+        class _Ctx:
+            async def __aenter__(self) -> MemoryPacketPort:
+                world.assigned = address
+                return world.cl_packets
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+        return _Ctx()
+
+    def gateway_session(self):  # type: ignore[no-untyped-def]
+        (served,) = self.gateway.sessions.values()
+        return served
+
+
+async def start(nursery: trio.Nursery, world: World) -> None:
+    gw_port = world.net.port(GATEWAY)
+    await nursery.start(world.gateway.serve, [gw_port], )
+    world.gateway._packets = world.gw_packets
+    nursery.start_soon(world.gateway._pump_packets, world.gw_packets)
+    await nursery.start(lambda task_status: world.client.run(packets=world.packets_factory, task_status=task_status))
+
+
+async def test_handshake_then_data_both_ways(autojump_clock: trio.abc.Clock) -> None:
+    world = World()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            served = world.gateway_session()
+            assert served.core.record.state is SessionState.ATTACHED
+            assert world.client.session is not None
+            assert world.client.session.record.session_id == served.session_id
+            assert world.assigned == ipaddress.IPv4Interface("10.66.0.2/24")
+            up = ipv4_packet("10.66.0.2", "10.66.0.1", b"hello gateway")
+            world.cl_packets.inject(up)
+            assert await world.gw_packets.delivered.receive() == up
+            down = ipv4_packet("10.66.0.1", "10.66.0.2", b"hello laptop")
+            world.gw_packets.inject(down)
+            assert await world.cl_packets.delivered.receive() == down
+            nursery.cancel_scope.cancel()
+
+
+async def test_blackholed_path_fails_over_and_gateway_follows(autojump_clock: trio.abc.Clock) -> None:
+    world = World()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            assert world.client.active_path is not None and world.client.active_path.path == PathId(1)
+            fault_at = trio.current_time()
+            world.net.blocked.add(client_addr(1))
+            await trio.sleep(2.0)
+            assert world.client.active_path is not None and world.client.active_path.path == PathId(2)
+            served = world.gateway_session()
+            binding = served.core.record.binding
+            assert binding is not None and binding.endpoint == client_addr(2)
+            switches = [e for e in world.client_events if e.kind is EventKind.TRANSPORT_SWITCH]
+            assert len(switches) == 1
+            detect = switches[0].t - fault_at
+            assert detect <= world.policy.death_detection_bound_ms / 1000.0 + 0.1
+            # Data still flows, now over path 2; the SessionID never changed.
+            down = ipv4_packet("10.66.0.1", "10.66.0.2", b"after switch")
+            world.gw_packets.inject(down)
+            assert await world.cl_packets.delivered.receive() == down
+            sessions = {e.session for e in world.client_events + world.gateway_events}
+            assert sessions == {served.session_id.hex}
+            nursery.cancel_scope.cancel()
+
+
+async def test_data_from_a_non_active_endpoint_is_not_data(autojump_clock: trio.abc.Clock) -> None:
+    world = World()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            served = world.gateway_session()
+            # Seal a DATA frame with the client's keys but send it from path 3's socket.
+            datagram = world.client.channel.seal(
+                __import__("jvpn_trio.core.wire", fromlist=["MessageType"]).MessageType.DATA,
+                ipv4_packet("10.66.0.2", "10.66.0.1", b"sneaky"),
+            )
+            world.ports[3].send_nowait(datagram, GATEWAY)
+            await trio.sleep(0.1)
+            assert world.gateway.counters["stray_data"] == 1
+            assert served.core.record.binding is not None and served.core.record.binding.endpoint == client_addr(1)
+            nursery.cancel_scope.cancel()
+
+
+async def test_replayed_reattach_from_another_address_is_a_security_event(autojump_clock: trio.abc.Clock) -> None:
+    world = World()
+    captured: list[bytes] = []
+    original = world.net.deliver
+
+    def tap(data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        if dst == GATEWAY and len(data) > 1 and data[1] == 7:  # REATTACH
+            captured.append(data)
+        original(data, src, dst)
+
+    world.net.deliver = tap  # type: ignore[method-assign]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            world.net.blocked.add(client_addr(1))
+            await trio.sleep(2.0)
+            assert captured
+            served = world.gateway_session()
+            before = (served.core.record, served.core.last_nonce)
+            attacker = world.net.port(("203.0.113.66", 6666))
+            attacker.send_nowait(captured[-1], GATEWAY)
+            await trio.sleep(0.1)
+            assert (served.core.record, served.core.last_nonce) == before
+            security = [e for e in world.gateway_events if e.kind is EventKind.SECURITY_EVENT]
+            assert security and security[-1].reason is ReasonCode.REPLAYED_COUNTER
+            assert security[-1].detail("endpoint") == "203.0.113.66:6666"
+            nursery.cancel_scope.cancel()
+
+
+async def test_close_terminates_both_sides_explicitly(autojump_clock: trio.abc.Clock) -> None:
+    from jvpn_trio.core import events as ev
+
+    world = World()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            gw_port = world.net.port(GATEWAY)
+            await nursery.start(world.gateway.serve, [gw_port])
+            done = trio.Event()
+            result: list[ReasonCode] = []
+
+            async def run_client() -> None:
+                result.append(await world.client.run())
+                done.set()
+
+            nursery.start_soon(run_client)
+            await trio.sleep(1.0)
+            world.client.submit_nowait(ev.CloseRequested())
+            await done.wait()
+            await trio.sleep(0.1)
+            assert result == [ReasonCode.LOCAL_CLOSE]
+            assert world.gateway.sessions == {}
+            gw_final = [e for e in world.gateway_events if e.kind is EventKind.STATE_CHANGE][-1]
+            assert gw_final.detail("to_state") == "TERMINATED" and gw_final.reason is ReasonCode.PEER_CLOSE
+            nursery.cancel_scope.cancel()
