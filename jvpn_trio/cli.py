@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from jvpn_trio import __version__
-from jvpn_trio.config import ConfigError, load_policy
+from jvpn_trio.config import ConfigError, load_client_config, load_gateway_config, load_policy
 from jvpn_trio.core.policy import DEFAULT_POLICY, Policy
 from jvpn_trio.keyfile import KeyFileError, generate_private_key_text, public_from_private_text
 
@@ -58,6 +58,50 @@ def _cmd_states(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from jvpn_trio import app
+
+    config = load_gateway_config(args.config)
+    return trio.run(lambda: app.serve_gateway(config, record=args.record, quiet=args.quiet))
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    import trio
+
+    from jvpn_trio import app
+
+    config = load_client_config(args.config)
+    return trio.run(lambda: app.run_client(config, record=args.record, quiet=args.quiet))
+
+
+DEFAULT_SOCKETS = ("/run/jvpn-trio/client.sock", "/run/jvpn-trio/gateway.sock")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import pathlib
+
+    import trio
+
+    from jvpn_trio.drivers.control import ControlError, query_control
+    from jvpn_trio.status import render_status_text
+
+    candidates = [args.socket] if args.socket else [s for s in DEFAULT_SOCKETS if os.path.exists(s)]
+    if not candidates:
+        raise CliError("no jvpn-trio running here (no control socket in /run/jvpn-trio; use --socket PATH)")
+    try:
+        reply = trio.run(
+            lambda: query_control(pathlib.Path(candidates[0]), {"cmd": "status"}, timeout=args.timeout)
+        )
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
+    if "error" in reply:
+        raise CliError(f"the running instance answered: {reply['error']}")
+    print(json.dumps(reply, sort_keys=True) if args.json else render_status_text(reply))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jvpn-trio",
@@ -76,7 +120,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_policy)
     p = sub.add_parser("states", help="print the session state machine (Markdown + Mermaid)")
     p.set_defaults(func=_cmd_states)
+
+    p = sub.add_parser("serve", help="run the gateway (root): UDP listener, TUN, sessions")
+    p.add_argument("--config", required=True, help="gateway TOML file (see examples/gateway.toml)")
+    p.add_argument("--record", type=pathlib_path, help="record every core input to this trace file")
+    p.add_argument("--quiet", action="store_true", help="do not print events to stdout")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("up", help="bring the tunnel up (root): probe every path, keep the session alive")
+    p.add_argument("--config", required=True, help="client TOML file (see examples/client.toml)")
+    p.add_argument("--record", type=pathlib_path, help="record every core input to this trace file")
+    p.add_argument("--quiet", action="store_true", help="do not print events to stdout")
+    p.add_argument("--no-tui", action="store_true", help="plain event lines instead of the live UI")
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("status", help="ask the running client or gateway for its state")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.add_argument("--socket", help="control socket path (default: the client's, else the gateway's)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
+    p.set_defaults(func=_cmd_status)
     return parser
+
+
+def pathlib_path(text: str) -> "os.PathLike[str]":
+    import pathlib
+
+    return pathlib.Path(text)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "cannot run as asked" (one line, exit 2), imported lazily."""
+    from jvpn_trio.app import AppError
+    from jvpn_trio.drivers.client import HandshakeFailed
+    from jvpn_trio.drivers.control import ControlError
+    from jvpn_trio.drivers.routes import RouteError
+    from jvpn_trio.drivers.tun import TunError
+    from jvpn_trio.drivers.udp import PathSocketError
+
+    return (AppError, HandshakeFailed, ControlError, RouteError, TunError, PathSocketError)
+
+
+def _first_expected(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The documented error inside ``exc``, looking through Trio's exception groups."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_expected(inner, kinds)
+            if found is not None:
+                return found
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,11 +184,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ConfigError, KeyFileError) as exc:
         print(f"jvpn-trio: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("jvpn-trio: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader went away (`jvpn-trio policy | head`): not an error of ours.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:  # narrowed just below: only the drivers' documented errors
+        expected = _first_expected(exc, _expected_errors())
+        if expected is None:
+            raise
+        print(f"jvpn-trio: {expected}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("jvpn-trio: interrupted", file=sys.stderr)
+        return 130

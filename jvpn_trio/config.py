@@ -251,6 +251,8 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     control = t.get("control_socket", str, "/run/jvpn-trio/gateway.sock")
     node_id = t.get("node_id", str, "gw-1")
     t.finish()
+    if not listen:
+        raise ConfigError(f"{t.where}.listen: at least one address:port is required")
     if not 576 <= mtu <= 65535:
         raise ConfigError(f"{t.where}.mtu: {mtu} is out of range 576..65535")
     raw_peers = data.get("peer", [])
@@ -266,8 +268,15 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
                 parsed = ipaddress.IPv4Address(address)
             except ValueError:
                 raise ConfigError(f"{pt.where}.address: {address!r} is not an IPv4 address") from None
-            if parsed not in tunnel_address.network or parsed == tunnel_address.ip:
-                raise ConfigError(f"{pt.where}.address: {parsed} is not a free address of {tunnel_address.network}")
+            usable = parsed in tunnel_address.network and parsed not in (
+                tunnel_address.ip,
+                tunnel_address.network.network_address,
+                tunnel_address.network.broadcast_address,
+            )
+            if not usable:
+                raise ConfigError(f"{pt.where}.address: {parsed} is not a free host address of {tunnel_address.network}")
+            if any(p.address == parsed for p in peers):
+                raise ConfigError(f"{pt.where}.address: {parsed} is already given to another peer")
         peers.append(
             PeerConfig(name=pt.get("name", str, f"peer{i + 1}"), public_key=pt.get("public_key", str, required=True), address=parsed)
         )

@@ -37,10 +37,17 @@ class Role(enum.Enum):
     GATEWAY = "gateway"
 
 
+FIXED_FIELDS = frozenset({"t", "kind", "role", "session", "version", "reason", "policy"})
+
+
 def _freeze_details(value: object) -> tuple[tuple[str, Scalar], ...]:
-    if isinstance(value, dict):
-        return tuple(sorted(value.items()))
-    return tuple(value)  # type: ignore[arg-type]
+    """Details as sorted pairs, so equal JSON means equal events; fixed field names are refused."""
+    pairs = value.items() if isinstance(value, dict) else value
+    frozen = tuple(sorted(pairs))  # type: ignore[arg-type]
+    clash = FIXED_FIELDS.intersection(k for k, _ in frozen)
+    if clash:
+        raise ValueError(f"event detail(s) {sorted(clash)} would overwrite fixed fields")
+    return frozen
 
 
 @attrs.frozen(kw_only=True)
@@ -78,7 +85,7 @@ class EmitEvent:
     @classmethod
     def from_dict(cls, data: dict[str, Scalar]) -> EmitEvent:
         """Inverse of :meth:`to_dict` (used by replay and log checkers); raises ValueError."""
-        fixed = {"t", "kind", "role", "session", "version", "reason", "policy"}
+        fixed = FIXED_FIELDS
         missing = fixed - set(data)
         if missing:
             raise ValueError(f"event line lacks {', '.join(sorted(missing))}")
@@ -88,13 +95,19 @@ class EmitEvent:
                 t=float(data["t"]),  # type: ignore[arg-type]
                 role=Role(data["role"]),
                 session=str(data["session"]),
-                version=int(data["version"]),  # type: ignore[arg-type]
+                version=_strict_int(data["version"]),
                 reason=ReasonCode(data["reason"]),
                 policy=str(data["policy"]),
                 details={k: v for k, v in data.items() if k not in fixed},
             )
         except (TypeError, KeyError) as exc:
             raise ValueError(f"bad event line: {exc}") from exc
+
+
+def _strict_int(value: Scalar) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
 
 
 @attrs.frozen

@@ -170,7 +170,7 @@ class Policy:
         if not isinstance(data, Mapping):
             raise PolicyError(f"policy must be a table, got {type(data).__name__}")
         known = {a.name for a in attrs.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise PolicyError(f"unknown policy key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         try:

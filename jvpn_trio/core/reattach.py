@@ -74,9 +74,14 @@ def session_clock_ms(now: float, created_at: float) -> float:
     return (now - created_at) * 1000.0
 
 
+def switch_expires_at(t: float) -> float:
+    """When a switch made at ``t`` stops counting against the rate (the timer uses the same value)."""
+    return t + SWITCH_RATE_WINDOW_S
+
+
 def switches_in_window(switch_times: tuple[float, ...], now: float) -> int:
-    """Confirmed switches in the last rate window: a switch at t counts while t > now - 60 s."""
-    return sum(1 for t in switch_times if t > now - SWITCH_RATE_WINDOW_S)
+    """Confirmed switches in the last rate window: a switch counts while ``now`` is before it expires."""
+    return sum(1 for t in switch_times if now < switch_expires_at(t))
 
 
 def rate_has_room(switch_times: tuple[float, ...], policy: Policy, now: float) -> bool:

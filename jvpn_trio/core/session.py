@@ -47,11 +47,12 @@ from jvpn_trio.core.actions import (
 )
 from jvpn_trio.core.health import PathHealth, PathStats, PathVerdict, Verdict
 from jvpn_trio.core.ids import Binding, PathId, SessionId
-from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
+from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.reattach import (
     Accept,
     ReattachContext,
     rate_has_room,
+    switch_expires_at,
     switches_in_window,
     validate_reattach,
 )
@@ -165,8 +166,7 @@ class _SessionCore:
             new_binding = binding
         switch_times = old.switch_times
         if reason is R.REATTACH_CONFIRMED:
-            horizon = now - SWITCH_RATE_WINDOW_S
-            switch_times = tuple(t for t in old.switch_times if t > horizon) + (now,)
+            switch_times = tuple(t for t in old.switch_times if now < switch_expires_at(t)) + (now,)
         self.record = attrs.evolve(
             old,
             state=plan.to,
@@ -228,7 +228,7 @@ class _SessionCore:
         rec = self.record
         if rec.state is not S.DEGRADED or rec.binding is None or not rec.switch_times:
             return None
-        return min(rec.switch_times) + SWITCH_RATE_WINDOW_S
+        return switch_expires_at(min(rec.switch_times))
 
     def _enforce_bounds(self, now: float) -> list[Action]:
         rec = self.record

@@ -121,7 +121,7 @@ def decide(view: SwitchView, candidates: tuple[Candidate, ...], policy: Policy, 
         # UNKNOWN: just bound, not yet measured.  DEAD is handled by the machine
         # (it releases the binding first), so it cannot be seen here.
         return _stay(ReasonCode.NO_SAMPLES)
-    dwell_met = view.bound_since is None or (now - view.bound_since) * 1000.0 >= policy.min_dwell_ms
+    dwell_met = view.bound_since is None or now >= view.bound_since + policy.min_dwell_ms / 1000.0
 
     if active.verdict is Verdict.IMPAIRED:
         healthy = [c for c in usable if c.verdict is Verdict.HEALTHY]
@@ -137,7 +137,7 @@ def decide(view: SwitchView, candidates: tuple[Candidate, ...], policy: Policy, 
         if c.verdict is Verdict.HEALTHY
         and c.priority < active.priority
         and c.healthy_since is not None
-        and (now - c.healthy_since) * 1000.0 >= policy.return_dwell_ms
+        and now >= c.healthy_since + policy.return_dwell_ms / 1000.0
     ]
     if not preferred:
         return _stay(ReasonCode.ACTIVE_PATH_HEALTHY)

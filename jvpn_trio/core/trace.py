@@ -11,6 +11,7 @@ happened instead.  Decoding is strict: a malformed line raises
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -86,24 +87,52 @@ def _decode_value(hint: Any, raw: Any) -> Any:
     if hint is ReasonCode:
         return ReasonCode(raw)
     if hint is Binding:
-        return Binding(path=PathId(raw["path"]), endpoint=(str(raw["endpoint"][0]), int(raw["endpoint"][1])))
+        _expect_keys(raw, {"path", "endpoint"})
+        return Binding(path=PathId(_int(raw["path"])), endpoint=_endpoint(raw["endpoint"]))
     if hint is OwnershipRecord:
+        _expect_keys(raw, {"session_id", "owner", "revision"})
         return OwnershipRecord(
-            session_id=SessionId.from_hex(raw["session_id"]), owner=str(raw["owner"]), revision=int(raw["revision"])
+            session_id=SessionId.from_hex(_str(raw["session_id"])), owner=_str(raw["owner"]), revision=_int(raw["revision"])
         )
     if hint is bytes:
-        return bytes.fromhex(raw)
+        return bytes.fromhex(_str(raw))
     if origin is tuple:
-        return (str(raw[0]), int(raw[1]))
+        return _endpoint(raw)
+    if hint is str:
+        return _str(raw)
     if hint is bool:
         if not isinstance(raw, bool):
             raise TypeError(f"expected a boolean, got {raw!r}")
         return raw
     if hint is int:
-        if not isinstance(raw, int) or isinstance(raw, bool):
-            raise TypeError(f"expected an integer, got {raw!r}")
-        return raw
+        return _int(raw)
+    raise TypeError(f"no decoder for {hint!r}")  # pragma: no cover - every input field type is listed above
+
+
+def _int(raw: Any) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        raise TypeError(f"expected an integer, got {raw!r}")
     return raw
+
+
+def _str(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise TypeError(f"expected a string, got {raw!r}")
+    return raw
+
+
+def _endpoint(raw: Any) -> tuple[str, int]:
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise TypeError(f"an endpoint is [host, port], got {raw!r}")
+    port = _int(raw[1])
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return (_str(raw[0]), port)
+
+
+def _expect_keys(raw: Any, keys: set[str]) -> None:
+    if not isinstance(raw, dict) or set(raw) != keys:
+        raise TypeError(f"expected an object with keys {sorted(keys)}, got {raw!r}")
 
 
 def encode_input(side: str, now: float, event: Any) -> str:
@@ -127,9 +156,11 @@ class TraceEntry:
 def decode_input_untrusted(line: str, *, lineno: int = 0) -> TraceEntry:
     """Parse one trace line; raises only :class:`BadTrace`."""
     try:
-        body = json.loads(line)
+        body = json.loads(line, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise BadTrace(f"line {lineno}: not JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # NaN/Infinity, huge integer literals, deep nesting
+        raise BadTrace(f"line {lineno}: not acceptable JSON ({type(exc).__name__})") from None
     if not isinstance(body, dict):
         raise BadTrace(f"line {lineno}: not a JSON object")
     side, name, now = body.pop("side", None), body.pop("input", None), body.pop("t", None)
@@ -138,8 +169,8 @@ def decode_input_untrusted(line: str, *, lineno: int = 0) -> TraceEntry:
     cls = INPUT_TYPES.get(str(name))
     if cls is None:
         raise BadTrace(f"line {lineno}: unknown input {name!r}")
-    if not isinstance(now, (int, float)) or isinstance(now, bool):
-        raise BadTrace(f"line {lineno}: t must be a number")
+    if not isinstance(now, (int, float)) or isinstance(now, bool) or not math.isfinite(now):
+        raise BadTrace(f"line {lineno}: t must be a finite number")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in attrs.fields(cls)}
     extra = set(body) - fields
@@ -148,5 +179,9 @@ def decode_input_untrusted(line: str, *, lineno: int = 0) -> TraceEntry:
     try:
         kwargs = {key: _decode_value(hints[key], value) for key, value in body.items()}
         return TraceEntry(side=side, now=float(now), event=cls(**kwargs))
-    except (TypeError, ValueError, KeyError, IndexError) as exc:
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise BadTrace(f"line {lineno}: bad {name}: {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a trace may hold")

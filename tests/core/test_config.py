@@ -1,0 +1,519 @@
+"""config.py: TOML policy, client and gateway files, and every way a file can be unusable.
+
+Determinism: each test writes its own file under ``tmp_path``; no network, no
+clock.  Every error is a ConfigError whose one-line message names the file and
+either the TOML position or the policy field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pathlib
+
+import attrs
+import pytest
+
+from jvpn_trio.config import (
+    DEFAULT_MTU,
+    DEFAULT_PORT,
+    KIND_PRIORITY,
+    PATH_KINDS,
+    ClientConfig,
+    ConfigError,
+    GatewayConfig,
+    PathConfig,
+    PeerConfig,
+    load_client_config,
+    load_gateway_config,
+    load_policy,
+    parse_endpoint,
+    policy_from_table,
+    read_toml,
+)
+from jvpn_trio.core.policy import DEFAULT_POLICY
+
+
+def write(tmp_path: pathlib.Path, text: str, name: str = "policy.toml") -> pathlib.Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_policy(path)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# -- reading the file -------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "absent.toml"
+    assert config_error(path) == f"{path}: no such file"
+
+
+def test_directory(tmp_path: pathlib.Path) -> None:
+    assert config_error(tmp_path) == f"{tmp_path}: is a directory"
+
+
+def test_permission_denied(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests may run as root, where chmod cannot deny a read; simulate the OS answer instead.
+    path = write(tmp_path, "")
+
+    def deny(self: pathlib.Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "read_text", deny)
+    assert config_error(path) == f"{path}: permission denied"
+
+
+def test_not_utf8(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# caf\xe9\nmax_switches_per_minute = 3\n")
+    assert config_error(path) == f"{path}: not UTF-8 text"
+
+
+def test_bad_toml_names_file_and_position(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\nmax_switches_per_minute = = 3\n")
+    assert config_error(path) == f"{path}: invalid TOML: Invalid value (at line 2, column 27)"
+
+
+def test_bad_toml_duplicate_key(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\nmin_dwell_ms = 1\nmin_dwell_ms = 2\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: invalid TOML: ")
+    assert "(at line 3, column " in message
+
+
+def test_read_toml_returns_the_parsed_document(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\nmin_dwell_ms = 0\n[other]\nx = 'y'\n")
+    assert read_toml(path) == {"policy": {"min_dwell_ms": 0}, "other": {"x": "y"}}
+    assert read_toml(str(path)) == read_toml(path)
+
+
+# -- the [policy] table and top-level keys ----------------------------------------------------
+
+
+def test_policy_table(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\nmax_switches_per_minute = 3\nmin_dwell_ms = 0\n")
+    assert load_policy(path) == attrs.evolve(DEFAULT_POLICY, max_switches_per_minute=3, min_dwell_ms=0)
+
+
+def test_top_level_policy_keys(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "max_switches_per_minute = 3\nmin_dwell_ms = 0\n")
+    assert load_policy(path) == attrs.evolve(DEFAULT_POLICY, max_switches_per_minute=3, min_dwell_ms=0)
+
+
+def test_table_and_top_level_forms_are_the_same_policy(tmp_path: pathlib.Path) -> None:
+    a = load_policy(write(tmp_path, "[policy]\nreturn_dwell_ms = 7000\n", "a.toml"))
+    b = load_policy(write(tmp_path, "return_dwell_ms = 7000\n", "b.toml"))
+    assert a == b
+    assert a.fingerprint == b.fingerprint
+
+
+def test_empty_file_and_empty_table_are_the_default(tmp_path: pathlib.Path) -> None:
+    assert load_policy(write(tmp_path, "", "empty.toml")) == DEFAULT_POLICY
+    assert load_policy(write(tmp_path, "[policy]\n", "table.toml")) == DEFAULT_POLICY
+
+
+def test_path_may_be_a_string(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\nmin_dwell_ms = 0\n")
+    assert load_policy(str(path)).min_dwell_ms == 0
+
+
+def test_toml_integer_for_a_float_field(tmp_path: pathlib.Path) -> None:
+    policy = load_policy(write(tmp_path, "[policy]\nloss_threshold_pct = 12\n"))
+    assert policy.loss_threshold_pct == 12.0
+    assert type(policy.loss_threshold_pct) is float
+
+
+def test_tables_beside_policy_are_rejected(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\nmin_dwell_ms = 0\n[zeta]\nx = 1\n[gateway]\ny = 2\n")
+    assert config_error(path) == f"{path}: unexpected key(s) beside [policy]: gateway, zeta"
+
+
+def test_top_level_key_beside_policy_is_rejected(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "name = 'laptop'\n[policy]\nmin_dwell_ms = 0\n")
+    assert config_error(path) == f"{path}: unexpected key(s) beside [policy]: name"
+
+
+def test_other_table_without_policy_is_an_unknown_policy_key(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[gateway]\nlisten = 51820\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: [policy] unknown policy key(s): gateway (known: ")
+
+
+def test_policy_that_is_not_a_table(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "policy = 5\n")
+    assert config_error(path) == f"{path}: [policy] policy must be a table, got int"
+
+
+# -- policy values: the message names the file and the field ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("max_switches_per_minute = 0", "max_switches_per_minute: 0 is out of range 1..600"),
+        ('max_switches_per_minute = "six"', "max_switches_per_minute: expected an integer, got str"),
+        ("max_switches_per_minute = true", "max_switches_per_minute: expected an integer, got bool"),
+        ("max_switches_per_minute = 6.0", "max_switches_per_minute: expected an integer, got float"),
+        ("loss_threshold_pct = 0.0", "loss_threshold_pct: 0.0 is out of range 0.1..100.0"),
+        ("loss_threshold_pct = false", "loss_threshold_pct: expected a number, got bool"),
+        ("loss_threshold_pct = nan", "loss_threshold_pct: nan is out of range 0.1..100.0"),
+        ("healthy_below_fraction = [0.5]", "healthy_below_fraction: expected a number, got list"),
+    ],
+)
+def test_bad_policy_value(tmp_path: pathlib.Path, line: str, expected: str) -> None:
+    path = write(tmp_path, f"[policy]\n{line}\n")
+    assert config_error(path) == f"{path}: [policy] {expected}"
+
+
+def test_bad_top_level_policy_value_is_reported_the_same_way(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "probe_interval_ms = 0\n")
+    assert config_error(path) == f"{path}: [policy] probe_interval_ms: 0 is out of range 1..60000"
+
+
+def test_inconsistent_policy(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\nmax_recovery_window_ms = 3000\nreattach_timeout_ms = 3000\n")
+    assert config_error(path) == (
+        f"{path}: [policy] reattach_timeout_ms (3000) must be under max_recovery_window_ms (3000) "
+        "so recovery can try at least once"
+    )
+
+
+def test_unknown_policy_key(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\nmax_switches = 3\n")
+    assert config_error(path).startswith(f"{path}: [policy] unknown policy key(s): max_switches (known: ")
+
+
+def test_policy_from_table_uses_the_given_source() -> None:
+    assert policy_from_table({"min_dwell_ms": 0}, source="x") == attrs.evolve(DEFAULT_POLICY, min_dwell_ms=0)
+    with pytest.raises(ConfigError) as info:
+        policy_from_table({"min_dwell_ms": -1}, source="client.toml")
+    assert str(info.value) == "client.toml: [policy] min_dwell_ms: -1 is out of range 0..3600000"
+    assert info.value.__cause__ is None
+
+
+# -- endpoints -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("192.0.2.1:51820", ("192.0.2.1", 51820)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+        ("10.0.0.1:65535", ("10.0.0.1", 65535)),
+        ("[2001:db8::1]:443", ("2001:db8::1", 443)),
+        ("[::1]:51820", ("::1", 51820)),
+    ],
+)
+def test_parse_endpoint(text: str, expected: tuple[str, int]) -> None:
+    assert parse_endpoint(text, where="w") == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (5, "w: expected 'address:port', got 5"),
+        (None, "w: expected 'address:port', got None"),
+        ("192.0.2.1", "w: expected 'address:port', got '192.0.2.1'"),
+        ("vpn.example.com:51820", "w: 'vpn.example.com' is not an IP address (names are not resolved)"),
+        ("192.0.2.1:", "w: bad port ''"),
+        ("192.0.2.1:http", "w: bad port 'http'"),
+        ("192.0.2.1:65536", "w: bad port '65536'"),
+        ("192.0.2.1:-1", "w: bad port '-1'"),
+        ("2001:db8::1", "w: '2001:db8:' is not an IP address (names are not resolved)"),
+    ],
+)
+def test_parse_endpoint_errors(value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_endpoint(value, where="w")
+    assert str(info.value) == message
+
+
+# -- client.toml --------------------------------------------------------------------------------------------
+
+CLIENT_MINIMAL = """\
+[client]
+private_key_file = "client.key"
+gateway_public_key = "GATEWAYPUBLICKEY"
+gateway = "192.0.2.1:51820"
+"""
+
+
+def client_error(tmp_path: pathlib.Path, text: str) -> tuple[pathlib.Path, str]:
+    path = write(tmp_path, text, "client.toml")
+    with pytest.raises(ConfigError) as info:
+        load_client_config(path)
+    assert "\n" not in str(info.value)
+    return path, str(info.value)
+
+
+def test_client_minimal_defaults(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, CLIENT_MINIMAL, "client.toml")
+    cfg = load_client_config(path)
+    assert cfg == ClientConfig(
+        private_key_file=tmp_path.resolve() / "client.key",
+        gateway_public_key="GATEWAYPUBLICKEY",
+        gateway=("192.0.2.1", 51820),
+        tun_name="jvpn0",
+        routes=(ipaddress.IPv4Network("0.0.0.0/0"),),
+        paths=(),
+        events_file=None,
+        control_socket=pathlib.Path("/run/jvpn-trio/client.sock"),
+        fwmark_base=0x5100,
+        policy=DEFAULT_POLICY,
+    )
+
+
+def test_client_full(tmp_path: pathlib.Path) -> None:
+    text = """\
+[client]
+private_key_file = "/etc/jvpn/client.key"
+gateway_public_key = "K"
+gateway = "[2001:db8::1]:4000"
+tun_name = "tun-x"
+routes = ["10.66.0.0/24", "192.168.0.0/16"]
+events_file = "logs/events.jsonl"
+control_socket = "/tmp/c.sock"
+fwmark_base = 512
+
+[[path]]
+interface = "eth0"
+kind = "ethernet"
+
+[[path]]
+interface = "wwan0"
+kind = "lte"
+priority = 5
+
+[[path]]
+interface = "usb0"
+
+[policy]
+max_switches_per_minute = 3
+"""
+    cfg = load_client_config(write(tmp_path, text, "client.toml"))
+    assert cfg.private_key_file == pathlib.Path("/etc/jvpn/client.key")
+    assert cfg.gateway == ("2001:db8::1", 4000)
+    assert cfg.tun_name == "tun-x"
+    assert cfg.routes == (ipaddress.IPv4Network("10.66.0.0/24"), ipaddress.IPv4Network("192.168.0.0/16"))
+    assert cfg.events_file == tmp_path.resolve() / "logs" / "events.jsonl"
+    assert cfg.control_socket == pathlib.Path("/tmp/c.sock")
+    assert cfg.fwmark_base == 512
+    assert cfg.paths == (
+        PathConfig(interface="eth0", kind="ethernet", priority=None),
+        PathConfig(interface="wwan0", kind="lte", priority=5),
+        PathConfig(interface="usb0", kind=None, priority=None),
+    )
+    assert cfg.policy == attrs.evolve(DEFAULT_POLICY, max_switches_per_minute=3)
+
+
+def test_kind_priorities() -> None:
+    assert PATH_KINDS == ("ethernet", "wifi", "lte")
+    assert KIND_PRIORITY == {"ethernet": 10, "wifi": 20, "lte": 30}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "[client]: expected a table"),
+        ("client = 5\n", "[client]: expected a table"),
+        (CLIENT_MINIMAL + "[server]\nx = 1\n", "unknown table(s): server"),
+        (CLIENT_MINIMAL.replace('private_key_file = "client.key"\n', ""),
+         "[client]: missing required key 'private_key_file'"),
+        (CLIENT_MINIMAL.replace('gateway_public_key = "GATEWAYPUBLICKEY"\n', ""),
+         "[client]: missing required key 'gateway_public_key'"),
+        (CLIENT_MINIMAL.replace('gateway = "192.0.2.1:51820"\n', ""), "[client]: missing required key 'gateway'"),
+        (CLIENT_MINIMAL.replace('"192.0.2.1:51820"', "51820"), "[client].gateway: expected str, got int"),
+        (CLIENT_MINIMAL.replace('"192.0.2.1:51820"', '"gw.example:1"'),
+         "[client].gateway: 'gw.example' is not an IP address (names are not resolved)"),
+        (CLIENT_MINIMAL + "fwmark_base = true\n", "[client].fwmark_base: expected int, got bool"),
+        (CLIENT_MINIMAL + "fwmark_base = 1.5\n", "[client].fwmark_base: expected int, got float"),
+        (CLIENT_MINIMAL + "routes = []\n", "[client].routes: expected a non-empty list of prefixes"),
+        (CLIENT_MINIMAL + 'routes = "0.0.0.0/0"\n', "[client].routes: expected list, got str"),
+        (CLIENT_MINIMAL + 'routes = ["10.0.0.1/8"]\n', "[client].routes: '10.0.0.1/8' is not an IPv4 prefix"),
+        (CLIENT_MINIMAL + 'routes = ["2001:db8::/32"]\n', "[client].routes: '2001:db8::/32' is not an IPv4 prefix"),
+        (CLIENT_MINIMAL + "zeta = 1\nalpha = 2\n", "[client]: unknown key(s): alpha, zeta"),
+        (CLIENT_MINIMAL + 'tun_name = "a-very-long-name0"\n',
+         "[client].tun_name 'a-very-long-name0' is longer than 15 characters"),
+        ('path = "eth0"\n' + CLIENT_MINIMAL, "[[path]] must be an array of tables"),
+        (CLIENT_MINIMAL + "[[path]]\nkind = 'wifi'\n", "[[path]] #1: missing required key 'interface'"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = 'a'\n[[path]]\ninterface = 'b'\nkind = 'satellite'\n",
+         "[[path]] #2.kind: expected one of ethernet, wifi, lte, got 'satellite'"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = 'a'\npriority = '1'\n", "[[path]] #1.priority: expected int, got str"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = 'a'\nmetric = 1\n", "[[path]] #1: unknown key(s): metric"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = 'a'\n[[path]]\ninterface = 'a'\n",
+         "an interface is listed twice in [[path]]"),
+        (CLIENT_MINIMAL + "[policy]\nmin_dwell_ms = -1\n", "[policy] min_dwell_ms: -1 is out of range 0..3600000"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "\n" not in v and len(v) < 60 else None,
+)
+def test_client_errors(tmp_path: pathlib.Path, text: str, message: str) -> None:
+    path, got = client_error(tmp_path, text)
+    assert got == f"{path}: {message}"
+
+
+def test_client_missing_file(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_client_config(tmp_path / "none.toml")
+    assert str(info.value) == f"{tmp_path / 'none.toml'}: no such file"
+
+
+# -- gateway.toml ----------------------------------------------------------------------------------------------
+
+GATEWAY_MINIMAL = """\
+[gateway]
+private_key_file = "gateway.key"
+
+[[peer]]
+public_key = "PEERKEY1"
+"""
+
+
+def gateway_error(tmp_path: pathlib.Path, text: str) -> tuple[pathlib.Path, str]:
+    path = write(tmp_path, text, "gateway.toml")
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(path)
+    assert "\n" not in str(info.value)
+    return path, str(info.value)
+
+
+def test_gateway_minimal_defaults(tmp_path: pathlib.Path) -> None:
+    cfg = load_gateway_config(write(tmp_path, GATEWAY_MINIMAL, "gateway.toml"))
+    assert cfg == GatewayConfig(
+        private_key_file=tmp_path.resolve() / "gateway.key",
+        listen=(("0.0.0.0", DEFAULT_PORT),),
+        tun_name="jvpn-gw0",
+        tunnel_address=ipaddress.IPv4Interface("10.66.0.1/24"),
+        mtu=DEFAULT_MTU,
+        peers=(PeerConfig(name="peer1", public_key="PEERKEY1", address=None),),
+        events_file=None,
+        control_socket=pathlib.Path("/run/jvpn-trio/gateway.sock"),
+        node_id="gw-1",
+        policy=DEFAULT_POLICY,
+    )
+    assert (DEFAULT_PORT, DEFAULT_MTU) == (51820, 1420)
+
+
+def test_gateway_full(tmp_path: pathlib.Path) -> None:
+    text = """\
+[gateway]
+private_key_file = "keys/gw.key"
+listen = ["192.0.2.1:51820", "[2001:db8::1]:51820"]
+tun_name = "gw0"
+tunnel_address = "10.9.0.1/16"
+mtu = 576
+events_file = "/var/log/jvpn.jsonl"
+control_socket = "/tmp/g.sock"
+node_id = "gw-b"
+
+[[peer]]
+name = "laptop"
+public_key = "K1"
+address = "10.9.3.4"
+
+[[peer]]
+public_key = "K2"
+
+[policy]
+freshness_window_ms = 1000
+"""
+    cfg = load_gateway_config(write(tmp_path, text, "gateway.toml"))
+    assert cfg.private_key_file == tmp_path.resolve() / "keys" / "gw.key"
+    assert cfg.listen == (("192.0.2.1", 51820), ("2001:db8::1", 51820))
+    assert cfg.tun_name == "gw0"
+    assert cfg.tunnel_address == ipaddress.IPv4Interface("10.9.0.1/16")
+    assert cfg.mtu == 576
+    assert cfg.events_file == pathlib.Path("/var/log/jvpn.jsonl")
+    assert cfg.control_socket == pathlib.Path("/tmp/g.sock")
+    assert cfg.node_id == "gw-b"
+    assert cfg.peers == (
+        PeerConfig(name="laptop", public_key="K1", address=ipaddress.IPv4Address("10.9.3.4")),
+        PeerConfig(name="peer2", public_key="K2", address=None),
+    )
+    assert cfg.policy == attrs.evolve(DEFAULT_POLICY, freshness_window_ms=1000)
+
+
+def test_gateway_mtu_upper_bound(tmp_path: pathlib.Path) -> None:
+    text = GATEWAY_MINIMAL.replace('"gateway.key"\n', '"gateway.key"\nmtu = 65535\n')
+    assert load_gateway_config(write(tmp_path, text, "gateway.toml")).mtu == 65535
+
+
+def _gw(extra: str) -> str:
+    return GATEWAY_MINIMAL.replace('"gateway.key"\n', '"gateway.key"\n' + extra)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "[gateway]: expected a table"),
+        (GATEWAY_MINIMAL + "[client]\n", "unknown table(s): client"),
+        ("[gateway]\n[[peer]]\npublic_key = 'K'\n", "[gateway]: missing required key 'private_key_file'"),
+        (_gw("mtu = 575\n"), "[gateway].mtu: 575 is out of range 576..65535"),
+        (_gw("mtu = 65536\n"), "[gateway].mtu: 65536 is out of range 576..65535"),
+        (_gw("mtu = '1420'\n"), "[gateway].mtu: expected int, got str"),
+        (_gw("listen = '0.0.0.0:1'\n"), "[gateway].listen: expected list, got str"),
+        (_gw("listen = [51820]\n"), "[gateway].listen: expected 'address:port', got 51820"),
+        (_gw("tunnel_address = '10.66.0.1/33'\n"),
+         "[gateway].tunnel_address: expected an IPv4 address with prefix like '10.66.0.1/24', got '10.66.0.1/33'"),
+        (_gw("tunnel_address = 'fd00::1/64'\n"),
+         "[gateway].tunnel_address: expected an IPv4 address with prefix like '10.66.0.1/24', got 'fd00::1/64'"),
+        (_gw("colour = 'red'\n"), "[gateway]: unknown key(s): colour"),
+        ("[gateway]\nprivate_key_file = 'k'\n", "at least one [[peer]] with a public_key is required"),
+        ("peer = []\n[gateway]\nprivate_key_file = 'k'\n", "at least one [[peer]] with a public_key is required"),
+        ("peer = 5\n[gateway]\nprivate_key_file = 'k'\n", "at least one [[peer]] with a public_key is required"),
+        (GATEWAY_MINIMAL + "[[peer]]\nname = 'x'\n", "[[peer]] #2: missing required key 'public_key'"),
+        (GATEWAY_MINIMAL + "[[peer]]\npublic_key = 'K2'\nallowed_ips = []\n", "[[peer]] #2: unknown key(s): allowed_ips"),
+        (GATEWAY_MINIMAL + "[[peer]]\npublic_key = 'PEERKEY1'\n", "a public key is listed twice in [[peer]]"),
+        (GATEWAY_MINIMAL + "address = 'ten'\n", "[[peer]] #1.address: 'ten' is not an IPv4 address"),
+        (GATEWAY_MINIMAL + "address = '10.67.0.2'\n", "[[peer]] #1.address: 10.67.0.2 is not a free host address of 10.66.0.0/24"),
+        (GATEWAY_MINIMAL + "address = '10.66.0.1'\n", "[[peer]] #1.address: 10.66.0.1 is not a free host address of 10.66.0.0/24"),
+        (GATEWAY_MINIMAL + "[policy]\nbogus = 1\n", "[policy] unknown policy key(s): bogus (known: "),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "\n" not in v and len(v) < 60 else None,
+)
+def test_gateway_errors(tmp_path: pathlib.Path, text: str, message: str) -> None:
+    path, got = gateway_error(tmp_path, text)
+    if message.endswith("(known: "):
+        assert got.startswith(f"{path}: {message}")
+    else:
+        assert got == f"{path}: {message}"
+
+
+def test_gateway_empty_listen_is_rejected(tmp_path: pathlib.Path) -> None:
+    gateway_error(tmp_path, _gw("listen = []\n"))
+
+
+def test_gateway_duplicate_peer_address_is_rejected(tmp_path: pathlib.Path) -> None:
+    text = GATEWAY_MINIMAL + "address = '10.66.0.2'\n[[peer]]\npublic_key = 'K2'\naddress = '10.66.0.2'\n"
+    gateway_error(tmp_path, text)
+
+
+@pytest.mark.parametrize("address", ["10.66.0.0", "10.66.0.255"])
+def test_gateway_peer_address_not_network_or_broadcast(tmp_path: pathlib.Path, address: str) -> None:
+    gateway_error(tmp_path, GATEWAY_MINIMAL + f"address = '{address}'\n")
+
+
+# -- shipped examples ------------------------------------------------------------------------------------
+
+EXAMPLE_POLICIES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "policies"
+
+
+def test_example_policies_load() -> None:
+    files = sorted(EXAMPLE_POLICIES.glob("*.toml"))
+    if not files:
+        pytest.skip(f"no example policies in {EXAMPLE_POLICIES} yet")
+    for path in files:
+        load_policy(path)
+
+
+def test_laptop_example_is_the_default() -> None:
+    path = EXAMPLE_POLICIES / "laptop.toml"
+    if not path.exists():
+        pytest.skip(f"{path} not written yet")
+    assert load_policy(path) == DEFAULT_POLICY
