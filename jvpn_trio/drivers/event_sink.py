@@ -1,0 +1,431 @@
+"""The event sink: EmitEvent actions -> a JSON-lines file and in-process subscribers.
+
+Theory of operation
+-------------------
+Spec section 12: "Observability MUST NOT block correctness" and "Logging
+failure MUST NOT alter state".  So the only thing the session's owner ever
+calls is :meth:`EventSink.emit`, which is synchronous and cannot block: it
+puts the event into bounded memory channels with ``send_nowait`` and, when
+one is full, counts a drop and returns.  It never raises.
+
+Behind the file channel a single writer task (started by
+:func:`open_event_sink` in its own nursery) takes whatever is queued as one
+batch, renders each event with ``EmitEvent.to_json_line()`` plus ``"\\n"``,
+and appends the batch to the file in a worker thread
+(``trio.to_thread.run_sync``), so a slow disk stalls only the writer.
+Lines are written in ``emit`` order, byte-identical to ``to_json_line``.
+
+* Each batch opens the file (``O_APPEND | O_CREAT``, mode
+  :data:`LOG_FILE_MODE` when created), hands all of it to the kernel with
+  ``os.write`` and closes it: there is no user-space buffer left to flush, a
+  rotated or deleted file is simply recreated, and a failure affects one
+  batch.  There is no fsync: the log is for operators, not a journal.
+* A failing file (``OSError``: disk full, permission, missing directory) is
+  counted in ``write_failures`` with its text in ``last_error``; that
+  batch's unwritten lines are counted in ``dropped_failed`` and discarded.
+  Nothing is raised, ``emit`` keeps working, and the next batch tries again.
+  If a failure cut a line short, the next successful batch starts with a
+  newline so that only the cut line is damaged.
+* Subscribers (the UI, tests) get their own bounded channel from
+  :meth:`EventSink.subscribe`, with their own drop counter, so a slow
+  subscriber loses only its own events and never delays the file.
+* On exit, whatever is still queued is written within one bounded, shielded
+  drain (:data:`DRAIN_TIMEOUT_S` by default), even when the exit is a
+  cancellation: a batch being written is shielded until that deadline, so a
+  cancelled owner does not abandon it mid-write.  What is left after the
+  deadline (including a batch whose thread was abandoned: it may still land)
+  is counted in ``dropped_closed``, as are events emitted after the close.
+
+Accounting, at any instant::
+
+    emitted == written + queued + dropped_full + dropped_failed
+               + dropped_unencodable + dropped_closed
+
+(with a file; ``queued`` counts events in the channel or in the batch being
+written).  With ``path=None`` only ``emitted`` and the subscriber counters move.
+
+Tests: the writer waits on worker threads, which ``autojump_clock`` does not
+see as work, so a test that writes a real file under ``autojump_clock`` may
+find the exit drain's deadline jumped to at once.  Use the real clock (and
+``fail_after``) for real files, and a fake ``_append`` under virtual time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+from jvpn_trio.core.actions import EmitEvent
+
+#: Upper bound on the exit drain: shutdown is never held up longer by a slow disk.
+DRAIN_TIMEOUT_S = 1.0
+#: Mode of a log file the sink creates (event lines carry endpoints and session IDs).
+LOG_FILE_MODE = 0o600
+#: ``last_error`` is a one-line summary; longer OS messages are cut to this length.
+MAX_ERROR_TEXT = 200
+
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+@attrs.frozen(kw_only=True)
+class SubscriberStatistics:
+    """One subscriber's channel: what it was given and what it lost by being slow."""
+
+    name: str
+    capacity: int
+    delivered: int
+    dropped_full: int
+    closed: bool
+
+
+@attrs.frozen(kw_only=True)
+class EventSinkStatistics:
+    """Counters of an :class:`EventSink`, frozen at the call (see the module docstring)."""
+
+    emitted: int
+    written: int
+    queued: int
+    dropped_full: int
+    dropped_failed: int
+    dropped_unencodable: int
+    dropped_closed: int
+    write_failures: int
+    failing: bool
+    last_error: str | None
+    subscribers: tuple[SubscriberStatistics, ...]
+
+
+@attrs.define
+class _Subscriber:
+    name: str
+    capacity: int
+    send: trio.MemorySendChannel[EmitEvent]
+    delivered: int = 0
+    dropped_full: int = 0
+    closed: bool = False
+
+    def statistics(self) -> SubscriberStatistics:
+        return SubscriberStatistics(
+            name=self.name,
+            capacity=self.capacity,
+            delivered=self.delivered,
+            dropped_full=self.dropped_full,
+            closed=self.closed,
+        )
+
+
+def _check_capacity(capacity: int) -> None:
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+
+
+def _error_text(exc: OSError) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+
+
+def _append_sync(path: Path, data: bytes, lock: threading.Lock) -> tuple[int, OSError | None]:
+    """Append ``data`` to ``path`` (worker thread).  Returns (bytes written, the error if any).
+
+    The lock keeps batches in order even if an earlier call was abandoned by
+    a cancellation and is still running in its thread.
+    """
+    done = 0
+    with lock:
+        try:
+            fd = os.open(path, _OPEN_FLAGS, LOG_FILE_MODE)
+        except OSError as exc:
+            return 0, exc
+        try:
+            view = memoryview(data)
+            while done < len(data):
+                done += os.write(fd, view[done:])
+        except OSError as exc:
+            return done, exc
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the data was handed over; a close error cannot un-write it
+    return done, None
+
+
+class EventSink:
+    """Non-blocking fan-out of :class:`EmitEvent`; build it with :func:`open_event_sink`."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        capacity: int,
+        also: Callable[[EmitEvent], None] | None = None,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    ) -> None:
+        _check_capacity(capacity)
+        self._path = path
+        self._also = also
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_deadline: float | None = None
+        self._send: trio.MemorySendChannel[EmitEvent] | None = None
+        self._receive: trio.MemoryReceiveChannel[EmitEvent] | None = None
+        if path is not None:
+            self._send, self._receive = trio.open_memory_channel[EmitEvent](capacity)
+        self._subscribers: list[_Subscriber] = []
+        self._closed = False
+        self._writer_done = trio.Event()
+        self._file_lock = threading.Lock()
+        self._needs_newline = False
+        self._write_scope: trio.CancelScope | None = None
+        self._in_flight = 0
+        self._emitted = 0
+        self._written = 0
+        self._dropped_full = 0
+        self._dropped_failed = 0
+        self._dropped_unencodable = 0
+        self._dropped_closed = 0
+        self._write_failures = 0
+        self._failing = False
+        self._last_error: str | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    # -- the caller's side: never blocks, never raises ----------------------------
+
+    def emit(self, event: EmitEvent) -> None:
+        """Queue ``event`` for the file and every subscriber, or count it dropped.
+
+        Synchronous and non-blocking (spec 12); call it from the Trio thread.
+        ``also``, if given, is called first, in this task: it must be as cheap
+        and as total as ``list.append`` (its exceptions are not caught).
+        """
+        self._emitted += 1
+        if self._also is not None:
+            self._also(event)
+        for sub in self._subscribers:
+            if sub.closed:
+                continue
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                sub.dropped_full += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                sub.closed = True  # the subscriber went away: stop offering it events
+            else:
+                sub.delivered += 1
+        if self._send is None:
+            return
+        if self._closed:
+            self._dropped_closed += 1
+            return
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self._dropped_full += 1
+
+    def subscribe(self, capacity: int, *, name: str = "") -> trio.MemoryReceiveChannel[EmitEvent]:
+        """A new bounded feed of every event emitted from now on.
+
+        When the subscriber falls behind by ``capacity`` events, newer events
+        are dropped for it alone (counted).  The channel ends when the sink
+        closes; closing it unsubscribes.
+        """
+        _check_capacity(capacity)
+        send, receive = trio.open_memory_channel[EmitEvent](capacity)
+        sub = _Subscriber(name=name or f"subscriber-{len(self._subscribers) + 1}", capacity=capacity, send=send)
+        if self._closed:
+            sub.closed = True
+            send.close()
+        self._subscribers.append(sub)
+        return receive
+
+    def statistics(self) -> EventSinkStatistics:
+        buffered = self._send.statistics().current_buffer_used if self._send is not None else 0
+        return EventSinkStatistics(
+            emitted=self._emitted,
+            written=self._written,
+            queued=buffered + self._in_flight,
+            dropped_full=self._dropped_full,
+            dropped_failed=self._dropped_failed,
+            dropped_unencodable=self._dropped_unencodable,
+            dropped_closed=self._dropped_closed,
+            write_failures=self._write_failures,
+            failing=self._failing,
+            last_error=self._last_error,
+            subscribers=tuple(sub.statistics() for sub in self._subscribers),
+        )
+
+    # -- lifecycle (driven by open_event_sink) --------------------------------------
+
+    def _close(self) -> None:
+        """Stop accepting events; the writer drains what is queued, subscribers see the end."""
+        self._closed = True
+        if self._send is not None:
+            self._send.close()
+        for sub in self._subscribers:
+            sub.closed = True
+            sub.send.close()
+
+    def _get_drain_deadline(self) -> float:
+        """One deadline for the whole exit drain, fixed by whoever asks first.
+
+        It also bounds the write in progress, which until then is shielded so
+        that an owner's cancellation does not abandon a batch mid-write.
+        """
+        if self._drain_deadline is None:
+            self._drain_deadline = trio.current_time() + self._drain_timeout_s
+            if self._write_scope is not None:
+                self._write_scope.deadline = self._drain_deadline
+        return self._drain_deadline
+
+    async def _wait_drained(self) -> None:
+        with trio.move_on_at(self._get_drain_deadline()) as scope:
+            scope.shield = True
+            await self._writer_done.wait()
+
+    # -- the writer task --------------------------------------------------------------
+
+    async def _serve_writer(
+        self,
+        path: Path,
+        receive: trio.MemoryReceiveChannel[EmitEvent],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        try:
+            async for first in receive:
+                await self._write_batch(path, [first, *self._take_ready(receive)])
+        finally:
+            # A batch whose write was abandoned by a cancellation may or may
+            # not still land (its thread runs on): count it as lost at close.
+            self._abandon_in_flight()
+            with trio.move_on_at(self._get_drain_deadline()) as scope:
+                scope.shield = True
+                while batch := self._take_ready(receive):
+                    await self._write_batch(path, batch)
+            self._abandon_in_flight()
+            self._dropped_closed += len(self._take_ready(receive))
+            receive.close()
+            self._writer_done.set()
+
+    def _abandon_in_flight(self) -> None:
+        self._dropped_closed += self._in_flight
+        self._in_flight = 0
+
+    @staticmethod
+    def _take_ready(receive: trio.MemoryReceiveChannel[EmitEvent]) -> list[EmitEvent]:
+        batch: list[EmitEvent] = []
+        while True:
+            try:
+                batch.append(receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return batch
+
+    async def _write_batch(self, path: Path, batch: list[EmitEvent]) -> None:
+        self._in_flight = len(batch)
+        lines: list[bytes] = []
+        for event in batch:
+            try:
+                lines.append(event.to_json_line().encode("utf-8") + b"\n")
+            except (TypeError, ValueError):  # a detail json cannot encode: drop that line only
+                self._dropped_unencodable += 1
+                self._in_flight -= 1
+        if not lines:
+            return
+        prefix = b"\n" if self._needs_newline else b""
+        data = prefix + b"".join(lines)
+        deadline = self._drain_deadline if self._drain_deadline is not None else math.inf
+        self._write_scope = trio.CancelScope(shield=True, deadline=deadline)
+        try:
+            with self._write_scope:
+                done, error = await self._append(path, data)
+        finally:
+            abandoned = self._write_scope.cancelled_caught
+            self._write_scope = None
+        if abandoned:  # the drain deadline passed mid-write: the batch is in doubt
+            self._abandon_in_flight()
+            return
+        written_bytes = max(done - len(prefix), 0)
+        complete = 0
+        consumed = 0
+        for line in lines:
+            if consumed + len(line) > written_bytes:
+                break
+            consumed += len(line)
+            complete += 1
+        self._written += complete
+        self._in_flight = 0
+        if error is None:
+            self._needs_newline = False
+            self._failing = False
+            return
+        self._dropped_failed += len(lines) - complete
+        self._write_failures += 1
+        self._failing = True
+        self._last_error = _error_text(error)
+        if written_bytes != consumed:
+            self._needs_newline = True  # a line was cut: keep the next one whole
+        elif done >= len(prefix):
+            self._needs_newline = False  # the pending newline (if any) went out
+
+    async def _append(self, path: Path, data: bytes) -> tuple[int, OSError | None]:
+        """Hand ``data`` to a worker thread.  Cancellable: a stuck disk cannot hold up shutdown."""
+        return await trio.to_thread.run_sync(_append_sync, path, data, self._file_lock, abandon_on_cancel=True)
+
+
+@asynccontextmanager
+async def open_event_sink(
+    path: Path | None,
+    *,
+    capacity: int,
+    also: Callable[[EmitEvent], None] | None = None,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+) -> AsyncIterator[EventSink]:
+    """Run an :class:`EventSink` for the duration of the block.
+
+    ``path=None`` writes no file (subscribers and ``also`` only).  On exit the
+    queue is drained for at most ``drain_timeout_s`` (shielded), then the
+    writer is stopped and subscriber channels end.  Raises ValueError for a
+    capacity below 1; file errors are never raised (they are counted).
+    """
+    sink = EventSink(path, capacity=capacity, also=also, drain_timeout_s=drain_timeout_s)
+    lone: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            if path is not None and sink._receive is not None:
+                await nursery.start(sink._serve_writer, path, sink._receive)
+            else:
+                sink._writer_done.set()
+            try:
+                yield sink
+            finally:
+                sink._close()
+                await sink._wait_drained()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Strict exception groups wrap even the caller's own exception from the
+        # block; hand a lone one back unchanged (as drivers/netlink.py does).
+        if len(group.exceptions) != 1:
+            raise
+        lone = group.exceptions[0]
+    if lone is not None:
+        raise lone
+
+
+__all__ = [
+    "DRAIN_TIMEOUT_S",
+    "LOG_FILE_MODE",
+    "EventSink",
+    "EventSinkStatistics",
+    "SubscriberStatistics",
+    "open_event_sink",
+]
