@@ -1,0 +1,366 @@
+"""Link and IPv4 address events from the kernel, as frozen values on a Trio channel.
+
+Theory of operation
+-------------------
+The kernel multicasts every link and address change on rtnetlink.  We listen
+on a raw ``AF_NETLINK`` socket wrapped by ``trio.socket`` and bound to the
+groups ``RTMGRP_LINK | RTMGRP_IPV4_IFADDR``; pyroute2's ``MarshalRtnl`` only
+*parses* the bytes.  pyroute2's own socket objects are not used on the event
+loop: ``IPRoute`` buffers messages internally (a readable-fd wait then misses
+queued events, measured 1.5 s late in platform-notes section 6) and its async
+API is asyncio-only.
+
+One reader task turns each message into a :class:`LinkEvent` or
+:class:`AddressEvent` and ``await``\\ s ``send`` on a bounded channel.  A slow
+consumer therefore applies back-pressure: the reader stops reading, the
+kernel socket buffer fills up, and the kernel drops messages and reports
+``ENOBUFS`` on the next ``recv``.  Dropped messages can never be recovered,
+so the reader emits a :class:`Resync` marker instead and counts the overrun;
+the consumer then re-reads every link with :func:`read_link_states`.  Nothing
+is ever silently lost: either every change arrives in kernel order or a
+``Resync`` says "state unknown, read it again".
+
+Many ``RTM_NEWLINK`` messages carry no change we care about (statistics,
+carrier negotiation steps), so link events are de-duplicated per interface
+index on ``(ifname, up)``; the memory is cleared on ``Resync``.
+
+"Up" means usable for traffic: administratively up (``IFF_UP``), carrier
+present (``IFF_LOWER_UP``) and operationally up (``IFF_RUNNING``, which is
+clear while a Wi-Fi link is associated but still ``DORMANT`` during
+authentication).  See :func:`link_is_up`.
+
+Namespaces: the daemon normally runs inside its namespace already (``ip netns
+exec``), so ``netns=None`` is the main path.  ``netns=NAME`` creates the
+socket inside that namespace with ``pyroute2.netns.create_socket`` (a short
+helper process, run in a worker thread), which never changes the namespace
+of any thread of ours.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Union
+
+import attrs
+import trio
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+__all__ = [
+    "AddressEvent",
+    "DEFAULT_CHANNEL_SIZE",
+    "DEFAULT_RCVBUF_BYTES",
+    "IFF_LOWER_UP",
+    "IFF_LOOPBACK",
+    "IFF_RUNNING",
+    "IFF_UP",
+    "LinkEvent",
+    "LinkMonitor",
+    "LinkMonitorStatistics",
+    "MonitorEvent",
+    "Resync",
+    "link_is_up",
+    "open_iproute",
+    "open_link_monitor",
+    "read_link_states",
+]
+
+# -- constants (linux/if.h) --------------------------------------------------
+
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+IFF_RUNNING = 0x40
+IFF_LOWER_UP = 0x10000
+
+#: Events buffered between the reader task and the consumer before the reader
+#: blocks (and the kernel socket buffer starts to fill).
+DEFAULT_CHANNEL_SIZE = 256
+#: Kernel receive buffer for the netlink socket (SO_RCVBUF; the kernel doubles it).
+DEFAULT_RCVBUF_BYTES = 1 << 20
+#: One recv() returns at most one skb; rtnetlink skbs are far below this.
+_RECV_BUFSIZE = 1 << 16
+#: Python 3.11's socket module lacks SO_RCVBUFFORCE; 33 in asm-generic/socket.h (x86, arm).
+_SO_RCVBUFFORCE: int = getattr(socket, "SO_RCVBUFFORCE", 33)
+#: The kernel's netlink port id: only messages from it are believed.
+_KERNEL_PORT_ID = 0
+
+_GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR
+
+
+# -- values --------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class LinkEvent:
+    """The state of one interface after a change (or as read by :func:`read_link_states`).
+
+    ``up`` is :func:`link_is_up` of the interface flags; a removed link is never up.
+    """
+
+    ifname: str
+    index: int
+    up: bool
+    removed: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class AddressEvent:
+    """An IPv4 address was added to (``added``) or removed from an interface."""
+
+    ifname: str
+    index: int
+    address: str
+    prefixlen: int
+    added: bool
+
+
+@attrs.frozen(kw_only=True)
+class Resync:
+    """The kernel dropped events (socket overrun): re-read all links with :func:`read_link_states`.
+
+    ``overruns`` is the monitor's overrun count including this one.
+    """
+
+    overruns: int
+
+
+MonitorEvent = Union[LinkEvent, AddressEvent, Resync]
+
+
+@attrs.frozen(kw_only=True)
+class LinkMonitorStatistics:
+    """Counters of one monitor: what it emitted and what it had to give up on."""
+
+    link_events: int
+    address_events: int
+    overruns: int
+    ignored_messages: int
+
+
+def link_is_up(flags: int) -> bool:
+    """Whether interface ``flags`` (``ifi_flags``) mean the link can carry traffic now.
+
+    Requires ``IFF_UP`` (administrative), ``IFF_LOWER_UP`` (carrier) and
+    ``IFF_RUNNING`` (operational state UP or UNKNOWN; clear while DORMANT).
+    """
+    wanted = IFF_UP | IFF_LOWER_UP | IFF_RUNNING
+    return flags & wanted == wanted
+
+
+# -- decoding (pure: pyroute2 message -> event) ---------------------------------
+
+
+def _decode(msg: object) -> LinkEvent | AddressEvent | None:
+    """One parsed rtnetlink message -> an event, or None for messages we do not use."""
+    get = getattr(msg, "get", None)
+    if get is None:
+        return None
+    kind = get("event")
+    if kind in ("RTM_NEWLINK", "RTM_DELLINK"):
+        # Only AF_UNSPEC messages describe the link itself.  The bridge layer sends
+        # its own (AF_BRIDGE) NEWLINK/DELLINK about ports: a DELLINK there means
+        # "left the bridge", not "deleted".
+        if get("family") != socket.AF_UNSPEC:
+            return None
+        ifname = get("ifname")
+        index = get("index")
+        flags = get("flags")
+        if not isinstance(ifname, str) or not isinstance(index, int) or not isinstance(flags, int):
+            return None
+        removed = kind == "RTM_DELLINK"
+        return LinkEvent(ifname=ifname, index=index, up=(not removed) and link_is_up(flags), removed=removed)
+    if kind in ("RTM_NEWADDR", "RTM_DELADDR"):
+        if get("family") != socket.AF_INET:
+            return None
+        # IFA_LOCAL is the local address; IFA_ADDRESS is the peer on point-to-point
+        # links and equal to IFA_LOCAL elsewhere.
+        address = get("local") or get("address")
+        index = get("index")
+        prefixlen = get("prefixlen")
+        label = get("label")
+        if not isinstance(address, str) or not isinstance(index, int) or not isinstance(prefixlen, int):
+            return None
+        # IPv4 labels are the interface name, or "name:alias"; ':' is invalid in
+        # interface names, and the kernel renames labels with their interface.
+        ifname = label.partition(":")[0] if isinstance(label, str) else ""
+        return AddressEvent(
+            ifname=ifname, index=index, address=address, prefixlen=prefixlen, added=kind == "RTM_NEWADDR"
+        )
+    return None
+
+
+# -- the monitor -----------------------------------------------------------------
+
+
+class LinkMonitor:
+    """Receiving end of :func:`open_link_monitor`: ``async for event in monitor``.
+
+    Events are :class:`LinkEvent`, :class:`AddressEvent` or :class:`Resync`, in
+    kernel order.  Only one task should consume.
+    """
+
+    def __init__(self, receive_channel: trio.MemoryReceiveChannel[MonitorEvent]) -> None:
+        self._receive = receive_channel
+        self._link_events = 0
+        self._address_events = 0
+        self._overruns = 0
+        self._ignored = 0
+
+    async def receive(self) -> MonitorEvent:
+        """The next event; raises ``trio.EndOfChannel`` once the monitor is closed."""
+        return await self._receive.receive()
+
+    def __aiter__(self) -> AsyncIterator[MonitorEvent]:
+        return self._receive.__aiter__()
+
+    def statistics(self) -> LinkMonitorStatistics:
+        return LinkMonitorStatistics(
+            link_events=self._link_events,
+            address_events=self._address_events,
+            overruns=self._overruns,
+            ignored_messages=self._ignored,
+        )
+
+    async def _serve(self, sock: trio.socket.SocketType, send: trio.MemorySendChannel[MonitorEvent]) -> None:
+        marshal = MarshalRtnl()
+        last_state: dict[int, tuple[str, bool]] = {}
+        async with send:
+            while True:
+                try:
+                    data, address = await sock.recvfrom(_RECV_BUFSIZE)
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    # The kernel dropped messages for us: our view is stale.
+                    self._overruns += 1
+                    last_state.clear()
+                    await send.send(Resync(overruns=self._overruns))
+                    continue
+                if address[0] != _KERNEL_PORT_ID:
+                    self._ignored += 1
+                    continue
+                for msg in marshal.parse(data):
+                    event = _decode(msg)
+                    if event is None:
+                        self._ignored += 1
+                        continue
+                    if isinstance(event, LinkEvent):
+                        if event.removed:
+                            last_state.pop(event.index, None)
+                        else:
+                            state = (event.ifname, event.up)
+                            if last_state.get(event.index) == state:
+                                continue
+                            last_state[event.index] = state
+                        self._link_events += 1
+                    else:
+                        self._address_events += 1
+                    await send.send(event)
+
+
+def _create_netlink_socket(netns: str | None, rcvbuf_bytes: int) -> socket.socket:
+    """Blocking: a NETLINK_ROUTE socket, optionally inside namespace ``netns``."""
+    if netns is None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    else:
+        # flags=0: an unknown name raises FileNotFoundError; pyroute2's default
+        # (O_CREAT) would silently create the namespace.
+        sock = pyroute2_netns.create_socket(
+            netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE, flags=0
+        )
+    try:
+        try:
+            # SO_RCVBUFFORCE (CAP_NET_ADMIN) is not capped by net.core.rmem_max,
+            # which is only 212992 bytes on a stock kernel.
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf_bytes)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@asynccontextmanager
+async def open_link_monitor(
+    *,
+    netns: str | None = None,
+    channel_size: int = DEFAULT_CHANNEL_SIZE,
+    rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES,
+) -> AsyncIterator[LinkMonitor]:
+    """Listen to link and IPv4 address changes until the block exits.
+
+    The socket is bound (subscribed) before the monitor is yielded, so every
+    change made after ``__aenter__`` returns is reported.  For the state
+    *before* that, call :func:`read_link_states` after entering.
+
+    Raises ``OSError`` if the socket cannot be created or bound (for example
+    ``FileNotFoundError`` for an unknown ``netns``).
+    """
+    if channel_size < 1:
+        raise ValueError(f"channel_size must be >= 1, got {channel_size}")
+    raw = await trio.to_thread.run_sync(_create_netlink_socket, netns, rcvbuf_bytes)
+    sock = trio.socket.from_stdlib_socket(raw)
+    with sock:
+        await sock.bind((0, _GROUPS))
+        send, receive = trio.open_memory_channel[MonitorEvent](channel_size)
+        monitor = LinkMonitor(receive)
+        lone: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(monitor._serve, sock, send)
+                try:
+                    yield monitor
+                finally:
+                    # The reader closes its send end as it stops, so a later
+                    # receive() raises EndOfChannel instead of hanging.
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # With strict exception groups (trio >= 0.25) the nursery wraps even a
+            # lone exception, including the caller's own from the block.  Hand a lone
+            # one back unchanged (raised outside this handler, so its __context__
+            # stays as it was): the same behaviour on every trio version.
+            if len(group.exceptions) != 1:
+                raise
+            lone = group.exceptions[0]
+        if lone is not None:
+            raise lone
+
+
+# -- snapshot via IPRoute (in a worker thread) ----------------------------------
+
+
+def open_iproute(netns: str | None) -> IPRoute:
+    """Blocking: a request/response ``IPRoute`` for worker threads (the only way we build one).
+
+    ``groups=0``: no multicast subscription (pyroute2 subscribes by default, so
+    unread events would pile up in its buffer).  ``flags=0``: an unknown
+    ``netns`` raises ``FileNotFoundError`` instead of being created.
+    """
+    return IPRoute(netns=netns, flags=0, groups=0)
+
+
+def _read_link_states_sync(netns: str | None) -> dict[str, LinkEvent]:
+    # Created and used in the same worker thread: pyroute2's sync API runs an
+    # asyncio loop inside and must not run on the Trio thread (platform-notes 1, 6).
+    with open_iproute(netns) as ipr:
+        states: dict[str, LinkEvent] = {}
+        for link in ipr.get_links():
+            ifname = link.get("ifname")
+            if not isinstance(ifname, str):
+                continue
+            states[ifname] = LinkEvent(ifname=ifname, index=link["index"], up=link_is_up(link["flags"]))
+        return states
+
+
+async def read_link_states(*, netns: str | None = None) -> dict[str, LinkEvent]:
+    """Every link's current state, by name (for startup and after a :class:`Resync`).
+
+    Runs pyroute2's blocking ``IPRoute`` in a worker thread.  Raises
+    ``pyroute2.NetlinkError`` or ``OSError`` if the kernel refuses the dump.
+    """
+    return await trio.to_thread.run_sync(_read_link_states_sync, netns)

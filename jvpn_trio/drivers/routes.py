@@ -1,0 +1,659 @@
+"""Policy routing that keeps the tunnel's own UDP out of the tunnel (platform-notes 5, recipe B).
+
+Theory of operation
+-------------------
+Every path's UDP socket carries ``SO_MARK = path.fwmark`` and
+``SO_BINDTODEVICE = path.ifname`` (udp driver).  The kernel then consults the
+rules below, lowest priority first::
+
+    20100: from all fwmark <path.fwmark> lookup <path.table>    one per path   (PATH_RULE_PRIORITY)
+    20200: from all lookup main suppress_prefixlength 0                          (SUPPRESS_RULE_PRIORITY)
+    20300: not from all fwmark <bypass_mark>/<bypass_mask> lookup <tunnel.table> (TUNNEL_RULE_PRIORITY)
+    32766: from all lookup main                                                   (the kernel's)
+
+* A path table holds the VPN gateway's /32 (or a default route) via that
+  interface's next hop, plus ``unreachable default metric 4294967295``.
+  Marked packets find the route at 20100.  When the link goes down the kernel
+  deletes the route but not the unreachable one, so the path fails closed
+  (``EHOSTUNREACH``) instead of leaking out of another interface through
+  main's default route: a probe for Wi-Fi must never succeed over LTE.
+* Full tunnel (``0.0.0.0/0`` listed), as wg-quick does it: the tunnel table
+  holds ``default dev <tun>``.  Rule 20200 keeps main's specific routes (the
+  LAN, the paths' subnets) but ignores main's default route; rule 20300 sends
+  every *unmarked* packet into the TUN.  Path marks must match
+  ``bypass_mark/bypass_mask``: if a path table is empty (its link flapped and
+  the kernel deleted the route), a marked packet must still not fall into the
+  TUN, or the tunnel would route itself through itself.
+* Split tunnel: each listed prefix becomes ``<prefix> dev <tun>`` in main.
+
+The priorities sit between the kernel's ``local`` (0) and ``main`` (32766)
+rules and clear of wg-quick's 32764/32765, so both can coexist.  Every route
+we add carries ``proto 74`` (:data:`RTPROT_JVPN`) and every rule
+``protocol 74``, so ``ip route show proto 74`` lists them and deletions only
+ever match entries we own.
+
+Ownership and idempotence: path and tunnel *tables* are ours, so routes there
+are installed with ``replace`` and rules that already exist (``EEXIST``, the
+identical rule at our priority) are taken as ours, e.g. left over from a
+crash.  A main-table route for a listed prefix is ours only if it carries our
+protocol and points at the TUN; any other route there is a conflict and
+raises :class:`RouteError`.  Removal deletes exactly the recorded entries and
+treats "already gone" (``ESRCH``, ``ENOENT``) as success: a link going down
+deletes the kernel routes through it (platform-notes 1).
+
+All pyroute2 calls run in ``trio.to_thread.run_sync``, each call creating and
+closing its own ``IPRoute`` in that worker thread (platform-notes 1, 6).
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import ipaddress
+import socket
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence, TypeVar
+
+import attrs
+import trio
+from pyroute2 import NetlinkError
+
+from jvpn_trio.drivers.netlink import open_iproute
+
+__all__ = [
+    "CLEANUP_TIMEOUT_S",
+    "DEFAULT_BYPASS_MARK",
+    "DEFAULT_BYPASS_MASK",
+    "InstalledRoutes",
+    "PATH_RULE_PRIORITY",
+    "PathRoute",
+    "RTPROT_JVPN",
+    "RouteEntry",
+    "RouteError",
+    "Routing",
+    "RuleEntry",
+    "SUPPRESS_RULE_PRIORITY",
+    "TUNNEL_RULE_PRIORITY",
+    "TunnelRoutes",
+    "check_routing_plan",
+    "install_path_route",
+    "install_tunnel_routes",
+    "open_routing",
+    "remove_path_route",
+    "remove_tunnel_routes",
+    "set_tun_address",
+]
+
+PATH_RULE_PRIORITY = 20100
+SUPPRESS_RULE_PRIORITY = 20200
+TUNNEL_RULE_PRIORITY = 20300
+#: Route/rule protocol id of everything we install (kernel values <= 4 are its own).
+RTPROT_JVPN = 74
+#: Path marks are DEFAULT_BYPASS_MARK | n: any mark with these bits bypasses the TUN.
+DEFAULT_BYPASS_MARK = 0x100
+DEFAULT_BYPASS_MASK = 0xF00
+#: How long open_routing may spend removing routes on exit (shielded from cancellation).
+CLEANUP_TIMEOUT_S = 5.0
+
+MAIN_TABLE = 254
+_RESERVED_TABLES = frozenset({0, 253, 254, 255})  # unspec, default, main, local
+_RT_SCOPE_LINK = 253
+_RTN_UNICAST = 1
+_RTN_UNREACHABLE = 7
+#: Metric of the fail-closed route in each path table: below every real route.
+_LAST_RESORT_METRIC = 0xFFFFFFFF
+_FIB_RULE_INVERT = 0x2
+_ALL_BITS = 0xFFFFFFFF
+#: "Already gone" on delete: no such route (ESRCH), no such rule (ENOENT).
+_GONE_ERRNOS = frozenset({errno.ESRCH, errno.ENOENT})
+
+
+class RouteError(Exception):
+    """The kernel refused a routing change, or the routing state conflicts with ours.
+
+    ``errno`` is the kernel's error number, or None for a conflict we detected.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+# -- values --------------------------------------------------------------------------
+
+
+def _check_table(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 1 <= value <= _ALL_BITS or value in _RESERVED_TABLES:
+        raise ValueError(f"{attribute.name}: {value} is not a usable routing table id")
+
+
+def _check_u32(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= _ALL_BITS:
+        raise ValueError(f"{attribute.name}: {value:#x} does not fit in 32 bits")
+
+
+def _check_nonzero_mark(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 1 <= value <= _ALL_BITS:
+        raise ValueError(f"{attribute.name}: {value:#x} is not a usable fwmark")
+
+
+def _check_ipv4(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        ipaddress.IPv4Address(value)  # raises ValueError (AddressValueError)
+
+
+def _to_prefixes(values: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise TypeError("prefixes must be a sequence of strings, not one string")
+    return tuple(str(ipaddress.IPv4Network(v, strict=True)) for v in values)
+
+
+@attrs.frozen
+class PathRoute:
+    """One path's bypass: packets marked ``fwmark`` use ``table``, which routes via ``ifname``.
+
+    ``gateway`` is the next hop on ``ifname``; None means "find it" (main's
+    default route via ``ifname``, else on-link).  :func:`install_path_route`
+    returns a copy with the next hop it found, to be reused on re-install:
+    a link flap also deletes main's route it was learnt from.
+    """
+
+    ifname: str
+    table: int = attrs.field(validator=_check_table)
+    fwmark: int = attrs.field(validator=_check_nonzero_mark)
+    gateway: str | None = attrs.field(default=None, validator=_check_ipv4)
+
+
+@attrs.frozen
+class TunnelRoutes:
+    """What goes into the TUN: ``prefixes`` (``0.0.0.0/0`` = full tunnel, policy routed via ``table``)."""
+
+    tun_name: str
+    prefixes: tuple[str, ...] = attrs.field(converter=_to_prefixes)
+    table: int = attrs.field(validator=_check_table)
+    bypass_mark: int = attrs.field(default=DEFAULT_BYPASS_MARK, validator=_check_u32)
+    bypass_mask: int = attrs.field(default=DEFAULT_BYPASS_MASK, validator=_check_nonzero_mark)
+
+    @property
+    def full_tunnel(self) -> bool:
+        return "0.0.0.0/0" in self.prefixes
+
+
+@attrs.frozen(kw_only=True)
+class RouteEntry:
+    """One route we installed (enough to delete exactly it)."""
+
+    table: int
+    dst: str  # "a.b.c.d/n"
+    oif: int  # 0 for an unreachable route
+    gateway: str | None = None
+    type: int = _RTN_UNICAST
+    metric: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class RuleEntry:
+    """One rule we installed (enough to delete exactly it)."""
+
+    priority: int
+    table: int
+    fwmark: int | None = None
+    fwmask: int | None = None
+    invert: bool = False
+    suppress_prefixlen: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class InstalledRoutes:
+    """What :func:`install_tunnel_routes` added, for :func:`remove_tunnel_routes`."""
+
+    routes: tuple[RouteEntry, ...] = ()
+    rules: tuple[RuleEntry, ...] = ()
+
+
+def check_routing_plan(tunnel: TunnelRoutes | None, paths: Sequence[PathRoute]) -> None:
+    """Raise ``ValueError`` if the paths and the tunnel could route into each other.
+
+    Path tables, marks and interfaces must be distinct, no path may use the
+    tunnel's table or interface, and in full-tunnel mode every path mark must
+    match ``bypass_mark/bypass_mask`` (see the module docstring).
+    """
+    for attr in ("table", "fwmark", "ifname"):
+        values = [getattr(p, attr) for p in paths]
+        if len(set(values)) != len(values):
+            raise ValueError(f"paths share a {attr}: {values}")
+    if tunnel is None:
+        return
+    for p in paths:
+        if p.table == tunnel.table:
+            raise ValueError(f"path {p.ifname} uses the tunnel's table {tunnel.table}")
+        if p.ifname == tunnel.tun_name:
+            raise ValueError(f"path {p.ifname} is the tunnel's own interface")
+        if tunnel.full_tunnel and p.fwmark & tunnel.bypass_mask != tunnel.bypass_mark & tunnel.bypass_mask:
+            raise ValueError(
+                f"path {p.ifname}: fwmark {p.fwmark:#x} does not match the bypass "
+                f"{tunnel.bypass_mark:#x}/{tunnel.bypass_mask:#x}, so its packets could enter the tunnel"
+            )
+
+
+# -- blocking helpers (worker threads only) ----------------------------------------
+
+_T = TypeVar("_T")
+
+
+#: trio 0.23 renamed to_thread.run_sync's ``cancellable`` to ``abandon_on_cancel`` and later
+#: releases removed the old name; pyproject allows trio >= 0.22.
+_ABANDON_KW = (
+    "abandon_on_cancel" if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters else "cancellable"
+)
+
+
+async def _run(netns: str | None, fn: Callable[[Any], _T], *, abandon_on_cancel: bool = False) -> _T:
+    """Run ``fn(ipr)`` in a worker thread with a fresh ``IPRoute``; NetlinkError becomes RouteError.
+
+    With ``abandon_on_cancel`` a cancelled caller returns at once and the thread
+    finishes (or not) on its own; otherwise cancellation waits for the thread.
+    """
+
+    def work() -> _T:
+        try:
+            with open_iproute(netns) as ipr:
+                return fn(ipr)
+        except NetlinkError as exc:
+            raise RouteError(f"netlink: {exc}", exc.code) from exc
+
+    options: dict[str, Any] = {_ABANDON_KW: abandon_on_cancel}
+    return await trio.to_thread.run_sync(work, **options)
+
+
+def _index(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise RouteError(f"no interface named {ifname!r}", errno.ENODEV)
+    return int(found[0])
+
+
+def _split(dst: str) -> tuple[str, int]:
+    net = ipaddress.IPv4Network(dst)
+    return str(net.network_address), net.prefixlen
+
+
+def _route_args(entry: RouteEntry) -> dict[str, Any]:
+    address, length = _split(entry.dst)
+    args: dict[str, Any] = {
+        "dst": address,
+        "dst_len": length,
+        "table": entry.table,
+        "proto": RTPROT_JVPN,
+        "family": socket.AF_INET,
+        "type": entry.type,
+        "priority": entry.metric,
+    }
+    if entry.type != _RTN_UNICAST:
+        return args
+    args["oif"] = entry.oif
+    if entry.gateway is not None:
+        args["gateway"] = entry.gateway
+    else:
+        args["scope"] = _RT_SCOPE_LINK
+    return args
+
+
+def _rule_args(entry: RuleEntry) -> dict[str, Any]:
+    # Spelling matters: pyroute2 silently ignores unknown keywords, e.g. the
+    # iproute2 spelling "suppress_prefixlength" adds a rule WITHOUT suppression.
+    args: dict[str, Any] = {
+        "priority": entry.priority,
+        "table": entry.table,
+        "protocol": RTPROT_JVPN,
+        "family": socket.AF_INET,
+    }
+    if entry.fwmark is not None:
+        args["fwmark"] = entry.fwmark
+        args["fwmask"] = _ALL_BITS if entry.fwmask is None else entry.fwmask
+    if entry.invert:
+        args["flags"] = _FIB_RULE_INVERT
+    if entry.suppress_prefixlen is not None:
+        args["suppress_prefixlen"] = entry.suppress_prefixlen
+    return args
+
+
+def _describe(entry: RouteEntry | RuleEntry) -> str:
+    if isinstance(entry, RouteEntry):
+        if entry.type == _RTN_UNREACHABLE:
+            return f"route unreachable {entry.dst} metric {entry.metric} table {entry.table}"
+        via = f"via {entry.gateway} " if entry.gateway else ""
+        return f"route {entry.dst} {via}oif {entry.oif} table {entry.table}"
+    return f"rule priority {entry.priority} table {entry.table}"
+
+
+def _add_rule(ipr: Any, entry: RuleEntry) -> None:
+    """Add; the identical rule at our priority already existing counts as ours."""
+    try:
+        ipr.rule("add", **_rule_args(entry))
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise RouteError(f"adding {_describe(entry)}: {exc}", exc.code) from exc
+
+
+def _replace_route(ipr: Any, entry: RouteEntry) -> None:
+    try:
+        ipr.route("replace", **_route_args(entry))
+    except NetlinkError as exc:
+        raise RouteError(f"adding {_describe(entry)}: {exc}", exc.code) from exc
+
+
+def _add_main_route(ipr: Any, entry: RouteEntry) -> None:
+    """Add a route in a table we share; an existing route is ours only if proto and oif match."""
+    try:
+        ipr.route("add", **_route_args(entry))
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise RouteError(f"adding {_describe(entry)}: {exc}", exc.code) from exc
+        address, length = _split(entry.dst)
+        existing = [
+            r
+            for r in ipr.get_routes(family=socket.AF_INET, table=entry.table)
+            if r.get("dst", "0.0.0.0") == address and r["dst_len"] == length
+        ]
+        if not any(r["proto"] == RTPROT_JVPN and r.get("oif") == entry.oif for r in existing):
+            raise RouteError(
+                f"adding {_describe(entry)}: a route to {entry.dst} not installed by us is in the way"
+            ) from exc
+
+
+def _delete_all(ipr: Any, routes: Iterable[RouteEntry], rules: Iterable[RuleEntry]) -> list[RouteError]:
+    """Delete each entry, rules first; already-gone counts as done.  Returns the other failures."""
+    failures = []
+    for rule in rules:
+        try:
+            ipr.rule("del", **_rule_args(rule))
+        except NetlinkError as exc:
+            if exc.code not in _GONE_ERRNOS:
+                failures.append(RouteError(f"removing {_describe(rule)}: {exc}", exc.code))
+    for route in routes:
+        try:
+            ipr.route("del", **_route_args(route))
+        except NetlinkError as exc:
+            if exc.code not in _GONE_ERRNOS:
+                failures.append(RouteError(f"removing {_describe(route)}: {exc}", exc.code))
+    return failures
+
+
+def _raise_first(failures: list[RouteError]) -> None:
+    if failures:
+        first = failures[0]
+        if len(failures) > 1:
+            first.add_note(f"and {len(failures) - 1} more: " + "; ".join(str(f) for f in failures[1:]))
+        raise first
+
+
+# -- path routes ---------------------------------------------------------------------
+
+
+def _path_entries(
+    pr: PathRoute, oif: int, gateway_address: str | None
+) -> tuple[RouteEntry, RouteEntry, RuleEntry]:
+    dst = "0.0.0.0/0" if gateway_address is None else f"{ipaddress.IPv4Address(gateway_address)}/32"
+    route = RouteEntry(table=pr.table, dst=dst, oif=oif, gateway=pr.gateway)
+    last_resort = RouteEntry(
+        table=pr.table, dst="0.0.0.0/0", oif=0, type=_RTN_UNREACHABLE, metric=_LAST_RESORT_METRIC
+    )
+    rule = RuleEntry(priority=PATH_RULE_PRIORITY, table=pr.table, fwmark=pr.fwmark, fwmask=_ALL_BITS)
+    return route, last_resort, rule
+
+
+def _find_next_hop(ipr: Any, oif: int) -> str | None:
+    """Main's lowest-metric default route via ``oif``: its gateway, or None (on-link).
+
+    Multipath default routes (no single RTA_OIF) are not looked into.
+    """
+    best: tuple[int, str] | None = None
+    for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+        gateway = r.get("gateway")
+        if r["dst_len"] == 0 and r.get("oif") == oif and isinstance(gateway, str):
+            metric = r.get("priority") or 0
+            if best is None or metric < best[0]:
+                best = (metric, gateway)
+    return None if best is None else best[1]
+
+
+def _install_path_sync(ipr: Any, pr: PathRoute, gateway_address: str | None) -> PathRoute:
+    oif = _index(ipr, pr.ifname)
+    if pr.gateway is None:
+        pr = attrs.evolve(pr, gateway=_find_next_hop(ipr, oif))
+    route, last_resort, rule = _path_entries(pr, oif, gateway_address)
+    _replace_route(ipr, last_resort)
+    _replace_route(ipr, route)
+    _add_rule(ipr, rule)
+    return pr
+
+
+async def install_path_route(
+    pr: PathRoute, *, gateway_address: str | None, netns: str | None = None
+) -> PathRoute:
+    """Route ``gateway_address``/32 (None: a default route) via ``pr.ifname`` in ``pr.table``,
+    behind a fail-closed unreachable default, and send packets marked ``pr.fwmark`` to that table.
+
+    Idempotent: call it again after a link comes back up, since the kernel
+    deleted the route when the link went down.  Returns ``pr`` with the next
+    hop it used (None = on-link); pass that back in on re-install.  Raises
+    :class:`RouteError` (``ENODEV``: no such interface; ``ENETDOWN`` /
+    ``ENETUNREACH``: the link is down or the next hop is not on it).
+    """
+    if gateway_address is not None:
+        ipaddress.IPv4Address(gateway_address)
+    return await _run(netns, lambda ipr: _install_path_sync(ipr, pr, gateway_address))
+
+
+def _remove_path_sync(ipr: Any, pr: PathRoute) -> None:
+    # The path table is ours: delete every route of our protocol in it, whatever
+    # address it was installed for.
+    routes = []
+    for r in ipr.get_routes(family=socket.AF_INET, table=pr.table):
+        if r["proto"] == RTPROT_JVPN and r.get("table") == pr.table:
+            routes.append(
+                RouteEntry(
+                    table=pr.table,
+                    dst=f"{r.get('dst', '0.0.0.0')}/{r['dst_len']}",
+                    oif=r.get("oif") or 0,
+                    gateway=r.get("gateway"),
+                    type=r["type"],
+                    metric=r.get("priority") or 0,
+                )
+            )
+    rule = RuleEntry(priority=PATH_RULE_PRIORITY, table=pr.table, fwmark=pr.fwmark, fwmask=_ALL_BITS)
+    _raise_first(_delete_all(ipr, routes, [rule]))
+
+
+async def remove_path_route(pr: PathRoute, *, netns: str | None = None) -> None:
+    """Undo :func:`install_path_route`; a no-op for what is already gone.  Raises :class:`RouteError` otherwise."""
+    await _run(netns, lambda ipr: _remove_path_sync(ipr, pr))
+
+
+# -- tunnel routes -------------------------------------------------------------------
+
+
+def _install_tunnel_sync(ipr: Any, tr: TunnelRoutes) -> InstalledRoutes:
+    oif = _index(ipr, tr.tun_name)
+    routes: list[RouteEntry] = []
+    rules: list[RuleEntry] = []
+    try:
+        if tr.full_tunnel:
+            default = RouteEntry(table=tr.table, dst="0.0.0.0/0", oif=oif)
+            _replace_route(ipr, default)
+            routes.append(default)
+        for prefix in tr.prefixes:
+            if prefix == "0.0.0.0/0":
+                continue
+            entry = RouteEntry(table=MAIN_TABLE, dst=prefix, oif=oif)
+            _add_main_route(ipr, entry)
+            routes.append(entry)
+        if tr.full_tunnel:
+            # Order matters: the catch-all rule goes in last (and comes out first).
+            for rule in (
+                RuleEntry(priority=SUPPRESS_RULE_PRIORITY, table=MAIN_TABLE, suppress_prefixlen=0),
+                RuleEntry(
+                    priority=TUNNEL_RULE_PRIORITY,
+                    table=tr.table,
+                    fwmark=tr.bypass_mark,
+                    fwmask=tr.bypass_mask,
+                    invert=True,
+                ),
+            ):
+                _add_rule(ipr, rule)
+                rules.append(rule)
+    except RouteError as exc:
+        for failure in _delete_all(ipr, reversed(routes), reversed(rules)):
+            exc.add_note(f"rollback: {failure}")
+        raise
+    return InstalledRoutes(routes=tuple(routes), rules=tuple(rules))
+
+
+async def install_tunnel_routes(tr: TunnelRoutes, *, netns: str | None = None) -> InstalledRoutes:
+    """Route ``tr.prefixes`` into the TUN (full tunnel: policy routing, see the module docstring).
+
+    All or nothing: on failure whatever this call added is removed again and
+    :class:`RouteError` is raised.  Returns what to pass to :func:`remove_tunnel_routes`.
+    """
+    return await _run(netns, lambda ipr: _install_tunnel_sync(ipr, tr))
+
+
+def _remove_tunnel_sync(ipr: Any, installed: InstalledRoutes) -> None:
+    _raise_first(_delete_all(ipr, reversed(installed.routes), reversed(installed.rules)))
+
+
+async def remove_tunnel_routes(installed: InstalledRoutes, *, netns: str | None = None) -> None:
+    """Remove exactly ``installed`` (rules first).  Idempotent: entries already gone are fine.
+
+    Raises :class:`RouteError` for any other refusal, after trying every entry.
+    """
+    await _run(netns, lambda ipr: _remove_tunnel_sync(ipr, installed))
+
+
+# -- TUN address ---------------------------------------------------------------------
+
+
+def _set_tun_address_sync(ipr: Any, ifname: str, address: str, prefixlen: int, mtu: int) -> None:
+    index = _index(ipr, ifname)
+    try:
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
+    ipr.link("set", index=index, mtu=mtu, state="up")
+
+
+async def set_tun_address(
+    ifname: str, address: str, prefixlen: int, mtu: int, *, netns: str | None = None
+) -> None:
+    """Give ``ifname`` ``address/prefixlen``, set its MTU and bring it up (idempotent).
+
+    Raises :class:`RouteError` (``ENODEV`` for a missing interface).
+    """
+    ipaddress.IPv4Interface(f"{address}/{prefixlen}")
+    await _run(netns, lambda ipr: _set_tun_address_sync(ipr, ifname, address, prefixlen, mtu))
+
+
+# -- the resource --------------------------------------------------------------------
+
+
+class Routing:
+    """The installed routing of :func:`open_routing`."""
+
+    def __init__(self, netns: str | None, gateway_address: str | None) -> None:
+        self._netns = netns
+        self._gateway_address = gateway_address
+        self._paths: dict[str, PathRoute] = {}
+        self._tunnel: InstalledRoutes | None = None
+
+    @property
+    def paths(self) -> dict[str, PathRoute]:
+        """The installed paths by interface name, with the next hops in use."""
+        return dict(self._paths)
+
+    @property
+    def tunnel(self) -> InstalledRoutes | None:
+        return self._tunnel
+
+    async def reinstall_path(self, ifname: str) -> PathRoute:
+        """Re-add a path's route after its link came back up (the kernel deleted it on down).
+
+        Uses the next hop remembered from the first install.  Raises ``KeyError``
+        for a path that is not part of this routing, :class:`RouteError` as
+        :func:`install_path_route` does.
+        """
+        pr = await install_path_route(self._paths[ifname], gateway_address=self._gateway_address, netns=self._netns)
+        self._paths[ifname] = pr
+        return pr
+
+    async def _install(self, tunnel: TunnelRoutes | None, paths: Sequence[PathRoute]) -> None:
+        # Paths first: the bypass must exist before the catch-all rule can capture our UDP.
+        for pr in paths:
+            self._paths[pr.ifname] = pr
+            self._paths[pr.ifname] = await install_path_route(
+                pr, gateway_address=self._gateway_address, netns=self._netns
+            )
+        if tunnel is not None:
+            self._tunnel = await install_tunnel_routes(tunnel, netns=self._netns)
+
+    def _remove_sync(self, ipr: Any) -> None:
+        failures: list[RouteError] = []
+        if self._tunnel is not None:
+            try:
+                _remove_tunnel_sync(ipr, self._tunnel)
+            except RouteError as exc:
+                failures.append(exc)
+        for pr in self._paths.values():
+            try:
+                _remove_path_sync(ipr, pr)
+            except RouteError as exc:
+                failures.append(exc)
+        _raise_first(failures)
+
+    async def _remove(self) -> RouteError | None:
+        """Shielded, bounded removal of everything; returns the failure instead of raising it."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLEANUP_TIMEOUT_S) as scope:
+                try:
+                    await _run(self._netns, self._remove_sync, abandon_on_cancel=True)
+                except RouteError as exc:
+                    return exc
+                except OSError as exc:  # e.g. the namespace itself is gone
+                    return RouteError(f"removing routes: {exc}", exc.errno)
+            if scope.cancelled_caught:
+                return RouteError(f"removing routes took longer than {CLEANUP_TIMEOUT_S} s", errno.ETIMEDOUT)
+        return None
+
+
+@asynccontextmanager
+async def open_routing(
+    *,
+    tunnel: TunnelRoutes | None,
+    paths: Sequence[PathRoute],
+    gateway_address: str | None,
+    netns: str | None = None,
+) -> AsyncIterator[Routing]:
+    """Install the paths' bypass routes and then the tunnel routes; remove them all on exit.
+
+    Removal always runs (errors and cancellation included), shielded and
+    bounded by :data:`CLEANUP_TIMEOUT_S`.  If the block raised, a removal
+    failure is attached to that exception as a note; otherwise it is raised as
+    :class:`RouteError`.  Raises ``ValueError`` for an inconsistent plan
+    (:func:`check_routing_plan`) before touching anything.
+    """
+    check_routing_plan(tunnel, paths)
+    if gateway_address is not None:
+        ipaddress.IPv4Address(gateway_address)
+    routing = Routing(netns, gateway_address)
+    try:
+        await routing._install(tunnel, paths)
+        yield routing
+    except BaseException as exc:
+        failure = await routing._remove()
+        if failure is not None:
+            exc.add_note(f"route cleanup failed too: {failure}")
+        raise
+    failure = await routing._remove()
+    if failure is not None:
+        raise failure

@@ -1,0 +1,502 @@
+"""Tests for drivers/routes.py: values and plan checks (no root), and the real kernel (root).
+
+The root tests use a lab built with the shared ``jvpn_trio.labnet`` (namespaces
+``jvnl<random>-cli``/``-gw``, deleted on any exit) plus a pytun TUN moved into the client::
+
+    client ns                                       gateway ns
+      eth0  10.77.1.2/24  ---- veth ----  gw-eth0  10.77.1.1/24
+      wifi0 10.77.2.2/24  ---- veth ----  gw-wifi0 10.77.2.1/24
+      lte0  10.77.3.2/24  ---- veth ----  gw-lte0  10.77.3.1/24
+      jvnl<hex>t 10.200.0.2/24 (TUN)      lo 10.99.0.1/32 (the VPN gateway's address)
+      default via 10.77.i.1 dev <path> metric 10/20/30
+
+Routing decisions are checked with ``ip -j -n <client> route get`` only: no packet is sent,
+and 203.0.113.7 (TEST-NET-3) stands for "somewhere on the internet".  Every I/O test runs
+under ``trio.fail_after``; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import secrets
+from typing import Any, AsyncIterator
+
+import attrs
+import pytest
+import trio
+from pyroute2 import NetlinkError
+
+from jvpn_trio.drivers import routes
+from jvpn_trio.drivers.routes import (
+    PATH_RULE_PRIORITY,
+    SUPPRESS_RULE_PRIORITY,
+    TUNNEL_RULE_PRIORITY,
+    InstalledRoutes,
+    PathRoute,
+    RouteEntry,
+    RouteError,
+    RuleEntry,
+    TunnelRoutes,
+    _delete_all,
+    _rule_args,
+    check_routing_plan,
+    install_path_route,
+    install_tunnel_routes,
+    open_routing,
+    remove_path_route,
+    remove_tunnel_routes,
+    set_tun_address,
+)
+from jvpn_trio.labnet import Lab, LabSpec, open_lab
+from tests.netns import requires_lab
+
+IO_TIMEOUT_S = 10.0
+INTERNET = "203.0.113.7"
+TUN_TABLE = 51820
+
+# -- values and plan checks (pure) -------------------------------------------------------------
+
+
+def test_tunnel_routes_normalises_prefixes() -> None:
+    tr = TunnelRoutes("jvpn0", ["0.0.0.0/0", "10.8.0.0/16"], 51820)
+    assert tr.prefixes == ("0.0.0.0/0", "10.8.0.0/16")
+    assert tr.full_tunnel
+    assert not TunnelRoutes("jvpn0", ["10.8.0.0/16"], 51820).full_tunnel
+
+
+@pytest.mark.parametrize("bad", [["10.8.0.1/16"], ["10.8.0.0/33"], ["fd00::/8"], "0.0.0.0/0"])
+def test_tunnel_routes_rejects_bad_prefixes(bad: Any) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        TunnelRoutes("jvpn0", bad, 51820)
+
+
+@pytest.mark.parametrize("table", [0, 253, 254, 255, -1, 2**32])
+def test_reserved_tables_are_rejected(table: int) -> None:
+    with pytest.raises(ValueError, match="table"):
+        PathRoute("eth0", table, 0x101)
+    with pytest.raises(ValueError, match="table"):
+        TunnelRoutes("jvpn0", ["0.0.0.0/0"], table)
+
+
+@pytest.mark.parametrize("mark", [0, 2**32])
+def test_path_marks_must_be_usable(mark: int) -> None:
+    with pytest.raises(ValueError, match="fwmark"):
+        PathRoute("eth0", 101, mark)
+
+
+def test_path_gateway_must_be_ipv4() -> None:
+    with pytest.raises(ValueError):
+        PathRoute("eth0", 101, 0x101, gateway="fe80::1")
+
+
+def test_plan_rejects_marks_outside_the_bypass() -> None:
+    tunnel = TunnelRoutes("jvpn0", ["0.0.0.0/0"], 51820)
+    check_routing_plan(tunnel, [PathRoute("eth0", 101, 0x101), PathRoute("wlan0", 102, 0x1FF)])
+    with pytest.raises(ValueError, match="could enter the tunnel"):
+        check_routing_plan(tunnel, [PathRoute("eth0", 101, 0x201)])
+    # Split tunnel: no catch-all rule, so any mark is fine.
+    check_routing_plan(attrs.evolve(tunnel, prefixes=("10.0.0.0/8",)), [PathRoute("eth0", 101, 0x201)])
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        ([PathRoute("eth0", 101, 0x101), PathRoute("wlan0", 101, 0x102)], "share a table"),
+        ([PathRoute("eth0", 101, 0x101), PathRoute("wlan0", 102, 0x101)], "share a fwmark"),
+        ([PathRoute("eth0", 101, 0x101), PathRoute("eth0", 102, 0x102)], "share a ifname"),
+        ([PathRoute("eth0", 51820, 0x101)], "tunnel's table"),
+        ([PathRoute("jvpn0", 101, 0x101)], "tunnel's own interface"),
+    ],
+)
+def test_plan_rejects_overlaps(paths: list[PathRoute], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_routing_plan(TunnelRoutes("jvpn0", ["0.0.0.0/0"], 51820), paths)
+
+
+def test_rule_arguments_use_pyroute2_spelling() -> None:
+    # pyroute2 drops unknown keywords silently: "suppress_prefixlength" would add a plain
+    # "lookup main" rule, which sends everything out of main's default route.
+    args = _rule_args(RuleEntry(priority=SUPPRESS_RULE_PRIORITY, table=254, suppress_prefixlen=0))
+    assert args["suppress_prefixlen"] == 0 and "suppress_prefixlength" not in args
+    inverted = _rule_args(RuleEntry(priority=TUNNEL_RULE_PRIORITY, table=9, fwmark=0x100, fwmask=0xF00, invert=True))
+    assert inverted["fwmark"] == 0x100 and inverted["fwmask"] == 0xF00 and inverted["flags"] == 0x2
+
+
+class FakeIPRoute:
+    """Deletes fail with the scripted errno per table (0: success)."""
+
+    def __init__(self, codes: dict[int, int]) -> None:
+        self.codes = codes
+        self.calls: list[tuple[str, int]] = []
+
+    def _do(self, what: str, table: int) -> None:
+        self.calls.append((what, table))
+        code = self.codes.get(table, 0)
+        if code:
+            raise NetlinkError(code)
+
+    def rule(self, command: str, **kw: Any) -> None:
+        self._do("rule", kw["table"])
+
+    def route(self, command: str, **kw: Any) -> None:
+        self._do("route", kw["table"])
+
+
+def test_delete_treats_gone_as_done_and_reports_the_rest_after_trying_all() -> None:
+    ipr = FakeIPRoute({1: errno.ESRCH, 2: errno.ENOENT, 3: errno.EPERM, 4: 0, 5: errno.EINVAL})
+    routes = [RouteEntry(table=t, dst="10.0.0.0/8", oif=7) for t in (1, 3, 4)]
+    rules = [RuleEntry(priority=PATH_RULE_PRIORITY, table=t) for t in (2, 5)]
+    failures = _delete_all(ipr, routes, rules)
+    assert ipr.calls == [("rule", 2), ("rule", 5), ("route", 1), ("route", 3), ("route", 4)]
+    assert [f.errno for f in failures] == [errno.EINVAL, errno.EPERM]
+    assert all(isinstance(f, RouteError) for f in failures)
+
+
+# -- open_routing's exit paths, with the kernel faked out -------------------------------------
+
+
+@pytest.fixture
+def fake_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def install_path(pr: PathRoute, *, gateway_address: str | None, netns: str | None = None) -> PathRoute:
+        return pr
+
+    async def install_tunnel(tr: TunnelRoutes, *, netns: str | None = None) -> InstalledRoutes:
+        return InstalledRoutes()
+
+    monkeypatch.setattr(routes, "install_path_route", install_path)
+    monkeypatch.setattr(routes, "install_tunnel_routes", install_tunnel)
+
+
+def plan() -> dict[str, Any]:
+    return {
+        "tunnel": TunnelRoutes("jvpn0", ["0.0.0.0/0"], TUN_TABLE),
+        "paths": [PathRoute("eth0", 101, 0x101)],
+        "gateway_address": "10.99.0.1",
+    }
+
+
+@pytest.mark.usefixtures("fake_install")
+async def test_cleanup_failure_is_raised_on_clean_exit_and_noted_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def failing_run(netns: str | None, fn: Any, *, abandon_on_cancel: bool = False) -> None:
+        raise RouteError("refused", errno.EPERM)
+
+    monkeypatch.setattr(routes, "_run", failing_run)
+    with pytest.raises(RouteError, match="refused"):
+        async with open_routing(**plan()):
+            pass
+    with pytest.raises(KeyError) as info:
+        async with open_routing(**plan()):
+            raise KeyError("the block's own error wins")
+    assert any("route cleanup failed too: refused" in note for note in info.value.__notes__)
+
+
+@pytest.mark.usefixtures("fake_install")
+async def test_cleanup_is_bounded_and_shielded(monkeypatch: pytest.MonkeyPatch, autojump_clock: Any) -> None:
+    async def stuck_run(netns: str | None, fn: Any, *, abandon_on_cancel: bool = False) -> None:
+        assert abandon_on_cancel  # a stuck worker thread must not hold the exit hostage
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(routes, "_run", stuck_run)
+    start = trio.current_time()
+    with trio.CancelScope() as scope:
+        with pytest.raises(RouteError, match="longer than") as info:
+            async with open_routing(**plan()):
+                pass
+        assert info.value.errno == errno.ETIMEDOUT
+        assert trio.current_time() - start == routes.CLEANUP_TIMEOUT_S
+        # Cancelled from outside: cleanup still gets its full, shielded time.
+        async with open_routing(**plan()):
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert trio.current_time() - start == 2 * routes.CLEANUP_TIMEOUT_S
+
+
+async def test_invalid_plan_fails_before_touching_anything(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_kernel(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("must not be reached")  # pragma: no cover
+
+    monkeypatch.setattr(routes, "_run", no_kernel)
+    with pytest.raises(ValueError, match="could enter the tunnel"):
+        async with open_routing(**{**plan(), "paths": [PathRoute("eth0", 101, 0x201)]}):
+            pass  # pragma: no cover
+
+
+# -- the lab (root) ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TunLab:
+    lab: Lab
+    tun: str
+
+    @property
+    def ns(self) -> str:
+        return self.lab.client_ns
+
+    @property
+    def gateway(self) -> str:
+        return self.lab.gateway_address
+
+
+def _open_tun(name: str) -> Any:
+    import pytun  # only the root tests need it
+
+    return pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+
+
+@pytest.fixture
+async def tun_lab() -> AsyncIterator[TunLab]:
+    prefix = f"jvnl{secrets.token_hex(3)}"
+    async with open_lab(LabSpec(prefix=prefix)) as lab:
+        name = f"{prefix}t"
+        # pytun creates the TUN in our own namespace; move it (the fd keeps working).
+        # Closing the fd deletes the (non-persistent) device wherever it is.
+        tun = await trio.to_thread.run_sync(_open_tun, name)
+        try:
+            await trio.run_process(["ip", "link", "set", name, "netns", lab.client_ns], capture_stderr=True)
+            yield TunLab(lab, name)
+        finally:
+            tun.close()
+
+
+async def ip_json(ns: str, *args: str) -> Any:
+    done = await trio.run_process(["ip", "-j", "-n", ns, *args], capture_stdout=True, capture_stderr=True)
+    return json.loads(done.stdout or b"[]")
+
+
+async def route_get(ns: str, dst: str, *extra: str) -> dict[str, Any]:
+    (route,) = await ip_json(ns, "route", "get", dst, *extra)
+    return dict(route)
+
+
+async def route_get_error(ns: str, dst: str, *extra: str) -> str:
+    """``ip route get`` that must fail: its error message."""
+    done = await trio.run_process(
+        ["ip", "-n", ns, "route", "get", dst, *extra], capture_stdout=True, capture_stderr=True, check=False
+    )
+    assert done.returncode != 0, done.stdout
+    return done.stderr.decode()
+
+
+async def snapshot(ns: str) -> tuple[str, str]:
+    """``ip rule`` and ``ip route show table all``, to compare before and after."""
+    rules = await trio.run_process(["ip", "-n", ns, "rule"], capture_stdout=True)
+    routes = await trio.run_process(["ip", "-n", ns, "route", "show", "table", "all"], capture_stdout=True)
+    return rules.stdout.decode(), routes.stdout.decode()
+
+
+PATHS = [PathRoute("eth0", 101, 0x101), PathRoute("wifi0", 102, 0x102), PathRoute("lte0", 103, 0x103)]
+HOPS = {"eth0": "10.77.1.1", "wifi0": "10.77.2.1", "lte0": "10.77.3.1"}
+
+
+async def setup_tun(t: TunLab) -> None:
+    await set_tun_address(t.tun, "10.200.0.2", 24, 1400, netns=t.ns)
+
+
+def full_tunnel(t: TunLab) -> TunnelRoutes:
+    return TunnelRoutes(t.tun, ["0.0.0.0/0"], TUN_TABLE)
+
+
+@requires_lab
+async def test_set_tun_address_is_idempotent(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        await setup_tun(t)
+        (link,) = await ip_json(t.ns, "address", "show", "dev", t.tun)
+        assert link["mtu"] == 1400
+        assert "UP" in link["flags"]
+        assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"] == [
+            ("10.200.0.2", 24)
+        ]
+        with pytest.raises(RouteError) as info:
+            await set_tun_address(f"{t.tun}x", "10.200.0.2", 24, 1400, netns=t.ns)
+        assert info.value.errno == errno.ENODEV
+
+
+@requires_lab
+async def test_full_tunnel_marked_udp_bypasses_and_everything_is_removed(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        before = await snapshot(t.ns)
+        assert (await route_get(t.ns, INTERNET))["dev"] == "eth0"
+        async with open_routing(tunnel=full_tunnel(t), paths=PATHS, gateway_address=t.gateway, netns=t.ns) as routing:
+            for pr in PATHS:
+                mark = hex(pr.fwmark)
+                # Marked (the tunnel's own UDP): out of its own path, via the next hop found in main.
+                route = await route_get(t.ns, t.gateway, "mark", mark)
+                assert (route["dev"], route.get("gateway")) == (pr.ifname, HOPS[pr.ifname])
+                # With SO_BINDTODEVICE as well (how the udp driver sends).
+                route = await route_get(t.ns, t.gateway, "mark", mark, "oif", pr.ifname)
+                assert (route["dev"], route.get("gateway")) == (pr.ifname, HOPS[pr.ifname])
+                assert routing.paths[pr.ifname].gateway == HOPS[pr.ifname]
+            # Unmarked: into the TUN, for the gateway and for the internet alike.
+            assert (await route_get(t.ns, INTERNET))["dev"] == t.tun
+            assert (await route_get(t.ns, t.gateway))["dev"] == t.tun
+            # The link subnets stay reachable (suppress_prefixlength 0 keeps main's specific routes).
+            assert (await route_get(t.ns, "10.77.2.1"))["dev"] == "wifi0"
+            rules, routes = await snapshot(t.ns)
+            assert f"{PATH_RULE_PRIORITY}:\tfrom all fwmark 0x101 lookup 101 proto 74" in rules
+            assert f"{SUPPRESS_RULE_PRIORITY}:\tfrom all lookup main suppress_prefixlength 0 proto 74" in rules
+            assert f"{TUNNEL_RULE_PRIORITY}:\tnot from all fwmark 0x100/0xf00 lookup {TUN_TABLE} proto 74" in rules
+            assert f"default dev {t.tun} table {TUN_TABLE} proto 74 scope link" in routes
+            assert "unreachable default table 101 proto 74 metric 4294967295" in routes
+        assert await snapshot(t.ns) == before
+        assert (await route_get(t.ns, INTERNET))["dev"] == "eth0"
+
+
+@requires_lab
+async def test_open_routing_removes_everything_on_error(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        before = await snapshot(t.ns)
+        with pytest.raises(KeyError, match="boom"):
+            async with open_routing(tunnel=full_tunnel(t), paths=PATHS, gateway_address=t.gateway, netns=t.ns):
+                assert (await route_get(t.ns, INTERNET))["dev"] == t.tun
+                raise KeyError("boom")
+        assert await snapshot(t.ns) == before
+
+
+@requires_lab
+async def test_open_routing_removes_everything_on_cancellation(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        before = await snapshot(t.ns)
+        with trio.CancelScope() as scope:
+            async with open_routing(tunnel=full_tunnel(t), paths=PATHS, gateway_address=t.gateway, netns=t.ns):
+                scope.cancel()
+                await trio.sleep_forever()
+        assert scope.cancelled_caught
+        assert await snapshot(t.ns) == before
+
+
+@requires_lab
+async def test_open_routing_failing_install_leaves_nothing(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        before = await snapshot(t.ns)
+        missing = PathRoute("jvnlnone0", 104, 0x104)
+        with pytest.raises(RouteError) as info:
+            async with open_routing(
+                tunnel=full_tunnel(t), paths=[*PATHS, missing], gateway_address=t.gateway, netns=t.ns
+            ):
+                raise AssertionError("not reached")  # pragma: no cover
+        assert info.value.errno == errno.ENODEV
+        assert await snapshot(t.ns) == before
+
+
+@requires_lab
+async def test_split_tunnel_routes_and_idempotent_removal(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        before = await snapshot(t.ns)
+        tr = TunnelRoutes(t.tun, ["198.51.100.0/24", "10.98.0.0/16"], TUN_TABLE)
+        installed = await install_tunnel_routes(tr, netns=t.ns)
+        assert installed.rules == ()
+        assert {r.dst for r in installed.routes} == {"198.51.100.0/24", "10.98.0.0/16"}
+        assert (await route_get(t.ns, "198.51.100.9"))["dev"] == t.tun
+        assert (await route_get(t.ns, "10.98.7.7"))["dev"] == t.tun
+        assert (await route_get(t.ns, INTERNET))["dev"] == "eth0"
+        # Installing again finds its own routes (our protocol, our TUN) and accepts them.
+        assert await install_tunnel_routes(tr, netns=t.ns) == installed
+        await remove_tunnel_routes(installed, netns=t.ns)
+        assert await snapshot(t.ns) == before
+        await remove_tunnel_routes(installed, netns=t.ns)  # already gone: no error
+
+
+@requires_lab
+async def test_conflicting_main_route_raises_and_rolls_back(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        await t.lab.run(t.ns, "ip", "route", "add", "10.98.0.0/16", "via", "10.77.2.1")
+        before = await snapshot(t.ns)
+        tr = TunnelRoutes(t.tun, ["198.51.100.0/24", "10.98.0.0/16"], TUN_TABLE)
+        with pytest.raises(RouteError, match="not installed by us"):
+            await install_tunnel_routes(tr, netns=t.ns)
+        assert await snapshot(t.ns) == before
+        assert (await route_get(t.ns, "10.98.7.7"))["dev"] == "wifi0"
+
+
+@requires_lab
+async def test_tunnel_routes_for_a_missing_tun_raise(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        with pytest.raises(RouteError) as info:
+            await install_tunnel_routes(TunnelRoutes(f"{t.tun}x", ["0.0.0.0/0"], TUN_TABLE), netns=t.ns)
+        assert info.value.errno == errno.ENODEV
+
+
+@requires_lab
+async def test_link_flap_deletes_the_path_route_and_reinstall_restores_it(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        before = await snapshot(t.ns)
+        pr = await install_path_route(PathRoute("eth0", 101, 0x101), gateway_address=t.gateway, netns=t.ns)
+        assert pr.gateway == "10.77.1.1"
+        assert (await route_get(t.ns, t.gateway, "mark", "0x101"))["dev"] == "eth0"
+        assert await install_path_route(pr, gateway_address=t.gateway, netns=t.ns) == pr  # idempotent
+
+        await t.lab.link_down("eth0")
+        # The kernel deleted our route (and main's default via eth0).  The path fails closed:
+        # without the unreachable route, marked packets would leak out of wifi0 via main.
+        assert [r["type"] for r in await ip_json(t.ns, "route", "show", "table", "101")] == ["unreachable"]
+        assert "No route to host" in await route_get_error(t.ns, t.gateway, "mark", "0x101")
+        with pytest.raises(RouteError) as info:
+            await install_path_route(pr, gateway_address=t.gateway, netns=t.ns)
+        assert info.value.errno in (errno.ENETDOWN, errno.ENETUNREACH)
+
+        # Up again, but nobody restores main's default route (the lab's link_up would, like a
+        # DHCP client): the remembered next hop is what makes the re-install right.
+        await t.lab.run(t.ns, "ip", "link", "set", "eth0", "up")
+        assert await install_path_route(pr, gateway_address=t.gateway, netns=t.ns) == pr
+        route = await route_get(t.ns, t.gateway, "mark", "0x101")
+        assert (route["dev"], route.get("gateway")) == ("eth0", "10.77.1.1")
+        fresh = await install_path_route(PathRoute("eth0", 101, 0x101), gateway_address=t.gateway, netns=t.ns)
+        assert fresh.gateway is None  # main no longer knows the next hop: on-link is all that is left
+
+        await remove_path_route(pr, netns=t.ns)
+        await remove_path_route(pr, netns=t.ns)  # already gone: no error
+        rules, routes = await snapshot(t.ns)
+        assert rules == before[0]
+        assert "table 101" not in routes
+
+
+@requires_lab
+async def test_routing_reinstall_path_after_flap(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        async with open_routing(
+            tunnel=full_tunnel(t), paths=PATHS, gateway_address=t.gateway, netns=t.ns
+        ) as routing:
+            await t.lab.link_down("eth0")
+            # The path fails closed: neither into the TUN nor out of another path.
+            assert "No route to host" in await route_get_error(t.ns, t.gateway, "mark", "0x101")
+            assert (await route_get(t.ns, t.gateway, "mark", "0x102"))["dev"] == "wifi0"
+            await t.lab.link_up("eth0")
+            pr = await routing.reinstall_path("eth0")
+            assert pr.gateway == "10.77.1.1"
+            route = await route_get(t.ns, t.gateway, "mark", "0x101")
+            assert (route["dev"], route.get("gateway")) == ("eth0", "10.77.1.1")
+
+
+@requires_lab
+async def test_remove_of_never_installed_entries_is_quiet(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        ghost = InstalledRoutes(
+            routes=(RouteEntry(table=TUN_TABLE, dst="0.0.0.0/0", oif=999),),
+            rules=(
+                RuleEntry(priority=TUNNEL_RULE_PRIORITY, table=TUN_TABLE, fwmark=0x100, fwmask=0xF00, invert=True),
+            ),
+        )
+        await remove_tunnel_routes(ghost, netns=t.ns)
+        await remove_path_route(PathRoute("eth0", 109, 0x109), netns=t.ns)
