@@ -1,0 +1,328 @@
+"""Composition roots for ``jvpn-trio serve`` and ``jvpn-trio up``: real sockets, TUN, routes.
+
+These functions only wire drivers together; every decision is the core's.
+Resources are acquired in nested async context managers so that every exit
+path (an error, Ctrl-C, SIGTERM, the session ending) removes the TUN, the
+routes and the control socket again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import sys
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, TextIO
+
+import trio
+
+from jvpn_trio.config import KIND_PRIORITY, ClientConfig, GatewayConfig
+from jvpn_trio.core import events as ev
+from jvpn_trio.core.actions import EmitEvent
+from jvpn_trio.core.handshake import StaticKeypair
+from jvpn_trio.core.ids import PathId
+from jvpn_trio.core.states import ReasonCode
+from jvpn_trio.core.trace import encode_input
+from jvpn_trio.drivers import control, event_sink, ifaces, netlink, routes, tun, udp
+from jvpn_trio.drivers.client import ClientPath, ClientRuntime
+from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
+from jvpn_trio.drivers.ports import PacketPort
+from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
+from jvpn_trio.keyfile import load_private_key, load_public_key_text
+from jvpn_trio.status import client_status, gateway_status
+
+#: Events waiting for the log writer; beyond this they are dropped and counted.
+EVENT_SINK_CAPACITY = 4096
+#: Routing tables: the tunnel's, then one per path after it.
+TUNNEL_TABLE = 51820
+CAP_NET_ADMIN = 12
+
+
+class AppError(Exception):
+    """A reason the program cannot run as configured: one line for the user, exit code 2."""
+
+
+def missing_privilege() -> str | None:
+    """Why this process cannot create TUN devices and routes, or None if it can."""
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing (load the tun module or run where TUN devices exist)"
+    if os.geteuid() == 0:
+        return None
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:") and int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
+                    return None
+    except OSError:
+        pass
+    return "needs root or CAP_NET_ADMIN to create TUN devices and routes (try sudo)"
+
+
+#: Events buffered for the plain-line printer; a stalled terminal drops lines, never decisions.
+PRINTER_CAPACITY = 1024
+_SHOWN_DETAILS = ("from_state", "to_state", "from_path", "to_path", "path", "verdict", "binding", "endpoint")
+
+
+def format_event_line(event: EmitEvent) -> str:
+    """One plain line per event, for --no-tui or when stdout is not a terminal."""
+    extra = " ".join(f"{k}={v}" for k, v in event.details if v is not None and k in _SHOWN_DETAILS)
+    return (
+        f"{event.t:10.3f} {event.role.value:7} {event.kind.value:17} v{event.version:<4} "
+        f"{event.reason.value:26} {extra}".rstrip()
+    )
+
+
+async def print_events(sink: event_sink.EventSink, stream: TextIO) -> None:
+    """Print each event from the sink's own bounded subscription, writing in a worker thread.
+
+    If the terminal stalls, the write blocks only that thread; the subscription
+    fills and drops (counted by the sink), while the session keeps deciding.
+    """
+
+    def write(line: str) -> None:
+        try:
+            print(line, file=stream, flush=True)
+        except (BrokenPipeError, OSError):
+            pass  # a closed terminal must not stop the VPN
+
+    async for event in sink.subscribe(PRINTER_CAPACITY, name="printer"):
+        await trio.to_thread.run_sync(write, format_event_line(event))
+
+
+@asynccontextmanager
+async def open_recorder(path: Path | None) -> AsyncIterator[Callable[[str, float, Any], None] | None]:
+    """A trace recorder (``--record``): one JSON line per core input, written as it happens.
+
+    Writes go through a bounded buffer flushed by a writer task so the
+    supervisor never waits on the disk; if the buffer is full, recording
+    stops with a counted gap rather than slowing decisions (a replay then
+    reports the gap instead of a silent divergence).
+    """
+    if path is None:
+        yield None
+        return
+    send, receive = trio.open_memory_channel[str](65536)
+    state = {"dropped": 0}
+
+    def record(side: str, now: float, event: Any) -> None:
+        try:
+            send.send_nowait(encode_input(side, now, event))
+        except trio.WouldBlock:
+            state["dropped"] += 1
+
+    async def writer() -> None:
+        async with await trio.open_file(path, "a", encoding="utf-8") as out:
+            async for line in receive:
+                await out.write(line + "\n")
+                await out.flush()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        try:
+            yield record
+        finally:
+            send.close()
+    if state["dropped"]:
+        print(f"jvpn-trio: trace {path}: {state['dropped']} inputs not recorded (writer too slow)", file=sys.stderr)
+
+
+async def _close_on_signals(submit: Callable[[], Any], cancel_scope: trio.CancelScope) -> None:
+    """SIGINT/SIGTERM: ask for an explicit close first; a second signal cancels at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for _ in signals:
+            count += 1
+            if count == 1:
+                submit()
+            else:
+                cancel_scope.cancel()
+
+
+# =============================================================================
+# Gateway
+# =============================================================================
+
+
+async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, quiet: bool = False) -> int:
+    problem = missing_privilege()
+    if problem:
+        raise AppError(problem)
+    static = StaticKeypair(load_private_key(config.private_key_file))
+    peers = [
+        GatewayPeer(name=p.name, public=load_public_key_text(p.public_key), address=p.address) for p in config.peers
+    ]
+    async with AsyncExitStack() as stack:
+        sink = await stack.enter_async_context(
+            event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
+        )
+        recorder = await stack.enter_async_context(open_recorder(record))
+        runtime = GatewayRuntime(
+            policy=config.policy,
+            static=static,
+            peers=peers,
+            tunnel=config.tunnel_address,
+            store=MemoryOwnershipStore(),
+            node_id=config.node_id,
+            emit=sink.emit,
+            recorder=recorder,
+        )
+        ports = [await stack.enter_async_context(udp.open_listener_socket(addr)) for addr in config.listen]
+        device = await stack.enter_async_context(
+            tun.open_tun(
+                config.tun_name,
+                address=str(config.tunnel_address.ip),
+                prefixlen=config.tunnel_address.network.prefixlen,
+                mtu=config.mtu,
+            )
+        )
+
+        async def status(_request: dict[str, Any]) -> dict[str, Any]:
+            value = runtime.status.value
+            snapshots = [s for s, _, _ in value.sessions] if value else []
+            return gateway_status(snapshots, node_id=config.node_id, counters=dict(runtime.counters))
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: control.serve_control(
+                    config.control_socket, control.command_handler({"status": status}), task_status=task_status
+                )
+            )
+            nursery.start_soon(_close_on_signals, nursery.cancel_scope.cancel, nursery.cancel_scope)
+            if not quiet:
+                nursery.start_soon(print_events, sink, sys.stdout)
+            await nursery.start(lambda task_status: runtime.serve(ports, packets=device, task_status=task_status))
+            if not quiet:
+                where = ", ".join(f"{h}:{p}" for h, p in config.listen)
+                print(f"jvpn-trio gateway {config.node_id} listening on {where}, tunnel {config.tunnel_address}", flush=True)
+    return 0
+
+
+# =============================================================================
+# Client
+# =============================================================================
+
+
+async def _client_paths(config: ClientConfig) -> list[tuple[str, str, int]]:
+    """(interface, kind, priority) for each candidate: configured, or discovered."""
+    if config.paths:
+        out = []
+        for i, p in enumerate(config.paths):
+            kind = p.kind or await trio.to_thread.run_sync(ifaces.classify, p.interface)
+            out.append((p.interface, kind, p.priority if p.priority is not None else KIND_PRIORITY[kind] + i))
+        return out
+    found = await ifaces.discover({config.tun_name})
+    if not found:
+        raise AppError("no usable network interface found (up, not loopback, with an IPv4 address)")
+    return [(c.ifname, c.kind, KIND_PRIORITY[c.kind] + i) for i, c in enumerate(found)]
+
+
+async def run_client(config: ClientConfig, *, record: Path | None = None, quiet: bool = False) -> int:
+    problem = missing_privilege()
+    if problem:
+        raise AppError(problem)
+    static = StaticKeypair(load_private_key(config.private_key_file))
+    gateway_public = load_public_key_text(config.gateway_public_key)
+    candidates = await _client_paths(config)
+    gateway_host = config.gateway[0]
+    async with AsyncExitStack() as stack:
+        sink = await stack.enter_async_context(
+            event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
+        )
+        recorder = await stack.enter_async_context(open_recorder(record))
+        path_routes: dict[str, routes.PathRoute] = {}
+        client_paths: list[ClientPath] = []
+        for i, (ifname, kind, priority) in enumerate(candidates):
+            fwmark = config.fwmark_base + i + 1
+            pr = routes.PathRoute(ifname=ifname, table=TUNNEL_TABLE + i + 1, fwmark=fwmark)
+            path_routes[ifname] = pr
+            sock = await stack.enter_async_context(udp.open_path_socket(device=ifname, fwmark=fwmark))
+            client_paths.append(
+                ClientPath(path=PathId(i + 1), name=ifname, kind=kind, priority=priority, port=sock, gateway=config.gateway)
+            )
+        tunnel_routes = routes.TunnelRoutes(
+            tun_name=config.tun_name, prefixes=tuple(str(p) for p in config.routes), table=TUNNEL_TABLE
+        )
+        routes.check_routing_plan(tunnel_routes, list(path_routes.values()))
+        installed = {}
+        for ifname, pr in path_routes.items():
+            try:
+                installed[ifname] = await routes.install_path_route(pr, gateway_address=gateway_host)
+            except routes.RouteError as exc:
+                print(f"jvpn-trio: path {ifname} not routable yet ({exc}); probing will tell", file=sys.stderr)
+                installed[ifname] = pr
+        stack.push_async_callback(_remove_path_routes, list(installed.values()))
+        runtime = ClientRuntime(
+            policy=config.policy,
+            static=static,
+            gateway_public=gateway_public,
+            paths=client_paths,
+            emit=sink.emit,
+            recorder=recorder,
+        )
+        by_name = {p.name: p.path for p in client_paths}
+
+        @asynccontextmanager
+        async def tunnel(address: ipaddress.IPv4Interface) -> AsyncIterator[PacketPort]:
+            async with tun.open_tun(
+                config.tun_name, address=str(address.ip), prefixlen=address.network.prefixlen, mtu=1420
+            ) as device:
+                done = await routes.install_tunnel_routes(tunnel_routes)
+                try:
+                    yield device
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(routes.CLEANUP_TIMEOUT_S):
+                        await routes.remove_tunnel_routes(done)
+
+        async def follow_links(monitor: netlink.LinkMonitor) -> None:
+            async for item in monitor:
+                if isinstance(item, netlink.LinkEvent) and item.ifname in by_name:
+                    runtime.submit_nowait(ev.LinkChanged(path=by_name[item.ifname], up=item.up))
+                    if item.up:  # the kernel deleted the path's route when the link went down
+                        try:
+                            installed[item.ifname] = await routes.install_path_route(
+                                installed[item.ifname], gateway_address=gateway_host
+                            )
+                        except routes.RouteError:
+                            pass  # not routable yet: probes keep failing and say so
+                elif isinstance(item, netlink.Resync):
+                    states = await netlink.read_link_states()
+                    for name, path in by_name.items():
+                        state = states.get(name)
+                        runtime.submit_nowait(ev.LinkChanged(path=path, up=bool(state and state.up)))
+
+        async def status(_request: dict[str, Any]) -> dict[str, Any]:
+            value = runtime.status.value
+            if value is None:
+                return {"role": "client", "state": "HANDSHAKING"}
+            return client_status(value.snapshot, counters=dict(value.counters))
+
+        monitor = await stack.enter_async_context(netlink.open_link_monitor())
+        reason = ReasonCode.LOCAL_CLOSE
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: control.serve_control(
+                    config.control_socket, control.command_handler({"status": status}), task_status=task_status
+                )
+            )
+            nursery.start_soon(follow_links, monitor)
+            if not quiet:
+                nursery.start_soon(print_events, sink, sys.stdout)
+            nursery.start_soon(
+                _close_on_signals, lambda: runtime.submit_nowait(ev.CloseRequested()), nursery.cancel_scope
+            )
+            reason = await runtime.run(packets=tunnel)
+            nursery.cancel_scope.cancel()
+    if not quiet:
+        print(f"jvpn-trio: session ended: {reason.value}", file=sys.stderr)
+    return 0 if reason is ReasonCode.LOCAL_CLOSE else 1
+
+
+async def _remove_path_routes(installed: list[routes.PathRoute]) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(routes.CLEANUP_TIMEOUT_S):
+        for pr in installed:
+            try:
+                await routes.remove_path_route(pr)
+            except routes.RouteError as exc:
+                print(f"jvpn-trio: could not remove the route for {pr.ifname}: {exc}", file=sys.stderr)
