@@ -24,11 +24,11 @@ from jvpn_trio.core.actions import EmitEvent
 from jvpn_trio.core.handshake import StaticKeypair
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.states import ReasonCode
-from jvpn_trio.core.trace import encode_input
 from jvpn_trio.drivers import control, event_sink, ifaces, netlink, routes, tun, udp
 from jvpn_trio.drivers.client import ClientPath, ClientRuntime
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.ports import PacketPort
+from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
 from jvpn_trio.status import client_status, gateway_status
@@ -89,43 +89,6 @@ async def print_events(sink: event_sink.EventSink, stream: TextIO) -> None:
 
     async for event in sink.subscribe(PRINTER_CAPACITY, name="printer"):
         await trio.to_thread.run_sync(write, format_event_line(event))
-
-
-@asynccontextmanager
-async def open_recorder(path: Path | None) -> AsyncIterator[Callable[[str, float, Any], None] | None]:
-    """A trace recorder (``--record``): one JSON line per core input, written as it happens.
-
-    Writes go through a bounded buffer flushed by a writer task so the
-    supervisor never waits on the disk; if the buffer is full, recording
-    stops with a counted gap rather than slowing decisions (a replay then
-    reports the gap instead of a silent divergence).
-    """
-    if path is None:
-        yield None
-        return
-    send, receive = trio.open_memory_channel[str](65536)
-    state = {"dropped": 0}
-
-    def record(side: str, now: float, event: Any) -> None:
-        try:
-            send.send_nowait(encode_input(side, now, event))
-        except trio.WouldBlock:
-            state["dropped"] += 1
-
-    async def writer() -> None:
-        async with await trio.open_file(path, "a", encoding="utf-8") as out:
-            async for line in receive:
-                await out.write(line + "\n")
-                await out.flush()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        try:
-            yield record
-        finally:
-            send.close()
-    if state["dropped"]:
-        print(f"jvpn-trio: trace {path}: {state['dropped']} inputs not recorded (writer too slow)", file=sys.stderr)
 
 
 async def _close_on_signals(submit: Callable[[], Any], cancel_scope: trio.CancelScope) -> None:

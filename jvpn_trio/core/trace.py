@@ -135,12 +135,14 @@ def _expect_keys(raw: Any, keys: set[str]) -> None:
         raise TypeError(f"expected an object with keys {sorted(keys)}, got {raw!r}")
 
 
-def encode_input(side: str, now: float, event: Any) -> str:
-    """One trace line for ``event`` fed to ``side`` at ``now``."""
+def encode_input(side: str, now: float, event: Any, *, session: str | None = None) -> str:
+    """One trace line for ``event`` fed to ``side`` (the machine of ``session``) at ``now``."""
     name = type(event).__name__
     if name not in INPUT_TYPES or side not in SIDES:
         raise ValueError(f"cannot record {side}/{name}")
     body: dict[str, Any] = {"t": now, "side": side, "input": name}
+    if session is not None:
+        body["session"] = session
     for field in attrs.fields(type(event)):
         body[field.name] = _encode_value(getattr(event, field.name))
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
@@ -151,6 +153,7 @@ class TraceEntry:
     side: str
     now: float
     event: Any
+    session: str | None = None
 
 
 def decode_input_untrusted(line: str, *, lineno: int = 0) -> TraceEntry:
@@ -164,6 +167,9 @@ def decode_input_untrusted(line: str, *, lineno: int = 0) -> TraceEntry:
     if not isinstance(body, dict):
         raise BadTrace(f"line {lineno}: not a JSON object")
     side, name, now = body.pop("side", None), body.pop("input", None), body.pop("t", None)
+    session = body.pop("session", None)
+    if session is not None and not _is_session_hex(session):
+        raise BadTrace(f"line {lineno}: session must be 32 hex digits")
     if side not in SIDES:
         raise BadTrace(f"line {lineno}: side must be one of {SIDES}, got {side!r}")
     cls = INPUT_TYPES.get(str(name))
@@ -178,10 +184,139 @@ def decode_input_untrusted(line: str, *, lineno: int = 0) -> TraceEntry:
         raise BadTrace(f"line {lineno}: {name} has no field(s) {', '.join(sorted(extra))}")
     try:
         kwargs = {key: _decode_value(hints[key], value) for key, value in body.items()}
-        return TraceEntry(side=side, now=float(now), event=cls(**kwargs))
+        return TraceEntry(side=side, now=float(now), event=cls(**kwargs), session=session)
     except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise BadTrace(f"line {lineno}: bad {name}: {exc}") from None
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number a trace may hold")
+
+
+def _is_session_hex(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) != 32:
+        return False
+    try:
+        SessionId.from_hex(value)
+    except ValueError:
+        return False
+    return True
+
+
+# -----------------------------------------------------------------------------
+# Whole recordings: session starts, inputs, and the actions each input produced
+# -----------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class SessionStart:
+    """A machine was created: everything needed to create it again, identically."""
+
+    side: str
+    now: float
+    session: str
+    policy: dict[str, Any]
+    node_id: str | None = None
+    held_revision: int | None = None
+    handshake_binding: Binding | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Outputs:
+    """The actions one core call returned, as JSON-able dicts, in order."""
+
+    side: str
+    now: float
+    session: str
+    actions: tuple[dict[str, Any], ...]
+
+
+def encode_action(action: Any) -> dict[str, Any]:
+    """An action as a JSON-able dict: events as their log line, others field by field."""
+    from jvpn_trio.core.actions import EmitEvent  # local: actions imports nothing from here
+
+    if isinstance(action, EmitEvent):
+        return {"action": "EmitEvent", **action.to_dict()}
+    body: dict[str, Any] = {"action": type(action).__name__}
+    for field in attrs.fields(type(action)):
+        body[field.name] = _encode_value(getattr(action, field.name))
+    return body
+
+
+def encode_session_start(start: SessionStart) -> str:
+    body: dict[str, Any] = {
+        "t": start.now,
+        "side": start.side,
+        "start": start.session,
+        "policy": start.policy,
+    }
+    if start.node_id is not None:
+        body["node_id"] = start.node_id
+        body["held_revision"] = start.held_revision
+    if start.handshake_binding is not None:
+        body["handshake_binding"] = _encode_value(start.handshake_binding)
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def encode_outputs(side: str, now: float, session: str, actions: list[Any]) -> str:
+    body = {"t": now, "side": side, "session": session, "out": [encode_action(a) for a in actions]}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+TraceLine = TraceEntry | SessionStart | Outputs
+
+
+def decode_line_untrusted(line: str, *, lineno: int = 0) -> TraceLine:
+    """Any trace line: a session start, an input, or the outputs of the input before it."""
+    try:
+        body = json.loads(line, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise BadTrace(f"line {lineno}: not JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadTrace(f"line {lineno}: not acceptable JSON ({type(exc).__name__})") from None
+    if not isinstance(body, dict):
+        raise BadTrace(f"line {lineno}: not a JSON object")
+    if "input" in body:
+        return decode_input_untrusted(line, lineno=lineno)
+    side, now = body.get("side"), body.get("t")
+    if side not in SIDES:
+        raise BadTrace(f"line {lineno}: side must be one of {SIDES}, got {side!r}")
+    if not isinstance(now, (int, float)) or isinstance(now, bool) or not math.isfinite(now):
+        raise BadTrace(f"line {lineno}: t must be a finite number")
+    if "start" in body:
+        return _decode_start(body, side, float(now), lineno)
+    if "out" in body:
+        session, out = body.get("session"), body.get("out")
+        if not _is_session_hex(session):
+            raise BadTrace(f"line {lineno}: session must be 32 hex digits")
+        if not isinstance(out, list) or not all(isinstance(a, dict) and isinstance(a.get("action"), str) for a in out):
+            raise BadTrace(f"line {lineno}: out must be a list of actions")
+        extra = set(body) - {"t", "side", "session", "out"}
+        if extra:
+            raise BadTrace(f"line {lineno}: unexpected key(s) {', '.join(sorted(extra))}")
+        return Outputs(side=side, now=float(now), session=session, actions=tuple(out))
+    raise BadTrace(f"line {lineno}: neither an input, a session start nor outputs")
+
+
+def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> SessionStart:
+    extra = set(body) - {"t", "side", "start", "policy", "node_id", "held_revision", "handshake_binding"}
+    if extra:
+        raise BadTrace(f"line {lineno}: unexpected key(s) {', '.join(sorted(extra))}")
+    session, policy = body["start"], body.get("policy")
+    if not _is_session_hex(session):
+        raise BadTrace(f"line {lineno}: start must be a SessionID (32 hex digits)")
+    if not isinstance(policy, dict):
+        raise BadTrace(f"line {lineno}: policy must be an object")
+    try:
+        binding = body.get("handshake_binding")
+        return SessionStart(
+            side=side,
+            now=now,
+            session=session,
+            policy=policy,
+            node_id=_str(body["node_id"]) if "node_id" in body else None,
+            held_revision=_int(body["held_revision"]) if "held_revision" in body else None,
+            handshake_binding=_decode_value(Binding, binding) if binding is not None else None,
+        )
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise BadTrace(f"line {lineno}: bad session start: {exc}") from None

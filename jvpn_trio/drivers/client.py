@@ -64,14 +64,15 @@ from jvpn_trio.core.ids import Binding, PathId, RandomBytes
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, ClientSnapshot
 from jvpn_trio.core.states import ReasonCode
+from jvpn_trio.core.trace import SessionStart
 from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort
+from jvpn_trio.drivers.recording import Recorder
 
 #: How many datagrams / packets one wake-up handles before yielding.
 BATCH = 64
 #: Inbox depth: inputs waiting for the supervisor.  Producers wait when it is full (backpressure).
 INBOX_CAPACITY = 4096
 
-Recorder = Callable[[str, float, Any], None]
 PacketPortFactory = Callable[[ipaddress.IPv4Interface], AsyncContextManager[PacketPort | None]]
 
 
@@ -167,7 +168,11 @@ class ClientRuntime:
         self.tunnel_address = ipaddress.IPv4Interface(f"{result.tunnel_ipv4}/{result.prefix_len}")
         session = ClientSession(policy=self.policy, session_id=result.session_id, now=now)
         self.session = session
-        self._apply(session.creation_events(), now)
+        created = session.creation_events()
+        if self._recorder is not None:
+            start = SessionStart(side="client", now=now, session=result.session_id.hex, policy=self.policy.to_mapping())
+            self._recorder.started(start, created)
+        self._apply(created, now)
         for p in self.paths.values():
             await self._feed(ev.PathAdded(path=p.path, priority=p.priority, endpoint=p.gateway), now)
         await self._feed(
@@ -250,9 +255,9 @@ class ClientRuntime:
         assert self.session is not None
         now = max(now, self._last_now)
         self._last_now = now
-        if self._recorder is not None:
-            self._recorder("client", now, event)
         actions = self.session.handle(event, now=now)
+        if self._recorder is not None:
+            self._recorder.step("client", self.session.record.session_id.hex, now, event, actions)
         self._apply(actions, now)
         self._publish(now)
 

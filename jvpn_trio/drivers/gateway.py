@@ -59,7 +59,9 @@ from jvpn_trio.core.ids import Binding, PathId, RandomBytes, SessionId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import GatewaySession, GatewaySnapshot
 from jvpn_trio.core.states import ReasonCode
+from jvpn_trio.core.trace import SessionStart
 from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort
+from jvpn_trio.drivers.recording import Recorder
 from jvpn_trio.drivers.store_memory import OwnershipStore
 
 BATCH = 64
@@ -71,7 +73,6 @@ CONTROL_TYPES = frozenset(
     {wire.MessageType.REATTACH, wire.MessageType.CLOSE, wire.MessageType.PROBE}
 )
 
-Recorder = Callable[[str, float, Any], None]
 
 
 class AddressPoolExhausted(Exception):
@@ -230,9 +231,10 @@ class GatewayRuntime:
     def _feed(self, served: ServedSession, event: Any, at: float) -> None:
         now = max(at, self._last_now)
         self._last_now = now
+        actions = served.core.handle(event, now=now)
         if self._recorder is not None:
-            self._recorder("gateway", now, event)
-        self._apply(served, served.core.handle(event, now=now))
+            self._recorder.step("gateway", served.session_id.hex, now, event, actions)
+        self._apply(served, actions)
 
     def _apply(self, served: ServedSession, actions: list[Action]) -> None:
         for action in actions:
@@ -485,7 +487,19 @@ class GatewayRuntime:
         self._by_address[address] = served
         self._by_peer[peer.public] = served
         self._index_keys(served)
-        for action in core.creation_events():
+        created = core.creation_events()
+        if self._recorder is not None:
+            start = SessionStart(
+                side="gateway",
+                now=now,
+                session=session_id.hex,
+                policy=self.policy.to_mapping(),
+                node_id=self.node_id,
+                held_revision=claim.record.revision,
+                handshake_binding=core.handshake_binding,
+            )
+            self._recorder.started(start, created)
+        for action in created:
             if isinstance(action, EmitEvent):
                 self._emit(action)
         port.send_nowait(wire.encode_handshake_resp(resp), addr)

@@ -1,0 +1,263 @@
+"""Scripted fault timelines (``examples/scenarios/*.toml``), shared by the demo and the lab.
+
+A scenario names its paths (with a baseline impairment each) and a list of
+steps: at time ``at_s`` set some impairment of one path (or of every path
+with ``path = "*"``).  The demo carries the steps out with userspace relays;
+the lab with links, nft and tc in network namespaces.  Parsing is pure and
+strict: every problem is a :class:`ScenarioError` naming the file, the step
+and the key.  Each scenario has a short form for CI: the same steps, with
+every time scaled by ``short_duration_s / duration_s``.
+
+Example::
+
+    name = "commute"
+    description = "Wi-Fi to LTE and back, as on a train"
+    duration_s = 60.0
+    short_duration_s = 20.0
+
+    [[path]]
+    name = "wifi0"
+    kind = "wifi"
+    priority = 20
+    delay_ms = 8.0
+
+    [[step]]
+    at_s = 10.0
+    path = "wifi0"
+    set = { loss_pct = 25.0 }
+    note = "Wi-Fi degrades"
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Mapping
+
+import attrs
+
+from jvpn_trio.config import PATH_KINDS, ConfigError, policy_from_table, read_toml
+from jvpn_trio.core.policy import Policy
+
+
+class ScenarioError(ConfigError):
+    """A scenario file that cannot be used; one line naming where and why."""
+
+
+#: What a step may set, and the type of each value.
+IMPAIRMENTS: Mapping[str, type | tuple[type, ...]] = {
+    "link": str,  # "up" | "down"
+    "blackhole": bool,
+    "loss_pct": (int, float),
+    "delay_ms": (int, float),
+    "jitter_ms": (int, float),
+    "rate_mbit": (int, float),
+    "restore": bool,  # back to the path's baseline, link up
+}
+LINK_STATES = ("up", "down")
+ALL_PATHS = "*"
+
+
+@attrs.frozen(kw_only=True)
+class Impairment:
+    """A path's conditions.  ``None`` rate means unlimited."""
+
+    link_up: bool = True
+    blackhole: bool = False
+    loss_pct: float = 0.0
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    rate_mbit: float | None = None
+
+    def apply(self, changes: Mapping[str, Any], baseline: Impairment) -> Impairment:
+        """The conditions after a step's ``set`` table (``restore`` first, then the rest)."""
+        current = baseline if changes.get("restore") else self
+        updates: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key == "restore":
+                continue
+            if key == "link":
+                updates["link_up"] = value == "up"
+            elif key == "rate_mbit":
+                updates["rate_mbit"] = float(value) if value > 0 else None
+            else:
+                updates[key] = float(value) if key != "blackhole" else value
+        return attrs.evolve(current, **updates)
+
+
+@attrs.frozen(kw_only=True)
+class ScenarioPath:
+    name: str
+    kind: str
+    priority: int
+    baseline: Impairment
+
+
+@attrs.frozen(kw_only=True)
+class Step:
+    at_s: float
+    path: str  # a path name or "*"
+    changes: tuple[tuple[str, Any], ...]
+    note: str = ""
+
+    def targets(self, paths: tuple[ScenarioPath, ...]) -> list[ScenarioPath]:
+        return list(paths) if self.path == ALL_PATHS else [p for p in paths if p.name == self.path]
+
+    def describe(self) -> str:
+        what = ", ".join(f"{k}={v}" for k, v in self.changes)
+        return f"{self.path}: {what}" + (f" ({self.note})" if self.note else "")
+
+
+DEFAULT_PATHS = (
+    ScenarioPath(name="eth0", kind="ethernet", priority=10, baseline=Impairment()),
+    ScenarioPath(name="wifi0", kind="wifi", priority=20, baseline=Impairment()),
+    ScenarioPath(name="lte0", kind="lte", priority=30, baseline=Impairment()),
+)
+
+
+@attrs.frozen(kw_only=True)
+class Scenario:
+    name: str
+    description: str
+    duration_s: float
+    short_duration_s: float
+    paths: tuple[ScenarioPath, ...]
+    steps: tuple[Step, ...]
+    policy: Policy
+
+    def short(self) -> Scenario:
+        """The CI form: same steps, every time scaled to ``short_duration_s``."""
+        factor = self.short_duration_s / self.duration_s
+        return attrs.evolve(
+            self,
+            duration_s=self.short_duration_s,
+            steps=tuple(attrs.evolve(s, at_s=round(s.at_s * factor, 6)) for s in self.steps),
+        )
+
+    def conditions_at(self, t: float) -> dict[str, Impairment]:
+        """Every path's conditions after all steps up to and including time ``t``."""
+        state = {p.name: p.baseline for p in self.paths}
+        for step in self.steps:
+            if step.at_s > t:
+                break
+            for p in step.targets(self.paths):
+                state[p.name] = state[p.name].apply(dict(step.changes), p.baseline)
+        return state
+
+    def path(self, name: str) -> ScenarioPath:
+        for p in self.paths:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def _number(table: Mapping[str, Any], key: str, where: str, *, default: float | None = None, lo: float = 0.0) -> float:
+    if key not in table:
+        if default is None:
+            raise ScenarioError(f"{where}: missing {key!r}")
+        return default
+    value = table[key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < lo:
+        raise ScenarioError(f"{where}.{key}: expected a number >= {lo}, got {value!r}")
+    return float(value)
+
+
+def _check_changes(changes: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    if not isinstance(changes, dict) or not changes:
+        raise ScenarioError(f"{where}.set: expected a non-empty table of impairments")
+    for key, value in changes.items():
+        kind = IMPAIRMENTS.get(key)
+        if kind is None:
+            raise ScenarioError(f"{where}.set: unknown impairment {key!r} (known: {', '.join(IMPAIRMENTS)})")
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ScenarioError(f"{where}.set.{key}: wrong type {type(value).__name__}")
+        if key == "link" and value not in LINK_STATES:
+            raise ScenarioError(f"{where}.set.link: expected 'up' or 'down', got {value!r}")
+        if key == "loss_pct" and not 0 <= value <= 100:
+            raise ScenarioError(f"{where}.set.loss_pct: {value} is not a percentage")
+        if key in ("delay_ms", "jitter_ms", "rate_mbit") and value < 0:
+            raise ScenarioError(f"{where}.set.{key}: must not be negative")
+    return tuple(sorted(changes.items()))
+
+
+def scenario_from_mapping(data: Mapping[str, Any], *, source: str) -> Scenario:
+    known = {"name", "description", "duration_s", "short_duration_s", "path", "step", "policy"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ScenarioError(f"{source}: unknown key(s): {', '.join(unknown)}")
+    name = data.get("name", pathlib.Path(source).stem)
+    if not isinstance(name, str):
+        raise ScenarioError(f"{source}: name must be a string")
+    duration = _number(data, "duration_s", source, lo=0.001)
+    short = _number(data, "short_duration_s", source, default=duration, lo=0.001)
+    if short > duration:
+        raise ScenarioError(f"{source}: short_duration_s ({short}) exceeds duration_s ({duration})")
+    paths = DEFAULT_PATHS
+    if "path" in data:
+        raw_paths = data["path"]
+        if not isinstance(raw_paths, list) or not raw_paths:
+            raise ScenarioError(f"{source}: [[path]] must be a non-empty array of tables")
+        built = []
+        for i, raw in enumerate(raw_paths):
+            where = f"{source}: [[path]] #{i + 1}"
+            if not isinstance(raw, dict):
+                raise ScenarioError(f"{where}: expected a table")
+            extra = sorted(set(raw) - {"name", "kind", "priority", "delay_ms", "jitter_ms", "loss_pct", "rate_mbit"})
+            if extra:
+                raise ScenarioError(f"{where}: unknown key(s): {', '.join(extra)}")
+            pname, kind, prio = raw.get("name"), raw.get("kind"), raw.get("priority", 10 * (i + 1))
+            if not isinstance(pname, str) or not pname or pname == ALL_PATHS:
+                raise ScenarioError(f"{where}.name: expected an interface name")
+            if kind not in PATH_KINDS:
+                raise ScenarioError(f"{where}.kind: expected one of {', '.join(PATH_KINDS)}, got {kind!r}")
+            if not isinstance(prio, int) or isinstance(prio, bool) or prio < 1:
+                raise ScenarioError(f"{where}.priority: expected a positive integer")
+            rate = _number(raw, "rate_mbit", where, default=0.0)
+            baseline = Impairment(
+                delay_ms=_number(raw, "delay_ms", where, default=0.0),
+                jitter_ms=_number(raw, "jitter_ms", where, default=0.0),
+                loss_pct=_number(raw, "loss_pct", where, default=0.0),
+                rate_mbit=rate or None,
+            )
+            built.append(ScenarioPath(name=pname, kind=kind, priority=prio, baseline=baseline))
+        if len({p.name for p in built}) != len(built):
+            raise ScenarioError(f"{source}: two [[path]] entries share a name")
+        paths = tuple(built)
+    names = {p.name for p in paths}
+    raw_steps = data.get("step", [])
+    if not isinstance(raw_steps, list):
+        raise ScenarioError(f"{source}: [[step]] must be an array of tables")
+    steps = []
+    for i, raw in enumerate(raw_steps):
+        where = f"{source}: [[step]] #{i + 1}"
+        if not isinstance(raw, dict):
+            raise ScenarioError(f"{where}: expected a table")
+        extra = sorted(set(raw) - {"at_s", "path", "set", "note"})
+        if extra:
+            raise ScenarioError(f"{where}: unknown key(s): {', '.join(extra)}")
+        at = _number(raw, "at_s", where)
+        if at > duration:
+            raise ScenarioError(f"{where}.at_s: {at} is after the end ({duration} s)")
+        target = raw.get("path")
+        if target != ALL_PATHS and target not in names:
+            raise ScenarioError(f"{where}.path: {target!r} is not a path of this scenario ({', '.join(sorted(names))} or '*')")
+        note = raw.get("note", "")
+        if not isinstance(note, str):
+            raise ScenarioError(f"{where}.note: expected a string")
+        steps.append(Step(at_s=at, path=target, changes=_check_changes(raw.get("set"), where), note=note))
+    ordered = tuple(sorted(steps, key=lambda s: s.at_s))  # stable: same-time steps keep file order
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise ScenarioError(f"{source}: description must be a string")
+    return Scenario(
+        name=name,
+        description=description,
+        duration_s=duration,
+        short_duration_s=short,
+        paths=paths,
+        steps=ordered,
+        policy=policy_from_table(data.get("policy", {}), source=source),
+    )
+
+
+def load_scenario(path: str | pathlib.Path) -> Scenario:
+    return scenario_from_mapping(read_toml(path), source=str(path))
