@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import sys
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from jvpn_trio.core.handshake import StaticKeypair
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers import control, event_sink, ifaces, netlink, routes, tun, udp
-from jvpn_trio.drivers.client import ClientPath, ClientRuntime
+from jvpn_trio.drivers.client import ClientPath, ClientRuntime, control_endpoint
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.ports import PacketPort
 from jvpn_trio.drivers.recording import open_recorder
@@ -131,7 +132,14 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
             emit=sink.emit,
             recorder=recorder,
         )
-        ports = [await stack.enter_async_context(udp.open_listener_socket(addr)) for addr in config.listen]
+        ports, control_ports = [], []
+        for addr in config.listen:
+            family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+            ports.append(await stack.enter_async_context(udp.open_listener_socket(addr, family=family)))
+            control_port = await stack.enter_async_context(
+                udp.open_listener_socket(control_endpoint(addr), family=family)
+            )
+            control_ports.append(control_port)
         device = await stack.enter_async_context(
             tun.open_tun(
                 config.tun_name,
@@ -155,9 +163,13 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
             nursery.start_soon(_close_on_signals, nursery.cancel_scope.cancel, nursery.cancel_scope)
             if not quiet:
                 nursery.start_soon(print_events, sink, sys.stdout)
-            await nursery.start(lambda task_status: runtime.serve(ports, packets=device, task_status=task_status))
+            await nursery.start(
+                lambda task_status: runtime.serve(
+                    ports, control_ports=control_ports, packets=device, task_status=task_status
+                )
+            )
             if not quiet:
-                where = ", ".join(f"{h}:{p}" for h, p in config.listen)
+                where = ", ".join(f"{h}:{p} (control {p + 1})" for h, p in config.listen)
                 print(f"jvpn-trio gateway {config.node_id} listening on {where}, tunnel {config.tunnel_address}", flush=True)
     return 0
 
@@ -200,7 +212,11 @@ async def run_client(config: ClientConfig, *, record: Path | None = None, quiet:
             fwmark = config.fwmark_base + i + 1
             pr = routes.PathRoute(ifname=ifname, table=TUNNEL_TABLE + i + 1, fwmark=fwmark)
             path_routes[ifname] = pr
-            sock = await stack.enter_async_context(udp.open_path_socket(device=ifname, fwmark=fwmark))
+            family = socket.AF_INET6 if ":" in config.gateway[0] else socket.AF_INET
+            bind = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+            sock = await stack.enter_async_context(
+                udp.open_path_socket(bind=bind, device=ifname, fwmark=fwmark, family=family)
+            )
             client_paths.append(
                 ClientPath(path=PathId(i + 1), name=ifname, kind=kind, priority=priority, port=sock, gateway=config.gateway)
             )

@@ -80,6 +80,22 @@ class HandshakeFailed(Exception):
     """The gateway did not complete a handshake on any path in time."""
 
 
+#: The gateway's control port is its data port plus this (see ``control_endpoint``).
+CONTROL_PORT_OFFSET = 1
+
+
+def control_endpoint(data: Address) -> Address:
+    """Where handshakes, probes, REATTACH and CLOSE go: the data port + 1.
+
+    A separate socket on the gateway has its own kernel queue, so a flood of
+    data that overflows the data socket cannot drown the probes that tell
+    whether the path is alive (the session would otherwise declare its own
+    busy path dead).  The client sends both from the same socket, so the
+    gateway sees one endpoint per path either way.
+    """
+    return (data[0], data[1] + CONTROL_PORT_OFFSET)
+
+
 @attrs.frozen(kw_only=True)
 class ClientPath:
     path: PathId
@@ -87,7 +103,15 @@ class ClientPath:
     kind: str
     priority: int
     port: DatagramPort
-    gateway: Address
+    gateway: Address  # the gateway's data endpoint, as reached over this path
+    control: Address | None = None  # its control endpoint; None: ``control_endpoint(gateway)``
+
+    @property
+    def control_to(self) -> Address:
+        return self.control if self.control is not None else control_endpoint(self.gateway)
+
+    def is_gateway(self, addr: Address) -> bool:
+        return addr == self.gateway or addr == self.control_to
 
 
 @attrs.frozen(kw_only=True)
@@ -216,7 +240,7 @@ class ClientRuntime:
                 wall_time_ns=self._wall_time_ns(),
                 path_id=path.path,
             )
-            path.port.send_nowait(wire.encode_handshake_init(init), path.gateway)
+            path.port.send_nowait(wire.encode_handshake_init(init), path.control_to)
             self.counters["handshake_sent"] += 1
             with trio.move_on_after(retry_s):
                 while True:
@@ -232,7 +256,7 @@ class ClientRuntime:
     def _try_response(
         self, state: InitiatorHandshake, sender_index: int, data: bytes, addr: Address, path: ClientPath
     ) -> HandshakeResult | None:
-        if addr != path.gateway:
+        if not path.is_gateway(addr):
             self.counters["stray_source"] += 1
             return None
         try:
@@ -322,7 +346,7 @@ class ClientRuntime:
         )
         datagram = self._seal(wire.MessageType.REATTACH, wire.encode_reattach_plaintext(msg))
         if datagram is not None:
-            path.port.send_nowait(datagram, path.gateway)
+            path.port.send_nowait(datagram, path.control_to)
             self.counters["reattach_sent"] += 1
 
     def _send_close(self, reason: ReasonCode) -> None:
@@ -333,7 +357,7 @@ class ClientRuntime:
         plaintext = wire.encode_close_plaintext(wire.Close(session_id=self.session.record.session_id, reason=reason))
         datagram = self._seal(wire.MessageType.CLOSE, plaintext)
         if datagram is not None:
-            target.port.send_nowait(datagram, target.gateway)
+            target.port.send_nowait(datagram, target.control_to)
 
     # -- per-path tasks ------------------------------------------------------------------------
     async def _probe(self, path: ClientPath) -> None:
@@ -345,14 +369,14 @@ class ClientRuntime:
             probe = wire.Probe(path_id=path.path, seq=seq, sent_us=int(now * 1e6) % (1 << 64))
             datagram = self._seal(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))
             if datagram is not None:
-                path.port.send_nowait(datagram, path.gateway)
+                path.port.send_nowait(datagram, path.control_to)
 
     async def _receive(self, path: ClientPath) -> None:
         while True:
             batch = await path.port.recv_batch(BATCH)
             now = trio.current_time()
             for data, addr in batch:
-                if addr != path.gateway:
+                if not path.is_gateway(addr):
                     self.counters["stray_source"] += 1
                     continue
                 await self._on_datagram(path, data, now)
@@ -461,7 +485,7 @@ class ClientRuntime:
             )
             done = trio.Event()
             self._pending_rekey = (state, sender_index, done)
-            target.port.send_nowait(wire.encode_handshake_init(init), target.gateway)
+            target.port.send_nowait(wire.encode_handshake_init(init), target.control_to)
             with trio.move_on_after(retry_s):
                 await done.wait()
             result, self._rekey_result, self._pending_rekey = self._rekey_result, None, None

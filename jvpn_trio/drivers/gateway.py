@@ -93,7 +93,8 @@ class ServedSession:
     channel: SecureChannel
     peer: GatewayPeer
     address: ipaddress.IPv4Address
-    ports: dict[Address, DatagramPort] = attrs.Factory(dict)
+    ports: dict[Address, DatagramPort] = attrs.Factory(dict)  # where DATA to this endpoint leaves
+    control_ports: dict[Address, DatagramPort] = attrs.Factory(dict)  # where control replies leave
     paths: dict[Address, PathId] = attrs.Factory(dict)
     init_path: PathId | None = None
     last_alive_report: float = -math.inf
@@ -102,13 +103,20 @@ class ServedSession:
     def session_id(self) -> SessionId:
         return self.core.record.session_id
 
-    def learn(self, addr: Address, port: DatagramPort, path: PathId | None) -> None:
-        if addr not in self.ports and len(self.ports) >= MAX_ENDPOINTS_PER_SESSION:
-            self.ports.pop(next(iter(self.ports)))
-            self.paths.pop(next(iter(self.paths)), None)
-        self.ports[addr] = port
+    def learn(self, addr: Address, port: DatagramPort, path: PathId | None, *, control: bool) -> None:
+        """Remember how to answer ``addr``: by the port it used, per kind of traffic (bounded)."""
+        table = self.control_ports if control else self.ports
+        if addr not in table and len(table) >= MAX_ENDPOINTS_PER_SESSION:
+            table.pop(next(iter(table)))
+        table[addr] = port
         if path is not None:
+            if addr not in self.paths and len(self.paths) >= MAX_ENDPOINTS_PER_SESSION:
+                self.paths.pop(next(iter(self.paths)))
             self.paths[addr] = path
+
+    def port_for(self, addr: Address, *, control: bool) -> DatagramPort | None:
+        first, second = (self.control_ports, self.ports) if control else (self.ports, self.control_ports)
+        return first.get(addr) or second.get(addr)
 
 
 @attrs.frozen(kw_only=True)
@@ -173,15 +181,22 @@ class GatewayRuntime:
         self,
         ports: list[DatagramPort],
         *,
+        control_ports: list[DatagramPort] = [],  # noqa: B006 - never mutated
         packets: PacketPort | None = None,
         task_status: trio.TaskStatus[GatewayRuntime] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; every session still alive is closed explicitly on the way out."""
+        """Serve until cancelled; every session still alive is closed explicitly on the way out.
+
+        ``ports`` carry DATA; ``control_ports`` (each the data port + 1, see
+        ``client.control_endpoint``) carry handshakes, probes, REATTACH and
+        CLOSE in their own kernel queues.  Any port accepts any message; a
+        reply leaves by the port its request came in on.
+        """
         self._packets = packets
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._supervise)
-                for port in ports:
+                for port in [*ports, *control_ports]:
                     nursery.start_soon(self._receive, port)
                 if packets is not None:
                     nursery.start_soon(self._pump_packets, packets)
@@ -291,7 +306,7 @@ class GatewayRuntime:
         )
 
     def _send(self, served: ServedSession, addr: Address, msg_type: wire.MessageType, plaintext: bytes) -> None:
-        port = served.ports.get(addr)
+        port = served.port_for(addr, control=msg_type is not wire.MessageType.DATA)
         if port is None:
             self.counters["send_no_port"] += 1
             return
@@ -354,7 +369,7 @@ class GatewayRuntime:
     ) -> None:
         core = served.core
         if kind is wire.MessageType.DATA:
-            served.learn(addr, port, None)
+            served.learn(addr, port, None, control=False)
             await self._alive(served, addr, served.paths.get(addr, served.init_path), now)
             if not core.accepts_data_from(addr):
                 self.counters["stray_data"] += 1
@@ -365,7 +380,7 @@ class GatewayRuntime:
                 self.counters["rx_tun_full"] += 1
         elif kind is wire.MessageType.PROBE:
             probe = wire.decode_probe_plaintext_untrusted(plaintext)
-            served.learn(addr, port, probe.path_id)
+            served.learn(addr, port, probe.path_id, control=True)
             await self._alive(served, addr, probe.path_id, now)
             binding = core.record.binding
             ack = wire.ProbeAck(
@@ -378,7 +393,7 @@ class GatewayRuntime:
             self._send(served, addr, wire.MessageType.PROBE_ACK, wire.encode_probe_ack_plaintext(ack))
         elif kind is wire.MessageType.REATTACH:
             req = wire.decode_reattach_plaintext_untrusted(plaintext)
-            served.learn(addr, port, req.path_id)
+            served.learn(addr, port, req.path_id, control=True)
             ownership = await self._store.read(served.session_id)
             await self._inbox_send.send(
                 (
@@ -482,7 +497,7 @@ class GatewayRuntime:
         channel = SecureChannel(self.policy)
         channel.install_next(result.keypair(created_at=now))
         served = ServedSession(core=core, channel=channel, peer=peer, address=address, init_path=hs.path_id)
-        served.learn(addr, port, hs.path_id)
+        served.learn(addr, port, hs.path_id, control=True)
         self.sessions[session_id] = served
         self._by_address[address] = served
         self._by_peer[peer.public] = served
@@ -523,7 +538,7 @@ class GatewayRuntime:
         for index in before - served.channel.keyring.local_indices():
             self._by_index.pop(index, None)
         self._index_keys(served)
-        served.learn(addr, port, hs.path_id)
+        served.learn(addr, port, hs.path_id, control=True)
         port.send_nowait(wire.encode_handshake_resp(resp), addr)
         self.counters["rekeys"] += 1
 

@@ -24,6 +24,7 @@ from jvpn_trio.drivers.ports import MemoryDatagramPort, MemoryNetwork, MemoryPac
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 
 GATEWAY = ("192.0.2.1", 51820)
+GATEWAY_CONTROL = ("192.0.2.1", 51821)
 TUNNEL = ipaddress.IPv4Interface("10.66.0.1/24")
 
 
@@ -96,8 +97,8 @@ class World:
 
 
 async def start(nursery: trio.Nursery, world: World) -> None:
-    gw_port = world.net.port(GATEWAY)
-    await nursery.start(world.gateway.serve, [gw_port], )
+    gw_port, gw_control = world.net.port(GATEWAY), world.net.port(GATEWAY_CONTROL)
+    await nursery.start(lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status))
     world.gateway._packets = world.gw_packets
     nursery.start_soon(world.gateway._pump_packets, world.gw_packets)
     await nursery.start(lambda task_status: world.client.run(packets=world.packets_factory, task_status=task_status))
@@ -175,7 +176,7 @@ async def test_replayed_reattach_from_another_address_is_a_security_event(autoju
     original = world.net.deliver
 
     def tap(data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
-        if dst == GATEWAY and len(data) > 1 and data[1] == 7:  # REATTACH
+        if dst == GATEWAY_CONTROL and len(data) > 1 and data[1] == 7:  # REATTACH
             captured.append(data)
         original(data, src, dst)
 
@@ -190,7 +191,7 @@ async def test_replayed_reattach_from_another_address_is_a_security_event(autoju
             served = world.gateway_session()
             before = (served.core.record, served.core.last_nonce)
             attacker = world.net.port(("203.0.113.66", 6666))
-            attacker.send_nowait(captured[-1], GATEWAY)
+            attacker.send_nowait(captured[-1], GATEWAY_CONTROL)
             await trio.sleep(0.1)
             assert (served.core.record, served.core.last_nonce) == before
             security = [e for e in world.gateway_events if e.kind is EventKind.SECURITY_EVENT]
@@ -205,8 +206,10 @@ async def test_close_terminates_both_sides_explicitly(autojump_clock: trio.abc.C
     world = World()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            gw_port = world.net.port(GATEWAY)
-            await nursery.start(world.gateway.serve, [gw_port])
+            gw_port, gw_control = world.net.port(GATEWAY), world.net.port(GATEWAY_CONTROL)
+            await nursery.start(
+                lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status)
+            )
             done = trio.Event()
             result: list[ReasonCode] = []
 

@@ -27,6 +27,7 @@ import trio
 
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.states import ReasonCode
+from jvpn_trio.drivers.client import CONTROL_PORT_OFFSET
 from jvpn_trio.labnet import Lab
 from jvpn_trio.traffic import longest_gap
 from tests.integration.tunnel_lab import GATEWAY_TUNNEL, PORT, start_tunnel
@@ -87,7 +88,8 @@ async def test_tcp_survives_every_fault_and_replay_is_rejected(lab: Lab, tmp_pat
         session = (await tunnel.client_status())["session"]
         py = sys.executable
         capture = await lab.start_process(
-            lab.gateway_ns, [py, "-c", CAPTURE, str(tmp_path / "reattach.hex"), str(PORT), "60"]
+            lab.gateway_ns,
+            [py, "-c", CAPTURE, str(tmp_path / "reattach.hex"), str(PORT + CONTROL_PORT_OFFSET), "60"],
         )
         duration = 4 * (FAULT_S + SETTLE_S) + 2.0
         sink = await start_server(
@@ -136,7 +138,8 @@ async def test_tcp_survives_every_fault_and_replay_is_rejected(lab: Lab, tmp_pat
         before = await tunnel.gateway_status()
         lte_client_ip, _ = lab.path_addresses("lte0")
         await lab.run(
-            lab.client_ns, py, "-c", REPLAY, str(tmp_path / "reattach.hex"), lab.gateway_address, str(PORT),
+            lab.client_ns, py, "-c", REPLAY, str(tmp_path / "reattach.hex"), lab.gateway_address,
+            str(PORT + CONTROL_PORT_OFFSET),
             "lte0", lte_client_ip,
         )
         await trio.sleep(0.5)
