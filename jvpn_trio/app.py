@@ -135,7 +135,7 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
         ports, control_ports = [], []
         for addr in config.listen:
             family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-            ports.append(await stack.enter_async_context(udp.open_listener_socket(addr, family=family)))
+            ports.append(await stack.enter_async_context(udp.open_listener_socket(addr, family=family, gro=False)))
             control_port = await stack.enter_async_context(
                 udp.open_listener_socket(control_endpoint(addr), family=family)
             )
@@ -215,7 +215,7 @@ async def run_client(config: ClientConfig, *, record: Path | None = None, quiet:
             family = socket.AF_INET6 if ":" in config.gateway[0] else socket.AF_INET
             bind = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
             sock = await stack.enter_async_context(
-                udp.open_path_socket(bind=bind, device=ifname, fwmark=fwmark, family=family)
+                udp.open_path_socket(bind=bind, device=ifname, fwmark=fwmark, family=family, gro=False)
             )
             client_paths.append(
                 ClientPath(path=PathId(i + 1), name=ifname, kind=kind, priority=priority, port=sock, gateway=config.gateway)

@@ -768,6 +768,21 @@ class KeyRing:
         header = TransportHeader(msg_type=msg_type, receiver_index=kp.remote_index, counter=self.next_send_counter())
         return TransportFrame(header=header, ciphertext=self.seal(plaintext, header))
 
+    def seal_datagram(self, msg_type: MessageType, plaintext: bytes) -> bytes:
+        """:meth:`seal_frame` straight to wire bytes: the data path's send side, one header pack.
+
+        Same checks and the same raises (KeyExhausted, ValueError for a bad length).
+        """
+        kp = self._current
+        if kp is None:
+            raise KeyExhausted("no current keypair: handshake first")
+        low, high = wire.PLAINTEXT_LEN_BOUNDS[msg_type]
+        if not low <= len(plaintext) <= high:
+            raise ValueError(f"a {msg_type.name} plaintext is {low}..{high} bytes, got {len(plaintext)}")
+        counter = self.next_send_counter()
+        header = wire.pack_transport_header(msg_type, kp.remote_index, counter)
+        return header + kp.seal(counter, plaintext, header)
+
     def open(self, header: TransportHeader, ciphertext: bytes, *, now: float) -> tuple[bytes, Keypair]:
         """Authenticate and decrypt a transport frame; return the plaintext and its keypair.
 
@@ -781,14 +796,24 @@ class KeyRing:
         kp = self.keypair_for(header.receiver_index)
         if kp is None:
             raise DecryptFailed(ReasonCode.STRAY_PACKET, f"no keypair with index {header.receiver_index}")
+        self.check_receivable(kp, header.counter, now)
+        plaintext = kp.open(header.counter, ciphertext, wire.encode_transport_header(header))
+        self.confirm(kp)
+        return plaintext, kp
+
+    def check_receivable(self, kp: Keypair, counter: int, now: float) -> None:
+        """Raise DecryptFailed if ``kp`` may no longer receive ``counter`` (age or message limit)."""
         if kp.age(now) >= self._policy.reject_after_s:
             raise DecryptFailed(ReasonCode.DECRYPT_FAILED, "keypair expired (reject_after_s)")
-        if header.counter >= self._policy.reject_after_messages:
+        if counter >= self._policy.reject_after_messages:
             raise DecryptFailed(ReasonCode.DECRYPT_FAILED, "counter past reject_after_messages")
-        plaintext = kp.open(header.counter, ciphertext, wire.encode_transport_header(header))
-        if kp is self._next:
-            self._previous, self._current, self._next = self._current, kp, None
-        return plaintext, kp
+
+    def confirm(self, kp: Keypair) -> bool:
+        """A packet authenticated with ``kp``: if it was *next*, it becomes current.  True if promoted."""
+        if kp is not self._next:
+            return False
+        self._previous, self._current, self._next = self._current, kp, None
+        return True
 
     def open_frame(self, frame: TransportFrame, *, now: float) -> tuple[bytes, Keypair]:
         """:meth:`open` for a decoded frame."""

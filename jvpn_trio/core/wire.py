@@ -531,6 +531,11 @@ class TransportHeader:
     counter: int = attrs.field(validator=_u64)
 
 
+def pack_transport_header(msg_type: MessageType, receiver_index: int, counter: int) -> bytes:
+    """The 16 header bytes for values the caller already holds valid (the data path's send side)."""
+    return _TRANSPORT_HEADER.pack(PROTOCOL_VERSION, msg_type, 0, receiver_index, counter)
+
+
 def encode_transport_header(header: TransportHeader) -> bytes:
     return _TRANSPORT_HEADER.pack(
         PROTOCOL_VERSION, header.msg_type, 0, header.receiver_index, header.counter
@@ -559,6 +564,32 @@ def encode_transport(frame: TransportFrame) -> bytes:
     return encode_transport_header(frame.header) + frame.ciphertext
 
 
+def parse_transport_untrusted(data: bytes) -> tuple[MessageType, int, int]:
+    """``(type, receiver_index, counter)`` of a transport datagram, checked, without objects.
+
+    The data path's hot loop calls this once per packet; it performs every
+    check :func:`decode_transport_untrusted` does.  The associated data is
+    ``data[:TRANSPORT_HEADER_LEN]`` and the ciphertext the rest.  Raises
+    BadFrame ("short", "long", "version", "type", "reserved").
+    """
+    msg_type = _expect_type(data, TRANSPORT_TYPES)
+    size = len(data)
+    if size < TRANSPORT_HEADER_LEN:
+        raise BadFrame("short")
+    if size > MAX_DATAGRAM:
+        raise BadFrame("long")
+    _, _, reserved, receiver, counter = _TRANSPORT_HEADER.unpack_from(data)
+    if reserved:
+        raise BadFrame("reserved")
+    low, high = PLAINTEXT_LEN_BOUNDS[msg_type]
+    sealed_len = size - TRANSPORT_HEADER_LEN
+    if sealed_len < low + TAG_LEN:
+        raise BadFrame("short")
+    if sealed_len > high + TAG_LEN:
+        raise BadFrame("long")
+    return msg_type, receiver, counter
+
+
 def decode_transport_untrusted(data: bytes) -> TransportFrame:
     """Split a transport datagram into header and ciphertext, without keys.
 
@@ -566,20 +597,7 @@ def decode_transport_untrusted(data: bytes) -> TransportFrame:
     wrongly sized frame never reaches the AEAD.  Raises BadFrame ("short",
     "long", "version", "type", "reserved").
     """
-    msg_type = _expect_type(data, TRANSPORT_TYPES)
-    if len(data) < TRANSPORT_HEADER_LEN:
-        raise BadFrame("short")
-    if len(data) > MAX_DATAGRAM:
-        raise BadFrame("long")
-    _, _, reserved, receiver, counter = _TRANSPORT_HEADER.unpack_from(data)
-    if reserved:
-        raise BadFrame("reserved")
-    low, high = PLAINTEXT_LEN_BOUNDS[msg_type]
-    sealed_len = len(data) - TRANSPORT_HEADER_LEN
-    if sealed_len < low + TAG_LEN:
-        raise BadFrame("short")
-    if sealed_len > high + TAG_LEN:
-        raise BadFrame("long")
+    msg_type, receiver, counter = parse_transport_untrusted(data)
     return TransportFrame(
         header=TransportHeader(msg_type=msg_type, receiver_index=receiver, counter=counter),
         ciphertext=bytes(data[TRANSPORT_HEADER_LEN:]),

@@ -65,7 +65,7 @@ from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, ClientSnapshot
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.core.trace import SessionStart
-from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort
+from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
 
 #: How many datagrams / packets one wake-up handles before yielding.
@@ -446,13 +446,16 @@ class ClientRuntime:
             if active is None:
                 self.counters["tx_dropped_unbound"] += len(batch)
                 continue
+            sealed = []
             for packet in batch:
                 datagram = self._seal(wire.MessageType.DATA, packet)
                 if datagram is None:
                     break
-                active.port.send_nowait(datagram, active.gateway)
-                self.counters["tx_packets"] += 1
+                sealed.append(datagram)
                 self.counters["tx_bytes"] += len(packet)
+            self.counters["tx_packets"] += len(sealed)
+            for run in equal_size_runs(sealed):
+                active.port.send_segments_nowait(run, active.gateway)
 
     # -- key rotation ------------------------------------------------------------------------
     async def _rekey_loop(self) -> None:

@@ -60,7 +60,7 @@ from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import GatewaySession, GatewaySnapshot
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.core.trace import SessionStart
-from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort
+from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
 from jvpn_trio.drivers.store_memory import OwnershipStore
 
@@ -544,7 +544,9 @@ class GatewayRuntime:
 
     # -- the TUN side ---------------------------------------------------------------------------
     async def _pump_packets(self, packets: PacketPort) -> None:
+        """TUN -> sessions: seal each packet for the session owning its destination, batch per binding."""
         while True:
+            outgoing: dict[int, tuple[ServedSession, Address, list[bytes]]] = {}
             for packet in await packets.read_batch(BATCH):
                 if len(packet) < 20 or packet[0] >> 4 != 4:
                     self.counters["tx_not_ipv4"] += 1
@@ -554,6 +556,20 @@ class GatewayRuntime:
                 if served is None or binding is None:
                     self.counters["tx_no_binding"] += 1
                     continue
-                self._send(served, binding.endpoint, wire.MessageType.DATA, packet)
+                try:
+                    datagram = served.channel.seal(wire.MessageType.DATA, packet)
+                except KeyExhausted:
+                    self.counters["keys_exhausted"] += 1
+                    self.submit_nowait(served.session_id, ev.KeysExhausted())
+                    continue
+                entry = outgoing.setdefault(id(served), (served, binding.endpoint, []))
+                entry[2].append(datagram)
                 self.counters["tx_packets"] += 1
                 self.counters["tx_bytes"] += len(packet)
+            for served, endpoint, datagrams in outgoing.values():
+                port = served.port_for(endpoint, control=False)
+                if port is None:
+                    self.counters["send_no_port"] += len(datagrams)
+                    continue
+                for run in equal_size_runs(datagrams):
+                    port.send_segments_nowait(run, endpoint)

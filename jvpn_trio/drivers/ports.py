@@ -10,7 +10,7 @@ no-root demo, and over in-memory doubles in tests (wireguard-go's
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import trio
 
@@ -20,6 +20,10 @@ Address = tuple[str, int]
 class DatagramPort(Protocol):
     def send_nowait(self, data: bytes, addr: Address) -> object:
         """Send without blocking; a full or failing socket drops (and counts) instead of raising."""
+        ...
+
+    def send_segments_nowait(self, segments: Sequence[bytes], addr: Address) -> object:
+        """Send several datagrams at once (one UDP_SEGMENT syscall when all but the last are equal)."""
         ...
 
     async def recv_batch(self, max_datagrams: int) -> list[tuple[bytes, Address]]:
@@ -105,6 +109,11 @@ class MemoryDatagramPort:
         self.network.deliver(bytes(data), self.addr, addr)
         return True
 
+    def send_segments_nowait(self, segments: Sequence[bytes], addr: Address) -> bool:
+        for data in segments:
+            self.send_nowait(data, addr)
+        return True
+
     async def recv_batch(self, max_datagrams: int) -> list[tuple[bytes, Address]]:
         batch = [await self._recv.receive()]
         while len(batch) < max_datagrams:
@@ -113,3 +122,15 @@ class MemoryDatagramPort:
             except trio.WouldBlock:
                 break
         return batch
+
+
+def equal_size_runs(datagrams: list[bytes]) -> list[list[bytes]]:
+    """Split into runs that one UDP_SEGMENT send can carry: equal sizes, the last may be shorter."""
+    runs: list[list[bytes]] = []
+    for data in datagrams:
+        run = runs[-1] if runs else None
+        if run is not None and len(data) <= len(run[0]) and len(run[-1]) == len(run[0]):
+            run.append(data)
+        else:
+            runs.append([data])
+    return runs
