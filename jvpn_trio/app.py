@@ -45,19 +45,24 @@ class AppError(Exception):
     """A reason the program cannot run as configured: one line for the user, exit code 2."""
 
 
-def missing_privilege() -> str | None:
-    """Why this process cannot create TUN devices and routes, or None if it can."""
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing (load the tun module or run where TUN devices exist)"
-    if os.geteuid() == 0:
-        return None
+def missing_privilege(status_path: str = "/proc/self/status", tun_path: str = "/dev/net/tun") -> str | None:
+    """Why this process cannot create TUN devices and routes, or None if it can.
+
+    The capability decides, not the uid: root in a container may lack
+    CAP_NET_ADMIN, and a non-root process may have been granted it.
+    """
+    if not os.path.exists(tun_path):
+        return f"{tun_path} is missing (load the tun module or run where TUN devices exist)"
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        with open(status_path, encoding="ascii") as status:
             for line in status:
-                if line.startswith("CapEff:") and int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
-                    return None
-    except OSError:
-        pass
+                if line.startswith("CapEff:"):
+                    if int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
+                        return None
+                    break
+    except (OSError, ValueError):
+        if os.geteuid() == 0:
+            return None  # no /proc to ask: trust root, the TUN driver reports a refusal in one line
     return "needs root or CAP_NET_ADMIN to create TUN devices and routes (try sudo)"
 
 
