@@ -718,6 +718,14 @@ class GatewaySession(_SessionCore):
         return []  # pragma: no cover - the input union is closed
 
     def _on_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
+        confirmed: list[Action] = []
+        if self.record.state is S.BIRTH and req.proof_valid and req.session_id == self.record.session_id:
+            # A REATTACH that authenticates proves the client holds the keys, exactly as
+            # the first packet would: confirm the handshake's binding, then judge it.
+            confirmed = self._apply(ev.PacketAuthenticated(endpoint=req.endpoint, path=req.path), now)
+        return confirmed + self._judge_reattach(req, now)
+
+    def _judge_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
         rec = self.record
         ctx = ReattachContext(
             session_id=rec.session_id,
@@ -733,9 +741,6 @@ class GatewaySession(_SessionCore):
         )
         verdict = validate_reattach(ctx, req, self.policy, now=now)
         if isinstance(verdict, Accept):
-            self.last_nonce = verdict.new_last_nonce
-            self.clock_offset_ms = verdict.new_clock_offset_ms
-            self.last_delivery = now
             actions: list[Action] = []
             if verdict.already_bound:
                 self._count("reattach_already_bound")
@@ -747,6 +752,12 @@ class GatewaySession(_SessionCore):
                     cause=R.REATTACH_CONFIRMED,
                     nonce=req.nonce,
                 )
+                if not actions:  # the table refused: nothing was committed, so nothing is answered
+                    return []
+            # Only now, with the transition committed, is the request's freshness consumed.
+            self.last_nonce = verdict.new_last_nonce
+            self.clock_offset_ms = verdict.new_clock_offset_ms
+            self.last_delivery = now
             actions.append(
                 SendReattachAck(
                     endpoint=req.endpoint, nonce=req.nonce, new_version=self.record.version, path=req.path
