@@ -11,8 +11,11 @@ PROBE_ACK echoes the number.  Nothing here reads a clock, so a recorded
 
 Measurements
     * A probe is *outstanding* from ``on_probe_sent`` until it is *resolved*:
-      acked in time, or lost.  It is lost at exactly ``sent + probe_timeout_ms``
-      (``now >= deadline``): the timer armed from :meth:`next_deadline` fires at
+      acked in time, or lost.  It is lost at exactly its deadline, ``sent +
+      probe timeout`` (``now >= deadline``), where the timeout is
+      ``probe_timeout_ms``, or, when ``probe_timeout_floor_ms`` is set,
+      ``srtt + 4 x jitter`` clamped to [floor, probe_timeout_ms] (never earlier
+      than the previous probe's deadline): the timer armed from :meth:`next_deadline` fires at
       that instant and must make progress, so an ack has to arrive strictly
       before it.  At most ``loss_window_probes + dead_after_missed_probes``
       probes are outstanding; sending one more resolves the oldest as lost.
@@ -96,6 +99,8 @@ from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode
 
+#: RFC 6298 section 2.3's K: the timeout allows this many mean deviations above the smoothed RTT.
+RTO_JITTER_FACTOR = 4.0
 #: RFC 6298 section 2: SRTT <- (1 - alpha) * SRTT + alpha * R', alpha = 1/8.
 SRTT_GAIN = 1 / 8
 #: RFC 3550 section 6.4.1: J <- J + (|D| - J) / 16.
@@ -267,8 +272,22 @@ class PathHealth:
             oldest = next(iter(self._outstanding))
             del self._outstanding[oldest]
             self._mark_lost(oldest)
-        self._outstanding[seq] = (now, now + self._timeout_s)
+        # Deadlines never decrease (the due probes stay a prefix), even when the timeout shrinks.
+        last_deadline = next(reversed(self._outstanding.values()))[1] if self._outstanding else now
+        self._outstanding[seq] = (now, max(now + self.probe_timeout_s(), last_deadline))
         self._commit(now)
+
+    def probe_timeout_s(self) -> float:
+        """How long the next probe may go unanswered: srtt + 4 x jitter within the policy's bounds.
+
+        Without ``probe_timeout_floor_ms`` (the default) it is the fixed ``probe_timeout_ms``.
+        """
+        floor_ms = self._policy.probe_timeout_floor_ms
+        if floor_ms is None or self._srtt_ms is None:
+            return self._timeout_s
+        adaptive_ms = self._srtt_ms + RTO_JITTER_FACTOR * (self._jitter_ms or 0.0)
+        bounded_ms = min(max(adaptive_ms, floor_ms), self._policy.probe_timeout_ms)
+        return bounded_ms / _MS_PER_S
 
     def on_probe_acked(self, seq: int, *, now: float) -> float | None:
         """An authenticated ack for probe ``seq``; returns its RTT in ms.

@@ -84,6 +84,12 @@ class Policy:
     # -- probing and health ----------------------------------------------------
     probe_interval_ms: int = attrs.field(default=50, validator=_int_range(1, 60_000))
     probe_timeout_ms: int = attrs.field(default=200, validator=_int_range(1, 60_000))
+    #: Adaptive probe timeout (RFC 6298-style: srtt + 4 x jitter), never below this nor above
+    #: probe_timeout_ms.  Absent (the default): a fixed probe_timeout_ms, because Wi-Fi power
+    #: save can hold replies ~100 ms, which an eager timeout would count as loss.
+    probe_timeout_floor_ms: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_int_range(1, 60_000))
+    )
     dead_after_missed_probes: int = attrs.field(default=3, validator=_int_range(1, 1_000))
     loss_window_probes: int = attrs.field(default=20, validator=_int_range(2, 10_000))
     # -- hysteresis ------------------------------------------------------------
@@ -121,6 +127,11 @@ class Policy:
             yield (
                 f"dead_after_missed_probes x probe_interval_ms + probe_timeout_ms ({detect_ms}) exceeds "
                 f"transport_loss_ttl_ms ({self.transport_loss_ttl_ms}): probing could not detect death in time"
+            )
+        if self.probe_timeout_floor_ms is not None and self.probe_timeout_floor_ms > self.probe_timeout_ms:
+            yield (
+                f"probe_timeout_floor_ms ({self.probe_timeout_floor_ms}) exceeds probe_timeout_ms "
+                f"({self.probe_timeout_ms})"
             )
         for name in ("latency_threshold_ms", "jitter_threshold_ms"):
             if getattr(self, name) >= self.probe_timeout_ms:

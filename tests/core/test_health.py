@@ -672,3 +672,71 @@ def test_expire_first_changes_nothing(ops: list[Op], policy: Policy) -> None:
         assert 0 <= outstanding <= bound
         deadline = plain.next_deadline()
         assert deadline is None or deadline > now  # a timer armed there always makes progress
+
+
+# -- adaptive probe timeout (probe_timeout_floor_ms) ------------------------------------------
+
+ADAPTIVE = attrs.evolve(POLICY, probe_timeout_floor_ms=40)
+
+
+def test_timeout_is_fixed_without_a_floor() -> None:
+    h = PathHealth(P, POLICY, now=0.0)
+    h.on_probe_sent(1, now=0.0)
+    h.on_probe_acked(1, now=0.0078125)
+    assert h.probe_timeout_s() == POLICY.probe_timeout_ms / 1000
+
+
+def test_timeout_adapts_to_srtt_plus_four_jitter_within_bounds() -> None:
+    policy = attrs.evolve(ADAPTIVE, probe_timeout_floor_ms=20)
+    h = PathHealth(P, policy, now=0.0)
+    assert h.probe_timeout_s() == policy.probe_timeout_ms / 1000  # no sample yet: the maximum
+    h.on_probe_sent(1, now=0.0)
+    h.on_probe_acked(1, now=0.0078125)
+    assert h.probe_timeout_s() == 0.020  # srtt 7.8 ms and no jitter yet: the floor
+    # Alternate 1/128 s and 1/64 s replies (each inside the timeout) and follow the estimators by hand.
+    srtt, jitter, previous = 7.8125, 0.0, 7.8125
+    for i in range(2, 18):
+        rtt = 15.625 if i % 2 == 0 else 7.8125
+        h.on_probe_sent(i, now=float(i))
+        h.on_probe_acked(i, now=i + rtt / 1000)
+        srtt += (rtt - srtt) / 8
+        jitter += (abs(rtt - previous) - jitter) / 16
+        previous = rtt
+    assert srtt + 4 * jitter > 20  # in the adaptive range
+    assert h.probe_timeout_s() == pytest.approx((srtt + 4 * jitter) / 1000)
+    capped = PathHealth(P, attrs.evolve(policy, latency_threshold_ms=20.0, jitter_threshold_ms=20.0, probe_timeout_ms=25), now=0.0)
+    for i in range(1, 18):
+        rtt = 15.625 if i % 2 == 0 else 7.8125
+        capped.on_probe_sent(i, now=float(i))
+        capped.on_probe_acked(i, now=i + rtt / 1000)
+    assert capped.probe_timeout_s() == 0.025  # never above probe_timeout_ms
+
+
+def test_a_silent_fast_path_is_dead_sooner_with_a_floor() -> None:
+    def dead_at(policy: Policy) -> float:
+        h = PathHealth(P, policy, now=0.0)
+        t, seq = 0.0, 0
+        for _ in range(5):  # a healthy path answering in 1/128 s
+            seq += 1
+            h.on_probe_sent(seq, now=t)
+            h.on_probe_acked(seq, now=t + 0.0078125)
+            t += 0.0625
+        while h.verdict(now=t).verdict is not Verdict.DEAD:  # then silence
+            seq += 1
+            h.on_probe_sent(seq, now=t)
+            t = min(t + 0.0625, h.next_deadline() or math.inf)
+            h.expire(now=t)
+        return t
+
+    assert dead_at(ADAPTIVE) < dead_at(POLICY)
+
+
+def test_deadlines_never_decrease_when_the_timeout_shrinks() -> None:
+    h = PathHealth(P, ADAPTIVE, now=0.0)
+    h.on_probe_sent(1, now=0.0)  # no sample: deadline 0.0 + 0.15
+    h.on_probe_sent(2, now=0.01)
+    h.on_probe_acked(2, now=0.0178125)  # now the timeout is the 40 ms floor
+    h.on_probe_sent(3, now=0.02)  # 0.02 + 0.04 = 0.06 < probe 1's 0.15: held at 0.15
+    assert h.next_deadline() == 0.15
+    h.expire(now=0.15)
+    assert h.stats(now=0.15).probes_lost == 2  # 1 and 3 together, in order

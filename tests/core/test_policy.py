@@ -25,6 +25,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "session_ttl_s": (1, 30 * 86_400),
     "probe_interval_ms": (1, 60_000),
     "probe_timeout_ms": (1, 60_000),
+    "probe_timeout_floor_ms": (1, 60_000),
     "dead_after_missed_probes": (1, 1_000),
     "loss_window_probes": (2, 10_000),
     "min_dwell_ms": (0, HOUR_MS),
@@ -45,6 +46,7 @@ FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "healthy_below_fraction": (0.05, 1.0),
 }
 FIELD_NAMES = [a.name for a in attrs.fields(Policy)]
+OPTIONAL_INT_FIELDS = {"probe_timeout_floor_ms"}
 
 
 def _field(name: str) -> attrs.Attribute:  # type: ignore[type-arg]
@@ -74,6 +76,7 @@ BASE: dict[str, Any] = {
     "jitter_threshold_ms": 50.0,
     "probe_interval_ms": 50,
     "probe_timeout_ms": 200,
+    "probe_timeout_floor_ms": None,
     "dead_after_missed_probes": 3,
     "loss_window_probes": 20,
     "healthy_below_fraction": 0.8,
@@ -154,6 +157,8 @@ def test_int_field_above_range(name: str) -> None:
     [(True, "bool"), (False, "bool"), (5.0, "float"), ("5", "str"), (None, "NoneType")],
 )
 def test_int_field_rejects_non_integers_including_bool(name: str, value: object, type_name: str) -> None:
+    if value is None and name in OPTIONAL_INT_FIELDS:
+        return  # None means "not set" for these (tested on its own below)
     with pytest.raises(PolicyError) as info:
         Policy(**{name: value})
     assert str(info.value) == f"{name}: expected an integer, got {type_name}"
@@ -357,6 +362,7 @@ ALTERNATIVES: dict[str, object] = {
     "jitter_threshold_ms": 51.0,
     "probe_interval_ms": 51,
     "probe_timeout_ms": 201,
+    "probe_timeout_floor_ms": 60,
     "dead_after_missed_probes": 4,
     "loss_window_probes": 21,
     "healthy_below_fraction": 0.75,
@@ -474,3 +480,11 @@ def test_from_mapping_passes_validator_errors_through() -> None:
 def test_from_mapping_non_string_key_is_a_policy_error() -> None:
     with pytest.raises(PolicyError):
         Policy.from_mapping({1: 2})  # type: ignore[dict-item]
+
+
+def test_probe_timeout_floor_is_optional_and_bounded_by_the_timeout() -> None:
+    assert base().probe_timeout_floor_ms is None
+    _check("probe_timeout_floor_ms", None)
+    assert base(probe_timeout_floor_ms=200).probe_timeout_floor_ms == 200
+    with pytest.raises(PolicyError, match=r"probe_timeout_floor_ms \(201\) exceeds probe_timeout_ms \(200\)"):
+        base(probe_timeout_floor_ms=201)
