@@ -255,23 +255,35 @@ class Pair:
         )
         return pair
 
-    def advance_bounded(self, seconds: float, *, max_firings: int = 10_000) -> None:
-        """:meth:`advance`, but a deadline that keeps firing without end raises instead of hanging."""
+    def advance_bounded(self, seconds: float, *, max_repeats: int = 100) -> None:
+        """:meth:`advance`, but a deadline that fires without making progress raises instead of hanging.
+
+        The driver contract (aioquic's ``handle_timer``) is that handling the
+        timer at ``next_deadline()`` moves the deadline on.  If one side's
+        timer fires ``max_repeats`` times at the same instant, that contract is
+        broken and :class:`DeadlineStuck` says which side and when.
+        """
         target = round(self.now + seconds, 9)
-        for _ in range(max_firings):
+        repeats = 0
+        last_now: float | None = None
+        while True:
             deadlines = [d for d in (self.client.next_deadline(), self.gateway.next_deadline()) if d is not None]
             nxt = min(deadlines) if deadlines else None
             if nxt is None or nxt > target:
-                self.now = target
-                return
+                break
             self.now = max(self.now, nxt)
+            repeats = repeats + 1 if self.now == last_now else 0
+            last_now = self.now
             client_due = self.client.next_deadline()
+            gateway_due = self.gateway.next_deadline()
+            if repeats >= max_repeats:
+                side = "client" if client_due is not None and client_due <= self.now else "gateway"
+                raise DeadlineStuck(side, self.now)
             if client_due is not None and client_due <= self.now:
                 self._client(ev.TimerFired())
-            gateway_due = self.gateway.next_deadline()
             if gateway_due is not None and gateway_due <= self.now:
                 self._gateway(ev.TimerFired())
-        raise RuntimeError(f"deadlines still due at t={self.now} after {max_firings} timer firings")
+        self.now = target
 
     def probe_round_lossy(self, acked: Iterable[int]) -> None:
         """Like :meth:`probe_round`, but only paths in ``acked`` (and whose link delivers) get an ack."""
@@ -325,7 +337,9 @@ class Pair:
             "new_revision": OwnershipRecord(session_id=sid, owner=NODE, revision=held + 1),
         }[kind]
 
-    def forge_reattach(self, kind: str, *, path: int = 2, endpoint: tuple[str, int] = ATTACKER_ENDPOINT) -> ev.ReattachReceived:
+    def forge_reattach(
+        self, kind: str, *, path: int = 2, endpoint: tuple[str, int] = ATTACKER_ENDPOINT
+    ) -> ev.ReattachReceived:
         """A REATTACH that would be accepted now, spoiled in exactly one way (see :data:`FORGERY_KINDS`).
 
         The base request has the next nonce, a fresh timestamp, the current
@@ -375,6 +389,16 @@ class Pair:
 from typing import Any, Callable  # noqa: E402
 
 from jvpn_trio.core.actions import SendClose  # noqa: E402
+
+
+class DeadlineStuck(RuntimeError):
+    """A machine's ``next_deadline()`` stays at or before ``now`` however often its timer fires."""
+
+    def __init__(self, side: str, now: float) -> None:
+        self.side = side
+        self.now = now
+        super().__init__(f"{side} timer fired {now!r} repeatedly without moving next_deadline() past it")
+
 
 #: What :meth:`Pair.forge_reattach` can spoil; each must be rejected without mutation.
 FORGERY_KINDS = (

@@ -717,17 +717,9 @@ class GatewaySession(_SessionCore):
             return self._transition(R.OWNERSHIP_LOST, now)
         return []  # pragma: no cover - the input union is closed
 
-    def _on_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
-        confirmed: list[Action] = []
-        if self.record.state is S.BIRTH and req.proof_valid and req.session_id == self.record.session_id:
-            # A REATTACH that authenticates proves the client holds the keys, exactly as
-            # the first packet would: confirm the handshake's binding, then judge it.
-            confirmed = self._apply(ev.PacketAuthenticated(endpoint=req.endpoint, path=req.path), now)
-        return confirmed + self._judge_reattach(req, now)
-
-    def _judge_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
+    def _reattach_context(self) -> ReattachContext:
         rec = self.record
-        ctx = ReattachContext(
+        return ReattachContext(
             session_id=rec.session_id,
             state=rec.state,
             version=rec.version,
@@ -739,7 +731,25 @@ class GatewaySession(_SessionCore):
             node_id=self.node_id,
             held_revision=self.held_revision,
         )
-        verdict = validate_reattach(ctx, req, self.policy, now=now)
+
+    def _on_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
+        confirmed: list[Action] = []
+        if self.record.state is S.BIRTH:
+            # A REATTACH that would be accepted once the handshake is confirmed proves the
+            # client holds the keys, as any first packet does: confirm, then judge it for
+            # real.  One that would be refused (replayed, stale, foreign owner, ...) must
+            # change nothing, not even the confirmation (Properties 7 and 9).
+            binding = self.handshake_binding or Binding(path=req.path, endpoint=req.endpoint)
+            once_confirmed = attrs.evolve(
+                self._reattach_context(), state=S.ATTACHED, version=self.record.version + 1, binding=binding
+            )
+            if isinstance(validate_reattach(once_confirmed, req, self.policy, now=now), Accept):
+                confirmed = self._apply(ev.PacketAuthenticated(endpoint=req.endpoint, path=req.path), now)
+        return confirmed + self._judge_reattach(req, now)
+
+    def _judge_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
+        rec = self.record
+        verdict = validate_reattach(self._reattach_context(), req, self.policy, now=now)
         if isinstance(verdict, Accept):
             actions: list[Action] = []
             if verdict.already_bound:
