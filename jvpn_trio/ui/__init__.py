@@ -1,0 +1,1 @@
+"""The live terminal UI: pure views (``views``), keys (``keys``) and the Trio loop (``app``)."""
