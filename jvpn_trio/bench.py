@@ -1,0 +1,1466 @@
+"""``jvpn-trio bench``: jvpn-trio, a bare veth and OpenVPN measured side by side in one run.
+
+    jvpn-trio bench [--quick] [--runs N] [--systems baseline,jvpn-trio,openvpn] [--json [FILE]]
+
+Theory of operation
+-------------------
+The machines this runs on are shared and noisy (``/work/shared/STYLE.md``): a neighbour's
+burst of work can halve a throughput figure for half a minute.  So absolute numbers from
+different runs are not comparable, and even within one run, measuring system A for a minute
+and then system B for a minute lets such a burst land on one of them only.  This command
+therefore keeps every system up *side by side* for the whole run and *interleaves* the
+measurements: round ``r`` measures every system once, starting with system ``r mod n`` so no
+system always goes first, and each figure is the median over the rounds.  The ratios between
+systems (same run, same rounds) are the result; the absolute numbers describe this machine
+at this moment.
+
+Each system has its own fresh lab (:func:`jvpn_trio.labnet.open_lab`: a client and a gateway
+namespace joined by eth0 / wifi0 / lte0 with route metrics 10 / 20 / 30, the gateway's /32 on
+its loopback: the topology of ``peers.md``).  The labs are torn down at the end, however the
+run ends.  While one system is measured the other tunnels sit idle; the CPU they use meanwhile
+is measured too and reported (jvpn-trio's probing costs a few hundredths of a core).
+
+Measurements:
+
+1. *Throughput*, ``--runs`` rounds: ``iperf3`` one TCP stream for ``--iperf-seconds`` (the
+   receiver's Mbit/s), then ``iperf3 -u -l 64 -b 0`` (64-byte payloads at the highest rate the
+   sender manages; the figure is the packets the server *received* per second).  Servers run
+   in the gateway namespace, bound to the address the tunnel delivers to; clients run in the
+   client namespace.  Around each test the CPU time (utime + stime of all threads, from
+   ``/proc/<pid>/stat``) of every tunnel's client and gateway process is read: CPU seconds /
+   wall seconds = cores.  The memory figure is the peak RSS (``VmHWM`` in
+   ``/proc/<pid>/status``) at the end of the run.
+2. *Outage* (tunnels only), ``--runs`` times for each fault, link down and blackhole: a 100 Hz
+   UDP probe stream (``jvpn_trio.traffic``) runs from the client namespace through the tunnel;
+   once probes arrive, the fault is put on the path the tunnel is using, held for
+   ``--fault-seconds``, then removed.  The outage is :func:`jvpn_trio.traffic.longest_gap` of
+   the probe arrivals within ``[fault applied, fault removed]``.  If no probe got through
+   after the fault until it was removed, the system did not recover by itself: the figure is
+   then a lower bound, shown as ``> x``.  The median run is reported (for an even count the
+   higher of the two middle runs, so a bound is never averaged with a measurement).  Before
+   each fault the bench waits (bounded) until the tunnel is back on the preferred path, eth0.
+
+jvpn-trio runs as the real ``jvpn-trio serve`` / ``jvpn-trio up`` processes, full tunnel, with
+:data:`JVPN_POLICY` over the default policy: it changes only how soon the session returns to
+eth0 once a fault is removed and the switch budget, so ``--runs`` faults fit in one run; the
+detection and failover bounds are the defaults.  OpenVPN (when installed) runs in server mode
+over UDP with AES-256-GCM, ``float`` and ``keepalive 1 5``, as ``peers.md`` measured it, with
+a CA, certificates and a tls-crypt key generated for the run.  WireGuard-go is not packaged
+for Debian and this kernel cannot load modules: its column is the ``peers.md`` figure,
+labelled as not measured in this run, and no ratio is computed against it.
+
+Every wait is bounded and every process is started through its lab, so the lab's teardown
+kills it at the latest.  Output: a Markdown table (stdout, or stderr when the JSON goes to
+stdout) and, with ``--json``, one JSON document; progress lines on stderr.  Exit codes: 0
+every requested system that can run here was measured; 1 a measurement failed (the rest is
+still reported); 2 the bench cannot run as asked (not root, iperf3 missing, bad options).
+
+This is a benchmark: it measures wall-clock time on purpose, and asserts nothing about it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import attrs
+import trio
+
+from jvpn_trio import __version__
+from jvpn_trio.labnet import Lab, LabError, LabProcess, LabSpec, open_lab
+from jvpn_trio.traffic import format_endpoint, longest_gap, traffic_argv
+
+# -----------------------------------------------------------------------------
+# Settings and named constants
+# -----------------------------------------------------------------------------
+
+BASELINE = "baseline"
+JVPN = "jvpn-trio"
+OPENVPN = "openvpn"
+WIREGUARD = "wireguard-go"
+#: Systems this command can measure, in their column order.
+MEASURABLE = (BASELINE, JVPN, OPENVPN)
+
+LINK_DOWN = "link_down"
+BLACKHOLE = "blackhole"
+FAULTS = (LINK_DOWN, BLACKHOLE)
+
+TCP = "tcp"
+UDP64 = "udp64"
+THROUGHPUT_TESTS = (TCP, UDP64)
+
+DEFAULT_RUNS = 3
+DEFAULT_IPERF_S = 3.0
+DEFAULT_FAULT_S = 3.0
+QUICK_RUNS = 1
+QUICK_IPERF_S = 3.0
+QUICK_FAULT_S = 2.0
+MAX_RUNS = 15
+MAX_IPERF_S = 60.0
+MAX_FAULT_S = 60.0
+
+#: New bench labs are this plus 4 random hex digits (``jvbn3fa2``), told apart from ``jvlab*``.
+PREFIX_FAMILY = "jvbn"
+
+IPERF_PORT = 5201
+UDP_PAYLOAD_BYTES = 64
+#: iperf3 needs this long beyond ``-t`` to connect, exchange results and exit.
+IPERF_SLACK_S = 15.0
+IPERF_CONNECT_TIMEOUT_MS = 3000
+
+PROBE_PORT = 5002
+PROBE_HZ = 100.0
+#: Probes flow this long (after the first one arrived) before the fault is applied.
+PROBE_LEAD_S = 0.5
+#: The probe stream is scheduled this much longer than lead + fault, to outlast the restore.
+PROBE_SLACK_S = 1.0
+
+#: Bounds on waits for a process or a condition; polled every POLL_S.
+READY_TIMEOUT_S = 10.0
+ATTACH_TIMEOUT_S = 20.0
+PREFERRED_TIMEOUT_S = 15.0
+POLL_S = 0.05
+#: Quiet time on the preferred path before the next fault (>= JVPN_POLICY's min_dwell_ms).
+SETTLE_S = 0.6
+#: Safety net over the whole run (each step has its own, tighter bound).
+TOTAL_TIMEOUT_S = 900.0
+
+#: jvpn-trio's policy for the bench: defaults, except a faster return to eth0 once a fault is
+#: removed and a switch budget for ``--runs`` x 2 faults x (away + back) within a minute.
+JVPN_POLICY: Mapping[str, int] = {"min_dwell_ms": 500, "return_dwell_ms": 1000, "max_switches_per_minute": 30}
+JVPN_PORT = 51820
+JVPN_GATEWAY_TUNNEL = "10.66.0.1"
+JVPN_CLIENT_TUNNEL = "10.66.0.2"
+JVPN_PREFIX_LEN = 24
+
+OPENVPN_PORT = 1194
+OPENVPN_GATEWAY_TUNNEL = "10.67.0.1"
+OPENVPN_POOL = ("10.67.0.2", "10.67.0.200")
+OPENVPN_NETMASK = "255.255.255.0"
+OPENVPN_READY_TEXT = "Initialization Sequence Completed"
+OPENVPN_INSTALL_HINT = "apt-get install -y openvpn"
+#: Certificates only need to outlive the run.
+CERT_DAYS = 2
+
+MEASURED = "measured"
+FAILED = "failed"
+NOT_AVAILABLE = "not available"
+REFERENCE = "not measured in this run; peers.md figure"
+
+#: What ``/work/shared/peers.md`` (2026-11-22, same topology, a 2-core CI-class machine) reports.
+#: Shown as a reference column only: it was not measured in this run.
+PEERS_MD_DATE = "2026-11-22"
+PEERS_MD_WIREGUARD: Mapping[str, Any] = {
+    "label": "wireguard-go 0.0.20220316, keepalive 1 s",
+    "tcp_mbit": 413.0,
+    "tcp_cores": 1.37,
+    "udp64_pps": 46_500.0,
+    "link_down_s": 15.2,
+    "link_down_recovered": True,
+    "blackhole_s": 60.0,
+    "blackhole_recovered": False,
+}
+PEERS_MD_BASELINE: Mapping[str, float] = {"tcp_mbit": 19_965.0, "udp64_pps": 260_000.0}
+
+LABELS = {
+    BASELINE: "bare veth",
+    JVPN: "jvpn-trio",
+    OPENVPN: "OpenVPN",
+    WIREGUARD: f"wireguard-go (peers.md {PEERS_MD_DATE}, NOT this run)",
+}
+
+
+class BenchError(Exception):
+    """A measurement cannot be made (a tool failed, a tunnel did not come up); one line."""
+
+
+# -----------------------------------------------------------------------------
+# Pure parts: parsing, statistics, ratios, the document and the table
+# -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class UdpResult:
+    """iperf3 UDP: what the sender sent and what the server received, per second."""
+
+    sent_pps: float
+    received_pps: float
+    lost_percent: float
+
+
+def _iperf_error(doc: Mapping[str, Any]) -> None:
+    if not isinstance(doc, Mapping):
+        raise BenchError("iperf3 output is not a JSON object")
+    if doc.get("error"):
+        raise BenchError(f"iperf3: {doc['error']}")
+
+
+def _section(doc: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
+    node: Any = doc
+    for key in keys:
+        if not isinstance(node, Mapping) or key not in node:
+            raise BenchError(f"iperf3 output has no {'.'.join(keys)}")
+        node = node[key]
+    if not isinstance(node, Mapping):
+        raise BenchError(f"iperf3 output: {'.'.join(keys)} is not an object")
+    return node
+
+
+def _number(section: Mapping[str, Any], key: str, where: str) -> float:
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BenchError(f"iperf3 output: {where}.{key} is not a number ({value!r})")
+    return float(value)
+
+
+def parse_iperf_tcp(doc: Mapping[str, Any]) -> float:
+    """Mbit/s the receiver got, from ``iperf3 -J`` TCP output; BenchError if it reports an error."""
+    _iperf_error(doc)
+    received = _section(doc, "end", "sum_received")
+    return _number(received, "bits_per_second", "end.sum_received") / 1e6
+
+
+def parse_iperf_udp(doc: Mapping[str, Any]) -> UdpResult:
+    """Packets per second sent and received, from ``iperf3 -u -J`` client output.
+
+    The received count is the server's (``packets - lost_packets`` of ``end.sum_received``,
+    which the client gets back at the end of the test); outputs without ``sum_received``
+    (iperf3 before 3.11) fall back to ``end.sum``, where those fields are also the server's.
+    BenchError if iperf3 reports an error or a field is missing.
+    """
+    _iperf_error(doc)
+    end = _section(doc, "end")
+    key = "sum_received" if "sum_received" in end else "sum"
+    received = _section(doc, "end", key)
+    where = f"end.{key}"
+    seconds = _number(received, "seconds", where)
+    if seconds <= 0:
+        raise BenchError(f"iperf3 output: {where}.seconds is {seconds}")
+    packets = _number(received, "packets", where)
+    lost = _number(received, "lost_packets", where)
+    sent_key = "sum_sent" if "sum_sent" in end else key
+    sent = _section(doc, "end", sent_key)
+    sent_seconds = _number(sent, "seconds", f"end.{sent_key}")
+    sent_packets = _number(sent, "packets", f"end.{sent_key}")
+    return UdpResult(
+        sent_pps=sent_packets / sent_seconds if sent_seconds > 0 else 0.0,
+        received_pps=max(0.0, packets - lost) / seconds,
+        lost_percent=100.0 * lost / packets if packets > 0 else 0.0,
+    )
+
+
+def parse_cpu_ticks(stat_text: str) -> int:
+    """utime + stime (clock ticks, all threads) from the text of ``/proc/<pid>/stat``.
+
+    The command name (field 2) is in parentheses and may hold spaces or parentheses itself,
+    so fields are counted from the last ``)``.  Raises ValueError on malformed text.
+    """
+    _, paren, rest = stat_text.rpartition(")")
+    fields = rest.split()
+    if not paren or len(fields) < 13:
+        raise ValueError("not a /proc/<pid>/stat line")
+    # After the command: state(3) ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
+    # cmajflt utime(14) stime(15): indices 11 and 12 of the remainder.
+    return int(fields[11]) + int(fields[12])
+
+
+def parse_vm_hwm_kib(status_text: str) -> int | None:
+    """Peak resident set size in KiB (``VmHWM``) from ``/proc/<pid>/status``; None if absent."""
+    for line in status_text.splitlines():
+        if line.startswith("VmHWM:"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                return int(parts[1])
+    return None
+
+
+def cores(ticks_before: int, ticks_after: int, wall_s: float, *, ticks_per_s: float) -> float:
+    """CPU cores used on average: CPU seconds over wall seconds.  ValueError if ``wall_s <= 0``."""
+    if wall_s <= 0:
+        raise ValueError(f"wall time must be positive, got {wall_s}")
+    return (ticks_after - ticks_before) / ticks_per_s / wall_s
+
+
+def rotated(items: Sequence[str], round_index: int) -> list[str]:
+    """``items`` starting at position ``round_index mod len``: who goes first changes every round."""
+    if not items:
+        return []
+    k = round_index % len(items)
+    return [*items[k:], *items[:k]]
+
+
+@attrs.frozen
+class Outage:
+    """One fault's outage: the longest probe gap, and whether traffic came back before the fault went.
+
+    ``recovered`` False means no probe got through between the fault and its removal: then
+    ``seconds`` is a lower bound (the system did not recover by itself within the window).
+    """
+
+    seconds: float
+    recovered: bool
+    window_s: float
+    path: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 4),
+            "recovered": self.recovered,
+            "window_s": round(self.window_s, 4),
+            "path": self.path,
+        }
+
+
+def outage_from_arrivals(
+    arrivals: Sequence[float], *, fault_start: float, fault_end: float, stream_end: float, path: str
+) -> Outage:
+    """The outage of one fault from absolute probe arrival times (same clock as the fault times).
+
+    The window is ``[fault_start, min(fault_end, stream_end)]``; if the longest gap reaches the
+    window's end with no arrival closing it, it is a lower bound (not recovered).  ValueError
+    if the window is empty or inverted.
+    """
+    end = min(fault_end, stream_end)
+    if end <= fault_start:
+        raise ValueError(f"empty outage window [{fault_start}, {end}]")
+    gap = longest_gap(arrivals, fault_start, end)
+    return Outage(seconds=gap.seconds, recovered=gap.end < end, window_s=end - fault_start, path=path)
+
+
+def median_outage(runs: Sequence[Outage]) -> Outage | None:
+    """The median run (unrecovered runs rank above every recovered one); None for no runs.
+
+    For an even count the higher of the two middle runs is taken, so a lower bound is never
+    averaged with a measurement.
+    """
+    if not runs:
+        return None
+    ordered = sorted(runs, key=lambda o: (not o.recovered, o.seconds))
+    return ordered[len(ordered) // 2]
+
+
+def median(values: Sequence[float]) -> float | None:
+    """The median of ``values``, None when there are none."""
+    return statistics.median(values) if values else None
+
+
+@attrs.frozen
+class Figure:
+    """A number, possibly only a lower bound (an outage that did not end within its window)."""
+
+    value: float
+    lower_bound: bool = False
+
+
+@attrs.frozen
+class Ratio:
+    """``a / b`` of two figures; ``bound`` is ``=``, ``<=`` or ``>=``."""
+
+    value: float
+    bound: str = "="
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": round(self.value, 4), "bound": self.bound}
+
+
+def ratio(numerator: Figure | None, denominator: Figure | None) -> Ratio | None:
+    """``numerator / denominator``, carrying bounds through; None when it means nothing.
+
+    If the denominator is only a lower bound the ratio is an upper bound, and the other way
+    round; two lower bounds (or a zero or missing denominator) give None.
+    """
+    if numerator is None or denominator is None or denominator.value <= 0:
+        return None
+    if numerator.lower_bound and denominator.lower_bound:
+        return None
+    bound = ">=" if numerator.lower_bound else "<=" if denominator.lower_bound else "="
+    return Ratio(numerator.value / denominator.value, bound)
+
+
+CpuSample = Mapping[str, float]
+
+
+@attrs.frozen
+class SystemResult:
+    """Everything measured for one system (or why it was not), with every round kept."""
+
+    key: str
+    status: str
+    reason: str | None = None
+    version: str | None = None
+    tcp_mbit_runs: tuple[float, ...] = ()
+    udp64_runs: tuple[UdpResult, ...] = ()
+    #: fault -> the outage of each run, in the order they ran.
+    outages: Mapping[str, tuple[Outage, ...]] = attrs.field(factory=dict)
+    #: test (tcp, udp64) -> one {role: cores} per round.
+    cpu_runs: Mapping[str, tuple[CpuSample, ...]] = attrs.field(factory=dict)
+    #: client + gateway cores while another system was being measured (the tunnel idle).
+    idle_cores_runs: tuple[float, ...] = ()
+    #: process role -> peak RSS in KiB.
+    peak_rss_kib: Mapping[str, int] = attrs.field(factory=dict)
+    details: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.key, self.key)
+
+    @property
+    def tcp_mbit(self) -> float | None:
+        return median(self.tcp_mbit_runs)
+
+    @property
+    def udp64_pps(self) -> float | None:
+        return median([u.received_pps for u in self.udp64_runs])
+
+    def outage(self, fault: str) -> Outage | None:
+        return median_outage(self.outages.get(fault, ()))
+
+    def cpu_cores(self, test: str) -> dict[str, float]:
+        """Median cores per role and of the client + gateway total, over the rounds of ``test``."""
+        samples = self.cpu_runs.get(test, ())
+        if not samples:
+            return {}
+        out = {role: statistics.median(s[role] for s in samples) for role in samples[0]}
+        out["total"] = statistics.median(sum(s.values()) for s in samples)
+        return out
+
+    def figure(self, metric: str) -> Figure | None:
+        """This system's figure for a table row (see :func:`rows`), None if not measured."""
+        value: float | None
+        if metric == "tcp_mbit":
+            value = self.tcp_mbit
+        elif metric == "udp64_pps":
+            value = self.udp64_pps
+        elif metric in FAULTS:
+            o = self.outage(metric)
+            return Figure(o.seconds, lower_bound=not o.recovered) if o is not None else None
+        elif metric.startswith("cpu_"):
+            value = self.cpu_cores(metric[len("cpu_") :]).get("total")
+        elif metric == "peak_rss":
+            value = sum(self.peak_rss_kib.values()) / 1024 if self.peak_rss_kib else None
+        else:
+            raise KeyError(metric)
+        return Figure(value) if value is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": self.label, "status": self.status, "reason": self.reason, "version": self.version}
+        if self.status == REFERENCE:
+            out["reference"] = {"source": f"/work/shared/peers.md ({PEERS_MD_DATE})", **self.details}
+            return out
+        out["tcp_mbit"] = _round_or_none(self.tcp_mbit, 1)
+        out["tcp_mbit_runs"] = [round(v, 1) for v in self.tcp_mbit_runs]
+        out["udp64_received_pps"] = _round_or_none(self.udp64_pps, 1)
+        out["udp64_runs"] = [
+            {"received_pps": round(u.received_pps, 1), "sent_pps": round(u.sent_pps, 1),
+             "lost_percent": round(u.lost_percent, 2)}
+            for u in self.udp64_runs
+        ]  # fmt: skip
+        outages: dict[str, Any] = {}
+        for fault, runs in self.outages.items():
+            med = median_outage(runs)
+            outages[fault] = {
+                "median_s": None if med is None else round(med.seconds, 4),
+                "median_recovered": None if med is None else med.recovered,
+                "runs": [o.to_json() for o in runs],
+            }
+        out["outage"] = outages
+        out["cpu_cores"] = {
+            test: {
+                "median": {role: round(v, 3) for role, v in self.cpu_cores(test).items()},
+                "runs": [{role: round(v, 3) for role, v in s.items()} for s in samples],
+            }
+            for test, samples in self.cpu_runs.items()
+        }
+        out["idle_cores"] = _round_or_none(median(self.idle_cores_runs), 3)
+        out["peak_rss_kib"] = dict(self.peak_rss_kib)
+        out["details"] = dict(self.details)
+        return out
+
+
+def _round_or_none(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def wireguard_reference() -> SystemResult:
+    """The peers.md figures for wireguard-go, labelled as such (never a same-run measurement)."""
+    ref = PEERS_MD_WIREGUARD
+    return SystemResult(
+        key=WIREGUARD,
+        status=REFERENCE,
+        reason="not packaged in Debian and this kernel cannot load modules",
+        version=str(ref["label"]),
+        details=dict(ref),
+    )
+
+
+@attrs.frozen
+class Row:
+    metric: str
+    title: str
+
+
+def rows(runs: int) -> tuple[Row, ...]:
+    """The table's rows; titles say over how many rounds or runs the median is."""
+    of = f"median of {runs}" if runs > 1 else "1 run"
+    return (
+        Row("tcp_mbit", f"TCP, one stream (Mbit/s, {of})"),
+        Row("udp64_pps", f"UDP 64 B received (packets/s, {of})"),
+        Row(LINK_DOWN, f"outage, link down (s, {of})"),
+        Row(BLACKHOLE, f"outage, blackhole (s, {of})"),
+        Row("cpu_tcp", "CPU during TCP, client + gateway (cores)"),
+        Row("cpu_udp64", "CPU during UDP 64 B, client + gateway (cores)"),
+        Row("peak_rss", "peak RSS, client + gateway (MiB)"),
+    )
+
+
+def format_figure(metric: str, figure: Figure | None) -> str:
+    """A table cell: ``—`` for nothing, ``> x (no recovery)`` for a lower bound."""
+    if figure is None:
+        return "—"
+    v = figure.value
+    if metric == "tcp_mbit":
+        text = f"{v:,.0f}"
+    elif metric == "udp64_pps":
+        text = f"{v / 1000:,.1f} k"
+    elif metric in FAULTS:
+        text = f"{v:.3f}"
+    elif metric == "peak_rss":
+        text = f"{v:,.1f}"
+    else:
+        text = f"{v:.2f}"
+    return f"> {text} (no recovery)" if figure.lower_bound else text
+
+
+def format_ratio(r: Ratio | None) -> str:
+    if r is None:
+        return "—"
+    prefix = {"=": "", "<=": "≤ ", ">=": "≥ "}[r.bound]
+    digits = 3 if r.value < 0.1 else 2
+    return f"{prefix}{r.value:.{digits}f}×"
+
+
+def _reference_cell(metric: str) -> str:
+    ref = PEERS_MD_WIREGUARD
+    if metric == "tcp_mbit":
+        return f"{ref['tcp_mbit']:,.0f}"
+    if metric == "udp64_pps":
+        return f"{ref['udp64_pps'] / 1000:,.1f} k"
+    if metric == LINK_DOWN:
+        return f"{ref['link_down_s']:.1f}"
+    if metric == BLACKHOLE:
+        return f"> {ref['blackhole_s']:.0f} (no recovery)"
+    if metric == "cpu_tcp":
+        return f"{ref['tcp_cores']:.2f}"
+    return "—"
+
+
+@attrs.frozen
+class BenchSettings:
+    runs: int
+    iperf_s: float
+    fault_s: float
+    systems: tuple[str, ...]
+    workdir: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runs": self.runs,
+            "iperf_seconds": self.iperf_s,
+            "fault_seconds": self.fault_s,
+            "systems": list(self.systems),
+            "probe_hz": PROBE_HZ,
+            "udp_payload_bytes": UDP_PAYLOAD_BYTES,
+            "jvpn_policy_overrides": dict(JVPN_POLICY),
+        }
+
+
+@attrs.frozen
+class BenchReport:
+    settings: BenchSettings
+    results: tuple[SystemResult, ...]
+    host: Mapping[str, Any]
+    started_utc: str
+    elapsed_s: float
+
+    def result(self, key: str) -> SystemResult | None:
+        return next((r for r in self.results if r.key == key), None)
+
+    def ratios(self) -> dict[str, dict[str, Ratio | None]]:
+        """``{"jvpn_over_baseline": {metric: Ratio}, "jvpn_over_openvpn": {...}}`` (same run only)."""
+        out: dict[str, dict[str, Ratio | None]] = {}
+        jv = self.result(JVPN)
+        for other, name in ((BASELINE, "jvpn_over_baseline"), (OPENVPN, "jvpn_over_openvpn")):
+            peer = self.result(other)
+            if jv is None or peer is None:
+                continue
+            out[name] = {row.metric: ratio(jv.figure(row.metric), peer.figure(row.metric)) for row in rows(1)}
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": "jvpn-trio bench",
+            "jvpn_trio_version": __version__,
+            "started_utc": self.started_utc,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "host": dict(self.host),
+            "settings": self.settings.to_json(),
+            "systems": {r.key: r.to_json() for r in self.results},
+            "ratios": {
+                name: {metric: (r.to_json() if r is not None else None) for metric, r in by_metric.items()}
+                for name, by_metric in self.ratios().items()
+            },
+            "notes": {
+                "ratios": "same run only: the jvpn-trio figure divided by the other system's, both medians",
+                "wireguard-go": f"{REFERENCE} ({PEERS_MD_DATE}); no ratio is computed against it",
+            },
+        }
+
+
+def _status_cell(result: SystemResult) -> str:
+    return result.status if result.status == MEASURED else f"{result.status}: {result.reason}"
+
+
+def render_table(report: BenchReport) -> str:
+    """The Markdown table, with a short header and notes, for a report."""
+    by_key = {r.key: r for r in report.results}
+    columns = [k for k in MEASURABLE if k in by_key]
+    ratios = report.ratios()
+    ratio_columns = [
+        (name, title)
+        for name, title in (("jvpn_over_baseline", "jvpn / bare"), ("jvpn_over_openvpn", "jvpn / OpenVPN"))
+        if name in ratios
+    ]
+    headers = ["metric", *(by_key[k].label for k in columns), *(t for _, t in ratio_columns), LABELS[WIREGUARD]]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    status = ["status", *(_status_cell(by_key[k]) for k in columns), *("" for _ in ratio_columns), REFERENCE]
+    lines.append("| " + " | ".join(status) + " |")
+    for row in rows(report.settings.runs):
+        cells = [row.title]
+        cells += [format_figure(row.metric, by_key[k].figure(row.metric)) for k in columns]
+        cells += [format_ratio(ratios[name][row.metric]) for name, _ in ratio_columns]
+        cells.append(_reference_cell(row.metric))
+        lines.append("| " + " | ".join(cells) + " |")
+    s, host = report.settings, report.host
+    header = [
+        f"jvpn-trio bench, {report.started_utc} UTC, {report.elapsed_s:.0f} s; {host.get('cpus')} CPUs, "
+        f"kernel {host.get('kernel')}, load average {host.get('loadavg_start')} -> {host.get('loadavg_end')}",
+        f"{s.runs} interleaved round(s): iperf3 {s.iperf_s:g} s per test; outage = longest gap in a "
+        f"{PROBE_HZ:g} Hz UDP probe stream while the fault ({s.fault_s:g} s) is on the active path",
+        "",
+    ]
+    notes = [""]
+    for key in columns:
+        r = by_key[key]
+        line = f"- {r.label}: {r.version}" if r.status == MEASURED else f"- {r.label}: {_status_cell(r)}"
+        idle = median(r.idle_cores_runs)
+        if idle is not None:
+            line += f"; idle while the others were measured: {idle:.2f} cores"
+        notes.append(line)
+    notes.append(
+        f"- {LABELS[WIREGUARD]}: {REFERENCE}; that run measured the bare veth at "
+        f"{PEERS_MD_BASELINE['tcp_mbit']:,.0f} Mbit/s and {PEERS_MD_BASELINE['udp64_pps'] / 1000:,.0f} k packets/s."
+    )
+    notes.append(
+        "- ratios: jvpn-trio / the other system, same run; '> x (no recovery)': no probe got through "
+        "until the fault was removed, so x is a lower bound."
+    )
+    return "\n".join(header + lines + notes) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Processes and files (drivers)
+# -----------------------------------------------------------------------------
+
+
+def _progress(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "a step did not finish within its time bound"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+#: What a failing measurement may raise; anything else is a bug and propagates.
+MEASUREMENT_ERRORS = (BenchError, LabError, OSError, ValueError, trio.TooSlowError)
+
+
+async def _read_text(path: Path) -> str:
+    try:
+        return await trio.Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+async def _tail(path: Path, lines: int = 2) -> str:
+    text = [line.strip() for line in (await _read_text(path)).splitlines() if line.strip()]
+    return " / ".join(text[-lines:]) if text else "(no output)"
+
+
+async def _wait_for(
+    condition: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str, process: LabProcess | None = None,
+    log: Path | None = None,
+) -> None:  # fmt: skip
+    """Poll ``condition`` until true; BenchError after ``timeout_s`` or if ``process`` exits first."""
+    with trio.move_on_after(timeout_s):
+        while True:
+            if await condition():
+                return
+            if process is not None and process.returncode is not None:
+                tail = await _tail(log) if log is not None else ""
+                raise BenchError(f"{what}: process exited {process.returncode} first: {tail}")
+            await trio.sleep(POLL_S)
+    tail = f": {await _tail(log)}" if log is not None else ""
+    raise BenchError(f"{what}: not within {timeout_s:g} s{tail}")
+
+
+async def _file_contains(path: Path, text: str) -> bool:
+    return text in await _read_text(path)
+
+
+async def _exists(path: Path) -> bool:
+    return await trio.Path(path).exists()
+
+
+class ProcStats:
+    """CPU ticks and peak RSS of a tunnel's processes, read from /proc (no new dependency)."""
+
+    def __init__(self, processes: Mapping[str, LabProcess]) -> None:
+        self.processes = dict(processes)
+        self.ticks_per_s = float(os.sysconf("SC_CLK_TCK"))
+
+    async def ticks(self) -> dict[str, int]:
+        """utime + stime per role; BenchError if a process has exited."""
+        out = {}
+        for role, proc in self.processes.items():
+            text = await _read_text(Path(f"/proc/{proc.pid}/stat"))
+            if not text or proc.returncode is not None:
+                raise BenchError(f"the {role} process ({proc.pid}) is not running")
+            out[role] = parse_cpu_ticks(text)
+        return out
+
+    async def peak_rss_kib(self) -> dict[str, int]:
+        out = {}
+        for role, proc in self.processes.items():
+            value = parse_vm_hwm_kib(await _read_text(Path(f"/proc/{proc.pid}/status")))
+            if value is not None:
+                out[role] = value
+        return out
+
+    async def commands(self) -> dict[str, str]:
+        """Each process's ``comm``: shows the pid is the tunnel itself, not an ``ip netns exec``."""
+        return {role: (await _read_text(Path(f"/proc/{p.pid}/comm"))).strip() for role, p in self.processes.items()}
+
+
+ActivePath = Callable[[], Awaitable[str | None]]
+
+
+@attrs.define
+class Running:
+    """A system that came up, during the run: where to send traffic and what it measured so far.
+
+    Mutable on purpose and owned by :func:`run_bench` alone; it becomes a frozen
+    :class:`SystemResult` at the end.  ``failure`` set means later measurements skip it.
+    """
+
+    key: str
+    lab: Lab
+    workdir: Path
+    #: Where servers bind in the gateway namespace (the tunnel's far end, or the /32 for baseline).
+    target: str
+    version: str
+    stats: ProcStats | None = None
+    #: The client's active path, for tunnels (None: the system has no outage to measure).
+    active_path: ActivePath | None = None
+    final_details: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    failure: str | None = None
+    tcp: list[float] = attrs.Factory(list)
+    udp: list[UdpResult] = attrs.Factory(list)
+    cpu: dict[str, list[CpuSample]] = attrs.Factory(dict)
+    idle: list[float] = attrs.Factory(list)
+    outages: dict[str, list[Outage]] = attrs.Factory(dict)
+    details: dict[str, Any] = attrs.Factory(dict)
+    peak_rss: dict[str, int] = attrs.Factory(dict)
+
+    def result(self) -> SystemResult:
+        return SystemResult(
+            key=self.key,
+            status=MEASURED if self.failure is None else FAILED,
+            reason=self.failure,
+            version=self.version,
+            tcp_mbit_runs=tuple(self.tcp),
+            udp64_runs=tuple(self.udp),
+            outages={fault: tuple(runs) for fault, runs in self.outages.items()},
+            cpu_runs={test: tuple(samples) for test, samples in self.cpu.items()},
+            idle_cores_runs=tuple(self.idle),
+            peak_rss_kib=dict(self.peak_rss),
+            details=dict(self.details),
+        )
+
+
+async def _run_iperf(lab: Lab, target: str, *, udp: bool, seconds: float, workdir: Path, tag: str) -> tuple[Any, float]:
+    """One iperf3 test from the client ns to a one-off server on ``target`` in the gateway ns.
+
+    Returns the client's JSON document and the wall time the client ran.
+    """
+    out, err = workdir / f"iperf-{tag}-server.out", workdir / f"iperf-{tag}-server.err"
+    server = await lab.start_process(
+        lab.gateway_ns,
+        ["iperf3", "-s", "-1", "-B", target, "-p", str(IPERF_PORT), "--forceflush"],
+        stdout_path=out,
+        stderr_path=err,
+    )
+    try:
+        await _wait_for(
+            lambda: _file_contains(out, "listening"), timeout_s=READY_TIMEOUT_S, what=f"iperf3 server on {target}",
+            process=server, log=err,
+        )  # fmt: skip
+        argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J",
+                "--connect-timeout", str(IPERF_CONNECT_TIMEOUT_MS)]  # fmt: skip
+        if udp:
+            argv += ["-u", "-l", str(UDP_PAYLOAD_BYTES), "-b", "0"]
+        started = time.monotonic()
+        with trio.fail_after(seconds + IPERF_SLACK_S):
+            result = await lab.run(lab.client_ns, *argv, check=False)
+        wall = time.monotonic() - started
+    finally:
+        await server.terminate()
+    await trio.Path(workdir / f"iperf-{tag}-client.json").write_bytes(result.stdout)
+    try:
+        doc = json.loads(result.stdout)
+    except ValueError:
+        stderr = result.stderr.decode(errors="replace").strip().splitlines()
+        raise BenchError(f"iperf3 client exit {result.returncode}: {stderr[-1] if stderr else 'no JSON output'}") from None
+    return doc, wall
+
+
+async def _all_ticks(systems: Sequence[Running]) -> dict[str, dict[str, int]]:
+    return {s.key: await s.stats.ticks() for s in systems if s.stats is not None and s.failure is None}
+
+
+async def _throughput_test(system: Running, everyone: Sequence[Running], test: str, settings: BenchSettings, tag: str) -> None:
+    """One iperf3 test through ``system``; CPU of every live tunnel is read around it."""
+    before = await _all_ticks(everyone)
+    doc, wall = await _run_iperf(
+        system.lab, system.target, udp=test == UDP64, seconds=settings.iperf_s, workdir=system.workdir, tag=tag
+    )
+    after = await _all_ticks(everyone)
+    for other in everyone:
+        if other.key not in before or other.key not in after or other.stats is None:
+            continue
+        tps = other.stats.ticks_per_s
+        sample = {role: cores(before[other.key][role], after[other.key][role], wall, ticks_per_s=tps) for role in before[other.key]}
+        if other is system:
+            system.cpu.setdefault(test, []).append(sample)
+        else:
+            other.idle.append(sum(sample.values()))
+    if test == TCP:
+        system.tcp.append(parse_iperf_tcp(doc))
+        _progress(f"  {system.key}: TCP {system.tcp[-1]:,.0f} Mbit/s")
+    else:
+        udp = parse_iperf_udp(doc)
+        system.udp.append(udp)
+        _progress(f"  {system.key}: UDP 64 B {udp.received_pps / 1000:,.1f} k packets/s received "
+                  f"({udp.sent_pps / 1000:,.1f} k sent)")  # fmt: skip
+
+
+async def _wait_preferred(lab: Lab, active_path: ActivePath) -> str:
+    """Wait (bounded) until the tunnel uses the preferred path, then settle; return the active path.
+
+    If it does not return to the preferred path in time, the fault goes on whatever is active.
+    """
+    preferred = min(lab.paths, key=lambda p: p.metric).name
+    with trio.move_on_after(PREFERRED_TIMEOUT_S):
+        while await active_path() != preferred:
+            await trio.sleep(POLL_S)
+    await trio.sleep(SETTLE_S)
+    current = await active_path()
+    if current is None:
+        raise BenchError("the tunnel has no active path")
+    return current
+
+
+async def _one_outage(system: Running, fault: str, victim: str, settings: BenchSettings, tag: str) -> Outage:
+    """Run one probe stream, put ``fault`` on ``victim`` while it flows, and return the outage."""
+    lab, workdir = system.lab, system.workdir
+    ready, report, first = (workdir / f"probe-{tag}.{ext}" for ext in ("ready", "json", "first"))
+    sink_err, source_err = workdir / f"probe-{tag}-sink.err", workdir / f"probe-{tag}-source.err"
+    listen = format_endpoint((system.target, PROBE_PORT))
+    duration = PROBE_LEAD_S + settings.fault_s + PROBE_SLACK_S
+    sink = await lab.start_process(
+        lab.gateway_ns,
+        traffic_argv("udp-probe-sink", "--listen", listen, "--ready", str(ready), "--report", str(report),
+                     "--first-probe", str(first), "--timeout", f"{duration + READY_TIMEOUT_S + 5:g}"),
+        stderr_path=sink_err,
+    )  # fmt: skip
+    await _wait_for(lambda: _exists(ready), timeout_s=READY_TIMEOUT_S, what="probe sink", process=sink, log=sink_err)
+    source = await lab.start_process(
+        lab.client_ns,
+        traffic_argv("udp-probe-source", "--connect", listen, "--hz", f"{PROBE_HZ:g}", "--duration", f"{duration:g}",
+                     "--report", str(workdir / f"probe-{tag}-source.json")),
+        stderr_path=source_err,
+    )  # fmt: skip
+    await _wait_for(
+        lambda: _exists(first), timeout_s=READY_TIMEOUT_S, what="first probe through the tunnel",
+        process=source, log=source_err,
+    )  # fmt: skip
+    await trio.sleep(PROBE_LEAD_S)
+    fault_start = time.monotonic()
+    if fault == LINK_DOWN:
+        await lab.link_down(victim)
+    else:
+        await lab.blackhole(victim, True)
+    await trio.sleep(settings.fault_s)
+    fault_end = time.monotonic()
+    await lab.restore(victim)
+    with trio.fail_after(duration + READY_TIMEOUT_S + 10):
+        await source.wait()
+        await sink.wait()
+    data = json.loads(await _read_text(report) or "null")
+    if not isinstance(data, dict) or data.get("start") is None or data.get("end") is None:
+        raise BenchError(f"probe sink wrote no usable report: {await _tail(sink_err)}")
+    start = float(data["start"])
+    arrivals = [start + float(t) for _, t in data.get("arrivals", [])]
+    return outage_from_arrivals(
+        arrivals, fault_start=fault_start, fault_end=fault_end, stream_end=float(data["end"]), path=victim
+    )
+
+
+async def _outage_run(system: Running, fault: str, settings: BenchSettings, run: int) -> None:
+    assert system.active_path is not None  # callers pass tunnels only (not input validation)
+    victim = await _wait_preferred(system.lab, system.active_path)
+    outage = await _one_outage(system, fault, victim, settings, f"{fault}-{run + 1}")
+    system.outages.setdefault(fault, []).append(outage)
+    shown = f"{outage.seconds:.3f} s" if outage.recovered else f"> {outage.seconds:.3f} s (no recovery)"
+    _progress(f"  {system.key}: run {run + 1}/{settings.runs} {fault.replace('_', ' ')} on {victim}: outage {shown}")
+
+
+# -----------------------------------------------------------------------------
+# Bringing each system up
+# -----------------------------------------------------------------------------
+
+
+def _lab_spec() -> LabSpec:
+    return LabSpec(prefix=PREFIX_FAMILY + secrets.token_hex(2))
+
+
+async def start_baseline(lab: Lab, workdir: Path) -> Running:
+    """Nothing to start: iperf3 goes straight over the veths to the gateway's /32 (via eth0)."""
+    return Running(key=BASELINE, lab=lab, workdir=workdir, target=lab.gateway_address, version="no tunnel")
+
+
+def _jvpn_configs(directory: Path, lab: Lab) -> None:
+    """Keys and TOML files for one gateway and one full-tunnel client over every lab path."""
+    from jvpn_trio.keyfile import generate_private_key_text, public_from_private_text, write_private_key
+
+    gateway_key = generate_private_key_text(os.urandom)
+    client_key = generate_private_key_text(os.urandom)
+    write_private_key(directory / "gateway.key", gateway_key)
+    write_private_key(directory / "client.key", client_key)
+    policy = "\n".join(f"{k} = {v}" for k, v in JVPN_POLICY.items())
+    (directory / "gateway.toml").write_text(
+        f"""[gateway]
+private_key_file = "gateway.key"
+listen = ["{lab.gateway_address}:{JVPN_PORT}"]
+tun_name = "jvbgw0"
+tunnel_address = "{JVPN_GATEWAY_TUNNEL}/{JVPN_PREFIX_LEN}"
+events_file = "gateway-events.jsonl"
+control_socket = "{directory / 'gateway.sock'}"
+node_id = "gw-bench"
+
+[[peer]]
+name = "bench-client"
+public_key = "{public_from_private_text(client_key)}"
+address = "{JVPN_CLIENT_TUNNEL}"
+
+[policy]
+{policy}
+"""
+    )
+    paths = "\n".join(
+        f'[[path]]\ninterface = "{p.name}"\nkind = "{p.kind}"\npriority = {p.metric}\n' for p in lab.paths
+    )
+    (directory / "client.toml").write_text(
+        f"""[client]
+private_key_file = "client.key"
+gateway_public_key = "{public_from_private_text(gateway_key)}"
+gateway = "{lab.gateway_address}:{JVPN_PORT}"
+tun_name = "jvbcl0"
+routes = ["0.0.0.0/0"]
+events_file = "client-events.jsonl"
+control_socket = "{directory / 'client.sock'}"
+
+{paths}
+[policy]
+{policy}
+"""
+    )
+
+
+def jvpn_active_path(lab: Lab, status: Mapping[str, Any]) -> str | None:
+    """The lab path an ATTACHED client's session is bound to (a path's priority is its metric)."""
+    if status.get("state") != "ATTACHED":
+        return None
+    for entry in status.get("paths", []):
+        if isinstance(entry, Mapping) and entry.get("active"):
+            return next((p.name for p in lab.paths if p.metric == entry.get("priority")), None)
+    return None
+
+
+async def start_jvpn(lab: Lab, workdir: Path) -> Running:
+    """The real ``serve`` and ``up`` processes, full tunnel; returns once the session is ATTACHED."""
+    from jvpn_trio.drivers.control import ControlError, query_control
+
+    await trio.to_thread.run_sync(_jvpn_configs, workdir, lab)
+    py = sys.executable
+    gateway = await lab.start_process(
+        lab.gateway_ns, [py, "-m", "jvpn_trio", "serve", "--config", str(workdir / "gateway.toml"), "--quiet"],
+        stderr_path=workdir / "gateway.err",
+    )  # fmt: skip
+    await _wait_for(
+        lambda: _exists(workdir / "gateway.sock"), timeout_s=READY_TIMEOUT_S,
+        what="jvpn-trio gateway control socket", process=gateway, log=workdir / "gateway.err",
+    )  # fmt: skip
+    client = await lab.start_process(
+        lab.client_ns, [py, "-m", "jvpn_trio", "up", "--config", str(workdir / "client.toml"), "--quiet"],
+        stderr_path=workdir / "client.err",
+    )  # fmt: skip
+
+    async def status() -> Mapping[str, Any]:
+        try:
+            reply: Mapping[str, Any] = await query_control(workdir / "client.sock", {"cmd": "status"}, timeout=2.0)
+        except ControlError:
+            return {}
+        return reply
+
+    async def attached() -> bool:
+        return (await status()).get("state") == "ATTACHED"
+
+    await _wait_for(
+        attached, timeout_s=ATTACH_TIMEOUT_S, what="jvpn-trio session ATTACHED", process=client,
+        log=workdir / "client.err",
+    )  # fmt: skip
+
+    async def active_path() -> str | None:
+        return jvpn_active_path(lab, await status())
+
+    async def final_details() -> dict[str, Any]:
+        reply = await status()
+        return {"client_counters": reply.get("counters", {}), "policy_fingerprint": reply.get("policy")}
+
+    stats = ProcStats({"client": client, "gateway": gateway})
+    return Running(
+        key=JVPN, lab=lab, workdir=workdir, target=JVPN_GATEWAY_TUNNEL, version=f"jvpn-trio {__version__}",
+        stats=stats, active_path=active_path, final_details=final_details,
+        details={"processes": await stats.commands()},
+    )  # fmt: skip
+
+
+async def _checked(argv: Sequence[str], *, cwd: Path) -> None:
+    """Run a local command that touches no network (openssl, openvpn --genkey); BenchError on failure."""
+    with trio.fail_after(READY_TIMEOUT_S * 3):
+        result = await trio.run_process(list(argv), cwd=str(cwd), capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        raise BenchError(f"{argv[0]} {argv[1]}: exit {result.returncode}: {lines[-1] if lines else ''}")
+
+
+async def openvpn_version() -> str | None:
+    """``OpenVPN 2.6.14`` if the binary is installed and runs, else None."""
+    if shutil.which("openvpn") is None:
+        return None
+    with trio.fail_after(READY_TIMEOUT_S):
+        result = await trio.run_process(["openvpn", "--version"], capture_stdout=True, capture_stderr=True, check=False)
+    words = result.stdout.decode(errors="replace").split()
+    return " ".join(words[:2]) if len(words) >= 2 and words[0] == "OpenVPN" else None
+
+
+async def _openvpn_pki(directory: Path) -> None:
+    """A throwaway CA, a server and a client certificate (P-256) and a tls-crypt key, for this run only."""
+    if shutil.which("openssl") is None:
+        raise BenchError("openssl not found (apt-get install -y openssl)")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    await _checked(["openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt",
+                    "-days", str(CERT_DAYS), "-subj", "/CN=jvpn-bench-ca"], cwd=directory)  # fmt: skip
+    for role, usage in (("server", "serverAuth"), ("client", "clientAuth")):
+        await trio.Path(directory / f"{role}.ext").write_text(
+            f"basicConstraints = CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = {usage}\n"
+        )
+        await _checked(["openssl", "req", "-new", *ec, "-keyout", f"{role}.key", "-out", f"{role}.csr",
+                        "-subj", f"/CN=jvpn-bench-{role}"], cwd=directory)  # fmt: skip
+        await _checked(["openssl", "x509", "-req", "-in", f"{role}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                        "-CAcreateserial", "-days", str(CERT_DAYS), "-extfile", f"{role}.ext",
+                        "-out", f"{role}.crt"], cwd=directory)  # fmt: skip
+    await _checked(["openvpn", "--genkey", "secret", "tls-crypt.key"], cwd=directory)
+
+
+def openvpn_configs(gateway_address: str) -> tuple[str, str]:
+    """``(server.conf, client.conf)``: UDP, AES-256-GCM, float, keepalive 1 5, no DCO, no redirect.
+
+    The client keeps its routing table (no redirect-gateway): the kernel's route to the server
+    (eth0, metric 10, or the next path when eth0 is down) is what ``float`` follows, and the
+    measured traffic goes to the server's tunnel address only.
+    """
+    common = "\n".join(
+        [
+            "proto udp4",
+            "dev jvbovpn0",
+            "dev-type tun",
+            "ca ca.crt",
+            "tls-crypt tls-crypt.key",
+            "data-ciphers AES-256-GCM",
+            "keepalive 1 5",
+            "float",
+            "disable-dco",
+            "verb 3",
+        ]
+    )
+    server = f"""mode server
+tls-server
+local {gateway_address}
+port {OPENVPN_PORT}
+topology subnet
+ifconfig {OPENVPN_GATEWAY_TUNNEL} {OPENVPN_NETMASK}
+ifconfig-pool {OPENVPN_POOL[0]} {OPENVPN_POOL[1]} {OPENVPN_NETMASK}
+push "topology subnet"
+push "route-gateway {OPENVPN_GATEWAY_TUNNEL}"
+cert server.crt
+key server.key
+dh none
+{common}
+"""
+    client = f"""client
+remote {gateway_address} {OPENVPN_PORT}
+nobind
+remote-cert-tls server
+cert client.crt
+key client.key
+{common}
+"""
+    return server, client
+
+
+async def _route_device(lab: Lab, address: str) -> str | None:
+    """The client namespace's output device towards ``address`` (``ip route get``)."""
+    result = await lab.run(lab.client_ns, "ip", "-j", "route", "get", address, check=False)
+    if result.returncode != 0:
+        return None
+    try:
+        routes = json.loads(result.stdout)
+    except ValueError:
+        return None
+    device = routes[0].get("dev") if isinstance(routes, list) and routes and isinstance(routes[0], dict) else None
+    return str(device) if device is not None else None
+
+
+async def start_openvpn(lab: Lab, workdir: Path, version: str) -> Running:
+    """Write the configs, start the server and then the client; return once the client is connected."""
+    server_conf, client_conf = openvpn_configs(lab.gateway_address)
+    await trio.Path(workdir / "server.conf").write_text(server_conf)
+    await trio.Path(workdir / "client.conf").write_text(client_conf)
+    logs = {role: workdir / f"{role}.log" for role in ("server", "client")}
+    server = await lab.start_process(
+        lab.gateway_ns, ["openvpn", "--cd", str(workdir), "--config", "server.conf"],
+        stdout_path=logs["server"], stderr_path=workdir / "server.err",
+    )  # fmt: skip
+    await _wait_for(
+        lambda: _file_contains(logs["server"], OPENVPN_READY_TEXT), timeout_s=READY_TIMEOUT_S,
+        what="OpenVPN server", process=server, log=logs["server"],
+    )  # fmt: skip
+    client = await lab.start_process(
+        lab.client_ns, ["openvpn", "--cd", str(workdir), "--config", "client.conf"],
+        stdout_path=logs["client"], stderr_path=workdir / "client.err",
+    )  # fmt: skip
+    await _wait_for(
+        lambda: _file_contains(logs["client"], OPENVPN_READY_TEXT), timeout_s=ATTACH_TIMEOUT_S,
+        what="OpenVPN client connected", process=client, log=logs["client"],
+    )  # fmt: skip
+
+    async def active_path() -> str | None:
+        return await _route_device(lab, lab.gateway_address)
+
+    stats = ProcStats({"client": client, "gateway": server})
+    return Running(
+        key=OPENVPN, lab=lab, workdir=workdir, target=OPENVPN_GATEWAY_TUNNEL,
+        version=f"{version}, UDP, AES-256-GCM, float, keepalive 1 5", stats=stats, active_path=active_path,
+        details={"processes": await stats.commands(), "cipher": "AES-256-GCM", "dco": False},
+    )  # fmt: skip
+
+
+async def _bring_up(key: str, stack: contextlib.AsyncExitStack, workdir: Path) -> Running | SystemResult:
+    """Open ``key``'s lab and start the system in it; the lab then closes with ``stack``.
+
+    Returns the running system, or the result saying why it is not there (its lab is torn
+    down at once, so nothing of it runs while the others are measured): OpenVPN not installed
+    or not coming up is NOT_AVAILABLE; jvpn-trio not coming up is FAILED.
+    """
+    version: str | None = None
+    if key == OPENVPN:
+        version = await openvpn_version()
+        if version is None:
+            return SystemResult(key=key, status=NOT_AVAILABLE, reason=f"openvpn is not installed ({OPENVPN_INSTALL_HINT})")
+        try:
+            await _openvpn_pki(workdir)
+        except (BenchError, OSError, trio.TooSlowError) as exc:
+            return SystemResult(key=key, status=NOT_AVAILABLE, reason=f"cannot be set up here: {_reason(exc)}",
+                                version=version)  # fmt: skip
+    async with contextlib.AsyncExitStack() as own:
+        lab = await own.enter_async_context(open_lab(_lab_spec()))
+        _progress(f"{LABELS[key]}: lab {lab.spec.prefix}")
+        try:
+            if key == BASELINE:
+                running = await start_baseline(lab, workdir)
+            elif key == JVPN:
+                running = await start_jvpn(lab, workdir)
+            else:
+                running = await start_openvpn(lab, workdir, version or "OpenVPN")
+        except MEASUREMENT_ERRORS as exc:
+            if key == OPENVPN:
+                return SystemResult(key=key, status=NOT_AVAILABLE, reason=f"does not come up here: {_reason(exc)}",
+                                    version=version)  # fmt: skip
+            return SystemResult(key=key, status=FAILED, reason=f"does not come up: {_reason(exc)}")
+        stack.push_async_exit(own.pop_all())
+        return running
+
+
+async def _iperf_version() -> str:
+    with trio.fail_after(READY_TIMEOUT_S):
+        result = await trio.run_process(["iperf3", "--version"], capture_stdout=True, capture_stderr=True, check=False)
+    words = result.stdout.decode(errors="replace").split()
+    return " ".join(words[:2]) if words else "unknown"
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def _measure(running: list[Running], settings: BenchSettings) -> None:
+    """The interleaved rounds: throughput first, then outages; a failure retires only that system."""
+
+    async def attempt(system: Running, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except MEASUREMENT_ERRORS as exc:
+            system.failure = _reason(exc)
+            _progress(f"  {system.key}: failed: {system.failure}")
+            if system.stats is not None:  # a failed tunnel must not load the machine while others run
+                for process in system.stats.processes.values():
+                    await process.terminate()
+
+    keys = [s.key for s in running]
+    by_key = {s.key: s for s in running}
+    for r in range(settings.runs):
+        _progress(f"throughput round {r + 1}/{settings.runs}")
+        for test in THROUGHPUT_TESTS:
+            for key in rotated(keys, r):
+                system = by_key[key]
+                if system.failure is None:
+                    await attempt(system, lambda: _throughput_test(system, running, test, settings, f"{test}-{r + 1}"))
+    tunnels = [s.key for s in running if s.active_path is not None]
+    for r in range(settings.runs):
+        _progress(f"outage round {r + 1}/{settings.runs}")
+        for fault in FAULTS:
+            for key in rotated(tunnels, r):
+                system = by_key[key]
+                if system.failure is None:
+                    await attempt(system, lambda: _outage_run(system, fault, settings, r))
+    for system in running:
+        if system.stats is not None and system.failure is None:
+            await attempt(system, lambda: _finish(system))
+
+
+async def _finish(system: Running) -> None:
+    assert system.stats is not None
+    system.peak_rss = await system.stats.peak_rss_kib()
+    if system.final_details is not None:
+        system.details.update(await system.final_details())
+
+
+async def run_bench(settings: BenchSettings) -> BenchReport:
+    """Bring every system in ``settings.systems`` up in its own lab, measure them interleaved, tear down.
+
+    A system that cannot start or fails is reported with its reason; the others still run.
+    LabError from a lab that cannot be built at all (for instance not root) propagates.
+    """
+    started_utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    t0 = time.monotonic()
+    host: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "trio": trio.__version__,
+        "iperf3": await _iperf_version(),
+        "loadavg_start": _loadavg(),
+    }
+    temporary = settings.workdir is None
+    if settings.workdir is None:
+        workdir = Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="jvpn-bench-")))
+    else:
+        workdir = settings.workdir
+    results: dict[str, SystemResult] = {}
+    try:
+        with trio.fail_after(TOTAL_TIMEOUT_S):
+            async with contextlib.AsyncExitStack() as stack:
+                running: list[Running] = []
+                for key in MEASURABLE:
+                    if key in settings.systems:
+                        sub = workdir / key
+                        await trio.Path(sub).mkdir(parents=True, exist_ok=True)
+                        outcome = await _bring_up(key, stack, sub)
+                        if isinstance(outcome, Running):
+                            running.append(outcome)
+                        else:
+                            results[key] = outcome
+                            _progress(f"{LABELS[key]}: {outcome.status}: {outcome.reason}")
+                await _measure(running, settings)
+                results.update({s.key: s.result() for s in running})
+                _progress("tearing the labs down")
+    finally:
+        if temporary:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
+    host["loadavg_end"] = _loadavg()
+    ordered = tuple(results[k] for k in MEASURABLE if k in results) + (wireguard_reference(),)
+    return BenchReport(settings, ordered, host, started_utc, time.monotonic() - t0)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_RUNS:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_RUNS}, got {value}")
+    return value
+
+
+def _seconds(limit: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+        if not 1.0 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"expected 1..{limit:g} seconds, got {text}")
+        return value
+
+    return parse
+
+
+def parse_systems(text: str) -> tuple[str, ...]:
+    """``"baseline,jvpn-trio"`` -> the systems in column order; ArgumentTypeError names the known ones."""
+    names = [word.strip() for word in text.split(",") if word.strip()]
+    unknown = [n for n in names if n not in MEASURABLE]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"systems must be a comma list of {', '.join(MEASURABLE)}; got {text!r}")
+    return tuple(k for k in MEASURABLE if k in names)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``jvpn-trio bench`` (shared by the CLI and ``python -m jvpn_trio.bench``)."""
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"short version: {QUICK_RUNS} round, {QUICK_IPERF_S:g} s iperf3 tests, {QUICK_FAULT_S:g} s faults",
+    )  # fmt: skip
+    parser.add_argument("--runs", type=_positive_int, metavar="N",
+                        help=f"interleaved rounds of every measurement; medians are reported (default {DEFAULT_RUNS})")  # fmt: skip
+    parser.add_argument("--iperf-seconds", type=_seconds(MAX_IPERF_S), metavar="S",
+                        help=f"length of each iperf3 test (default {DEFAULT_IPERF_S:g})")  # fmt: skip
+    parser.add_argument("--fault-seconds", type=_seconds(MAX_FAULT_S), metavar="S",
+                        help=f"how long each fault is held (default {DEFAULT_FAULT_S:g}); an outage that "
+                             "lasts the whole fault is reported as a lower bound")  # fmt: skip
+    parser.add_argument("--systems", type=parse_systems, default=MEASURABLE, metavar="LIST",
+                        help=f"comma list of {', '.join(MEASURABLE)} (default: all)")  # fmt: skip
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="also write the JSON document to FILE, or to stdout (the table then goes to stderr)")  # fmt: skip
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="keep configs, logs and raw iperf3 output here (default: a temporary directory)")  # fmt: skip
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Explicit options win over ``--quick``, which wins over the defaults."""
+    runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
+    iperf_s = args.iperf_seconds or (QUICK_IPERF_S if args.quick else DEFAULT_IPERF_S)
+    fault_s = args.fault_seconds or (QUICK_FAULT_S if args.quick else DEFAULT_FAULT_S)
+    return BenchSettings(runs=runs, iperf_s=iperf_s, fault_s=fault_s, systems=tuple(args.systems), workdir=args.workdir)
+
+
+def _preflight() -> str | None:
+    """Why the bench cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "bench needs root (network namespaces, TUN devices)"
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("iperf3", "iperf3")):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (apt-get install -y {package})"
+    return None
+
+
+EXIT_INTERRUPTED = 130
+
+
+def only_interrupts(exc: BaseException) -> bool:
+    """True if ``exc`` is a KeyboardInterrupt, or a (nested) group holding nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_interrupts(inner) for inner in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the bench from parsed options; print the table (and the JSON); return the exit code."""
+    problem = _preflight()
+    if problem is not None:
+        print(f"jvpn-trio bench: {problem}", file=sys.stderr)
+        return 2
+    settings = settings_from_args(args)
+    try:
+        report = trio.run(run_bench, settings)
+    except LabError as exc:
+        print(f"jvpn-trio bench: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, BaseExceptionGroup) as exc:
+        # Ctrl-C: the labs have been torn down by then; Trio's nurseries may wrap the interrupt.
+        if not only_interrupts(exc):
+            raise
+        print("jvpn-trio bench: interrupted (labs removed)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    document = json.dumps(report.to_json(), indent=2) + "\n"
+    to_stdout = args.json == "-"
+    print(render_table(report), file=sys.stderr if to_stdout else sys.stdout, end="")
+    if to_stdout:
+        sys.stdout.write(document)
+    elif args.json is not None:
+        Path(args.json).write_text(document)
+    return 1 if any(r.status == FAILED for r in report.results) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jvpn-trio bench",
+        description="Benchmark jvpn-trio against a bare veth and OpenVPN in fresh namespace labs (root).",
+    )
+    add_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(build_parser().parse_args()))
