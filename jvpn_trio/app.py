@@ -8,6 +8,7 @@ routes and the control socket again.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import signal
@@ -33,6 +34,8 @@ from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
 from jvpn_trio.status import client_status, gateway_status
+from jvpn_trio.ui.app import run_console, use_tui
+from jvpn_trio.ui.lines import print_events
 
 #: Events waiting for the log writer; beyond this they are dropped and counted.
 EVENT_SINK_CAPACITY = 4096
@@ -64,37 +67,6 @@ def missing_privilege(status_path: str = "/proc/self/status", tun_path: str = "/
         if os.geteuid() == 0:
             return None  # no /proc to ask: trust root, the TUN driver reports a refusal in one line
     return "needs root or CAP_NET_ADMIN to create TUN devices and routes (try sudo)"
-
-
-#: Events buffered for the plain-line printer; a stalled terminal drops lines, never decisions.
-PRINTER_CAPACITY = 1024
-_SHOWN_DETAILS = ("from_state", "to_state", "from_path", "to_path", "path", "verdict", "binding", "endpoint")
-
-
-def format_event_line(event: EmitEvent) -> str:
-    """One plain line per event, for --no-tui or when stdout is not a terminal."""
-    extra = " ".join(f"{k}={v}" for k, v in event.details if v is not None and k in _SHOWN_DETAILS)
-    return (
-        f"{event.t:10.3f} {event.role.value:7} {event.kind.value:17} v{event.version:<4} "
-        f"{event.reason.value:26} {extra}".rstrip()
-    )
-
-
-async def print_events(sink: event_sink.EventSink, stream: TextIO) -> None:
-    """Print each event from the sink's own bounded subscription, writing in a worker thread.
-
-    If the terminal stalls, the write blocks only that thread; the subscription
-    fills and drops (counted by the sink), while the session keeps deciding.
-    """
-
-    def write(line: str) -> None:
-        try:
-            print(line, file=stream, flush=True)
-        except (BrokenPipeError, OSError):
-            pass  # a closed terminal must not stop the VPN
-
-    async for event in sink.subscribe(PRINTER_CAPACITY, name="printer"):
-        await trio.to_thread.run_sync(write, format_event_line(event))
 
 
 async def _close_on_signals(submit: Callable[[], Any], cancel_scope: trio.CancelScope) -> None:
@@ -198,7 +170,9 @@ async def _client_paths(config: ClientConfig) -> list[tuple[str, str, int]]:
     return [(c.ifname, c.kind, KIND_PRIORITY[c.kind] + i) for i, c in enumerate(found)]
 
 
-async def run_client(config: ClientConfig, *, record: Path | None = None, quiet: bool = False) -> int:
+async def run_client(
+    config: ClientConfig, *, record: Path | None = None, quiet: bool = False, no_tui: bool = False
+) -> int:
     problem = missing_privilege()
     if problem:
         raise AppError(problem)
@@ -292,7 +266,15 @@ async def run_client(config: ClientConfig, *, record: Path | None = None, quiet:
             )
             nursery.start_soon(follow_links, monitor)
             if not quiet:
-                nursery.start_soon(print_events, sink, sys.stdout)
+                await nursery.start(
+                    functools.partial(
+                        run_console,
+                        runtime,
+                        sink,
+                        gateway=f"{config.gateway[0]}:{config.gateway[1]}",
+                        tui=use_tui(no_tui),
+                    )
+                )
             nursery.start_soon(
                 _close_on_signals, lambda: runtime.submit_nowait(ev.CloseRequested()), nursery.cancel_scope
             )

@@ -73,7 +73,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from jvpn_trio import app
 
     config = load_client_config(args.config)
-    return trio.run(lambda: app.run_client(config, record=args.record, quiet=args.quiet))
+    return trio.run(lambda: app.run_client(config, record=args.record, quiet=args.quiet, no_tui=args.no_tui))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from jvpn_trio import demo
+
+    return demo.run(args)
 
 
 DEFAULT_SOCKETS = ("/run/jvpn-trio/client.sock", "/run/jvpn-trio/gateway.sock")
@@ -133,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not print events to stdout")
     p.add_argument("--no-tui", action="store_true", help="plain event lines instead of the live UI")
     p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("demo", help="the no-root demo: client, gateway and three emulated paths on loopback")
+    p.add_argument("--scenario", type=pathlib_path, metavar="FILE", help="scenario TOML (default: the demo scenario)")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="end after this long (default: the scenario's)")
+    p.add_argument("--no-tui", action="store_true", help="plain event lines instead of the live UI")
+    p.add_argument("--events", type=pathlib_path, metavar="FILE", help="also write every event to FILE (JSON lines)")
+    p.add_argument("--short", action="store_true", help="the scenario's short form (for CI)")
+    p.set_defaults(func=_cmd_demo)
+
+    from jvpn_trio import bench
+
+    p = sub.add_parser("bench", help="benchmark against a bare veth and OpenVPN in fresh namespace labs (root)")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
 
     p = sub.add_parser("status", help="ask the running client or gateway for its state")
     p.add_argument("--json", action="store_true", help="one JSON document")

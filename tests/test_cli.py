@@ -311,17 +311,17 @@ def test_serve_runs_the_gateway_with_the_loaded_config(
 def test_up_runs_the_client_with_the_loaded_config(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    calls: list[tuple[object, object, bool]] = []
+    calls: list[tuple[object, object, bool, bool]] = []
 
-    async def fake_run(config: object, *, record: object = None, quiet: bool = False) -> int:
-        calls.append((config, record, quiet))
+    async def fake_run(config: object, *, record: object = None, quiet: bool = False, no_tui: bool = False) -> int:
+        calls.append((config, record, quiet, no_tui))
         return 1
 
     monkeypatch.setattr(app, "run_client", fake_run)
     path = config_file(tmp_path, "client.toml", CLIENT_TOML)
     code, _out, err = run(["up", "--config", str(path), "--no-tui"], capsys)
     assert (code, err) == (1, "")
-    assert calls == [(load_client_config(path), None, False)]
+    assert calls == [(load_client_config(path), None, False, True)]
 
 
 def test_serve_bad_config_exits_2(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -339,7 +339,7 @@ def test_up_needs_a_config(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _raising_runner(exc: BaseException):  # type: ignore[no-untyped-def]
-    async def runner(config: object, *, record: object = None, quiet: bool = False) -> int:
+    async def runner(config: object, **_options: object) -> int:
         raise exc
 
     return runner
