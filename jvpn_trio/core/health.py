@@ -22,7 +22,10 @@ Measurements
     * ``loss_pct`` = lost / resolved over the last ``loss_window_probes``
       resolved probes (outstanding ones do not count either way).
     * ``consecutive_missed`` = probes lost, in resolution order, since the last
-      in-time ack; an in-time ack resets it to 0.
+      in-time ack; an in-time ack resets it to 0.  An ack for probe N first
+      resolves every older outstanding probe as lost (one path delivers in
+      order, so they were lost before N), so probes sent while a link was
+      down cannot time out after it is back and count as fresh misses.
     * RTT of an in-time ack = ``now - sent``.  ``srtt_ms`` is RFC 6298's EWMA
       with gain :data:`SRTT_GAIN` (1/8), seeded with the first sample.
       ``jitter_ms`` is RFC 3550 section 6.4.1's interarrival jitter applied to
@@ -298,6 +301,14 @@ class PathHealth:
         """
         now = self._advance(now)
         entry = self._outstanding.pop(seq, None)
+        if entry is not None:
+            # Probes older than this one still unanswered were lost before it: resolve them
+            # now, in send order, so they cannot time out *after* this ack and count as fresh
+            # consecutive misses on a path that has just proved it delivers (a link that came
+            # back would otherwise be declared dead again by the probes sent while it was down).
+            for older in [s for s in self._outstanding if s < seq]:
+                del self._outstanding[older]
+                self._mark_lost(older)
         if entry is None:
             if seq in self._lost_seqs:
                 del self._lost_seqs[seq]

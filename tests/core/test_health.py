@@ -733,10 +733,28 @@ def test_a_silent_fast_path_is_dead_sooner_with_a_floor() -> None:
 
 def test_deadlines_never_decrease_when_the_timeout_shrinks() -> None:
     h = PathHealth(P, ADAPTIVE, now=0.0)
-    h.on_probe_sent(1, now=0.0)  # no sample: deadline 0.0 + 0.15
-    h.on_probe_sent(2, now=0.01)
-    h.on_probe_acked(2, now=0.0178125)  # now the timeout is the 40 ms floor
-    h.on_probe_sent(3, now=0.02)  # 0.02 + 0.04 = 0.06 < probe 1's 0.15: held at 0.15
-    assert h.next_deadline() == 0.15
-    h.expire(now=0.15)
-    assert h.stats(now=0.15).probes_lost == 2  # 1 and 3 together, in order
+    h.on_probe_sent(1, now=0.0)
+    h.on_probe_sent(2, now=0.01)  # no sample yet: deadline 0.01 + 0.15
+    h.on_probe_acked(1, now=0.0078125)  # now the timeout is the 40 ms floor
+    h.on_probe_sent(3, now=0.02)  # 0.02 + 0.04 = 0.06 < probe 2's 0.16: held at 0.16
+    assert h.next_deadline() == 0.16
+    h.expire(now=0.16)
+    assert h.stats(now=0.16).probes_lost == 2  # 2 and 3 together, in order
+
+
+def test_an_ack_resolves_older_unanswered_probes_as_lost_first() -> None:
+    # Probes sent while the link was down must not time out after it is back and count as misses.
+    h = PathHealth(P, POLICY, now=0.0)
+    h.on_probe_sent(1, now=0.0)
+    h.on_probe_acked(1, now=0.0078125)
+    h.on_link(False, now=0.05)
+    for seq, t in ((2, 0.0625), (3, 0.125), (4, 0.1875)):  # sent into a dead link
+        h.on_probe_sent(seq, now=t)
+    h.on_link(True, now=0.19)
+    h.on_probe_sent(5, now=0.25)
+    h.on_probe_acked(5, now=0.2578125)  # the link delivers again
+    stats = h.stats(now=0.2578125)
+    assert (stats.probes_lost, stats.consecutive_missed) == (3, 0)
+    h.expire(now=1.0)  # nothing left to time out later
+    assert h.stats(now=1.0).consecutive_missed == 0
+    assert h.verdict(now=1.0).verdict is not Verdict.DEAD
