@@ -185,6 +185,9 @@ async def run_client(
             event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
         )
         recorder = await stack.enter_async_context(open_recorder(record))
+        # Listen first, then read: no link change can fall between the two (netlink.py).
+        monitor = await stack.enter_async_context(netlink.open_link_monitor())
+        link_states = await netlink.read_link_states()
         path_routes: dict[str, routes.PathRoute] = {}
         client_paths: list[ClientPath] = []
         for i, (ifname, kind, priority) in enumerate(candidates):
@@ -196,8 +199,17 @@ async def run_client(
             sock = await stack.enter_async_context(
                 udp.open_path_socket(bind=bind, device=ifname, fwmark=fwmark, family=family, gro=False)
             )
+            state = link_states.get(ifname)
             client_paths.append(
-                ClientPath(path=PathId(i + 1), name=ifname, kind=kind, priority=priority, port=sock, gateway=config.gateway)
+                ClientPath(
+                    path=PathId(i + 1),
+                    name=ifname,
+                    kind=kind,
+                    priority=priority,
+                    port=sock,
+                    gateway=config.gateway,
+                    link_up=bool(state and state.up),
+                )
             )
         tunnel_routes = routes.TunnelRoutes(
             tun_name=config.tun_name, prefixes=tuple(str(p) for p in config.routes), table=TUNNEL_TABLE
@@ -256,7 +268,6 @@ async def run_client(
                 return {"role": "client", "state": "HANDSHAKING"}
             return client_status(value.snapshot, counters=dict(value.counters))
 
-        monitor = await stack.enter_async_context(netlink.open_link_monitor())
         reason = ReasonCode.LOCAL_CLOSE
         async with trio.open_nursery() as nursery:
             await nursery.start(

@@ -105,6 +105,7 @@ class ClientPath:
     port: DatagramPort
     gateway: Address  # the gateway's data endpoint, as reached over this path
     control: Address | None = None  # its control endpoint; None: ``control_endpoint(gateway)``
+    link_up: bool = True  # the interface's state when the runtime starts (netlink), later LinkChanged
 
     @property
     def control_to(self) -> Address:
@@ -198,7 +199,9 @@ class ClientRuntime:
             self._recorder.started(start, created)
         self._apply(created, now)
         for p in self.paths.values():
-            await self._feed(ev.PathAdded(path=p.path, priority=p.priority, endpoint=p.gateway), now)
+            await self._feed(
+                ev.PathAdded(path=p.path, priority=p.priority, endpoint=p.gateway, link_up=p.link_up), now
+            )
         await self._feed(
             ev.HandshakeCompleted(
                 session_id=result.session_id,
@@ -224,7 +227,9 @@ class ClientRuntime:
 
     # -- handshake ------------------------------------------------------------------------------
     async def _handshake(self) -> tuple[HandshakeResult, ClientPath]:
-        order = list(self.paths.values())
+        # Paths whose link is known down are not tried (each try costs handshake_retry_ms),
+        # unless every path is down: then the state we were told may be stale, so try them all.
+        order = [p for p in self.paths.values() if p.link_up] or list(self.paths.values())
         retry_s = self.policy.handshake_retry_ms / 1000.0
         give_up_at = trio.current_time() + self.policy.transport_loss_ttl_ms / 1000.0
         attempt = 0

@@ -38,14 +38,16 @@ class _ChannelRecorder:
         self.dropped = 0
 
     def _put(self, *lines: str) -> None:
+        """Queue lines in order; once one does not fit, it and everything after it are counted lost."""
         if self.dropped:
             self.dropped += len(lines)
             return
-        try:
-            for line in lines:
+        for index, line in enumerate(lines):
+            try:
                 self._send.send_nowait(line)
-        except trio.WouldBlock:
-            self.dropped += 1
+            except trio.WouldBlock:
+                self.dropped += len(lines) - index
+                return
 
     def started(self, start: SessionStart, actions: list[Any]) -> None:
         self._put(encode_session_start(start), encode_outputs(start.side, start.now, start.session, actions))
