@@ -1,0 +1,288 @@
+"""Running a real gateway and client in a lab: configs, start-up, status, logs, traffic tools.
+
+Used by ``jvpn-trio lab`` (``lab.py``) and by the namespace tests
+(``tests/integration``).  It writes fresh keys and TOML files into a directory, starts
+``jvpn-trio serve`` in the gateway namespace and ``jvpn-trio up`` in the client namespace
+(both recording their traces with ``--record``), waits for the session through the client's
+control socket, and reads back what they logged.  Every process is started through
+:meth:`jvpn_trio.labnet.Lab.start_process`, so the lab terminates it at teardown at the latest;
+every wait here is unbounded by design and bounded by the caller (``trio.fail_after``).
+
+File layout of a run directory::
+
+    gateway.key  client.key  gateway.toml  client.toml
+    gateway.sock client.sock                 control sockets (status)
+    gateway-events.jsonl client-events.jsonl event logs (docs/events.md)
+    gateway.trace.jsonl client.trace.jsonl   recordings for `jvpn-trio replay`
+    gateway.err client.err                   the processes' stderr
+    <tool>.ready/.json/.err                  traffic tools (jvpn_trio.traffic)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import attrs
+import trio
+
+from jvpn_trio.core.actions import EmitEvent
+from jvpn_trio.core.policy import DEFAULT_POLICY
+from jvpn_trio.drivers.control import ControlError, query_control
+from jvpn_trio.keyfile import generate_private_key_text, public_from_private_text, write_private_key
+from jvpn_trio.labnet import Lab, LabProcess
+from jvpn_trio.traffic import traffic_argv
+
+GATEWAY_TUNNEL = "10.66.0.1"
+CLIENT_TUNNEL = "10.66.0.2"
+PORT = 51820
+#: How often start-up polls a socket file, a ready file or the client's status.
+STATUS_POLL_S = 0.05
+#: One control-socket query (the processes answer in milliseconds).
+STATUS_TIMEOUT_S = 2.0
+GATEWAY_TUN = "jvgw0"
+CLIENT_TUN = "jvcl0"
+NODE_ID = "gw-lab"
+
+
+class TunnelError(RuntimeError):
+    """A lab process died or a tool could not start; the message says which and quotes its stderr."""
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no stderr)"
+    return " / ".join(text[-lines:]) or "(no stderr)"
+
+
+@attrs.frozen
+class Tunnel:
+    """A started gateway and client, and the directory holding their files."""
+
+    directory: Path
+    gateway: LabProcess
+    client: LabProcess
+
+    @property
+    def client_socket(self) -> Path:
+        return self.directory / "client.sock"
+
+    @property
+    def gateway_socket(self) -> Path:
+        return self.directory / "gateway.sock"
+
+    async def client_status(self) -> dict[str, Any]:
+        return await query_control(self.client_socket, {"cmd": "status"}, timeout=STATUS_TIMEOUT_S)
+
+    async def gateway_status(self) -> dict[str, Any]:
+        return await query_control(self.gateway_socket, {"cmd": "status"}, timeout=STATUS_TIMEOUT_S)
+
+    def check_alive(self) -> None:
+        """TunnelError (with the last lines of its stderr) if either process has exited."""
+        for proc, name in ((self.client, "client"), (self.gateway, "gateway")):
+            if proc.returncode is not None:
+                raise TunnelError(f"{name} exited {proc.returncode}: {_tail(self.directory / f'{name}.err')}")
+
+    async def wait_attached(self) -> dict[str, Any]:
+        """Poll the client's control socket until its session is ATTACHED (the caller bounds the time)."""
+        while True:
+            self.check_alive()
+            try:
+                status = await self.client_status()
+                if status.get("state") == "ATTACHED":
+                    return status
+            except ControlError:
+                pass
+            await trio.sleep(STATUS_POLL_S)
+
+    def events_path(self, side: str) -> Path:
+        return self.directory / f"{side}-events.jsonl"
+
+    def events(self, side: str) -> list[EmitEvent]:
+        """The side's event log, decoded (ValueError on a line that is not an event)."""
+        text = self.events_path(side).read_text() if self.events_path(side).exists() else ""
+        return [EmitEvent.from_dict(json.loads(line)) for line in text.splitlines() if line]
+
+    def trace(self, side: str) -> Path:
+        return self.directory / f"{side}.trace.jsonl"
+
+    async def stop(self) -> tuple[int, int]:
+        """Close the session the way a user does (SIGTERM to the client: LOCAL_CLOSE), then stop the gateway.
+
+        Returns both exit codes.  The lab would terminate them at teardown anyway; stopping
+        them here first lets their event logs and traces end cleanly before anything is read.
+        """
+        client = await self.client.terminate()
+        gateway = await self.gateway.terminate()
+        return client, gateway
+
+
+def _policy_lines(policy: Mapping[str, Any]) -> str:
+    """The ``[policy]`` body: only the keys that differ from the laptop default (TOML-safe numbers)."""
+    default = DEFAULT_POLICY.to_mapping()
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in policy.items() if default.get(k, object()) != v)
+
+
+def write_configs(directory: Path, lab: Lab, *, policy: Mapping[str, Any]) -> None:
+    """Fresh keys, ``gateway.toml`` and ``client.toml`` (one ``[[path]]`` per lab path, in order).
+
+    The client's paths get ids p1, p2, ... in the lab's path order (``app._client_paths``), which
+    is how a report maps ``p2`` back to an interface name.
+    """
+    gateway_key = generate_private_key_text(os.urandom)
+    client_key = generate_private_key_text(os.urandom)
+    write_private_key(directory / "gateway.key", gateway_key)
+    write_private_key(directory / "client.key", client_key)
+    policy_lines = _policy_lines(policy)
+    (directory / "gateway.toml").write_text(
+        f"""[gateway]
+private_key_file = "gateway.key"
+listen = ["{lab.gateway_address}:{PORT}"]
+tun_name = "{GATEWAY_TUN}"
+tunnel_address = "{GATEWAY_TUNNEL}/24"
+events_file = "gateway-events.jsonl"
+control_socket = "{directory / 'gateway.sock'}"
+node_id = "{NODE_ID}"
+
+[[peer]]
+name = "laptop"
+public_key = "{public_from_private_text(client_key)}"
+address = "{CLIENT_TUNNEL}"
+
+[policy]
+{policy_lines}
+"""
+    )
+    paths = "\n".join(
+        f'[[path]]\ninterface = "{p.name}"\nkind = "{p.kind}"\npriority = {p.metric}\n' for p in lab.paths
+    )
+    (directory / "client.toml").write_text(
+        f"""[client]
+private_key_file = "client.key"
+gateway_public_key = "{public_from_private_text(gateway_key)}"
+gateway = "{lab.gateway_address}:{PORT}"
+tun_name = "{CLIENT_TUN}"
+routes = ["0.0.0.0/0"]
+events_file = "client-events.jsonl"
+control_socket = "{directory / 'client.sock'}"
+
+{paths}
+[policy]
+{policy_lines}
+"""
+    )
+
+
+async def _wait_for_file(path: Path, process: LabProcess, name: str, err: Path) -> None:
+    while not await trio.Path(path).exists():
+        if process.returncode is not None:
+            raise TunnelError(f"{name} exited {process.returncode} before it was ready: {_tail(err)}")
+        await trio.sleep(STATUS_POLL_S)
+
+
+async def start_tunnel(lab: Lab, directory: Path, *, policy: Mapping[str, Any], record: bool = True) -> Tunnel:
+    """Start the gateway, then (once its control socket exists) the client; return once both run.
+
+    With ``record`` (the default) each records its trace into the directory.  Raises
+    TunnelError if the gateway dies before it is ready.
+    """
+    await trio.to_thread.run_sync(lambda: write_configs(directory, lab, policy=policy))
+    py = sys.executable
+
+    def argv(command: str, side: str) -> list[str]:
+        out = [py, "-m", "jvpn_trio", command, "--config", str(directory / f"{side}.toml"), "--quiet"]
+        return out + (["--record", str(directory / f"{side}.trace.jsonl")] if record else [])
+
+    gateway = await lab.start_process(lab.gateway_ns, argv("serve", "gateway"), stderr_path=directory / "gateway.err")
+    await _wait_for_file(directory / "gateway.sock", gateway, "gateway", directory / "gateway.err")
+    client = await lab.start_process(lab.client_ns, argv("up", "client"), stderr_path=directory / "client.err")
+    return Tunnel(directory, gateway, client)
+
+
+# -----------------------------------------------------------------------------
+# Traffic tools (jvpn_trio.traffic), started in the background
+# -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Tool:
+    """A traffic tool running in a lab namespace; its report is read once it has exited."""
+
+    name: str
+    process: LabProcess
+    report: Path
+    stderr: Path
+
+    async def finish(self) -> dict[str, Any]:
+        """Wait for the tool to stop by itself; its report, or TunnelError if it wrote none."""
+        await self.process.wait()
+        return await self.read_report()
+
+    async def read_report(self) -> dict[str, Any]:
+        path = trio.Path(self.report)
+        if not await path.exists():
+            raise TunnelError(f"{self.name} exited {self.process.returncode} without a report: {_tail(self.stderr)}")
+        data: dict[str, Any] = json.loads(await path.read_text())
+        return data
+
+
+async def start_tool(
+    lab: Lab, ns: str, subcommand: str, *args: str, directory: Path, name: str, listen: str | None = None
+) -> Tool:
+    """Start ``python -m jvpn_trio.traffic <subcommand> ...`` in ``ns``.
+
+    A server (``listen`` given) is started with ``--ready`` and this returns only once it is
+    listening; TunnelError if it exits first.  The caller bounds the wait.
+    """
+    report, stderr = directory / f"{name}.json", directory / f"{name}.err"
+    extra: list[str] = []
+    ready = directory / f"{name}.ready"
+    if listen is not None:
+        extra = ["--listen", listen, "--ready", str(ready)]
+    argv = traffic_argv(subcommand, *extra, "--report", str(report), *args)
+    process = await lab.start_process(ns, argv, stderr_path=stderr)
+    if listen is not None:
+        await _wait_for_file(ready, process, subcommand, stderr)
+    return Tool(name, process, report, stderr)
+
+
+@attrs.frozen
+class ClockSample:
+    """One reading of the client's core clock: its snapshot ``now`` and our monotonic clock after the reply."""
+
+    core_now: float
+    monotonic_after: float
+    monotonic_before: float
+
+
+async def sample_client_clock(tunnel: Tunnel) -> ClockSample | None:
+    """Ask the client for its status and note ``time.monotonic()`` around it; None if it did not answer."""
+    before = time.monotonic()
+    try:
+        status = await tunnel.client_status()
+    except ControlError:
+        return None
+    after = time.monotonic()
+    now = status.get("now_s")
+    if not isinstance(now, (int, float)) or isinstance(now, bool):
+        return None
+    return ClockSample(core_now=float(now), monotonic_after=after, monotonic_before=before)
+
+
+def estimate_offset(samples: Sequence[ClockSample], *, rounding_s: float = 0.0005) -> float | None:
+    """Best lower bound of ``core clock - time.monotonic()`` over the samples (see lab.py's clock notes).
+
+    A snapshot's ``now`` is the time of the client's last core call, which happened before its
+    reply left, so ``core_now - rounding <= monotonic_after + offset`` for every sample: each
+    gives ``offset >= core_now - rounding - monotonic_after`` and the largest is the tightest.
+    With core calls every few milliseconds (probes on every path) it is within a few ms.
+    """
+    if not samples:
+        return None
+    return max(s.core_now - rounding_s - s.monotonic_after for s in samples)
