@@ -76,6 +76,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return trio.run(lambda: app.run_client(config, record=args.record, quiet=args.quiet, no_tui=args.no_tui))
 
 
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from jvpn_trio import lab
+
+    return lab.main(args)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from jvpn_trio import replay
+
+    return replay.main(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from jvpn_trio import demo
 
@@ -153,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark against a bare veth and OpenVPN in fresh namespace labs (root)")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+
+    p = sub.add_parser("lab", help="reproduce a field scenario in network namespaces and report (root)")
+    p.add_argument("--scenario", metavar="FILE", help="scenario TOML (default: a built-in tour of link down, blackhole, loss)")
+    p.add_argument("--short", action="store_true", help="run the scenario's short form (for CI)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document (docs/lab-report.md)")
+    p.add_argument("--keep", action="store_true", help="leave the namespaces in place and print how to remove them")
+    p.add_argument("--workdir", metavar="DIR", help="where configs, event logs and traces go (default: a new temp dir)")
+    p.set_defaults(func=_cmd_lab)
+
+    p = sub.add_parser("replay", help="replay a recorded trace through the core; --policy FILE for a what-if")
+    p.add_argument("trace", metavar="TRACE", help="trace file written by `serve/up --record`")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--policy", metavar="FILE", help="what-if: replay under this policy file (or a config's [policy])")
+    p.add_argument("--max-differences", type=int, default=5, metavar="N", help="what-if: at most N differing decisions per machine")
+    p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("status", help="ask the running client or gateway for its state")
     p.add_argument("--json", action="store_true", help="one JSON document")
