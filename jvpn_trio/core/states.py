@@ -216,8 +216,8 @@ def render_markdown() -> str:
     edges: dict[tuple[str, str], list[str]] = {}
     for (src, reason), rule in TRANSITIONS.items():
         edges.setdefault((src.value, rule.to.value), []).append(reason.value)
-    for (src, dst), reasons in edges.items():
-        lines.append(f"    {src} --> {dst}: {', '.join(reasons)}")
+    for (src_name, dst_name), reasons in edges.items():
+        lines.append(f"    {src_name} --> {dst_name}: {', '.join(reasons)}")
     lines += ["```", "", "| from | reason | to | binding | guard |", "|---|---|---|---|---|"]
     for (src, reason), rule in TRANSITIONS.items():
         lines.append(
