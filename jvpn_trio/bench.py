@@ -80,6 +80,7 @@ import attrs
 import trio
 
 from jvpn_trio import __version__
+from jvpn_trio import labrun
 from jvpn_trio.labnet import Lab, LabError, LabProcess, LabSpec, open_lab
 from jvpn_trio.traffic import format_endpoint, longest_gap, traffic_argv
 
@@ -141,10 +142,9 @@ TOTAL_TIMEOUT_S = 900.0
 #: jvpn-trio's policy for the bench: defaults, except a faster return to eth0 once a fault is
 #: removed and a switch budget for ``--runs`` x 2 faults x (away + back) within a minute.
 JVPN_POLICY: Mapping[str, int] = {"min_dwell_ms": 500, "return_dwell_ms": 1000, "max_switches_per_minute": 30}
-JVPN_PORT = 51820
-JVPN_GATEWAY_TUNNEL = "10.66.0.1"
-JVPN_CLIENT_TUNNEL = "10.66.0.2"
-JVPN_PREFIX_LEN = 24
+JVPN_PORT = labrun.PORT
+JVPN_GATEWAY_TUNNEL = labrun.GATEWAY_TUNNEL
+JVPN_CLIENT_TUNNEL = labrun.CLIENT_TUNNEL
 
 OPENVPN_PORT = 1194
 OPENVPN_GATEWAY_TUNNEL = "10.67.0.1"
@@ -966,50 +966,7 @@ async def start_baseline(lab: Lab, workdir: Path) -> Running:
 
 def _jvpn_configs(directory: Path, lab: Lab) -> None:
     """Keys and TOML files for one gateway and one full-tunnel client over every lab path."""
-    from jvpn_trio.keyfile import generate_private_key_text, public_from_private_text, write_private_key
-
-    gateway_key = generate_private_key_text(os.urandom)
-    client_key = generate_private_key_text(os.urandom)
-    write_private_key(directory / "gateway.key", gateway_key)
-    write_private_key(directory / "client.key", client_key)
-    policy = "\n".join(f"{k} = {v}" for k, v in JVPN_POLICY.items())
-    (directory / "gateway.toml").write_text(
-        f"""[gateway]
-private_key_file = "gateway.key"
-listen = ["{lab.gateway_address}:{JVPN_PORT}"]
-tun_name = "jvbgw0"
-tunnel_address = "{JVPN_GATEWAY_TUNNEL}/{JVPN_PREFIX_LEN}"
-events_file = "gateway-events.jsonl"
-control_socket = "{directory / 'gateway.sock'}"
-node_id = "gw-bench"
-
-[[peer]]
-name = "bench-client"
-public_key = "{public_from_private_text(client_key)}"
-address = "{JVPN_CLIENT_TUNNEL}"
-
-[policy]
-{policy}
-"""
-    )
-    paths = "\n".join(
-        f'[[path]]\ninterface = "{p.name}"\nkind = "{p.kind}"\npriority = {p.metric}\n' for p in lab.paths
-    )
-    (directory / "client.toml").write_text(
-        f"""[client]
-private_key_file = "client.key"
-gateway_public_key = "{public_from_private_text(gateway_key)}"
-gateway = "{lab.gateway_address}:{JVPN_PORT}"
-tun_name = "jvbcl0"
-routes = ["0.0.0.0/0"]
-events_file = "client-events.jsonl"
-control_socket = "{directory / 'client.sock'}"
-
-{paths}
-[policy]
-{policy}
-"""
-    )
+    labrun.write_configs(directory, lab, policy=JVPN_POLICY)
 
 
 def jvpn_active_path(lab: Lab, status: Mapping[str, Any]) -> str | None:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from jvpn_trio import __version__
 from jvpn_trio.config import ConfigError, load_client_config, load_gateway_config, load_policy
 from jvpn_trio.core.policy import DEFAULT_POLICY, Policy
+from jvpn_trio.errors import find_in_group
 from jvpn_trio.keyfile import KeyFileError, generate_private_key_text, public_from_private_text
 
 EXIT_OK = 0
@@ -207,18 +208,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (AppError, HandshakeFailed, ControlError, RouteError, TunError, PathSocketError)
 
 
-def _first_expected(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The documented error inside ``exc``, looking through Trio's exception groups."""
-    if isinstance(exc, kinds):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_expected(inner, kinds)
-            if found is not None:
-                return found
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -237,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:  # narrowed just below: only the drivers' documented errors
-        expected = _first_expected(exc, _expected_errors())
+        expected = find_in_group(exc, _expected_errors())
         if expected is None:
             raise
         print(f"jvpn-trio: {expected}", file=sys.stderr)

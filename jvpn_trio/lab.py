@@ -89,6 +89,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 import attrs
 import trio
 
+from jvpn_trio.errors import find_in_group
 from jvpn_trio.audit import AuditReport, audit_lines
 from jvpn_trio.config import ConfigError
 from jvpn_trio.core.actions import EmitEvent, EventKind
@@ -1317,7 +1318,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         trio.run(run)
     except BaseException as exc:  # narrowed at once: only the lab's documented errors, inside Trio's groups
-        found = _first_expected(exc)
+        found = find_in_group(exc, (LabError, TunnelError))
         if found is None:
             raise
         print(f"{PROG}: {found} (files in {workdir})", file=sys.stderr)
@@ -1329,18 +1330,6 @@ def main(args: argparse.Namespace) -> int:
     report = outcome["report"]
     print(json.dumps(report, sort_keys=True) if as_json else render_report(report), flush=True)
     return EXIT_OK if report["ok"] else EXIT_CHECK_FAILED
-
-
-def _first_expected(exc: BaseException) -> BaseException | None:
-    """The LabError or TunnelError inside ``exc`` (Trio wraps errors from nurseries in groups)."""
-    if isinstance(exc, (LabError, TunnelError)):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_expected(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _standalone(argv: Sequence[str] | None = None) -> int:

@@ -62,6 +62,8 @@ from pathlib import Path
 import attrs
 import trio
 
+from jvpn_trio.errors import lone_exception_unwrapped
+
 from jvpn_trio.core.actions import EmitEvent
 
 #: Upper bound on the exit drain: shutdown is never held up longer by a slow disk.
@@ -398,27 +400,17 @@ async def open_event_sink(
     capacity below 1; file errors are never raised (they are counted).
     """
     sink = EventSink(path, capacity=capacity, also=also, drain_timeout_s=drain_timeout_s)
-    lone: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            if path is not None and sink._receive is not None:
-                await nursery.start(sink._serve_writer, path, sink._receive)
-            else:
-                sink._writer_done.set()
-            try:
-                yield sink
-            finally:
-                sink._close()
-                await sink._wait_drained()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # Strict exception groups wrap even the caller's own exception from the
-        # block; hand a lone one back unchanged (as drivers/netlink.py does).
-        if len(group.exceptions) != 1:
-            raise
-        lone = group.exceptions[0]
-    if lone is not None:
-        raise lone
+    async with lone_exception_unwrapped(), trio.open_nursery() as nursery:
+        if path is not None and sink._receive is not None:
+            await nursery.start(sink._serve_writer, path, sink._receive)
+        else:
+            sink._writer_done.set()
+        try:
+            yield sink
+        finally:
+            sink._close()
+            await sink._wait_drained()
+            nursery.cancel_scope.cancel()
 
 
 __all__ = [

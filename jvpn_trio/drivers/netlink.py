@@ -45,10 +45,13 @@ from typing import AsyncIterator, Union
 
 import attrs
 import trio
+
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+from jvpn_trio.errors import lone_exception_unwrapped
 
 __all__ = [
     "AddressEvent",
@@ -309,26 +312,14 @@ async def open_link_monitor(
         await sock.bind((0, _GROUPS))
         send, receive = trio.open_memory_channel[MonitorEvent](channel_size)
         monitor = LinkMonitor(receive)
-        lone: BaseException | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(monitor._serve, sock, send)
-                try:
-                    yield monitor
-                finally:
-                    # The reader closes its send end as it stops, so a later
-                    # receive() raises EndOfChannel instead of hanging.
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # With strict exception groups (trio >= 0.25) the nursery wraps even a
-            # lone exception, including the caller's own from the block.  Hand a lone
-            # one back unchanged (raised outside this handler, so its __context__
-            # stays as it was): the same behaviour on every trio version.
-            if len(group.exceptions) != 1:
-                raise
-            lone = group.exceptions[0]
-        if lone is not None:
-            raise lone
+        async with lone_exception_unwrapped(), trio.open_nursery() as nursery:
+            nursery.start_soon(monitor._serve, sock, send)
+            try:
+                yield monitor
+            finally:
+                # The reader closes its send end as it stops, so a later
+                # receive() raises EndOfChannel instead of hanging.
+                nursery.cancel_scope.cancel()
 
 
 # -- snapshot via IPRoute (in a worker thread) ----------------------------------

@@ -70,6 +70,7 @@ import trio
 
 from jvpn_trio.drivers import udp
 from jvpn_trio.drivers.ports import Address, DatagramPort
+from jvpn_trio.errors import lone_exception_unwrapped
 from jvpn_trio.scenario import Impairment
 
 __all__ = [
@@ -409,7 +410,6 @@ async def open_relay(
     ``upstreams[i]``.  Raises :class:`~jvpn_trio.drivers.udp.PathSocketError`
     if a socket cannot be bound.
     """
-    lone: BaseException | None = None
     async with AsyncExitStack() as stack:
         lanes = []
         for upstream in upstreams:
@@ -417,18 +417,9 @@ async def open_relay(
             lanes.append(Lane(front, _host_port(upstream), front_address=_host_port(front.local_address)))
         back = await stack.enter_async_context(udp.open_path_socket(bind=(bind_host, 0), device=None, fwmark=None))
         relay = Relay(lanes=lanes, back=back, impairment=impairment, seed=seed, name=name, queue_limit=queue_limit)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(relay.serve)
-                try:
-                    yield relay
-                finally:
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # Strict exception groups wrap the caller's own exception from the block;
-            # hand a lone one back unchanged (as event_sink.open_event_sink does).
-            if len(group.exceptions) != 1:
-                raise
-            lone = group.exceptions[0]
-    if lone is not None:
-        raise lone
+        async with lone_exception_unwrapped(), trio.open_nursery() as nursery:
+            await nursery.start(relay.serve)
+            try:
+                yield relay
+            finally:
+                nursery.cancel_scope.cancel()
