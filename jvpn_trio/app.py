@@ -159,9 +159,9 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
 async def _client_paths(config: ClientConfig) -> list[tuple[str, str, int]]:
     """(interface, kind, priority) for each candidate: configured, or discovered."""
     if config.paths:
-        out = []
+        out: list[tuple[str, str, int]] = []
         for i, p in enumerate(config.paths):
-            kind = p.kind or await trio.to_thread.run_sync(ifaces.classify, p.interface)
+            kind: str = p.kind if p.kind is not None else await trio.to_thread.run_sync(ifaces.classify, p.interface)
             out.append((p.interface, kind, p.priority if p.priority is not None else KIND_PRIORITY[kind] + i))
         return out
     found = await ifaces.discover({config.tun_name})

@@ -258,7 +258,7 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     raw_peers = data.get("peer", [])
     if not isinstance(raw_peers, list) or not raw_peers:
         raise ConfigError(f"{source}: at least one [[peer]] with a public_key is required")
-    peers = []
+    peers: list[PeerConfig] = []
     for i, raw in enumerate(raw_peers):
         pt = _Table(raw, where=f"{source}: [[peer]] #{i + 1}")
         address = pt.get("address", str, None)

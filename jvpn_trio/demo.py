@@ -148,7 +148,7 @@ class DemoResult:
 
 def ipv4_checksum(header: bytes) -> int:
     """RFC 791 header checksum: the ones' complement of the ones' complement sum of 16-bit words."""
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    total: int = sum(struct.unpack(f"!{len(header) // 2}H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

@@ -172,9 +172,10 @@ def _check_changes(changes: Any, where: str) -> tuple[tuple[str, Any], ...]:
             raise ScenarioError(f"{where}.set.{key}: wrong type {type(value).__name__}")
         if key == "link" and value not in LINK_STATES:
             raise ScenarioError(f"{where}.set.link: expected 'up' or 'down', got {value!r}")
-        if key == "loss_pct" and not 0 <= value <= 100:
+        number = float(value) if isinstance(value, (int, float)) else 0.0
+        if key == "loss_pct" and not 0 <= number <= 100:
             raise ScenarioError(f"{where}.set.loss_pct: {value} is not a percentage")
-        if key in ("delay_ms", "jitter_ms", "rate_mbit") and value < 0:
+        if key in ("delay_ms", "jitter_ms", "rate_mbit") and number < 0:
             raise ScenarioError(f"{where}.set.{key}: must not be negative")
     return tuple(sorted(changes.items()))
 
@@ -191,7 +192,7 @@ def scenario_from_mapping(data: Mapping[str, Any], *, source: str) -> Scenario:
     short = _number(data, "short_duration_s", source, default=duration, lo=0.001)
     if short > duration:
         raise ScenarioError(f"{source}: short_duration_s ({short}) exceeds duration_s ({duration})")
-    paths = DEFAULT_PATHS
+    paths: tuple[ScenarioPath, ...] = DEFAULT_PATHS
     if "path" in data:
         raw_paths = data["path"]
         if not isinstance(raw_paths, list) or not raw_paths:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Union
+from typing import Iterable, Union, cast
 
 import attrs
 
@@ -42,8 +42,8 @@ FIXED_FIELDS = frozenset({"t", "kind", "role", "session", "version", "reason", "
 
 def _freeze_details(value: object) -> tuple[tuple[str, Scalar], ...]:
     """Details as sorted pairs, so equal JSON means equal events; fixed field names are refused."""
-    pairs = value.items() if isinstance(value, dict) else value
-    frozen = tuple(sorted(pairs))  # type: ignore[arg-type]
+    pairs = cast(Iterable[tuple[str, Scalar]], value.items() if isinstance(value, dict) else value)
+    frozen = tuple(sorted(pairs, key=lambda pair: pair[0]))
     clash = FIXED_FIELDS.intersection(k for k, _ in frozen)
     if clash:
         raise ValueError(f"event detail(s) {sorted(clash)} would overwrite fixed fields")

@@ -294,7 +294,7 @@ def decode_line_untrusted(line: str, *, lineno: int = 0) -> TraceLine:
         extra = set(body) - {"t", "side", "session", "out"}
         if extra:
             raise BadTrace(f"line {lineno}: unexpected key(s) {', '.join(sorted(extra))}")
-        return Outputs(side=side, now=float(now), session=session, actions=tuple(out))
+        return Outputs(side=side, now=float(now), session=str(session), actions=tuple(out))
     raise BadTrace(f"line {lineno}: neither an input, a session start nor outputs")
 
 

@@ -31,7 +31,7 @@ import ipaddress
 import math
 import os
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attrs
 import trio
@@ -179,9 +179,9 @@ class GatewayRuntime:
     # -- lifetime -------------------------------------------------------------------------------
     async def serve(
         self,
-        ports: list[DatagramPort],
+        ports: Sequence[DatagramPort],
         *,
-        control_ports: list[DatagramPort] = [],  # noqa: B006 - never mutated
+        control_ports: Sequence[DatagramPort] = (),
         packets: PacketPort | None = None,
         task_status: trio.TaskStatus[GatewayRuntime] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -235,11 +235,11 @@ class GatewayRuntime:
                         self._feed(served, ev.TimerFired(), now)
             else:
                 at, session_id, event = item
-                served = self.sessions.get(session_id)
-                if served is None:
+                target = self.sessions.get(session_id)
+                if target is None:
                     self.counters["input_for_unknown_session"] += 1
                     continue
-                self._feed(served, event, at)
+                self._feed(target, event, at)
             await self._reap()
             self._publish()
 
