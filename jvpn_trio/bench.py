@@ -4,7 +4,7 @@
 
 Theory of operation
 -------------------
-The machines this runs on are shared and noisy (``/work/shared/STYLE.md``): a neighbour's
+The machines this runs on are shared and noisy (``../shared/STYLE.md``): a neighbour's
 burst of work can halve a throughput figure for half a minute.  So absolute numbers from
 different runs are not comparable, and even within one run, measuring system A for a minute
 and then system B for a minute lets such a burst land on one of them only.  This command
@@ -160,7 +160,7 @@ FAILED = "failed"
 NOT_AVAILABLE = "not available"
 REFERENCE = "not measured in this run; peers.md figure"
 
-#: What ``/work/shared/peers.md`` (2026-11-22, same topology, a 2-core CI-class machine) reports.
+#: What ``../shared/peers.md`` (2026-11-22, same topology, a 2-core CI-class machine) reports.
 #: Shown as a reference column only: it was not measured in this run.
 PEERS_MD_DATE = "2026-11-22"
 PEERS_MD_WIREGUARD: Mapping[str, Any] = {
@@ -458,7 +458,7 @@ class SystemResult:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"label": self.label, "status": self.status, "reason": self.reason, "version": self.version}
         if self.status == REFERENCE:
-            out["reference"] = {"source": f"/work/shared/peers.md ({PEERS_MD_DATE})", **self.details}
+            out["reference"] = {"source": f"../shared/peers.md ({PEERS_MD_DATE})", **self.details}
             return out
         out["tcp_mbit"] = _round_or_none(self.tcp_mbit, 1)
         out["tcp_mbit_runs"] = [round(v, 1) for v in self.tcp_mbit_runs]

@@ -17,7 +17,7 @@ Address plan (``o`` = ``LabSpec.link_octet``, default 77; ``i`` = ``LabPath.inde
 
 Every lab has its own pair of namespaces, so two labs with the same plan never clash; the plan
 is fixed by default so configuration files and tests can name 10.99.0.1 (the address
-``docs/platform-notes.md`` and ``/work/shared/peers.md`` measured with).
+``docs/platform-notes.md`` and ``../shared/peers.md`` measured with).
 
 Faults are installed on both ends of a path, always on the *receiving* side, because an nft
 drop in an output hook makes ``sendto()`` fail with EPERM instead of losing the packet silently
