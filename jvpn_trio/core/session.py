@@ -329,6 +329,8 @@ class ClientSession(_SessionCore):
         self._retry_not_before: float | None = None
         self._next_nonce = 1
         self._recovery_cause: ReasonCode | None = None
+        #: Consecutive PROBE_ACKs on the active path saying the gateway is bound elsewhere.
+        self._disowned_acks = 0
 
     # -- public API ----------------------------------------------------------------
     def handle(self, event: ev.ClientInput, *, now: float) -> list[Action]:
@@ -429,10 +431,25 @@ class ClientSession(_SessionCore):
             entry.health.on_probe_sent(event.seq, now=now)
         elif isinstance(event, ev.ProbeAcked):
             entry.health.on_probe_acked(event.seq, now=now)
+            self._note_gateway_binding(event)
             self.gateway_version = max(self.gateway_version, event.gateway_version)
         elif isinstance(event, ev.DeliveryObserved):
             entry.health.on_delivery(now=now)
         return []
+
+    def _note_gateway_binding(self, ack: ev.ProbeAcked) -> None:
+        """Count acks on the active path that say the gateway is not bound to it.
+
+        Only acks at least as new as what we know count (``gateway_version``): one
+        answered before the gateway processed our last REATTACH may still name the
+        old binding, and must not trigger a rebind.
+        """
+        binding = self.record.binding
+        if binding is None or ack.path != binding.path or self.pending is not None:
+            return
+        if ack.gateway_version < self.gateway_version:
+            return
+        self._disowned_acks = 0 if ack.gateway_bound_path == binding.path else self._disowned_acks + 1
 
     def _on_reattach_acked(self, event: ev.ReattachAcked, now: float) -> list[Action]:
         pending = self.pending
@@ -446,6 +463,7 @@ class ClientSession(_SessionCore):
             return []
         self.gateway_version = max(self.gateway_version, event.new_version)
         self._retry_not_before = None
+        self._disowned_acks = 0
         return self._transition(
             R.REATTACH_CONFIRMED,
             now,
@@ -536,6 +554,7 @@ class ClientSession(_SessionCore):
             reattach_in_flight=self.pending is not None or self._retry_not_before is not None,
             rate_has_room=rate_has_room(rec.switch_times, self.policy, now),
             recovery_cause=self._recovery_cause,
+            binding_disowned=self._disowned_acks >= self.policy.dead_after_missed_probes,
         )
         candidates = tuple(
             Candidate(

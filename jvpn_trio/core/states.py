@@ -66,6 +66,7 @@ class ReasonCode(enum.Enum):
     # -- switch causes that are not themselves transitions ------------------
     PREFERRED_PATH_RESTORED = "PREFERRED_PATH_RESTORED"
     OPERATOR_PIN = "OPERATOR_PIN"
+    ENDPOINT_CHANGED = "ENDPOINT_CHANGED"  # the gateway no longer knows our endpoint (NAT rebinding)
 
     # -- health verdicts -----------------------------------------------------
     NO_SAMPLES = "NO_SAMPLES"

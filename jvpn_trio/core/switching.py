@@ -21,6 +21,12 @@ Hysteresis, so that a flapping link cannot make the session flap:
 - returning to a preferred path needs it HEALTHY for ``return_dwell_ms``;
 - the health verdicts themselves have hysteresis (``health.py``).
 
+Rebinding: when the gateway's PROBE_ACKs on the active path say, several
+times in a row, that the probe did not come from its bound endpoint (a NAT
+rebinding, or a binding it released after silence), the answer is a SWITCH
+to the *same* path with reason ENDPOINT_CHANGED: a REATTACH that moves the
+gateway's binding to the endpoint it now sees.
+
 Rate (Property 6): a switch is allowed only while fewer than
 ``max_switches_per_minute`` switches happened in the last minute.  A needed
 switch (the active path is dead or impaired) that the rate forbids answers
@@ -57,6 +63,7 @@ class SwitchView:
     reattach_in_flight: bool
     rate_has_room: bool
     recovery_cause: ReasonCode | None
+    binding_disowned: bool = False  # the gateway says our active path's endpoint is not its binding
 
 
 class DecisionKind(enum.Enum):
@@ -109,6 +116,11 @@ def decide(view: SwitchView, candidates: tuple[Candidate, ...], policy: Policy, 
         target = pinned.path if pinned_usable and pinned is not None else usable[0].path
         return _needed_switch(view, target, view.recovery_cause or ReasonCode.LINK_DOWN)
 
+    if view.binding_disowned:
+        # The gateway answers our probes but no longer knows this endpoint as its binding (a NAT
+        # rebinding, or it released a silent binding): our data is being dropped.  Reattach on
+        # the same path, explicitly, before anything else.
+        return _needed_switch(view, view.active, ReasonCode.ENDPOINT_CHANGED)
     if pinned is not None and pinned.path == view.active:
         return _stay(ReasonCode.PINNED)
     if pinned_usable and pinned is not None:

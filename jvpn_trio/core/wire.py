@@ -228,6 +228,7 @@ REASON_WIRE_TABLE: tuple[ReasonCode | None, ...] = (
     R.PINNED,  # 46
     R.SESSION_CREATED,  # 47
     R.REATTACH_TIMEOUT,  # 48
+    R.ENDPOINT_CHANGED,  # 49
 )
 
 #: The inverse of :data:`REASON_WIRE_TABLE`.

@@ -337,3 +337,49 @@ def test_invalid_transition_is_counted_and_changes_nothing() -> None:
     assert client._transition(R.PATH_HEALTHY_AGAIN, 0.0) == []
     assert client.record == before
     assert client.counters["invalid_transitions"] == 1
+
+
+def _attached_client() -> tuple[ClientSession, list]:  # type: ignore[type-arg]
+    sid = SessionId(bytes(range(16)))
+    client = ClientSession(policy=Policy(), session_id=sid, now=0.0)
+    for pid in (1, 2):
+        client.handle(ev.PathAdded(path=PathId(pid), priority=10 * pid, endpoint=("192.0.2.1", 51820)), now=0.0)
+    client.handle(
+        ev.HandshakeCompleted(session_id=sid, binding=Binding(path=P1, endpoint=("192.0.2.1", 51820)), gateway_version=1),
+        now=0.0,
+    )
+    return client, []
+
+
+def _probe(client: ClientSession, seq: int, t: float, *, bound: PathId | None, version: int = 1) -> list:  # type: ignore[type-arg]
+    actions = client.handle(ev.ProbeSent(path=P1, seq=seq), now=t)
+    actions += client.handle(ev.ProbeSent(path=P2, seq=seq), now=t)
+    actions += client.handle(ev.ProbeAcked(path=P2, seq=seq, gateway_version=version, gateway_bound_path=bound), now=t + 0.001)
+    return actions + client.handle(
+        ev.ProbeAcked(path=P1, seq=seq, gateway_version=version, gateway_bound_path=bound), now=t + 0.002
+    )
+
+
+def test_gateway_bound_elsewhere_leads_to_a_rebind_on_the_same_path() -> None:
+    """A NAT rebinding: probes are answered, but the gateway says they come from an unbound endpoint."""
+    client, _ = _attached_client()
+    for seq in range(1, 4):
+        assert not [a for a in _probe(client, seq, seq * 0.05, bound=P1) if type(a).__name__ == "SendReattach"]
+    policy = Policy()
+    sent = []
+    for seq in range(4, 4 + policy.dead_after_missed_probes):
+        sent += [a for a in _probe(client, seq, seq * 0.05, bound=None) if type(a).__name__ == "SendReattach"]
+    assert [(s.path, s.expected_version) for s in sent] == [(P1, 1)]  # exactly one, on the active path
+    actions = client.handle(ev.ReattachAcked(path=P1, nonce=sent[0].nonce, new_version=2), now=0.5)
+    switch = [a for a in actions if isinstance(a, EmitEvent) and a.kind is EventKind.TRANSPORT_SWITCH]
+    assert [(s.reason, s.detail("from_path"), s.detail("to_path")) for s in switch] == [(R.ENDPOINT_CHANGED, "p1", "p1")]
+    assert not any(isinstance(a, (BindTransport, ReleaseTransport)) for a in actions)  # same local binding
+    assert client.record.version == 2 and client.record.state is S.ATTACHED
+
+
+def test_acks_older_than_the_known_gateway_version_do_not_count_as_disowning() -> None:
+    client, _ = _attached_client()
+    client.gateway_version = 5  # e.g. learnt from a REATTACH_ACK; these acks predate it
+    for seq in range(1, 10):
+        actions = _probe(client, seq, seq * 0.05, bound=None, version=4)
+        assert not [a for a in actions if type(a).__name__ == "SendReattach"]

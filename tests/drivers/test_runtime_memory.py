@@ -227,3 +227,31 @@ async def test_close_terminates_both_sides_explicitly(autojump_clock: trio.abc.C
             gw_final = [e for e in world.gateway_events if e.kind is EventKind.STATE_CHANGE][-1]
             assert gw_final.detail("to_state") == "TERMINATED" and gw_final.reason is ReasonCode.PEER_CLOSE
             nursery.cancel_scope.cancel()
+
+
+async def test_nat_rebinding_is_followed_by_an_explicit_reattach(autojump_clock: trio.abc.Clock) -> None:
+    """The client's NAT gives path 1 a new public port: the gateway must move its binding there."""
+    world = World()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            served = world.gateway_session()
+            rebound = ("198.51.100.1", 50001)
+            port = world.ports[1]
+            del world.net._ports[port.addr]
+            port.addr = rebound  # same socket, new source address as the gateway sees it
+            world.net._ports[rebound] = port
+            await trio.sleep(1.0)
+            binding = served.core.record.binding
+            assert binding is not None and binding.endpoint == rebound
+            switch = [e for e in world.client_events if e.kind is EventKind.TRANSPORT_SWITCH][-1]
+            assert switch.reason is ReasonCode.ENDPOINT_CHANGED
+            assert switch.detail("from_path") == switch.detail("to_path") == "p1"
+            down = ipv4_packet("10.66.0.1", "10.66.0.2", b"after the NAT moved")
+            world.gw_packets.inject(down)
+            assert await world.cl_packets.delivered.receive() == down
+            up = ipv4_packet("10.66.0.2", "10.66.0.1", b"and back")
+            world.cl_packets.inject(up)
+            assert await world.gw_packets.delivered.receive() == up
+            nursery.cancel_scope.cancel()

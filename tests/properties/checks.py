@@ -358,11 +358,9 @@ class TraceChecker:
                     logged = _detail(action, "binding")
                     if logged != (str(bound) if bound is not None else None):
                         raise fail(3, f"STATE_CHANGE logs binding {logged}, the actions left {bound}")
-                    if (
-                        action.reason is R.REATTACH_CONFIRMED
-                        and rule.effect is BindingEffect.BIND
-                        and bound != boundary_binding
-                    ):
+                    if action.reason is R.REATTACH_CONFIRMED and rule.effect is BindingEffect.BIND:
+                        # Every confirmed REATTACH is a switch, including a rebind on the same
+                        # path after a NAT change (the local binding stays, the transport moved).
                         pending_switches += 1
                     if rule.effect is BindingEffect.BIND and bound != boundary_binding:
                         if action.reason is not R.REATTACH_CONFIRMED and action.reason is not R.HANDSHAKE_COMPLETE:
