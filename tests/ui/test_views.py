@@ -101,7 +101,9 @@ def live_session_status() -> tuple[RuntimeStatus, list[EmitEvent], float]:
             feed(ev.ProbeSent(path=PathId(p), seq=seq), t)
         for p in (2, 3):
             wobble = (seq % 5) * 0.002 if p == 3 else (seq % 3) * 0.0005
-            feed(ev.ProbeAcked(path=PathId(p), seq=seq, gateway_version=1, gateway_bound_path=None), t + rtt_s[p] + wobble)
+            # As a real gateway answers: it names its binding only to probes from the bound endpoint.
+            bound = PathId(2) if p == 2 else None
+            feed(ev.ProbeAcked(path=PathId(p), seq=seq, gateway_version=1, gateway_bound_path=bound), t + rtt_s[p] + wobble)
         t = round(t + 0.05, 6)
     status = RuntimeStatus(
         snapshot=session.snapshot(now=t),
