@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, TextIO
 
 import trio
 
-from jvpn_trio.config import KIND_PRIORITY, ClientConfig, GatewayConfig
+from jvpn_trio.config import DEFAULT_MTU, KIND_PRIORITY, ClientConfig, GatewayConfig
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import EmitEvent
 from jvpn_trio.core.handshake import StaticKeypair
@@ -236,7 +236,7 @@ async def run_client(
         @asynccontextmanager
         async def tunnel(address: ipaddress.IPv4Interface) -> AsyncIterator[PacketPort]:
             async with tun.open_tun(
-                config.tun_name, address=str(address.ip), prefixlen=address.network.prefixlen, mtu=1420
+                config.tun_name, address=str(address.ip), prefixlen=address.network.prefixlen, mtu=DEFAULT_MTU
             ) as device:
                 done = await routes.install_tunnel_routes(tunnel_routes)
                 try:

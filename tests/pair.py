@@ -43,6 +43,27 @@ def client_endpoint(path: PathId) -> tuple[str, int]:
 
 ATTACKER_ENDPOINT = ("203.0.113.66", 6666)
 
+#: The storm scenario's policy (determinism, audit and replay tests, and the golden trace),
+#: pinned in full so that it means the same thing whatever the defaults become.
+STORM_POLICY = Policy(
+    max_recovery_window_ms=800,
+    max_switches_per_minute=4,
+    transport_loss_ttl_ms=2_000,
+    session_ttl_s=120,
+    loss_threshold_pct=20.0,
+    latency_threshold_ms=120.0,
+    jitter_threshold_ms=60.0,
+    probe_interval_ms=100,
+    probe_timeout_ms=200,
+    dead_after_missed_probes=3,
+    loss_window_probes=10,
+    min_dwell_ms=0,
+    return_dwell_ms=500,
+    reattach_timeout_ms=150,
+    freshness_window_ms=2_000,
+)
+
+
 
 @attrs.define
 class PathLink:

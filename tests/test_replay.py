@@ -45,7 +45,7 @@ from jvpn_trio.replay import (
     replay_lines,
     whatif_lines,
 )
-from tests.pair import Pair
+from tests.pair import STORM_POLICY, Pair
 
 TRACES = Path(__file__).parent / "data" / "traces"
 ROOT_SCENARIOS = Path(__file__).resolve().parents[1] / "examples" / "scenarios"
@@ -53,23 +53,7 @@ GOLDEN = TRACES / "pair-storm.trace.jsonl"
 #: The same scenario recorded before Policy gained ``probe_timeout_floor_ms``.
 OLDER = TRACES / "pair-storm.before-probe-timeout-floor.trace.jsonl"
 
-POLICY = Policy(
-    max_recovery_window_ms=800,
-    max_switches_per_minute=4,
-    transport_loss_ttl_ms=2_000,
-    session_ttl_s=120,
-    loss_threshold_pct=20.0,
-    latency_threshold_ms=120.0,
-    jitter_threshold_ms=60.0,
-    probe_interval_ms=100,
-    probe_timeout_ms=200,
-    dead_after_missed_probes=3,
-    loss_window_probes=10,
-    min_dwell_ms=0,
-    return_dwell_ms=500,
-    reattach_timeout_ms=150,
-    freshness_window_ms=2_000,
-)
+POLICY = STORM_POLICY
 #: The what-if: the same thresholds, but at most one switch a minute.
 STRICT = Policy(**{**POLICY.to_mapping(), "max_switches_per_minute": 1})
 

@@ -264,6 +264,14 @@ class _SessionCore:
     def terminated(self) -> bool:
         return self.record.state is S.TERMINATED
 
+    def _apply_ending(self, event: ev.CloseRequested | ev.PeerClosed | ev.KeysExhausted, now: float) -> list[Action]:
+        """The inputs that end a session the same way on both sides."""
+        if isinstance(event, ev.CloseRequested):
+            return [SendClose(reason=R.LOCAL_CLOSE), *self._transition(R.LOCAL_CLOSE, now)]
+        if isinstance(event, ev.PeerClosed):
+            return self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
+        return self._transition(R.KEY_EXHAUSTED, now)
+
 
 # =============================================================================
 # Client
@@ -411,12 +419,8 @@ class ClientSession(_SessionCore):
         if isinstance(event, ev.PinRequested):
             self.pinned = event.path if event.path is None or event.path in self._paths else self.pinned
             return []
-        if isinstance(event, ev.CloseRequested):
-            return [SendClose(reason=R.LOCAL_CLOSE), *self._transition(R.LOCAL_CLOSE, now)]
-        if isinstance(event, ev.PeerClosed):
-            return self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
-        if isinstance(event, ev.KeysExhausted):
-            return self._transition(R.KEY_EXHAUSTED, now)
+        if isinstance(event, ev.CloseRequested | ev.PeerClosed | ev.KeysExhausted):
+            return self._apply_ending(event, now)
         if isinstance(event, ev.ReattachAcked):
             return self._on_reattach_acked(event, now)
         if isinstance(event, ev.ReattachRejected):
@@ -681,6 +685,19 @@ class GatewaySession(_SessionCore):
         binding = self.record.binding
         return binding is not None and binding.endpoint == endpoint and not self.terminated
 
+    def bound_path_seen_from(self, endpoint: tuple[str, int]) -> PathId | None:
+        """What a PROBE_ACK to ``endpoint`` reports: the bound path if it is that endpoint's, else None.
+
+        The client reattaches on the same path when told None repeatedly (a NAT rebinding, R17).
+        """
+        binding = self.record.binding
+        return binding.path if binding is not None and binding.endpoint == endpoint else None
+
+    @property
+    def awaiting_confirmation(self) -> bool:
+        """BIRTH: the handshake is answered, and the client's first packet will confirm it."""
+        return self.record.state is S.BIRTH
+
     def snapshot(self, *, now: float) -> GatewaySnapshot:
         return GatewaySnapshot(
             now=now,
@@ -726,12 +743,8 @@ class GatewaySession(_SessionCore):
                     frame=event.frame,
                 )
             ]
-        if isinstance(event, ev.CloseRequested):
-            return [SendClose(reason=R.LOCAL_CLOSE), *self._transition(R.LOCAL_CLOSE, now)]
-        if isinstance(event, ev.PeerClosed):
-            return self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
-        if isinstance(event, ev.KeysExhausted):
-            return self._transition(R.KEY_EXHAUSTED, now)
+        if isinstance(event, ev.CloseRequested | ev.PeerClosed | ev.KeysExhausted):
+            return self._apply_ending(event, now)
         if isinstance(event, ev.OwnershipLost):
             return self._transition(R.OWNERSHIP_LOST, now)
         return []  # pragma: no cover - the input union is closed

@@ -236,16 +236,7 @@ class ClientRuntime:
         while trio.current_time() < give_up_at:
             path = order[attempt % len(order)]
             attempt += 1
-            sender_index = int.from_bytes(self._random_bytes(4), "big")
-            state, init = InitiatorHandshake.create(
-                self._static,
-                self._gateway_public,
-                sender_index=sender_index,
-                random_bytes=self._random_bytes,
-                wall_time_ns=self._wall_time_ns(),
-                path_id=path.path,
-            )
-            path.port.send_nowait(wire.encode_handshake_init(init), path.control_to)
+            state, sender_index = self._send_handshake_init(path)
             self.counters["handshake_sent"] += 1
             with trio.move_on_after(retry_s):
                 while True:
@@ -257,6 +248,21 @@ class ClientRuntime:
             f"no handshake answer from the gateway on {', '.join(p.name for p in order)} "
             f"within {self.policy.transport_loss_ttl_ms} ms"
         )
+
+    def _send_handshake_init(self, path: ClientPath, *, rekey: bool = False) -> tuple[InitiatorHandshake, int]:
+        """Send a HANDSHAKE_INIT on ``path``; a rekey names the session, so its SessionID stays (Property 5)."""
+        sender_index = int.from_bytes(self._random_bytes(4), "big")
+        state, init = InitiatorHandshake.create(
+            self._static,
+            self._gateway_public,
+            sender_index=sender_index,
+            random_bytes=self._random_bytes,
+            wall_time_ns=self._wall_time_ns(),
+            path_id=path.path,
+            rekey_session=self.session.record.session_id if rekey and self.session is not None else None,
+        )
+        path.port.send_nowait(wire.encode_handshake_init(init), path.control_to)
+        return state, sender_index
 
     def _try_response(
         self, state: InitiatorHandshake, sender_index: int, data: bytes, addr: Address, path: ClientPath
@@ -481,19 +487,9 @@ class ClientRuntime:
             if target is None:
                 await trio.sleep(retry_s)
                 continue
-            sender_index = int.from_bytes(self._random_bytes(4), "big")
-            state, init = InitiatorHandshake.create(
-                self._static,
-                self._gateway_public,
-                sender_index=sender_index,
-                random_bytes=self._random_bytes,
-                wall_time_ns=self._wall_time_ns(),
-                path_id=target.path,
-                rekey_session=self.session.record.session_id,
-            )
             done = trio.Event()
+            state, sender_index = self._send_handshake_init(target, rekey=True)
             self._pending_rekey = (state, sender_index, done)
-            target.port.send_nowait(wire.encode_handshake_init(init), target.control_to)
             with trio.move_on_after(retry_s):
                 await done.wait()
             result, self._rekey_result, self._pending_rekey = self._rekey_result, None, None

@@ -382,13 +382,12 @@ class GatewayRuntime:
             probe = wire.decode_probe_plaintext_untrusted(plaintext)
             served.learn(addr, port, probe.path_id, control=True)
             await self._alive(served, addr, probe.path_id, now)
-            binding = core.record.binding
             ack = wire.ProbeAck(
                 path_id=probe.path_id,
                 seq=probe.seq,
                 echo_sent_us=probe.sent_us,
                 gateway_state_version=core.record.version,
-                bound_path_id=binding.path if binding is not None and binding.endpoint == addr else None,
+                bound_path_id=core.bound_path_seen_from(addr),
             )
             self._send(served, addr, wire.MessageType.PROBE_ACK, wire.encode_probe_ack_plaintext(ack))
         elif kind is wire.MessageType.REATTACH:
@@ -421,11 +420,9 @@ class GatewayRuntime:
     async def _alive(self, served: ServedSession, addr: Address, path: PathId | None, now: float) -> None:
         """Tell the core the session is alive: at once while unconfirmed, then coalesced per interval."""
         core = served.core
-        binding = core.record.binding
-        unconfirmed = core.record.binding is None and core.record.version == 0
-        on_binding = binding is not None and binding.endpoint == addr
         interval = self.policy.probe_interval_ms / 1000.0
-        if path is None or not (unconfirmed or (on_binding and now - served.last_alive_report >= interval)):
+        due = core.accepts_data_from(addr) and now - served.last_alive_report >= interval
+        if path is None or not (core.awaiting_confirmation or due):
             return
         served.last_alive_report = now
         await self._inbox_send.send((now, served.session_id, ev.PacketAuthenticated(endpoint=addr, path=path)))

@@ -24,30 +24,13 @@ from pathlib import Path
 import attrs
 
 from jvpn_trio.core.actions import EmitEvent
-from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, GatewaySession
-from tests.pair import Pair
+from tests.pair import STORM_POLICY, Pair
 
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Pinned in full: the scenario must mean the same thing whatever the defaults become.
-POLICY = Policy(
-    max_recovery_window_ms=800,
-    max_switches_per_minute=4,
-    transport_loss_ttl_ms=2_000,
-    session_ttl_s=120,
-    loss_threshold_pct=20.0,
-    latency_threshold_ms=120.0,
-    jitter_threshold_ms=60.0,
-    probe_interval_ms=100,
-    probe_timeout_ms=200,
-    dead_after_missed_probes=3,
-    loss_window_probes=10,
-    min_dwell_ms=0,
-    return_dwell_ms=500,
-    reattach_timeout_ms=150,
-    freshness_window_ms=2_000,
-)
+POLICY = STORM_POLICY
 
 
 def _plain(value: object) -> object:
