@@ -62,35 +62,35 @@ def _cmd_states(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from jvpn_trio import app
+    from jvpn_trio.commands import serve
 
     config = load_gateway_config(args.config)
-    return trio.run(lambda: app.serve_gateway(config, record=args.record, quiet=args.quiet))
+    return trio.run(lambda: serve.serve_gateway(config, record=args.record, quiet=args.quiet))
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     import trio
 
-    from jvpn_trio import app
+    from jvpn_trio.commands import up
 
     config = load_client_config(args.config)
-    return trio.run(lambda: app.run_client(config, record=args.record, quiet=args.quiet, no_tui=args.no_tui))
+    return trio.run(lambda: up.run_client(config, record=args.record, quiet=args.quiet, no_tui=args.no_tui))
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    from jvpn_trio import lab
+    from jvpn_trio.lab import runner
 
-    return lab.main(args)
+    return runner.main(args)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from jvpn_trio import replay
+    from jvpn_trio.tools import replay
 
     return replay.main(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from jvpn_trio import demo
+    from jvpn_trio.lab import demo
 
     return demo.run(args)
 
@@ -104,7 +104,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import trio
 
     from jvpn_trio.drivers.control import ControlError, query_control
-    from jvpn_trio.status import render_status_text
+    from jvpn_trio.ui.status import render_status_text
 
     candidates = [args.socket] if args.socket else [s for s in DEFAULT_SOCKETS if os.path.exists(s)]
     if not candidates:
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short", action="store_true", help="the scenario's short form (for CI)")
     p.set_defaults(func=_cmd_demo)
 
-    from jvpn_trio import bench
+    from jvpn_trio.lab import bench
 
     p = sub.add_parser("bench", help="benchmark against a bare veth and OpenVPN in fresh namespace labs (root)")
     bench.add_arguments(p)
@@ -198,7 +198,7 @@ def pathlib_path(text: str) -> "os.PathLike[str]":
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "cannot run as asked" (one line, exit 2), imported lazily."""
-    from jvpn_trio.app import AppError
+    from jvpn_trio.commands.process import AppError
     from jvpn_trio.drivers.client import HandshakeFailed
     from jvpn_trio.drivers.control import ControlError
     from jvpn_trio.drivers.routes import RouteError

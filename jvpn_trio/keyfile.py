@@ -17,7 +17,7 @@ import binascii
 import os
 import stat
 
-from jvpn_trio.core.handshake import KEY_LEN, StaticKeypair, generate_static
+from jvpn_trio.core.noise import KEY_LEN, StaticKeypair, generate_static
 from jvpn_trio.core.ids import RandomBytes
 
 #: Length of a key's base64 text: 32 bytes -> 44 characters with padding.

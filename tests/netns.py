@@ -30,8 +30,8 @@ import attrs
 import pytest
 import trio
 
-from jvpn_trio.labnet import Lab, LabProcess, LabSpec, open_lab
-from jvpn_trio.traffic import traffic_argv
+from jvpn_trio.lab.netns import Lab, LabProcess, LabSpec, open_lab
+from jvpn_trio.lab.traffic import traffic_argv
 
 requires_root = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip"),
@@ -97,7 +97,7 @@ class Server:
 async def start_server(
     lab: Lab, ns: str, subcommand: str, listen: str, *args: str, tmp_path: Path, name: str
 ) -> Server:
-    """Start ``jvpn_trio.traffic <subcommand> --listen <listen>`` in ``ns`` and wait until it is ready.
+    """Start ``jvpn_trio.lab.traffic <subcommand> --listen <listen>`` in ``ns`` and wait until it is ready.
 
     Fails the test (with the tool's stderr) if the tool exits before it is ready; the caller's
     ``fail_after`` bounds the wait.
@@ -115,7 +115,7 @@ async def start_server(
 async def run_tool(
     lab: Lab, ns: str, subcommand: str, *args: str, tmp_path: Path, name: str
 ) -> tuple[int, dict[str, Any]]:
-    """Run ``jvpn_trio.traffic <subcommand> ... --report FILE`` in ``ns`` to completion: (exit code, report)."""
+    """Run ``jvpn_trio.lab.traffic <subcommand> ... --report FILE`` in ``ns`` to completion: (exit code, report)."""
     report = tmp_path / f"{name}.json"
     result = await lab.run(ns, *traffic_argv(subcommand, *args, "--report", str(report)), check=False)
     assert report.exists(), f"{subcommand} wrote no report: {result.stderr.decode()}"

@@ -4,7 +4,7 @@ Determinism: commands run in-process through ``cli.main([...])`` with
 captured output and a patched stdin; only ``--version`` runs as a real
 subprocess, to prove ``python -m jvpn_trio`` is wired up.  ``keygen`` reads
 the OS random source, so only its shape is asserted.  ``serve``/``up``/``status``
-run with the app and control-socket entry points replaced by fakes (no root,
+run with the composition roots and control-socket entry points replaced by fakes (no root,
 no TUN, no sockets), except one real ``status`` against a missing socket.
 """
 
@@ -22,8 +22,9 @@ import sys
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from jvpn_trio import __version__, app, cli
-from jvpn_trio.app import AppError
+from jvpn_trio import __version__, cli
+from jvpn_trio.commands import serve, up
+from jvpn_trio.commands.process import AppError
 from jvpn_trio.config import load_client_config, load_gateway_config
 from jvpn_trio.core.policy import DEFAULT_POLICY
 from jvpn_trio.core.states import render_markdown
@@ -33,7 +34,7 @@ from jvpn_trio.drivers.control import ControlError
 from jvpn_trio.drivers.routes import RouteError
 from jvpn_trio.drivers.tun import TunError
 from jvpn_trio.drivers.udp import PathSocketError
-from jvpn_trio.status import render_status_text
+from jvpn_trio.ui.status import render_status_text
 
 # A fixed, clamped-or-not private key: X25519 clamps on use, so any 32 bytes will do.
 PRIVATE = bytes(range(1, 33))
@@ -267,7 +268,7 @@ def test_python_dash_m_entry_point(capsys: pytest.CaptureFixture[str], monkeypat
 
 # -- serve / up / status, with the long-running parts replaced by fakes ----------------------------------
 #
-# These never touch TUN devices, routes or sockets: app.serve_gateway, app.run_client and
+# These never touch TUN devices, routes or sockets: serve.serve_gateway, up.run_client and
 # control.query_control are replaced, so only the CLI's own wiring and error mapping run.
 
 GATEWAY_TOML = """\
@@ -300,7 +301,7 @@ def test_serve_runs_the_gateway_with_the_loaded_config(
         calls.append((config, record, quiet))
         return 0
 
-    monkeypatch.setattr(app, "serve_gateway", fake_serve)
+    monkeypatch.setattr(serve, "serve_gateway", fake_serve)
     path = config_file(tmp_path, "gateway.toml", GATEWAY_TOML)
     trace = tmp_path / "trace.jsonl"
     code, out, err = run(["serve", "--config", str(path), "--record", str(trace), "--quiet"], capsys)
@@ -317,7 +318,7 @@ def test_up_runs_the_client_with_the_loaded_config(
         calls.append((config, record, quiet, no_tui))
         return 1
 
-    monkeypatch.setattr(app, "run_client", fake_run)
+    monkeypatch.setattr(up, "run_client", fake_run)
     path = config_file(tmp_path, "client.toml", CLIENT_TOML)
     code, _out, err = run(["up", "--config", str(path), "--no-tui"], capsys)
     assert (code, err) == (1, "")
@@ -361,7 +362,7 @@ def _raising_runner(exc: BaseException):  # type: ignore[no-untyped-def]
 def test_driver_errors_become_one_line_and_exit_2(
     exc: BaseException, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(app, "serve_gateway", _raising_runner(exc))
+    monkeypatch.setattr(serve, "serve_gateway", _raising_runner(exc))
     path = config_file(tmp_path, "gateway.toml", GATEWAY_TOML)
     code, out, err = run(["serve", "--config", str(path)], capsys)
     assert (code, out) == (2, "")
@@ -371,7 +372,7 @@ def test_driver_errors_become_one_line_and_exit_2(
 def test_handshake_failure_exits_2(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(app, "run_client", _raising_runner(HandshakeFailed("no handshake on any path within 5 s")))
+    monkeypatch.setattr(up, "run_client", _raising_runner(HandshakeFailed("no handshake on any path within 5 s")))
     path = config_file(tmp_path, "client.toml", CLIENT_TOML)
     code, _out, err = run(["up", "--config", str(path)], capsys)
     assert code == 2
@@ -386,7 +387,7 @@ def test_handshake_failure_exits_2(
 def test_unexpected_errors_are_not_swallowed(
     exc: BaseException, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app, "serve_gateway", _raising_runner(exc))
+    monkeypatch.setattr(serve, "serve_gateway", _raising_runner(exc))
     path = config_file(tmp_path, "gateway.toml", GATEWAY_TOML)
     with pytest.raises((RuntimeError, ExceptionGroup)):
         cli.main(["serve", "--config", str(path)])

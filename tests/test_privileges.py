@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jvpn_trio.app import missing_privilege
+from jvpn_trio.commands.process import missing_privilege
 from jvpn_trio.keyfile import generate_private_key_text, public_from_private_text, write_private_key
 
 MESSAGE = "jvpn-trio: needs root or CAP_NET_ADMIN to create TUN devices and routes (try sudo)"

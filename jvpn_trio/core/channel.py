@@ -18,9 +18,9 @@ from __future__ import annotations
 import attrs
 
 from jvpn_trio.core import wire
-from jvpn_trio.core.handshake import DecryptFailed, KeyExhausted, Keypair, KeyRing
+from jvpn_trio.core.keyring import DecryptFailed, KeyExhausted, Keypair, KeyRing
 from jvpn_trio.core.policy import Policy
-from jvpn_trio.core.replay import ReplayWindow
+from jvpn_trio.core.antireplay import ReplayWindow
 from jvpn_trio.core.states import ReasonCode
 
 

@@ -780,7 +780,6 @@ class GatewaySession(_SessionCore):
         return confirmed + self._judge_reattach(req, now)
 
     def _judge_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
-        rec = self.record
         verdict = validate_reattach(self._reattach_context(), req, self.policy, now=now)
         if isinstance(verdict, Accept):
             actions: list[Action] = []

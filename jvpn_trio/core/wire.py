@@ -33,7 +33,7 @@ metadata (up to :data:`MAX_METADATA`) vary.  Parsers of network bytes end in
 Encoders take validated message objects (attrs validators run at
 construction), so they cannot produce a frame the decoders would refuse.
 Integers are big-endian, except the AEAD nonce counter (little-endian, as in
-WireGuard; see ``handshake.aead_nonce``).
+WireGuard; see ``keyring.aead_nonce``).
 """
 
 from __future__ import annotations

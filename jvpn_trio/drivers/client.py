@@ -53,13 +53,8 @@ from jvpn_trio.core.actions import (
     Terminate,
 )
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
-from jvpn_trio.core.handshake import (
-    HandshakeError,
-    HandshakeResult,
-    InitiatorHandshake,
-    KeyExhausted,
-    StaticKeypair,
-)
+from jvpn_trio.core.noise import HandshakeError, HandshakeResult, InitiatorHandshake, StaticKeypair
+from jvpn_trio.core.keyring import KeyExhausted
 from jvpn_trio.core.ids import Binding, PathId, RandomBytes
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, ClientSnapshot

@@ -48,13 +48,8 @@ from jvpn_trio.core.actions import (
     Terminate,
 )
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
-from jvpn_trio.core.handshake import (
-    HandshakeError,
-    KeyExhausted,
-    PeerRecord,
-    ResponderHandshake,
-    StaticKeypair,
-)
+from jvpn_trio.core.noise import HandshakeError, PeerRecord, ResponderHandshake, StaticKeypair
+from jvpn_trio.core.keyring import KeyExhausted
 from jvpn_trio.core.ids import Binding, PathId, RandomBytes, SessionId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import GatewaySession, GatewaySnapshot

@@ -6,7 +6,7 @@ import pytest
 
 from jvpn_trio.core import wire
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
-from jvpn_trio.core.handshake import KeyExhausted, Keypair, KeyRing
+from jvpn_trio.core.keyring import KeyExhausted, Keypair, KeyRing
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode as R
 

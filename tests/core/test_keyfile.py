@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jvpn_trio import keyfile
-from jvpn_trio.core.handshake import StaticKeypair
+from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.keyfile import KeyFileError
 
 

@@ -1,5 +1,5 @@
 """Tests for drivers/ifaces.py: classification against fake sysfs trees, the pure candidate filter,
-and discovery on this machine and (root) in a lab built with the shared ``jvpn_trio.labnet``.
+and discovery on this machine and (root) in a lab built with the shared ``jvpn_trio.lab.netns``.
 
 Determinism rules: sysfs trees are built under ``tmp_path``; the lab (``jvnl<random>-cli``/``-gw``)
 is deleted on any exit; every I/O test runs under ``trio.fail_after``; the one wait for carrier
@@ -18,7 +18,7 @@ import trio
 from jvpn_trio.drivers.ifaces import Candidate, IfaceKind, LinkInfo, classify, discover, select_candidates
 from jvpn_trio.drivers.netlink import IFF_LOOPBACK, IFF_LOWER_UP, IFF_RUNNING, IFF_UP, read_link_states
 from jvpn_trio.drivers.routes import set_tun_address
-from jvpn_trio.labnet import Lab, LabSpec, open_lab
+from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
 from tests.netns import requires_lab
 
 IO_TIMEOUT_S = 10.0

@@ -1,6 +1,6 @@
 """Tests for drivers/netlink.py: decoding (no root) and real kernel events in a lab (root).
 
-Determinism rules: the root tests build a fresh lab with the shared ``jvpn_trio.labnet``
+Determinism rules: the root tests build a fresh lab with the shared ``jvpn_trio.lab.netns``
 (namespaces ``jvnl<random>-cli``/``-gw``, deleted on any exit), change its links with ``ip -n``
 or the lab's own ``link_down``/``link_up``, and wait for the resulting events under
 ``trio.fail_after``; nothing sleeps.  No packet is sent.
@@ -29,7 +29,7 @@ from jvpn_trio.drivers.netlink import (
     open_link_monitor,
     read_link_states,
 )
-from jvpn_trio.labnet import Lab, LabSpec, open_lab
+from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
 from tests.netns import requires_lab
 
 EVENT_TIMEOUT_S = 5.0

@@ -1,6 +1,6 @@
 """Tests for drivers/routes.py: values and plan checks (no root), and the real kernel (root).
 
-The root tests use a lab built with the shared ``jvpn_trio.labnet`` (namespaces
+The root tests use a lab built with the shared ``jvpn_trio.lab.netns`` (namespaces
 ``jvnl<random>-cli``/``-gw``, deleted on any exit) plus a pytun TUN moved into the client::
 
     client ns                                       gateway ns
@@ -48,7 +48,7 @@ from jvpn_trio.drivers.routes import (
     remove_tunnel_routes,
     set_tun_address,
 )
-from jvpn_trio.labnet import Lab, LabSpec, open_lab
+from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
 from tests.netns import requires_lab
 
 IO_TIMEOUT_S = 10.0

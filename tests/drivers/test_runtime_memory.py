@@ -14,13 +14,13 @@ import pytest
 import trio
 
 from jvpn_trio.core.actions import EmitEvent, EventKind
-from jvpn_trio.core.handshake import generate_static
+from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode, SessionState
 from jvpn_trio.drivers.client import ClientPath, ClientRuntime
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
-from jvpn_trio.drivers.ports import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
+from jvpn_trio.drivers.memory import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 
 GATEWAY = ("192.0.2.1", 51820)

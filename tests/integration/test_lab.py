@@ -28,7 +28,7 @@ import trio
 
 from jvpn_trio.core.actions import EmitEvent, EventKind, Role
 from jvpn_trio.core.states import ReasonCode
-from jvpn_trio.lab import (
+from jvpn_trio.lab.runner import (
     RELAY_MAC,
     VNET_HDR_BYTES,
     RunData,
@@ -43,11 +43,11 @@ from jvpn_trio.lab import (
     run_scenario,
     window_probes,
 )
-from jvpn_trio.audit import audit_lines
-from jvpn_trio.labnet import destroy_stale
-from jvpn_trio.labrun import ClockSample, estimate_offset
-from jvpn_trio.replay import DIVERGED, OK, replay_lines
-from jvpn_trio.scenario import load_scenario, scenario_from_mapping
+from jvpn_trio.tools.audit import audit_lines
+from jvpn_trio.lab.netns import destroy_stale
+from jvpn_trio.lab.processes import ClockSample, estimate_offset
+from jvpn_trio.tools.replay import DIVERGED, OK, replay_lines
+from jvpn_trio.lab.scenario import load_scenario, scenario_from_mapping
 from tests.netns import namespaces, requires_lab, unique_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,7 +178,7 @@ def synthetic_run(**changes: Any) -> RunData:
         index=i, at_s=at, path="wifi0", targets=("wifi0",), changes=change, note="",
         before={"wifi0": before}, after={"wifi0": after}, done=(f"wifi0: {change}",), started=at, finished=at + 0.01,
     )  # fmt: skip
-    from jvpn_trio.scenario import Impairment
+    from jvpn_trio.lab.scenario import Impairment
 
     up, down = Impairment(), Impairment(link_up=False)
     base: dict[str, Any] = dict(
@@ -348,9 +348,9 @@ def tamper_first_switch(lines: list[str]) -> tuple[list[str], int]:
 
 @requires_lab
 async def test_the_command_runs_dead_wifi_and_its_traces_replay_or_point_at_tampering(tmp_path: Path) -> None:
-    """``python -m jvpn_trio.lab --json`` end to end, then ``python -m jvpn_trio.replay`` on what it recorded."""
+    """``python -m jvpn_trio.lab.runner --json`` end to end, then ``python -m jvpn_trio.tools.replay`` on what it recorded."""
     workdir = tmp_path / "run"
-    argv = [sys.executable, "-m", "jvpn_trio.lab", "--scenario", str(SCENARIOS / "dead-wifi.toml"), "--short",
+    argv = [sys.executable, "-m", "jvpn_trio.lab.runner", "--scenario", str(SCENARIOS / "dead-wifi.toml"), "--short",
             "--json", "--workdir", str(workdir)]  # fmt: skip
     with trio.fail_after(RUN_BOUND_S):
         done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=str(ROOT))
@@ -370,7 +370,7 @@ async def test_the_command_runs_dead_wifi_and_its_traces_replay_or_point_at_tamp
         copy.write_text("\n".join(tampered) + "\n")
         with trio.fail_after(60):
             cli = await trio.run_process(
-                [sys.executable, "-m", "jvpn_trio.replay", str(copy)], capture_stdout=True, check=False, cwd=str(ROOT)
+                [sys.executable, "-m", "jvpn_trio.tools.replay", str(copy)], capture_stdout=True, check=False, cwd=str(ROOT)
             )
         assert cli.returncode == 1
         assert f"DIVERGED at line {line}" in cli.stdout.decode() and "to_path:" in cli.stdout.decode()
@@ -378,7 +378,7 @@ async def test_the_command_runs_dead_wifi_and_its_traces_replay_or_point_at_tamp
 
 @requires_lab
 async def test_sigterm_tears_the_lab_down(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "jvpn_trio.lab", "--scenario", str(SCENARIOS / "commute.toml"), "--short",
+    argv = [sys.executable, "-m", "jvpn_trio.lab.runner", "--scenario", str(SCENARIOS / "commute.toml"), "--short",
             "--workdir", str(tmp_path)]  # fmt: skip
     prefix = None
     with trio.fail_after(60):
@@ -404,8 +404,8 @@ async def test_sigterm_tears_the_lab_down(tmp_path: Path) -> None:
 
 @requires_lab
 async def test_a_link_down_at_start_up_is_known_down_at_once(tmp_path: Path) -> None:
-    from jvpn_trio.labnet import LabPath, LabSpec, open_lab
-    from jvpn_trio.labrun import start_tunnel
+    from jvpn_trio.lab.netns import LabPath, LabSpec, open_lab
+    from jvpn_trio.lab.processes import start_tunnel
 
     spec = LabSpec(
         prefix=unique_prefix(),

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import trio
 
-from jvpn_trio import traffic
-from jvpn_trio.labnet import Lab
-from jvpn_trio.traffic import (
+from jvpn_trio.lab import traffic
+from jvpn_trio.lab.netns import Lab
+from jvpn_trio.lab.traffic import (
     PATTERN_BLOCK_BYTES,
     BadProbe,
     Gap,
@@ -231,7 +231,7 @@ def test_cli_failure_is_one_line_and_still_reported(tmp_path: Path) -> None:
         "--connect-timeout", "0.2", "--report", str(report),
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("jvpn_trio.traffic tcp-source: ")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("jvpn_trio.lab.traffic tcp-source: ")
     data = read_json(report)
     assert data["bytes"] == 0 and data["reset"] is False and "refused" in data["error"]
 
@@ -243,7 +243,7 @@ def test_cli_rejects_bad_arguments() -> None:
 
 
 def test_module_runs_as_a_script() -> None:
-    assert traffic_argv("udp-ping")[:3] == [sys.executable, "-m", "jvpn_trio.traffic"]
+    assert traffic_argv("udp-ping")[:3] == [sys.executable, "-m", "jvpn_trio.lab.traffic"]
 
 
 # -----------------------------------------------------------------------------

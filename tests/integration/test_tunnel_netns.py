@@ -28,8 +28,8 @@ import trio
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers.client import CONTROL_PORT_OFFSET
-from jvpn_trio.labnet import Lab
-from jvpn_trio.traffic import longest_gap
+from jvpn_trio.lab.netns import Lab
+from jvpn_trio.lab.traffic import longest_gap
 from tests.integration.tunnel_lab import GATEWAY_TUNNEL, PORT, start_tunnel
 from tests.netns import lab, requires_lab, start_server  # noqa: F401  (lab is a fixture)
 
@@ -100,13 +100,13 @@ async def test_tcp_survives_every_fault_and_replay_is_rejected(lab: Lab, tmp_pat
         )
         tcp_source = await lab.start_process(
             lab.client_ns,
-            [py, "-m", "jvpn_trio.traffic", "tcp-source", "--connect", f"{GATEWAY_TUNNEL}:5001",
+            [py, "-m", "jvpn_trio.lab.traffic", "tcp-source", "--connect", f"{GATEWAY_TUNNEL}:5001",
              "--rate-mbit", str(TCP_RATE_MBIT), "--duration", str(duration), "--report", str(tmp_path / "tcp-source.json")],
             stderr_path=tmp_path / "tcp-source.err",
         )
         probe_source = await lab.start_process(
             lab.client_ns,
-            [py, "-m", "jvpn_trio.traffic", "udp-probe-source", "--connect", f"{GATEWAY_TUNNEL}:5002",
+            [py, "-m", "jvpn_trio.lab.traffic", "udp-probe-source", "--connect", f"{GATEWAY_TUNNEL}:5002",
              "--hz", "100", "--duration", str(duration), "--report", str(tmp_path / "probe-source.json")],
             stderr_path=tmp_path / "probe-source.err",
         )

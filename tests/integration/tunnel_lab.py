@@ -1,12 +1,12 @@
 """Running real gateway and client processes in a lab: configs, start-up, status, event logs.
 
-The helpers live in the product now (``jvpn_trio.labrun``, shared with ``jvpn-trio lab``); this
+The helpers live in the product now (``jvpn_trio.lab.processes``, shared with ``jvpn-trio lab``); this
 module keeps the names the namespace tests import.
 """
 
 from __future__ import annotations
 
-from jvpn_trio.labrun import (
+from jvpn_trio.lab.processes import (
     CLIENT_TUNNEL,
     GATEWAY_TUNNEL,
     PORT,

@@ -1,6 +1,6 @@
 """ReplayWindow against a slow reference model (wireguard-go compares allowedips the same way).
 
-The model is the documented semantics of ``jvpn_trio.core.replay``, written
+The model is the documented semantics of ``jvpn_trio.core.antireplay``, written
 the obvious way with a Python set::
 
     accept(c) iff 0 <= c < COUNTER_LIMIT and c not in seen
@@ -14,7 +14,7 @@ from __future__ import annotations
 import attrs
 from hypothesis import given, strategies as st
 
-from jvpn_trio.core.replay import BLOCK_BITS, COUNTER_LIMIT, ReplayWindow
+from jvpn_trio.core.antireplay import BLOCK_BITS, COUNTER_LIMIT, ReplayWindow
 
 SIZES = st.sampled_from([2048, 2048 + 64, 4096, 8192])
 

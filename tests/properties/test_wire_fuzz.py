@@ -23,9 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jvpn_trio.core import handshake as hs
+from jvpn_trio.core import noise as hs
 from jvpn_trio.core import wire
-from jvpn_trio.core.handshake import DecryptFailed, HandshakeError, KeyRing, PeerRecord, ResponderHandshake
+from jvpn_trio.core.noise import HandshakeError, PeerRecord, ResponderHandshake
+from jvpn_trio.core.keyring import DecryptFailed, Keypair, KeyRing
 from jvpn_trio.core.ids import PathId, SessionId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.wire import BadFrame, MessageType
@@ -288,7 +289,7 @@ def test_hostile_responses_raise_only_handshake_error(resp: wire.HandshakeResp) 
 def _ring() -> KeyRing:
     ring = KeyRing(Policy())
     ring.install_next(
-        hs.Keypair(
+        Keypair(
             send_key=bytes(32), recv_key=bytes(range(32)), local_index=7, remote_index=9, is_initiator=False, created_at=0.0
         )
     )

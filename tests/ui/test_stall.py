@@ -37,13 +37,13 @@ import trio
 from rich.console import Console
 
 from jvpn_trio.core.actions import EmitEvent, EventKind, Role
-from jvpn_trio.core.handshake import generate_static
+from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.drivers.client import ClientPath, ClientRuntime
 from jvpn_trio.drivers.event_sink import open_event_sink
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
-from jvpn_trio.drivers.ports import MemoryNetwork, MemoryPacketPort
+from jvpn_trio.drivers.memory import MemoryNetwork, MemoryPacketPort
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.ui.app import LiveUi, run_ui
 

@@ -41,7 +41,7 @@ def test_demo_shows_a_switch_and_quits_cleanly_on_q(tmp_path: pathlib.Path) -> N
     exit_file = tmp_path / "exit"
     events = tmp_path / "events.jsonl"
     command = (
-        f"cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} -m jvpn_trio.demo --short "
+        f"cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} -m jvpn_trio.lab.demo --short "
         f"--events {shlex.quote(str(events))}; echo EXIT=$? > {shlex.quote(str(exit_file))}"
     )
     started = tmux(socket, "new-session", "-d", "-x", "100", "-y", "32", "sh", "-c", command)

@@ -1,4 +1,4 @@
-"""Scripted fault timelines (``examples/scenarios/*.toml``), shared by the demo and the lab.
+"""Scripted fault timelines (``scenarios/*.toml``, shipped with the package), shared by the demo and the lab.
 
 A scenario names its paths (with a baseline impairment each) and a list of
 steps: at time ``at_s`` set some impairment of one path (or of every path
@@ -262,3 +262,12 @@ def scenario_from_mapping(data: Mapping[str, Any], *, source: str) -> Scenario:
 
 def load_scenario(path: str | pathlib.Path) -> Scenario:
     return scenario_from_mapping(read_toml(path), source=str(path))
+
+
+#: The scenarios shipped with the package (``examples/scenarios`` in a checkout links here).
+SCENARIO_DIR = pathlib.Path(__file__).resolve().parent / "scenarios"
+
+
+def shipped_scenario(name: str) -> pathlib.Path:
+    """The path of a scenario shipped with the package, e.g. ``shipped_scenario("demo")``."""
+    return SCENARIO_DIR / f"{name}.toml"

@@ -20,14 +20,14 @@ import struct
 import pytest
 import trio
 
-from jvpn_trio import demo
+from jvpn_trio.lab import demo
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import EmitEvent, EventKind, Role
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.states import ReasonCode, SessionState
-from jvpn_trio.scenario import Impairment, load_scenario
+from jvpn_trio.lab.scenario import Impairment, load_scenario
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 async def test_short_demo_passes_every_state_and_switches(tmp_path: pathlib.Path) -> None:

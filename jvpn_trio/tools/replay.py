@@ -848,7 +848,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _standalone(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jvpn_trio.replay", description="Replay a recorded trace through the core.")
+    parser = argparse.ArgumentParser(prog="jvpn_trio.tools.replay", description="Replay a recorded trace through the core.")
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

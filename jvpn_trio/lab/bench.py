@@ -14,7 +14,7 @@ system always goes first, and each figure is the median over the rounds.  The ra
 systems (same run, same rounds) are the result; the absolute numbers describe this machine
 at this moment.
 
-Each system has its own fresh lab (:func:`jvpn_trio.labnet.open_lab`: a client and a gateway
+Each system has its own fresh lab (:func:`jvpn_trio.lab.netns.open_lab`: a client and a gateway
 namespace joined by eth0 / wifi0 / lte0 with route metrics 10 / 20 / 30, the gateway's /32 on
 its loopback: the topology of ``peers.md``).  The labs are torn down at the end, however the
 run ends.  While one system is measured the other tunnels sit idle; the CPU they use meanwhile
@@ -31,9 +31,9 @@ Measurements:
    wall seconds = cores.  The memory figure is the peak RSS (``VmHWM`` in
    ``/proc/<pid>/status``) at the end of the run.
 2. *Outage* (tunnels only), ``--runs`` times for each fault, link down and blackhole: a 100 Hz
-   UDP probe stream (``jvpn_trio.traffic``) runs from the client namespace through the tunnel;
+   UDP probe stream (``jvpn_trio.lab.traffic``) runs from the client namespace through the tunnel;
    once probes arrive, the fault is put on the path the tunnel is using, held for
-   ``--fault-seconds``, then removed.  The outage is :func:`jvpn_trio.traffic.longest_gap` of
+   ``--fault-seconds``, then removed.  The outage is :func:`jvpn_trio.lab.traffic.longest_gap` of
    the probe arrivals within ``[fault applied, fault removed]``.  If no probe got through
    after the fault until it was removed, the system did not recover by itself: the figure is
    then a lower bound, shown as ``> x``.  The median run is reported (for an even count the
@@ -80,9 +80,9 @@ import attrs
 import trio
 
 from jvpn_trio import __version__
-from jvpn_trio import labrun
-from jvpn_trio.labnet import Lab, LabError, LabProcess, LabSpec, open_lab
-from jvpn_trio.traffic import format_endpoint, longest_gap, traffic_argv
+from jvpn_trio.lab import processes as labrun
+from jvpn_trio.lab.netns import Lab, LabError, LabProcess, LabSpec, open_lab
+from jvpn_trio.lab.traffic import format_endpoint, longest_gap, traffic_argv
 
 # -----------------------------------------------------------------------------
 # Settings and named constants
@@ -1334,7 +1334,7 @@ def parse_systems(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``jvpn-trio bench`` (shared by the CLI and ``python -m jvpn_trio.bench``)."""
+    """The options of ``jvpn-trio bench`` (shared by the CLI and ``python -m jvpn_trio.lab.bench``)."""
     parser.add_argument(
         "--quick", action="store_true",
         help=f"short version: {QUICK_RUNS} round, {QUICK_IPERF_S:g} s iperf3 tests, {QUICK_FAULT_S:g} s faults",

@@ -1,12 +1,12 @@
 """Traffic tools for the lab: each runs as its own process inside a namespace.
 
-    python -m jvpn_trio.traffic tcp-sink   --listen 10.99.0.1:5001 --report sink.json [--ready FILE]
-    python -m jvpn_trio.traffic tcp-source --connect 10.99.0.1:5001 --bytes N --rate-mbit R --report src.json
-    python -m jvpn_trio.traffic udp-probe-sink   --listen 10.99.0.1:5002 --report sink.json [--ready FILE]
+    python -m jvpn_trio.lab.traffic tcp-sink   --listen 10.99.0.1:5001 --report sink.json [--ready FILE]
+    python -m jvpn_trio.lab.traffic tcp-source --connect 10.99.0.1:5001 --bytes N --rate-mbit R --report src.json
+    python -m jvpn_trio.lab.traffic udp-probe-sink   --listen 10.99.0.1:5002 --report sink.json [--ready FILE]
                                                  [--first-probe FILE]
-    python -m jvpn_trio.traffic udp-probe-source --connect 10.99.0.1:5002 --hz 100 --duration 5 --report src.json
-    python -m jvpn_trio.traffic udp-echo --listen 10.99.0.1:5003 [--ready FILE]
-    python -m jvpn_trio.traffic udp-ping --connect 10.99.0.1:5003 [--device eth0]
+    python -m jvpn_trio.lab.traffic udp-probe-source --connect 10.99.0.1:5002 --hz 100 --duration 5 --report src.json
+    python -m jvpn_trio.lab.traffic udp-echo --listen 10.99.0.1:5003 [--ready FILE]
+    python -m jvpn_trio.lab.traffic udp-ping --connect 10.99.0.1:5003 [--device eth0]
 
 Theory of operation
 -------------------
@@ -49,7 +49,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 import attrs
 import trio
 
-PROG = "jvpn_trio.traffic"
+PROG = "jvpn_trio.lab.traffic"
 
 #: One block of the TCP pattern; the source generates one at a time.
 PATTERN_BLOCK_BYTES = 64 * 1024
@@ -739,8 +739,8 @@ async def run_udp_ping(
 
 
 def traffic_argv(subcommand: str, *args: str) -> list[str]:
-    """The argv that runs ``python -m jvpn_trio.traffic <subcommand> <args>`` with this interpreter."""
-    return [sys.executable, "-m", "jvpn_trio.traffic", subcommand, *args]
+    """The argv that runs ``python -m jvpn_trio.lab.traffic <subcommand> <args>`` with this interpreter."""
+    return [sys.executable, "-m", "jvpn_trio.lab.traffic", subcommand, *args]
 
 
 async def _write_text(path: str, text: str) -> None:

@@ -1,6 +1,6 @@
 """Auditing event logs: does what a client or gateway logged prove that the invariants held?
 
-    python -m jvpn_trio.audit client-events.jsonl [gateway-events.jsonl ...] [--policy FILE] [--json]
+    python -m jvpn_trio.tools.audit client-events.jsonl [gateway-events.jsonl ...] [--policy FILE] [--json]
 
 Theory of operation
 -------------------
@@ -777,12 +777,12 @@ def render_text(name: str, report: AuditReport) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jvpn_trio.audit LOG...``: exit 0 if every log passes, 1 if not, 2 if unreadable."""
+    """``python -m jvpn_trio.tools.audit LOG...``: exit 0 if every log passes, 1 if not, 2 if unreadable."""
     from jvpn_trio.config import ConfigError
     from jvpn_trio.core.policy import DEFAULT_POLICY
-    from jvpn_trio.replay import load_policy_any
+    from jvpn_trio.tools.replay import load_policy_any
 
-    parser = argparse.ArgumentParser(prog="jvpn_trio.audit", description="Check event logs against the invariants.")
+    parser = argparse.ArgumentParser(prog="jvpn_trio.tools.audit", description="Check event logs against the invariants.")
     parser.add_argument("logs", nargs="+", metavar="LOG", help="event log (JSON lines)")
     parser.add_argument(
         "--policy", metavar="FILE",
@@ -794,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy = load_policy_any(args.policy) if args.policy else DEFAULT_POLICY
         reports = {name: audit_file(name, policy=policy) for name in args.logs}
     except (ConfigError, OSError) as exc:
-        print(f"jvpn_trio.audit: {exc}", file=sys.stderr)
+        print(f"jvpn_trio.tools.audit: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({name: r.to_json() for name, r in reports.items()}, sort_keys=True))

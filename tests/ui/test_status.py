@@ -28,7 +28,7 @@ from jvpn_trio.core.session import (
 )
 from jvpn_trio.core.states import ReasonCode as R
 from jvpn_trio.core.states import SessionState as S
-from jvpn_trio.status import client_status, gateway_status, render_status_text
+from jvpn_trio.ui.status import client_status, gateway_status, render_status_text
 
 P1, P2, P3 = PathId(1), PathId(2), PathId(3)
 SID = SessionId(bytes(range(16)))

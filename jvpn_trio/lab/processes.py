@@ -5,7 +5,7 @@ Used by ``jvpn-trio lab`` (``lab.py``) and by the namespace tests
 ``jvpn-trio serve`` in the gateway namespace and ``jvpn-trio up`` in the client namespace
 (both recording their traces with ``--record``), waits for the session through the client's
 control socket, and reads back what they logged.  Every process is started through
-:meth:`jvpn_trio.labnet.Lab.start_process`, so the lab terminates it at teardown at the latest;
+:meth:`jvpn_trio.lab.netns.Lab.start_process`, so the lab terminates it at teardown at the latest;
 every wait here is unbounded by design and bounded by the caller (``trio.fail_after``).
 
 File layout of a run directory::
@@ -15,7 +15,7 @@ File layout of a run directory::
     gateway-events.jsonl client-events.jsonl event logs (docs/events.md)
     gateway.trace.jsonl client.trace.jsonl   recordings for `jvpn-trio replay`
     gateway.err client.err                   the processes' stderr
-    <tool>.ready/.json/.err                  traffic tools (jvpn_trio.traffic)
+    <tool>.ready/.json/.err                  traffic tools (jvpn_trio.lab.traffic)
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from jvpn_trio.core.actions import EmitEvent
 from jvpn_trio.core.policy import DEFAULT_POLICY
 from jvpn_trio.drivers.control import ControlError, query_control
 from jvpn_trio.keyfile import generate_private_key_text, public_from_private_text, write_private_key
-from jvpn_trio.labnet import Lab, LabProcess
-from jvpn_trio.traffic import traffic_argv
+from jvpn_trio.lab.netns import Lab, LabProcess
+from jvpn_trio.lab.traffic import traffic_argv
 
 GATEWAY_TUNNEL = "10.66.0.1"
 CLIENT_TUNNEL = "10.66.0.2"
@@ -206,7 +206,7 @@ async def start_tunnel(lab: Lab, directory: Path, *, policy: Mapping[str, Any], 
 
 
 # -----------------------------------------------------------------------------
-# Traffic tools (jvpn_trio.traffic), started in the background
+# Traffic tools (jvpn_trio.lab.traffic), started in the background
 # -----------------------------------------------------------------------------
 
 
@@ -235,7 +235,7 @@ class Tool:
 async def start_tool(
     lab: Lab, ns: str, subcommand: str, *args: str, directory: Path, name: str, listen: str | None = None
 ) -> Tool:
-    """Start ``python -m jvpn_trio.traffic <subcommand> ...`` in ``ns``.
+    """Start ``python -m jvpn_trio.lab.traffic <subcommand> ...`` in ``ns``.
 
     A server (``listen`` given) is started with ``--ready`` and this returns only once it is
     listening; TunnelError if it exits first.  The caller bounds the wait.

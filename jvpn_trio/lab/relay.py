@@ -52,7 +52,7 @@ at once with nothing queued ahead of it skips the heap.  Nothing here waits
 on the network: sends are ``send_nowait`` and a failed send is counted.
 
 Time is ``trio.current_time()``, so under Trio's mock clock the relay is
-exactly deterministic; with in-memory ports (``ports.MemoryNetwork``) a test
+exactly deterministic; with in-memory ports (``memory.MemoryNetwork``) a test
 can assert arrival times to the microsecond.
 """
 
@@ -71,7 +71,7 @@ import trio
 from jvpn_trio.drivers import udp
 from jvpn_trio.drivers.ports import Address, DatagramPort
 from jvpn_trio.errors import lone_exception_unwrapped
-from jvpn_trio.scenario import Impairment
+from jvpn_trio.lab.scenario import Impairment
 
 __all__ = [
     "DEFAULT_QUEUE_LIMIT",

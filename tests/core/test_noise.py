@@ -23,24 +23,21 @@ from typing import Any
 import attrs
 import pytest
 
-from jvpn_trio.core import handshake as hs
+from jvpn_trio.core import noise as hs
 from jvpn_trio.core import wire
-from jvpn_trio.core.handshake import (
-    DecryptFailed,
+from jvpn_trio.core.ids import PathId, SessionId
+from jvpn_trio.core.keyring import KeyRing, aead_nonce
+from jvpn_trio.core.noise import (
     HandshakeError,
     HandshakeResult,
     InitiatorHandshake,
-    Keypair,
-    KeyExhausted,
-    KeyRing,
     PeerRecord,
     ResponderHandshake,
     StaticKeypair,
 )
-from jvpn_trio.core.ids import PathId, SessionId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode
-from jvpn_trio.core.wire import HandshakeInit, HandshakeResp, MessageType, TransportHeader
+from jvpn_trio.core.wire import HandshakeInit, HandshakeResp, MessageType
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "handshake.json"
 
@@ -167,7 +164,7 @@ def test_tai64n_layout_and_order() -> None:
 
 
 def test_aead_nonce_is_zero_prefix_and_little_endian_counter() -> None:
-    assert hs.aead_nonce(0x0102) == bytes(4) + bytes.fromhex("0201000000000000")
+    assert aead_nonce(0x0102) == bytes(4) + bytes.fromhex("0201000000000000")
 
 
 def test_static_keypair_derives_public_and_hides_private() -> None:
@@ -366,185 +363,6 @@ def test_initiator_refuses_a_rekey_answered_with_another_session() -> None:
     rogue = attrs.evolve(responder, rekey_session=None)  # a responder that ignores the rule
     resp, _ = answer(rogue, session_id=SessionId(bytes(range(16))))
     assert error_reason(state.consume_response, resp) is ReasonCode.SESSION_MISMATCH
-
-
-# ---------------------------------------------------------------------------
-# Key ring
-# ---------------------------------------------------------------------------
-
-
-def rings(policy: Policy = POLICY, *, now: float = 0.0) -> tuple[KeyRing, KeyRing, HandshakeResult, HandshakeResult]:
-    _, _, ini, res = full_handshake()
-    client, gateway = KeyRing(policy), KeyRing(policy)
-    client.install_current(ini.keypair(created_at=now))
-    gateway.install_next(res.keypair(created_at=now))
-    return client, gateway, ini, res
-
-
-def send(ring: KeyRing, payload: bytes = b"ping", msg_type: MessageType = MessageType.DATA) -> wire.TransportFrame:
-    return wire.decode_transport_untrusted(wire.encode(ring.seal_frame(msg_type, payload)))
-
-
-def test_responder_promotes_next_only_on_an_authenticated_packet() -> None:
-    client, gateway, _, res = rings()
-    assert gateway.current is None and gateway.next is not None
-    with pytest.raises(KeyExhausted):
-        gateway.next_send_counter()  # cannot send before the initiator confirmed
-    frame = send(client)
-    forged = attrs.evolve(frame, ciphertext=flip(frame.ciphertext))
-    with pytest.raises(DecryptFailed) as info:
-        gateway.open_frame(forged, now=1.0)
-    assert info.value.reason is ReasonCode.DECRYPT_FAILED
-    assert gateway.current is None and gateway.next is not None  # a forgery promotes nothing
-    plaintext, keypair = gateway.open_frame(frame, now=1.0)
-    assert plaintext == b"ping" and keypair.local_index == res.local_index
-    assert gateway.current is keypair and gateway.next is None
-    reply = send(gateway, b"pong")
-    assert reply.header.receiver_index == INIT_INDEX
-    assert client.open_frame(reply, now=1.0)[0] == b"pong"
-
-
-def test_header_is_authenticated() -> None:
-    client, gateway, _, _ = rings()
-    frame = send(client)
-    for header in (
-        attrs.evolve(frame.header, counter=frame.header.counter + 1),
-        attrs.evolve(frame.header, msg_type=MessageType.CLOSE),
-    ):
-        with pytest.raises(DecryptFailed):
-            gateway.open(header, frame.ciphertext, now=0.0)
-
-
-def test_unknown_index_is_a_stray_packet() -> None:
-    client, gateway, _, _ = rings()
-    frame = send(client)
-    with pytest.raises(DecryptFailed) as info:
-        gateway.open(attrs.evolve(frame.header, receiver_index=12345), frame.ciphertext, now=0.0)
-    assert info.value.reason is ReasonCode.STRAY_PACKET
-    assert "12345" in str(info.value)
-
-
-def test_counters_advance_and_sealing_checks_the_index() -> None:
-    client, _, _, _ = rings()
-    assert [client.next_send_counter() for _ in range(3)] == [0, 1, 2]
-    assert send(client).header.counter == 3
-    with pytest.raises(ValueError):
-        client.seal(b"x", TransportHeader(msg_type=MessageType.DATA, receiver_index=1, counter=9))
-    empty = KeyRing(POLICY)
-    with pytest.raises(KeyExhausted):
-        empty.seal(b"x", TransportHeader(msg_type=MessageType.DATA, receiver_index=1, counter=0))
-    with pytest.raises(KeyExhausted):
-        empty.seal_frame(MessageType.DATA, b"x")
-    with pytest.raises(ValueError):
-        client.seal_frame(MessageType.PROBE, b"too short")
-    assert client.next_send_counter() == 4  # the refused frame spent no counter
-
-
-def test_rekey_keeps_previous_keys_open_for_packets_in_flight() -> None:
-    client, gateway, _, _ = rings()
-    gateway.open_frame(send(client), now=0.0)
-    in_flight_up = send(client)  # sealed with the old keys, delivered after the rekey
-    in_flight_down = send(gateway, b"down")
-
-    new_init, new_resp = 0x33333333, 0x44444444
-    _, _, ini2, res2 = full_handshake(
-        rekey_session=SID, random_bytes=SeededRandom(b"second"), sender_index=new_init, responder_index=new_resp
-    )
-    old_client_current = client.current
-    client.install_current(ini2.keypair(created_at=10.0))
-    gateway.install_next(res2.keypair(created_at=10.0))
-    assert client.previous is old_client_current and client.current is not None
-    assert gateway.previous is None and gateway.current is not None  # the old keys still serve
-
-    assert client.open_frame(in_flight_down, now=11.0) == (b"down", old_client_current)
-    assert gateway.open_frame(in_flight_up, now=11.0)[0] == b"ping"
-    assert gateway.next is not None
-    gateway.open_frame(send(client, b"new"), now=11.0)  # first packet under the new keys
-    assert gateway.current is not None and gateway.current.local_index == new_resp
-    assert gateway.previous is not None and gateway.previous.local_index == RESP_INDEX
-    assert gateway.local_indices() == frozenset({new_resp, RESP_INDEX})
-    assert send(gateway).header.receiver_index == new_init
-
-
-def test_install_current_prefers_a_pending_next_as_previous() -> None:
-    _, _, ini, res = full_handshake()
-    ring = KeyRing(POLICY)
-    ring.install_next(res.keypair(created_at=0.0))
-    ring.install_current(ini.keypair(created_at=1.0))
-    assert ring.previous is not None and ring.previous.local_index == RESP_INDEX
-    assert ring.next is None and ring.current is not None and ring.current.local_index == INIT_INDEX
-    assert [kp.local_index for kp in ring.keypairs()] == [INIT_INDEX, RESP_INDEX]
-
-
-def test_needs_rekey_by_time_for_the_initiator_only() -> None:
-    client, gateway, _, _ = rings(now=100.0)
-    gateway.open_frame(send(client), now=100.0)
-    assert not client.needs_rekey(100.0 + POLICY.rekey_after_s - 0.001)
-    assert client.needs_rekey(100.0 + POLICY.rekey_after_s)
-    assert not gateway.needs_rekey(100.0 + POLICY.rekey_after_s)
-    assert not KeyRing(POLICY).needs_rekey(1e9)
-
-
-def test_needs_rekey_by_message_count_either_side() -> None:
-    policy = Policy(rekey_after_messages=2, reject_after_messages=4)
-    client, gateway, _, _ = rings(policy)
-    gateway.open_frame(send(client), now=0.0)
-    assert not client.needs_rekey(0.0)
-    send(client)
-    assert client.needs_rekey(0.0)
-    send(gateway)
-    assert not gateway.needs_rekey(0.0)
-    send(gateway)
-    assert gateway.needs_rekey(0.0)
-
-
-def test_expired_by_time_and_by_count() -> None:
-    client, _, _, _ = rings(now=5.0)
-    assert not client.expired(5.0 + POLICY.reject_after_s - 0.001)
-    assert client.expired(5.0 + POLICY.reject_after_s)
-    assert not KeyRing(POLICY).expired(1e9)
-    policy = Policy(rekey_after_messages=1, reject_after_messages=2)
-    client, _, _, _ = rings(policy)
-    client.next_send_counter()
-    assert not client.expired(0.0)
-    client.next_send_counter()
-    assert client.expired(0.0)
-
-
-def test_key_exhausted_at_reject_after_messages() -> None:
-    policy = Policy(rekey_after_messages=1, reject_after_messages=3)
-    client, _, _, _ = rings(policy)
-    assert [client.next_send_counter() for _ in range(3)] == [0, 1, 2]
-    with pytest.raises(KeyExhausted):
-        client.next_send_counter()
-    with pytest.raises(KeyExhausted):
-        client.seal_frame(MessageType.DATA, b"")
-    assert client.current is not None and client.current.send_counter == 3
-
-
-def test_open_refuses_expired_keys_and_counters_past_the_limit() -> None:
-    policy = Policy(rekey_after_messages=1, reject_after_messages=3)
-    client, gateway, _, _ = rings(policy)
-    frame = send(client)
-    with pytest.raises(DecryptFailed, match="reject_after_s"):
-        gateway.open_frame(frame, now=float(policy.reject_after_s))
-    with pytest.raises(DecryptFailed, match="reject_after_messages"):
-        gateway.open(attrs.evolve(frame.header, counter=3), frame.ciphertext, now=0.0)
-    assert gateway.next is not None  # nothing changed
-
-
-def test_drop_expired_frees_indices() -> None:
-    client, gateway, _, _ = rings(now=0.0)
-    assert gateway.drop_expired(POLICY.reject_after_s - 1.0) == frozenset()
-    assert gateway.drop_expired(float(POLICY.reject_after_s)) == frozenset({RESP_INDEX})
-    assert gateway.keypairs() == () and gateway.local_indices() == frozenset()
-
-
-def test_keypair_repr_hides_keys() -> None:
-    client, _, ini, _ = rings()
-    assert client.current is not None
-    assert ini.sending_key.hex() not in repr(client.current)
-    assert isinstance(client.current, Keypair) and client.current.age(3.0) == 3.0
 
 
 # ---------------------------------------------------------------------------

@@ -13,10 +13,10 @@ One process, one Trio run, real protocol end to end::
   client's public key, the client the gateway's;
 - the gateway listens on ``127.0.0.1:<ephemeral>``; each scenario path gets
   a client UDP socket on loopback and an impairment relay
-  (``drivers/relay.py``) in front of the gateway, so the gateway sees one
+  (``jvpn_trio/lab/relay.py``) in front of the gateway, so the gateway sees one
   endpoint per path, exactly as it would see one source address per
   interface;
-- the **scenario driver** applies the steps of ``examples/scenarios/*.toml``
+- the **scenario driver** applies the steps of a scenario (``lab/scenarios/*.toml``)
   at their times: it sets the relay's impairment and, for ``link`` steps,
   also submits ``LinkChanged`` to the client runtime, as netlink would for a
   real interface (a blackhole keeps the link up and is found by probing);
@@ -59,22 +59,22 @@ import trio_util
 from jvpn_trio.config import ConfigError
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import EmitEvent, EventKind, Role
-from jvpn_trio.core.handshake import generate_static
+from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers import udp
 from jvpn_trio.drivers.client import ClientPath, ClientRuntime, HandshakeFailed
 from jvpn_trio.drivers.event_sink import open_event_sink
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
-from jvpn_trio.drivers.ports import MemoryPacketPort
-from jvpn_trio.drivers.relay import Relay, describe_impairment, open_relay
+from jvpn_trio.drivers.memory import MemoryPacketPort
+from jvpn_trio.lab.relay import Relay, describe_impairment, open_relay
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.drivers.udp import PathSocketError
-from jvpn_trio.scenario import Impairment, Scenario, Step, load_scenario
+from jvpn_trio.lab.scenario import Impairment, Scenario, Step, load_scenario, shipped_scenario
 from jvpn_trio.ui.app import PlainPrinter, Screen, run_console, use_tui
 
 #: The scenario used without ``--scenario`` (a source checkout's examples directory).
-DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "examples" / "scenarios" / "demo.toml"
+DEFAULT_SCENARIO = shipped_scenario("demo")
 #: The gateway's tunnel address; the client is handed the first free one (10.66.0.2).
 GATEWAY_TUNNEL = ipaddress.IPv4Interface("10.66.0.1/24")
 LOOPBACK = "127.0.0.1"
@@ -527,7 +527,7 @@ def _print_summary(result: DemoResult, stream: TextIO) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` options, for a stand-alone parser or the ``jvpn-trio demo`` subcommand."""
-    parser.add_argument("--scenario", type=Path, metavar="FILE", help="scenario TOML (default: examples/scenarios/demo.toml)")
+    parser.add_argument("--scenario", type=Path, metavar="FILE", help="scenario TOML (default: the shipped demo scenario)")
     parser.add_argument("--duration", type=float, metavar="SECONDS", help="end after this long (default: the scenario's)")
     parser.add_argument("--no-tui", action="store_true", help="plain event lines instead of the live UI")
     parser.add_argument("--events", type=Path, metavar="FILE", help="also write every event to FILE (JSON lines, appended)")
@@ -551,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jvpn_trio.demo [options]``: the demo without the full CLI."""
+    """``python -m jvpn_trio.lab.demo [options]``: the demo without the full CLI."""
     parser = argparse.ArgumentParser(prog="jvpn-trio demo", description="the no-root demo on loopback")
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import trio
 
-from jvpn_trio import bench
-from jvpn_trio.bench import (
+from jvpn_trio.lab import bench
+from jvpn_trio.lab.bench import (
     BASELINE,
     BLACKHOLE,
     JVPN,

@@ -560,14 +560,14 @@ class Lab:
             errors.append(f"teardown did not finish within {TEARDOWN_TIMEOUT_S} s")
         if keep and self._created:
             print(
-                f"jvpn_trio.labnet: kept lab {self.spec.prefix}; remove it with: {self.removal_command()}",
+                f"jvpn_trio.lab.netns: kept lab {self.spec.prefix}; remove it with: {self.removal_command()}",
                 file=sys.stderr,
             )
         elif errors:
             message = f"lab {self.spec.prefix} teardown: {'; '.join(errors)}; to finish: {self.removal_command()}"
             if raise_errors:
                 raise LabError(message)
-            print(f"jvpn_trio.labnet: {message}", file=sys.stderr)
+            print(f"jvpn_trio.lab.netns: {message}", file=sys.stderr)
 
     # --- faults ----------------------------------------------------------------
 

@@ -1,159 +1,39 @@
-"""Composition roots for ``jvpn-trio serve`` and ``jvpn-trio up``: real sockets, TUN, routes.
+"""``jvpn-trio up``: the client's composition root (path sockets, routes, TUN, UI, control socket).
 
-These functions only wire drivers together; every decision is the core's.
-Resources are acquired in nested async context managers so that every exit
-path (an error, Ctrl-C, SIGTERM, the session ending) removes the TUN, the
-routes and the control socket again.
+It only wires drivers together; every decision is the core's.  Resources are
+acquired in nested async context managers so that every way out (an error,
+Ctrl-C, SIGTERM, the session ending) removes the TUN, the routes and the
+control socket again.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-import os
-import signal
 import socket
 import sys
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, TextIO
+from typing import Any, AsyncIterator
 
 import trio
 
-from jvpn_trio.config import DEFAULT_MTU, KIND_PRIORITY, ClientConfig, GatewayConfig
+from jvpn_trio.commands.process import EVENT_SINK_CAPACITY, AppError, close_on_signals, missing_privilege
+from jvpn_trio.config import DEFAULT_MTU, KIND_PRIORITY, ClientConfig
 from jvpn_trio.core import events as ev
-from jvpn_trio.core.actions import EmitEvent
-from jvpn_trio.core.handshake import StaticKeypair
+from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers import control, event_sink, ifaces, netlink, routes, tun, udp
-from jvpn_trio.drivers.client import ClientPath, ClientRuntime, control_endpoint
-from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
+from jvpn_trio.drivers.client import ClientPath, ClientRuntime
 from jvpn_trio.drivers.ports import PacketPort
 from jvpn_trio.drivers.recording import open_recorder
-from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
-from jvpn_trio.status import client_status, gateway_status
 from jvpn_trio.ui.app import run_console, use_tui
-from jvpn_trio.ui.lines import print_events
+from jvpn_trio.ui.status import client_status
 
-#: Events waiting for the log writer; beyond this they are dropped and counted.
-EVENT_SINK_CAPACITY = 4096
 #: Routing tables: the tunnel's, then one per path after it.
 TUNNEL_TABLE = 51820
-CAP_NET_ADMIN = 12
-
-
-class AppError(Exception):
-    """A reason the program cannot run as configured: one line for the user, exit code 2."""
-
-
-def missing_privilege(status_path: str = "/proc/self/status", tun_path: str = "/dev/net/tun") -> str | None:
-    """Why this process cannot create TUN devices and routes, or None if it can.
-
-    The capability decides, not the uid: root in a container may lack
-    CAP_NET_ADMIN, and a non-root process may have been granted it.
-    """
-    if not os.path.exists(tun_path):
-        return f"{tun_path} is missing (load the tun module or run where TUN devices exist)"
-    try:
-        with open(status_path, encoding="ascii") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    if int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
-                        return None
-                    break
-    except (OSError, ValueError):
-        if os.geteuid() == 0:
-            return None  # no /proc to ask: trust root, the TUN driver reports a refusal in one line
-    return "needs root or CAP_NET_ADMIN to create TUN devices and routes (try sudo)"
-
-
-async def _close_on_signals(submit: Callable[[], Any], cancel_scope: trio.CancelScope) -> None:
-    """SIGINT/SIGTERM: ask for an explicit close first; a second signal cancels at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        count = 0
-        async for _ in signals:
-            count += 1
-            if count == 1:
-                submit()
-            else:
-                cancel_scope.cancel()
-
-
-# =============================================================================
-# Gateway
-# =============================================================================
-
-
-async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, quiet: bool = False) -> int:
-    problem = missing_privilege()
-    if problem:
-        raise AppError(problem)
-    static = StaticKeypair(load_private_key(config.private_key_file))
-    peers = [
-        GatewayPeer(name=p.name, public=load_public_key_text(p.public_key), address=p.address) for p in config.peers
-    ]
-    async with AsyncExitStack() as stack:
-        sink = await stack.enter_async_context(
-            event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
-        )
-        recorder = await stack.enter_async_context(open_recorder(record))
-        runtime = GatewayRuntime(
-            policy=config.policy,
-            static=static,
-            peers=peers,
-            tunnel=config.tunnel_address,
-            store=MemoryOwnershipStore(),
-            node_id=config.node_id,
-            emit=sink.emit,
-            recorder=recorder,
-        )
-        ports, control_ports = [], []
-        for addr in config.listen:
-            family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-            ports.append(await stack.enter_async_context(udp.open_listener_socket(addr, family=family, gro=False)))
-            control_port = await stack.enter_async_context(
-                udp.open_listener_socket(control_endpoint(addr), family=family)
-            )
-            control_ports.append(control_port)
-        device = await stack.enter_async_context(
-            tun.open_tun(
-                config.tun_name,
-                address=str(config.tunnel_address.ip),
-                prefixlen=config.tunnel_address.network.prefixlen,
-                mtu=config.mtu,
-            )
-        )
-
-        async def status(_request: dict[str, Any]) -> dict[str, Any]:
-            value = runtime.status.value
-            snapshots = [s for s, _, _ in value.sessions] if value else []
-            return gateway_status(snapshots, node_id=config.node_id, counters=dict(runtime.counters))
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: control.serve_control(
-                    config.control_socket, control.command_handler({"status": status}), task_status=task_status
-                )
-            )
-            nursery.start_soon(_close_on_signals, nursery.cancel_scope.cancel, nursery.cancel_scope)
-            if not quiet:
-                nursery.start_soon(print_events, sink, sys.stdout)
-            await nursery.start(
-                lambda task_status: runtime.serve(
-                    ports, control_ports=control_ports, packets=device, task_status=task_status
-                )
-            )
-            if not quiet:
-                where = ", ".join(f"{h}:{p} (control {p + 1})" for h, p in config.listen)
-                print(f"jvpn-trio gateway {config.node_id} listening on {where}, tunnel {config.tunnel_address}", flush=True)
-    return 0
-
-
-# =============================================================================
-# Client
-# =============================================================================
 
 
 async def _client_paths(config: ClientConfig) -> list[tuple[str, str, int]]:
@@ -287,7 +167,7 @@ async def run_client(
                     )
                 )
             nursery.start_soon(
-                _close_on_signals, lambda: runtime.submit_nowait(ev.CloseRequested()), nursery.cancel_scope
+                close_on_signals, lambda: runtime.submit_nowait(ev.CloseRequested()), nursery.cancel_scope
             )
             reason = await runtime.run(packets=tunnel)
             nursery.cancel_scope.cancel()

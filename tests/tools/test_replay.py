@@ -23,17 +23,17 @@ import trio
 
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import Action
-from jvpn_trio.core.handshake import generate_static
+from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, GatewaySession
 from jvpn_trio.core.trace import SessionStart, encode_input, encode_outputs, encode_session_start
 from jvpn_trio.drivers.client import ClientPath, ClientRuntime, control_endpoint
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
-from jvpn_trio.drivers.ports import MemoryNetwork
+from jvpn_trio.drivers.memory import MemoryNetwork
 from jvpn_trio.drivers.recording import Recorder
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
-from jvpn_trio.replay import (
+from jvpn_trio.tools.replay import (
     DIVERGED,
     INCOMPLETE,
     MALFORMED,
@@ -47,8 +47,8 @@ from jvpn_trio.replay import (
 )
 from tests.pair import STORM_POLICY, Pair
 
-TRACES = Path(__file__).parent / "data" / "traces"
-ROOT_SCENARIOS = Path(__file__).resolve().parents[1] / "examples" / "scenarios"
+TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
+ROOT_SCENARIOS = Path(__file__).resolve().parents[2] / "examples" / "scenarios"
 GOLDEN = TRACES / "pair-storm.trace.jsonl"
 #: The same scenario recorded before Policy gained ``probe_timeout_floor_ms``.
 OLDER = TRACES / "pair-storm.before-probe-timeout-floor.trace.jsonl"

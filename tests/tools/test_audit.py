@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from jvpn_trio.audit import CHECKS, DEFAULT_TIMER_SLACK_S, AuditReport, audit_events, audit_lines, main, render_text
+from jvpn_trio.tools.audit import CHECKS, DEFAULT_TIMER_SLACK_S, AuditReport, audit_events, audit_lines, main, render_text
 from jvpn_trio.core.policy import Policy
 from tests.pair import STORM_POLICY, Pair
 
@@ -286,7 +286,7 @@ def test_garbage_lines_and_wrong_roles() -> None:
 
 
 def test_every_check_name_is_documented() -> None:
-    from jvpn_trio import audit as module
+    from jvpn_trio.tools import audit as module
 
     assert module.__doc__ is not None
     for name in CHECKS:

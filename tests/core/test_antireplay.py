@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from jvpn_trio.core.policy import Policy
-from jvpn_trio.core.replay import (
+from jvpn_trio.core.antireplay import (
     BLOCK_BITS,
     COUNTER_LIMIT,
     MIN_WINDOW_PACKETS,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from jvpn_trio.drivers.ports import MemoryDatagramPort, MemoryNetwork
-from jvpn_trio.drivers.relay import (
+from jvpn_trio.drivers.memory import MemoryDatagramPort, MemoryNetwork
+from jvpn_trio.lab.relay import (
     Lane,
     Relay,
     RelayStatistics,
@@ -22,7 +22,7 @@ from jvpn_trio.drivers.relay import (
     open_relay,
 )
 from jvpn_trio.drivers.udp import open_path_socket
-from jvpn_trio.scenario import Impairment
+from jvpn_trio.lab.scenario import Impairment
 
 CLIENT = ("198.51.100.2", 40001)
 FRONT = ("127.0.0.1", 50001)

@@ -1,7 +1,7 @@
 """``jvpn-trio lab``: a field scenario reproduced in network namespaces, measured and checked.
 
     jvpn-trio lab [--scenario FILE] [--short] [--json] [--keep] [--workdir DIR]
-    python -m jvpn_trio.lab ...                       (the same, without the CLI wrapper)
+    python -m jvpn_trio.lab.runner ...                       (the same, without the CLI wrapper)
 
 Theory of operation
 -------------------
@@ -11,7 +11,7 @@ route metric is the path's priority, and the client's ``[[path]]`` list is in sc
 so path id ``p<i>`` is the scenario's i-th path.  A real ``jvpn-trio serve`` and ``jvpn-trio up``
 run in them with TUN devices (``labrun.py``), both recording their traces (``--record``).
 
-*Conditions.*  A path's conditions are the scenario's :class:`~jvpn_trio.scenario.Impairment`
+*Conditions.*  A path's conditions are the scenario's :class:`~jvpn_trio.lab.scenario.Impairment`
 (link, blackhole, loss, delay, jitter, rate).  ``conditions_at(0)`` -- the baselines plus every
 step at ``at_s = 0`` -- are the *starting conditions*, installed before the session starts (so
 "Ethernet unplugged" at 0 means the laptop starts undocked); every later step is a *fault*,
@@ -90,12 +90,12 @@ import attrs
 import trio
 
 from jvpn_trio.errors import find_in_group
-from jvpn_trio.audit import AuditReport, audit_lines
+from jvpn_trio.tools.audit import AuditReport, audit_lines
 from jvpn_trio.config import ConfigError
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.states import SessionState
-from jvpn_trio.labnet import Lab, LabError, LabPath, LabSpec, open_lab
-from jvpn_trio.labrun import (
+from jvpn_trio.lab.netns import Lab, LabError, LabPath, LabSpec, open_lab
+from jvpn_trio.lab.processes import (
     GATEWAY_TUNNEL,
     ClockSample,
     Tool,
@@ -106,9 +106,9 @@ from jvpn_trio.labrun import (
     start_tool,
     start_tunnel,
 )
-from jvpn_trio.replay import ReplayResult, replay_lines
-from jvpn_trio.scenario import Impairment, Scenario, Step, load_scenario, scenario_from_mapping
-from jvpn_trio.traffic import longest_gap
+from jvpn_trio.tools.replay import ReplayResult, replay_lines
+from jvpn_trio.lab.scenario import Impairment, Scenario, Step, load_scenario, scenario_from_mapping
+from jvpn_trio.lab.traffic import longest_gap
 
 PROG = "jvpn-trio lab"
 REPORT_SCHEMA = "jvpn-trio/lab-report/1"
@@ -1333,7 +1333,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _standalone(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jvpn_trio.lab", description="Run a field scenario in a namespace lab.")
+    parser = argparse.ArgumentParser(prog="python -m jvpn_trio.lab.runner", description="Run a field scenario in a namespace lab.")
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

@@ -19,7 +19,7 @@ import attrs
 import pytest
 import trio
 
-from jvpn_trio.labnet import (
+from jvpn_trio.lab.netns import (
     DEFAULT_PATHS,
     Lab,
     LabError,
@@ -375,7 +375,7 @@ async def test_teardown_on_cancellation_kills_even_a_stubborn_process(tmp_path: 
 # Run in a child process: the lab is built, a process started, then the child interrupts itself.
 _CTRL_C_SCRIPT = """
 import os, signal, sys, trio
-from jvpn_trio.labnet import LabSpec, open_lab
+from jvpn_trio.lab.netns import LabSpec, open_lab
 
 async def main():
     async with open_lab(LabSpec(prefix=sys.argv[1])) as lab:
