@@ -65,6 +65,24 @@ PATH_KINDS = ("ethernet", "wifi", "lte")
 KIND_PRIORITY = {"ethernet": 10, "wifi": 20, "lte": 30}
 DEFAULT_PORT = 51820
 DEFAULT_MTU = 1420
+#: Handshakes, probes, REATTACH and CLOSE go to the gateway's data port plus this: a socket of
+#: their own, so a data flood that fills the data socket's queue cannot drown liveness probes.
+DEFAULT_CONTROL_PORT_OFFSET = 1
+
+
+def control_endpoint(data: tuple[str, int], offset: int) -> tuple[str, int]:
+    """The control endpoint that pairs with the data endpoint ``data``."""
+    return (data[0], data[1] + offset)
+
+
+def _control_offset(t: "_Table", data_ports: list[int]) -> int:
+    offset = t.get("control_port_offset", int, DEFAULT_CONTROL_PORT_OFFSET)
+    for port in data_ports:
+        if offset == 0 or not 0 < port + offset <= 65535:
+            raise ConfigError(
+                f"{t.where}.control_port_offset: {offset} with data port {port} gives no usable control port"
+            )
+    return offset
 
 
 def parse_endpoint(text: Any, *, where: str) -> tuple[str, int]:
@@ -145,6 +163,7 @@ class ClientConfig:
     private_key_file: pathlib.Path
     gateway_public_key: str
     gateway: tuple[str, int]
+    control_port_offset: int
     tun_name: str
     routes: tuple[ipaddress.IPv4Network, ...]
     paths: tuple[PathConfig, ...]
@@ -152,6 +171,10 @@ class ClientConfig:
     control_socket: pathlib.Path
     fwmark_base: int
     policy: Policy
+
+    @property
+    def gateway_control(self) -> tuple[str, int]:
+        return control_endpoint(self.gateway, self.control_port_offset)
 
 
 @attrs.frozen(kw_only=True)
@@ -165,6 +188,7 @@ class PeerConfig:
 class GatewayConfig:
     private_key_file: pathlib.Path
     listen: tuple[tuple[str, int], ...]
+    control_port_offset: int
     tun_name: str
     tunnel_address: ipaddress.IPv4Interface
     mtu: int
@@ -173,6 +197,11 @@ class GatewayConfig:
     control_socket: pathlib.Path
     node_id: str
     policy: Policy
+
+    @property
+    def control_listen(self) -> tuple[tuple[str, int], ...]:
+        """One control endpoint per data endpoint in ``listen``, in the same order."""
+        return tuple(control_endpoint(addr, self.control_port_offset) for addr in self.listen)
 
 
 def _policy_of(data: dict[str, Any], *, source: str) -> Policy:
@@ -195,6 +224,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     key_file = _relative(base, t.get("private_key_file", str, required=True))
     public = t.get("gateway_public_key", str, required=True)
     gateway = parse_endpoint(t.get("gateway", str, required=True), where=f"{t.where}.gateway")
+    control_offset = _control_offset(t, [gateway[1]])
     tun_name = t.get("tun_name", str, "jvpn0")
     routes = _networks(t.get("routes", list, ["0.0.0.0/0"]), where=f"{t.where}.routes")
     events = t.get("events_file", str, None)
@@ -223,6 +253,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
         private_key_file=key_file,
         gateway_public_key=public,
         gateway=gateway,
+        control_port_offset=control_offset,
         tun_name=tun_name,
         routes=routes,
         paths=tuple(paths),
@@ -244,6 +275,7 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     listen = tuple(
         parse_endpoint(e, where=f"{t.where}.listen") for e in t.get("listen", list, [f"0.0.0.0:{DEFAULT_PORT}"])
     )
+    control_offset = _control_offset(t, [port for _, port in listen])
     tun_name = t.get("tun_name", str, "jvpn-gw0")
     tunnel_address = _interface(t.get("tunnel_address", str, "10.66.0.1/24"), where=f"{t.where}.tunnel_address")
     mtu = t.get("mtu", int, DEFAULT_MTU)
@@ -286,6 +318,7 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     return GatewayConfig(
         private_key_file=key_file,
         listen=listen,
+        control_port_offset=control_offset,
         tun_name=tun_name,
         tunnel_address=tunnel_address,
         mtu=mtu,

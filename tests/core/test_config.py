@@ -260,6 +260,7 @@ def test_client_minimal_defaults(tmp_path: pathlib.Path) -> None:
         private_key_file=tmp_path.resolve() / "client.key",
         gateway_public_key="GATEWAYPUBLICKEY",
         gateway=("192.0.2.1", 51820),
+        control_port_offset=1,
         tun_name="jvpn0",
         routes=(ipaddress.IPv4Network("0.0.0.0/0"),),
         paths=(),
@@ -388,6 +389,7 @@ def test_gateway_minimal_defaults(tmp_path: pathlib.Path) -> None:
     assert cfg == GatewayConfig(
         private_key_file=tmp_path.resolve() / "gateway.key",
         listen=(("0.0.0.0", DEFAULT_PORT),),
+        control_port_offset=1,
         tun_name="jvpn-gw0",
         tunnel_address=ipaddress.IPv4Interface("10.66.0.1/24"),
         mtu=DEFAULT_MTU,
@@ -398,6 +400,25 @@ def test_gateway_minimal_defaults(tmp_path: pathlib.Path) -> None:
         policy=DEFAULT_POLICY,
     )
     assert (DEFAULT_PORT, DEFAULT_MTU) == (51820, 1420)
+    assert cfg.control_listen == (("0.0.0.0", DEFAULT_PORT + 1),)
+
+
+def test_control_port_offset_is_configurable_on_both_sides(tmp_path: pathlib.Path) -> None:
+    """The control socket is the data port + 1 unless both sides say otherwise."""
+    assert load_client_config(write(tmp_path, CLIENT_MINIMAL, "client.toml")).gateway_control == ("192.0.2.1", 51821)
+    client = CLIENT_MINIMAL + "control_port_offset = -100\n"
+    assert load_client_config(write(tmp_path, client, "client.toml")).gateway_control == ("192.0.2.1", 51720)
+    gateway = _gw("listen = ['0.0.0.0:4000', '[::]:5000']\ncontrol_port_offset = 10\n")
+    cfg = load_gateway_config(write(tmp_path, gateway, "gateway.toml"))
+    assert cfg.control_listen == (("0.0.0.0", 4010), ("::", 5010))
+
+
+@pytest.mark.parametrize("offset", [0, 65536, -51820])
+def test_a_control_offset_that_gives_no_port_is_rejected(tmp_path: pathlib.Path, offset: int) -> None:
+    _, message = client_error(tmp_path, CLIENT_MINIMAL + f"control_port_offset = {offset}\n")
+    assert f"[client].control_port_offset: {offset} with data port 51820 gives no usable control port" in message
+    _, message = gateway_error(tmp_path, _gw(f"control_port_offset = {offset}\n"))
+    assert f"[gateway].control_port_offset: {offset} with data port 51820" in message
 
 
 def test_gateway_full(tmp_path: pathlib.Path) -> None:
