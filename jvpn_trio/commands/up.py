@@ -30,10 +30,12 @@ from jvpn_trio.drivers.ports import PacketPort
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
 from jvpn_trio.ui.app import run_console, use_tui
-from jvpn_trio.ui.status import client_status
+from jvpn_trio.ui.status import client_status, statistics_counters
 
 #: Routing tables: the tunnel's, then one per path after it.
 TUNNEL_TABLE = 51820
+#: Prefix of the routing's counters in the status report.
+ROUTES_COUNTER_PREFIX = "routes."
 
 
 async def _client_paths(config: ClientConfig) -> list[tuple[str, str, int]]:
@@ -68,12 +70,11 @@ async def run_client(
         # Listen first, then read: no link change can fall between the two (netlink.py).
         monitor = await stack.enter_async_context(netlink.open_link_monitor())
         link_states = await netlink.read_link_states()
-        path_routes: dict[str, routes.PathRoute] = {}
+        path_routes: list[routes.PathRoute] = []
         client_paths: list[ClientPath] = []
         for i, (ifname, kind, priority) in enumerate(candidates):
             fwmark = config.fwmark_base + i + 1
-            pr = routes.PathRoute(ifname=ifname, table=TUNNEL_TABLE + i + 1, fwmark=fwmark)
-            path_routes[ifname] = pr
+            path_routes.append(routes.PathRoute(ifname=ifname, table=TUNNEL_TABLE + i + 1, fwmark=fwmark))
             family = socket.AF_INET6 if ":" in config.gateway[0] else socket.AF_INET
             bind = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
             sock = await stack.enter_async_context(
@@ -88,21 +89,22 @@ async def run_client(
                     priority=priority,
                     port=sock,
                     gateway=config.gateway,
+                    control=config.gateway_control,
                     link_up=bool(state and state.up),
                 )
             )
         tunnel_routes = routes.TunnelRoutes(
             tun_name=config.tun_name, prefixes=tuple(str(p) for p in config.routes), table=TUNNEL_TABLE
         )
-        routes.check_routing_plan(tunnel_routes, list(path_routes.values()))
-        installed = {}
-        for ifname, pr in path_routes.items():
-            try:
-                installed[ifname] = await routes.install_path_route(pr, gateway_address=gateway_host)
-            except routes.RouteError as exc:
-                print(f"jvpn-trio: path {ifname} not routable yet ({exc}); probing will tell", file=sys.stderr)
-                installed[ifname] = pr
-        stack.push_async_callback(_remove_path_routes, list(installed.values()))
+        routing = await stack.enter_async_context(
+            routes.open_routing(
+                tunnel=tunnel_routes,
+                paths=path_routes,
+                gateway_address=gateway_host,
+                defer_tunnel=True,  # the TUN exists only once the handshake assigned its address
+                best_effort=True,  # a path that is not routable yet is left to probing
+            )
+        )
         runtime = ClientRuntime(
             policy=config.policy,
             static=static,
@@ -117,25 +119,15 @@ async def run_client(
         async def tunnel(address: ipaddress.IPv4Interface) -> AsyncIterator[PacketPort]:
             async with tun.open_tun(
                 config.tun_name, address=str(address.ip), prefixlen=address.network.prefixlen, mtu=DEFAULT_MTU
-            ) as device:
-                done = await routes.install_tunnel_routes(tunnel_routes)
-                try:
-                    yield device
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(routes.CLEANUP_TIMEOUT_S):
-                        await routes.remove_tunnel_routes(done)
+            ) as device, routing.open_tunnel_routes():
+                yield device
 
         async def follow_links(monitor: netlink.LinkMonitor) -> None:
             async for item in monitor:
                 if isinstance(item, netlink.LinkEvent) and item.ifname in by_name:
                     runtime.submit_nowait(ev.LinkChanged(path=by_name[item.ifname], up=item.up))
                     if item.up:  # the kernel deleted the path's route when the link went down
-                        try:
-                            installed[item.ifname] = await routes.install_path_route(
-                                installed[item.ifname], gateway_address=gateway_host
-                            )
-                        except routes.RouteError:
-                            pass  # not routable yet: probes keep failing and say so
+                        await routing.reinstall_path(item.ifname)
                 elif isinstance(item, netlink.Resync):
                     states = await netlink.read_link_states()
                     for name, path in by_name.items():
@@ -146,7 +138,11 @@ async def run_client(
             value = runtime.status.value
             if value is None:
                 return {"role": "client", "state": "HANDSHAKING"}
-            return client_status(value.snapshot, counters=dict(value.counters))
+            return client_status(
+                value.snapshot,
+                statistics=value.statistics,
+                counters=statistics_counters(routing.statistics(), prefix=ROUTES_COUNTER_PREFIX),
+            )
 
         reason = ReasonCode.LOCAL_CLOSE
         async with trio.open_nursery() as nursery:
@@ -174,12 +170,3 @@ async def run_client(
     if not quiet:
         print(f"jvpn-trio: session ended: {reason.value}", file=sys.stderr)
     return 0 if reason is ReasonCode.LOCAL_CLOSE else 1
-
-
-async def _remove_path_routes(installed: list[routes.PathRoute]) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(routes.CLEANUP_TIMEOUT_S):
-        for pr in installed:
-            try:
-                await routes.remove_path_route(pr)
-            except routes.RouteError as exc:
-                print(f"jvpn-trio: could not remove the route for {pr.ifname}: {exc}", file=sys.stderr)

@@ -2,11 +2,10 @@
 
 Theory of operation
 -------------------
-:meth:`ClientRuntime.run` first handshakes with the gateway, trying the
-paths in priority order (``handshake_retry_ms`` each, until
-``transport_loss_ttl_ms`` runs out), then opens the packet port (the TUN,
-through a factory that knows the assigned address) and starts, in one
-nursery:
+:meth:`ClientRuntime.run` first handshakes with the gateway on the paths a
+:class:`~jvpn_trio.core.connect.HandshakePlanner` names, each until the
+deadline it gives, then opens the packet port (the TUN, through a factory
+that knows the assigned address) and starts, in one nursery:
 
 - the **supervisor** (:meth:`_supervise`): the only caller of the
   :class:`ClientSession`.  It reads ``(observed_at, input)`` pairs from one
@@ -15,7 +14,8 @@ nursery:
   out the actions.  Binding changes are a swap of one reference,
   ``self._active``: there is never a second one to forget;
 - one **receiver** per path: authenticates what arrives (``SecureChannel``),
-  writes DATA to the TUN, and turns control messages into inputs;
+  writes DATA to the TUN (before any other work), and turns control
+  messages into inputs;
 - one **prober** per path: an authenticated PROBE every ``probe_interval_ms``
   (``trio_util.periodic``); ``ProbeSent`` is queued *before* the datagram
   leaves so an ACK can never overtake it;
@@ -35,12 +35,15 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, AsyncContextManager, Callable
 
 import attrs
 import trio
 import trio_util
 
+from jvpn_trio import config
 from jvpn_trio.core import events as ev
 from jvpn_trio.core import wire
 from jvpn_trio.core.actions import (
@@ -53,6 +56,7 @@ from jvpn_trio.core.actions import (
     Terminate,
 )
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
+from jvpn_trio.core.connect import HandshakeCandidate, HandshakeGiveUp, HandshakePlanner
 from jvpn_trio.core.noise import HandshakeError, HandshakeResult, InitiatorHandshake, StaticKeypair
 from jvpn_trio.core.keyring import KeyExhausted
 from jvpn_trio.core.ids import Binding, PathId, RandomBytes
@@ -75,49 +79,100 @@ class HandshakeFailed(Exception):
     """The gateway did not complete a handshake on any path in time."""
 
 
-#: The gateway's control port is its data port plus this (see ``control_endpoint``).
-CONTROL_PORT_OFFSET = 1
-
-
-def control_endpoint(data: Address) -> Address:
-    """Where handshakes, probes, REATTACH and CLOSE go: the data port + 1.
-
-    A separate socket on the gateway has its own kernel queue, so a flood of
-    data that overflows the data socket cannot drown the probes that tell
-    whether the path is alive (the session would otherwise declare its own
-    busy path dead).  The client sends both from the same socket, so the
-    gateway sees one endpoint per path either way.
-    """
-    return (data[0], data[1] + CONTROL_PORT_OFFSET)
+def _default_control(path: ClientPath) -> Address:
+    return config.control_endpoint(path.gateway, config.DEFAULT_CONTROL_PORT_OFFSET)
 
 
 @attrs.frozen(kw_only=True)
 class ClientPath:
+    """One local interface towards the gateway.
+
+    Data goes to ``gateway``; handshakes, probes, REATTACH and CLOSE go to
+    ``control``, a socket of the gateway's own so that a data flood cannot
+    drown the probes that tell whether the path is alive.  Both are sent from
+    ``port``, so the gateway sees one endpoint per path either way.
+    """
+
     path: PathId
     name: str
     kind: str
     priority: int
     port: DatagramPort
     gateway: Address  # the gateway's data endpoint, as reached over this path
-    control: Address | None = None  # its control endpoint; None: ``control_endpoint(gateway)``
+    control: Address = attrs.field(default=attrs.Factory(_default_control, takes_self=True))
     link_up: bool = True  # the interface's state when the runtime starts (netlink), later LinkChanged
 
-    @property
-    def control_to(self) -> Address:
-        return self.control if self.control is not None else control_endpoint(self.gateway)
-
     def is_gateway(self, addr: Address) -> bool:
-        return addr == self.gateway or addr == self.control_to
+        return addr == self.gateway or addr == self.control
+
+
+_NO_COUNTS: Mapping[ReasonCode, int] = MappingProxyType({})
+
+
+@attrs.frozen(kw_only=True)
+class ClientStatistics:
+    """The client driver's counters at one moment (the session core keeps its own in its snapshot).
+
+    The mapping fields count by reason; a status report names each entry
+    ``<field>_<reason>`` (``drop_replayed_counter``), the other fields by their names.
+    """
+
+    tx_packets: int = 0  # packets from the TUN, sealed and sent on the active path
+    tx_bytes: int = 0
+    tx_dropped_unbound: int = 0  # packets from the TUN while no path was bound
+    rx_packets: int = 0  # DATA delivered to the TUN (keepalives included)
+    rx_bytes: int = 0
+    rx_tun_full: int = 0  # delivered packets the TUN could not take
+    handshake_sent: int = 0  # HANDSHAKE_INITs of the first handshake
+    handshake_stray: int = 0  # responses to no handshake of ours
+    handshake: Mapping[ReasonCode, int] = attrs.field(default=_NO_COUNTS, hash=False)  # responses refused
+    rekeys: int = 0
+    reattach_sent: int = 0
+    keys_exhausted: int = 0  # seals refused because the keys are used up
+    inbox_full: int = 0  # inputs from outside dropped because the supervisor's inbox was full
+    stray_source: int = 0  # datagrams on a path socket from anyone but the gateway
+    drop: Mapping[ReasonCode, int] = attrs.field(default=_NO_COUNTS, hash=False)  # datagrams not opened
+    drop_malformed_plaintext: int = 0  # authenticated, but the message inside does not parse
+    unexpected_type: int = 0  # authenticated messages only a gateway receives
+
+
+@attrs.define
+class _Tally:
+    """The mutable counters behind :class:`ClientStatistics` (same fields)."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_dropped_unbound: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_tun_full: int = 0
+    handshake_sent: int = 0
+    handshake_stray: int = 0
+    handshake: Counter[ReasonCode] = attrs.Factory(Counter)
+    rekeys: int = 0
+    reattach_sent: int = 0
+    keys_exhausted: int = 0
+    inbox_full: int = 0
+    stray_source: int = 0
+    drop: Counter[ReasonCode] = attrs.Factory(Counter)
+    drop_malformed_plaintext: int = 0
+    unexpected_type: int = 0
+
+    def freeze(self) -> ClientStatistics:
+        values = attrs.asdict(self, recurse=False)
+        values["handshake"] = MappingProxyType(dict(self.handshake))
+        values["drop"] = MappingProxyType(dict(self.drop))
+        return ClientStatistics(**values)
 
 
 @attrs.frozen(kw_only=True)
 class RuntimeStatus:
-    """What the UI and ``status`` show: the core's snapshot plus the driver's counters."""
+    """What the UI and ``status`` show: the core's snapshot plus the driver's statistics."""
 
     snapshot: ClientSnapshot
     paths: tuple[tuple[PathId, str, str], ...]  # (path, interface, kind)
     tunnel_address: str | None
-    counters: tuple[tuple[str, int], ...]
+    statistics: ClientStatistics
 
 
 class ClientRuntime:
@@ -146,7 +201,8 @@ class ClientRuntime:
         self.channel = SecureChannel(policy)
         self.session: ClientSession | None = None
         self.tunnel_address: ipaddress.IPv4Interface | None = None
-        self.counters: Counter[str] = Counter()
+        self._tally = _Tally()
+        self._planner: HandshakePlanner | None = None
         self.status = trio_util.AsyncValue[RuntimeStatus | None](None)
         self.termination_reason: ReasonCode | None = None
         self._active: ClientPath | None = None
@@ -157,13 +213,22 @@ class ClientRuntime:
         self._rekey_result: HandshakeResult | None = None
         self._delivery_reported: dict[PathId, float] = {}
 
+    def statistics(self) -> ClientStatistics:
+        """The driver's counters now (a frozen copy)."""
+        return self._tally.freeze()
+
     # -- inputs from outside (netlink, UI keys, signals) --------------------------------
     def submit_nowait(self, event: Any) -> bool:
-        """Queue an input stamped now; False (and counted) if the inbox is full."""
+        """Queue an input stamped now; False (and counted) if the inbox is full.
+
+        A link change during the first handshake also tells the planner which paths to try.
+        """
+        if self._planner is not None and isinstance(event, ev.LinkChanged):
+            self._planner.link_changed(event.path, up=event.up)
         try:
             self._inbox_send.send_nowait((trio.current_time(), event))
         except trio.WouldBlock:
-            self.counters["inbox_full"] += 1
+            self._tally.inbox_full += 1
             return False
         return True
 
@@ -222,27 +287,32 @@ class ClientRuntime:
 
     # -- handshake ------------------------------------------------------------------------------
     async def _handshake(self) -> tuple[HandshakeResult, ClientPath]:
-        # Paths whose link is known down are not tried (each try costs handshake_retry_ms),
-        # unless every path is down: then the state we were told may be stale, so try them all.
-        order = [p for p in self.paths.values() if p.link_up] or list(self.paths.values())
-        retry_s = self.policy.handshake_retry_ms / 1000.0
-        give_up_at = trio.current_time() + self.policy.transport_loss_ttl_ms / 1000.0
-        attempt = 0
-        while trio.current_time() < give_up_at:
-            path = order[attempt % len(order)]
-            attempt += 1
-            state, sender_index = self._send_handshake_init(path)
-            self.counters["handshake_sent"] += 1
-            with trio.move_on_after(retry_s):
-                while True:
-                    for data, addr in await path.port.recv_batch(BATCH):
-                        result = self._try_response(state, sender_index, data, addr, path)
-                        if result is not None:
-                            return result, path
-        raise HandshakeFailed(
-            f"no handshake answer from the gateway on {', '.join(p.name for p in order)} "
-            f"within {self.policy.transport_loss_ttl_ms} ms"
-        )
+        """Send inits where the planner says, each answered or abandoned by its deadline.
+
+        Raises :class:`HandshakeFailed` when the planner gives up.
+        """
+        candidates = [
+            HandshakeCandidate(path=p.path, priority=p.priority, link_up=p.link_up) for p in self.paths.values()
+        ]
+        planner = HandshakePlanner(policy=self.policy, candidates=candidates, now=trio.current_time())
+        self._planner = planner
+        try:
+            while True:
+                step = planner.next_attempt(now=trio.current_time())
+                if isinstance(step, HandshakeGiveUp):
+                    names = ", ".join(self.paths[p].name for p in step.paths)
+                    raise HandshakeFailed(f"no handshake answer from the gateway on {names} within {step.after_ms} ms")
+                path = self.paths[step.path]
+                state, sender_index = self._send_handshake_init(path)
+                self._tally.handshake_sent += 1
+                with trio.move_on_at(step.deadline):
+                    while True:
+                        for data, addr in await path.port.recv_batch(BATCH):
+                            result = self._try_response(state, sender_index, data, addr, path)
+                            if result is not None:
+                                return result, path
+        finally:
+            self._planner = None
 
     def _send_handshake_init(self, path: ClientPath, *, rekey: bool = False) -> tuple[InitiatorHandshake, int]:
         """Send a HANDSHAKE_INIT on ``path``; a rekey names the session, so its SessionID stays (Property 5)."""
@@ -256,27 +326,27 @@ class ClientRuntime:
             path_id=path.path,
             rekey_session=self.session.record.session_id if rekey and self.session is not None else None,
         )
-        path.port.send_nowait(wire.encode_handshake_init(init), path.control_to)
+        path.port.send_nowait(wire.encode_handshake_init(init), path.control)
         return state, sender_index
 
     def _try_response(
         self, state: InitiatorHandshake, sender_index: int, data: bytes, addr: Address, path: ClientPath
     ) -> HandshakeResult | None:
         if not path.is_gateway(addr):
-            self.counters["stray_source"] += 1
+            self._tally.stray_source += 1
             return None
         try:
             resp = wire.decode_handshake_resp_untrusted(data)
         except wire.BadFrame:
-            self.counters["handshake_malformed"] += 1
+            self._tally.handshake[ReasonCode.MALFORMED] += 1
             return None
         if resp.receiver_index != sender_index:
-            self.counters["handshake_stray"] += 1
+            self._tally.handshake_stray += 1
             return None
         try:
             return state.consume_response(resp)
         except HandshakeError as exc:
-            self.counters[f"handshake_{exc.reason.value.lower()}"] += 1
+            self._tally.handshake[exc.reason] += 1
             return None
 
     # -- the supervisor ------------------------------------------------------------------------
@@ -328,7 +398,7 @@ class ClientRuntime:
             snapshot=self.session.snapshot(now=now),
             paths=tuple((p.path, p.name, p.kind) for p in self.paths.values()),
             tunnel_address=str(self.tunnel_address) if self.tunnel_address else None,
-            counters=tuple(sorted(self.counters.items())),
+            statistics=self._tally.freeze(),
         )
 
     # -- sending control messages ------------------------------------------------------------
@@ -336,7 +406,7 @@ class ClientRuntime:
         try:
             return self.channel.seal(msg_type, plaintext)
         except KeyExhausted:
-            self.counters["keys_exhausted"] += 1
+            self._tally.keys_exhausted += 1
             self.submit_nowait(ev.KeysExhausted())
             return None
 
@@ -352,8 +422,8 @@ class ClientRuntime:
         )
         datagram = self._seal(wire.MessageType.REATTACH, wire.encode_reattach_plaintext(msg))
         if datagram is not None:
-            path.port.send_nowait(datagram, path.control_to)
-            self.counters["reattach_sent"] += 1
+            path.port.send_nowait(datagram, path.control)
+            self._tally.reattach_sent += 1
 
     def _send_close(self, reason: ReasonCode) -> None:
         assert self.session is not None
@@ -363,7 +433,7 @@ class ClientRuntime:
         plaintext = wire.encode_close_plaintext(wire.Close(session_id=self.session.record.session_id, reason=reason))
         datagram = self._seal(wire.MessageType.CLOSE, plaintext)
         if datagram is not None:
-            target.port.send_nowait(datagram, target.control_to)
+            target.port.send_nowait(datagram, target.control)
 
     # -- per-path tasks ------------------------------------------------------------------------
     async def _probe(self, path: ClientPath) -> None:
@@ -375,7 +445,7 @@ class ClientRuntime:
             probe = wire.Probe(path_id=path.path, seq=seq, sent_us=int(now * 1e6) % (1 << 64))
             datagram = self._seal(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))
             if datagram is not None:
-                path.port.send_nowait(datagram, path.control_to)
+                path.port.send_nowait(datagram, path.control)
 
     async def _receive(self, path: ClientPath) -> None:
         while True:
@@ -383,7 +453,7 @@ class ClientRuntime:
             now = trio.current_time()
             for data, addr in batch:
                 if not path.is_gateway(addr):
-                    self.counters["stray_source"] += 1
+                    self._tally.stray_source += 1
                     continue
                 await self._on_datagram(path, data, now)
 
@@ -391,7 +461,7 @@ class ClientRuntime:
         try:
             msg_type = wire.peek_type_untrusted(data)
         except wire.BadFrame:
-            self.counters["drop_malformed"] += 1
+            self._tally.drop[ReasonCode.MALFORMED] += 1
             return
         if msg_type is wire.MessageType.HANDSHAKE_RESP:
             self._on_rekey_response(data)
@@ -399,47 +469,37 @@ class ClientRuntime:
         try:
             opened = self.channel.open_untrusted(data, now=now)
         except ChannelDrop as drop:
-            self.counters[f"drop_{drop.reason.value.lower()}"] += 1
+            self._tally.drop[drop.reason] += 1
             return
-        kind, plaintext = opened.msg_type, opened.plaintext
+        if opened.msg_type is wire.MessageType.DATA:  # the per-packet path: nothing to decode
+            self._deliver(path, opened.plaintext, now)
+            return
         try:
-            if kind is wire.MessageType.DATA:
-                self._deliver(path, plaintext, now)
-            elif kind is wire.MessageType.PROBE_ACK:
-                ack = wire.decode_probe_ack_plaintext_untrusted(plaintext)
-                await self.submit(
-                    ev.ProbeAcked(
-                        path=path.path,
-                        seq=ack.seq,
-                        gateway_version=ack.gateway_state_version,
-                        gateway_bound_path=ack.bound_path_id,
-                    ),
-                    at=now,
-                )
-            elif kind is wire.MessageType.REATTACH_ACK:
-                ra = wire.decode_reattach_ack_plaintext_untrusted(plaintext)
-                await self.submit(ev.ReattachAcked(path=path.path, nonce=ra.nonce, new_version=ra.new_version), at=now)
-            elif kind is wire.MessageType.REATTACH_REJECT:
-                rj = wire.decode_reattach_reject_plaintext_untrusted(plaintext)
-                await self.submit(
-                    ev.ReattachRejected(
-                        path=path.path, nonce=rj.nonce, reason=rj.reason, current_version=rj.current_version
-                    ),
-                    at=now,
-                )
-            elif kind is wire.MessageType.CLOSE:
-                close = wire.decode_close_plaintext_untrusted(plaintext)
-                await self.submit(ev.PeerClosed(reason=close.reason), at=now)
-            else:
-                self.counters["unexpected_type"] += 1
+            message = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
         except wire.BadFrame:
-            self.counters["drop_malformed_plaintext"] += 1
+            self._tally.drop_malformed_plaintext += 1
+            return
+        event: ev.ClientInput
+        match message:
+            case wire.ProbeAck(seq=seq, gateway_state_version=version, bound_path_id=bound):
+                event = ev.ProbeAcked(path=path.path, seq=seq, gateway_version=version, gateway_bound_path=bound)
+            case wire.ReattachAck(nonce=nonce, new_version=version):
+                event = ev.ReattachAcked(path=path.path, nonce=nonce, new_version=version)
+            case wire.ReattachReject(nonce=nonce, reason=reason, current_version=version):
+                event = ev.ReattachRejected(path=path.path, nonce=nonce, reason=reason, current_version=version)
+            case wire.Close(reason=reason):
+                event = ev.PeerClosed(reason=reason)
+            case _:  # PROBE, REATTACH: only the gateway receives those
+                self._tally.unexpected_type += 1
+                return
+        await self.submit(event, at=now)
 
     def _deliver(self, path: ClientPath, packet: bytes, now: float) -> None:
-        self.counters["rx_packets"] += 1
-        self.counters["rx_bytes"] += len(packet)
+        tally = self._tally
+        tally.rx_packets += 1
+        tally.rx_bytes += len(packet)
         if packet and self._packets is not None and not self._packets.write_nowait(packet):
-            self.counters["rx_tun_full"] += 1
+            tally.rx_tun_full += 1
         last = self._delivery_reported.get(path.path, -math.inf)
         if now - last >= self.policy.probe_interval_ms / 1000.0:
             self._delivery_reported[path.path] = now
@@ -449,8 +509,9 @@ class ClientRuntime:
         while True:
             batch = await port.read_batch(BATCH)
             active = self._active
+            tally = self._tally
             if active is None:
-                self.counters["tx_dropped_unbound"] += len(batch)
+                tally.tx_dropped_unbound += len(batch)
                 continue
             sealed = []
             for packet in batch:
@@ -458,8 +519,8 @@ class ClientRuntime:
                 if datagram is None:
                     break
                 sealed.append(datagram)
-                self.counters["tx_bytes"] += len(packet)
-            self.counters["tx_packets"] += len(sealed)
+                tally.tx_bytes += len(packet)
+            tally.tx_packets += len(sealed)
             for run in equal_size_runs(sealed):
                 active.port.send_segments_nowait(run, active.gateway)
 
@@ -490,25 +551,25 @@ class ClientRuntime:
             result, self._rekey_result, self._pending_rekey = self._rekey_result, None, None
             if result is not None:
                 self.channel.install_current(result.keypair(created_at=trio.current_time()))
-                self.counters["rekeys"] += 1
+                self._tally.rekeys += 1
 
     def _on_rekey_response(self, data: bytes) -> None:
         pending = self._pending_rekey
         if pending is None:
-            self.counters["handshake_stray"] += 1
+            self._tally.handshake_stray += 1
             return
         state, sender_index, done = pending
         try:
             resp = wire.decode_handshake_resp_untrusted(data)
             if resp.receiver_index != sender_index:
-                self.counters["handshake_stray"] += 1
+                self._tally.handshake_stray += 1
                 return
             result = state.consume_response(resp)
         except wire.BadFrame:
-            self.counters["handshake_malformed"] += 1
+            self._tally.handshake[ReasonCode.MALFORMED] += 1
             return
         except HandshakeError as exc:
-            self.counters[f"handshake_{exc.reason.value.lower()}"] += 1
+            self._tally.handshake[exc.reason] += 1
             return
         self._rekey_result = result
         done.set()

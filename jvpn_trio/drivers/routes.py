@@ -1,4 +1,4 @@
-"""Policy routing that keeps the tunnel's own UDP out of the tunnel (platform-notes 5, recipe B).
+"""Policy routing that keeps the tunnel's own UDP out of the tunnel (docs/platform-notes.md 5, recipe B).
 
 Theory of operation
 -------------------
@@ -39,10 +39,15 @@ crash.  A main-table route for a listed prefix is ours only if it carries our
 protocol and points at the TUN; any other route there is a conflict and
 raises :class:`RouteError`.  Removal deletes exactly the recorded entries and
 treats "already gone" (``ESRCH``, ``ENOENT``) as success: a link going down
-deletes the kernel routes through it (platform-notes 1).
+deletes the kernel routes through it (docs/platform-notes.md 1).
 
 All pyroute2 calls run in ``trio.to_thread.run_sync``, each call creating and
-closing its own ``IPRoute`` in that worker thread (platform-notes 1, 6).
+closing its own ``IPRoute`` in that worker thread (docs/platform-notes.md 1, 6).
+
+Lifecycle: :func:`open_routing` installs the paths' routes, then the
+tunnel's (at once, or later through :meth:`Routing.open_tunnel_routes` once
+the TUN exists), re-installs a path's route when its link comes back
+(:meth:`Routing.reinstall_path`) and removes everything on exit.
 """
 
 from __future__ import annotations
@@ -51,7 +56,11 @@ import errno
 import inspect
 import ipaddress
 import socket
+import sys
+from collections import Counter
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
+from types import MappingProxyType
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence, TypeVar
 
 import attrs
@@ -67,10 +76,12 @@ __all__ = [
     "InstalledRoutes",
     "PATH_RULE_PRIORITY",
     "PathRoute",
+    "ROUTE_LOG_INTERVAL_S",
     "RTPROT_JVPN",
     "RouteEntry",
     "RouteError",
     "Routing",
+    "RoutingStatistics",
     "RuleEntry",
     "SUPPRESS_RULE_PRIORITY",
     "TUNNEL_RULE_PRIORITY",
@@ -92,7 +103,7 @@ RTPROT_JVPN = 74
 #: Path marks are DEFAULT_BYPASS_MARK | n: any mark with these bits bypasses the TUN.
 DEFAULT_BYPASS_MARK = 0x100
 DEFAULT_BYPASS_MASK = 0xF00
-#: How long open_routing may spend removing routes on exit (shielded from cancellation).
+#: How long one removal (all routes on exit, or the tunnel's) may take, shielded from cancellation.
 CLEANUP_TIMEOUT_S = 5.0
 
 MAIN_TABLE = 254
@@ -557,66 +568,201 @@ async def set_tun_address(
 
 # -- the resource --------------------------------------------------------------------
 
+#: Failure lines of one kind (install, remove) for one path or the tunnel are printed at most
+#: this often; every failure is still counted in :class:`RoutingStatistics`.
+ROUTE_LOG_INTERVAL_S = 10.0
+#: The subject of tunnel-route failures in log lines and rate limits.
+_TUNNEL = "tunnel"
+
+
+def _stderr_line(line: str) -> None:
+    print(f"jvpn-trio: {line}", file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join([str(exc), *getattr(exc, "__notes__", ())])
+
+
+class _LineLimiter:
+    """At most one line per key per ``interval_s``, counting those held back.  Pure: ``now`` is given."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+        self.suppressed = 0
+
+    def admit(self, key: tuple[str, str], now: float) -> int | None:
+        """None: hold this line back; else how many lines for ``key`` were held back before it."""
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            self.suppressed += 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
+@attrs.frozen(kw_only=True)
+class RoutingStatistics:
+    """The failures a :class:`Routing` met, whether it raised them or reported them."""
+
+    install_failed: Mapping[str, int] = attrs.field(factory=dict, hash=False)  # path routes refused, by interface
+    remove_failed: int = 0  # removals that failed or ran out of time
+    lines_suppressed: int = 0  # failure lines held back by ROUTE_LOG_INTERVAL_S
+
 
 class Routing:
-    """The installed routing of :func:`open_routing`."""
+    """The installed routing of :func:`open_routing`: per-path bypass routes, then the tunnel's.
 
-    def __init__(self, netns: str | None, gateway_address: str | None) -> None:
+    Strict (the default), every kernel refusal raises :class:`RouteError`.
+    With ``best_effort`` a path route the kernel refuses (its link is down,
+    its next hop not there yet) and a failed removal are counted, logged on
+    one line (at most once per :data:`ROUTE_LOG_INTERVAL_S` per path and
+    kind) and not raised: the path is left to probing, which reports it dead
+    until its link comes back.  Tunnel routes always raise: without them
+    there is no tunnel.
+    """
+
+    def __init__(
+        self,
+        *,
+        gateway_address: str | None,
+        netns: str | None = None,
+        best_effort: bool = False,
+        log: Callable[[str], None] = _stderr_line,
+    ) -> None:
         self._netns = netns
         self._gateway_address = gateway_address
+        self._best_effort = best_effort
+        self._log = log
+        self._limiter = _LineLimiter(ROUTE_LOG_INTERVAL_S)
         self._paths: dict[str, PathRoute] = {}
+        self._planned: TunnelRoutes | None = None
         self._tunnel: InstalledRoutes | None = None
+        self._install_failed: Counter[str] = Counter()
+        self._remove_failed = 0
 
     @property
     def paths(self) -> dict[str, PathRoute]:
-        """The installed paths by interface name, with the next hops in use."""
+        """The paths by interface name, with the next hops in use."""
         return dict(self._paths)
 
     @property
     def tunnel(self) -> InstalledRoutes | None:
         return self._tunnel
 
-    async def reinstall_path(self, ifname: str) -> PathRoute:
+    def statistics(self) -> RoutingStatistics:
+        return RoutingStatistics(
+            install_failed=MappingProxyType(dict(self._install_failed)),
+            remove_failed=self._remove_failed,
+            lines_suppressed=self._limiter.suppressed,
+        )
+
+    async def reinstall_path(self, ifname: str) -> PathRoute | None:
         """Re-add a path's route after its link came back up (the kernel deleted it on down).
 
-        Uses the next hop remembered from the first install.  Raises ``KeyError``
-        for a path that is not part of this routing, :class:`RouteError` as
-        :func:`install_path_route` does.
+        Uses the next hop remembered from the first install and returns the
+        path as installed.  Raises ``KeyError`` for a path that is not part of
+        this routing; a refusal raises :class:`RouteError` as
+        :func:`install_path_route` does, or with ``best_effort`` is reported
+        and returns None.
         """
-        pr = await install_path_route(self._paths[ifname], gateway_address=self._gateway_address, netns=self._netns)
-        self._paths[ifname] = pr
-        return pr
+        return await self._install_path(self._paths[ifname])
 
-    async def _install(self, tunnel: TunnelRoutes | None, paths: Sequence[PathRoute]) -> None:
+    @asynccontextmanager
+    async def open_tunnel_routes(self) -> AsyncIterator[InstalledRoutes]:
+        """Install the planned tunnel routes (``defer_tunnel``) for the block; remove them on exit.
+
+        The TUN must exist by then.  Raises ``RuntimeError`` without a planned
+        tunnel or while its routes are installed, :class:`RouteError` if the
+        kernel refuses (nothing is left behind).  Removal is shielded, bounded
+        by :data:`CLEANUP_TIMEOUT_S` and fails as :func:`open_routing`'s does.
+        """
+        planned = self._planned
+        if planned is None or self._tunnel is not None:
+            raise RuntimeError("no tunnel routes planned, or they are installed already")
+        installed = self._tunnel = await install_tunnel_routes(planned, netns=self._netns)
+
+        def remove(ipr: Any) -> None:
+            _remove_tunnel_sync(ipr, installed)
+
+        try:
+            yield installed
+        except BaseException as exc:
+            self._tunnel = None
+            await self._clean_up(remove, _TUNNEL, exc)
+            raise
+        self._tunnel = None
+        await self._clean_up(remove, _TUNNEL, None)
+
+    def _report(self, subject: str, kind: str, text: str) -> None:
+        held = self._limiter.admit((subject, kind), trio.current_time())
+        if held is not None:
+            self._log(f"{text} ({held} more like it not shown)" if held else text)
+
+    async def _install_path(self, pr: PathRoute) -> PathRoute | None:
+        try:
+            installed = await install_path_route(pr, gateway_address=self._gateway_address, netns=self._netns)
+        except RouteError as exc:
+            self._install_failed[pr.ifname] += 1
+            if not self._best_effort:
+                raise
+            reason = _one_line(exc)
+            self._report(pr.ifname, "install", f"path {pr.ifname} not routable yet ({reason}); probing will tell")
+            return None
+        self._paths[pr.ifname] = installed
+        return installed
+
+    async def _install(self, tunnel: TunnelRoutes | None, paths: Sequence[PathRoute], *, defer_tunnel: bool) -> None:
         # Paths first: the bypass must exist before the catch-all rule can capture our UDP.
         for pr in paths:
-            self._paths[pr.ifname] = pr
-            self._paths[pr.ifname] = await install_path_route(
-                pr, gateway_address=self._gateway_address, netns=self._netns
-            )
-        if tunnel is not None:
+            self._paths[pr.ifname] = pr  # recorded before the attempt, so removal covers a partial install
+            await self._install_path(pr)
+        self._planned = tunnel
+        if tunnel is not None and not defer_tunnel:
             self._tunnel = await install_tunnel_routes(tunnel, netns=self._netns)
 
-    def _remove_sync(self, ipr: Any) -> None:
-        failures: list[RouteError] = []
-        if self._tunnel is not None:
-            try:
-                _remove_tunnel_sync(ipr, self._tunnel)
-            except RouteError as exc:
-                failures.append(exc)
-        for pr in self._paths.values():
-            try:
-                _remove_path_sync(ipr, pr)
-            except RouteError as exc:
-                failures.append(exc)
-        _raise_first(failures)
+    async def _remove_all(self, error: BaseException | None) -> None:
+        tunnel, paths = self._tunnel, list(self._paths.values())
+        self._tunnel = None
 
-    async def _remove(self) -> RouteError | None:
-        """Shielded, bounded removal of everything; returns the failure instead of raising it."""
+        def remove(ipr: Any) -> None:
+            failures: list[RouteError] = []
+            if tunnel is not None:
+                try:
+                    _remove_tunnel_sync(ipr, tunnel)
+                except RouteError as exc:
+                    failures.append(exc)
+            for pr in paths:
+                try:
+                    _remove_path_sync(ipr, pr)
+                except RouteError as exc:
+                    failures.append(exc)
+            _raise_first(failures)
+
+        await self._clean_up(remove, "path and tunnel", error)
+
+    async def _clean_up(self, remove: Callable[[Any], None], what: str, error: BaseException | None) -> None:
+        """Run ``remove`` shielded and bounded.  A failure is counted, then noted on ``error``
+        (the block's exception) and either logged (``best_effort``) or, on a clean exit, raised."""
+        failure = await self._bounded(remove)
+        if failure is None:
+            return
+        self._remove_failed += 1
+        if error is not None:
+            error.add_note(f"route cleanup failed too: {failure}")
+        if self._best_effort:
+            self._report(what, "remove", f"could not remove the {what} routes: {_one_line(failure)}")
+        elif error is None:
+            raise failure
+
+    async def _bounded(self, remove: Callable[[Any], None]) -> RouteError | None:
+        """Shielded removal within :data:`CLEANUP_TIMEOUT_S`; returns the failure instead of raising it."""
         with trio.CancelScope(shield=True):
             with trio.move_on_after(CLEANUP_TIMEOUT_S) as scope:
                 try:
-                    await _run(self._netns, self._remove_sync, abandon_on_cancel=True)
+                    await _run(self._netns, remove, abandon_on_cancel=True)
                 except RouteError as exc:
                     return exc
                 except OSError as exc:  # e.g. the namespace itself is gone
@@ -633,27 +779,29 @@ async def open_routing(
     paths: Sequence[PathRoute],
     gateway_address: str | None,
     netns: str | None = None,
+    defer_tunnel: bool = False,
+    best_effort: bool = False,
+    log: Callable[[str], None] = _stderr_line,
 ) -> AsyncIterator[Routing]:
     """Install the paths' bypass routes and then the tunnel routes; remove them all on exit.
 
-    Removal always runs (errors and cancellation included), shielded and
-    bounded by :data:`CLEANUP_TIMEOUT_S`.  If the block raised, a removal
-    failure is attached to that exception as a note; otherwise it is raised as
-    :class:`RouteError`.  Raises ``ValueError`` for an inconsistent plan
-    (:func:`check_routing_plan`) before touching anything.
+    With ``defer_tunnel`` the tunnel routes wait for
+    :meth:`Routing.open_tunnel_routes`, for a TUN that does not exist yet;
+    ``best_effort`` and ``log`` are as in :class:`Routing`.  Removal always
+    runs (errors and cancellation included), shielded and bounded by
+    :data:`CLEANUP_TIMEOUT_S`.  If the block raised, a removal failure is
+    attached to that exception as a note; otherwise it is raised as
+    :class:`RouteError` (with ``best_effort``: logged).  Raises ``ValueError``
+    for an inconsistent plan (:func:`check_routing_plan`) before touching anything.
     """
     check_routing_plan(tunnel, paths)
     if gateway_address is not None:
         ipaddress.IPv4Address(gateway_address)
-    routing = Routing(netns, gateway_address)
+    routing = Routing(gateway_address=gateway_address, netns=netns, best_effort=best_effort, log=log)
     try:
-        await routing._install(tunnel, paths)
+        await routing._install(tunnel, paths, defer_tunnel=defer_tunnel)
         yield routing
     except BaseException as exc:
-        failure = await routing._remove()
-        if failure is not None:
-            exc.add_note(f"route cleanup failed too: {failure}")
+        await routing._remove_all(exc)
         raise
-    failure = await routing._remove()
-    if failure is not None:
-        raise failure
+    await routing._remove_all(None)

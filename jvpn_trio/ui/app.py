@@ -31,8 +31,8 @@ terminal, each step bounded by :data:`STOP_TIMEOUT_S` and shielded so a
 cancelled owner still gets a clean screen.
 
 Without a terminal (or with ``--no-tui``) :class:`PlainPrinter` prints one
-line per event (``jvpn_trio.app.format_event_line``) from the same kind of
-subscription, writing in a worker thread, as ``app.print_events`` does.
+line per event (:func:`jvpn_trio.ui.lines.format_event_line`) from the same
+kind of subscription, writing in a worker thread.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from jvpn_trio.drivers.event_sink import EventSink
 from jvpn_trio.ui.keys import Command, serve_keys, terminal_keys
 from jvpn_trio.ui.views import ViewModel, build_view_model, render
 
-#: The issue's bound: at most ten frames a second.
+#: At most ten frames a second: a person cannot read faster, and each frame costs a terminal write.
 MAX_FPS = 10.0
 #: Events the UI keeps for the events pane (a bounded deque; older ones fall off).
 EVENT_HISTORY = 256

@@ -28,15 +28,21 @@ process.  Lists are in a stable order: paths by path id, sessions by
 session id; dict keys are sorted when encoded.
 
 Counters: the session machine's own counters appear as ``session.<name>``;
-the ``counters`` argument (driver counters such as ``event_sink.dropped_full``)
-is merged in under its own keys, and a key that collides raises ValueError.
+a driver's ``statistics`` record (any attrs instance, such as the client's
+``ClientStatistics``) is flattened by :func:`statistics_counters`, and the
+``counters`` mapping (such as ``event_sink.dropped_full``) is merged in under
+its own keys.  A counter at zero is left out, so a report lists what
+happened; a key that collides raises ValueError.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
+
+import attrs
 
 from jvpn_trio.core.ids import Binding
 from jvpn_trio.core.session import ClientSnapshot, GatewaySnapshot, PathSnapshot
@@ -72,12 +78,48 @@ def _binding_text(binding: Binding | None) -> str | None:
     return f"{binding.path}@{_endpoint_text(binding.endpoint)}"
 
 
-def _merge_counters(core: Iterable[tuple[str, int]], extra: Mapping[str, int] | None) -> dict[str, int]:
-    merged = {f"{SESSION_COUNTER_PREFIX}{name}": int(value) for name, value in core}
-    for name, value in (extra or {}).items():
-        if name in merged:
+def _key_text(key: object) -> str:
+    return key.name.lower() if isinstance(key, enum.Enum) else str(key)
+
+
+def statistics_counters(statistics: object | None, *, prefix: str = "") -> dict[str, int]:
+    """A statistics record (an attrs instance) as ``{counter name: value}``, zeros left out.
+
+    An int field is one counter named after the field; a mapping field (counts
+    by reason, say) is one counter per key, ``<field>_<key>``, an enum key
+    giving its name in lower case.  Raises TypeError for anything else and
+    ValueError if two names collide.
+    """
+    if statistics is None:
+        return {}
+    if not attrs.has(type(statistics)):
+        raise TypeError(f"statistics must be an attrs record, got {type(statistics).__name__}")
+    out: dict[str, int] = {}
+
+    def add(name: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"statistics field {name!r} is not a count: {value!r}")
+        if name in out:
             raise ValueError(f"counter {name!r} is reported twice")
-        merged[name] = int(value)
+        if value:
+            out[name] = value
+
+    for field, value in attrs.asdict(cast(attrs.AttrsInstance, statistics)).items():
+        if isinstance(value, Mapping):
+            for key, count in value.items():
+                add(f"{prefix}{field}_{_key_text(key)}", count)
+        else:
+            add(f"{prefix}{field}", value)
+    return out
+
+
+def _merge_counters(core: Iterable[tuple[str, int]], *extras: Mapping[str, int] | None) -> dict[str, int]:
+    merged = {f"{SESSION_COUNTER_PREFIX}{name}": int(value) for name, value in core}
+    for extra in extras:
+        for name, value in (extra or {}).items():
+            if name in merged:
+                raise ValueError(f"counter {name!r} is reported twice")
+            merged[name] = int(value)
     return dict(sorted(merged.items()))
 
 
@@ -108,7 +150,9 @@ def _path_status(p: PathSnapshot, now: float) -> dict[str, Any]:
     }
 
 
-def client_status(snapshot: ClientSnapshot, *, counters: Mapping[str, int] | None = None) -> dict[str, Any]:
+def client_status(
+    snapshot: ClientSnapshot, *, statistics: object | None = None, counters: Mapping[str, int] | None = None
+) -> dict[str, Any]:
     """The client's status report (JSON-able).  Raises ValueError if a counter name collides."""
     rec = snapshot.record
     now = snapshot.now
@@ -140,7 +184,7 @@ def client_status(snapshot: ClientSnapshot, *, counters: Mapping[str, int] | Non
         "recovery_deadline_in_s": _in_s(snapshot.recovery_deadline, now),
         "unbound_deadline_in_s": _in_s(snapshot.unbound_deadline, now),
         "paths": [_path_status(p, now) for p in sorted(snapshot.paths, key=lambda p: p.path)],
-        "counters": _merge_counters(snapshot.counters, counters),
+        "counters": _merge_counters(snapshot.counters, statistics_counters(statistics), counters),
     }
 
 
@@ -164,9 +208,14 @@ def gateway_status(
     sessions: Sequence[GatewaySnapshot],
     *,
     node_id: str | None = None,
+    statistics: object | None = None,
     counters: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The gateway's status report: every session, per-state totals, summed counters."""
+    """The gateway's status report: every session, per-state totals, summed counters.
+
+    ``statistics`` is the runtime's statistics record, flattened as in
+    :func:`statistics_counters`.  Raises ValueError if a counter name collides.
+    """
     ordered = sorted(sessions, key=lambda s: s.record.session_id)
     states = {state.value: 0 for state in SessionState}
     summed: dict[str, int] = {}
@@ -180,7 +229,7 @@ def gateway_status(
         "session_count": len(ordered),
         "states": {name: n for name, n in states.items() if n},
         "sessions": [_gateway_session_status(s) for s in ordered],
-        "counters": _merge_counters(summed.items(), counters),
+        "counters": _merge_counters(summed.items(), statistics_counters(statistics), counters),
     }
 
 
@@ -336,4 +385,5 @@ __all__ = [
     "client_status",
     "gateway_status",
     "render_status_text",
+    "statistics_counters",
 ]

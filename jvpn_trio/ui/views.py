@@ -249,7 +249,7 @@ def build_view_model(
     snap = status.snapshot
     rec = snap.record
     terminated = rec.state is SessionState.TERMINATED
-    counters = dict(status.counters)
+    stats = status.statistics
     paths = tuple(
         PathView(
             path=str(p.path),
@@ -282,11 +282,11 @@ def build_view_model(
         paths=paths,
         events=event_views,
         counters=CountersView(
-            tx_bytes=counters.get("tx_bytes", 0),
-            tx_packets=counters.get("tx_packets", 0),
-            rx_bytes=counters.get("rx_bytes", 0),
-            rx_packets=counters.get("rx_packets", 0),
-            tx_dropped=counters.get("tx_dropped_unbound", 0),
+            tx_bytes=stats.tx_bytes,
+            tx_packets=stats.tx_packets,
+            rx_bytes=stats.rx_bytes,
+            rx_packets=stats.rx_packets,
+            tx_dropped=stats.tx_dropped_unbound,
         ),
         switches_last_minute=snap.switches_last_minute,
         max_switches_per_minute=snap.max_switches_per_minute,

@@ -36,9 +36,11 @@ from jvpn_trio.drivers.routes import (
     PathRoute,
     RouteEntry,
     RouteError,
+    RoutingStatistics,
     RuleEntry,
     TunnelRoutes,
     _delete_all,
+    _LineLimiter,
     _rule_args,
     check_routing_plan,
     install_path_route,
@@ -221,6 +223,123 @@ async def test_invalid_plan_fails_before_touching_anything(monkeypatch: pytest.M
     with pytest.raises(ValueError, match="could enter the tunnel"):
         async with open_routing(**{**plan(), "paths": [PathRoute("eth0", 101, 0x201)]}):
             pass  # pragma: no cover
+
+
+# -- the lifecycle up uses: deferred tunnel routes, best effort, counted and rate-limited lines --
+
+
+def test_line_limiter_holds_back_repeats_per_key_within_the_interval() -> None:
+    limiter = _LineLimiter(10.0)
+    wifi, lte = ("wlan0", "install"), ("lte0", "install")
+    assert limiter.admit(wifi, 0.0) == 0
+    assert limiter.admit(lte, 1.0) == 0  # another path: its own interval
+    assert limiter.admit(wifi, 5.0) is None
+    assert limiter.admit(wifi, 9.999) is None
+    assert limiter.admit(("wlan0", "remove"), 9.999) == 0  # another kind: its own interval
+    assert limiter.admit(wifi, 10.0) == 2  # the line says how many were held back
+    assert limiter.admit(wifi, 19.0) is None
+    assert limiter.suppressed == 3
+
+
+@pytest.fixture
+def no_kernel_removal(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Removals succeed without a kernel; returns the functions run for them."""
+    calls: list[Any] = []
+
+    async def run(netns: str | None, fn: Any, *, abandon_on_cancel: bool = False) -> None:
+        calls.append(fn)
+
+    monkeypatch.setattr(routes, "_run", run)
+    return calls
+
+
+@pytest.mark.usefixtures("fake_install")
+async def test_deferred_tunnel_routes_live_for_their_block(no_kernel_removal: list[Any]) -> None:
+    async with open_routing(**plan(), defer_tunnel=True) as routing:
+        assert routing.tunnel is None
+        async with routing.open_tunnel_routes() as installed:
+            assert routing.tunnel is installed
+            with pytest.raises(RuntimeError):
+                async with routing.open_tunnel_routes():
+                    pass  # pragma: no cover
+        assert routing.tunnel is None
+        assert len(no_kernel_removal) == 1  # the tunnel's removal, before the TUN goes
+    assert len(no_kernel_removal) == 2
+    async with open_routing(**{**plan(), "tunnel": None}) as routing:
+        with pytest.raises(RuntimeError):
+            async with routing.open_tunnel_routes():
+                pass  # pragma: no cover
+
+
+async def test_best_effort_paths_are_counted_logged_rate_limited_and_left_to_probing(
+    monkeypatch: pytest.MonkeyPatch, no_kernel_removal: list[Any], autojump_clock: Any
+) -> None:
+    routable = {"eth0"}
+
+    async def install_path(pr: PathRoute, *, gateway_address: str | None, netns: str | None = None) -> PathRoute:
+        if pr.ifname not in routable:
+            raise RouteError("netlink: (100, 'Network is down')", errno.ENETDOWN)
+        return attrs.evolve(pr, gateway="10.77.2.1") if pr.ifname == "wlan0" else pr
+
+    monkeypatch.setattr(routes, "install_path_route", install_path)
+    lines: list[str] = []
+    paths = [PathRoute("eth0", 101, 0x101), PathRoute("wlan0", 102, 0x102)]
+    async with open_routing(
+        tunnel=None, paths=paths, gateway_address="10.99.0.1", best_effort=True, log=lines.append
+    ) as routing:
+        assert set(routing.paths) == {"eth0", "wlan0"}  # kept: re-installed when its link comes up
+        assert lines == ["path wlan0 not routable yet (netlink: (100, 'Network is down')); probing will tell"]
+        await trio.sleep(1.0)
+        assert await routing.reinstall_path("wlan0") is None
+        assert len(lines) == 1  # within ROUTE_LOG_INTERVAL_S: counted, not printed
+        await trio.sleep(routes.ROUTE_LOG_INTERVAL_S)
+        assert await routing.reinstall_path("wlan0") is None
+        assert lines[-1].endswith("probing will tell (1 more like it not shown)")
+        assert routing.statistics() == RoutingStatistics(install_failed={"wlan0": 3}, lines_suppressed=1)
+        routable.add("wlan0")
+        installed = await routing.reinstall_path("wlan0")
+        assert installed is not None and installed.gateway == "10.77.2.1"
+        assert routing.paths["wlan0"] == installed
+        with pytest.raises(KeyError):
+            await routing.reinstall_path("lte0")
+    assert len(lines) == 2 and len(no_kernel_removal) == 1
+
+
+async def test_strict_reinstall_raises(monkeypatch: pytest.MonkeyPatch, no_kernel_removal: list[Any]) -> None:
+    calls = 0
+
+    async def install_path(pr: PathRoute, *, gateway_address: str | None, netns: str | None = None) -> PathRoute:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RouteError("refused", errno.ENETUNREACH)
+        return pr
+
+    monkeypatch.setattr(routes, "install_path_route", install_path)
+    async with open_routing(**{**plan(), "tunnel": None}) as routing:
+        with pytest.raises(RouteError, match="refused"):
+            await routing.reinstall_path("eth0")
+        assert routing.statistics().install_failed == {"eth0": 1}
+
+
+@pytest.mark.usefixtures("fake_install")
+async def test_best_effort_removal_failures_are_logged_not_raised(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: Any
+) -> None:
+    async def stuck_run(netns: str | None, fn: Any, *, abandon_on_cancel: bool = False) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(routes, "_run", stuck_run)
+    lines: list[str] = []
+    start = trio.current_time()
+    async with open_routing(**plan(), defer_tunnel=True, best_effort=True, log=lines.append) as routing:
+        async with routing.open_tunnel_routes():
+            pass
+        assert trio.current_time() - start == routes.CLEANUP_TIMEOUT_S
+        assert lines == [f"could not remove the tunnel routes: removing routes took longer than {routes.CLEANUP_TIMEOUT_S} s"]
+    assert trio.current_time() - start == 2 * routes.CLEANUP_TIMEOUT_S
+    assert lines[1].startswith("could not remove the path and tunnel routes: ")
+    assert routing.statistics().remove_failed == 2
 
 
 # -- the lab (root) ---------------------------------------------------------------------------
@@ -500,3 +619,34 @@ async def test_remove_of_never_installed_entries_is_quiet(tun_lab: TunLab) -> No
         )
         await remove_tunnel_routes(ghost, netns=t.ns)
         await remove_path_route(PathRoute("eth0", 109, 0x109), netns=t.ns)
+
+
+@requires_lab
+async def test_best_effort_routing_as_up_uses_it(tun_lab: TunLab) -> None:
+    """A path down at start is logged and left; it is routed once its link is back; all goes on exit."""
+    t = tun_lab
+    lines: list[str] = []
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        before = await snapshot(t.ns)
+        await t.lab.link_down("wifi0")
+        async with open_routing(
+            tunnel=full_tunnel(t), paths=PATHS, gateway_address=t.gateway, netns=t.ns,
+            defer_tunnel=True, best_effort=True, log=lines.append,
+        ) as routing:  # fmt: skip
+            assert len(lines) == 1 and lines[0].startswith("path wifi0 not routable yet")
+            assert routing.statistics().install_failed == {"wifi0": 1}
+            assert (await route_get(t.ns, INTERNET))["dev"] == "eth0"  # no tunnel routes yet
+            async with routing.open_tunnel_routes():
+                assert (await route_get(t.ns, INTERNET))["dev"] == t.tun
+                await route_get_error(t.ns, t.gateway, "mark", "0x102", "oif", "wifi0")  # as the socket sends
+                await t.lab.link_up("wifi0")
+                pr = await routing.reinstall_path("wifi0")
+                assert pr is not None and pr.gateway == "10.77.2.1"
+                route = await route_get(t.ns, t.gateway, "mark", "0x102")
+                assert (route["dev"], route.get("gateway")) == ("wifi0", "10.77.2.1")
+            assert (await route_get(t.ns, INTERNET))["dev"] == "eth0"
+        rules, routes_after = await snapshot(t.ns)
+        assert rules == before[0]
+        assert "proto 74" not in routes_after  # the flap re-added main's default route: compare ours only
+        assert len(lines) == 1

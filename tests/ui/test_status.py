@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import attrs
 import pytest
@@ -28,7 +30,9 @@ from jvpn_trio.core.session import (
 )
 from jvpn_trio.core.states import ReasonCode as R
 from jvpn_trio.core.states import SessionState as S
-from jvpn_trio.ui.status import client_status, gateway_status, render_status_text
+from jvpn_trio.drivers.client import ClientStatistics
+from jvpn_trio.drivers.routes import RoutingStatistics
+from jvpn_trio.ui.status import client_status, gateway_status, render_status_text, statistics_counters
 
 P1, P2, P3 = PathId(1), PathId(2), PathId(3)
 SID = SessionId(bytes(range(16)))
@@ -342,6 +346,89 @@ def test_gateway_status_fields() -> None:
 def test_empty_gateway_renders() -> None:
     text = render_status_text(gateway_status([], node_id=None))
     assert text == "jvpn-trio gateway\n  node      -\n  sessions  0\n\n(no sessions)\n\ncounters\n  (none)"
+
+
+# -- statistics records ------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class RuntimeCounts:
+    """A stand-in for a runtime's statistics record: counts, and counts by reason."""
+
+    stray_data: int = 0
+    send_no_port: int = 0
+    terminated: Mapping[R, int] = attrs.field(factory=dict, hash=False)
+
+
+def test_statistics_are_flattened_by_field_and_reason_without_zeros() -> None:
+    record = ClientStatistics(
+        tx_bytes=1500,
+        tx_packets=1,
+        handshake_sent=2,
+        handshake=MappingProxyType({R.BAD_MAC: 1}),
+        drop=MappingProxyType({R.REPLAYED_COUNTER: 4, R.MALFORMED: 0}),
+    )
+    assert statistics_counters(record) == {
+        "tx_bytes": 1500,
+        "tx_packets": 1,
+        "handshake_sent": 2,
+        "handshake_bad_mac": 1,
+        "drop_replayed_counter": 4,
+    }
+    routing = RoutingStatistics(install_failed=MappingProxyType({"wlan0": 3}), lines_suppressed=2)
+    assert statistics_counters(routing, prefix="routes.") == {
+        "routes.install_failed_wlan0": 3,
+        "routes.lines_suppressed": 2,
+    }
+    assert statistics_counters(None) == {} == statistics_counters(ClientStatistics())
+
+
+def test_statistics_must_be_attrs_counts_with_distinct_names() -> None:
+    with pytest.raises(TypeError, match="attrs record"):
+        statistics_counters({"tx_bytes": 1})
+
+    @attrs.frozen
+    class Odd:
+        ratio: float = 0.5
+
+    with pytest.raises(TypeError, match="ratio"):
+        statistics_counters(Odd())
+
+    @attrs.frozen
+    class Clash:
+        drop_malformed: int = 1
+        drop: Mapping[R, int] = attrs.field(factory=lambda: {R.MALFORMED: 1}, hash=False)
+
+    with pytest.raises(ValueError, match="drop_malformed"):
+        statistics_counters(Clash())
+
+
+def test_client_report_merges_statistics_and_extra_counters() -> None:
+    record = ClientStatistics(rx_bytes=9, drop=MappingProxyType({R.STRAY_PACKET: 1}))
+    status = client_status(client_snapshot(), statistics=record, counters={"routes.remove_failed": 1})
+    assert status["counters"] == {
+        "drop_stray_packet": 1,
+        "routes.remove_failed": 1,
+        "rx_bytes": 9,
+        "session.reattach_sent": 3,
+        "session.stray_reattach_answers": 1,
+    }
+    with pytest.raises(ValueError, match="rx_bytes"):
+        client_status(client_snapshot(), statistics=record, counters={"rx_bytes": 1})
+
+
+def test_gateway_report_takes_any_statistics_record() -> None:
+    record = RuntimeCounts(stray_data=2, terminated={R.PEER_CLOSE: 1})
+    status = gateway_status(gateway_snapshots(), node_id="gw-a", statistics=record)
+    assert status["counters"] == {
+        "session.packets_off_binding": 4,
+        "session.reattach_rejected_stale_version": 3,
+        "stray_data": 2,
+        "terminated_peer_close": 1,
+    }
+    both = gateway_status([], statistics=record, counters={"udp.bad_frames": 9})
+    assert both["counters"] == {"stray_data": 2, "terminated_peer_close": 1, "udp.bad_frames": 9}
+    json.dumps(status, allow_nan=False)
 
 
 def test_unknown_role_renders_as_sorted_fields() -> None:

@@ -24,6 +24,7 @@ import os
 import pathlib
 import re
 
+import attrs
 import pytest
 from rich.console import Console, RenderableType
 from rich.panel import Panel
@@ -35,7 +36,7 @@ from jvpn_trio.core.ids import Binding, PathId, SessionId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession
 from jvpn_trio.core.states import ReasonCode, SessionState
-from jvpn_trio.drivers.client import RuntimeStatus
+from jvpn_trio.drivers.client import ClientStatistics, RuntimeStatus
 from jvpn_trio.ui import views
 from jvpn_trio.ui.views import CountersView, EventView, PathView, ViewModel, build_view_model, render
 
@@ -109,7 +110,7 @@ def live_session_status() -> tuple[RuntimeStatus, list[EmitEvent], float]:
         snapshot=session.snapshot(now=t),
         paths=PATHS,
         tunnel_address="10.66.0.2/24",
-        counters=(("rx_bytes", 1_234_567), ("rx_packets", 1_300), ("tx_bytes", 45_678), ("tx_packets", 210)),
+        statistics=ClientStatistics(rx_bytes=1_234_567, rx_packets=1_300, tx_bytes=45_678, tx_packets=210),
     )
     return status, emitted, t
 
@@ -254,6 +255,13 @@ def test_build_view_model_uses_now_for_countdowns_and_names_paths() -> None:
     detailed = build_view_model(status, emitted, now=now, origin=100.0, gateway="gw", detail=True)
     assert "PATH_HEALTH" in {e.kind for e in detailed.events}
     assert detailed.events[0].t >= detailed.events[-1].t  # newest first
+
+
+def test_counters_come_from_the_runtime_statistics() -> None:
+    status, emitted, now = live_session_status()
+    stats = ClientStatistics(tx_bytes=1, tx_packets=2, rx_bytes=3, rx_packets=4, tx_dropped_unbound=5, rx_tun_full=6)
+    vm = build_view_model(attrs.evolve(status, statistics=stats), emitted, now=now, origin=100.0, gateway="gw")
+    assert vm.counters == CountersView(tx_bytes=1, tx_packets=2, rx_bytes=3, rx_packets=4, tx_dropped=5)
 
 
 def test_event_view_summaries() -> None:
