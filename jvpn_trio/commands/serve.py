@@ -19,7 +19,6 @@ from jvpn_trio.commands.process import EVENT_SINK_CAPACITY, AppError, close_on_s
 from jvpn_trio.config import GatewayConfig
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.drivers import control, event_sink, tun, udp
-from jvpn_trio.drivers.client import control_endpoint
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
@@ -52,13 +51,10 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
             recorder=recorder,
         )
         ports, control_ports = [], []
-        for addr in config.listen:
+        for addr, control_addr in zip(config.listen, config.control_listen, strict=True):
             family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
             ports.append(await stack.enter_async_context(udp.open_listener_socket(addr, family=family, gro=False)))
-            control_port = await stack.enter_async_context(
-                udp.open_listener_socket(control_endpoint(addr), family=family)
-            )
-            control_ports.append(control_port)
+            control_ports.append(await stack.enter_async_context(udp.open_listener_socket(control_addr, family=family)))
         device = await stack.enter_async_context(
             tun.open_tun(
                 config.tun_name,
@@ -71,7 +67,8 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
             value = runtime.status.value
             snapshots = [s for s, _, _ in value.sessions] if value else []
-            return gateway_status(snapshots, node_id=config.node_id, counters=dict(runtime.counters))
+            # Counters still at zero are left out: the report lists what happened.
+            return gateway_status(snapshots, node_id=config.node_id, statistics=runtime.statistics())
 
         async with trio.open_nursery() as nursery:
             await nursery.start(
@@ -88,6 +85,8 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
                 )
             )
             if not quiet:
-                where = ", ".join(f"{h}:{p} (control {p + 1})" for h, p in config.listen)
+                where = ", ".join(
+                    f"{h}:{p} (control {c})" for (h, p), (_, c) in zip(config.listen, config.control_listen, strict=True)
+                )
                 print(f"jvpn-trio gateway {config.node_id} listening on {where}, tunnel {config.tunnel_address}", flush=True)
     return 0

@@ -1,8 +1,8 @@
 """Cluster ownership of sessions, as pure decisions over store records.
 
 Spec section 10 lets a cluster use sticky routing or an atomic shared store
-with versioned compare-and-swap; we use the store (etcd in production, a dict
-in tests).  A record says which node owns a session and at which store
+with versioned compare-and-swap; we use the store (``OwnershipStore``: in
+memory for one gateway; a shared store implements the same compare-and-swap).  A record says which node owns a session and at which store
 revision it was written.  A node serves a session only while the record says
 it owns it *at the revision it holds*: any other picture (no record, another
 owner, a newer revision written by someone else) is ambiguity, and ambiguity
@@ -17,6 +17,9 @@ import attrs
 
 from jvpn_trio.core.ids import SessionId
 from jvpn_trio.core.states import ReasonCode
+
+#: The revision a compare-and-swap expects when it creates a record: "no record yet".
+ABSENT_REVISION = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -1,37 +1,17 @@
-"""Every message jvpn-trio puts on the wire: fixed layouts, strict parsing.
+"""Every byte layout jvpn-trio puts on the wire, with strict parsers.
 
-Theory of operation
--------------------
-Each datagram starts with a two-byte header, ``[version][type]``.  There are
-two families of messages:
+All layouts live in this one file (docs/wire-format.md describes them), so a
+driver never slices bytes itself.  Transport frames are parsed without keys
+and their length checked per type before any cryptography, the cheap checks
+first as in wireguard-go; the header is the AEAD associated data, so a
+flipped type, index or counter fails authentication.  Inner plaintexts are
+decoded only after ``SecureChannel.open_untrusted`` has authenticated them.
 
-* Handshake messages (``HANDSHAKE_INIT``, ``HANDSHAKE_RESP``) have one fixed
-  length each; their encrypted fields are produced and consumed by
-  ``handshake.py``.  Their plaintext payloads (:class:`InitPayload`,
-  :class:`RespPayload`) have codecs here too, so every byte layout lives in
-  one file.
-* Transport messages (``DATA`` and everything after it) share one outer
-  framing, :class:`TransportFrame`: a 16-byte header
-  ``[version][type][0][0][receiver_index u32][counter u64]`` followed by AEAD
-  ciphertext and tag.  The header is the AEAD associated data, so a flipped
-  type, index or counter fails authentication.  The outer framing is parsed
-  without keys: cheap length and type checks come first, before any
-  cryptography (wireguard-go's receive order, docs/wire-format.md).  The
-  inner plaintext of each type has its own codec pair
-  (``encode_probe_plaintext`` / ``decode_probe_plaintext_untrusted`` ...),
-  used after ``KeyRing.open`` has authenticated the frame.
-
-Every layout is fixed, so lengths are checked exactly; only ``DATA`` (an IP
-packet of any length up to :data:`MAX_DATA_PLAINTEXT`) and the ``REATTACH``
-metadata (up to :data:`MAX_METADATA`) vary.  Parsers of network bytes end in
-``_untrusted`` and raise exactly one exception type, :class:`BadFrame`, whose
-``reason`` names the check that failed (trio's ``BadPacket`` convention); no
-``struct.error``, ``IndexError`` or other ``ValueError`` can escape them
-(``tests/properties/test_wire_fuzz.py``).  Encoding is canonical:
-``encode(decode(x)) == x`` for every frame that decodes.
-
-Encoders take validated message objects (attrs validators run at
-construction), so they cannot produce a frame the decoders would refuse.
+Parsers of untrusted bytes end in ``_untrusted`` and raise only
+:class:`BadFrame` (trio's ``BadPacket`` convention), never ``struct.error``
+or ``IndexError`` (``tests/properties/test_wire_fuzz.py``).  Encoders take
+message objects validated at construction, so they cannot build a frame the
+decoders refuse, and encoding is canonical: ``encode(decode(x)) == x``.
 Integers are big-endian, except the AEAD nonce counter (little-endian, as in
 WireGuard; see ``keyring.aead_nonce``).
 """
@@ -86,7 +66,7 @@ class MessageType(enum.IntEnum):
 
     HANDSHAKE_INIT = 1
     HANDSHAKE_RESP = 2
-    # 3 is reserved for a future cookie reply (WireGuard's type 3); it is refused today.
+    # 3 is WireGuard's cookie reply: reserved here, and refused like any unknown type.
     DATA = 4
     PROBE = 5
     PROBE_ACK = 6
@@ -263,8 +243,8 @@ class BadFrame(ValueError):
 
     ``reason`` names the failed check (``"short"``, ``"long"``, ``"version"``,
     ``"type"``, ``"reserved"``, ``"metadata_len"``, ``"path_id"``,
-    ``"reason"``, ``"prefix_len"``, ``"session_id"``); drivers count drops
-    by it (aioquic's ``packet_dropped`` trigger).
+    ``"reason"``, ``"prefix_len"``, ``"session_id"``, ``"ip_version"``);
+    drivers count drops by it (aioquic's ``packet_dropped`` trigger).
     """
 
     def __init__(self, reason: str) -> None:
@@ -288,7 +268,7 @@ def _uint(bits: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
 
 
 def exact_bytes(length: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
-    """An attrs validator for a ``bytes`` field of exactly ``length`` bytes (shared with handshake.py)."""
+    """An attrs validator for a ``bytes`` field of exactly ``length`` bytes (shared with noise.py and keyring.py)."""
 
     def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, bytes) or len(value) != length:
@@ -591,6 +571,26 @@ def parse_transport_untrusted(data: bytes) -> tuple[MessageType, int, int]:
     return msg_type, receiver, counter
 
 
+#: The receiver index follows version, type and the reserved u16 of the transport header.
+RECEIVER_INDEX_OFFSET = struct.calcsize("!BBH")  # 4
+_RECEIVER_INDEX = struct.Struct("!I")
+
+
+def peek_receiver_index_untrusted(data: bytes) -> int:
+    """The receiver index of a transport datagram, so the receive loop can find its session.
+
+    Reads that one field and checks nothing else: the session's channel runs
+    every check of :func:`parse_transport_untrusted` next.  It is on the data
+    path, hence one ``unpack_from`` and no length arithmetic.  Raises
+    BadFrame("short") if the datagram ends before the field.
+    """
+    try:
+        index: int = _RECEIVER_INDEX.unpack_from(data, RECEIVER_INDEX_OFFSET)[0]
+    except struct.error:
+        raise BadFrame("short") from None
+    return index
+
+
 def decode_transport_untrusted(data: bytes) -> TransportFrame:
     """Split a transport datagram into header and ciphertext, without keys.
 
@@ -792,6 +792,32 @@ def decode_close_plaintext_untrusted(data: bytes) -> Close:
     _exact_len(data, CLOSE_LEN)
     session, code = _CLOSE.unpack(data)
     return Close(session_id=SessionId(session), reason=reason_from_wire_untrusted(code))
+
+
+# ---------------------------------------------------------------------------
+# Tunnelled IP packets (read from the TUN, routed to a session by destination)
+# ---------------------------------------------------------------------------
+
+#: The version nibble of an IPv4 header.
+IPV4_VERSION = 4
+#: An IPv4 header without options; the destination address is its last four bytes.
+IPV4_HEADER_MIN_LEN = 20
+_IPV4_DESTINATION = struct.Struct("!I")
+_IPV4_DESTINATION_OFFSET = IPV4_HEADER_MIN_LEN - _IPV4_DESTINATION.size  # 16
+
+
+def ipv4_destination_untrusted(packet: bytes) -> ipaddress.IPv4Address:
+    """The destination address of an IPv4 packet, which names the session that carries it.
+
+    Only the version and the fixed header's length are checked: the packet
+    itself travels sealed and unmodified.  Raises BadFrame ("short",
+    "ip_version").
+    """
+    if len(packet) < IPV4_HEADER_MIN_LEN:
+        raise BadFrame("short")
+    if packet[0] >> 4 != IPV4_VERSION:
+        raise BadFrame("ip_version")
+    return ipaddress.IPv4Address(_IPV4_DESTINATION.unpack_from(packet, _IPV4_DESTINATION_OFFSET)[0])
 
 
 # ---------------------------------------------------------------------------

@@ -10,18 +10,17 @@ change a session goes to the **supervisor** through one bounded inbox as
 ``GatewaySession`` cores, so they need no locks, and it re-arms one timer
 on the earliest ``next_deadline()`` of all sessions.
 
-Handshakes: a valid HANDSHAKE_INIT from an authorised peer either creates
-a session (new SessionID of 128 random bits, a tunnel address from the
-pool, ownership claimed in the store by compare-and-swap from "absent"),
-or, when it names an existing session of the same peer, rekeys it (new
-keypair held as *next* until the client's first packet proves it has it;
-the SessionID does not change, Property 5).  A new session for a peer that
-already has one ends the old one explicitly (PEER_CLOSE).
+Handshakes: a HANDSHAKE_INIT naming an existing session of the same peer
+rekeys it (the new keypair is held as *next* until the client's first
+packet proves it has it; the SessionID does not change, Property 5).  Any
+other authenticated init asks ``core.admission`` for a new session, and
+this driver carries the answer out: end the session it replaces
+(PEER_CLOSE), claim ownership in the store, start the session core.
 
 Data: DATA is written to the TUN only if it came from the active binding
 (``GatewaySession.accepts_data_from``); anything else is counted as stray
 and never counts as data.  Packets from the TUN go out on the binding of
-the session that owns the destination address, or are counted as dropped
+the session that holds the destination address, or are counted as dropped
 while that session is unbound.
 """
 
@@ -30,7 +29,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -47,13 +46,14 @@ from jvpn_trio.core.actions import (
     SendReattachReject,
     Terminate,
 )
+from jvpn_trio.core.admission import Admissions, Admit, Claimed, Refusal, Refuse
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
 from jvpn_trio.core.noise import HandshakeError, PeerRecord, ResponderHandshake, StaticKeypair
 from jvpn_trio.core.keyring import KeyExhausted
 from jvpn_trio.core.ids import Binding, PathId, RandomBytes, SessionId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import GatewaySession, GatewaySnapshot
-from jvpn_trio.core.states import ReasonCode
+from jvpn_trio.core.states import TERMINATION_REASONS, ReasonCode
 from jvpn_trio.core.trace import SessionStart
 from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
@@ -63,15 +63,86 @@ BATCH = 64
 INBOX_CAPACITY = 4096
 #: Client endpoints remembered per session (one per path is the normal case).
 MAX_ENDPOINTS_PER_SESSION = 16
-#: Frame types whose authentication failures are security events, not just counters.
-CONTROL_TYPES = frozenset(
-    {wire.MessageType.REATTACH, wire.MessageType.CLOSE, wire.MessageType.PROBE}
+#: Transport types whose failed authentication the session core hears about: a forged or
+#: replayed REATTACH or CLOSE is an attack on the binding, so it becomes a SECURITY_EVENT.
+REPORTED_DROP_TYPES = frozenset({wire.MessageType.REATTACH, wire.MessageType.CLOSE})
+
+
+def _reason_counters(prefix: str, reasons: Iterable[ReasonCode]) -> Mapping[ReasonCode, str]:
+    return {reason: f"{prefix}{reason.value.lower()}" for reason in reasons}
+
+
+R = ReasonCode
+#: The counter per reason ``SecureChannel.open_untrusted`` drops a frame for.
+CHANNEL_DROP_COUNTERS = _reason_counters("drop_", (R.MALFORMED, R.STRAY_PACKET, R.REPLAYED_COUNTER, R.DECRYPT_FAILED))
+#: The counter per reason ``ResponderHandshake.consume_init`` refuses an init for.
+HANDSHAKE_ERROR_COUNTERS = _reason_counters(
+    "handshake_", (R.BAD_MAC, R.DECRYPT_FAILED, R.UNKNOWN_PEER, R.MALFORMED, R.HANDSHAKE_REPLAY)
 )
+#: The counter per way a session ends (Property 10).
+TERMINATION_COUNTERS = _reason_counters("terminated_", TERMINATION_REASONS)
+#: The counter per reason admission refuses a new session for.
+REFUSAL_COUNTERS: Mapping[Refusal, str] = {r: f"handshake_{r.value.lower()}" for r in Refusal}
 
 
+@attrs.define(kw_only=True)
+class _Counts:
+    """The runtime's counters, bumped in place: on the data path that is one slot increment.
 
-class AddressPoolExhausted(Exception):
-    pass
+    Field names are the keys of ``counters`` in ``jvpn-trio status --json``:
+    keep them stable.  The ``*_other`` fields count a reason the tables above
+    do not list, rather than crash the gateway over a counter.
+    """
+
+    # handshakes and sessions
+    sessions_created: int = 0
+    rekeys: int = 0
+    rekey_unknown_session: int = 0
+    handshake_malformed: int = 0
+    handshake_bad_mac: int = 0
+    handshake_decrypt_failed: int = 0
+    handshake_unknown_peer: int = 0
+    handshake_handshake_replay: int = 0
+    handshake_other: int = 0
+    handshake_pool_exhausted: int = 0
+    handshake_claim_failed: int = 0
+    handshake_admission_in_flight: int = 0
+    terminated_session_ttl_expired: int = 0
+    terminated_transport_loss_ttl_expired: int = 0
+    terminated_key_exhausted: int = 0
+    terminated_ownership_lost: int = 0
+    terminated_local_close: int = 0
+    terminated_peer_close: int = 0
+    terminated_other: int = 0
+    # receiving
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_tun_full: int = 0
+    stray_data: int = 0
+    drop_malformed: int = 0
+    drop_unexpected_handshake_resp: int = 0
+    drop_unknown_index: int = 0
+    drop_stray_packet: int = 0
+    drop_replayed_counter: int = 0
+    drop_decrypt_failed: int = 0
+    drop_other: int = 0
+    drop_malformed_plaintext: int = 0
+    drop_unexpected_type: int = 0
+    # sending
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_not_ipv4: int = 0
+    tx_no_binding: int = 0
+    send_no_port: int = 0
+    keys_exhausted: int = 0
+    # the supervisor
+    inbox_full: int = 0
+    input_for_unknown_session: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class GatewayStatistics(_Counts):
+    """What :meth:`GatewayRuntime.statistics` returns: a frozen copy of every counter."""
 
 
 @attrs.define
@@ -117,24 +188,7 @@ class ServedSession:
 @attrs.frozen(kw_only=True)
 class GatewayStatus:
     sessions: tuple[tuple[GatewaySnapshot, str, str], ...]  # (snapshot, peer name, tunnel address)
-    counters: tuple[tuple[str, int], ...]
-
-
-class AddressPool:
-    """Tunnel addresses: fixed ones for peers that name one, the rest handed out lowest first."""
-
-    def __init__(self, tunnel: ipaddress.IPv4Interface, reserved: set[ipaddress.IPv4Address]) -> None:
-        self._free = [a for a in tunnel.network.hosts() if a != tunnel.ip and a not in reserved]
-        self._free.reverse()  # pop() from the end hands out the lowest address first
-
-    def allocate(self) -> ipaddress.IPv4Address:
-        if not self._free:
-            raise AddressPoolExhausted("no free tunnel address")
-        return self._free.pop()
-
-    def release(self, address: ipaddress.IPv4Address) -> None:
-        self._free.append(address)
-        self._free.sort(reverse=True)
+    statistics: GatewayStatistics
 
 
 class GatewayRuntime:
@@ -155,7 +209,11 @@ class GatewayRuntime:
         self._static = static
         self._peers = {p.public: p for p in peers}
         self.tunnel = tunnel
-        self._pool = AddressPool(tunnel, {p.address for p in peers if p.address is not None})
+        self._admissions = Admissions(
+            tunnel=tunnel,
+            fixed={p.public: p.address for p in self._peers.values() if p.address is not None},
+            node_id=node_id,
+        )
         self._store = store
         self.node_id = node_id
         self._emit = emit
@@ -164,12 +222,21 @@ class GatewayRuntime:
         self.sessions: dict[SessionId, ServedSession] = {}
         self._by_index: dict[int, ServedSession] = {}
         self._by_address: dict[ipaddress.IPv4Address, ServedSession] = {}
-        self._by_peer: dict[bytes, ServedSession] = {}
-        self.counters: Counter[str] = Counter()
+        self._counts = _Counts()
         self.status = trio_util.AsyncValue[GatewayStatus | None](None)
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[float, SessionId, Any]](INBOX_CAPACITY)
         self._last_now = -math.inf
         self._packets: PacketPort | None = None
+
+    def statistics(self) -> GatewayStatistics:
+        """Every counter of this runtime, frozen at the time of the call."""
+        return GatewayStatistics(**attrs.asdict(self._counts, recurse=False))
+
+    def _count(self, name: str) -> None:
+        setattr(self._counts, name, getattr(self._counts, name) + 1)
+
+    def _count_reason(self, table: Mapping[ReasonCode, str], reason: ReasonCode, other: str) -> None:
+        self._count(table.get(reason, other))
 
     # -- lifetime -------------------------------------------------------------------------------
     async def serve(
@@ -182,10 +249,10 @@ class GatewayRuntime:
     ) -> None:
         """Serve until cancelled; every session still alive is closed explicitly on the way out.
 
-        ``ports`` carry DATA; ``control_ports`` (each the data port + 1, see
-        ``client.control_endpoint``) carry handshakes, probes, REATTACH and
-        CLOSE in their own kernel queues.  Any port accepts any message; a
-        reply leaves by the port its request came in on.
+        ``ports`` carry DATA; ``control_ports`` carry handshakes, probes,
+        REATTACH and CLOSE in kernel queues of their own, so a data flood
+        cannot drown the probes.  Any port accepts any message; a reply
+        leaves by the port its request came in on.
         """
         self._packets = packets
         try:
@@ -207,7 +274,7 @@ class GatewayRuntime:
         try:
             self._inbox_send.send_nowait((trio.current_time(), session_id, event))
         except trio.WouldBlock:
-            self.counters["inbox_full"] += 1
+            self._counts.inbox_full += 1
             return False
         return True
 
@@ -232,7 +299,7 @@ class GatewayRuntime:
                 at, session_id, event = item
                 target = self.sessions.get(session_id)
                 if target is None:
-                    self.counters["input_for_unknown_session"] += 1
+                    self._counts.input_for_unknown_session += 1
                     continue
                 self._feed(target, event, at)
             await self._reap()
@@ -271,7 +338,7 @@ class GatewayRuntime:
                     close = wire.Close(session_id=served.session_id, reason=action.reason)
                     self._send(served, binding.endpoint, wire.MessageType.CLOSE, wire.encode_close_plaintext(close))
             elif isinstance(action, Terminate):
-                self.counters[f"terminated_{action.reason.value.lower()}"] += 1
+                self._count_reason(TERMINATION_COUNTERS, action.reason, "terminated_other")
             # BindTransport / ReleaseTransport: the binding *is* the core's record, which the
             # data path reads through accepts_data_from(); there is no second copy to update.
 
@@ -286,10 +353,7 @@ class GatewayRuntime:
             self._by_index.pop(index, None)
         if self._by_address.get(served.address) is served:
             del self._by_address[served.address]
-            if served.peer.address is None:
-                self._pool.release(served.address)
-        if self._by_peer.get(served.peer.public) is served:
-            del self._by_peer[served.peer.public]
+        self._admissions.release(served.session_id)
 
     def _publish(self) -> None:
         now = self._last_now
@@ -297,18 +361,18 @@ class GatewayRuntime:
             sessions=tuple(
                 (s.core.snapshot(now=now), s.peer.name, str(s.address)) for s in self.sessions.values()
             ),
-            counters=tuple(sorted(self.counters.items())),
+            statistics=self.statistics(),
         )
 
     def _send(self, served: ServedSession, addr: Address, msg_type: wire.MessageType, plaintext: bytes) -> None:
         port = served.port_for(addr, control=msg_type is not wire.MessageType.DATA)
         if port is None:
-            self.counters["send_no_port"] += 1
+            self._counts.send_no_port += 1
             return
         try:
             datagram = served.channel.seal(msg_type, plaintext)
         except KeyExhausted:
-            self.counters["keys_exhausted"] += 1
+            self._counts.keys_exhausted += 1
             self.submit_nowait(served.session_id, ev.KeysExhausted())
             return
         port.send_nowait(datagram, addr)
@@ -325,92 +389,87 @@ class GatewayRuntime:
         try:
             msg_type = wire.peek_type_untrusted(data)
         except wire.BadFrame:
-            self.counters["drop_malformed"] += 1
+            self._counts.drop_malformed += 1
             return
         if msg_type is wire.MessageType.HANDSHAKE_INIT:
             await self._on_handshake(port, data, addr, now)
             return
         if msg_type is wire.MessageType.HANDSHAKE_RESP:
-            self.counters["drop_unexpected_handshake_resp"] += 1
+            self._counts.drop_unexpected_handshake_resp += 1
             return
-        index = int.from_bytes(data[4:8], "big") if len(data) >= 8 else -1
-        served = self._by_index.get(index)
+        try:
+            served = self._by_index.get(wire.peek_receiver_index_untrusted(data))
+        except wire.BadFrame:
+            served = None
         if served is None:
-            self.counters["drop_unknown_index"] += 1
+            self._counts.drop_unknown_index += 1
             return
         try:
             opened = served.channel.open_untrusted(data, now=now)
         except ChannelDrop as drop:
-            self.counters[f"drop_{drop.reason.value.lower()}"] += 1
-            if msg_type in CONTROL_TYPES and msg_type is not wire.MessageType.PROBE:
+            self._count_reason(CHANNEL_DROP_COUNTERS, drop.reason, "drop_other")
+            if msg_type in REPORTED_DROP_TYPES:
                 await self._inbox_send.send(
                     (now, served.session_id, ev.FrameDropped(reason=drop.reason, endpoint=addr, frame=msg_type.name))
                 )
             return
         self._index_keys(served)
+        if opened.msg_type is wire.MessageType.DATA:  # the fast path: no message object per packet
+            await self._on_data(served, port, opened.plaintext, addr, now)
+            return
         try:
-            await self._dispatch(served, port, opened.msg_type, opened.plaintext, addr, now)
+            message = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
         except wire.BadFrame:
-            self.counters["drop_malformed_plaintext"] += 1
+            self._counts.drop_malformed_plaintext += 1
+            return
+        await self._on_message(served, port, message, addr, now)
 
-    async def _dispatch(
-        self,
-        served: ServedSession,
-        port: DatagramPort,
-        kind: wire.MessageType,
-        plaintext: bytes,
-        addr: Address,
-        now: float,
+    async def _on_data(self, served: ServedSession, port: DatagramPort, packet: bytes, addr: Address, now: float) -> None:
+        served.learn(addr, port, None, control=False)
+        await self._alive(served, addr, served.paths.get(addr, served.init_path), now)
+        if not served.core.accepts_data_from(addr):
+            self._counts.stray_data += 1
+            return
+        self._counts.rx_packets += 1
+        self._counts.rx_bytes += len(packet)
+        if packet and self._packets is not None and not self._packets.write_nowait(packet):
+            self._counts.rx_tun_full += 1
+
+    async def _on_message(
+        self, served: ServedSession, port: DatagramPort, message: wire.InnerMessage, addr: Address, now: float
     ) -> None:
-        core = served.core
-        if kind is wire.MessageType.DATA:
-            served.learn(addr, port, None, control=False)
-            await self._alive(served, addr, served.paths.get(addr, served.init_path), now)
-            if not core.accepts_data_from(addr):
-                self.counters["stray_data"] += 1
-                return
-            self.counters["rx_packets"] += 1
-            self.counters["rx_bytes"] += len(plaintext)
-            if plaintext and self._packets is not None and not self._packets.write_nowait(plaintext):
-                self.counters["rx_tun_full"] += 1
-        elif kind is wire.MessageType.PROBE:
-            probe = wire.decode_probe_plaintext_untrusted(plaintext)
-            served.learn(addr, port, probe.path_id, control=True)
-            await self._alive(served, addr, probe.path_id, now)
-            ack = wire.ProbeAck(
-                path_id=probe.path_id,
-                seq=probe.seq,
-                echo_sent_us=probe.sent_us,
-                gateway_state_version=core.record.version,
-                bound_path_id=core.bound_path_seen_from(addr),
-            )
-            self._send(served, addr, wire.MessageType.PROBE_ACK, wire.encode_probe_ack_plaintext(ack))
-        elif kind is wire.MessageType.REATTACH:
-            req = wire.decode_reattach_plaintext_untrusted(plaintext)
-            served.learn(addr, port, req.path_id, control=True)
-            ownership = await self._store.read(served.session_id)
-            await self._inbox_send.send(
-                (
-                    now,
-                    served.session_id,
-                    ev.ReattachReceived(
-                        session_id=req.session_id,
-                        path=req.path_id,
-                        endpoint=addr,
-                        nonce=req.nonce,
-                        client_ts_ms=req.client_ts_ms,
-                        expected_version=req.expected_version,
-                        proof_valid=True,
-                        ownership=ownership,
-                        metadata=req.metadata,
-                    ),
+        """An authenticated control message: the session core's input, or a stateless reply."""
+        match message:
+            case wire.Probe() as probe:
+                served.learn(addr, port, probe.path_id, control=True)
+                await self._alive(served, addr, probe.path_id, now)
+                ack = wire.ProbeAck(
+                    path_id=probe.path_id,
+                    seq=probe.seq,
+                    echo_sent_us=probe.sent_us,
+                    gateway_state_version=served.core.record.version,
+                    bound_path_id=served.core.bound_path_seen_from(addr),
                 )
-            )
-        elif kind is wire.MessageType.CLOSE:
-            close = wire.decode_close_plaintext_untrusted(plaintext)
-            await self._inbox_send.send((now, served.session_id, ev.PeerClosed(reason=close.reason)))
-        else:
-            self.counters["drop_unexpected_type"] += 1
+                self._send(served, addr, wire.MessageType.PROBE_ACK, wire.encode_probe_ack_plaintext(ack))
+            case wire.Reattach() as req:
+                served.learn(addr, port, req.path_id, control=True)
+                ownership = await self._store.read(served.session_id)
+                reattach = ev.ReattachReceived(
+                    session_id=req.session_id,
+                    path=req.path_id,
+                    endpoint=addr,
+                    nonce=req.nonce,
+                    client_ts_ms=req.client_ts_ms,
+                    expected_version=req.expected_version,
+                    proof_valid=True,
+                    ownership=ownership,
+                    metadata=req.metadata,
+                )
+                await self._inbox_send.send((now, served.session_id, reattach))
+            case wire.Close() as close:
+                await self._inbox_send.send((now, served.session_id, ev.PeerClosed(reason=close.reason)))
+            case _:  # messages only a gateway sends
+                self._counts.drop_unexpected_type += 1
 
     async def _alive(self, served: ServedSession, addr: Address, path: PathId | None, now: float) -> None:
         """Tell the core the session is alive: at once while unconfirmed, then coalesced per interval."""
@@ -444,55 +503,70 @@ class GatewayRuntime:
             init = wire.decode_handshake_init_untrusted(data)
             hs = ResponderHandshake.consume_init(init, self._static, lookup_peer=self._lookup_peer)
         except wire.BadFrame:
-            self.counters["handshake_malformed"] += 1
+            self._counts.handshake_malformed += 1
             return
         except HandshakeError as exc:
-            self.counters[f"handshake_{exc.reason.value.lower()}"] += 1
+            self._count_reason(HANDSHAKE_ERROR_COUNTERS, exc.reason, "handshake_other")
             return
         peer = self._peers[hs.peer_public]
         peer.last_timestamp = hs.timestamp
         if hs.rekey_session is not None:
             self._on_rekey(hs, peer, port, addr, now)
             return
-        previous = self._by_peer.get(peer.public)
-        if previous is not None and not previous.core.terminated:
-            await self._inbox_send.send((now, previous.session_id, ev.PeerClosed(reason=ReasonCode.PEER_CLOSE)))
-            self._by_address.pop(previous.address, None)
-        try:
-            address = peer.address or self._pool.allocate()
-        except AddressPoolExhausted:
-            self.counters["handshake_pool_exhausted"] += 1
+        admission = self._admissions.admit(peer.public, session_id=SessionId.generate(self._random_bytes))
+        if isinstance(admission, Refuse):
+            self._count(REFUSAL_COUNTERS[admission.reason])
             return
-        session_id = SessionId.generate(self._random_bytes)
-        claim = await self._store.claim(session_id, self.node_id, expected_revision=0)
-        if not claim.succeeded or claim.record is None:
-            self.counters["handshake_claim_failed"] += 1
-            if peer.address is None:
-                self._pool.release(address)
+        if admission.replaces is not None:
+            await self._retire(admission.replaces, now)
+        claimed = await self._claim(admission)
+        if isinstance(claimed, Refuse):
+            self._count(REFUSAL_COUNTERS[claimed.reason])
             return
+        self._start_session(hs, peer, port, addr, claimed, now)
+
+    async def _retire(self, session_id: SessionId, now: float) -> None:
+        """End a session its peer replaced: unroute its address now, close it through the supervisor."""
+        previous = self.sessions.get(session_id)
+        if previous is None:
+            return
+        if self._by_address.get(previous.address) is previous:
+            del self._by_address[previous.address]
+        if not previous.core.terminated:
+            await self._inbox_send.send((now, session_id, ev.PeerClosed(reason=ReasonCode.PEER_CLOSE)))
+
+    async def _claim(self, admission: Admit) -> Claimed | Refuse:
+        """Write the admission's ownership claim and let the core judge the store's answer."""
+        claim = admission.claim
+        result = await self._store.claim(claim.session_id, claim.owner, expected_revision=claim.expected_revision)
+        return self._admissions.settle_claim(claim.session_id, succeeded=result.succeeded, record=result.record)
+
+    def _start_session(
+        self, hs: ResponderHandshake, peer: GatewayPeer, port: DatagramPort, addr: Address, claimed: Claimed, now: float
+    ) -> None:
+        session_id = claimed.session_id
         core = GatewaySession(
             policy=self.policy,
             session_id=session_id,
             now=now,
             node_id=self.node_id,
-            held_revision=claim.record.revision,
+            held_revision=claimed.held_revision,
             handshake_binding=Binding(path=hs.path_id, endpoint=addr),
         )
         resp, result = hs.respond(
             session_id=session_id,
             state_version=core.record.version + 1,  # the version it will have once the client confirms
-            tunnel_ipv4=address,
+            tunnel_ipv4=claimed.address,
             prefix_len=self.tunnel.network.prefixlen,
             sender_index=self._new_index(),
             random_bytes=self._random_bytes,
         )
         channel = SecureChannel(self.policy)
         channel.install_next(result.keypair(created_at=now))
-        served = ServedSession(core=core, channel=channel, peer=peer, address=address, init_path=hs.path_id)
+        served = ServedSession(core=core, channel=channel, peer=peer, address=claimed.address, init_path=hs.path_id)
         served.learn(addr, port, hs.path_id, control=True)
         self.sessions[session_id] = served
-        self._by_address[address] = served
-        self._by_peer[peer.public] = served
+        self._by_address[claimed.address] = served
         self._index_keys(served)
         created = core.creation_events()
         if self._recorder is not None:
@@ -502,7 +576,7 @@ class GatewayRuntime:
                 session=session_id.hex,
                 policy=self.policy.to_mapping(),
                 node_id=self.node_id,
-                held_revision=claim.record.revision,
+                held_revision=claimed.held_revision,
                 handshake_binding=core.handshake_binding,
             )
             self._recorder.started(start, created)
@@ -510,12 +584,12 @@ class GatewayRuntime:
             if isinstance(action, EmitEvent):
                 self._emit(action)
         port.send_nowait(wire.encode_handshake_resp(resp), addr)
-        self.counters["sessions_created"] += 1
+        self._counts.sessions_created += 1
 
     def _on_rekey(self, hs: ResponderHandshake, peer: GatewayPeer, port: DatagramPort, addr: Address, now: float) -> None:
         served = self.sessions.get(hs.rekey_session) if hs.rekey_session else None
         if served is None or served.peer is not peer or served.core.terminated:
-            self.counters["rekey_unknown_session"] += 1
+            self._counts.rekey_unknown_session += 1
             return
         resp, result = hs.respond(
             session_id=served.session_id,
@@ -532,36 +606,38 @@ class GatewayRuntime:
         self._index_keys(served)
         served.learn(addr, port, hs.path_id, control=True)
         port.send_nowait(wire.encode_handshake_resp(resp), addr)
-        self.counters["rekeys"] += 1
+        self._counts.rekeys += 1
 
     # -- the TUN side ---------------------------------------------------------------------------
     async def _pump_packets(self, packets: PacketPort) -> None:
-        """TUN -> sessions: seal each packet for the session owning its destination, batch per binding."""
+        """TUN -> sessions: seal each packet for the session holding its destination, batch per binding."""
         while True:
             outgoing: dict[int, tuple[ServedSession, Address, list[bytes]]] = {}
             for packet in await packets.read_batch(BATCH):
-                if len(packet) < 20 or packet[0] >> 4 != 4:
-                    self.counters["tx_not_ipv4"] += 1
+                try:
+                    destination = wire.ipv4_destination_untrusted(packet)
+                except wire.BadFrame:
+                    self._counts.tx_not_ipv4 += 1
                     continue
-                served = self._by_address.get(ipaddress.IPv4Address(packet[16:20]))
+                served = self._by_address.get(destination)
                 binding = served.core.record.binding if served is not None else None
                 if served is None or binding is None:
-                    self.counters["tx_no_binding"] += 1
+                    self._counts.tx_no_binding += 1
                     continue
                 try:
                     datagram = served.channel.seal(wire.MessageType.DATA, packet)
                 except KeyExhausted:
-                    self.counters["keys_exhausted"] += 1
+                    self._counts.keys_exhausted += 1
                     self.submit_nowait(served.session_id, ev.KeysExhausted())
                     continue
                 entry = outgoing.setdefault(id(served), (served, binding.endpoint, []))
                 entry[2].append(datagram)
-                self.counters["tx_packets"] += 1
-                self.counters["tx_bytes"] += len(packet)
+                self._counts.tx_packets += 1
+                self._counts.tx_bytes += len(packet)
             for served, endpoint, datagrams in outgoing.values():
                 port = served.port_for(endpoint, control=False)
                 if port is None:
-                    self.counters["send_no_port"] += len(datagrams)
+                    self._counts.send_no_port += len(datagrams)
                     continue
                 for run in equal_size_runs(datagrams):
                     port.send_segments_nowait(run, endpoint)

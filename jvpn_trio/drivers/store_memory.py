@@ -1,12 +1,12 @@
-"""The OwnershipStore protocol, and its in-memory implementation.
+"""Session ownership records: the OwnershipStore protocol and an in-memory store.
 
-A gateway claims a session when it creates it and re-reads the record
-before every reattach decision (``core/ownership.py`` classifies what it
-reads).  The store must offer an atomic compare-and-swap on a per-key
-revision, the way etcd's transactions compare ``mod_revision``: that is the
-"atomic shared store with versioned CAS" of spec section 10.  This module
-holds the protocol and the single-gateway implementation; ``store_etcd.py``
-(cluster issue) implements the same protocol against etcd v3.
+The gateway claims a session's record when it creates the session and
+re-reads it before every reattach decision (``core/ownership.py`` classifies
+what it reads).  ``OwnershipStore`` is the seam a shared store implements so
+that several gateways can serve one cluster: it must offer an atomic
+compare-and-swap on a per-key revision, as etcd's transactions compare
+``mod_revision`` (spec section 10).  :class:`MemoryOwnershipStore` is the
+only implementation here; it serves a single gateway process.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Protocol
 
 import attrs
 
+from jvpn_trio.core.ownership import ABSENT_REVISION
 from jvpn_trio.core.ids import SessionId
 from jvpn_trio.core.ownership import OwnershipRecord
 
@@ -31,10 +32,15 @@ class OwnershipStore(Protocol):
     async def read(self, session_id: SessionId) -> OwnershipRecord | None: ...
 
     async def claim(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
-        """Write ``node_id`` as owner iff the record's revision is ``expected_revision`` (0: absent)."""
+        """Write ``node_id`` as owner iff the record's revision is ``expected_revision``.
+
+        ``ABSENT_REVISION`` expects no record at all: that is how a new session is claimed.
+        """
         ...
 
-    async def release(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult: ...
+    async def release(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
+        """Delete the record iff ``node_id`` owns it at ``expected_revision``."""
+        ...
 
 
 class MemoryOwnershipStore:
@@ -49,7 +55,7 @@ class MemoryOwnershipStore:
 
     async def claim(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
         current = self._records.get(session_id)
-        current_revision = current.revision if current else 0
+        current_revision = current.revision if current else ABSENT_REVISION
         if current_revision != expected_revision:
             return CasResult(False, current)
         self._revision += 1

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from jvpn_trio.core import wire
 from jvpn_trio.core.ids import PathId, SessionId
@@ -522,6 +524,77 @@ def test_reason_to_wire_names_the_table_for_an_unmapped_reason(monkeypatch: pyte
     monkeypatch.setattr(wire, "REASON_TO_WIRE", {})
     with pytest.raises(ValueError, match="REASON_WIRE_TABLE"):
         wire.reason_to_wire(ReasonCode.LOCAL_CLOSE)
+
+
+# ---------------------------------------------------------------------------
+# Peeking at the receiver index (the receive loop's session lookup)
+# ---------------------------------------------------------------------------
+
+TRANSPORT_SAMPLES = sorted(name for name in SAMPLES if name.startswith("transport_"))
+
+
+@pytest.mark.parametrize("name", TRANSPORT_SAMPLES)
+def test_receiver_index_is_the_headers(name: str) -> None:
+    raw = wire.encode(SAMPLES[name])
+    _, index, _ = wire.parse_transport_untrusted(raw)
+    assert wire.peek_receiver_index_untrusted(raw) == index == 0xCAFEBABE
+
+
+def test_receiver_index_layout_by_hand() -> None:
+    raw = bytes([1, MessageType.PROBE, 0, 0]) + bytes.fromhex("00000102") + bytes(8)
+    assert wire.RECEIVER_INDEX_OFFSET == 4
+    assert wire.peek_receiver_index_untrusted(raw) == 0x0102
+    assert wire.peek_receiver_index_untrusted(raw[:8]) == 0x0102  # the field is all it needs
+    assert wire.peek_receiver_index_untrusted(b"\xff" * 8) == wire.U32_MAX
+
+
+def test_receiver_index_of_a_datagram_too_short_for_it_is_short() -> None:
+    raw = wire.encode(SAMPLES["transport_probe"])
+    for cut in range(wire.RECEIVER_INDEX_OFFSET + 4):
+        assert reason_of(wire.peek_receiver_index_untrusted, raw[:cut]) == "short", cut
+
+
+@given(st.binary(max_size=64))
+def test_receiver_index_of_garbage_is_a_u32_or_bad_frame(data: bytes) -> None:
+    try:
+        index = wire.peek_receiver_index_untrusted(data)
+    except BadFrame as exc:
+        assert exc.reason == "short" and len(data) < 8
+    else:
+        assert 0 <= index <= wire.U32_MAX and index == int.from_bytes(data[4:8], "big")
+
+
+# ---------------------------------------------------------------------------
+# The destination of a tunnelled IPv4 packet
+# ---------------------------------------------------------------------------
+
+IPV4_PACKET = bytes.fromhex("4500001c00004000401100000a4200020a420001") + bytes(8)
+
+
+def test_ipv4_destination_is_the_last_field_of_the_fixed_header() -> None:
+    assert wire.ipv4_destination_untrusted(IPV4_PACKET) == ipaddress.IPv4Address("10.66.0.1")
+    assert wire.ipv4_destination_untrusted(IPV4_PACKET[: wire.IPV4_HEADER_MIN_LEN]) == ipaddress.IPv4Address("10.66.0.1")
+
+
+def test_ipv4_destination_of_a_short_packet_is_short() -> None:
+    for cut in range(wire.IPV4_HEADER_MIN_LEN):
+        assert reason_of(wire.ipv4_destination_untrusted, IPV4_PACKET[:cut]) == "short", cut
+
+
+@pytest.mark.parametrize("first_byte", [0x00, 0x35, 0x60, 0x65, 0xF5])
+def test_ipv4_destination_of_another_ip_version_is_refused(first_byte: int) -> None:
+    packet = bytes([first_byte]) + IPV4_PACKET[1:]
+    assert reason_of(wire.ipv4_destination_untrusted, packet) == "ip_version"
+
+
+@given(st.binary(max_size=48))
+def test_ipv4_destination_of_garbage_is_an_address_or_bad_frame(data: bytes) -> None:
+    try:
+        destination = wire.ipv4_destination_untrusted(data)
+    except BadFrame as exc:
+        assert exc.reason in ("short", "ip_version")
+    else:
+        assert destination.packed == data[16:20] and data[0] >> 4 == 4
 
 
 # ---------------------------------------------------------------------------

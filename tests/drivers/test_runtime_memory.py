@@ -10,15 +10,18 @@ import ipaddress
 import random
 import struct
 
+import attrs
 import pytest
 import trio
 
+from jvpn_trio.core import events as ev
+from jvpn_trio.core import wire
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode, SessionState
-from jvpn_trio.drivers.client import ClientPath, ClientRuntime
+from jvpn_trio.drivers.client import ClientPath, ClientRuntime, ClientStatistics, HandshakeFailed, _Tally
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.memory import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
@@ -42,7 +45,7 @@ def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
 
 
 class World:
-    def __init__(self, policy: Policy | None = None) -> None:
+    def __init__(self, policy: Policy | None = None, links: dict[int, bool] | None = None) -> None:
         self.policy = policy or Policy()
         rng = random.Random(7)
         self.random_bytes = lambda n: bytes(rng.getrandbits(8) for _ in range(n))
@@ -70,7 +73,8 @@ class World:
             static=self.cl_static,
             gateway_public=self.gw_static.public,
             paths=[
-                ClientPath(path=PathId(i), name=f"if{i}", kind=kinds[i], priority=10 * i, port=self.ports[i], gateway=GATEWAY)
+                ClientPath(path=PathId(i), name=f"if{i}", kind=kinds[i], priority=10 * i, port=self.ports[i],
+                           gateway=GATEWAY, link_up=(links or {}).get(i, True))
                 for i in (1, 2, 3)
             ],
             emit=self.client_events.append,
@@ -165,7 +169,7 @@ async def test_data_from_a_non_active_endpoint_is_not_data(autojump_clock: trio.
             )
             world.ports[3].send_nowait(datagram, GATEWAY)
             await trio.sleep(0.1)
-            assert world.gateway.counters["stray_data"] == 1
+            assert world.gateway.statistics().stray_data == 1
             assert served.core.record.binding is not None and served.core.record.binding.endpoint == client_addr(1)
             nursery.cancel_scope.cancel()
 
@@ -254,4 +258,92 @@ async def test_nat_rebinding_is_followed_by_an_explicit_reattach(autojump_clock:
             up = ipv4_packet("10.66.0.2", "10.66.0.1", b"and back")
             world.cl_packets.inject(up)
             assert await world.gw_packets.delivered.receive() == up
+            nursery.cancel_scope.cancel()
+
+
+def handshake_inits(world: World) -> list[tuple[float, tuple[str, int], tuple[str, int]]]:
+    """Record (time, from, to) of every HANDSHAKE_INIT the network carries."""
+    sent: list[tuple[float, tuple[str, int], tuple[str, int]]] = []
+    original = world.net.deliver
+
+    def tap(data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        if data[:2] == bytes([wire.PROTOCOL_VERSION, wire.MessageType.HANDSHAKE_INIT]):
+            sent.append((trio.current_time(), src, dst))
+        original(data, src, dst)
+
+    world.net.deliver = tap  # type: ignore[method-assign]
+    return sent
+
+
+async def test_handshake_skips_down_links_and_gives_up_at_the_ttl(autojump_clock: trio.abc.Clock) -> None:
+    policy = Policy(handshake_retry_ms=1_000, transport_loss_ttl_ms=4_500)
+    world = World(policy, links={1: False})
+    sent = handshake_inits(world)  # no gateway: nobody answers
+    start = trio.current_time()
+    with trio.fail_after(30), pytest.raises(HandshakeFailed, match="on if2, if3 within 4500 ms"):
+        await world.client.run()
+    assert trio.current_time() - start == 5.0  # the attempt started at 4.0 runs its whole second
+    assert [(t - start, src) for t, src, _dst in sent] == [
+        (0.0, client_addr(2)), (1.0, client_addr(3)), (2.0, client_addr(2)), (3.0, client_addr(3)),
+        (4.0, client_addr(2)),
+    ]
+    assert {dst for _t, _src, dst in sent} == {GATEWAY_CONTROL}
+    assert world.client.statistics().handshake_sent == 5
+
+
+async def test_a_link_coming_up_during_the_handshake_joins_the_rotation(autojump_clock: trio.abc.Clock) -> None:
+    policy = Policy(handshake_retry_ms=1_000, transport_loss_ttl_ms=3_500)
+    world = World(policy, links={1: False, 3: False})
+    sent = handshake_inits(world)
+    start = trio.current_time()
+
+    async def link_up_later() -> None:
+        await trio.sleep(0.5)
+        world.client.submit_nowait(ev.LinkChanged(path=PathId(1), up=True))
+
+    failures: list[str] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link_up_later)
+            try:
+                await world.client.run()
+            except HandshakeFailed as exc:
+                failures.append(str(exc))
+    assert failures == ["no handshake answer from the gateway on if1, if2 within 3500 ms"]
+    assert [(t - start, src) for t, src, _dst in sent] == [
+        (0.0, client_addr(2)), (1.0, client_addr(1)), (2.0, client_addr(2)), (3.0, client_addr(1)),
+    ]
+
+
+async def test_statistics_are_typed_and_frozen(autojump_clock: trio.abc.Clock) -> None:
+    assert [f.name for f in attrs.fields(_Tally)] == [f.name for f in attrs.fields(ClientStatistics)]
+    world = World()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            up = ipv4_packet("10.66.0.2", "10.66.0.1", b"counted")
+            world.cl_packets.inject(up)
+            assert await world.gw_packets.delivered.receive() == up
+            down = ipv4_packet("10.66.0.1", "10.66.0.2", b"counted too")
+            world.gw_packets.inject(down)
+            assert await world.cl_packets.delivered.receive() == down
+            # An authenticated datagram delivered twice: the second copy is a replay.
+            datagram = world.gateway_session().channel.seal(wire.MessageType.DATA, down)
+            world.net.deliver(datagram, GATEWAY, client_addr(1))
+            world.net.deliver(datagram, GATEWAY, client_addr(1))
+            world.net.deliver(b"\xff", GATEWAY, client_addr(1))  # not even a header
+            world.net.deliver(b"", ("203.0.113.9", 1), client_addr(1))  # from a stranger
+            await trio.sleep(0.1)
+            stats = world.client.statistics()
+            assert (stats.handshake_sent, stats.tx_packets, stats.tx_bytes) == (1, 1, len(up))
+            assert stats.rx_packets >= 2 and stats.rx_bytes >= 2 * len(down)
+            assert dict(stats.drop) == {ReasonCode.REPLAYED_COUNTER: 1, ReasonCode.MALFORMED: 1}
+            assert stats.stray_source == 1
+            with pytest.raises(TypeError):
+                stats.drop[ReasonCode.MALFORMED] = 0  # type: ignore[index]
+            with pytest.raises(attrs.exceptions.FrozenInstanceError):
+                stats.tx_packets = 0  # type: ignore[misc]
+            status = world.client.status.value
+            assert status is not None and isinstance(status.statistics, ClientStatistics)
             nursery.cancel_scope.cancel()

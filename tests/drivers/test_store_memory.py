@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import trio
 
+from jvpn_trio.core.ownership import ABSENT_REVISION
 from jvpn_trio.core.ids import SessionId
 from jvpn_trio.core.ownership import Ownership, OwnershipRecord, classify
 from jvpn_trio.drivers.store_memory import CasResult, MemoryOwnershipStore, OwnershipStore
@@ -31,6 +32,15 @@ async def test_claim_absent_at_revision_zero() -> None:
     result = await store.claim(A, "gw-a", expected_revision=0)
     assert result == CasResult(True, rec(A, "gw-a", 1))
     assert await store.read(A) == rec(A, "gw-a", 1)
+
+
+async def test_a_new_session_is_claimed_at_the_absent_revision() -> None:
+    """``core.admission`` builds new-session claims with ABSENT_REVISION: this store must honour it."""
+    store = MemoryOwnershipStore()
+    first = await store.claim(A, "gw-a", expected_revision=ABSENT_REVISION)
+    assert first.succeeded and first.record == rec(A, "gw-a", 1)
+    again = await store.claim(A, "gw-b", expected_revision=ABSENT_REVISION)
+    assert again == CasResult(False, rec(A, "gw-a", 1))
 
 
 async def test_claim_absent_with_a_nonzero_expected_revision_fails() -> None:

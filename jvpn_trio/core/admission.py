@@ -1,0 +1,287 @@
+"""Admission: which authenticated peer gets a new session, at which tunnel address.
+
+Theory of operation
+-------------------
+A HANDSHAKE_INIT that authenticates and asks for a new session is a request
+for admission.  :meth:`Admissions.admit` answers it from the table of
+addresses it keeps, and the gateway driver carries the answer out:
+
+1. ``admit(peer, session_id=...)`` returns :class:`Admit` (the address, the
+   session it replaces, the ownership claim to write) or :class:`Refuse`.
+   The table is updated at once, so a second handshake racing the first sees
+   the first one's effect.
+2. The driver ends the replaced session (PEER_CLOSE), writes the claim by
+   compare-and-swap and reports the store's answer to :meth:`settle_claim`,
+   which returns :class:`Claimed` (the revision the new session holds) or
+   :class:`Refuse` and frees the address again.
+3. When a session is gone the driver calls :meth:`release`.
+
+Invariants, whatever the order of calls (``tests/core/test_admission.py``):
+
+* an address is held by at most one session, so two peers never share one;
+* a peer's configured address is held only by that peer's sessions and is
+  never in the pool;
+* a peer holds at most one address: a new session inherits the address of
+  the session it replaces, so handshaking again and again never drains the
+  pool;
+* a peer has at most one admission waiting for its claim, so a burst of
+  handshakes cannot pile up claims in the store.
+
+The pool hands out the lowest free host address of the tunnel network,
+skipping the gateway's own and every configured one.  Nothing here reads a
+clock or draws randomness: the driver passes the new SessionId in.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import ipaddress
+from collections.abc import Iterator, Mapping
+
+import attrs
+
+from jvpn_trio.core.ids import SessionId
+from jvpn_trio.core.ownership import ABSENT_REVISION, Ownership, OwnershipRecord, classify
+
+#: Networks this long have no network or broadcast address: every address is a host.
+_NO_BROADCAST_PREFIX = 31
+
+PeerKey = bytes
+
+
+class Refusal(enum.Enum):
+    """Why a handshake gets no session; the driver counts it as ``handshake_<value in lower case>``."""
+
+    POOL_EXHAUSTED = "POOL_EXHAUSTED"
+    CLAIM_FAILED = "CLAIM_FAILED"
+    ADMISSION_IN_FLIGHT = "ADMISSION_IN_FLIGHT"
+
+
+@attrs.frozen(kw_only=True)
+class OwnershipClaim:
+    """A compare-and-swap for the store: ``owner`` owns ``session_id`` iff its revision is ``expected_revision``."""
+
+    session_id: SessionId
+    owner: str
+    expected_revision: int
+
+
+@attrs.frozen(kw_only=True)
+class Admit:
+    """Create ``session_id`` at ``address`` once ``claim`` is written; end ``replaces`` first."""
+
+    session_id: SessionId
+    address: ipaddress.IPv4Address
+    replaces: SessionId | None
+    claim: OwnershipClaim
+
+
+@attrs.frozen(kw_only=True)
+class Refuse:
+    """No session for this handshake; nothing is left held."""
+
+    reason: Refusal
+
+
+@attrs.frozen(kw_only=True)
+class Claimed:
+    """The store confirmed the claim: the session may start, holding ``held_revision``."""
+
+    session_id: SessionId
+    address: ipaddress.IPv4Address
+    held_revision: int
+
+
+@attrs.frozen(kw_only=True)
+class Holding:
+    """One row of :class:`AdmissionSnapshot`."""
+
+    address: ipaddress.IPv4Address
+    session_id: SessionId
+    peer: PeerKey
+    pending: bool
+
+
+@attrs.frozen(kw_only=True)
+class AdmissionSnapshot:
+    """Every held address, lowest first, and how many pool addresses are still free."""
+
+    holdings: tuple[Holding, ...]
+    pool_free: int
+
+
+def _is_host(network: ipaddress.IPv4Network, address: ipaddress.IPv4Address) -> bool:
+    """Whether ``address`` is one of ``network.hosts()``, without listing them."""
+    if address not in network:
+        return False
+    if network.prefixlen >= _NO_BROADCAST_PREFIX:
+        return True
+    return address not in (network.network_address, network.broadcast_address)
+
+
+def _host_count(network: ipaddress.IPv4Network) -> int:
+    edges = 0 if network.prefixlen >= _NO_BROADCAST_PREFIX else 2
+    return network.num_addresses - edges
+
+
+def usable_host(tunnel: ipaddress.IPv4Interface, address: ipaddress.IPv4Address) -> bool:
+    """Whether ``address`` may be given to a peer: a host of the tunnel network other than the gateway."""
+    return address != tunnel.ip and _is_host(tunnel.network, address)
+
+
+class _Pool:
+    """Pool addresses, lowest first: returned ones from a heap, then the never-used rest in order.
+
+    Every returned address was handed out before the unused ones still ahead,
+    so the heap always holds the lowest free addresses.  Nothing is listed up
+    front, so a large tunnel network costs nothing until it is used.
+    """
+
+    def __init__(self, tunnel: ipaddress.IPv4Interface, excluded: frozenset[ipaddress.IPv4Address]) -> None:
+        """``excluded``: usable hosts that are not the pool's (the configured addresses)."""
+        network = tunnel.network
+        self._unused: Iterator[ipaddress.IPv4Address] = (
+            a for a in network.hosts() if a != tunnel.ip and a not in excluded
+        )
+        gateway = 1 if _is_host(network, tunnel.ip) else 0
+        self._unused_left = _host_count(network) - gateway - len(excluded)
+        self._returned: list[ipaddress.IPv4Address] = []
+
+    @property
+    def free(self) -> int:
+        return self._unused_left + len(self._returned)
+
+    def take(self) -> ipaddress.IPv4Address | None:
+        if self._returned:
+            return heapq.heappop(self._returned)
+        address = next(self._unused, None)
+        if address is not None:
+            self._unused_left -= 1
+        return address
+
+    def give_back(self, address: ipaddress.IPv4Address) -> None:
+        heapq.heappush(self._returned, address)
+
+
+class Admissions:
+    """The gateway's table of who holds which tunnel address (see the module docstring).
+
+    Synchronous and pure: each call completes its change before returning,
+    so callers in different tasks never see a half-made decision.
+    """
+
+    def __init__(
+        self,
+        *,
+        tunnel: ipaddress.IPv4Interface,
+        fixed: Mapping[PeerKey, ipaddress.IPv4Address],
+        node_id: str,
+    ) -> None:
+        """Raises ValueError if a configured address is not a usable host or is given to two peers."""
+        seen: set[ipaddress.IPv4Address] = set()
+        for address in fixed.values():
+            if not usable_host(tunnel, address):
+                raise ValueError(f"{address} is not a free host address of {tunnel.network}")
+            if address in seen:
+                raise ValueError(f"{address} is configured for two peers")
+            seen.add(address)
+        self._fixed = dict(fixed)
+        self._fixed_addresses = frozenset(seen)
+        self._node_id = node_id
+        self._pool = _Pool(tunnel, self._fixed_addresses)
+        self._address: dict[SessionId, ipaddress.IPv4Address] = {}
+        self._peer: dict[SessionId, PeerKey] = {}
+        self._current: dict[PeerKey, SessionId] = {}
+        self._pending: set[SessionId] = set()
+
+    # -- decisions ----------------------------------------------------------------------
+    def admit(self, peer: PeerKey, *, session_id: SessionId) -> Admit | Refuse:
+        """Decide on a new session for an authenticated ``peer``; the table changes at once.
+
+        The address is the one the peer's current session holds (which the new
+        session then replaces), else the peer's configured one, else the
+        lowest free pool address.  Refuses POOL_EXHAUSTED when the pool is
+        empty and ADMISSION_IN_FLIGHT while the peer's previous admission
+        still waits for its claim.  Raises ValueError if ``session_id`` is
+        already in the table (the caller's ids must be fresh).
+        """
+        if session_id in self._peer:
+            raise ValueError(f"session {session_id.short} is already admitted")
+        previous = self._current.get(peer)
+        if previous is not None and previous in self._pending:
+            return Refuse(reason=Refusal.ADMISSION_IN_FLIGHT)
+        if previous is not None:
+            address = self._address[previous]
+        elif peer in self._fixed:
+            address = self._fixed[peer]
+        else:
+            taken = self._pool.take()
+            if taken is None:
+                return Refuse(reason=Refusal.POOL_EXHAUSTED)
+            address = taken
+        if previous is not None:
+            self._forget(previous)
+        self._address[session_id] = address
+        self._peer[session_id] = peer
+        self._current[peer] = session_id
+        self._pending.add(session_id)
+        claim = OwnershipClaim(session_id=session_id, owner=self._node_id, expected_revision=ABSENT_REVISION)
+        return Admit(session_id=session_id, address=address, replaces=previous, claim=claim)
+
+    def settle_claim(
+        self, session_id: SessionId, *, succeeded: bool, record: OwnershipRecord | None
+    ) -> Claimed | Refuse:
+        """The store's answer to an admission's claim.
+
+        The claim holds only if the compare-and-swap succeeded and the record
+        names this session and this node (``ownership.classify``); otherwise
+        the admission is undone and CLAIM_FAILED returned.  Raises ValueError
+        if ``session_id`` has no claim outstanding.
+        """
+        if session_id not in self._pending:
+            raise ValueError(f"session {session_id.short} has no claim outstanding")
+        self._pending.discard(session_id)
+        if (
+            not succeeded
+            or record is None
+            or classify(record, session_id=session_id, node_id=self._node_id, held_revision=record.revision).ownership
+            is not Ownership.OWNED
+        ):
+            self.release(session_id)
+            return Refuse(reason=Refusal.CLAIM_FAILED)
+        return Claimed(session_id=session_id, address=self._address[session_id], held_revision=record.revision)
+
+    def release(self, session_id: SessionId) -> None:
+        """``session_id`` is gone (ended, or its admission abandoned): free what it holds.  Idempotent."""
+        address = self._address.get(session_id)
+        self._forget(session_id)
+        if address is not None and address not in self._fixed_addresses:
+            self._pool.give_back(address)
+
+    # -- reading ------------------------------------------------------------------------
+    def address_of(self, session_id: SessionId) -> ipaddress.IPv4Address | None:
+        return self._address.get(session_id)
+
+    def session_of(self, peer: PeerKey) -> SessionId | None:
+        """The peer's current session (admitted, claimed or not), if any."""
+        return self._current.get(peer)
+
+    def snapshot(self) -> AdmissionSnapshot:
+        rows = sorted(
+            (
+                Holding(address=address, session_id=sid, peer=self._peer[sid], pending=sid in self._pending)
+                for sid, address in self._address.items()
+            ),
+            key=lambda h: h.address,
+        )
+        return AdmissionSnapshot(holdings=tuple(rows), pool_free=self._pool.free)
+
+    # -- internals ----------------------------------------------------------------------
+    def _forget(self, session_id: SessionId) -> None:
+        """Drop ``session_id`` from the table without returning its address (it may pass to a successor)."""
+        self._address.pop(session_id, None)
+        self._pending.discard(session_id)
+        peer = self._peer.pop(session_id, None)
+        if peer is not None and self._current.get(peer) == session_id:
+            del self._current[peer]

@@ -1,0 +1,384 @@
+"""Admission: tunnel addresses, replaced sessions and ownership claims, as pure decisions.
+
+Determinism: no clock, no randomness; session ids are built from counters,
+and the stateful test draws its call sequences from hypothesis.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from jvpn_trio.core.admission import (
+    Admissions,
+    Admit,
+    Claimed,
+    OwnershipClaim,
+    Refusal,
+    Refuse,
+    usable_host,
+)
+from jvpn_trio.core.ids import SessionId
+from jvpn_trio.core.ownership import ABSENT_REVISION, OwnershipRecord
+
+NODE = "gw-a"
+TUNNEL = ipaddress.IPv4Interface("10.66.0.1/29")  # hosts .1-.6; .1 is the gateway
+ALICE, BOB, CAROL, DAVE = b"A" * 32, b"B" * 32, b"C" * 32, b"D" * 32
+
+
+def ip(last: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(f"10.66.0.{last}")
+
+
+_ids = itertools.count(1)
+
+
+def sid() -> SessionId:
+    return SessionId(next(_ids).to_bytes(16, "big"))
+
+
+def record(session_id: SessionId, *, owner: str = NODE, revision: int = 7) -> OwnershipRecord:
+    return OwnershipRecord(session_id=session_id, owner=owner, revision=revision)
+
+
+def admitted(table: Admissions, peer: bytes) -> Admit:
+    decision = table.admit(peer, session_id=sid())
+    assert isinstance(decision, Admit), decision
+    return decision
+
+
+def start(table: Admissions, peer: bytes, *, revision: int = 7) -> Claimed:
+    """Admit ``peer`` and settle its claim as the store would on success."""
+    decision = admitted(table, peer)
+    outcome = table.settle_claim(decision.session_id, succeeded=True, record=record(decision.session_id, revision=revision))
+    assert isinstance(outcome, Claimed), outcome
+    return outcome
+
+
+def table(fixed: dict[bytes, ipaddress.IPv4Address] | None = None, tunnel: ipaddress.IPv4Interface = TUNNEL) -> Admissions:
+    return Admissions(tunnel=tunnel, fixed=fixed or {}, node_id=NODE)
+
+
+# -- the address pool ----------------------------------------------------------------
+
+
+def test_pool_hands_out_the_lowest_free_host_skipping_the_gateway() -> None:
+    t = table()
+    assert [start(t, peer).address for peer in (ALICE, BOB, CAROL)] == [ip(2), ip(3), ip(4)]
+
+
+def test_a_released_address_is_handed_out_again_lowest_first() -> None:
+    t = table()
+    a, b, _ = (start(t, peer) for peer in (ALICE, BOB, CAROL))
+    t.release(b.session_id)
+    t.release(a.session_id)
+    assert start(t, DAVE).address == ip(2)
+    assert start(t, ALICE).address == ip(3)
+    assert start(t, BOB).address == ip(5)
+
+
+def test_an_exhausted_pool_refuses_and_takes_nothing() -> None:
+    t = table()
+    peers = [bytes([i]) * 32 for i in range(5)]
+    for peer in peers:
+        start(t, peer)
+    before = t.snapshot()
+    assert before.pool_free == 0
+    assert t.admit(b"X" * 32, session_id=sid()) == Refuse(reason=Refusal.POOL_EXHAUSTED)
+    assert t.snapshot() == before
+
+
+def test_the_claim_creates_the_record_for_this_node() -> None:
+    t = table()
+    decision = admitted(t, ALICE)
+    assert decision.claim == OwnershipClaim(
+        session_id=decision.session_id, owner=NODE, expected_revision=ABSENT_REVISION
+    )
+    assert decision.replaces is None
+    assert ABSENT_REVISION == 0  # MemoryOwnershipStore's "no record yet", as etcd's create_revision 0
+
+
+@pytest.mark.parametrize(
+    "network, pool",
+    [
+        ("10.0.0.1/30", ["10.0.0.2"]),
+        ("10.0.0.0/31", ["10.0.0.1"]),  # both addresses of a /31 are hosts
+        ("10.0.0.1/32", []),  # the only host is the gateway's
+    ],
+)
+def test_small_tunnel_networks(network: str, pool: list[str]) -> None:
+    t = table(tunnel=ipaddress.IPv4Interface(network))
+    assert t.snapshot().pool_free == len(pool)
+    got: list[str] = []
+    while isinstance(decision := t.admit(bytes([len(got)]) * 32, session_id=sid()), Admit):
+        got.append(str(decision.address))
+    assert got == pool and decision == Refuse(reason=Refusal.POOL_EXHAUSTED)
+
+
+def test_a_large_tunnel_network_is_not_listed_up_front() -> None:
+    t = table(tunnel=ipaddress.IPv4Interface("10.0.0.1/8"))
+    assert t.snapshot().pool_free == 2**24 - 3
+    assert start(t, ALICE).address == ipaddress.IPv4Address("10.0.0.2")
+
+
+# -- configured addresses -------------------------------------------------------------
+
+
+def test_a_configured_address_goes_to_its_peer_and_is_never_in_the_pool() -> None:
+    t = table({BOB: ip(2)})
+    assert start(t, ALICE).address == ip(3)
+    assert start(t, BOB).address == ip(2)
+    assert t.snapshot().pool_free == 3
+
+
+def test_a_configured_address_is_never_handed_to_another_peer_even_when_the_pool_is_empty() -> None:
+    t = table({ALICE: ip(6)})
+    for i in range(4):
+        assert start(t, bytes([i]) * 32).address != ip(6)
+    assert t.admit(BOB, session_id=sid()) == Refuse(reason=Refusal.POOL_EXHAUSTED)
+    assert start(t, ALICE).address == ip(6)
+
+
+def test_a_configured_address_is_not_pooled_after_its_session_ends_or_fails() -> None:
+    t = table({ALICE: ip(2)})
+    t.release(start(t, ALICE).session_id)
+    failed = admitted(t, ALICE)
+    assert t.settle_claim(failed.session_id, succeeded=False, record=None) == Refuse(reason=Refusal.CLAIM_FAILED)
+    assert [start(t, bytes([i]) * 32).address for i in range(4)] == [ip(3), ip(4), ip(5), ip(6)]
+
+
+@pytest.mark.parametrize(
+    "fixed, problem",
+    [
+        ({ALICE: ip(1)}, "not a free host"),  # the gateway's own address
+        ({ALICE: ip(0)}, "not a free host"),  # the network address
+        ({ALICE: ip(7)}, "not a free host"),  # the broadcast address
+        ({ALICE: ipaddress.IPv4Address("10.67.0.2")}, "not a free host"),
+        ({ALICE: ip(2), BOB: ip(2)}, "two peers"),
+    ],
+)
+def test_unusable_configured_addresses_are_refused(fixed: dict[bytes, ipaddress.IPv4Address], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        table(fixed)
+
+
+def test_usable_host() -> None:
+    assert usable_host(TUNNEL, ip(2)) and usable_host(TUNNEL, ip(6))
+    assert not any(usable_host(TUNNEL, ip(n)) for n in (0, 1, 7, 8))
+
+
+# -- a peer that handshakes again ---------------------------------------------------------
+
+
+def test_a_new_session_replaces_the_peers_previous_one_and_inherits_its_address() -> None:
+    t = table()
+    first = start(t, ALICE)
+    second = admitted(t, ALICE)
+    assert second.replaces == first.session_id
+    assert second.address == first.address
+    assert t.session_of(ALICE) == second.session_id
+    assert t.address_of(first.session_id) is None
+
+
+def test_repeated_handshakes_cannot_exhaust_the_pool() -> None:
+    t = table()
+    free = t.snapshot().pool_free
+    previous = start(t, ALICE)
+    for _ in range(1000):
+        current = start(t, ALICE)
+        assert current.address == previous.address
+        t.release(previous.session_id)  # the driver reaps the replaced session later
+        previous = current
+    assert t.snapshot().pool_free == free - 1
+    assert [start(t, peer).address for peer in (BOB, CAROL)] == [ip(3), ip(4)]
+
+
+def test_reaping_the_replaced_session_does_not_free_its_successors_address() -> None:
+    t = table()
+    first = start(t, ALICE)
+    second = start(t, ALICE)
+    t.release(first.session_id)
+    t.release(first.session_id)  # idempotent
+    assert t.address_of(second.session_id) == first.address
+    assert start(t, BOB).address == ip(3)  # not ALICE's, which her new session still holds
+
+
+def test_one_admission_per_peer_waits_for_its_claim() -> None:
+    t = table()
+    pending = admitted(t, ALICE)
+    before = t.snapshot()
+    assert t.admit(ALICE, session_id=sid()) == Refuse(reason=Refusal.ADMISSION_IN_FLIGHT)
+    assert t.snapshot() == before
+    assert isinstance(t.admit(BOB, session_id=sid()), Admit)  # other peers are not held up
+    t.settle_claim(pending.session_id, succeeded=True, record=record(pending.session_id))
+    assert admitted(t, ALICE).replaces == pending.session_id
+
+
+def test_a_failed_claim_of_a_replacement_frees_the_address() -> None:
+    t = table()
+    first = start(t, ALICE)
+    second = admitted(t, ALICE)
+    assert t.settle_claim(second.session_id, succeeded=False, record=None) == Refuse(reason=Refusal.CLAIM_FAILED)
+    assert t.session_of(ALICE) is None  # the replaced session was already told to end
+    assert start(t, BOB).address == first.address
+
+
+# -- the ownership claim ---------------------------------------------------------------------
+
+
+def test_a_successful_claim_starts_the_session_at_the_records_revision() -> None:
+    t = table()
+    decision = admitted(t, ALICE)
+    outcome = t.settle_claim(decision.session_id, succeeded=True, record=record(decision.session_id, revision=42))
+    assert outcome == Claimed(session_id=decision.session_id, address=ip(2), held_revision=42)
+    assert t.snapshot().holdings[0].pending is False
+
+
+@pytest.mark.parametrize(
+    "succeeded, owner, other_session",
+    [
+        (False, NODE, False),  # the CAS lost
+        (True, "gw-b", False),  # "succeeded", but the record names another node
+        (True, NODE, True),  # "succeeded", but for another session
+    ],
+)
+def test_a_claim_that_does_not_prove_ownership_fails(succeeded: bool, owner: str, other_session: bool) -> None:
+    t = table()
+    decision = admitted(t, ALICE)
+    shown = record(sid() if other_session else decision.session_id, owner=owner)
+    assert t.settle_claim(decision.session_id, succeeded=succeeded, record=shown) == Refuse(reason=Refusal.CLAIM_FAILED)
+    assert t.snapshot().holdings == () and t.session_of(ALICE) is None
+    assert start(t, BOB).address == ip(2)
+
+
+def test_a_claim_without_a_record_fails() -> None:
+    t = table()
+    decision = admitted(t, ALICE)
+    assert t.settle_claim(decision.session_id, succeeded=True, record=None) == Refuse(reason=Refusal.CLAIM_FAILED)
+
+
+def test_settling_a_claim_that_is_not_outstanding_is_a_bug() -> None:
+    t = table()
+    claimed = start(t, ALICE)
+    with pytest.raises(ValueError, match="no claim outstanding"):
+        t.settle_claim(claimed.session_id, succeeded=True, record=record(claimed.session_id))
+    with pytest.raises(ValueError, match="no claim outstanding"):
+        t.settle_claim(sid(), succeeded=True, record=None)
+
+
+def test_a_session_id_already_in_the_table_is_a_bug() -> None:
+    t = table()
+    claimed = start(t, ALICE)
+    with pytest.raises(ValueError, match="already admitted"):
+        t.admit(BOB, session_id=claimed.session_id)
+
+
+def test_releasing_a_pending_admission_abandons_it() -> None:
+    t = table()
+    decision = admitted(t, ALICE)
+    t.release(decision.session_id)
+    assert t.session_of(ALICE) is None and t.snapshot().pool_free == 5
+    with pytest.raises(ValueError):
+        t.settle_claim(decision.session_id, succeeded=True, record=record(decision.session_id))
+
+
+def test_the_same_calls_give_the_same_decisions() -> None:
+    def run() -> list[object]:
+        t = table({CAROL: ip(6)})
+        ids = (SessionId(bytes([n]) * 16) for n in range(1, 100))
+        out: list[object] = []
+        for peer in (ALICE, BOB, ALICE, CAROL, DAVE, ALICE):
+            decision = t.admit(peer, session_id=next(ids))
+            out.append(decision)
+            if isinstance(decision, Admit):
+                out.append(t.settle_claim(decision.session_id, succeeded=True, record=record(decision.session_id)))
+        out.append(t.snapshot())
+        return out
+
+    assert run() == run()
+
+
+# -- any order of calls -----------------------------------------------------------------------
+
+PEERS = [bytes([i]) * 32 for i in range(8)]  # more peers than pool addresses
+FIXED = {PEERS[0]: ip(5), PEERS[1]: ip(6)}  # the pool is .2-.4
+
+
+class AdmissionMachine(RuleBasedStateMachine):
+    """Random admits, claim outcomes and releases; the invariants hold after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = table(dict(FIXED))
+        self.pool_size = self.table.snapshot().pool_free
+        self.counter = itertools.count(1)
+        self.pending: list[SessionId] = []
+        self.known: list[SessionId] = []  # every id ever admitted, including replaced and ended ones
+
+    @rule(peer=st.sampled_from(PEERS))
+    def admit(self, peer: bytes) -> None:
+        current = self.table.session_of(peer)
+        held_elsewhere = {h.address for h in self.table.snapshot().holdings if h.peer != peer}
+        new = SessionId(next(self.counter).to_bytes(16, "big"))
+        decision = self.table.admit(peer, session_id=new)
+        if isinstance(decision, Refuse):
+            if decision.reason is Refusal.POOL_EXHAUSTED:
+                assert current is None and peer not in FIXED
+                assert self.table.snapshot().pool_free == 0
+            else:
+                assert decision.reason is Refusal.ADMISSION_IN_FLIGHT and current in self.pending
+            return
+        assert decision.address not in held_elsewhere
+        assert decision.replaces == current
+        if peer in FIXED:
+            assert decision.address == FIXED[peer]
+        self.pending.append(new)
+        self.known.append(new)
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data(), ok=st.booleans())
+    def settle(self, data: st.DataObject, ok: bool) -> None:
+        session_id = data.draw(st.sampled_from(self.pending))
+        self.pending.remove(session_id)
+        address = self.table.address_of(session_id)
+        assert address is not None
+        outcome = self.table.settle_claim(session_id, succeeded=ok, record=record(session_id) if ok else None)
+        if ok:
+            assert outcome == Claimed(session_id=session_id, address=address, held_revision=7)
+        else:
+            assert outcome == Refuse(reason=Refusal.CLAIM_FAILED)
+
+    @precondition(lambda self: self.known)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        session_id = data.draw(st.sampled_from(self.known))
+        self.table.release(session_id)
+        if session_id in self.pending:
+            self.pending.remove(session_id)
+
+    @invariant()
+    def addresses_are_exclusive_and_conserved(self) -> None:
+        snap = self.table.snapshot()
+        addresses = [h.address for h in snap.holdings]
+        assert len(addresses) == len(set(addresses)), "two sessions hold one address"
+        peers = [h.peer for h in snap.holdings]
+        assert len(peers) == len(set(peers)), "a peer holds two addresses"
+        for h in snap.holdings:
+            if h.address in FIXED.values():
+                assert FIXED.get(h.peer) == h.address, "a configured address went to another peer"
+            assert usable_host(TUNNEL, h.address)
+            assert self.table.session_of(h.peer) == h.session_id
+            assert h.pending == (h.session_id in self.pending)
+        pooled = sum(1 for a in addresses if a not in FIXED.values())
+        assert pooled + snap.pool_free == self.pool_size, "an address leaked from the pool"
+
+
+TestAdmissionMachine = AdmissionMachine.TestCase
+TestAdmissionMachine.settings = settings(
+    max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
