@@ -6,11 +6,17 @@ that does not pass are dropped.  The pair records every REATTACH the gateway
 received so tests can replay captured ones from another address, and every
 action either side emitted so the formal properties can be checked on the
 whole trace.
+
+Also here, so that no test file writes them again: :func:`storm`, the
+scripted storm scenario (determinism and audit tests), and the lone-gateway
+helpers :func:`lone_gateway` and :func:`valid_reattach` (a REATTACH the
+gateway would accept, to spoil in one way).  Pinned policies are in
+``tests/policies.py``.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import attrs
 
@@ -18,6 +24,7 @@ from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import (
     Action,
     EmitEvent,
+    SendClose,
     SendReattach,
     SendReattachAck,
     SendReattachReject,
@@ -29,6 +36,10 @@ from jvpn_trio.core.session import ClientSession, GatewaySession
 
 GATEWAY_PORT = 51820
 NODE = "gw-a"
+#: The session every pair (and lone gateway) runs unless told otherwise.
+SID = SessionId(bytes(range(16)))
+#: Three paths (id, priority), best first.
+PATHS = ((1, 10), (2, 20), (3, 30))
 
 
 def gateway_endpoint(path: PathId) -> tuple[str, int]:
@@ -43,26 +54,32 @@ def client_endpoint(path: PathId) -> tuple[str, int]:
 
 ATTACKER_ENDPOINT = ("203.0.113.66", 6666)
 
-#: The storm scenario's policy (determinism, audit and replay tests, and the golden trace),
-#: pinned in full so that it means the same thing whatever the defaults become.
-STORM_POLICY = Policy(
-    max_recovery_window_ms=800,
-    max_switches_per_minute=4,
-    transport_loss_ttl_ms=2_000,
-    session_ttl_s=120,
-    loss_threshold_pct=20.0,
-    latency_threshold_ms=120.0,
-    jitter_threshold_ms=60.0,
-    probe_interval_ms=100,
-    probe_timeout_ms=200,
-    dead_after_missed_probes=3,
-    loss_window_probes=10,
-    min_dwell_ms=0,
-    return_dwell_ms=500,
-    reattach_timeout_ms=150,
-    freshness_window_ms=2_000,
-)
+#: ``(event, now, actions)``: what a tap installed by ``Pair.start(attach=...)`` is told.
+Tap = Callable[[object, float, list[Action]], None]
 
+
+class DeadlineStuck(RuntimeError):
+    """A machine's ``next_deadline()`` stays at or before ``now`` however often its timer fires."""
+
+    def __init__(self, side: str, now: float) -> None:
+        self.side = side
+        self.now = now
+        super().__init__(f"{side} timer fired {now!r} repeatedly without moving next_deadline() past it")
+
+
+#: What :meth:`Pair.forge_reattach` can spoil; each must be rejected without mutation.
+FORGERY_KINDS = (
+    "forged",
+    "wrong_session",
+    "reused_nonce",
+    "stale_timestamp",
+    "future_timestamp",
+    "wrong_owner",
+    "no_record",
+    "wrong_revision",
+    "stale_version",
+    "future_version",
+)
 
 
 @attrs.define
@@ -93,14 +110,28 @@ class Pair:
         cls,
         *,
         policy: Policy | None = None,
-        paths: Iterable[tuple[int, int]] = ((1, 10), (2, 20), (3, 30)),
+        paths: Iterable[tuple[int, int]] = PATHS,
         session_id: SessionId | None = None,
+        attach: Callable[[str, ClientSession | GatewaySession], Tap] | None = None,
+        handshake: bool = True,
     ) -> Pair:
-        """Create both sides, add the paths (id, priority) and handshake on the first one."""
+        """Create both sides, add the paths (id, priority) and handshake on the first one.
+
+        With ``attach``, every ``handle`` call of both machines is observed:
+        ``attach(side, machine)`` is called for "gateway" then "client" right
+        after each machine is built (before its first input) and returns a tap
+        ``(event, now, actions)`` that sees every later call, the handshake
+        included.  With ``handshake=False`` both sides are left in BIRTH (a
+        handshake that never completed), the paths added.
+        """
         policy = policy or Policy()
-        sid = session_id or SessionId(bytes(range(16)))
+        sid = session_id or SID
         gateway = GatewaySession(policy=policy, session_id=sid, now=0.0, node_id=NODE, held_revision=1)
+        if attach is not None:
+            _install_tap(gateway, attach("gateway", gateway))
         client = ClientSession(policy=policy, session_id=sid, now=0.0)
+        if attach is not None:
+            _install_tap(client, attach("client", client))
         path_list = [(PathId(p), prio) for p, prio in paths]
         pair = cls(
             policy=policy,
@@ -113,15 +144,8 @@ class Pair:
         pair.client_log += client.creation_events()
         for path, prio in path_list:
             pair._client(ev.PathAdded(path=path, priority=prio, endpoint=gateway_endpoint(path)))
-        first = path_list[0][0]
-        pair._gateway(ev.PacketAuthenticated(endpoint=client_endpoint(first), path=first))
-        pair._client(
-            ev.HandshakeCompleted(
-                session_id=sid,
-                binding=Binding(path=first, endpoint=gateway_endpoint(first)),
-                gateway_version=gateway.record.version,
-            )
-        )
+        if handshake:
+            pair.complete_handshake()
         return pair
 
     # -- plumbing ---------------------------------------------------------------------
@@ -138,10 +162,9 @@ class Pair:
         self.gateway_log += actions
         return actions
 
-    def _deliver_reattach(self, send: SendReattach) -> None:
-        if not self.links[send.path].delivers:
-            return
-        request = ev.ReattachReceived(
+    def reattach_request(self, send: SendReattach) -> ev.ReattachReceived:
+        """What the gateway receives for the client's ``send``: from the client's address on that path."""
+        return ev.ReattachReceived(
             session_id=self.client.record.session_id,
             path=send.path,
             endpoint=client_endpoint(send.path),
@@ -151,6 +174,11 @@ class Pair:
             proof_valid=True,
             ownership=self.ownership,
         )
+
+    def _deliver_reattach(self, send: SendReattach) -> None:
+        if not self.links[send.path].delivers:
+            return
+        request = self.reattach_request(send)
         self.captured.append(request)
         self._gateway(ev.PacketAuthenticated(endpoint=request.endpoint, path=send.path))
         for answer in self._gateway(request):
@@ -167,38 +195,85 @@ class Pair:
                 )
 
     # -- what tests drive --------------------------------------------------------------
-    def advance(self, seconds: float) -> None:
-        """Move time forward, firing every deadline on the way, as the Trio driver does."""
+    def complete_handshake(self) -> None:
+        """The handshake completes on the first path: the gateway hears the client, the client the answer."""
+        first = next(iter(self.links))
+        self._gateway(ev.PacketAuthenticated(endpoint=client_endpoint(first), path=first))
+        self._client(
+            ev.HandshakeCompleted(
+                session_id=self.client.record.session_id,
+                binding=Binding(path=first, endpoint=gateway_endpoint(first)),
+                gateway_version=self.gateway.record.version,
+            )
+        )
+
+    def advance(self, seconds: float, *, max_repeats: int = 100) -> None:
+        """Move time forward, firing every deadline on the way, as the Trio driver does.
+
+        The driver contract (aioquic's ``handle_timer``) is that handling the
+        timer at ``next_deadline()`` moves the deadline on.  If timers fire
+        ``max_repeats`` times at one instant, that contract is broken (the
+        driver's timer loop would spin forever) and :class:`DeadlineStuck`
+        says which side and when, instead of hanging the test.
+        """
         target = round(self.now + seconds, 9)  # keep test times exact decimals
+        repeats = 0
+        last_now: float | None = None
         while True:
             deadlines = [d for d in (self.client.next_deadline(), self.gateway.next_deadline()) if d is not None]
             nxt = min(deadlines) if deadlines else None
             if nxt is None or nxt > target:
                 break
             self.now = max(self.now, nxt)
-            if self.client.next_deadline() is not None and self.client.next_deadline() <= self.now:  # type: ignore[operator]
+            repeats = repeats + 1 if self.now == last_now else 0
+            last_now = self.now
+            if repeats >= max_repeats:
+                raise DeadlineStuck("client" if self._due(self.client) else "gateway", self.now)
+            if self._due(self.client):
                 self._client(ev.TimerFired())
-            if self.gateway.next_deadline() is not None and self.gateway.next_deadline() <= self.now:  # type: ignore[operator]
+            if self._due(self.gateway):  # asked again: the client's timer may have moved it
                 self._gateway(ev.TimerFired())
         self.now = target
 
-    def probe_round(self) -> None:
-        """Every path sends one probe now; those whose link delivers are acked at once."""
+    def _due(self, machine: ClientSession | GatewaySession) -> bool:
+        deadline = machine.next_deadline()
+        return deadline is not None and deadline <= self.now
+
+    def send_probes(self) -> int:
+        """Every path sends one probe now; returns the round's sequence number."""
         self.seq += 1
         for path in sorted(self.links):
             self._client(ev.ProbeSent(path=path, seq=self.seq))
+        return self.seq
+
+    def ack_probes(self, seq: int, acked: Iterable[int] | None = None) -> None:
+        """The gateway answers probe ``seq`` on every path in ``acked`` (all by default) whose link delivers."""
+        keep = None if acked is None else {PathId(p) for p in acked}
         for path, link in sorted(self.links.items()):
-            if link.delivers and not self.client.terminated:
+            if (keep is None or path in keep) and link.delivers and not self.client.terminated:
                 self._gateway(ev.PacketAuthenticated(endpoint=client_endpoint(path), path=path))
                 bound = self.gateway.record.binding
                 self._client(
                     ev.ProbeAcked(
                         path=path,
-                        seq=self.seq,
+                        seq=seq,
                         gateway_version=self.gateway.record.version,
                         gateway_bound_path=bound.path if bound else None,
                     )
                 )
+
+    def probe_round(self) -> None:
+        """Every path sends one probe now; those whose link delivers are acked at once."""
+        self.ack_probes(self.send_probes())
+
+    def probe_round_lossy(self, acked: Iterable[int]) -> None:
+        """Like :meth:`probe_round`, but only paths in ``acked`` (and whose link delivers) get an ack."""
+        self.ack_probes(self.send_probes(), acked)
+
+    def lose_active_ack(self) -> None:
+        """One probe round in which only the active path's ack is lost (partial loss on it)."""
+        active = self.client.record.binding
+        self.probe_round_lossy([p.value for p in self.links if active is None or p != active.path])
 
     def run(self, seconds: float) -> None:
         """Probe every path at the policy interval for ``seconds``."""
@@ -216,6 +291,27 @@ class Pair:
     def blackhole(self, path: int, *, on: bool = True) -> None:
         self.links[PathId(path)].passes = not on
 
+    def flap_active(self, times: int = 4, *, down_s: float = 0.3, up_s: float = 0.3) -> None:
+        """A flapping storm against the active path: whatever path is active goes down, then up, ``times`` times.
+
+        Probing goes on throughout; the switch rate runs out, so the session ends up DEGRADED.
+        """
+        for _ in range(times):
+            active = self.client.record.binding
+            if active is not None:
+                self.set_link(active.path.value, up=False)
+            self.run(down_s)
+            if active is not None:
+                self.set_link(active.path.value, up=True)
+            self.run(up_s)
+
+    def go_dark(self) -> None:
+        """Every path blackholed, probing for 3 s, then 5 s of silence: unbound past the loss TTL."""
+        for path in sorted(self.links):
+            self.blackhole(path.value)
+        self.run(3.0)
+        self.advance(5.0)
+
     def replay_captured(self, index: int = -1, *, endpoint: tuple[str, int] = ATTACKER_ENDPOINT) -> list[Action]:
         """Feed a captured REATTACH to the gateway again, from another address."""
         original = self.captured[index]
@@ -224,106 +320,6 @@ class Pair:
     def events(self, side: str = "client") -> list[EmitEvent]:
         log = self.client_log if side == "client" else self.gateway_log
         return [a for a in log if isinstance(a, EmitEvent)]
-
-    # -- helpers for the property tests (tests/properties, tests/core/test_determinism.py) --
-    @classmethod
-    def start_traced(
-        cls,
-        attach: Callable[[str, ClientSession | GatewaySession], Tap],
-        *,
-        policy: Policy | None = None,
-        paths: Iterable[tuple[int, int]] = ((1, 10), (2, 20), (3, 30)),
-        session_id: SessionId | None = None,
-        handshake: bool = True,
-    ) -> Pair:
-        """Like :meth:`start`, but every ``handle`` call of both machines is observed.
-
-        ``attach(side, machine)`` is called for "gateway" then "client" right
-        after each machine is built (before its first input) and returns a
-        tap ``(event, now, actions)`` that sees every later call, the
-        handshake included.  The steps are the same as :meth:`start`'s; with
-        ``handshake=False`` both sides are left in BIRTH (a handshake that
-        never completed), the paths added.
-        """
-        policy = policy or Policy()
-        sid = session_id or SessionId(bytes(range(16)))
-        gateway = GatewaySession(policy=policy, session_id=sid, now=0.0, node_id=NODE, held_revision=1)
-        _install_tap(gateway, attach("gateway", gateway))
-        client = ClientSession(policy=policy, session_id=sid, now=0.0)
-        _install_tap(client, attach("client", client))
-        path_list = [(PathId(p), prio) for p, prio in paths]
-        pair = cls(
-            policy=policy,
-            client=client,
-            gateway=gateway,
-            links={p: PathLink() for p, _ in path_list},
-            ownership=OwnershipRecord(session_id=sid, owner=NODE, revision=1),
-        )
-        pair.gateway_log += gateway.creation_events()
-        pair.client_log += client.creation_events()
-        for path, prio in path_list:
-            pair._client(ev.PathAdded(path=path, priority=prio, endpoint=gateway_endpoint(path)))
-        if not handshake:
-            return pair
-        first = path_list[0][0]
-        pair._gateway(ev.PacketAuthenticated(endpoint=client_endpoint(first), path=first))
-        pair._client(
-            ev.HandshakeCompleted(
-                session_id=sid,
-                binding=Binding(path=first, endpoint=gateway_endpoint(first)),
-                gateway_version=gateway.record.version,
-            )
-        )
-        return pair
-
-    def advance_bounded(self, seconds: float, *, max_repeats: int = 100) -> None:
-        """:meth:`advance`, but a deadline that fires without making progress raises instead of hanging.
-
-        The driver contract (aioquic's ``handle_timer``) is that handling the
-        timer at ``next_deadline()`` moves the deadline on.  If one side's
-        timer fires ``max_repeats`` times at the same instant, that contract is
-        broken and :class:`DeadlineStuck` says which side and when.
-        """
-        target = round(self.now + seconds, 9)
-        repeats = 0
-        last_now: float | None = None
-        while True:
-            deadlines = [d for d in (self.client.next_deadline(), self.gateway.next_deadline()) if d is not None]
-            nxt = min(deadlines) if deadlines else None
-            if nxt is None or nxt > target:
-                break
-            self.now = max(self.now, nxt)
-            repeats = repeats + 1 if self.now == last_now else 0
-            last_now = self.now
-            client_due = self.client.next_deadline()
-            gateway_due = self.gateway.next_deadline()
-            if repeats >= max_repeats:
-                side = "client" if client_due is not None and client_due <= self.now else "gateway"
-                raise DeadlineStuck(side, self.now)
-            if client_due is not None and client_due <= self.now:
-                self._client(ev.TimerFired())
-            if gateway_due is not None and gateway_due <= self.now:
-                self._gateway(ev.TimerFired())
-        self.now = target
-
-    def probe_round_lossy(self, acked: Iterable[int]) -> None:
-        """Like :meth:`probe_round`, but only paths in ``acked`` (and whose link delivers) get an ack."""
-        keep = {PathId(p) for p in acked}
-        self.seq += 1
-        for path in sorted(self.links):
-            self._client(ev.ProbeSent(path=path, seq=self.seq))
-        for path, link in sorted(self.links.items()):
-            if path in keep and link.delivers and not self.client.terminated:
-                self._gateway(ev.PacketAuthenticated(endpoint=client_endpoint(path), path=path))
-                bound = self.gateway.record.binding
-                self._client(
-                    ev.ProbeAcked(
-                        path=path,
-                        seq=self.seq,
-                        gateway_version=self.gateway.record.version,
-                        gateway_bound_path=bound.path if bound else None,
-                    )
-                )
 
     def pin(self, path: int | None) -> list[Action]:
         """Operator pin (or unpin with None) on the client."""
@@ -363,32 +359,21 @@ class Pair:
     ) -> ev.ReattachReceived:
         """A REATTACH that would be accepted now, spoiled in exactly one way (see :data:`FORGERY_KINDS`).
 
-        The base request has the next nonce, a fresh timestamp, the current
-        version and a valid ownership record, so only the named defect can be
-        the reason for a rejection.  ``kind="valid"`` leaves it unspoiled
-        (a client that roamed to a new address, with its keys).
+        The base request is :func:`valid_reattach`'s, so only the named
+        defect can be the reason for a rejection.  ``kind="valid"`` leaves it
+        unspoiled (a client that roamed to a new address, with its keys).
         """
         gw = self.gateway
         sid = gw.record.session_id
-        expected_ts = (self.now - gw.record.created_at) * 1000.0 - gw.clock_offset_ms
-        base = ev.ReattachReceived(
-            session_id=sid,
-            path=PathId(path),
-            endpoint=endpoint,
-            nonce=gw.last_nonce + 1,
-            client_ts_ms=round(expected_ts),
-            expected_version=gw.record.version,
-            proof_valid=True,
-            ownership=OwnershipRecord(session_id=sid, owner=NODE, revision=gw.held_revision),
-        )
+        base = valid_reattach(gw, path=PathId(path), now=self.now, endpoint=endpoint)
         window = self.policy.freshness_window_ms
         changes: dict[str, dict[str, object]] = {
             "valid": {},
             "forged": dict(proof_valid=False),
             "wrong_session": dict(session_id=SessionId(bytes(16)) if sid.raw != bytes(16) else SessionId(b"\xff" * 16)),
             "reused_nonce": dict(nonce=gw.last_nonce),
-            "stale_timestamp": dict(client_ts_ms=round(expected_ts) - window - 1_000),
-            "future_timestamp": dict(client_ts_ms=round(expected_ts) + window + 1_000),
+            "stale_timestamp": dict(client_ts_ms=base.client_ts_ms - window - 1_000),
+            "future_timestamp": dict(client_ts_ms=base.client_ts_ms + window + 1_000),
             "wrong_owner": dict(ownership=OwnershipRecord(session_id=sid, owner="gw-b", revision=gw.held_revision)),
             "no_record": dict(ownership=None),
             "wrong_revision": dict(
@@ -406,39 +391,6 @@ class Pair:
         return self._gateway(self.forge_reattach(kind, **kwargs))  # type: ignore[arg-type]
 
 
-# Imports for the helpers above, kept here so the original header stays as it was.
-from typing import Any, Callable  # noqa: E402
-
-from jvpn_trio.core.actions import SendClose  # noqa: E402
-
-
-class DeadlineStuck(RuntimeError):
-    """A machine's ``next_deadline()`` stays at or before ``now`` however often its timer fires."""
-
-    def __init__(self, side: str, now: float) -> None:
-        self.side = side
-        self.now = now
-        super().__init__(f"{side} timer fired {now!r} repeatedly without moving next_deadline() past it")
-
-
-#: What :meth:`Pair.forge_reattach` can spoil; each must be rejected without mutation.
-FORGERY_KINDS = (
-    "forged",
-    "wrong_session",
-    "reused_nonce",
-    "stale_timestamp",
-    "future_timestamp",
-    "wrong_owner",
-    "no_record",
-    "wrong_revision",
-    "stale_version",
-    "future_version",
-)
-
-#: ``(event, now, actions)``: what a tap installed by :meth:`Pair.start_traced` is told.
-Tap = Callable[[object, float, list[Action]], None]
-
-
 def _install_tap(machine: ClientSession | GatewaySession, tap: Tap) -> None:
     """Shadow ``machine.handle`` with a wrapper that reports every call to ``tap``."""
     inner = machine.handle
@@ -449,3 +401,98 @@ def _install_tap(machine: ClientSession | GatewaySession, tap: Tap) -> None:
         return actions
 
     machine.handle = handle  # type: ignore[method-assign]
+
+
+# =============================================================================
+# The storm scenario
+# =============================================================================
+
+
+def storm(pair: Pair) -> Pair:
+    """Drive ``pair`` (3 paths, ``tests.policies.STORM_POLICY``) through every kind of fault, to TERMINATED.
+
+    Probing, a link failure, forged and replayed REATTACHes, a pin, partial
+    loss on the active path until the switch rate denies a switch (DEGRADED),
+    a flapping storm against the active path, then every path dark until the
+    loss TTL ends both sides.  The determinism and audit tests run it.
+    """
+    pair.run(1.0)
+    pair.set_link(1, up=False)  # immediate LINK_DOWN switch to p2
+    pair.attack("replay")  # the REATTACH just accepted, again, from an attacker
+    pair.attack("forged")
+    pair.attack("stale_version")
+    pair.attack("wrong_owner")
+    pair.run(0.5)
+    pair.set_link(1, up=True)
+    pair.pin(3)  # operator pin: switch to p3
+    pair.run(0.5)
+    pair.pin(None)
+    pair.run(2.0)  # p1 healthy again, return dwell, switch back
+    for _ in range(5):  # partial loss on the active path: VOLATILE; the rate denies a 5th switch: DEGRADED
+        pair.advance(0.1)
+        pair.lose_active_ack()
+        pair.advance(0.1)
+        pair.probe_round()
+    pair.run(1.0)
+    pair.flap_active(4)  # while DEGRADED: the dead binding is released, not replaced
+    pair.go_dark()  # RECOVERING, DEGRADED, TERMINATED
+    assert pair.client.terminated and pair.gateway.terminated
+    return pair
+
+
+# =============================================================================
+# A lone gateway machine, for tests that drive it input by input
+# =============================================================================
+
+
+def lone_gateway(
+    policy: Policy | None = None,
+    *,
+    held_revision: int = 1,
+    bound: bool = True,
+    now: float = 0.0,
+    handshake_binding: Binding | None = None,
+) -> GatewaySession:
+    """A gateway for :data:`SID` on :data:`NODE`; attached on p1 by the client's first packet unless ``bound=False``."""
+    gw = GatewaySession(
+        policy=policy or Policy(),
+        session_id=SID,
+        now=now,
+        node_id=NODE,
+        held_revision=held_revision,
+        handshake_binding=handshake_binding,
+    )
+    if bound:
+        p1 = PathId(1)
+        gw.handle(ev.PacketAuthenticated(endpoint=client_endpoint(p1), path=p1), now=now)
+    return gw
+
+
+def valid_reattach(
+    gw: GatewaySession,
+    *,
+    path: PathId | None = None,
+    now: float = 0.0,
+    endpoint: tuple[str, int] | None = None,
+    **changes: Any,
+) -> ev.ReattachReceived:
+    """A REATTACH ``gw`` would accept at ``now`` to move to ``path`` (p2 by default), with ``changes`` applied.
+
+    From the client's address on ``path`` (or ``endpoint``), with a proof, the
+    next nonce, a timestamp exactly where the gateway expects it, the current
+    version and an ownership record for this node at the held revision.
+    """
+    sid = gw.record.session_id
+    path = path or PathId(2)
+    expected_ts = (now - gw.record.created_at) * 1000.0 - gw.clock_offset_ms
+    base = ev.ReattachReceived(
+        session_id=sid,
+        path=path,
+        endpoint=endpoint or client_endpoint(path),
+        nonce=gw.last_nonce + 1,
+        client_ts_ms=round(expected_ts),
+        expected_version=gw.record.version,
+        proof_valid=True,
+        ownership=OwnershipRecord(session_id=sid, owner=NODE, revision=gw.held_revision),
+    )
+    return attrs.evolve(base, **changes)

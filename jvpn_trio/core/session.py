@@ -51,6 +51,7 @@ from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.reattach import (
     Accept,
     ReattachContext,
+    Reject,
     rate_has_room,
     switch_expires_at,
     switches_in_window,
@@ -263,6 +264,14 @@ class _SessionCore:
     @property
     def terminated(self) -> bool:
         return self.record.state is S.TERMINATED
+
+    def _degrade_for_rate(self, now: float, *, denied_path: PathId | None = None) -> list[Action]:
+        """Property 6's DEGRADED on a refused switch; a session already DEGRADED stays as it is."""
+        if self.record.state in (S.DEGRADED, S.BIRTH, S.TERMINATED):
+            return []
+        if denied_path is None:
+            return self._transition(R.SWITCH_RATE_EXCEEDED, now)
+        return self._transition(R.SWITCH_RATE_EXCEEDED, now, denied_path=str(denied_path))
 
     def _apply_ending(self, event: ev.CloseRequested | ev.PeerClosed | ev.KeysExhausted, now: float) -> list[Action]:
         """The inputs that end a session the same way on both sides."""
@@ -497,7 +506,7 @@ class ClientSession(_SessionCore):
             self.gateway_version = max(self.gateway_version, event.current_version)
             self._retry_not_before = None  # resynchronised: retry at once
         elif event.reason is R.RATE_LIMITED:
-            actions += self._transition(R.SWITCH_RATE_EXCEEDED, now, denied_path=str(event.path))
+            actions += self._degrade_for_rate(now, denied_path=event.path)
         elif event.reason in (R.SESSION_TERMINATED, R.UNKNOWN_SESSION, R.SESSION_TTL_EXPIRED):
             actions += self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
         return actions
@@ -595,7 +604,7 @@ class ClientSession(_SessionCore):
                     max_switches_per_minute=self.policy.max_switches_per_minute,
                 )
             ]
-            return denied + self._transition(R.SWITCH_RATE_EXCEEDED, now)
+            return denied + self._degrade_for_rate(now)
         return []
 
     def _report_health(self, verdicts: dict[PathId, PathVerdict], now: float) -> list[Action]:
@@ -765,18 +774,21 @@ class GatewaySession(_SessionCore):
         )
 
     def _on_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
-        confirmed: list[Action] = []
-        if self.record.state is S.BIRTH:
-            # A REATTACH that would be accepted once the handshake is confirmed proves the
-            # client holds the keys, as any first packet does: confirm, then judge it for
-            # real.  One that would be refused (replayed, stale, foreign owner, ...) must
-            # change nothing, not even the confirmation (Properties 7 and 9).
-            binding = self.handshake_binding or Binding(path=req.path, endpoint=req.endpoint)
-            once_confirmed = attrs.evolve(
-                self._reattach_context(), state=S.ATTACHED, version=self.record.version + 1, binding=binding
-            )
-            if isinstance(validate_reattach(once_confirmed, req, self.policy, now=now), Accept):
-                confirmed = self._apply(ev.PacketAuthenticated(endpoint=req.endpoint, path=req.path), now)
+        if self.record.state is not S.BIRTH:
+            return self._judge_reattach(req, now)
+        # In BIRTH a REATTACH is judged as if the handshake were confirmed: one that would then
+        # be accepted proves the client holds the keys, as any first packet does, so confirm
+        # and judge it for real.  One that would be refused (replayed, stale, foreign owner,
+        # ...) is refused with that reason and changes nothing, not even the confirmation
+        # (Properties 7 and 9).
+        binding = self.handshake_binding or Binding(path=req.path, endpoint=req.endpoint)
+        once_confirmed = attrs.evolve(
+            self._reattach_context(), state=S.ATTACHED, version=self.record.version + 1, binding=binding
+        )
+        verdict = validate_reattach(once_confirmed, req, self.policy, now=now)
+        if not isinstance(verdict, Accept):
+            return self._refuse_reattach(req, verdict, now)
+        confirmed = self._apply(ev.PacketAuthenticated(endpoint=req.endpoint, path=req.path), now)
         return confirmed + self._judge_reattach(req, now)
 
     def _judge_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
@@ -805,9 +817,13 @@ class GatewaySession(_SessionCore):
                 )
             )
             return actions
+        return self._refuse_reattach(req, verdict, now)
+
+    def _refuse_reattach(self, req: ev.ReattachReceived, verdict: Reject, now: float) -> list[Action]:
+        """Report a refused REATTACH; only a rate refusal may change state (into DEGRADED)."""
         self._count(f"reattach_rejected_{verdict.reason.value.lower()}")
         kind = EventKind.SECURITY_EVENT if verdict.security else EventKind.REATTACH_REJECTED
-        actions = [
+        actions: list[Action] = [
             self._event(
                 kind,
                 verdict.reason,
@@ -819,7 +835,7 @@ class GatewaySession(_SessionCore):
             )
         ]
         if verdict.reason is R.RATE_LIMITED:
-            actions += self._transition(R.SWITCH_RATE_EXCEEDED, now)
+            actions += self._degrade_for_rate(now)
         if verdict.reply:
             actions.append(
                 SendReattachReject(

@@ -1,7 +1,7 @@
 """Same inputs, same decisions: byte for byte, in one process and across processes.
 
 Determinism rules (style guide, section 1): the core is a pure function of
-(state, event, now).  This test drives one scripted scenario through a
+(state, event, now).  This test drives the storm scenario (``tests.pair.storm``) through a
 client/gateway :class:`~tests.pair.Pair` -- probing, a link failure, loss, a
 blackhole, a pin, forged and replayed REATTACHes, a switch-rate storm,
 recovery, degradation and termination -- and renders every ``handle`` call
@@ -25,12 +25,10 @@ import attrs
 
 from jvpn_trio.core.actions import EmitEvent
 from jvpn_trio.core.session import ClientSession, GatewaySession
-from tests.pair import STORM_POLICY, Pair
+from tests.pair import Pair, storm
+from tests.policies import STORM_POLICY
 
 ROOT = Path(__file__).resolve().parents[2]
-
-#: Pinned in full: the scenario must mean the same thing whatever the defaults become.
-POLICY = STORM_POLICY
 
 
 def _plain(value: object) -> object:
@@ -82,41 +80,9 @@ class _Transcript:
 
 
 def scenario_lines() -> list[str]:
-    """Drive the scripted scenario; every decision and event, one line each."""
+    """Drive the storm scenario (``tests.pair.storm``); every decision and event, one line each."""
     transcript = _Transcript()
-    pair = Pair.start_traced(transcript.attach, policy=POLICY)
-    pair.run(1.0)
-    pair.set_link(1, up=False)  # immediate LINK_DOWN switch to p2
-    pair.attack("replay")  # the REATTACH just accepted, again, from an attacker
-    pair.attack("forged")
-    pair.attack("stale_version")
-    pair.attack("wrong_owner")
-    pair.run(0.5)
-    pair.set_link(1, up=True)
-    pair.pin(3)  # operator pin: switch to p3
-    pair.run(0.5)
-    pair.pin(None)
-    pair.run(2.0)  # p1 healthy again, return dwell, switch back
-    for _ in range(5):  # partial loss on the active path: VOLATILE; the rate denies a 5th switch: DEGRADED
-        pair.advance_bounded(0.1)
-        active = pair.client.record.binding
-        pair.probe_round_lossy([p for p in (1, 2, 3) if active is None or p != active.path.value])
-        pair.advance_bounded(0.1)
-        pair.probe_round()
-    pair.run(1.0)
-    for _ in range(4):  # a flapping storm while DEGRADED (the dead binding is released, not replaced)
-        active = pair.client.record.binding
-        if active is not None:
-            pair.set_link(active.path.value, up=False)
-        pair.run(0.3)
-        if active is not None:
-            pair.set_link(active.path.value, up=True)
-        pair.run(0.3)
-    for path in (1, 2, 3):  # everything goes dark: RECOVERING, DEGRADED, TERMINATED
-        pair.blackhole(path)
-    pair.run(3.0)
-    pair.advance_bounded(5.0)
-    assert pair.client.terminated and pair.gateway.terminated
+    storm(Pair.start(policy=STORM_POLICY, attach=transcript.attach))
     return transcript.lines
 
 

@@ -40,7 +40,8 @@ from jvpn_trio.core.states import ReasonCode as R
 
 P = PathId(1)
 # Pinned here rather than taken from the laptop default, so retuning the default
-# never silently changes what these exact-time tests mean.
+# never silently changes what these exact-time tests mean; kept local (not in
+# tests/policies.py) because it pins only what health.py reads, to values no scenario uses.
 POLICY = Policy(
     probe_timeout_ms=150,
     transport_loss_ttl_ms=30_000,

@@ -10,6 +10,7 @@ from jvpn_trio.core.actions import (
     EmitEvent,
     EventKind,
     ReleaseTransport,
+    SendReattach,
     SendReattachAck,
     SendReattachReject,
     Terminate,
@@ -20,7 +21,16 @@ from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, GatewaySession
 from jvpn_trio.core.states import ReasonCode as R
 from jvpn_trio.core.states import SessionState as S
-from tests.pair import ATTACKER_ENDPOINT, NODE, Pair, client_endpoint
+from tests.pair import (
+    ATTACKER_ENDPOINT,
+    NODE,
+    SID,
+    Pair,
+    client_endpoint,
+    lone_gateway,
+    valid_reattach,
+)
+from tests.policies import ONE_SWITCH_A_MINUTE, SHORT_RECOVERY_POLICY
 
 P1, P2, P3 = PathId(1), PathId(2), PathId(3)
 
@@ -88,8 +98,7 @@ def test_returns_to_preferred_path_only_after_return_dwell() -> None:
 
 
 def test_all_paths_dead_recovery_window_then_degraded_then_terminated() -> None:
-    policy = attrs.evolve(Policy(), transport_loss_ttl_ms=5_000, max_recovery_window_ms=1_000)
-    pair = Pair.start(policy=policy)
+    pair = Pair.start(policy=SHORT_RECOVERY_POLICY)
     pair.run(0.5)
     for p in (1, 2, 3):
         pair.blackhole(p)
@@ -110,14 +119,7 @@ def test_storm_of_link_flaps_ends_in_degraded_not_endless_switching() -> None:
     policy = attrs.evolve(Policy(), max_switches_per_minute=3, min_dwell_ms=0)
     pair = Pair.start(policy=policy, paths=((1, 10), (2, 20)))
     pair.run(0.5)
-    for _ in range(6):
-        active = pair.client.record.binding
-        if active is None:
-            break
-        pair.set_link(active.path.value, up=False)
-        pair.run(0.5)
-        pair.set_link(active.path.value, up=True)
-        pair.run(0.5)
+    pair.flap_active(6, down_s=0.5, up_s=0.5)
     switches = kinds(pair.events("client"), EventKind.TRANSPORT_SWITCH)
     assert len(switches) == 3
     assert pair.client.record.state is S.DEGRADED
@@ -155,43 +157,25 @@ def test_replayed_reattach_from_another_address_changes_nothing() -> None:
     assert not any(isinstance(a, SendReattachReject) for a in actions)  # never answer a replay
 
 
-def _gateway_bound(now: float = 0.0) -> GatewaySession:
-    sid = SessionId(bytes(range(16)))
-    gw = GatewaySession(policy=Policy(), session_id=sid, now=now, node_id=NODE, held_revision=7)
-    gw.handle(ev.PacketAuthenticated(endpoint=client_endpoint(P1), path=P1), now=now)
-    return gw
-
-
-def _request(gw: GatewaySession, **overrides: object) -> ev.ReattachReceived:
-    base = ev.ReattachReceived(
-        session_id=gw.record.session_id,
-        path=P2,
-        endpoint=client_endpoint(P2),
-        nonce=gw.last_nonce + 1,
-        client_ts_ms=0,
-        expected_version=gw.record.version,
-        proof_valid=True,
-        ownership=OwnershipRecord(session_id=gw.record.session_id, owner=NODE, revision=7),
-    )
-    return attrs.evolve(base, **overrides)
+def _gateway_bound(policy: Policy | None = None) -> GatewaySession:
+    return lone_gateway(policy, held_revision=7)
 
 
 def test_gateway_rejections_never_mutate() -> None:
-    sid = SessionId(bytes(range(16)))
     other = SessionId(bytes(16))
     cases = {
         R.DECRYPT_FAILED: dict(proof_valid=False),
         R.SESSION_MISMATCH: dict(session_id=other),
         R.REPLAYED_NONCE: dict(nonce=0),
         R.STALE_TIMESTAMP: dict(client_ts_ms=Policy().freshness_window_ms + 1),
-        R.NOT_OWNER: dict(ownership=OwnershipRecord(session_id=sid, owner="gw-b", revision=7)),
+        R.NOT_OWNER: dict(ownership=OwnershipRecord(session_id=SID, owner="gw-b", revision=7)),
         R.OWNERSHIP_AMBIGUOUS: dict(ownership=None),
         R.STALE_VERSION: dict(expected_version=0),
     }
     for reason, override in cases.items():
         gw = _gateway_bound()
         before = (gw.record, gw.last_nonce, gw.clock_offset_ms)
-        actions = gw.handle(_request(gw, **override), now=0.0)
+        actions = gw.handle(valid_reattach(gw, **override), now=0.0)
         assert (gw.record, gw.last_nonce, gw.clock_offset_ms) == before, reason
         emitted = [a for a in actions if isinstance(a, EmitEvent)]
         assert emitted and emitted[0].reason is reason
@@ -200,13 +184,13 @@ def test_gateway_rejections_never_mutate() -> None:
 def test_gateway_revision_mismatch_is_ambiguous() -> None:
     gw = _gateway_bound()
     record = OwnershipRecord(session_id=gw.record.session_id, owner=NODE, revision=8)
-    actions = gw.handle(_request(gw, ownership=record), now=0.0)
+    actions = gw.handle(valid_reattach(gw, ownership=record), now=0.0)
     assert [a.reason for a in actions if isinstance(a, EmitEvent)] == [R.OWNERSHIP_AMBIGUOUS]
 
 
 def test_gateway_accept_binds_new_and_releases_old_in_one_step() -> None:
     gw = _gateway_bound()
-    actions = gw.handle(_request(gw), now=0.0)
+    actions = gw.handle(valid_reattach(gw), now=0.0)
     binds = [a for a in actions if isinstance(a, (BindTransport, ReleaseTransport))]
     assert binds == [
         ReleaseTransport(Binding(path=P1, endpoint=client_endpoint(P1))),
@@ -221,20 +205,16 @@ def test_gateway_accept_binds_new_and_releases_old_in_one_step() -> None:
 
 def test_gateway_same_binding_is_acked_without_a_transition() -> None:
     gw = _gateway_bound()
-    actions = gw.handle(_request(gw, path=P1, endpoint=client_endpoint(P1)), now=0.0)
+    actions = gw.handle(valid_reattach(gw, path=P1), now=0.0)
     assert gw.record.version == 1
     assert [type(a) for a in actions] == [SendReattachAck]
 
 
 def test_gateway_rate_limit_rejects_and_degrades() -> None:
-    policy = attrs.evolve(Policy(), max_switches_per_minute=1)
-    gw = GatewaySession(
-        policy=policy, session_id=SessionId(bytes(range(16))), now=0.0, node_id=NODE, held_revision=7
-    )
-    gw.handle(ev.PacketAuthenticated(endpoint=client_endpoint(P1), path=P1), now=0.0)
-    gw.handle(_request(gw), now=1.0)
+    gw = _gateway_bound(ONE_SWITCH_A_MINUTE)
+    gw.handle(valid_reattach(gw), now=1.0)
     assert gw.record.binding is not None and gw.record.binding.path == P2
-    actions = gw.handle(_request(gw, path=P3, endpoint=client_endpoint(P3), client_ts_ms=2000), now=2.0)
+    actions = gw.handle(valid_reattach(gw, path=P3, client_ts_ms=2000), now=2.0)
     assert gw.record.state is S.DEGRADED
     rejects = [a for a in actions if isinstance(a, SendReattachReject)]
     assert rejects[0].reason is R.RATE_LIMITED and rejects[0].current_version == gw.record.version
@@ -270,7 +250,7 @@ def test_session_ttl_terminates_with_reason() -> None:
 
 def test_birth_without_confirmation_terminates_after_loss_ttl() -> None:
     policy = Policy()
-    gw = GatewaySession(policy=policy, session_id=SessionId(bytes(16)), now=0.0, node_id=NODE, held_revision=1)
+    gw = lone_gateway(policy, bound=False)
     assert gw.next_deadline() == policy.transport_loss_ttl_ms / 1000.0
     actions = gw.handle(ev.TimerFired(), now=policy.transport_loss_ttl_ms / 1000.0)
     assert gw.record.state is S.TERMINATED
@@ -306,22 +286,9 @@ def test_lost_ack_resynchronises_through_stale_version_and_already_bound() -> No
     # The gateway accepts a REATTACH for path 2 but the ACK is lost on the way back.
     nonce_actions = client.handle(ev.LinkChanged(path=P1, up=False), now=pair.now)
     pair.links[P1].up = False
-    sends = [a for a in nonce_actions if type(a).__name__ == "SendReattach"]
+    sends = [a for a in nonce_actions if isinstance(a, SendReattach)]
     assert sends
-    send = sends[0]
-    gateway.handle(
-        ev.ReattachReceived(
-            session_id=client.record.session_id,
-            path=send.path,
-            endpoint=client_endpoint(send.path),
-            nonce=send.nonce,
-            client_ts_ms=send.client_ts_ms,
-            expected_version=send.expected_version,
-            proof_valid=True,
-            ownership=pair.ownership,
-        ),
-        now=pair.now,
-    )
+    gateway.handle(pair.reattach_request(sends[0]), now=pair.now)
     assert gateway.record.binding is not None and gateway.record.binding.path == P2
     # The client times out, retries with the old expected version, resyncs, and converges.
     pair.run(2.0)

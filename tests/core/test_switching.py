@@ -7,13 +7,14 @@ floats.  POLICY pins ``min_dwell_ms`` = 2000 and ``return_dwell_ms`` = 5000.
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import attrs
 import pytest
 
 from jvpn_trio.core.health import Verdict
 from jvpn_trio.core.ids import PathId
-from jvpn_trio.core.policy import DEFAULT_POLICY
+from jvpn_trio.core.policy import DEFAULT_POLICY, Policy
 from jvpn_trio.core.states import ReasonCode as R
 from jvpn_trio.core.states import SessionState as S
 from jvpn_trio.core.switching import Candidate, Decision, DecisionKind, SwitchView, decide, rank
@@ -71,257 +72,229 @@ def stay(reason: R) -> Decision:
     return Decision(STAY, reason)
 
 
-# (id, view, candidates, now, expected)
+def case(name: str, v: SwitchView, candidates: tuple[Candidate, ...], expected: Decision, *, now: float = 20.0) -> Any:
+    return pytest.param(v, candidates, expected, now, id=name)
+
+
+# One case per row: (id, view, candidates, expected), decided at now=20.0 unless ``now=`` says otherwise.
 CASES = [
     # -- not a session that can switch ------------------------------------------------
-    ("terminated", view(state=S.TERMINATED, active=None), (cand(P2, 20, H),), 20.0, stay(R.NO_CANDIDATE)),
-    ("birth", view(state=S.BIRTH, active=None), (cand(P2, 20, H),), 20.0, stay(R.NO_CANDIDATE)),
-    ("reattach in flight", unbound(reattach_in_flight=True), (cand(P2, 20, H),), 20.0, stay(R.REATTACH_IN_FLIGHT)),
-    (
+    case("terminated", view(state=S.TERMINATED, active=None), (cand(P2, 20, H),), stay(R.NO_CANDIDATE)),
+    case("birth", view(state=S.BIRTH, active=None), (cand(P2, 20, H),), stay(R.NO_CANDIDATE)),
+    case("reattach in flight", unbound(reattach_in_flight=True), (cand(P2, 20, H),), stay(R.REATTACH_IN_FLIGHT)),
+    case(
         "in flight beats an impaired active",
         view(reattach_in_flight=True),
         (cand(P1, 10, I), cand(P2, 20, H)),
-        20.0,
         stay(R.REATTACH_IN_FLIGHT),
     ),
     # -- unbound: recovery picks the best usable path -------------------------------------
-    ("unbound, no candidates", unbound(), (), 20.0, stay(R.NO_CANDIDATE)),
-    ("unbound, only dead and unknown", unbound(), (cand(P2, 20, D), cand(P3, 30, U)), 20.0, stay(R.NO_CANDIDATE)),
-    (
+    case("unbound, no candidates", unbound(), (), stay(R.NO_CANDIDATE)),
+    case("unbound, only dead and unknown", unbound(), (cand(P2, 20, D), cand(P3, 30, U)), stay(R.NO_CANDIDATE)),
+    case(
         "unbound, recovery cause carried",
         unbound(recovery_cause=R.MISSED_PROBES),
         (cand(P3, 30, H), cand(P2, 20, H)),
-        20.0,
         Decision(SWITCH, R.MISSED_PROBES, P2),
     ),
-    (
+    case(
         "unbound, no recovery cause means LINK_DOWN",
         unbound(),
         (cand(P2, 20, H),),
-        20.0,
         Decision(SWITCH, R.LINK_DOWN, P2),
     ),
-    (
+    case(
         "unbound, an impaired path is better than none",
         unbound(recovery_cause=R.DELIVERY_TIMEOUT),
         (cand(P2, 20, I), cand(P3, 30, D)),
-        20.0,
         Decision(SWITCH, R.DELIVERY_TIMEOUT, P2),
     ),
-    (
+    case(
         "unbound, pinned usable path wins over a better one",
         unbound(pinned=P3, recovery_cause=R.LINK_DOWN),
         (cand(P2, 20, H), cand(P3, 30, I)),
-        20.0,
         Decision(SWITCH, R.LINK_DOWN, P3),
     ),
-    (
+    case(
         "unbound, pinned dead path is ignored",
         unbound(pinned=P3, recovery_cause=R.LINK_DOWN),
         (cand(P2, 20, H), cand(P3, 30, D)),
-        20.0,
         Decision(SWITCH, R.LINK_DOWN, P2),
     ),
-    (
+    case(
         "unbound, rate exhausted -> DEGRADE",
         unbound(rate_has_room=False, recovery_cause=R.LINK_DOWN),
         (cand(P2, 20, H),),
-        20.0,
         Decision(DEGRADE, R.SWITCH_RATE_EXCEEDED, P2),
     ),
-    (
+    case(
         "unbound and already DEGRADED, rate exhausted -> STAY RATE_LIMITED",
         view(state=S.DEGRADED, active=None, bound_since=None, rate_has_room=False),
         (cand(P2, 20, H),),
-        20.0,
         stay(R.RATE_LIMITED),
     ),
     # -- operator pin ------------------------------------------------------------------------
-    (
-        "pinned active stays even when impaired",
-        view(pinned=P1),
-        (cand(P1, 10, I), cand(P2, 20, H)),
-        20.0,
-        stay(R.PINNED),
-    ),
-    (
+    case("pinned active stays even when impaired", view(pinned=P1), (cand(P1, 10, I), cand(P2, 20, H)), stay(R.PINNED)),
+    case(
         "pinned usable path: switch at once, no dwell, even to a worse path",
         view(pinned=P3),
         (cand(P1, 10, H), cand(P3, 30, I)),
-        10.0,
         Decision(SWITCH, R.OPERATOR_PIN, P3),
+        now=10.0,
     ),
-    (
+    case(
         "pinned usable path, rate exhausted",
         view(pinned=P3, rate_has_room=False),
         (cand(P1, 10, H), cand(P3, 30, H)),
-        20.0,
         stay(R.RATE_LIMITED),
     ),
-    (
+    case(
         "pinned dead path: decide as if unpinned (healthy active)",
         view(pinned=P3),
         (cand(P1, 10, H), cand(P3, 30, D)),
-        20.0,
         stay(R.ACTIVE_PATH_HEALTHY),
     ),
-    (
+    case(
         "pinned dead path: decide as if unpinned (impaired active)",
         view(pinned=P3),
         (cand(P1, 10, I), cand(P2, 20, H), cand(P3, 30, D)),
-        20.0,
         Decision(SWITCH, R.LOSS_ABOVE_THRESHOLD, P2),
     ),
-    (
+    case(
         "pinned path not known at all",
         view(pinned=P4),
         (cand(P1, 10, H), cand(P2, 20, H)),
-        20.0,
         stay(R.ACTIVE_PATH_HEALTHY),
     ),
     # -- the active path has no verdict to act on -------------------------------------------------
-    ("active path not a candidate", view(), (cand(P2, 20, H),), 20.0, stay(R.NO_SAMPLES)),
-    ("active path unknown", view(), (cand(P1, 10, U), cand(P2, 20, H)), 20.0, stay(R.NO_SAMPLES)),
-    ("active path dead", view(), (cand(P1, 10, D), cand(P2, 20, H)), 20.0, stay(R.NO_SAMPLES)),
+    case("active path not a candidate", view(), (cand(P2, 20, H),), stay(R.NO_SAMPLES)),
+    case("active path unknown", view(), (cand(P1, 10, U), cand(P2, 20, H)), stay(R.NO_SAMPLES)),
+    case("active path dead", view(), (cand(P1, 10, D), cand(P2, 20, H)), stay(R.NO_SAMPLES)),
     # -- impaired active path --------------------------------------------------------------------
-    (
+    case(
         "impaired active, healthy candidate, dwell met",
         view(),
         (cand(P1, 10, I, reason=R.JITTER_ABOVE_THRESHOLD), cand(P2, 20, H)),
-        12.0,
         Decision(SWITCH, R.JITTER_ABOVE_THRESHOLD, P2),
+        now=12.0,
     ),
-    (
+    case(
         "impaired active, healthy beats impaired of better priority",
         view(active=P2),
         (cand(P1, 10, I), cand(P2, 20, I, reason=R.LATENCY_ABOVE_THRESHOLD), cand(P3, 30, H)),
-        20.0,
         Decision(SWITCH, R.LATENCY_ABOVE_THRESHOLD, P3),
     ),
-    (
+    case(
         "impaired active, only impaired candidates",
         view(),
         (cand(P1, 10, I), cand(P2, 20, I), cand(P3, 30, D)),
-        20.0,
         stay(R.NO_BETTER_PATH),
     ),
-    (
+    case(
         "impaired active, dwell not met",
         view(),
         (cand(P1, 10, I), cand(P2, 20, H)),
-        11.999,
         stay(R.DWELL_NOT_MET),
+        now=11.999,
     ),
-    (
+    case(
         "impaired active, no bound_since counts as dwell met",
         view(bound_since=None),
         (cand(P1, 10, I), cand(P2, 20, H)),
-        0.0,
         Decision(SWITCH, R.LOSS_ABOVE_THRESHOLD, P2),
+        now=0.0,
     ),
-    (
+    case(
         "impaired active, rate exhausted -> DEGRADE",
         view(state=S.VOLATILE, rate_has_room=False),
         (cand(P1, 10, I), cand(P2, 20, H)),
-        20.0,
         Decision(DEGRADE, R.SWITCH_RATE_EXCEEDED, P2),
     ),
-    (
+    case(
         "impaired active, already DEGRADED -> STAY RATE_LIMITED",
         view(state=S.DEGRADED, rate_has_room=False),
         (cand(P1, 10, I), cand(P2, 20, H)),
-        20.0,
         stay(R.RATE_LIMITED),
     ),
-    (
+    case(
         "impaired active in DEGRADED with room switches",
         view(state=S.DEGRADED),
         (cand(P1, 10, I), cand(P2, 20, H)),
-        20.0,
         Decision(SWITCH, R.LOSS_ABOVE_THRESHOLD, P2),
     ),
     # -- healthy active path: only a preferred path may pull it away --------------------------------
-    (
+    case(
         "healthy active, nothing preferred",
         view(active=P1),
         (cand(P1, 10, H), cand(P2, 20, H, healthy_since=0.0)),
-        20.0,
         stay(R.ACTIVE_PATH_HEALTHY),
     ),
-    (
+    case(
         "healthy active, preferred path after return dwell",
         view(active=P2),
         (cand(P1, 10, H, healthy_since=15.0), cand(P2, 20, H)),
-        20.0,
         Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P1),
     ),
-    (
+    case(
         "healthy active, preferred path 1 ms before return dwell",
         view(active=P2),
         (cand(P1, 10, H, healthy_since=15.0), cand(P2, 20, H)),
-        19.999,
         stay(R.ACTIVE_PATH_HEALTHY),
+        now=19.999,
     ),
-    (
+    case(
         "healthy active, preferred path with no healthy_since",
         view(active=P2),
         (cand(P1, 10, H), cand(P2, 20, H)),
-        20.0,
         stay(R.ACTIVE_PATH_HEALTHY),
     ),
-    (
+    case(
         "healthy active, preferred path only impaired",
         view(active=P2),
         (cand(P1, 10, I), cand(P2, 20, H)),
-        20.0,
         stay(R.ACTIVE_PATH_HEALTHY),
     ),
-    (
+    case(
         "healthy active, equal priority is not preferred",
         view(active=P2),
         (cand(P1, 20, H, healthy_since=0.0), cand(P2, 20, H)),
-        20.0,
         stay(R.ACTIVE_PATH_HEALTHY),
     ),
-    (
+    case(
         "healthy active, preferred path but min dwell not met",
         view(active=P2, bound_since=19.0),
         (cand(P1, 10, H, healthy_since=0.0), cand(P2, 20, H)),
-        20.0,
         stay(R.DWELL_NOT_MET),
     ),
-    (
+    case(
         "healthy active, optional switch rate-limited -> STAY, not DEGRADE",
         view(active=P2, rate_has_room=False),
         (cand(P1, 10, H, healthy_since=0.0), cand(P2, 20, H)),
-        20.0,
         stay(R.RATE_LIMITED),
     ),
-    (
+    case(
         "healthy active, best preferred path chosen",
         view(active=P3),
         (cand(P2, 20, H, healthy_since=0.0), cand(P1, 10, H, healthy_since=0.0), cand(P3, 30, H)),
-        20.0,
         Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P1),
     ),
-    (
+    case(
         "healthy active, best preferred path still in dwell so the next one is chosen",
         view(active=P3),
         (cand(P2, 20, H, healthy_since=0.0), cand(P1, 10, H, healthy_since=19.0), cand(P3, 30, H)),
-        20.0,
         Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P2),
     ),
 ]
 
 
-@pytest.mark.parametrize(("v", "candidates", "now", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_decide(v: SwitchView, candidates: tuple[Candidate, ...], now: float, expected: Decision) -> None:
+@pytest.mark.parametrize(("v", "candidates", "expected", "now"), CASES)
+def test_decide(v: SwitchView, candidates: tuple[Candidate, ...], expected: Decision, now: float) -> None:
     assert decide(v, candidates, POLICY, now=now) == expected
 
 
-@pytest.mark.parametrize(("v", "candidates", "now", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("v", "candidates", "expected", "now"), CASES)
 def test_decide_does_not_depend_on_candidate_order(
-    v: SwitchView, candidates: tuple[Candidate, ...], now: float, expected: Decision
+    v: SwitchView, candidates: tuple[Candidate, ...], expected: Decision, now: float
 ) -> None:
     for order in itertools.permutations(candidates):
         assert decide(v, order, POLICY, now=now) == expected
@@ -330,19 +303,53 @@ def test_decide_does_not_depend_on_candidate_order(
 # -- dwell boundaries ------------------------------------------------------------------------------
 
 
-def test_min_dwell_exactly_met() -> None:
-    candidates = (cand(P1, 10, I), cand(P2, 20, H))
-    assert decide(view(bound_since=10.0), candidates, POLICY, now=12.0) == Decision(
-        SWITCH, R.LOSS_ABOVE_THRESHOLD, P2
-    )
-    assert decide(view(bound_since=10.0), candidates, POLICY, now=11.999) == stay(R.DWELL_NOT_MET)
+#: (id, view, candidates, policy, the edge: the first instant the switch is allowed, the switch, 1 ms before)
+DWELL_EDGES = [
+    pytest.param(
+        view(bound_since=10.0),
+        (cand(P1, 10, I), cand(P2, 20, H)),
+        POLICY,
+        12.0,
+        Decision(SWITCH, R.LOSS_ABOVE_THRESHOLD, P2),
+        stay(R.DWELL_NOT_MET),
+        id="min dwell",
+    ),
+    pytest.param(
+        view(bound_since=10.0),
+        (cand(P1, 10, I), cand(P2, 20, H)),
+        attrs.evolve(POLICY, min_dwell_ms=500),
+        10.5,
+        Decision(SWITCH, R.LOSS_ABOVE_THRESHOLD, P2),
+        stay(R.DWELL_NOT_MET),
+        id="min dwell comes from the policy",
+    ),
+    pytest.param(
+        view(active=P2),
+        (cand(P1, 10, H, healthy_since=15.0), cand(P2, 20, H)),
+        POLICY,
+        20.0,
+        Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P1),
+        stay(R.ACTIVE_PATH_HEALTHY),
+        id="return dwell",
+    ),
+    pytest.param(
+        view(active=P2, bound_since=0.0),
+        (cand(P1, 10, H, healthy_since=3.2), cand(P2, 20, H)),
+        POLICY,
+        3.2 + POLICY.return_dwell_ms / 1000.0,  # not a binary fraction: the edge holds for any since
+        Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P1),
+        stay(R.ACTIVE_PATH_HEALTHY),
+        id="return dwell met at since plus dwell for any since",
+    ),
+]
 
 
-def test_return_dwell_exactly_met() -> None:
-    candidates = (cand(P1, 10, H, healthy_since=15.0), cand(P2, 20, H))
-    v = view(active=P2)
-    assert decide(v, candidates, POLICY, now=20.0) == Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P1)
-    assert decide(v, candidates, POLICY, now=19.999) == stay(R.ACTIVE_PATH_HEALTHY)
+@pytest.mark.parametrize(("v", "candidates", "policy", "edge", "switch", "before"), DWELL_EDGES)
+def test_a_dwell_is_met_exactly_at_its_edge(
+    v: SwitchView, candidates: tuple[Candidate, ...], policy: Policy, edge: float, switch: Decision, before: Decision
+) -> None:
+    assert decide(v, candidates, policy, now=edge) == switch
+    assert decide(v, candidates, policy, now=edge - 0.001) == before
 
 
 def test_zero_dwell_policy_switches_at_once() -> None:
@@ -350,22 +357,6 @@ def test_zero_dwell_policy_switches_at_once() -> None:
     v = view(active=P2, bound_since=20.0)
     candidates = (cand(P1, 10, H, healthy_since=20.0), cand(P2, 20, H))
     assert decide(v, candidates, policy, now=20.0) == Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P1)
-
-
-def test_dwell_comes_from_the_policy() -> None:
-    policy = attrs.evolve(POLICY, min_dwell_ms=500)
-    candidates = (cand(P1, 10, I), cand(P2, 20, H))
-    assert decide(view(bound_since=10.0), candidates, policy, now=10.5) == Decision(SWITCH, R.LOSS_ABOVE_THRESHOLD, P2)
-    assert decide(view(bound_since=10.0), candidates, policy, now=10.499) == stay(R.DWELL_NOT_MET)
-
-
-def test_return_dwell_met_at_since_plus_dwell_for_any_since() -> None:
-    since = 3.2
-    now = since + POLICY.return_dwell_ms / 1000.0
-    candidates = (cand(P1, 10, H, healthy_since=since), cand(P2, 20, H))
-    assert decide(view(active=P2, bound_since=0.0), candidates, POLICY, now=now) == Decision(
-        SWITCH, R.PREFERRED_PATH_RESTORED, P1
-    )
 
 
 # -- ranking ----------------------------------------------------------------------------------------

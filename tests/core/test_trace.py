@@ -70,6 +70,22 @@ def line(**body: object) -> str:
     return json.dumps(body)
 
 
+def reattach_body(**changes: object) -> dict[str, object]:
+    """The body of a well-formed ReattachReceived line (no ownership record), with ``changes``."""
+    body: dict[str, object] = dict(
+        input="ReattachReceived",
+        session_id=SID.hex,
+        path=1,
+        endpoint=["h", 1],
+        nonce=1,
+        client_ts_ms=1,
+        expected_version=1,
+        proof_valid=True,
+        ownership=None,
+    )
+    return body | changes
+
+
 def bad(text: str, *, lineno: int = 0) -> str:
     with pytest.raises(BadTrace) as info:
         decode_input_untrusted(text, lineno=lineno)
@@ -262,40 +278,9 @@ def test_bad_field_value(body: dict[str, object], expected: str) -> None:
         dict(input="HandshakeCompleted", session_id=SID.hex, binding=[1, ["h", 1]], gateway_version=1),
         dict(input="HandshakeCompleted", session_id=SID.hex, binding={"path": 1, "endpoint": []}, gateway_version=1),
         dict(input="PeerClosed", reason={"x": 1}),
-        dict(
-            input="ReattachReceived",
-            session_id=SID.hex,
-            path=1,
-            endpoint=["h", 1],
-            nonce=1,
-            client_ts_ms=1,
-            expected_version=1,
-            proof_valid=True,
-            ownership={"session_id": SID.hex, "owner": "gw-a"},
-        ),
-        dict(
-            input="ReattachReceived",
-            session_id=SID.hex,
-            path=1,
-            endpoint=["h", 1],
-            nonce=1,
-            client_ts_ms=1,
-            expected_version=1,
-            proof_valid=True,
-            ownership={"session_id": SID.hex, "owner": "gw-a", "revision": "seven"},
-        ),
-        dict(
-            input="ReattachReceived",
-            session_id=SID.hex,
-            path=1,
-            endpoint=["h", 1],
-            nonce=1,
-            client_ts_ms=1,
-            expected_version=1,
-            proof_valid=True,
-            ownership=None,
-            metadata="not hex",
-        ),
+        reattach_body(ownership={"session_id": SID.hex, "owner": "gw-a"}),
+        reattach_body(ownership={"session_id": SID.hex, "owner": "gw-a", "revision": "seven"}),
+        reattach_body(metadata="not hex"),
     ],
     ids=lambda b: f"{b['input']}-{sorted(k for k in b if k != 'input')}",
 )

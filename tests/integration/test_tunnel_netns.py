@@ -27,7 +27,7 @@ import trio
 
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.states import ReasonCode
-from jvpn_trio.drivers.client import CONTROL_PORT_OFFSET
+from jvpn_trio.config import DEFAULT_CONTROL_PORT_OFFSET as CONTROL_PORT_OFFSET
 from jvpn_trio.lab.netns import Lab
 from jvpn_trio.lab.traffic import longest_gap
 from tests.integration.tunnel_lab import GATEWAY_TUNNEL, PORT, start_tunnel

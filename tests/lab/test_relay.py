@@ -9,6 +9,9 @@ asserts only that datagrams get through both ways (no timing).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 
@@ -31,6 +34,9 @@ BACK = ("127.0.0.1", 50002)
 GATEWAY = ("192.0.2.1", 51820)
 GATEWAY_CONTROL = ("192.0.2.1", 51821)
 
+#: (arrival time, datagram, source address)
+Arrival = tuple[float, bytes, tuple[str, int]]
+
 
 class Rig:
     """client port -> relay front (two lanes) ... relay back -> gateway data/control ports, in memory."""
@@ -52,8 +58,19 @@ class Rig:
             queue_limit=queue_limit,
         )
 
+    @asynccontextmanager
+    async def running(self, *ports: MemoryDatagramPort) -> AsyncIterator[tuple[list[Arrival], ...]]:
+        """The relay serving, and what arrives at each of ``ports`` (one list each); cancelled on exit."""
+        arrivals: tuple[list[Arrival], ...] = tuple([] for _ in ports)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.relay.serve)
+            for port, into in zip(ports, arrivals):
+                nursery.start_soon(collect, port, into)
+            yield arrivals
+            nursery.cancel_scope.cancel()
 
-async def collect(port: MemoryDatagramPort, into: list[tuple[float, bytes, tuple[str, int]]]) -> None:
+
+async def collect(port: MemoryDatagramPort, into: list[Arrival]) -> None:
     while True:
         for data, src in await port.recv_batch(64):
             into.append((trio.current_time(), data, src))
@@ -69,13 +86,8 @@ def total_dropped(stats: RelayStatistics) -> int:
 
 async def test_forwards_both_ways_and_gateway_sees_the_relay(autojump_clock: trio.abc.Clock) -> None:
     rig = Rig()
-    at_gateway: list = []
-    at_client: list = []
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rig.relay.serve)
-            nursery.start_soon(collect, rig.gateway, at_gateway)
-            nursery.start_soon(collect, rig.client, at_client)
+        async with rig.running(rig.gateway, rig.client) as (at_gateway, at_client):
             rig.client.send_nowait(b"hello gateway", FRONT)
             await trio.sleep(0.01)
             assert [(d, s) for _, d, s in at_gateway] == [(b"hello gateway", BACK)]
@@ -90,19 +102,11 @@ async def test_forwards_both_ways_and_gateway_sees_the_relay(autojump_clock: tri
             assert stats.dropped_stray == 1
             assert (stats.up.forwarded, stats.down.forwarded) == (1, 1)
             assert stats.up.bytes_forwarded == len(b"hello gateway")
-            nursery.cancel_scope.cancel()
 
 
 async def test_each_lane_goes_to_its_upstream_and_replies_come_back_by_it(autojump_clock: trio.abc.Clock) -> None:
     rig = Rig()
-    at_data: list = []
-    at_control: list = []
-    at_client: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
-        nursery.start_soon(collect, rig.gateway, at_data)
-        nursery.start_soon(collect, rig.gateway_control, at_control)
-        nursery.start_soon(collect, rig.client, at_client)
+    async with rig.running(rig.gateway, rig.gateway_control, rig.client) as (at_data, at_control, at_client):
         rig.client.send_nowait(b"data", FRONT)
         rig.client.send_nowait(b"probe", FRONT_CONTROL)
         await trio.sleep(0.01)
@@ -114,7 +118,6 @@ async def test_each_lane_goes_to_its_upstream_and_replies_come_back_by_it(autoju
         await trio.sleep(0.01)
         assert sorted((d, s) for _, d, s in at_client) == [(b"ack", FRONT_CONTROL), (b"payload", FRONT)]
         assert rig.relay.front_addresses == (FRONT, FRONT_CONTROL)
-        nursery.cancel_scope.cancel()
 
 
 def test_a_relay_needs_a_lane() -> None:
@@ -125,20 +128,15 @@ def test_a_relay_needs_a_lane() -> None:
 
 async def test_reply_before_any_client_is_counted(autojump_clock: trio.abc.Clock) -> None:
     rig = Rig()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
+    async with rig.running():
         rig.gateway.send_nowait(b"too early", BACK)
         await trio.sleep(0.01)
         assert rig.relay.statistics().down.dropped_no_client == 1
-        nursery.cancel_scope.cancel()
 
 
 async def run_loss(seed: int, n: int = 400) -> list[int]:
     rig = Rig(Impairment(loss_pct=25.0), seed=seed)
-    arrived: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
-        nursery.start_soon(collect, rig.gateway, arrived)
+    async with rig.running(rig.gateway) as (arrived,):
         for i in range(n):
             rig.client.send_nowait(i.to_bytes(2, "big"), FRONT)
             await trio.sleep(0.001)
@@ -146,7 +144,6 @@ async def run_loss(seed: int, n: int = 400) -> list[int]:
         stats = rig.relay.statistics()
         assert stats.up.received == n
         assert stats.up.forwarded + stats.up.dropped_loss == n
-        nursery.cancel_scope.cancel()
     return [int.from_bytes(d, "big") for _, d, _ in arrived]
 
 
@@ -169,12 +166,7 @@ async def test_down_and_blackhole_drop_everything(
     autojump_clock: trio.abc.Clock, impairment: Impairment, counter: str
 ) -> None:
     rig = Rig()
-    at_gateway: list = []
-    at_client: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
-        nursery.start_soon(collect, rig.gateway, at_gateway)
-        nursery.start_soon(collect, rig.client, at_client)
+    async with rig.running(rig.gateway, rig.client) as (at_gateway, at_client):
         rig.client.send_nowait(b"learn me", FRONT)
         await trio.sleep(0.01)
         rig.relay.set_impairment(impairment)
@@ -190,17 +182,11 @@ async def test_down_and_blackhole_drop_everything(
         rig.gateway.send_nowait(b"again", BACK)
         await trio.sleep(0.01)
         assert [d for _, d, _ in at_client] == [b"again"]
-        nursery.cancel_scope.cancel()
 
 
 async def test_delay_shifts_arrival_exactly(autojump_clock: trio.abc.Clock) -> None:
     rig = Rig(Impairment(delay_ms=40.0))
-    at_gateway: list = []
-    at_client: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
-        nursery.start_soon(collect, rig.gateway, at_gateway)
-        nursery.start_soon(collect, rig.client, at_client)
+    async with rig.running(rig.gateway, rig.client) as (at_gateway, at_client):
         t0 = trio.current_time()
         rig.client.send_nowait(b"ping", FRONT)
         await trio.sleep(0.02)
@@ -212,22 +198,17 @@ async def test_delay_shifts_arrival_exactly(autojump_clock: trio.abc.Clock) -> N
         await trio.sleep(0.1)
         assert [(t - t1, d) for t, d, _ in at_client] == [(pytest.approx(0.040, abs=1e-9), b"pong")]
         assert rig.relay.statistics().up.queued == 0
-        nursery.cancel_scope.cancel()
 
 
 async def test_jitter_spreads_arrivals_but_never_reorders(autojump_clock: trio.abc.Clock) -> None:
     rig = Rig(Impairment(delay_ms=50.0, jitter_ms=30.0), seed=3)
-    arrived: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
-        nursery.start_soon(collect, rig.gateway, arrived)
+    async with rig.running(rig.gateway) as (arrived,):
         sent_at = {}
         for i in range(100):
             sent_at[i] = trio.current_time()
             rig.client.send_nowait(i.to_bytes(2, "big"), FRONT)
             await trio.sleep(0.002)
         await trio.sleep(0.2)
-        nursery.cancel_scope.cancel()
     order = [int.from_bytes(d, "big") for _, d, _ in arrived]
     assert order == list(range(100))
     delays = [t - sent_at[int.from_bytes(d, "big")] for t, d, _ in arrived]
@@ -239,16 +220,12 @@ async def test_jitter_spreads_arrivals_but_never_reorders(autojump_clock: trio.a
 async def test_rate_limit_paces_and_drops_beyond_the_backlog(autojump_clock: trio.abc.Clock) -> None:
     # 1 Mbit/s = 125_000 B/s: a 1250-byte datagram takes 10 ms once the 3000-byte burst is spent.
     rig = Rig(Impairment(rate_mbit=1.0))
-    arrived: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
-        nursery.start_soon(collect, rig.gateway, arrived)
+    async with rig.running(rig.gateway) as (arrived,):
         t0 = trio.current_time()
         for _ in range(40):
             rig.client.send_nowait(b"x" * 1250, FRONT)
         await trio.sleep(1.0)
         stats = rig.relay.statistics()
-        nursery.cancel_scope.cancel()
     times = [round((t - t0) * 1000, 3) for t, _, _ in arrived]
     # 2 leave at once (burst, 500 B left), the third waits 6 ms for 750 B of tokens, then one
     # every 10 ms; those that would wait more than 200 ms are dropped.
@@ -273,34 +250,26 @@ def test_token_bucket_lends_up_to_the_backlog() -> None:
 
 async def test_queue_is_bounded(autojump_clock: trio.abc.Clock) -> None:
     rig = Rig(Impairment(delay_ms=100.0), queue_limit=10)
-    arrived: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
-        nursery.start_soon(collect, rig.gateway, arrived)
+    async with rig.running(rig.gateway) as (arrived,):
         for i in range(25):
             rig.client.send_nowait(bytes([i]), FRONT)
         await trio.sleep(0.01)
         assert rig.relay.statistics().up.queued == 10
         await trio.sleep(0.2)
         stats = rig.relay.statistics()
-        nursery.cancel_scope.cancel()
     assert len(arrived) == 10 and stats.up.dropped_queue_full == 15 and stats.up.queued == 0
     assert stats.up.received == stats.up.forwarded + total_dropped(stats)
 
 
 async def test_datagrams_in_flight_are_lost_when_the_link_goes_down(autojump_clock: trio.abc.Clock) -> None:
     rig = Rig(Impairment(delay_ms=100.0))
-    arrived: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.relay.serve)
-        nursery.start_soon(collect, rig.gateway, arrived)
+    async with rig.running(rig.gateway) as (arrived,):
         for _ in range(3):
             rig.client.send_nowait(b"doomed", FRONT)
         await trio.sleep(0.05)
         rig.relay.set_impairment(Impairment(link_up=False))
         await trio.sleep(0.1)
         stats = rig.relay.statistics()
-        nursery.cancel_scope.cancel()
     assert arrived == [] and stats.up.dropped_down == 3 and stats.up.queued == 0
 
 

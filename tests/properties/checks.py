@@ -56,6 +56,14 @@ the ten properties of ``formal-properties.md``, read for our design as:
     the same reason in the same step; ``Terminate`` never otherwise; after
     TERMINATED nothing changes (no transition, Bind, Release, switch).
 
+An illegal transition is a bug, whatever the trace looks like: the machine's
+``counters["invalid_transitions"]`` (what ``_transition`` counts when the table
+has no row for the change it was asked to make, or a BIND row comes without a
+binding) is snapshotted with every step and must stay 0 from step 0 on.  The
+table refused the change, so the record and the events may well look fine; the
+counter is the only trace of the attempt, and a non-zero one fails Property 3
+at the step that moved it.
+
 The oracle for 7 and 9 is written from the spec, not from ``reattach.py``.  It
 assumes what the Trio driver guarantees: a REATTACH is handled when the
 machine is settled (every deadline ``<= now`` has fired), so the step's only
@@ -137,6 +145,7 @@ class Step:
     record: SessionRecord
     last_nonce: int | None = None  # gateway only
     clock_offset_ms: float | None = None  # gateway only
+    invalid_transitions: int = 0  # the machine's counter of rejected (illegal) transitions after the step
 
 
 @attrs.frozen(kw_only=True)
@@ -190,6 +199,20 @@ def reattach_defects(
     return out
 
 
+def _check_no_invalid_transition(
+    prev: Step | None, step: Step, fail: Callable[[int, str], PropertyViolation]
+) -> None:
+    """Property 3: ``invalid_transitions`` stays 0 (see the module docstring)."""
+    if step.invalid_transitions:
+        before = prev.invalid_transitions if prev is not None else 0
+        raise fail(
+            3,
+            f"the machine attempted a transition the table has no row for: "
+            f"counters['invalid_transitions'] went {before} -> {step.invalid_transitions} "
+            f"(in {step.record.state.value}, bound={step.record.binding is not None})",
+        )
+
+
 class TraceChecker:
     """Checks the ten properties step by step; see the module docstring."""
 
@@ -225,6 +248,7 @@ class TraceChecker:
             record=step.record,
             last_nonce=step.last_nonce,
             clock_offset_ms=step.clock_offset_ms,
+            invalid_transitions=step.invalid_transitions,
         )
         self.steps_checked += 1
 
@@ -244,6 +268,7 @@ class TraceChecker:
 
         rec = step.record
         self._sid = rec.session_id
+        _check_no_invalid_transition(None, step, fail)
         if rec.state is not S.BIRTH or rec.binding is not None:
             raise fail(3, f"a session must be born in BIRTH, unbound; got {rec.state.value} / {rec.binding}")
         if rec.version != 0:
@@ -275,6 +300,9 @@ class TraceChecker:
             return PropertyViolation(prop, self.role.value, index, step, message)
 
         before, after = prev.record, step.record
+
+        # Property 3, first: the machine attempted no transition that the table refused.
+        _check_no_invalid_transition(prev, step, fail)
 
         # Property 1: identity never changes.
         if after.session_id != sid:
@@ -544,7 +572,7 @@ class TraceChecker:
 class Recorder:
     """Collects a machine's steps: step 0 from ``creation_events()``, then one per ``handle`` call.
 
-    Use :meth:`tap` as the tap of ``Pair.start_traced``; :meth:`drain` hands the
+    Use :meth:`tap` as the tap of ``Pair.start(attach=...)``; :meth:`drain` hands the
     steps recorded since the last drain to a checker.
     """
 
@@ -553,12 +581,14 @@ class Recorder:
         self.machine = machine
         self.role = machine.role
         self.steps: list[Step] = []
+        self.last: Step | None = None  # kept when drain(forget=True) drops the steps
         self._drained = 0
         if not resume:
             self._append(None, machine.record.created_at, machine.creation_events())
 
     def _append(self, event: object | None, now: float, actions: Sequence[Action]) -> None:
         machine = self.machine
+        invalid = machine.counters.get("invalid_transitions", 0)
         if isinstance(machine, GatewaySession):
             step = Step(
                 now=now,
@@ -567,10 +597,14 @@ class Recorder:
                 record=machine.record,
                 last_nonce=machine.last_nonce,
                 clock_offset_ms=machine.clock_offset_ms,
+                invalid_transitions=invalid,
             )
         else:
-            step = Step(now=now, input=event, actions=tuple(actions), record=machine.record)
+            step = Step(
+                now=now, input=event, actions=tuple(actions), record=machine.record, invalid_transitions=invalid
+            )
         self.steps.append(step)
+        self.last = step
 
     def tap(self, event: object, now: float, actions: list[Action]) -> None:
         self._append(event, now, actions)
@@ -585,6 +619,26 @@ class Recorder:
             self._drained = len(self.steps)
         return new
 
+    def check_live_counter(self, index: int) -> None:
+        """The machine's own ``invalid_transitions`` is still 0 now (not only at its recorded steps).
+
+        The steps already carry the counter; this also catches a transition attempted
+        outside ``handle`` (a test poking ``_transition``), which no step would show.
+        ``index`` is the last step's number, for the message.
+        """
+        live = self.machine.counters.get("invalid_transitions", 0)
+        if live:
+            machine = self.machine
+            last = self.last or Step(now=machine.record.created_at, input=None, actions=(), record=machine.record)
+            raise PropertyViolation(
+                3,
+                self.role.value,
+                index,
+                last,
+                f"counters['invalid_transitions'] is {live} at the end of the trace: "
+                "the machine attempted a transition the table has no row for",
+            )
+
     def checker(self) -> TraceChecker:
         machine = self.machine
         gateway = (
@@ -598,13 +652,14 @@ class Recorder:
 class PairTracer:
     """Records both sides of a ``Pair`` and checks them incrementally.
 
-    ``tracer = PairTracer(); pair = Pair.start_traced(tracer.attach, ...)``;
+    ``tracer = PairTracer(); pair = Pair.start(attach=tracer.attach, ...)``;
     then ``tracer.check()`` after any number of inputs.
     """
 
     def __init__(self) -> None:
         self.recorders: dict[str, Recorder] = {}
         self.checkers: dict[str, TraceChecker] = {}
+        self.violation: PropertyViolation | None = None
 
     def attach(
         self, side: str, machine: ClientSession | GatewaySession
@@ -615,12 +670,33 @@ class PairTracer:
         return recorder.tap
 
     def check(self) -> None:
-        """Feed every step recorded since the last call to its side's checker."""
-        for side in ("gateway", "client"):
-            self.checkers[side].feed_all(self.recorders[side].drain())
+        """Feed every step recorded since the last call to its side's checker; then the live counters.
+
+        After a violation, later calls check nothing: a state machine's teardown must not
+        replace the first violation with a consequence of it.
+        """
+        if self.violation is not None:
+            return
+        try:
+            check_recorded(self.checkers, self.recorders)
+        except PropertyViolation as violation:
+            self.violation = violation
+            raise
 
     def steps(self, side: str) -> list[Step]:
         return self.recorders[side].steps
+
+
+def check_recorded(
+    checkers: dict[str, TraceChecker], recorders: dict[str, Recorder], *, forget: bool = False
+) -> None:
+    """Both sides: the steps recorded since the last drain through their checker, then the live counter.
+
+    ``forget=True`` drops the drained steps (the exhaustive exploration keeps no history).
+    """
+    for side in ("gateway", "client"):
+        checkers[side].feed_all(recorders[side].drain(forget=forget))
+        recorders[side].check_live_counter(checkers[side].steps_checked - 1)
 
 
 def check_trace(

@@ -19,7 +19,8 @@ to every reached state, up to :data:`DEPTH` events::
     pin3 / unpin               operator pins p3 / removes the pin
 
 After every event both sides' new steps go through ``checks.TraceChecker``
-(all ten properties), and the checkers themselves are part of the copied
+(all ten properties, and ``invalid_transitions`` staying 0 at every step and
+on the live machines), and the checkers themselves are part of the copied
 state, so every path through the tree is checked as one whole trace.
 
 What is abstracted (the dedupe key, :func:`abstract_state`)
@@ -48,16 +49,18 @@ import time
 from typing import Callable
 
 import attrs
+import pytest
 
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
 from jvpn_trio.core.reattach import switches_in_window
 from jvpn_trio.core.session import ClientSession, GatewaySession
-from jvpn_trio.core.states import TRANSITIONS
+from jvpn_trio.core.states import TRANSITIONS, ReasonCode, SessionState
 from tests.pair import ATTACKER_ENDPOINT, DeadlineStuck, Pair, _install_tap
-from tests.properties.checks import PairTracer, Recorder, TraceChecker
+from tests.properties.checks import PairTracer, Recorder, TraceChecker, check_recorded
 
-#: Small bounds, so that recovery windows, the switch rate and TTLs are reached within the depth.
+#: Small bounds, so that recovery windows, the switch rate and TTLs are reached within the depth
+#: (deliberately none of tests/policies.py: those are for scripted scenarios seconds long).
 POLICY = Policy(
     max_recovery_window_ms=500,
     max_switches_per_minute=2,
@@ -107,11 +110,11 @@ def _probe(pair: Pair) -> None:
 
 
 def _advance_probe_timeout(pair: Pair) -> None:
-    pair.advance_bounded(pair.policy.probe_timeout_ms / 1000.0 + 0.001)
+    pair.advance(pair.policy.probe_timeout_ms / 1000.0 + 0.001)
 
 
 def _advance_past_recovery(pair: Pair) -> None:
-    pair.advance_bounded(pair.policy.max_recovery_window_ms / 1000.0 + 0.001)
+    pair.advance(pair.policy.max_recovery_window_ms / 1000.0 + 0.001)
 
 
 def _replay_attack(pair: Pair) -> None:
@@ -160,8 +163,8 @@ class Node:
 
 def _root() -> Node:
     tracer = PairTracer()
-    pair = Pair.start_traced(tracer.attach, policy=POLICY)
-    pair.advance_bounded(POLICY.probe_interval_ms / 1000.0)
+    pair = Pair.start(policy=POLICY, attach=tracer.attach)
+    pair.advance(POLICY.probe_interval_ms / 1000.0)
     pair.probe_round()
     node = Node(pair=pair, checkers=tracer.checkers, recorders=tracer.recorders, path=())
     _check(node)
@@ -169,8 +172,7 @@ def _root() -> Node:
 
 
 def _check(node: Node) -> None:
-    for side in ("gateway", "client"):
-        node.checkers[side].feed_all(node.recorders[side].drain(forget=True))
+    check_recorded(node.checkers, node.recorders, forget=True)
 
 
 def _clone(node: Node, event: str) -> Node:
@@ -393,3 +395,11 @@ def test_the_abstraction_tells_apart_what_the_properties_care_about() -> None:
             assert abstract_state(child.pair) != base, name
     # Cloning copies, it does not share: the root is untouched by its children.
     assert abstract_state(root.pair) == base
+
+
+def test_the_exploration_reports_a_transition_the_table_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a row that losing the active link takes, the first such sequence fails, and says why."""
+    monkeypatch.delitem(TRANSITIONS, (SessionState.ATTACHED, ReasonCode.LINK_DOWN))
+    with pytest.raises(AssertionError, match=r"invalid_transitions'\] went 0 -> 1") as info:
+        explore(depth=1)
+    assert str(info.value).startswith("after link1_down:\nProperty 3 ")

@@ -6,7 +6,9 @@ link flaps, blackholes, time jumps past every policy bound, operator pins,
 store changes, forged/replayed/stale REATTACHes, closes) and the policy
 (small bounds, so rate limits, recovery windows and TTLs are really reached).
 After every rule, ``checks.PairTracer`` feeds both sides' new steps to the
-trace checker, which raises on the first property violation.
+trace checker, which raises on the first property violation -- including an
+illegal transition: each machine's ``counters["invalid_transitions"]`` must
+stay 0 at every step and at the end of every trace (Property 3).
 
 Two test machines: ``PairProperties`` (everything, attackers and the store
 included) and ``FlapProperties`` (network and time only, under policies built
@@ -15,9 +17,10 @@ to hit the switch-rate limit).  Under ``HYPOTHESIS_PROFILE=ci`` each runs
 
 The tests can fail, and three groups show it: hand-made bad traces (real
 traces with one defect planted) that the checker must reject with the right
-property; the same state machines run against a sabotaged core
-(monkeypatched for one test) that must be caught; and minimal reproductions
-of the core bugs these tests found, kept as regression tests.
+property; the same state machines run against a sabotaged core or a
+transition table missing a row (monkeypatched for one test) that must be
+caught; and minimal reproductions of the core bugs these tests found, kept as
+regression tests -- the open ones fail until the core is fixed.
 """
 
 from __future__ import annotations
@@ -44,9 +47,20 @@ from jvpn_trio.core.ids import Binding, PathId, SessionId
 from jvpn_trio.core.ownership import OwnershipRecord
 from jvpn_trio.core.policy import Policy, PolicyError
 from jvpn_trio.core.session import GatewaySession
+from jvpn_trio.core.states import TRANSITIONS
 from jvpn_trio.core.states import ReasonCode as R
 from jvpn_trio.core.states import SessionState as S
-from tests.pair import ATTACKER_ENDPOINT, FORGERY_KINDS, NODE, Pair, client_endpoint, gateway_endpoint
+from tests.pair import (
+    ATTACKER_ENDPOINT,
+    FORGERY_KINDS,
+    NODE,
+    Pair,
+    client_endpoint,
+    gateway_endpoint,
+    lone_gateway,
+    valid_reattach,
+)
+from tests.policies import ONE_SWITCH_A_MINUTE, SCENARIO_POLICY, SHORT_RECOVERY_POLICY
 from tests.properties.checks import (
     GatewayIdentity,
     PairTracer,
@@ -142,7 +156,7 @@ class _PairMachine(RuleBasedStateMachine):
         paths = ((1, 10), (2, 20)) if two_paths else ((1, 10), (2, 20), (3, 30))
         # One trace in sixteen starts from a handshake that never completed (both sides in BIRTH).
         handshake = no_handshake != 1
-        self.pair = Pair.start_traced(self.tracer.attach, policy=policy, paths=paths, handshake=handshake)
+        self.pair = Pair.start(policy=policy, paths=paths, attach=self.tracer.attach, handshake=handshake)
         RUN_STATS["traces"] += 1
         RUN_STATS["traces_without_handshake"] += not handshake
 
@@ -151,16 +165,10 @@ class _PairMachine(RuleBasedStateMachine):
         assert self.pair is not None
         return self.pair
 
-    def _advance(self, seconds: float) -> None:
-        """Advance time, firing every deadline on the way.
-
-        ``Pair.advance_bounded`` raises DeadlineStuck if a timer fires again and
-        again at one instant without moving ``next_deadline()`` on: the
-        driver's timer loop would spin forever, so that fails the test too.
-        (The rate-window timer once did: see
-        ``test_rate_window_deadline_makes_progress_at_the_float_boundary``.)
-        """
-        self.p.advance_bounded(seconds)
+    # Time only moves through ``Pair.advance``, which raises DeadlineStuck if a timer fires
+    # again and again at one instant without moving ``next_deadline()`` on: the driver's
+    # timer loop would spin forever, so that fails the test too.  (The rate-window timer
+    # once did: see ``test_rate_window_deadline_makes_progress_at_the_float_boundary``.)
 
     # -- time and probing ---------------------------------------------------------
     @rule()
@@ -174,43 +182,23 @@ class _PairMachine(RuleBasedStateMachine):
     @rule(delay=st.sampled_from([0.02, 0.06, 0.14]), acked=st.sets(st.sampled_from(PATHS), min_size=1))
     def probe_slow(self, delay: float, acked: set[int]) -> None:
         """Probes whose acks come back after ``delay`` (latency/jitter, or a timeout)."""
-        pair = self.p
-        pair.seq += 1
-        seq = pair.seq
-        for path in sorted(pair.links):
-            pair._client(ev.ProbeSent(path=path, seq=seq))
-        self._advance(delay)
-        for path in sorted(pair.links):
-            if path.value in acked and pair.links[path].delivers and not pair.client.terminated:
-                pair._gateway(ev.PacketAuthenticated(endpoint=client_endpoint(path), path=path))
-                bound = pair.gateway.record.binding
-                pair._client(
-                    ev.ProbeAcked(
-                        path=path,
-                        seq=seq,
-                        gateway_version=pair.gateway.record.version,
-                        gateway_bound_path=bound.path if bound else None,
-                    )
-                )
+        seq = self.p.send_probes()
+        self.p.advance(delay)
+        self.p.ack_probes(seq, acked)
 
     @rule(seconds=st.sampled_from([0.3, 0.6, 1.2]))
     def run(self, seconds: float) -> None:
         """Probe at the policy interval for a while (the steady state)."""
-        pair = self.p
-        step = pair.policy.probe_interval_ms / 1000.0
-        end = round(pair.now + seconds, 9)
-        while round(pair.now + step, 9) <= end:
-            self._advance(step)
-            pair.probe_round()
+        self.p.run(seconds)
 
     @rule(seconds=st.sampled_from([0.001, 0.05, 0.1, 0.15, 0.25]))
     def tick(self, seconds: float) -> None:
-        self._advance(seconds)
+        self.p.advance(seconds)
 
     @rule(bound=st.sampled_from(JUMPS), offset=st.sampled_from([-0.001, 0.0, 0.001]))
     def jump(self, bound: str, offset: float) -> None:
         """Let a whole policy bound pass with no probes (just before, at, or just after it)."""
-        self._advance(max(0.0, jump_seconds(self.p.policy, bound) + offset))
+        self.p.advance(max(0.0, jump_seconds(self.p.policy, bound) + offset))
 
     @rule(seconds=st.sampled_from([10.0, 61.0]), roll=st.integers(0, 3))
     def coast(self, seconds: float, roll: int) -> None:
@@ -225,9 +213,9 @@ class _PairMachine(RuleBasedStateMachine):
         step = pair.policy.transport_loss_ttl_ms / 2000.0
         end = round(pair.now + seconds, 9)
         while round(pair.now + step, 9) <= end and not (pair.client.terminated and pair.gateway.terminated):
-            self._advance(step)
+            pair.advance(step)
             pair.probe_round()
-        self._advance(max(0.0, end - pair.now))
+        pair.advance(max(0.0, end - pair.now))
 
     # -- the network ----------------------------------------------------------------
     @rule(path=st.sampled_from(PATHS), up=st.booleans())
@@ -324,15 +312,7 @@ class PairProperties(_PairMachine):
         pair = self.p
         if pair.gateway.record.state is not S.BIRTH and pair.client.record.state is not S.BIRTH:
             return
-        first = min(pair.links)
-        pair._gateway(ev.PacketAuthenticated(endpoint=client_endpoint(first), path=first))
-        pair._client(
-            ev.HandshakeCompleted(
-                session_id=pair.client.record.session_id,
-                binding=Binding(path=first, endpoint=gateway_endpoint(first)),
-                gateway_version=pair.gateway.record.version,
-            )
-        )
+        pair.complete_handshake()
 
     @rule(data=st.data())
     def replay_older(self, data: st.DataObject) -> None:
@@ -381,7 +361,7 @@ class FlapProperties(_PairMachine):
         """Down, a short wait, up again: the storm that Property 6 must damp."""
         if PathId(path) in self.p.links:
             self.p.set_link(path, up=False)
-            self._advance(self.p.policy.probe_interval_ms / 1000.0)
+            self.p.advance(self.p.policy.probe_interval_ms / 1000.0)
             self.p.probe_round()
             self.p.set_link(path, up=True)
 
@@ -397,31 +377,10 @@ TestFlapProperties = FlapProperties.TestCase
 OTHER_SID = SessionId(b"\xee" * 16)
 
 
-#: Pinned in full, so retuning the laptop defaults cannot change what the scenario exercises.
-SCENARIO_POLICY = Policy(
-    max_recovery_window_ms=3_000,
-    max_switches_per_minute=6,
-    transport_loss_ttl_ms=30_000,
-    session_ttl_s=43_200,
-    loss_threshold_pct=10.0,
-    latency_threshold_ms=150.0,
-    jitter_threshold_ms=50.0,
-    probe_interval_ms=50,
-    probe_timeout_ms=200,
-    dead_after_missed_probes=3,
-    loss_window_probes=10,
-    min_dwell_ms=0,
-    return_dwell_ms=0,
-    reattach_timeout_ms=250,
-    freshness_window_ms=5_000,
-)
-
-
-def _scenario(policy: Policy | None = None) -> tuple[PairTracer, Pair]:
+def _scenario() -> tuple[PairTracer, Pair]:
     """A real trace: probing, a link-down switch, every forgery, a replay, a switch back, a close."""
-    policy = policy or SCENARIO_POLICY
     tracer = PairTracer()
-    pair = Pair.start_traced(tracer.attach, policy=policy)
+    pair = Pair.start(policy=SCENARIO_POLICY, attach=tracer.attach)
     pair.run(0.5)
     pair.set_link(1, up=False)  # switch p1 -> p2
     for kind in FORGERY_KINDS:
@@ -482,6 +441,23 @@ def _map_actions(step: Step, fn) -> tuple:  # type: ignore[no-untyped-def]
     return tuple(a for a in (fn(a) for a in step.actions) if a is not None)
 
 
+def _edit_events(step: Step, kind: EventKind, **changes: Any) -> tuple:  # type: ignore[type-arg]
+    """The step's actions, every ``kind`` event changed; a change may be a function of the event."""
+    return _map_actions(
+        step,
+        lambda a: attrs.evolve(a, **{k: v(a) if callable(v) else v for k, v in changes.items()})
+        if isinstance(a, EmitEvent) and a.kind is kind
+        else a,
+    )
+
+
+def _without(step: Step, what: type | EventKind) -> tuple:  # type: ignore[type-arg]
+    """The step's actions minus those of type ``what``, or the events of kind ``what``."""
+    if isinstance(what, EventKind):
+        return _map_actions(step, lambda a: None if isinstance(a, EmitEvent) and a.kind is what else a)
+    return _map_actions(step, lambda a: None if isinstance(a, what) else a)
+
+
 @pytest.fixture(scope="module")
 def scenario() -> tuple[PairTracer, Pair]:
     return _scenario()
@@ -508,12 +484,7 @@ def test_p1_catches_an_event_naming_another_session(scenario: tuple[PairTracer, 
     tracer, pair = scenario
     steps = tracer.steps("gateway")
     i = _switch_step(steps)
-    renamed = _map_actions(
-        steps[i],
-        lambda a: attrs.evolve(a, session=OTHER_SID.hex)
-        if isinstance(a, EmitEvent) and a.kind is EventKind.TRANSPORT_SWITCH
-        else a,
-    )
+    renamed = _edit_events(steps[i], EventKind.TRANSPORT_SWITCH, session=OTHER_SID.hex)
     _expect(1, _replace(steps, i, actions=renamed), Role.GATEWAY, pair.policy, "names session")
 
 
@@ -522,7 +493,7 @@ def test_p2_catches_two_binds_without_a_release(scenario: tuple[PairTracer, Pair
     steps = tracer.steps("client")
     # The switch back to p1 releases p2 and binds p1 in one step; drop the release.
     i = _index(steps, lambda s: {type(a) for a in s.actions} >= {ReleaseTransport, BindTransport})
-    no_release = _map_actions(steps[i], lambda a: None if isinstance(a, ReleaseTransport) else a)
+    no_release = _without(steps[i], ReleaseTransport)
     _expect(2, _replace(steps, i, actions=no_release), Role.CLIENT, pair.policy, "still bound")
 
 
@@ -559,12 +530,7 @@ def test_p3_catches_a_transition_that_is_not_in_the_table(scenario: tuple[PairTr
     steps = tracer.steps("client")
     i = _index(steps, lambda s: _has_event(s, EventKind.STATE_CHANGE, R.REATTACH_CONFIRMED))
     # (RECOVERING, PATH_HEALTHY_AGAIN) is not a row.
-    relabelled = _map_actions(
-        steps[i],
-        lambda a: attrs.evolve(a, reason=R.PATH_HEALTHY_AGAIN)
-        if isinstance(a, EmitEvent) and a.kind is EventKind.STATE_CHANGE
-        else a,
-    )
+    relabelled = _edit_events(steps[i], EventKind.STATE_CHANGE, reason=R.PATH_HEALTHY_AGAIN)
     _expect(3, _replace(steps, i, actions=relabelled), Role.CLIENT, pair.policy, "not a row of the table")
 
 
@@ -572,15 +538,30 @@ def test_p3_catches_an_unannounced_rebind(scenario: tuple[PairTracer, Pair]) -> 
     tracer, pair = scenario
     steps = tracer.steps("gateway")
     i = _switch_step(steps)
-    silent = _map_actions(steps[i], lambda a: None if isinstance(a, EmitEvent) else a)
+    silent = _without(steps[i], EmitEvent)
     bad = _replace(steps, i, actions=silent, record=attrs.evolve(steps[i].record, version=steps[i - 1].record.version))
     _expect(3, bad, Role.GATEWAY, pair.policy, "no STATE_CHANGE")
 
 
+@pytest.mark.parametrize(
+    "side, quiet",
+    [("client", ev.ProbeSent), ("gateway", ev.PacketAuthenticated)],
+)
+def test_p3_catches_an_attempted_transition_the_table_refused(
+    scenario: tuple[PairTracer, Pair], side: str, quiet: type
+) -> None:
+    tracer, pair = scenario
+    steps = tracer.steps(side)
+    role = Role(side)
+    # A refused transition changes nothing: only the machine's counter shows the attempt.
+    i = _index(steps, lambda s: isinstance(s.input, quiet) and not s.actions)
+    _expect(3, _replace(steps, i, invalid_transitions=1), role, pair.policy, "invalid_transitions")
+    _expect(3, _replace(steps, 0, invalid_transitions=1), role, pair.policy, "invalid_transitions")
+
+
 def _all_links_down() -> tuple[PairTracer, Pair]:
-    policy = attrs.evolve(SCENARIO_POLICY, transport_loss_ttl_ms=5_000, max_recovery_window_ms=1_000)
     tracer = PairTracer()
-    pair = Pair.start_traced(tracer.attach, policy=policy)
+    pair = Pair.start(policy=SHORT_RECOVERY_POLICY, attach=tracer.attach)
     pair.run(0.5)
     for path in (1, 2, 3):
         pair.set_link(path, up=False)
@@ -625,12 +606,7 @@ def test_p5_catches_a_switch_event_that_resets_the_version(scenario: tuple[PairT
     tracer, pair = scenario
     steps = tracer.steps("client")
     i = _switch_step(steps)
-    reset = _map_actions(
-        steps[i],
-        lambda a: attrs.evolve(a, version=0)
-        if isinstance(a, EmitEvent) and a.kind is EventKind.TRANSPORT_SWITCH
-        else a,
-    )
+    reset = _edit_events(steps[i], EventKind.TRANSPORT_SWITCH, version=0)
     _expect(5, _replace(steps, i, actions=reset), Role.CLIENT, pair.policy, "does not continue")
 
 
@@ -638,9 +614,7 @@ def test_p5_catches_a_switch_without_its_event(scenario: tuple[PairTracer, Pair]
     tracer, pair = scenario
     steps = tracer.steps("gateway")
     i = _switch_step(steps)
-    no_event = _map_actions(
-        steps[i], lambda a: None if isinstance(a, EmitEvent) and a.kind is EventKind.TRANSPORT_SWITCH else a
-    )
+    no_event = _without(steps[i], EventKind.TRANSPORT_SWITCH)
     _expect(5, _replace(steps, i, actions=no_event), Role.GATEWAY, pair.policy, "TRANSPORT_SWITCH")
 
 
@@ -704,12 +678,7 @@ def test_p8_catches_a_version_gap(scenario: tuple[PairTracer, Pair]) -> None:
     tracer, pair = scenario
     steps = tracer.steps("client")
     i = _switch_step(steps)
-    gap = _map_actions(
-        steps[i],
-        lambda a: attrs.evolve(a, version=a.version + 1)
-        if isinstance(a, EmitEvent) and a.kind is EventKind.STATE_CHANGE
-        else a,
-    )
+    gap = _edit_events(steps[i], EventKind.STATE_CHANGE, version=lambda e: e.version + 1)
     _expect(8, _replace(steps, i, actions=gap), Role.CLIENT, pair.policy, "STATE_CHANGE version")
 
 
@@ -783,7 +752,7 @@ def test_p10_catches_termination_without_a_terminate_action(scenario: tuple[Pair
     tracer, pair = scenario
     steps = tracer.steps("gateway")
     i = _termination_step(steps)
-    silent = _map_actions(steps[i], lambda a: None if isinstance(a, Terminate) else a)
+    silent = _without(steps[i], Terminate)
     _expect(10, _replace(steps, i, actions=silent), Role.GATEWAY, pair.policy, "Terminate actions")
 
 
@@ -819,8 +788,8 @@ def test_p10_catches_life_after_termination(scenario: tuple[PairTracer, Pair]) -
 # =============================================================================
 
 
-def _hunt(machine: type[RuleBasedStateMachine]) -> PropertyViolation:
-    """Run a state machine until it fails; return the property violation it found."""
+def _hunt(machine: type[RuleBasedStateMachine], prop: int) -> PropertyViolation:
+    """Run a state machine until it fails; the violation it found must be of Property ``prop``."""
     fast = settings(
         max_examples=300,
         stateful_step_count=50,
@@ -840,6 +809,7 @@ def _hunt(machine: type[RuleBasedStateMachine]) -> PropertyViolation:
         RUN_STATS.update(saved_stats)
         ROWS_SEEN.clear()
         ROWS_SEEN.update(saved_rows)
+    assert info.value.prop == prop, str(info.value)
     return info.value
 
 
@@ -852,7 +822,7 @@ def test_machine_catches_a_core_that_forgets_the_nonce_check(monkeypatch: pytest
         "validate_reattach",
         lambda ctx, req, policy, *, now: real(attrs.evolve(ctx, last_nonce=-1), req, policy, now=now),
     )
-    assert _hunt(PairProperties).prop == 7
+    _hunt(PairProperties, 7)
 
 
 def test_machine_catches_a_core_that_ignores_the_switch_rate(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -861,14 +831,14 @@ def test_machine_catches_a_core_that_ignores_the_switch_rate(monkeypatch: pytest
 
     for module in (session_module, reattach_module):
         monkeypatch.setattr(module, "rate_has_room", lambda switch_times, policy, now: True)
-    assert _hunt(FlapProperties).prop == 6
+    _hunt(FlapProperties, 6)
 
 
 def test_machine_catches_a_core_without_the_loss_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     from jvpn_trio.core.session import _SessionCore
 
     monkeypatch.setattr(_SessionCore, "unbound_deadline", lambda self: None)
-    assert _hunt(FlapProperties).prop == 4
+    _hunt(FlapProperties, 4)
 
 
 def test_machine_catches_a_core_that_trusts_any_ownership_record(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -878,7 +848,96 @@ def test_machine_catches_a_core_that_trusts_any_ownership_record(monkeypatch: py
     monkeypatch.setattr(
         reattach_module, "classify", lambda *args, **kwargs: OwnershipVerdict(Ownership.OWNED, None, "sabotaged")
     )
-    assert _hunt(PairProperties).prop == 9
+    _hunt(PairProperties, 9)
+
+
+#: A row every trace that loses its active link takes.
+LINK_DOWN_ROW = (S.ATTACHED, R.LINK_DOWN)
+
+
+def test_machine_catches_a_core_whose_table_lost_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table without a row that normal traces take: the machine asks for it, is refused, and counts."""
+    monkeypatch.delitem(TRANSITIONS, LINK_DOWN_ROW)
+    violation = _hunt(FlapProperties, 3)
+    assert "invalid_transitions" in str(violation)
+
+
+@pytest.mark.parametrize(
+    "row, side, first_refused",
+    [
+        (LINK_DOWN_ROW, "client", ev.LinkChanged),
+        ((S.BIRTH, R.HANDSHAKE_COMPLETE), "gateway", ev.PacketAuthenticated),  # the gateway is checked first
+    ],
+    ids=["client-link-down", "gateway-handshake"],
+)
+def test_tracer_reports_the_step_whose_transition_the_table_refused(
+    monkeypatch: pytest.MonkeyPatch, row: tuple[S, R], side: str, first_refused: type
+) -> None:
+    monkeypatch.delitem(TRANSITIONS, row)
+    tracer = PairTracer()
+    pair = Pair.start(policy=SCENARIO_POLICY, attach=tracer.attach)
+    pair.run(0.5)
+    pair.set_link(1, up=False)
+    with pytest.raises(PropertyViolation) as info:
+        tracer.check()
+    assert (info.value.prop, info.value.role) == (3, side), str(info.value)
+    assert isinstance(info.value.step.input, first_refused)
+    assert "counters['invalid_transitions'] went 0 -> 1" in str(info.value)
+
+
+def test_the_live_counter_is_checked_even_for_an_attempt_outside_handle() -> None:
+    tracer = PairTracer()
+    pair = Pair.start(policy=SCENARIO_POLICY, attach=tracer.attach)
+    tracer.check()
+    assert pair.client._transition(R.PATH_HEALTHY_AGAIN, pair.now) == []  # ATTACHED has no such row
+    with pytest.raises(PropertyViolation, match="invalid_transitions'. is 1 at the end of the trace") as info:
+        tracer.check()
+    assert (info.value.prop, info.value.role) == (3, "client")
+
+
+# =============================================================================
+# Open: core bugs found by these tests, not fixed yet (these fail until they are)
+# =============================================================================
+
+
+def _birth_pair_after_a_valid_reattach() -> tuple[PairTracer, Pair, list[Any]]:
+    """Both sides in BIRTH (no handshake); then a REATTACH the gateway validates, from the client's p2 address."""
+    tracer = PairTracer()
+    pair = Pair.start(attach=tracer.attach, handshake=False)
+    actions = pair.attack("valid", path=2, endpoint=client_endpoint(PathId(2)))
+    return tracer, pair, actions
+
+
+def test_reattach_in_birth_attempts_no_transition_the_table_refuses() -> None:
+    """Open (found by PairProperties once ``invalid_transitions`` was checked).
+
+    Minimal generated trace: ``start(no_handshake)``, ``roam(from_client=False,
+    path=1)``.  A BIRTH gateway validates a REATTACH (expected_version 0) as
+    acceptable and asks the table for (BIRTH, REATTACH_CONFIRMED), which has no
+    row: nothing changes and nothing is answered, but the attempt is an illegal
+    transition (``counters["invalid_transitions"] == 1``).
+    """
+    tracer, _, _ = _birth_pair_after_a_valid_reattach()
+    tracer.check()
+
+
+@pytest.mark.parametrize("side", ["client", "gateway"])
+def test_a_rate_limited_reattach_while_degraded_attempts_no_transition_the_table_refuses(side: str) -> None:
+    """Open (found by PairProperties once ``invalid_transitions`` was checked).
+
+    Minimal generated traces, under one switch a minute: gateway -- three
+    valid REATTACHes from a thief, to p2, p1, p1; client -- ``blackhole_active``,
+    ``roam(from_client=False, path=1)``, ``run(0.6)``.  Either machine, already
+    DEGRADED by a rate-limited switch, meets a second RATE_LIMITED (the gateway
+    refusing a REATTACH; the client hearing that refusal) and asks the table for
+    (DEGRADED, SWITCH_RATE_EXCEEDED), which has no row.
+    """
+    tracer = PairTracer()
+    pair = Pair.start(policy=ONE_SWITCH_A_MINUTE, attach=tracer.attach)
+    pair.blackhole(1)
+    pair.attack("valid", path=1)  # a thief with the keys takes the gateway's one switch of the minute
+    pair.run(1.0)  # the client loses p1; its REATTACHes to p2 are RATE_LIMITED, again and again
+    _check(tracer.steps(side), Role(side), pair.policy)
 
 
 # =============================================================================
@@ -891,45 +950,24 @@ def test_reattach_in_birth_is_never_acknowledged_without_a_binding() -> None:
 
     A BIRTH gateway accepted a valid REATTACH, found no (BIRTH,
     REATTACH_CONFIRMED) row, changed no state and logged nothing, yet consumed
-    the nonce and clock anchor and sent SendReattachAck(new_version=0).
+    the nonce and clock anchor and sent SendReattachAck(new_version=0).  (That
+    it still asks the table for the row is the open bug above.)
     """
-    tracer = PairTracer()
-    pair = Pair.start_traced(tracer.attach, handshake=False)  # both sides still in BIRTH
-    actions = pair.attack("valid", path=2, endpoint=client_endpoint(PathId(2)))
+    _, pair, actions = _birth_pair_after_a_valid_reattach()
     acked = any(type(a).__name__ == "SendReattachAck" for a in actions)
     assert not acked or pair.gateway.record.binding is not None
-    tracer.check()
+    assert (pair.gateway.last_nonce, pair.gateway.clock_offset_ms) == (0, 0.0)
 
 
 def _birth_gateway() -> GatewaySession:
     """A gateway that answered the handshake on p1 and has not seen the client's first packet yet."""
-    sid = SessionId(bytes(range(16)))
     p1 = PathId(1)
-    return GatewaySession(
-        policy=SCENARIO_POLICY,
-        session_id=sid,
-        now=0.0,
-        node_id=NODE,
-        held_revision=1,
-        handshake_binding=Binding(path=p1, endpoint=client_endpoint(p1)),
-    )
+    return lone_gateway(SCENARIO_POLICY, bound=False, handshake_binding=Binding(path=p1, endpoint=client_endpoint(p1)))
 
 
 def _birth_reattach(gw: GatewaySession, **changes: Any) -> ev.ReattachReceived:
-    """The client's own first REATTACH (valid, fresh at t=0), with ``changes`` applied."""
-    sid = gw.record.session_id
-    p1 = PathId(1)
-    base = ev.ReattachReceived(
-        session_id=sid,
-        path=p1,
-        endpoint=client_endpoint(p1),
-        nonce=1,
-        client_ts_ms=0,
-        expected_version=0,
-        proof_valid=True,
-        ownership=OwnershipRecord(session_id=sid, owner=NODE, revision=1),
-    )
-    return attrs.evolve(base, **changes)
+    """The client's own first REATTACH (valid, fresh at t=0, on p1), with ``changes`` applied."""
+    return valid_reattach(gw, path=PathId(1), **changes)
 
 
 def _assert_rejected_without_mutation(gw: GatewaySession, req: ev.ReattachReceived, now: float, reason: R) -> None:
@@ -981,26 +1019,10 @@ def test_rate_window_deadline_makes_progress_at_the_float_boundary() -> None:
     the deadline left the session DEGRADED with ``next_deadline() <= now``, and
     the driver's timer loop spun at one instant.  Both now use ``switch_expires_at``.
     """
-    sid = SessionId(bytes(range(16)))
-    policy = attrs.evolve(Policy(), max_switches_per_minute=1)
-    gw = GatewaySession(policy=policy, session_id=sid, now=0.0, node_id=NODE, held_revision=1)
-    p1, p2, p3 = PathId(1), PathId(2), PathId(3)
-    gw.handle(ev.PacketAuthenticated(endpoint=client_endpoint(p1), path=p1), now=0.0)
-
-    def reattach(path: PathId, nonce: int, now: float) -> ev.ReattachReceived:
-        return ev.ReattachReceived(
-            session_id=sid,
-            path=path,
-            endpoint=client_endpoint(path),
-            nonce=nonce,
-            client_ts_ms=round(now * 1000),
-            expected_version=gw.record.version,
-            proof_valid=True,
-            ownership=OwnershipRecord(session_id=sid, owner=NODE, revision=1),
-        )
-
-    gw.handle(reattach(p2, 1, 0.797), now=0.797)  # switch 1 of 1 allowed per minute, at t = 0.797
-    gw.handle(reattach(p3, 2, 2.0), now=2.0)  # rate-limited: DEGRADED, still bound on p2
+    gw = lone_gateway(ONE_SWITCH_A_MINUTE)
+    p2, p3 = PathId(2), PathId(3)
+    gw.handle(valid_reattach(gw, path=p2, now=0.797), now=0.797)  # switch 1 of 1 allowed per minute, at t = 0.797
+    gw.handle(valid_reattach(gw, path=p3, now=2.0), now=2.0)  # rate-limited: DEGRADED, still bound on p2
     assert gw.record.state is S.DEGRADED and gw.record.switch_times == (0.797,)
     for t in (25.0, 50.0):  # keep p2 alive (spec 6 silence bound)
         gw.handle(ev.PacketAuthenticated(endpoint=client_endpoint(p2), path=p2), now=t)

@@ -1,7 +1,7 @@
 """The event-log auditor: real logs pass, and each kind of broken log is caught where it breaks.
 
 Determinism rules: no clock, no sockets.  Good logs come from a client/gateway
-:class:`~tests.pair.Pair` driven through a storm of faults; bad logs are a small
+:class:`~tests.pair.Pair` driven through the storm scenario (``tests.pair.storm``); bad logs are a small
 hand-written session (:func:`good_session`) with exactly one thing spoiled, so each
 test names the check that must fire and the line it must point at.
 """
@@ -15,43 +15,13 @@ import pytest
 
 from jvpn_trio.tools.audit import CHECKS, DEFAULT_TIMER_SLACK_S, AuditReport, audit_events, audit_lines, main, render_text
 from jvpn_trio.core.policy import Policy
-from tests.pair import STORM_POLICY, Pair
+from tests.pair import Pair, storm
+from tests.policies import STORM_POLICY
 
-POLICY = STORM_POLICY
-FP = POLICY.fingerprint
+FP = STORM_POLICY.fingerprint
 SID = "000102030405060708090a0b0c0d0e0f"
 OTHER_SID = "ffeeddccbbaa99887766554433221100"
 B1, B2, B3 = "p1@192.0.2.1:51820", "p2@192.0.2.2:51820", "p3@192.0.2.3:51820"
-
-
-def stormy_pair() -> Pair:
-    """Link failures, a pin, partial loss, a switch storm into DEGRADED, then darkness until TERMINATED."""
-    pair = Pair.start(policy=POLICY)
-    pair.run(1.0)
-    pair.set_link(1, up=False)
-    pair.run(0.5)
-    pair.set_link(1, up=True)
-    pair.run(1.5)
-    for _ in range(5):
-        active = pair.client.record.binding
-        pair.probe_round_lossy([p for p in (1, 2, 3) if active is None or p != active.path.value])
-        pair.advance(0.1)
-        pair.probe_round()
-        pair.advance(0.1)
-    for _ in range(4):
-        active = pair.client.record.binding
-        if active is not None:
-            pair.set_link(active.path.value, up=False)
-        pair.run(0.3)
-        if active is not None:
-            pair.set_link(active.path.value, up=True)
-        pair.run(0.3)
-    for path in (1, 2, 3):
-        pair.blackhole(path)
-    pair.run(3.0)
-    pair.advance(5.0)
-    assert pair.client.terminated and pair.gateway.terminated
-    return pair
 
 
 def ev(kind: str, t: float, version: int, reason: str, *, session: str = SID, role: str = "client", **details: Any) -> dict[str, Any]:
@@ -87,7 +57,7 @@ def lines_of(events: list[dict[str, Any]]) -> list[str]:
 
 
 def audit(events: list[dict[str, Any]], **kwargs: Any) -> AuditReport:
-    return audit_lines(lines_of(events), policy=POLICY, role=kwargs.pop("role", "client"), **kwargs)
+    return audit_lines(lines_of(events), policy=STORM_POLICY, role=kwargs.pop("role", "client"), **kwargs)
 
 
 def checks_at(report: AuditReport) -> set[tuple[str, int]]:
@@ -99,8 +69,8 @@ def checks_at(report: AuditReport) -> set[tuple[str, int]]:
 
 @pytest.mark.parametrize("side", ["client", "gateway"])
 def test_logs_of_a_stormy_pair_pass(side: str) -> None:
-    pair = stormy_pair()
-    report = audit_events(pair.events(side), policy=POLICY, role=side)
+    pair = storm(Pair.start(policy=STORM_POLICY))
+    report = audit_events(pair.events(side), policy=STORM_POLICY, role=side)
     assert report.ok, render_text(side, report)
     (summary,) = report.sessions
     assert summary.termination == "TRANSPORT_LOSS_TTL_EXPIRED"
@@ -280,7 +250,7 @@ def test_garbage_lines_and_wrong_roles() -> None:
     text.insert(2, "not json")
     text.insert(3, json.dumps({"kind": "STATE_CHANGE"}))
     text[5] = text[5].replace('"role": "client"', '"role": "gateway"')
-    report = audit_lines(text, policy=POLICY, role="client")
+    report = audit_lines(text, policy=STORM_POLICY, role="client")
     found = checks_at(report)
     assert ("parse", 3) in found and ("reason", 4) in found and ("role", 6) in found
 
@@ -300,7 +270,7 @@ def test_command_line(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None
     broken[6]["version"] = 9
     bad.write_text("\n".join(lines_of(broken)) + "\n")
     policy = tmp_path / "policy.toml"
-    policy.write_text("[policy]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in POLICY.to_mapping().items() if k in {
+    policy.write_text("[policy]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in STORM_POLICY.to_mapping().items() if k in {
         "max_recovery_window_ms", "max_switches_per_minute", "transport_loss_ttl_ms", "session_ttl_s",
         "loss_threshold_pct", "latency_threshold_ms", "jitter_threshold_ms", "probe_interval_ms",
         "probe_timeout_ms", "dead_after_missed_probes", "loss_window_probes", "min_dwell_ms",

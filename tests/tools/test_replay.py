@@ -7,7 +7,7 @@ implements ``drivers.recording.Recorder`` with the same encoders as the file rec
 
 The golden trace in ``tests/data/traces/`` pins the recording format and the core's decisions:
 if a deliberate behaviour change makes it diverge, regenerate it with
-``python -m tests.test_replay`` and say why in the commit.
+``python -m tests.tools.test_replay`` and say why in the commit.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, GatewaySession
 from jvpn_trio.core.trace import SessionStart, encode_input, encode_outputs, encode_session_start
-from jvpn_trio.drivers.client import ClientPath, ClientRuntime, control_endpoint
+from jvpn_trio.config import DEFAULT_CONTROL_PORT_OFFSET, control_endpoint
+from jvpn_trio.drivers.client import ClientPath, ClientRuntime
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.memory import MemoryNetwork
 from jvpn_trio.drivers.recording import Recorder
@@ -45,7 +46,8 @@ from jvpn_trio.tools.replay import (
     replay_lines,
     whatif_lines,
 )
-from tests.pair import STORM_POLICY, Pair
+from tests.pair import Pair
+from tests.policies import STORM_POLICY
 
 TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
 ROOT_SCENARIOS = Path(__file__).resolve().parents[2] / "examples" / "scenarios"
@@ -53,9 +55,9 @@ GOLDEN = TRACES / "pair-storm.trace.jsonl"
 #: The same scenario recorded before Policy gained ``probe_timeout_floor_ms``.
 OLDER = TRACES / "pair-storm.before-probe-timeout-floor.trace.jsonl"
 
-POLICY = STORM_POLICY
-#: The what-if: the same thresholds, but at most one switch a minute.
-STRICT = Policy(**{**POLICY.to_mapping(), "max_switches_per_minute": 1})
+#: The what-if: the storm's thresholds, but at most one switch a minute (deliberately not the
+#: policy the trace was recorded under, so that decisions differ).
+STRICT = Policy(**{**STORM_POLICY.to_mapping(), "max_switches_per_minute": 1})
 
 
 class MemoryRecorder:
@@ -75,7 +77,12 @@ _protocol_check: type[Recorder] = MemoryRecorder  # MemoryRecorder satisfies the
 
 
 def recorded_pair(script: str = "storm") -> tuple[Pair, MemoryRecorder]:
-    """Drive a Pair through faults, recording both machines into one trace."""
+    """Drive a Pair through faults, recording both machines into one trace.
+
+    Not ``tests.pair.storm``: this script is what the golden trace recorded (no pin, no
+    partial loss), so changing it means regenerating the golden trace.  ``script="calm"``
+    leaves out the flapping storm.
+    """
     recorder = MemoryRecorder()
 
     def attach(side: str, machine: ClientSession | GatewaySession):  # type: ignore[no-untyped-def]
@@ -93,7 +100,7 @@ def recorded_pair(script: str = "storm") -> tuple[Pair, MemoryRecorder]:
 
         return tap
 
-    pair = Pair.start_traced(attach, policy=POLICY)
+    pair = Pair.start(policy=STORM_POLICY, attach=attach)
     pair.run(1.0)
     pair.set_link(1, up=False)  # LINK_DOWN: switch to p2
     pair.attack("replay")  # a captured REATTACH from an attacker: SECURITY_EVENT on the gateway
@@ -101,18 +108,8 @@ def recorded_pair(script: str = "storm") -> tuple[Pair, MemoryRecorder]:
     pair.set_link(1, up=True)
     pair.run(1.5)  # p1 healthy again: return to it
     if script == "storm":
-        for _ in range(4):  # flap whatever is active: the rate runs out, DEGRADED
-            active = pair.client.record.binding
-            if active is not None:
-                pair.set_link(active.path.value, up=False)
-            pair.run(0.3)
-            if active is not None:
-                pair.set_link(active.path.value, up=True)
-            pair.run(0.3)
-    for path in (1, 2, 3):
-        pair.blackhole(path)
-    pair.run(3.0)
-    pair.advance(5.0)  # unbound past the TTL: TERMINATED
+        pair.flap_active(4)  # the rate runs out: DEGRADED
+    pair.go_dark()  # unbound past the TTL: TERMINATED
     return pair, recorder
 
 
@@ -150,12 +147,12 @@ async def test_traces_of_the_real_runtimes_replay_identically(autojump_clock: tr
     client_addrs = {i: (f"198.51.100.{i}", 40000 + i) for i in (1, 2, 3)}
     gw_rec, cl_rec = MemoryRecorder(), MemoryRecorder()
     gateway = GatewayRuntime(
-        policy=POLICY, static=gw_static, peers=[GatewayPeer(name="laptop", public=cl_static.public)],
+        policy=STORM_POLICY, static=gw_static, peers=[GatewayPeer(name="laptop", public=cl_static.public)],
         tunnel=__import__("ipaddress").IPv4Interface("10.66.0.1/24"), store=MemoryOwnershipStore(),
         node_id="gw-replay", emit=lambda e: None, random_bytes=random_bytes, recorder=gw_rec,
     )  # fmt: skip
     client = ClientRuntime(
-        policy=POLICY, static=cl_static, gateway_public=gw_static.public,
+        policy=STORM_POLICY, static=cl_static, gateway_public=gw_static.public,
         paths=[
             ClientPath(path=PathId(i), name=f"if{i}", kind=("ethernet", "wifi", "lte")[i - 1], priority=10 * i,
                        port=net.port(client_addrs[i]), gateway=gateway_addr)
@@ -165,7 +162,7 @@ async def test_traces_of_the_real_runtimes_replay_identically(autojump_clock: tr
     )  # fmt: skip
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            data_port, control_port = net.port(gateway_addr), net.port(control_endpoint(gateway_addr))
+            data_port, control_port = net.port(gateway_addr), net.port(control_endpoint(gateway_addr, DEFAULT_CONTROL_PORT_OFFSET))
             await nursery.start(
                 lambda task_status: gateway.serve([data_port], control_ports=[control_port], task_status=task_status)
             )
@@ -332,7 +329,7 @@ def test_whatif_under_a_stricter_policy_shows_how_decisions_differ() -> None:
 
 def test_whatif_under_the_recorded_policy_changes_nothing() -> None:
     _, recorder = recorded_pair(script="calm")
-    result = whatif_lines(recorder.lines, POLICY)
+    result = whatif_lines(recorder.lines, STORM_POLICY)
     assert result.baseline.status == OK
     assert all(m.difference_count == 0 and m.recorded == m.whatif for m in result.machines)
     assert "no decision differs" in render_whatif(result)
