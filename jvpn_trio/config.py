@@ -76,7 +76,7 @@ def control_endpoint(data: tuple[str, int], offset: int) -> tuple[str, int]:
 
 
 def _control_offset(t: "_Table", data_ports: list[int]) -> int:
-    offset = t.get("control_port_offset", int, DEFAULT_CONTROL_PORT_OFFSET)
+    offset: int = t.get("control_port_offset", int, DEFAULT_CONTROL_PORT_OFFSET)
     for port in data_ports:
         if offset == 0 or not 0 < port + offset <= 65535:
             raise ConfigError(

@@ -10,8 +10,8 @@ from typing import Callable
 
 import attrs
 
-#: Spec 3.1 needs a stable identity anchor; 128 random bits make collisions and
-#: guessing infeasible (issue 2: ">= 128 random bits, issued by the gateway").
+#: Spec 3.1 needs a stable identity anchor; 128 random bits, issued by the gateway,
+#: make collisions and guessing infeasible.
 SESSION_ID_BYTES = 16
 
 RandomBytes = Callable[[int], bytes]

@@ -20,7 +20,7 @@ jvpn-trio's own identifier string so the two can never be confused:
 * Each message ends in ``mac1 = BLAKE2s-128(key = HASH(LABEL_MAC1 ||
   receiver_static_public), message up to mac1)``.  It is checked before any
   DH, so a sender who does not know whom it is talking to costs us one hash.
-  Cookies (WireGuard's ``mac2`` and cookie reply under load) are future work:
+  WireGuard's ``mac2`` and cookie reply under load are not implemented;
   message type 3 is reserved for them.
 
 Freshness of HANDSHAKE_INIT is its timestamp: the responder refuses an init

@@ -6,7 +6,7 @@ The demo (and any test that wants a lossy path without root) puts one relay
 between each client path socket and the gateway.  A relay has one or more
 *lanes*, each a front socket paired with one upstream address, and a single
 back socket; the gateway has a data listener and a control listener (data
-port + 1, ``client.control_endpoint``), so the demo's relays have two lanes::
+port + ``control_port_offset``), so the demo's relays have two lanes::
 
                          ┌ front[0] ──┐          ┌──► gateway data listener
     client path socket ──┤            ├─ back ───┤
