@@ -110,6 +110,11 @@ class Policy:
     reject_after_messages: int = attrs.field(
         default=(1 << 64) - (1 << 13) - 1, validator=_int_range(2, (1 << 64) - 1)
     )
+    # -- the agent: a new session after one ends (core/agent.py) ----------------
+    #: First wait before a new handshake once a session has ended; doubles per failure.
+    reconnect_initial_ms: int = attrs.field(default=250, validator=_int_range(1, 60_000))
+    #: The longest wait between handshakes while the gateway cannot be reached.
+    reconnect_max_ms: int = attrs.field(default=10_000, validator=_int_range(1, HOUR_MS))
 
     def __attrs_post_init__(self) -> None:
         problems = list(self._inconsistencies())
@@ -157,6 +162,8 @@ class Policy:
             yield "rekey_after_messages must be under reject_after_messages"
         if self.loss_window_probes < self.dead_after_missed_probes:
             yield "loss_window_probes must be at least dead_after_missed_probes"
+        if self.reconnect_initial_ms > self.reconnect_max_ms:
+            yield f"reconnect_initial_ms ({self.reconnect_initial_ms}) exceeds reconnect_max_ms ({self.reconnect_max_ms})"
         if self.replay_window_packets % 64:
             yield f"replay_window_packets ({self.replay_window_packets}) must be a multiple of 64"
 

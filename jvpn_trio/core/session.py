@@ -90,8 +90,18 @@ class _SessionCore:
 
     role: Role
 
-    def __init__(self, *, policy: Policy, session_id: SessionId, now: float) -> None:
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        session_id: SessionId,
+        now: float,
+        previous_session: SessionId | None = None,
+        switch_times: tuple[float, ...] = (),
+    ) -> None:
         self.policy = policy
+        #: The session this one follows in an agent's chain (core/agent.py), named at BIRTH.
+        self.previous_session = previous_session
         self.record = SessionRecord(
             session_id=session_id,
             state=S.BIRTH,
@@ -102,7 +112,7 @@ class _SessionCore:
             recovering_since=None,
             bound_since=None,
             last_path=None,
-            switch_times=(),
+            switch_times=tuple(t for t in switch_times if now < switch_expires_at(t)),
         )
         self.counters: dict[str, int] = {}
 
@@ -124,6 +134,9 @@ class _SessionCore:
 
     def creation_events(self) -> list[Action]:
         """The record of the session's birth (version 0), for the first log line."""
+        follows: dict[str, Scalar] = {}
+        if self.previous_session is not None:
+            follows["previous_session"] = self.previous_session.hex
         return [
             self._event(
                 EventKind.STATE_CHANGE,
@@ -131,6 +144,7 @@ class _SessionCore:
                 self.record.created_at,
                 from_state=None,
                 to_state=S.BIRTH.value,
+                **follows,
             )
         ]
 
@@ -336,8 +350,19 @@ class ClientSession(_SessionCore):
 
     role = Role.CLIENT
 
-    def __init__(self, *, policy: Policy, session_id: SessionId, now: float) -> None:
-        super().__init__(policy=policy, session_id=session_id, now=now)
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        session_id: SessionId,
+        now: float,
+        previous_session: SessionId | None = None,
+        switch_times: tuple[float, ...] = (),
+    ) -> None:
+        """``previous_session`` and ``switch_times`` come from the agent (``core/agent.py``)."""
+        super().__init__(
+            policy=policy, session_id=session_id, now=now, previous_session=previous_session, switch_times=switch_times
+        )
         self._paths: dict[PathId, _PathEntry] = {}
         self._reported: dict[PathId, tuple[Verdict, ReasonCode]] = {}
         self.gateway_version = 0

@@ -219,6 +219,9 @@ class SessionStart:
     node_id: str | None = None
     held_revision: int | None = None
     handshake_binding: Binding | None = None
+    #: A client session in an agent's chain: the session before it, and the switches it inherited.
+    previous_session: str | None = None
+    switch_times: tuple[float, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -255,6 +258,10 @@ def encode_session_start(start: SessionStart) -> str:
         body["held_revision"] = start.held_revision
     if start.handshake_binding is not None:
         body["handshake_binding"] = _encode_value(start.handshake_binding)
+    if start.previous_session is not None:
+        body["previous_session"] = start.previous_session
+    if start.switch_times:
+        body["switch_times"] = list(start.switch_times)
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
@@ -299,7 +306,8 @@ def decode_line_untrusted(line: str, *, lineno: int = 0) -> TraceLine:
 
 
 def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> SessionStart:
-    extra = set(body) - {"t", "side", "start", "policy", "node_id", "held_revision", "handshake_binding"}
+    known = {"t", "side", "start", "policy", "node_id", "held_revision", "handshake_binding", "previous_session"}
+    extra = set(body) - known - {"switch_times"}
     if extra:
         raise BadTrace(f"line {lineno}: unexpected key(s) {', '.join(sorted(extra))}")
     session, policy = body["start"], body.get("policy")
@@ -307,6 +315,14 @@ def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> S
         raise BadTrace(f"line {lineno}: start must be a SessionID (32 hex digits)")
     if not isinstance(policy, dict):
         raise BadTrace(f"line {lineno}: policy must be an object")
+    previous = body.get("previous_session")
+    if previous is not None and not _is_session_hex(previous):
+        raise BadTrace(f"line {lineno}: previous_session must be a SessionID (32 hex digits)")
+    switch_times = body.get("switch_times", [])
+    if not isinstance(switch_times, list) or not all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in switch_times
+    ):
+        raise BadTrace(f"line {lineno}: switch_times must be a list of finite numbers")
     try:
         binding = body.get("handshake_binding")
         return SessionStart(
@@ -317,6 +333,8 @@ def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> S
             node_id=_str(body["node_id"]) if "node_id" in body else None,
             held_revision=_int(body["held_revision"]) if "held_revision" in body else None,
             handshake_binding=_decode_value(Binding, binding) if binding is not None else None,
+            previous_session=previous,
+            switch_times=tuple(float(t) for t in switch_times),
         )
     except (TypeError, ValueError, KeyError, OverflowError) as exc:
         raise BadTrace(f"line {lineno}: bad session start: {exc}") from None

@@ -263,7 +263,10 @@ def build_machine(start: SessionStart, *, policy: Policy | None = None) -> Machi
         raise BadTrace(f"session {start.session[:8]}: recorded policy is not valid: {exc}") from None
     session_id = SessionId.from_hex(start.session)
     if start.side == "client":
-        return ClientSession(policy=use, session_id=session_id, now=start.now)
+        previous = SessionId.from_hex(start.previous_session) if start.previous_session else None
+        return ClientSession(
+            policy=use, session_id=session_id, now=start.now, previous_session=previous, switch_times=start.switch_times
+        )
     if start.node_id is None or start.held_revision is None:
         raise BadTrace(f"gateway session {start.session[:8]}: start line lacks node_id/held_revision")
     return GatewaySession(

@@ -38,6 +38,8 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "reject_after_s": (1, 86_400),
     "rekey_after_messages": (1, 1 << 62),
     "reject_after_messages": (2, (1 << 64) - 1),
+    "reconnect_initial_ms": (1, 60_000),
+    "reconnect_max_ms": (1, HOUR_MS),
 }
 FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "loss_threshold_pct": (0.1, 100.0),
@@ -90,6 +92,8 @@ BASE: dict[str, Any] = {
     "reject_after_s": 180,
     "rekey_after_messages": 1 << 60,
     "reject_after_messages": (1 << 64) - (1 << 13) - 1,
+    "reconnect_initial_ms": 250,
+    "reconnect_max_ms": 10_000,
 }
 
 
@@ -293,6 +297,11 @@ INCONSISTENT = [
         "loss_window_probes must be at least dead_after_missed_probes",
     ),
     (
+        "reconnect back-off starting above its ceiling",
+        dict(reconnect_initial_ms=10_001),
+        "reconnect_initial_ms (10001) exceeds reconnect_max_ms (10000)",
+    ),
+    (
         "replay window not a multiple of 64",
         dict(replay_window_packets=2_049),
         "replay_window_packets (2049) must be a multiple of 64",
@@ -325,6 +334,7 @@ CONSISTENT_EDGES = [
     dict(rekey_after_s=179),
     dict(rekey_after_messages=9, reject_after_messages=10),
     dict(loss_window_probes=3),
+    dict(reconnect_initial_ms=10_000),
     dict(replay_window_packets=2_048),
 ]
 
@@ -376,6 +386,8 @@ ALTERNATIVES: dict[str, object] = {
     "reject_after_s": 181,
     "rekey_after_messages": (1 << 60) + 1,
     "reject_after_messages": (1 << 64) - (1 << 13) - 2,
+    "reconnect_initial_ms": 500,
+    "reconnect_max_ms": 20_000,
 }
 
 

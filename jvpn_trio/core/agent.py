@@ -1,0 +1,122 @@
+"""The agent's chain of sessions: when to handshake again, and what a new session inherits.
+
+Theory of operation
+-------------------
+``jvpn-trio up`` keeps one session at a time for as long as it runs.  A
+session still ends the way the specification says (TTLs, recovery bound, a
+peer's CLOSE ...); what follows is the agent's explicit, bounded next step:
+a *new* session, with a new SessionID, whose BIRTH names the one before it.
+
+- **Back-off.**  After a failure the next handshake waits
+  ``reconnect_initial_ms``, doubling with each consecutive failure up to
+  ``reconnect_max_ms``.  A failure is a handshake round that got no answer,
+  or a session that ended before it had served one switch-rate window
+  (:data:`~jvpn_trio.core.policy.SWITCH_RATE_WINDOW_S`) with a binding at
+  some point.  A session that served that long proves the gateway and a
+  path work, so the count starts over.
+- **Inheritance.**  A new session starts with the confirmed switches of the
+  previous one that are still inside the rate window.  Property 6 then
+  bounds switches per minute of the agent, not per session: a flapping
+  storm that keeps ending sessions cannot be laundered into fresh switch
+  budgets.
+- **Rescue.**  A live session without a binding (every path dead, or a
+  gateway that restarted and lost its keys) may be beyond saving long before
+  its transport-loss TTL.  Once it has been unbound for the recovery window
+  (``max_recovery_window_ms``), the agent also tries a fresh handshake.  Only
+  the real gateway can answer one (both static keys authenticate it), so
+  no unauthenticated packet can end a live session; when it is answered the
+  gateway has already replaced its side, and the agent closes the old
+  session explicitly (LOCAL_CLOSE) before the new one is born.
+
+Everything here is a pure function of its inputs and ``now``.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from jvpn_trio.core.ids import SessionId
+from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
+from jvpn_trio.core.session import SessionRecord
+from jvpn_trio.core.states import SessionState
+
+_MS = 1000.0
+
+
+@attrs.frozen(kw_only=True)
+class SessionSeed:
+    """What a new session starts with: the session it follows and the switches still counted."""
+
+    number: int  # 1 for the agent's first session
+    previous_session: SessionId | None
+    switch_times: tuple[float, ...]
+
+
+class Succession:
+    """The agent's decisions between sessions; see the module docstring.
+
+    State changes: :meth:`handshake_failed`, :meth:`session_started` and
+    :meth:`session_ended`.  Queries never change anything.
+    """
+
+    def __init__(self, *, policy: Policy, now: float) -> None:
+        self.policy = policy
+        self.sessions_started = 0
+        self.failures = 0
+        self._next_attempt_at = now
+        self._switch_times: tuple[float, ...] = ()
+        self._previous: SessionId | None = None
+
+    # -- queries ------------------------------------------------------------------
+    def reconnect_delay_ms(self) -> int:
+        """The wait after the current run of failures: 0 before any."""
+        if self.failures == 0:
+            return 0
+        doublings = min(self.failures - 1, 32)  # past the ceiling long before this
+        return min(self.policy.reconnect_initial_ms << doublings, self.policy.reconnect_max_ms)
+
+    def next_attempt_at(self) -> float:
+        """When the next handshake round may start."""
+        return self._next_attempt_at
+
+    def rescue_at(self, record: SessionRecord) -> float | None:
+        """When a fresh handshake may try to replace the live session ``record``; None while it is bound."""
+        if record.state in (SessionState.BIRTH, SessionState.TERMINATED) or record.binding is not None:
+            return None
+        if record.unbound_since is None:
+            return None
+        return max(record.unbound_since + self.policy.max_recovery_window_ms / _MS, self._next_attempt_at)
+
+    def carried_switch_times(self, now: float) -> tuple[float, ...]:
+        """The confirmed switches of earlier sessions that still count against the rate at ``now``."""
+        return tuple(t for t in self._switch_times if now < t + SWITCH_RATE_WINDOW_S)
+
+    # -- inputs -------------------------------------------------------------------
+    def handshake_failed(self, now: float) -> float:
+        """A handshake round ended without an answer; returns when the next may start."""
+        return self._fail(now)
+
+    def session_started(self, session_id: SessionId, now: float) -> SessionSeed:
+        """A handshake completed: the seed the new session must be created with."""
+        self.sessions_started += 1
+        return SessionSeed(
+            number=self.sessions_started,
+            previous_session=self._previous,
+            switch_times=self.carried_switch_times(now),
+        )
+
+    def session_ended(self, record: SessionRecord, now: float) -> float:
+        """A session is over (or is being replaced); returns when the next handshake may start."""
+        self._previous = record.session_id
+        self._switch_times = tuple(
+            t for t in sorted(set(self._switch_times) | set(record.switch_times)) if now < t + SWITCH_RATE_WINDOW_S
+        )
+        ever_bound = record.binding is not None or record.last_path is not None
+        if ever_bound and now - record.created_at >= SWITCH_RATE_WINDOW_S:
+            self.failures = 0
+        return self._fail(now)
+
+    def _fail(self, now: float) -> float:
+        self.failures += 1
+        self._next_attempt_at = now + self.reconnect_delay_ms() / _MS
+        return self._next_attempt_at

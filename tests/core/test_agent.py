@@ -1,0 +1,208 @@
+"""core/agent.py: the back-off between sessions, what a new session inherits, and rescue timing.
+
+Determinism: exact virtual times; no clock, no sockets.  The property test
+drives real ClientSessions, one after another, each created from the seed
+the Succession gives it, and checks Property 6 over the whole agent.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jvpn_trio.core import events as ev
+from jvpn_trio.core.actions import EmitEvent, EventKind, SendReattach
+from jvpn_trio.core.agent import Succession
+from jvpn_trio.core.ids import Binding, PathId, SessionId
+from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
+from jvpn_trio.core.session import ClientSession, SessionRecord
+from jvpn_trio.core.states import SessionState
+
+POLICY = Policy()
+P1, P2 = PathId(1), PathId(2)
+GW = ("192.0.2.1", 51820)
+
+
+def sid(n: int) -> SessionId:
+    return SessionId(n.to_bytes(16, "big"))
+
+
+def record(
+    n: int, *, created_at: float, bound: bool = True, switch_times: tuple[float, ...] = (), unbound_since: float | None = None
+) -> SessionRecord:
+    return SessionRecord(
+        session_id=sid(n),
+        state=SessionState.TERMINATED,
+        version=3,
+        binding=None,
+        created_at=created_at,
+        unbound_since=unbound_since,
+        recovering_since=None,
+        bound_since=None,
+        last_path=P1 if bound else None,
+        switch_times=switch_times,
+    )
+
+
+# -- back-off -----------------------------------------------------------------------------------
+
+
+def test_the_first_handshake_waits_for_nothing() -> None:
+    s = Succession(policy=POLICY, now=5.0)
+    assert s.next_attempt_at() == 5.0 and s.reconnect_delay_ms() == 0
+
+
+def test_failures_double_the_wait_up_to_the_ceiling() -> None:
+    s = Succession(policy=POLICY, now=0.0)
+    waits = []
+    now = 0.0
+    for _ in range(9):
+        at = s.handshake_failed(now)
+        waits.append(round((at - now) * 1000))
+        now = at
+    assert waits == [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]
+
+
+def test_a_short_session_counts_as_a_failure_and_a_long_one_starts_over() -> None:
+    s = Succession(policy=POLICY, now=0.0)
+    s.handshake_failed(0.0)
+    s.handshake_failed(0.25)
+    assert s.failures == 2
+    # Ended 31 s after birth (a transport-loss TTL): the gateway never proved itself for a minute.
+    at = s.session_ended(record(1, created_at=1.0), now=32.0)
+    assert s.failures == 3 and at == pytest.approx(33.0)
+    # Served a whole rate window with a binding: the chain is healthy again, the next wait is the first.
+    at = s.session_ended(record(2, created_at=33.0), now=33.0 + SWITCH_RATE_WINDOW_S)
+    assert s.failures == 1 and at == pytest.approx(33.0 + SWITCH_RATE_WINDOW_S + 0.25)
+
+
+def test_a_session_that_was_never_bound_does_not_reset_the_back_off() -> None:
+    s = Succession(policy=POLICY, now=0.0)
+    s.handshake_failed(0.0)
+    s.session_ended(record(1, created_at=1.0, bound=False), now=100.0)
+    assert s.failures == 2
+
+
+# -- inheritance ----------------------------------------------------------------------------------
+
+
+def test_a_new_session_names_the_one_before_and_inherits_its_counted_switches() -> None:
+    s = Succession(policy=POLICY, now=0.0)
+    first = s.session_started(sid(1), now=0.0)
+    assert (first.number, first.previous_session, first.switch_times) == (1, None, ())
+    s.session_ended(record(1, created_at=0.0, switch_times=(10.0, 20.0, 40.0)), now=45.0)
+    second = s.session_started(sid(2), now=75.0)  # 10.0 left the window at 70.0
+    assert second.number == 2 and second.previous_session == sid(1)
+    assert second.switch_times == (20.0, 40.0)
+    s.session_ended(record(2, created_at=75.0, switch_times=(20.0, 40.0, 80.0)), now=90.0)
+    assert s.session_started(sid(3), now=95.0).switch_times == (40.0, 80.0)
+
+
+def test_the_birth_event_carries_the_previous_session() -> None:
+    session = ClientSession(policy=POLICY, session_id=sid(2), now=1.0, previous_session=sid(1))
+    (birth,) = session.creation_events()
+    assert isinstance(birth, EmitEvent) and birth.detail("previous_session") == sid(1).hex
+    (plain,) = ClientSession(policy=POLICY, session_id=sid(1), now=0.0).creation_events()
+    assert isinstance(plain, EmitEvent) and "previous_session" not in plain.details
+
+
+def test_inherited_switches_deny_a_switch_in_the_new_session() -> None:
+    """A storm that ended a session cannot buy a fresh switch budget with the next one."""
+    policy = attrs.evolve(POLICY, max_switches_per_minute=2)
+    now = 100.0
+    fresh = _attached_session(policy, now, switch_times=())
+    inherited = _attached_session(policy, now, switch_times=(now - 20.0, now - 10.0))
+    assert _switches_asked(fresh, now) == 1
+    assert _switches_asked(inherited, now) == 0
+    assert inherited.record.state is SessionState.DEGRADED
+
+
+def _attached_session(policy: Policy, now: float, *, switch_times: tuple[float, ...]) -> ClientSession:
+    session = ClientSession(policy=policy, session_id=sid(9), now=now, switch_times=switch_times)
+    for path, priority in ((P1, 10), (P2, 20)):
+        session.handle(ev.PathAdded(path=path, priority=priority, endpoint=GW), now=now)
+    session.handle(ev.HandshakeCompleted(session_id=sid(9), binding=Binding(path=P1, endpoint=GW), gateway_version=1), now=now)
+    for seq in (1, 2, 3):  # p2 answers its probes: a healthy candidate
+        session.handle(ev.ProbeSent(path=P2, seq=seq), now=now)
+        session.handle(ev.ProbeAcked(path=P2, seq=seq, gateway_version=1, gateway_bound_path=P1), now=now + 0.01)
+    return session
+
+
+def _switches_asked(session: ClientSession, now: float) -> int:
+    actions = session.handle(ev.LinkChanged(path=P1, up=False), now=now + 0.02)
+    return sum(isinstance(a, SendReattach) for a in actions)
+
+
+# -- rescue -----------------------------------------------------------------------------------------
+
+
+def test_rescue_only_for_a_live_unbound_session_after_the_recovery_window() -> None:
+    s = Succession(policy=POLICY, now=0.0)
+    live = attrs.evolve(record(1, created_at=0.0), state=SessionState.RECOVERING, unbound_since=10.0)
+    assert s.rescue_at(live) == pytest.approx(10.0 + POLICY.max_recovery_window_ms / 1000)
+    assert s.rescue_at(attrs.evolve(live, binding=Binding(path=P1, endpoint=GW))) is None
+    assert s.rescue_at(attrs.evolve(live, state=SessionState.BIRTH)) is None
+    assert s.rescue_at(attrs.evolve(live, state=SessionState.TERMINATED)) is None
+    s.handshake_failed(12.0)
+    s.handshake_failed(13.5)
+    assert s.rescue_at(live) == pytest.approx(13.5 + 0.5)  # a failed rescue backs off like any handshake
+
+
+# -- Property 6 over the whole agent ------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lifetimes=st.lists(st.floats(min_value=1.0, max_value=40.0), min_size=2, max_size=8),
+    flaps=st.lists(st.floats(min_value=0.05, max_value=3.0), min_size=1, max_size=40),
+)
+def test_a_chain_of_sessions_never_switches_more_than_the_rate_allows(lifetimes: list[float], flaps: list[float]) -> None:
+    """However a storm ends sessions, confirmed switches per minute stay within the policy, agent-wide."""
+    policy = attrs.evolve(POLICY, max_switches_per_minute=3, min_dwell_ms=0)
+    succession = Succession(policy=policy, now=0.0)
+    now = 0.0
+    confirmed: list[float] = []
+    flap_iter = itertools.cycle(flaps)
+    seqs = iter(range(10, 1 << 30))
+    for n, lifetime in enumerate(lifetimes, start=1):
+        now = max(now, succession.next_attempt_at())
+        seed = succession.session_started(sid(n), now)
+        session = _attached_session(policy, now, switch_times=seed.switch_times)
+        end = now + lifetime
+        active = P1
+        while now < end:
+            now += next(flap_iter)
+            if session.terminated:
+                break
+            other = P2 if active == P1 else P1
+            for seq in (next(seqs), next(seqs), next(seqs)):  # the other path answers: a candidate
+                session.handle(ev.ProbeSent(path=other, seq=seq), now=now)
+                session.handle(ev.ProbeAcked(path=other, seq=seq, gateway_version=1, gateway_bound_path=active), now=now)
+            actions = session.handle(ev.LinkChanged(path=active, up=False), now=now)
+            for send in (a for a in actions if isinstance(a, SendReattach)):
+                done = session.handle(
+                    ev.ReattachAcked(path=send.path, nonce=send.nonce, new_version=session.gateway_version + 1), now=now
+                )
+                if any(isinstance(a, EmitEvent) and a.kind is EventKind.TRANSPORT_SWITCH for a in done):
+                    confirmed.append(now)
+                    active = send.path
+            session.handle(ev.LinkChanged(path=P1 if active == P2 else P2, up=True), now=now)
+        session.handle(ev.CloseRequested(), now=now)
+        assert session.record.state is SessionState.TERMINATED
+        assert session.counters.get("invalid_transitions", 0) == 0
+        succession.session_ended(session.record, now)
+    for t in confirmed:
+        in_the_minute_before = [s for s in confirmed if t - SWITCH_RATE_WINDOW_S < s <= t]
+        assert len(in_the_minute_before) <= policy.max_switches_per_minute, (t, confirmed)
+
+
+def test_the_chain_check_fails_without_inheritance() -> None:
+    """The property above can fail: fresh budgets per session exceed the rate."""
+    policy = attrs.evolve(POLICY, max_switches_per_minute=2)
+    now = 100.0
+    asked = sum(_switches_asked(_attached_session(policy, now, switch_times=()), now) for _ in range(3))
+    assert asked == 3 > policy.max_switches_per_minute
