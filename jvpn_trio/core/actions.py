@@ -150,7 +150,15 @@ class SendReattachReject:
 
 @attrs.frozen(kw_only=True)
 class SendClose:
+    """Tell the peer, authenticated, that the session is over; sent to ``binding``.
+
+    The binding is the one active when the close was decided: the same call
+    releases it, so a driver reading the session's record afterwards would
+    find none and stay silent.
+    """
+
     reason: ReasonCode
+    binding: Binding | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -290,7 +290,7 @@ class _SessionCore:
     def _apply_ending(self, event: ev.CloseRequested | ev.PeerClosed | ev.KeysExhausted, now: float) -> list[Action]:
         """The inputs that end a session the same way on both sides."""
         if isinstance(event, ev.CloseRequested):
-            return [SendClose(reason=R.LOCAL_CLOSE), *self._transition(R.LOCAL_CLOSE, now)]
+            return [SendClose(reason=R.LOCAL_CLOSE, binding=self.record.binding), *self._transition(R.LOCAL_CLOSE, now)]
         if isinstance(event, ev.PeerClosed):
             return self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
         return self._transition(R.KEY_EXHAUSTED, now)

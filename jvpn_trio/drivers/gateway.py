@@ -333,7 +333,7 @@ class GatewayRuntime:
                     served, action.endpoint, wire.MessageType.REATTACH_REJECT, wire.encode_reattach_reject_plaintext(rej)
                 )
             elif isinstance(action, SendClose):
-                binding = served.core.record.binding
+                binding = action.binding
                 if binding is not None:
                     close = wire.Close(session_id=served.session_id, reason=action.reason)
                     self._send(served, binding.endpoint, wire.MessageType.CLOSE, wire.encode_close_plaintext(close))

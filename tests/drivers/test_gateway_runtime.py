@@ -247,3 +247,35 @@ async def test_datagrams_without_a_session_or_ipv4_packets_are_counted(autojump_
             assert (stats.drop_unknown_index, stats.drop_malformed) == (2, 1)
             assert (stats.tx_not_ipv4, stats.tx_no_binding) == (2, 1)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_stopping_gateway_closes_every_live_session_to_its_binding(autojump_clock: trio.abc.Clock) -> None:
+    """A gateway that stops says so, authenticated, to each client: no one waits out a TTL."""
+    world = World()
+    alice, bob = Peer(world, 1), Peer(world, 2)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            serving = trio.CancelScope()
+
+            async def serve() -> None:
+                with serving:
+                    async with trio.open_nursery() as nursery:
+                        await world.start(nursery)
+                        await trio.sleep_forever()
+
+            outer.start_soon(serve)
+            await trio.sleep(0.1)
+            for peer in (alice, bob):
+                assert await peer.handshake() is not None
+                probe = wire.Probe(path_id=PathId(1), seq=1, sent_us=5)
+                peer.send(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))  # confirms: ATTACHED
+                await peer.port.recv_batch(1)  # its PROBE_ACK
+            assert all(s.core.record.binding is not None for s in world.gateway.sessions.values())
+            serving.cancel()
+            for peer in (alice, bob):
+                ((datagram, source),) = await peer.port.recv_batch(1)
+                opened = peer.channel.open_untrusted(datagram, now=trio.current_time())
+                close = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
+                assert isinstance(close, wire.Close) and close.reason is ReasonCode.LOCAL_CLOSE
+                assert source == GATEWAY_CONTROL
+            assert all(s.core.record.state is SessionState.TERMINATED for s in world.gateway.sessions.values())
