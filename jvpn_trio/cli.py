@@ -63,18 +63,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from jvpn_trio.commands import serve
+    from jvpn_trio.drivers.clock import BoottimeClock
 
     config = load_gateway_config(args.config)
-    return trio.run(lambda: serve.serve_gateway(config, record=args.record, quiet=args.quiet))
+    # Deadlines on CLOCK_BOOTTIME count a suspend (docs/spec.md, "Freshness across a suspend").
+    return trio.run(lambda: serve.serve_gateway(config, record=args.record, quiet=args.quiet), clock=BoottimeClock())
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     import trio
 
     from jvpn_trio.commands import up
+    from jvpn_trio.drivers.clock import BoottimeClock
 
     config = load_client_config(args.config)
-    return trio.run(lambda: up.run_client(config, record=args.record, quiet=args.quiet, no_tui=args.no_tui))
+    # The session clock must keep counting while the laptop sleeps, as the gateway's does.
+    return trio.run(
+        lambda: up.run_client(config, record=args.record, quiet=args.quiet, no_tui=args.no_tui),
+        clock=BoottimeClock(),
+    )
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 import pytest
+import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from jvpn_trio import __version__, cli
@@ -30,6 +31,7 @@ from jvpn_trio.core.policy import DEFAULT_POLICY
 from jvpn_trio.core.states import render_markdown
 from jvpn_trio.drivers import control
 from jvpn_trio.drivers.client import HandshakeFailed
+from jvpn_trio.drivers.clock import BoottimeClock
 from jvpn_trio.drivers.control import ControlError
 from jvpn_trio.drivers.routes import RouteError
 from jvpn_trio.drivers.tun import TunError
@@ -323,6 +325,26 @@ def test_up_runs_the_client_with_the_loaded_config(
     code, _out, err = run(["up", "--config", str(path), "--no-tui"], capsys)
     assert (code, err) == (1, "")
     assert calls == [(load_client_config(path), None, False, True)]
+
+
+@pytest.mark.parametrize(("command", "toml"), [("serve", GATEWAY_TOML), ("up", CLIENT_TOML)])
+def test_serve_and_up_run_on_the_boottime_clock(
+    command: str, toml: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Their deadlines and session clocks must count a suspend (docs/spec.md, "Freshness across a suspend").
+    clocks: list[trio.abc.Clock] = []
+
+    async def fake_runner(config: object, **_options: object) -> int:
+        clocks.append(trio.lowlevel.current_clock())
+        await trio.lowlevel.checkpoint()
+        return 0
+
+    monkeypatch.setattr(serve, "serve_gateway", fake_runner)
+    monkeypatch.setattr(up, "run_client", fake_runner)
+    path = config_file(tmp_path, f"{command}.toml", toml)
+    code, _out, err = run([command, "--config", str(path)], capsys)
+    assert (code, err) == (0, "")
+    assert len(clocks) == 1 and isinstance(clocks[0], BoottimeClock)
 
 
 def test_serve_bad_config_exits_2(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
