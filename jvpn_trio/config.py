@@ -6,6 +6,7 @@ key or the TOML syntax position, so the CLI can print it and exit 2.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import pathlib
 import tomllib
@@ -13,6 +14,10 @@ from typing import Any
 
 import attrs
 
+# KIND_PRIORITY and PATH_KINDS are part of this module's API; they are defined beside the path rules.
+from jvpn_trio.core.candidates import KIND_PRIORITY as KIND_PRIORITY
+from jvpn_trio.core.candidates import PATH_KINDS as PATH_KINDS
+from jvpn_trio.core.candidates import PathRule, PathRules
 from jvpn_trio.core.policy import Policy, PolicyError
 
 
@@ -60,9 +65,6 @@ def load_policy(path: str | pathlib.Path) -> Policy:
 # Client and gateway configuration files
 # -----------------------------------------------------------------------------
 
-PATH_KINDS = ("ethernet", "wifi", "lte")
-#: Default preference when a path's priority is not configured: Ethernet, then Wi-Fi, then LTE.
-KIND_PRIORITY = {"ethernet": 10, "wifi": 20, "lte": 30}
 DEFAULT_PORT = 51820
 DEFAULT_MTU = 1420
 #: Handshakes, probes, REATTACH and CLOSE go to the gateway's data port plus this: a socket of
@@ -146,6 +148,79 @@ class _Table:
             raise ConfigError(f"{self.where}: unknown key(s): {', '.join(unknown)}")
 
 
+#: Characters that make a string a glob rather than one interface name (fnmatch's syntax).
+_GLOB_CHARS = frozenset("*?[")
+#: IFNAMSIZ - 1: the kernel's longest interface name.
+_MAX_IFNAME_LEN = 15
+
+
+def _check_name_or_glob(value: str, *, where: str, glob: bool) -> str:
+    """An interface name (or, with ``glob``, an fnmatch pattern of names); ConfigError naming ``where``."""
+    if not value:
+        raise ConfigError(f"{where}: an empty {'glob' if glob else 'name'} matches no interface")
+    if any(c.isspace() or c in "/:" for c in value):
+        raise ConfigError(f"{where}: {value!r} is not an interface {'glob' if glob else 'name'} (no spaces, '/' or ':')")
+    if not glob:
+        if _GLOB_CHARS & set(value):
+            raise ConfigError(f"{where}: {value!r} looks like a glob: use 'match' for globs")
+        if len(value) > _MAX_IFNAME_LEN:
+            raise ConfigError(f"{where}: {value!r} is longer than {_MAX_IFNAME_LEN} characters")
+    return value
+
+
+def _globs(values: list[Any], *, where: str) -> tuple[str, ...]:
+    out = []
+    for v in values:
+        if not isinstance(v, str):
+            raise ConfigError(f"{where}: expected a list of strings, got {type(v).__name__} {v!r}")
+        out.append(_check_name_or_glob(v, where=where, glob=True))
+    return tuple(out)
+
+
+def _path_rule(pt: _Table) -> PathRule:
+    interface = pt.get("interface", str, None)
+    match = pt.get("match", str, None)
+    kind = pt.get("kind", str, None)
+    priority = pt.get("priority", int, None)
+    pt.finish()
+    if kind is not None and kind not in PATH_KINDS:
+        raise ConfigError(f"{pt.where}.kind: expected one of {', '.join(PATH_KINDS)}, got {kind!r}")
+    if interface is not None and match is not None:
+        raise ConfigError(f"{pt.where}: give 'interface' or 'match', not both")
+    if interface is None and match is None and kind is None:
+        raise ConfigError(f"{pt.where}: needs 'interface' (one name), 'match' (a glob) or 'kind' (every link of a kind)")
+    if interface is not None:
+        _check_name_or_glob(interface, where=f"{pt.where}.interface", glob=False)
+    if match is not None:
+        _check_name_or_glob(match, where=f"{pt.where}.match", glob=True)
+    return PathRule(interface=interface, match=match, kind=kind, priority=priority)
+
+
+def _path_rules(raw_paths: Any, *, source: str, exclude: tuple[str, ...], tun_name: str) -> tuple[PathRule, ...]:
+    """The ``[[path]]`` array -> rules in file order; a rule can never be shadowed by an identical one."""
+    if not isinstance(raw_paths, list):
+        raise ConfigError(f"{source}: [[path]] must be an array of tables")
+    rules = []
+    for i, raw in enumerate(raw_paths):
+        where = f"{source}: [[path]] #{i + 1}"
+        rule = _path_rule(_Table(raw, where=where))
+        if rule.interface is not None:
+            if rule.interface == tun_name:
+                raise ConfigError(f"{where}.interface: {tun_name!r} is the tunnel's own interface ([client].tun_name)")
+            hits = [g for g in exclude if fnmatch.fnmatchcase(rule.interface, g)]
+            if hits:
+                raise ConfigError(f"{where}.interface: {rule.interface!r} is excluded by [client].exclude {hits[0]!r}")
+        rules.append(rule)
+    for what, key in (("an interface", "interface"), ("a match glob", "match")):
+        values = [getattr(r, key) for r in rules if getattr(r, key) is not None]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{source}: {what} is listed twice in [[path]]")
+    alone = [r.kind for r in rules if r.interface is None and r.match is None]
+    if len(set(alone)) != len(alone):
+        raise ConfigError(f"{source}: a kind is listed alone twice in [[path]]")
+    return tuple(rules)
+
+
 def _relative(base: pathlib.Path, value: str) -> pathlib.Path:
     p = pathlib.Path(value)
     return p if p.is_absolute() else base / p
@@ -153,6 +228,8 @@ def _relative(base: pathlib.Path, value: str) -> pathlib.Path:
 
 @attrs.frozen(kw_only=True)
 class PathConfig:
+    """A ``[[path]]`` entry that names one interface (the other forms live in :attr:`ClientConfig.path_rules`)."""
+
     interface: str
     kind: str | None
     priority: int | None
@@ -171,6 +248,10 @@ class ClientConfig:
     control_socket: pathlib.Path
     fwmark_base: int
     policy: Policy
+    #: Every ``[[path]]`` rule in file order (``interface``, ``match`` or ``kind``) and
+    #: ``[client].exclude``: what the path manager selects paths by.  ``paths`` above keeps
+    #: only the entries that name one interface.
+    path_rules: PathRules = PathRules()
 
     @property
     def gateway_control(self) -> tuple[str, int]:
@@ -230,25 +311,14 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     events = t.get("events_file", str, None)
     control = t.get("control_socket", str, "/run/jvpn-trio/client.sock")
     fwmark_base = t.get("fwmark_base", int, 0x5100)
+    exclude = _globs(t.get("exclude", list, []), where=f"{t.where}.exclude")
     t.finish()
-    raw_paths = data.get("path", [])
-    if not isinstance(raw_paths, list):
-        raise ConfigError(f"{source}: [[path]] must be an array of tables")
-    paths = []
-    for i, raw in enumerate(raw_paths):
-        pt = _Table(raw, where=f"{source}: [[path]] #{i + 1}")
-        kind = pt.get("kind", str, None)
-        if kind is not None and kind not in PATH_KINDS:
-            raise ConfigError(f"{pt.where}.kind: expected one of {', '.join(PATH_KINDS)}, got {kind!r}")
-        paths.append(
-            PathConfig(interface=pt.get("interface", str, required=True), kind=kind, priority=pt.get("priority", int, None))
-        )
-        pt.finish()
-    names = [p.interface for p in paths]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{source}: an interface is listed twice in [[path]]")
     if len(tun_name) > 15:
         raise ConfigError(f"{source}: [client].tun_name {tun_name!r} is longer than 15 characters")
+    rules = _path_rules(data.get("path", []), source=source, exclude=exclude, tun_name=tun_name)
+    paths = [
+        PathConfig(interface=r.interface, kind=r.kind, priority=r.priority) for r in rules if r.interface is not None
+    ]
     return ClientConfig(
         private_key_file=key_file,
         gateway_public_key=public,
@@ -261,6 +331,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
         control_socket=pathlib.Path(control),
         fwmark_base=fwmark_base,
         policy=_policy_of(data, source=source),
+        path_rules=PathRules(rules=rules, exclude=exclude),
     )
 
 

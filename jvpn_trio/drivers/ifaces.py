@@ -31,6 +31,25 @@ listed in :data:`SKIPPED_LINK_KINDS`:
 ``veth``, ``vlan``, ``bond``, ``team`` and ``macvlan`` stay: they are real
 uplinks on some hosts, and the lab builds its paths from veth pairs.
 
+The path manager's snapshot (:func:`read_machine_snapshot`)
+-----------------------------------------------------------
+For the path manager the same facts become a :class:`~jvpn_trio.core.candidates.MachineSnapshot`:
+each link gets a :class:`~jvpn_trio.core.candidates.LinkClass` (:func:`link_class`), its kind
+(:func:`classify`), its usable addresses of both families (global or site scope, not
+tentative, DAD not failed) and, for each candidate that is up and addressed, the kernel's
+route to the gateway through it, read at every snapshot.  ``ip route get GW oif IF`` alone
+cannot say "no route": with an output interface the kernel assumes an unrouted destination
+is on-link and answers anyway.  So the lookup is made twice: with ``RTM_F_FIB_MATCH``
+(``ip route get fibmatch``), which fails with ``ENETUNREACH``/``EHOSTUNREACH`` when no route
+through that interface exists, then plainly, for the next hop and source address the kernel
+would use.  The lookup goes through the usual rules, so a ``main`` default route via the
+interface answers it as well as a more specific route.
+
+An OS error about one interface (``ENODEV`` when it vanished between the dump and the
+lookup, ``EPERM``, ...) is recorded on that interface as ``error``: it is unusable for
+this snapshot and the others are not affected.  Only a failed dump of all links or all
+addresses raises.
+
 The kind of a link comes from rtnetlink (``IFLA_INFO_KIND``), which is correct
 inside any namespace.  sysfs is not: ``/sys/class/net`` shows the namespace of
 whoever mounted ``/sys``.  ``ip netns exec`` remounts it, so the daemon's main
@@ -41,13 +60,26 @@ device when a same-named interface exists where ``/sys`` was mounted.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
-from typing import AbstractSet, Callable, Iterable, Literal
+from typing import AbstractSet, Any, Callable, Iterable, Literal
 
 import attrs
 import trio
+from pyroute2 import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
+from jvpn_trio.core.candidates import (
+    Address,
+    GatewayRoute,
+    InterfaceState,
+    LinkClass,
+    MachineSnapshot,
+    PathRules,
+    gateway_family,
+)
+from jvpn_trio.core.candidates import select_candidates as select_path_candidates
 from jvpn_trio.drivers.netlink import IFF_LOOPBACK, link_is_up, open_iproute
 
 __all__ = [
@@ -57,7 +89,15 @@ __all__ = [
     "SKIPPED_LINK_KINDS",
     "SYSFS_NET",
     "classify",
+    "DUMP_ATTEMPTS",
+    "NO_ROUTE_ERRNOS",
+    "RTM_F_FIB_MATCH",
+    "TUNNEL_LINK_KINDS",
+    "VIRTUAL_LINK_KINDS",
+    "describe_os_error",
     "discover",
+    "link_class",
+    "read_machine_snapshot",
     "select_candidates",
 ]
 
@@ -65,24 +105,13 @@ IfaceKind = Literal["wifi", "lte", "ethernet"]
 
 SYSFS_NET = "/sys/class/net"
 
-SKIPPED_LINK_KINDS = frozenset(
-    {
-        "bridge",
-        "tun",
-        "wireguard",
-        "ipip",
-        "gre",
-        "gretap",
-        "sit",
-        "vti",
-        "ip6tnl",
-        "vxlan",
-        "geneve",
-        "dummy",
-        "ifb",
-        "vrf",
-    }
+#: Link kinds (IFLA_INFO_KIND) whose traffic goes through another tunnel, ours included.
+TUNNEL_LINK_KINDS = frozenset(
+    {"tun", "wireguard", "ipip", "gre", "gretap", "ip6gre", "ip6gretap", "sit", "vti", "vti6", "ip6tnl", "vxlan", "geneve"}
 )
+#: Link kinds that never carry traffic out of the host.
+VIRTUAL_LINK_KINDS = frozenset({"dummy", "ifb", "vrf", "nlmon"})
+SKIPPED_LINK_KINDS = frozenset({"bridge"}) | TUNNEL_LINK_KINDS | VIRTUAL_LINK_KINDS
 
 _WIFI_PREFIXES = ("wifi", "wlan", "wl")
 _LTE_PREFIXES = ("lte", "wwan", "ww")
@@ -176,6 +205,141 @@ def select_candidates(
             continue
         chosen.append(Candidate(link.ifname, kind_of(link.ifname)))
     return chosen
+
+
+# -- the path manager's snapshot ------------------------------------------------------
+
+#: ``rtm_flags`` of RTM_GETROUTE: answer with the FIB entry that matched, or fail if none did.
+RTM_F_FIB_MATCH = 0x2000
+#: Route lookups failing with these mean "no route through this interface", not an error.
+NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN})
+#: A dump interrupted by a concurrent change (NLM_F_DUMP_INTR) is retried this many times in all.
+DUMP_ATTEMPTS = 3
+_IFA_F_DADFAILED = 0x08
+_IFA_F_TENTATIVE = 0x40
+#: Addresses of link or host scope cannot be the source towards a remote gateway.
+_RT_SCOPE_LINK = 253
+_VERSION_OF_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_FAMILY_OF_VERSION = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def link_class(*, flags: int, link_kind: str | None, master: int | None) -> LinkClass:
+    """Pure: what sort of link this is for path selection (loopback, bridge, tunnel, virtual, port, veth, ordinary)."""
+    if flags & IFF_LOOPBACK:
+        return LinkClass.LOOPBACK
+    if link_kind == "bridge":
+        return LinkClass.BRIDGE
+    if link_kind in TUNNEL_LINK_KINDS:
+        return LinkClass.TUNNEL
+    if link_kind in VIRTUAL_LINK_KINDS:
+        return LinkClass.VIRTUAL
+    if master is not None:
+        return LinkClass.CONTAINER
+    if link_kind == "veth":
+        return LinkClass.VETH
+    return LinkClass.ORDINARY
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """``"ENODEV: [Errno 19] No such device"``: an OS or netlink error on one line, errno name first."""
+    code = getattr(exc, "code", None) if isinstance(exc, NetlinkError) else getattr(exc, "errno", None)
+    name = errno.errorcode.get(code, str(code)) if isinstance(code, int) else type(exc).__name__
+    return f"{name}: {exc}"
+
+
+def _usable_address(msg: Any) -> Address | None:
+    version = _VERSION_OF_FAMILY.get(msg.get("family"))
+    local = msg.get("local") or msg.get("address")
+    if version is None or not isinstance(local, str):
+        return None
+    flags = msg.get("IFA_FLAGS")
+    if not isinstance(flags, int):
+        flags = msg.get("flags") or 0
+    scope = msg.get("scope") or 0
+    if flags & (_IFA_F_TENTATIVE | _IFA_F_DADFAILED) or scope >= _RT_SCOPE_LINK:
+        return None
+    return Address(family=version, address=local, prefixlen=int(msg.get("prefixlen") or 0))
+
+
+def _route_to(ipr: Any, gateway: str, family: int, index: int) -> GatewayRoute | None:
+    """The kernel's route to ``gateway`` through interface ``index`` (see the module docstring), or None."""
+    try:
+        ipr.route("get", dst=gateway, oif=index, family=family, flags=RTM_F_FIB_MATCH)
+        answer = ipr.route("get", dst=gateway, oif=index, family=family)
+    except NetlinkError as exc:
+        if exc.code in NO_ROUTE_ERRNOS:
+            return None
+        raise
+    if not answer:
+        return None
+    next_hop, source = answer[0].get("gateway"), answer[0].get("prefsrc")
+    return GatewayRoute(
+        next_hop=next_hop if isinstance(next_hop, str) else None,
+        source=source if isinstance(source, str) else None,
+    )
+
+
+def _dump(fetch: Callable[[], Iterable[Any]]) -> list[Any]:
+    """``fetch()`` as a list, retried when a concurrent change interrupted the dump."""
+    attempts_left = DUMP_ATTEMPTS
+    while True:
+        try:
+            return list(fetch())
+        except NetlinkDumpInterrupted:
+            attempts_left -= 1
+            if attempts_left == 0:
+                raise
+
+
+def _read_machine_sync(rules: PathRules, gateway: str, netns: str | None, sysfs_root: str) -> MachineSnapshot:
+    version = gateway_family(gateway)
+    with open_iproute(netns) as ipr:
+        links, addresses = _dump(ipr.get_links), _dump(ipr.get_addr)
+        by_index: dict[int, list[Address]] = {}
+        for msg in addresses:
+            address = _usable_address(msg)
+            if address is not None and isinstance(msg.get("index"), int):
+                by_index.setdefault(msg.get("index"), []).append(address)
+        states = []
+        for link in links:
+            ifname, index, flags = link.get("ifname"), link.get("index"), link.get("flags")
+            if not isinstance(ifname, str) or not isinstance(index, int) or not isinstance(flags, int):
+                continue
+            cls = link_class(flags=flags, link_kind=link.get(("linkinfo", "kind")), master=link.get("master"))
+            states.append(
+                InterfaceState(
+                    name=ifname,
+                    index=index,
+                    kind="ethernet" if cls is LinkClass.LOOPBACK else classify(ifname, sysfs_root),
+                    link_class=cls,
+                    up=link_is_up(flags),
+                    addresses=tuple(by_index.get(index, ())),
+                )
+            )
+        snapshot = MachineSnapshot(tuple(states))
+        wanted = {c.name for c in select_path_candidates(rules, snapshot)}
+        looked_up = []
+        for state in snapshot.interfaces:
+            if state.name in wanted and state.up and state.addresses_of(version):
+                try:
+                    state = attrs.evolve(state, route=_route_to(ipr, gateway, _FAMILY_OF_VERSION[version], state.index))
+                except (NetlinkError, OSError) as exc:
+                    state = attrs.evolve(state, error=describe_os_error(exc))
+            looked_up.append(state)
+        return MachineSnapshot(tuple(looked_up))
+
+
+async def read_machine_snapshot(
+    rules: PathRules, gateway: str, *, netns: str | None = None, sysfs_root: str = SYSFS_NET
+) -> MachineSnapshot:
+    """The machine as the path manager's rules see it now: links, addresses, routes to ``gateway``.
+
+    Runs the netlink dumps, the route lookups and the sysfs reads in a worker thread,
+    with an ``IPRoute`` of its own.  Per-interface failures are recorded on the
+    interface; a failed dump raises ``OSError`` or ``pyroute2.NetlinkError``
+    (``FileNotFoundError`` for an unknown ``netns``).
+    """
+    return await trio.to_thread.run_sync(_read_machine_sync, rules, gateway, netns, sysfs_root)
 
 
 def _read_links(netns: str | None) -> list[LinkInfo]:

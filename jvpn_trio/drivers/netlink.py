@@ -1,17 +1,20 @@
-"""Link and IPv4 address events from the kernel, as frozen values on a Trio channel.
+"""Link, address and route events from the kernel, as frozen values on a Trio channel.
 
 Theory of operation
 -------------------
-The kernel multicasts every link and address change on rtnetlink.  We listen
-on a raw ``AF_NETLINK`` socket wrapped by ``trio.socket`` and bound to the
-groups ``RTMGRP_LINK | RTMGRP_IPV4_IFADDR``; pyroute2's ``MarshalRtnl`` only
+The kernel multicasts every link, address and route change on rtnetlink.  We
+listen on a raw ``AF_NETLINK`` socket wrapped by ``trio.socket`` and bound to
+the groups chosen by :class:`Watch`: by default ``RTMGRP_LINK |
+RTMGRP_IPV4_IFADDR`` (links and IPv4 addresses); :data:`WATCH_PATHS` adds
+IPv6 addresses and the IPv4 and IPv6 routes, so that a DHCP renewal or a new
+default route wakes the path manager too.  pyroute2's ``MarshalRtnl`` only
 *parses* the bytes.  pyroute2's own socket objects are not used on the event
 loop: ``IPRoute`` buffers messages internally (a readable-fd wait then misses
 queued events, measured 1.5 s late in platform-notes section 6) and its async
 API is asyncio-only.
 
-One reader task turns each message into a :class:`LinkEvent` or
-:class:`AddressEvent` and ``await``\\ s ``send`` on a bounded channel.  A slow
+One reader task turns each message into a :class:`LinkEvent`,
+:class:`AddressEvent` or :class:`RouteEvent` (for the watched groups only) and ``await``\\ s ``send`` on a bounded channel.  A slow
 consumer therefore applies back-pressure: the reader stops reading, the
 kernel socket buffer fills up, and the kernel drops messages and reports
 ``ENOBUFS`` on the next ``recv``.  Dropped messages can never be recovered,
@@ -38,17 +41,24 @@ of any thread of ours.
 
 from __future__ import annotations
 
+import enum
 import errno
 import socket
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Union
+from typing import Any, AsyncIterator, Callable, Union
 
 import attrs
 import trio
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+)
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from jvpn_trio.errors import lone_exception_unwrapped
@@ -66,6 +76,10 @@ __all__ = [
     "LinkMonitorStatistics",
     "MonitorEvent",
     "Resync",
+    "RouteEvent",
+    "WATCH_DEFAULT",
+    "WATCH_PATHS",
+    "Watch",
     "link_is_up",
     "open_iproute",
     "open_link_monitor",
@@ -91,7 +105,40 @@ _SO_RCVBUFFORCE: int = getattr(socket, "SO_RCVBUFFORCE", 33)
 #: The kernel's netlink port id: only messages from it are believed.
 _KERNEL_PORT_ID = 0
 
-_GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR
+#: rtm_flags of a route the kernel cloned for itself (IPv6 exceptions: PMTU, redirects): not a table change.
+_RTM_F_CLONED = 0x200
+
+
+class Watch(enum.Flag):
+    """Which rtnetlink multicast groups a monitor subscribes to (and which messages it decodes)."""
+
+    LINKS = enum.auto()
+    IPV4_ADDRESSES = enum.auto()
+    IPV6_ADDRESSES = enum.auto()
+    IPV4_ROUTES = enum.auto()
+    IPV6_ROUTES = enum.auto()
+
+
+#: Links and IPv4 addresses: what the client runtime follows today.
+WATCH_DEFAULT = Watch.LINKS | Watch.IPV4_ADDRESSES
+#: Everything that can make a path usable or not, or move its source address or next hop.
+WATCH_PATHS = WATCH_DEFAULT | Watch.IPV6_ADDRESSES | Watch.IPV4_ROUTES | Watch.IPV6_ROUTES
+
+_GROUP_OF = {
+    Watch.LINKS: RTMGRP_LINK,
+    Watch.IPV4_ADDRESSES: RTMGRP_IPV4_IFADDR,
+    Watch.IPV6_ADDRESSES: RTMGRP_IPV6_IFADDR,
+    Watch.IPV4_ROUTES: RTMGRP_IPV4_ROUTE,
+    Watch.IPV6_ROUTES: RTMGRP_IPV6_ROUTE,
+}
+
+
+def _groups(watch: Watch) -> int:
+    groups = 0
+    for flag, group in _GROUP_OF.items():
+        if flag in watch:
+            groups |= group
+    return groups
 
 
 # -- values --------------------------------------------------------------------
@@ -112,12 +159,33 @@ class LinkEvent:
 
 @attrs.frozen(kw_only=True)
 class AddressEvent:
-    """An IPv4 address was added to (``added``) or removed from an interface."""
+    """An address was added to (``added``) or removed from an interface.
+
+    ``family`` is ``AF_INET`` or (with :attr:`Watch.IPV6_ADDRESSES`) ``AF_INET6``.  IPv6
+    addresses carry no label, so their ``ifname`` is empty: use ``index``.
+    """
 
     ifname: str
     index: int
     address: str
     prefixlen: int
+    added: bool
+    family: int = socket.AF_INET
+
+
+@attrs.frozen(kw_only=True)
+class RouteEvent:
+    """A route was added (``added``) or removed, in any table (only with the route :class:`Watch` groups).
+
+    ``dst`` is ``address/prefixlen``; ``oif`` and ``gateway`` are None when the message
+    has none (multipath routes name their next hops elsewhere, unreachable routes have none).
+    """
+
+    family: int
+    table: int
+    dst: str
+    oif: int | None
+    gateway: str | None
     added: bool
 
 
@@ -131,7 +199,7 @@ class Resync:
     overruns: int
 
 
-MonitorEvent = Union[LinkEvent, AddressEvent, Resync]
+MonitorEvent = Union[LinkEvent, AddressEvent, RouteEvent, Resync]
 
 
 @attrs.frozen(kw_only=True)
@@ -142,6 +210,7 @@ class LinkMonitorStatistics:
     address_events: int
     overruns: int
     ignored_messages: int
+    route_events: int = 0
 
 
 def link_is_up(flags: int) -> bool:
@@ -157,8 +226,34 @@ def link_is_up(flags: int) -> bool:
 # -- decoding (pure: pyroute2 message -> event) ---------------------------------
 
 
-def _decode(msg: object) -> LinkEvent | AddressEvent | None:
-    """One parsed rtnetlink message -> an event, or None for messages we do not use."""
+_ADDRESS_WATCH = {socket.AF_INET: Watch.IPV4_ADDRESSES, socket.AF_INET6: Watch.IPV6_ADDRESSES}
+_ROUTE_WATCH = {socket.AF_INET: Watch.IPV4_ROUTES, socket.AF_INET6: Watch.IPV6_ROUTES}
+_ANY_ADDRESS = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+
+
+def _decode_route(get: Callable[[str], Any], kind: str) -> RouteEvent | None:
+    family = get("family")
+    dst_len = get("dst_len")
+    if family not in _ANY_ADDRESS or not isinstance(dst_len, int):
+        return None
+    flags = get("flags")
+    if isinstance(flags, int) and flags & _RTM_F_CLONED:
+        return None
+    table = get("table")
+    oif = get("oif")
+    gateway = get("gateway")
+    return RouteEvent(
+        family=family,
+        table=table if isinstance(table, int) else 0,
+        dst=f"{get('dst') or _ANY_ADDRESS[family]}/{dst_len}",
+        oif=oif if isinstance(oif, int) else None,
+        gateway=gateway if isinstance(gateway, str) else None,
+        added=kind == "RTM_NEWROUTE",
+    )
+
+
+def _decode(msg: object, watch: Watch = WATCH_DEFAULT) -> LinkEvent | AddressEvent | RouteEvent | None:
+    """One parsed rtnetlink message -> an event, or None for messages ``watch`` does not ask for."""
     get = getattr(msg, "get", None)
     if get is None:
         return None
@@ -176,8 +271,15 @@ def _decode(msg: object) -> LinkEvent | AddressEvent | None:
             return None
         removed = kind == "RTM_DELLINK"
         return LinkEvent(ifname=ifname, index=index, up=(not removed) and link_is_up(flags), removed=removed)
+    if kind in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+        wanted = _ROUTE_WATCH.get(get("family"))
+        if wanted is None or wanted not in watch:
+            return None
+        return _decode_route(get, kind)
     if kind in ("RTM_NEWADDR", "RTM_DELADDR"):
-        if get("family") != socket.AF_INET:
+        family = get("family")
+        wanted = _ADDRESS_WATCH.get(family)
+        if wanted is None or wanted not in watch:
             return None
         # IFA_LOCAL is the local address; IFA_ADDRESS is the peer on point-to-point
         # links and equal to IFA_LOCAL elsewhere.
@@ -191,7 +293,8 @@ def _decode(msg: object) -> LinkEvent | AddressEvent | None:
         # interface names, and the kernel renames labels with their interface.
         ifname = label.partition(":")[0] if isinstance(label, str) else ""
         return AddressEvent(
-            ifname=ifname, index=index, address=address, prefixlen=prefixlen, added=kind == "RTM_NEWADDR"
+            ifname=ifname, index=index, address=address, prefixlen=prefixlen, added=kind == "RTM_NEWADDR",
+            family=family,
         )
     return None
 
@@ -202,14 +305,16 @@ def _decode(msg: object) -> LinkEvent | AddressEvent | None:
 class LinkMonitor:
     """Receiving end of :func:`open_link_monitor`: ``async for event in monitor``.
 
-    Events are :class:`LinkEvent`, :class:`AddressEvent` or :class:`Resync`, in
-    kernel order.  Only one task should consume.
+    Events are :class:`LinkEvent`, :class:`AddressEvent`, :class:`RouteEvent` (when
+    watched) or :class:`Resync`, in kernel order.  Only one task should consume.
     """
 
-    def __init__(self, receive_channel: trio.MemoryReceiveChannel[MonitorEvent]) -> None:
+    def __init__(self, receive_channel: trio.MemoryReceiveChannel[MonitorEvent], watch: Watch = WATCH_DEFAULT) -> None:
         self._receive = receive_channel
+        self._watch = watch
         self._link_events = 0
         self._address_events = 0
+        self._route_events = 0
         self._overruns = 0
         self._ignored = 0
 
@@ -226,6 +331,7 @@ class LinkMonitor:
             address_events=self._address_events,
             overruns=self._overruns,
             ignored_messages=self._ignored,
+            route_events=self._route_events,
         )
 
     async def _serve(self, sock: trio.socket.SocketType, send: trio.MemorySendChannel[MonitorEvent]) -> None:
@@ -247,7 +353,7 @@ class LinkMonitor:
                     self._ignored += 1
                     continue
                 for msg in marshal.parse(data):
-                    event = _decode(msg)
+                    event = _decode(msg, self._watch)
                     if event is None:
                         self._ignored += 1
                         continue
@@ -260,6 +366,8 @@ class LinkMonitor:
                                 continue
                             last_state[event.index] = state
                         self._link_events += 1
+                    elif isinstance(event, RouteEvent):
+                        self._route_events += 1
                     else:
                         self._address_events += 1
                     await send.send(event)
@@ -294,8 +402,9 @@ async def open_link_monitor(
     netns: str | None = None,
     channel_size: int = DEFAULT_CHANNEL_SIZE,
     rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES,
+    watch: Watch = WATCH_DEFAULT,
 ) -> AsyncIterator[LinkMonitor]:
-    """Listen to link and IPv4 address changes until the block exits.
+    """Listen to the changes ``watch`` names (links and IPv4 addresses by default) until the block exits.
 
     The socket is bound (subscribed) before the monitor is yielded, so every
     change made after ``__aenter__`` returns is reported.  For the state
@@ -306,12 +415,15 @@ async def open_link_monitor(
     """
     if channel_size < 1:
         raise ValueError(f"channel_size must be >= 1, got {channel_size}")
+    if Watch.LINKS not in watch:
+        # Removals arrive as link events, and Resync clears their memory: every watch includes them.
+        raise ValueError(f"watch must include Watch.LINKS, got {watch!r}")
     raw = await trio.to_thread.run_sync(_create_netlink_socket, netns, rcvbuf_bytes)
     sock = trio.socket.from_stdlib_socket(raw)
     with sock:
-        await sock.bind((0, _GROUPS))
+        await sock.bind((0, _groups(watch)))
         send, receive = trio.open_memory_channel[MonitorEvent](channel_size)
-        monitor = LinkMonitor(receive)
+        monitor = LinkMonitor(receive, watch)
         async with lone_exception_unwrapped(), trio.open_nursery() as nursery:
             nursery.start_soon(monitor._serve, sock, send)
             try:

@@ -30,6 +30,7 @@ from jvpn_trio.config import (
     policy_from_table,
     read_toml,
 )
+from jvpn_trio.core.candidates import PathRule, PathRules
 from jvpn_trio.core.policy import DEFAULT_POLICY
 
 
@@ -343,7 +344,32 @@ def test_kind_priorities() -> None:
         (CLIENT_MINIMAL + 'tun_name = "a-very-long-name0"\n',
          "[client].tun_name 'a-very-long-name0' is longer than 15 characters"),
         ('path = "eth0"\n' + CLIENT_MINIMAL, "[[path]] must be an array of tables"),
-        (CLIENT_MINIMAL + "[[path]]\nkind = 'wifi'\n", "[[path]] #1: missing required key 'interface'"),
+        (CLIENT_MINIMAL + "[[path]]\npriority = 3\n",
+         "[[path]] #1: needs 'interface' (one name), 'match' (a glob) or 'kind' (every link of a kind)"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = 'wlan0'\nmatch = 'wl*'\n",
+         "[[path]] #1: give 'interface' or 'match', not both"),
+        (CLIENT_MINIMAL + "[[path]]\nmatch = ''\n", "[[path]] #1.match: an empty glob matches no interface"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = ''\n", "[[path]] #1.interface: an empty name matches no interface"),
+        (CLIENT_MINIMAL + "[[path]]\nmatch = 'wl *'\n",
+         "[[path]] #1.match: 'wl *' is not an interface glob (no spaces, '/' or ':')"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = 'wl*'\n",
+         "[[path]] #1.interface: 'wl*' looks like a glob: use 'match' for globs"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = 'a-very-long-name0'\n",
+         "[[path]] #1.interface: 'a-very-long-name0' is longer than 15 characters"),
+        (CLIENT_MINIMAL + "[[path]]\nmatch = 5\n", "[[path]] #1.match: expected str, got int"),
+        (CLIENT_MINIMAL + "[[path]]\nkind = 'satellite'\n",
+         "[[path]] #1.kind: expected one of ethernet, wifi, lte, got 'satellite'"),
+        (CLIENT_MINIMAL + "[[path]]\nmatch = 'wl*'\n[[path]]\nmatch = 'wl*'\nkind = 'lte'\n",
+         "a match glob is listed twice in [[path]]"),
+        (CLIENT_MINIMAL + "[[path]]\nkind = 'lte'\n[[path]]\nkind = 'lte'\npriority = 1\n",
+         "a kind is listed alone twice in [[path]]"),
+        (CLIENT_MINIMAL + "[[path]]\ninterface = 'jvpn0'\n",
+         "[[path]] #1.interface: 'jvpn0' is the tunnel's own interface ([client].tun_name)"),
+        (CLIENT_MINIMAL + "exclude = ['docker*']\n[[path]]\ninterface = 'docker0'\n",
+         "[[path]] #1.interface: 'docker0' is excluded by [client].exclude 'docker*'"),
+        (CLIENT_MINIMAL + "exclude = 'docker*'\n", "[client].exclude: expected list, got str"),
+        (CLIENT_MINIMAL + "exclude = ['']\n", "[client].exclude: an empty glob matches no interface"),
+        (CLIENT_MINIMAL + "exclude = [1]\n", "[client].exclude: expected a list of strings, got int 1"),
         (CLIENT_MINIMAL + "[[path]]\ninterface = 'a'\n[[path]]\ninterface = 'b'\nkind = 'satellite'\n",
          "[[path]] #2.kind: expected one of ethernet, wifi, lte, got 'satellite'"),
         (CLIENT_MINIMAL + "[[path]]\ninterface = 'a'\npriority = '1'\n", "[[path]] #1.priority: expected int, got str"),
@@ -357,6 +383,58 @@ def test_kind_priorities() -> None:
 def test_client_errors(tmp_path: pathlib.Path, text: str, message: str) -> None:
     path, got = client_error(tmp_path, text)
     assert got == f"{path}: {message}"
+
+
+def test_path_rule_forms(tmp_path: pathlib.Path) -> None:
+    text = CLIENT_MINIMAL + """\
+exclude = ["docker*", "veth*"]
+
+[[path]]
+interface = "eth0"
+
+[[path]]
+match = "wl*"
+priority = 15
+
+[[path]]
+match = "usb*"
+kind = "lte"
+
+[[path]]
+kind = "lte"
+"""
+    cfg = load_client_config(write(tmp_path, text, "client.toml"))
+    assert cfg.path_rules == PathRules(
+        rules=(
+            PathRule(interface="eth0"),
+            PathRule(match="wl*", priority=15),
+            PathRule(match="usb*", kind="lte"),
+            PathRule(kind="lte"),
+        ),
+        exclude=("docker*", "veth*"),
+    )
+    # The fixed list of today's runtime keeps the entries that name one interface.
+    assert cfg.paths == (PathConfig(interface="eth0", kind=None, priority=None),)
+
+
+def test_interface_only_config_gives_the_same_rules(tmp_path: pathlib.Path) -> None:
+    text = CLIENT_MINIMAL + '[[path]]\ninterface = "eth0"\nkind = "ethernet"\n[[path]]\ninterface = "wwan0"\npriority = 5\n'
+    cfg = load_client_config(write(tmp_path, text, "client.toml"))
+    assert cfg.paths == (
+        PathConfig(interface="eth0", kind="ethernet", priority=None),
+        PathConfig(interface="wwan0", kind=None, priority=5),
+    )
+    assert cfg.path_rules.rules == (
+        PathRule(interface="eth0", kind="ethernet"),
+        PathRule(interface="wwan0", priority=5),
+    )
+    assert cfg.path_rules.exclude == ()
+
+
+def test_client_config_constructor_needs_no_path_rules() -> None:
+    """Other modules build ClientConfig by keyword; the new field has a default."""
+    fields = attrs.fields_dict(ClientConfig)
+    assert fields["path_rules"].default == PathRules()
 
 
 def test_client_missing_file(tmp_path: pathlib.Path) -> None:

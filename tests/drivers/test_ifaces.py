@@ -8,14 +8,33 @@ is bounded polling inside it.
 
 from __future__ import annotations
 
+import errno
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 import trio
 
-from jvpn_trio.drivers.ifaces import Candidate, IfaceKind, LinkInfo, classify, discover, select_candidates
+from pyroute2 import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
+
+from jvpn_trio.core.candidates import Address, GatewayRoute, LinkClass, PathRules
+from jvpn_trio.drivers import ifaces
+from jvpn_trio.drivers.ifaces import (
+    DUMP_ATTEMPTS,
+    RTM_F_FIB_MATCH,
+    Candidate,
+    IfaceKind,
+    LinkInfo,
+    _usable_address,
+    classify,
+    discover,
+    link_class,
+    read_machine_snapshot,
+    select_candidates,
+)
 from jvpn_trio.drivers.netlink import IFF_LOOPBACK, IFF_LOWER_UP, IFF_RUNNING, IFF_UP, read_link_states
 from jvpn_trio.drivers.routes import set_tun_address
 from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
@@ -208,3 +227,128 @@ async def test_discover_unknown_namespace_raises_and_creates_nothing() -> None:
             await discover(set(), netns=missing)
         listed = await trio.run_process(["ip", "netns", "list"], capture_stdout=True)
     assert missing not in listed.stdout.decode()
+
+
+# -- the path manager's snapshot ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "link_kind", "master", "expected"),
+    [
+        (IFF_LOOPBACK | UP, None, None, LinkClass.LOOPBACK),
+        (UP, "bridge", None, LinkClass.BRIDGE),
+        (UP, "tun", None, LinkClass.TUNNEL),
+        (UP, "wireguard", None, LinkClass.TUNNEL),
+        (UP, "dummy", None, LinkClass.VIRTUAL),
+        (UP, "veth", 5, LinkClass.CONTAINER),  # docker's host end, enslaved to docker0
+        (UP, "veth", None, LinkClass.VETH),
+        (UP, None, None, LinkClass.ORDINARY),
+        (UP, "vlan", None, LinkClass.ORDINARY),
+        (UP, "bond", None, LinkClass.ORDINARY),
+    ],
+)
+def test_link_class(flags: int, link_kind: str | None, master: int | None, expected: LinkClass) -> None:
+    assert link_class(flags=flags, link_kind=link_kind, master=master) is expected
+
+
+class Msg(dict):  # type: ignore[type-arg]
+    """Stands in for a parsed pyroute2 message: only ``.get`` is used."""
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected"),
+    [
+        (Msg(family=socket.AF_INET, local="10.0.0.2", prefixlen=24, scope=0, flags=0),
+         Address(family=4, address="10.0.0.2", prefixlen=24)),
+        (Msg(family=socket.AF_INET6, address="2001:db8::2", prefixlen=64, scope=0, IFA_FLAGS=0),
+         Address(family=6, address="2001:db8::2", prefixlen=64)),
+        (Msg(family=socket.AF_INET6, address="2001:db8::2", prefixlen=64, scope=0, IFA_FLAGS=0x40), None),  # tentative
+        (Msg(family=socket.AF_INET6, address="2001:db8::2", prefixlen=64, scope=0, IFA_FLAGS=0x08), None),  # dadfailed
+        (Msg(family=socket.AF_INET6, address="fe80::2", prefixlen=64, scope=253, IFA_FLAGS=0), None),  # link scope
+        (Msg(family=socket.AF_INET, local="127.0.0.1", prefixlen=8, scope=254, flags=0), None),  # host scope
+        (Msg(family=socket.AF_PACKET, address="x"), None),
+    ],
+)
+def test_only_addresses_usable_as_a_source_count(msg: Msg, expected: Address | None) -> None:
+    assert _usable_address(msg) == expected
+
+
+class FakeIPRoute:
+    """``get_links``/``get_addr``/``route('get')`` from scripted answers; records the lookups."""
+
+    def __init__(self, links: list[Msg], addrs: list[Msg], routes: dict[int, Any], interrupted: int = 0) -> None:
+        self.links, self.addrs, self.routes, self.interrupted = links, addrs, routes, interrupted
+        self.lookups: list[tuple[int, int]] = []
+
+    def __enter__(self) -> FakeIPRoute:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def get_links(self) -> list[Msg]:
+        if self.interrupted:
+            self.interrupted -= 1
+            raise NetlinkDumpInterrupted()
+        return self.links
+
+    def get_addr(self) -> list[Msg]:
+        return self.addrs
+
+    def route(self, command: str, *, dst: str, oif: int, family: int, flags: int = 0) -> list[Msg]:
+        assert command == "get" and dst == "198.51.100.7" and family == socket.AF_INET
+        self.lookups.append((oif, flags))
+        answer = self.routes[oif]
+        if isinstance(answer, BaseException):
+            raise answer
+        return [answer]
+
+
+def link(name: str, index: int, flags: int = UP, kind: str | None = None) -> Msg:
+    return Msg({"ifname": name, "index": index, "flags": flags, ("linkinfo", "kind"): kind})
+
+
+def addr(index: int, address: str) -> Msg:
+    return Msg(family=socket.AF_INET, index=index, local=address, prefixlen=24, scope=0, flags=0)
+
+
+def test_the_snapshot_reads_routes_for_candidates_only_and_isolates_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeIPRoute(
+        links=[link("lo", 1, IFF_LOOPBACK | UP), link("eth0", 2), link("wlan0", 3), link("usb0", 4),
+               link("eth1", 5, IFF_UP), link("docker0", 6, kind="bridge")],
+        addrs=[addr(2, "192.168.1.20"), addr(3, "10.0.0.5"), addr(4, "172.20.0.2"), addr(5, "10.9.9.9"),
+               addr(6, "172.17.0.1")],
+        routes={
+            2: Msg(gateway="192.168.1.1", prefsrc="192.168.1.20"),
+            3: NetlinkError(errno.ENODEV, "No such device"),  # vanished between the dump and the lookup
+            4: NetlinkError(errno.EHOSTUNREACH, "No route to host"),  # fibmatch: no route through usb0
+        },
+        interrupted=1,
+    )
+    monkeypatch.setattr(ifaces, "open_iproute", lambda netns: fake)
+    snapshot = ifaces._read_machine_sync(PathRules(), "198.51.100.7", None, str(tmp_path))
+    by_name = snapshot.by_name()
+    assert by_name["eth0"].route == GatewayRoute(next_hop="192.168.1.1", source="192.168.1.20")
+    assert by_name["wlan0"].error is not None and by_name["wlan0"].error.startswith("ENODEV")
+    assert by_name["wlan0"].kind == "wifi"
+    assert by_name["usb0"].route is None and by_name["usb0"].error is None
+    # Lookups: with FIB_MATCH first, then plain; never for loopback, a down link or a bridge.
+    assert fake.lookups == [(2, RTM_F_FIB_MATCH), (2, 0), (3, RTM_F_FIB_MATCH), (4, RTM_F_FIB_MATCH)]
+    assert by_name["lo"].link_class is LinkClass.LOOPBACK and by_name["docker0"].route is None
+
+
+def test_a_dump_interrupted_too_often_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeIPRoute(links=[], addrs=[], routes={}, interrupted=DUMP_ATTEMPTS)
+    monkeypatch.setattr(ifaces, "open_iproute", lambda netns: fake)
+    with pytest.raises(NetlinkDumpInterrupted):
+        ifaces._read_machine_sync(PathRules(), "198.51.100.7", None, str(tmp_path))
+
+
+async def test_read_machine_snapshot_here() -> None:
+    """Read-only, in this namespace: lo is loopback and never looked up."""
+    with trio.fail_after(IO_TIMEOUT_S):
+        snapshot = await read_machine_snapshot(PathRules(), "198.51.100.7")
+    lo = snapshot.by_name()["lo"]
+    assert lo.link_class is LinkClass.LOOPBACK and lo.route is None and lo.index == 1

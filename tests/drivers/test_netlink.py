@@ -24,6 +24,10 @@ from jvpn_trio.drivers.netlink import (
     LinkMonitor,
     MonitorEvent,
     Resync,
+    RouteEvent,
+    WATCH_DEFAULT,
+    WATCH_PATHS,
+    Watch,
     _decode,
     link_is_up,
     open_link_monitor,
@@ -266,3 +270,48 @@ async def test_unknown_namespace_raises_and_creates_nothing() -> None:
 async def _netns_list() -> str:
     done = await trio.run_process(["ip", "netns", "list"], capture_stdout=True)
     return done.stdout.decode()
+
+
+# -- the path manager's wider watch: IPv6 addresses and routes ----------------------------------
+
+
+def test_ipv6_addresses_and_routes_are_decoded_only_when_watched() -> None:
+    v6 = FakeMsg(event="RTM_NEWADDR", family=socket.AF_INET6, address="2001:db8::5", index=4, prefixlen=64)
+    assert _decode(v6) is None
+    assert _decode(v6, WATCH_PATHS) == AddressEvent(
+        ifname="", index=4, address="2001:db8::5", prefixlen=64, added=True, family=socket.AF_INET6
+    )
+    default = FakeMsg(event="RTM_NEWROUTE", family=socket.AF_INET, dst_len=0, table=254, oif=4,
+                      gateway="192.168.1.1", flags=0)
+    assert _decode(default) is None
+    assert _decode(default, WATCH_PATHS) == RouteEvent(
+        family=socket.AF_INET, table=254, dst="0.0.0.0/0", oif=4, gateway="192.168.1.1", added=True
+    )
+    gone = FakeMsg(event="RTM_DELROUTE", family=socket.AF_INET6, dst="2001:db8::", dst_len=32, table=254)
+    assert _decode(gone, WATCH_PATHS) == RouteEvent(
+        family=socket.AF_INET6, table=254, dst="2001:db8::/32", oif=None, gateway=None, added=False
+    )
+    # IPv4 routes only: IPv6 routes stay unwatched; kernel-cloned exceptions are never table changes.
+    assert _decode(gone, WATCH_DEFAULT | Watch.IPV4_ROUTES) is None
+    cloned = FakeMsg(event="RTM_NEWROUTE", family=socket.AF_INET6, dst="2001:db8::9", dst_len=128, flags=0x200)
+    assert _decode(cloned, WATCH_PATHS) is None
+
+
+async def test_a_watch_without_links_is_rejected() -> None:
+    with pytest.raises(ValueError, match="Watch.LINKS"):
+        async with open_link_monitor(watch=Watch.IPV4_ROUTES):
+            pass  # pragma: no cover
+
+
+@requires_lab
+async def test_route_changes_arrive_with_the_path_watch(nl_lab: Lab) -> None:
+    ns, a = nl_lab.client_ns, "wifi0"
+    with trio.fail_after(EVENT_TIMEOUT_S):
+        async with open_link_monitor(netns=ns, watch=WATCH_PATHS) as monitor:
+            index = (await read_link_states(netns=ns))[a].index
+            await nl_lab.run(ns, "ip", "route", "add", "203.0.113.0/24", "dev", a, "table", "4242")
+            async for event in monitor:
+                if isinstance(event, RouteEvent) and event.dst == "203.0.113.0/24":
+                    assert (event.table, event.oif, event.added) == (4242, index, True)
+                    break
+            assert monitor.statistics().route_events >= 1
