@@ -1,9 +1,15 @@
 """``jvpn-trio up``: the client's composition root (path sockets, routes, TUN, UI, control socket).
 
-It only wires drivers together; every decision is the core's.  Resources are
-acquired in nested async context managers so that every way out (an error,
-Ctrl-C, SIGTERM, the session ending) removes the TUN, the routes and the
-control socket again.
+It only wires drivers together; every decision is the core's.  ``up`` runs a
+:class:`~jvpn_trio.drivers.agent.ClientAgent`, which keeps one session at a
+time for as long as the process lives: the path sockets, the TUN and the
+tunnel routes are opened once, here, and stay in place across sessions and
+while none exists (the laptop's traffic never leaves the tunnel
+unprotected).  ``up`` exits on SIGINT/SIGTERM (the first closes the live
+session explicitly, a second exits at once) or on a configuration or
+privilege error at start; never because a session ended.  Resources are
+acquired in nested async context managers so that every way out removes the
+TUN, the routes and the control socket again.
 """
 
 from __future__ import annotations
@@ -12,9 +18,9 @@ import functools
 import ipaddress
 import socket
 import sys
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, Callable
 
 import trio
 
@@ -23,14 +29,13 @@ from jvpn_trio.config import DEFAULT_MTU, KIND_PRIORITY, ClientConfig
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.ids import PathId
-from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers import control, event_sink, ifaces, netlink, routes, tun, udp
-from jvpn_trio.drivers.client import ClientPath, ClientRuntime
-from jvpn_trio.drivers.ports import PacketPort
+from jvpn_trio.drivers.agent import ClientAgent
+from jvpn_trio.drivers.client import ClientPath
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
 from jvpn_trio.ui.app import run_console, use_tui
-from jvpn_trio.ui.status import client_status, statistics_counters
+from jvpn_trio.ui.status import CONNECTING, client_status, statistics_counters
 
 #: Routing tables: the tunnel's, then one per path after it.
 TUNNEL_TABLE = 51820
@@ -52,9 +57,50 @@ async def _client_paths(config: ClientConfig) -> list[tuple[str, str, int]]:
     return [(c.ifname, c.kind, KIND_PRIORITY[c.kind] + i) for i, c in enumerate(found)]
 
 
+def _tun_address_setter(tun_name: str, log: Callable[[str], None]) -> Callable[[ipaddress.IPv4Interface], Any]:
+    """An async callback giving the TUN a session's address, replacing the one it had.
+
+    A refusal by the kernel is logged, not raised: the session still runs
+    (packets to the old address simply go unanswered), and the agent lives on.
+    """
+    current: list[ipaddress.IPv4Interface] = []
+
+    async def set_address(address: ipaddress.IPv4Interface) -> None:
+        try:
+            await routes.set_tun_address(tun_name, str(address.ip), address.network.prefixlen, DEFAULT_MTU)
+            for old in current:
+                if old != address:
+                    await trio.to_thread.run_sync(_delete_address_sync, tun_name, old)
+        except (routes.RouteError, OSError) as exc:
+            log(f"cannot give {tun_name} the address {address}: {exc}")
+            return
+        current[:] = [address]
+
+    return set_address
+
+
+def _delete_address_sync(tun_name: str, address: ipaddress.IPv4Interface) -> None:
+    """Remove ``address`` from ``tun_name`` (blocking: run it in a worker thread)."""
+    from pyroute2 import NetlinkError
+
+    with netlink.open_iproute(None) as ipr:
+        found = ipr.link_lookup(ifname=tun_name)
+        if not found:
+            return
+        try:
+            ipr.addr("del", index=found[0], address=str(address.ip), prefixlen=address.network.prefixlen)
+        except NetlinkError as exc:
+            raise OSError(exc.code, f"netlink: {exc}") from exc
+
+
+def _stderr_line(line: str) -> None:
+    print(f"jvpn-trio: {line}", file=sys.stderr, flush=True)
+
+
 async def run_client(
     config: ClientConfig, *, record: Path | None = None, quiet: bool = False, no_tui: bool = False
 ) -> int:
+    """Run the client agent until SIGINT/SIGTERM; 0 then.  Raises AppError for what stops it at start."""
     problem = missing_privilege()
     if problem:
         raise AppError(problem)
@@ -101,50 +147,52 @@ async def run_client(
                 tunnel=tunnel_routes,
                 paths=path_routes,
                 gateway_address=gateway_host,
-                defer_tunnel=True,  # the TUN exists only once the handshake assigned its address
+                defer_tunnel=True,  # the TUN is created next
                 best_effort=True,  # a path that is not routable yet is left to probing
             )
         )
-        runtime = ClientRuntime(
+        # The TUN and its routes live as long as the agent: between sessions the traffic they
+        # capture is dropped (and counted), never sent around the tunnel.  The address comes
+        # with each session's handshake.
+        device = await stack.enter_async_context(
+            tun.open_tun(config.tun_name, address=None, prefixlen=0, mtu=DEFAULT_MTU)
+        )
+        await stack.enter_async_context(routing.open_tunnel_routes())
+        agent = ClientAgent(
             policy=config.policy,
             static=static,
             gateway_public=gateway_public,
             paths=client_paths,
             emit=sink.emit,
+            packets=device,
+            set_address=_tun_address_setter(config.tun_name, _stderr_line),
             recorder=recorder,
         )
         by_name = {p.name: p.path for p in client_paths}
 
-        @asynccontextmanager
-        async def tunnel(address: ipaddress.IPv4Interface) -> AsyncIterator[PacketPort]:
-            async with tun.open_tun(
-                config.tun_name, address=str(address.ip), prefixlen=address.network.prefixlen, mtu=DEFAULT_MTU
-            ) as device, routing.open_tunnel_routes():
-                yield device
-
         async def follow_links(monitor: netlink.LinkMonitor) -> None:
             async for item in monitor:
                 if isinstance(item, netlink.LinkEvent) and item.ifname in by_name:
-                    runtime.submit_nowait(ev.LinkChanged(path=by_name[item.ifname], up=item.up))
+                    agent.submit_nowait(ev.LinkChanged(path=by_name[item.ifname], up=item.up))
                     if item.up:  # the kernel deleted the path's route when the link went down
                         await routing.reinstall_path(item.ifname)
                 elif isinstance(item, netlink.Resync):
                     states = await netlink.read_link_states()
                     for name, path in by_name.items():
                         state = states.get(name)
-                        runtime.submit_nowait(ev.LinkChanged(path=path, up=bool(state and state.up)))
+                        agent.submit_nowait(ev.LinkChanged(path=path, up=bool(state and state.up)))
 
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
-            value = runtime.status.value
+            value = agent.status.value
             if value is None:
-                return {"role": "client", "state": "HANDSHAKING"}
+                return {"role": "client", "session": None, "state": CONNECTING, "sessions_started": 0}
             return client_status(
                 value.snapshot,
                 statistics=value.statistics,
                 counters=statistics_counters(routing.statistics(), prefix=ROUTES_COUNTER_PREFIX),
+                sessions_started=value.sessions_started,
             )
 
-        reason = ReasonCode.LOCAL_CLOSE
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: control.serve_control(
@@ -156,17 +204,15 @@ async def run_client(
                 await nursery.start(
                     functools.partial(
                         run_console,
-                        runtime,
+                        agent,
                         sink,
                         gateway=f"{config.gateway[0]}:{config.gateway[1]}",
                         tui=use_tui(no_tui),
                     )
                 )
-            nursery.start_soon(
-                close_on_signals, lambda: runtime.submit_nowait(ev.CloseRequested()), nursery.cancel_scope
-            )
-            reason = await runtime.run(packets=tunnel)
+            nursery.start_soon(close_on_signals, agent.close_nowait, nursery.cancel_scope)
+            await agent.serve()
             nursery.cancel_scope.cancel()
     if not quiet:
-        print(f"jvpn-trio: session ended: {reason.value}", file=sys.stderr)
-    return 0 if reason is ReasonCode.LOCAL_CLOSE else 1
+        print(f"jvpn-trio: stopped after {agent.sessions_started} session(s)", file=sys.stderr)
+    return 0

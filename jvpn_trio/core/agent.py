@@ -27,18 +27,29 @@ a *new* session, with a new SessionID, whose BIRTH names the one before it.
   no unauthenticated packet can end a live session; when it is answered the
   gateway has already replaced its side, and the agent closes the old
   session explicitly (LOCAL_CLOSE) before the new one is born.
+- **Rounds.**  A handshake round (:class:`HandshakeRound`) is one attempt
+  per eligible path, in the order the
+  :class:`~jvpn_trio.core.connect.HandshakePlanner` gives, each waiting
+  ``handshake_retry_ms``; only one init is outstanding at a time, since a
+  second answered init would replace the first session at the gateway.
+  The back-off after a failed round counts from when its last init left,
+  so two inits are never further apart than ``reconnect_max_ms`` (the
+  bound on noticing a gateway that came back).
 
 Everything here is a pure function of its inputs and ``now``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
-from jvpn_trio.core.ids import SessionId
+from jvpn_trio.core.connect import HandshakeCandidate, HandshakeGiveUp, HandshakePlanner, HandshakeStep
+from jvpn_trio.core.ids import PathId, SessionId
 from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
 from jvpn_trio.core.session import SessionRecord
-from jvpn_trio.core.states import SessionState
+from jvpn_trio.core.states import ReasonCode, SessionState
 
 _MS = 1000.0
 
@@ -92,9 +103,17 @@ class Succession:
         return tuple(t for t in self._switch_times if now < t + SWITCH_RATE_WINDOW_S)
 
     # -- inputs -------------------------------------------------------------------
-    def handshake_failed(self, now: float) -> float:
-        """A handshake round ended without an answer; returns when the next may start."""
-        return self._fail(now)
+    def handshake_failed(self, now: float, *, last_attempt_at: float | None = None) -> float:
+        """A handshake round ended without an answer at ``now``; returns when the next may start.
+
+        With ``last_attempt_at`` (when the round's last init left) the wait counts from
+        there, never ending before ``now``: inits are then at most ``reconnect_max_ms``
+        (or one ``handshake_retry_ms``) apart.
+        """
+        self.failures += 1
+        start = now if last_attempt_at is None else min(last_attempt_at, now)
+        self._next_attempt_at = max(now, start + self.reconnect_delay_ms() / _MS)
+        return self._next_attempt_at
 
     def session_started(self, session_id: SessionId, now: float) -> SessionSeed:
         """A handshake completed: the seed the new session must be created with."""
@@ -120,3 +139,40 @@ class Succession:
         self.failures += 1
         self._next_attempt_at = now + self.reconnect_delay_ms() / _MS
         return self._next_attempt_at
+
+
+class HandshakeRound:
+    """One handshake round of the agent: one attempt on each path eligible when it starts.
+
+    The order and the skipping of down links are the planner's
+    (``core/connect.py``); the round gives up after its last attempt, or at
+    the planner's own bound, whichever comes first.  ``candidates`` must be
+    non-empty with distinct paths (ValueError otherwise).
+    """
+
+    def __init__(self, *, policy: Policy, candidates: Iterable[HandshakeCandidate], now: float) -> None:
+        self._planner = HandshakePlanner(policy=policy, candidates=candidates, now=now)
+        self._started = now
+        self._budget = len(self._planner.eligible())
+        self.last_attempt_at: float | None = None
+
+    @property
+    def attempts(self) -> int:
+        return self._planner.attempts
+
+    def link_changed(self, path: PathId, *, up: bool) -> None:
+        """Netlink's news about a path; it changes which paths the remaining attempts use."""
+        self._planner.link_changed(path, up=up)
+
+    def next_attempt(self, *, now: float) -> HandshakeStep:
+        """The attempt to make at ``now``, or the give-up once every attempt of the round is spent."""
+        if self._planner.attempts >= self._budget:
+            return HandshakeGiveUp(
+                reason=ReasonCode.NO_CANDIDATE,
+                paths=self._planner.eligible(),
+                after_ms=round((now - self._started) * _MS),
+            )
+        step = self._planner.next_attempt(now=now)
+        if not isinstance(step, HandshakeGiveUp):
+            self.last_attempt_at = now
+        return step

@@ -2,10 +2,12 @@
 
 Theory of operation
 -------------------
-:meth:`ClientRuntime.run` first handshakes with the gateway on the paths a
+A runtime serves exactly one session.  :meth:`ClientRuntime.run` either
+handshakes first (on the paths a
 :class:`~jvpn_trio.core.connect.HandshakePlanner` names, each until the
-deadline it gives, then opens the packet port (the TUN, through a factory
-that knows the assigned address) and starts, in one nursery:
+deadline it gives) or adopts a handshake already completed (``adopt``: the
+agent's rescue, ``drivers/agent.py``), gives the long-lived packet port
+(the TUN) its address through ``set_address``, and starts, in one nursery:
 
 - the **supervisor** (:meth:`_supervise`): the only caller of the
   :class:`ClientSession`.  It reads ``(observed_at, input)`` pairs from one
@@ -24,20 +26,33 @@ that knows the assigned address) and starts, in one nursery:
 - the **rekeyer**: a new handshake on the active path before the keys age
   out; the SessionID does not change (Property 5).
 
+While the session runs, :meth:`ClientRuntime.rescue` may try a *fresh*
+handshake (no ``rekey_session``) on the same sockets; the receivers hand
+every HANDSHAKE_RESP to the pending handshake its receiver index names.
+
+A path socket that raises OSError (the interface was deleted, the network
+is down ...) is that path's news, never the program's: it is counted, fed
+to the core as ``LinkChanged(up=False)``, logged at most once per
+:data:`PATH_ERROR_LOG_INTERVAL_S`, and the socket is tried again every
+``handshake_retry_ms``; the first datagram it delivers again reports the
+link up.
+
 Inputs are stamped when observed, not when processed, so RTTs are measured
 where the bytes moved and a recorded trace replays exactly.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import math
 import os
+import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, AsyncContextManager, Callable
+from typing import Any, Callable, Protocol
 
 import attrs
 import trio
@@ -56,7 +71,8 @@ from jvpn_trio.core.actions import (
     Terminate,
 )
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
-from jvpn_trio.core.connect import HandshakeCandidate, HandshakeGiveUp, HandshakePlanner
+from jvpn_trio.core.agent import SessionSeed
+from jvpn_trio.core.connect import HandshakeCandidate, HandshakeGiveUp, HandshakePlanner, HandshakeStep
 from jvpn_trio.core.noise import HandshakeError, HandshakeResult, InitiatorHandshake, StaticKeypair
 from jvpn_trio.core.keyring import KeyExhausted
 from jvpn_trio.core.ids import Binding, PathId, RandomBytes
@@ -71,12 +87,41 @@ from jvpn_trio.drivers.recording import Recorder
 BATCH = 64
 #: Inbox depth: inputs waiting for the supervisor.  Producers wait when it is full (backpressure).
 INBOX_CAPACITY = 4096
+#: A failing path socket is logged at most this often (every failure is counted).
+PATH_ERROR_LOG_INTERVAL_S = 10.0
+#: The seed of a runtime that is not part of an agent's chain.
+FIRST_SEED = SessionSeed(number=1, previous_session=None, switch_times=())
 
-PacketPortFactory = Callable[[ipaddress.IPv4Interface], AsyncContextManager[PacketPort | None]]
+SetAddress = Callable[[ipaddress.IPv4Interface], Awaitable[None]]
 
 
 class HandshakeFailed(Exception):
     """The gateway did not complete a handshake on any path in time."""
+
+    def __init__(self, message: str, *, last_attempt_at: float | None = None) -> None:
+        super().__init__(message)
+        self.last_attempt_at = last_attempt_at  # when the last init of the round left
+
+
+class HandshakePlan(Protocol):
+    """Where and until when to try a handshake (``HandshakePlanner``, ``core.agent.HandshakeRound``)."""
+
+    def next_attempt(self, *, now: float) -> HandshakeStep: ...
+
+    def link_changed(self, path: PathId, *, up: bool) -> None: ...
+
+
+@attrs.frozen(kw_only=True)
+class Handshaken:
+    """A completed handshake, not yet a session: what :meth:`ClientRuntime.run` may adopt."""
+
+    result: HandshakeResult
+    path: PathId
+    at: float  # when the response authenticated
+
+
+def _stderr_line(line: str) -> None:
+    print(f"jvpn-trio: {line}", file=sys.stderr, flush=True)
 
 
 def _default_control(path: ClientPath) -> Address:
@@ -123,7 +168,7 @@ class ClientStatistics:
     rx_packets: int = 0  # DATA delivered to the TUN (keepalives included)
     rx_bytes: int = 0
     rx_tun_full: int = 0  # delivered packets the TUN could not take
-    handshake_sent: int = 0  # HANDSHAKE_INITs of the first handshake
+    handshake_sent: int = 0  # HANDSHAKE_INITs of fresh handshakes (not rekeys)
     handshake_stray: int = 0  # responses to no handshake of ours
     handshake: Mapping[ReasonCode, int] = attrs.field(default=_NO_COUNTS, hash=False)  # responses refused
     rekeys: int = 0
@@ -134,6 +179,8 @@ class ClientStatistics:
     drop: Mapping[ReasonCode, int] = attrs.field(default=_NO_COUNTS, hash=False)  # datagrams not opened
     drop_malformed_plaintext: int = 0  # authenticated, but the message inside does not parse
     unexpected_type: int = 0  # authenticated messages only a gateway receives
+    path_errors: Mapping[str, int] = attrs.field(default=MappingProxyType({}), hash=False)  # by errno name
+    rescues: int = 0  # fresh handshakes answered while a session was live but unbound
 
 
 @attrs.define
@@ -157,36 +204,70 @@ class _Tally:
     drop: Counter[ReasonCode] = attrs.Factory(Counter)
     drop_malformed_plaintext: int = 0
     unexpected_type: int = 0
+    path_errors: Counter[str] = attrs.Factory(Counter)
+    rescues: int = 0
 
     def freeze(self) -> ClientStatistics:
         values = attrs.asdict(self, recurse=False)
         values["handshake"] = MappingProxyType(dict(self.handshake))
         values["drop"] = MappingProxyType(dict(self.drop))
+        values["path_errors"] = MappingProxyType(dict(self.path_errors))
         return ClientStatistics(**values)
+
+
+#: The driver's counters, shared by the successive runtimes of one agent.
+ClientTally = _Tally
 
 
 @attrs.frozen(kw_only=True)
 class RuntimeStatus:
-    """What the UI and ``status`` show: the core's snapshot plus the driver's statistics."""
+    """What the UI and ``status`` show: the core's snapshot plus the driver's statistics.
 
-    snapshot: ClientSnapshot
+    ``snapshot`` is None between two sessions of an agent (it is connecting).
+    """
+
+    snapshot: ClientSnapshot | None
     paths: tuple[tuple[PathId, str, str], ...]  # (path, interface, kind)
     tunnel_address: str | None
     statistics: ClientStatistics
+    sessions_started: int = 0  # sessions of the agent so far (1 while the first one runs)
+
+
+@attrs.define(eq=False)
+class _PendingHandshake:
+    state: InitiatorHandshake
+    sender_index: int
+    path: ClientPath
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: HandshakeResult | None = None
+    answered_at: float | None = None
 
 
 class ClientRuntime:
+    """One client session over the given paths; see the module docstring.
+
+    ``packets`` is the TUN (long-lived: it outlives the runtime);
+    ``set_address`` is awaited with the address the handshake assigned before
+    any packet flows.  ``tally`` and ``status`` may be shared with the runtimes
+    before and after this one (an agent's counters and status stream).
+    """
+
     def __init__(
         self,
         *,
         policy: Policy,
         static: StaticKeypair,
         gateway_public: bytes,
-        paths: list[ClientPath],
+        paths: Sequence[ClientPath],
         emit: Callable[[EmitEvent], None],
+        packets: PacketPort | None = None,
+        set_address: SetAddress | None = None,
         random_bytes: RandomBytes = os.urandom,
         wall_time_ns: Callable[[], int] = time.time_ns,
         recorder: Recorder | None = None,
+        tally: ClientTally | None = None,
+        status: trio_util.AsyncValue[RuntimeStatus | None] | None = None,
+        log: Callable[[str], None] = _stderr_line,
     ) -> None:
         if not paths:
             raise ValueError("a client needs at least one path")
@@ -194,24 +275,30 @@ class ClientRuntime:
         self._static = static
         self._gateway_public = gateway_public
         self.paths = {p.path: p for p in sorted(paths, key=lambda p: (p.priority, p.path.value))}
+        #: Each path's link as last reported (netlink, or this runtime's own socket errors).
+        self.link_up: dict[PathId, bool] = {p.path: p.link_up for p in self.paths.values()}
         self._emit = emit
+        self._packets = packets
+        self._set_address = set_address
         self._random_bytes = random_bytes
         self._wall_time_ns = wall_time_ns
         self._recorder = recorder
+        self._log = log
         self.channel = SecureChannel(policy)
         self.session: ClientSession | None = None
+        self.seed = FIRST_SEED
         self.tunnel_address: ipaddress.IPv4Interface | None = None
-        self._tally = _Tally()
-        self._planner: HandshakePlanner | None = None
-        self.status = trio_util.AsyncValue[RuntimeStatus | None](None)
+        self._tally = tally if tally is not None else _Tally()
+        self._plan: HandshakePlan | None = None
+        self.status = status if status is not None else trio_util.AsyncValue[RuntimeStatus | None](None)
         self.termination_reason: ReasonCode | None = None
         self._active: ClientPath | None = None
-        self._packets: PacketPort | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[float, Any]](INBOX_CAPACITY)
         self._last_now = -math.inf
-        self._pending_rekey: tuple[InitiatorHandshake, int, trio.Event] | None = None
-        self._rekey_result: HandshakeResult | None = None
+        self._handshakes: dict[int, _PendingHandshake] = {}
         self._delivery_reported: dict[PathId, float] = {}
+        self._socket_down: set[PathId] = set()
+        self._error_logged: dict[PathId, float] = {}
 
     def statistics(self) -> ClientStatistics:
         """The driver's counters now (a frozen copy)."""
@@ -221,10 +308,12 @@ class ClientRuntime:
     def submit_nowait(self, event: Any) -> bool:
         """Queue an input stamped now; False (and counted) if the inbox is full.
 
-        A link change during the first handshake also tells the planner which paths to try.
+        A link change also tells a running handshake plan which paths to try.
         """
-        if self._planner is not None and isinstance(event, ev.LinkChanged):
-            self._planner.link_changed(event.path, up=event.up)
+        if isinstance(event, ev.LinkChanged) and event.path in self.paths:
+            self.link_up[event.path] = event.up
+            if self._plan is not None:
+                self._plan.link_changed(event.path, up=event.up)
         try:
             self._inbox_send.send_nowait((trio.current_time(), event))
         except trio.WouldBlock:
@@ -243,24 +332,50 @@ class ClientRuntime:
     async def run(
         self,
         *,
-        packets: PacketPortFactory | None = None,
+        adopt: Handshaken | None = None,
+        seed: SessionSeed = FIRST_SEED,
         task_status: trio.TaskStatus[ClientRuntime] = trio.TASK_STATUS_IGNORED,
     ) -> ReasonCode:
-        """Handshake, then serve until the session terminates; returns the termination reason."""
-        result, path = await self._handshake()
+        """Handshake (unless ``adopt`` is given), then serve until the session terminates.
+
+        Returns the termination reason; raises :class:`HandshakeFailed` when
+        the planner gives up.  ``seed`` comes from the agent's
+        :class:`~jvpn_trio.core.agent.Succession` (BIRTH names the previous session).
+        """
+        if adopt is None:
+            adopt = await self.handshake()
+        result = adopt.result
+        path = self.paths[adopt.path]
+        self.seed = seed
+        self.channel.install_current(result.keypair(created_at=adopt.at))
+        address = ipaddress.IPv4Interface(f"{result.tunnel_ipv4}/{result.prefix_len}")
+        if self._set_address is not None:
+            await self._set_address(address)
+        self.tunnel_address = address
         now = trio.current_time()
-        self.channel.install_current(result.keypair(created_at=now))
-        self.tunnel_address = ipaddress.IPv4Interface(f"{result.tunnel_ipv4}/{result.prefix_len}")
-        session = ClientSession(policy=self.policy, session_id=result.session_id, now=now)
+        session = ClientSession(
+            policy=self.policy,
+            session_id=result.session_id,
+            now=now,
+            previous_session=seed.previous_session,
+            switch_times=seed.switch_times,
+        )
         self.session = session
         created = session.creation_events()
         if self._recorder is not None:
-            start = SessionStart(side="client", now=now, session=result.session_id.hex, policy=self.policy.to_mapping())
+            start = SessionStart(
+                side="client",
+                now=now,
+                session=result.session_id.hex,
+                policy=self.policy.to_mapping(),
+                previous_session=seed.previous_session.hex if seed.previous_session is not None else None,
+                switch_times=seed.switch_times,
+            )
             self._recorder.started(start, created)
         self._apply(created, now)
         for p in self.paths.values():
             await self._feed(
-                ev.PathAdded(path=p.path, priority=p.priority, endpoint=p.gateway, link_up=p.link_up), now
+                ev.PathAdded(path=p.path, priority=p.priority, endpoint=p.gateway, link_up=self.link_up[p.path]), now
             )
         await self._feed(
             ev.HandshakeCompleted(
@@ -270,52 +385,108 @@ class ClientRuntime:
             ),
             now,
         )
-        factory = packets or _no_packets
-        async with factory(self.tunnel_address) as port:
-            self._packets = port
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._supervise, nursery.cancel_scope)
-                for p in self.paths.values():
-                    nursery.start_soon(self._receive, p)
-                    nursery.start_soon(self._probe, p)
-                if port is not None:
-                    nursery.start_soon(self._pump_packets, port)
-                nursery.start_soon(self._rekey_loop)
-                task_status.started(self)
-        self._packets = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._supervise, nursery.cancel_scope)
+            for p in self.paths.values():
+                nursery.start_soon(self._receive, p)
+                nursery.start_soon(self._probe, p)
+            if self._packets is not None:
+                nursery.start_soon(self._pump_packets, self._packets)
+            nursery.start_soon(self._rekey_loop)
+            task_status.started(self)
         return self.termination_reason or ReasonCode.LOCAL_CLOSE
 
-    # -- handshake ------------------------------------------------------------------------------
-    async def _handshake(self) -> tuple[HandshakeResult, ClientPath]:
-        """Send inits where the planner says, each answered or abandoned by its deadline.
-
-        Raises :class:`HandshakeFailed` when the planner gives up.
-        """
-        candidates = [
-            HandshakeCandidate(path=p.path, priority=p.priority, link_up=p.link_up) for p in self.paths.values()
+    # -- handshakes -----------------------------------------------------------------------------
+    def candidates(self) -> list[HandshakeCandidate]:
+        """This runtime's paths as handshake candidates, with their current link states."""
+        return [
+            HandshakeCandidate(path=p.path, priority=p.priority, link_up=self.link_up[p.path])
+            for p in self.paths.values()
         ]
-        planner = HandshakePlanner(policy=self.policy, candidates=candidates, now=trio.current_time())
-        self._planner = planner
+
+    async def handshake(self, plan: HandshakePlan | None = None) -> Handshaken:
+        """Send inits where ``plan`` says (default: a planner until the transport-loss TTL).
+
+        Only for a runtime that serves no session yet: it reads the path
+        sockets itself.  Raises :class:`HandshakeFailed` when the plan gives up.
+        """
+        if self.session is not None:
+            raise RuntimeError("this runtime already serves a session")
+        if plan is None:
+            plan = HandshakePlanner(policy=self.policy, candidates=self.candidates(), now=trio.current_time())
+        self._plan = plan
+        last_attempt_at: float | None = None
         try:
             while True:
-                step = planner.next_attempt(now=trio.current_time())
+                step = plan.next_attempt(now=trio.current_time())
                 if isinstance(step, HandshakeGiveUp):
                     names = ", ".join(self.paths[p].name for p in step.paths)
-                    raise HandshakeFailed(f"no handshake answer from the gateway on {names} within {step.after_ms} ms")
+                    raise HandshakeFailed(
+                        f"no handshake answer from the gateway on {names} within {step.after_ms} ms",
+                        last_attempt_at=last_attempt_at,
+                    )
                 path = self.paths[step.path]
-                state, sender_index = self._send_handshake_init(path)
-                self._tally.handshake_sent += 1
-                with trio.move_on_at(step.deadline):
-                    while True:
-                        for data, addr in await path.port.recv_batch(BATCH):
-                            result = self._try_response(state, sender_index, data, addr, path)
-                            if result is not None:
-                                return result, path
+                last_attempt_at = trio.current_time()
+                pending = self._start_handshake(path)
+                if pending is None:  # the path could not send: wait out the attempt
+                    await trio.sleep_until(step.deadline)
+                    continue
+                try:
+                    with trio.move_on_at(step.deadline):
+                        return await self._await_response(path, pending)
+                finally:
+                    self._handshakes.pop(pending.sender_index, None)
         finally:
-            self._planner = None
+            self._plan = None
 
-    def _send_handshake_init(self, path: ClientPath, *, rekey: bool = False) -> tuple[InitiatorHandshake, int]:
-        """Send a HANDSHAKE_INIT on ``path``; a rekey names the session, so its SessionID stays (Property 5)."""
+    async def _await_response(self, path: ClientPath, pending: _PendingHandshake) -> Handshaken:
+        """Read ``path``'s socket until ``pending`` is answered (the caller bounds the wait)."""
+        while True:
+            batch = await self._recv_or_fail(path)
+            if batch is None:  # the path is down: nothing can answer on it
+                await trio.sleep_forever()
+            now = trio.current_time()
+            for data, addr in batch:
+                if not path.is_gateway(addr):
+                    self._tally.stray_source += 1
+                    continue
+                self._on_handshake_response(data, now)
+            if pending.result is not None:
+                return Handshaken(result=pending.result, path=path.path, at=now)
+
+    async def rescue(self, plan: HandshakePlan) -> Handshaken | None:
+        """A fresh handshake (a new session, not a rekey) while this runtime's session runs.
+
+        The receivers deliver the answer; returns it, or None when ``plan``
+        gives up.  Changes nothing of the live session: the caller decides.
+        """
+        self._plan = plan
+        try:
+            while True:
+                step = plan.next_attempt(now=trio.current_time())
+                if isinstance(step, HandshakeGiveUp):
+                    return None
+                path = self.paths[step.path]
+                pending = self._start_handshake(path)
+                if pending is None:
+                    await trio.sleep_until(step.deadline)
+                    continue
+                try:
+                    with trio.move_on_at(step.deadline):
+                        await pending.done.wait()
+                finally:
+                    self._handshakes.pop(pending.sender_index, None)
+                if pending.result is not None and pending.answered_at is not None:
+                    self._tally.rescues += 1
+                    return Handshaken(result=pending.result, path=path.path, at=pending.answered_at)
+        finally:
+            self._plan = None
+
+    def _start_handshake(self, path: ClientPath, *, rekey: bool = False) -> _PendingHandshake | None:
+        """Send a HANDSHAKE_INIT on ``path`` and register it; a rekey names the session (Property 5).
+
+        Returns None when the path's socket refused the datagram (the path is down).
+        """
         sender_index = int.from_bytes(self._random_bytes(4), "big")
         state, init = InitiatorHandshake.create(
             self._static,
@@ -326,28 +497,37 @@ class ClientRuntime:
             path_id=path.path,
             rekey_session=self.session.record.session_id if rekey and self.session is not None else None,
         )
-        path.port.send_nowait(wire.encode_handshake_init(init), path.control)
-        return state, sender_index
-
-    def _try_response(
-        self, state: InitiatorHandshake, sender_index: int, data: bytes, addr: Address, path: ClientPath
-    ) -> HandshakeResult | None:
-        if not path.is_gateway(addr):
-            self._tally.stray_source += 1
+        if not self._send(path, wire.encode_handshake_init(init), path.control):
             return None
+        if not rekey:
+            self._tally.handshake_sent += 1
+        pending = _PendingHandshake(state=state, sender_index=sender_index, path=path)
+        self._handshakes[sender_index] = pending
+        return pending
+
+    def _on_handshake_response(self, data: bytes, now: float) -> None:
+        """A HANDSHAKE_RESP from the gateway's address: complete the handshake it answers, if any.
+
+        Only a response that authenticates with both static keys counts; anything else is counted.
+        """
         try:
             resp = wire.decode_handshake_resp_untrusted(data)
         except wire.BadFrame:
             self._tally.handshake[ReasonCode.MALFORMED] += 1
-            return None
-        if resp.receiver_index != sender_index:
+            return
+        pending = self._handshakes.get(resp.receiver_index)
+        if pending is None or pending.result is not None:
             self._tally.handshake_stray += 1
-            return None
+            return
         try:
-            return state.consume_response(resp)
+            result = pending.state.consume_response(resp)
         except HandshakeError as exc:
             self._tally.handshake[exc.reason] += 1
-            return None
+            return
+        del self._handshakes[resp.receiver_index]
+        pending.result = result
+        pending.answered_at = now
+        pending.done.set()
 
     # -- the supervisor ------------------------------------------------------------------------
     async def _feed(self, event: Any, now: float) -> None:
@@ -399,7 +579,41 @@ class ClientRuntime:
             paths=tuple((p.path, p.name, p.kind) for p in self.paths.values()),
             tunnel_address=str(self.tunnel_address) if self.tunnel_address else None,
             statistics=self._tally.freeze(),
+            sessions_started=self.seed.number,
         )
+
+    # -- path sockets ------------------------------------------------------------------------
+    def _send(self, path: ClientPath, data: bytes, addr: Address) -> bool:
+        """Send one datagram on ``path``; an OSError is the path's failure, not the runtime's."""
+        try:
+            path.port.send_nowait(data, addr)
+        except OSError as exc:
+            self._path_failed(path, exc)
+            return False
+        return True
+
+    async def _recv_or_fail(self, path: ClientPath) -> list[tuple[bytes, Address]] | None:
+        """The next batch from ``path``'s socket, or None (counted, reported) if it raised OSError."""
+        try:
+            batch = await path.port.recv_batch(BATCH)
+        except OSError as exc:
+            self._path_failed(path, exc)
+            return None
+        if path.path in self._socket_down:  # the socket works again: its link is back
+            self._socket_down.discard(path.path)
+            self.submit_nowait(ev.LinkChanged(path=path.path, up=True))
+        return batch
+
+    def _path_failed(self, path: ClientPath, exc: OSError) -> None:
+        name = errno.errorcode.get(exc.errno, "OTHER") if exc.errno is not None else "OTHER"
+        self._tally.path_errors[name] += 1
+        if path.path not in self._socket_down:
+            self._socket_down.add(path.path)
+            self.submit_nowait(ev.LinkChanged(path=path.path, up=False))
+        now = trio.current_time()
+        if now - self._error_logged.get(path.path, -math.inf) >= PATH_ERROR_LOG_INTERVAL_S:
+            self._error_logged[path.path] = now
+            self._log(f"path {path.name}: socket error {name} ({exc.strerror or exc}); treating the path as down")
 
     # -- sending control messages ------------------------------------------------------------
     def _seal(self, msg_type: wire.MessageType, plaintext: bytes) -> bytes | None:
@@ -421,8 +635,7 @@ class ClientRuntime:
             expected_version=action.expected_version,
         )
         datagram = self._seal(wire.MessageType.REATTACH, wire.encode_reattach_plaintext(msg))
-        if datagram is not None:
-            path.port.send_nowait(datagram, path.control)
+        if datagram is not None and self._send(path, datagram, path.control):
             self._tally.reattach_sent += 1
 
     def _send_close(self, reason: ReasonCode) -> None:
@@ -433,7 +646,7 @@ class ClientRuntime:
         plaintext = wire.encode_close_plaintext(wire.Close(session_id=self.session.record.session_id, reason=reason))
         datagram = self._seal(wire.MessageType.CLOSE, plaintext)
         if datagram is not None:
-            target.port.send_nowait(datagram, target.control)
+            self._send(target, datagram, target.control)
 
     # -- per-path tasks ------------------------------------------------------------------------
     async def _probe(self, path: ClientPath) -> None:
@@ -445,11 +658,15 @@ class ClientRuntime:
             probe = wire.Probe(path_id=path.path, seq=seq, sent_us=int(now * 1e6) % (1 << 64))
             datagram = self._seal(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))
             if datagram is not None:
-                path.port.send_nowait(datagram, path.control)
+                self._send(path, datagram, path.control)
 
     async def _receive(self, path: ClientPath) -> None:
+        retry_s = self.policy.handshake_retry_ms / 1000.0
         while True:
-            batch = await path.port.recv_batch(BATCH)
+            batch = await self._recv_or_fail(path)
+            if batch is None:
+                await trio.sleep(retry_s)
+                continue
             now = trio.current_time()
             for data, addr in batch:
                 if not path.is_gateway(addr):
@@ -464,7 +681,7 @@ class ClientRuntime:
             self._tally.drop[ReasonCode.MALFORMED] += 1
             return
         if msg_type is wire.MessageType.HANDSHAKE_RESP:
-            self._on_rekey_response(data)
+            self._on_handshake_response(data, now)
             return
         try:
             opened = self.channel.open_untrusted(data, now=now)
@@ -522,7 +739,11 @@ class ClientRuntime:
                 tally.tx_bytes += len(packet)
             tally.tx_packets += len(sealed)
             for run in equal_size_runs(sealed):
-                active.port.send_segments_nowait(run, active.gateway)
+                try:
+                    active.port.send_segments_nowait(run, active.gateway)
+                except OSError as exc:
+                    self._path_failed(active, exc)
+                    break
 
     # -- key rotation ------------------------------------------------------------------------
     async def _rekey_loop(self) -> None:
@@ -540,48 +761,15 @@ class ClientRuntime:
                 await trio.sleep(retry_s)
                 continue
             target = self._active
-            if target is None:
+            pending = self._start_handshake(target, rekey=True) if target is not None else None
+            if pending is None:
                 await trio.sleep(retry_s)
                 continue
-            done = trio.Event()
-            state, sender_index = self._send_handshake_init(target, rekey=True)
-            self._pending_rekey = (state, sender_index, done)
-            with trio.move_on_after(retry_s):
-                await done.wait()
-            result, self._rekey_result, self._pending_rekey = self._rekey_result, None, None
-            if result is not None:
-                self.channel.install_current(result.keypair(created_at=trio.current_time()))
+            try:
+                with trio.move_on_after(retry_s):
+                    await pending.done.wait()
+            finally:
+                self._handshakes.pop(pending.sender_index, None)
+            if pending.result is not None:
+                self.channel.install_current(pending.result.keypair(created_at=trio.current_time()))
                 self._tally.rekeys += 1
-
-    def _on_rekey_response(self, data: bytes) -> None:
-        pending = self._pending_rekey
-        if pending is None:
-            self._tally.handshake_stray += 1
-            return
-        state, sender_index, done = pending
-        try:
-            resp = wire.decode_handshake_resp_untrusted(data)
-            if resp.receiver_index != sender_index:
-                self._tally.handshake_stray += 1
-                return
-            result = state.consume_response(resp)
-        except wire.BadFrame:
-            self._tally.handshake[ReasonCode.MALFORMED] += 1
-            return
-        except HandshakeError as exc:
-            self._tally.handshake[exc.reason] += 1
-            return
-        self._rekey_result = result
-        done.set()
-
-
-class _NoPackets:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-def _no_packets(_address: ipaddress.IPv4Interface) -> AsyncContextManager[None]:
-    return _NoPackets()

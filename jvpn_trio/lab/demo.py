@@ -47,8 +47,8 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TextIO
 
@@ -391,26 +391,27 @@ async def run_demo(
             node_id="demo-gw",
             emit=sink.emit,
         )
+        client_packets = MemoryPacketPort()
+        assigned: list[ipaddress.IPv4Interface] = []
+        address_known = trio.Event()
+
+        async def set_address(address: ipaddress.IPv4Interface) -> None:
+            assigned.append(address)
+            address_known.set()
+
         client = ClientRuntime(
             policy=policy,
             static=client_static,
             gateway_public=gateway_static.public,
             paths=client_paths,
             emit=sink.emit,
+            packets=client_packets,
+            set_address=set_address,
         )
         driver = ScenarioDriver(
             scenario, relays, client, path_ids, origin=origin, duration_s=duration, printer=printer
         )
         gateway_packets = MemoryPacketPort()
-        client_packets = MemoryPacketPort()
-        assigned: list[ipaddress.IPv4Interface] = []
-        address_known = trio.Event()
-
-        @asynccontextmanager
-        async def tunnel(address: ipaddress.IPv4Interface) -> AsyncIterator[MemoryPacketPort]:
-            assigned.append(address)
-            address_known.set()
-            yield client_packets
 
         async def traffic() -> None:
             await address_known.wait()
@@ -477,7 +478,7 @@ async def run_demo(
                 work.start_soon(_stop_on_signals, stopper)
                 # The core ends an unbound session by itself; this only guards against a hang.
                 with trio.fail_after(duration + policy.transport_loss_ttl_ms / 1000.0 + CLOSE_TIMEOUT_S):
-                    result_reason = await client.run(packets=tunnel)
+                    result_reason = await client.run()
                 with trio.move_on_after(GATEWAY_CLOSE_WAIT_S):
                     await gateway.status.wait_value(lambda s: s is not None and not s.sessions)
                 work.cancel_scope.cancel()

@@ -73,7 +73,11 @@ MESSAGE_S = 3.0
 
 
 class UiRuntime(Protocol):
-    """What the UI needs from a runtime (``ClientRuntime`` has it)."""
+    """What the UI needs from a runtime (``ClientRuntime`` and ``ClientAgent`` have it).
+
+    The agent's ``status`` is one stream for its whole life: each session's
+    runtime publishes into it, and between sessions it carries no snapshot.
+    """
 
     status: trio_util.AsyncValue[RuntimeStatus | None]
 
@@ -238,7 +242,7 @@ class LiveUi:
             self._flash("re-evaluation requested")
         elif command is Command.CYCLE_PIN:
             status = self._runtime.status.value
-            if status is None:
+            if status is None or status.snapshot is None:
                 self._flash("no session yet: nothing to pin")
                 return
             target = next_pin(status.snapshot.pinned, [p.path for p in status.snapshot.paths])

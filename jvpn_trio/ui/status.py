@@ -150,10 +150,33 @@ def _path_status(p: PathSnapshot, now: float) -> dict[str, Any]:
     }
 
 
+#: The client's ``state`` between two sessions of the agent (no session: a handshake is on its way).
+CONNECTING = "CONNECTING"
+
+
 def client_status(
-    snapshot: ClientSnapshot, *, statistics: object | None = None, counters: Mapping[str, int] | None = None
+    snapshot: ClientSnapshot | None,
+    *,
+    statistics: object | None = None,
+    counters: Mapping[str, int] | None = None,
+    sessions_started: int | None = None,
 ) -> dict[str, Any]:
-    """The client's status report (JSON-able).  Raises ValueError if a counter name collides."""
+    """The client's status report (JSON-able).  Raises ValueError if a counter name collides.
+
+    ``snapshot`` is None between sessions: ``session`` is then null and
+    ``state`` is ``CONNECTING``.  ``sessions_started`` counts the agent's
+    sessions (1 during the first; None: not reported).
+    """
+    started = {} if sessions_started is None else {"sessions_started": sessions_started}
+    if snapshot is None:
+        return {
+            "role": "client",
+            "session": None,
+            "state": CONNECTING,
+            **started,
+            "paths": [],
+            "counters": _merge_counters((), statistics_counters(statistics), counters),
+        }
     rec = snapshot.record
     now = snapshot.now
     pending = snapshot.pending
@@ -161,6 +184,7 @@ def client_status(
         "role": "client",
         "session": rec.session_id.hex,
         "state": rec.state.value,
+        **started,
         "version": rec.version,
         "gateway_version": snapshot.gateway_version,
         "policy": snapshot.policy_fingerprint,
@@ -287,9 +311,11 @@ def _render_client(status: Mapping[str, Any]) -> list[str]:
     else:
         reattach = _NONE_TEXT
     recovery = status.get("recovery_deadline_in_s")
+    started = [("sessions", _text(status["sessions_started"]))] if "sessions_started" in status else []
     header = _fields(
         [
             ("session", _text(status.get("session"))),
+            *started,
             (
                 "state",
                 f"{_text(status.get('state'))} (version {_text(status.get('version'))},"
@@ -377,6 +403,7 @@ def render_status_text(status: Mapping[str, Any]) -> str:
 
 
 __all__ = [
+    "CONNECTING",
     "MEASURE_DECIMALS",
     "MS_DECIMALS",
     "PCT_DECIMALS",

@@ -7,7 +7,8 @@ screen from fixed data and compare it with golden text:
 
 1. :func:`build_view_model` turns what the supervisor published (a frozen
    :class:`~jvpn_trio.drivers.client.RuntimeStatus`, or None while the
-   handshake runs), the recent events and the UI's own toggles into a
+   first handshake runs; one without a snapshot while the agent is
+   between sessions), the recent events and the UI's own toggles into a
    :class:`ViewModel`, computing everything that depends on time from the
    ``now`` it is given (uptime, the recovery countdown);
 2. :func:`render` turns a view model into a rich ``Layout``::
@@ -49,12 +50,15 @@ from jvpn_trio.core.states import SessionState
 from jvpn_trio.ui.keys import KEY_HELP
 
 if TYPE_CHECKING:  # the views only read its fields; importing drivers at run time would pull in trio
-    from jvpn_trio.drivers.client import RuntimeStatus
+    from jvpn_trio.drivers.client import ClientStatistics, RuntimeStatus
 
 #: Shown in the header while the handshake runs (there is no session yet).
 HANDSHAKING = "HANDSHAKING"
+#: Shown in the header while the agent is between sessions (a new handshake is on its way).
+CONNECTING = "CONNECTING"
 STATE_STYLES: Mapping[str, str] = {
     HANDSHAKING: "bold cyan",
+    CONNECTING: "bold cyan",
     SessionState.BIRTH.value: "bold cyan",
     SessionState.ATTACHED.value: "bold green",
     SessionState.VOLATILE.value: "bold yellow",
@@ -222,19 +226,20 @@ def build_view_model(
             kinds[str(path_id)] = kind
     wanted = [e for e in events if detail or e.kind in HEADLINE_KINDS]
     event_views = tuple(event_view(e, origin=origin, names=names) for e in reversed(wanted[-MAX_EVENTS:]))
-    if status is None:
+    if status is None or status.snapshot is None:
+        between = status is not None
         return ViewModel(
             title=title,
-            state=HANDSHAKING,
+            state=CONNECTING if between else HANDSHAKING,
             session=None,
             version=None,
             uptime_s=None,
             gateway=gateway,
             policy=None,
-            tunnel=None,
+            tunnel=status.tunnel_address if status is not None else None,
             paths=(),
             events=event_views,
-            counters=CountersView(),
+            counters=_counters(status.statistics) if status is not None else CountersView(),
             switches_last_minute=None,
             max_switches_per_minute=None,
             recovery_left_s=None,
@@ -281,13 +286,7 @@ def build_view_model(
         tunnel=status.tunnel_address,
         paths=paths,
         events=event_views,
-        counters=CountersView(
-            tx_bytes=stats.tx_bytes,
-            tx_packets=stats.tx_packets,
-            rx_bytes=stats.rx_bytes,
-            rx_packets=stats.rx_packets,
-            tx_dropped=stats.tx_dropped_unbound,
-        ),
+        counters=_counters(stats),
         switches_last_minute=snap.switches_last_minute,
         max_switches_per_minute=snap.max_switches_per_minute,
         recovery_left_s=None if recovery is None or terminated else max(0.0, recovery - now),
@@ -298,6 +297,16 @@ def build_view_model(
         help=help,
         footer=tuple(footer),
         message=message,
+    )
+
+
+def _counters(stats: ClientStatistics) -> CountersView:
+    return CountersView(
+        tx_bytes=stats.tx_bytes,
+        tx_packets=stats.tx_packets,
+        rx_bytes=stats.rx_bytes,
+        rx_packets=stats.rx_packets,
+        tx_dropped=stats.tx_dropped_unbound,
     )
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import EmitEvent, EventKind, SendReattach
-from jvpn_trio.core.agent import Succession
+from jvpn_trio.core.agent import HandshakeRound, Succession
+from jvpn_trio.core.connect import HandshakeAttempt, HandshakeCandidate, HandshakeGiveUp
 from jvpn_trio.core.ids import Binding, PathId, SessionId
 from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
 from jvpn_trio.core.session import ClientSession, SessionRecord
@@ -206,3 +207,38 @@ def test_the_chain_check_fails_without_inheritance() -> None:
     now = 100.0
     asked = sum(_switches_asked(_attached_session(policy, now, switch_times=()), now) for _ in range(3))
     assert asked == 3 > policy.max_switches_per_minute
+
+
+# -- handshake rounds and their spacing ----------------------------------------------------------------
+
+
+def _round(now: float, links: dict[PathId, bool]) -> HandshakeRound:
+    candidates = [HandshakeCandidate(path=p, priority=10 * p.value, link_up=up) for p, up in links.items()]
+    return HandshakeRound(policy=POLICY, candidates=candidates, now=now)
+
+
+def test_a_round_tries_each_eligible_path_once_then_gives_up() -> None:
+    plan = _round(0.0, {P1: True, P2: False, PathId(3): True})
+    first, second, third = (plan.next_attempt(now=t) for t in (0.0, 1.0, 2.0))
+    assert isinstance(first, HandshakeAttempt) and (first.path, first.deadline) == (P1, 1.0)
+    assert isinstance(second, HandshakeAttempt) and second.path == PathId(3)
+    assert isinstance(third, HandshakeGiveUp) and third.paths == (P1, PathId(3)) and third.after_ms == 2000
+    assert plan.last_attempt_at == 1.0 and plan.attempts == 2
+
+
+def test_a_round_follows_link_changes_for_its_remaining_attempts() -> None:
+    plan = _round(0.0, {P1: True, P2: True})
+    assert isinstance(first := plan.next_attempt(now=0.0), HandshakeAttempt) and first.path == P1
+    plan.link_changed(P2, up=False)
+    assert isinstance(again := plan.next_attempt(now=1.0), HandshakeAttempt) and again.path == P1
+
+
+def test_the_wait_counts_from_the_last_init_so_inits_are_at_most_the_ceiling_apart() -> None:
+    s = Succession(policy=POLICY, now=0.0)
+    # The round's last init left at 2.0 and its wait ended at 3.0: 0.25 s from 2.0 is already over.
+    assert s.handshake_failed(3.0, last_attempt_at=2.0) == 3.0
+    for _ in range(10):
+        s.handshake_failed(100.0, last_attempt_at=99.0)
+    assert s.handshake_failed(100.0, last_attempt_at=99.0) == pytest.approx(99.0 + POLICY.reconnect_max_ms / 1000)
+    # Without it, as before: from the end of the round.
+    assert Succession(policy=POLICY, now=0.0).handshake_failed(3.0) == pytest.approx(3.25)

@@ -78,22 +78,15 @@ class World:
                 for i in (1, 2, 3)
             ],
             emit=self.client_events.append,
+            packets=self.cl_packets,
+            set_address=self.set_address,
             random_bytes=self.random_bytes,
             wall_time_ns=lambda: 1_700_000_000_000_000_000,
         )
+        self.assigned: ipaddress.IPv4Interface | None = None
 
-    def packets_factory(self, address: ipaddress.IPv4Interface):  # type: ignore[no-untyped-def]
-        world = self
-
-        class _Ctx:
-            async def __aenter__(self) -> MemoryPacketPort:
-                world.assigned = address
-                return world.cl_packets
-
-            async def __aexit__(self, *exc: object) -> None:
-                return None
-
-        return _Ctx()
+    async def set_address(self, address: ipaddress.IPv4Interface) -> None:
+        self.assigned = address
 
     def gateway_session(self):  # type: ignore[no-untyped-def]
         (served,) = self.gateway.sessions.values()
@@ -105,7 +98,7 @@ async def start(nursery: trio.Nursery, world: World) -> None:
     await nursery.start(lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status))
     world.gateway._packets = world.gw_packets
     nursery.start_soon(world.gateway._pump_packets, world.gw_packets)
-    await nursery.start(lambda task_status: world.client.run(packets=world.packets_factory, task_status=task_status))
+    await nursery.start(lambda task_status: world.client.run(task_status=task_status))
 
 
 async def test_handshake_then_data_both_ways(autojump_clock: trio.abc.Clock) -> None:

@@ -29,8 +29,6 @@ import io
 import ipaddress
 import random
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -120,6 +118,7 @@ async def run_world(ui: str, gate: threading.Event | None = None) -> tuple[list[
             random_bytes=random_bytes,
         )
         kinds = {1: "ethernet", 2: "wifi", 3: "lte"}
+        cl_packets, gw_packets = MemoryPacketPort(), MemoryPacketPort()
         client = ClientRuntime(
             policy=policy,
             static=cl_static,
@@ -130,14 +129,10 @@ async def run_world(ui: str, gate: threading.Event | None = None) -> tuple[list[
                 for i in (1, 2, 3)
             ],
             emit=sink.emit,
+            packets=cl_packets,
             random_bytes=random_bytes,
             wall_time_ns=lambda: 1_700_000_000_000_000_000,
         )
-        cl_packets, gw_packets = MemoryPacketPort(), MemoryPacketPort()
-
-        @asynccontextmanager
-        async def tunnel(_address: ipaddress.IPv4Interface) -> AsyncIterator[MemoryPacketPort]:
-            yield cl_packets
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
@@ -161,7 +156,7 @@ async def run_world(ui: str, gate: threading.Event | None = None) -> tuple[list[
                         task_status=task_status,
                     )
                 )
-                await nursery.start(lambda task_status: client.run(packets=tunnel, task_status=task_status))
+                await nursery.start(lambda task_status: client.run(task_status=task_status))
                 await trio.sleep_until(start + FAULT_AFTER_S)
                 net.blocked.add(client_addr(1))
                 await trio.sleep(OBSERVE_S)

@@ -435,3 +435,25 @@ def test_unknown_role_renders_as_sorted_fields() -> None:
     assert render_status_text({"role": "relay", "b": None, "a": True}) == (
         "jvpn-trio relay\n  a     yes\n  b     -\n  role  relay"
     )
+
+
+def test_between_sessions_the_client_reports_connecting() -> None:
+    record = ClientStatistics(tx_dropped_unbound=4)
+    status = client_status(None, statistics=record, counters={"routes.install_failed": 1}, sessions_started=1)
+    assert status == {
+        "role": "client",
+        "session": None,
+        "state": "CONNECTING",
+        "sessions_started": 1,
+        "paths": [],
+        "counters": {"routes.install_failed": 1, "tx_dropped_unbound": 4},
+    }
+    json.dumps(status)
+    text = render_status_text(status)
+    assert "CONNECTING" in text and "sessions  1" in text
+
+
+def test_a_live_session_reports_how_many_sessions_the_agent_started() -> None:
+    status = client_status(client_snapshot(), sessions_started=2)
+    assert (status["session"], status["state"], status["sessions_started"]) == (SID.hex, "VOLATILE", 2)
+    assert "sessions_started" not in client_status(client_snapshot())

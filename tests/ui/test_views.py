@@ -297,3 +297,18 @@ def test_sparkline_and_formatting() -> None:
     assert views.format_bytes(1_234_567) == "1.2 MiB"
     assert views.format_duration(3725.9) == "1:02:05"
     assert views.format_duration(None) == views.NONE_TEXT
+
+
+def test_between_sessions_the_agent_is_connecting_and_keeps_its_counters() -> None:
+    status = RuntimeStatus(
+        snapshot=None,
+        paths=((PathId(1), "eth0", "ethernet"),),
+        tunnel_address="10.66.0.2/24",
+        statistics=ClientStatistics(tx_packets=5, tx_dropped_unbound=3),
+        sessions_started=1,
+    )
+    vm = build_view_model(status, [], now=9.0, origin=0.0, gateway="gw")
+    assert (vm.state, vm.session, vm.tunnel) == (views.CONNECTING, None, "10.66.0.2/24")
+    assert (vm.counters.tx_packets, vm.counters.tx_dropped) == (5, 3)
+    assert views.STATE_STYLES[views.CONNECTING]
+    assert "CONNECTING" in frame_text(render(vm), height=18)

@@ -1,0 +1,277 @@
+"""The client agent: one session at a time, for as long as ``jvpn-trio up`` runs.
+
+Theory of operation
+-------------------
+:class:`ClientAgent` owns what outlives a session: the path sockets, the
+TUN (``packets``), the driver's counters, the status stream the UI and the
+control socket read, and the :class:`~jvpn_trio.core.agent.Succession`
+that decides everything between sessions.  :meth:`ClientAgent.serve` loops:
+
+1. **connecting** (no session): wait until ``next_attempt_at()``, then run
+   one :class:`~jvpn_trio.core.agent.HandshakeRound` on a fresh
+   :class:`~jvpn_trio.drivers.client.ClientRuntime`.  Packets the TUN hands
+   over meanwhile are dropped and counted (``tx_dropped_unbound``).  A round
+   without an answer is ``handshake_failed``; an answer is a new session;
+2. **serving**: the runtime serves the session, seeded with
+   ``session_started()`` (its BIRTH names the session before it).  Beside
+   it, the **rescuer** waits until ``rescue_at(record)`` (the session is
+   live but has had no binding for the recovery window, e.g. because the
+   gateway restarted and lost it) and tries a *fresh* handshake on the
+   runtime's own sockets.  Only the real gateway can answer one (both static
+   keys authenticate it), so no unauthenticated packet ends a session.  An
+   answer means the gateway already replaced its side: the old session is
+   closed explicitly (``CloseRequested`` -> LOCAL_CLOSE) and the next
+   session starts from that answer, with no second handshake.  A round
+   without an answer is ``handshake_failed``;
+3. when the session ends, for whatever reason the core gave,
+   ``session_ended()`` says when to try again, and the loop goes on.
+
+Only :meth:`close_nowait` (the first SIGINT/SIGTERM, the UI's quit) ends
+:meth:`serve`: the live session is closed explicitly, then it returns.
+``task_status.started()`` is called at once: the agent is useful (its status
+says CONNECTING) before any gateway answers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import attrs
+import trio
+import trio_util
+
+from jvpn_trio.core import events as ev
+from jvpn_trio.core.actions import EmitEvent
+from jvpn_trio.core.agent import HandshakeRound, SessionSeed, Succession
+from jvpn_trio.core.ids import PathId, RandomBytes
+from jvpn_trio.core.noise import StaticKeypair
+from jvpn_trio.core.policy import Policy
+from jvpn_trio.core.session import ClientSession
+from jvpn_trio.drivers.client import (
+    BATCH,
+    ClientPath,
+    ClientRuntime,
+    ClientStatistics,
+    ClientTally,
+    Handshaken,
+    HandshakeFailed,
+    RuntimeStatus,
+    SetAddress,
+    _stderr_line,
+)
+from jvpn_trio.drivers.ports import PacketPort
+from jvpn_trio.drivers.recording import Recorder
+
+
+class ClientAgent:
+    """Keeps one client session at a time; see the module docstring.
+
+    Inputs from outside (netlink's ``LinkChanged``, the UI's keys) go through
+    :meth:`submit_nowait` to whichever session is live; ``CloseRequested``
+    there means :meth:`close_nowait`.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        static: StaticKeypair,
+        gateway_public: bytes,
+        paths: Sequence[ClientPath],
+        emit: Callable[[EmitEvent], None],
+        packets: PacketPort | None = None,
+        set_address: SetAddress | None = None,
+        random_bytes: RandomBytes = os.urandom,
+        wall_time_ns: Callable[[], int] = time.time_ns,
+        recorder: Recorder | None = None,
+        log: Callable[[str], None] = _stderr_line,
+    ) -> None:
+        if not paths:
+            raise ValueError("a client needs at least one path")
+        self.policy = policy
+        self._static = static
+        self._gateway_public = gateway_public
+        self._paths = list(paths)
+        self._link_up: dict[PathId, bool] = {p.path: p.link_up for p in paths}
+        self._emit = emit
+        self._packets = packets
+        self._set_address_outside = set_address
+        self._random_bytes = random_bytes
+        self._wall_time_ns = wall_time_ns
+        self._recorder = recorder
+        self._log = log
+        self._tally = ClientTally()
+        #: One stream for the agent's whole life: each runtime publishes into it, and between
+        #: sessions the agent publishes a status without a snapshot (CONNECTING).
+        self.status = trio_util.AsyncValue[RuntimeStatus | None](None)
+        self.succession: Succession | None = None
+        self.runtime: ClientRuntime | None = None  # the runtime connecting or serving now
+        self.tunnel_address: ipaddress.IPv4Interface | None = None
+        self._closing = False
+        self._close_requested = trio.Event()
+
+    # -- outside inputs -----------------------------------------------------------------------
+    def statistics(self) -> ClientStatistics:
+        """The driver's counters over the agent's whole life (a frozen copy)."""
+        return self._tally.freeze()
+
+    @property
+    def session(self) -> ClientSession | None:
+        """The live session's core, or None between sessions."""
+        runtime = self.runtime
+        return runtime.session if runtime is not None else None
+
+    @property
+    def sessions_started(self) -> int:
+        return self.succession.sessions_started if self.succession is not None else 0
+
+    def submit_nowait(self, event: Any) -> bool:
+        """Pass an input to the live session (a link change is also remembered for the next one)."""
+        if isinstance(event, ev.CloseRequested):
+            self.close_nowait()
+            return True
+        if isinstance(event, ev.LinkChanged) and event.path in self._link_up:
+            self._link_up[event.path] = event.up
+        runtime = self.runtime
+        if runtime is None:
+            return isinstance(event, ev.LinkChanged)
+        return runtime.submit_nowait(event)
+
+    def close_nowait(self) -> None:
+        """Close the live session explicitly, then let :meth:`serve` return (idempotent)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._close_requested.set()
+        runtime = self.runtime
+        if runtime is not None and runtime.session is not None:
+            runtime.submit_nowait(ev.CloseRequested())
+
+    # -- lifetime -----------------------------------------------------------------------------
+    async def serve(self, *, task_status: trio.TaskStatus[ClientAgent] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a session until :meth:`close_nowait`; never returns on its own."""
+        succession = self.succession = Succession(policy=self.policy, now=trio.current_time())
+        self._publish_connecting()
+        task_status.started(self)
+        adopt: Handshaken | None = None
+        while not self._closing:
+            runtime = self._new_runtime()
+            if adopt is None:
+                async with trio_util.move_on_when(self._close_requested.wait):
+                    adopt = await self._connect(runtime, succession)
+                if adopt is None:
+                    continue
+            seed = succession.session_started(adopt.result.session_id, trio.current_time())
+            adopt = await self._serve_session(runtime, adopt, seed, succession)
+            self._publish_connecting()
+        self.runtime = None
+
+    def _new_runtime(self) -> ClientRuntime:
+        for path, up in (self.runtime.link_up.items() if self.runtime is not None else ()):
+            self._link_up[path] = up
+        runtime = ClientRuntime(
+            policy=self.policy,
+            static=self._static,
+            gateway_public=self._gateway_public,
+            paths=[attrs.evolve(p, link_up=self._link_up[p.path]) for p in self._paths],
+            emit=self._emit,
+            packets=self._packets,
+            set_address=self._set_address,
+            random_bytes=self._random_bytes,
+            wall_time_ns=self._wall_time_ns,
+            recorder=self._recorder,
+            tally=self._tally,
+            status=self.status,
+            log=self._log,
+        )
+        self.runtime = runtime
+        return runtime
+
+    async def _connect(self, runtime: ClientRuntime, succession: Succession) -> Handshaken | None:
+        """Wait for the back-off, then one handshake round; None if nobody answered."""
+        async with trio.open_nursery() as nursery:
+            if self._packets is not None:
+                nursery.start_soon(self._drop_unbound, self._packets)
+            await trio.sleep_until(succession.next_attempt_at())
+            plan = HandshakeRound(policy=self.policy, candidates=runtime.candidates(), now=trio.current_time())
+            try:
+                found = await runtime.handshake(plan)
+            except HandshakeFailed as exc:
+                succession.handshake_failed(trio.current_time(), last_attempt_at=exc.last_attempt_at)
+                found = None
+            nursery.cancel_scope.cancel()
+        self._publish_connecting()
+        return found
+
+    async def _serve_session(
+        self, runtime: ClientRuntime, adopt: Handshaken, seed: SessionSeed, succession: Succession
+    ) -> Handshaken | None:
+        """Serve one session to its end; returns a rescue's handshake to start the next one from."""
+        rescued: list[Handshaken] = []
+
+        async def session(task_status: trio.TaskStatus[ClientRuntime] = trio.TASK_STATUS_IGNORED) -> None:
+            await runtime.run(adopt=adopt, seed=seed, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session)
+            if self._closing:
+                runtime.submit_nowait(ev.CloseRequested())
+            nursery.start_soon(self._rescue, runtime, succession, rescued)
+        assert runtime.session is not None
+        succession.session_ended(runtime.session.record, trio.current_time())
+        return rescued[0] if rescued and not self._closing else None
+
+    async def _rescue(self, runtime: ClientRuntime, succession: Succession, found: list[Handshaken]) -> None:
+        """Replace a live session that has been unbound too long with a fresh handshake's session."""
+        session = runtime.session
+        assert session is not None
+
+        def rescue_due() -> float | None:
+            return succession.rescue_at(session.record)
+
+        while True:
+            await self.status.wait_value(lambda _status: rescue_due() is not None)
+            due = rescue_due()
+            if due is None:
+                continue
+            async with trio_util.move_on_when(self.status.wait_value, lambda _status: rescue_due() is None) as scope:
+                await trio.sleep_until(due)
+            if scope.cancelled_caught or rescue_due() is None:
+                continue  # bound again (or the back-off moved): look again
+            plan = HandshakeRound(policy=self.policy, candidates=runtime.candidates(), now=trio.current_time())
+            answer = await runtime.rescue(plan)
+            if answer is None:
+                succession.handshake_failed(trio.current_time(), last_attempt_at=plan.last_attempt_at)
+                continue
+            found.append(answer)
+            await runtime.submit(ev.CloseRequested())
+            return
+
+    async def _set_address(self, address: ipaddress.IPv4Interface) -> None:
+        """Give the TUN the session's address, only when it differs from the one it has."""
+        if address == self.tunnel_address:
+            return
+        if self._set_address_outside is not None:
+            await self._set_address_outside(address)
+        self.tunnel_address = address
+
+    async def _drop_unbound(self, packets: PacketPort) -> None:
+        """Between sessions: take what the TUN offers and count it dropped (no session to carry it)."""
+        while True:
+            batch = await packets.read_batch(BATCH)
+            self._tally.tx_dropped_unbound += len(batch)
+            self._publish_connecting()
+
+    def _publish_connecting(self) -> None:
+        self.status.value = RuntimeStatus(
+            snapshot=None,
+            paths=tuple((p.path, p.name, p.kind) for p in self._paths),
+            tunnel_address=str(self.tunnel_address) if self.tunnel_address else None,
+            statistics=self._tally.freeze(),
+            sessions_started=self.sessions_started,
+        )
