@@ -19,6 +19,22 @@ Every lab has its own pair of namespaces, so two labs with the same plan never c
 is fixed by default so configuration files and tests can name 10.99.0.1 (the address
 ``docs/platform-notes.md`` and ``../shared/peers.md`` measured with).
 
+The gateway namespace is a strict LAN router (``LabSpec.arp_strict``, the default): it answers
+ARP only for an address configured on the interface the request came in on
+(``arp_ignore = 1`` for ``all``, ``default`` and every lab device), as a real router does.
+Linux's own default answers for *any* of its addresses on any interface, so a client with a
+missing or stale route (``10.99.0.1 dev eth0`` on-link, a next hop from an old subnet) would
+still reach the gateway; under the strict default that path is dead, as on a real LAN.
+
+A laptop's network changes under it, and so can the lab's (:meth:`Lab.add_path`,
+:meth:`Lab.delete_path`, :meth:`Lab.flush_address`, :meth:`Lab.add_address`): a path named in
+``LabSpec.absent`` is not built at start and appears later as a new veth pair with its address,
+default route and fault chains; a path can be deleted (``ip link del``), lose its address (the
+kernel then deletes its routes) or get a new one, possibly in another subnet of the same link
+with another next hop on the router side.  Subnet ``k`` of path ``i`` is
+``10.o.(i + SUBNET_STRIDE * k).0/24``; the client is host ``h`` in it (2 by default), the router
+host 1.
+
 Faults are installed on both ends of a path, always on the *receiving* side, because an nft
 drop in an output hook makes ``sendto()`` fail with EPERM instead of losing the packet silently
 (platform notes, section 2).  Each namespace gets one ``netdev`` table (:data:`NFT_TABLE`) with,
@@ -72,6 +88,13 @@ LINK_UP_POLL_S = 0.01
 TEARDOWN_TIMEOUT_S = 15.0
 #: How long a process gets between SIGTERM and SIGKILL.
 TERMINATE_GRACE_S = 2.0
+#: Third-octet distance between the subnets a path's link may be moved to (``Lab.add_address``).
+SUBNET_STRIDE = 64
+#: The client's and the router's host numbers in a link subnet (until a step picks another).
+CLIENT_HOST = 2
+ROUTER_HOST = 1
+#: ``arp_ignore`` in the gateway namespace under ``arp_strict``: answer only for the incoming interface's addresses.
+ARP_IGNORE_STRICT = 1
 #: ``numgen random mod LOSS_MODULUS``: loss is set in steps of 0.01 %.
 LOSS_MODULUS = 10_000
 #: tbf queueing bound, and its bucket: at least this many bytes, or this much time at the rate.
@@ -150,12 +173,24 @@ def _ipv4_text(value: object) -> str:
 
 @attrs.frozen
 class LabSpec:
-    """What to build.  Validated at construction; see the module docstring for the address plan."""
+    """What to build.  Validated at construction; see the module docstring for the address plan.
+
+    ``absent`` names paths whose interface is not built at start (a later :meth:`Lab.add_path`
+    creates it); ``arp_strict`` makes the gateway side answer ARP only for its own addresses.
+    """
 
     prefix: str = attrs.field(factory=new_prefix)
     paths: tuple[LabPath, ...] = attrs.field(default=DEFAULT_PATHS, converter=tuple)
     gateway_address: str = attrs.field(default="10.99.0.1", converter=_ipv4_text)
     link_octet: int = attrs.field(default=77)
+    absent: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    arp_strict: bool = attrs.field(default=True)
+
+    @absent.validator
+    def _check_absent(self, _attribute: object, value: frozenset[str]) -> None:
+        unknown = sorted(value - {p.name for p in self.paths})
+        if unknown:
+            raise ValueError(f"absent paths must be paths of the lab, got {unknown}")
 
     @prefix.validator
     def _check_prefix(self, _attribute: object, value: str) -> None:
@@ -183,10 +218,18 @@ class LabSpec:
         if ipaddress.IPv4Address(self.gateway_address) in links:
             raise ValueError(f"gateway_address {self.gateway_address} lies inside the link range {links}")
 
-    def link_addresses(self, path: LabPath) -> tuple[str, str]:
-        """``(client_ip, gateway_ip)`` of ``path``'s link, without prefix length."""
-        base = f"10.{self.link_octet}.{path.index}"
-        return f"{base}.2", f"{base}.1"
+    def link_addresses(self, path: LabPath, *, subnet: int = 0, host: int = CLIENT_HOST) -> tuple[str, str]:
+        """``(client_ip, gateway_ip)`` of ``path``'s link in its ``subnet`` (0: its own), without prefix length.
+
+        ValueError if the subnet or host does not exist in the address plan.
+        """
+        third = path.index + SUBNET_STRIDE * subnet
+        if subnet < 0 or third > 254:
+            raise ValueError(f"path {path.name}: no subnet {subnet} in the address plan (index {path.index})")
+        if not ROUTER_HOST < host < 255:
+            raise ValueError(f"path {path.name}: host {host} is not a client host number ({ROUTER_HOST + 1}..254)")
+        base = f"10.{self.link_octet}.{third}"
+        return f"{base}.{host}", f"{base}.{ROUTER_HOST}"
 
 
 @attrs.frozen
@@ -265,6 +308,12 @@ class LabProcess:
         """Wait for the process to exit and return its exit code."""
         return int(await self._process.wait())
 
+    async def kill(self) -> int:
+        """SIGKILL at once (a crash: nothing is flushed or closed) and return the exit code."""
+        if self._process.returncode is None:
+            self._process.kill()
+        return int(await self._process.wait())
+
     async def terminate(self, *, grace_s: float = TERMINATE_GRACE_S) -> int:
         """SIGTERM, then SIGKILL if it is still running after ``grace_s``; returns the exit code."""
         if self._process.returncode is None:
@@ -327,6 +376,11 @@ class Lab:
         self._processes: list[LabProcess] = []
         self._faults = {name: PathFaults() for name in self._paths}
         self._fault_lock = trio.Lock()
+        self._present = {path.name for path in spec.paths if path.name not in spec.absent}
+        #: The client's current (address, next hop) per path; None while it has no address.
+        self._addresses: dict[str, tuple[str, str] | None] = {
+            path.name: spec.link_addresses(path) if path.name in self._present else None for path in spec.paths
+        }
 
     def __repr__(self) -> str:
         return f"<Lab {self.spec.prefix} paths={','.join(self._paths)}>"
@@ -351,8 +405,20 @@ class Lab:
             raise KeyError(f"no path {name!r} in this lab (paths: {', '.join(self._paths)})") from None
 
     def path_addresses(self, ref: PathRef) -> tuple[str, str]:
-        """``(client_ip, gateway_ip)`` on the path's link."""
+        """``(client_ip, gateway_ip)`` on the path's link as built (its own subnet, host 2)."""
         return self.spec.link_addresses(self.path(ref))
+
+    def current_address(self, ref: PathRef) -> tuple[str, str] | None:
+        """The client's ``(address, next hop)`` on the path now; None while it has no address or no interface."""
+        return self._addresses[self.path(ref).name]
+
+    def present(self, ref: PathRef) -> bool:
+        """Whether the path's interface exists now."""
+        return self.path(ref).name in self._present
+
+    @property
+    def present_paths(self) -> tuple[LabPath, ...]:
+        return tuple(p for p in self.spec.paths if p.name in self._present)
 
     def gateway_device(self, ref: PathRef) -> str:
         """The gateway end of the path's veth pair (``gw-eth0``)."""
@@ -370,14 +436,15 @@ class Lab:
         """A JSON-able description of the lab, for ``jvpn-trio lab`` and test reports."""
         paths = []
         for path in self.spec.paths:
-            client_ip, gateway_ip = self.path_addresses(path)
+            current = self.current_address(path)
             paths.append(
                 {
                     "name": path.name,
                     "kind": path.kind,
                     "metric": path.metric,
-                    "client_address": f"{client_ip}/{LINK_PREFIXLEN}",
-                    "gateway_link_address": f"{gateway_ip}/{LINK_PREFIXLEN}",
+                    "present": self.present(path),
+                    "client_address": f"{current[0]}/{LINK_PREFIXLEN}" if current else None,
+                    "gateway_link_address": f"{current[1]}/{LINK_PREFIXLEN}" if current else None,
                     "gateway_device": self.gateway_device(path),
                     "faults": attrs.asdict(self.faults(path)),
                 }
@@ -387,6 +454,7 @@ class Lab:
             "client_ns": self.client_ns,
             "gateway_ns": self.gateway_ns,
             "gateway_address": self.gateway_address,
+            "arp_strict": self.spec.arp_strict,
             "paths": paths,
         }
 
@@ -473,23 +541,46 @@ class Lab:
             await self._ip("-n", ns, "link", "set", "lo", "up")
         await self._ip("-n", gw, "addr", "add", f"{self.gateway_address}/32", "dev", "lo")
         # sh rather than sysctl(8): procps is not always installed; /proc/sys/net is per namespace.
-        await _command(["ip", "netns", "exec", gw, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
-        for path in self.spec.paths:
-            gw_dev = self.gateway_device(path)
-            client_ip, gateway_ip = self.path_addresses(path)
-            await self._ip("link", "add", path.name, "netns", cli, "type", "veth", "peer", "name", gw_dev, "netns", gw)
-            await self._ip("-n", cli, "addr", "add", f"{client_ip}/{LINK_PREFIXLEN}", "dev", path.name)
-            await self._ip("-n", gw, "addr", "add", f"{gateway_ip}/{LINK_PREFIXLEN}", "dev", gw_dev)
-            await self._ip("-n", cli, "link", "set", path.name, "up")
-            await self._ip("-n", gw, "link", "set", gw_dev, "up")
-            await self._add_default_route(path)
-        await self._wait_operational(self.spec.paths)
-        await self._nft(cli, self._nft_table_script(lambda p: p.name))
-        await self._nft(gw, self._nft_table_script(self.gateway_device))
+        settings = ["echo 1 > /proc/sys/net/ipv4/ip_forward"]
+        if self.spec.arp_strict:  # "default" first: devices created from now on inherit it
+            settings += [f"echo {ARP_IGNORE_STRICT} > /proc/sys/net/ipv4/conf/{c}/arp_ignore" for c in ("default", "all")]
+        await _command(["ip", "netns", "exec", gw, "sh", "-c", " && ".join(settings)])
+        present = self.present_paths
+        for path in present:
+            await self._create_link(path)
+        await self._wait_operational(present)
+        await self._nft(cli, self._nft_table_script(present, lambda p: p.name))
+        await self._nft(gw, self._nft_table_script(present, self.gateway_device))
 
-    def _nft_table_script(self, device_of: Callable[[LabPath], str]) -> str:
+    async def _create_link(self, path: LabPath) -> None:
+        """The path's veth pair, both addresses, both ends up, arp_ignore on the router end, the default route."""
+        cli, gw = self.client_ns, self.gateway_ns
+        gw_dev = self.gateway_device(path)
+        client_ip, gateway_ip = self.path_addresses(path)
+        await self._ip("link", "add", path.name, "netns", cli, "type", "veth", "peer", "name", gw_dev, "netns", gw)
+        if self.spec.arp_strict:
+            await self._sysctl(gw, f"net/ipv4/conf/{gw_dev}/arp_ignore", ARP_IGNORE_STRICT)
+        await self._ip("-n", cli, "addr", "add", f"{client_ip}/{LINK_PREFIXLEN}", "dev", path.name)
+        await self._ip("-n", gw, "addr", "add", f"{gateway_ip}/{LINK_PREFIXLEN}", "dev", gw_dev)
+        await self._ip("-n", cli, "link", "set", path.name, "up")
+        await self._ip("-n", gw, "link", "set", gw_dev, "up")
+        self._addresses[path.name] = (client_ip, gateway_ip)
+        await self._add_default_route(path)
+
+    async def _sysctl(self, ns: str, key: str, value: int) -> None:
+        await _command(["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > /proc/sys/{key}"])
+
+    async def arp_ignore(self, device: str) -> int:
+        """The gateway namespace's effective ``arp_ignore`` for ``device`` (the kernel uses max(all, device))."""
+        values = []
+        for conf in ("all", device):
+            result = await _command(["ip", "netns", "exec", self.gateway_ns, "cat", f"/proc/sys/net/ipv4/conf/{conf}/arp_ignore"])
+            values.append(int(result.stdout.decode().strip()))
+        return max(values)
+
+    def _nft_table_script(self, paths: Sequence[LabPath], device_of: Callable[[LabPath], str]) -> str:
         lines = [f"table netdev {NFT_TABLE} {{"]
-        for path in self.spec.paths:
+        for path in paths:
             lines += [
                 f"  chain blackhole_{path.name} {{ }}",
                 f"  chain loss_{path.name} {{ }}",
@@ -535,7 +626,11 @@ class Lab:
         raise LabError(f"paths not operational after {LINK_UP_TIMEOUT_S} s: {', '.join(pending)}")
 
     async def _add_default_route(self, path: LabPath) -> None:
-        _client_ip, gateway_ip = self.path_addresses(path)
+        """The path's default route via its current next hop (none while the path has no address)."""
+        current = self._addresses[path.name]
+        if current is None:
+            return
+        _client_ip, gateway_ip = current
         await self._ip(
             "-n", self.client_ns, "route", "replace", "default",
             "via", gateway_ip, "dev", path.name, "metric", str(path.metric),
@@ -654,9 +749,103 @@ class Lab:
             self._faults[path.name] = PathFaults()
 
     async def restore_all(self) -> None:
-        """:meth:`restore` every path."""
-        for path in self.spec.paths:
+        """:meth:`restore` every path whose interface exists."""
+        for path in self.present_paths:
             await self.restore(path)
+
+    # --- a changing network ------------------------------------------------------
+
+    async def add_path(self, ref: PathRef) -> None:
+        """Create an absent path's interface as at build time: veth pair, addresses, route, fault chains.
+
+        What a laptop sees when a USB adapter is plugged in and DHCP answers at once.  LabError if
+        the interface exists.
+        """
+        path = self.path(ref)
+        if path.name in self._present:
+            raise LabError(f"path {path.name} exists already")
+        async with self._fault_lock:
+            await self._create_link(path)
+            self._present.add(path.name)
+            self._faults[path.name] = PathFaults()
+            await self._wait_operational([path])
+            for ns, device in ((self.client_ns, path.name), (self.gateway_ns, self.gateway_device(path))):
+                await self._nft(ns, self._nft_chains_script(path, device))
+
+    def _nft_chains_script(self, path: LabPath, device: str) -> str:
+        table = f"netdev {NFT_TABLE}"
+        return (
+            f"add chain {table} blackhole_{path.name}\n"
+            f"add chain {table} loss_{path.name}\n"
+            f'add chain {table} ingress_{path.name} {{ type filter hook ingress device "{device}" priority 0; policy accept; }}\n'
+            f"add rule {table} ingress_{path.name} jump blackhole_{path.name}\n"
+            f"add rule {table} ingress_{path.name} jump loss_{path.name}\n"
+        )
+
+    async def delete_path(self, ref: PathRef) -> None:
+        """``ip link del`` the path's client end (the router end goes with it), then drop its fault chains.
+
+        The kernel deletes every route through it.  LabError if the interface does not exist.
+        """
+        path = self.path(ref)
+        if path.name not in self._present:
+            raise LabError(f"path {path.name} has no interface to delete")
+        async with self._fault_lock:
+            await self._ip("-n", self.client_ns, "link", "del", path.name)
+            self._present.discard(path.name)
+            self._addresses[path.name] = None
+            self._faults[path.name] = PathFaults()
+            for ns in (self.client_ns, self.gateway_ns):
+                # One command each: a kernel that removed the device's base chain with the device makes
+                # the first fail, and the regular chains must go anyway (add_path creates them again).
+                for chain in (f"ingress_{path.name}", f"blackhole_{path.name}", f"loss_{path.name}"):
+                    await _command(["ip", "netns", "exec", ns, "nft", "delete", "chain", "netdev", NFT_TABLE, chain], check=False)
+
+    async def flush_address(self, ref: PathRef) -> None:
+        """Remove the client's address from the path (a DHCP lease lost); its routes go with it.
+
+        The link stays up.  LabError if the path has no interface or no address.
+        """
+        path = self.path(ref)
+        current = self._addresses[path.name] if path.name in self._present else None
+        if current is None:
+            raise LabError(f"path {path.name} has no address to flush")
+        async with self._fault_lock:
+            await self._flush_address(path)
+
+    async def _flush_address(self, path: LabPath) -> None:
+        cli = self.client_ns
+        await _command(["ip", "-n", cli, "route", "del", "default", "dev", path.name, "metric", str(path.metric)], check=False)
+        await self._ip("-n", cli, "addr", "flush", "dev", path.name)
+        self._addresses[path.name] = None
+
+    async def add_address(self, ref: PathRef, *, subnet: int = 0, host: int = CLIENT_HOST) -> tuple[str, str]:
+        """Give the client host ``host`` of the path's ``subnet`` and a default route via that subnet's router.
+
+        An address the path still has is flushed first (a lease moved to another subnet); the
+        router end gets the subnet's next hop if it lacks it.  Returns ``(address, next hop)``.
+        LabError if the path has no interface or the plan has no such subnet or host.
+        """
+        path = self.path(ref)
+        if path.name not in self._present:
+            raise LabError(f"path {path.name} has no interface to add an address to")
+        try:
+            client_ip, gateway_ip = self.spec.link_addresses(path, subnet=subnet, host=host)
+        except ValueError as exc:
+            raise LabError(str(exc)) from None
+        gw_dev = self.gateway_device(path)
+        async with self._fault_lock:
+            if self._addresses[path.name] is not None:
+                await self._flush_address(path)
+            shown = json.loads((await _command(["ip", "-j", "-n", self.gateway_ns, "addr", "show", "dev", gw_dev])).stdout)
+            router = {a.get("local") for link in shown for a in link.get("addr_info", ())}
+            if gateway_ip not in router:
+                await self._ip("-n", self.gateway_ns, "addr", "add", f"{gateway_ip}/{LINK_PREFIXLEN}", "dev", gw_dev)
+            await self._ip("-n", self.client_ns, "addr", "add", f"{client_ip}/{LINK_PREFIXLEN}", "dev", path.name)
+            self._addresses[path.name] = (client_ip, gateway_ip)
+            if self._faults[path.name].link_up:
+                await self._add_default_route(path)
+        return client_ip, gateway_ip
 
 
 @contextlib.asynccontextmanager

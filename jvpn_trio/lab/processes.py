@@ -15,6 +15,10 @@ File layout of a run directory::
     gateway-events.jsonl client-events.jsonl event logs (docs/events.md)
     gateway.trace.jsonl client.trace.jsonl   recordings for `jvpn-trio replay`
     gateway.err client.err                   the processes' stderr
+    gateway-events.<n>.jsonl gateway.<n>.trace.jsonl gateway.<n>.err
+                                             the files of the n-th gateway process killed by
+                                             Tunnel.kill_gateway, moved aside so that its
+                                             successor starts from the same config afresh
     <tool>.ready/.json/.err                  traffic tools (jvpn_trio.lab.traffic)
 """
 
@@ -46,6 +50,10 @@ STATUS_POLL_S = 0.05
 STATUS_TIMEOUT_S = 2.0
 GATEWAY_TUN = "jvgw0"
 CLIENT_TUN = "jvcl0"
+#: The tunnel's subnet (both tunnel addresses are in it).
+TUNNEL_PREFIX = "10.66.0.0/24"
+#: The gateway namespace's nft table that keeps traffic for the tunnel addresses in the tunnel.
+TUNNEL_GUARD_TABLE = "jvlab_tunnel"
 NODE_ID = "gw-lab"
 
 
@@ -61,13 +69,77 @@ def _tail(path: Path, lines: int = 5) -> str:
     return " / ".join(text[-lines:]) or "(no stderr)"
 
 
+#: The files a gateway process writes that a killed one leaves behind: (name, name of run n).
+GATEWAY_FILES = (
+    ("gateway-events.jsonl", "gateway-events.{n}.jsonl"),
+    ("gateway.trace.jsonl", "gateway.{n}.trace.jsonl"),
+    ("gateway.err", "gateway.{n}.err"),
+)
+
+
 @attrs.frozen
+class GatewayRun:
+    """A gateway process that :meth:`Tunnel.kill_gateway` killed: its exit code and its files, moved aside."""
+
+    number: int
+    exit_code: int
+    events: Path
+    trace: Path
+    stderr: Path
+
+
+@attrs.define
 class Tunnel:
-    """A started gateway and client, and the directory holding their files."""
+    """A started gateway and client, and the directory holding their files.
+
+    ``gateway`` is the latest gateway process (between :meth:`kill_gateway` and
+    :meth:`start_gateway`, the killed one); ``killed`` lists every one killed.
+    """
 
     directory: Path
     gateway: LabProcess
     client: LabProcess
+    lab: Lab
+    gateway_argv: tuple[str, ...]
+    killed: list[GatewayRun] = attrs.Factory(list)
+
+    async def kill_gateway(self) -> GatewayRun:
+        """SIGKILL the gateway (a crash or a power cut of the server) and move its files aside.
+
+        Its control socket file is left behind by the dead process and removed here, so
+        :meth:`start_gateway` can tell when the next one listens.  RuntimeError if none runs.
+        """
+        if self.gateway.returncode is not None:
+            raise RuntimeError("no gateway is running")
+        code = await self.gateway.kill()
+        number = len(self.killed) + 1
+
+        def rotate() -> GatewayRun:
+            moved = []
+            for current, old in GATEWAY_FILES:
+                target = self.directory / old.format(n=number)
+                if (self.directory / current).exists():
+                    (self.directory / current).rename(target)
+                moved.append(target)
+            self.gateway_socket.unlink(missing_ok=True)
+            return GatewayRun(number=number, exit_code=code, events=moved[0], trace=moved[1], stderr=moved[2])
+
+        run = await trio.to_thread.run_sync(rotate)
+        self.killed.append(run)
+        return run
+
+    async def start_gateway(self) -> LabProcess:
+        """Start the gateway again, same config, keys and command line; return once its control socket exists.
+
+        TunnelError if it dies before that; RuntimeError if one runs.  The caller bounds the wait.
+        """
+        if self.gateway.returncode is None:
+            raise RuntimeError("a gateway is running already")
+        err = self.directory / "gateway.err"
+        gateway = await self.lab.start_process(self.lab.gateway_ns, self.gateway_argv, stderr_path=err)
+        self.gateway = gateway
+        await _wait_for_file(self.gateway_socket, gateway, "gateway", err)
+        return gateway
 
     @property
     def client_socket(self) -> Path:
@@ -115,8 +187,9 @@ class Tunnel:
     async def stop(self) -> tuple[int, int]:
         """Close the session the way a user does (SIGTERM to the client: LOCAL_CLOSE), then stop the gateway.
 
-        Returns both exit codes.  The lab would terminate them at teardown anyway; stopping
-        them here first lets their event logs and traces end cleanly before anything is read.
+        Returns both exit codes (the gateway's is -9 if it was killed and not started again).
+        The lab would terminate them at teardown anyway; stopping them here first lets their
+        event logs and traces end cleanly before anything is read.
         """
         client = await self.client.terminate()
         gateway = await self.gateway.terminate()
@@ -132,8 +205,11 @@ def _policy_lines(policy: Mapping[str, Any]) -> str:
 def write_configs(directory: Path, lab: Lab, *, policy: Mapping[str, Any]) -> None:
     """Fresh keys, ``gateway.toml`` and ``client.toml`` (one ``[[path]]`` per lab path, in order).
 
-    The client's paths get ids p1, p2, ... in the lab's path order (``app._client_paths``), which
-    is how a report maps ``p2`` back to an interface name.
+    Every lab path gets an ``interface = "<name>"`` entry, including the ones whose interface
+    does not exist yet (``LabSpec.absent``) or will be deleted: the client is told about the
+    laptop's interfaces by name, as a user would write them, and follows their coming and going.
+    The client's paths get ids p1, p2, ... in the lab's path order, which is how a report maps
+    ``p2`` back to an interface name.
     """
     gateway_key = generate_private_key_text(os.urandom)
     client_key = generate_private_key_text(os.urandom)
@@ -186,6 +262,25 @@ async def _wait_for_file(path: Path, process: LabProcess, name: str, err: Path) 
         await trio.sleep(STATUS_POLL_S)
 
 
+async def guard_tunnel(lab: Lab) -> None:
+    """Drop, in the gateway namespace, what reaches a tunnel address other than through the gateway's TUN.
+
+    The lab's traffic goes to the gateway's tunnel address, which is local to the gateway
+    namespace; without this, a client that has lost its routes (or exited) would send that
+    traffic straight over a path's link, the gateway would accept it, and the lab would measure
+    the bare LAN as if it were the tunnel.
+    """
+    script = (
+        f"table inet {TUNNEL_GUARD_TABLE} {{\n"
+        "  chain input {\n"
+        "    type filter hook input priority 0; policy accept;\n"
+        f'    ip daddr {TUNNEL_PREFIX} iifname != {{ "{GATEWAY_TUN}", "lo" }} counter drop\n'
+        "  }\n"
+        "}\n"
+    )
+    await lab.run(lab.gateway_ns, "nft", "-f", "-", stdin=script.encode())
+
+
 async def start_tunnel(lab: Lab, directory: Path, *, policy: Mapping[str, Any], record: bool = True) -> Tunnel:
     """Start the gateway, then (once its control socket exists) the client; return once both run.
 
@@ -193,16 +288,18 @@ async def start_tunnel(lab: Lab, directory: Path, *, policy: Mapping[str, Any], 
     TunnelError if the gateway dies before it is ready.
     """
     await trio.to_thread.run_sync(lambda: write_configs(directory, lab, policy=policy))
+    await guard_tunnel(lab)
     py = sys.executable
 
     def argv(command: str, side: str) -> list[str]:
         out = [py, "-m", "jvpn_trio", command, "--config", str(directory / f"{side}.toml"), "--quiet"]
         return out + (["--record", str(directory / f"{side}.trace.jsonl")] if record else [])
 
-    gateway = await lab.start_process(lab.gateway_ns, argv("serve", "gateway"), stderr_path=directory / "gateway.err")
+    gateway_argv = tuple(argv("serve", "gateway"))
+    gateway = await lab.start_process(lab.gateway_ns, gateway_argv, stderr_path=directory / "gateway.err")
     await _wait_for_file(directory / "gateway.sock", gateway, "gateway", directory / "gateway.err")
     client = await lab.start_process(lab.client_ns, argv("up", "client"), stderr_path=directory / "client.err")
-    return Tunnel(directory, gateway, client)
+    return Tunnel(directory=directory, gateway=gateway, client=client, lab=lab, gateway_argv=gateway_argv)
 
 
 # -----------------------------------------------------------------------------

@@ -38,6 +38,16 @@ together gives the receiver exactly what the original would have (segmentation a
 included).  The copy differs from the original only in its source MAC.  Only IPv4 is delayed; ARP and IPv6 pass untouched.  When a path's delay and jitter are both 0 the drop
 rule is removed and frames pass directly.
 
+*A changing network.*  Steps that ``do`` something (``scenario.STEP_KINDS``) are carried out on
+the lab and the processes: an interface appears (``labnet.add_path``: veth pair, address,
+default route, fault chains, then the path's baseline conditions) or is deleted
+(``labnet.delete_path``), an address is flushed or added (``labnet.flush_address`` /
+``add_address``), the gateway is killed with SIGKILL and started again from the same config
+(``Tunnel.kill_gateway`` / ``start_gateway``; the killed process's event log and trace are moved
+aside and audited and replayed on their own, since each process has its own clock).  A ``*``
+step touches only the paths whose interface exists then.  The client's config lists every
+scenario path by interface name from the start, including those that appear later.
+
 *Traffic.*  A TCP stream (``traffic tcp-source``, paced, SHA-256 at both ends) and a 100 Hz UDP
 probe stream run from the client namespace through the tunnel to the gateway's tunnel address,
 starting :data:`WARMUP_S` before ``t0`` and ending :data:`TAIL_S` after the timeline.
@@ -98,6 +108,7 @@ from jvpn_trio.lab.netns import Lab, LabError, LabPath, LabSpec, open_lab
 from jvpn_trio.lab.processes import (
     GATEWAY_TUNNEL,
     ClockSample,
+    GatewayRun,
     Tool,
     Tunnel,
     TunnelError,
@@ -106,8 +117,23 @@ from jvpn_trio.lab.processes import (
     start_tool,
     start_tunnel,
 )
+from jvpn_trio.tools.replay import INCOMPLETE as INCOMPLETE_STATUS
+from jvpn_trio.tools.replay import OK as OK_STATUS
 from jvpn_trio.tools.replay import ReplayResult, replay_lines
-from jvpn_trio.lab.scenario import Impairment, Scenario, Step, load_scenario, scenario_from_mapping
+from jvpn_trio.lab.scenario import (
+    ADD_ADDRESS,
+    ADD_INTERFACE,
+    DELETE_INTERFACE,
+    FLUSH_ADDRESS,
+    GATEWAY_TARGET,
+    KILL_GATEWAY,
+    START_GATEWAY,
+    Impairment,
+    Scenario,
+    Step,
+    load_scenario,
+    scenario_from_mapping,
+)
 from jvpn_trio.lab.traffic import longest_gap
 
 PROG = "jvpn-trio lab"
@@ -130,6 +156,13 @@ FINISH_TIMEOUT_S = 30.0
 TOOL_MARGIN_S = 15.0
 #: The client's control socket is sampled this often (clock offset; see the module docstring).
 CLOCK_SAMPLE_S = 0.1
+#: A restarted gateway must listen on its control socket within this.
+GATEWAY_START_TIMEOUT_S = 10.0
+#: The probe stream counts as interrupted after this long without an arrival (10 probes at 100 Hz):
+#: well above scheduling noise, well below any outage a person notices.
+INTERRUPTION_S = 0.1
+#: Verdicts that a PATH_HEALTH event gives only after a probe on the path was answered.
+ANSWERED_VERDICTS = ("HEALTHY", "IMPAIRED")
 
 #: The relay: its nft table, the ingress priority (before labnet's chains at 0), its MAC mark.
 RELAY_NFT_TABLE = "jvrelay"
@@ -177,10 +210,11 @@ def lab_spec_for(scenario: Scenario, *, prefix: str | None = None) -> LabSpec:
     """One lab path per scenario path, in order: index i+1, route metric = priority.  LabError if unusable."""
     try:
         paths = [LabPath(name=p.name, kind=p.kind, metric=p.priority, index=i + 1) for i, p in enumerate(scenario.paths)]
+        absent = frozenset(p.name for p in scenario.paths if not p.present)
         # mypy reads labnet's ``converter=tuple`` as an unsolved generic: the call is fine at run time.
         if prefix is None:
-            return LabSpec(paths=paths)  # type: ignore[arg-type]
-        return LabSpec(prefix=prefix, paths=paths)  # type: ignore[arg-type]
+            return LabSpec(paths=paths, absent=absent)  # type: ignore[arg-type]
+        return LabSpec(prefix=prefix, paths=paths, absent=absent)  # type: ignore[arg-type]
     except ValueError as exc:
         raise LabError(f"scenario {scenario.name}: {exc}") from None
 
@@ -220,6 +254,8 @@ def impairment_json(c: Impairment) -> dict[str, Any]:
 
 
 def changes_text(step: Step) -> str:
+    if step.kind is not None:
+        return step.what()
     return ", ".join("restore" if k == "restore" else f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in step.changes)
 
 
@@ -564,6 +600,21 @@ class StepRecord:
     done: tuple[str, ...]
     started: float
     finished: float
+    #: The step's ``do`` kind (None: an impairment step).
+    kind: str | None = None
+    #: The paths usable after the step (interface, address, link up, no blackhole); None: not tracked.
+    usable_after: tuple[str, ...] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class GatewayRunData:
+    """A gateway process the scenario killed: what the report audits and replays of it."""
+
+    number: int
+    exit_code: int
+    events: tuple[str, ...]
+    events_file: str
+    trace_file: str
 
 
 @attrs.frozen(kw_only=True)
@@ -593,6 +644,11 @@ class RunData:
     relay: Mapping[str, Any] | None
     relay_seed: int | None
     errors: tuple[str, ...]
+    #: Whether the ``up`` process was still running when the timeline ended (it never exits on its own).
+    client_alive_at_end: bool = True
+    #: Paths usable when the timeline started (before any fault).
+    usable_at_start: tuple[str, ...] | None = None
+    gateway_runs: tuple[GatewayRunData, ...] = ()
 
 
 def _read_lines(path: Path) -> tuple[str, ...]:
@@ -655,9 +711,10 @@ async def run_scenario(
         )
         async with relay_cm as relay:
             current = {name: Impairment() for name in names}
-            for name in names:
-                await apply_conditions(lab, relay, name, current[name], initial[name])
-                current[name] = initial[name]
+            for path in scenario.present_at_start():
+                await apply_conditions(lab, relay, path.name, current[path.name], initial[path.name])
+                current[path.name] = initial[path.name]
+            usable_at_start = usable_paths(lab, current)
             tunnel = await start_tunnel(lab, workdir, policy=scenario.policy.to_mapping())
             try:
                 with trio.fail_after(ATTACH_TIMEOUT_S):
@@ -674,7 +731,7 @@ async def run_scenario(
                 nursery.start_soon(_sample_clock, tunnel, samples)
                 for index, step in enumerate(timeline, start=1):
                     await trio.sleep_until(t0_trio + step.at_s)
-                    record = await _apply_step(lab, relay, scenario, step, index, current)
+                    record = await _apply_step(lab, relay, tunnel, scenario, step, index, current)
                     records.append(record)
                     progress(f"t={step.at_s:6.2f} s  step {index}/{len(timeline)}: {step.describe()}")
                 await trio.sleep_until(t0_trio + scenario.duration_s)
@@ -684,6 +741,7 @@ async def run_scenario(
                 nursery.cancel_scope.cancel()
             if relay is not None:
                 relay_stats = relay.statistics()
+            client_alive = tunnel.client.returncode is None
             codes = await tunnel.stop()
             exit_codes = {"client": codes[0], "gateway": codes[1]}
         removal = lab.removal_command() if keep else None
@@ -696,6 +754,7 @@ async def run_scenario(
             "client_events": _read_lines(workdir / "client-events.jsonl"),
             "gateway_events": _read_lines(workdir / "gateway-events.jsonl"),
             "stderr_tails": {side: _tail(workdir / f"{side}.err") for side in ("client", "gateway")},
+            "gateway_runs": tuple(_gateway_run_data(run) for run in tunnel.killed),
         }
 
     files = await trio.to_thread.run_sync(collect)
@@ -723,17 +782,73 @@ async def run_scenario(
         relay=relay_stats,
         relay_seed=relay_seed if relayed else None,
         errors=tuple(errors),
+        client_alive_at_end=client_alive,
+        usable_at_start=usable_at_start,
+        gateway_runs=files["gateway_runs"],
     )
 
 
+def _gateway_run_data(run: GatewayRun) -> GatewayRunData:
+    return GatewayRunData(
+        number=run.number, exit_code=run.exit_code, events=_read_lines(run.events),
+        events_file=str(run.events), trace_file=str(run.trace),
+    )  # fmt: skip
+
+
+def usable_paths(lab: Lab, current: Mapping[str, Impairment]) -> tuple[str, ...]:
+    """The paths that can carry packets now: interface present, an address, link up, no blackhole."""
+    return tuple(
+        p.name
+        for p in lab.paths
+        if lab.present(p) and lab.current_address(p) is not None and current[p.name].link_up and not current[p.name].blackhole
+    )
+
+
+async def _do_step(lab: Lab, relay: WireRelay | None, tunnel: Tunnel, scenario: Scenario, step: Step,
+                   current: dict[str, Impairment]) -> list[str]:  # fmt: skip
+    """Carry out a ``do`` step; returns what was done, in order."""
+    if step.kind == KILL_GATEWAY:
+        run = await tunnel.kill_gateway()
+        return [f"gateway: SIGKILL (exit {run.exit_code}), its files moved to *.{run.number}.*"]
+    if step.kind == START_GATEWAY:
+        with trio.fail_after(GATEWAY_START_TIMEOUT_S):
+            process = await tunnel.start_gateway()
+        return [f"gateway: started again (pid {process.pid}), control socket up"]
+    path = scenario.path(step.path)
+    name = path.name
+    if step.kind == ADD_INTERFACE:
+        await lab.add_path(name)
+        client_ip, gateway_ip = lab.current_address(name) or ("?", "?")
+        done = [f"{name}: interface added, {client_ip} via {gateway_ip} metric {lab.path(name).metric}"]
+        done += [f"{name}: {what}" for what in await apply_conditions(lab, relay, name, Impairment(), path.baseline)]
+        current[name] = path.baseline
+        return done
+    if step.kind == DELETE_INTERFACE:
+        await lab.delete_path(name)
+        current[name] = Impairment()
+        return [f"{name}: interface deleted"]
+    if step.kind == FLUSH_ADDRESS:
+        await lab.flush_address(name)
+        return [f"{name}: address flushed"]
+    if step.kind == ADD_ADDRESS:
+        had = lab.current_address(name)
+        client_ip, gateway_ip = await lab.add_address(name, subnet=step.subnet, host=step.host)
+        moved = f" (was {had[0]})" if had else ""
+        return [f"{name}: address {client_ip} via {gateway_ip}{moved}"]
+    raise LabError(f"step kind {step.kind!r} is not known to the lab")
+
+
 async def _apply_step(
-    lab: Lab, relay: WireRelay | None, scenario: Scenario, step: Step, index: int, current: dict[str, Impairment]
-) -> StepRecord:
-    targets = step.targets(scenario.paths)
+    lab: Lab, relay: WireRelay | None, tunnel: Tunnel, scenario: Scenario, step: Step, index: int,
+    current: dict[str, Impairment],
+) -> StepRecord:  # fmt: skip
+    targets = [p for p in step.targets(scenario.paths) if step.kind is not None or lab.present(p.name)]
     before = {p.name: current[p.name] for p in targets}
     started = time.monotonic()
     done: list[str] = []
-    for p in targets:
+    if step.kind is not None:
+        done = await _do_step(lab, relay, tunnel, scenario, step, current)
+    for p in targets if step.kind is None else ():
         new = current[p.name].apply(dict(step.changes), p.baseline)
         done += [f"{p.name}: {what}" for what in await apply_conditions(lab, relay, p.name, current[p.name], new)]
         current[p.name] = new
@@ -750,6 +865,8 @@ async def _apply_step(
         done=tuple(done),
         started=started,
         finished=finished,
+        kind=step.kind,
+        usable_after=usable_paths(lab, current),
     )
 
 
@@ -916,6 +1033,43 @@ def window_probes(
     return longest_gap(list(arrivals.values()), lo, hi).seconds, len(scheduled), lost
 
 
+def traffic_back(arrivals: Sequence[float], w0: float, w1: float, *, gap_s: float = INTERRUPTION_S) -> float | None:
+    """Seconds from ``w0`` until the probe stream flows again within ``[w0, w1)``; None if it does not.
+
+    "Flows again" is the first arrival after the window's first interruption (``gap_s`` or
+    more with no arrival, counting from ``w0``, so a stream already stopped at ``w0`` counts);
+    a stream never interrupted in the window flows from its first arrival in it.  ``arrivals``
+    are sorted.
+    """
+    previous = w0
+    first: float | None = None
+    for t in arrivals:
+        if t < w0:
+            continue
+        if t >= w1:
+            break
+        if first is None:
+            first = t
+        if t - previous >= gap_s:
+            return t - w0
+        previous = t
+    if w1 - previous >= gap_s or first is None:
+        return None  # stopped in the window (or never flowed) and not back before its end
+    return first - w0
+
+
+def _first_answer(client: Sequence[EmitEvent], pid: str, since: float) -> EmitEvent | None:
+    """The client's first PATH_HEALTH at or after ``since`` saying path ``pid`` answered a probe."""
+    return next(
+        (
+            e for e in client
+            if e.kind is EventKind.PATH_HEALTH and e.t >= since and str(e.detail("path")) == pid
+            and e.detail("verdict") in ANSWERED_VERDICTS
+        ),
+        None,
+    )  # fmt: skip
+
+
 def analyze_step(
     record: StepRecord,
     window_end: float,
@@ -927,11 +1081,19 @@ def analyze_step(
     probes: tuple[float | None, int, dict[int, float]],
     hz: float,
     t0: float,
+    usable_before: tuple[str, ...] | None = None,
+    arrivals: Sequence[float] = (),
 ) -> dict[str, Any]:
     """One fault's row of the report (see docs/lab-report.md)."""
     pids = {f"p{names.index(n) + 1}" for n in record.targets}
+    newly = (
+        [n for n in record.usable_after if n not in usable_before]
+        if record.usable_after is not None and usable_before is not None
+        else []
+    )
     row: dict[str, Any] = {
         "index": record.index,
+        "kind": record.kind,
         "at_s": record.at_s,
         "applied_at_s": round(record.started - t0, 3),
         "apply_ms": _ms(record.finished - record.started),
@@ -952,8 +1114,14 @@ def analyze_step(
         "reason": None,
         "states": [],
         "state_after": None,
+        "became_usable": newly,
+        "first_answer_ms": {n: None for n in newly},
+        "traffic_back_ms": _ms(traffic_back(arrivals, record.started, window_end)),
     }
     if offset is not None:
+        for n in newly:
+            answer = _first_answer(client, f"p{names.index(n) + 1}", record.finished + offset)
+            row["first_answer_ms"][n] = _ms(answer.t - (record.finished + offset)) if answer is not None else None
         c0, c1 = record.started + offset, window_end + offset
         state, active = _state_at(changes, c0)
         row["active_before"] = _path_name(active, names)
@@ -1029,15 +1197,18 @@ def build_report(
     changes = [e for e in client if e.kind is EventKind.STATE_CHANGE]
     hz = float((run.probe_source or {}).get("hz") or PROBE_HZ)
     probes = _probe_arrivals(run.probe_sink)
+    arrivals = sorted(probes[2].values())
     faults = []
+    usable_before = run.usable_at_start
     for i, record in enumerate(run.steps):
         window_end = run.steps[i + 1].started if i + 1 < len(run.steps) else run.end
         faults.append(
             analyze_step(
                 record, window_end, offset=offset, names=names, client=client, changes=changes,
-                probes=probes, hz=hz, t0=run.t0,
+                probes=probes, hz=hz, t0=run.t0, usable_before=usable_before, arrivals=arrivals,
             )  # fmt: skip
         )
+        usable_before = record.usable_after
     end_c = run.end + offset if offset is not None else None
     switches = {
         "client": sum(1 for e in client if e.kind is EventKind.TRANSPORT_SWITCH),
@@ -1046,11 +1217,19 @@ def build_report(
     terminated = next((e for e in changes if e.detail("to_state") == SessionState.TERMINATED.value), None)
     sink = run.probe_sink or {}
     tcp = _tcp_result(run.tcp_source, run.tcp_sink)
-    violations = sum(a.violation_count for a in audits.values())
-    replay_ok = all(r is not None and r.status == "ok" for r in replays.values())
+    earlier = [
+        _gateway_run_json(g, audits.get(f"gateway.{g.number}"), replays.get(f"gateway.{g.number}"))
+        for g in run.gateway_runs
+    ]
+    violations = sum(a.violation_count for side, a in audits.items() if side in ("client", "gateway"))
+    violations += sum(g["invariants"]["violation_count"] for g in earlier if g["invariants"] is not None)
+    replay_ok = all(r is not None and r.status == "ok" for side, r in replays.items() if side in ("client", "gateway"))
+    replay_ok = replay_ok and all(g["replay_ok"] for g in earlier)
     errors = list(run.errors)
     if offset is None:
         errors.append("the client never answered a status query: no clock offset, no detection or switch times")
+    if not run.client_alive_at_end:
+        errors.append("the client (jvpn-trio up) was not running at the end of the timeline")
     ok = violations == 0 and tcp["intact"] and replay_ok and not errors
     policy = scenario.policy
     return {
@@ -1113,7 +1292,9 @@ def build_report(
             "client": audits["client"].to_json() if "client" in audits else None,
             "gateway": audits["gateway"].to_json() if "gateway" in audits else None,
         },
-        "replay": {side: _replay_json(r) for side, r in replays.items()},
+        "replay": {side: _replay_json(r) for side, r in replays.items() if side in ("client", "gateway")},
+        "gateway_runs": earlier,
+        "laptop": laptop_figures(run, faults, audits),
         "processes": {
             side: {"exit": run.exit_codes.get(side), "stderr_tail": run.stderr_tails.get(side, "")} for side in ("client", "gateway")
         },
@@ -1128,6 +1309,85 @@ def build_report(
     }
 
 
+def _gateway_run_json(run: GatewayRunData, audit: AuditReport | None, replay: ReplayResult | None) -> dict[str, Any]:
+    """A killed gateway process: its audit and its replay.
+
+    A SIGKILL may cut the trace's last record short, so ``incomplete`` counts as replayed
+    (everything before the cut was checked); ``diverged`` or ``malformed`` does not.
+    """
+    return {
+        "number": run.number,
+        "exit": run.exit_code,
+        "events_file": run.events_file,
+        "trace_file": run.trace_file,
+        "invariants": audit.to_json() if audit is not None else None,
+        "replay": _replay_json(replay),
+        "replay_ok": replay is not None and replay.status in (OK_STATUS, INCOMPLETE_STATUS),
+    }
+
+
+def _sessions(audit: AuditReport | None) -> list[dict[str, Any]]:
+    """Per session of one audited log: its violations, final state and termination."""
+    if audit is None:
+        return []
+    doc = audit.to_json()
+    counts: dict[str, int] = {}
+    for v in doc.get("violations", []):
+        key = str(v.get("session"))
+        counts[key] = counts.get(key, 0) + 1
+    return [
+        {
+            "session": str(s.get("session")),
+            "violations": counts.get(str(s.get("session")), 0),
+            "final_state": s.get("final_state"),
+            "termination": s.get("termination"),
+        }
+        for s in doc.get("sessions", [])
+    ]
+
+
+def laptop_figures(run: RunData, faults: Sequence[Mapping[str, Any]], audits: Mapping[str, AuditReport]) -> dict[str, Any]:
+    """The figures of the laptop scenarios (docs/lab-report.md, ``laptop``), from the fault rows.  Pure."""
+    first_answer = [
+        {"step": f["index"], "path": name, "ms": ms} for f in faults for name, ms in f["first_answer_ms"].items()
+    ]
+    address = [
+        {"step": f["index"], "path": f["path"], "kind": f["kind"], "traffic_back_ms": f["traffic_back_ms"]}
+        for f in faults
+        if f["kind"] in (FLUSH_ADDRESS, ADD_ADDRESS)
+    ]
+    restarts = []
+    all_down = []
+    down_since: float | None = None if run.usable_at_start else run.t0
+    killed_at: float | None = None
+    for record, f in zip(run.steps, faults):
+        if record.kind == KILL_GATEWAY:
+            killed_at = record.started
+        if record.kind == START_GATEWAY:
+            down = round(record.started - killed_at, 3) if killed_at is not None else None
+            restarts.append({"step": f["index"], "down_s": down, "traffic_back_ms": f["traffic_back_ms"]})
+        if record.usable_after is None:
+            continue
+        if not record.usable_after and down_since is None:
+            down_since = record.started
+        elif record.usable_after and down_since is not None:
+            all_down.append(
+                {"step": f["index"], "down_s": round(record.started - down_since, 3), "traffic_back_ms": f["traffic_back_ms"]}
+            )
+            down_since = None
+    logs = {"client": _sessions(audits.get("client")), "gateway": _sessions(audits.get("gateway"))}
+    for g in run.gateway_runs:
+        logs[f"gateway.{g.number}"] = _sessions(audits.get(f"gateway.{g.number}"))
+    return {
+        "agent_alive_at_end": run.client_alive_at_end,
+        "first_answer": first_answer,
+        "address_changes": address,
+        "gateway_restarts": restarts,
+        "all_down": all_down,
+        "sessions": logs,
+    }
+
+
 async def check_run(run: RunData) -> dict[str, Any]:
     """Audit both logs and replay both traces (in a worker thread: CPU-bound), then build the report."""
     policy = run.scenario.policy
@@ -1139,8 +1399,11 @@ async def check_run(run: RunData) -> dict[str, Any]:
             "gateway": audit_lines(run.gateway_events, policy=policy, role="gateway"),
         }
         replays: dict[str, ReplayResult | None] = {}
-        for side in ("client", "gateway"):
-            trace = workdir / f"{side}.trace.jsonl"
+        traces = {side: workdir / f"{side}.trace.jsonl" for side in ("client", "gateway")}
+        for g in run.gateway_runs:
+            audits[f"gateway.{g.number}"] = audit_lines(g.events, policy=policy, role="gateway")
+            traces[f"gateway.{g.number}"] = Path(g.trace_file)
+        for side, trace in traces.items():
             if trace.exists():
                 with open(trace, encoding="utf-8", errors="replace") as f:
                     replays[side] = replay_lines(f)
@@ -1163,6 +1426,38 @@ def _fmt_ms(value: Any) -> str:
     return f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
+def _render_laptop(laptop: Mapping[str, Any] | None, gateway_runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The laptop figures as text lines (none for a scenario that has none of them)."""
+    if not laptop:
+        return []
+    out = []
+    answers = ", ".join(f"#{a['step']} {a['path']} {_fmt_ms(a['ms'])}" for a in laptop["first_answer"])
+    if answers:
+        out.append(f"  usable -> first probe answer: {answers}")
+    for key, label in (("address_changes", "address change"), ("gateway_restarts", "gateway restart"), ("all_down", "all paths down")):
+        rows = laptop[key]
+        if rows:
+            text = ", ".join(
+                f"#{r['step']}" + (f" ({r['down_s']:g} s down)" if r.get("down_s") is not None else "")
+                + f" {_fmt_ms(r['traffic_back_ms'])}"
+                for r in rows
+            )
+            out.append(f"  {label} -> traffic flowing: {text}")
+    for g in gateway_runs:
+        inv = g["invariants"]
+        replay = (g["replay"] or {}).get("status", "no trace")
+        out.append(
+            f"  killed gateway #{g['number']} (exit {g['exit']}): "
+            f"{inv['violation_count'] if inv else '?'} violation(s), replay {replay}"
+        )
+    sessions = ", ".join(
+        f"{log} {len(rows)} session(s), {sum(r['violations'] for r in rows)} violation(s)"
+        for log, rows in laptop["sessions"].items()
+    )
+    out.append(f"  agent alive at the end: {'yes' if laptop['agent_alive_at_end'] else 'NO'}; {sessions}")
+    return out
+
+
 def render_report(doc: Mapping[str, Any]) -> str:
     """The report as text, derived only from the JSON document."""
     sc, totals, tcp = doc["scenario"], doc["totals"], doc["tcp"]
@@ -1180,7 +1475,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
     where = f"kept: remove with `{lab['removal_command']}`" if lab.get("kept") else "removed"
     out.append(f"  lab {lab['prefix']} ({where}); files in {lab['workdir']}")
     out.append("")
-    head = ["#", "at", "path", "change", "on active", "detected by", "detect", "switch", "to", "reason", "outage", "lost", "after"]
+    head = ["#", "at", "path", "change", "on active", "detected by", "detect", "switch", "to", "reason", "outage", "back", "lost", "after"]
     rows = []
     for f in doc["faults"]:
         by = f.get("detected_by") or {}
@@ -1190,7 +1485,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
             [
                 str(f["index"]),
                 f"{f['at_s']:g} s",
-                f["path"],
+                "gateway" if f["path"] == GATEWAY_TARGET else f["path"],
                 f["changes"],
                 active,
                 detected,
@@ -1199,6 +1494,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
                 f["switched_to"] or "-",
                 f["reason"] or "-",
                 _fmt_ms(f["outage_ms"]),
+                _fmt_ms(f.get("traffic_back_ms")),
                 f"{f['probes_lost']}/{f['probes_expected']}",
                 f["state_after"] or "-",
             ]
@@ -1211,6 +1507,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
     else:
         out.append("  (no faults after t=0)")
     out.append("")
+    out += _render_laptop(doc.get("laptop"), doc.get("gateway_runs") or [])
     sw = totals["switches"]
     out.append(
         f"  switches: {sw['client']} (gateway {sw['gateway']}), denied {totals['switch_denied']}, "

@@ -8,6 +8,18 @@ strict: every problem is a :class:`ScenarioError` naming the file, the step
 and the key.  Each scenario has a short form for CI: the same steps, with
 every time scaled by ``short_duration_s / duration_s``.
 
+Besides ``set`` (impairments), a step may ``do`` one of the things a laptop's
+network does to it (:data:`STEP_KINDS`): an interface appears
+(``add-interface``, for a path declared ``present = false`` or deleted
+earlier) or vanishes (``delete-interface``), its address is flushed
+(``flush-address``) or a new one is added, possibly in another subnet with
+another next hop (``add-address``, ``subnet``, ``host``), and the gateway
+process is killed (``kill-gateway``, SIGKILL) and started again
+(``start-gateway``).  The parser plays the timeline through once, so a step
+that cannot happen (delete an interface that is not there, start a gateway
+that runs) is an error naming the step, not a surprise half-way through a run.
+Only the lab carries ``do`` steps out; the demo has no interfaces to change.
+
 Example::
 
     name = "commute"
@@ -55,6 +67,23 @@ IMPAIRMENTS: Mapping[str, type | tuple[type, ...]] = {
 }
 LINK_STATES = ("up", "down")
 ALL_PATHS = "*"
+#: The ``path`` a gateway step reports (it names no path: there is no ``path`` key in the file).
+GATEWAY_TARGET = "@gateway"
+
+ADD_INTERFACE = "add-interface"
+DELETE_INTERFACE = "delete-interface"
+FLUSH_ADDRESS = "flush-address"
+ADD_ADDRESS = "add-address"
+KILL_GATEWAY = "kill-gateway"
+START_GATEWAY = "start-gateway"
+#: What ``do = ...`` may say: the faults of a laptop's network that are not impairments.
+STEP_KINDS = (ADD_INTERFACE, DELETE_INTERFACE, FLUSH_ADDRESS, ADD_ADDRESS, KILL_GATEWAY, START_GATEWAY)
+GATEWAY_STEP_KINDS = (KILL_GATEWAY, START_GATEWAY)
+#: ``add-address``: ``subnet`` 0 is the path's own link subnet; 1..MAX_SUBNET are others, each with
+#: its own next hop on the router side.  ``host`` is the client's host number in it (1 is the router).
+MAX_SUBNET = 3
+DEFAULT_HOST = 2
+MIN_HOST, MAX_HOST = 2, 254
 
 
 @attrs.frozen(kw_only=True)
@@ -90,21 +119,37 @@ class ScenarioPath:
     kind: str
     priority: int
     baseline: Impairment
+    #: False: the interface does not exist when the session starts; an ``add-interface`` step creates it.
+    present: bool = True
 
 
 @attrs.frozen(kw_only=True)
 class Step:
     at_s: float
-    path: str  # a path name or "*"
-    changes: tuple[tuple[str, Any], ...]
+    path: str  # a path name, "*", or GATEWAY_TARGET for a gateway step
+    changes: tuple[tuple[str, Any], ...] = ()
     note: str = ""
+    #: One of STEP_KINDS, or None for an impairment step (``changes``).
+    kind: str | None = None
+    #: ``add-address`` only: which subnet and which host number the new address has.
+    subnet: int = 0
+    host: int = DEFAULT_HOST
 
     def targets(self, paths: tuple[ScenarioPath, ...]) -> list[ScenarioPath]:
+        """The paths the step names (every path for ``*``; none for a gateway step)."""
         return list(paths) if self.path == ALL_PATHS else [p for p in paths if p.name == self.path]
 
+    def what(self) -> str:
+        """The step's change as text: the ``set`` table, or the kind and its arguments."""
+        if self.kind is None:
+            return ", ".join(f"{k}={v}" for k, v in self.changes)
+        if self.kind == ADD_ADDRESS:
+            return f"{self.kind} subnet={self.subnet} host={self.host}"
+        return self.kind
+
     def describe(self) -> str:
-        what = ", ".join(f"{k}={v}" for k, v in self.changes)
-        return f"{self.path}: {what}" + (f" ({self.note})" if self.note else "")
+        where = "gateway" if self.path == GATEWAY_TARGET else self.path
+        return f"{where}: {self.what()}" + (f" ({self.note})" if self.note else "")
 
 
 DEFAULT_PATHS = (
@@ -132,6 +177,9 @@ class Scenario:
             duration_s=self.short_duration_s,
             steps=tuple(attrs.evolve(s, at_s=round(s.at_s * factor, 6)) for s in self.steps),
         )
+
+    def present_at_start(self) -> tuple[ScenarioPath, ...]:
+        return tuple(p for p in self.paths if p.present)
 
     def conditions_at(self, t: float) -> dict[str, Impairment]:
         """Every path's conditions after all steps up to and including time ``t``."""
@@ -180,6 +228,99 @@ def _check_changes(changes: Any, where: str) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(changes.items()))
 
 
+def _integer(raw: Mapping[str, Any], key: str, where: str, *, default: int, lo: int, hi: int) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ScenarioError(f"{where}.{key}: expected an integer {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _step(raw: Mapping[str, Any], where: str, *, duration: float, names: set[str]) -> Step:
+    """One ``[[step]]`` table: an impairment (``set``) or a network event (``do``)."""
+    kind = raw.get("do")
+    allowed = {"at_s", "path", "note"}
+    if kind is None:
+        allowed.add("set")
+    elif kind == ADD_ADDRESS:
+        allowed |= {"do", "subnet", "host"}
+    else:
+        allowed.add("do")
+    if kind is not None and "set" in raw:
+        raise ScenarioError(f"{where}: give 'set' or 'do', not both")
+    if kind in GATEWAY_STEP_KINDS:
+        allowed.discard("path")
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise ScenarioError(f"{where}: unknown key(s) for this step: {', '.join(extra)}")
+    if kind is not None and kind not in STEP_KINDS:
+        raise ScenarioError(f"{where}.do: expected one of {', '.join(STEP_KINDS)}, got {kind!r}")
+    at = _number(raw, "at_s", where)
+    if at > duration:
+        raise ScenarioError(f"{where}.at_s: {at} is after the end ({duration} s)")
+    if kind is not None and at == 0.0:
+        raise ScenarioError(f"{where}.at_s: a '{kind}' step must come after the start (use present = false for a path absent at start)")
+    note = raw.get("note", "")
+    if not isinstance(note, str):
+        raise ScenarioError(f"{where}.note: expected a string")
+    if kind in GATEWAY_STEP_KINDS:
+        return Step(at_s=at, path=GATEWAY_TARGET, kind=kind, note=note)
+    target = raw.get("path")
+    if kind is None:
+        if target != ALL_PATHS and target not in names:
+            raise ScenarioError(f"{where}.path: {target!r} is not a path of this scenario ({', '.join(sorted(names))} or '*')")
+        return Step(at_s=at, path=target, changes=_check_changes(raw.get("set"), where), note=note)
+    if target not in names:
+        raise ScenarioError(f"{where}.path: {target!r} is not a path of this scenario ({', '.join(sorted(names))}); '{kind}' takes one path")
+    subnet = _integer(raw, "subnet", where, default=0, lo=0, hi=MAX_SUBNET)
+    host = _integer(raw, "host", where, default=DEFAULT_HOST, lo=MIN_HOST, hi=MAX_HOST)
+    return Step(at_s=at, path=target, kind=kind, subnet=subnet, host=host, note=note)
+
+
+def _check_timeline(steps: list[tuple[int, Step]], paths: tuple[ScenarioPath, ...], *, source: str) -> None:
+    """Play the steps through once: each must be possible when it comes (ScenarioError naming it).
+
+    Also keeps delay and jitter off paths whose interface is ever absent: the lab's relay taps
+    the devices that exist when the run starts.
+    """
+    present = {p.name: p.present for p in paths}
+    addressed = {p.name: p.present for p in paths}
+    gateway_up = True
+    ever_absent = {p.name for p in paths if not p.present}
+    delayed = {p.name for p in paths if p.baseline.delay_ms or p.baseline.jitter_ms}
+    for number, step in steps:
+        where = f"{source}: [[step]] #{number} (at {step.at_s:g} s, {step.what()})"
+        if step.kind is None:
+            if step.path != ALL_PATHS and not present[step.path]:
+                raise ScenarioError(f"{where}: {step.path} has no interface then (add it with do = '{ADD_INTERFACE}')")
+            changes = dict(step.changes)
+            if changes.get("delay_ms") or changes.get("jitter_ms"):
+                delayed |= {p.name for p in step.targets(paths)}
+        elif step.kind in GATEWAY_STEP_KINDS:
+            wanted = step.kind == START_GATEWAY
+            if gateway_up == wanted:
+                raise ScenarioError(f"{where}: the gateway is {'running' if gateway_up else 'not running'} then")
+            gateway_up = wanted
+        elif step.kind == ADD_INTERFACE:
+            if present[step.path]:
+                raise ScenarioError(f"{where}: {step.path} exists then (declare it present = false, or delete it first)")
+            present[step.path] = addressed[step.path] = True
+        else:
+            if not present[step.path]:
+                raise ScenarioError(f"{where}: {step.path} has no interface then")
+            if step.kind == DELETE_INTERFACE:
+                present[step.path] = addressed[step.path] = False
+                ever_absent.add(step.path)
+            elif step.kind == FLUSH_ADDRESS:
+                if not addressed[step.path]:
+                    raise ScenarioError(f"{where}: {step.path} has no address then")
+                addressed[step.path] = False
+            else:
+                addressed[step.path] = True
+    both = sorted(ever_absent & delayed)
+    if both:
+        raise ScenarioError(f"{source}: {', '.join(both)}: a path whose interface comes or goes cannot have a delay or jitter")
+
+
 def scenario_from_mapping(data: Mapping[str, Any], *, source: str) -> Scenario:
     known = {"name", "description", "duration_s", "short_duration_s", "path", "step", "policy"}
     unknown = sorted(set(data) - known)
@@ -202,7 +343,7 @@ def scenario_from_mapping(data: Mapping[str, Any], *, source: str) -> Scenario:
             where = f"{source}: [[path]] #{i + 1}"
             if not isinstance(raw, dict):
                 raise ScenarioError(f"{where}: expected a table")
-            extra = sorted(set(raw) - {"name", "kind", "priority", "delay_ms", "jitter_ms", "loss_pct", "rate_mbit"})
+            extra = sorted(set(raw) - {"name", "kind", "priority", "delay_ms", "jitter_ms", "loss_pct", "rate_mbit", "present"})
             if extra:
                 raise ScenarioError(f"{where}: unknown key(s): {', '.join(extra)}")
             pname, kind, prio = raw.get("name"), raw.get("kind"), raw.get("priority", 10 * (i + 1))
@@ -219,7 +360,10 @@ def scenario_from_mapping(data: Mapping[str, Any], *, source: str) -> Scenario:
                 loss_pct=_number(raw, "loss_pct", where, default=0.0),
                 rate_mbit=rate or None,
             )
-            built.append(ScenarioPath(name=pname, kind=kind, priority=prio, baseline=baseline))
+            present = raw.get("present", True)
+            if not isinstance(present, bool):
+                raise ScenarioError(f"{where}.present: expected true or false, got {present!r}")
+            built.append(ScenarioPath(name=pname, kind=kind, priority=prio, baseline=baseline, present=present))
         if len({p.name for p in built}) != len(built):
             raise ScenarioError(f"{source}: two [[path]] entries share a name")
         paths = tuple(built)
@@ -227,25 +371,15 @@ def scenario_from_mapping(data: Mapping[str, Any], *, source: str) -> Scenario:
     raw_steps = data.get("step", [])
     if not isinstance(raw_steps, list):
         raise ScenarioError(f"{source}: [[step]] must be an array of tables")
-    steps = []
+    numbered = []
     for i, raw in enumerate(raw_steps):
         where = f"{source}: [[step]] #{i + 1}"
         if not isinstance(raw, dict):
             raise ScenarioError(f"{where}: expected a table")
-        extra = sorted(set(raw) - {"at_s", "path", "set", "note"})
-        if extra:
-            raise ScenarioError(f"{where}: unknown key(s): {', '.join(extra)}")
-        at = _number(raw, "at_s", where)
-        if at > duration:
-            raise ScenarioError(f"{where}.at_s: {at} is after the end ({duration} s)")
-        target = raw.get("path")
-        if target != ALL_PATHS and target not in names:
-            raise ScenarioError(f"{where}.path: {target!r} is not a path of this scenario ({', '.join(sorted(names))} or '*')")
-        note = raw.get("note", "")
-        if not isinstance(note, str):
-            raise ScenarioError(f"{where}.note: expected a string")
-        steps.append(Step(at_s=at, path=target, changes=_check_changes(raw.get("set"), where), note=note))
-    ordered = tuple(sorted(steps, key=lambda s: s.at_s))  # stable: same-time steps keep file order
+        numbered.append((i + 1, _step(raw, where, duration=duration, names=names)))
+    numbered.sort(key=lambda pair: pair[1].at_s)  # stable: same-time steps keep file order
+    _check_timeline(numbered, paths, source=source)
+    ordered = tuple(step for _number_in_file, step in numbered)
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ScenarioError(f"{source}: description must be a string")

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import pytest
 import trio
+from attrs import evolve as attrs_evolve
 
 from jvpn_trio.core.actions import EmitEvent, EventKind, Role
 from jvpn_trio.core.states import ReasonCode
@@ -53,6 +54,8 @@ from tests.netns import namespaces, requires_lab, unique_prefix
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "examples" / "scenarios"
 NAMES = ("commute", "flaky-wifi", "dead-wifi", "dock", "storm")
+#: The laptop scenarios: their own expectations below, and their own parse tests in tests/lab.
+LAPTOP_NAMES = ("hotplug", "dhcp-renew", "gateway-restart", "all-down")
 #: Bound on one short-form run: build, start, the timeline (<= 16 s), the traffic's tail, teardown.
 RUN_BOUND_S = 90.0
 
@@ -243,6 +246,33 @@ def test_the_report_fails_on_a_broken_stream_a_violation_or_a_bad_replay() -> No
     assert bad["invariants"]["violations"] >= 1 and "version" in render_report(bad)
 
 
+def test_the_report_has_the_laptop_figures() -> None:
+    from jvpn_trio.lab.scenario import Impairment
+
+    base = synthetic_run()
+    first, second = base.steps
+    healthy = client_event(EventKind.PATH_HEALTH, 1006.3, 3, ReasonCode.PREFERRED_PATH_RESTORED, path="p1", verdict="HEALTHY")
+    steps = (
+        attrs_evolve(first, usable_after=()),  # every path down from 2.0 s
+        attrs_evolve(second, usable_after=("wifi0",), after={"wifi0": Impairment()}),
+    )
+    doc = synthetic_report(
+        steps=steps, usable_at_start=("wifi0", "lte0"), client_alive_at_end=False,
+        client_events=(*base.client_events[:-1], healthy, base.client_events[-1]),
+    )  # fmt: skip
+    down, back = doc["faults"]
+    assert down["became_usable"] == [] and down["traffic_back_ms"] == pytest.approx(102.0)
+    assert back["became_usable"] == ["wifi0"] and back["first_answer_ms"] == {"wifi0": pytest.approx(290.0)}
+    laptop = doc["laptop"]
+    assert laptop["first_answer"] == [{"step": 2, "path": "wifi0", "ms": pytest.approx(290.0)}]
+    assert laptop["all_down"] == [{"step": 2, "down_s": 4.0, "traffic_back_ms": back["traffic_back_ms"]}]
+    assert laptop["agent_alive_at_end"] is False and not doc["ok"]
+    assert "the client (jvpn-trio up) was not running" in " ".join(doc["errors"])
+    assert [s["violations"] for s in laptop["sessions"]["client"]] == [0]
+    text = render_report(doc)
+    assert "all paths down -> traffic flowing: #2 (4 s down)" in text and "agent alive at the end: NO" in text
+
+
 def test_a_bad_scenario_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.toml").write_text('duration_s = 5.0\n[[step]]\nat_s = 1.0\npath = "nope0"\nset = { link = "down" }\n')
     args = argparse.Namespace(scenario=str(tmp_path / "bad.toml"), short=False, json=False, keep=False, workdir=None)
@@ -319,6 +349,72 @@ EXPECT: dict[str, Callable[[dict[str, Any]], None]] = {
     "dock": expect_dock,
     "storm": expect_storm,
 }
+
+
+def assert_survived(report: dict[str, Any]) -> None:
+    """What every laptop scenario must show: the agent alive, every session of every log clean."""
+    laptop = report["laptop"]
+    assert laptop["agent_alive_at_end"], report["processes"]["client"]
+    for log, sessions in laptop["sessions"].items():
+        assert sessions and all(s["violations"] == 0 for s in sessions), (log, sessions)
+    assert report["invariants"]["violations"] == 0
+    assert all(g["replay_ok"] for g in report["gateway_runs"])
+    assert {side: r["status"] for side, r in report["replay"].items()} == {"client": OK, "gateway": OK}
+    assert report["tcp"]["intact"], report["tcp"]
+    assert report["errors"] == [] and report["ok"]
+
+
+def expect_hotplug(report: dict[str, Any]) -> None:
+    plugged, pulled = report["faults"]
+    assert plugged["became_usable"] == ["usb0"] and plugged["first_answer_ms"]["usb0"] is not None
+    assert switched(plugged, "usb0", "PREFERRED_PATH_RESTORED")
+    assert pulled["on_active_path"] and switched(pulled, "wifi0", "LINK_DOWN")
+
+
+def expect_dhcp_renew(report: dict[str, Any]) -> None:
+    flushed, renewed, moved = report["faults"]
+    assert flushed["on_active_path"] and flushed["switched_to"] == "lte0"
+    assert renewed["first_answer_ms"]["wifi0"] is not None
+    assert [c["traffic_back_ms"] is not None for c in report["laptop"]["address_changes"]] == [True, True, True]
+    assert moved["first_answer_ms"] == {} or moved["traffic_back_ms"] is not None
+
+
+def expect_gateway_restart(report: dict[str, Any]) -> None:
+    (restart,) = report["laptop"]["gateway_restarts"]
+    assert restart["traffic_back_ms"] is not None
+    assert len(report["gateway_runs"]) == 1 and report["gateway_runs"][0]["exit"] == -signal.SIGKILL
+    assert len(report["laptop"]["sessions"]["client"]) >= 2  # a new session after the old one ended
+
+
+def expect_all_down(report: dict[str, Any]) -> None:
+    (recovery,) = report["laptop"]["all_down"]
+    ttl_ms = load_scenario(SCENARIOS / "all-down.toml").policy.transport_loss_ttl_ms
+    assert recovery["down_s"] * 1000 > ttl_ms
+    assert recovery["traffic_back_ms"] is not None
+    sessions = report["laptop"]["sessions"]["client"]
+    assert len(sessions) >= 2 and sessions[0]["termination"] == "TRANSPORT_LOSS_TTL_EXPIRED"
+
+
+EXPECT_LAPTOP: dict[str, Callable[[dict[str, Any]], None]] = {
+    "hotplug": expect_hotplug,
+    "dhcp-renew": expect_dhcp_renew,
+    "gateway-restart": expect_gateway_restart,
+    "all-down": expect_all_down,
+}
+
+
+@requires_lab
+@pytest.mark.xfail(strict=True, reason="needs the client agent and path manager")
+@pytest.mark.parametrize("name", LAPTOP_NAMES)
+async def test_laptop_short_form_in_a_lab(name: str, tmp_path: Path) -> None:
+    """A laptop scenario end to end: the agent survives it and the figures it is about were measured."""
+    scenario = load_scenario(SCENARIOS / f"{name}.toml").short()
+    with trio.fail_after(RUN_BOUND_S):
+        run = await run_scenario(scenario, workdir=tmp_path, short=True, prefix=unique_prefix(), seed=1)
+        report = await check_run(run)
+    print("\n" + render_report(report))
+    assert_survived(report)
+    EXPECT_LAPTOP[name](report)
 
 
 @requires_lab

@@ -430,3 +430,167 @@ async def test_a_failed_build_removes_only_what_it_created() -> None:
             assert [ns for ns in await namespaces() if ns.startswith(prefix)] == [f"{prefix}-gw"]
         finally:
             assert await destroy_stale(prefix) == [f"{prefix}-gw"]
+
+
+# -----------------------------------------------------------------------------
+# A laptop's network: a strict LAN, interfaces and addresses that change, a gateway that dies
+# -----------------------------------------------------------------------------
+
+
+async def _neighbour_state(lab: Lab, address: str, device: str) -> list[str]:
+    """The client's neighbour-table states for ``address`` on ``device`` (``[]``: no entry)."""
+    entries = await _json(lab, lab.client_ns, "ip", "-j", "neigh", "show", address, "dev", device)
+    return [state for entry in entries for state in entry.get("state", [])]
+
+
+async def _addresses(lab: Lab, ns: str, device: str) -> set[str]:
+    (link,) = await _json(lab, ns, "ip", "-j", "addr", "show", "dev", device)
+    return {f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"] if a["family"] == "inet"}
+
+
+@requires_lab
+@pytest.mark.parametrize("strict", [True, False])
+async def test_the_router_answers_arp_only_for_its_own_addresses(strict: bool, tmp_path: Path) -> None:
+    """An on-link route to the gateway's loopback address (no next hop) works only on a lax LAN.
+
+    ``strict=False`` is the control: Linux's default answers ARP for any of its addresses on any
+    interface, which is what hid missing routes before; the strict lab must not.
+    """
+    spec = LabSpec(prefix=unique_prefix(), arp_strict=strict)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_lab(spec) as lab:
+            assert await lab.arp_ignore("gw-eth0") == (1 if strict else 0)
+            assert lab.describe()["arp_strict"] is strict
+            await _start_echo(lab, tmp_path)
+            code, _report = await _ping(lab, "eth0", tmp_path, "via-next-hop")
+            assert code == 0  # the proper route (via 10.77.1.1, an address of gw-eth0) works either way
+            await lab.run(lab.client_ns, "ip", "route", "add", f"{lab.gateway_address}/32", "dev", "eth0")
+            code, report = await _ping(lab, "eth0", tmp_path, "on-link")
+            states = await _neighbour_state(lab, lab.gateway_address, "eth0")
+            if strict:
+                assert code == 1 and report["replies"] == 0
+                assert "REACHABLE" not in states and "STALE" not in states, states
+            else:
+                assert code == 0 and report["replies"] == 3
+                assert "REACHABLE" in states or "STALE" in states or "DELAY" in states, states
+
+
+@requires_lab
+async def test_a_path_absent_at_start_appears_works_vanishes_and_comes_back(tmp_path: Path) -> None:
+    spec = LabSpec(prefix=unique_prefix(), absent={"lte0"})
+    with trio.fail_after(TEST_TIMEOUT_S * 2):
+        async with open_lab(spec) as lab:
+            links = {link["ifname"] for link in await _json(lab, lab.client_ns, "ip", "-j", "link", "show")}
+            assert "lte0" not in links and not lab.present("lte0")
+            assert lab.current_address("lte0") is None and "lte0" not in await _default_routes(lab)
+            assert [p["present"] for p in lab.describe()["paths"]] == [True, True, False]
+            await _start_echo(lab, tmp_path)
+            with pytest.raises(LabError):
+                await lab.delete_path("lte0")
+
+            for attempt in ("first", "again"):
+                await lab.add_path("lte0")
+                assert lab.present("lte0") and [p.name for p in lab.present_paths] == ["eth0", "wifi0", "lte0"]
+                assert await _addresses(lab, lab.client_ns, "lte0") == {"10.77.3.2/24"}
+                assert (await _default_routes(lab))["lte0"] == ("10.77.3.1", 30)
+                assert await lab.arp_ignore("gw-lte0") == 1
+                code, report = await _ping(lab, "lte0", tmp_path, f"ping-{attempt}")
+                assert code == 0 and report["replies"] == 3
+                await lab.blackhole("lte0", True)  # the fault chains came with it
+                code, _report = await _ping(lab, "lte0", tmp_path, f"ping-blackholed-{attempt}")
+                assert code == 1
+                await lab.blackhole("lte0", False)
+
+                await lab.delete_path("lte0")
+                assert not lab.present("lte0") and lab.faults("lte0") == PathFaults()
+                for ns, device in ((lab.client_ns, "lte0"), (lab.gateway_ns, "gw-lte0")):
+                    names = {link["ifname"] for link in await _json(lab, ns, "ip", "-j", "link", "show")}
+                    assert device not in names
+                assert "lte0" not in await _default_routes(lab)
+                code, _report = await _ping(lab, "eth0", tmp_path, f"ping-others-{attempt}")
+                assert code == 0
+            with pytest.raises(LabError):
+                await lab.add_address("lte0")
+
+
+@requires_lab
+async def test_an_address_is_flushed_renewed_and_moved_to_another_subnet(lab: Lab, tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        await _start_echo(lab, tmp_path)
+        await lab.flush_address("wifi0")
+        assert await _addresses(lab, lab.client_ns, "wifi0") == set() and lab.current_address("wifi0") is None
+        assert "wifi0" not in await _default_routes(lab)
+        (link,) = await _json(lab, lab.client_ns, "ip", "-j", "link", "show", "wifi0")
+        assert link["operstate"] == "UP"  # only the address went
+        code, _report = await _ping(lab, "wifi0", tmp_path, "ping-flushed")
+        assert code == 1
+        with pytest.raises(LabError):
+            await lab.flush_address("wifi0")
+
+        assert await lab.add_address("wifi0", host=3) == ("10.77.2.3", "10.77.2.1")
+        assert await _addresses(lab, lab.client_ns, "wifi0") == {"10.77.2.3/24"}
+        assert (await _default_routes(lab))["wifi0"] == ("10.77.2.1", 20)
+        code, _report = await _ping(lab, "wifi0", tmp_path, "ping-renewed")
+        assert code == 0
+
+        assert await lab.add_address("wifi0", subnet=1) == ("10.77.66.2", "10.77.66.1")
+        assert await _addresses(lab, lab.client_ns, "wifi0") == {"10.77.66.2/24"}  # the old lease is gone
+        assert "10.77.66.1/24" in await _addresses(lab, lab.gateway_ns, "gw-wifi0")
+        assert (await _default_routes(lab))["wifi0"] == ("10.77.66.1", 20)
+        code, _report = await _ping(lab, "wifi0", tmp_path, "ping-moved")
+        assert code == 0
+
+        await lab.link_down("wifi0")
+        await lab.link_up("wifi0")  # the route comes back via the *current* next hop
+        assert (await _default_routes(lab))["wifi0"] == ("10.77.66.1", 20)
+        with pytest.raises(LabError):
+            await lab.add_address("wifi0", subnet=9)
+
+
+@requires_lab
+async def test_every_path_down_leaves_no_route_and_one_comes_back(lab: Lab, tmp_path: Path) -> None:
+    from jvpn_trio.lab.runner import apply_conditions, usable_paths
+    from jvpn_trio.lab.scenario import Impairment
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        up, down = Impairment(), Impairment(link_up=False)
+        current = {p.name: up for p in lab.paths}
+        for path in lab.paths:
+            assert await apply_conditions(lab, None, path.name, up, down) == ["link down"]
+            current[path.name] = down
+        assert await _default_routes(lab) == {} and usable_paths(lab, current) == ()
+        await apply_conditions(lab, None, "wifi0", down, up)
+        current["wifi0"] = up
+        assert set(await _default_routes(lab)) == {"wifi0"} and usable_paths(lab, current) == ("wifi0",)
+
+
+@requires_lab
+async def test_the_gateway_is_killed_and_started_again_from_the_same_config(lab: Lab, tmp_path: Path) -> None:
+    """The mechanics only: SIGKILL, the dead process's files moved aside, the same command line again."""
+    from jvpn_trio.lab.processes import start_tunnel
+
+    with trio.fail_after(TEST_TIMEOUT_S * 2):
+        tunnel = await start_tunnel(lab, tmp_path, policy={})
+        first = tunnel.gateway
+        before = await tunnel.gateway_status()
+        config = (tmp_path / "gateway.toml").read_text()
+        run = await tunnel.kill_gateway()
+        assert run.exit_code == -signal.SIGKILL and first.returncode == -signal.SIGKILL
+        assert run.number == 1 and run.events.name == "gateway-events.1.jsonl" and run.trace.name == "gateway.1.trace.jsonl"
+        assert run.trace.exists() and not (tmp_path / "gateway.trace.jsonl").exists()
+        assert not tunnel.gateway_socket.exists()
+        with pytest.raises(RuntimeError):
+            await tunnel.kill_gateway()
+        names = await lab.run(lab.gateway_ns, "sh", "-c", f"ls /proc/{first.pid} 2>/dev/null || true")
+        assert names.stdout == b""
+
+        second = await tunnel.start_gateway()
+        assert second.pid != first.pid and second.argv == first.argv and tunnel.gateway is second
+        after = await tunnel.gateway_status()
+        assert after.get("node") == before.get("node") or after.keys() == before.keys()
+        assert (tmp_path / "gateway.toml").read_text() == config
+        with pytest.raises(RuntimeError):
+            await tunnel.start_gateway()
+        await tunnel.stop()
+        assert (tmp_path / "gateway.trace.jsonl").exists()  # the second process recorded afresh
+        assert tunnel.killed == [run]
