@@ -2,10 +2,15 @@
 
 It only wires drivers together; every decision is the core's.  ``up`` runs a
 :class:`~jvpn_trio.drivers.agent.ClientAgent`, which keeps one session at a
-time for as long as the process lives: the path sockets, the TUN and the
-tunnel routes are opened once, here, and stay in place across sessions and
-while none exists (the laptop's traffic never leaves the tunnel
-unprotected).  ``up`` exits on SIGINT/SIGTERM (the first closes the live
+time for as long as the process lives: the TUN and the tunnel routes are
+opened once, here, and stay in place across sessions and while none exists
+(the laptop's traffic never leaves the tunnel unprotected).  The paths follow
+the machine: the path manager (``drivers/paths.py``) runs for the agent's
+whole life, and :class:`PathFollower` turns each ``PathUp`` into a socket
+pinned to the interface, a policy route via the next hop the event carries
+and a path of the agent; ``PathDown`` and ``PathAddressChanged`` undo or
+rebind them (docs/paths.md).  An interface absent at start is not an error:
+its path appears when the interface does.  ``up`` exits on SIGINT/SIGTERM (the first closes the live
 session explicitly, a second exits at once) or on a configuration or
 privilege error at start; never because a session ended.  Resources are
 acquired in nested async context managers so that every way out removes the
@@ -15,23 +20,32 @@ TUN, the routes and the control socket again.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import socket
 import sys
+from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 import trio
 
 from jvpn_trio.commands.process import EVENT_SINK_CAPACITY, AppError, close_on_signals, missing_privilege
-from jvpn_trio.config import DEFAULT_MTU, KIND_PRIORITY, ClientConfig
-from jvpn_trio.core import events as ev
-from jvpn_trio.core.noise import StaticKeypair
+from jvpn_trio.config import DEFAULT_MTU, ClientConfig
+from jvpn_trio.core.agent import PathIds, PathIdsExhausted
 from jvpn_trio.core.ids import PathId
-from jvpn_trio.drivers import control, event_sink, ifaces, netlink, routes, tun, udp
+from jvpn_trio.core.noise import StaticKeypair
+from jvpn_trio.drivers import control, event_sink, routes, tun, udp
 from jvpn_trio.drivers.agent import ClientAgent
 from jvpn_trio.drivers.client import ClientPath
+from jvpn_trio.drivers.paths import (
+    DownReason,
+    PathAddressChanged,
+    PathDown,
+    PathEvent,
+    PathUp,
+    open_path_manager,
+)
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
 from jvpn_trio.ui.app import run_console, use_tui
@@ -41,56 +55,153 @@ from jvpn_trio.ui.status import CONNECTING, client_status, statistics_counters
 TUNNEL_TABLE = 51820
 #: Prefix of the routing's counters in the status report.
 ROUTES_COUNTER_PREFIX = "routes."
+#: Prefix of the path follower's counters (paths added, removed, readdressed, refused).
+PATHS_COUNTER_PREFIX = "paths."
+#: Why a path is down for good: its PathId may go to another interface (any other down keeps it).
+FREES_PATH_ID = frozenset({DownReason.INTERFACE_GONE, DownReason.NOT_A_CANDIDATE})
+#: Prefix of the path manager's counters.
+PATH_MANAGER_COUNTER_PREFIX = "path_manager."
 
 
-async def _client_paths(config: ClientConfig) -> list[tuple[str, str, int]]:
-    """(interface, kind, priority) for each candidate: configured, or discovered."""
-    if config.paths:
-        out: list[tuple[str, str, int]] = []
-        for i, p in enumerate(config.paths):
-            kind: str = p.kind if p.kind is not None else await trio.to_thread.run_sync(ifaces.classify, p.interface)
-            out.append((p.interface, kind, p.priority if p.priority is not None else KIND_PRIORITY[kind] + i))
-        return out
-    found = await ifaces.discover({config.tun_name})
-    if not found:
-        raise AppError("no usable network interface found (up, not loopback, with an IPv4 address)")
-    return [(c.ifname, c.kind, KIND_PRIORITY[c.kind] + i) for i, c in enumerate(found)]
+class PathFollower:
+    """Follows the path manager: each usable interface gets a socket, a policy route and a place in the agent.
 
-
-def _tun_address_setter(tun_name: str, log: Callable[[str], None]) -> Callable[[ipaddress.IPv4Interface], Any]:
-    """An async callback giving the TUN a session's address, replacing the one it had.
-
-    A refusal by the kernel is logged, not raised: the session still runs
-    (packets to the old address simply go unanswered), and the agent lives on.
+    One task (:meth:`follow`) owns every path's resources; a failure on one
+    path (a socket or route the kernel refuses, an interface that vanished
+    between the event and the call) is that path's news: counted in
+    :attr:`counters`, logged, and the path is left out until the manager
+    reports it again.  PathIds come from :class:`~jvpn_trio.core.agent.PathIds`:
+    a path keeps its PathId for as long as its interface exists (the manager's
+    id does too), across a link flap or a lost address, so status and event
+    logs keep naming it the same; the id is freed only when the interface is
+    gone (or no longer a candidate), after the agent has queued ``PathRemoved``.
     """
-    current: list[ipaddress.IPv4Interface] = []
 
-    async def set_address(address: ipaddress.IPv4Interface) -> None:
+    def __init__(
+        self,
+        *,
+        config: ClientConfig,
+        agent: ClientAgent,
+        routing: routes.Routing,
+        log: Callable[[str], None],
+    ) -> None:
+        self._config = config
+        self._agent = agent
+        self._routing = routing
+        self._log = log
+        self._ids = PathIds()
+        self._sockets: dict[PathId, AsyncExitStack] = {}
+        self.counters: Counter[str] = Counter()
+
+    def _family(self) -> int:
+        return socket.AF_INET6 if ":" in self._config.gateway[0] else socket.AF_INET
+
+    def _route(self, pid: PathId, ifname: str, next_hop: str | None) -> routes.PathRoute:
+        return routes.PathRoute.given(
+            ifname, table=TUNNEL_TABLE + pid.value, fwmark=self._config.fwmark_base + pid.value, next_hop=next_hop
+        )
+
+    async def _open_socket(self, pid: PathId, ifname: str, source: str) -> tuple[AsyncExitStack, udp.PathSocket]:
+        stack = AsyncExitStack()
         try:
-            await routes.set_tun_address(tun_name, str(address.ip), address.network.prefixlen, DEFAULT_MTU)
-            for old in current:
-                if old != address:
-                    await trio.to_thread.run_sync(_delete_address_sync, tun_name, old)
-        except (routes.RouteError, OSError) as exc:
-            log(f"cannot give {tun_name} the address {address}: {exc}")
+            sock = await stack.enter_async_context(
+                udp.open_path_socket(
+                    bind=(source, 0),
+                    device=ifname,
+                    fwmark=self._config.fwmark_base + pid.value,
+                    family=self._family(),
+                    gro=False,
+                )
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        return stack, sock
+
+    async def follow(self, events: trio.MemoryReceiveChannel[PathEvent]) -> None:
+        """Apply the manager's events in order until the channel ends."""
+        async for event in events:
+            try:
+                if isinstance(event, PathUp):
+                    await self._up(event)
+                elif isinstance(event, PathDown):
+                    await self._down(event)
+                elif isinstance(event, PathAddressChanged):
+                    await self._readdressed(event)
+            except (OSError, routes.RouteError, ValueError, PathIdsExhausted) as exc:
+                self.counters["path_errors"] += 1
+                self._log(f"path {event.ifname}: {exc}; left out until the path manager reports it again")
+
+    async def _up(self, event: PathUp) -> None:
+        known = self._ids.get(event.path_id)
+        if known is not None and known in self._agent.paths:  # live already: a change of address
+            await self._readdressed(
+                PathAddressChanged(
+                    path_id=event.path_id,
+                    ifname=event.ifname,
+                    source_address=event.source_address,
+                    next_hop=event.next_hop,
+                )
+            )
             return
-        current[:] = [address]
-
-    return set_address
-
-
-def _delete_address_sync(tun_name: str, address: ipaddress.IPv4Interface) -> None:
-    """Remove ``address`` from ``tun_name`` (blocking: run it in a worker thread)."""
-    from pyroute2 import NetlinkError
-
-    with netlink.open_iproute(None) as ipr:
-        found = ipr.link_lookup(ifname=tun_name)
-        if not found:
-            return
+        pid = self._ids.allocate(event.path_id)
         try:
-            ipr.addr("del", index=found[0], address=str(address.ip), prefixlen=address.network.prefixlen)
-        except NetlinkError as exc:
-            raise OSError(exc.code, f"netlink: {exc}") from exc
+            stack, sock = await self._open_socket(pid, event.ifname, event.source_address)
+        except BaseException:
+            self._ids.free(event.path_id)
+            raise
+        self._sockets[pid] = stack
+        await self._routing.add_path(self._route(pid, event.ifname, event.next_hop))
+        self._agent.add_path(
+            ClientPath(
+                path=pid,
+                name=event.ifname,
+                kind=event.kind,
+                priority=event.priority,
+                port=sock,
+                gateway=self._config.gateway,
+                control=self._config.gateway_control,
+            )
+        )
+        self.counters["paths_added"] += 1
+        self._log(f"path {pid} up: {event.ifname} ({event.kind}) from {event.source_address} via {event.next_hop or 'on-link'}")
+
+    async def _down(self, event: PathDown) -> None:
+        pid = self._ids.get(event.path_id)
+        if pid is None:
+            return
+        self._agent.remove_path(pid)  # queues PathRemoved to the live session before the id is freed
+        if event.reason in FREES_PATH_ID:
+            self._ids.free(event.path_id)
+        stack = self._sockets.pop(pid, None)
+        if stack is not None:
+            await stack.aclose()
+        await self._routing.remove_path(event.ifname)
+        self.counters["paths_removed"] += 1
+        self._log(f"path {pid} down: {event.ifname} ({event.reason.value})")
+
+    async def _readdressed(self, event: PathAddressChanged) -> None:
+        pid = self._ids.get(event.path_id)
+        if pid is None:
+            return
+        current = self._agent.paths.get(pid)
+        if current is None:
+            return
+        stack, sock = await self._open_socket(pid, event.ifname, event.source_address)
+        old_stack = self._sockets.get(pid)
+        self._sockets[pid] = stack
+        self._agent.readdress_path(attrs.evolve(current, port=sock))
+        if old_stack is not None:
+            await old_stack.aclose()
+        await self._routing.add_path(self._route(pid, event.ifname, event.next_hop))
+        self.counters["paths_readdressed"] += 1
+        self._log(f"path {pid} readdressed: {event.ifname} now {event.source_address} via {event.next_hop or 'on-link'}")
+
+    async def aclose(self) -> None:
+        """Close every path's socket (the routes go with the routing)."""
+        stacks, self._sockets = list(self._sockets.values()), {}
+        for stack in stacks:
+            await stack.aclose()
 
 
 def _stderr_line(line: str) -> None:
@@ -106,46 +217,19 @@ async def run_client(
         raise AppError(problem)
     static = StaticKeypair(load_private_key(config.private_key_file))
     gateway_public = load_public_key_text(config.gateway_public_key)
-    candidates = await _client_paths(config)
     gateway_host = config.gateway[0]
     async with AsyncExitStack() as stack:
         sink = await stack.enter_async_context(
             event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
         )
         recorder = await stack.enter_async_context(open_recorder(record))
-        # Listen first, then read: no link change can fall between the two (netlink.py).
-        monitor = await stack.enter_async_context(netlink.open_link_monitor())
-        link_states = await netlink.read_link_states()
-        path_routes: list[routes.PathRoute] = []
-        client_paths: list[ClientPath] = []
-        for i, (ifname, kind, priority) in enumerate(candidates):
-            fwmark = config.fwmark_base + i + 1
-            path_routes.append(routes.PathRoute(ifname=ifname, table=TUNNEL_TABLE + i + 1, fwmark=fwmark))
-            family = socket.AF_INET6 if ":" in config.gateway[0] else socket.AF_INET
-            bind = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
-            sock = await stack.enter_async_context(
-                udp.open_path_socket(bind=bind, device=ifname, fwmark=fwmark, family=family, gro=False)
-            )
-            state = link_states.get(ifname)
-            client_paths.append(
-                ClientPath(
-                    path=PathId(i + 1),
-                    name=ifname,
-                    kind=kind,
-                    priority=priority,
-                    port=sock,
-                    gateway=config.gateway,
-                    control=config.gateway_control,
-                    link_up=bool(state and state.up),
-                )
-            )
         tunnel_routes = routes.TunnelRoutes(
             tun_name=config.tun_name, prefixes=tuple(str(p) for p in config.routes), table=TUNNEL_TABLE
         )
         routing = await stack.enter_async_context(
             routes.open_routing(
                 tunnel=tunnel_routes,
-                paths=path_routes,
+                paths=(),  # paths come and go with the path manager
                 gateway_address=gateway_host,
                 defer_tunnel=True,  # the TUN is created next
                 best_effort=True,  # a path that is not routable yet is left to probing
@@ -162,25 +246,16 @@ async def run_client(
             policy=config.policy,
             static=static,
             gateway_public=gateway_public,
-            paths=client_paths,
             emit=sink.emit,
             packets=device,
-            set_address=_tun_address_setter(config.tun_name, _stderr_line),
+            set_address=routes.TunAddress(config.tun_name, mtu=DEFAULT_MTU, log=_stderr_line),
             recorder=recorder,
         )
-        by_name = {p.name: p.path for p in client_paths}
-
-        async def follow_links(monitor: netlink.LinkMonitor) -> None:
-            async for item in monitor:
-                if isinstance(item, netlink.LinkEvent) and item.ifname in by_name:
-                    agent.submit_nowait(ev.LinkChanged(path=by_name[item.ifname], up=item.up))
-                    if item.up:  # the kernel deleted the path's route when the link went down
-                        await routing.reinstall_path(item.ifname)
-                elif isinstance(item, netlink.Resync):
-                    states = await netlink.read_link_states()
-                    for name, path in by_name.items():
-                        state = states.get(name)
-                        agent.submit_nowait(ev.LinkChanged(path=path, up=bool(state and state.up)))
+        follower = PathFollower(config=config, agent=agent, routing=routing, log=_stderr_line)
+        stack.push_async_callback(follower.aclose)
+        manager, path_events = await stack.enter_async_context(
+            open_path_manager(config.path_rules, gateway_host)
+        )
 
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
             value = agent.status.value
@@ -189,8 +264,17 @@ async def run_client(
             return client_status(
                 value.snapshot,
                 statistics=value.statistics,
-                counters=statistics_counters(routing.statistics(), prefix=ROUTES_COUNTER_PREFIX),
+                counters={
+                    **statistics_counters(routing.statistics(), prefix=ROUTES_COUNTER_PREFIX),
+                    **{f"{PATHS_COUNTER_PREFIX}{k}": v for k, v in sorted(follower.counters.items())},
+                    **{
+                        f"{PATH_MANAGER_COUNTER_PREFIX}{k}": v
+                        for k, v in attrs.asdict(manager.statistics()).items()
+                        if isinstance(v, int) and v  # last_error is text, not a count
+                    },
+                },
                 sessions_started=value.sessions_started,
+                interfaces={path: (name, kind) for path, name, kind in value.paths},
             )
 
         async with trio.open_nursery() as nursery:
@@ -199,7 +283,7 @@ async def run_client(
                     config.control_socket, control.command_handler({"status": status}), task_status=task_status
                 )
             )
-            nursery.start_soon(follow_links, monitor)
+            nursery.start_soon(follower.follow, path_events)
             if not quiet:
                 await nursery.start(
                     functools.partial(

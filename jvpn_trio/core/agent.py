@@ -27,6 +27,14 @@ a *new* session, with a new SessionID, whose BIRTH names the one before it.
   no unauthenticated packet can end a live session; when it is answered the
   gateway has already replaced its side, and the agent closes the old
   session explicitly (LOCAL_CLOSE) before the new one is born.
+- **Resume.**  After a suspend the paths' measurements are stale and the
+  gateway heard nothing for as long as the machine slept.  At or beyond
+  :func:`gateway_tolerance_s` the gateway has certainly ended the session
+  (it releases a silent binding after one transport-loss TTL and ends the
+  unbound session after another; docs/spec.md, "Freshness across a
+  suspend"), and every REATTACH or probe would go unanswered until the
+  client's own TTL ran out.  :meth:`Succession.resumed` then makes the next
+  handshake (or a rescue of the live session) due at once.
 - **Rounds.**  A handshake round (:class:`HandshakeRound`) is one attempt
   per eligible path, in the order the
   :class:`~jvpn_trio.core.connect.HandshakePlanner` gives, each waiting
@@ -46,12 +54,30 @@ from collections.abc import Iterable
 import attrs
 
 from jvpn_trio.core.connect import HandshakeCandidate, HandshakeGiveUp, HandshakePlanner, HandshakeStep
-from jvpn_trio.core.ids import PathId, SessionId
+from jvpn_trio.core.ids import MAX_PATH_ID, PathId, SessionId
 from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
 from jvpn_trio.core.session import SessionRecord
 from jvpn_trio.core.states import ReasonCode, SessionState
 
 _MS = 1000.0
+#: The gateway ends a silent session after this many transport-loss TTLs at the latest: one TTL
+#: until it releases the binding (spec R11), one more unbound (Property 4, R1).
+GATEWAY_SILENCE_TTLS = 2
+
+
+def gateway_tolerance_s(policy: Policy) -> float:
+    """How long the gateway keeps a session that hears nothing: release after one TTL, end after another."""
+    return GATEWAY_SILENCE_TTLS * policy.transport_loss_ttl_ms / _MS
+
+
+def outlived_gateway(suspended_for_s: float, policy: Policy) -> bool:
+    """True when the gateway has certainly ended the session during a suspend that long.
+
+    Nothing reached the gateway while the client slept, so its session was
+    silent for at least ``suspended_for_s``.  Assumes the gateway runs the
+    same ``transport_loss_ttl_ms`` (the policy fingerprint in every event shows it).
+    """
+    return suspended_for_s >= gateway_tolerance_s(policy)
 
 
 @attrs.frozen(kw_only=True)
@@ -77,6 +103,8 @@ class Succession:
         self._next_attempt_at = now
         self._switch_times: tuple[float, ...] = ()
         self._previous: SessionId | None = None
+        #: Set by a resume that outlived the gateway: a rescue of the live session is due then.
+        self._rescue_forced_at: float | None = None
 
     # -- queries ------------------------------------------------------------------
     def reconnect_delay_ms(self) -> int:
@@ -92,7 +120,11 @@ class Succession:
 
     def rescue_at(self, record: SessionRecord) -> float | None:
         """When a fresh handshake may try to replace the live session ``record``; None while it is bound."""
-        if record.state in (SessionState.BIRTH, SessionState.TERMINATED) or record.binding is not None:
+        if record.state in (SessionState.BIRTH, SessionState.TERMINATED):
+            return None
+        if self._rescue_forced_at is not None and record.created_at < self._rescue_forced_at:
+            return self._rescue_forced_at
+        if record.binding is not None:
             return None
         if record.unbound_since is None:
             return None
@@ -111,6 +143,7 @@ class Succession:
         (or one ``handshake_retry_ms``) apart.
         """
         self.failures += 1
+        self._rescue_forced_at = None  # the forced attempt was made; the ordinary rules apply again
         start = now if last_attempt_at is None else min(last_attempt_at, now)
         self._next_attempt_at = max(now, start + self.reconnect_delay_ms() / _MS)
         return self._next_attempt_at
@@ -118,6 +151,7 @@ class Succession:
     def session_started(self, session_id: SessionId, now: float) -> SessionSeed:
         """A handshake completed: the seed the new session must be created with."""
         self.sessions_started += 1
+        self._rescue_forced_at = None
         return SessionSeed(
             number=self.sessions_started,
             previous_session=self._previous,
@@ -134,6 +168,21 @@ class Succession:
         if ever_bound and now - record.created_at >= SWITCH_RATE_WINDOW_S:
             self.failures = 0
         return self._fail(now)
+
+    def resumed(self, suspended_for_s: float, now: float) -> bool:
+        """The machine slept ``suspended_for_s`` and runs again at ``now``; True if a handshake is due at once.
+
+        When the suspend outlived the gateway (:func:`outlived_gateway`), the
+        next handshake round may start at ``now`` and a live session that
+        started before ``now`` is to be rescued at ``now`` (:meth:`rescue_at`),
+        bound or not: its binding is gone at the gateway.  A shorter suspend
+        changes nothing here (the driver probes every path at once).
+        """
+        if not outlived_gateway(suspended_for_s, self.policy):
+            return False
+        self._rescue_forced_at = now
+        self._next_attempt_at = min(self._next_attempt_at, now)
+        return True
 
     def _fail(self, now: float) -> float:
         self.failures += 1
@@ -176,3 +225,52 @@ class HandshakeRound:
         if not isinstance(step, HandshakeGiveUp):
             self.last_attempt_at = now
         return step
+
+
+class PathIdsExhausted(Exception):
+    """Every PathId (1..255) names a live path: the new path is refused."""
+
+
+class PathIds:
+    """Maps the path manager's ids (counting up for the whole run) onto the wire's PathIds (1..255).
+
+    A freed PathId is given out again only after every other free one has
+    been: ids are handed out round-robin, so a reused id is the one freed
+    longest ago, far from any answer still in flight for its old path.  The
+    caller frees an id only once its path has left the live session (the
+    agent queues ``PathRemoved`` before it frees the id).
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[int, PathId] = {}
+        self._last = MAX_PATH_ID
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, key: int) -> PathId | None:
+        return self._by_key.get(key)
+
+    def allocate(self, key: int) -> PathId:
+        """The PathId for manager path ``key`` (the same one if it has one already).
+
+        Raises :class:`PathIdsExhausted` when all 255 are live.
+        """
+        known = self._by_key.get(key)
+        if known is not None:
+            return known
+        live = set(self._by_key.values())
+        if len(live) >= MAX_PATH_ID:
+            raise PathIdsExhausted(f"{MAX_PATH_ID} paths are live already")
+        candidate = self._last
+        while True:
+            candidate = candidate % MAX_PATH_ID + 1
+            if PathId(candidate) not in live:
+                break
+        self._last = candidate
+        self._by_key[key] = PathId(candidate)
+        return PathId(candidate)
+
+    def free(self, key: int) -> PathId | None:
+        """Forget manager path ``key``; returns the PathId it had (None if it had none)."""
+        return self._by_key.pop(key, None)

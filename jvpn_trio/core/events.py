@@ -38,6 +38,19 @@ class PathAdded:
 
 @attrs.frozen(kw_only=True)
 class PathRemoved:
+    """The path's interface went away: if it carried the binding, that is a link death (LINK_DOWN)."""
+
+    path: PathId
+
+
+@attrs.frozen(kw_only=True)
+class PathReaddressed:
+    """The path's interface got a new source address (DHCP renew, roaming): its socket was rebound.
+
+    The gateway's binding names the old endpoint, so if this is the active
+    path the session reattaches on it (ENDPOINT_CHANGED).
+    """
+
     path: PathId
 
 
@@ -180,6 +193,7 @@ ClientInput = (
     HandshakeCompleted
     | PathAdded
     | PathRemoved
+    | PathReaddressed
     | LinkChanged
     | ProbeSent
     | ProbeAcked

@@ -373,6 +373,8 @@ class ClientSession(_SessionCore):
         self._recovery_cause: ReasonCode | None = None
         #: Consecutive PROBE_ACKs on the active path saying the gateway is bound elsewhere.
         self._disowned_acks = 0
+        #: The active path was rebound to a new source address and no REATTACH has confirmed it yet.
+        self._readdressed = False
 
     # -- public API ----------------------------------------------------------------
     def handle(self, event: ev.ClientInput, *, now: float) -> list[Action]:
@@ -445,10 +447,17 @@ class ClientSession(_SessionCore):
             self._paths[event.path] = _PathEntry(event.priority, event.endpoint, health)
             return []
         if isinstance(event, ev.PathRemoved):
+            # Removing the active path is its link's death: _evaluate releases the binding (LINK_DOWN).
             self._paths.pop(event.path, None)
             self._reported.pop(event.path, None)
             if self.pinned == event.path:
                 self.pinned = None
+            return []
+        if isinstance(event, ev.PathReaddressed):
+            if event.path not in self._paths:
+                self._count("unknown_path_inputs")
+            elif self.record.binding is not None and self.record.binding.path == event.path:
+                self._readdressed = True
             return []
         if isinstance(event, ev.PinRequested):
             self.pinned = event.path if event.path is None or event.path in self._paths else self.pinned
@@ -502,6 +511,7 @@ class ClientSession(_SessionCore):
         self.gateway_version = max(self.gateway_version, event.new_version)
         self._retry_not_before = None
         self._disowned_acks = 0
+        self._readdressed = False
         return self._transition(
             R.REATTACH_CONFIRMED,
             now,
@@ -592,7 +602,7 @@ class ClientSession(_SessionCore):
             reattach_in_flight=self.pending is not None or self._retry_not_before is not None,
             rate_has_room=rate_has_room(rec.switch_times, self.policy, now),
             recovery_cause=self._recovery_cause,
-            binding_disowned=self._disowned_acks >= self.policy.dead_after_missed_probes,
+            binding_disowned=self._readdressed or self._disowned_acks >= self.policy.dead_after_missed_probes,
         )
         candidates = tuple(
             Candidate(

@@ -29,6 +29,7 @@ INPUT_TYPES: dict[str, type] = {
         ev.HandshakeCompleted,
         ev.PathAdded,
         ev.PathRemoved,
+        ev.PathReaddressed,
         ev.LinkChanged,
         ev.ProbeSent,
         ev.ProbeAcked,

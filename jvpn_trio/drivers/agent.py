@@ -26,6 +26,20 @@ that decides everything between sessions.  :meth:`ClientAgent.serve` loops:
 3. when the session ends, for whatever reason the core gave,
    ``session_ended()`` says when to try again, and the loop goes on.
 
+**The path set** belongs to the agent, not to a session: paths come and go
+while the agent runs (:meth:`ClientAgent.add_path`, :meth:`~ClientAgent.remove_path`,
+:meth:`~ClientAgent.readdress_path`, called by the composition root as the
+path manager reports interfaces).  A change is handed to the runtime of the
+moment (which tells a live session) and every later runtime starts from the
+set as it is then.  With no path at all the agent waits, CONNECTING, until
+one appears.
+
+**Suspend.**  A :class:`~jvpn_trio.drivers.clock.SuspendDetector` runs for
+the agent's life.  On each resume every path is probed at once, and
+:meth:`~jvpn_trio.core.agent.Succession.resumed` decides whether the gateway
+has certainly forgotten the session; if so the rescue (or the next round)
+is due at once instead of after the recovery window or the back-off.
+
 Only :meth:`close_nowait` (the first SIGINT/SIGTERM, the UI's quit) ends
 :meth:`serve`: the live session is closed explicitly, then it returns.
 ``task_status.started()`` is called at once: the agent is useful (its status
@@ -63,8 +77,13 @@ from jvpn_trio.drivers.client import (
     SetAddress,
     _stderr_line,
 )
+from jvpn_trio.drivers.clock import Resumed, SuspendDetector
 from jvpn_trio.drivers.ports import PacketPort
 from jvpn_trio.drivers.recording import Recorder
+
+
+#: How many resume reports the agent keeps (for status and tests).
+RESUMES_KEPT = 16
 
 
 class ClientAgent:
@@ -81,7 +100,7 @@ class ClientAgent:
         policy: Policy,
         static: StaticKeypair,
         gateway_public: bytes,
-        paths: Sequence[ClientPath],
+        paths: Sequence[ClientPath] = (),
         emit: Callable[[EmitEvent], None],
         packets: PacketPort | None = None,
         set_address: SetAddress | None = None,
@@ -89,14 +108,22 @@ class ClientAgent:
         wall_time_ns: Callable[[], int] = time.time_ns,
         recorder: Recorder | None = None,
         log: Callable[[str], None] = _stderr_line,
+        suspend_detector: SuspendDetector | None = None,
     ) -> None:
-        if not paths:
-            raise ValueError("a client needs at least one path")
         self.policy = policy
         self._static = static
         self._gateway_public = gateway_public
-        self._paths = list(paths)
-        self._link_up: dict[PathId, bool] = {p.path: p.link_up for p in paths}
+        self._paths: dict[PathId, ClientPath] = {}
+        self._link_up: dict[PathId, bool] = {}
+        for p in paths:
+            if p.path in self._paths:
+                raise ValueError(f"two paths with the id {p.path}")
+            self._paths[p.path] = p
+            self._link_up[p.path] = p.link_up
+        self._detector = suspend_detector if suspend_detector is not None else SuspendDetector()
+        #: Bumped when a path appears or the machine resumed: a waiting connect looks again.
+        self._nudge = trio_util.AsyncValue(0)
+        self.resumes: list[Resumed] = []
         self._emit = emit
         self._packets = packets
         self._set_address_outside = set_address
@@ -141,6 +168,72 @@ class ClientAgent:
             return isinstance(event, ev.LinkChanged)
         return runtime.submit_nowait(event)
 
+    # -- the path set -------------------------------------------------------------------------
+    @property
+    def paths(self) -> dict[PathId, ClientPath]:
+        """The current path set (a copy)."""
+        return dict(self._paths)
+
+    def add_path(self, path: ClientPath) -> bool:
+        """Add a path to the set; the live session (and every later one) gets it.  False if its id is taken."""
+        if path.path in self._paths:
+            return False
+        self._paths[path.path] = path
+        self._link_up[path.path] = path.link_up
+        runtime = self.runtime
+        if runtime is not None:
+            runtime.add_path(attrs.evolve(path, link_up=self._link_up[path.path]))
+        self._nudge.value += 1
+        self._publish_paths()
+        return True
+
+    def remove_path(self, path_id: PathId) -> ClientPath | None:
+        """Take a path out of the set; returns it (its socket is the caller's to close), None if unknown.
+
+        The live session gets ``PathRemoved`` (queued ahead of anything
+        submitted after this call), so the PathId may be given out again.
+        """
+        path = self._paths.pop(path_id, None)
+        self._link_up.pop(path_id, None)
+        runtime = self.runtime
+        if runtime is not None:
+            runtime.remove_path(path_id)
+        self._publish_paths()
+        return path
+
+    def readdress_path(self, path: ClientPath) -> ClientPath | None:
+        """Replace a path's socket after its address changed; returns the old path (None if unknown)."""
+        old = self._paths.get(path.path)
+        if old is None:
+            return None
+        self._paths[path.path] = attrs.evolve(path, link_up=self._link_up[path.path])
+        runtime = self.runtime
+        if runtime is not None:
+            runtime.readdress_path(self._paths[path.path])
+        return old
+
+    def _publish_paths(self) -> None:
+        if self.session is None:
+            self._publish_connecting()
+
+    # -- suspend ------------------------------------------------------------------------------
+    def _resumed(self, resumed: Resumed) -> None:
+        """The machine slept: probe every path now; a new session at once if the gateway forgot ours."""
+        self.resumes.append(resumed)
+        del self.resumes[:-RESUMES_KEPT]
+        succession = self.succession
+        outlived = succession is not None and succession.resumed(resumed.suspended_for_s, trio.current_time())
+        self._log(
+            f"resumed after a {resumed.suspended_for_s:.1f} s suspend"
+            + ("; the gateway has dropped the session: handshaking now" if outlived else "; probing every path")
+        )
+        runtime = self.runtime
+        if runtime is not None:
+            runtime.probe_all_now()
+            if runtime.session is not None and not runtime.session.terminated:
+                runtime.submit_nowait(ev.ReevaluateRequested())  # republishes: the rescuer looks again
+        self._nudge.value += 1
+
     def close_nowait(self) -> None:
         """Close the live session explicitly, then let :meth:`serve` return (idempotent)."""
         if self._closing:
@@ -156,19 +249,22 @@ class ClientAgent:
         """Keep a session until :meth:`close_nowait`; never returns on its own."""
         succession = self.succession = Succession(policy=self.policy, now=trio.current_time())
         self._publish_connecting()
-        task_status.started(self)
-        adopt: Handshaken | None = None
-        while not self._closing:
-            runtime = self._new_runtime()
-            if adopt is None:
-                async with trio_util.move_on_when(self._close_requested.wait):
-                    adopt = await self._connect(runtime, succession)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._detector.serve, self._resumed)
+            task_status.started(self)
+            adopt: Handshaken | None = None
+            while not self._closing:
+                runtime = self._new_runtime()
                 if adopt is None:
-                    continue
-            seed = succession.session_started(adopt.result.session_id, trio.current_time())
-            adopt = await self._serve_session(runtime, adopt, seed, succession)
-            self._publish_connecting()
-        self.runtime = None
+                    async with trio_util.move_on_when(self._close_requested.wait):
+                        adopt = await self._connect(runtime, succession)
+                    if adopt is None:
+                        continue
+                seed = succession.session_started(adopt.result.session_id, trio.current_time())
+                adopt = await self._serve_session(runtime, adopt, seed, succession)
+                self._publish_connecting()
+            self.runtime = None
+            nursery.cancel_scope.cancel()
 
     def _new_runtime(self) -> ClientRuntime:
         for path, up in (self.runtime.link_up.items() if self.runtime is not None else ()):
@@ -177,7 +273,7 @@ class ClientAgent:
             policy=self.policy,
             static=self._static,
             gateway_public=self._gateway_public,
-            paths=[attrs.evolve(p, link_up=self._link_up[p.path]) for p in self._paths],
+            paths=[attrs.evolve(p, link_up=self._link_up[p.path]) for p in self._paths.values()],
             emit=self._emit,
             packets=self._packets,
             set_address=self._set_address,
@@ -196,7 +292,7 @@ class ClientAgent:
         async with trio.open_nursery() as nursery:
             if self._packets is not None:
                 nursery.start_soon(self._drop_unbound, self._packets)
-            await trio.sleep_until(succession.next_attempt_at())
+            await self._wait_attempt_due(runtime, succession)
             plan = HandshakeRound(policy=self.policy, candidates=runtime.candidates(), now=trio.current_time())
             try:
                 found = await runtime.handshake(plan)
@@ -206,6 +302,15 @@ class ClientAgent:
             nursery.cancel_scope.cancel()
         self._publish_connecting()
         return found
+
+    async def _wait_attempt_due(self, runtime: ClientRuntime, succession: Succession) -> None:
+        """Until a round may start: its back-off is over and there is a path (a resume may cut the wait)."""
+        while not (runtime.paths and trio.current_time() >= succession.next_attempt_at()):
+            async with trio_util.move_on_when(self._nudge.wait_transition):
+                if runtime.paths:
+                    await trio.sleep_until(succession.next_attempt_at())
+                else:
+                    await trio.sleep_forever()
 
     async def _serve_session(
         self, runtime: ClientRuntime, adopt: Handshaken, seed: SessionSeed, succession: Succession
@@ -239,10 +344,13 @@ class ClientAgent:
             due = rescue_due()
             if due is None:
                 continue
-            async with trio_util.move_on_when(self.status.wait_value, lambda _status: rescue_due() is None) as scope:
+            async with trio_util.move_on_when(self.status.wait_value, lambda _status: rescue_due() != due) as scope:
                 await trio.sleep_until(due)
             if scope.cancelled_caught or rescue_due() is None:
-                continue  # bound again (or the back-off moved): look again
+                continue  # bound again, or the due time moved (a back-off, a resume): look again
+            if not runtime.paths:  # nothing to handshake on: wait for a path or a change
+                await self._nudge.wait_transition()
+                continue
             plan = HandshakeRound(policy=self.policy, candidates=runtime.candidates(), now=trio.current_time())
             answer = await runtime.rescue(plan)
             if answer is None:
@@ -270,7 +378,7 @@ class ClientAgent:
     def _publish_connecting(self) -> None:
         self.status.value = RuntimeStatus(
             snapshot=None,
-            paths=tuple((p.path, p.name, p.kind) for p in self._paths),
+            paths=tuple((p.path, p.name, p.kind) for p in self._paths.values()),
             tunnel_address=str(self.tunnel_address) if self.tunnel_address else None,
             statistics=self._tally.freeze(),
             sessions_started=self.sessions_started,

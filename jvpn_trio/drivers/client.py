@@ -26,6 +26,15 @@ agent's rescue, ``drivers/agent.py``), gives the long-lived packet port
 - the **rekeyer**: a new handshake on the active path before the keys age
   out; the SessionID does not change (Property 5).
 
+The path set is mutable (:meth:`ClientRuntime.add_path`,
+:meth:`~ClientRuntime.remove_path`, :meth:`~ClientRuntime.readdress_path`):
+before the session starts a change only edits the set; while it runs, the
+session gets ``PathAdded`` / ``PathRemoved`` / ``PathReaddressed`` through the
+inbox (so in order with everything else) and the path's receiver and prober
+start, stop or restart on the new socket, each pair in a cancel scope of its
+own.  An action naming a path that has left the set is skipped: the
+``PathRemoved`` already queued releases it in the core.
+
 While the session runs, :meth:`ClientRuntime.rescue` may try a *fresh*
 handshake (no ``rekey_session``) on the same sockets; the receivers hand
 every HANDSHAKE_RESP to the pending handshake its receiver index names.
@@ -269,12 +278,13 @@ class ClientRuntime:
         status: trio_util.AsyncValue[RuntimeStatus | None] | None = None,
         log: Callable[[str], None] = _stderr_line,
     ) -> None:
-        if not paths:
-            raise ValueError("a client needs at least one path")
         self.policy = policy
         self._static = static
         self._gateway_public = gateway_public
-        self.paths = {p.path: p for p in sorted(paths, key=lambda p: (p.priority, p.path.value))}
+        self.paths: dict[PathId, ClientPath] = {}
+        for p in paths:
+            self.paths[p.path] = p
+        self._sort_paths()
         #: Each path's link as last reported (netlink, or this runtime's own socket errors).
         self.link_up: dict[PathId, bool] = {p.path: p.link_up for p in self.paths.values()}
         self._emit = emit
@@ -299,6 +309,15 @@ class ClientRuntime:
         self._delivery_reported: dict[PathId, float] = {}
         self._socket_down: set[PathId] = set()
         self._error_logged: dict[PathId, float] = {}
+        self._nursery: trio.Nursery | None = None  # the serving nursery, once the session runs
+        self._path_scopes: dict[PathId, trio.CancelScope] = {}
+        self._probe_now: dict[PathId, trio.Event] = {}
+        #: The last probe seq per path: a prober restarted on a new socket continues it (the core
+        #: requires increasing seqs per path for as long as the path is in the session).
+        self._probe_seq: dict[PathId, int] = {}
+
+    def _sort_paths(self) -> None:
+        self.paths = dict(sorted(self.paths.items(), key=lambda kv: (kv[1].priority, kv[0].value)))
 
     def statistics(self) -> ClientStatistics:
         """The driver's counters now (a frozen copy)."""
@@ -327,6 +346,89 @@ class ClientRuntime:
     @property
     def active_path(self) -> ClientPath | None:
         return self._active
+
+    # -- the path set ---------------------------------------------------------------------------
+    def add_path(self, path: ClientPath) -> bool:
+        """Add ``path`` (a new PathId); a live session gets ``PathAdded`` and the path its tasks.
+
+        False (nothing changes) if the PathId is in the set already.
+        """
+        if path.path in self.paths:
+            return False
+        self.paths[path.path] = path
+        self._sort_paths()
+        self.link_up[path.path] = path.link_up
+        if self.session is not None and not self.session.terminated:
+            self.submit_nowait(
+                ev.PathAdded(path=path.path, priority=path.priority, endpoint=path.gateway, link_up=path.link_up)
+            )
+        self._start_path_tasks(path)
+        return True
+
+    def remove_path(self, path_id: PathId) -> ClientPath | None:
+        """Take a path out of the set: its tasks stop and a live session gets ``PathRemoved``.
+
+        Returns the removed path (its socket is the caller's to close), None if unknown.
+        """
+        path = self.paths.pop(path_id, None)
+        if path is None:
+            return None
+        self.link_up.pop(path_id, None)
+        self._socket_down.discard(path_id)
+        self._stop_path_tasks(path_id)
+        self._probe_seq.pop(path_id, None)
+        if self._active is not None and self._active.path == path_id:
+            self._active = None  # nothing more is sent there; the core releases the binding next
+        if self.session is not None and not self.session.terminated:
+            self.submit_nowait(ev.PathRemoved(path=path_id))
+        return path
+
+    def readdress_path(self, path: ClientPath) -> ClientPath | None:
+        """Replace a path's socket (its source address changed); a live session gets ``PathReaddressed``.
+
+        The path's tasks restart on the new socket.  Returns the old path (its
+        socket is the caller's to close), None if the PathId is unknown.
+        """
+        old = self.paths.get(path.path)
+        if old is None:
+            return None
+        self.paths[path.path] = path
+        self._sort_paths()
+        self._socket_down.discard(path.path)
+        if self._active is not None and self._active.path == path.path:
+            self._active = path
+        self._stop_path_tasks(path.path)
+        self._start_path_tasks(path)
+        if self.session is not None and not self.session.terminated:
+            self.submit_nowait(ev.PathReaddressed(path=path.path))
+        return old
+
+    def probe_all_now(self) -> None:
+        """Make every path's prober send at once (after a resume: measurements are stale)."""
+        for event in self._probe_now.values():
+            event.set()
+
+    def _start_path_tasks(self, path: ClientPath) -> None:
+        nursery = self._nursery
+        if nursery is None:
+            return
+        scope = trio.CancelScope()
+        self._path_scopes[path.path] = scope
+        self._probe_now[path.path] = trio.Event()
+
+        async def serve_path() -> None:
+            with scope:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(self._receive, path)
+                    inner.start_soon(self._probe, path)
+
+        nursery.start_soon(serve_path)
+
+    def _stop_path_tasks(self, path_id: PathId) -> None:
+        scope = self._path_scopes.pop(path_id, None)
+        self._probe_now.pop(path_id, None)
+        if scope is not None:
+            scope.cancel()
 
     # -- lifetime ---------------------------------------------------------------------------
     async def run(
@@ -387,13 +489,15 @@ class ClientRuntime:
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._supervise, nursery.cancel_scope)
+            self._nursery = nursery
             for p in self.paths.values():
-                nursery.start_soon(self._receive, p)
-                nursery.start_soon(self._probe, p)
+                self._start_path_tasks(p)
             if self._packets is not None:
                 nursery.start_soon(self._pump_packets, self._packets)
             nursery.start_soon(self._rekey_loop)
             task_status.started(self)
+        self._nursery = None
+        self._path_scopes.clear()
         return self.termination_reason or ReasonCode.LOCAL_CLOSE
 
     # -- handshakes -----------------------------------------------------------------------------
@@ -420,15 +524,15 @@ class ClientRuntime:
             while True:
                 step = plan.next_attempt(now=trio.current_time())
                 if isinstance(step, HandshakeGiveUp):
-                    names = ", ".join(self.paths[p].name for p in step.paths)
+                    names = ", ".join(self.paths[p].name if p in self.paths else str(p) for p in step.paths)
                     raise HandshakeFailed(
                         f"no handshake answer from the gateway on {names} within {step.after_ms} ms",
                         last_attempt_at=last_attempt_at,
                     )
-                path = self.paths[step.path]
+                path = self.paths.get(step.path)
                 last_attempt_at = trio.current_time()
-                pending = self._start_handshake(path)
-                if pending is None:  # the path could not send: wait out the attempt
+                pending = self._start_handshake(path) if path is not None else None
+                if path is None or pending is None:  # gone, or could not send: wait out the attempt
                     await trio.sleep_until(step.deadline)
                     continue
                 try:
@@ -466,9 +570,9 @@ class ClientRuntime:
                 step = plan.next_attempt(now=trio.current_time())
                 if isinstance(step, HandshakeGiveUp):
                     return None
-                path = self.paths[step.path]
-                pending = self._start_handshake(path)
-                if pending is None:
+                path = self.paths.get(step.path)
+                pending = self._start_handshake(path) if path is not None else None
+                if path is None or pending is None:
                     await trio.sleep_until(step.deadline)
                     continue
                 try:
@@ -561,7 +665,8 @@ class ClientRuntime:
             if isinstance(action, EmitEvent):
                 self._emit(action)
             elif isinstance(action, BindTransport):
-                self._active = self.paths[action.binding.path]
+                # None if the path left the set: its queued PathRemoved releases the binding next.
+                self._active = self.paths.get(action.binding.path)
             elif isinstance(action, ReleaseTransport):
                 if self._active is not None and self._active.path == action.binding.path:
                     self._active = None
@@ -590,6 +695,9 @@ class ClientRuntime:
         except OSError as exc:
             self._path_failed(path, exc)
             return False
+        except trio.ClosedResourceError:  # closed while the path was being removed or rebound
+            self._path_failed(path, OSError(errno.EBADF, "socket closed"))
+            return False
         return True
 
     async def _recv_or_fail(self, path: ClientPath) -> list[tuple[bytes, Address]] | None:
@@ -599,6 +707,9 @@ class ClientRuntime:
         except OSError as exc:
             self._path_failed(path, exc)
             return None
+        except trio.ClosedResourceError:  # closed while the path was being removed or rebound
+            self._path_failed(path, OSError(errno.EBADF, "socket closed"))
+            return None
         if path.path in self._socket_down:  # the socket works again: its link is back
             self._socket_down.discard(path.path)
             self.submit_nowait(ev.LinkChanged(path=path.path, up=True))
@@ -607,6 +718,8 @@ class ClientRuntime:
     def _path_failed(self, path: ClientPath, exc: OSError) -> None:
         name = errno.errorcode.get(exc.errno, "OTHER") if exc.errno is not None else "OTHER"
         self._tally.path_errors[name] += 1
+        if path.path not in self.paths:
+            return  # removed meanwhile: its news no longer matters
         if path.path not in self._socket_down:
             self._socket_down.add(path.path)
             self.submit_nowait(ev.LinkChanged(path=path.path, up=False))
@@ -626,7 +739,9 @@ class ClientRuntime:
 
     def _send_reattach(self, action: SendReattach) -> None:
         assert self.session is not None
-        path = self.paths[action.path]
+        path = self.paths.get(action.path)
+        if path is None:  # removed meanwhile: the core learns it from the queued PathRemoved
+            return
         msg = wire.Reattach(
             session_id=self.session.record.session_id,
             path_id=action.path,
@@ -650,10 +765,21 @@ class ClientRuntime:
 
     # -- per-path tasks ------------------------------------------------------------------------
     async def _probe(self, path: ClientPath) -> None:
-        seq = 0
-        async for _ in trio_util.periodic(self.policy.probe_interval_ms / 1000.0):
-            seq = (seq + 1) % (1 << 32)
+        """A PROBE every ``probe_interval_ms``, or at once when :meth:`probe_all_now` asks."""
+        interval_s = self.policy.probe_interval_ms / 1000.0
+        due = trio.current_time()
+        while True:
+            wake = self._probe_now.get(path.path)
+            if wake is not None:
+                with trio.move_on_at(due):
+                    await wake.wait()
+                if wake.is_set():
+                    self._probe_now[path.path] = trio.Event()
+            else:
+                await trio.sleep_until(due)
             now = trio.current_time()
+            due = max(due + interval_s, now) if now >= due else now + interval_s
+            seq = self._probe_seq[path.path] = (self._probe_seq.get(path.path, 0) + 1) % (1 << 32)
             await self.submit(ev.ProbeSent(path=path.path, seq=seq), at=now)
             probe = wire.Probe(path_id=path.path, seq=seq, sent_us=int(now * 1e6) % (1 << 64))
             datagram = self._seal(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))
@@ -743,6 +869,9 @@ class ClientRuntime:
                     active.port.send_segments_nowait(run, active.gateway)
                 except OSError as exc:
                     self._path_failed(active, exc)
+                    break
+                except trio.ClosedResourceError:
+                    self._path_failed(active, OSError(errno.EBADF, "socket closed"))
                     break
 
     # -- key rotation ------------------------------------------------------------------------

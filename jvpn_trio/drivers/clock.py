@@ -24,9 +24,9 @@ that the loop reads CLOCK_BOOTTIME again and expires what is due.
 the difference is constant while the machine runs (NTP slews both clocks
 alike) and grows by exactly the suspended time.  A growth above
 ``threshold_s`` between two samples is reported as :class:`Resumed`, so the
-runtime can probe every path at once and, when the suspend outlasted what the
-gateway keeps of a silent session (:func:`outlived_gateway`), handshake anew
-instead of waiting for timeouts.  A logind ``PrepareForSleep`` signal over
+agent can probe every path at once and, when the suspend outlasted what the
+gateway keeps of a silent session (``core/agent.py``, ``Succession.resumed``),
+handshake anew instead of waiting for timeouts.  This module only detects.  A logind ``PrepareForSleep`` signal over
 D-Bus would be an earlier hint; it is not built (docs/spec.md).
 
 Both clock readers are parameters, so tests move time by hand.
@@ -41,7 +41,6 @@ from typing import NoReturn
 import attrs
 import trio
 
-from jvpn_trio.core.policy import Policy
 
 #: The longest one I/O wait may block, in seconds: a deadline passed during a suspend fires at
 #: most this long after resume.  The loop wakes this often when idle, which is negligible next
@@ -53,9 +52,6 @@ SUSPEND_SAMPLE_INTERVAL_S = 1.0
 #: seconds.  The difference does not move while the machine runs, so any clear jump is a suspend;
 #: one second is what still matters next to a probe timeout and is far above reading noise.
 SUSPEND_THRESHOLD_S = 1.0
-#: The gateway ends a silent session after this many transport-loss TTLs at the latest: one TTL
-#: until it releases the binding (spec R11), one more unbound (Property 4, R1).
-GATEWAY_SILENCE_TTLS = 2
 
 Reader = Callable[[], float]
 
@@ -183,21 +179,3 @@ class SuspendDetector:
                 last=resumed,
             )
             report(resumed)
-
-
-def gateway_tolerance_s(policy: Policy) -> float:
-    """How long the gateway keeps a session that hears nothing: release after one TTL, end after another."""
-    return GATEWAY_SILENCE_TTLS * policy.transport_loss_ttl_ms / 1000.0
-
-
-def outlived_gateway(resumed: Resumed, policy: Policy) -> bool:
-    """True when the gateway has certainly ended the session during this suspend: handshake at once.
-
-    Nothing reached the gateway while the client slept, so its session was
-    silent for at least ``suspended_for_s``; at or beyond
-    :func:`gateway_tolerance_s` it is gone, and a REATTACH or probe would be
-    discarded unanswered (the gateway forgets ended sessions) until the
-    client's own loss TTL ran out.  Assumes the gateway runs the same
-    ``transport_loss_ttl_ms`` (the policy fingerprint in every event shows it).
-    """
-    return resumed.suspended_for_s >= gateway_tolerance_s(policy)

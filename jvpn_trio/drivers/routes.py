@@ -163,16 +163,25 @@ def _to_prefixes(values: Iterable[str]) -> tuple[str, ...]:
 class PathRoute:
     """One path's bypass: packets marked ``fwmark`` use ``table``, which routes via ``ifname``.
 
-    ``gateway`` is the next hop on ``ifname``; None means "find it" (main's
-    default route via ``ifname``, else on-link).  :func:`install_path_route`
-    returns a copy with the next hop it found, to be reused on re-install:
-    a link flap also deletes main's route it was learnt from.
+    ``gateway`` is the next hop on ``ifname``.  With ``on_link`` the caller
+    read it from the kernel itself (the path manager, at each change) and
+    None means on-link: nothing is looked up.  Without, None means "find it"
+    (main's default route via ``ifname``, else on-link) and
+    :func:`install_path_route` returns a copy with the next hop it found, to
+    be reused on re-install: a link flap also deletes main's route it was
+    learnt from.
     """
 
     ifname: str
     table: int = attrs.field(validator=_check_table)
     fwmark: int = attrs.field(validator=_check_nonzero_mark)
     gateway: str | None = attrs.field(default=None, validator=_check_ipv4)
+    on_link: bool = attrs.field(default=False, kw_only=True)
+
+    @classmethod
+    def given(cls, ifname: str, *, table: int, fwmark: int, next_hop: str | None) -> PathRoute:
+        """A path route with the next hop the caller read from the kernel (None: on-link), never looked up."""
+        return cls(ifname, table, fwmark, next_hop, on_link=next_hop is None)
 
 
 @attrs.frozen
@@ -431,7 +440,7 @@ def _find_next_hop(ipr: Any, oif: int) -> str | None:
 
 def _install_path_sync(ipr: Any, pr: PathRoute, gateway_address: str | None) -> PathRoute:
     oif = _index(ipr, pr.ifname)
-    if pr.gateway is None:
+    if pr.gateway is None and not pr.on_link:
         pr = attrs.evolve(pr, gateway=_find_next_hop(ipr, oif))
     route, last_resort, rule = _path_entries(pr, oif, gateway_address)
     _replace_route(ipr, last_resort)
@@ -566,6 +575,53 @@ async def set_tun_address(
     await _run(netns, lambda ipr: _set_tun_address_sync(ipr, ifname, address, prefixlen, mtu))
 
 
+def _delete_tun_address_sync(ipr: Any, ifname: str, address: str, prefixlen: int) -> None:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        return
+    try:
+        ipr.addr("del", index=found[0], address=address, prefixlen=prefixlen)
+    except NetlinkError as exc:
+        if exc.code not in _GONE_ERRNOS | {errno.EADDRNOTAVAIL}:
+            raise
+
+
+class TunAddress:
+    """Gives a TUN each session's address, replacing the one it had (the agent's ``set_address``).
+
+    A refusal by the kernel is logged, not raised: the session still runs
+    (packets to the old address simply go unanswered), and the agent lives on.
+    """
+
+    def __init__(
+        self, tun_name: str, *, mtu: int, netns: str | None = None, log: Callable[[str], None] | None = None
+    ) -> None:
+        self.tun_name = tun_name
+        self._mtu = mtu
+        self._netns = netns
+        self._log = log if log is not None else _stderr_line
+        self.current: ipaddress.IPv4Interface | None = None
+        self.failures = 0
+
+    async def __call__(self, address: ipaddress.IPv4Interface) -> None:
+        """Add ``address`` (and bring the TUN up), then remove the previous one if it differs."""
+        old = self.current
+        try:
+            await set_tun_address(
+                self.tun_name, str(address.ip), address.network.prefixlen, self._mtu, netns=self._netns
+            )
+            if old is not None and old != address:
+                await _run(
+                    self._netns,
+                    lambda ipr: _delete_tun_address_sync(ipr, self.tun_name, str(old.ip), old.network.prefixlen),
+                )
+        except (RouteError, OSError) as exc:
+            self.failures += 1
+            self._log(f"cannot give {self.tun_name} the address {address}: {exc}")
+            return
+        self.current = address
+
+
 # -- the resource --------------------------------------------------------------------
 
 #: Failure lines of one kind (install, remove) for one path or the tunnel are printed at most
@@ -669,6 +725,35 @@ class Routing:
         and returns None.
         """
         return await self._install_path(self._paths[ifname])
+
+    async def add_path(self, pr: PathRoute) -> PathRoute | None:
+        """Install (or re-install, e.g. with a new next hop) a path that appeared while running.
+
+        Recorded first, so that exit removes it even after a partial install.
+        A refusal raises :class:`RouteError`, or with ``best_effort`` is
+        counted, reported and returns None (the path is left to probing).
+        Raises ValueError for a table or mark another path uses.
+        """
+        others = [p for name, p in self._paths.items() if name != pr.ifname]
+        check_routing_plan(self._planned, [*others, pr])
+        self._paths[pr.ifname] = pr
+        return await self._install_path(pr)
+
+    async def remove_path(self, ifname: str) -> bool:
+        """Remove a path's route, rule and table entries (its interface went away, or it is unusable).
+
+        Shielded and bounded like every removal; a failure is counted and
+        (``best_effort``) logged, or raised.  False if the path was not here.
+        """
+        pr = self._paths.pop(ifname, None)
+        if pr is None:
+            return False
+
+        def remove(ipr: Any) -> None:
+            _remove_path_sync(ipr, pr)
+
+        await self._clean_up(remove, f"path {ifname}", None)
+        return True
 
     @asynccontextmanager
     async def open_tunnel_routes(self) -> AsyncIterator[InstalledRoutes]:

@@ -44,7 +44,7 @@ from typing import Any, cast
 
 import attrs
 
-from jvpn_trio.core.ids import Binding
+from jvpn_trio.core.ids import Binding, PathId
 from jvpn_trio.core.session import ClientSnapshot, GatewaySnapshot, PathSnapshot
 from jvpn_trio.core.states import SessionState
 
@@ -127,10 +127,13 @@ def _in_s(deadline: float | None, now: float) -> float | None:
     return None if deadline is None else _round(deadline - now, S_DECIMALS)
 
 
-def _path_status(p: PathSnapshot, now: float) -> dict[str, Any]:
+def _path_status(p: PathSnapshot, now: float, interfaces: Mapping[PathId, tuple[str, str]]) -> dict[str, Any]:
     stats = p.stats
+    interface, kind = interfaces.get(p.path, (None, None))
     return {
         "path": str(p.path),
+        "interface": interface,
+        "kind": kind,
         "priority": p.priority,
         "endpoint": _endpoint_text(p.endpoint),
         "active": p.active,
@@ -160,8 +163,12 @@ def client_status(
     statistics: object | None = None,
     counters: Mapping[str, int] | None = None,
     sessions_started: int | None = None,
+    interfaces: Mapping[PathId, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The client's status report (JSON-able).  Raises ValueError if a counter name collides.
+
+    ``interfaces`` names each path's (interface, kind), as the runtime's path
+    set has it now; a path missing there reports null for both.
 
     ``snapshot`` is None between sessions: ``session`` is then null and
     ``state`` is ``CONNECTING``.  ``sessions_started`` counts the agent's
@@ -207,7 +214,7 @@ def client_status(
         "max_switches_per_minute": snapshot.max_switches_per_minute,
         "recovery_deadline_in_s": _in_s(snapshot.recovery_deadline, now),
         "unbound_deadline_in_s": _in_s(snapshot.unbound_deadline, now),
-        "paths": [_path_status(p, now) for p in sorted(snapshot.paths, key=lambda p: p.path)],
+        "paths": [_path_status(p, now, interfaces or {}) for p in sorted(snapshot.paths, key=lambda p: p.path)],
         "counters": _merge_counters(snapshot.counters, statistics_counters(statistics), counters),
     }
 

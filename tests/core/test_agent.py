@@ -16,12 +16,20 @@ from hypothesis import strategies as st
 
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import EmitEvent, EventKind, SendReattach
-from jvpn_trio.core.agent import HandshakeRound, Succession
+from jvpn_trio.core.agent import (
+    HandshakeRound,
+    PathIds,
+    PathIdsExhausted,
+    Succession,
+    gateway_tolerance_s,
+    outlived_gateway,
+)
 from jvpn_trio.core.connect import HandshakeAttempt, HandshakeCandidate, HandshakeGiveUp
-from jvpn_trio.core.ids import Binding, PathId, SessionId
+from jvpn_trio.core.ids import MAX_PATH_ID, Binding, PathId, SessionId
 from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
 from jvpn_trio.core.session import ClientSession, SessionRecord
 from jvpn_trio.core.states import SessionState
+from tests.pair import lone_gateway
 
 POLICY = Policy()
 P1, P2 = PathId(1), PathId(2)
@@ -242,3 +250,74 @@ def test_the_wait_counts_from_the_last_init_so_inits_are_at_most_the_ceiling_apa
     assert s.handshake_failed(100.0, last_attempt_at=99.0) == pytest.approx(99.0 + POLICY.reconnect_max_ms / 1000)
     # Without it, as before: from the end of the round.
     assert Succession(policy=POLICY, now=0.0).handshake_failed(3.0) == pytest.approx(3.25)
+
+
+# -- resume after a suspend ---------------------------------------------------------------------------
+
+
+def test_the_tolerance_is_what_the_gateway_core_does() -> None:
+    # The gateway releases a silent binding after one TTL and ends the session one TTL later.
+    policy = Policy(transport_loss_ttl_ms=30_000)
+    gateway = lone_gateway(policy)
+    ended_at = None
+    while (deadline := gateway.next_deadline()) is not None:
+        gateway.handle(ev.TimerFired(), now=deadline)
+        if gateway.terminated:
+            ended_at = deadline
+    assert ended_at == gateway_tolerance_s(policy) == 60.0
+
+
+@pytest.mark.parametrize(
+    ("suspended_for_s", "outlived"), [(6.0, False), (45.0, False), (59.9, False), (60.0, True), (1_800.0, True)]
+)
+def test_outlived_gateway(suspended_for_s: float, outlived: bool) -> None:
+    assert outlived_gateway(suspended_for_s, Policy(transport_loss_ttl_ms=30_000)) is outlived
+
+
+def test_a_resume_past_the_gateways_tolerance_makes_a_rescue_due_at_once() -> None:
+    s = Succession(policy=POLICY, now=0.0)
+    s.session_started(sid(1), 0.0)
+    bound = attrs.evolve(
+        record(1, created_at=0.0), state=SessionState.ATTACHED, binding=Binding(path=P1, endpoint=GW)
+    )
+    assert s.rescue_at(bound) is None
+    short = gateway_tolerance_s(POLICY) - 1.0
+    assert s.resumed(short, 100.0) is False
+    assert s.rescue_at(bound) is None  # a short suspend: probing decides
+    assert s.resumed(gateway_tolerance_s(POLICY), 200.0) is True
+    assert s.rescue_at(bound) == 200.0  # bound or not: the gateway has forgotten it
+    assert s.next_attempt_at() <= 200.0
+    s.handshake_failed(201.0)
+    assert s.rescue_at(bound) is None  # the forced attempt was made; ordinary rules again
+
+
+def test_a_resume_between_sessions_makes_the_next_round_due_at_once() -> None:
+    s = Succession(policy=POLICY, now=0.0)
+    for t in (1.0, 2.0, 3.0, 4.0):
+        s.handshake_failed(t)
+    assert s.next_attempt_at() > 5.0
+    assert s.resumed(gateway_tolerance_s(POLICY), 5.0) is True
+    assert s.next_attempt_at() == 5.0
+    s.session_started(sid(2), 5.5)
+    fresh = attrs.evolve(record(2, created_at=5.5), state=SessionState.ATTACHED, binding=Binding(path=P1, endpoint=GW))
+    assert s.rescue_at(fresh) is None
+
+
+# -- path ids -----------------------------------------------------------------------------------------
+
+
+def test_path_ids_are_stable_round_robin_and_bounded() -> None:
+    ids = PathIds()
+    assert [ids.allocate(k) for k in (1, 2, 3)] == [PathId(1), PathId(2), PathId(3)]
+    assert ids.allocate(2) == PathId(2)  # the same manager path keeps its id
+    assert ids.free(2) == PathId(2) and ids.free(2) is None
+    assert ids.allocate(4) == PathId(4)  # a freed id is not the next one given out
+    for key in range(5, 5 + MAX_PATH_ID - 4):
+        ids.allocate(key)
+    assert ids.get(5 + MAX_PATH_ID - 5) == PathId(MAX_PATH_ID)
+    assert ids.allocate(9_999) == PathId(2)  # only after every other id: wrapped to the freed one
+    assert len(ids) == MAX_PATH_ID
+    with pytest.raises(PathIdsExhausted):
+        ids.allocate(10_000)
+    ids.free(1)
+    assert ids.allocate(10_000) == PathId(1)

@@ -350,3 +350,40 @@ def test_acks_older_than_the_known_gateway_version_do_not_count_as_disowning() -
     for seq in range(1, 10):
         actions = _probe(client, seq, seq * 0.05, bound=None, version=4)
         assert not [a for a in actions if type(a).__name__ == "SendReattach"]
+
+
+def test_a_readdressed_active_path_reattaches_on_itself_with_endpoint_changed() -> None:
+    """DHCP gave the active interface a new address: the gateway's binding names the old endpoint."""
+    client, _ = _attached_client()
+    for seq in range(1, 4):
+        _probe(client, seq, seq * 0.05, bound=P1)
+    actions = client.handle(ev.PathReaddressed(path=P1), now=0.3)
+    sent = [a for a in actions if isinstance(a, SendReattach)]
+    assert [(s.path, s.expected_version) for s in sent] == [(P1, 1)]  # at once, no probe has to fail first
+    acked = client.handle(ev.ReattachAcked(path=P1, nonce=sent[0].nonce, new_version=2), now=0.31)
+    switch = kinds([a for a in acked if isinstance(a, EmitEvent)], EventKind.TRANSPORT_SWITCH)
+    assert [(s.reason, s.detail("from_path"), s.detail("to_path")) for s in switch] == [(R.ENDPOINT_CHANGED, "p1", "p1")]
+    # Confirmed: no second reattach.
+    assert not [a for a in client.handle(ev.TimerFired(), now=0.4) if isinstance(a, SendReattach)]
+
+
+def test_a_readdressed_standby_path_changes_no_binding() -> None:
+    client, _ = _attached_client()
+    for seq in range(1, 4):
+        _probe(client, seq, seq * 0.05, bound=P1)
+    actions = client.handle(ev.PathReaddressed(path=P2), now=0.3)
+    assert not [a for a in actions if isinstance(a, SendReattach)]
+    assert client.handle(ev.PathReaddressed(path=PathId(9)), now=0.3) == []
+    assert client.counters["unknown_path_inputs"] == 1
+
+
+def test_removing_the_active_path_is_its_link_death() -> None:
+    client, _ = _attached_client()
+    for seq in range(1, 4):
+        _probe(client, seq, seq * 0.05, bound=P1)
+    actions = client.handle(ev.PathRemoved(path=P1), now=0.3)
+    assert any(isinstance(a, ReleaseTransport) and a.binding.path == P1 for a in actions)
+    changes = kinds([a for a in actions if isinstance(a, EmitEvent)], EventKind.STATE_CHANGE)
+    assert changes[0].reason is R.LINK_DOWN
+    sent = [a for a in actions if isinstance(a, SendReattach)]
+    assert [s.path for s in sent] == [P2]  # the session moves to the remaining path at once

@@ -259,7 +259,7 @@ def test_a_30min_suspend_past_the_gateways_tolerance_is_closed_at_the_resume_by_
     # A gateway that forgot the session answers nothing; the core alone cannot tell that from
     # loss and would wait out its TTL.  The suspend (30 min) exceeds what the gateway keeps of a
     # silent session (one TTL bound, one unbound), so on Resumed the runtime handshakes at once
-    # (drivers/clock.py, outlived_gateway) and closes the old session when that is answered:
+    # (core/agent.py, Succession.resumed) and closes the old session when that is answered:
     # here at the resume instant, as if the answer took no time.
     alone = suspended(1_800.0, "boottime", gateway_forgets=True)
     alone.run(TTL_S + 5.0)

@@ -31,6 +31,7 @@ SAMPLES: dict[str, Any] = {
     ),
     "PathAdded": ev.PathAdded(path=P2, priority=20, endpoint=("192.0.2.2", 51820), link_up=False),
     "PathRemoved": ev.PathRemoved(path=P2),
+    "PathReaddressed": ev.PathReaddressed(path=P2),
     "LinkChanged": ev.LinkChanged(path=P1, up=False),
     "ProbeSent": ev.ProbeSent(path=P1, seq=41),
     "ProbeAcked": ev.ProbeAcked(path=P1, seq=41, gateway_version=3, gateway_bound_path=P2),

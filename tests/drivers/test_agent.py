@@ -28,6 +28,7 @@ from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode, SessionState
 from jvpn_trio.drivers.agent import ClientAgent
 from jvpn_trio.drivers.client import ClientPath, RuntimeStatus
+from jvpn_trio.drivers.clock import SuspendDetector
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.memory import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
 from jvpn_trio.drivers.ports import Address, DatagramPort
@@ -79,7 +80,14 @@ class FailingPort:
 class AgentWorld:
     """One agent with three paths and a gateway that can be killed and started again."""
 
-    def __init__(self, policy: Policy | None = None, recorder: Recorder | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        recorder: Recorder | None = None,
+        *,
+        initial: Sequence[int] = (1, 2, 3),
+        suspend_detector: SuspendDetector | None = None,
+    ) -> None:
         self.policy = policy or Policy()
         rng = random.Random(11)
         self.random_bytes = lambda n: bytes(rng.getrandbits(8) for _ in range(n))
@@ -95,15 +103,12 @@ class AgentWorld:
         self.memory_ports = {i: self.net.port(client_addr(i)) for i in (1, 2, 3)}
         self.path1 = FailingPort(self.memory_ports[1])
         ports: dict[int, DatagramPort] = {1: self.path1, 2: self.memory_ports[2], 3: self.memory_ports[3]}
-        kinds = {1: "ethernet", 2: "wifi", 3: "lte"}
+        self.ports = ports
         self.agent = ClientAgent(
             policy=self.policy,
             static=self.cl_static,
             gateway_public=self.gw_static.public,
-            paths=[
-                ClientPath(path=PathId(i), name=f"if{i}", kind=kinds[i], priority=10 * i, port=ports[i], gateway=GATEWAY)
-                for i in (1, 2, 3)
-            ],
+            paths=[self.client_path(i) for i in initial],
             emit=self.client_events.append,
             packets=self.cl_packets,
             set_address=self._set_address,
@@ -111,11 +116,23 @@ class AgentWorld:
             wall_time_ns=lambda: WALL_EPOCH_NS + int(trio.current_time() * 1e9),
             recorder=recorder,
             log=self.logs.append,
+            suspend_detector=suspend_detector,
         )
         self.gateway: GatewayRuntime | None = None
         self._gateway_scope: trio.CancelScope | None = None
         self._gateway_done: trio.Event | None = None
         self.agent_returned = False
+
+    def client_path(self, i: int, port: DatagramPort | None = None) -> ClientPath:
+        kinds = {1: "ethernet", 2: "wifi", 3: "lte"}
+        return ClientPath(
+            path=PathId(i),
+            name=f"if{i}",
+            kind=kinds[i],
+            priority=10 * i,
+            port=self.ports[i] if port is None else port,
+            gateway=GATEWAY,
+        )
 
     async def _set_address(self, address: ipaddress.IPv4Interface) -> None:
         self.addresses.append(address)
@@ -492,3 +509,182 @@ async def test_a_recorded_chain_of_sessions_replays_with_its_seeds(autojump_cloc
     result = replay_lines(recorder.lines)
     assert result.status == OK, render_replay(result)
     assert [m.final_state for m in result.machines] == ["TERMINATED", "TERMINATED"]
+
+
+# -- (h) paths that come and go while a session is live --------------------------------------------------
+
+
+def switches(world: AgentWorld) -> list[EmitEvent]:
+    return [e for e in world.client_events if e.kind is EventKind.TRANSPORT_SWITCH]
+
+
+async def test_a_path_added_mid_session_is_probed_and_takes_over_when_the_active_one_goes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    world = AgentWorld(initial=(1,))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start_gateway(nursery)
+            await world.start_agent(nursery)
+            first = session_of(await world.wait_attached(1))
+            assert world.agent.add_path(world.client_path(2))
+            assert not world.agent.add_path(world.client_path(2))  # its id is taken
+            added_at = trio.current_time()
+            await trio.sleep(2.0)
+            status = world.agent.status.value
+            assert status is not None and status.snapshot is not None
+            p2 = [p for p in status.snapshot.paths if p.path == P2][0]
+            assert p2.stats.probes_acked > 0  # probed, and the gateway answered
+            assert (P2, "if2", "wifi") in status.paths
+            health = [e for e in world.client_events if e.kind is EventKind.PATH_HEALTH and e.detail("path") == "p2"]
+            assert health and health[0].t - added_at <= world.policy.probe_interval_ms / 1000.0
+            removed = world.agent.remove_path(P1)
+            assert removed is not None and removed.name == "if1"
+            removed_at = trio.current_time()
+            await trio.sleep(1.0)
+            switch = switches(world)[-1]
+            assert (switch.reason, switch.detail("from_path"), switch.detail("to_path")) == (
+                ReasonCode.LINK_DOWN, "p1", "p2"
+            )
+            assert switch.t - removed_at <= world.policy.reattach_timeout_ms / 1000.0
+            assert world.agent.session is not None and world.agent.session.record.session_id == first
+            status = world.agent.status.value
+            assert status is not None and status.snapshot is not None
+            assert [p.path for p in status.snapshot.paths] == [P2] and [p[0] for p in status.paths] == [P2]
+            await world.data_flows()
+            assert not world.agent_returned and world.agent.sessions_started == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_agent_without_paths_waits_then_connects_when_one_appears(autojump_clock: trio.abc.Clock) -> None:
+    world = AgentWorld(initial=())
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start_gateway(nursery)
+            await world.start_agent(nursery)
+            await trio.sleep(10.0)
+            assert world.agent.sessions_started == 0 and world.agent.statistics().handshake_sent == 0
+            world.agent.add_path(world.client_path(3))
+            await world.wait_attached(1)
+            await world.data_flows()
+            # Removing the only path: the session loses its binding, nothing crashes.
+            world.agent.remove_path(PathId(3))
+            await trio.sleep(1.0)
+            assert world.agent.session is not None and world.agent.session.record.binding is None
+            world.agent.add_path(world.client_path(2))
+            await world.wait_attached(1) if world.agent.sessions_started == 1 else None
+            await world.data_flows()
+            assert not world.agent_returned
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_new_address_on_the_active_path_reattaches_on_it(autojump_clock: trio.abc.Clock) -> None:
+    world = AgentWorld(initial=(1, 2))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start_gateway(nursery)
+            await world.start_agent(nursery)
+            first = session_of(await world.wait_attached(1))
+            await trio.sleep(1.0)
+            new_port = world.net.port(("198.51.100.201", 40201))  # DHCP gave if1 another address
+            old = world.agent.readdress_path(world.client_path(1, port=new_port))
+            assert old is not None and old.port is world.path1
+            changed_at = trio.current_time()
+            await trio.sleep(1.0)
+            switch = switches(world)[-1]
+            assert (switch.reason, switch.detail("from_path"), switch.detail("to_path")) == (
+                ReasonCode.ENDPOINT_CHANGED, "p1", "p1"
+            )
+            assert switch.t - changed_at <= world.policy.reattach_timeout_ms / 1000.0
+            assert world.gateway is not None
+            gw_switch = [e for e in world.gateway_events if e.kind is EventKind.TRANSPORT_SWITCH][-1]
+            assert gw_switch.reason is ReasonCode.REATTACH_CONFIRMED and gw_switch.t >= changed_at
+            assert world.agent.session is not None and world.agent.session.record.session_id == first
+            await world.data_flows()
+            nursery.cancel_scope.cancel()
+
+
+# -- (i) suspend ---------------------------------------------------------------------------------------
+
+
+class JumpingKernel:
+    """CLOCK_BOOTTIME and CLOCK_MONOTONIC on the virtual clock; :meth:`suspend` moves boottime only."""
+
+    def __init__(self) -> None:
+        self.slept = 0.0
+
+    def monotonic(self) -> float:
+        return trio.current_time()
+
+    def boottime(self) -> float:
+        return trio.current_time() + self.slept
+
+    def suspend(self, seconds: float) -> None:
+        self.slept += seconds
+
+
+async def test_a_long_suspend_starts_a_new_session_at_once(autojump_clock: trio.abc.Clock) -> None:
+    """The gateway forgot the session while the laptop slept: a rescue at the resume, not after the TTL."""
+    kernel = JumpingKernel()
+    detector = SuspendDetector(read_boottime=kernel.boottime, read_monotonic=kernel.monotonic)
+    world = AgentWorld(suspend_detector=detector)
+    inits = handshake_inits(world)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start_gateway(nursery)
+            await world.start_agent(nursery)
+            first = session_of(await world.wait_attached(1))
+            await world.kill_gateway()
+            await world.start_gateway(nursery)  # it restarted while we slept: it knows no session
+            kernel.suspend(1_800.0)
+            await trio.sleep(detector.interval_s)
+            resumed_at = trio.current_time()
+            second = session_of(await world.wait_attached(2))
+            took = trio.current_time() - resumed_at
+            assert [t for t, _src in inits if t >= resumed_at] == [resumed_at]  # the rescue left at the resume
+            assert second != first
+            assert took < world.policy.probe_interval_ms * world.policy.dead_after_missed_probes / 1000.0
+            assert [round(r.suspended_for_s) for r in world.agent.resumes] == [1_800]
+            end = world.final_state_change(first)
+            assert (end.detail("to_state"), end.reason) == ("TERMINATED", ReasonCode.LOCAL_CLOSE)
+            await world.data_flows()
+            nursery.cancel_scope.cancel()
+    print(f"resume -> new session: {took:.3f} s (virtual)")
+
+
+def probe_sends(world: AgentWorld) -> list[tuple[float, Address]]:
+    """(time, source) of every PROBE the network carries."""
+    sent: list[tuple[float, Address]] = []
+    original = world.net.deliver
+
+    def tap(data: bytes, src: Address, dst: Address) -> None:
+        try:
+            if wire.peek_type_untrusted(data) is wire.MessageType.PROBE:
+                sent.append((trio.current_time(), src))
+        except wire.BadFrame:
+            pass
+        original(data, src, dst)
+
+    world.net.deliver = tap  # type: ignore[method-assign]
+    return sent
+
+
+async def test_a_short_suspend_probes_every_path_at_once(autojump_clock: trio.abc.Clock) -> None:
+    kernel = JumpingKernel()
+    detector = SuspendDetector(read_boottime=kernel.boottime, read_monotonic=kernel.monotonic)
+    world = AgentWorld(suspend_detector=detector)
+    probes = probe_sends(world)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start_gateway(nursery)
+            await world.start_agent(nursery)
+            first = session_of(await world.wait_attached(1))
+            await trio.sleep(0.05)  # off the probe schedule
+            kernel.suspend(5.0)
+            await trio.sleep(detector.interval_s)
+            noticed = world.agent.resumes[-1].at
+            await trio.sleep(0.001)
+            at_resume = {src for t, src in probes if t == noticed}
+            assert at_resume == {client_addr(i) for i in (1, 2, 3)}
+            assert world.agent.sessions_started == 1 and session_of(await world.wait_attached(1)) == first
+            nursery.cancel_scope.cancel()

@@ -21,8 +21,6 @@ import pytest
 import trio
 import trio.testing
 
-from jvpn_trio.core import events as ev
-from jvpn_trio.core.policy import Policy
 from jvpn_trio.drivers.clock import (
     MAX_IO_WAIT_S,
     SUSPEND_THRESHOLD_S,
@@ -30,14 +28,10 @@ from jvpn_trio.drivers.clock import (
     Resumed,
     SuspendDetector,
     SuspendDetectorStatistics,
-    gateway_tolerance_s,
-    outlived_gateway,
     read_boottime,
     read_monotonic,
 )
-from tests.pair import lone_gateway
 
-POLICY = Policy(transport_loss_ttl_ms=30_000)
 
 
 @attrs.define
@@ -208,23 +202,3 @@ async def test_a_suspend_before_the_detector_starts_is_not_reported(autojump_clo
         await detector.serve(reports.append)
     assert reports == []
     assert detector.statistics().samples == 3
-
-
-# -- when a suspend outlives the gateway's session ------------------------------------------------------
-
-
-def test_the_tolerance_is_what_the_gateway_core_does() -> None:
-    # The gateway releases a silent binding after one TTL and ends the session one TTL later.
-    gateway = lone_gateway(POLICY)
-    ended_at = None
-    while (deadline := gateway.next_deadline()) is not None:
-        gateway.handle(ev.TimerFired(), now=deadline)
-        if gateway.terminated:
-            ended_at = deadline
-    assert ended_at == gateway_tolerance_s(POLICY) == 60.0
-
-
-@pytest.mark.parametrize(("suspended_for_s", "outlived"), [(6.0, False), (45.0, False), (59.9, False),
-                                                             (60.0, True), (1_800.0, True)])
-def test_outlived_gateway(suspended_for_s: float, outlived: bool) -> None:
-    assert outlived_gateway(Resumed(suspended_for_s=suspended_for_s, at=0.0), POLICY) is outlived

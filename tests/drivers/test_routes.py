@@ -18,6 +18,7 @@ under ``trio.fail_after``; nothing sleeps.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import secrets
 from typing import Any, AsyncIterator
@@ -49,6 +50,7 @@ from jvpn_trio.drivers.routes import (
     remove_path_route,
     remove_tunnel_routes,
     set_tun_address,
+    TunAddress,
 )
 from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
 from tests.netns import requires_lab
@@ -433,6 +435,42 @@ async def test_set_tun_address_is_idempotent(tun_lab: TunLab) -> None:
         with pytest.raises(RouteError) as info:
             await set_tun_address(f"{t.tun}x", "10.200.0.2", 24, 1400, netns=t.ns)
         assert info.value.errno == errno.ENODEV
+
+
+@requires_lab
+async def test_tun_address_replaces_the_previous_address_and_logs_refusals(tun_lab: TunLab) -> None:
+    t = tun_lab
+    lines: list[str] = []
+    with trio.fail_after(IO_TIMEOUT_S):
+        set_address = TunAddress(t.tun, mtu=1400, netns=t.ns, log=lines.append)
+        for address in ("10.200.0.2/24", "10.200.0.2/24", "10.201.0.9/16"):
+            await set_address(ipaddress.IPv4Interface(address))
+        (link,) = await ip_json(t.ns, "address", "show", "dev", t.tun)
+        assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"] == [
+            ("10.201.0.9", 16)
+        ]
+        assert set_address.current == ipaddress.IPv4Interface("10.201.0.9/16") and lines == []
+        missing = TunAddress(f"{t.tun}x", mtu=1400, netns=t.ns, log=lines.append)
+        await missing(ipaddress.IPv4Interface("10.200.0.2/24"))  # logged and counted, never raised
+        assert missing.failures == 1 and missing.current is None and len(lines) == 1
+
+
+@requires_lab
+async def test_a_path_added_later_uses_the_given_next_hop_or_none_and_is_removed(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        async with open_routing(tunnel=None, paths=(), gateway_address=t.gateway, netns=t.ns) as routing:
+            eth = PathRoute.given("eth0", table=101, fwmark=0x101, next_hop=HOPS["eth0"])
+            await routing.add_path(eth)
+            route = await route_get(t.ns, t.gateway, "mark", hex(eth.fwmark))
+            assert (route["dev"], route.get("gateway")) == ("eth0", HOPS["eth0"])
+            on_link = PathRoute.given("eth0", table=101, fwmark=0x101, next_hop=None)
+            assert await routing.add_path(on_link) == on_link  # not looked up: on-link as given
+            route = await route_get(t.ns, t.gateway, "mark", hex(eth.fwmark))
+            assert (route["dev"], route.get("gateway")) == ("eth0", None)
+            assert await routing.remove_path("eth0") and not await routing.remove_path("eth0")
+            assert routing.paths == {}
+            assert "101" not in (await snapshot(t.ns))[0]
 
 
 @requires_lab

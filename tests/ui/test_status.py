@@ -206,7 +206,7 @@ def test_client_text_is_exact() -> None:
 
 
 def test_client_status_fields_and_rounding() -> None:
-    status = client_status(client_snapshot())
+    status = client_status(client_snapshot(), interfaces={P1: ("eth0", "ethernet"), P2: ("wlan0", "wifi")})
     assert status["role"] == "client"
     assert status["session"] == SID.hex
     assert (status["state"], status["version"], status["gateway_version"]) == ("VOLATILE", 4, 4)
@@ -218,6 +218,8 @@ def test_client_status_fields_and_rounding() -> None:
     p1, p2, p3 = status["paths"]
     assert p1 == {
         "path": "p1",
+        "interface": "eth0",
+        "kind": "ethernet",
         "priority": 10,
         "endpoint": "192.0.2.1:51820",
         "active": True,
@@ -234,6 +236,7 @@ def test_client_status_fields_and_rounding() -> None:
         "last_delivery_ago_s": 0.2,
     }
     assert p2["last_delivery_ago_s"] == 0.05
+    assert (p2["interface"], p2["kind"], p3["interface"], p3["kind"]) == ("wlan0", "wifi", None, None)  # p3 left
     assert (p3["srtt_ms"], p3["jitter_ms"], p3["measured"], p3["last_delivery_ago_s"]) == (None, None, None, None)
     assert p3["endpoint"] == "[2001:db8::3]:51820"
     assert status["counters"] == {"session.reattach_sent": 3, "session.stray_reattach_answers": 1}

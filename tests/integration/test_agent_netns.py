@@ -1,0 +1,134 @@
+"""The real client agent follows the machine: a path plugged in later, the active one deleted, the gateway killed.
+
+Real ``jvpn-trio serve`` and ``jvpn-trio up`` processes in a lab whose wifi0 and
+lte0 interfaces do not exist when ``up`` starts (only eth0 does).  In turn:
+
+1. wifi0 appears 2 s after ``up`` started: the client's status lists it
+   (interface and kind) and a probe answer is measured on it;
+2. eth0, the active path, is deleted (``ip link del``): the session moves to
+   wifi0, the SessionID stays, the process neither exits nor prints a traceback;
+3. the gateway is killed with SIGKILL and started again: a new session
+   (``sessions_started`` == 2) is attached within 10 s of its return.
+
+Determinism rules: every wait is bounded (``trio.fail_after``) and polls a
+real condition (the client's status over its control socket); the measured
+wall-clock figures are printed, and only the 10 s bound of the specification
+is asserted on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from jvpn_trio.drivers.control import ControlError
+from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
+from tests.integration.tunnel_lab import STATUS_POLL_S, Tunnel, start_tunnel
+from tests.netns import requires_lab, unique_prefix
+
+#: Enough switches per minute for the whole scenario; the rest is the laptop default.
+POLICY = {"max_switches_per_minute": 12}
+#: How long after ``up`` starts the second interface is plugged in.
+PLUG_IN_AFTER_S = 2.0
+#: How long the gateway stays dead.
+GATEWAY_DOWN_S = 2.0
+#: The specification's bound: a gateway that came back gets a new session within this.
+NEW_SESSION_BOUND_S = 10.0
+
+
+@pytest.fixture
+async def late_lab() -> AsyncIterator[Lab]:
+    """The three-path lab with only eth0 built at start; wifi0 and lte0 come later (or never)."""
+    async with open_lab(LabSpec(prefix=unique_prefix(), absent=frozenset({"wifi0", "lte0"}))) as built:
+        yield built
+
+
+async def status_until(tunnel: Tunnel, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Poll the client's status until ``predicate`` holds (the caller bounds the wait); the client must live."""
+    while True:
+        tunnel.check_alive()
+        try:
+            status = await tunnel.client_status()
+        except ControlError:
+            status = {}
+        if status and predicate(status):
+            return status
+        await trio.sleep(STATUS_POLL_S)
+
+
+def path_named(status: dict[str, Any], interface: str) -> dict[str, Any] | None:
+    for p in status.get("paths", []):
+        if p.get("interface") == interface:
+            return dict(p)
+    return None
+
+
+def active_interface(status: dict[str, Any]) -> str | None:
+    active = status.get("active_path")
+    for p in status.get("paths", []):
+        if p["path"] == active:
+            return str(p["interface"])
+    return None
+
+
+@requires_lab
+async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab, tmp_path: Path) -> None:
+    lab = late_lab
+    with trio.fail_after(90):
+        tunnel = await start_tunnel(lab, tmp_path, policy=POLICY)
+        started = time.monotonic()
+        first = await status_until(tunnel, lambda s: s.get("state") == "ATTACHED")
+        assert active_interface(first) == "eth0" and path_named(first, "wifi0") is None
+        session = first["session"]
+
+        # 1. A path plugged in later is used.
+        await trio.sleep(max(0.0, started + PLUG_IN_AFTER_S - time.monotonic()))
+        await lab.add_path("wifi0")  # returns once the interface is up with its address and route
+        usable_at = time.monotonic()
+        status = await status_until(
+            tunnel, lambda s: (p := path_named(s, "wifi0")) is not None and p["srtt_ms"] is not None
+        )
+        first_answer_s = time.monotonic() - usable_at
+        wifi = path_named(status, "wifi0")
+        assert wifi is not None and wifi["kind"] == "wifi"
+
+        # 2. The active path's interface is deleted: the session moves, the process lives.
+        deleted_at = time.monotonic()
+        await lab.delete_path("eth0")  # the link goes first; the lab then drops its fault chains
+        status = await status_until(
+            tunnel, lambda s: s.get("state") == "ATTACHED" and active_interface(s) == "wifi0"
+        )
+        moved_s = time.monotonic() - deleted_at
+        assert status["session"] == session
+        gone = await status_until(tunnel, lambda s: path_named(s, "eth0") is None)
+        assert gone["session"] == session
+
+        # 3. The gateway is killed and comes back: a new session within the bound.
+        await tunnel.kill_gateway()
+        await trio.sleep(GATEWAY_DOWN_S)
+        await tunnel.start_gateway()
+        back_at = time.monotonic()
+        with trio.fail_after(NEW_SESSION_BOUND_S):
+            status = await status_until(
+                tunnel, lambda s: s.get("sessions_started") == 2 and s.get("state") == "ATTACHED"
+            )
+        new_session_s = time.monotonic() - back_at
+        assert status["session"] != session and active_interface(status) == "wifi0"
+        assert tunnel.client.returncode is None
+
+        client_code, _gateway_code = await tunnel.stop()
+        assert client_code == 0
+        stderr = (tmp_path / "client.err").read_text()
+        assert "Traceback" not in stderr, stderr
+        assert "path p1 down: eth0" in stderr and "path p2 up: wifi0" in stderr
+
+    print(
+        f"wifi0 usable -> first probe answer: {first_answer_s:.3f} s; "
+        f"eth0 deleted -> session on wifi0: {moved_s:.3f} s; "
+        f"gateway back -> new session attached: {new_session_s:.3f} s"
+    )
