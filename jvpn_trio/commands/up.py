@@ -89,7 +89,7 @@ class PathFollower:
         self._agent = agent
         self._routing = routing
         self._log = log
-        self._ids = PathIds()
+        self._ids = PathIds(configured=[p.interface for p in config.paths])
         self._sockets: dict[PathId, AsyncExitStack] = {}
         self.counters: Counter[str] = Counter()
 
@@ -144,7 +144,7 @@ class PathFollower:
                 )
             )
             return
-        pid = self._ids.allocate(event.path_id)
+        pid = self._ids.allocate(event.path_id, name=event.ifname)
         try:
             stack, sock = await self._open_socket(pid, event.ifname, event.source_address)
         except BaseException:

@@ -49,7 +49,7 @@ Everything here is a pure function of its inputs and ``now``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -234,14 +234,20 @@ class PathIdsExhausted(Exception):
 class PathIds:
     """Maps the path manager's ids (counting up for the whole run) onto the wire's PathIds (1..255).
 
-    A freed PathId is given out again only after every other free one has
-    been: ids are handed out round-robin, so a reused id is the one freed
-    longest ago, far from any answer still in flight for its old path.  The
-    caller frees an id only once its path has left the live session (the
-    agent queues ``PathRemoved`` before it frees the id).
+    An interface named in the configuration (``[[path]] interface = ...``)
+    always gets the same PathId, its place in the file (the first is p1),
+    whenever it appears, so event logs, status and the lab's reports name it
+    the same across docks, hot-plugs and restarts.  Other paths (matched by
+    a glob or a kind, or discovered) share the remaining ids round-robin: a
+    reused id is the one freed longest ago, far from any answer still in
+    flight for its old path.  The caller frees an id only once its path has
+    left the live session (the agent queues ``PathRemoved`` before it frees).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, configured: Sequence[str] = ()) -> None:
+        if len(configured) > MAX_PATH_ID:
+            raise ValueError(f"at most {MAX_PATH_ID} configured interfaces")
+        self._reserved = {name: PathId(i + 1) for i, name in enumerate(configured)}
         self._by_key: dict[int, PathId] = {}
         self._last = MAX_PATH_ID
 
@@ -251,21 +257,28 @@ class PathIds:
     def get(self, key: int) -> PathId | None:
         return self._by_key.get(key)
 
-    def allocate(self, key: int) -> PathId:
-        """The PathId for manager path ``key`` (the same one if it has one already).
+    def allocate(self, key: int, *, name: str = "") -> PathId:
+        """The PathId for manager path ``key`` on interface ``name`` (the same one if it has one already).
 
-        Raises :class:`PathIdsExhausted` when all 255 are live.
+        Raises :class:`PathIdsExhausted` when no id is free for it.
         """
         known = self._by_key.get(key)
         if known is not None:
             return known
         live = set(self._by_key.values())
-        if len(live) >= MAX_PATH_ID:
-            raise PathIdsExhausted(f"{MAX_PATH_ID} paths are live already")
+        reserved = self._reserved.get(name)
+        if reserved is not None:
+            if reserved in live:  # the configured interface already has a live path
+                raise PathIdsExhausted(f"{name} already has path {reserved}")
+            self._by_key[key] = reserved
+            return reserved
+        taken = live | set(self._reserved.values())
+        if len(taken) >= MAX_PATH_ID:
+            raise PathIdsExhausted(f"{MAX_PATH_ID} paths are live or reserved already")
         candidate = self._last
         while True:
             candidate = candidate % MAX_PATH_ID + 1
-            if PathId(candidate) not in live:
+            if PathId(candidate) not in taken:
                 break
         self._last = candidate
         self._by_key[key] = PathId(candidate)

@@ -321,3 +321,16 @@ def test_path_ids_are_stable_round_robin_and_bounded() -> None:
         ids.allocate(10_000)
     ids.free(1)
     assert ids.allocate(10_000) == PathId(1)
+
+
+def test_a_configured_interface_keeps_its_place_whenever_it_appears() -> None:
+    """Undocked at start: eth0 is still p1 when it appears, after wifi0 took p2."""
+    ids = PathIds(configured=["eth0", "wlan0"])
+    assert ids.allocate(1, name="wlan0") == PathId(2)
+    assert ids.allocate(2, name="usb0") == PathId(3)  # not configured: after the reserved ids
+    assert ids.allocate(3, name="eth0") == PathId(1)
+    ids.free(3)
+    assert ids.allocate(7, name="eth0") == PathId(1)  # re-plugged: the same id again
+    with pytest.raises(PathIdsExhausted):
+        ids.allocate(8, name="eth0")  # two live paths cannot share it
+    assert ids.allocate(9, name="wwan0") == PathId(4)

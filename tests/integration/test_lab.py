@@ -403,15 +403,8 @@ EXPECT_LAPTOP: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
-#: Scenarios the client cannot pass until the path manager (drivers/paths.py) feeds its runtime.
-NEEDS_PATH_MANAGER = pytest.mark.xfail(strict=True, reason="needs the path manager wired into the client agent")
-
-
 @requires_lab
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=NEEDS_PATH_MANAGER) if n in ("hotplug", "dhcp-renew") else n for n in LAPTOP_NAMES],
-)
+@pytest.mark.parametrize("name", LAPTOP_NAMES)
 async def test_laptop_short_form_in_a_lab(name: str, tmp_path: Path) -> None:
     """A laptop scenario end to end: the agent survives it and the figures it is about were measured."""
     scenario = load_scenario(SCENARIOS / f"{name}.toml").short()
@@ -505,7 +498,8 @@ async def test_sigterm_tears_the_lab_down(tmp_path: Path) -> None:
 
 
 @requires_lab
-async def test_a_link_down_at_start_up_is_known_down_at_once(tmp_path: Path) -> None:
+async def test_a_link_down_at_start_up_is_left_out_until_it_comes_up(tmp_path: Path) -> None:
+    """Undocked at start: the session attaches on Wi-Fi at once; docking adds eth0 as p1 and it takes over."""
     from jvpn_trio.lab.netns import LabPath, LabSpec, open_lab
     from jvpn_trio.lab.processes import start_tunnel
 
@@ -516,12 +510,23 @@ async def test_a_link_down_at_start_up_is_known_down_at_once(tmp_path: Path) -> 
     with trio.fail_after(60):
         async with open_lab(spec) as lab:
             await lab.link_down("eth0")  # the laptop starts undocked
-            tunnel = await start_tunnel(lab, tmp_path, policy={"handshake_retry_ms": 300})
+            tunnel = await start_tunnel(lab, tmp_path, policy={"handshake_retry_ms": 300, "return_dwell_ms": 500})
             await tunnel.wait_attached()
             await trio.sleep(0.5)
+            docked_at = len(tunnel.events("client"))
+            await lab.link_up("eth0")
+            await trio.sleep(3.0)
             await tunnel.stop()
-    verdicts = [e for e in tunnel.events("client") if e.kind is EventKind.PATH_HEALTH and e.detail("path") == "p1"]
-    assert [e.reason for e in verdicts if e.detail("verdict") == "DEAD"][:1] == [ReasonCode.LINK_DOWN]
+    events = tunnel.events("client")
+    before, after = events[:docked_at], events[docked_at:]
+    # Never a probe, a verdict or a handshake on a path whose link is down: it is not a path yet.
+    assert [e for e in before if e.kind is EventKind.PATH_HEALTH and e.detail("path") == "p1"] == []
+    first_bind = next(e for e in before if e.kind is EventKind.STATE_CHANGE and e.detail("to_state") == "ATTACHED")
+    assert str(first_bind.detail("binding")).startswith("p2")
+    # Docked: eth0 is p1 (its place in the config), answers probes, and the session returns to it.
+    assert any(e.kind is EventKind.PATH_HEALTH and e.detail("path") == "p1" and e.detail("verdict") == "HEALTHY" for e in after)
+    switches = [e for e in after if e.kind is EventKind.TRANSPORT_SWITCH]
+    assert switches and switches[-1].detail("to_path") == "p1"
 
 
 @requires_lab
