@@ -181,7 +181,11 @@ def client_status(
             "session": None,
             "state": CONNECTING,
             **started,
-            "paths": [],
+            # The agent's paths exist between sessions too: no health yet, but which interfaces.
+            "paths": [
+                {"path": str(path), "interface": name, "kind": kind}
+                for path, (name, kind) in sorted((interfaces or {}).items(), key=lambda item: item[0].value)
+            ],
             "counters": _merge_counters((), statistics_counters(statistics), counters),
         }
     rec = snapshot.record

@@ -456,6 +456,16 @@ def test_between_sessions_the_client_reports_connecting() -> None:
     assert "CONNECTING" in text and "sessions  1" in text
 
 
+def test_between_sessions_the_paths_are_still_listed() -> None:
+    interfaces = {PathId(2): ("wlan0", "wifi"), PathId(1): ("eth0", "ethernet")}
+    status = client_status(None, sessions_started=3, interfaces=interfaces)
+    assert status["paths"] == [
+        {"path": "p1", "interface": "eth0", "kind": "ethernet"},
+        {"path": "p2", "interface": "wlan0", "kind": "wifi"},
+    ]
+    render_status_text(status)
+
+
 def test_a_live_session_reports_how_many_sessions_the_agent_started() -> None:
     status = client_status(client_snapshot(), sessions_started=2)
     assert (status["session"], status["state"], status["sessions_started"]) == (SID.hex, "VOLATILE", 2)
