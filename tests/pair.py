@@ -8,9 +8,10 @@ action either side emitted so the formal properties can be checked on the
 whole trace.
 
 Also here, so that no test file writes them again: :func:`storm`, the
-scripted storm scenario (determinism and audit tests), and the lone-gateway
+scripted storm scenario (determinism and audit tests), the lone-gateway
 helpers :func:`lone_gateway` and :func:`valid_reattach` (a REATTACH the
-gateway would accept, to spoil in one way).  Pinned policies are in
+gateway would accept, to spoil in one way), and :func:`lone_client`, an
+attached client with no gateway behind it.  Pinned policies are in
 ``tests/policies.py``.
 """
 
@@ -466,6 +467,27 @@ def lone_gateway(
         p1 = PathId(1)
         gw.handle(ev.PacketAuthenticated(endpoint=client_endpoint(p1), path=p1), now=now)
     return gw
+
+
+def lone_client(
+    policy: Policy | None = None,
+    *,
+    session_id: SessionId = SID,
+    now: float = 0.0,
+    switch_times: tuple[float, ...] = (),
+) -> ClientSession:
+    """A client with p1 and p2 (priorities 10, 20), attached on p1 at ``now`` by a handshake at gateway version 1.
+
+    ``switch_times`` are the confirmed switches an agent's new session inherits (``core/agent.py``).
+    """
+    client = ClientSession(policy=policy or Policy(), session_id=session_id, now=now, switch_times=switch_times)
+    for p, priority in PATHS[:2]:
+        path = PathId(p)
+        client.handle(ev.PathAdded(path=path, priority=priority, endpoint=gateway_endpoint(path)), now=now)
+    p1 = PathId(1)
+    binding = Binding(path=p1, endpoint=gateway_endpoint(p1))
+    client.handle(ev.HandshakeCompleted(session_id=session_id, binding=binding, gateway_version=1), now=now)
+    return client
 
 
 def valid_reattach(

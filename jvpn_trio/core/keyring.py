@@ -211,12 +211,7 @@ class KeyRing:
         Raises KeyExhausted, or ValueError for a plaintext whose length does not
         fit ``msg_type`` (checked first, so no counter is spent on it).
         """
-        kp = self._current
-        if kp is None:
-            raise KeyExhausted("no current keypair: handshake first")
-        low, high = wire.PLAINTEXT_LEN_BOUNDS[msg_type]
-        if not low <= len(plaintext) <= high:
-            raise ValueError(f"a {msg_type.name} plaintext is {low}..{high} bytes, got {len(plaintext)}")
+        kp = self._sending_keypair(msg_type, plaintext)
         header = TransportHeader(msg_type=msg_type, receiver_index=kp.remote_index, counter=self.next_send_counter())
         return TransportFrame(header=header, ciphertext=self.seal(plaintext, header))
 
@@ -225,15 +220,20 @@ class KeyRing:
 
         Same checks and the same raises (KeyExhausted, ValueError for a bad length).
         """
+        kp = self._sending_keypair(msg_type, plaintext)
+        counter = self.next_send_counter()
+        header = wire.pack_transport_header(msg_type, kp.remote_index, counter)
+        return header + kp.seal(counter, plaintext, header)
+
+    def _sending_keypair(self, msg_type: MessageType, plaintext: bytes) -> Keypair:
+        """The current keypair, once ``plaintext`` fits ``msg_type``: the checks before a counter is spent."""
         kp = self._current
         if kp is None:
             raise KeyExhausted("no current keypair: handshake first")
         low, high = wire.PLAINTEXT_LEN_BOUNDS[msg_type]
         if not low <= len(plaintext) <= high:
             raise ValueError(f"a {msg_type.name} plaintext is {low}..{high} bytes, got {len(plaintext)}")
-        counter = self.next_send_counter()
-        header = wire.pack_transport_header(msg_type, kp.remote_index, counter)
-        return header + kp.seal(counter, plaintext, header)
+        return kp
 
     def open(self, header: TransportHeader, ciphertext: bytes, *, now: float) -> tuple[bytes, Keypair]:
         """Authenticate and decrypt a transport frame; return the plaintext and its keypair.

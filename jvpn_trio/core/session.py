@@ -89,19 +89,11 @@ class _SessionCore:
     """What both sides share: the record, the table-driven commit, the time bounds."""
 
     role: Role
+    #: The session this one follows in an agent's chain (core/agent.py), named at BIRTH; a client's only.
+    previous_session: SessionId | None = None
 
-    def __init__(
-        self,
-        *,
-        policy: Policy,
-        session_id: SessionId,
-        now: float,
-        previous_session: SessionId | None = None,
-        switch_times: tuple[float, ...] = (),
-    ) -> None:
+    def __init__(self, *, policy: Policy, session_id: SessionId, now: float) -> None:
         self.policy = policy
-        #: The session this one follows in an agent's chain (core/agent.py), named at BIRTH.
-        self.previous_session = previous_session
         self.record = SessionRecord(
             session_id=session_id,
             state=S.BIRTH,
@@ -112,7 +104,7 @@ class _SessionCore:
             recovering_since=None,
             bound_since=None,
             last_path=None,
-            switch_times=tuple(t for t in switch_times if now < switch_expires_at(t)),
+            switch_times=(),
         )
         self.counters: dict[str, int] = {}
 
@@ -360,8 +352,10 @@ class ClientSession(_SessionCore):
         switch_times: tuple[float, ...] = (),
     ) -> None:
         """``previous_session`` and ``switch_times`` come from the agent (``core/agent.py``)."""
-        super().__init__(
-            policy=policy, session_id=session_id, now=now, previous_session=previous_session, switch_times=switch_times
+        super().__init__(policy=policy, session_id=session_id, now=now)
+        self.previous_session = previous_session
+        self.record = attrs.evolve(
+            self.record, switch_times=tuple(t for t in switch_times if now < switch_expires_at(t))
         )
         self._paths: dict[PathId, _PathEntry] = {}
         self._reported: dict[PathId, tuple[Verdict, ReasonCode]] = {}

@@ -27,6 +27,7 @@ from tests.pair import (
     SID,
     Pair,
     client_endpoint,
+    lone_client,
     lone_gateway,
     valid_reattach,
 )
@@ -306,18 +307,6 @@ def test_invalid_transition_is_counted_and_changes_nothing() -> None:
     assert client.counters["invalid_transitions"] == 1
 
 
-def _attached_client() -> tuple[ClientSession, list]:  # type: ignore[type-arg]
-    sid = SessionId(bytes(range(16)))
-    client = ClientSession(policy=Policy(), session_id=sid, now=0.0)
-    for pid in (1, 2):
-        client.handle(ev.PathAdded(path=PathId(pid), priority=10 * pid, endpoint=("192.0.2.1", 51820)), now=0.0)
-    client.handle(
-        ev.HandshakeCompleted(session_id=sid, binding=Binding(path=P1, endpoint=("192.0.2.1", 51820)), gateway_version=1),
-        now=0.0,
-    )
-    return client, []
-
-
 def _probe(client: ClientSession, seq: int, t: float, *, bound: PathId | None, version: int = 1) -> list:  # type: ignore[type-arg]
     actions = client.handle(ev.ProbeSent(path=P1, seq=seq), now=t)
     actions += client.handle(ev.ProbeSent(path=P2, seq=seq), now=t)
@@ -329,7 +318,7 @@ def _probe(client: ClientSession, seq: int, t: float, *, bound: PathId | None, v
 
 def test_gateway_bound_elsewhere_leads_to_a_rebind_on_the_same_path() -> None:
     """A NAT rebinding: probes are answered, but the gateway says they come from an unbound endpoint."""
-    client, _ = _attached_client()
+    client = lone_client()
     for seq in range(1, 4):
         assert not [a for a in _probe(client, seq, seq * 0.05, bound=P1) if type(a).__name__ == "SendReattach"]
     policy = Policy()
@@ -345,7 +334,7 @@ def test_gateway_bound_elsewhere_leads_to_a_rebind_on_the_same_path() -> None:
 
 
 def test_acks_older_than_the_known_gateway_version_do_not_count_as_disowning() -> None:
-    client, _ = _attached_client()
+    client = lone_client()
     client.gateway_version = 5  # e.g. learnt from a REATTACH_ACK; these acks predate it
     for seq in range(1, 10):
         actions = _probe(client, seq, seq * 0.05, bound=None, version=4)
@@ -354,7 +343,7 @@ def test_acks_older_than_the_known_gateway_version_do_not_count_as_disowning() -
 
 def test_a_readdressed_active_path_reattaches_on_itself_with_endpoint_changed() -> None:
     """DHCP gave the active interface a new address: the gateway's binding names the old endpoint."""
-    client, _ = _attached_client()
+    client = lone_client()
     for seq in range(1, 4):
         _probe(client, seq, seq * 0.05, bound=P1)
     actions = client.handle(ev.PathReaddressed(path=P1), now=0.3)
@@ -368,7 +357,7 @@ def test_a_readdressed_active_path_reattaches_on_itself_with_endpoint_changed() 
 
 
 def test_a_readdressed_standby_path_changes_no_binding() -> None:
-    client, _ = _attached_client()
+    client = lone_client()
     for seq in range(1, 4):
         _probe(client, seq, seq * 0.05, bound=P1)
     actions = client.handle(ev.PathReaddressed(path=P2), now=0.3)
@@ -378,7 +367,7 @@ def test_a_readdressed_standby_path_changes_no_binding() -> None:
 
 
 def test_removing_the_active_path_is_its_link_death() -> None:
-    client, _ = _attached_client()
+    client = lone_client()
     for seq in range(1, 4):
         _probe(client, seq, seq * 0.05, bound=P1)
     actions = client.handle(ev.PathRemoved(path=P1), now=0.3)
