@@ -151,7 +151,7 @@ class _Table:
 #: Characters that make a string a glob rather than one interface name (fnmatch's syntax).
 _GLOB_CHARS = frozenset("*?[")
 #: IFNAMSIZ - 1: the kernel's longest interface name.
-_MAX_IFNAME_LEN = 15
+MAX_IFNAME_LEN = 15
 
 
 def _check_name_or_glob(value: str, *, where: str, glob: bool) -> str:
@@ -163,8 +163,8 @@ def _check_name_or_glob(value: str, *, where: str, glob: bool) -> str:
     if not glob:
         if _GLOB_CHARS & set(value):
             raise ConfigError(f"{where}: {value!r} looks like a glob: use 'match' for globs")
-        if len(value) > _MAX_IFNAME_LEN:
-            raise ConfigError(f"{where}: {value!r} is longer than {_MAX_IFNAME_LEN} characters")
+        if len(value) > MAX_IFNAME_LEN:
+            raise ConfigError(f"{where}: {value!r} is longer than {MAX_IFNAME_LEN} characters")
     return value
 
 

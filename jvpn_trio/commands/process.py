@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from typing import Any, Callable
 
 import trio
@@ -15,6 +16,11 @@ import trio
 #: Events waiting for the log writer; beyond this they are dropped and counted.
 EVENT_SINK_CAPACITY = 4096
 CAP_NET_ADMIN = 12
+
+
+def address_family(host: str) -> int:
+    """The socket family of a numeric address: AF_INET6 if it has a colon, else AF_INET."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 class AppError(Exception):

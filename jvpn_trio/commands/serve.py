@@ -7,7 +7,6 @@ removes the TUN and the control socket again.
 
 from __future__ import annotations
 
-import socket
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -15,7 +14,13 @@ from typing import Any
 
 import trio
 
-from jvpn_trio.commands.process import EVENT_SINK_CAPACITY, AppError, close_on_signals, missing_privilege
+from jvpn_trio.commands.process import (
+    EVENT_SINK_CAPACITY,
+    AppError,
+    address_family,
+    close_on_signals,
+    missing_privilege,
+)
 from jvpn_trio.config import GatewayConfig
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.drivers import control, event_sink, tun, udp
@@ -52,7 +57,7 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
         )
         ports, control_ports = [], []
         for addr, control_addr in zip(config.listen, config.control_listen, strict=True):
-            family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+            family = address_family(addr[0])
             ports.append(await stack.enter_async_context(udp.open_listener_socket(addr, family=family, gro=False)))
             control_ports.append(await stack.enter_async_context(udp.open_listener_socket(control_addr, family=family)))
         device = await stack.enter_async_context(

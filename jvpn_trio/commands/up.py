@@ -20,7 +20,6 @@ TUN, the routes and the control socket again.
 from __future__ import annotations
 
 import functools
-import socket
 import sys
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -30,7 +29,13 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from jvpn_trio.commands.process import EVENT_SINK_CAPACITY, AppError, close_on_signals, missing_privilege
+from jvpn_trio.commands.process import (
+    EVENT_SINK_CAPACITY,
+    AppError,
+    address_family,
+    close_on_signals,
+    missing_privilege,
+)
 from jvpn_trio.config import DEFAULT_MTU, ClientConfig
 from jvpn_trio.core.agent import PathIds, PathIdsExhausted
 from jvpn_trio.core.ids import PathId
@@ -38,8 +43,8 @@ from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.drivers import control, event_sink, routes, tun, udp
 from jvpn_trio.drivers.agent import ClientAgent
 from jvpn_trio.drivers.client import ClientPath
+from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.drivers.paths import (
-    DownReason,
     PathAddressChanged,
     PathDown,
     PathEvent,
@@ -57,8 +62,6 @@ TUNNEL_TABLE = 51820
 ROUTES_COUNTER_PREFIX = "routes."
 #: Prefix of the path follower's counters (paths added, removed, readdressed, refused).
 PATHS_COUNTER_PREFIX = "paths."
-#: Why a path is down for good: its PathId may go to another interface (any other down keeps it).
-FREES_PATH_ID = frozenset({DownReason.INTERFACE_GONE, DownReason.NOT_A_CANDIDATE})
 #: Prefix of the path manager's counters.
 PATH_MANAGER_COUNTER_PREFIX = "path_manager."
 
@@ -93,9 +96,6 @@ class PathFollower:
         self._sockets: dict[PathId, AsyncExitStack] = {}
         self.counters: Counter[str] = Counter()
 
-    def _family(self) -> int:
-        return socket.AF_INET6 if ":" in self._config.gateway[0] else socket.AF_INET
-
     def _route(self, pid: PathId, ifname: str, next_hop: str | None) -> routes.PathRoute:
         return routes.PathRoute.given(
             ifname, table=TUNNEL_TABLE + pid.value, fwmark=self._config.fwmark_base + pid.value, next_hop=next_hop
@@ -109,7 +109,7 @@ class PathFollower:
                     bind=(source, 0),
                     device=ifname,
                     fwmark=self._config.fwmark_base + pid.value,
-                    family=self._family(),
+                    family=address_family(self._config.gateway[0]),
                     gro=False,
                 )
             )
@@ -134,15 +134,9 @@ class PathFollower:
 
     async def _up(self, event: PathUp) -> None:
         known = self._ids.get(event.path_id)
-        if known is not None and known in self._agent.paths:  # live already: a change of address
-            await self._readdressed(
-                PathAddressChanged(
-                    path_id=event.path_id,
-                    ifname=event.ifname,
-                    source_address=event.source_address,
-                    next_hop=event.next_hop,
-                )
-            )
+        current = self._agent.paths.get(known) if known is not None else None
+        if current is not None:  # live already: a change of address
+            await self._rebind(current, event.ifname, event.source_address, event.next_hop)
             return
         pid = self._ids.allocate(event.path_id, name=event.ifname)
         try:
@@ -167,12 +161,10 @@ class PathFollower:
         self._log(f"path {pid} up: {event.ifname} ({event.kind}) from {event.source_address} via {event.next_hop or 'on-link'}")
 
     async def _down(self, event: PathDown) -> None:
-        pid = self._ids.get(event.path_id)
+        pid = self._ids.path_down(event.path_id, event.reason)
         if pid is None:
             return
-        self._agent.remove_path(pid)  # queues PathRemoved to the live session before the id is freed
-        if event.reason in FREES_PATH_ID:
-            self._ids.free(event.path_id)
+        self._agent.remove_path(pid)  # queues PathRemoved before any later path can get the id
         stack = self._sockets.pop(pid, None)
         if stack is not None:
             await stack.aclose()
@@ -182,30 +174,28 @@ class PathFollower:
 
     async def _readdressed(self, event: PathAddressChanged) -> None:
         pid = self._ids.get(event.path_id)
-        if pid is None:
-            return
-        current = self._agent.paths.get(pid)
-        if current is None:
-            return
-        stack, sock = await self._open_socket(pid, event.ifname, event.source_address)
+        current = self._agent.paths.get(pid) if pid is not None else None
+        if current is not None:
+            await self._rebind(current, event.ifname, event.source_address, event.next_hop)
+
+    async def _rebind(self, current: ClientPath, ifname: str, source_address: str, next_hop: str | None) -> None:
+        """Move a live path to a new socket on ``source_address`` and re-route it via ``next_hop``."""
+        pid = current.path
+        stack, sock = await self._open_socket(pid, ifname, source_address)
         old_stack = self._sockets.get(pid)
         self._sockets[pid] = stack
         self._agent.readdress_path(attrs.evolve(current, port=sock))
         if old_stack is not None:
             await old_stack.aclose()
-        await self._routing.add_path(self._route(pid, event.ifname, event.next_hop))
+        await self._routing.add_path(self._route(pid, ifname, next_hop))
         self.counters["paths_readdressed"] += 1
-        self._log(f"path {pid} readdressed: {event.ifname} now {event.source_address} via {event.next_hop or 'on-link'}")
+        self._log(f"path {pid} readdressed: {ifname} now {source_address} via {next_hop or 'on-link'}")
 
     async def aclose(self) -> None:
         """Close every path's socket (the routes go with the routing)."""
         stacks, self._sockets = list(self._sockets.values()), {}
         for stack in stacks:
             await stack.aclose()
-
-
-def _stderr_line(line: str) -> None:
-    print(f"jvpn-trio: {line}", file=sys.stderr, flush=True)
 
 
 async def run_client(
@@ -248,10 +238,10 @@ async def run_client(
             gateway_public=gateway_public,
             emit=sink.emit,
             packets=device,
-            set_address=routes.TunAddress(config.tun_name, mtu=DEFAULT_MTU, log=_stderr_line),
+            set_address=routes.TunAddress(config.tun_name, mtu=DEFAULT_MTU, log=stderr_line),
             recorder=recorder,
         )
-        follower = PathFollower(config=config, agent=agent, routing=routing, log=_stderr_line)
+        follower = PathFollower(config=config, agent=agent, routing=routing, log=stderr_line)
         stack.push_async_callback(follower.aclose)
         manager, path_events = await stack.enter_async_context(
             open_path_manager(config.path_rules, gateway_host)

@@ -53,7 +53,13 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from jvpn_trio.core.connect import HandshakeCandidate, HandshakeGiveUp, HandshakePlanner, HandshakeStep
+from jvpn_trio.core.candidates import DownReason
+from jvpn_trio.core.connect import (
+    HandshakeCandidate,
+    HandshakeGiveUp,
+    HandshakePlanner,
+    HandshakeStep,
+)
 from jvpn_trio.core.ids import MAX_PATH_ID, PathId, SessionId
 from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
 from jvpn_trio.core.session import SessionRecord
@@ -231,6 +237,10 @@ class PathIdsExhausted(Exception):
     """Every PathId (1..255) names a live path: the new path is refused."""
 
 
+#: Why a path is down for good: only then may its PathId go to another interface.
+FREES_PATH_ID = frozenset({DownReason.INTERFACE_GONE, DownReason.NOT_A_CANDIDATE})
+
+
 class PathIds:
     """Maps the path manager's ids (counting up for the whole run) onto the wire's PathIds (1..255).
 
@@ -287,3 +297,16 @@ class PathIds:
     def free(self, key: int) -> PathId | None:
         """Forget manager path ``key``; returns the PathId it had (None if it had none)."""
         return self._by_key.pop(key, None)
+
+    def path_down(self, key: int, reason: DownReason) -> PathId | None:
+        """The PathId of manager path ``key``, which went down for ``reason`` (None if it had none).
+
+        The id is forgotten only when the interface is gone for good (:data:`FREES_PATH_ID`):
+        a link flap or a lost address keeps it, so logs and status name the path the same
+        when it comes back.  The caller removes the path from the live session in the same
+        step, before any later path can be given the id.
+        """
+        pid = self._by_key.get(key)
+        if pid is not None and reason in FREES_PATH_ID:
+            del self._by_key[key]
+        return pid

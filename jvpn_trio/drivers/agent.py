@@ -71,16 +71,15 @@ from jvpn_trio.drivers.client import (
     ClientRuntime,
     ClientStatistics,
     ClientTally,
-    Handshaken,
     HandshakeFailed,
+    Handshaken,
     RuntimeStatus,
     SetAddress,
-    _stderr_line,
 )
 from jvpn_trio.drivers.clock import Resumed, SuspendDetector
+from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.drivers.ports import PacketPort
 from jvpn_trio.drivers.recording import Recorder
-
 
 #: How many resume reports the agent keeps (for status and tests).
 RESUMES_KEPT = 16
@@ -107,7 +106,7 @@ class ClientAgent:
         random_bytes: RandomBytes = os.urandom,
         wall_time_ns: Callable[[], int] = time.time_ns,
         recorder: Recorder | None = None,
-        log: Callable[[str], None] = _stderr_line,
+        log: Callable[[str], None] = stderr_line,
         suspend_detector: SuspendDetector | None = None,
     ) -> None:
         self.policy = policy
@@ -376,10 +375,10 @@ class ClientAgent:
             self._publish_connecting()
 
     def _publish_connecting(self) -> None:
-        self.status.value = RuntimeStatus(
-            snapshot=None,
-            paths=tuple((p.path, p.name, p.kind) for p in self._paths.values()),
-            tunnel_address=str(self.tunnel_address) if self.tunnel_address else None,
-            statistics=self._tally.freeze(),
+        self.status.value = RuntimeStatus.of(
+            None,
+            paths=self._paths.values(),
+            tunnel_address=self.tunnel_address,
+            tally=self._tally,
             sessions_started=self.sessions_started,
         )

@@ -56,10 +56,9 @@ import errno
 import ipaddress
 import math
 import os
-import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Callable, Protocol
 
@@ -79,16 +78,27 @@ from jvpn_trio.core.actions import (
     SendReattach,
     Terminate,
 )
-from jvpn_trio.core.channel import ChannelDrop, SecureChannel
 from jvpn_trio.core.agent import SessionSeed
-from jvpn_trio.core.connect import HandshakeCandidate, HandshakeGiveUp, HandshakePlanner, HandshakeStep
-from jvpn_trio.core.noise import HandshakeError, HandshakeResult, InitiatorHandshake, StaticKeypair
-from jvpn_trio.core.keyring import KeyExhausted
+from jvpn_trio.core.channel import ChannelDrop, SecureChannel
+from jvpn_trio.core.connect import (
+    HandshakeCandidate,
+    HandshakeGiveUp,
+    HandshakePlanner,
+    HandshakeStep,
+)
 from jvpn_trio.core.ids import Binding, PathId, RandomBytes
+from jvpn_trio.core.keyring import KeyExhausted
+from jvpn_trio.core.noise import (
+    HandshakeError,
+    HandshakeResult,
+    InitiatorHandshake,
+    StaticKeypair,
+)
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, ClientSnapshot
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.core.trace import SessionStart
+from jvpn_trio.drivers.log import LineLimiter, stderr_line
 from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
 
@@ -127,10 +137,6 @@ class Handshaken:
     result: HandshakeResult
     path: PathId
     at: float  # when the response authenticated
-
-
-def _stderr_line(line: str) -> None:
-    print(f"jvpn-trio: {line}", file=sys.stderr, flush=True)
 
 
 def _default_control(path: ClientPath) -> Address:
@@ -217,10 +223,11 @@ class _Tally:
     rescues: int = 0
 
     def freeze(self) -> ClientStatistics:
-        values = attrs.asdict(self, recurse=False)
-        values["handshake"] = MappingProxyType(dict(self.handshake))
-        values["drop"] = MappingProxyType(dict(self.drop))
-        values["path_errors"] = MappingProxyType(dict(self.path_errors))
+        """A frozen copy: each Counter becomes a read-only mapping."""
+        values: dict[str, Any] = {
+            name: MappingProxyType(dict(value)) if isinstance(value, Counter) else value
+            for name, value in attrs.asdict(self, recurse=False).items()
+        }
         return ClientStatistics(**values)
 
 
@@ -240,6 +247,25 @@ class RuntimeStatus:
     tunnel_address: str | None
     statistics: ClientStatistics
     sessions_started: int = 0  # sessions of the agent so far (1 while the first one runs)
+
+    @classmethod
+    def of(
+        cls,
+        snapshot: ClientSnapshot | None,
+        *,
+        paths: Iterable[ClientPath],
+        tunnel_address: ipaddress.IPv4Interface | None,
+        tally: ClientTally,
+        sessions_started: int,
+    ) -> RuntimeStatus:
+        """The status of a runtime (or of an agent between sessions) from its live parts."""
+        return cls(
+            snapshot=snapshot,
+            paths=tuple((p.path, p.name, p.kind) for p in paths),
+            tunnel_address=str(tunnel_address) if tunnel_address else None,
+            statistics=tally.freeze(),
+            sessions_started=sessions_started,
+        )
 
 
 @attrs.define(eq=False)
@@ -276,7 +302,7 @@ class ClientRuntime:
         recorder: Recorder | None = None,
         tally: ClientTally | None = None,
         status: trio_util.AsyncValue[RuntimeStatus | None] | None = None,
-        log: Callable[[str], None] = _stderr_line,
+        log: Callable[[str], None] = stderr_line,
     ) -> None:
         self.policy = policy
         self._static = static
@@ -308,7 +334,7 @@ class ClientRuntime:
         self._handshakes: dict[int, _PendingHandshake] = {}
         self._delivery_reported: dict[PathId, float] = {}
         self._socket_down: set[PathId] = set()
-        self._error_logged: dict[PathId, float] = {}
+        self._error_lines = LineLimiter(PATH_ERROR_LOG_INTERVAL_S)
         self._nursery: trio.Nursery | None = None  # the serving nursery, once the session runs
         self._path_scopes: dict[PathId, trio.CancelScope] = {}
         self._probe_now: dict[PathId, trio.Event] = {}
@@ -679,11 +705,11 @@ class ClientRuntime:
 
     def _publish(self, now: float) -> None:
         assert self.session is not None
-        self.status.value = RuntimeStatus(
-            snapshot=self.session.snapshot(now=now),
-            paths=tuple((p.path, p.name, p.kind) for p in self.paths.values()),
-            tunnel_address=str(self.tunnel_address) if self.tunnel_address else None,
-            statistics=self._tally.freeze(),
+        self.status.value = RuntimeStatus.of(
+            self.session.snapshot(now=now),
+            paths=self.paths.values(),
+            tunnel_address=self.tunnel_address,
+            tally=self._tally,
             sessions_started=self.seed.number,
         )
 
@@ -692,11 +718,8 @@ class ClientRuntime:
         """Send one datagram on ``path``; an OSError is the path's failure, not the runtime's."""
         try:
             path.port.send_nowait(data, addr)
-        except OSError as exc:
+        except (OSError, trio.ClosedResourceError) as exc:
             self._path_failed(path, exc)
-            return False
-        except trio.ClosedResourceError:  # closed while the path was being removed or rebound
-            self._path_failed(path, OSError(errno.EBADF, "socket closed"))
             return False
         return True
 
@@ -704,18 +727,20 @@ class ClientRuntime:
         """The next batch from ``path``'s socket, or None (counted, reported) if it raised OSError."""
         try:
             batch = await path.port.recv_batch(BATCH)
-        except OSError as exc:
+        except (OSError, trio.ClosedResourceError) as exc:
             self._path_failed(path, exc)
-            return None
-        except trio.ClosedResourceError:  # closed while the path was being removed or rebound
-            self._path_failed(path, OSError(errno.EBADF, "socket closed"))
             return None
         if path.path in self._socket_down:  # the socket works again: its link is back
             self._socket_down.discard(path.path)
             self.submit_nowait(ev.LinkChanged(path=path.path, up=True))
         return batch
 
-    def _path_failed(self, path: ClientPath, exc: OSError) -> None:
+    def _path_failed(self, path: ClientPath, error: OSError | trio.ClosedResourceError) -> None:
+        """Count and report a path socket's failure (once per path until it works again).
+
+        A closed socket (the path is being removed or rebound) counts as EBADF.
+        """
+        exc = error if isinstance(error, OSError) else OSError(errno.EBADF, "socket closed")
         name = errno.errorcode.get(exc.errno, "OTHER") if exc.errno is not None else "OTHER"
         self._tally.path_errors[name] += 1
         if path.path not in self.paths:
@@ -723,9 +748,7 @@ class ClientRuntime:
         if path.path not in self._socket_down:
             self._socket_down.add(path.path)
             self.submit_nowait(ev.LinkChanged(path=path.path, up=False))
-        now = trio.current_time()
-        if now - self._error_logged.get(path.path, -math.inf) >= PATH_ERROR_LOG_INTERVAL_S:
-            self._error_logged[path.path] = now
+        if self._error_lines.admit(path.path, trio.current_time()) is not None:
             self._log(f"path {path.name}: socket error {name} ({exc.strerror or exc}); treating the path as down")
 
     # -- sending control messages ------------------------------------------------------------
@@ -867,11 +890,8 @@ class ClientRuntime:
             for run in equal_size_runs(sealed):
                 try:
                     active.port.send_segments_nowait(run, active.gateway)
-                except OSError as exc:
+                except (OSError, trio.ClosedResourceError) as exc:
                     self._path_failed(active, exc)
-                    break
-                except trio.ClosedResourceError:
-                    self._path_failed(active, OSError(errno.EBADF, "socket closed"))
                     break
 
     # -- key rotation ------------------------------------------------------------------------

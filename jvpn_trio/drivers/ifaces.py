@@ -70,6 +70,7 @@ import trio
 from pyroute2 import NetlinkError
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
+from jvpn_trio.config import MAX_IFNAME_LEN
 from jvpn_trio.core.candidates import (
     Address,
     GatewayRoute,
@@ -112,11 +113,11 @@ TUNNEL_LINK_KINDS = frozenset(
 #: Link kinds that never carry traffic out of the host.
 VIRTUAL_LINK_KINDS = frozenset({"dummy", "ifb", "vrf", "nlmon"})
 SKIPPED_LINK_KINDS = frozenset({"bridge"}) | TUNNEL_LINK_KINDS | VIRTUAL_LINK_KINDS
+#: The link classes :func:`select_candidates` keeps (the others are loopback, container ports and SKIPPED_LINK_KINDS).
+_UPLINK_CLASSES = frozenset({LinkClass.ORDINARY, LinkClass.VETH})
 
 _WIFI_PREFIXES = ("wifi", "wlan", "wl")
 _LTE_PREFIXES = ("lte", "wwan", "ww")
-#: IFNAMSIZ - 1: the kernel's longest interface name.
-_MAX_IFNAME_LEN = 15
 
 
 @attrs.frozen
@@ -143,7 +144,7 @@ def _check_ifname(ifname: str) -> None:
     # The kernel's dev_valid_name(): also keeps sysfs paths inside the root.
     if (
         not ifname
-        or len(ifname) > _MAX_IFNAME_LEN
+        or len(ifname) > MAX_IFNAME_LEN
         or ifname in (".", "..")
         or any(c == "/" or c == ":" or c.isspace() for c in ifname)
     ):
@@ -196,11 +197,9 @@ def select_candidates(
     for link in sorted(links, key=lambda li: li.index):
         if (
             link.ifname in exclude
-            or link.flags & IFF_LOOPBACK
             or not link_is_up(link.flags)
             or not link.ipv4
-            or link.master is not None
-            or link.link_kind in SKIPPED_LINK_KINDS
+            or link_class(flags=link.flags, link_kind=link.link_kind, master=link.master) not in _UPLINK_CLASSES
         ):
             continue
         chosen.append(Candidate(link.ifname, kind_of(link.ifname)))

@@ -6,11 +6,24 @@ Tests and the no-root demo run the real runtimes over these (wireguard-go's
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import trio
 
 from jvpn_trio.drivers.ports import Address
+
+T = TypeVar("T")
+
+
+async def _receive_batch(receive: trio.MemoryReceiveChannel[T], most: int) -> list[T]:
+    """Wait for one item, then take whatever else is queued, up to ``most`` in all."""
+    batch = [await receive.receive()]
+    while len(batch) < most:
+        try:
+            batch.append(receive.receive_nowait())
+        except trio.WouldBlock:
+            break
+    return batch
 
 
 class MemoryPacketPort:
@@ -22,25 +35,17 @@ class MemoryPacketPort:
         self.dropped = 0
 
     def inject(self, packet: bytes) -> bool:
-        try:
-            self._send.send_nowait(packet)
-        except trio.WouldBlock:
-            self.dropped += 1
-            return False
-        return True
+        return self._offer(self._send, packet)
 
     async def read_batch(self, max_packets: int) -> list[bytes]:
-        batch = [await self._recv.receive()]
-        while len(batch) < max_packets:
-            try:
-                batch.append(self._recv.receive_nowait())
-            except trio.WouldBlock:
-                break
-        return batch
+        return await _receive_batch(self._recv, max_packets)
 
     def write_nowait(self, packet: bytes) -> bool:
+        return self._offer(self._out_send, packet)
+
+    def _offer(self, send: trio.MemorySendChannel[bytes], packet: bytes) -> bool:
         try:
-            self._out_send.send_nowait(packet)
+            send.send_nowait(packet)
         except trio.WouldBlock:
             self.dropped += 1
             return False
@@ -91,10 +96,4 @@ class MemoryDatagramPort:
         return True
 
     async def recv_batch(self, max_datagrams: int) -> list[tuple[bytes, Address]]:
-        batch = [await self._recv.receive()]
-        while len(batch) < max_datagrams:
-            try:
-                batch.append(self._recv.receive_nowait())
-            except trio.WouldBlock:
-                break
-        return batch
+        return await _receive_batch(self._recv, max_datagrams)

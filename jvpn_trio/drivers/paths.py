@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
@@ -55,6 +54,7 @@ from jvpn_trio.core.candidates import (
     gateway_family,
 )
 from jvpn_trio.drivers import ifaces
+from jvpn_trio.drivers.log import LineLimiter, stderr_line
 from jvpn_trio.drivers.netlink import WATCH_PATHS, Resync, open_link_monitor
 from jvpn_trio.errors import lone_exception_unwrapped
 
@@ -114,31 +114,6 @@ class PathManagerStatistics:
     last_error: str | None  # the most recent failure, for a status view
 
 
-def _stderr_line(line: str) -> None:
-    print(f"jvpn-trio: {line}", file=sys.stderr, flush=True)
-
-
-class _RateLimitedLog:
-    """One line per subject per ``interval_s``; the lines held back are counted and mentioned in the next."""
-
-    def __init__(self, log: Callable[[str], None], interval_s: float) -> None:
-        self._log = log
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-        self.suppressed = 0
-
-    def line(self, subject: str, text: str, *, now: float) -> None:
-        last = self._last.get(subject)
-        if last is not None and now - last < self._interval_s:
-            self._held[subject] = self._held.get(subject, 0) + 1
-            self.suppressed += 1
-            return
-        held = self._held.pop(subject, 0)
-        self._last[subject] = now
-        self._log(f"{text} ({held} more like it not shown)" if held else text)
-
-
 class PathManager:
     """One path manager's state: the usable paths and its counters.  Driven by :func:`serve_path_manager`."""
 
@@ -159,7 +134,8 @@ class PathManager:
         self._read_state = read_state
         self._settle_s = settle_s
         self._retry_s = retry_s
-        self._log = _RateLimitedLog(log, LOG_INTERVAL_S)
+        self._log = log
+        self._limiter = LineLimiter(LOG_INTERVAL_S)
         self._table = PathTable()
         self._retry_at = math.inf
         self._snapshots = 0
@@ -184,9 +160,14 @@ class PathManager:
             wakeups=self._wakeups,
             resyncs=self._resyncs,
             events_published=self._published,
-            log_lines_suppressed=self._log.suppressed,
+            log_lines_suppressed=self._limiter.suppressed,
             last_error=self._last_error,
         )
+
+    def _report(self, subject: str, text: str, *, now: float) -> None:
+        line = self._limiter.line(subject, text, now=now)
+        if line is not None:
+            self._log(line)
 
     def _woken(self, event: object) -> None:
         self._wakeups += 1
@@ -202,8 +183,8 @@ class PathManager:
             self._read_failures += 1
             self._last_error = ifaces.describe_os_error(exc)
             self._retry_at = now + self._retry_s
-            self._log.line("*", f"path manager: cannot read the interfaces ({self._last_error}); "
-                                f"every path is down until a read succeeds", now=now)
+            self._report("*", f"path manager: cannot read the interfaces ({self._last_error}); "
+                              f"every path is down until a read succeeds", now=now)
             self._table, diff = self._table.unreadable()
             return diff.events()
         self._snapshots += 1
@@ -213,7 +194,7 @@ class PathManager:
                 self._interface_errors += 1
                 self._last_error = f"{iface.name}: {iface.error}"
                 self._retry_at = now + self._retry_s
-                self._log.line(iface.name, f"path manager: {iface.name} is not usable now ({iface.error})", now=now)
+                self._report(iface.name, f"path manager: {iface.name} is not usable now ({iface.error})", now=now)
         self._table, diff = self._table.update(snapshot, self._rules, self._family)
         return diff.events()
 
@@ -266,7 +247,7 @@ async def serve_path_manager(
     retry_s: float = DEFAULT_READ_RETRY_S,
     read_state: StateReader | None = None,
     wakeups: Wakeups | None = None,
-    log: Callable[[str], None] = _stderr_line,
+    log: Callable[[str], None] = stderr_line,
     task_status: trio.TaskStatus[PathManager] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish :class:`PathUp` / :class:`PathDown` / :class:`PathAddressChanged` on ``send_channel`` until cancelled.
@@ -302,7 +283,7 @@ async def open_path_manager(
     retry_s: float = DEFAULT_READ_RETRY_S,
     read_state: StateReader | None = None,
     wakeups: Wakeups | None = None,
-    log: Callable[[str], None] = _stderr_line,
+    log: Callable[[str], None] = stderr_line,
 ) -> AsyncIterator[tuple[PathManager, trio.MemoryReceiveChannel[PathEvent]]]:
     """Run :func:`serve_path_manager` for the block: ``async with open_path_manager(...) as (manager, events)``.
 

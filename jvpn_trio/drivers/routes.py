@@ -56,7 +56,6 @@ import errno
 import inspect
 import ipaddress
 import socket
-import sys
 from collections import Counter
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
@@ -67,6 +66,7 @@ import attrs
 import trio
 from pyroute2 import NetlinkError
 
+from jvpn_trio.drivers.log import LineLimiter, stderr_line
 from jvpn_trio.drivers.netlink import open_iproute
 
 __all__ = [
@@ -74,6 +74,7 @@ __all__ = [
     "DEFAULT_BYPASS_MARK",
     "DEFAULT_BYPASS_MASK",
     "InstalledRoutes",
+    "LineLimiter",
     "PATH_RULE_PRIORITY",
     "PathRoute",
     "ROUTE_LOG_INTERVAL_S",
@@ -599,7 +600,7 @@ class TunAddress:
         self.tun_name = tun_name
         self._mtu = mtu
         self._netns = netns
-        self._log = log if log is not None else _stderr_line
+        self._log = log if log is not None else stderr_line
         self.current: ipaddress.IPv4Interface | None = None
         self.failures = 0
 
@@ -631,32 +632,8 @@ ROUTE_LOG_INTERVAL_S = 10.0
 _TUNNEL = "tunnel"
 
 
-def _stderr_line(line: str) -> None:
-    print(f"jvpn-trio: {line}", file=sys.stderr, flush=True)
-
-
 def _one_line(exc: BaseException) -> str:
     return "; ".join([str(exc), *getattr(exc, "__notes__", ())])
-
-
-class _LineLimiter:
-    """At most one line per key per ``interval_s``, counting those held back.  Pure: ``now`` is given."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._last: dict[tuple[str, str], float] = {}
-        self._held: dict[tuple[str, str], int] = {}
-        self.suppressed = 0
-
-    def admit(self, key: tuple[str, str], now: float) -> int | None:
-        """None: hold this line back; else how many lines for ``key`` were held back before it."""
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval_s:
-            self._held[key] = self._held.get(key, 0) + 1
-            self.suppressed += 1
-            return None
-        self._last[key] = now
-        return self._held.pop(key, 0)
 
 
 @attrs.frozen(kw_only=True)
@@ -686,13 +663,13 @@ class Routing:
         gateway_address: str | None,
         netns: str | None = None,
         best_effort: bool = False,
-        log: Callable[[str], None] = _stderr_line,
+        log: Callable[[str], None] = stderr_line,
     ) -> None:
         self._netns = netns
         self._gateway_address = gateway_address
         self._best_effort = best_effort
         self._log = log
-        self._limiter = _LineLimiter(ROUTE_LOG_INTERVAL_S)
+        self._limiter = LineLimiter(ROUTE_LOG_INTERVAL_S)
         self._paths: dict[str, PathRoute] = {}
         self._planned: TunnelRoutes | None = None
         self._tunnel: InstalledRoutes | None = None
@@ -782,9 +759,9 @@ class Routing:
         await self._clean_up(remove, _TUNNEL, None)
 
     def _report(self, subject: str, kind: str, text: str) -> None:
-        held = self._limiter.admit((subject, kind), trio.current_time())
-        if held is not None:
-            self._log(f"{text} ({held} more like it not shown)" if held else text)
+        line = self._limiter.line((subject, kind), text, now=trio.current_time())
+        if line is not None:
+            self._log(line)
 
     async def _install_path(self, pr: PathRoute) -> PathRoute | None:
         try:
@@ -866,7 +843,7 @@ async def open_routing(
     netns: str | None = None,
     defer_tunnel: bool = False,
     best_effort: bool = False,
-    log: Callable[[str], None] = _stderr_line,
+    log: Callable[[str], None] = stderr_line,
 ) -> AsyncIterator[Routing]:
     """Install the paths' bypass routes and then the tunnel routes; remove them all on exit.
 

@@ -24,12 +24,13 @@ from jvpn_trio.core.agent import (
     gateway_tolerance_s,
     outlived_gateway,
 )
+from jvpn_trio.core.candidates import DownReason
 from jvpn_trio.core.connect import HandshakeAttempt, HandshakeCandidate, HandshakeGiveUp
 from jvpn_trio.core.ids import MAX_PATH_ID, Binding, PathId, SessionId
 from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
 from jvpn_trio.core.session import ClientSession, SessionRecord
 from jvpn_trio.core.states import SessionState
-from tests.pair import lone_gateway
+from tests.pair import lone_client, lone_gateway
 
 POLICY = Policy()
 P1, P2 = PathId(1), PathId(2)
@@ -131,10 +132,7 @@ def test_inherited_switches_deny_a_switch_in_the_new_session() -> None:
 
 
 def _attached_session(policy: Policy, now: float, *, switch_times: tuple[float, ...]) -> ClientSession:
-    session = ClientSession(policy=policy, session_id=sid(9), now=now, switch_times=switch_times)
-    for path, priority in ((P1, 10), (P2, 20)):
-        session.handle(ev.PathAdded(path=path, priority=priority, endpoint=GW), now=now)
-    session.handle(ev.HandshakeCompleted(session_id=sid(9), binding=Binding(path=P1, endpoint=GW), gateway_version=1), now=now)
+    session = lone_client(policy, session_id=sid(9), now=now, switch_times=switch_times)
     for seq in (1, 2, 3):  # p2 answers its probes: a healthy candidate
         session.handle(ev.ProbeSent(path=P2, seq=seq), now=now)
         session.handle(ev.ProbeAcked(path=P2, seq=seq, gateway_version=1, gateway_bound_path=P1), now=now + 0.01)
@@ -321,6 +319,17 @@ def test_path_ids_are_stable_round_robin_and_bounded() -> None:
         ids.allocate(10_000)
     ids.free(1)
     assert ids.allocate(10_000) == PathId(1)
+
+
+def test_a_path_keeps_its_id_across_a_flap_and_loses_it_when_the_interface_goes() -> None:
+    ids = PathIds()
+    pid = ids.allocate(1, name="wlan0")
+    for reason in (DownReason.LINK_DOWN, DownReason.NO_ADDRESS, DownReason.NO_ROUTE, DownReason.READ_ERROR):
+        assert ids.path_down(1, reason) == pid and ids.get(1) == pid  # it will come back as itself
+    assert ids.path_down(1, DownReason.INTERFACE_GONE) == pid and ids.get(1) is None
+    assert ids.path_down(1, DownReason.INTERFACE_GONE) is None  # unknown now
+    other = ids.allocate(2, name="wwan0")
+    assert ids.path_down(2, DownReason.NOT_A_CANDIDATE) == other and len(ids) == 0
 
 
 def test_a_configured_interface_keeps_its_place_whenever_it_appears() -> None:

@@ -13,7 +13,8 @@ import errno
 import ipaddress
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 import trio_util
@@ -23,21 +24,29 @@ from jvpn_trio.core import wire
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.agent import Succession
 from jvpn_trio.core.ids import PathId, SessionId
-from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode, SessionState
 from jvpn_trio.drivers.agent import ClientAgent
 from jvpn_trio.drivers.client import ClientPath, RuntimeStatus
 from jvpn_trio.drivers.clock import SuspendDetector
-from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
-from jvpn_trio.drivers.memory import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
+from jvpn_trio.drivers.gateway import GatewayRuntime
+from jvpn_trio.drivers.memory import MemoryDatagramPort
 from jvpn_trio.drivers.ports import Address, DatagramPort
 from jvpn_trio.drivers.recording import Recorder
-from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.tools.audit import audit_events
 from jvpn_trio.tools.replay import OK, render_replay, replay_lines
+from tests.drivers.test_clock import MockKernel
+from tests.drivers.test_runtime_memory import (
+    GATEWAY,
+    GATEWAY_CONTROL,
+    TUNNEL,
+    MemoryWorld,
+    client_addr,
+    client_path,
+    ipv4_packet,
+    tap,
+)
 from tests.tools.test_replay import MemoryRecorder
-from tests.drivers.test_runtime_memory import GATEWAY, GATEWAY_CONTROL, TUNNEL, client_addr, ipv4_packet
 
 P1, P2, P3 = PathId(1), PathId(2), PathId(3)
 WALL_EPOCH_NS = 1_700_000_000_000_000_000
@@ -77,7 +86,7 @@ class FailingPort:
         raise AssertionError("unreachable")
 
 
-class AgentWorld:
+class AgentWorld(MemoryWorld):
     """One agent with three paths and a gateway that can be killed and started again."""
 
     def __init__(
@@ -88,17 +97,8 @@ class AgentWorld:
         initial: Sequence[int] = (1, 2, 3),
         suspend_detector: SuspendDetector | None = None,
     ) -> None:
-        self.policy = policy or Policy()
-        rng = random.Random(11)
-        self.random_bytes = lambda n: bytes(rng.getrandbits(8) for _ in range(n))
-        self.gw_static = generate_static(self.random_bytes)
-        self.cl_static = generate_static(self.random_bytes)
-        self.net = MemoryNetwork()
-        self.client_events: list[EmitEvent] = []
-        self.gateway_events: list[EmitEvent] = []
+        super().__init__(policy, seed=11)
         self.logs: list[str] = []
-        self.gw_packets = MemoryPacketPort()
-        self.cl_packets = MemoryPacketPort()
         self.addresses: list[ipaddress.IPv4Interface] = []
         self.memory_ports = {i: self.net.port(client_addr(i)) for i in (1, 2, 3)}
         self.path1 = FailingPort(self.memory_ports[1])
@@ -124,15 +124,7 @@ class AgentWorld:
         self.agent_returned = False
 
     def client_path(self, i: int, port: DatagramPort | None = None) -> ClientPath:
-        kinds = {1: "ethernet", 2: "wifi", 3: "lte"}
-        return ClientPath(
-            path=PathId(i),
-            name=f"if{i}",
-            kind=kinds[i],
-            priority=10 * i,
-            port=self.ports[i] if port is None else port,
-            gateway=GATEWAY,
-        )
+        return client_path(i, self.ports[i] if port is None else port)
 
     async def _set_address(self, address: ipaddress.IPv4Interface) -> None:
         self.addresses.append(address)
@@ -140,16 +132,7 @@ class AgentWorld:
     async def start_gateway(self, nursery: trio.Nursery) -> GatewayRuntime:
         """A new gateway process: same static key, same addresses, no memory of sessions."""
         self.net.blocked.difference_update({GATEWAY, GATEWAY_CONTROL})
-        gateway = GatewayRuntime(
-            policy=self.policy,
-            static=self.gw_static,
-            peers=[GatewayPeer(name="laptop", public=self.cl_static.public)],
-            tunnel=TUNNEL,
-            store=MemoryOwnershipStore(),
-            node_id="gw-test",
-            emit=self.gateway_events.append,
-            random_bytes=self.random_bytes,
-        )
+        gateway = self.new_gateway()
         scope = trio.CancelScope()
         done = trio.Event()
         data, control = self.net.port(GATEWAY), self.net.port(GATEWAY_CONTROL)
@@ -217,16 +200,22 @@ class AgentWorld:
 
 def handshake_inits(world: AgentWorld) -> list[tuple[float, Address]]:
     """(time, source) of every HANDSHAKE_INIT the network carries."""
-    sent: list[tuple[float, Address]] = []
-    original = world.net.deliver
+    return tap(world.net, wire.MessageType.HANDSHAKE_INIT, lambda _data, src, _dst: (trio.current_time(), src))
 
-    def tap(data: bytes, src: Address, dst: Address) -> None:
-        if data[:2] == bytes([wire.PROTOCOL_VERSION, wire.MessageType.HANDSHAKE_INIT]):
-            sent.append((trio.current_time(), src))
-        original(data, src, dst)
 
-    world.net.deliver = tap  # type: ignore[method-assign]
-    return sent
+@asynccontextmanager
+async def running(world: AgentWorld, *, within: float, gateway: bool = True) -> AsyncIterator[trio.Nursery]:
+    """The gateway (unless ``gateway`` is False) and the agent in a nursery that is cancelled when the block ends.
+
+    All of it must finish within ``within`` virtual seconds.
+    """
+    with trio.fail_after(within):
+        async with trio.open_nursery() as nursery:
+            if gateway:
+                await world.start_gateway(nursery)
+            await world.start_agent(nursery)
+            yield nursery
+            nursery.cancel_scope.cancel()
 
 
 def session_of(status: RuntimeStatus) -> SessionId:
@@ -239,29 +228,25 @@ def session_of(status: RuntimeStatus) -> SessionId:
 
 async def test_a_restarted_gateway_gets_a_new_session_within_ten_seconds(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            await world.data_flows()
-            await world.kill_gateway()
-            await trio.sleep(5.0)
-            await world.start_gateway(nursery)
-            back_at = trio.current_time()
-            second = session_of(await world.wait_attached(2))
-            await world.data_flows()
-            took = trio.current_time() - back_at
-            assert took <= 10.0
-            assert second != first and not world.agent_returned
-            birth = world.births()[-1]
-            assert birth.session == second.hex and birth.detail("previous_session") == first.hex
-            # The gateway lost the old session, so a rescue replaced it explicitly.
-            end = world.final_state_change(first)
-            assert (end.detail("to_state"), end.reason) == ("TERMINATED", ReasonCode.LOCAL_CLOSE)
-            assert world.agent.statistics().rescues == 1
-            assert world.addresses == [ipaddress.IPv4Interface("10.66.0.2/24")]  # set once: it did not change
-            nursery.cancel_scope.cancel()
+    async with running(world, within=60) as nursery:
+        first = session_of(await world.wait_attached(1))
+        await world.data_flows()
+        await world.kill_gateway()
+        await trio.sleep(5.0)
+        await world.start_gateway(nursery)
+        back_at = trio.current_time()
+        second = session_of(await world.wait_attached(2))
+        await world.data_flows()
+        took = trio.current_time() - back_at
+        assert took <= 10.0
+        assert second != first and not world.agent_returned
+        birth = world.births()[-1]
+        assert birth.session == second.hex and birth.detail("previous_session") == first.hex
+        # The gateway lost the old session, so a rescue replaced it explicitly.
+        end = world.final_state_change(first)
+        assert (end.detail("to_state"), end.reason) == ("TERMINATED", ReasonCode.LOCAL_CLOSE)
+        assert world.agent.statistics().rescues == 1
+        assert world.addresses == [ipaddress.IPv4Interface("10.66.0.2/24")]  # set once: it did not change
     print(f"gateway back -> data on a new session: {took:.3f} s (virtual)")
 
 
@@ -271,33 +256,29 @@ async def test_a_restarted_gateway_gets_a_new_session_within_ten_seconds(autojum
 async def test_all_paths_down_past_the_ttl_then_one_returns(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld()
     ttl_s = world.policy.transport_loss_ttl_ms / 1000.0
-    with trio.fail_after(120):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            down_at = trio.current_time()
-            world.net.blocked.update(client_addr(i) for i in (1, 2, 3))
-            for path in (P1, P2, P3):
-                world.agent.submit_nowait(ev.LinkChanged(path=path, up=False))
-            await trio.sleep(ttl_s + 5.0)
-            end = world.final_state_change(first)
-            assert end.detail("to_state") == "TERMINATED"
-            assert end.reason in (ReasonCode.TRANSPORT_LOSS_TTL_EXPIRED, ReasonCode.LOCAL_CLOSE)
-            assert end.t - down_at <= ttl_s + 1.0
-            status = world.agent.status.value
-            assert status is not None and status.snapshot is None and status.sessions_started == 1  # CONNECTING
-            back_at = trio.current_time()
-            world.net.blocked.discard(client_addr(2))
-            world.agent.submit_nowait(ev.LinkChanged(path=P2, up=True))
-            second = session_of(await world.wait_attached(2))
-            recovered = trio.current_time() - back_at
-            await world.data_flows()
-            assert world.agent.sessions_started == 2 and not world.agent_returned
-            assert recovered <= world.policy.reconnect_max_ms / 1000.0 + world.policy.handshake_retry_ms / 1000.0
-            assert world.births()[-1].detail("previous_session") == first.hex
-            assert second != first
-            nursery.cancel_scope.cancel()
+    async with running(world, within=120):
+        first = session_of(await world.wait_attached(1))
+        down_at = trio.current_time()
+        world.net.blocked.update(client_addr(i) for i in (1, 2, 3))
+        for path in (P1, P2, P3):
+            world.agent.submit_nowait(ev.LinkChanged(path=path, up=False))
+        await trio.sleep(ttl_s + 5.0)
+        end = world.final_state_change(first)
+        assert end.detail("to_state") == "TERMINATED"
+        assert end.reason in (ReasonCode.TRANSPORT_LOSS_TTL_EXPIRED, ReasonCode.LOCAL_CLOSE)
+        assert end.t - down_at <= ttl_s + 1.0
+        status = world.agent.status.value
+        assert status is not None and status.snapshot is None and status.sessions_started == 1  # CONNECTING
+        back_at = trio.current_time()
+        world.net.blocked.discard(client_addr(2))
+        world.agent.submit_nowait(ev.LinkChanged(path=P2, up=True))
+        second = session_of(await world.wait_attached(2))
+        recovered = trio.current_time() - back_at
+        await world.data_flows()
+        assert world.agent.sessions_started == 2 and not world.agent_returned
+        assert recovered <= world.policy.reconnect_max_ms / 1000.0 + world.policy.handshake_retry_ms / 1000.0
+        assert world.births()[-1].detail("previous_session") == first.hex
+        assert second != first
     print(f"all paths down {ttl_s + 5.0:.0f} s, one back -> new session attached: {recovered:.3f} s (virtual)")
 
 
@@ -306,15 +287,7 @@ async def test_all_paths_down_past_the_ttl_then_one_returns(autojump_clock: trio
 
 async def test_forged_and_garbage_packets_change_no_session(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld()
-    inits: list[tuple[bytes, Address]] = []
-    original = world.net.deliver
-
-    def tap(data: bytes, src: Address, dst: Address) -> None:
-        if data[:2] == bytes([wire.PROTOCOL_VERSION, wire.MessageType.HANDSHAKE_INIT]):
-            inits.append((data, src))
-        original(data, src, dst)
-
-    world.net.deliver = tap  # type: ignore[method-assign]
+    inits = tap(world.net, wire.MessageType.HANDSHAKE_INIT, lambda data, src, _dst: (data, src))
     rng = random.Random(5)
 
     def forge_response(init: bytes) -> bytes:
@@ -342,28 +315,24 @@ async def test_forged_and_garbage_packets_change_no_session(autojump_clock: trio
         for data, src in inits[-3:]:
             spoof(forge_response(data), GATEWAY_CONTROL, src)
 
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            attack()  # while bound
+    async with running(world, within=60):
+        first = session_of(await world.wait_attached(1))
+        attack()  # while bound
+        await trio.sleep(1.0)
+        await world.kill_gateway()
+        await trio.sleep(5.0)  # unbound, past rescue_at: a rescue round is sending inits now
+        assert inits and inits[-1][0] != inits[0][0]
+        for _ in range(10):  # answer every rescue init with a forgery, for 10 s
+            attack()
             await trio.sleep(1.0)
-            await world.kill_gateway()
-            await trio.sleep(5.0)  # unbound, past rescue_at: a rescue round is sending inits now
-            assert inits and inits[-1][0] != inits[0][0]
-            for _ in range(10):  # answer every rescue init with a forgery, for 10 s
-                attack()
-                await trio.sleep(1.0)
-            assert world.agent.sessions_started == 1 and world.agent.session is not None
-            assert world.agent.session.record.session_id == first
-            assert world.agent.session.record.state is not SessionState.TERMINATED
-            stats = world.agent.statistics()
-            assert stats.rescues == 0
-            assert stats.handshake.get(ReasonCode.BAD_MAC, 0) > 0  # forged answers to live inits: refused
-            assert stats.drop.get(ReasonCode.MALFORMED, 0) > 0  # garbage: dropped
-            assert [e for e in world.client_events if e.session != first.hex] == []
-            nursery.cancel_scope.cancel()
+        assert world.agent.sessions_started == 1 and world.agent.session is not None
+        assert world.agent.session.record.session_id == first
+        assert world.agent.session.record.state is not SessionState.TERMINATED
+        stats = world.agent.statistics()
+        assert stats.rescues == 0
+        assert stats.handshake.get(ReasonCode.BAD_MAC, 0) > 0  # forged answers to live inits: refused
+        assert stats.drop.get(ReasonCode.MALFORMED, 0) > 0  # garbage: dropped
+        assert [e for e in world.client_events if e.session != first.hex] == []
 
 
 # -- (d) a path's interface is deleted ------------------------------------------------------------------
@@ -371,30 +340,26 @@ async def test_forged_and_garbage_packets_change_no_session(autojump_clock: trio
 
 async def test_a_socket_error_takes_the_path_down_not_the_agent(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            assert world.agent.runtime is not None and world.agent.runtime.active_path is not None
-            assert world.agent.runtime.active_path.path == P1
-            deleted_at = trio.current_time()
-            world.path1.delete_interface()
-            await trio.sleep(5.0)
-            runtime = world.agent.runtime
-            assert runtime is not None and runtime.active_path is not None and runtime.active_path.path in (P2, P3)
-            assert runtime.link_up[P1] is False
-            stats = world.agent.statistics()
-            assert stats.path_errors["ENODEV"] >= 5  # the receiver retried once a second, and every send failed
-            assert len(world.logs) == 1 and "if1" in world.logs[0] and "ENODEV" in world.logs[0]
-            switch = [e for e in world.client_events if e.kind is EventKind.TRANSPORT_SWITCH][-1]
-            assert switch.reason is ReasonCode.LINK_DOWN and switch.detail("to_path") == str(runtime.active_path.path)
-            assert switch.t - deleted_at <= world.policy.reattach_timeout_ms / 1000.0
-            assert world.agent.sessions_started == 1 and world.agent.session is not None
-            assert world.agent.session.record.session_id == first
-            await world.data_flows()
-            assert not world.agent_returned
-            nursery.cancel_scope.cancel()
+    async with running(world, within=60):
+        first = session_of(await world.wait_attached(1))
+        assert world.agent.runtime is not None and world.agent.runtime.active_path is not None
+        assert world.agent.runtime.active_path.path == P1
+        deleted_at = trio.current_time()
+        world.path1.delete_interface()
+        await trio.sleep(5.0)
+        runtime = world.agent.runtime
+        assert runtime is not None and runtime.active_path is not None and runtime.active_path.path in (P2, P3)
+        assert runtime.link_up[P1] is False
+        stats = world.agent.statistics()
+        assert stats.path_errors["ENODEV"] >= 5  # the receiver retried once a second, and every send failed
+        assert len(world.logs) == 1 and "if1" in world.logs[0] and "ENODEV" in world.logs[0]
+        switch = [e for e in world.client_events if e.kind is EventKind.TRANSPORT_SWITCH][-1]
+        assert switch.reason is ReasonCode.LINK_DOWN and switch.detail("to_path") == str(runtime.active_path.path)
+        assert switch.t - deleted_at <= world.policy.reattach_timeout_ms / 1000.0
+        assert world.agent.sessions_started == 1 and world.agent.session is not None
+        assert world.agent.session.record.session_id == first
+        await world.data_flows()
+        assert not world.agent_returned
 
 
 # -- (e) the back-off between handshake rounds ---------------------------------------------------------------
@@ -424,15 +389,12 @@ def test_the_expected_spacing_is_bounded_exponential() -> None:
 async def test_handshake_rounds_back_off_as_the_succession_says(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld()
     sent = handshake_inits(world)  # no gateway at all
-    with trio.fail_after(120):
-        async with trio.open_nursery() as nursery:
-            start = trio.current_time()
-            await world.start_agent(nursery)
-            await trio.sleep(63.5)
-            status = world.agent.status.value
-            assert status is not None and status.snapshot is None and status.sessions_started == 0
-            assert not world.agent_returned
-            nursery.cancel_scope.cancel()
+    start = trio.current_time()
+    async with running(world, within=120, gateway=False):
+        await trio.sleep(63.5)
+        status = world.agent.status.value
+        assert status is not None and status.snapshot is None and status.sessions_started == 0
+        assert not world.agent_returned
     assert [round(t - start, 6) for t, _src in sent] == expected_inits(world.policy, paths=3, rounds=9)
     assert [src for _t, src in sent[:6]] == [client_addr(i) for i in (1, 2, 3, 1, 2, 3)]
     assert world.agent.statistics().handshake_sent == len(sent)
@@ -440,15 +402,12 @@ async def test_handshake_rounds_back_off_as_the_succession_says(autojump_clock: 
 
 async def test_packets_from_the_tun_between_sessions_are_dropped_and_counted(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld()
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await world.start_agent(nursery)
-            await trio.sleep(0.5)
-            for n in range(3):
-                world.cl_packets.inject(ipv4_packet("10.66.0.2", "10.66.0.1", bytes([n])))
-            await trio.sleep(0.1)
-            assert world.agent.statistics().tx_dropped_unbound == 3
-            nursery.cancel_scope.cancel()
+    async with running(world, within=30, gateway=False):
+        await trio.sleep(0.5)
+        for n in range(3):
+            world.cl_packets.inject(ipv4_packet("10.66.0.2", "10.66.0.1", bytes([n])))
+        await trio.sleep(0.1)
+        assert world.agent.statistics().tx_dropped_unbound == 3
 
 
 # -- (f) the whole life of the agent passes the event-log audit ---------------------------------------------
@@ -456,24 +415,20 @@ async def test_packets_from_the_tun_between_sessions_are_dropped_and_counted(aut
 
 async def test_the_event_log_across_sessions_passes_the_audit(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld()
-    with trio.fail_after(150):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            await world.wait_attached(1)
-            await world.kill_gateway()  # a rescue replaces session 1
-            await trio.sleep(5.0)
-            await world.start_gateway(nursery)
-            await world.wait_attached(2)
-            world.net.blocked.update(client_addr(i) for i in (1, 2, 3))  # session 2 ends by its TTL or a rescue
-            await trio.sleep(world.policy.transport_loss_ttl_ms / 1000.0 + 5.0)
-            world.net.blocked.clear()
-            await world.wait_attached(3)
-            world.agent.close_nowait()
-            with trio.fail_after(5):
-                while not world.agent_returned:
-                    await trio.sleep(0.1)
-            nursery.cancel_scope.cancel()
+    async with running(world, within=150) as nursery:
+        await world.wait_attached(1)
+        await world.kill_gateway()  # a rescue replaces session 1
+        await trio.sleep(5.0)
+        await world.start_gateway(nursery)
+        await world.wait_attached(2)
+        world.net.blocked.update(client_addr(i) for i in (1, 2, 3))  # session 2 ends by its TTL or a rescue
+        await trio.sleep(world.policy.transport_loss_ttl_ms / 1000.0 + 5.0)
+        world.net.blocked.clear()
+        await world.wait_attached(3)
+        world.agent.close_nowait()
+        with trio.fail_after(5):
+            while not world.agent_returned:
+                await trio.sleep(0.1)
     sessions = {e.session for e in world.client_events}
     assert len(sessions) == 3
     report = audit_events(world.client_events, policy=world.policy, role="client")
@@ -491,19 +446,15 @@ async def test_a_recorded_chain_of_sessions_replays_with_its_seeds(autojump_cloc
     """Each session's start line carries its seed, so the trace of a rescue replays identically."""
     recorder = MemoryRecorder()
     world = AgentWorld(recorder=recorder)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            await world.kill_gateway()
-            await trio.sleep(5.0)
-            await world.start_gateway(nursery)
-            await world.wait_attached(2)
-            world.agent.close_nowait()
-            await trio.sleep(1.0)
-            assert world.agent_returned
-            nursery.cancel_scope.cancel()
+    async with running(world, within=60) as nursery:
+        first = session_of(await world.wait_attached(1))
+        await world.kill_gateway()
+        await trio.sleep(5.0)
+        await world.start_gateway(nursery)
+        await world.wait_attached(2)
+        world.agent.close_nowait()
+        await trio.sleep(1.0)
+        assert world.agent_returned
     starts = [json.loads(line) for line in recorder.lines if '"start"' in line]
     assert [s.get("previous_session") for s in starts] == [None, first.hex]
     result = replay_lines(recorder.lines)
@@ -522,169 +473,121 @@ async def test_a_path_added_mid_session_is_probed_and_takes_over_when_the_active
     autojump_clock: trio.abc.Clock,
 ) -> None:
     world = AgentWorld(initial=(1,))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            assert world.agent.add_path(world.client_path(2))
-            assert not world.agent.add_path(world.client_path(2))  # its id is taken
-            added_at = trio.current_time()
-            await trio.sleep(2.0)
-            status = world.agent.status.value
-            assert status is not None and status.snapshot is not None
-            p2 = [p for p in status.snapshot.paths if p.path == P2][0]
-            assert p2.stats.probes_acked > 0  # probed, and the gateway answered
-            assert (P2, "if2", "wifi") in status.paths
-            health = [e for e in world.client_events if e.kind is EventKind.PATH_HEALTH and e.detail("path") == "p2"]
-            assert health and health[0].t - added_at <= world.policy.probe_interval_ms / 1000.0
-            removed = world.agent.remove_path(P1)
-            assert removed is not None and removed.name == "if1"
-            removed_at = trio.current_time()
-            await trio.sleep(1.0)
-            switch = switches(world)[-1]
-            assert (switch.reason, switch.detail("from_path"), switch.detail("to_path")) == (
-                ReasonCode.LINK_DOWN, "p1", "p2"
-            )
-            assert switch.t - removed_at <= world.policy.reattach_timeout_ms / 1000.0
-            assert world.agent.session is not None and world.agent.session.record.session_id == first
-            status = world.agent.status.value
-            assert status is not None and status.snapshot is not None
-            assert [p.path for p in status.snapshot.paths] == [P2] and [p[0] for p in status.paths] == [P2]
-            await world.data_flows()
-            assert not world.agent_returned and world.agent.sessions_started == 1
-            nursery.cancel_scope.cancel()
+    async with running(world, within=60):
+        first = session_of(await world.wait_attached(1))
+        assert world.agent.add_path(world.client_path(2))
+        assert not world.agent.add_path(world.client_path(2))  # its id is taken
+        added_at = trio.current_time()
+        await trio.sleep(2.0)
+        status = world.agent.status.value
+        assert status is not None and status.snapshot is not None
+        p2 = [p for p in status.snapshot.paths if p.path == P2][0]
+        assert p2.stats.probes_acked > 0  # probed, and the gateway answered
+        assert (P2, "if2", "wifi") in status.paths
+        health = [e for e in world.client_events if e.kind is EventKind.PATH_HEALTH and e.detail("path") == "p2"]
+        assert health and health[0].t - added_at <= world.policy.probe_interval_ms / 1000.0
+        removed = world.agent.remove_path(P1)
+        assert removed is not None and removed.name == "if1"
+        removed_at = trio.current_time()
+        await trio.sleep(1.0)
+        switch = switches(world)[-1]
+        assert (switch.reason, switch.detail("from_path"), switch.detail("to_path")) == (
+            ReasonCode.LINK_DOWN, "p1", "p2"
+        )
+        assert switch.t - removed_at <= world.policy.reattach_timeout_ms / 1000.0
+        assert world.agent.session is not None and world.agent.session.record.session_id == first
+        status = world.agent.status.value
+        assert status is not None and status.snapshot is not None
+        assert [p.path for p in status.snapshot.paths] == [P2] and [p[0] for p in status.paths] == [P2]
+        await world.data_flows()
+        assert not world.agent_returned and world.agent.sessions_started == 1
 
 
 async def test_an_agent_without_paths_waits_then_connects_when_one_appears(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld(initial=())
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            await trio.sleep(10.0)
-            assert world.agent.sessions_started == 0 and world.agent.statistics().handshake_sent == 0
-            world.agent.add_path(world.client_path(3))
-            await world.wait_attached(1)
-            await world.data_flows()
-            # Removing the only path: the session loses its binding, nothing crashes.
-            world.agent.remove_path(PathId(3))
-            await trio.sleep(1.0)
-            assert world.agent.session is not None and world.agent.session.record.binding is None
-            world.agent.add_path(world.client_path(2))
-            await world.wait_attached(1) if world.agent.sessions_started == 1 else None
-            await world.data_flows()
-            assert not world.agent_returned
-            nursery.cancel_scope.cancel()
+    async with running(world, within=60):
+        await trio.sleep(10.0)
+        assert world.agent.sessions_started == 0 and world.agent.statistics().handshake_sent == 0
+        world.agent.add_path(world.client_path(3))
+        await world.wait_attached(1)
+        await world.data_flows()
+        # Removing the only path: the session loses its binding, nothing crashes.
+        world.agent.remove_path(PathId(3))
+        await trio.sleep(1.0)
+        assert world.agent.session is not None and world.agent.session.record.binding is None
+        world.agent.add_path(world.client_path(2))
+        await world.wait_attached(1) if world.agent.sessions_started == 1 else None
+        await world.data_flows()
+        assert not world.agent_returned
 
 
 async def test_a_new_address_on_the_active_path_reattaches_on_it(autojump_clock: trio.abc.Clock) -> None:
     world = AgentWorld(initial=(1, 2))
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            await trio.sleep(1.0)
-            new_port = world.net.port(("198.51.100.201", 40201))  # DHCP gave if1 another address
-            old = world.agent.readdress_path(world.client_path(1, port=new_port))
-            assert old is not None and old.port is world.path1
-            changed_at = trio.current_time()
-            await trio.sleep(1.0)
-            switch = switches(world)[-1]
-            assert (switch.reason, switch.detail("from_path"), switch.detail("to_path")) == (
-                ReasonCode.ENDPOINT_CHANGED, "p1", "p1"
-            )
-            assert switch.t - changed_at <= world.policy.reattach_timeout_ms / 1000.0
-            assert world.gateway is not None
-            gw_switch = [e for e in world.gateway_events if e.kind is EventKind.TRANSPORT_SWITCH][-1]
-            assert gw_switch.reason is ReasonCode.REATTACH_CONFIRMED and gw_switch.t >= changed_at
-            assert world.agent.session is not None and world.agent.session.record.session_id == first
-            await world.data_flows()
-            nursery.cancel_scope.cancel()
+    async with running(world, within=60):
+        first = session_of(await world.wait_attached(1))
+        await trio.sleep(1.0)
+        new_port = world.net.port(("198.51.100.201", 40201))  # DHCP gave if1 another address
+        old = world.agent.readdress_path(world.client_path(1, port=new_port))
+        assert old is not None and old.port is world.path1
+        changed_at = trio.current_time()
+        await trio.sleep(1.0)
+        switch = switches(world)[-1]
+        assert (switch.reason, switch.detail("from_path"), switch.detail("to_path")) == (
+            ReasonCode.ENDPOINT_CHANGED, "p1", "p1"
+        )
+        assert switch.t - changed_at <= world.policy.reattach_timeout_ms / 1000.0
+        assert world.gateway is not None
+        gw_switch = [e for e in world.gateway_events if e.kind is EventKind.TRANSPORT_SWITCH][-1]
+        assert gw_switch.reason is ReasonCode.REATTACH_CONFIRMED and gw_switch.t >= changed_at
+        assert world.agent.session is not None and world.agent.session.record.session_id == first
+        await world.data_flows()
 
 
 # -- (i) suspend ---------------------------------------------------------------------------------------
 
 
-class JumpingKernel:
-    """CLOCK_BOOTTIME and CLOCK_MONOTONIC on the virtual clock; :meth:`suspend` moves boottime only."""
-
-    def __init__(self) -> None:
-        self.slept = 0.0
-
-    def monotonic(self) -> float:
-        return trio.current_time()
-
-    def boottime(self) -> float:
-        return trio.current_time() + self.slept
-
-    def suspend(self, seconds: float) -> None:
-        self.slept += seconds
-
-
 async def test_a_long_suspend_starts_a_new_session_at_once(autojump_clock: trio.abc.Clock) -> None:
     """The gateway forgot the session while the laptop slept: a rescue at the resume, not after the TTL."""
-    kernel = JumpingKernel()
+    kernel = MockKernel()
     detector = SuspendDetector(read_boottime=kernel.boottime, read_monotonic=kernel.monotonic)
     world = AgentWorld(suspend_detector=detector)
     inits = handshake_inits(world)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            await world.kill_gateway()
-            await world.start_gateway(nursery)  # it restarted while we slept: it knows no session
-            kernel.suspend(1_800.0)
-            await trio.sleep(detector.interval_s)
-            resumed_at = trio.current_time()
-            second = session_of(await world.wait_attached(2))
-            took = trio.current_time() - resumed_at
-            assert [t for t, _src in inits if t >= resumed_at] == [resumed_at]  # the rescue left at the resume
-            assert second != first
-            assert took < world.policy.probe_interval_ms * world.policy.dead_after_missed_probes / 1000.0
-            assert [round(r.suspended_for_s) for r in world.agent.resumes] == [1_800]
-            end = world.final_state_change(first)
-            assert (end.detail("to_state"), end.reason) == ("TERMINATED", ReasonCode.LOCAL_CLOSE)
-            await world.data_flows()
-            nursery.cancel_scope.cancel()
+    async with running(world, within=60) as nursery:
+        first = session_of(await world.wait_attached(1))
+        await world.kill_gateway()
+        await world.start_gateway(nursery)  # it restarted while we slept: it knows no session
+        kernel.suspend(1_800.0)
+        await trio.sleep(detector.interval_s)
+        resumed_at = trio.current_time()
+        second = session_of(await world.wait_attached(2))
+        took = trio.current_time() - resumed_at
+        assert [t for t, _src in inits if t >= resumed_at] == [resumed_at]  # the rescue left at the resume
+        assert second != first
+        assert took < world.policy.probe_interval_ms * world.policy.dead_after_missed_probes / 1000.0
+        assert [round(r.suspended_for_s) for r in world.agent.resumes] == [1_800]
+        end = world.final_state_change(first)
+        assert (end.detail("to_state"), end.reason) == ("TERMINATED", ReasonCode.LOCAL_CLOSE)
+        await world.data_flows()
     print(f"resume -> new session: {took:.3f} s (virtual)")
 
 
 def probe_sends(world: AgentWorld) -> list[tuple[float, Address]]:
     """(time, source) of every PROBE the network carries."""
-    sent: list[tuple[float, Address]] = []
-    original = world.net.deliver
-
-    def tap(data: bytes, src: Address, dst: Address) -> None:
-        try:
-            if wire.peek_type_untrusted(data) is wire.MessageType.PROBE:
-                sent.append((trio.current_time(), src))
-        except wire.BadFrame:
-            pass
-        original(data, src, dst)
-
-    world.net.deliver = tap  # type: ignore[method-assign]
-    return sent
+    return tap(world.net, wire.MessageType.PROBE, lambda _data, src, _dst: (trio.current_time(), src))
 
 
 async def test_a_short_suspend_probes_every_path_at_once(autojump_clock: trio.abc.Clock) -> None:
-    kernel = JumpingKernel()
+    kernel = MockKernel()
     detector = SuspendDetector(read_boottime=kernel.boottime, read_monotonic=kernel.monotonic)
     world = AgentWorld(suspend_detector=detector)
     probes = probe_sends(world)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await world.start_gateway(nursery)
-            await world.start_agent(nursery)
-            first = session_of(await world.wait_attached(1))
-            await trio.sleep(0.05)  # off the probe schedule
-            kernel.suspend(5.0)
-            await trio.sleep(detector.interval_s)
-            noticed = world.agent.resumes[-1].at
-            await trio.sleep(0.001)
-            at_resume = {src for t, src in probes if t == noticed}
-            assert at_resume == {client_addr(i) for i in (1, 2, 3)}
-            assert world.agent.sessions_started == 1 and session_of(await world.wait_attached(1)) == first
-            nursery.cancel_scope.cancel()
+    async with running(world, within=60):
+        first = session_of(await world.wait_attached(1))
+        await trio.sleep(0.05)  # off the probe schedule
+        kernel.suspend(5.0)
+        await trio.sleep(detector.interval_s)
+        noticed = world.agent.resumes[-1].at
+        await trio.sleep(0.001)
+        at_resume = {src for t, src in probes if t == noticed}
+        assert at_resume == {client_addr(i) for i in (1, 2, 3)}
+        assert world.agent.sessions_started == 1 and session_of(await world.wait_attached(1)) == first

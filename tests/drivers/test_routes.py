@@ -29,6 +29,7 @@ import trio
 from pyroute2 import NetlinkError
 
 from jvpn_trio.drivers import routes
+from jvpn_trio.drivers.log import LineLimiter
 from jvpn_trio.drivers.routes import (
     PATH_RULE_PRIORITY,
     SUPPRESS_RULE_PRIORITY,
@@ -39,9 +40,9 @@ from jvpn_trio.drivers.routes import (
     RouteError,
     RoutingStatistics,
     RuleEntry,
+    TunAddress,
     TunnelRoutes,
     _delete_all,
-    _LineLimiter,
     _rule_args,
     check_routing_plan,
     install_path_route,
@@ -50,7 +51,6 @@ from jvpn_trio.drivers.routes import (
     remove_path_route,
     remove_tunnel_routes,
     set_tun_address,
-    TunAddress,
 )
 from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
 from tests.netns import requires_lab
@@ -231,7 +231,7 @@ async def test_invalid_plan_fails_before_touching_anything(monkeypatch: pytest.M
 
 
 def test_line_limiter_holds_back_repeats_per_key_within_the_interval() -> None:
-    limiter = _LineLimiter(10.0)
+    limiter = LineLimiter(10.0)
     wifi, lte = ("wlan0", "install"), ("lte0", "install")
     assert limiter.admit(wifi, 0.0) == 0
     assert limiter.admit(lte, 1.0) == 0  # another path: its own interval

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 import random
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 import attrs
 import pytest
@@ -17,13 +19,20 @@ import trio
 from jvpn_trio.core import events as ev
 from jvpn_trio.core import wire
 from jvpn_trio.core.actions import EmitEvent, EventKind
-from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.ids import PathId
+from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode, SessionState
-from jvpn_trio.drivers.client import ClientPath, ClientRuntime, ClientStatistics, HandshakeFailed, _Tally
+from jvpn_trio.drivers.client import (
+    ClientPath,
+    ClientRuntime,
+    ClientStatistics,
+    HandshakeFailed,
+    _Tally,
+)
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.memory import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
+from jvpn_trio.drivers.ports import Address, DatagramPort
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 
 GATEWAY = ("192.0.2.1", 51820)
@@ -44,10 +53,23 @@ def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
     return header + payload
 
 
-class World:
-    def __init__(self, policy: Policy | None = None, links: dict[int, bool] | None = None) -> None:
+KINDS = {1: "ethernet", 2: "wifi", 3: "lte"}
+Row = TypeVar("Row")
+
+
+def client_path(i: int, port: DatagramPort, *, link_up: bool = True) -> ClientPath:
+    """The laptop's path ``i`` (1..3): interface ``if<i>``, priority ``10 * i``, towards GATEWAY."""
+    return ClientPath(
+        path=PathId(i), name=f"if{i}", kind=KINDS[i], priority=10 * i, port=port, gateway=GATEWAY, link_up=link_up
+    )
+
+
+class MemoryWorld:
+    """What every in-memory test world has: seeded keys, the network, both TUNs and both event logs."""
+
+    def __init__(self, policy: Policy | None, *, seed: int) -> None:
         self.policy = policy or Policy()
-        rng = random.Random(7)
+        rng = random.Random(seed)
         self.random_bytes = lambda n: bytes(rng.getrandbits(8) for _ in range(n))
         self.gw_static = generate_static(self.random_bytes)
         self.cl_static = generate_static(self.random_bytes)
@@ -56,7 +78,10 @@ class World:
         self.gateway_events: list[EmitEvent] = []
         self.gw_packets = MemoryPacketPort()
         self.cl_packets = MemoryPacketPort()
-        self.gateway = GatewayRuntime(
+
+    def new_gateway(self) -> GatewayRuntime:
+        """A gateway process that knows the laptop's key (and no session yet)."""
+        return GatewayRuntime(
             policy=self.policy,
             static=self.gw_static,
             peers=[GatewayPeer(name="laptop", public=self.cl_static.public)],
@@ -66,17 +91,35 @@ class World:
             emit=self.gateway_events.append,
             random_bytes=self.random_bytes,
         )
+
+
+def tap(net: MemoryNetwork, msg_type: wire.MessageType, row: Callable[[bytes, Address, Address], Row]) -> list[Row]:
+    """``row(data, src, dst)`` of every ``msg_type`` datagram the network carries, taken as it is sent."""
+    rows: list[Row] = []
+    original = net.deliver
+
+    def deliver(data: bytes, src: Address, dst: Address) -> None:
+        try:
+            if wire.peek_type_untrusted(data) is msg_type:
+                rows.append(row(data, src, dst))
+        except wire.BadFrame:
+            pass
+        original(data, src, dst)
+
+    net.deliver = deliver  # type: ignore[method-assign]
+    return rows
+
+
+class World(MemoryWorld):
+    def __init__(self, policy: Policy | None = None, links: dict[int, bool] | None = None) -> None:
+        super().__init__(policy, seed=7)
+        self.gateway = self.new_gateway()
         self.ports: dict[int, MemoryDatagramPort] = {i: self.net.port(client_addr(i)) for i in (1, 2, 3)}
-        kinds = {1: "ethernet", 2: "wifi", 3: "lte"}
         self.client = ClientRuntime(
             policy=self.policy,
             static=self.cl_static,
             gateway_public=self.gw_static.public,
-            paths=[
-                ClientPath(path=PathId(i), name=f"if{i}", kind=kinds[i], priority=10 * i, port=self.ports[i],
-                           gateway=GATEWAY, link_up=(links or {}).get(i, True))
-                for i in (1, 2, 3)
-            ],
+            paths=[client_path(i, self.ports[i], link_up=(links or {}).get(i, True)) for i in (1, 2, 3)],
             emit=self.client_events.append,
             packets=self.cl_packets,
             set_address=self.set_address,
@@ -254,18 +297,9 @@ async def test_nat_rebinding_is_followed_by_an_explicit_reattach(autojump_clock:
             nursery.cancel_scope.cancel()
 
 
-def handshake_inits(world: World) -> list[tuple[float, tuple[str, int], tuple[str, int]]]:
+def handshake_inits(world: World) -> list[tuple[float, Address, Address]]:
     """Record (time, from, to) of every HANDSHAKE_INIT the network carries."""
-    sent: list[tuple[float, tuple[str, int], tuple[str, int]]] = []
-    original = world.net.deliver
-
-    def tap(data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
-        if data[:2] == bytes([wire.PROTOCOL_VERSION, wire.MessageType.HANDSHAKE_INIT]):
-            sent.append((trio.current_time(), src, dst))
-        original(data, src, dst)
-
-    world.net.deliver = tap  # type: ignore[method-assign]
-    return sent
+    return tap(world.net, wire.MessageType.HANDSHAKE_INIT, lambda _data, src, dst: (trio.current_time(), src, dst))
 
 
 async def test_handshake_skips_down_links_and_gives_up_at_the_ttl(autojump_clock: trio.abc.Clock) -> None:
