@@ -13,13 +13,11 @@ Classification rule order (:func:`classify`, first match wins)
    ``lte``, ``wwan``, ``ww`` -> ``"lte"``.
 5. Anything else -> ``"ethernet"``.
 
-Candidate selection (:func:`select_candidates`)
-------------------------------------------------
-An interface is a candidate path when it is up (:func:`~jvpn_trio.drivers.netlink.link_is_up`),
-has at least one IPv4 address, is not loopback, is not named in ``exclude``
-(the tunnel's own TUN goes there), is not enslaved to a master device (bridge
-or bond ports: the master carries the address) and is not of a virtual kind
-listed in :data:`SKIPPED_LINK_KINDS`:
+Link classes (:func:`link_class`)
+---------------------------------
+Which links may carry a path is decided in ``core/candidates.py`` from each link's
+class: loopback, a port enslaved to a master device (bridge or bond ports: the
+master carries the address), and these kinds never do:
 
 * ``bridge``: docker0, virbr0, lxcbr0 hold host-only networks, not uplinks;
 * ``tun``: every TUN/TAP, ours and other VPNs' (routing our UDP into another
@@ -28,8 +26,9 @@ listed in :data:`SKIPPED_LINK_KINDS`:
   ``vti``, ``ip6tnl``, ``vxlan``, ``geneve``): same reason;
 * ``dummy``, ``ifb``, ``vrf``: never carry traffic out of the host.
 
-``veth``, ``vlan``, ``bond``, ``team`` and ``macvlan`` stay: they are real
-uplinks on some hosts, and the lab builds its paths from veth pairs.
+``veth``, ``vlan``, ``bond``, ``team`` and ``macvlan`` may: they are real
+uplinks on some hosts, and the lab builds its paths from veth pairs (a veth
+counts only when a ``[[path]]`` rule names it).
 
 The path manager's snapshot (:func:`read_machine_snapshot`)
 -----------------------------------------------------------
@@ -53,7 +52,7 @@ addresses raises.
 The kind of a link comes from rtnetlink (``IFLA_INFO_KIND``), which is correct
 inside any namespace.  sysfs is not: ``/sys/class/net`` shows the namespace of
 whoever mounted ``/sys``.  ``ip netns exec`` remounts it, so the daemon's main
-path is right; with ``discover(netns=NAME)`` from outside, classification
+path is right; with ``read_machine_snapshot(..., netns=NAME)`` from outside, classification
 falls back to names for interfaces sysfs does not show and may read the wrong
 device when a same-named interface exists where ``/sys`` was mounted.
 """
@@ -63,7 +62,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import AbstractSet, Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import attrs
 import trio
@@ -84,10 +83,7 @@ from jvpn_trio.core.candidates import select_candidates as select_path_candidate
 from jvpn_trio.drivers.netlink import IFF_LOOPBACK, link_is_up, open_iproute
 
 __all__ = [
-    "Candidate",
     "IfaceKind",
-    "LinkInfo",
-    "SKIPPED_LINK_KINDS",
     "SYSFS_NET",
     "classify",
     "DUMP_ATTEMPTS",
@@ -96,10 +92,8 @@ __all__ = [
     "TUNNEL_LINK_KINDS",
     "VIRTUAL_LINK_KINDS",
     "describe_os_error",
-    "discover",
     "link_class",
     "read_machine_snapshot",
-    "select_candidates",
 ]
 
 IfaceKind = Literal["wifi", "lte", "ethernet"]
@@ -112,32 +106,9 @@ TUNNEL_LINK_KINDS = frozenset(
 )
 #: Link kinds that never carry traffic out of the host.
 VIRTUAL_LINK_KINDS = frozenset({"dummy", "ifb", "vrf", "nlmon"})
-SKIPPED_LINK_KINDS = frozenset({"bridge"}) | TUNNEL_LINK_KINDS | VIRTUAL_LINK_KINDS
-#: The link classes :func:`select_candidates` keeps (the others are loopback, container ports and SKIPPED_LINK_KINDS).
-_UPLINK_CLASSES = frozenset({LinkClass.ORDINARY, LinkClass.VETH})
 
 _WIFI_PREFIXES = ("wifi", "wlan", "wl")
 _LTE_PREFIXES = ("lte", "wwan", "ww")
-
-
-@attrs.frozen
-class Candidate:
-    """An interface that can carry a path, and its link kind."""
-
-    ifname: str
-    kind: IfaceKind
-
-
-@attrs.frozen(kw_only=True)
-class LinkInfo:
-    """What :func:`select_candidates` needs to know about one link (from rtnetlink)."""
-
-    ifname: str
-    index: int
-    flags: int
-    link_kind: str | None = None
-    master: int | None = None
-    ipv4: tuple[str, ...] = ()
 
 
 def _check_ifname(ifname: str) -> None:
@@ -185,25 +156,6 @@ def classify(ifname: str, sysfs_root: str | os.PathLike[str] = SYSFS_NET) -> Ifa
     if ifname.startswith(_LTE_PREFIXES):
         return "lte"
     return "ethernet"
-
-
-def select_candidates(
-    links: Iterable[LinkInfo],
-    exclude: AbstractSet[str],
-    kind_of: Callable[[str], IfaceKind],
-) -> list[Candidate]:
-    """Pure: the candidate paths among ``links``, in interface-index order (rules in the module docstring)."""
-    chosen = []
-    for link in sorted(links, key=lambda li: li.index):
-        if (
-            link.ifname in exclude
-            or not link_is_up(link.flags)
-            or not link.ipv4
-            or link_class(flags=link.flags, link_kind=link.link_kind, master=link.master) not in _UPLINK_CLASSES
-        ):
-            continue
-        chosen.append(Candidate(link.ifname, kind_of(link.ifname)))
-    return chosen
 
 
 # -- the path manager's snapshot ------------------------------------------------------
@@ -339,47 +291,3 @@ async def read_machine_snapshot(
     (``FileNotFoundError`` for an unknown ``netns``).
     """
     return await trio.to_thread.run_sync(_read_machine_sync, rules, gateway, netns, sysfs_root)
-
-
-def _read_links(netns: str | None) -> list[LinkInfo]:
-    with open_iproute(netns) as ipr:
-        ipv4: dict[int, list[str]] = {}
-        for addr in ipr.get_addr(family=socket.AF_INET):
-            local = addr.get("local") or addr.get("address")
-            if isinstance(local, str):
-                ipv4.setdefault(addr["index"], []).append(local)
-        links = []
-        for link in ipr.get_links():
-            ifname = link.get("ifname")
-            if not isinstance(ifname, str):
-                continue
-            links.append(
-                LinkInfo(
-                    ifname=ifname,
-                    index=link["index"],
-                    flags=link["flags"],
-                    link_kind=link.get(("linkinfo", "kind")),
-                    master=link.get("master"),
-                    ipv4=tuple(ipv4.get(link["index"], ())),
-                )
-            )
-        return links
-
-
-def _discover_sync(exclude: AbstractSet[str], netns: str | None, sysfs_root: str) -> list[Candidate]:
-    return select_candidates(_read_links(netns), exclude, lambda name: classify(name, sysfs_root))
-
-
-async def discover(
-    exclude: AbstractSet[str] = frozenset(),
-    *,
-    netns: str | None = None,
-    sysfs_root: str = SYSFS_NET,
-) -> list[Candidate]:
-    """The interfaces usable as paths right now (see the module docstring).
-
-    Runs the netlink dump and the sysfs reads in a worker thread.  Raises
-    ``OSError`` / ``pyroute2.NetlinkError`` if the dump fails
-    (``FileNotFoundError`` for an unknown ``netns``).
-    """
-    return await trio.to_thread.run_sync(_discover_sync, frozenset(exclude), netns, sysfs_root)

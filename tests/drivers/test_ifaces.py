@@ -9,10 +9,9 @@ is bounded polling inside it.
 from __future__ import annotations
 
 import errno
-import secrets
 import socket
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -25,20 +24,12 @@ from jvpn_trio.drivers import ifaces
 from jvpn_trio.drivers.ifaces import (
     DUMP_ATTEMPTS,
     RTM_F_FIB_MATCH,
-    Candidate,
-    IfaceKind,
-    LinkInfo,
     _usable_address,
     classify,
-    discover,
     link_class,
     read_machine_snapshot,
-    select_candidates,
 )
-from jvpn_trio.drivers.netlink import IFF_LOOPBACK, IFF_LOWER_UP, IFF_RUNNING, IFF_UP, read_link_states
-from jvpn_trio.drivers.routes import set_tun_address
-from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
-from tests.netns import requires_lab
+from jvpn_trio.drivers.netlink import IFF_LOOPBACK, IFF_LOWER_UP, IFF_RUNNING, IFF_UP
 
 IO_TIMEOUT_S = 10.0
 UP = IFF_UP | IFF_LOWER_UP | IFF_RUNNING
@@ -107,126 +98,6 @@ def test_classify_rejects_invalid_names(tmp_path: Path, bad: str) -> None:
 
 def test_classify_reads_the_real_sysfs() -> None:
     assert classify("lo") == "ethernet"
-
-
-# -- select_candidates (pure) --------------------------------------------------------------
-
-
-def kinds(name: str) -> IfaceKind:
-    return "wifi" if name.startswith("wl") else "ethernet"
-
-
-def test_select_candidates_filters_and_orders_by_index() -> None:
-    links = [
-        LinkInfo(ifname="wlan0", index=5, flags=UP, ipv4=("10.0.2.2",)),
-        LinkInfo(ifname="lo", index=1, flags=UP | IFF_LOOPBACK, ipv4=("127.0.0.1",)),
-        LinkInfo(ifname="eth0", index=2, flags=UP, link_kind=None, ipv4=("10.0.1.2",)),
-        LinkInfo(ifname="jvpn0", index=9, flags=UP, link_kind="tun", ipv4=("10.200.0.2",)),
-        LinkInfo(ifname="docker0", index=4, flags=UP, link_kind="bridge", ipv4=("172.17.0.1",)),
-        LinkInfo(ifname="wg0", index=8, flags=UP, link_kind="wireguard", ipv4=("10.9.0.2",)),
-        LinkInfo(ifname="vethab", index=6, flags=UP, link_kind="veth", master=4),  # bridge port
-        LinkInfo(ifname="eth1", index=3, flags=IFF_UP, ipv4=("10.0.3.2",)),  # no carrier
-        LinkInfo(ifname="eth2", index=7, flags=UP),  # no IPv4
-        LinkInfo(ifname="lab0", index=10, flags=UP, link_kind="veth", ipv4=("10.0.4.2",)),
-        LinkInfo(ifname="skipme", index=11, flags=UP, ipv4=("10.0.5.2",)),
-    ]
-    assert select_candidates(links, {"skipme"}, kinds) == [
-        Candidate("eth0", "ethernet"),
-        Candidate("wlan0", "wifi"),
-        Candidate("lab0", "ethernet"),
-    ]
-
-
-def test_select_candidates_excludes_the_tun_by_name_whatever_its_kind() -> None:
-    links = [LinkInfo(ifname="jvpn0", index=2, flags=UP, ipv4=("10.200.0.2",))]
-    assert select_candidates(links, {"jvpn0"}, kinds) == []
-    assert select_candidates(links, set(), kinds) == [Candidate("jvpn0", "ethernet")]
-
-
-# -- discover ------------------------------------------------------------------------------
-
-
-async def test_discover_runs_here_and_excludes_lo() -> None:
-    with trio.fail_after(IO_TIMEOUT_S):
-        found = await discover(set())
-    assert all(isinstance(c, Candidate) for c in found)
-    assert "lo" not in {c.ifname for c in found}
-    assert all(c.kind in ("wifi", "lte", "ethernet") for c in found)
-
-
-def _open_tun(name: str) -> Any:
-    import pytun  # only the root tests need it
-
-    return pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
-
-
-@pytest.fixture
-async def if_lab() -> AsyncIterator[Lab]:
-    """A fresh shared-helper lab (eth0/wifi0/lte0 in ``jvnl<hex>-cli``) plus an up TUN
-    ``jvnl<hex>t`` with an address in the client, torn down after the test."""
-    prefix = f"jvnl{secrets.token_hex(3)}"
-    async with open_lab(LabSpec(prefix=prefix)) as lab:
-        name = f"{prefix}t"
-        # pytun creates the TUN in our own namespace; move it.  Closing the fd deletes it.
-        tun = await trio.to_thread.run_sync(_open_tun, name)
-        try:
-            await trio.run_process(["ip", "link", "set", name, "netns", lab.client_ns], capture_stderr=True)
-            await set_tun_address(name, "10.200.0.2", 24, 1400, netns=lab.client_ns)
-            yield lab
-        finally:
-            tun.close()
-
-
-@requires_lab
-async def test_discover_in_a_lab(if_lab: Lab, tmp_path: Path) -> None:
-    ns = if_lab.client_ns
-    # Besides the TUN (up, with an address, skipped by kind): a bridge with an address
-    # and a port (skipped by kind; the port has a master, and its own address is ignored).
-    script = "".join(
-        f"{c}\n"
-        for c in [
-            "link add jvnlbr0 type bridge",
-            "link add jvnlp0 type veth peer name jvnlq0",
-            "link set jvnlq0 master jvnlbr0",
-            "address add 10.202.2.1/24 dev jvnlbr0",
-            "address add 10.202.3.1/24 dev jvnlq0",
-            "link set jvnlp0 up",
-            "link set jvnlq0 up",
-            "link set jvnlbr0 up",
-        ]
-    )
-    # An empty sysfs: /sys/class/net shows the root namespace, not the lab's (see the
-    # module docstring), so classification here must come from the names alone.
-    fake_sysfs = str(tmp_path)
-    with trio.fail_after(IO_TIMEOUT_S):
-        await if_lab.run(ns, "ip", "-batch", "-", stdin=script.encode())
-        # The bridge gets carrier a moment after its port: wait (bounded) so it is really
-        # up when discover skips it by kind.
-        while not (states := await read_link_states(netns=ns))["jvnlbr0"].up:
-            await trio.sleep(0.01)
-        assert states["jvnlq0"].up
-        tun = f"{if_lab.spec.prefix}t"
-        assert states[tun].up
-        assert await discover(set(), netns=ns, sysfs_root=fake_sysfs) == [
-            Candidate("eth0", "ethernet"),
-            Candidate("wifi0", "wifi"),
-            Candidate("lte0", "lte"),
-        ]
-        assert await discover({"lte0"}, netns=ns, sysfs_root=fake_sysfs) == [
-            Candidate("eth0", "ethernet"),
-            Candidate("wifi0", "wifi"),
-        ]
-        await if_lab.link_down("wifi0")
-        assert [c.ifname for c in await discover(set(), netns=ns, sysfs_root=fake_sysfs)] == ["eth0", "lte0"]
-
-
-async def test_discover_unknown_namespace_raises_and_creates_nothing() -> None:
-    missing = f"jvnl{secrets.token_hex(3)}x"
-    with trio.fail_after(IO_TIMEOUT_S):
-        with pytest.raises(FileNotFoundError):
-            await discover(set(), netns=missing)
-        listed = await trio.run_process(["ip", "netns", "list"], capture_stdout=True)
-    assert missing not in listed.stdout.decode()
 
 
 # -- the path manager's snapshot ----------------------------------------------------------------
