@@ -93,6 +93,8 @@ SUBNET_STRIDE = 64
 #: The client's and the router's host numbers in a link subnet (until a step picks another).
 CLIENT_HOST = 2
 ROUTER_HOST = 1
+#: The highest client host number in a link subnet (a /24).
+MAX_HOST = 254
 #: ``arp_ignore`` in the gateway namespace under ``arp_strict``: answer only for the incoming interface's addresses.
 ARP_IGNORE_STRICT = 1
 #: ``numgen random mod LOSS_MODULUS``: loss is set in steps of 0.01 %.
@@ -226,8 +228,8 @@ class LabSpec:
         third = path.index + SUBNET_STRIDE * subnet
         if subnet < 0 or third > 254:
             raise ValueError(f"path {path.name}: no subnet {subnet} in the address plan (index {path.index})")
-        if not ROUTER_HOST < host < 255:
-            raise ValueError(f"path {path.name}: host {host} is not a client host number ({ROUTER_HOST + 1}..254)")
+        if not ROUTER_HOST < host <= MAX_HOST:
+            raise ValueError(f"path {path.name}: host {host} is not a client host number ({ROUTER_HOST + 1}..{MAX_HOST})")
         base = f"10.{self.link_octet}.{third}"
         return f"{base}.{host}", f"{base}.{ROUTER_HOST}"
 
@@ -540,17 +542,15 @@ class Lab:
         for ns in (cli, gw):
             await self._ip("-n", ns, "link", "set", "lo", "up")
         await self._ip("-n", gw, "addr", "add", f"{self.gateway_address}/32", "dev", "lo")
-        # sh rather than sysctl(8): procps is not always installed; /proc/sys/net is per namespace.
-        settings = ["echo 1 > /proc/sys/net/ipv4/ip_forward"]
+        settings = [("net/ipv4/ip_forward", 1)]
         if self.spec.arp_strict:  # "default" first: devices created from now on inherit it
-            settings += [f"echo {ARP_IGNORE_STRICT} > /proc/sys/net/ipv4/conf/{c}/arp_ignore" for c in ("default", "all")]
-        await _command(["ip", "netns", "exec", gw, "sh", "-c", " && ".join(settings)])
+            settings += [(f"net/ipv4/conf/{c}/arp_ignore", ARP_IGNORE_STRICT) for c in ("default", "all")]
+        await self._sysctl(gw, *settings)
         present = self.present_paths
         for path in present:
             await self._create_link(path)
         await self._wait_operational(present)
-        await self._nft(cli, self._nft_table_script(present, lambda p: p.name))
-        await self._nft(gw, self._nft_table_script(present, self.gateway_device))
+        await self._add_fault_chains(present)
 
     async def _create_link(self, path: LabPath) -> None:
         """The path's veth pair, both addresses, both ends up, arp_ignore on the router end, the default route."""
@@ -559,7 +559,7 @@ class Lab:
         client_ip, gateway_ip = self.path_addresses(path)
         await self._ip("link", "add", path.name, "netns", cli, "type", "veth", "peer", "name", gw_dev, "netns", gw)
         if self.spec.arp_strict:
-            await self._sysctl(gw, f"net/ipv4/conf/{gw_dev}/arp_ignore", ARP_IGNORE_STRICT)
+            await self._sysctl(gw, (f"net/ipv4/conf/{gw_dev}/arp_ignore", ARP_IGNORE_STRICT))
         await self._ip("-n", cli, "addr", "add", f"{client_ip}/{LINK_PREFIXLEN}", "dev", path.name)
         await self._ip("-n", gw, "addr", "add", f"{gateway_ip}/{LINK_PREFIXLEN}", "dev", gw_dev)
         await self._ip("-n", cli, "link", "set", path.name, "up")
@@ -567,8 +567,13 @@ class Lab:
         self._addresses[path.name] = (client_ip, gateway_ip)
         await self._add_default_route(path)
 
-    async def _sysctl(self, ns: str, key: str, value: int) -> None:
-        await _command(["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > /proc/sys/{key}"])
+    async def _sysctl(self, ns: str, *settings: tuple[str, int]) -> None:
+        """Set ``(key, value)`` pairs (``net/ipv4/ip_forward``) in ``ns``, in order, in one shell.
+
+        sh rather than sysctl(8): procps is not always installed; /proc/sys/net is per namespace.
+        """
+        script = " && ".join(f"echo {value} > /proc/sys/{key}" for key, value in settings)
+        await _command(["ip", "netns", "exec", ns, "sh", "-c", script])
 
     async def arp_ignore(self, device: str) -> int:
         """The gateway namespace's effective ``arp_ignore`` for ``device`` (the kernel uses max(all, device))."""
@@ -577,6 +582,11 @@ class Lab:
             result = await _command(["ip", "netns", "exec", self.gateway_ns, "cat", f"/proc/sys/net/ipv4/conf/{conf}/arp_ignore"])
             values.append(int(result.stdout.decode().strip()))
         return max(values)
+
+    async def _add_fault_chains(self, paths: Sequence[LabPath]) -> None:
+        """Both ends' fault chains for ``paths`` (the table is created with the first ones)."""
+        await self._nft(self.client_ns, self._nft_table_script(paths, lambda p: p.name))
+        await self._nft(self.gateway_ns, self._nft_table_script(paths, self.gateway_device))
 
     def _nft_table_script(self, paths: Sequence[LabPath], device_of: Callable[[LabPath], str]) -> str:
         lines = [f"table netdev {NFT_TABLE} {{"]
@@ -769,18 +779,7 @@ class Lab:
             self._present.add(path.name)
             self._faults[path.name] = PathFaults()
             await self._wait_operational([path])
-            for ns, device in ((self.client_ns, path.name), (self.gateway_ns, self.gateway_device(path))):
-                await self._nft(ns, self._nft_chains_script(path, device))
-
-    def _nft_chains_script(self, path: LabPath, device: str) -> str:
-        table = f"netdev {NFT_TABLE}"
-        return (
-            f"add chain {table} blackhole_{path.name}\n"
-            f"add chain {table} loss_{path.name}\n"
-            f'add chain {table} ingress_{path.name} {{ type filter hook ingress device "{device}" priority 0; policy accept; }}\n'
-            f"add rule {table} ingress_{path.name} jump blackhole_{path.name}\n"
-            f"add rule {table} ingress_{path.name} jump loss_{path.name}\n"
-        )
+            await self._add_fault_chains([path])
 
     async def delete_path(self, ref: PathRef) -> None:
         """``ip link del`` the path's client end (the router end goes with it), then drop its fault chains.
@@ -807,8 +806,7 @@ class Lab:
         The link stays up.  LabError if the path has no interface or no address.
         """
         path = self.path(ref)
-        current = self._addresses[path.name] if path.name in self._present else None
-        if current is None:
+        if self._addresses[path.name] is None:  # also None while the path has no interface
             raise LabError(f"path {path.name} has no address to flush")
         async with self._fault_lock:
             await self._flush_address(path)

@@ -1,6 +1,6 @@
 """Running a real gateway and client in a lab: configs, start-up, status, logs, traffic tools.
 
-Used by ``jvpn-trio lab`` (``lab.py``) and by the namespace tests
+Used by ``jvpn-trio lab`` (``runner.py``) and by the namespace tests
 (``tests/integration``).  It writes fresh keys and TOML files into a directory, starts
 ``jvpn-trio serve`` in the gateway namespace and ``jvpn-trio up`` in the client namespace
 (both recording their traces with ``--record``), waits for the session through the client's
@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 import trio
@@ -161,17 +161,24 @@ class Tunnel:
             if proc.returncode is not None:
                 raise TunnelError(f"{name} exited {proc.returncode}: {_tail(self.directory / f'{name}.err')}")
 
-    async def wait_attached(self) -> dict[str, Any]:
-        """Poll the client's control socket until its session is ATTACHED (the caller bounds the time)."""
+    async def wait_status(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Poll the client's control socket until its status satisfies ``predicate``; return that status.
+
+        TunnelError if either process exits meanwhile; the caller bounds the time.
+        """
         while True:
             self.check_alive()
             try:
                 status = await self.client_status()
-                if status.get("state") == "ATTACHED":
+                if predicate(status):
                     return status
             except ControlError:
                 pass
             await trio.sleep(STATUS_POLL_S)
+
+    async def wait_attached(self) -> dict[str, Any]:
+        """Poll the client's control socket until its session is ATTACHED (the caller bounds the time)."""
+        return await self.wait_status(lambda status: status.get("state") == "ATTACHED")
 
     def events_path(self, side: str) -> Path:
         return self.directory / f"{side}-events.jsonl"
@@ -373,7 +380,7 @@ async def sample_client_clock(tunnel: Tunnel) -> ClockSample | None:
 
 
 def estimate_offset(samples: Sequence[ClockSample], *, rounding_s: float = 0.0005) -> float | None:
-    """Best lower bound of ``core clock - time.monotonic()`` over the samples (see lab.py's clock notes).
+    """Best lower bound of ``core clock - time.monotonic()`` over the samples (see runner.py's clock notes).
 
     A snapshot's ``now`` is the time of the client's last core call, which happened before its
     reply left, so ``core_now - rounding <= monotonic_after + offset`` for every sample: each

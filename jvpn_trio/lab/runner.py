@@ -6,17 +6,17 @@
 Theory of operation
 -------------------
 *The lab.*  One client namespace and one gateway namespace joined by one veth pair per
-scenario path (``labnet.open_lab``): the client end carries the path's name (``wifi0``), its
+scenario path (``netns.open_lab``): the client end carries the path's name (``wifi0``), its
 route metric is the path's priority, and the client's ``[[path]]`` list is in scenario order,
 so path id ``p<i>`` is the scenario's i-th path.  A real ``jvpn-trio serve`` and ``jvpn-trio up``
-run in them with TUN devices (``labrun.py``), both recording their traces (``--record``).
+run in them with TUN devices (``processes.py``), both recording their traces (``--record``).
 
 *Conditions.*  A path's conditions are the scenario's :class:`~jvpn_trio.lab.scenario.Impairment`
 (link, blackhole, loss, delay, jitter, rate).  ``conditions_at(0)`` -- the baselines plus every
 step at ``at_s = 0`` -- are the *starting conditions*, installed before the session starts (so
 "Ethernet unplugged" at 0 means the laptop starts undocked); every later step is a *fault*,
 applied at ``t0 + at_s`` and reported.  A step is carried out as the difference between the
-path's conditions before and after it: link with ``ip link`` (``labnet.link_down``/``link_up``,
+path's conditions before and after it: link with ``ip link`` (``netns.link_down``/``link_up``,
 which re-adds the route the kernel deleted), blackhole and loss with nft on both ends (each
 direction loses ``loss_pct`` independently), rate with a tbf qdisc on both ends, delay and
 jitter with the in-path relay below.  All are per direction, as in the demo's relay.
@@ -26,11 +26,11 @@ For each path that ever has a delay or a jitter, the lab process opens, per dire
 ``AF_PACKET`` tap on the *receiving* end of the veth pair and an ``AF_PACKET`` sender on the
 *sending* end (each created inside its namespace with ``setns``).  A tap sees a frame before the
 device's nft ingress hook runs; an nft rule in the lab's own ``jvrelay`` table (ingress,
-priority -100, before labnet's fault chains) then drops the original IPv4 frame, and the relay
+priority -100, before netns's fault chains) then drops the original IPv4 frame, and the relay
 re-sends a copy, marked with a locally administered source MAC so that its tap and nft let it
 pass, ``delay_ms`` +- ``jitter_ms`` later (uniform, seeded, never reordering) from the sending
 end with ``PACKET_QDISC_BYPASS``: the copy enters the receiver exactly as the original did, so
-labnet's loss and blackhole still apply to it (once), and the sender's tbf has already shaped
+netns's loss and blackhole still apply to it (once), and the sender's tbf has already shaped
 the original (once).  Both sockets use ``PACKET_VNET_HDR``: the data path batches with UDP GSO
 and veth offloads checksums, so a tapped frame may be a 64 KB super-frame with a partial
 checksum; the virtio header that comes with it says so, and re-sending frame and header
@@ -39,9 +39,9 @@ included).  The copy differs from the original only in its source MAC.  Only IPv
 rule is removed and frames pass directly.
 
 *A changing network.*  Steps that ``do`` something (``scenario.STEP_KINDS``) are carried out on
-the lab and the processes: an interface appears (``labnet.add_path``: veth pair, address,
+the lab and the processes: an interface appears (``netns.add_path``: veth pair, address,
 default route, fault chains, then the path's baseline conditions) or is deleted
-(``labnet.delete_path``), an address is flushed or added (``labnet.flush_address`` /
+(``netns.delete_path``), an address is flushed or added (``netns.flush_address`` /
 ``add_address``), the gateway is killed with SIGKILL and started again from the same config
 (``Tunnel.kill_gateway`` / ``start_gateway``; the killed process's event log and trace are moved
 aside and audited and replayed on their own, since each process has its own clock).  A ``*``
@@ -57,7 +57,7 @@ every process).  Event-log times ``t`` are the client's Trio clock: CLOCK_MONOTO
 random per-process offset.  The lab polls the client's control socket every
 :data:`CLOCK_SAMPLE_S`; each reply's ``now_s`` is the client's last core call, made before the
 reply left, so ``offset >= now_s - 0.0005 - monotonic_after_reply``; the largest such bound over
-the run is the estimate (``labrun.estimate_offset``).  The client calls its core every few
+the run is the estimate (``processes.estimate_offset``).  The client calls its core every few
 milliseconds (a probe per path every ``probe_interval_ms``), so the estimate is low by a few ms
 at most, which makes detection and switch times conservative (slightly long), never short.
 
@@ -80,6 +80,7 @@ namespaces in a shielded, bounded scope; Ctrl-C and SIGTERM become cancellation 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import errno
@@ -103,6 +104,7 @@ from jvpn_trio.errors import find_in_group
 from jvpn_trio.tools.audit import AuditReport, audit_lines
 from jvpn_trio.config import ConfigError
 from jvpn_trio.core.actions import EmitEvent, EventKind
+from jvpn_trio.core.health import Verdict
 from jvpn_trio.core.states import SessionState
 from jvpn_trio.lab.netns import Lab, LabError, LabPath, LabSpec, open_lab
 from jvpn_trio.lab.processes import (
@@ -162,9 +164,12 @@ GATEWAY_START_TIMEOUT_S = 10.0
 #: well above scheduling noise, well below any outage a person notices.
 INTERRUPTION_S = 0.1
 #: Verdicts that a PATH_HEALTH event gives only after a probe on the path was answered.
-ANSWERED_VERDICTS = ("HEALTHY", "IMPAIRED")
+ANSWERED_VERDICTS = (Verdict.HEALTHY.value, Verdict.IMPAIRED.value)
+#: The two processes of a run, in report order (a killed gateway's audit and replay sit next to
+#: theirs under ``GatewayRunData.key``).
+SIDES = ("client", "gateway")
 
-#: The relay: its nft table, the ingress priority (before labnet's chains at 0), its MAC mark.
+#: The relay: its nft table, the ingress priority (before netns's chains at 0), its MAC mark.
 RELAY_NFT_TABLE = "jvrelay"
 RELAY_PRIORITY = -100
 RELAY_MAC = bytes.fromhex("026a76726c79")  # locally administered: 02:6a:76:72:6c:79 ("jvrly")
@@ -211,7 +216,7 @@ def lab_spec_for(scenario: Scenario, *, prefix: str | None = None) -> LabSpec:
     try:
         paths = [LabPath(name=p.name, kind=p.kind, metric=p.priority, index=i + 1) for i, p in enumerate(scenario.paths)]
         absent = frozenset(p.name for p in scenario.paths if not p.present)
-        # mypy reads labnet's ``converter=tuple`` as an unsolved generic: the call is fine at run time.
+        # mypy reads netns's ``converter=tuple`` as an unsolved generic: the call is fine at run time.
         if prefix is None:
             return LabSpec(paths=paths, absent=absent)  # type: ignore[arg-type]
         return LabSpec(prefix=prefix, paths=paths, absent=absent)  # type: ignore[arg-type]
@@ -616,6 +621,11 @@ class GatewayRunData:
     events_file: str
     trace_file: str
 
+    @property
+    def key(self) -> str:
+        """Its key among the audits and replays of a run (``gateway.1``), next to :data:`SIDES`."""
+        return f"gateway.{self.number}"
+
 
 @attrs.frozen(kw_only=True)
 class RunData:
@@ -753,7 +763,7 @@ async def run_scenario(
         return {
             "client_events": _read_lines(workdir / "client-events.jsonl"),
             "gateway_events": _read_lines(workdir / "gateway-events.jsonl"),
-            "stderr_tails": {side: _tail(workdir / f"{side}.err") for side in ("client", "gateway")},
+            "stderr_tails": {side: _tail(workdir / f"{side}.err") for side in SIDES},
             "gateway_runs": tuple(_gateway_run_data(run) for run in tunnel.killed),
         }
 
@@ -800,7 +810,7 @@ def usable_paths(lab: Lab, current: Mapping[str, Impairment]) -> tuple[str, ...]
     return tuple(
         p.name
         for p in lab.paths
-        if lab.present(p) and lab.current_address(p) is not None and current[p.name].link_up and not current[p.name].blackhole
+        if lab.current_address(p) is not None and current[p.name].link_up and not current[p.name].blackhole
     )
 
 
@@ -848,10 +858,11 @@ async def _apply_step(
     done: list[str] = []
     if step.kind is not None:
         done = await _do_step(lab, relay, tunnel, scenario, step, current)
-    for p in targets if step.kind is None else ():
-        new = current[p.name].apply(dict(step.changes), p.baseline)
-        done += [f"{p.name}: {what}" for what in await apply_conditions(lab, relay, p.name, current[p.name], new)]
-        current[p.name] = new
+    else:
+        for p in targets:
+            new = current[p.name].apply(dict(step.changes), p.baseline)
+            done += [f"{p.name}: {what}" for what in await apply_conditions(lab, relay, p.name, current[p.name], new)]
+            current[p.name] = new
     finished = time.monotonic()
     return StepRecord(
         index=index,
@@ -949,6 +960,11 @@ def _path_name(pid: Any, names: Sequence[str]) -> str | None:
     if text.startswith("p") and text[1:].isdigit() and 1 <= int(text[1:]) <= len(names):
         return names[int(text[1:]) - 1]
     return None
+
+
+def _path_id(name: str, names: Sequence[str]) -> str:
+    """The client's path id of interface ``name`` (the inverse of :func:`_path_name`)."""
+    return f"p{names.index(name) + 1}"
 
 
 def _binding_path(binding: Any) -> str | None:
@@ -1082,10 +1098,9 @@ def analyze_step(
     hz: float,
     t0: float,
     usable_before: tuple[str, ...] | None = None,
-    arrivals: Sequence[float] = (),
 ) -> dict[str, Any]:
     """One fault's row of the report (see docs/lab-report.md)."""
-    pids = {f"p{names.index(n) + 1}" for n in record.targets}
+    pids = {_path_id(n, names) for n in record.targets}
     newly = (
         [n for n in record.usable_after if n not in usable_before]
         if record.usable_after is not None and usable_before is not None
@@ -1116,11 +1131,11 @@ def analyze_step(
         "state_after": None,
         "became_usable": newly,
         "first_answer_ms": {n: None for n in newly},
-        "traffic_back_ms": _ms(traffic_back(arrivals, record.started, window_end)),
+        "traffic_back_ms": _ms(traffic_back(sorted(probes[2].values()), record.started, window_end)),
     }
     if offset is not None:
         for n in newly:
-            answer = _first_answer(client, f"p{names.index(n) + 1}", record.finished + offset)
+            answer = _first_answer(client, _path_id(n, names), record.finished + offset)
             row["first_answer_ms"][n] = _ms(answer.t - (record.finished + offset)) if answer is not None else None
         c0, c1 = record.started + offset, window_end + offset
         state, active = _state_at(changes, c0)
@@ -1197,7 +1212,6 @@ def build_report(
     changes = [e for e in client if e.kind is EventKind.STATE_CHANGE]
     hz = float((run.probe_source or {}).get("hz") or PROBE_HZ)
     probes = _probe_arrivals(run.probe_sink)
-    arrivals = sorted(probes[2].values())
     faults = []
     usable_before = run.usable_at_start
     for i, record in enumerate(run.steps):
@@ -1205,7 +1219,7 @@ def build_report(
         faults.append(
             analyze_step(
                 record, window_end, offset=offset, names=names, client=client, changes=changes,
-                probes=probes, hz=hz, t0=run.t0, usable_before=usable_before, arrivals=arrivals,
+                probes=probes, hz=hz, t0=run.t0, usable_before=usable_before,
             )  # fmt: skip
         )
         usable_before = record.usable_after
@@ -1218,12 +1232,12 @@ def build_report(
     sink = run.probe_sink or {}
     tcp = _tcp_result(run.tcp_source, run.tcp_sink)
     earlier = [
-        _gateway_run_json(g, audits.get(f"gateway.{g.number}"), replays.get(f"gateway.{g.number}"))
+        _gateway_run_json(g, audits.get(g.key), replays.get(g.key))
         for g in run.gateway_runs
     ]
-    violations = sum(a.violation_count for side, a in audits.items() if side in ("client", "gateway"))
+    violations = sum(audits[side].violation_count for side in SIDES if side in audits)
     violations += sum(g["invariants"]["violation_count"] for g in earlier if g["invariants"] is not None)
-    replay_ok = all(r is not None and r.status == "ok" for side, r in replays.items() if side in ("client", "gateway"))
+    replay_ok = all(r is not None and r.status == OK_STATUS for side, r in replays.items() if side in SIDES)
     replay_ok = replay_ok and all(g["replay_ok"] for g in earlier)
     errors = list(run.errors)
     if offset is None:
@@ -1292,11 +1306,11 @@ def build_report(
             "client": audits["client"].to_json() if "client" in audits else None,
             "gateway": audits["gateway"].to_json() if "gateway" in audits else None,
         },
-        "replay": {side: _replay_json(r) for side, r in replays.items() if side in ("client", "gateway")},
+        "replay": {side: _replay_json(r) for side, r in replays.items() if side in SIDES},
         "gateway_runs": earlier,
         "laptop": laptop_figures(run, faults, audits),
         "processes": {
-            side: {"exit": run.exit_codes.get(side), "stderr_tail": run.stderr_tails.get(side, "")} for side in ("client", "gateway")
+            side: {"exit": run.exit_codes.get(side), "stderr_tail": run.stderr_tails.get(side, "")} for side in SIDES
         },
         "files": {
             "workdir": run.workdir,
@@ -1330,19 +1344,10 @@ def _sessions(audit: AuditReport | None) -> list[dict[str, Any]]:
     """Per session of one audited log: its violations, final state and termination."""
     if audit is None:
         return []
-    doc = audit.to_json()
-    counts: dict[str, int] = {}
-    for v in doc.get("violations", []):
-        key = str(v.get("session"))
-        counts[key] = counts.get(key, 0) + 1
+    counts = collections.Counter(v.session for v in audit.violations)
     return [
-        {
-            "session": str(s.get("session")),
-            "violations": counts.get(str(s.get("session")), 0),
-            "final_state": s.get("final_state"),
-            "termination": s.get("termination"),
-        }
-        for s in doc.get("sessions", [])
+        {"session": s.session, "violations": counts[s.session], "final_state": s.final_state, "termination": s.termination}
+        for s in audit.sessions
     ]
 
 
@@ -1375,9 +1380,7 @@ def laptop_figures(run: RunData, faults: Sequence[Mapping[str, Any]], audits: Ma
                 {"step": f["index"], "down_s": round(record.started - down_since, 3), "traffic_back_ms": f["traffic_back_ms"]}
             )
             down_since = None
-    logs = {"client": _sessions(audits.get("client")), "gateway": _sessions(audits.get("gateway"))}
-    for g in run.gateway_runs:
-        logs[f"gateway.{g.number}"] = _sessions(audits.get(f"gateway.{g.number}"))
+    logs = {key: _sessions(audits.get(key)) for key in (*SIDES, *(g.key for g in run.gateway_runs))}
     return {
         "agent_alive_at_end": run.client_alive_at_end,
         "first_answer": first_answer,
@@ -1399,10 +1402,10 @@ async def check_run(run: RunData) -> dict[str, Any]:
             "gateway": audit_lines(run.gateway_events, policy=policy, role="gateway"),
         }
         replays: dict[str, ReplayResult | None] = {}
-        traces = {side: workdir / f"{side}.trace.jsonl" for side in ("client", "gateway")}
+        traces = {side: workdir / f"{side}.trace.jsonl" for side in SIDES}
         for g in run.gateway_runs:
-            audits[f"gateway.{g.number}"] = audit_lines(g.events, policy=policy, role="gateway")
-            traces[f"gateway.{g.number}"] = Path(g.trace_file)
+            audits[g.key] = audit_lines(g.events, policy=policy, role="gateway")
+            traces[g.key] = Path(g.trace_file)
         for side, trace in traces.items():
             if trace.exists():
                 with open(trace, encoding="utf-8", errors="replace") as f:

@@ -49,6 +49,7 @@ import attrs
 
 from jvpn_trio.config import PATH_KINDS, ConfigError, policy_from_table, read_toml
 from jvpn_trio.core.policy import Policy
+from jvpn_trio.lab.netns import CLIENT_HOST, MAX_HOST, ROUTER_HOST
 
 
 class ScenarioError(ConfigError):
@@ -80,10 +81,11 @@ START_GATEWAY = "start-gateway"
 STEP_KINDS = (ADD_INTERFACE, DELETE_INTERFACE, FLUSH_ADDRESS, ADD_ADDRESS, KILL_GATEWAY, START_GATEWAY)
 GATEWAY_STEP_KINDS = (KILL_GATEWAY, START_GATEWAY)
 #: ``add-address``: ``subnet`` 0 is the path's own link subnet; 1..MAX_SUBNET are others, each with
-#: its own next hop on the router side.  ``host`` is the client's host number in it (1 is the router).
+#: its own next hop on the router side.  ``host`` is the client's host number in it (the lab's
+#: address plan: ``ROUTER_HOST`` is the router).
 MAX_SUBNET = 3
-DEFAULT_HOST = 2
-MIN_HOST, MAX_HOST = 2, 254
+DEFAULT_HOST = CLIENT_HOST
+MIN_HOST = ROUTER_HOST + 1
 
 
 @attrs.frozen(kw_only=True)

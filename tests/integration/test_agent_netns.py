@@ -19,16 +19,15 @@ is asserted on.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from jvpn_trio.drivers.control import ControlError
 from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
-from tests.integration.tunnel_lab import STATUS_POLL_S, Tunnel, start_tunnel
+from tests.integration.tunnel_lab import start_tunnel
 from tests.netns import requires_lab, unique_prefix
 
 #: Enough switches per minute for the whole scenario; the rest is the laptop default.
@@ -39,6 +38,8 @@ PLUG_IN_AFTER_S = 2.0
 GATEWAY_DOWN_S = 2.0
 #: The specification's bound: a gateway that came back gets a new session within this.
 NEW_SESSION_BOUND_S = 10.0
+#: Bound on the whole test: the lab, both processes, the three events and their waits.
+TEST_BOUND_S = 90.0
 
 
 @pytest.fixture
@@ -46,19 +47,6 @@ async def late_lab() -> AsyncIterator[Lab]:
     """The three-path lab with only eth0 built at start; wifi0 and lte0 come later (or never)."""
     async with open_lab(LabSpec(prefix=unique_prefix(), absent=frozenset({"wifi0", "lte0"}))) as built:
         yield built
-
-
-async def status_until(tunnel: Tunnel, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """Poll the client's status until ``predicate`` holds (the caller bounds the wait); the client must live."""
-    while True:
-        tunnel.check_alive()
-        try:
-            status = await tunnel.client_status()
-        except ControlError:
-            status = {}
-        if status and predicate(status):
-            return status
-        await trio.sleep(STATUS_POLL_S)
 
 
 def path_named(status: dict[str, Any], interface: str) -> dict[str, Any] | None:
@@ -79,10 +67,10 @@ def active_interface(status: dict[str, Any]) -> str | None:
 @requires_lab
 async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab, tmp_path: Path) -> None:
     lab = late_lab
-    with trio.fail_after(90):
+    with trio.fail_after(TEST_BOUND_S):
         tunnel = await start_tunnel(lab, tmp_path, policy=POLICY)
         started = time.monotonic()
-        first = await status_until(tunnel, lambda s: s.get("state") == "ATTACHED")
+        first = await tunnel.wait_attached()
         assert active_interface(first) == "eth0" and path_named(first, "wifi0") is None
         session = first["session"]
 
@@ -90,8 +78,8 @@ async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab,
         await trio.sleep(max(0.0, started + PLUG_IN_AFTER_S - time.monotonic()))
         await lab.add_path("wifi0")  # returns once the interface is up with its address and route
         usable_at = time.monotonic()
-        status = await status_until(
-            tunnel, lambda s: (p := path_named(s, "wifi0")) is not None and p["srtt_ms"] is not None
+        status = await tunnel.wait_status(
+            lambda s: (p := path_named(s, "wifi0")) is not None and p["srtt_ms"] is not None
         )
         first_answer_s = time.monotonic() - usable_at
         wifi = path_named(status, "wifi0")
@@ -100,12 +88,12 @@ async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab,
         # 2. The active path's interface is deleted: the session moves, the process lives.
         deleted_at = time.monotonic()
         await lab.delete_path("eth0")  # the link goes first; the lab then drops its fault chains
-        status = await status_until(
-            tunnel, lambda s: s.get("state") == "ATTACHED" and active_interface(s) == "wifi0"
+        status = await tunnel.wait_status(
+            lambda s: s.get("state") == "ATTACHED" and active_interface(s) == "wifi0"
         )
         moved_s = time.monotonic() - deleted_at
         assert status["session"] == session
-        gone = await status_until(tunnel, lambda s: path_named(s, "eth0") is None)
+        gone = await tunnel.wait_status(lambda s: path_named(s, "eth0") is None)
         assert gone["session"] == session
 
         # 3. The gateway is killed and comes back: a new session within the bound.
@@ -114,8 +102,8 @@ async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab,
         await tunnel.start_gateway()
         back_at = time.monotonic()
         with trio.fail_after(NEW_SESSION_BOUND_S):
-            status = await status_until(
-                tunnel, lambda s: s.get("sessions_started") == 2 and s.get("state") == "ATTACHED"
+            status = await tunnel.wait_status(
+                lambda s: s.get("sessions_started") == 2 and s.get("state") == "ATTACHED"
             )
         new_session_s = time.monotonic() - back_at
         assert status["session"] != session and active_interface(status) == "wifi0"

@@ -403,15 +403,21 @@ EXPECT_LAPTOP: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
+async def short_form_report(name: str, workdir: Path) -> dict[str, Any]:
+    """Run the short form of scenario ``name`` in a fresh lab (bounded), print and return its report."""
+    scenario = load_scenario(SCENARIOS / f"{name}.toml").short()
+    with trio.fail_after(RUN_BOUND_S):
+        run = await run_scenario(scenario, workdir=workdir, short=True, prefix=unique_prefix(), seed=1)
+        report = await check_run(run)
+    print("\n" + render_report(report))
+    return report
+
+
 @requires_lab
 @pytest.mark.parametrize("name", LAPTOP_NAMES)
 async def test_laptop_short_form_in_a_lab(name: str, tmp_path: Path) -> None:
     """A laptop scenario end to end: the agent survives it and the figures it is about were measured."""
-    scenario = load_scenario(SCENARIOS / f"{name}.toml").short()
-    with trio.fail_after(RUN_BOUND_S):
-        run = await run_scenario(scenario, workdir=tmp_path, short=True, prefix=unique_prefix(), seed=1)
-        report = await check_run(run)
-    print("\n" + render_report(report))
+    report = await short_form_report(name, tmp_path)
     assert_survived(report)
     EXPECT_LAPTOP[name](report)
 
@@ -419,11 +425,7 @@ async def test_laptop_short_form_in_a_lab(name: str, tmp_path: Path) -> None:
 @requires_lab
 @pytest.mark.parametrize("name", ["commute", "flaky-wifi", "dock", "storm"])
 async def test_short_form_in_a_lab(name: str, tmp_path: Path) -> None:
-    scenario = load_scenario(SCENARIOS / f"{name}.toml").short()
-    with trio.fail_after(RUN_BOUND_S):
-        run = await run_scenario(scenario, workdir=tmp_path, short=True, prefix=unique_prefix(), seed=1)
-        report = await check_run(run)
-    print("\n" + render_report(report))
+    report = await short_form_report(name, tmp_path)
     assert_clean(report)
     EXPECT[name](report)
 

@@ -23,12 +23,14 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 INSTALL_TIMEOUT_S = 600
 DEMO_TIMEOUT_S = 120
+#: Bound on the quick commands around them (``git ls-files``, asking the venv where the package is).
+QUICK_COMMAND_TIMEOUT_S = 30
 
 
 def _tracked_files() -> list[str]:
     try:
         out = subprocess.run(
-            ["git", "-C", str(ROOT), "ls-files", "-z"], check=True, capture_output=True, timeout=30
+            ["git", "-C", str(ROOT), "ls-files", "-z"], check=True, capture_output=True, timeout=QUICK_COMMAND_TIMEOUT_S
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"needs a git checkout to know which files a release holds ({exc})")
@@ -76,7 +78,7 @@ def test_a_non_editable_install_runs_the_demo_from_anywhere(tmp_path: pathlib.Pa
     # The installed package is the one that ran: no import from the checkout.
     where = subprocess.run(
         [str(python), "-c", "import jvpn_trio, sys; sys.stdout.write(jvpn_trio.__file__)"],
-        cwd=elsewhere, capture_output=True, text=True, timeout=30, env=env,
+        cwd=elsewhere, capture_output=True, text=True, timeout=QUICK_COMMAND_TIMEOUT_S, env=env,
     )  # fmt: skip
     assert str(env_dir) in where.stdout and str(ROOT) not in where.stdout
     assert sys.prefix != str(env_dir)
