@@ -11,13 +11,16 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from jvpn_trio import __version__
 from jvpn_trio.config import ConfigError, load_client_config, load_gateway_config, load_policy
 from jvpn_trio.core.policy import DEFAULT_POLICY, Policy
 from jvpn_trio.errors import find_in_group
 from jvpn_trio.keyfile import KeyFileError, generate_private_key_text, public_from_private_text
+
+if TYPE_CHECKING:
+    from jvpn_trio.drivers.clock import KernelClocks
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -63,25 +66,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from jvpn_trio.commands import serve
-    from jvpn_trio.drivers.clock import BoottimeClock
 
     config = load_gateway_config(args.config)
+    clocks = _clocks(args)
     # Deadlines on CLOCK_BOOTTIME count a suspend (docs/spec.md, "Freshness across a suspend").
-    return trio.run(lambda: serve.serve_gateway(config, record=args.record, quiet=args.quiet), clock=BoottimeClock())
+    return trio.run(lambda: serve.serve_gateway(config, record=args.record, quiet=args.quiet), clock=clocks.run_clock())
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     import trio
 
     from jvpn_trio.commands import up
-    from jvpn_trio.drivers.clock import BoottimeClock
 
     config = load_client_config(args.config)
+    clocks = _clocks(args)
     # The session clock must keep counting while the laptop sleeps, as the gateway's does.
     return trio.run(
-        lambda: up.run_client(config, record=args.record, quiet=args.quiet, no_tui=args.no_tui),
-        clock=BoottimeClock(),
+        lambda: up.run_client(
+            config, record=args.record, quiet=args.quiet, no_tui=args.no_tui, suspend_detector=clocks.suspend_detector()
+        ),
+        clock=clocks.run_clock(),
     )
+
+
+def _clocks(args: argparse.Namespace) -> KernelClocks:
+    """The kernel's clocks, or (lab) the kernel's plus the offsets in ``--clock-offsets``."""
+    from jvpn_trio.drivers.clock import ClockOffsetsError, KernelClocks, offset_clocks
+
+    if args.clock_offsets is None:
+        return KernelClocks()
+    try:
+        return offset_clocks(args.clock_offsets)
+    except ClockOffsetsError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -151,12 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="gateway TOML file (see examples/gateway.toml)")
     p.add_argument("--record", type=pathlib_path, help="record every core input to this trace file")
     p.add_argument("--quiet", action="store_true", help="do not print events to stdout")
+    p.add_argument(
+        "--clock-offsets", type=pathlib_path, metavar="FILE",
+        help="lab only: add the offsets in FILE to the clocks, to live through a simulated suspend",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("up", help="bring the tunnel up (root): probe every path, keep the session alive")
     p.add_argument("--config", required=True, help="client TOML file (see examples/client.toml)")
     p.add_argument("--record", type=pathlib_path, help="record every core input to this trace file")
     p.add_argument("--quiet", action="store_true", help="do not print events to stdout")
+    p.add_argument(
+        "--clock-offsets", type=pathlib_path, metavar="FILE",
+        help="lab only: add the offsets in FILE to the clocks, to live through a simulated suspend",
+    )  # fmt: skip
     p.add_argument("--no-tui", action="store_true", help="plain event lines instead of the live UI")
     p.set_defaults(func=_cmd_up)
 

@@ -31,7 +31,7 @@ from jvpn_trio.core.policy import DEFAULT_POLICY
 from jvpn_trio.core.states import render_markdown
 from jvpn_trio.drivers import control
 from jvpn_trio.drivers.client import HandshakeFailed
-from jvpn_trio.drivers.clock import BoottimeClock
+from jvpn_trio.drivers.clock import BoottimeClock, SuspendDetector, read_boottime, write_clock_offsets
 from jvpn_trio.drivers.control import ControlError
 from jvpn_trio.drivers.routes import RouteError
 from jvpn_trio.drivers.tun import TunError
@@ -316,8 +316,11 @@ def test_up_runs_the_client_with_the_loaded_config(
 ) -> None:
     calls: list[tuple[object, object, bool, bool]] = []
 
-    async def fake_run(config: object, *, record: object = None, quiet: bool = False, no_tui: bool = False) -> int:
+    async def fake_run(
+        config: object, *, record: object = None, quiet: bool = False, no_tui: bool = False, suspend_detector: object = None
+    ) -> int:
         calls.append((config, record, quiet, no_tui))
+        assert isinstance(suspend_detector, SuspendDetector)
         return 1
 
     monkeypatch.setattr(up, "run_client", fake_run)
@@ -345,6 +348,32 @@ def test_serve_and_up_run_on_the_boottime_clock(
     code, _out, err = run([command, "--config", str(path)], capsys)
     assert (code, err) == (0, "")
     assert len(clocks) == 1 and isinstance(clocks[0], BoottimeClock)
+
+
+@pytest.mark.parametrize(("command", "toml"), [("serve", GATEWAY_TOML), ("up", CLIENT_TOML)])
+def test_clock_offsets_move_the_run_clock_and_a_bad_file_is_one_line(
+    command: str, toml: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The lab's simulated suspend (lab/processes.py): the offsets file moves the clock the loop runs on.
+    readings: list[float] = []
+
+    async def fake_runner(config: object, **_options: object) -> int:
+        readings.append(trio.current_time() - read_boottime())
+        await trio.lowlevel.checkpoint()
+        return 0
+
+    monkeypatch.setattr(serve, "serve_gateway", fake_runner)
+    monkeypatch.setattr(up, "run_client", fake_runner)
+    path = config_file(tmp_path, f"{command}.toml", toml)
+    offsets = tmp_path / "side.clock"
+    write_clock_offsets(offsets, boottime=1_800.0, monotonic=-5.0)
+    code, _out, err = run([command, "--config", str(path), "--clock-offsets", str(offsets)], capsys)
+    assert (code, err) == (0, "")
+    assert readings == [pytest.approx(1_800.0, abs=1.0)]
+    offsets.write_bytes(b"\0")
+    code, out, err = run([command, "--config", str(path), "--clock-offsets", str(offsets)], capsys)
+    assert (code, out) == (2, "")
+    assert assert_one_error_line(err) == f"jvpn-trio: clock offsets {offsets}: expected exactly 16 bytes"
 
 
 def test_serve_bad_config_exits_2(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:

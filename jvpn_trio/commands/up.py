@@ -43,6 +43,8 @@ from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.drivers import control, event_sink, routes, tun, udp
 from jvpn_trio.drivers.agent import ClientAgent
 from jvpn_trio.drivers.client import ClientPath
+from jvpn_trio.drivers.clock import SuspendDetector
+from jvpn_trio.drivers.logind import SleepSignals
 from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.drivers.paths import (
     PathAddressChanged,
@@ -199,7 +201,12 @@ class PathFollower:
 
 
 async def run_client(
-    config: ClientConfig, *, record: Path | None = None, quiet: bool = False, no_tui: bool = False
+    config: ClientConfig,
+    *,
+    record: Path | None = None,
+    quiet: bool = False,
+    no_tui: bool = False,
+    suspend_detector: SuspendDetector | None = None,
 ) -> int:
     """Run the client agent until SIGINT/SIGTERM; 0 then.  Raises AppError for what stops it at start."""
     problem = missing_privilege()
@@ -240,6 +247,8 @@ async def run_client(
             packets=device,
             set_address=routes.TunAddress(config.tun_name, mtu=DEFAULT_MTU, log=stderr_line),
             recorder=recorder,
+            suspend_detector=suspend_detector,
+            sleep_signals=SleepSignals(log=stderr_line),
         )
         follower = PathFollower(config=config, agent=agent, routing=routing, log=stderr_line)
         stack.push_async_callback(follower.aclose)

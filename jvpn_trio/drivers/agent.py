@@ -39,6 +39,9 @@ the agent's life.  On each resume every path is probed at once, and
 :meth:`~jvpn_trio.core.agent.Succession.resumed` decides whether the gateway
 has certainly forgotten the session; if so the rescue (or the next round)
 is due at once instead of after the recovery window or the back-off.
+Where logind runs, its ``PrepareForSleep`` signal (:class:`~jvpn_trio.drivers.logind.SleepSignals`)
+makes the detector compare the clocks right at the resume instead of at its
+next sample; the detector's measurement stays the one acted on.
 
 Only :meth:`close_nowait` (the first SIGINT/SIGTERM, the UI's quit) ends
 :meth:`serve`: the live session is closed explicitly, then it returns.
@@ -77,6 +80,7 @@ from jvpn_trio.drivers.client import (
     SetAddress,
 )
 from jvpn_trio.drivers.clock import Resumed, SuspendDetector
+from jvpn_trio.drivers.logind import SleepSignals
 from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.drivers.ports import PacketPort
 from jvpn_trio.drivers.recording import Recorder
@@ -108,6 +112,7 @@ class ClientAgent:
         recorder: Recorder | None = None,
         log: Callable[[str], None] = stderr_line,
         suspend_detector: SuspendDetector | None = None,
+        sleep_signals: SleepSignals | None = None,
     ) -> None:
         self.policy = policy
         self._static = static
@@ -120,6 +125,7 @@ class ClientAgent:
             self._paths[p.path] = p
             self._link_up[p.path] = p.link_up
         self._detector = suspend_detector if suspend_detector is not None else SuspendDetector()
+        self._sleep_signals = sleep_signals
         #: Bumped when a path appears or the machine resumed: a waiting connect looks again.
         self._nudge = trio_util.AsyncValue(0)
         self.resumes: list[Resumed] = []
@@ -233,6 +239,9 @@ class ClientAgent:
                 runtime.submit_nowait(ev.ReevaluateRequested())  # republishes: the rescuer looks again
         self._nudge.value += 1
 
+    def _going_to_sleep(self) -> None:
+        self._log("the machine is going to sleep (logind)")
+
     def close_nowait(self) -> None:
         """Close the live session explicitly, then let :meth:`serve` return (idempotent)."""
         if self._closing:
@@ -250,6 +259,8 @@ class ClientAgent:
         self._publish_connecting()
         async with trio.open_nursery() as nursery:
             await nursery.start(self._detector.serve, self._resumed)
+            if self._sleep_signals is not None:
+                nursery.start_soon(self._sleep_signals.serve, self._going_to_sleep, self._detector.check_now)
             task_status.started(self)
             adopt: Handshaken | None = None
             while not self._closing:

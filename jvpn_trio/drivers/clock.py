@@ -26,16 +26,27 @@ alike) and grows by exactly the suspended time.  A growth above
 ``threshold_s`` between two samples is reported as :class:`Resumed`, so the
 agent can probe every path at once and, when the suspend outlasted what the
 gateway keeps of a silent session (``core/agent.py``, ``Succession.resumed``),
-handshake anew instead of waiting for timeouts.  This module only detects.  A logind ``PrepareForSleep`` signal over
-D-Bus would be an earlier hint; it is not built (docs/spec.md).
+handshake anew instead of waiting for timeouts.  This module only detects;
+logind's ``PrepareForSleep`` signal (``logind.py``) is an earlier hint where a
+system bus runs.
 
 Both clock readers are parameters, so tests move time by hand.
+:class:`KernelClocks` holds the pair a process runs on; :func:`offset_clocks`
+adds offsets read from a small file at every reading, which is how the lab
+(``jvpn-trio up/serve --clock-offsets FILE``) makes a real process live
+through a suspend without suspending the machine: it stops the client,
+moves the client's CLOCK_BOOTTIME forward and its CLOCK_MONOTONIC back by
+what the kernel would have, and moves both of the gateway's forward.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 import attrs
@@ -54,6 +65,10 @@ SUSPEND_SAMPLE_INTERVAL_S = 1.0
 SUSPEND_THRESHOLD_S = 1.0
 
 Reader = Callable[[], float]
+
+#: A clock-offsets file: two native doubles, seconds added to CLOCK_BOOTTIME and to CLOCK_MONOTONIC.
+OFFSETS_FORMAT = "=dd"
+OFFSETS_SIZE = struct.calcsize(OFFSETS_FORMAT)
 
 
 def read_boottime() -> float:
@@ -140,6 +155,11 @@ class SuspendDetector:
         self._read_boottime = read_boottime
         self._read_monotonic = read_monotonic
         self._stats = SuspendDetectorStatistics()
+        self._poked = trio.Event()
+
+    def check_now(self) -> None:
+        """Compare the clocks at once instead of at the next sample (a hint says the machine resumed)."""
+        self._poked.set()
 
     def statistics(self) -> SuspendDetectorStatistics:
         return self._stats
@@ -163,7 +183,9 @@ class SuspendDetector:
         baseline = self._gap()
         task_status.started()
         while True:
-            await trio.sleep(self.interval_s)
+            with trio.move_on_after(self.interval_s):
+                await self._poked.wait()
+            self._poked = trio.Event()
             gap = self._gap()
             grown, baseline = gap - baseline, gap
             stats = self._stats
@@ -179,3 +201,63 @@ class SuspendDetector:
                 last=resumed,
             )
             report(resumed)
+
+
+@attrs.frozen
+class KernelClocks:
+    """The two clocks one process runs on: the run clock reads ``boottime``; the detector compares both."""
+
+    boottime: Reader = read_boottime
+    monotonic: Reader = read_monotonic
+
+    def run_clock(self) -> BoottimeClock:
+        return BoottimeClock(read=self.boottime)
+
+    def suspend_detector(self) -> SuspendDetector:
+        return SuspendDetector(read_boottime=self.boottime, read_monotonic=self.monotonic)
+
+
+class ClockOffsetsError(ValueError):
+    """A clock-offsets file that cannot be used; one line naming it."""
+
+
+def offset_clocks(path: Path) -> KernelClocks:
+    """The kernel clocks plus the two offsets in ``path`` (:data:`OFFSETS_FORMAT`), read at every reading.
+
+    The file is mapped read-only, so another process's writes show at the next
+    reading without a system call.  The writer must only ever move the
+    boottime offset forward (a run clock never goes back), one aligned
+    8-byte store at a time (``write_clock_offsets``).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ClockOffsetsError(f"clock offsets {path}: {exc.strerror}") from None
+    try:
+        if os.fstat(fd).st_size != OFFSETS_SIZE:
+            raise ClockOffsetsError(f"clock offsets {path}: expected exactly {OFFSETS_SIZE} bytes")
+        view = mmap.mmap(fd, OFFSETS_SIZE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+    def boottime() -> float:
+        offset: float = struct.unpack_from("=d", view, 0)[0]
+        return read_boottime() + offset
+
+    def monotonic() -> float:
+        offset: float = struct.unpack_from("=d", view, 8)[0]
+        return read_monotonic() + offset
+
+    return KernelClocks(boottime=boottime, monotonic=monotonic)
+
+
+def write_clock_offsets(path: Path, *, boottime: float, monotonic: float) -> None:
+    """Set the offsets a process started with ``--clock-offsets path`` reads (creates the file)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size != OFFSETS_SIZE:
+            os.ftruncate(fd, OFFSETS_SIZE)
+        os.pwrite(fd, struct.pack("=d", monotonic), 8)
+        os.pwrite(fd, struct.pack("=d", boottime), 0)
+    finally:
+        os.close(fd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import attrs
 import pytest
@@ -23,13 +24,18 @@ import trio.testing
 
 from jvpn_trio.drivers.clock import (
     MAX_IO_WAIT_S,
+    OFFSETS_SIZE,
     SUSPEND_THRESHOLD_S,
     BoottimeClock,
+    ClockOffsetsError,
+    KernelClocks,
     Resumed,
     SuspendDetector,
     SuspendDetectorStatistics,
+    offset_clocks,
     read_boottime,
     read_monotonic,
+    write_clock_offsets,
 )
 
 
@@ -202,3 +208,47 @@ async def test_a_suspend_before_the_detector_starts_is_not_reported(autojump_clo
         await detector.serve(reports.append)
     assert reports == []
     assert detector.statistics().samples == 3
+
+
+async def test_check_now_measures_at_once_instead_of_at_the_next_sample(autojump_clock: trio.abc.Clock) -> None:
+    kernel = MockKernel()
+    detector = SuspendDetector(read_boottime=kernel.boottime, read_monotonic=kernel.monotonic)
+    reports: list[Resumed] = []
+    with trio.move_on_at(0.9):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(detector.serve, reports.append)
+            await trio.sleep_until(0.25)
+            kernel.suspend(6.0)
+            detector.check_now()  # logind's resume hint
+    assert reports == [Resumed(suspended_for_s=6.0, at=0.25)]
+    assert detector.statistics().samples == 1  # the one the hint asked for; the 1 s sample did not come
+
+
+# -- clock offsets: how the lab lives through a suspend (--clock-offsets) ------------------------
+
+
+def test_offsets_written_by_another_hand_show_at_the_next_reading(tmp_path: Path) -> None:
+    path = tmp_path / "client.clock"
+    write_clock_offsets(path, boottime=0.0, monotonic=0.0)
+    clocks = offset_clocks(path)
+    assert abs(clocks.boottime() - read_boottime()) < 0.5 and abs(clocks.monotonic() - read_monotonic()) < 0.5
+    write_clock_offsets(path, boottime=1_800.0, monotonic=-3.0)  # a 30 min sleep that took 3 s of wall time
+    gap_before = read_boottime() - read_monotonic()
+    assert clocks.boottime() - clocks.monotonic() - gap_before == pytest.approx(1_803.0, abs=0.5)
+    assert clocks.run_clock().current_time() - read_boottime() == pytest.approx(1_800.0, abs=0.5)
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * (OFFSETS_SIZE - 1), b"\0" * (OFFSETS_SIZE + 1)], ids=["empty", "short", "long"])
+def test_a_clock_offsets_file_of_the_wrong_size_is_one_clear_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.clock"
+    path.write_bytes(content)
+    with pytest.raises(ClockOffsetsError, match=f"expected exactly {OFFSETS_SIZE} bytes"):
+        offset_clocks(path)
+    with pytest.raises(ClockOffsetsError, match="No such file"):
+        offset_clocks(tmp_path / "missing.clock")
+
+
+def test_the_kernel_clocks_are_the_default_pair() -> None:
+    clocks = KernelClocks()
+    assert clocks.boottime is read_boottime and clocks.monotonic is read_monotonic
+    assert clocks.run_clock().read is read_boottime
