@@ -477,6 +477,12 @@ class Lab:
         self._check_ns(ns)
         return await _command(["ip", "netns", "exec", ns, *argv], stdin=stdin, check=check, timeout_s=None)
 
+    async def namespace_pids(self, ns: str) -> tuple[int, ...]:
+        """The pids of every process in ``ns`` (``ip netns pids``), in ascending order."""
+        self._check_ns(ns)
+        result = await _command(["ip", "netns", "pids", ns])
+        return tuple(sorted(int(word) for word in result.stdout.split()))
+
     async def start_process(
         self,
         ns: str,

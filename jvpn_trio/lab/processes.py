@@ -19,13 +19,27 @@ File layout of a run directory::
                                              the files of the n-th gateway process killed by
                                              Tunnel.kill_gateway, moved aside so that its
                                              successor starts from the same config afresh
+    gateway.clock client.clock               clock offsets (``--clock-offsets``), only for a
+                                             scenario where the laptop sleeps
     <tool>.ready/.json/.err                  traffic tools (jvpn_trio.lab.traffic)
+
+*A suspend* (:meth:`Tunnel.suspend_laptop` / :meth:`Tunnel.resume_laptop`) stops every
+process of the client namespace with SIGSTOP (the laptop's programs sleep; the namespace's
+kernel still answers ARP, as a suspended laptop's NIC does not: harmless, since nothing
+replies to a request that arrives then).  On resume the laptop has slept ``slept_s`` by its
+clock (at least the wall time it was stopped): the client's CLOCK_BOOTTIME moves forward by
+the part that did not pass on the wall, its CLOCK_MONOTONIC back by the whole wall time (the
+kernel stops it in a suspend), and the gateway, awake all along, sees both its clocks move
+forward by that same difference.  Then SIGCONT.  The client's clock therefore jumps against
+``time.monotonic()``: each jump is returned as a :class:`ClockJump` so the report can map
+times (:class:`ClientClock`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +50,7 @@ import trio
 
 from jvpn_trio.core.actions import EmitEvent
 from jvpn_trio.core.policy import DEFAULT_POLICY
+from jvpn_trio.drivers.clock import write_clock_offsets
 from jvpn_trio.drivers.control import ControlError, query_control
 from jvpn_trio.keyfile import generate_private_key_text, public_from_private_text, write_private_key
 from jvpn_trio.lab.netns import Lab, LabProcess
@@ -102,6 +117,59 @@ class Tunnel:
     lab: Lab
     gateway_argv: tuple[str, ...]
     killed: list[GatewayRun] = attrs.Factory(list)
+    #: Per side, the (boottime, monotonic) offsets its clock-offsets file holds; empty: no such files.
+    clock_offsets: dict[str, tuple[float, float]] = attrs.Factory(dict)
+    #: While the laptop sleeps: when it was stopped (time.monotonic()) and which pids.
+    _asleep: tuple[float, tuple[int, ...]] | None = None
+
+    async def suspend_laptop(self) -> int:
+        """SIGSTOP every process in the client namespace; returns how many.  RuntimeError if asleep already.
+
+        Needs the clock-offsets files (``start_tunnel(..., clock_offsets=True)``).
+        """
+        if not self.clock_offsets:
+            raise RuntimeError("the tunnel was started without clock offsets: it cannot simulate a suspend")
+        if self._asleep is not None:
+            raise RuntimeError("the laptop is asleep already")
+        pids = await self.lab.namespace_pids(self.lab.client_ns)
+        for pid in pids:
+            _signal(pid, signal.SIGSTOP)
+        self._asleep = (time.monotonic(), pids)
+        return len(pids)
+
+    async def resume_laptop(self, slept_s: float | None) -> ClockJump:
+        """Move the clocks as a suspend of ``slept_s`` would have (see the module notes), then SIGCONT.
+
+        ``slept_s`` None or shorter than the wall time stopped means the wall time.
+        """
+        if self._asleep is None:
+            raise RuntimeError("the laptop is not asleep")
+        since, pids = self._asleep
+        wall = time.monotonic() - since
+        extra = max(0.0, (slept_s if slept_s is not None else wall) - wall)
+        boot, mono = self.clock_offsets["client"]
+        self.clock_offsets["client"] = (boot + extra, mono - wall)
+        boot, mono = self.clock_offsets["gateway"]
+        self.clock_offsets["gateway"] = (boot + extra, mono + extra)
+
+        def write() -> None:
+            for side, (boottime, monotonic) in self.clock_offsets.items():
+                write_clock_offsets(self.clock_file(side), boottime=boottime, monotonic=monotonic)
+
+        await trio.to_thread.run_sync(write)
+        at = time.monotonic()
+        for pid in pids:
+            _signal(pid, signal.SIGCONT)
+        self._asleep = None
+        return ClockJump(at=at, seconds=extra, wall_s=wall)
+
+    @property
+    def asleep(self) -> bool:
+        """True between :meth:`suspend_laptop` and :meth:`resume_laptop`."""
+        return self._asleep is not None
+
+    def clock_file(self, side: str) -> Path:
+        return self.directory / f"{side}.clock"
 
     async def kill_gateway(self) -> GatewayRun:
         """SIGKILL the gateway (a crash or a power cut of the server) and move its files aside.
@@ -288,25 +356,47 @@ async def guard_tunnel(lab: Lab) -> None:
     await lab.run(lab.gateway_ns, "nft", "-f", "-", stdin=script.encode())
 
 
-async def start_tunnel(lab: Lab, directory: Path, *, policy: Mapping[str, Any], record: bool = True) -> Tunnel:
+async def start_tunnel(
+    lab: Lab, directory: Path, *, policy: Mapping[str, Any], record: bool = True, clock_offsets: bool = False
+) -> Tunnel:
     """Start the gateway, then (once its control socket exists) the client; return once both run.
 
-    With ``record`` (the default) each records its trace into the directory.  Raises
+    With ``record`` (the default) each records its trace into the directory; with
+    ``clock_offsets`` each runs on clocks the lab can move (a simulated suspend).  Raises
     TunnelError if the gateway dies before it is ready.
     """
-    await trio.to_thread.run_sync(lambda: write_configs(directory, lab, policy=policy))
+    offsets = {side: (0.0, 0.0) for side in ("gateway", "client")} if clock_offsets else {}
+
+    def prepare() -> None:
+        write_configs(directory, lab, policy=policy)
+        for side in offsets:
+            write_clock_offsets(directory / f"{side}.clock", boottime=0.0, monotonic=0.0)
+
+    await trio.to_thread.run_sync(prepare)
     await guard_tunnel(lab)
     py = sys.executable
 
     def argv(command: str, side: str) -> list[str]:
         out = [py, "-m", "jvpn_trio", command, "--config", str(directory / f"{side}.toml"), "--quiet"]
+        if offsets:
+            out += ["--clock-offsets", str(directory / f"{side}.clock")]
         return out + (["--record", str(directory / f"{side}.trace.jsonl")] if record else [])
 
     gateway_argv = tuple(argv("serve", "gateway"))
     gateway = await lab.start_process(lab.gateway_ns, gateway_argv, stderr_path=directory / "gateway.err")
     await _wait_for_file(directory / "gateway.sock", gateway, "gateway", directory / "gateway.err")
     client = await lab.start_process(lab.client_ns, argv("up", "client"), stderr_path=directory / "client.err")
-    return Tunnel(directory=directory, gateway=gateway, client=client, lab=lab, gateway_argv=gateway_argv)
+    return Tunnel(
+        directory=directory, gateway=gateway, client=client, lab=lab, gateway_argv=gateway_argv, clock_offsets=offsets
+    )
+
+
+def _signal(pid: int, signum: int) -> None:
+    """Signal ``pid``; one that has exited meanwhile is not an error."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 # -----------------------------------------------------------------------------
@@ -379,14 +469,43 @@ async def sample_client_clock(tunnel: Tunnel) -> ClockSample | None:
     return ClockSample(core_now=float(now), monotonic_after=after, monotonic_before=before)
 
 
-def estimate_offset(samples: Sequence[ClockSample], *, rounding_s: float = 0.0005) -> float | None:
+@attrs.frozen
+class ClockJump:
+    """The client's clock moved ``seconds`` forward against ``time.monotonic()`` at ``at`` (a resume)."""
+
+    at: float
+    seconds: float
+    #: How long the laptop was really stopped before it.
+    wall_s: float = 0.0
+
+
+@attrs.frozen
+class ClientClock:
+    """The client's core clock as a function of ``time.monotonic()``: an offset, plus every jump since."""
+
+    offset: float
+    jumps: tuple[ClockJump, ...] = ()
+
+    def jumped(self, monotonic: float) -> float:
+        return sum(j.seconds for j in self.jumps if j.at <= monotonic)
+
+    def at(self, monotonic: float) -> float:
+        return monotonic + self.offset + self.jumped(monotonic)
+
+
+def estimate_client_clock(
+    samples: Sequence[ClockSample], jumps: Sequence[ClockJump] = (), *, rounding_s: float = 0.0005
+) -> ClientClock | None:
     """Best lower bound of ``core clock - time.monotonic()`` over the samples (see runner.py's clock notes).
 
     A snapshot's ``now`` is the time of the client's last core call, which happened before its
     reply left, so ``core_now - rounding <= monotonic_after + offset`` for every sample: each
     gives ``offset >= core_now - rounding - monotonic_after`` and the largest is the tightest.
     With core calls every few milliseconds (probes on every path) it is within a few ms.
+    The jumps the lab made are known exactly and taken out of each sample first.
     """
     if not samples:
         return None
-    return max(s.core_now - rounding_s - s.monotonic_after for s in samples)
+    clock = ClientClock(offset=0.0, jumps=tuple(jumps))
+    offset = max(s.core_now - rounding_s - s.monotonic_after - clock.jumped(s.monotonic_after) for s in samples)
+    return attrs.evolve(clock, offset=offset)

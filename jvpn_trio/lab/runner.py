@@ -44,7 +44,10 @@ default route, fault chains, then the path's baseline conditions) or is deleted
 (``netns.delete_path``), an address is flushed or added (``netns.flush_address`` /
 ``add_address``), the gateway is killed with SIGKILL and started again from the same config
 (``Tunnel.kill_gateway`` / ``start_gateway``; the killed process's event log and trace are moved
-aside and audited and replayed on their own, since each process has its own clock).  A ``*``
+aside and audited and replayed on their own, since each process has its own clock), and the
+laptop sleeps and wakes (``Tunnel.suspend_laptop`` / ``resume_laptop``: every process of the
+client namespace stopped, then the clocks of both processes moved as the sleep's length says;
+the processes run with ``--clock-offsets`` only in a scenario that sleeps).  A ``*``
 step touches only the paths whose interface exists then.  The client's config lists every
 scenario path by interface name from the start, including those that appear later.
 
@@ -57,7 +60,9 @@ every process).  Event-log times ``t`` are the client's Trio clock: CLOCK_MONOTO
 random per-process offset.  The lab polls the client's control socket every
 :data:`CLOCK_SAMPLE_S`; each reply's ``now_s`` is the client's last core call, made before the
 reply left, so ``offset >= now_s - 0.0005 - monotonic_after_reply``; the largest such bound over
-the run is the estimate (``processes.estimate_offset``).  The client calls its core every few
+the run is the estimate (``processes.estimate_client_clock``); a simulated suspend moves the
+client's clock by an amount the lab knows exactly, which the estimate takes out first and every
+mapping adds back from its instant on (``ClientClock``).  The client calls its core every few
 milliseconds (a probe per path every ``probe_interval_ms``), so the estimate is low by a few ms
 at most, which makes detection and switch times conservative (slightly long), never short.
 
@@ -105,16 +110,18 @@ from jvpn_trio.tools.audit import AuditReport, audit_lines
 from jvpn_trio.config import ConfigError
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.health import Verdict
-from jvpn_trio.core.states import SessionState
+from jvpn_trio.core.states import ReasonCode, SessionState
 from jvpn_trio.lab.netns import Lab, LabError, LabPath, LabSpec, open_lab
 from jvpn_trio.lab.processes import (
     GATEWAY_TUNNEL,
+    ClientClock,
+    ClockJump,
     ClockSample,
     GatewayRun,
     Tool,
     Tunnel,
     TunnelError,
-    estimate_offset,
+    estimate_client_clock,
     sample_client_clock,
     start_tool,
     start_tunnel,
@@ -129,7 +136,11 @@ from jvpn_trio.lab.scenario import (
     FLUSH_ADDRESS,
     GATEWAY_TARGET,
     KILL_GATEWAY,
+    LAPTOP_TARGET,
+    MACHINE_STEP_KINDS,
+    RESUME,
     START_GATEWAY,
+    SUSPEND,
     Impairment,
     Scenario,
     Step,
@@ -609,6 +620,17 @@ class StepRecord:
     kind: str | None = None
     #: The paths usable after the step (interface, address, link up, no blackhole); None: not tracked.
     usable_after: tuple[str, ...] | None = None
+    #: ``resume``: how the client's clock jumped (the lab moved it).
+    jump: ClockJump | None = None
+    #: ``resume``: the sleep the laptop's clock saw, in seconds.
+    slept_s: float | None = None
+    #: The laptop was asleep after the step: the client could see nothing until the next resume.
+    asleep: bool = False
+
+    @property
+    def origin(self) -> float:
+        """When the step took effect: its start, except a resume, which takes effect once the laptop runs again."""
+        return self.jump.at if self.jump is not None else self.started
 
 
 @attrs.frozen(kw_only=True)
@@ -725,7 +747,8 @@ async def run_scenario(
                 await apply_conditions(lab, relay, path.name, current[path.name], initial[path.name])
                 current[path.name] = initial[path.name]
             usable_at_start = usable_paths(lab, current)
-            tunnel = await start_tunnel(lab, workdir, policy=scenario.policy.to_mapping())
+            sleeps = any(s.kind in MACHINE_STEP_KINDS for s in scenario.steps)
+            tunnel = await start_tunnel(lab, workdir, policy=scenario.policy.to_mapping(), clock_offsets=sleeps)
             try:
                 with trio.fail_after(ATTACH_TIMEOUT_S):
                     status = await tunnel.wait_attached()
@@ -815,8 +838,19 @@ def usable_paths(lab: Lab, current: Mapping[str, Impairment]) -> tuple[str, ...]
 
 
 async def _do_step(lab: Lab, relay: WireRelay | None, tunnel: Tunnel, scenario: Scenario, step: Step,
-                   current: dict[str, Impairment]) -> list[str]:  # fmt: skip
-    """Carry out a ``do`` step; returns what was done, in order."""
+                   current: dict[str, Impairment], jumps: list[ClockJump]) -> list[str]:  # fmt: skip
+    """Carry out a ``do`` step; returns what was done, in order (a resume's clock jump goes to ``jumps``)."""
+    if step.kind == SUSPEND:
+        stopped = await tunnel.suspend_laptop()
+        return [f"laptop: {stopped} process(es) of the client namespace stopped (SIGSTOP)"]
+    if step.kind == RESUME:
+        jump = await tunnel.resume_laptop(step.slept_s)
+        jumps.append(jump)
+        slept = jump.wall_s + jump.seconds
+        return [
+            f"laptop: slept {slept:.3f} s by its clock ({jump.wall_s:.3f} s stopped): client boottime "
+            f"+{jump.seconds:.3f} s, monotonic -{jump.wall_s:.3f} s; gateway clocks +{jump.seconds:.3f} s; SIGCONT"
+        ]
     if step.kind == KILL_GATEWAY:
         run = await tunnel.kill_gateway()
         return [f"gateway: SIGKILL (exit {run.exit_code}), its files moved to *.{run.number}.*"]
@@ -856,8 +890,9 @@ async def _apply_step(
     before = {p.name: current[p.name] for p in targets}
     started = time.monotonic()
     done: list[str] = []
+    jumps: list[ClockJump] = []
     if step.kind is not None:
-        done = await _do_step(lab, relay, tunnel, scenario, step, current)
+        done = await _do_step(lab, relay, tunnel, scenario, step, current, jumps)
     else:
         for p in targets:
             new = current[p.name].apply(dict(step.changes), p.baseline)
@@ -878,6 +913,9 @@ async def _apply_step(
         finished=finished,
         kind=step.kind,
         usable_after=usable_paths(lab, current),
+        jump=jumps[0] if jumps else None,
+        asleep=tunnel.asleep,
+        slept_s=jumps[0].wall_s + jumps[0].seconds if jumps else None,
     )
 
 
@@ -1005,6 +1043,21 @@ def _state_at(changes: Sequence[EmitEvent], t: float) -> tuple[str | None, str |
     return (str(state) if state is not None else None), binding
 
 
+def attached_again(changes: Sequence[EmitEvent], c0: float, c1: float, *, state_before: str | None) -> float | None:
+    """Milliseconds from ``c0`` until the client is ATTACHED for the rest of ``[c0, c1)``; None if it is not at ``c1``.
+
+    0 when it was ATTACHED at ``c0`` and never left; otherwise the time of the window's last
+    change to ATTACHED.
+    """
+    attached = SessionState.ATTACHED.value
+    window = [e for e in changes if c0 <= e.t < c1]
+    if not window:
+        return 0.0 if state_before == attached else None
+    if window[-1].detail("to_state") != attached:
+        return None
+    return _ms(window[-1].t - c0)
+
+
 def time_in_state(changes: Sequence[EmitEvent], *, until: float | None = None) -> dict[str, float]:
     """Seconds spent in each state, from the first STATE_CHANGE to TERMINATED (or ``until``)."""
     out: dict[str, float] = {}
@@ -1090,7 +1143,7 @@ def analyze_step(
     record: StepRecord,
     window_end: float,
     *,
-    offset: float | None,
+    clock: ClientClock | None,
     names: Sequence[str],
     client: Sequence[EmitEvent],
     changes: Sequence[EmitEvent],
@@ -1131,13 +1184,17 @@ def analyze_step(
         "state_after": None,
         "became_usable": newly,
         "first_answer_ms": {n: None for n in newly},
-        "traffic_back_ms": _ms(traffic_back(sorted(probes[2].values()), record.started, window_end)),
+        "traffic_back_ms": _ms(traffic_back(sorted(probes[2].values()), record.origin, window_end)),
+        "asleep": record.asleep,
     }
-    if offset is not None:
+    if record.kind == RESUME:
+        row["slept_s"] = record.slept_s
+        row["attached_ms"] = None
+    if clock is not None and not record.asleep:  # asleep, the client answers nothing until the resume's row
         for n in newly:
-            answer = _first_answer(client, _path_id(n, names), record.finished + offset)
-            row["first_answer_ms"][n] = _ms(answer.t - (record.finished + offset)) if answer is not None else None
-        c0, c1 = record.started + offset, window_end + offset
+            answer = _first_answer(client, _path_id(n, names), clock.at(record.finished))
+            row["first_answer_ms"][n] = _ms(answer.t - clock.at(record.finished)) if answer is not None else None
+        c0, c1 = clock.at(record.origin), clock.at(window_end)
         state, active = _state_at(changes, c0)
         row["active_before"] = _path_name(active, names)
         row["on_active_path"] = active in pids if active is not None else False
@@ -1156,6 +1213,9 @@ def analyze_step(
             row["reason"] = detected.reason.value
         row["states"] = [str(e.detail("to_state")) for e in window if e.kind is EventKind.STATE_CHANGE]
         row["state_after"] = _state_at(changes, c1)[0]
+        if record.kind == RESUME:
+            row["attached_ms"] = attached_again(changes, c0, c1, state_before=state)
+            row["new_session"] = any(e.kind is EventKind.STATE_CHANGE and e.detail("from_state") is None for e in window)
     outage, expected, lost = window_probes(*probes, record.started, window_end, hz)
     row["outage_ms"] = _ms(outage)
     row["probes_expected"] = expected
@@ -1206,7 +1266,7 @@ def build_report(
     """The report document (``docs/lab-report.md``) from a run's measurements.  Pure."""
     scenario = run.scenario
     names = run.path_names
-    offset = estimate_offset(run.clock_samples)
+    clock = estimate_client_clock(run.clock_samples, [r.jump for r in run.steps if r.jump is not None])
     client = _events(run.client_events)
     gateway = _events(run.gateway_events)
     changes = [e for e in client if e.kind is EventKind.STATE_CHANGE]
@@ -1218,12 +1278,12 @@ def build_report(
         window_end = run.steps[i + 1].started if i + 1 < len(run.steps) else run.end
         faults.append(
             analyze_step(
-                record, window_end, offset=offset, names=names, client=client, changes=changes,
+                record, window_end, clock=clock, names=names, client=client, changes=changes,
                 probes=probes, hz=hz, t0=run.t0, usable_before=usable_before,
             )  # fmt: skip
         )
         usable_before = record.usable_after
-    end_c = run.end + offset if offset is not None else None
+    end_c = clock.at(run.end) if clock is not None else None
     switches = {
         "client": sum(1 for e in client if e.kind is EventKind.TRANSPORT_SWITCH),
         "gateway": sum(1 for e in gateway if e.kind is EventKind.TRANSPORT_SWITCH),
@@ -1240,7 +1300,7 @@ def build_report(
     replay_ok = all(r is not None and r.status == OK_STATUS for side, r in replays.items() if side in SIDES)
     replay_ok = replay_ok and all(g["replay_ok"] for g in earlier)
     errors = list(run.errors)
-    if offset is None:
+    if clock is None:
         errors.append("the client never answered a status query: no clock offset, no detection or switch times")
     if not run.client_alive_at_end:
         errors.append("the client (jvpn-trio up) was not running at the end of the timeline")
@@ -1281,7 +1341,10 @@ def build_report(
             else None,
         },
         "clock": {
-            "offset_s": round(offset, 6) if offset is not None else None,
+            "offset_s": round(clock.offset, 6) if clock is not None else None,
+            "jumps": [{"at_s": round(j.at - run.t0, 3), "seconds": round(j.seconds, 3)} for j in clock.jumps]
+            if clock is not None
+            else [],
             "samples": len(run.clock_samples),
             "method": "max over status samples of (now_s - 0.0005 - monotonic after the reply)",
         },
@@ -1298,6 +1361,7 @@ def build_report(
                 "received": sink.get("received"),
                 "lost": sink.get("lost"),
                 "longest_gap_ms": _ms(sink.get("longest_gap_s")),
+                "expected_asleep": sum(f["probes_expected"] for f in faults if f["asleep"]),
             },
         },
         "tcp": tcp,
@@ -1354,12 +1418,15 @@ def _sessions(audit: AuditReport | None) -> list[dict[str, Any]]:
 def laptop_figures(run: RunData, faults: Sequence[Mapping[str, Any]], audits: Mapping[str, AuditReport]) -> dict[str, Any]:
     """The figures of the laptop scenarios (docs/lab-report.md, ``laptop``), from the fault rows.  Pure."""
     first_answer = [
-        {"step": f["index"], "path": name, "ms": ms} for f in faults for name, ms in f["first_answer_ms"].items()
+        {"step": f["index"], "path": name, "ms": ms}
+        for f in faults
+        if not f["asleep"]
+        for name, ms in f["first_answer_ms"].items()
     ]
     address = [
         {"step": f["index"], "path": f["path"], "kind": f["kind"], "traffic_back_ms": f["traffic_back_ms"]}
         for f in faults
-        if f["kind"] in (FLUSH_ADDRESS, ADD_ADDRESS)
+        if f["kind"] in (FLUSH_ADDRESS, ADD_ADDRESS) and not f["asleep"]
     ]
     restarts = []
     all_down = []
@@ -1380,13 +1447,25 @@ def laptop_figures(run: RunData, faults: Sequence[Mapping[str, Any]], audits: Ma
                 {"step": f["index"], "down_s": round(record.started - down_since, 3), "traffic_back_ms": f["traffic_back_ms"]}
             )
             down_since = None
+    resumes = [
+        {
+            "step": f["index"], "slept_s": f["slept_s"], "traffic_back_ms": f["traffic_back_ms"],
+            "attached_ms": f["attached_ms"], "new_session": f.get("new_session"),
+        }  # fmt: skip
+        for f in faults
+        if f["kind"] == RESUME
+    ]
     logs = {key: _sessions(audits.get(key)) for key in (*SIDES, *(g.key for g in run.gateway_runs))}
+    every_log = (run.client_events, run.gateway_events, *(g.events for g in run.gateway_runs))
+    stale = sum(1 for lines in every_log for e in _events(lines) if e.reason is ReasonCode.STALE_TIMESTAMP)
     return {
         "agent_alive_at_end": run.client_alive_at_end,
         "first_answer": first_answer,
         "address_changes": address,
         "gateway_restarts": restarts,
         "all_down": all_down,
+        "resumes": resumes,
+        "stale_timestamps": stale,
         "sessions": logs,
     }
 
@@ -1437,6 +1516,13 @@ def _render_laptop(laptop: Mapping[str, Any] | None, gateway_runs: Sequence[Mapp
     answers = ", ".join(f"#{a['step']} {a['path']} {_fmt_ms(a['ms'])}" for a in laptop["first_answer"])
     if answers:
         out.append(f"  usable -> first probe answer: {answers}")
+    for row in laptop.get("resumes", ()):
+        out.append(
+            f"  resume #{row['step']} after {row['slept_s']:g} s asleep -> traffic flowing {_fmt_ms(row['traffic_back_ms'])}, "
+            f"ATTACHED {_fmt_ms(row['attached_ms'])}" + (" (new session)" if row["new_session"] else "")
+        )
+    if laptop.get("resumes"):
+        out.append(f"  STALE_TIMESTAMP rejections in every log: {laptop['stale_timestamps']}")
     for key, label in (("address_changes", "address change"), ("gateway_restarts", "gateway restart"), ("all_down", "all paths down")):
         rows = laptop[key]
         if rows:
@@ -1488,7 +1574,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
             [
                 str(f["index"]),
                 f"{f['at_s']:g} s",
-                "gateway" if f["path"] == GATEWAY_TARGET else f["path"],
+                {GATEWAY_TARGET: "gateway", LAPTOP_TARGET: "laptop"}.get(f["path"], f["path"]),
                 f["changes"],
                 active,
                 detected,
@@ -1496,9 +1582,9 @@ def render_report(doc: Mapping[str, Any]) -> str:
                 _fmt_ms(f["switch_ms"]),
                 f["switched_to"] or "-",
                 f["reason"] or "-",
-                _fmt_ms(f["outage_ms"]),
+                "asleep" if f.get("asleep") else _fmt_ms(f["outage_ms"]),
                 _fmt_ms(f.get("traffic_back_ms")),
-                f"{f['probes_lost']}/{f['probes_expected']}",
+                "asleep" if f.get("asleep") else f"{f['probes_lost']}/{f['probes_expected']}",
                 f["state_after"] or "-",
             ]
         )
@@ -1522,6 +1608,7 @@ def render_report(doc: Mapping[str, Any]) -> str:
     pr = totals["probes"]
     out.append(
         f"  probes: {pr['received']}/{pr['expected']} received, {pr['lost']} lost, longest gap {_fmt_ms(pr['longest_gap_ms'])}"
+        + (f" ({pr['expected_asleep']} expected while the laptop slept, its programs stopped)" if pr.get("expected_asleep") else "")
     )
     if tcp["intact"]:
         out.append(f"  TCP: intact, {tcp['bytes_received']:,} bytes, sha256 {str(tcp['sha256_received'])[:16]}… at both ends, no reset")

@@ -15,7 +15,10 @@ earlier) or vanishes (``delete-interface``), its address is flushed
 (``flush-address``) or a new one is added, possibly in another subnet with
 another next hop (``add-address``, ``subnet``, ``host``), and the gateway
 process is killed (``kill-gateway``, SIGKILL) and started again
-(``start-gateway``).  The parser plays the timeline through once, so a step
+(``start-gateway``), and the laptop sleeps (``suspend``) and wakes
+(``resume``, with ``slept_s``: how long the machine's clock says it slept,
+which may be far longer than the wall time between the two steps: the lab
+moves the processes' clocks by the difference).  The parser plays the timeline through once, so a step
 that cannot happen (delete an interface that is not there, start a gateway
 that runs) is an error naming the step, not a surprise half-way through a run.
 Only the lab carries ``do`` steps out; the demo has no interfaces to change.
@@ -70,6 +73,8 @@ LINK_STATES = ("up", "down")
 ALL_PATHS = "*"
 #: The ``path`` a gateway step reports (it names no path: there is no ``path`` key in the file).
 GATEWAY_TARGET = "@gateway"
+#: The ``path`` a suspend or resume step reports.
+LAPTOP_TARGET = "@laptop"
 
 ADD_INTERFACE = "add-interface"
 DELETE_INTERFACE = "delete-interface"
@@ -77,9 +82,15 @@ FLUSH_ADDRESS = "flush-address"
 ADD_ADDRESS = "add-address"
 KILL_GATEWAY = "kill-gateway"
 START_GATEWAY = "start-gateway"
+SUSPEND = "suspend"
+RESUME = "resume"
 #: What ``do = ...`` may say: the faults of a laptop's network that are not impairments.
-STEP_KINDS = (ADD_INTERFACE, DELETE_INTERFACE, FLUSH_ADDRESS, ADD_ADDRESS, KILL_GATEWAY, START_GATEWAY)
+STEP_KINDS = (ADD_INTERFACE, DELETE_INTERFACE, FLUSH_ADDRESS, ADD_ADDRESS, KILL_GATEWAY, START_GATEWAY, SUSPEND, RESUME)
 GATEWAY_STEP_KINDS = (KILL_GATEWAY, START_GATEWAY)
+#: Steps about the whole laptop: they name no path.
+MACHINE_STEP_KINDS = (SUSPEND, RESUME)
+#: ``resume``: the longest sleep a scenario may claim (a day), in seconds.
+MAX_SLEPT_S = 86_400.0
 #: ``add-address``: ``subnet`` 0 is the path's own link subnet; 1..MAX_SUBNET are others, each with
 #: its own next hop on the router side.  ``host`` is the client's host number in it (the lab's
 #: address plan: ``ROUTER_HOST`` is the router).
@@ -136,6 +147,8 @@ class Step:
     #: ``add-address`` only: which subnet and which host number the new address has.
     subnet: int = 0
     host: int = DEFAULT_HOST
+    #: ``resume`` only: the suspend's length on the laptop's clock (None: the wall time since ``suspend``).
+    slept_s: float | None = None
 
     def targets(self, paths: tuple[ScenarioPath, ...]) -> list[ScenarioPath]:
         """The paths the step names (every path for ``*``; none for a gateway step)."""
@@ -147,10 +160,12 @@ class Step:
             return ", ".join(f"{k}={v}" for k, v in self.changes)
         if self.kind == ADD_ADDRESS:
             return f"{self.kind} subnet={self.subnet} host={self.host}"
+        if self.kind == RESUME and self.slept_s is not None:
+            return f"{self.kind} slept_s={self.slept_s:g}"
         return self.kind
 
     def describe(self) -> str:
-        where = "gateway" if self.path == GATEWAY_TARGET else self.path
+        where = {GATEWAY_TARGET: "gateway", LAPTOP_TARGET: "laptop"}.get(self.path, self.path)
         return f"{where}: {self.what()}" + (f" ({self.note})" if self.note else "")
 
 
@@ -245,11 +260,13 @@ def _step(raw: Mapping[str, Any], where: str, *, duration: float, names: set[str
         allowed.add("set")
     elif kind == ADD_ADDRESS:
         allowed |= {"do", "subnet", "host"}
+    elif kind == RESUME:
+        allowed |= {"do", "slept_s"}
     else:
         allowed.add("do")
     if kind is not None and "set" in raw:
         raise ScenarioError(f"{where}: give 'set' or 'do', not both")
-    if kind in GATEWAY_STEP_KINDS:
+    if kind in GATEWAY_STEP_KINDS or kind in MACHINE_STEP_KINDS:
         allowed.discard("path")
     extra = sorted(set(raw) - allowed)
     if extra:
@@ -266,6 +283,11 @@ def _step(raw: Mapping[str, Any], where: str, *, duration: float, names: set[str
         raise ScenarioError(f"{where}.note: expected a string")
     if kind in GATEWAY_STEP_KINDS:
         return Step(at_s=at, path=GATEWAY_TARGET, kind=kind, note=note)
+    if kind in MACHINE_STEP_KINDS:
+        slept = _number(raw, "slept_s", where) if "slept_s" in raw else None
+        if slept is not None and not 0 < slept <= MAX_SLEPT_S:
+            raise ScenarioError(f"{where}.slept_s: expected more than 0 and at most {MAX_SLEPT_S:g} s, got {slept:g}")
+        return Step(at_s=at, path=LAPTOP_TARGET, kind=kind, slept_s=slept, note=note)
     target = raw.get("path")
     if kind is None:
         if target != ALL_PATHS and target not in names:
@@ -287,6 +309,7 @@ def _check_timeline(steps: list[tuple[int, Step]], paths: tuple[ScenarioPath, ..
     present = {p.name: p.present for p in paths}
     addressed = {p.name: p.present for p in paths}
     gateway_up = True
+    asleep_since: float | None = None
     ever_absent = {p.name for p in paths if not p.present}
     delayed = {p.name for p in paths if p.baseline.delay_ms or p.baseline.jitter_ms}
     for number, step in steps:
@@ -297,7 +320,20 @@ def _check_timeline(steps: list[tuple[int, Step]], paths: tuple[ScenarioPath, ..
             changes = dict(step.changes)
             if changes.get("delay_ms") or changes.get("jitter_ms"):
                 delayed |= {p.name for p in step.targets(paths)}
+        elif step.kind == SUSPEND:
+            if asleep_since is not None:
+                raise ScenarioError(f"{where}: the laptop is asleep then (resume it first)")
+            asleep_since = step.at_s
+        elif step.kind == RESUME:
+            if asleep_since is None:
+                raise ScenarioError(f"{where}: the laptop is not asleep then (suspend it first)")
+            wall = step.at_s - asleep_since
+            if step.slept_s is not None and step.slept_s < wall:
+                raise ScenarioError(f"{where}.slept_s: {step.slept_s:g} s is shorter than the {wall:g} s since the suspend")
+            asleep_since = None
         elif step.kind in GATEWAY_STEP_KINDS:
+            if asleep_since is not None:
+                raise ScenarioError(f"{where}: the laptop is asleep then; gateway steps are not simulated during a suspend")
             wanted = step.kind == START_GATEWAY
             if gateway_up == wanted:
                 raise ScenarioError(f"{where}: the gateway is {'running' if gateway_up else 'not running'} then")
@@ -318,6 +354,8 @@ def _check_timeline(steps: list[tuple[int, Step]], paths: tuple[ScenarioPath, ..
                 addressed[step.path] = False
             else:
                 addressed[step.path] = True
+    if asleep_since is not None:
+        raise ScenarioError(f"{source}: the laptop is still asleep at the end (add a '{RESUME}' step)")
     both = sorted(ever_absent & delayed)
     if both:
         raise ScenarioError(f"{source}: {', '.join(both)}: a path whose interface comes or goes cannot have a delay or jitter")

@@ -46,7 +46,7 @@ from jvpn_trio.lab.runner import (
 )
 from jvpn_trio.tools.audit import audit_lines
 from jvpn_trio.lab.netns import destroy_stale
-from jvpn_trio.lab.processes import ClockSample, estimate_offset
+from jvpn_trio.lab.processes import ClientClock, ClockJump, ClockSample, estimate_client_clock
 from jvpn_trio.tools.replay import DIVERGED, OK, replay_lines
 from jvpn_trio.lab.scenario import load_scenario, scenario_from_mapping
 from tests.netns import namespaces, requires_lab, unique_prefix
@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "examples" / "scenarios"
 NAMES = ("commute", "flaky-wifi", "dead-wifi", "dock", "storm")
 #: The laptop scenarios: their own expectations below, and their own parse tests in tests/lab.
-LAPTOP_NAMES = ("hotplug", "dhcp-renew", "gateway-restart", "all-down")
+LAPTOP_NAMES = ("hotplug", "dhcp-renew", "gateway-restart", "all-down", "suspend")
 #: Bound on one short-form run: build, start, the timeline (<= 16 s), the traffic's tail, teardown.
 RUN_BOUND_S = 90.0
 
@@ -133,8 +133,23 @@ def test_the_clock_offset_is_the_tightest_lower_bound() -> None:
         ClockSample(core_now=1000.000, monotonic_after=0.0100, monotonic_before=0.0090),  # reply lagged 10 ms
         ClockSample(core_now=1000.120, monotonic_after=0.1205, monotonic_before=0.1190),  # lagged 0.5 ms
     ]
-    assert estimate_offset(samples) == pytest.approx(1000.120 - 0.0005 - 0.1205)
-    assert estimate_offset([]) is None
+    clock = estimate_client_clock(samples)
+    assert clock is not None and clock.offset == pytest.approx(1000.120 - 0.0005 - 0.1205)
+    assert estimate_client_clock([]) is None
+
+
+def test_the_clock_map_takes_out_the_jumps_the_lab_made() -> None:
+    # A resume at monotonic 5.0 moved the client's clock 1,797 s forward (a 30 min sleep, 3 s stopped).
+    jump = ClockJump(at=5.0, seconds=1_797.0, wall_s=3.0)
+    samples = [
+        ClockSample(core_now=1000.120, monotonic_after=0.1205, monotonic_before=0.1190),
+        ClockSample(core_now=1000.120 + 6.0 + 1_797.0, monotonic_after=6.1205, monotonic_before=6.1190),
+        ClockSample(core_now=1000.000 + 6.0, monotonic_after=6.2000, monotonic_before=5.0),  # a stale reply: looser
+    ]
+    clock = estimate_client_clock(samples, [jump])
+    assert clock == ClientClock(offset=pytest.approx(1000.120 - 0.0005 - 0.1205), jumps=(jump,))
+    assert clock.at(4.0) == pytest.approx(4.0 + clock.offset)
+    assert clock.at(5.0) == clock.at(4.0) + 1.0 + 1_797.0  # the jump counts from its instant
 
 
 # -- the report from a synthetic run -----------------------------------------------------------------
@@ -395,11 +410,27 @@ def expect_all_down(report: dict[str, Any]) -> None:
     assert len(sessions) >= 2 and sessions[0]["termination"] == "TRANSPORT_LOSS_TTL_EXPIRED"
 
 
+def expect_suspend(report: dict[str, Any]) -> None:
+    short, long, longest = report["laptop"]["resumes"]
+    assert [r["slept_s"] for r in (short, long, longest)] == [pytest.approx(s, abs=0.01) for s in (6.0, 45.0, 1_800.0)]
+    for row in (short, long, longest):  # attached and carrying traffic again inside the window after the resume
+        assert row["attached_ms"] is not None and row["traffic_back_ms"] is not None, row
+    assert report["laptop"]["stale_timestamps"] == 0  # the boottime clock: no storm of rejections
+    resumed = [f for f in report["faults"] if f["kind"] == "resume"]
+    assert switched(resumed[0], "lte0", "LINK_DOWN")  # Wi-Fi went away while the laptop slept
+    assert not short["new_session"] and not long["new_session"]  # the gateway kept the session (docs/spec.md R18)
+    assert longest["new_session"]  # 30 min: past the gateway's tolerance and the key lifetime
+    client = report["laptop"]["sessions"]["client"]
+    assert len(client) == 2 and client[0]["termination"] in ("KEY_EXHAUSTED", "LOCAL_CLOSE")
+    assert all(f["asleep"] for f in report["faults"] if f["kind"] in ("suspend", "flush-address", "add-address"))
+
+
 EXPECT_LAPTOP: dict[str, Callable[[dict[str, Any]], None]] = {
     "hotplug": expect_hotplug,
     "dhcp-renew": expect_dhcp_renew,
     "gateway-restart": expect_gateway_restart,
     "all-down": expect_all_down,
+    "suspend": expect_suspend,
 }
 
 

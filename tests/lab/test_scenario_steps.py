@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 
 from jvpn_trio.lab.netns import LabPath, LabSpec
@@ -18,14 +19,17 @@ from jvpn_trio.lab.scenario import (
     DELETE_INTERFACE,
     GATEWAY_TARGET,
     KILL_GATEWAY,
+    LAPTOP_TARGET,
+    RESUME,
     START_GATEWAY,
+    SUSPEND,
     ScenarioError,
     load_scenario,
     scenario_from_mapping,
     shipped_scenario,
 )
 
-LAPTOP = ("hotplug", "dhcp-renew", "gateway-restart", "all-down")
+LAPTOP = ("hotplug", "dhcp-renew", "gateway-restart", "all-down", "suspend")
 
 
 def scenario(steps: list[dict[str, Any]], **paths: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +90,12 @@ def test_every_step_kind_parses() -> None:
         ({"at_s": 1.0, "do": "start-gateway"}, {}, "#1 (at 1 s, start-gateway): the gateway is running then"),
         ({"at_s": 1.0, "path": "eth0", "do": "add-interface"}, {"eth0": {"present": False, "delay_ms": 2.0}}, "eth0: a path whose interface comes or goes"),
         ({"at_s": 1.0, "path": "eth0", "do": "add-interface"}, {"eth0": {"present": "no"}}, "[[path]] #1.present: expected true or false"),
+        ({"at_s": 1.0, "do": "resume"}, {}, "#1 (at 1 s, resume): the laptop is not asleep then"),
+        ({"at_s": 1.0, "do": "suspend"}, {}, "the laptop is still asleep at the end (add a 'resume' step)"),
+        ({"at_s": 1.0, "path": "eth0", "do": "suspend"}, {}, "#1: unknown key(s) for this step: path"),
+        ({"at_s": 1.0, "do": "suspend", "slept_s": 5.0}, {}, "#1: unknown key(s) for this step: slept_s"),
+        ({"at_s": 1.0, "do": "resume", "slept_s": 0.0}, {}, "#1.slept_s: expected more than 0 and at most 86400 s"),
+        ({"at_s": 1.0, "do": "resume", "slept_s": 90_000.0}, {}, "#1.slept_s: expected more than 0"),
     ],
 )
 def test_impossible_or_malformed_steps_are_named(step: dict[str, Any], paths: dict[str, Any], message: str) -> None:
@@ -105,6 +115,40 @@ def test_the_timeline_is_played_in_time_order_and_names_the_step_in_the_file() -
     twice = [{"at_s": 2.0, "do": "kill-gateway"}, {"at_s": 3.0, "do": "kill-gateway"}]
     with pytest.raises(ScenarioError, match=r"#2 .*the gateway is not running then"):
         parse(scenario(twice))
+
+
+def test_a_suspend_is_a_pair_of_laptop_steps_and_the_short_form_keeps_the_sleep() -> None:
+    steps = [
+        {"at_s": 2.0, "do": "suspend"},
+        {"at_s": 3.0, "path": "wifi0", "set": {"link": "down"}},  # the network changes while asleep
+        {"at_s": 4.0, "path": "wifi0", "do": "flush-address"},
+        {"at_s": 8.0, "do": "resume", "slept_s": 1_800.0, "note": "half an hour"},
+        {"at_s": 10.0, "do": "suspend"},
+        {"at_s": 12.0, "do": "resume"},  # slept as long as it was stopped
+    ]
+    sc = parse(scenario(steps))
+    assert [(s.kind, s.path, s.slept_s) for s in sc.steps if s.kind in (SUSPEND, RESUME)] == [
+        (SUSPEND, LAPTOP_TARGET, None), (RESUME, LAPTOP_TARGET, 1_800.0), (SUSPEND, LAPTOP_TARGET, None), (RESUME, LAPTOP_TARGET, None),
+    ]  # fmt: skip
+    assert sc.steps[3].describe() == "laptop: resume slept_s=1800 (half an hour)"
+    short = attrs.evolve(sc, short_duration_s=10.0).short()
+    assert [s.at_s for s in short.steps][:4] == [1.0, 1.5, 2.0, 4.0] and short.steps[3].slept_s == 1_800.0
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([{"at_s": 2.0, "do": "suspend"}, {"at_s": 3.0, "do": "suspend"}, {"at_s": 4.0, "do": "resume"}],
+         r"#2 \(at 3 s, suspend\): the laptop is asleep then"),
+        ([{"at_s": 2.0, "do": "suspend"}, {"at_s": 5.0, "do": "resume", "slept_s": 2.0}],
+         r"#2 \(at 5 s, resume slept_s=2\)\.slept_s: 2 s is shorter than the 3 s since the suspend"),
+        ([{"at_s": 2.0, "do": "suspend"}, {"at_s": 3.0, "do": "kill-gateway"}, {"at_s": 4.0, "do": "resume"}],
+         r"#2 .*gateway steps are not simulated during a suspend"),
+    ],
+)  # fmt: skip
+def test_an_impossible_sleep_is_named(steps: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(ScenarioError, match=message):
+        parse(scenario(steps))
 
 
 def test_an_address_may_be_added_over_one_and_an_interface_may_come_back() -> None:
