@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import re
 import pathlib
 import tomllib
 from typing import Any
@@ -67,6 +68,13 @@ def load_policy(path: str | pathlib.Path) -> Policy:
 
 DEFAULT_PORT = 51820
 DEFAULT_MTU = 1420
+#: The smallest datagram every IPv4 host accepts (RFC 791); IPv6 needs 1280 on every link
+#: (RFC 8200), so a tunnel that carries IPv6 needs that much; 65535 is the largest IPv4 packet.
+MIN_MTU = 576
+MIN_MTU6 = 1280
+MAX_MTU = 65535
+#: A full tunnel.
+DEFAULT_ROUTES = ("0.0.0.0/0",)
 #: Handshakes, probes, REATTACH and CLOSE go to the gateway's data port plus this: a socket of
 #: their own, so a data flood that fills the data socket's queue cannot drown liveness probes.
 DEFAULT_CONTROL_PORT_OFFSET = 1
@@ -109,16 +117,64 @@ def _interface(value: Any, *, where: str) -> ipaddress.IPv4Interface:
         raise ConfigError(f"{where}: expected an IPv4 address with prefix like '10.66.0.1/24', got {value!r}") from None
 
 
-def _networks(values: Any, *, where: str) -> tuple[ipaddress.IPv4Network, ...]:
+def _interface6(value: Any, *, where: str) -> ipaddress.IPv6Interface:
+    try:
+        return ipaddress.IPv6Interface(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{where}: expected an IPv6 address with prefix like 'fd6a:7670::1/64', got {value!r}") from None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(values: Any, *, where: str) -> tuple[Network, ...]:
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: expected a non-empty list of prefixes")
+    out: list[Network] = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}: {v!r} is not an IPv4 or IPv6 prefix (host bits must be zero)") from None
+    return tuple(out)
+
+
+def _addresses(values: Any, *, where: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    if not isinstance(values, list):
+        raise ConfigError(f"{where}: expected a list of IP addresses")
     out = []
     for v in values:
         try:
-            out.append(ipaddress.IPv4Network(v))
+            out.append(ipaddress.ip_address(v))
         except (ValueError, TypeError):
-            raise ConfigError(f"{where}: {v!r} is not an IPv4 prefix") from None
+            raise ConfigError(f"{where}: {v!r} is not an IP address") from None
     return tuple(out)
+
+
+#: A DNS name: dot-separated labels of letters, digits and hyphens (RFC 1123), at most 253 characters.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _domains(values: Any, *, where: str) -> tuple[str, ...]:
+    if not isinstance(values, list):
+        raise ConfigError(f"{where}: expected a list of domain names")
+    out = []
+    for v in values:
+        name = v.rstrip(".") if isinstance(v, str) else v
+        if not isinstance(name, str) or not name or len(name) > 253 or not all(_LABEL.fullmatch(x) for x in name.split(".")):
+            raise ConfigError(f"{where}: {v!r} is not a domain name")
+        out.append(name.lower())
+    return tuple(out)
+
+
+def _mtu(value: Any, *, where: str) -> int:
+    if not MIN_MTU <= value <= MAX_MTU:
+        raise ConfigError(f"{where}: {value} is out of range {MIN_MTU}..{MAX_MTU}")
+    return int(value)
+
+
+def is_default_route(network: Network) -> bool:
+    return network.prefixlen == 0
 
 
 class _Table:
@@ -242,7 +298,8 @@ class ClientConfig:
     gateway: tuple[str, int]
     control_port_offset: int
     tun_name: str
-    routes: tuple[ipaddress.IPv4Network, ...]
+    #: What goes into the tunnel; a default route of one family makes a full tunnel of that family.
+    routes: tuple[Network, ...]
     paths: tuple[PathConfig, ...]
     events_file: pathlib.Path | None
     control_socket: pathlib.Path
@@ -252,6 +309,21 @@ class ClientConfig:
     #: ``[client].exclude``: what the path manager selects paths by.  ``paths`` above keeps
     #: only the entries that name one interface.
     path_rules: PathRules = PathRules()
+    #: While the agent runs nothing leaves a physical interface but the tunnel's own UDP (and the
+    #: local network's housekeeping); default: on for a full tunnel.  Only a full tunnel may have it.
+    kill_switch: bool = False
+    #: With the kill switch: also let the laptop reach its local networks (private and link-local ranges).
+    allow_lan: bool = False
+    #: Resolvers reached through the tunnel, and the search domains; empty: DNS is left alone.
+    dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    dns_search: tuple[str, ...] = ()
+    #: The TUN's MTU; None: derived from the paths' MTU minus the tunnel's overhead.
+    mtu: int | None = None
+
+    @property
+    def full_tunnel(self) -> bool:
+        """Some family's default route goes into the tunnel (then the other family's is blocked, never leaked)."""
+        return any(is_default_route(r) for r in self.routes)
 
     @property
     def gateway_control(self) -> tuple[str, int]:
@@ -263,6 +335,8 @@ class PeerConfig:
     name: str
     public_key: str
     address: ipaddress.IPv4Address | None
+    #: The peer's IPv6 tunnel address (``tunnel_address6`` only); None: the host number of ``address`` in it.
+    address6: ipaddress.IPv6Address | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -278,6 +352,8 @@ class GatewayConfig:
     control_socket: pathlib.Path
     node_id: str
     policy: Policy
+    #: The tunnel's IPv6 address and prefix; None: the tunnel carries IPv4 only.
+    tunnel_address6: ipaddress.IPv6Interface | None = None
 
     @property
     def control_listen(self) -> tuple[tuple[str, int], ...]:
@@ -307,7 +383,21 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     gateway = parse_endpoint(t.get("gateway", str, required=True), where=f"{t.where}.gateway")
     control_offset = _control_offset(t, [gateway[1]])
     tun_name = t.get("tun_name", str, "jvpn0")
-    routes = _networks(t.get("routes", list, ["0.0.0.0/0"]), where=f"{t.where}.routes")
+    routes = _networks(t.get("routes", list, list(DEFAULT_ROUTES)), where=f"{t.where}.routes")
+    full = any(is_default_route(r) for r in routes)
+    kill_switch = t.get("kill_switch", bool, full)
+    if kill_switch and not full:
+        raise ConfigError(f"{t.where}.kill_switch: only a full tunnel (0.0.0.0/0 or ::/0 in routes) can block the rest")
+    allow_lan = t.get("allow_lan", bool, False)
+    dns = _addresses(t.get("dns", list, []), where=f"{t.where}.dns")
+    dns_search = _domains(t.get("dns_search", list, []), where=f"{t.where}.dns_search")
+    if dns_search and not dns:
+        raise ConfigError(f"{t.where}.dns_search: search domains need servers in dns")
+    mtu = t.get("mtu", int, None)
+    if mtu is not None:
+        mtu = _mtu(mtu, where=f"{t.where}.mtu")
+        if mtu < MIN_MTU6 and any(r.version == 6 for r in routes):
+            raise ConfigError(f"{t.where}.mtu: {mtu} is below {MIN_MTU6}, the least IPv6 in the tunnel needs")
     events = t.get("events_file", str, None)
     control = t.get("control_socket", str, "/run/jvpn-trio/client.sock")
     fwmark_base = t.get("fwmark_base", int, 0x5100)
@@ -332,6 +422,11 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
         fwmark_base=fwmark_base,
         policy=_policy_of(data, source=source),
         path_rules=PathRules(rules=rules, exclude=exclude),
+        kill_switch=kill_switch,
+        allow_lan=allow_lan,
+        dns=dns,
+        dns_search=dns_search,
+        mtu=mtu,
     )
 
 
@@ -349,6 +444,8 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     control_offset = _control_offset(t, [port for _, port in listen])
     tun_name = t.get("tun_name", str, "jvpn-gw0")
     tunnel_address = _interface(t.get("tunnel_address", str, "10.66.0.1/24"), where=f"{t.where}.tunnel_address")
+    raw6 = t.get("tunnel_address6", str, None)
+    tunnel6 = _interface6(raw6, where=f"{t.where}.tunnel_address6") if raw6 is not None else None
     mtu = t.get("mtu", int, DEFAULT_MTU)
     events = t.get("events_file", str, None)
     control = t.get("control_socket", str, "/run/jvpn-trio/gateway.sock")
@@ -356,8 +453,9 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     t.finish()
     if not listen:
         raise ConfigError(f"{t.where}.listen: at least one address:port is required")
-    if not 576 <= mtu <= 65535:
-        raise ConfigError(f"{t.where}.mtu: {mtu} is out of range 576..65535")
+    mtu = _mtu(mtu, where=f"{t.where}.mtu")
+    if tunnel6 is not None and mtu < MIN_MTU6:
+        raise ConfigError(f"{t.where}.mtu: {mtu} is below {MIN_MTU6}, the least a tunnel carrying IPv6 needs")
     raw_peers = data.get("peer", [])
     if not isinstance(raw_peers, list) or not raw_peers:
         raise ConfigError(f"{source}: at least one [[peer]] with a public_key is required")
@@ -380,8 +478,14 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
                 raise ConfigError(f"{pt.where}.address: {parsed} is not a free host address of {tunnel_address.network}")
             if any(p.address == parsed for p in peers):
                 raise ConfigError(f"{pt.where}.address: {parsed} is already given to another peer")
+        address6 = _peer_address6(pt.get("address6", str, None), parsed, tunnel_address, tunnel6, where=f"{pt.where}.address6")
+        if address6 is not None and any(p.address6 == address6 for p in peers):
+            raise ConfigError(f"{pt.where}.address6: {address6} is already given to another peer")
         peers.append(
-            PeerConfig(name=pt.get("name", str, f"peer{i + 1}"), public_key=pt.get("public_key", str, required=True), address=parsed)
+            PeerConfig(
+                name=pt.get("name", str, f"peer{i + 1}"), public_key=pt.get("public_key", str, required=True),
+                address=parsed, address6=address6,
+            )  # fmt: skip
         )
         pt.finish()
     if len({p.public_key for p in peers}) != len(peers):
@@ -398,4 +502,39 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
         control_socket=pathlib.Path(control),
         node_id=node_id,
         policy=_policy_of(data, source=source),
+        tunnel_address6=tunnel6,
     )
+
+
+def host_number(address: ipaddress.IPv4Address, tunnel4: ipaddress.IPv4Interface) -> int:
+    """The host part of a tunnel IPv4 address: the same host number names the peer's IPv6 address."""
+    return int(address) - int(tunnel4.network.network_address)
+
+
+def _peer_address6(
+    text: str | None,
+    address: ipaddress.IPv4Address | None,
+    tunnel4: ipaddress.IPv4Interface,
+    tunnel6: ipaddress.IPv6Interface | None,
+    *,
+    where: str,
+) -> ipaddress.IPv6Address | None:
+    """A peer's IPv6 tunnel address: as given, else the host number of its IPv4 address in ``tunnel6``."""
+    if tunnel6 is None:
+        if text is not None:
+            raise ConfigError(f"{where}: needs [gateway].tunnel_address6")
+        return None
+    network = tunnel6.network
+    if text is None:
+        if address is None:
+            return None  # handed out with the IPv4 address when the peer connects
+        parsed = network[host_number(address, tunnel4)]
+    else:
+        try:
+            parsed = ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ConfigError(f"{where}: {text!r} is not an IPv6 address") from None
+    if parsed not in network or parsed in (tunnel6.ip, network.network_address):
+        raise ConfigError(f"{where}: {parsed} is not a free host address of {network}")
+    return parsed
+

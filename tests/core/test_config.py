@@ -269,6 +269,7 @@ def test_client_minimal_defaults(tmp_path: pathlib.Path) -> None:
         control_socket=pathlib.Path("/run/jvpn-trio/client.sock"),
         fwmark_base=0x5100,
         policy=DEFAULT_POLICY,
+        kill_switch=True,  # a full tunnel blocks the rest by default
     )
 
 
@@ -338,8 +339,18 @@ def test_kind_priorities() -> None:
         (CLIENT_MINIMAL + "fwmark_base = 1.5\n", "[client].fwmark_base: expected int, got float"),
         (CLIENT_MINIMAL + "routes = []\n", "[client].routes: expected a non-empty list of prefixes"),
         (CLIENT_MINIMAL + 'routes = "0.0.0.0/0"\n', "[client].routes: expected list, got str"),
-        (CLIENT_MINIMAL + 'routes = ["10.0.0.1/8"]\n', "[client].routes: '10.0.0.1/8' is not an IPv4 prefix"),
-        (CLIENT_MINIMAL + 'routes = ["2001:db8::/32"]\n', "[client].routes: '2001:db8::/32' is not an IPv4 prefix"),
+        (CLIENT_MINIMAL + 'routes = ["10.0.0.1/8"]\n', "[client].routes: '10.0.0.1/8' is not an IPv4 or IPv6 prefix (host bits must be zero)"),
+        (CLIENT_MINIMAL + 'routes = ["2001:db8::1/32"]\n', "[client].routes: '2001:db8::1/32' is not an IPv4 or IPv6 prefix (host bits must be zero)"),
+        (CLIENT_MINIMAL + 'routes = ["10.0.0.0/8"]\nkill_switch = true\n',
+         "[client].kill_switch: only a full tunnel (0.0.0.0/0 or ::/0 in routes) can block the rest"),
+        (CLIENT_MINIMAL + "kill_switch = 1\n", "[client].kill_switch: expected bool, got int"),
+        (CLIENT_MINIMAL + "allow_lan = 'yes'\n", "[client].allow_lan: expected bool, got str"),
+        (CLIENT_MINIMAL + 'dns = ["10.66.0.1", "resolver"]\n', "[client].dns: 'resolver' is not an IP address"),
+        (CLIENT_MINIMAL + 'dns = "10.66.0.1"\n', "[client].dns: expected list, got str"),
+        (CLIENT_MINIMAL + 'dns = ["10.66.0.1"]\ndns_search = ["-bad.example"]\n', "[client].dns_search: '-bad.example' is not a domain name"),
+        (CLIENT_MINIMAL + 'dns_search = ["corp.example"]\n', "[client].dns_search: search domains need servers in dns"),
+        (CLIENT_MINIMAL + "mtu = 575\n", "[client].mtu: 575 is out of range 576..65535"),
+        (CLIENT_MINIMAL + 'routes = ["0.0.0.0/0", "::/0"]\nmtu = 1279\n', "[client].mtu: 1279 is below 1280, the least IPv6 in the tunnel needs"),
         (CLIENT_MINIMAL + "zeta = 1\nalpha = 2\n", "[client]: unknown key(s): alpha, zeta"),
         (CLIENT_MINIMAL + 'tun_name = "a-very-long-name0"\n',
          "[client].tun_name 'a-very-long-name0' is longer than 15 characters"),
@@ -538,6 +549,46 @@ freshness_window_ms = 1000
     assert cfg.policy == attrs.evolve(DEFAULT_POLICY, freshness_window_ms=1000)
 
 
+def test_client_leak_dns_and_mtu_keys(tmp_path: pathlib.Path) -> None:
+    text = CLIENT_MINIMAL + (
+        'routes = ["0.0.0.0/0", "::/0"]\nallow_lan = true\ndns = ["10.66.0.1", "fd6a:7670::1"]\n'
+        'dns_search = ["Corp.Example.", "lab"]\nmtu = 1380\n'
+    )
+    cfg = load_client_config(write(tmp_path, text, "client.toml"))
+    assert cfg.routes == (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    assert cfg.full_tunnel and cfg.kill_switch and cfg.allow_lan
+    assert cfg.dns == (ipaddress.ip_address("10.66.0.1"), ipaddress.ip_address("fd6a:7670::1"))
+    assert cfg.dns_search == ("corp.example", "lab") and cfg.mtu == 1380
+    split = load_client_config(write(tmp_path, CLIENT_MINIMAL + 'routes = ["10.66.0.0/24"]\n', "split.toml"))
+    assert not split.full_tunnel and not split.kill_switch and split.mtu is None
+    off = load_client_config(write(tmp_path, CLIENT_MINIMAL + "kill_switch = false\n", "off.toml"))
+    assert off.full_tunnel and not off.kill_switch
+
+
+def test_gateway_ipv6_tunnel_addresses(tmp_path: pathlib.Path) -> None:
+    text = _gw("tunnel_address6 = 'fd6a:7670::1/64'\n").replace(
+        '[[peer]]\npublic_key = "PEERKEY1"\n',
+        '[[peer]]\npublic_key = "PEERKEY1"\naddress = "10.66.0.7"\n'
+        '[[peer]]\npublic_key = "PEERKEY2"\naddress = "10.66.0.8"\naddress6 = "fd6a:7670::beef"\n'
+        '[[peer]]\npublic_key = "PEERKEY3"\n',
+    )
+    cfg = load_gateway_config(write(tmp_path, text, "gateway.toml"))
+    assert cfg.tunnel_address6 == ipaddress.IPv6Interface("fd6a:7670::1/64")
+    # The same host number in both families, unless given.
+    assert [p.address6 for p in cfg.peers] == [
+        ipaddress.IPv6Address("fd6a:7670::7"), ipaddress.IPv6Address("fd6a:7670::beef"), None,
+    ]  # fmt: skip
+    clash = text.replace('address6 = "fd6a:7670::beef"', 'address6 = "fd6a:7670::7"')
+    _, message = gateway_error(tmp_path, clash)
+    assert "[[peer]] #2.address6: fd6a:7670::7 is already given to another peer" in message
+    outside = text.replace('address6 = "fd6a:7670::beef"', 'address6 = "fd00::8"')
+    _, message = gateway_error(tmp_path, outside)
+    assert "[[peer]] #2.address6: fd00::8 is not a free host address of fd6a:7670::/64" in message
+    without = _gw("").replace('[[peer]]\npublic_key = "PEERKEY1"\n', '[[peer]]\npublic_key = "PEERKEY1"\naddress6 = "fd6a:7670::9"\n')
+    _, message = gateway_error(tmp_path, without)
+    assert "[[peer]] #1.address6: needs [gateway].tunnel_address6" in message
+
+
 def test_gateway_mtu_upper_bound(tmp_path: pathlib.Path) -> None:
     text = GATEWAY_MINIMAL.replace('"gateway.key"\n', '"gateway.key"\nmtu = 65535\n')
     assert load_gateway_config(write(tmp_path, text, "gateway.toml")).mtu == 65535
@@ -556,6 +607,8 @@ def _gw(extra: str) -> str:
         (_gw("mtu = 575\n"), "[gateway].mtu: 575 is out of range 576..65535"),
         (_gw("mtu = 65536\n"), "[gateway].mtu: 65536 is out of range 576..65535"),
         (_gw("mtu = '1420'\n"), "[gateway].mtu: expected int, got str"),
+        (_gw("tunnel_address6 = 'fd6a:7670::1'\nmtu = 1200\n"), "[gateway].mtu: 1200 is below 1280, the least a tunnel carrying IPv6 needs"),
+        (_gw("tunnel_address6 = '10.66.0.1/24'\n"), "[gateway].tunnel_address6: expected an IPv6 address with prefix like 'fd6a:7670::1/64', got '10.66.0.1/24'"),
         (_gw("listen = '0.0.0.0:1'\n"), "[gateway].listen: expected list, got str"),
         (_gw("listen = [51820]\n"), "[gateway].listen: expected 'address:port', got 51820"),
         (_gw("tunnel_address = '10.66.0.1/33'\n"),
