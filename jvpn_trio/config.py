@@ -73,8 +73,8 @@ DEFAULT_MTU = 1420
 MIN_MTU = 576
 MIN_MTU6 = 1280
 MAX_MTU = 65535
-#: A full tunnel.
-DEFAULT_ROUTES = ("0.0.0.0/0",)
+#: A full tunnel of both families (IPv6 goes into the tunnel; with an IPv4-only gateway it is blocked there).
+DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")
 #: Handshakes, probes, REATTACH and CLOSE go to the gateway's data port plus this: a socket of
 #: their own, so a data flood that fills the data socket's queue cannot drown liveness probes.
 DEFAULT_CONTROL_PORT_OFFSET = 1

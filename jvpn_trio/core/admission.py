@@ -30,6 +30,16 @@ Invariants, whatever the order of calls (``tests/core/test_admission.py``):
 The pool hands out the lowest free host address of the tunnel network,
 skipping the gateway's own and every configured one.  Nothing here reads a
 clock or draws randomness: the driver passes the new SessionId in.
+
+IPv6 (``tunnel6``): a session's IPv6 address comes with its IPv4 one, as a
+pair.  It is the peer's configured ``address6`` if it has one, else the
+*twin* of its IPv4 address: the same host number in the IPv6 tunnel network
+(``10.66.0.7`` in ``10.66.0.0/24`` -> ``fd6a:7670::7`` in
+``fd6a:7670::/64``, as ``config.host_number`` says).  The pool never hands out
+an IPv4 address whose twin is configured for another peer or is the gateway's
+own IPv6 address, so two sessions never share an IPv6 address either; an
+address whose twin would fall outside the IPv6 network (a network smaller than
+the IPv4 one) gets no IPv6.
 """
 
 from __future__ import annotations
@@ -69,12 +79,14 @@ class OwnershipClaim:
 
 @attrs.frozen(kw_only=True)
 class Admit:
-    """Create ``session_id`` at ``address`` once ``claim`` is written; end ``replaces`` first."""
+    """Create ``session_id`` at ``address`` (and ``address6``) once ``claim`` is written; end ``replaces`` first."""
 
     session_id: SessionId
     address: ipaddress.IPv4Address
     replaces: SessionId | None
     claim: OwnershipClaim
+    #: The IPv6 address paired with ``address``; None when the tunnel carries no IPv6.
+    address6: ipaddress.IPv6Address | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -91,6 +103,7 @@ class Claimed:
     session_id: SessionId
     address: ipaddress.IPv4Address
     held_revision: int
+    address6: ipaddress.IPv6Address | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -101,6 +114,7 @@ class Holding:
     session_id: SessionId
     peer: PeerKey
     pending: bool
+    address6: ipaddress.IPv6Address | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -128,6 +142,28 @@ def _host_count(network: ipaddress.IPv4Network) -> int:
 def usable_host(tunnel: ipaddress.IPv4Interface, address: ipaddress.IPv4Address) -> bool:
     """Whether ``address`` may be given to a peer: a host of the tunnel network other than the gateway."""
     return address != tunnel.ip and _is_host(tunnel.network, address)
+
+
+def usable_host6(tunnel6: ipaddress.IPv6Interface, address: ipaddress.IPv6Address) -> bool:
+    """Whether ``address`` may be given to a peer: in the IPv6 tunnel network, not the gateway's, not the network's own."""
+    network = tunnel6.network
+    return address in network and address not in (tunnel6.ip, network.network_address)
+
+
+def twin6(
+    address: ipaddress.IPv4Address, tunnel: ipaddress.IPv4Interface, tunnel6: ipaddress.IPv6Interface
+) -> ipaddress.IPv6Address | None:
+    """The IPv6 address with ``address``'s host number in ``tunnel6``'s network, or None if it has none there.
+
+    The same rule as ``config.host_number``: ``10.66.0.7`` in ``10.66.0.0/24``
+    pairs with ``fd6a:7670::7`` in ``fd6a:7670::/64``.
+    """
+    host = int(address) - int(tunnel.network.network_address)
+    network = tunnel6.network
+    if not 0 < host < network.num_addresses:
+        return None
+    candidate = network[host]
+    return candidate if usable_host6(tunnel6, candidate) else None
 
 
 class _Pool:
@@ -177,8 +213,14 @@ class Admissions:
         tunnel: ipaddress.IPv4Interface,
         fixed: Mapping[PeerKey, ipaddress.IPv4Address],
         node_id: str,
+        tunnel6: ipaddress.IPv6Interface | None = None,
+        fixed6: Mapping[PeerKey, ipaddress.IPv6Address] | None = None,
     ) -> None:
-        """Raises ValueError if a configured address is not a usable host or is given to two peers."""
+        """Raises ValueError if a configured address (of either family) is not a usable host or is given to two peers.
+
+        ``tunnel6`` is the gateway's IPv6 tunnel address (None: no IPv6);
+        ``fixed6`` the peers' configured IPv6 addresses (``PeerConfig.address6``).
+        """
         seen: set[ipaddress.IPv4Address] = set()
         for address in fixed.values():
             if not usable_host(tunnel, address):
@@ -186,11 +228,36 @@ class Admissions:
             if address in seen:
                 raise ValueError(f"{address} is configured for two peers")
             seen.add(address)
+        fixed6 = dict(fixed6 or {})
+        if fixed6 and tunnel6 is None:
+            raise ValueError("configured IPv6 addresses need an IPv6 tunnel address")
+        seen6: set[ipaddress.IPv6Address] = set()
+        for address6 in fixed6.values():
+            if tunnel6 is None or not usable_host6(tunnel6, address6):
+                raise ValueError(f"{address6} is not a free host address of {tunnel6.network if tunnel6 else 'the tunnel'}")
+            if address6 in seen6:
+                raise ValueError(f"{address6} is configured for two peers")
+            seen6.add(address6)
+        # Pool addresses whose twin is taken (another peer's configured IPv6, the gateway's own) stay out of the pool.
+        excluded = set(seen)
+        if tunnel6 is not None:
+            taken6 = seen6 | {tunnel6.ip}
+            for address6 in taken6:
+                host = int(address6) - int(tunnel6.network.network_address)
+                if 0 < host < tunnel.network.num_addresses:
+                    twin = tunnel.network[host]
+                    if usable_host(tunnel, twin):
+                        excluded.add(twin)
+        self._tunnel = tunnel
+        self._tunnel6 = tunnel6
         self._fixed = dict(fixed)
+        self._fixed6 = fixed6
         self._fixed_addresses = frozenset(seen)
         self._node_id = node_id
-        self._pool = _Pool(tunnel, self._fixed_addresses)
+        self._pool = _Pool(tunnel, frozenset(excluded))
+        self._pool_excluded = frozenset(excluded)
         self._address: dict[SessionId, ipaddress.IPv4Address] = {}
+        self._address6: dict[SessionId, ipaddress.IPv6Address] = {}
         self._peer: dict[SessionId, PeerKey] = {}
         self._current: dict[PeerKey, SessionId] = {}
         self._pending: set[SessionId] = set()
@@ -222,12 +289,24 @@ class Admissions:
             address = taken
         if previous is not None:
             self._forget(previous)
+        address6 = self._pair6(peer, address)
         self._address[session_id] = address
+        if address6 is not None:
+            self._address6[session_id] = address6
         self._peer[session_id] = peer
         self._current[peer] = session_id
         self._pending.add(session_id)
         claim = OwnershipClaim(session_id=session_id, owner=self._node_id, expected_revision=ABSENT_REVISION)
-        return Admit(session_id=session_id, address=address, replaces=previous, claim=claim)
+        return Admit(session_id=session_id, address=address, replaces=previous, claim=claim, address6=address6)
+
+    def _pair6(self, peer: PeerKey, address: ipaddress.IPv4Address) -> ipaddress.IPv6Address | None:
+        """The IPv6 address that goes with ``address`` for ``peer``: its configured one, else the twin."""
+        if self._tunnel6 is None:
+            return None
+        configured = self._fixed6.get(peer)
+        if configured is not None:
+            return configured
+        return twin6(address, self._tunnel, self._tunnel6)
 
     def settle_claim(
         self, session_id: SessionId, *, succeeded: bool, record: OwnershipRecord | None
@@ -250,18 +329,26 @@ class Admissions:
         ):
             self.release(session_id)
             return Refuse(reason=Refusal.CLAIM_FAILED)
-        return Claimed(session_id=session_id, address=self._address[session_id], held_revision=record.revision)
+        return Claimed(
+            session_id=session_id,
+            address=self._address[session_id],
+            held_revision=record.revision,
+            address6=self._address6.get(session_id),
+        )
 
     def release(self, session_id: SessionId) -> None:
         """``session_id`` is gone (ended, or its admission abandoned): free what it holds.  Idempotent."""
         address = self._address.get(session_id)
         self._forget(session_id)
-        if address is not None and address not in self._fixed_addresses:
+        if address is not None and address not in self._pool_excluded:
             self._pool.give_back(address)
 
     # -- reading ------------------------------------------------------------------------
     def address_of(self, session_id: SessionId) -> ipaddress.IPv4Address | None:
         return self._address.get(session_id)
+
+    def address6_of(self, session_id: SessionId) -> ipaddress.IPv6Address | None:
+        return self._address6.get(session_id)
 
     def session_of(self, peer: PeerKey) -> SessionId | None:
         """The peer's current session (admitted, claimed or not), if any."""
@@ -270,7 +357,13 @@ class Admissions:
     def snapshot(self) -> AdmissionSnapshot:
         rows = sorted(
             (
-                Holding(address=address, session_id=sid, peer=self._peer[sid], pending=sid in self._pending)
+                Holding(
+                    address=address,
+                    session_id=sid,
+                    peer=self._peer[sid],
+                    pending=sid in self._pending,
+                    address6=self._address6.get(sid),
+                )
                 for sid, address in self._address.items()
             ),
             key=lambda h: h.address,
@@ -281,6 +374,7 @@ class Admissions:
     def _forget(self, session_id: SessionId) -> None:
         """Drop ``session_id`` from the table without returning its address (it may pass to a successor)."""
         self._address.pop(session_id, None)
+        self._address6.pop(session_id, None)
         self._pending.discard(session_id)
         peer = self._peer.pop(session_id, None)
         if peer is not None and self._current.get(peer) == session_id:

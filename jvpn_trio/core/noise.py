@@ -264,6 +264,19 @@ class HandshakeResult:
     state_version: int
     tunnel_ipv4: ipaddress.IPv4Address
     prefix_len: int
+    #: The client's IPv6 tunnel address; None when the gateway's tunnel carries no IPv6.
+    tunnel_ipv6: ipaddress.IPv6Address | None = None
+    prefix_len6: int = 0
+
+    @property
+    def tunnel_interface(self) -> ipaddress.IPv4Interface:
+        return ipaddress.IPv4Interface(f"{self.tunnel_ipv4}/{self.prefix_len}")
+
+    @property
+    def tunnel_interface6(self) -> ipaddress.IPv6Interface | None:
+        if self.tunnel_ipv6 is None:
+            return None
+        return ipaddress.IPv6Interface(f"{self.tunnel_ipv6}/{self.prefix_len6}")
 
     def keypair(self, *, created_at: float) -> Keypair:
         """The transport keypair, aged from ``created_at`` (monotonic seconds)."""
@@ -416,6 +429,8 @@ class InitiatorHandshake:
             state_version=payload.state_version,
             tunnel_ipv4=payload.tunnel_ipv4,
             prefix_len=payload.prefix_len,
+            tunnel_ipv6=payload.tunnel_ipv6,
+            prefix_len6=payload.prefix_len6,
         )
 
 
@@ -509,8 +524,13 @@ class ResponderHandshake:
         prefix_len: int,
         sender_index: int,
         random_bytes: RandomBytes,
+        tunnel_ipv6: ipaddress.IPv6Address | None = None,
+        prefix_len6: int = 0,
     ) -> tuple[HandshakeResp, HandshakeResult]:
         """Build HANDSHAKE_RESP and the responder's keys.  Draws 32 bytes from ``random_bytes``.
+
+        ``tunnel_ipv6``/``prefix_len6`` give the client its IPv6 tunnel address
+        too (None: the tunnel carries no IPv6).
 
         For a rekey ``session_id`` must be the session the init named
         (Property 5: rotation never changes the SessionId); ValueError otherwise.
@@ -523,6 +543,8 @@ class ResponderHandshake:
                 state_version=state_version,
                 tunnel_ipv4=tunnel_ipv4,
                 prefix_len=prefix_len,
+                tunnel_ipv6=tunnel_ipv6,
+                prefix_len6=prefix_len6,
             )
         )
         ck, h = self._chaining_key, self._handshake_hash
@@ -559,6 +581,8 @@ class ResponderHandshake:
             state_version=state_version,
             tunnel_ipv4=tunnel_ipv4,
             prefix_len=prefix_len,
+            tunnel_ipv6=tunnel_ipv6,
+            prefix_len6=prefix_len6,
         )
         return msg, result
 

@@ -33,7 +33,8 @@ from jvpn_trio.core.states import ReasonCode
 # ---------------------------------------------------------------------------
 
 #: Byte 0 of every datagram.  A peer speaking another version is refused, never guessed at.
-PROTOCOL_VERSION = 1
+#: Version 2: HANDSHAKE_RESP's payload carries the client's IPv6 tunnel address too (46 bytes, was 29).
+PROTOCOL_VERSION = 2
 
 #: The largest datagram we ever build or accept (the IPv4 total-length field's limit).
 MAX_DATAGRAM = 65_535
@@ -55,6 +56,10 @@ TIMESTAMP_LEN = 12
 IPV4_LEN = 4
 #: Largest IPv4 prefix length.
 MAX_IPV4_PREFIX = 32
+#: IPv6 tunnel address in the handshake response (all zeros with prefix 0: the tunnel carries no IPv6).
+IPV6_LEN = 16
+#: Largest IPv6 prefix length.
+MAX_IPV6_PREFIX = 128
 #: Bound on the opaque REATTACH metadata (spec 7: "optional metadata"), so the frame stays small.
 MAX_METADATA = 64
 #: ``bound_path_id`` in PROBE_ACK when the session is not bound on any path.
@@ -89,13 +94,14 @@ HEADER_LEN = _HEADER.size  # 2
 #: Plaintext of HANDSHAKE_INIT's encrypted payload: TAI64N, rekey session id (zeros = new), path id.
 _INIT_PAYLOAD = struct.Struct(f"!{TIMESTAMP_LEN}s{SESSION_ID_BYTES}sB")
 INIT_PAYLOAD_LEN = _INIT_PAYLOAD.size  # 29
-#: Plaintext of HANDSHAKE_RESP's encrypted payload: session id, state version, tunnel IPv4, prefix.
-_RESP_PAYLOAD = struct.Struct(f"!{SESSION_ID_BYTES}sQ{IPV4_LEN}sB")
-RESP_PAYLOAD_LEN = _RESP_PAYLOAD.size  # 29
+#: Plaintext of HANDSHAKE_RESP's encrypted payload: session id, state version, tunnel IPv4 and
+#: prefix, tunnel IPv6 and prefix (all zeros: none).
+_RESP_PAYLOAD = struct.Struct(f"!{SESSION_ID_BYTES}sQ{IPV4_LEN}sB{IPV6_LEN}sB")
+RESP_PAYLOAD_LEN = _RESP_PAYLOAD.size  # 46
 
 ENCRYPTED_STATIC_LEN = KEY_LEN + TAG_LEN  # 48
 ENCRYPTED_INIT_PAYLOAD_LEN = INIT_PAYLOAD_LEN + TAG_LEN  # 45
-ENCRYPTED_RESP_PAYLOAD_LEN = RESP_PAYLOAD_LEN + TAG_LEN  # 45
+ENCRYPTED_RESP_PAYLOAD_LEN = RESP_PAYLOAD_LEN + TAG_LEN  # 62
 
 _HANDSHAKE_INIT = struct.Struct(
     f"!BBI{KEY_LEN}s{ENCRYPTED_STATIC_LEN}s{ENCRYPTED_INIT_PAYLOAD_LEN}s{MAC_LEN}s"
@@ -105,7 +111,7 @@ HANDSHAKE_INIT_LEN = _HANDSHAKE_INIT.size  # 147
 HANDSHAKE_INIT_MAC1_OFFSET = HANDSHAKE_INIT_LEN - MAC_LEN
 
 _HANDSHAKE_RESP = struct.Struct(f"!BBII{KEY_LEN}s{ENCRYPTED_RESP_PAYLOAD_LEN}s{MAC_LEN}s")
-HANDSHAKE_RESP_LEN = _HANDSHAKE_RESP.size  # 103
+HANDSHAKE_RESP_LEN = _HANDSHAKE_RESP.size  # 120
 HANDSHAKE_RESP_MAC1_OFFSET = HANDSHAKE_RESP_LEN - MAC_LEN
 
 #: [version][type][reserved u16 = 0][receiver_index u32][counter u64]: keeps the counter 8-aligned.
@@ -290,9 +296,23 @@ def _has_wire_code(_inst: object, attribute: attrs.Attribute[Any], value: object
         raise ValueError(f"{attribute.name}: {value!r} is not a ReasonCode with a wire code")
 
 
-def _prefix_len(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_IPV4_PREFIX:
-        raise ValueError(f"{attribute.name}: expected 0..{MAX_IPV4_PREFIX}, got {value!r}")
+def _prefix_len_up_to(limit: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+            raise ValueError(f"{attribute.name}: expected 0..{limit}, got {value!r}")
+
+    return check
+
+
+_prefix_len = _prefix_len_up_to(MAX_IPV4_PREFIX)
+_prefix_len6 = _prefix_len_up_to(MAX_IPV6_PREFIX)
+_NO_IPV6 = bytes(IPV6_LEN)
+
+
+def _tunnel_ipv6(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    # The all-zero address is how the wire says "no IPv6": it cannot also be one.
+    if value is not None and (not isinstance(value, ipaddress.IPv6Address) or value.packed == _NO_IPV6):
+        raise ValueError(f"{attribute.name}: expected None or an IPv6Address other than ::, got {value!r}")
 
 
 _ZERO_SESSION = bytes(SESSION_ID_BYTES)
@@ -463,7 +483,11 @@ def decode_init_payload_untrusted(data: bytes) -> InitPayload:
 
 @attrs.frozen(kw_only=True)
 class RespPayload:
-    """What HANDSHAKE_RESP encrypts: the session the gateway assigned and its tunnel address."""
+    """What HANDSHAKE_RESP encrypts: the session the gateway assigned and its tunnel addresses.
+
+    ``tunnel_ipv6`` is None when the gateway's tunnel carries no IPv6; then
+    ``prefix_len6`` is 0 (on the wire: 16 zero bytes and a zero prefix).
+    """
 
     session_id: SessionId = attrs.field(validator=_is_session)
     state_version: int = attrs.field(validator=_u64)
@@ -471,25 +495,44 @@ class RespPayload:
         validator=attrs.validators.instance_of(ipaddress.IPv4Address)
     )
     prefix_len: int = attrs.field(validator=_prefix_len)
+    tunnel_ipv6: ipaddress.IPv6Address | None = attrs.field(default=None, validator=_tunnel_ipv6)
+    prefix_len6: int = attrs.field(default=0, validator=_prefix_len6)
+
+    def __attrs_post_init__(self) -> None:
+        if self.tunnel_ipv6 is None and self.prefix_len6 != 0:
+            raise ValueError("prefix_len6: must be 0 without a tunnel_ipv6")
 
 
 def encode_resp_payload(payload: RespPayload) -> bytes:
+    ipv6 = payload.tunnel_ipv6.packed if payload.tunnel_ipv6 is not None else _NO_IPV6
     return _RESP_PAYLOAD.pack(
-        payload.session_id.raw, payload.state_version, payload.tunnel_ipv4.packed, payload.prefix_len
+        payload.session_id.raw,
+        payload.state_version,
+        payload.tunnel_ipv4.packed,
+        payload.prefix_len,
+        ipv6,
+        payload.prefix_len6,
     )
 
 
 def decode_resp_payload_untrusted(data: bytes) -> RespPayload:
-    """Parse the decrypted response payload; raises BadFrame ("short", "long", "prefix_len")."""
+    """Parse the decrypted response payload; raises BadFrame ("short", "long", "prefix_len").
+
+    ``prefix_len`` is refused above 32, ``prefix_len6`` above 128 or non-zero
+    beside the all-zero ("no IPv6") address, so every payload that decodes
+    encodes back to the same bytes.
+    """
     _exact_len(data, RESP_PAYLOAD_LEN)
-    session, version, address, prefix = _RESP_PAYLOAD.unpack(data)
-    if prefix > MAX_IPV4_PREFIX:
+    session, version, address, prefix, address6, prefix6 = _RESP_PAYLOAD.unpack(data)
+    if prefix > MAX_IPV4_PREFIX or prefix6 > MAX_IPV6_PREFIX or (address6 == _NO_IPV6 and prefix6 != 0):
         raise BadFrame("prefix_len")
     return RespPayload(
         session_id=SessionId(session),
         state_version=version,
         tunnel_ipv4=ipaddress.IPv4Address(address),
         prefix_len=prefix,
+        tunnel_ipv6=None if address6 == _NO_IPV6 else ipaddress.IPv6Address(address6),
+        prefix_len6=prefix6,
     )
 
 
@@ -818,6 +861,30 @@ def ipv4_destination_untrusted(packet: bytes) -> ipaddress.IPv4Address:
     if packet[0] >> 4 != IPV4_VERSION:
         raise BadFrame("ip_version")
     return ipaddress.IPv4Address(_IPV4_DESTINATION.unpack_from(packet, _IPV4_DESTINATION_OFFSET)[0])
+
+
+#: The version nibble of an IPv6 header.
+IPV6_VERSION = 6
+#: The fixed IPv6 header; the destination address is its last sixteen bytes.
+IPV6_HEADER_LEN = 40
+_IPV6_DESTINATION_OFFSET = IPV6_HEADER_LEN - IPV6_LEN  # 24
+
+
+def ip_destination_untrusted(packet: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The destination address of an IPv4 or IPv6 packet, which names the session that carries it.
+
+    As :func:`ipv4_destination_untrusted`, for both versions: only the version
+    nibble and the fixed header's length are checked.  Raises BadFrame
+    ("short", "ip_version").
+    """
+    if not packet:
+        raise BadFrame("short")
+    version = packet[0] >> 4
+    if version == IPV6_VERSION:
+        if len(packet) < IPV6_HEADER_LEN:
+            raise BadFrame("short")
+        return ipaddress.IPv6Address(bytes(packet[_IPV6_DESTINATION_OFFSET:IPV6_HEADER_LEN]))
+    return ipv4_destination_untrusted(packet)
 
 
 # ---------------------------------------------------------------------------

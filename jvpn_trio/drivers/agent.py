@@ -143,6 +143,7 @@ class ClientAgent:
         self.succession: Succession | None = None
         self.runtime: ClientRuntime | None = None  # the runtime connecting or serving now
         self.tunnel_address: ipaddress.IPv4Interface | None = None
+        self.tunnel_address6: ipaddress.IPv6Interface | None = None
         self._closing = False
         self._close_requested = trio.Event()
 
@@ -370,13 +371,13 @@ class ClientAgent:
             await runtime.submit(ev.CloseRequested())
             return
 
-    async def _set_address(self, address: ipaddress.IPv4Interface) -> None:
-        """Give the TUN the session's address, only when it differs from the one it has."""
-        if address == self.tunnel_address:
+    async def _set_address(self, address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None) -> None:
+        """Give the TUN the session's addresses, only when they differ from the ones it has."""
+        if (address, address6) == (self.tunnel_address, self.tunnel_address6):
             return
         if self._set_address_outside is not None:
-            await self._set_address_outside(address)
-        self.tunnel_address = address
+            await self._set_address_outside(address, address6)
+        self.tunnel_address, self.tunnel_address6 = address, address6
 
     async def _drop_unbound(self, packets: PacketPort) -> None:
         """Between sessions: take what the TUN offers and count it dropped (no session to carry it)."""
@@ -392,4 +393,5 @@ class ClientAgent:
             tunnel_address=self.tunnel_address,
             tally=self._tally,
             sessions_started=self.sessions_started,
+            tunnel_address6=self.tunnel_address6,
         )

@@ -111,7 +111,8 @@ PATH_ERROR_LOG_INTERVAL_S = 10.0
 #: The seed of a runtime that is not part of an agent's chain.
 FIRST_SEED = SessionSeed(number=1, previous_session=None, switch_times=())
 
-SetAddress = Callable[[ipaddress.IPv4Interface], Awaitable[None]]
+#: Gives the TUN the session's tunnel addresses: IPv4, and IPv6 when the gateway's tunnel carries it.
+SetAddress = Callable[[ipaddress.IPv4Interface, ipaddress.IPv6Interface | None], Awaitable[None]]
 
 
 class HandshakeFailed(Exception):
@@ -247,6 +248,7 @@ class RuntimeStatus:
     tunnel_address: str | None
     statistics: ClientStatistics
     sessions_started: int = 0  # sessions of the agent so far (1 while the first one runs)
+    tunnel_address6: str | None = None
 
     @classmethod
     def of(
@@ -257,6 +259,7 @@ class RuntimeStatus:
         tunnel_address: ipaddress.IPv4Interface | None,
         tally: ClientTally,
         sessions_started: int,
+        tunnel_address6: ipaddress.IPv6Interface | None = None,
     ) -> RuntimeStatus:
         """The status of a runtime (or of an agent between sessions) from its live parts."""
         return cls(
@@ -265,6 +268,7 @@ class RuntimeStatus:
             tunnel_address=str(tunnel_address) if tunnel_address else None,
             statistics=tally.freeze(),
             sessions_started=sessions_started,
+            tunnel_address6=str(tunnel_address6) if tunnel_address6 else None,
         )
 
 
@@ -324,6 +328,7 @@ class ClientRuntime:
         self.session: ClientSession | None = None
         self.seed = FIRST_SEED
         self.tunnel_address: ipaddress.IPv4Interface | None = None
+        self.tunnel_address6: ipaddress.IPv6Interface | None = None
         self._tally = tally if tally is not None else _Tally()
         self._plan: HandshakePlan | None = None
         self.status = status if status is not None else trio_util.AsyncValue[RuntimeStatus | None](None)
@@ -476,10 +481,10 @@ class ClientRuntime:
         path = self.paths[adopt.path]
         self.seed = seed
         self.channel.install_current(result.keypair(created_at=adopt.at))
-        address = ipaddress.IPv4Interface(f"{result.tunnel_ipv4}/{result.prefix_len}")
+        address, address6 = result.tunnel_interface, result.tunnel_interface6
         if self._set_address is not None:
-            await self._set_address(address)
-        self.tunnel_address = address
+            await self._set_address(address, address6)
+        self.tunnel_address, self.tunnel_address6 = address, address6
         now = trio.current_time()
         session = ClientSession(
             policy=self.policy,
@@ -711,6 +716,7 @@ class ClientRuntime:
             tunnel_address=self.tunnel_address,
             tally=self._tally,
             sessions_started=self.seed.number,
+            tunnel_address6=self.tunnel_address6,
         )
 
     # -- path sockets ------------------------------------------------------------------------

@@ -20,8 +20,9 @@ this driver carries the answer out: end the session it replaces
 Data: DATA is written to the TUN only if it came from the active binding
 (``GatewaySession.accepts_data_from``); anything else is counted as stray
 and never counts as data.  Packets from the TUN go out on the binding of
-the session that holds the destination address, or are counted as dropped
-while that session is unbound.
+the session that holds the destination address (IPv4, or IPv6 when the
+tunnel carries it: each session holds one address of each family, from
+``core.admission``), or are counted as dropped while that session is unbound.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class _Counts:
     # sending
     tx_packets: int = 0
     tx_bytes: int = 0
-    tx_not_ipv4: int = 0
+    tx_not_ipv4: int = 0  # neither IPv4 nor IPv6 (the name predates IPv6 in the tunnel: kept for status --json)
     tx_no_binding: int = 0
     send_no_port: int = 0
     keys_exhausted: int = 0
@@ -151,6 +152,8 @@ class GatewayPeer:
     public: bytes
     address: ipaddress.IPv4Address | None = None
     last_timestamp: bytes | None = None
+    #: The peer's configured IPv6 tunnel address (``PeerConfig.address6``); None: the twin of its IPv4 one.
+    address6: ipaddress.IPv6Address | None = None
 
 
 @attrs.define(eq=False)
@@ -159,6 +162,7 @@ class ServedSession:
     channel: SecureChannel
     peer: GatewayPeer
     address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address | None = None
     ports: dict[Address, DatagramPort] = attrs.Factory(dict)  # where DATA to this endpoint leaves
     control_ports: dict[Address, DatagramPort] = attrs.Factory(dict)  # where control replies leave
     paths: dict[Address, PathId] = attrs.Factory(dict)
@@ -204,15 +208,20 @@ class GatewayRuntime:
         emit: Callable[[EmitEvent], None],
         random_bytes: RandomBytes = os.urandom,
         recorder: Recorder | None = None,
+        tunnel6: ipaddress.IPv6Interface | None = None,
     ) -> None:
+        """``tunnel6``: the gateway's IPv6 tunnel address; each client then gets an IPv6 address too."""
         self.policy = policy
         self._static = static
         self._peers = {p.public: p for p in peers}
         self.tunnel = tunnel
+        self.tunnel6 = tunnel6
         self._admissions = Admissions(
             tunnel=tunnel,
             fixed={p.public: p.address for p in self._peers.values() if p.address is not None},
             node_id=node_id,
+            tunnel6=tunnel6,
+            fixed6={p.public: p.address6 for p in self._peers.values() if p.address6 is not None},
         )
         self._store = store
         self.node_id = node_id
@@ -221,7 +230,7 @@ class GatewayRuntime:
         self._recorder = recorder
         self.sessions: dict[SessionId, ServedSession] = {}
         self._by_index: dict[int, ServedSession] = {}
-        self._by_address: dict[ipaddress.IPv4Address, ServedSession] = {}
+        self._by_address: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, ServedSession] = {}
         self._counts = _Counts()
         self.status = trio_util.AsyncValue[GatewayStatus | None](None)
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[float, SessionId, Any]](INBOX_CAPACITY)
@@ -351,9 +360,14 @@ class GatewayRuntime:
         self.sessions.pop(served.session_id, None)
         for index in served.channel.keyring.local_indices():
             self._by_index.pop(index, None)
-        if self._by_address.get(served.address) is served:
-            del self._by_address[served.address]
+        self._unroute(served)
         self._admissions.release(served.session_id)
+
+    def _unroute(self, served: ServedSession) -> None:
+        """Packets to the session's addresses stop going to it (they are counted as unbound)."""
+        for address in (served.address, served.address6):
+            if address is not None and self._by_address.get(address) is served:
+                del self._by_address[address]
 
     def _publish(self) -> None:
         now = self._last_now
@@ -530,8 +544,7 @@ class GatewayRuntime:
         previous = self.sessions.get(session_id)
         if previous is None:
             return
-        if self._by_address.get(previous.address) is previous:
-            del self._by_address[previous.address]
+        self._unroute(previous)
         if not previous.core.terminated:
             await self._inbox_send.send((now, session_id, ev.PeerClosed(reason=ReasonCode.PEER_CLOSE)))
 
@@ -560,13 +573,18 @@ class GatewayRuntime:
             prefix_len=self.tunnel.network.prefixlen,
             sender_index=self._new_index(),
             random_bytes=self._random_bytes,
+            **self._ipv6_fields(claimed.address6),
         )
         channel = SecureChannel(self.policy)
         channel.install_next(result.keypair(created_at=now))
-        served = ServedSession(core=core, channel=channel, peer=peer, address=claimed.address, init_path=hs.path_id)
+        served = ServedSession(
+            core=core, channel=channel, peer=peer, address=claimed.address, address6=claimed.address6, init_path=hs.path_id
+        )
         served.learn(addr, port, hs.path_id, control=True)
         self.sessions[session_id] = served
         self._by_address[claimed.address] = served
+        if claimed.address6 is not None:
+            self._by_address[claimed.address6] = served
         self._index_keys(served)
         created = core.creation_events()
         if self._recorder is not None:
@@ -586,6 +604,12 @@ class GatewayRuntime:
         port.send_nowait(wire.encode_handshake_resp(resp), addr)
         self._counts.sessions_created += 1
 
+    def _ipv6_fields(self, address6: ipaddress.IPv6Address | None) -> dict[str, Any]:
+        """The response's IPv6 fields for a session holding ``address6`` (none without one)."""
+        if address6 is None or self.tunnel6 is None:
+            return {}
+        return {"tunnel_ipv6": address6, "prefix_len6": self.tunnel6.network.prefixlen}
+
     def _on_rekey(self, hs: ResponderHandshake, peer: GatewayPeer, port: DatagramPort, addr: Address, now: float) -> None:
         served = self.sessions.get(hs.rekey_session) if hs.rekey_session else None
         if served is None or served.peer is not peer or served.core.terminated:
@@ -598,6 +622,7 @@ class GatewayRuntime:
             prefix_len=self.tunnel.network.prefixlen,
             sender_index=self._new_index(),
             random_bytes=self._random_bytes,
+            **self._ipv6_fields(served.address6),
         )
         before = served.channel.keyring.local_indices()
         served.channel.install_next(result.keypair(created_at=now))
@@ -615,7 +640,7 @@ class GatewayRuntime:
             outgoing: dict[int, tuple[ServedSession, Address, list[bytes]]] = {}
             for packet in await packets.read_batch(BATCH):
                 try:
-                    destination = wire.ipv4_destination_untrusted(packet)
+                    destination = wire.ip_destination_untrusted(packet)
                 except wire.BadFrame:
                     self._counts.tx_not_ipv4 += 1
                     continue

@@ -26,6 +26,25 @@ rules below, lowest priority first::
   TUN, or the tunnel would route itself through itself.
 * Split tunnel: each listed prefix becomes ``<prefix> dev <tun>`` in main.
 
+IPv6 follows the same scheme in its own family (``ip -6 rule`` and ``ip -6
+route`` are separate tables of rules and routes in the kernel):
+
+* ``::/0`` listed: ``default dev <tun>`` in the tunnel table for AF_INET6 and
+  rules 20200/20300 for AF_INET6, exactly as for IPv4; other IPv6 prefixes go
+  into main as ``<prefix> dev <tun>``.
+* A full tunnel of one family only (``0.0.0.0/0`` without ``::/0``, or the
+  reverse): the other family is *blocked, never leaked*.  The tunnel table
+  gets ``unreachable default`` for that family, behind the same two rules, so
+  an unmarked packet of that family finds main's specific routes (the LAN,
+  link-local, the paths' subnets) or nothing: ``ip -6 route get 2001:db8::1``
+  answers "unreachable" and a send fails with ENETUNREACH/EHOSTUNREACH
+  instead of leaving by a physical interface's default route.
+* A split tunnel (no default route listed) leaves the other family alone.
+
+A path's table and rule are in the family of the gateway's address
+(``gateway_address``; a path to an IPv6 gateway routes its ``/128``, with
+an IPv6 fail-closed unreachable default), since its socket is of that family.
+
 The priorities sit between the kernel's ``local`` (0) and ``main`` (32766)
 rules and clear of wg-quick's 32764/32765, so both can coexist.  Every route
 we add carries ``proto 74`` (:data:`RTPROT_JVPN`) and every rule
@@ -86,6 +105,7 @@ __all__ = [
     "RuleEntry",
     "SUPPRESS_RULE_PRIORITY",
     "TUNNEL_RULE_PRIORITY",
+    "TunAddress",
     "TunnelRoutes",
     "check_routing_plan",
     "install_path_route",
@@ -149,15 +169,25 @@ def _check_nonzero_mark(_inst: object, attribute: attrs.Attribute[Any], value: i
         raise ValueError(f"{attribute.name}: {value:#x} is not a usable fwmark")
 
 
-def _check_ipv4(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+def _check_ip(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None:
-        ipaddress.IPv4Address(value)  # raises ValueError (AddressValueError)
+        ipaddress.ip_address(value)  # raises ValueError
 
 
 def _to_prefixes(values: Iterable[str]) -> tuple[str, ...]:
     if isinstance(values, str):
         raise TypeError("prefixes must be a sequence of strings, not one string")
-    return tuple(str(ipaddress.IPv4Network(v, strict=True)) for v in values)
+    return tuple(str(ipaddress.ip_network(v, strict=True)) for v in values)
+
+
+#: The default route of each family, as :class:`TunnelRoutes` spells it.
+DEFAULT_PREFIX: Mapping[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+FAMILIES: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)
+
+
+def family_of(address: str) -> int:
+    """AF_INET or AF_INET6 for an address or prefix in text; ValueError for anything else."""
+    return int(socket.AF_INET6 if ipaddress.ip_network(address, strict=False).version == 6 else socket.AF_INET)
 
 
 @attrs.frozen
@@ -176,7 +206,7 @@ class PathRoute:
     ifname: str
     table: int = attrs.field(validator=_check_table)
     fwmark: int = attrs.field(validator=_check_nonzero_mark)
-    gateway: str | None = attrs.field(default=None, validator=_check_ipv4)
+    gateway: str | None = attrs.field(default=None, validator=_check_ip)
     on_link: bool = attrs.field(default=False, kw_only=True)
 
     @classmethod
@@ -187,7 +217,8 @@ class PathRoute:
 
 @attrs.frozen
 class TunnelRoutes:
-    """What goes into the TUN: ``prefixes`` (``0.0.0.0/0`` = full tunnel, policy routed via ``table``)."""
+    """What goes into the TUN: ``prefixes`` of either family (``0.0.0.0/0`` or ``::/0``: a full
+    tunnel of that family, policy routed via ``table``; the other family is then blocked)."""
 
     tun_name: str
     prefixes: tuple[str, ...] = attrs.field(converter=_to_prefixes)
@@ -197,19 +228,39 @@ class TunnelRoutes:
 
     @property
     def full_tunnel(self) -> bool:
-        return "0.0.0.0/0" in self.prefixes
+        """Some family's default route goes into the TUN (every unmarked packet is policy routed)."""
+        return any(DEFAULT_PREFIX[f] in self.prefixes for f in FAMILIES)
+
+    def default_of(self, family: int) -> str | None:
+        """What the tunnel table holds as ``family``'s default: ``"tun"``, ``"unreachable"`` or None.
+
+        ``"unreachable"`` is the blocked family of a one-family full tunnel
+        (never leaked, see the module docstring); None: that family is not
+        policy routed at all (a split tunnel).
+        """
+        if DEFAULT_PREFIX[family] in self.prefixes:
+            return "tun"
+        return "unreachable" if self.full_tunnel else None
+
+    def main_prefixes(self) -> tuple[str, ...]:
+        """The listed prefixes that go into main as ``<prefix> dev <tun>`` (all but the default routes)."""
+        return tuple(p for p in self.prefixes if p not in DEFAULT_PREFIX.values())
 
 
 @attrs.frozen(kw_only=True)
 class RouteEntry:
-    """One route we installed (enough to delete exactly it)."""
+    """One route we installed (enough to delete exactly it); its family is ``dst``'s."""
 
     table: int
-    dst: str  # "a.b.c.d/n"
+    dst: str  # "a.b.c.d/n" or "x:y::/n"
     oif: int  # 0 for an unreachable route
     gateway: str | None = None
     type: int = _RTN_UNICAST
     metric: int = 0
+
+    @property
+    def family(self) -> int:
+        return family_of(self.dst)
 
 
 @attrs.frozen(kw_only=True)
@@ -222,6 +273,7 @@ class RuleEntry:
     fwmask: int | None = None
     invert: bool = False
     suppress_prefixlen: int | None = None
+    family: int = socket.AF_INET
 
 
 @attrs.frozen(kw_only=True)
@@ -295,7 +347,7 @@ def _index(ipr: Any, ifname: str) -> int:
 
 
 def _split(dst: str) -> tuple[str, int]:
-    net = ipaddress.IPv4Network(dst)
+    net = ipaddress.ip_network(dst)
     return str(net.network_address), net.prefixlen
 
 
@@ -306,7 +358,7 @@ def _route_args(entry: RouteEntry) -> dict[str, Any]:
         "dst_len": length,
         "table": entry.table,
         "proto": RTPROT_JVPN,
-        "family": socket.AF_INET,
+        "family": entry.family,
         "type": entry.type,
         "priority": entry.metric,
     }
@@ -327,7 +379,7 @@ def _rule_args(entry: RuleEntry) -> dict[str, Any]:
         "priority": entry.priority,
         "table": entry.table,
         "protocol": RTPROT_JVPN,
-        "family": socket.AF_INET,
+        "family": entry.family,
     }
     if entry.fwmark is not None:
         args["fwmark"] = entry.fwmark
@@ -345,7 +397,8 @@ def _describe(entry: RouteEntry | RuleEntry) -> str:
             return f"route unreachable {entry.dst} metric {entry.metric} table {entry.table}"
         via = f"via {entry.gateway} " if entry.gateway else ""
         return f"route {entry.dst} {via}oif {entry.oif} table {entry.table}"
-    return f"rule priority {entry.priority} table {entry.table}"
+    ip6 = "-6 " if entry.family == socket.AF_INET6 else ""
+    return f"{ip6}rule priority {entry.priority} table {entry.table}"
 
 
 def _add_rule(ipr: Any, entry: RuleEntry) -> None:
@@ -374,8 +427,8 @@ def _add_main_route(ipr: Any, entry: RouteEntry) -> None:
         address, length = _split(entry.dst)
         existing = [
             r
-            for r in ipr.get_routes(family=socket.AF_INET, table=entry.table)
-            if r.get("dst", "0.0.0.0") == address and r["dst_len"] == length
+            for r in ipr.get_routes(family=entry.family, table=entry.table)
+            if r.get("dst", _ANY[entry.family]) == address and r["dst_len"] == length
         ]
         if not any(r["proto"] == RTPROT_JVPN and r.get("oif") == entry.oif for r in existing):
             raise RouteError(
@@ -412,25 +465,38 @@ def _raise_first(failures: list[RouteError]) -> None:
 # -- path routes ---------------------------------------------------------------------
 
 
+_ANY: Mapping[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+
+
+def _gateway_family(gateway_address: str | None) -> int:
+    """The family of path routes and rules: the gateway's (None: IPv4)."""
+    return socket.AF_INET if gateway_address is None else family_of(gateway_address)
+
+
 def _path_entries(
     pr: PathRoute, oif: int, gateway_address: str | None
 ) -> tuple[RouteEntry, RouteEntry, RuleEntry]:
-    dst = "0.0.0.0/0" if gateway_address is None else f"{ipaddress.IPv4Address(gateway_address)}/32"
+    family = _gateway_family(gateway_address)
+    if gateway_address is None:
+        dst = DEFAULT_PREFIX[family]
+    else:
+        gw = ipaddress.ip_address(gateway_address)
+        dst = f"{gw}/{gw.max_prefixlen}"
     route = RouteEntry(table=pr.table, dst=dst, oif=oif, gateway=pr.gateway)
     last_resort = RouteEntry(
-        table=pr.table, dst="0.0.0.0/0", oif=0, type=_RTN_UNREACHABLE, metric=_LAST_RESORT_METRIC
+        table=pr.table, dst=DEFAULT_PREFIX[family], oif=0, type=_RTN_UNREACHABLE, metric=_LAST_RESORT_METRIC
     )
-    rule = RuleEntry(priority=PATH_RULE_PRIORITY, table=pr.table, fwmark=pr.fwmark, fwmask=_ALL_BITS)
+    rule = RuleEntry(priority=PATH_RULE_PRIORITY, table=pr.table, fwmark=pr.fwmark, fwmask=_ALL_BITS, family=family)
     return route, last_resort, rule
 
 
-def _find_next_hop(ipr: Any, oif: int) -> str | None:
-    """Main's lowest-metric default route via ``oif``: its gateway, or None (on-link).
+def _find_next_hop(ipr: Any, oif: int, family: int = socket.AF_INET) -> str | None:
+    """Main's lowest-metric default route of ``family`` via ``oif``: its gateway, or None (on-link).
 
     Multipath default routes (no single RTA_OIF) are not looked into.
     """
     best: tuple[int, str] | None = None
-    for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+    for r in ipr.get_routes(family=family, table=MAIN_TABLE):
         gateway = r.get("gateway")
         if r["dst_len"] == 0 and r.get("oif") == oif and isinstance(gateway, str):
             metric = r.get("priority") or 0
@@ -442,7 +508,7 @@ def _find_next_hop(ipr: Any, oif: int) -> str | None:
 def _install_path_sync(ipr: Any, pr: PathRoute, gateway_address: str | None) -> PathRoute:
     oif = _index(ipr, pr.ifname)
     if pr.gateway is None and not pr.on_link:
-        pr = attrs.evolve(pr, gateway=_find_next_hop(ipr, oif))
+        pr = attrs.evolve(pr, gateway=_find_next_hop(ipr, oif, _gateway_family(gateway_address)))
     route, last_resort, rule = _path_entries(pr, oif, gateway_address)
     _replace_route(ipr, last_resort)
     _replace_route(ipr, route)
@@ -463,28 +529,33 @@ async def install_path_route(
     ``ENETUNREACH``: the link is down or the next hop is not on it).
     """
     if gateway_address is not None:
-        ipaddress.IPv4Address(gateway_address)
+        ipaddress.ip_address(gateway_address)  # ValueError for a non-address
     return await _run(netns, lambda ipr: _install_path_sync(ipr, pr, gateway_address))
 
 
 def _remove_path_sync(ipr: Any, pr: PathRoute) -> None:
     # The path table is ours: delete every route of our protocol in it, whatever
     # address it was installed for.
+    # Both families: the table holds the gateway's family only, but which one is not remembered here.
     routes = []
-    for r in ipr.get_routes(family=socket.AF_INET, table=pr.table):
-        if r["proto"] == RTPROT_JVPN and r.get("table") == pr.table:
-            routes.append(
-                RouteEntry(
-                    table=pr.table,
-                    dst=f"{r.get('dst', '0.0.0.0')}/{r['dst_len']}",
-                    oif=r.get("oif") or 0,
-                    gateway=r.get("gateway"),
-                    type=r["type"],
-                    metric=r.get("priority") or 0,
+    for family in FAMILIES:
+        for r in ipr.get_routes(family=family, table=pr.table):
+            if r["proto"] == RTPROT_JVPN and r.get("table") == pr.table:
+                routes.append(
+                    RouteEntry(
+                        table=pr.table,
+                        dst=f"{r.get('dst', _ANY[family])}/{r['dst_len']}",
+                        oif=r.get("oif") or 0,
+                        gateway=r.get("gateway"),
+                        type=r["type"],
+                        metric=r.get("priority") or 0,
+                    )
                 )
-            )
-    rule = RuleEntry(priority=PATH_RULE_PRIORITY, table=pr.table, fwmark=pr.fwmark, fwmask=_ALL_BITS)
-    _raise_first(_delete_all(ipr, routes, [rule]))
+    rules = [
+        RuleEntry(priority=PATH_RULE_PRIORITY, table=pr.table, fwmark=pr.fwmark, fwmask=_ALL_BITS, family=family)
+        for family in FAMILIES
+    ]
+    _raise_first(_delete_all(ipr, routes, rules))
 
 
 async def remove_path_route(pr: PathRoute, *, netns: str | None = None) -> None:
@@ -495,35 +566,49 @@ async def remove_path_route(pr: PathRoute, *, netns: str | None = None) -> None:
 # -- tunnel routes -------------------------------------------------------------------
 
 
+def _tunnel_entries(tr: TunnelRoutes, oif: int) -> tuple[list[RouteEntry], list[RouteEntry], list[RuleEntry]]:
+    """What :func:`install_tunnel_routes` adds: tunnel-table defaults, main routes, rules (pure)."""
+    defaults: list[RouteEntry] = []
+    rules: list[RuleEntry] = []
+    for family in FAMILIES:
+        kind = tr.default_of(family)
+        if kind is None:
+            continue
+        if kind == "tun":
+            defaults.append(RouteEntry(table=tr.table, dst=DEFAULT_PREFIX[family], oif=oif))
+        else:  # blocked, never leaked
+            defaults.append(RouteEntry(table=tr.table, dst=DEFAULT_PREFIX[family], oif=0, type=_RTN_UNREACHABLE))
+        # Order matters: the catch-all rule goes in last (and comes out first).
+        rules += [
+            RuleEntry(priority=SUPPRESS_RULE_PRIORITY, table=MAIN_TABLE, suppress_prefixlen=0, family=family),
+            RuleEntry(
+                priority=TUNNEL_RULE_PRIORITY,
+                table=tr.table,
+                fwmark=tr.bypass_mark,
+                fwmask=tr.bypass_mask,
+                invert=True,
+                family=family,
+            ),
+        ]
+    mains = [RouteEntry(table=MAIN_TABLE, dst=prefix, oif=oif) for prefix in tr.main_prefixes()]
+    return defaults, mains, rules
+
+
 def _install_tunnel_sync(ipr: Any, tr: TunnelRoutes) -> InstalledRoutes:
     oif = _index(ipr, tr.tun_name)
+    defaults, mains, wanted_rules = _tunnel_entries(tr, oif)
     routes: list[RouteEntry] = []
     rules: list[RuleEntry] = []
     try:
-        if tr.full_tunnel:
-            default = RouteEntry(table=tr.table, dst="0.0.0.0/0", oif=oif)
-            _replace_route(ipr, default)
-            routes.append(default)
-        for prefix in tr.prefixes:
-            if prefix == "0.0.0.0/0":
-                continue
-            entry = RouteEntry(table=MAIN_TABLE, dst=prefix, oif=oif)
+        for entry in defaults:
+            _replace_route(ipr, entry)
+            routes.append(entry)
+        for entry in mains:
             _add_main_route(ipr, entry)
             routes.append(entry)
-        if tr.full_tunnel:
-            # Order matters: the catch-all rule goes in last (and comes out first).
-            for rule in (
-                RuleEntry(priority=SUPPRESS_RULE_PRIORITY, table=MAIN_TABLE, suppress_prefixlen=0),
-                RuleEntry(
-                    priority=TUNNEL_RULE_PRIORITY,
-                    table=tr.table,
-                    fwmark=tr.bypass_mark,
-                    fwmask=tr.bypass_mask,
-                    invert=True,
-                ),
-            ):
-                _add_rule(ipr, rule)
-                rules.append(rule)
+        for rule in wanted_rules:
+            _add_rule(ipr, rule)
+            rules.append(rule)
     except RouteError as exc:
         for failure in _delete_all(ipr, reversed(routes), reversed(rules)):
             exc.add_note(f"rollback: {failure}")
@@ -557,8 +642,9 @@ async def remove_tunnel_routes(installed: InstalledRoutes, *, netns: str | None 
 
 def _set_tun_address_sync(ipr: Any, ifname: str, address: str, prefixlen: int, mtu: int) -> None:
     index = _index(ipr, ifname)
+    family = family_of(address)
     try:
-        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen, family=family)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
@@ -568,11 +654,12 @@ def _set_tun_address_sync(ipr: Any, ifname: str, address: str, prefixlen: int, m
 async def set_tun_address(
     ifname: str, address: str, prefixlen: int, mtu: int, *, netns: str | None = None
 ) -> None:
-    """Give ``ifname`` ``address/prefixlen``, set its MTU and bring it up (idempotent).
+    """Give ``ifname`` ``address/prefixlen`` (IPv4 or IPv6), set its MTU and bring it up (idempotent).
 
-    Raises :class:`RouteError` (``ENODEV`` for a missing interface).
+    An IPv6 address needs IPv6 on the device (``tun.open_tun``'s default).
+    Raises :class:`RouteError` (``ENODEV`` for a missing interface), ValueError for a bad address.
     """
-    ipaddress.IPv4Interface(f"{address}/{prefixlen}")
+    ipaddress.ip_interface(f"{address}/{prefixlen}")
     await _run(netns, lambda ipr: _set_tun_address_sync(ipr, ifname, address, prefixlen, mtu))
 
 
@@ -581,17 +668,22 @@ def _delete_tun_address_sync(ipr: Any, ifname: str, address: str, prefixlen: int
     if not found:
         return
     try:
-        ipr.addr("del", index=found[0], address=address, prefixlen=prefixlen)
+        ipr.addr("del", index=found[0], address=address, prefixlen=prefixlen, family=family_of(address))
     except NetlinkError as exc:
         if exc.code not in _GONE_ERRNOS | {errno.EADDRNOTAVAIL}:
             raise
 
 
-class TunAddress:
-    """Gives a TUN each session's address, replacing the one it had (the agent's ``set_address``).
+TunInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
-    A refusal by the kernel is logged, not raised: the session still runs
-    (packets to the old address simply go unanswered), and the agent lives on.
+
+class TunAddress:
+    """Gives a TUN each session's addresses, replacing the ones it had (the agent's ``set_address``).
+
+    A session has an IPv4 address and, when the gateway's tunnel carries IPv6,
+    an IPv6 one.  A refusal by the kernel is logged, not raised: the session
+    still runs (packets to the old address simply go unanswered), and the
+    agent lives on.
     """
 
     def __init__(
@@ -602,25 +694,54 @@ class TunAddress:
         self._netns = netns
         self._log = log if log is not None else stderr_line
         self.current: ipaddress.IPv4Interface | None = None
+        self.current6: ipaddress.IPv6Interface | None = None
         self.failures = 0
 
-    async def __call__(self, address: ipaddress.IPv4Interface) -> None:
-        """Add ``address`` (and bring the TUN up), then remove the previous one if it differs."""
-        old = self.current
+    async def __call__(
+        self, address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None = None
+    ) -> None:
+        """Add ``address`` and ``address6`` (and bring the TUN up), then remove the previous ones that differ."""
         try:
-            await set_tun_address(
-                self.tun_name, str(address.ip), address.network.prefixlen, self._mtu, netns=self._netns
-            )
-            if old is not None and old != address:
-                await _run(
-                    self._netns,
-                    lambda ipr: _delete_tun_address_sync(ipr, self.tun_name, str(old.ip), old.network.prefixlen),
-                )
+            await self._replace(address, self.current)
+            self.current = address
         except (RouteError, OSError) as exc:
-            self.failures += 1
-            self._log(f"cannot give {self.tun_name} the address {address}: {exc}")
+            self._failed(address, exc)
+        if address6 is None and self.current6 is None:
             return
-        self.current = address
+        try:
+            await self._replace(address6, self.current6)
+            self.current6 = address6
+        except (RouteError, OSError) as exc:
+            self._failed(address6, exc)
+
+    async def _replace(self, new: TunInterface | None, old: TunInterface | None) -> None:
+        if new is not None:
+            await set_tun_address(self.tun_name, str(new.ip), new.network.prefixlen, self._mtu, netns=self._netns)
+        if old is not None and old != new:
+            await _run(
+                self._netns,
+                lambda ipr: _delete_tun_address_sync(ipr, self.tun_name, str(old.ip), old.network.prefixlen),
+            )
+
+    def _failed(self, address: TunInterface | None, exc: BaseException) -> None:
+        self.failures += 1
+        what = f"the address {address}" if address is not None else "no IPv6 address"
+        self._log(f"cannot give {self.tun_name} {what}: {exc}")
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    async def set_mtu(self, mtu: int) -> bool:
+        """Set the TUN's MTU now and at every later session; False (logged, counted) if the kernel refused."""
+        self._mtu = mtu
+        try:
+            await _run(self._netns, lambda ipr: ipr.link("set", index=_index(ipr, self.tun_name), mtu=mtu))
+        except (RouteError, NetlinkError, OSError) as exc:
+            self.failures += 1
+            self._log(f"cannot set the MTU of {self.tun_name} to {mtu}: {exc}")
+            return False
+        return True
 
 
 # -- the resource --------------------------------------------------------------------
@@ -858,7 +979,7 @@ async def open_routing(
     """
     check_routing_plan(tunnel, paths)
     if gateway_address is not None:
-        ipaddress.IPv4Address(gateway_address)
+        ipaddress.ip_address(gateway_address)  # ValueError for a non-address
     routing = Routing(gateway_address=gateway_address, netns=netns, best_effort=best_effort, log=log)
     try:
         await routing._install(tunnel, paths, defer_tunnel=defer_tunnel)

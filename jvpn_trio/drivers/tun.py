@@ -14,10 +14,15 @@ pytun uses to configure it) is created in the network namespace of the
 *calling thread*, so a test or lab that enters a namespace with pyroute2's
 ``pushns()`` gets its device there.  A worker thread would not share it.
 
-IPv6 is switched off on the device (``disable_ipv6=1``) before it is brought
-up, so the kernel does not emit router solicitations and MLD reports into the
-tunnel.  Readers should still skip non-IPv4 packets: platform-notes section 3
-saw one early packet already queued.
+IPv6: the tunnel carries both families, so by default (``ipv6=True``) IPv6
+stays on but its autoconfiguration is off (``addr_gen_mode=1``, "none",
+before the device is brought up): the device gets no link-local address, so
+the kernel sends no router solicitations into the tunnel, and routes and
+addresses of IPv6 can still be put on it (``disable_ipv6=1`` would refuse
+both with EACCES).  ``ipv6=False`` switches IPv6 off on the device
+(``disable_ipv6=1``) as before.  Readers must still expect a stray packet
+(platform-notes section 3 saw one early packet already queued; an MLD report
+may follow an IPv6 address).
 
 **Reading** (platform-notes section 3).  The fd is non-blocking.
 :meth:`TunDevice.read_batch` tries to read first, and only when nothing is
@@ -458,6 +463,20 @@ def _disable_ipv6(name: str) -> bool:
     return True
 
 
+def _no_ipv6_autoconf(name: str) -> bool:
+    """Write addr_gen_mode=1 (no link-local address) for ``name``; False when the knob is absent or read-only."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/addr_gen_mode", "w", encoding="ascii") as knob:
+            knob.write("1")
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno in _PERMISSION_ERRNOS or exc.errno == errno.EROFS:
+            return False
+        raise
+    return True
+
+
 def _set_offloads(fd: int) -> int:
     for flags in OFFLOAD_ATTEMPTS:
         try:
@@ -470,7 +489,7 @@ def _set_offloads(fd: int) -> int:
     return 0  # unreachable in practice: 0 is always accepted
 
 
-def _create(name: str, *, address: str | None, prefixlen: int, mtu: int, vnet_hdr: bool) -> TunDevice:
+def _create(name: str, *, address: str | None, prefixlen: int, mtu: int, vnet_hdr: bool, ipv6: bool = True) -> TunDevice:
     _check_name(name)
     if not _MIN_MTU <= mtu <= _MAX_MTU:
         raise TunError(f"TUN device {name!r}: mtu {mtu} is out of range {_MIN_MTU}..{_MAX_MTU}")
@@ -498,8 +517,13 @@ def _create(name: str, *, address: str | None, prefixlen: int, mtu: int, vnet_hd
         if vnet_hdr:
             step = "enable offloads (TUNSETOFFLOAD)"
             offload_flags = _set_offloads(fd)
-        step = "disable IPv6"
-        ipv6_disabled = _disable_ipv6(name)
+        if ipv6:
+            step = "turn IPv6 autoconfiguration off"
+            ipv6_disabled = False
+            _no_ipv6_autoconf(name)
+        else:
+            step = "disable IPv6"
+            ipv6_disabled = _disable_ipv6(name)
         if address is not None:
             step = f"set address {address}/{prefixlen}"
             dev.addr = address
@@ -525,17 +549,19 @@ def _create(name: str, *, address: str | None, prefixlen: int, mtu: int, vnet_hd
 
 @asynccontextmanager
 async def open_tun(name: str, *, address: str | None, prefixlen: int, mtu: int,
-                   vnet_hdr: bool = False) -> AsyncIterator[TunDevice]:
+                   vnet_hdr: bool = False, ipv6: bool = True) -> AsyncIterator[TunDevice]:
     """Create TUN device ``name``, configured and up, for the duration of the block.
 
     ``address``/``prefixlen`` give the device its IPv4 address and on-link
-    route (``None``: no address).  The device lives in the calling thread's
+    route (``None``: no address); an IPv6 address is added afterwards
+    (``routes.set_tun_address``).  ``ipv6=False`` switches IPv6 off on the
+    device (see the module docstring).  The device lives in the calling thread's
     network namespace and disappears when the block exits.  Raises
     :class:`TunError` (one line) if it cannot be created or configured:
     no /dev/net/tun, not root / no CAP_NET_ADMIN, name invalid or in use.
     """
     await trio.lowlevel.checkpoint()
-    device = _create(name, address=address, prefixlen=prefixlen, mtu=mtu, vnet_hdr=vnet_hdr)
+    device = _create(name, address=address, prefixlen=prefixlen, mtu=mtu, vnet_hdr=vnet_hdr, ipv6=ipv6)
     try:
         yield device
     finally:

@@ -47,11 +47,22 @@ sends many equally sized datagrams (the last may be shorter) with one
 ``sendmsg`` carrying the segment size as a control message, in chunks of at
 most :data:`GSO_MAX_SEGMENTS` segments and :data:`GSO_MAX_BYTES` bytes.  When
 the sizes differ, or the kernel lacks UDP_SEGMENT, or refuses it for this
-route (EINVAL: segment larger than the route MTU allows; EIO: the device
-cannot checksum), it falls back to one ``sendto`` per datagram.
+route (EINVAL, or EMSGSIZE on newer kernels: a segment larger than the
+route MTU allows; EIO: the device cannot checksum), it falls back to one
+``sendto`` per datagram, which the kernel fragments like any datagram
+(docs/mtu.md).
 
 Addresses passed to send calls must be numeric (``("10.0.0.1", 51820)``): a
 host name would make the stdlib resolve it with a blocking DNS lookup.
+
+**IPv6.**  A socket has one family, the gateway's.  An AF_INET6 socket is
+``IPV6_V6ONLY``, so a gateway can listen on ``0.0.0.0:P`` and ``[::]:P`` at
+once (without it the IPv6 wildcard also takes IPv4 and the second bind fails
+with EADDRINUSE), and a client path socket never speaks IPv4-mapped
+addresses.  Sources are returned as ``(host, port)`` for both families (the
+kernel's ``flowinfo`` and ``scope_id`` are dropped), so a datagram from
+``("fd00::1", 51820)`` compares equal to the endpoint the configuration
+names; link-local endpoints, which would need the scope, are not supported.
 """
 
 from __future__ import annotations
@@ -124,7 +135,7 @@ PATH_ERRNOS: Final = frozenset({
     errno.EADDRNOTAVAIL, errno.ECONNREFUSED,
 })
 #: GSO send errnos after which the same datagrams are sent one by one.
-_GSO_FALLBACK_ERRNOS: Final = frozenset({errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
+_GSO_FALLBACK_ERRNOS: Final = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 #: ... and those after which GSO is never tried again on this socket.
 _GSO_UNSUPPORTED_ERRNOS: Final = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 _PERMISSION_ERRNOS: Final = frozenset({errno.EPERM, errno.EACCES})
@@ -135,7 +146,7 @@ _GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _INT = struct.Struct("=i")
 _U16 = struct.Struct("=H")
 
-Address = tuple[Any, ...]  # (host, port) for AF_INET; (host, port, flowinfo, scope_id) for AF_INET6
+Address = tuple[Any, ...]  # (host, port), for both families (module docstring, "IPv6")
 
 
 class PathSocketError(Exception):
@@ -248,8 +259,11 @@ class PathSocket:
                  gro: bool = False, gso: bool = False) -> None:
         self._sock = sock
         self._fd = sock.fileno()
+        name = tuple(sock.getsockname())
         #: The bound address, e.g. ``("127.0.0.1", 40000)`` (kept after close, for statistics and logs).
-        self.local_address: Address = tuple(sock.getsockname())
+        self.local_address: Address = name[:2]
+        #: AF_INET6 names and sources come with flowinfo and scope_id: cut to (host, port).
+        self._v6 = len(name) == 4
         self.device = device
         self.fwmark = fwmark
         #: Whether UDP_GRO is on (requested and accepted by the kernel).
@@ -336,11 +350,17 @@ class PathSocket:
         try:
             if not self.gro:
                 recvfrom = sock.recvfrom
-                while len(batch) < max_datagrams:
-                    batch.append(recvfrom(RECV_SIZE))
+                if self._v6:
+                    while len(batch) < max_datagrams:
+                        data, source = recvfrom(RECV_SIZE)
+                        batch.append((data, source[:2]))
+                else:
+                    while len(batch) < max_datagrams:
+                        batch.append(recvfrom(RECV_SIZE))
             else:
                 while len(batch) < max_datagrams:
                     data, ancdata, _flags, source = sock.recvmsg(RECV_SIZE, _GRO_CMSG_SPACE)
+                    source = source[:2]
                     segment_size = 0
                     for level, kind, cdata in ancdata:
                         if level == _SOL_UDP and kind == UDP_GRO and len(cdata) >= _INT.size:
@@ -524,6 +544,9 @@ def _setup(*, bind: Address, device: str | None, fwmark: int | None, family: int
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     step = "configure"
     try:
+        if family == socket.AF_INET6:
+            step = "set IPV6_V6ONLY"
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if device is not None:
             step = f"bind to device {device!r}"
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())

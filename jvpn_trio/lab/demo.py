@@ -395,7 +395,7 @@ async def run_demo(
         assigned: list[ipaddress.IPv4Interface] = []
         address_known = trio.Event()
 
-        async def set_address(address: ipaddress.IPv4Interface) -> None:
+        async def set_address(address: ipaddress.IPv4Interface, _address6: ipaddress.IPv6Interface | None) -> None:
             assigned.append(address)
             address_known.set()
 

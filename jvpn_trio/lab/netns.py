@@ -15,6 +15,16 @@ Address plan (``o`` = ``LabSpec.link_octet``, default 77; ``i`` = ``LabPath.inde
     gateway gw-<name>   10.o.i.1/24
     gateway lo          <gateway_address>/32 (default 10.99.0.1), net.ipv4.ip_forward=1
 
+and, with ``LabSpec.ipv6`` (the default), the same plan in IPv6 unique-local addresses (``o``
+and ``i`` in hex), so a client can reach the gateway over IPv6 on every path::
+
+    client  <name>      fd77:o:i::2/64   default via fd77:o:i::1 dev <name> metric <metric>
+    gateway gw-<name>   fd77:o:i::1/64
+    gateway lo          <gateway_address6>/128 (default fd99::1), net.ipv6.conf.all.forwarding=1
+
+IPv6 addresses are added with ``nodad`` (usable at once, as the IPv4 ones are) and kept while a
+link is down (``keep_addr_on_down``), as IPv4 addresses are; ``link_up`` adds both default routes back.
+
 Every lab has its own pair of namespaces, so two labs with the same plan never clash; the plan
 is fixed by default so configuration files and tests can name 10.99.0.1 (the address
 ``docs/platform-notes.md`` and ``../shared/peers.md`` measured with).
@@ -166,6 +176,17 @@ DEFAULT_PATHS = (
 )
 
 
+def _ipv6_text(value: object) -> str:
+    try:
+        return str(ipaddress.IPv6Address(str(value)))
+    except ipaddress.AddressValueError as exc:
+        raise ValueError(f"gateway_address6: {exc}") from None
+
+
+#: The IPv6 link prefix length (a /64 per path, as a LAN has).
+LINK_PREFIXLEN6 = 64
+
+
 def _ipv4_text(value: object) -> str:
     try:
         return str(ipaddress.IPv4Address(str(value)))
@@ -187,6 +208,9 @@ class LabSpec:
     link_octet: int = attrs.field(default=77)
     absent: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     arp_strict: bool = attrs.field(default=True)
+    #: Give every path an IPv6 address and default route too, and the gateway ``gateway_address6``.
+    ipv6: bool = attrs.field(default=True)
+    gateway_address6: str = attrs.field(default="fd99::1", converter=_ipv6_text)
 
     @absent.validator
     def _check_absent(self, _attribute: object, value: frozenset[str]) -> None:
@@ -232,6 +256,13 @@ class LabSpec:
             raise ValueError(f"path {path.name}: host {host} is not a client host number ({ROUTER_HOST + 1}..{MAX_HOST})")
         base = f"10.{self.link_octet}.{third}"
         return f"{base}.{host}", f"{base}.{ROUTER_HOST}"
+
+    def link_addresses6(self, path: LabPath, *, subnet: int = 0, host: int = CLIENT_HOST) -> tuple[str, str]:
+        """``(client_ip6, gateway_ip6)`` of ``path``'s link: the IPv6 twin of :meth:`link_addresses`."""
+        self.link_addresses(path, subnet=subnet, host=host)  # the same checks
+        third = path.index + SUBNET_STRIDE * subnet
+        base = f"fd77:{self.link_octet:x}:{third:x}"
+        return f"{base}::{host:x}", f"{base}::{ROUTER_HOST:x}"
 
 
 @attrs.frozen
@@ -383,6 +414,9 @@ class Lab:
         self._addresses: dict[str, tuple[str, str] | None] = {
             path.name: spec.link_addresses(path) if path.name in self._present else None for path in spec.paths
         }
+        #: The subnet and host of each path's current address (its IPv6 twin follows them).
+        self._subnets: dict[str, int] = {path.name: 0 for path in spec.paths}
+        self._hosts: dict[str, int] = {path.name: CLIENT_HOST for path in spec.paths}
 
     def __repr__(self) -> str:
         return f"<Lab {self.spec.prefix} paths={','.join(self._paths)}>"
@@ -409,6 +443,15 @@ class Lab:
     def path_addresses(self, ref: PathRef) -> tuple[str, str]:
         """``(client_ip, gateway_ip)`` on the path's link as built (its own subnet, host 2)."""
         return self.spec.link_addresses(self.path(ref))
+
+    def path_addresses6(self, ref: PathRef) -> tuple[str, str]:
+        """``(client_ip6, gateway_ip6)`` on the path's link as built (``LabSpec.ipv6``)."""
+        return self.spec.link_addresses6(self.path(ref))
+
+    @property
+    def gateway_address6(self) -> str:
+        """The gateway's IPv6 /128 on its loopback (``LabSpec.ipv6``): reached over any path's IPv6."""
+        return self.spec.gateway_address6
 
     def current_address(self, ref: PathRef) -> tuple[str, str] | None:
         """The client's ``(address, next hop)`` on the path now; None while it has no address or no interface."""
@@ -549,6 +592,13 @@ class Lab:
             await self._ip("-n", ns, "link", "set", "lo", "up")
         await self._ip("-n", gw, "addr", "add", f"{self.gateway_address}/32", "dev", "lo")
         settings = [("net/ipv4/ip_forward", 1)]
+        if self.spec.ipv6:
+            await self._ip("-n", gw, "addr", "add", f"{self.gateway_address6}/128", "dev", "lo")
+            settings.append(("net/ipv6/conf/all/forwarding", 1))
+            # IPv6 drops a link's addresses when it goes down unless told to keep them, as IPv4 does.
+            keep = [(f"net/ipv6/conf/{c}/keep_addr_on_down", 1) for c in ("default", "all")]
+            await self._sysctl(cli, *keep)
+            settings += keep
         if self.spec.arp_strict:  # "default" first: devices created from now on inherit it
             settings += [(f"net/ipv4/conf/{c}/arp_ignore", ARP_IGNORE_STRICT) for c in ("default", "all")]
         await self._sysctl(gw, *settings)
@@ -568,9 +618,14 @@ class Lab:
             await self._sysctl(gw, (f"net/ipv4/conf/{gw_dev}/arp_ignore", ARP_IGNORE_STRICT))
         await self._ip("-n", cli, "addr", "add", f"{client_ip}/{LINK_PREFIXLEN}", "dev", path.name)
         await self._ip("-n", gw, "addr", "add", f"{gateway_ip}/{LINK_PREFIXLEN}", "dev", gw_dev)
+        if self.spec.ipv6:
+            client_ip6, gateway_ip6 = self.path_addresses6(path)
+            await self._ip("-n", cli, "addr", "add", f"{client_ip6}/{LINK_PREFIXLEN6}", "dev", path.name, "nodad")
+            await self._ip("-n", gw, "addr", "add", f"{gateway_ip6}/{LINK_PREFIXLEN6}", "dev", gw_dev, "nodad")
         await self._ip("-n", cli, "link", "set", path.name, "up")
         await self._ip("-n", gw, "link", "set", gw_dev, "up")
         self._addresses[path.name] = (client_ip, gateway_ip)
+        self._subnets[path.name], self._hosts[path.name] = 0, CLIENT_HOST
         await self._add_default_route(path)
 
     async def _sysctl(self, ns: str, *settings: tuple[str, int]) -> None:
@@ -651,6 +706,12 @@ class Lab:
             "-n", self.client_ns, "route", "replace", "default",
             "via", gateway_ip, "dev", path.name, "metric", str(path.metric),
         )  # fmt: skip
+        if self.spec.ipv6:
+            _, gateway_ip6 = self.spec.link_addresses6(path, subnet=self._subnets[path.name], host=self._hosts[path.name])
+            await self._ip(
+                "-n", self.client_ns, "-6", "route", "replace", "default",
+                "via", gateway_ip6, "dev", path.name, "metric", str(path.metric),
+            )  # fmt: skip
 
     async def _aclose(self, *, keep: bool, raise_errors: bool) -> None:
         """Terminate every lab process, then (unless ``keep``) delete the namespaces this lab created."""
@@ -820,6 +881,11 @@ class Lab:
     async def _flush_address(self, path: LabPath) -> None:
         cli = self.client_ns
         await _command(["ip", "-n", cli, "route", "del", "default", "dev", path.name, "metric", str(path.metric)], check=False)
+        if self.spec.ipv6:
+            await _command(
+                ["ip", "-n", cli, "-6", "route", "del", "default", "dev", path.name, "metric", str(path.metric)], check=False
+            )
+            await self._ip("-n", cli, "-6", "addr", "flush", "dev", path.name, "scope", "global")
         await self._ip("-n", cli, "addr", "flush", "dev", path.name)
         self._addresses[path.name] = None
 
@@ -846,7 +912,15 @@ class Lab:
             if gateway_ip not in router:
                 await self._ip("-n", self.gateway_ns, "addr", "add", f"{gateway_ip}/{LINK_PREFIXLEN}", "dev", gw_dev)
             await self._ip("-n", self.client_ns, "addr", "add", f"{client_ip}/{LINK_PREFIXLEN}", "dev", path.name)
+            if self.spec.ipv6:
+                client_ip6, gateway_ip6 = self.spec.link_addresses6(path, subnet=subnet, host=host)
+                if gateway_ip6 not in router:
+                    await self._ip(
+                        "-n", self.gateway_ns, "addr", "add", f"{gateway_ip6}/{LINK_PREFIXLEN6}", "dev", gw_dev, "nodad"
+                    )
+                await self._ip("-n", self.client_ns, "addr", "add", f"{client_ip6}/{LINK_PREFIXLEN6}", "dev", path.name, "nodad")
             self._addresses[path.name] = (client_ip, gateway_ip)
+            self._subnets[path.name], self._hosts[path.name] = subnet, host
             if self._faults[path.name].link_up:
                 await self._add_default_route(path)
         return client_ip, gateway_ip

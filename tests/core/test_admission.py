@@ -349,7 +349,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         assert address is not None
         outcome = self.table.settle_claim(session_id, succeeded=ok, record=record(session_id) if ok else None)
         if ok:
-            assert outcome == Claimed(session_id=session_id, address=address, held_revision=7)
+            address6 = self.table.address6_of(session_id)
+            assert outcome == Claimed(session_id=session_id, address=address, held_revision=7, address6=address6)
         else:
             assert outcome == Refuse(reason=Refusal.CLAIM_FAILED)
 
@@ -382,3 +383,111 @@ TestAdmissionMachine = AdmissionMachine.TestCase
 TestAdmissionMachine.settings = settings(
     max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+# -- IPv6: each session's address pair -------------------------------------------------
+
+TUNNEL6 = ipaddress.IPv6Interface("fd6a:7670::1/64")
+
+
+def ip6(host: int) -> ipaddress.IPv6Address:
+    return TUNNEL6.network[host]
+
+
+def table6(
+    fixed: dict[bytes, ipaddress.IPv4Address] | None = None,
+    fixed6: dict[bytes, ipaddress.IPv6Address] | None = None,
+    tunnel6: ipaddress.IPv6Interface = TUNNEL6,
+) -> Admissions:
+    return Admissions(tunnel=TUNNEL, fixed=fixed or {}, node_id=NODE, tunnel6=tunnel6, fixed6=fixed6)
+
+
+def test_without_an_ipv6_tunnel_a_session_has_no_ipv6_address() -> None:
+    t = table()
+    decision = admitted(t, ALICE)
+    assert decision.address6 is None and t.address6_of(decision.session_id) is None
+
+
+def test_admission_gives_the_ipv6_twin_with_the_ipv4_address() -> None:
+    t = table6()
+    decision = admitted(t, ALICE)
+    assert (decision.address, decision.address6) == (ip(2), ip6(2))
+    claimed = t.settle_claim(decision.session_id, succeeded=True, record=record(decision.session_id))
+    assert isinstance(claimed, Claimed) and (claimed.address, claimed.address6) == (ip(2), ip6(2))
+    assert [(h.address, h.address6) for h in t.snapshot().holdings] == [(ip(2), ip6(2))]
+
+
+def test_a_configured_ipv6_address_wins_over_the_twin() -> None:
+    t = table6(fixed={ALICE: ip(5)}, fixed6={ALICE: ip6(0x99)})
+    assert (start(t, ALICE).address, start(t, ALICE).address6) == (ip(5), ip6(0x99))
+
+
+def test_the_pair_passes_to_the_session_that_replaces_and_is_freed_together() -> None:
+    t = table6()
+    first = start(t, ALICE)
+    again = start(t, ALICE)  # replaces the first: same pair
+    assert (again.address, again.address6) == (first.address, first.address6) == (ip(2), ip6(2))
+    t.release(again.session_id)
+    assert t.address6_of(again.session_id) is None
+    bob = start(t, BOB)
+    assert (bob.address, bob.address6) == (ip(2), ip6(2))
+
+
+def test_the_pool_skips_an_address_whose_twin_another_peer_holds() -> None:
+    # Carol's configured IPv6 is the twin of .2 and the gateway's ::3 the twin of .3: Alice gets .4.
+    t = table6(fixed6={CAROL: ip6(2)}, tunnel6=ipaddress.IPv6Interface("fd6a:7670::3/64"))
+    alice = start(t, ALICE)
+    assert (alice.address, alice.address6) == (ip(4), ip6(4))
+    carol = start(t, CAROL)
+    assert (carol.address, carol.address6) == (ip(5), ip6(2))
+    assert t.snapshot().pool_free == 1  # .6 (.2 and .3 are out of the pool, .4 and .5 held)
+
+
+def test_a_twin_outside_a_small_ipv6_network_means_no_ipv6() -> None:
+    t = table6(tunnel6=ipaddress.IPv6Interface("fd6a:7670::1/126"))  # hosts ::1..::3
+    assert [start(t, p).address6 for p in (ALICE, BOB, CAROL)] == [ip6(2), ip6(3), None]
+
+
+@pytest.mark.parametrize(
+    ("fixed6", "tunnel6", "message"),
+    [
+        ({ALICE: ipaddress.IPv6Address("fd00::2")}, TUNNEL6, "is not a free host address"),
+        ({ALICE: TUNNEL6.ip}, TUNNEL6, "is not a free host address"),
+        ({ALICE: ip6(0)}, TUNNEL6, "is not a free host address"),
+        ({ALICE: ip6(7), BOB: ip6(7)}, TUNNEL6, "configured for two peers"),
+    ],
+)
+def test_bad_configured_ipv6_addresses_are_refused(
+    fixed6: dict[bytes, ipaddress.IPv6Address], tunnel6: ipaddress.IPv6Interface, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        table6(fixed6=fixed6, tunnel6=tunnel6)
+    with pytest.raises(ValueError, match="need an IPv6 tunnel address"):
+        Admissions(tunnel=TUNNEL, fixed={}, node_id=NODE, fixed6={ALICE: ip6(7)})
+
+
+FIXED6 = {PEERS[2]: ip6(3)}  # the twin of .3, so .3 leaves the pool
+
+
+class AdmissionMachine6(AdmissionMachine):
+    """The same random calls with an IPv6 tunnel: IPv6 addresses are exclusive too, and come in pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = table6(dict(FIXED), dict(FIXED6))
+        self.pool_size = self.table.snapshot().pool_free
+
+    @invariant()
+    def ipv6_addresses_are_exclusive_and_paired(self) -> None:
+        holdings = self.table.snapshot().holdings
+        addresses6 = [h.address6 for h in holdings]
+        assert None not in addresses6, "a session without its IPv6 address"
+        assert len(addresses6) == len(set(addresses6)), "two sessions hold one IPv6 address"
+        for h in holdings:
+            expected = FIXED6.get(h.peer, ip6(int(h.address) - int(TUNNEL.network.network_address)))
+            assert h.address6 == expected, "an IPv6 address that is neither configured nor the twin"
+            assert h.address6 != TUNNEL6.ip
+
+
+TestAdmissionMachine6 = AdmissionMachine6.TestCase
+TestAdmissionMachine6.settings = TestAdmissionMachine.settings

@@ -62,7 +62,7 @@ def test_forged_tag_does_not_consume_the_counter() -> None:
     ("mangle", "reason"),
     [
         (lambda d: d[:10], R.MALFORMED),
-        (lambda d: b"\x02" + d[1:], R.MALFORMED),
+        (lambda d: bytes([wire.PROTOCOL_VERSION + 1]) + d[1:], R.MALFORMED),
         (lambda d: d[:2] + b"\x00\x01" + d[4:], R.MALFORMED),
         (lambda d: d[:4] + (99).to_bytes(4, "big") + d[8:], R.STRAY_PACKET),
     ],

@@ -263,7 +263,7 @@ def test_client_minimal_defaults(tmp_path: pathlib.Path) -> None:
         gateway=("192.0.2.1", 51820),
         control_port_offset=1,
         tun_name="jvpn0",
-        routes=(ipaddress.IPv4Network("0.0.0.0/0"),),
+        routes=(ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0")),  # a full tunnel of both families
         paths=(),
         events_file=None,
         control_socket=pathlib.Path("/run/jvpn-trio/client.sock"),

@@ -47,6 +47,7 @@ STRANGER = StaticKeypair(hs.clamp_private(bytes(range(201, 233))))
 WALL_TIME_NS = 1_700_000_000_123_456_789
 SID = SessionId(bytes.fromhex("5e55101d" * 4))
 TUNNEL = ipaddress.IPv4Address("10.77.0.2")
+TUNNEL6 = ipaddress.IPv6Address("fd6a:7670::2")
 INIT_INDEX, RESP_INDEX = 0x11111111, 0x22222222
 POLICY = Policy()
 
@@ -108,6 +109,8 @@ def answer(
         state_version=1,
         tunnel_ipv4=TUNNEL,
         prefix_len=24,
+        tunnel_ipv6=TUNNEL6,
+        prefix_len6=64,
         sender_index=sender_index,
         random_bytes=random_bytes or SeededRandom(b"responder"),
     )
@@ -204,6 +207,8 @@ def test_both_sides_derive_matching_keys_and_indices() -> None:
     assert ini.peer_public == RESPONDER.public and res.peer_public == INITIATOR.public
     for result in (ini, res):
         assert (result.session_id, result.state_version, result.tunnel_ipv4, result.prefix_len) == (SID, 1, TUNNEL, 24)
+        assert (result.tunnel_ipv6, result.prefix_len6) == (TUNNEL6, 64)
+        assert result.tunnel_interface6 == ipaddress.IPv6Interface("fd6a:7670::2/64")
         assert result.path_id == PathId(2) and not result.rekey
     assert ini.sending_key.hex() not in repr(ini)
 
@@ -313,7 +318,7 @@ def test_unparseable_authenticated_resp_payload_is_malformed(monkeypatch: pytest
     state, init = start()
     responder = ResponderHandshake.consume_init(init, RESPONDER, lookup_peer=known(INITIATOR))
     real = wire.encode_resp_payload
-    monkeypatch.setattr(wire, "encode_resp_payload", lambda p: real(p)[:-1] + bytes([33]))  # prefix 33
+    monkeypatch.setattr(wire, "encode_resp_payload", lambda p: real(p)[:28] + bytes([33]) + real(p)[29:])  # prefix 33
     resp, _ = answer(responder)
     assert error_reason(state.consume_response, resp) is ReasonCode.MALFORMED
 

@@ -118,6 +118,14 @@ HANDSHAKE_PAYLOADS: dict[str, Any] = {
     "resp_payload": RespPayload(
         session_id=SID, state_version=1, tunnel_ipv4=ipaddress.IPv4Address("10.77.0.2"), prefix_len=24
     ),
+    "resp_payload_ipv6": RespPayload(
+        session_id=SID,
+        state_version=2,
+        tunnel_ipv4=ipaddress.IPv4Address("10.77.0.2"),
+        prefix_len=24,
+        tunnel_ipv6=ipaddress.IPv6Address("fd6a:7670::2"),
+        prefix_len6=64,
+    ),
 }
 PAYLOAD_CODECS: dict[type, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] = {
     InitPayload: (wire.encode_init_payload, wire.decode_init_payload_untrusted),
@@ -198,9 +206,10 @@ def test_golden_file_has_no_stale_entries() -> None:
 
 def test_layout_sizes_are_the_documented_ones() -> None:
     # docs/wire-format.md states these numbers; a change here is a protocol change.
-    assert (wire.HANDSHAKE_INIT_LEN, wire.HANDSHAKE_RESP_LEN) == (147, 103)
+    assert wire.PROTOCOL_VERSION == 2
+    assert (wire.HANDSHAKE_INIT_LEN, wire.HANDSHAKE_RESP_LEN) == (147, 120)
     assert (wire.TRANSPORT_HEADER_LEN, wire.MIN_TRANSPORT_LEN) == (16, 32)
-    assert (wire.INIT_PAYLOAD_LEN, wire.RESP_PAYLOAD_LEN) == (29, 29)
+    assert (wire.INIT_PAYLOAD_LEN, wire.RESP_PAYLOAD_LEN) == (29, 46)
     assert (wire.PROBE_LEN, wire.PROBE_ACK_LEN) == (13, 22)
     assert (wire.REATTACH_MIN_LEN, wire.REATTACH_MAX_LEN) == (43, 107)
     assert (wire.REATTACH_ACK_LEN, wire.REATTACH_REJECT_LEN, wire.CLOSE_LEN) == (33, 34, 18)
@@ -218,7 +227,7 @@ def test_handshake_init_layout_by_hand() -> None:
 def test_transport_header_layout_by_hand() -> None:
     frame = transport_frame(MessageType.PROBE, wire.PROBE_LEN)
     raw = wire.encode_transport(frame)
-    assert raw[:16] == bytes.fromhex("0105" "0000" "cafebabe" "0102030405060708")
+    assert raw[:16] == bytes.fromhex("0205" "0000" "cafebabe" "0102030405060708")
     assert wire.encode_transport_header(frame.header) == raw[:16]
 
 
@@ -319,7 +328,7 @@ def test_datagram_above_max_is_long() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(FIXED_FRAMES))
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, 3, 255])  # 1: the layout before IPv6 in the response
 def test_wrong_version_is_refused(name: str, version: int) -> None:
     raw = bytes([version]) + FIXED_FRAMES[name][1:]
     assert reason_of(wire.decode_untrusted, raw) == "version"
@@ -422,7 +431,45 @@ def test_unknown_reason_codes_are_refused(code: int) -> None:
 
 def test_prefix_len_above_32_is_refused() -> None:
     raw = wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload"])
-    assert reason_of(wire.decode_resp_payload_untrusted, raw[:-1] + bytes([33])) == "prefix_len"
+    assert reason_of(wire.decode_resp_payload_untrusted, raw[:28] + bytes([33]) + raw[29:]) == "prefix_len"
+
+
+def test_resp_payload_layout_by_hand() -> None:
+    raw = wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload_ipv6"])
+    assert raw[:16] == SID.raw
+    assert raw[16:24] == (2).to_bytes(8, "big")
+    assert raw[24:29] == bytes([10, 77, 0, 2, 24])
+    assert raw[29:45] == ipaddress.IPv6Address("fd6a:7670::2").packed and raw[45] == 64
+    # Without IPv6: sixteen zero bytes and a zero prefix.
+    assert wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload"])[29:] == bytes(17)
+
+
+def test_resp_payload_ipv6_round_trips_with_the_ipv4_address() -> None:
+    payload = HANDSHAKE_PAYLOADS["resp_payload_ipv6"]
+    decoded = wire.decode_resp_payload_untrusted(wire.encode_resp_payload(payload))
+    assert decoded == payload
+    assert (decoded.tunnel_ipv4, decoded.tunnel_ipv6) == (ipaddress.IPv4Address("10.77.0.2"), ipaddress.IPv6Address("fd6a:7670::2"))
+
+
+@pytest.mark.parametrize(
+    ("address6", "prefix6"),
+    [
+        (ipaddress.IPv6Address("fd6a:7670::2").packed, 129),  # longer than an IPv6 address
+        (ipaddress.IPv6Address("fd6a:7670::2").packed, 255),
+        (bytes(16), 64),  # a prefix beside "no IPv6": not canonical
+        (bytes(16), 1),
+    ],
+)
+def test_malformed_ipv6_prefix_is_refused(address6: bytes, prefix6: int) -> None:
+    raw = wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload"])
+    assert reason_of(wire.decode_resp_payload_untrusted, raw[:29] + address6 + bytes([prefix6])) == "prefix_len"
+
+
+def test_the_old_29_byte_response_payload_is_refused() -> None:
+    # A version-1 gateway's payload (no IPv6 fields) is too short for version 2.
+    raw = wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload"])
+    assert reason_of(wire.decode_resp_payload_untrusted, raw[:29]) == "short"
+    assert reason_of(wire.decode_resp_payload_untrusted, raw + bytes(1)) == "long"
 
 
 def test_all_zero_rekey_session_means_new_session() -> None:
@@ -472,6 +519,22 @@ def test_fixed_plaintexts_must_have_their_exact_length(decode: Callable[[bytes],
         lambda: InitPayload(timestamp=bytes(12), rekey_session=SessionId(bytes(16)), path_id=P1),
         lambda: RespPayload(session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=33),
         lambda: RespPayload(session_id=SID, state_version=0, tunnel_ipv4="10.0.0.1", prefix_len=24),  # type: ignore[arg-type]
+        lambda: RespPayload(
+            session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
+            tunnel_ipv6=ipaddress.IPv6Address("fd00::2"), prefix_len6=129,
+        ),
+        lambda: RespPayload(
+            session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
+            tunnel_ipv6=ipaddress.IPv6Address("::"), prefix_len6=64,
+        ),
+        lambda: RespPayload(
+            session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
+            prefix_len6=64,
+        ),
+        lambda: RespPayload(
+            session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
+            tunnel_ipv6="fd00::2", prefix_len6=64,  # type: ignore[arg-type]
+        ),
         lambda: TransportHeader(msg_type=MessageType.HANDSHAKE_INIT, receiver_index=0, counter=0),
         lambda: TransportHeader(msg_type=3, receiver_index=0, counter=0),
         lambda: TransportFrame(header=SAMPLES["transport_probe"].header, ciphertext=bytes(15)),
@@ -541,7 +604,7 @@ def test_receiver_index_is_the_headers(name: str) -> None:
 
 
 def test_receiver_index_layout_by_hand() -> None:
-    raw = bytes([1, MessageType.PROBE, 0, 0]) + bytes.fromhex("00000102") + bytes(8)
+    raw = bytes([wire.PROTOCOL_VERSION, MessageType.PROBE, 0, 0]) + bytes.fromhex("00000102") + bytes(8)
     assert wire.RECEIVER_INDEX_OFFSET == 4
     assert wire.peek_receiver_index_untrusted(raw) == 0x0102
     assert wire.peek_receiver_index_untrusted(raw[:8]) == 0x0102  # the field is all it needs
@@ -595,6 +658,39 @@ def test_ipv4_destination_of_garbage_is_an_address_or_bad_frame(data: bytes) -> 
         assert exc.reason in ("short", "ip_version")
     else:
         assert destination.packed == data[16:20] and data[0] >> 4 == 4
+
+
+#: An IPv6 UDP packet fd6a:7670::2 -> fd6a:7670::1 (fixed header, then an 8-byte UDP header).
+IPV6_PACKET = (
+    bytes.fromhex("60000000" "0008" "11" "40")
+    + ipaddress.IPv6Address("fd6a:7670::2").packed
+    + ipaddress.IPv6Address("fd6a:7670::1").packed
+    + bytes(8)
+)
+
+
+def test_ip_destination_reads_both_versions() -> None:
+    assert wire.ip_destination_untrusted(IPV4_PACKET) == ipaddress.IPv4Address("10.66.0.1")
+    assert wire.ip_destination_untrusted(IPV6_PACKET) == ipaddress.IPv6Address("fd6a:7670::1")
+    assert wire.ip_destination_untrusted(IPV6_PACKET[: wire.IPV6_HEADER_LEN]) == ipaddress.IPv6Address("fd6a:7670::1")
+
+
+def test_ip_destination_of_a_short_ipv6_packet_is_short() -> None:
+    for cut in range(wire.IPV6_HEADER_LEN):
+        assert reason_of(wire.ip_destination_untrusted, IPV6_PACKET[:cut]) == "short", cut
+
+
+@given(st.binary(max_size=64))
+def test_ip_destination_of_garbage_is_an_address_or_bad_frame(data: bytes) -> None:
+    try:
+        destination = wire.ip_destination_untrusted(data)
+    except BadFrame as exc:
+        assert exc.reason in ("short", "ip_version")
+    else:
+        if destination.version == 6:
+            assert destination.packed == data[24:40] and data[0] >> 4 == 6
+        else:
+            assert destination.packed == data[16:20] and data[0] >> 4 == 4
 
 
 # ---------------------------------------------------------------------------

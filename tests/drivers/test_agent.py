@@ -126,7 +126,7 @@ class AgentWorld(MemoryWorld):
     def client_path(self, i: int, port: DatagramPort | None = None) -> ClientPath:
         return client_path(i, self.ports[i] if port is None else port)
 
-    async def _set_address(self, address: ipaddress.IPv4Interface) -> None:
+    async def _set_address(self, address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None) -> None:
         self.addresses.append(address)
 
     async def start_gateway(self, nursery: trio.Nursery) -> GatewayRuntime:

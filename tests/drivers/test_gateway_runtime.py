@@ -239,13 +239,15 @@ async def test_datagrams_without_a_session_or_ipv4_packets_are_counted(autojump_
             stranger.send_nowait(bytes([wire.PROTOCOL_VERSION, wire.MessageType.DATA, 0, 0, 0]), GATEWAY)  # no index
             stranger.send_nowait(bytes([wire.PROTOCOL_VERSION, wire.MessageType.DATA]) + bytes(30), GATEWAY)
             stranger.send_nowait(b"\x09", GATEWAY)
-            world.tun.inject(bytes([0x60]) + bytes(39))  # IPv6
+            world.tun.inject(bytes([0x60]) + bytes(39))  # IPv6, to :: (nobody holds it)
+            world.tun.inject(bytes([0x60]) + bytes(20))  # IPv6, too short for its header
+            world.tun.inject(bytes([0x00]) + bytes(39))  # neither IPv4 nor IPv6
             world.tun.inject(ipaddress.IPv4Address("10.66.0.2").packed)  # far too short
             world.tun.inject(bytes([0x45]) + bytes(15) + ip(2).packed)  # IPv4, but nobody holds .2
             await trio.sleep(0.1)
             stats = world.gateway.statistics()
             assert (stats.drop_unknown_index, stats.drop_malformed) == (2, 1)
-            assert (stats.tx_not_ipv4, stats.tx_no_binding) == (2, 1)
+            assert (stats.tx_not_ipv4, stats.tx_no_binding) == (3, 2)
             nursery.cancel_scope.cancel()
 
 

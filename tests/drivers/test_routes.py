@@ -21,6 +21,7 @@ import errno
 import ipaddress
 import json
 import secrets
+import socket
 from typing import Any, AsyncIterator
 
 import attrs
@@ -69,7 +70,7 @@ def test_tunnel_routes_normalises_prefixes() -> None:
     assert not TunnelRoutes("jvpn0", ["10.8.0.0/16"], 51820).full_tunnel
 
 
-@pytest.mark.parametrize("bad", [["10.8.0.1/16"], ["10.8.0.0/33"], ["fd00::/8"], "0.0.0.0/0"])
+@pytest.mark.parametrize("bad", [["10.8.0.1/16"], ["10.8.0.0/33"], ["fd00::1/8"], ["::/129"], "0.0.0.0/0"])
 def test_tunnel_routes_rejects_bad_prefixes(bad: Any) -> None:
     with pytest.raises((ValueError, TypeError)):
         TunnelRoutes("jvpn0", bad, 51820)
@@ -89,9 +90,80 @@ def test_path_marks_must_be_usable(mark: int) -> None:
         PathRoute("eth0", 101, mark)
 
 
-def test_path_gateway_must_be_ipv4() -> None:
+def test_path_gateway_must_be_an_ip_address() -> None:
+    assert PathRoute("eth0", 101, 0x101, gateway="fe80::1").gateway == "fe80::1"  # an IPv6 next hop
     with pytest.raises(ValueError):
-        PathRoute("eth0", 101, 0x101, gateway="fe80::1")
+        PathRoute("eth0", 101, 0x101, gateway="router.lan")
+
+
+# -- IPv6: what the tunnel and path routes render to (pure) -------------------------------------
+
+AF4, AF6 = socket.AF_INET, socket.AF_INET6
+
+
+def rendered(prefixes: list[str]) -> tuple[set[tuple[str, int, int]], set[str], set[tuple[int, int, int]]]:
+    """``_tunnel_entries`` as (tunnel-table defaults (dst, type, oif), main prefixes, rules (family, priority, table))."""
+    defaults, mains, rules = routes._tunnel_entries(TunnelRoutes("jvpn0", prefixes, 51820), oif=7)
+    assert all(r.table == 51820 for r in defaults) and all(r.table == routes.MAIN_TABLE and r.oif == 7 for r in mains)
+    return (
+        {(r.dst, r.type, r.oif) for r in defaults},
+        {r.dst for r in mains},
+        {(r.family, r.priority, r.table) for r in rules},
+    )
+
+
+def policy_rules(*families: int) -> set[tuple[int, int, int]]:
+    return {(f, p, t) for f in families for p, t in ((SUPPRESS_RULE_PRIORITY, 254), (TUNNEL_RULE_PRIORITY, 51820))}
+
+
+UNICAST, UNREACHABLE = 1, 7
+
+
+def test_both_default_routes_go_into_the_tun_in_both_families() -> None:
+    defaults, mains, rules = rendered(["0.0.0.0/0", "::/0", "fd00:1::/64"])
+    assert defaults == {("0.0.0.0/0", UNICAST, 7), ("::/0", UNICAST, 7)}
+    assert mains == {"fd00:1::/64"}
+    assert rules == policy_rules(AF4, AF6)
+
+
+def test_an_ipv4_full_tunnel_blocks_ipv6_in_the_tunnel_table() -> None:
+    defaults, mains, rules = rendered(["0.0.0.0/0", "10.8.0.0/16"])
+    assert defaults == {("0.0.0.0/0", UNICAST, 7), ("::/0", UNREACHABLE, 0)}
+    assert mains == {"10.8.0.0/16"}
+    assert rules == policy_rules(AF4, AF6)
+
+
+def test_an_ipv6_full_tunnel_blocks_ipv4_in_the_tunnel_table() -> None:
+    defaults, _, rules = rendered(["::/0"])
+    assert defaults == {("::/0", UNICAST, 7), ("0.0.0.0/0", UNREACHABLE, 0)}
+    assert rules == policy_rules(AF4, AF6)
+
+
+def test_a_split_tunnel_of_both_families_has_no_rules_and_blocks_nothing() -> None:
+    defaults, mains, rules = rendered(["10.8.0.0/16", "2001:db8:5::/48"])
+    assert (defaults, rules) == (set(), set())
+    assert mains == {"10.8.0.0/16", "2001:db8:5::/48"}
+    assert not TunnelRoutes("jvpn0", ["2001:db8:5::/48"], 51820).full_tunnel
+
+
+def test_route_and_rule_arguments_carry_their_family() -> None:
+    blocked = routes._route_args(RouteEntry(table=51820, dst="::/0", oif=0, type=UNREACHABLE))
+    assert (blocked["family"], blocked["dst"], blocked["dst_len"], blocked["type"]) == (AF6, "::", 0, UNREACHABLE)
+    assert "oif" not in blocked
+    tun = routes._route_args(RouteEntry(table=51820, dst="::/0", oif=7))
+    assert (tun["family"], tun["oif"], tun["scope"]) == (AF6, 7, 253)
+    rule = _rule_args(RuleEntry(priority=TUNNEL_RULE_PRIORITY, table=9, fwmark=0x100, fwmask=0xF00, invert=True, family=AF6))
+    assert rule["family"] == AF6 and rule["flags"] == 0x2
+    assert _rule_args(RuleEntry(priority=SUPPRESS_RULE_PRIORITY, table=254, suppress_prefixlen=0))["family"] == AF4
+
+
+def test_a_path_to_an_ipv6_gateway_routes_its_128_in_ipv6() -> None:
+    route, last_resort, rule = routes._path_entries(PathRoute("eth0", 101, 0x101, gateway="fd77:4d:1::1"), 5, "fd99::1")
+    assert (route.dst, route.gateway, route.oif, route.family) == ("fd99::1/128", "fd77:4d:1::1", 5, AF6)
+    assert (last_resort.dst, last_resort.type) == ("::/0", UNREACHABLE)
+    assert (rule.family, rule.fwmark, rule.table) == (AF6, 0x101, 101)
+    route4, last4, rule4 = routes._path_entries(PathRoute("eth0", 101, 0x101), 5, "10.99.0.1")
+    assert (route4.dst, last4.dst, rule4.family) == ("10.99.0.1/32", "0.0.0.0/0", AF4)
 
 
 def test_plan_rejects_marks_outside_the_bypass() -> None:
@@ -688,3 +760,78 @@ async def test_best_effort_routing_as_up_uses_it(tun_lab: TunLab) -> None:
         assert rules == before[0]
         assert "proto 74" not in routes_after  # the flap re-added main's default route: compare ours only
         assert len(lines) == 1
+
+
+# -- IPv6 (root) ---------------------------------------------------------------------------------
+
+INTERNET6 = "2001:db8::1"
+
+
+async def snapshot6(ns: str) -> tuple[str, str]:
+    rules = await trio.run_process(["ip", "-6", "-n", ns, "rule"], capture_stdout=True)
+    table = await trio.run_process(["ip", "-6", "-n", ns, "route", "show", "table", "all"], capture_stdout=True)
+    # The kernel's own per-interface routes (local, multicast, link-local) are not ours to compare.
+    ours = [line for line in table.stdout.decode().splitlines() if "proto 74" in line or line.startswith("default")]
+    return rules.stdout.decode(), "\n".join(ours)
+
+
+@requires_lab
+async def test_ipv4_full_tunnel_blocks_ipv6_and_removal_restores_it(tun_lab: TunLab) -> None:
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        before4, before6 = await snapshot(t.ns), await snapshot6(t.ns)
+        assert (await route_get(t.ns, INTERNET6))["dev"] == "eth0"  # the lab's IPv6 default route: a leak
+        async with open_routing(tunnel=full_tunnel(t), paths=PATHS, gateway_address=t.gateway, netns=t.ns):
+            message = await route_get_error(t.ns, INTERNET6)
+            assert "unreachable" in message.lower() or "no route" in message.lower(), message
+            # Main's specific routes still apply (the LAN of a path), as for IPv4.
+            assert (await route_get(t.ns, t.lab.path_addresses6("wifi0")[1]))["dev"] == "wifi0"
+            assert (await route_get(t.ns, INTERNET))["dev"] == t.tun
+        assert (await snapshot(t.ns), await snapshot6(t.ns)) == (before4, before6)
+        assert (await route_get(t.ns, INTERNET6))["dev"] == "eth0"
+
+
+@requires_lab
+async def test_both_families_into_the_tun_and_an_ipv6_tun_address(tun_lab: TunLab) -> None:
+    t = tun_lab
+    lines: list[str] = []
+    with trio.fail_after(IO_TIMEOUT_S):
+        set_address = TunAddress(t.tun, mtu=1400, netns=t.ns, log=lines.append)
+        await set_address(ipaddress.IPv4Interface("10.200.0.2/24"), ipaddress.IPv6Interface("fd6a:7670::2/64"))
+        await set_address(ipaddress.IPv4Interface("10.200.0.2/24"), ipaddress.IPv6Interface("fd6a:7670::9/64"))
+        (link,) = await ip_json(t.ns, "address", "show", "dev", t.tun)
+        assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet6" and a["scope"] == "global"] == [
+            ("fd6a:7670::9", 64)
+        ]
+        assert set_address.current6 == ipaddress.IPv6Interface("fd6a:7670::9/64") and lines == []
+        before6 = await snapshot6(t.ns)
+        tunnel = TunnelRoutes(t.tun, ["0.0.0.0/0", "::/0"], TUN_TABLE)
+        async with open_routing(tunnel=tunnel, paths=PATHS, gateway_address=t.gateway, netns=t.ns):
+            assert (await route_get(t.ns, INTERNET6))["dev"] == t.tun
+            assert (await route_get(t.ns, INTERNET))["dev"] == t.tun
+            # A path socket's mark bypasses the tunnel in IPv6 too (it then finds main's routes).
+            assert (await route_get(t.ns, INTERNET6, "mark", "0x101"))["dev"] != t.tun
+        assert await snapshot6(t.ns) == before6
+        await set_address(ipaddress.IPv4Interface("10.200.0.2/24"), None)  # the next session has no IPv6
+        (link,) = await ip_json(t.ns, "address", "show", "dev", t.tun)
+        assert not [a for a in link["addr_info"] if a["family"] == "inet6" and a["scope"] == "global"]
+        assert set_address.current6 is None
+
+
+@requires_lab
+async def test_a_path_to_an_ipv6_gateway_is_routed_by_its_mark(tun_lab: TunLab) -> None:
+    t = tun_lab
+    gateway6 = t.lab.gateway_address6
+    with trio.fail_after(IO_TIMEOUT_S):
+        await setup_tun(t)
+        before = await snapshot6(t.ns)
+        async with open_routing(tunnel=full_tunnel(t), paths=PATHS, gateway_address=gateway6, netns=t.ns) as routing:
+            for pr in PATHS:
+                hop = t.lab.path_addresses6(pr.ifname)[1]
+                assert routing.paths[pr.ifname].gateway == hop  # found in main's IPv6 default route
+                route = await route_get(t.ns, gateway6, "mark", hex(pr.fwmark))
+                assert (route["dev"], route["gateway"]) == (pr.ifname, hop)
+            # Unmarked IPv6 is blocked (an IPv4 full tunnel), even to the gateway's address.
+            await route_get_error(t.ns, gateway6)
+        assert await snapshot6(t.ns) == before

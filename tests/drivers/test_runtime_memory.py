@@ -38,6 +38,7 @@ from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 GATEWAY = ("192.0.2.1", 51820)
 GATEWAY_CONTROL = ("192.0.2.1", 51821)
 TUNNEL = ipaddress.IPv4Interface("10.66.0.1/24")
+TUNNEL6 = ipaddress.IPv6Interface("fd6a:7670::1/64")
 
 
 def client_addr(i: int) -> tuple[str, int]:
@@ -49,6 +50,14 @@ def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
     header = struct.pack(
         "!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0,
         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    )
+    return header + payload
+
+
+def ipv6_packet(src: str, dst: str, payload: bytes) -> bytes:
+    header = struct.pack(
+        "!IHBB16s16s", 6 << 28, len(payload), 17, 64,
+        ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed,
     )
     return header + payload
 
@@ -67,8 +76,9 @@ def client_path(i: int, port: DatagramPort, *, link_up: bool = True) -> ClientPa
 class MemoryWorld:
     """What every in-memory test world has: seeded keys, the network, both TUNs and both event logs."""
 
-    def __init__(self, policy: Policy | None, *, seed: int) -> None:
+    def __init__(self, policy: Policy | None, *, seed: int, tunnel6: ipaddress.IPv6Interface | None = None) -> None:
         self.policy = policy or Policy()
+        self.tunnel6 = tunnel6
         rng = random.Random(seed)
         self.random_bytes = lambda n: bytes(rng.getrandbits(8) for _ in range(n))
         self.gw_static = generate_static(self.random_bytes)
@@ -90,6 +100,7 @@ class MemoryWorld:
             node_id="gw-test",
             emit=self.gateway_events.append,
             random_bytes=self.random_bytes,
+            tunnel6=self.tunnel6,
         )
 
 
@@ -111,8 +122,14 @@ def tap(net: MemoryNetwork, msg_type: wire.MessageType, row: Callable[[bytes, Ad
 
 
 class World(MemoryWorld):
-    def __init__(self, policy: Policy | None = None, links: dict[int, bool] | None = None) -> None:
-        super().__init__(policy, seed=7)
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        links: dict[int, bool] | None = None,
+        *,
+        tunnel6: ipaddress.IPv6Interface | None = None,
+    ) -> None:
+        super().__init__(policy, seed=7, tunnel6=tunnel6)
         self.gateway = self.new_gateway()
         self.ports: dict[int, MemoryDatagramPort] = {i: self.net.port(client_addr(i)) for i in (1, 2, 3)}
         self.client = ClientRuntime(
@@ -127,9 +144,10 @@ class World(MemoryWorld):
             wall_time_ns=lambda: 1_700_000_000_000_000_000,
         )
         self.assigned: ipaddress.IPv4Interface | None = None
+        self.assigned6: ipaddress.IPv6Interface | None = None
 
-    async def set_address(self, address: ipaddress.IPv4Interface) -> None:
-        self.assigned = address
+    async def set_address(self, address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None) -> None:
+        self.assigned, self.assigned6 = address, address6
 
     def gateway_session(self):  # type: ignore[no-untyped-def]
         (served,) = self.gateway.sessions.values()
@@ -155,12 +173,46 @@ async def test_handshake_then_data_both_ways(autojump_clock: trio.abc.Clock) -> 
             assert world.client.session is not None
             assert world.client.session.record.session_id == served.session_id
             assert world.assigned == ipaddress.IPv4Interface("10.66.0.2/24")
+            assert world.assigned6 is None  # the gateway's tunnel carries no IPv6
             up = ipv4_packet("10.66.0.2", "10.66.0.1", b"hello gateway")
             world.cl_packets.inject(up)
             assert await world.gw_packets.delivered.receive() == up
             down = ipv4_packet("10.66.0.1", "10.66.0.2", b"hello laptop")
             world.gw_packets.inject(down)
             assert await world.cl_packets.delivered.receive() == down
+            nursery.cancel_scope.cancel()
+
+
+async def test_ipv6_in_the_tunnel_both_ways(autojump_clock: trio.abc.Clock) -> None:
+    """A gateway with an IPv6 tunnel address: the client gets the IPv6 twin of its IPv4 address, and
+    the gateway routes packets from its TUN to the session by IPv6 destination as by IPv4."""
+    world = World(tunnel6=TUNNEL6)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            served = world.gateway_session()
+            assert (served.address, served.address6) == (
+                ipaddress.IPv4Address("10.66.0.2"), ipaddress.IPv6Address("fd6a:7670::2")
+            )
+            assert world.assigned == ipaddress.IPv4Interface("10.66.0.2/24")
+            assert world.assigned6 == ipaddress.IPv6Interface("fd6a:7670::2/64")
+            assert world.client.status.value is not None
+            assert world.client.status.value.tunnel_address6 == "fd6a:7670::2/64"
+            up = ipv6_packet("fd6a:7670::2", "fd6a:7670::1", b"hello gateway")
+            world.cl_packets.inject(up)
+            assert await world.gw_packets.delivered.receive() == up
+            down = ipv6_packet("fd6a:7670::1", "fd6a:7670::2", b"hello laptop")
+            world.gw_packets.inject(down)
+            assert await world.cl_packets.delivered.receive() == down
+            down4 = ipv4_packet("10.66.0.1", "10.66.0.2", b"and IPv4 still")
+            world.gw_packets.inject(down4)
+            assert await world.cl_packets.delivered.receive() == down4
+            # An address nobody holds is dropped and counted, never sent to the session.
+            before = world.gateway.statistics().tx_no_binding
+            world.gw_packets.inject(ipv6_packet("fd6a:7670::1", "fd6a:7670::99", b"nobody"))
+            await trio.sleep(0.1)
+            assert world.gateway.statistics().tx_no_binding == before + 1
             nursery.cancel_scope.cancel()
 
 

@@ -280,7 +280,7 @@ async def test_echo_request_gets_kernel_reply(in_netns: str) -> None:
     with trio.fail_after(TIMEOUT):
         async with open_tun(name, address="10.231.0.1", prefixlen=24, mtu=1400) as tun:
             assert (tun.name, tun.mtu, tun.vnet_hdr) == (name, 1400, False)
-            assert tun.ipv6_disabled
+            assert not tun.ipv6_disabled  # IPv6 stays on (the tunnel carries it), without autoconfiguration
             assert not os.get_blocking(tun.fileno())
             assert tun.write_nowait(echo_request("10.231.0.2", "10.231.0.1", ident=0x4A56, seq=1))
             replies, _ = await _collect_replies(tun, 1)
@@ -425,3 +425,51 @@ async def test_deleted_device_is_tunerror(in_netns: str) -> None:
                 await tun.read_batch(4)
             with pytest.raises(TunError, match="was detached or deleted"):
                 tun.write_nowait(echo_request("10.231.0.2", "10.231.0.1", ident=1, seq=1))
+
+
+# -- IPv6 on the TUN (root) ------------------------------------------------------------------------
+
+
+def _inet6_addresses(name: str) -> list[str]:
+    """The IPv6 addresses of ``name`` in this thread's namespace (/proc/thread-self: not the process's)."""
+    with open("/proc/thread-self/net/if_inet6", encoding="ascii") as table:
+        rows = [line.split() for line in table]
+    return [row[0] for row in rows if row[-1] == name]
+
+
+def _icmp6_echo(src: str, dst: str, *, ident: int, seq: int) -> bytes:
+    """An ICMPv6 echo request with its checksum (over the IPv6 pseudo-header)."""
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    body = struct.pack("!BBHHH", 128, 0, 0, ident, seq) + b"jvtu-ping6"
+    pseudo = s + d + struct.pack("!I3xB", len(body), 58) + body
+    if len(pseudo) % 2:
+        pseudo += b"\0"
+    total = sum(struct.unpack(f"!{len(pseudo) // 2}H", pseudo))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    body = body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+    return struct.pack("!IHBB", 6 << 28, len(body), 58, 64) + s + d + body
+
+
+@needs_tun
+async def test_ipv6_stays_on_without_autoconfiguration_and_answers(in_netns: str) -> None:
+    from jvpn_trio.drivers.routes import set_tun_address
+
+    name = f"jvtu{_rand()}"
+    with trio.fail_after(TIMEOUT):
+        async with open_tun(name, address="10.231.0.1", prefixlen=24, mtu=1400) as tun:
+            assert not tun.ipv6_disabled
+            assert _inet6_addresses(name) == []  # no link-local address: no router solicitation into the tunnel
+            await set_tun_address(name, "fd6a:7670::1", 64, 1400, netns=in_netns)
+            assert tun.write_nowait(_icmp6_echo("fd6a:7670::2", "fd6a:7670::1", ident=0x6A76, seq=1))
+            reply = b""
+            while not (reply[:1] == b"\x60" and reply[6] == 58 and reply[40] == 129):  # an ICMPv6 echo reply
+                (reply, *_) = await tun.read_batch(1)
+    assert socket.inet_ntop(socket.AF_INET6, reply[8:24]) == "fd6a:7670::1"
+    assert socket.inet_ntop(socket.AF_INET6, reply[24:40]) == "fd6a:7670::2"
+
+
+@needs_tun
+async def test_ipv6_can_be_switched_off(in_netns: str) -> None:
+    async with open_tun(f"jvtu{_rand()}", address=None, prefixlen=0, mtu=1400, ipv6=False) as tun:
+        assert tun.ipv6_disabled

@@ -120,7 +120,32 @@ async def test_ipv6_loopback_round_trip_with_gso() -> None:
             assert client.send_segments_nowait(segments, server.local_address).result.ok
             got = await _recv_exactly(server, 5)
     assert [d for d, _ in got] == segments
-    assert got[0][1][:2] == client.local_address[:2]
+    assert got[0][1] == client.local_address  # (host, port): no flowinfo, no scope_id
+
+
+async def test_ipv6_sources_are_host_and_port_without_gro() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_listener_socket(("::1", 0), family=socket.AF_INET6) as server, \
+                open_listener_socket(("::1", 0), family=socket.AF_INET6) as client:
+            assert client.local_address == ("::1", client.local_address[1])
+            assert client.send_nowait(b"x", server.local_address).ok
+            (got,) = await _recv_exactly(server, 1)
+    assert got == (b"x", client.local_address)
+
+
+async def test_ipv4_and_ipv6_wildcards_share_a_port() -> None:
+    """IPV6_V6ONLY: ``[::]:P`` does not take IPv4, so ``0.0.0.0:P`` can listen beside it."""
+    with trio.fail_after(TIMEOUT):
+        async with open_listener_socket(("::", 0), family=socket.AF_INET6) as v6:
+            port = v6.local_address[1]
+            async with open_listener_socket(("0.0.0.0", port), family=socket.AF_INET) as v4, \
+                    open_listener_socket(("127.0.0.1", 0)) as c4, \
+                    open_listener_socket(("::1", 0), family=socket.AF_INET6) as c6:
+                assert c4.send_nowait(b"four", ("127.0.0.1", port)).ok
+                assert c6.send_nowait(b"six", ("::1", port)).ok
+                (got4,) = await _recv_exactly(v4, 1)
+                (got6,) = await _recv_exactly(v6, 1)
+    assert got4 == (b"four", c4.local_address) and got6 == (b"six", c6.local_address)
 
 
 def test_split_gro_buffer() -> None:
@@ -353,7 +378,7 @@ async def test_eagain_is_would_block(double: Callable[..., tuple[PathSocket, Rai
     assert path.statistics().sends_would_block == 2 and path.statistics().send_errors == {}
 
 
-@pytest.mark.parametrize(("code", "still_gso"), [(errno.EINVAL, True), (errno.EIO, True),
+@pytest.mark.parametrize(("code", "still_gso"), [(errno.EINVAL, True), (errno.EMSGSIZE, True), (errno.EIO, True),
                                                  (errno.ENOPROTOOPT, False)])
 async def test_refused_gso_falls_back_to_datagrams(
         double: Callable[..., tuple[PathSocket, RaisingSocket]], code: int, still_gso: bool) -> None:

@@ -109,12 +109,23 @@ inner_messages = st.one_of(
 init_payloads = st.builds(
     wire.InitPayload, timestamp=exact(wire.TIMESTAMP_LEN), rekey_session=rekey_sessions, path_id=path_ids
 )
-resp_payloads = st.builds(
-    wire.RespPayload,
-    session_id=session_ids,
-    state_version=u64,
-    tunnel_ipv4=u32.map(ipaddress.IPv4Address),
-    prefix_len=st.integers(0, wire.MAX_IPV4_PREFIX),
+resp_payloads = st.one_of(
+    st.builds(
+        wire.RespPayload,
+        session_id=session_ids,
+        state_version=u64,
+        tunnel_ipv4=u32.map(ipaddress.IPv4Address),
+        prefix_len=st.integers(0, wire.MAX_IPV4_PREFIX),
+    ),
+    st.builds(
+        wire.RespPayload,
+        session_id=session_ids,
+        state_version=u64,
+        tunnel_ipv4=u32.map(ipaddress.IPv4Address),
+        prefix_len=st.integers(0, wire.MAX_IPV4_PREFIX),
+        tunnel_ipv6=st.integers(1, (1 << 128) - 1).map(ipaddress.IPv6Address),
+        prefix_len6=st.integers(0, wire.MAX_IPV6_PREFIX),
+    ),
 )
 
 #: Every untrusted decoder with its inverse.
@@ -139,7 +150,7 @@ plausible_bytes = st.one_of(
     st.binary(max_size=256),
     st.builds(
         lambda version, msg_type, tail: bytes([version, msg_type]) + tail,
-        st.sampled_from([wire.PROTOCOL_VERSION, wire.PROTOCOL_VERSION, 0, 2]),
+        st.sampled_from([wire.PROTOCOL_VERSION, wire.PROTOCOL_VERSION, 0, wire.PROTOCOL_VERSION - 1, wire.PROTOCOL_VERSION + 1]),
         st.integers(0, 12),
         st.binary(max_size=200),
     ),
