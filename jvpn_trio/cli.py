@@ -89,6 +89,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_down(args: argparse.Namespace) -> int:
+    import trio
+
+    from jvpn_trio.commands import down
+
+    config = load_client_config(args.config or down.DEFAULT_CONFIG)
+    return trio.run(lambda: down.run_down(config))
+
+
 def _clocks(args: argparse.Namespace) -> KernelClocks:
     """The kernel's clocks, or (lab) the kernel's plus the offsets in ``--clock-offsets``."""
     from jvpn_trio.drivers.clock import ClockOffsetsError, KernelClocks, offset_clocks
@@ -185,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tui", action="store_true", help="plain event lines instead of the live UI")
     p.set_defaults(func=_cmd_up)
 
+    p = sub.add_parser("down", help="stop the client agent and remove all it installed, or what a crash left (root)")
+    p.add_argument("--config", help="client TOML file (default: /etc/jvpn-trio/client.toml)")
+    p.set_defaults(func=_cmd_down)
+
     p = sub.add_parser("demo", help="the no-root demo: client, gateway and three emulated paths on loopback")
     p.add_argument("--scenario", type=pathlib_path, metavar="FILE", help="scenario TOML (default: the demo scenario)")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="end after this long (default: the scenario's)")
@@ -233,11 +246,17 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from jvpn_trio.commands.process import AppError
     from jvpn_trio.drivers.client import HandshakeFailed
     from jvpn_trio.drivers.control import ControlError
+    from jvpn_trio.drivers.dns import DnsError
+    from jvpn_trio.drivers.forwarding import ForwardingError
+    from jvpn_trio.drivers.killswitch import KillSwitchError
     from jvpn_trio.drivers.routes import RouteError
     from jvpn_trio.drivers.tun import TunError
     from jvpn_trio.drivers.udp import PathSocketError
 
-    return (AppError, HandshakeFailed, ControlError, RouteError, TunError, PathSocketError)
+    return (
+        AppError, HandshakeFailed, ControlError, RouteError, TunError, PathSocketError, KillSwitchError, DnsError,
+        ForwardingError,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

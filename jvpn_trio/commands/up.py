@@ -14,12 +14,22 @@ its path appears when the interface does.  ``up`` exits on SIGINT/SIGTERM (the f
 session explicitly, a second exits at once) or on a configuration or
 privilege error at start; never because a session ended.  Resources are
 acquired in nested async context managers so that every way out removes the
-TUN, the routes and the control socket again.
+TUN, the routes, the DNS settings and the control socket again.
+
+The kill switch (``drivers/killswitch.py``, with ``kill_switch = true``, the
+default for a full tunnel) is installed *first*, before any route or the TUN,
+so ``up`` fails closed, and removed *last*.  It is removed on every clean way
+out (SIGINT/SIGTERM, ``jvpn-trio down`` through the control socket's ``down``
+command, a failure at start); once the agent runs, a crash leaves it in place
+until ``jvpn-trio down`` (docs/threat-model.md).  ``up`` refuses to start over
+what a killed agent left behind (``drivers/leftovers.py``) and names ``down``.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
+import os
 import sys
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -36,14 +46,16 @@ from jvpn_trio.commands.process import (
     close_on_signals,
     missing_privilege,
 )
-from jvpn_trio.config import DEFAULT_MTU, ClientConfig
+from jvpn_trio.config import ClientConfig
 from jvpn_trio.core.agent import PathIds, PathIdsExhausted
 from jvpn_trio.core.ids import PathId
+from jvpn_trio.core.mtu import Family, client_tun_mtu
 from jvpn_trio.core.noise import StaticKeypair
-from jvpn_trio.drivers import control, event_sink, routes, tun, udp
+from jvpn_trio.drivers import control, dns, event_sink, killswitch, routes, tun, udp
 from jvpn_trio.drivers.agent import ClientAgent
 from jvpn_trio.drivers.client import ClientPath
 from jvpn_trio.drivers.clock import SuspendDetector
+from jvpn_trio.drivers.leftovers import find_leftovers
 from jvpn_trio.drivers.logind import SleepSignals
 from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.drivers.paths import (
@@ -66,6 +78,37 @@ ROUTES_COUNTER_PREFIX = "routes."
 PATHS_COUNTER_PREFIX = "paths."
 #: Prefix of the path manager's counters.
 PATH_MANAGER_COUNTER_PREFIX = "path_manager."
+#: The control command that makes the agent close its session and exit as on SIGTERM (``jvpn-trio down``).
+DOWN_COMMAND = "down"
+#: How long ``up`` waits for an agent that may already run to answer at the control socket.
+RUNNING_PROBE_TIMEOUT_S = 1.0
+#: At most this many leftovers are named in ``up``'s refusal (``down`` lists them all).
+LEFTOVERS_SHOWN = 3
+
+
+def dns_system(config: ClientConfig) -> dns.DnsSystem:
+    """Where the DNS state of this client lives: beside its control socket (/run/jvpn-trio by default).
+
+    ``up`` writes it and ``down`` reads it, so both must derive it the same way.
+    """
+    return dns.DnsSystem(state_dir=config.control_socket.parent)
+
+
+async def refuse_leftovers(config: ClientConfig) -> None:
+    """Raise AppError naming ``jvpn-trio down`` if an agent runs or a killed one left something behind."""
+    try:
+        await control.query_control(config.control_socket, control.STATUS_REQUEST, timeout=RUNNING_PROBE_TIMEOUT_S)
+    except control.ControlError:
+        pass
+    else:
+        raise AppError(f"jvpn-trio is already running (control socket {config.control_socket}); `jvpn-trio down` stops it")
+    found = await find_leftovers(config.tun_name)
+    if not found.empty:
+        lines = found.lines()
+        more = f" and {len(lines) - LEFTOVERS_SHOWN} more" if len(lines) > LEFTOVERS_SHOWN else ""
+        raise AppError(
+            f"an earlier jvpn-trio left {', '.join(lines[:LEFTOVERS_SHOWN])}{more}: run `jvpn-trio down` first"
+        )
 
 
 class PathFollower:
@@ -89,13 +132,17 @@ class PathFollower:
         agent: ClientAgent,
         routing: routes.Routing,
         log: Callable[[str], None],
+        tun_address: routes.TunAddress | None = None,
     ) -> None:
         self._config = config
         self._agent = agent
         self._routing = routing
         self._log = log
+        self._tun_address = tun_address
         self._ids = PathIds(configured=[p.interface for p in config.paths])
         self._sockets: dict[PathId, AsyncExitStack] = {}
+        #: Each live path's interface MTU: the TUN's MTU follows the smallest (docs/mtu.md).
+        self._mtus: dict[PathId, int] = {}
         self.counters: Counter[str] = Counter()
 
     def _route(self, pid: PathId, ifname: str, next_hop: str | None) -> routes.PathRoute:
@@ -161,6 +208,10 @@ class PathFollower:
         )
         self.counters["paths_added"] += 1
         self._log(f"path {pid} up: {event.ifname} ({event.kind}) from {event.source_address} via {event.next_hop or 'on-link'}")
+        mtu = await interface_mtu(event.ifname)
+        if mtu is not None:
+            self._mtus[pid] = mtu
+            await self._follow_mtu()
 
     async def _down(self, event: PathDown) -> None:
         pid = self._ids.path_down(event.path_id, event.reason)
@@ -173,6 +224,17 @@ class PathFollower:
         await self._routing.remove_path(event.ifname)
         self.counters["paths_removed"] += 1
         self._log(f"path {pid} down: {event.ifname} ({event.reason.value})")
+        if self._mtus.pop(pid, None) is not None:
+            await self._follow_mtu()
+
+    async def _follow_mtu(self) -> None:
+        """Set the TUN's MTU to what the smallest live path carries, unless ``[client].mtu`` fixes it."""
+        if self._tun_address is None or self._config.mtu is not None or not self._mtus:
+            return
+        wanted = client_tun_mtu(None, self._mtus.values(), gateway_family(self._config), inner_ipv6=carries_ipv6(self._config))
+        if wanted != self._tun_address.mtu and await self._tun_address.set_mtu(wanted):
+            self.counters["tun_mtu_changes"] += 1
+            self._log(f"tunnel MTU {wanted} (the smallest path carries {min(self._mtus.values())})")
 
     async def _readdressed(self, event: PathAddressChanged) -> None:
         pid = self._ids.get(event.path_id)
@@ -200,6 +262,22 @@ class PathFollower:
             await stack.aclose()
 
 
+def gateway_family(config: ClientConfig) -> Family:
+    return Family(ipaddress.ip_address(config.gateway[0]).version)
+
+
+def carries_ipv6(config: ClientConfig) -> bool:
+    return any(r.version == 6 for r in config.routes)
+
+
+async def interface_mtu(ifname: str) -> int | None:
+    """The interface's MTU from sysfs; None if it is gone or unreadable (the path is then left out of the minimum)."""
+    try:
+        return int(await trio.Path(f"/sys/class/net/{ifname}/mtu").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 async def run_client(
     config: ClientConfig,
     *,
@@ -215,11 +293,20 @@ async def run_client(
     static = StaticKeypair(load_private_key(config.private_key_file))
     gateway_public = load_public_key_text(config.gateway_public_key)
     gateway_host = config.gateway[0]
+    await refuse_leftovers(config)
     async with AsyncExitStack() as stack:
         sink = await stack.enter_async_context(
             event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
         )
         recorder = await stack.enter_async_context(open_recorder(record))
+        # Fail closed: the block is in place before any route or the TUN, and goes last.
+        kill_switch = (
+            await stack.enter_async_context(
+                killswitch.open_kill_switch(killswitch.KillSwitchSpec.from_config(config), log=stderr_line)
+            )
+            if config.kill_switch
+            else None
+        )
         tunnel_routes = routes.TunnelRoutes(
             tun_name=config.tun_name, prefixes=tuple(str(p) for p in config.routes), table=TUNNEL_TABLE
         )
@@ -234,23 +321,33 @@ async def run_client(
         )
         # The TUN and its routes live as long as the agent: between sessions the traffic they
         # capture is dropped (and counted), never sent around the tunnel.  The address comes
-        # with each session's handshake.
+        # with each session's handshake.  The MTU starts from a standard path and follows the
+        # paths that appear (docs/mtu.md), unless [client].mtu fixes it.
+        mtu = client_tun_mtu(config.mtu, [], gateway_family(config), inner_ipv6=carries_ipv6(config))
+        tun_address = routes.TunAddress(config.tun_name, mtu=mtu, log=stderr_line)
         device = await stack.enter_async_context(
-            tun.open_tun(config.tun_name, address=None, prefixlen=0, mtu=DEFAULT_MTU)
+            tun.open_tun(config.tun_name, address=None, prefixlen=0, mtu=mtu)
         )
         await stack.enter_async_context(routing.open_tunnel_routes())
+        if config.dns:
+            system = dns_system(config)
+            await dns.apply_dns(
+                config.tun_name, config.dns, config.dns_search, full_tunnel=config.full_tunnel, system=system,
+                log=stderr_line,
+            )  # fmt: skip
+            stack.push_async_callback(_revert_dns, system)
         agent = ClientAgent(
             policy=config.policy,
             static=static,
             gateway_public=gateway_public,
             emit=sink.emit,
             packets=device,
-            set_address=routes.TunAddress(config.tun_name, mtu=DEFAULT_MTU, log=stderr_line),
+            set_address=tun_address,
             recorder=recorder,
             suspend_detector=suspend_detector,
             sleep_signals=SleepSignals(log=stderr_line),
         )
-        follower = PathFollower(config=config, agent=agent, routing=routing, log=stderr_line)
+        follower = PathFollower(config=config, agent=agent, routing=routing, log=stderr_line, tun_address=tun_address)
         stack.push_async_callback(follower.aclose)
         manager, path_events = await stack.enter_async_context(
             open_path_manager(config.path_rules, gateway_host)
@@ -276,11 +373,14 @@ async def run_client(
                 interfaces={path: (name, kind) for path, name, kind in value.paths},
             )
 
+        def down(_request: dict[str, Any]) -> dict[str, Any]:
+            agent.close_nowait()  # as the first SIGTERM: CLOSE the live session, then every resource goes
+            return {"closing": True, "pid": os.getpid()}
+
         async with trio.open_nursery() as nursery:
+            handler = control.command_handler({"status": status, DOWN_COMMAND: down})
             await nursery.start(
-                lambda task_status: control.serve_control(
-                    config.control_socket, control.command_handler({"status": status}), task_status=task_status
-                )
+                lambda task_status: control.serve_control(config.control_socket, handler, task_status=task_status)
             )
             nursery.start_soon(follower.follow, path_events)
             if not quiet:
@@ -294,8 +394,19 @@ async def run_client(
                     )
                 )
             nursery.start_soon(close_on_signals, agent.close_nowait, nursery.cancel_scope)
+            if kill_switch is not None:
+                kill_switch.hold()  # running: from here a crash leaves the block for `jvpn-trio down`
             await agent.serve()
             nursery.cancel_scope.cancel()
     if not quiet:
         print(f"jvpn-trio: stopped after {agent.sessions_started} session(s)", file=sys.stderr)
     return 0
+
+
+async def _revert_dns(system: dns.DnsSystem) -> None:
+    """Give the machine its DNS back (shielded: it runs on every way out)."""
+    with trio.CancelScope(shield=True):
+        try:
+            await dns.revert_dns(system=system, log=stderr_line)
+        except dns.DnsError as exc:
+            stderr_line(f"{exc}; `jvpn-trio down` tries again")

@@ -58,6 +58,10 @@ from jvpn_trio.lab.traffic import traffic_argv
 
 GATEWAY_TUNNEL = "10.66.0.1"
 CLIENT_TUNNEL = "10.66.0.2"
+#: The tunnel's IPv6 addresses (``TunnelOptions.ipv6_tunnel``): the client's is the twin of its IPv4 one.
+GATEWAY_TUNNEL6 = "fd6a:7670::1"
+CLIENT_TUNNEL6 = "fd6a:7670::2"
+TUNNEL_PREFIXLEN6 = 64
 PORT = 51820
 #: How often start-up polls a socket file, a ready file or the client's status.
 STATUS_POLL_S = 0.05
@@ -65,8 +69,9 @@ STATUS_POLL_S = 0.05
 STATUS_TIMEOUT_S = 2.0
 GATEWAY_TUN = "jvgw0"
 CLIENT_TUN = "jvcl0"
-#: The tunnel's subnet (both tunnel addresses are in it).
+#: The tunnel's subnets (both tunnel addresses of each family are in them).
 TUNNEL_PREFIX = "10.66.0.0/24"
+TUNNEL_PREFIX6 = "fd6a:7670::/64"
 #: The gateway namespace's nft table that keeps traffic for the tunnel addresses in the tunnel.
 TUNNEL_GUARD_TABLE = "jvlab_tunnel"
 NODE_ID = "gw-lab"
@@ -277,7 +282,35 @@ def _policy_lines(policy: Mapping[str, Any]) -> str:
     return "\n".join(f"{k} = {json.dumps(v)}" for k, v in policy.items() if default.get(k, object()) != v)
 
 
-def write_configs(directory: Path, lab: Lab, *, policy: Mapping[str, Any]) -> None:
+@attrs.frozen(kw_only=True)
+class TunnelOptions:
+    """How the lab's gateway and client are configured beyond the defaults (IPv4 endpoint, full IPv4 tunnel).
+
+    ``ipv6_tunnel`` gives the gateway ``tunnel_address6`` (the tunnel carries IPv6);
+    ``routes`` are the client's; ``gateway_ipv6`` makes the client reach the gateway at
+    ``[<lab.gateway_address6>]:PORT`` over the paths' IPv6; ``gateway_host`` names another
+    address of the gateway for the client; ``listen`` replaces the gateway's listen list (hosts,
+    each at ``PORT``; default: the one address the client uses); ``kill_switch`` None leaves the
+    client's default (on for a full tunnel); ``dns`` is the client's ``dns`` list (resolvers
+    reached through the tunnel; empty: DNS left alone).
+    """
+
+    ipv6_tunnel: bool = False
+    routes: tuple[str, ...] = ("0.0.0.0/0",)
+    gateway_ipv6: bool = False
+    gateway_host: str | None = None
+    listen: tuple[str, ...] | None = None
+    kill_switch: bool | None = None
+    dns: tuple[str, ...] = ()
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def write_configs(
+    directory: Path, lab: Lab, *, policy: Mapping[str, Any], options: TunnelOptions = TunnelOptions()
+) -> None:
     """Fresh keys, ``gateway.toml`` and ``client.toml`` (one ``[[path]]`` per lab path, in order).
 
     Every lab path gets an ``interface = "<name>"`` entry, including the ones whose interface
@@ -291,13 +324,17 @@ def write_configs(directory: Path, lab: Lab, *, policy: Mapping[str, Any]) -> No
     write_private_key(directory / "gateway.key", gateway_key)
     write_private_key(directory / "client.key", client_key)
     policy_lines = _policy_lines(policy)
+    gateway_host = options.gateway_host or (lab.gateway_address6 if options.gateway_ipv6 else lab.gateway_address)
+    kill_switch = "" if options.kill_switch is None else f"kill_switch = {json.dumps(options.kill_switch)}\n"
+    listen = ", ".join(json.dumps(_endpoint(h, PORT)) for h in (options.listen or (gateway_host,)))
+    tunnel6 = f'tunnel_address6 = "{GATEWAY_TUNNEL6}/{TUNNEL_PREFIXLEN6}"\n' if options.ipv6_tunnel else ""
     (directory / "gateway.toml").write_text(
         f"""[gateway]
 private_key_file = "gateway.key"
-listen = ["{lab.gateway_address}:{PORT}"]
+listen = [{listen}]
 tun_name = "{GATEWAY_TUN}"
 tunnel_address = "{GATEWAY_TUNNEL}/24"
-events_file = "gateway-events.jsonl"
+{tunnel6}events_file = "gateway-events.jsonl"
 control_socket = "{directory / 'gateway.sock'}"
 node_id = "{NODE_ID}"
 
@@ -317,9 +354,11 @@ address = "{CLIENT_TUNNEL}"
         f"""[client]
 private_key_file = "client.key"
 gateway_public_key = "{public_from_private_text(gateway_key)}"
-gateway = "{lab.gateway_address}:{PORT}"
+gateway = "{_endpoint(gateway_host, PORT)}"
 tun_name = "{CLIENT_TUN}"
-routes = ["0.0.0.0/0"]
+routes = {json.dumps(list(options.routes))}
+dns = {json.dumps(list(options.dns))}
+{kill_switch}
 events_file = "client-events.jsonl"
 control_socket = "{directory / 'client.sock'}"
 
@@ -350,6 +389,7 @@ async def guard_tunnel(lab: Lab) -> None:
         "  chain input {\n"
         "    type filter hook input priority 0; policy accept;\n"
         f'    ip daddr {TUNNEL_PREFIX} iifname != {{ "{GATEWAY_TUN}", "lo" }} counter drop\n'
+        f'    ip6 daddr {TUNNEL_PREFIX6} iifname != {{ "{GATEWAY_TUN}", "lo" }} counter drop\n'
         "  }\n"
         "}\n"
     )
@@ -357,18 +397,25 @@ async def guard_tunnel(lab: Lab) -> None:
 
 
 async def start_tunnel(
-    lab: Lab, directory: Path, *, policy: Mapping[str, Any], record: bool = True, clock_offsets: bool = False
+    lab: Lab,
+    directory: Path,
+    *,
+    policy: Mapping[str, Any],
+    record: bool = True,
+    clock_offsets: bool = False,
+    options: TunnelOptions = TunnelOptions(),
 ) -> Tunnel:
     """Start the gateway, then (once its control socket exists) the client; return once both run.
 
     With ``record`` (the default) each records its trace into the directory; with
-    ``clock_offsets`` each runs on clocks the lab can move (a simulated suspend).  Raises
-    TunnelError if the gateway dies before it is ready.
+    ``clock_offsets`` each runs on clocks the lab can move (a simulated suspend);
+    ``options`` configure IPv6 (:class:`TunnelOptions`).  Raises TunnelError if the
+    gateway dies before it is ready.
     """
     offsets = {side: (0.0, 0.0) for side in ("gateway", "client")} if clock_offsets else {}
 
     def prepare() -> None:
-        write_configs(directory, lab, policy=policy)
+        write_configs(directory, lab, policy=policy, options=options)
         for side in offsets:
             write_clock_offsets(directory / f"{side}.clock", boottime=0.0, monotonic=0.0)
 

@@ -54,7 +54,7 @@ while time.monotonic() < deadline:
     if pkt[9] != 17 or struct.unpack("!H", pkt[ihl + 2:ihl + 4])[0] != port:
         continue
     payload = pkt[ihl + 8:]
-    if len(payload) > 1 and payload[0] == 1 and payload[1] == 7:   # version 1, REATTACH
+    if len(payload) > 1 and payload[0] == 2 and payload[1] == 7:   # version 2 (wire.PROTOCOL_VERSION), REATTACH
         open(out, "w").write(payload.hex())
         break
 """
@@ -64,6 +64,7 @@ import socket, sys
 data = bytes.fromhex(open(sys.argv[1]).read())
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[4].encode())
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, int(sys.argv[6], 0))  # the path's mark: the kill switch lets it out
 s.bind((sys.argv[5], 55555))
 s.sendto(data, (sys.argv[2], int(sys.argv[3])))
 """
@@ -140,7 +141,7 @@ async def test_tcp_survives_every_fault_and_replay_is_rejected(lab: Lab, tmp_pat
         await lab.run(
             lab.client_ns, py, "-c", REPLAY, str(tmp_path / "reattach.hex"), lab.gateway_address,
             str(PORT + CONTROL_PORT_OFFSET),
-            "lte0", lte_client_ip,
+            "lte0", lte_client_ip, hex(0x5100 + 3),  # fwmark_base + lte0's path id (p3)
         )
         await trio.sleep(0.5)
         after = await tunnel.gateway_status()
