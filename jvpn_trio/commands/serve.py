@@ -23,7 +23,7 @@ from jvpn_trio.commands.process import (
 )
 from jvpn_trio.config import GatewayConfig
 from jvpn_trio.core.noise import StaticKeypair
-from jvpn_trio.drivers import control, event_sink, tun, udp
+from jvpn_trio.drivers import control, event_sink, forwarding, routes, tun, udp
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
@@ -38,7 +38,8 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
         raise AppError(problem)
     static = StaticKeypair(load_private_key(config.private_key_file))
     peers = [
-        GatewayPeer(name=p.name, public=load_public_key_text(p.public_key), address=p.address) for p in config.peers
+        GatewayPeer(name=p.name, public=load_public_key_text(p.public_key), address=p.address, address6=p.address6)
+        for p in config.peers
     ]
     async with AsyncExitStack() as stack:
         sink = await stack.enter_async_context(
@@ -54,6 +55,7 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
             node_id=config.node_id,
             emit=sink.emit,
             recorder=recorder,
+            tunnel6=config.tunnel_address6,
         )
         ports, control_ports = [], []
         for addr, control_addr in zip(config.listen, config.control_listen, strict=True):
@@ -68,6 +70,16 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
                 mtu=config.mtu,
             )
         )
+        # The gateway's nft table: TCP SYNs through the tunnel get an MSS the tunnel carries (docs/mtu.md).
+        await stack.enter_async_context(
+            forwarding.open_gateway_table(forwarding.GatewayTable(tun_name=config.tun_name, mtu=config.mtu))
+        )
+        if config.tunnel_address6 is not None:  # the tunnel carries IPv6 too: the TUN gets its IPv6 address
+            address6 = config.tunnel_address6
+            try:
+                await routes.set_tun_address(config.tun_name, str(address6.ip), address6.network.prefixlen, config.mtu)
+            except routes.RouteError as exc:
+                raise AppError(f"cannot give {config.tun_name} the address {address6}: {exc}") from None
 
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
             value = runtime.status.value
@@ -91,7 +103,9 @@ async def serve_gateway(config: GatewayConfig, *, record: Path | None = None, qu
             )
             if not quiet:
                 where = ", ".join(
-                    f"{h}:{p} (control {c})" for (h, p), (_, c) in zip(config.listen, config.control_listen, strict=True)
+                    f"{f'[{h}]' if ':' in h else h}:{p} (control {c})"
+                    for (h, p), (_, c) in zip(config.listen, config.control_listen, strict=True)
                 )
-                print(f"jvpn-trio gateway {config.node_id} listening on {where}, tunnel {config.tunnel_address}", flush=True)
+                tunnel = f"{config.tunnel_address}" + (f" {config.tunnel_address6}" if config.tunnel_address6 else "")
+                print(f"jvpn-trio gateway {config.node_id} listening on {where}, tunnel {tunnel}", flush=True)
     return 0

@@ -182,6 +182,12 @@ async def tcp_exchange(lab: Lab, server_ns: str, host: str, tmp_path: Path, name
     return read_json(server_out), read_json(client_out)
 
 
+async def wait_tun_mtu(lab: Lab, expected: int) -> None:
+    """Until the client's TUN has the MTU ``up`` derives (it sets it as each path comes up); the caller bounds it."""
+    while await interface_mtu(lab, lab.client_ns, CLIENT_TUN) != expected:
+        await trio.sleep(0.05)
+
+
 def assert_intact(server: dict[str, Any], client: dict[str, Any]) -> None:
     assert server["bytes"] == client["bytes"] == TRANSFER_BYTES
     assert server["sha256"] == client["sha256"]
@@ -198,11 +204,10 @@ async def test_gateway_clamps_forwarded_syns_to_the_tunnel_mss(tmp_path: Path) -
             path_mtu = await interface_mtu(lab, lab.client_ns, "eth0")
             client_mtu = client_tun_mtu(None, [path_mtu], Family.IPV4)
             assert (path_mtu, client_mtu) == (1500, 1500 - OVERHEAD[Family.IPV4]) == (1500, 1440)
-            await set_mtu(lab, lab.client_ns, CLIENT_TUN, client_mtu)
-            table = forwarding.GatewayTable(tun_name=GATEWAY_TUN, mtu=DEFAULT_MTU)
-            async with forwarding.open_gateway_table(table, netns=lab.gateway_ns):
-                server, client = await tcp_exchange(lab, far, FAR_SERVER, tmp_path, "clamp")
-                counters = await forwarding.read_counters(netns=lab.gateway_ns)
+            # `up` derived its TUN's MTU from the path; `serve` installed its table with the clamp.
+            await wait_tun_mtu(lab, client_mtu)
+            server, client = await tcp_exchange(lab, far, FAR_SERVER, tmp_path, "clamp")
+            counters = await forwarding.read_counters(netns=lab.gateway_ns)
             tunnel.check_alive()
             await tunnel.stop()
 
@@ -238,6 +243,8 @@ async def small_path_tunnel(tmp_path: Path) -> AsyncIterator[tuple[Lab, Tunnel]]
         tunnel = await start_tunnel(lab, tmp_path, policy={})
         await tunnel.wait_status(lambda s: s.get("state") == "ATTACHED" and on_small_path(s))
         assert [await interface_mtu(lab, lab.client_ns, p.name) for p in lab.paths] == [SMALL_MTU, 1500]
+        # `up` follows the smallest path: 1280 - 60.
+        await wait_tun_mtu(lab, client_tun_mtu(None, [SMALL_MTU, 1500], Family.IPV4))
         yield lab, tunnel
         tunnel.check_alive()
         await tunnel.stop()
@@ -305,11 +312,6 @@ async def test_on_a_smaller_path_full_size_datagrams_are_fragmented_then_the_der
     assert on_small_path(status2) and not path_errors(status2), status2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="udp.py: this kernel refuses a GSO send whose segment exceeds the route MTU with EMSGSIZE "
-    "(not EINVAL), which udp.py raises and the client takes for a dead path (docs/mtu.md, 'Known issue')",
-)
 @requires_lab
 async def test_on_a_smaller_path_bulk_tcp_at_the_default_mtu_keeps_the_path(tmp_path: Path) -> None:
     with trio.fail_after(120):
