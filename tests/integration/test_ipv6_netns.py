@@ -15,6 +15,7 @@ a tunnel address (``10.66.0.0/24``, ``fd6a:7670::/64``) other than through its T
    carries IPv4; no ``AddressValueError`` anywhere.
 4. The gateway listens on ``0.0.0.0:P`` and ``[::]:P`` at once (IPV6_V6ONLY) and serves a client
    over IPv6.
+5. The gateway forwards IPv6 to a network behind it, and the answers come back through the tunnel.
 
 Determinism rules: every wait is bounded (fail_after) and polls a real condition (status,
 ready files); assertions are causal (what arrived, what the kernel answers), never durations.
@@ -22,14 +23,17 @@ ready files); assertions are causal (what arrived, what the kernel answers), nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from jvpn_trio.lab.netns import Lab
+from jvpn_trio.lab.traffic import traffic_argv
 from jvpn_trio.lab.processes import (
     CLIENT_TUN,
     CLIENT_TUNNEL6,
@@ -217,3 +221,62 @@ async def test_gateway_listens_on_both_wildcards(lab: Lab, tmp_path: Path) -> No
     listening = sockets.stdout.decode()
     assert f"0.0.0.0:{PORT}" in listening and f"[::]:{PORT}" in listening, listening
     no_address_value_error(tunnel)
+
+
+#: A network beyond the gateway (its own namespace), reached only by forwarding.
+FAR6_GATEWAY, FAR6_SERVER, FAR6_PREFIXLEN = "fd55::1", "fd55::2", 64
+
+
+@contextlib.asynccontextmanager
+async def far_network6(lab: Lab, tmp_path: Path) -> AsyncIterator[str]:
+    """A namespace behind the gateway with ``FAR6_SERVER`` and a udp-echo on it; deleted on any exit."""
+    ns = f"{lab.spec.prefix}-f6"
+    await trio.run_process(["ip", "netns", "add", ns])
+    echo: trio.Process | None = None
+    try:
+        await trio.run_process(
+            ["ip", "link", "add", "far6", "netns", lab.gateway_ns, "type", "veth", "peer", "name", "eth0", "netns", ns]
+        )
+        await lab.run(lab.gateway_ns, "ip", "addr", "add", f"{FAR6_GATEWAY}/{FAR6_PREFIXLEN}", "dev", "far6", "nodad")
+        await lab.run(lab.gateway_ns, "ip", "link", "set", "far6", "up")
+        for cmd in (
+            ("ip", "link", "set", "lo", "up"),
+            ("ip", "addr", "add", f"{FAR6_SERVER}/{FAR6_PREFIXLEN}", "dev", "eth0", "nodad"),
+            ("ip", "link", "set", "eth0", "up"),
+            ("ip", "-6", "route", "add", "default", "via", FAR6_GATEWAY),
+        ):
+            await trio.run_process(["ip", "netns", "exec", ns, *cmd])
+        ready = tmp_path / "far-echo.ready"
+        argv = traffic_argv("udp-echo", "--listen", f"[{FAR6_SERVER}]:5004", "--ready", str(ready),
+                            "--report", str(tmp_path / "far-echo.json"))  # fmt: skip
+        echo = await trio.lowlevel.open_process(["ip", "netns", "exec", ns, *argv])
+        while not ready.exists():
+            assert echo.returncode is None, "the far udp-echo exited before it was ready"
+            await trio.sleep(0.05)
+        yield ns
+    finally:
+        with trio.CancelScope(shield=True):
+            if echo is not None and echo.returncode is None:
+                echo.kill()
+                await echo.wait()
+            await trio.run_process(["ip", "netns", "del", ns], check=False)
+
+
+@requires_lab
+async def test_the_gateway_forwards_ipv6_beyond_itself(lab: Lab, tmp_path: Path) -> None:  # noqa: F811
+    """The tunnel carries IPv6 to a network behind the gateway, and the answers come back through it.
+
+    The kill switch is on (a full tunnel), so nothing but the tunnel's own UDP leaves the client
+    namespace: an answer from the far namespace can only have come through the tunnel, forwarded
+    by the gateway's kernel both ways (``net.ipv6.conf.all.forwarding=1`` there, as an operator
+    sets it), back to the client's tunnel address through the gateway's TUN.
+    """
+    options = TunnelOptions(ipv6_tunnel=True, routes=("0.0.0.0/0", "::/0"))
+    with trio.fail_after(90):
+        async with far_network6(lab, tmp_path):
+            tunnel = await start(lab, tmp_path, options)
+            answer = await route6(lab, FAR6_SERVER)
+            udp = await udp_ping(lab, tmp_path, f"[{FAR6_SERVER}]:5004", "far-ping6")
+            await tunnel.stop()
+    assert device_of(answer[1]) == CLIENT_TUN, answer
+    assert udp["replies"] >= 1, udp
