@@ -34,6 +34,7 @@ from tests.netns import READY_POLL_S, lab, namespaces, requires_lab, run_tool, s
 ECHO_PORT = "7000"
 PROBE_PORT = 7001
 TEST_TIMEOUT_S = 20
+SUBPROCESS_LAB_TIMEOUT_S = 90
 
 
 # -----------------------------------------------------------------------------
@@ -391,7 +392,9 @@ trio.run(main)
 @requires_lab
 async def test_teardown_on_keyboard_interrupt() -> None:
     prefix = unique_prefix()
-    with trio.fail_after(TEST_TIMEOUT_S):
+    # A bound, not a timing: a second interpreter starts, builds a lab and tears it down, which on
+    # a loaded 2-core machine took over 20 s once; cut short, it would leave its namespaces behind.
+    with trio.fail_after(SUBPROCESS_LAB_TIMEOUT_S):
         result = await trio.run_process(
             [sys.executable, "-c", _CTRL_C_SCRIPT, prefix], capture_stdout=True, capture_stderr=True, check=False
         )
