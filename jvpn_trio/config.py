@@ -68,6 +68,11 @@ def load_policy(path: str | pathlib.Path) -> Policy:
 
 DEFAULT_PORT = 51820
 DEFAULT_MTU = 1420
+#: Where `up`, `down` and `serve` look without ``--config`` (docs/service.md).
+DEFAULT_CLIENT_CONFIG = "/etc/jvpn-trio/client.toml"
+DEFAULT_GATEWAY_CONFIG = "/etc/jvpn-trio/gateway.toml"
+#: The group whose members may use the control socket to look (docs/control.md).
+DEFAULT_CONTROL_GROUP = "jvpn-trio"
 #: The smallest datagram every IPv4 host accepts (RFC 791); IPv6 needs 1280 on every link
 #: (RFC 8200), so a tunnel that carries IPv6 needs that much; 65535 is the largest IPv4 packet.
 MIN_MTU = 576
@@ -319,6 +324,10 @@ class ClientConfig:
     dns_search: tuple[str, ...] = ()
     #: The TUN's MTU; None: derived from the paths' MTU minus the tunnel's overhead.
     mtu: int | None = None
+    #: Members of this group may look through the control socket (None: root only); they may
+    #: also steer when ``control_steer_group``.
+    control_group: str | None = DEFAULT_CONTROL_GROUP
+    control_steer_group: bool = False
 
     @property
     def full_tunnel(self) -> bool:
@@ -402,6 +411,8 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     control = t.get("control_socket", str, "/run/jvpn-trio/client.sock")
     fwmark_base = t.get("fwmark_base", int, 0x5100)
     exclude = _globs(t.get("exclude", list, []), where=f"{t.where}.exclude")
+    control_group = t.get("control_group", str, DEFAULT_CONTROL_GROUP) or None
+    control_steer_group = t.get("control_steer_group", bool, False)
     t.finish()
     if len(tun_name) > 15:
         raise ConfigError(f"{source}: [client].tun_name {tun_name!r} is longer than 15 characters")
@@ -427,6 +438,8 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
         dns=dns,
         dns_search=dns_search,
         mtu=mtu,
+        control_group=control_group,
+        control_steer_group=control_steer_group,
     )
 
 

@@ -51,6 +51,7 @@ says CONNECTING) before any gateway answers.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import time
@@ -146,6 +147,8 @@ class ClientAgent:
         self.tunnel_address6: ipaddress.IPv6Interface | None = None
         self._closing = False
         self._close_requested = trio.Event()
+        #: Set by :meth:`disconnect_nowait`: no session is started until :meth:`reconnect_nowait`.
+        self._held = trio_util.AsyncValue(False)
 
     # -- outside inputs -----------------------------------------------------------------------
     def statistics(self) -> ClientStatistics:
@@ -253,6 +256,40 @@ class ClientAgent:
         if runtime is not None and runtime.session is not None:
             runtime.submit_nowait(ev.CloseRequested())
 
+    @property
+    def held(self) -> bool:
+        """True after :meth:`disconnect_nowait` until :meth:`reconnect_nowait` (status: disconnected)."""
+        return bool(self._held.value)
+
+    def disconnect_nowait(self) -> bool:
+        """Close the live session (LOCAL_CLOSE) and start no other until :meth:`reconnect_nowait`.
+
+        The process, the TUN and its routes stay (traffic is dropped and
+        counted, as between sessions).  Returns whether a live session was
+        told to close.
+        """
+        self._held.value = True
+        return self._close_live_session()
+
+    def reconnect_nowait(self) -> bool:
+        """End a disconnect, or close the live session (LOCAL_CLOSE) so that the next one starts.
+
+        The next handshake round starts when ``Succession`` allows it.
+        Returns whether a live session was told to close.
+        """
+        self._held.value = False
+        return self._close_live_session()
+
+    def _close_live_session(self) -> bool:
+        runtime = self.runtime
+        if runtime is None or runtime.session is None or runtime.session.terminated:
+            return False
+        return runtime.submit_nowait(ev.CloseRequested())
+
+    async def _interrupted(self) -> None:
+        """Until close_nowait() or disconnect_nowait(): a connect in progress stops."""
+        await trio_util.wait_any(self._close_requested.wait, functools.partial(self._held.wait_value, True))
+
     # -- lifetime -----------------------------------------------------------------------------
     async def serve(self, *, task_status: trio.TaskStatus[ClientAgent] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a session until :meth:`close_nowait`; never returns on its own."""
@@ -265,14 +302,20 @@ class ClientAgent:
             task_status.started(self)
             adopt: Handshaken | None = None
             while not self._closing:
+                if self._held.value:
+                    async with trio_util.move_on_when(self._close_requested.wait):
+                        await self._held.wait_value(False)
+                    continue
                 runtime = self._new_runtime()
                 if adopt is None:
-                    async with trio_util.move_on_when(self._close_requested.wait):
+                    async with trio_util.move_on_when(self._interrupted):
                         adopt = await self._connect(runtime, succession)
                     if adopt is None:
                         continue
                 seed = succession.session_started(adopt.result.session_id, trio.current_time())
                 adopt = await self._serve_session(runtime, adopt, seed, succession)
+                if self._held.value:
+                    adopt = None
                 self._publish_connecting()
             self.runtime = None
             nursery.cancel_scope.cancel()
@@ -335,7 +378,7 @@ class ClientAgent:
 
         async with trio.open_nursery() as nursery:
             await nursery.start(session)
-            if self._closing:
+            if self._closing or self._held.value:
                 runtime.submit_nowait(ev.CloseRequested())
             nursery.start_soon(self._rescue, runtime, succession, rescued)
         assert runtime.session is not None

@@ -29,6 +29,15 @@ Lines are written in ``emit`` order, byte-identical to ``to_json_line``.
 * Subscribers (the UI, tests) get their own bounded channel from
   :meth:`EventSink.subscribe`, with their own drop counter, so a slow
   subscriber loses only its own events and never delays the file.
+* Every event gets a sequence number (``seq``: 1 for the first event
+  emitted, then one more per event, dropped or not), and the last
+  ``history`` events are kept in a ring (:data:`HISTORY_EVENTS` by
+  default).  :meth:`EventSink.attach` returns, in one synchronous step, the
+  recent events from the ring *and* a bounded live feed of
+  :class:`SequencedEvent` that starts with the very next event, so a
+  consumer that replays then follows sees no gap and no duplicate; a gap
+  in its ``seq`` numbers is exactly what its full channel dropped.  This is
+  what the control socket's ``events`` command serves (docs/control.md).
 * On exit, whatever is still queued is written within one bounded, shielded
   drain (:data:`DRAIN_TIMEOUT_S` by default), even when the exit is a
   cancellation: a batch being written is shielded until that deadline, so a
@@ -55,6 +64,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -72,8 +82,34 @@ DRAIN_TIMEOUT_S = 1.0
 LOG_FILE_MODE = 0o600
 #: ``last_error`` is a one-line summary; longer OS messages are cut to this length.
 MAX_ERROR_TEXT = 200
+#: Recent events kept for :meth:`EventSink.attach` (the history a UI sees when it attaches).
+HISTORY_EVENTS = 1000
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+@attrs.frozen(kw_only=True)
+class SequencedEvent:
+    """An event with its place in the sink's order: ``seq`` 1 is the first event ever emitted."""
+
+    seq: int
+    event: EmitEvent
+
+
+@attrs.frozen(kw_only=True)
+class Attachment:
+    """What :meth:`EventSink.attach` returns: the replayed past, then the live feed, with no gap between.
+
+    ``replayed`` ends with event ``next_seq - 1``; ``live`` starts at
+    ``next_seq`` (minus what its full channel dropped).  ``missed`` counts
+    events asked for (``since``) that had already left the history.
+    Closing ``live`` unsubscribes.
+    """
+
+    replayed: tuple[SequencedEvent, ...]
+    live: trio.MemoryReceiveChannel[SequencedEvent]
+    next_seq: int
+    missed: int
 
 
 @attrs.frozen(kw_only=True)
@@ -102,13 +138,15 @@ class EventSinkStatistics:
     failing: bool
     last_error: str | None
     subscribers: tuple[SubscriberStatistics, ...]
+    history: int
 
 
 @attrs.define
 class _Subscriber:
     name: str
     capacity: int
-    send: trio.MemorySendChannel[EmitEvent]
+    send: trio.MemorySendChannel[EmitEvent] | None = None
+    send_seq: trio.MemorySendChannel[SequencedEvent] | None = None
     delivered: int = 0
     dropped_full: int = 0
     closed: bool = False
@@ -121,6 +159,12 @@ class _Subscriber:
             dropped_full=self.dropped_full,
             closed=self.closed,
         )
+
+    def close(self) -> None:
+        if self.send is not None:
+            self.send.close()
+        if self.send_seq is not None:
+            self.send_seq.close()
 
 
 def _check_capacity(capacity: int) -> None:
@@ -169,8 +213,14 @@ class EventSink:
         capacity: int,
         also: Callable[[EmitEvent], None] | None = None,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        history: int = HISTORY_EVENTS,
     ) -> None:
         _check_capacity(capacity)
+        if not isinstance(history, int) or isinstance(history, bool) or history < 0:
+            raise ValueError(f"history must be a non-negative int, got {history!r}")
+        self._history: deque[SequencedEvent] = deque(maxlen=history)
+        #: Names this sink's ``seq`` space: numbers restart at 1 with each sink (each run of the agent).
+        self.run_id = os.urandom(8).hex()
         self._path = path
         self._also = also
         self._drain_timeout_s = drain_timeout_s
@@ -212,11 +262,16 @@ class EventSink:
         self._emitted += 1
         if self._also is not None:
             self._also(event)
+        numbered = SequencedEvent(seq=self._emitted, event=event)
+        self._history.append(numbered)
         for sub in self._subscribers:
             if sub.closed:
                 continue
             try:
-                sub.send.send_nowait(event)
+                if sub.send is not None:
+                    sub.send.send_nowait(event)
+                elif sub.send_seq is not None:
+                    sub.send_seq.send_nowait(numbered)
             except trio.WouldBlock:
                 sub.dropped_full += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -242,12 +297,54 @@ class EventSink:
         """
         _check_capacity(capacity)
         send, receive = trio.open_memory_channel[EmitEvent](capacity)
-        sub = _Subscriber(name=name or f"subscriber-{len(self._subscribers) + 1}", capacity=capacity, send=send)
+        self._add_subscriber(_Subscriber(name=self._subscriber_name(name), capacity=capacity, send=send))
+        return receive
+
+    def attach(self, capacity: int, *, replay: int | None = None, since: int | None = None, name: str = "") -> Attachment:
+        """The recent history and, from the next event on, a bounded live feed (see :class:`Attachment`).
+
+        ``since=N`` replays the events after ``seq`` N that are still in the
+        history (``missed`` counts the ones that are not); otherwise the last
+        ``replay`` events (all of the history when None).  Synchronous, so
+        no event can fall between the two.  Raises ValueError for a capacity
+        below 1, a negative ``replay``/``since`` or a ``since`` beyond the last
+        event (numbers from another run: compare :attr:`run_id`).
+        """
+        _check_capacity(capacity)
+        for label, value in (("replay", replay), ("since", since)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{label} must be a non-negative int, got {value!r}")
+        if since is not None and since > self._emitted:
+            raise ValueError(f"since={since} is ahead of this sink (last seq {self._emitted}: another run?)")
+        history = tuple(self._history)
+        missed = 0
+        if since is not None:
+            replayed = tuple(item for item in history if item.seq > since)
+            oldest_kept = history[0].seq if history else self._emitted + 1
+            missed = max(0, min(oldest_kept, self._emitted + 1) - since - 1)
+        elif replay is None:
+            replayed = history
+        else:
+            replayed = history[len(history) - replay :] if replay else ()
+        send, receive = trio.open_memory_channel[SequencedEvent](capacity)
+        self._add_subscriber(_Subscriber(name=self._subscriber_name(name), capacity=capacity, send_seq=send))
+        return Attachment(replayed=replayed, live=receive, next_seq=self._emitted + 1, missed=missed)
+
+    @property
+    def next_seq(self) -> int:
+        """The ``seq`` the next emitted event will get."""
+        return self._emitted + 1
+
+    def _subscriber_name(self, name: str) -> str:
+        return name or f"subscriber-{len(self._subscribers) + 1}"
+
+    def _add_subscriber(self, sub: _Subscriber) -> None:
+        # Forget subscribers that went away, so many short attachments do not grow the list.
+        self._subscribers = [s for s in self._subscribers if not s.closed or s.send is not None]
         if self._closed:
             sub.closed = True
-            send.close()
+            sub.close()
         self._subscribers.append(sub)
-        return receive
 
     def statistics(self) -> EventSinkStatistics:
         buffered = self._send.statistics().current_buffer_used if self._send is not None else 0
@@ -263,6 +360,7 @@ class EventSink:
             failing=self._failing,
             last_error=self._last_error,
             subscribers=tuple(sub.statistics() for sub in self._subscribers),
+            history=len(self._history),
         )
 
     # -- lifecycle (driven by open_event_sink) --------------------------------------
@@ -274,7 +372,7 @@ class EventSink:
             self._send.close()
         for sub in self._subscribers:
             sub.closed = True
-            sub.send.close()
+            sub.close()
 
     def _get_drain_deadline(self) -> float:
         """One deadline for the whole exit drain, fixed by whoever asks first.
@@ -391,15 +489,16 @@ async def open_event_sink(
     capacity: int,
     also: Callable[[EmitEvent], None] | None = None,
     drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    history: int = HISTORY_EVENTS,
 ) -> AsyncIterator[EventSink]:
     """Run an :class:`EventSink` for the duration of the block.
 
     ``path=None`` writes no file (subscribers and ``also`` only).  On exit the
     queue is drained for at most ``drain_timeout_s`` (shielded), then the
     writer is stopped and subscriber channels end.  Raises ValueError for a
-    capacity below 1; file errors are never raised (they are counted).
+    capacity below 1 or a negative ``history``; file errors are never raised (they are counted).
     """
-    sink = EventSink(path, capacity=capacity, also=also, drain_timeout_s=drain_timeout_s)
+    sink = EventSink(path, capacity=capacity, also=also, drain_timeout_s=drain_timeout_s, history=history)
     async with lone_exception_unwrapped(), trio.open_nursery() as nursery:
         if path is not None and sink._receive is not None:
             await nursery.start(sink._serve_writer, path, sink._receive)
@@ -415,9 +514,12 @@ async def open_event_sink(
 
 __all__ = [
     "DRAIN_TIMEOUT_S",
+    "HISTORY_EVENTS",
     "LOG_FILE_MODE",
+    "Attachment",
     "EventSink",
     "EventSinkStatistics",
+    "SequencedEvent",
     "SubscriberStatistics",
     "open_event_sink",
 ]

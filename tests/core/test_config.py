@@ -669,3 +669,15 @@ def test_laptop_example_is_the_default() -> None:
     if not path.exists():
         pytest.skip(f"{path} not written yet")
     assert load_policy(path) == DEFAULT_POLICY
+
+
+def test_client_control_socket_access(tmp_path: pathlib.Path) -> None:
+    default = load_client_config(write(tmp_path, CLIENT_MINIMAL, "client.toml"))
+    assert (default.control_group, default.control_steer_group) == ("jvpn-trio", False)
+    text = CLIENT_MINIMAL + 'control_group = "netdev"\ncontrol_steer_group = true\n'
+    given = load_client_config(write(tmp_path, text, "given.toml"))
+    assert (given.control_group, given.control_steer_group) == ("netdev", True)
+    root_only = load_client_config(write(tmp_path, CLIENT_MINIMAL + 'control_group = ""\n', "root.toml"))
+    assert root_only.control_group is None
+    _, message = client_error(tmp_path, CLIENT_MINIMAL + "control_steer_group = 'yes'\n")
+    assert "[client].control_steer_group: expected bool, got str" in message

@@ -8,6 +8,7 @@ clock only jumps when both sides are really waiting).  No test sleeps.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket as stdlib_socket
 import stat
@@ -25,6 +26,7 @@ from jvpn_trio.drivers.control import (
     MAX_REQUEST_BYTES,
     SOCKET_MODE,
     STATUS_REQUEST,
+    ControlAccess,
     ControlError,
     JsonObject,
     command_handler,
@@ -49,7 +51,7 @@ def sock_path(tmp_path: Path) -> Path:
 async def server(sock_path: Path) -> AsyncIterator[Path]:
     """A control server on ``sock_path`` for the test's duration."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_control, sock_path, status_handler())
+        await nursery.start(functools.partial(serve_control, sock_path, status_handler(), access=ControlAccess(group=None)))
         yield sock_path
         nursery.cancel_scope.cancel()
 

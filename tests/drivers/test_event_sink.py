@@ -345,3 +345,56 @@ async def test_an_error_in_the_block_comes_out_unwrapped_after_the_drain(
             sink.emit(make_event(1))
             raise KeyError("boom")
     assert b"".join(fake_file.batches) == expected_bytes([make_event(1)])
+
+
+# -- history and attach (the control socket's events command) ------------------------------
+
+
+def test_attach_replays_the_history_then_feeds_live_events_without_gap_or_duplicate() -> None:
+    sink = EventSink(None, capacity=1, history=5)
+    for i in range(1, 8):
+        sink.emit(make_event(i))
+    last3 = sink.attach(16, replay=3)
+    everything = sink.attach(16)
+    none = sink.attach(16, replay=0)
+    sink.emit(make_event(8))
+    assert [item.seq for item in last3.replayed] == [5, 6, 7]
+    assert [item.event for item in last3.replayed] == [make_event(i) for i in (5, 6, 7)]
+    assert [item.seq for item in everything.replayed] == [3, 4, 5, 6, 7]  # the ring keeps 5
+    assert none.replayed == () and last3.next_seq == 8
+    for att in (last3, everything, none):
+        live = att.live.receive_nowait()
+        assert (live.seq, live.event) == (8, make_event(8))
+    assert sink.statistics().history == 5 and sink.next_seq == 9
+
+
+def test_attach_since_counts_what_left_the_history_and_refuses_numbers_from_another_run() -> None:
+    sink = EventSink(None, capacity=1, history=4)
+    for i in range(1, 11):  # the ring keeps 7..10
+        sink.emit(make_event(i))
+    assert [x.seq for x in sink.attach(4, since=8).replayed] == [9, 10]
+    old = sink.attach(4, since=2)
+    assert ([x.seq for x in old.replayed], old.missed) == ([7, 8, 9, 10], 4)
+    assert sink.attach(4, since=10).replayed == ()
+    with pytest.raises(ValueError, match="ahead of this sink"):
+        sink.attach(4, since=11)
+    with pytest.raises(ValueError, match="replay must be a non-negative int"):
+        sink.attach(4, replay=-1)
+    with pytest.raises(ValueError, match="history must be a non-negative int"):
+        EventSink(None, capacity=1, history=-1)
+    assert EventSink(None, capacity=1).run_id != sink.run_id
+
+
+def test_a_full_attached_feed_drops_for_itself_and_closed_ones_are_forgotten() -> None:
+    sink = EventSink(None, capacity=1, history=0)
+    slow = sink.attach(2, name="slow")
+    gone = sink.attach(2, name="gone")
+    gone.live.close()
+    for i in range(1, 6):
+        sink.emit(make_event(i))  # never blocks, never raises
+    assert [slow.live.receive_nowait().seq for _ in range(2)] == [1, 2]
+    stats = {s.name: s for s in sink.statistics().subscribers}
+    assert (stats["slow"].delivered, stats["slow"].dropped_full) == (2, 3)
+    assert stats["gone"].closed
+    sink.attach(2, name="later")
+    assert [s.name for s in sink.statistics().subscribers] == ["slow", "later"]
