@@ -14,7 +14,14 @@ import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from jvpn_trio import __version__
-from jvpn_trio.config import ConfigError, load_client_config, load_gateway_config, load_policy
+from jvpn_trio.config import (
+    DEFAULT_CLIENT_CONFIG,
+    DEFAULT_GATEWAY_CONFIG,
+    ConfigError,
+    load_client_config,
+    load_gateway_config,
+    load_policy,
+)
 from jvpn_trio.core.policy import DEFAULT_POLICY, Policy
 from jvpn_trio.errors import find_in_group
 from jvpn_trio.keyfile import KeyFileError, generate_private_key_text, public_from_private_text
@@ -29,6 +36,22 @@ EXIT_USAGE = 2
 
 class CliError(Exception):
     """An expected failure: printed as ``jvpn-trio: <message>``, exit code 2."""
+
+
+#: Where ``up`` and ``down`` read the client's config, and ``serve`` the gateway's, without ``--config``
+#: (docs/service.md).  ``commands/down.py`` names the client's too; ``tests/test_cli.py`` keeps them equal.
+
+
+def _config_path(given: str | None, default: str, example: str) -> str:
+    """``--config`` if given; else the default path, which must exist (one line saying where it looked)."""
+    if given is not None:
+        return given
+    if not os.path.exists(default):
+        raise CliError(
+            f"no config at {default} (the default): pass --config FILE, or create it from {example} "
+            "(docs/service.md)"
+        )
+    return default
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -67,7 +90,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from jvpn_trio.commands import serve
 
-    config = load_gateway_config(args.config)
+    config = load_gateway_config(_config_path(args.config, DEFAULT_GATEWAY_CONFIG, "examples/gateway.toml"))
     clocks = _clocks(args)
     # Deadlines on CLOCK_BOOTTIME count a suspend (docs/spec.md, "Freshness across a suspend").
     return trio.run(lambda: serve.serve_gateway(config, record=args.record, quiet=args.quiet), clock=clocks.run_clock())
@@ -78,13 +101,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     from jvpn_trio.commands import up
 
-    config = load_client_config(args.config)
+    config = load_client_config(_config_path(args.config, DEFAULT_CLIENT_CONFIG, "examples/client.toml"))
     clocks = _clocks(args)
     # The session clock must keep counting while the laptop sleeps, as the gateway's does.
     return trio.run(
         lambda: up.run_client(
-            config, record=args.record, quiet=args.quiet, no_tui=args.no_tui, suspend_detector=clocks.suspend_detector()
-        ),
+            config, record=args.record, quiet=args.quiet, no_tui=args.no_tui, suspend_detector=clocks.suspend_detector(),
+            ready_when=args.ready_when, take_over=args.take_over,
+        ),  # fmt: skip
         clock=clocks.run_clock(),
     )
 
@@ -94,7 +118,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
     from jvpn_trio.commands import down
 
-    config = load_client_config(args.config or down.DEFAULT_CONFIG)
+    config = load_client_config(_config_path(args.config, DEFAULT_CLIENT_CONFIG, "examples/client.toml"))
     return trio.run(lambda: down.run_down(config))
 
 
@@ -174,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_states)
 
     p = sub.add_parser("serve", help="run the gateway (root): UDP listener, TUN, sessions")
-    p.add_argument("--config", required=True, help="gateway TOML file (see examples/gateway.toml)")
+    p.add_argument("--config", help=f"gateway TOML file (default: {DEFAULT_GATEWAY_CONFIG}; see examples/gateway.toml)")
     p.add_argument("--record", type=pathlib_path, help="record every core input to this trace file")
     p.add_argument("--quiet", action="store_true", help="do not print events to stdout")
     p.add_argument(
@@ -184,18 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("up", help="bring the tunnel up (root): probe every path, keep the session alive")
-    p.add_argument("--config", required=True, help="client TOML file (see examples/client.toml)")
+    p.add_argument("--config", help=f"client TOML file (default: {DEFAULT_CLIENT_CONFIG}; see examples/client.toml)")
     p.add_argument("--record", type=pathlib_path, help="record every core input to this trace file")
     p.add_argument("--quiet", action="store_true", help="do not print events to stdout")
     p.add_argument(
         "--clock-offsets", type=pathlib_path, metavar="FILE",
         help="lab only: add the offsets in FILE to the clocks, to live through a simulated suspend",
     )  # fmt: skip
-    p.add_argument("--no-tui", action="store_true", help="plain event lines instead of the live UI")
+    p.add_argument(
+        "--no-tui", action="store_true",
+        help="plain event lines instead of the live UI (automatic without a terminal and under systemd)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ready-when", choices=("installed", "attached"), default="installed",
+        help="under systemd (Type=notify), report ready once the kill switch, TUN and routes are in place "
+        "(installed, the default) or once the first session is ATTACHED (docs/service.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--take-over", action="store_true",
+        help="remove what a killed agent left (routes, rules, DNS) instead of refusing to start; the systemd "
+        "unit's restart after a crash (docs/service.md)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("down", help="stop the client agent and remove all it installed, or what a crash left (root)")
-    p.add_argument("--config", help="client TOML file (default: /etc/jvpn-trio/client.toml)")
+    p.add_argument("--config", help=f"client TOML file (default: {DEFAULT_CLIENT_CONFIG})")
     p.set_defaults(func=_cmd_down)
 
     p = sub.add_parser("demo", help="the no-root demo: client, gateway and three emulated paths on loopback")

@@ -24,7 +24,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from jvpn_trio import __version__, cli
-from jvpn_trio.commands import serve, up
+from jvpn_trio.commands import down, serve, up
 from jvpn_trio.commands.process import AppError
 from jvpn_trio.config import load_client_config, load_gateway_config
 from jvpn_trio.core.policy import DEFAULT_POLICY
@@ -299,7 +299,7 @@ def test_serve_runs_the_gateway_with_the_loaded_config(
 ) -> None:
     calls: list[tuple[object, object, bool]] = []
 
-    async def fake_serve(config: object, *, record: object = None, quiet: bool = False) -> int:
+    async def fake_serve(config: object, *, record: object = None, quiet: bool = False, notifier: object = None) -> int:
         calls.append((config, record, quiet))
         return 0
 
@@ -314,12 +314,13 @@ def test_serve_runs_the_gateway_with_the_loaded_config(
 def test_up_runs_the_client_with_the_loaded_config(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    calls: list[tuple[object, object, bool, bool]] = []
+    calls: list[tuple[object, ...]] = []
 
     async def fake_run(
-        config: object, *, record: object = None, quiet: bool = False, no_tui: bool = False, suspend_detector: object = None
-    ) -> int:
-        calls.append((config, record, quiet, no_tui))
+        config: object, *, record: object = None, quiet: bool = False, no_tui: bool = False, suspend_detector: object = None,
+        ready_when: str = "installed", take_over: bool = False,
+    ) -> int:  # fmt: skip
+        calls.append((config, record, quiet, no_tui, ready_when, take_over))
         assert isinstance(suspend_detector, SuspendDetector)
         return 1
 
@@ -327,7 +328,26 @@ def test_up_runs_the_client_with_the_loaded_config(
     path = config_file(tmp_path, "client.toml", CLIENT_TOML)
     code, _out, err = run(["up", "--config", str(path), "--no-tui"], capsys)
     assert (code, err) == (1, "")
-    assert calls == [(load_client_config(path), None, False, True)]
+    assert calls == [(load_client_config(path), None, False, True, "installed", False)]
+    code, _out, err = run(["up", "--config", str(path), "--ready-when", "attached", "--take-over"], capsys)
+    assert calls[-1] == (load_client_config(path), None, False, False, "attached", True)
+
+
+def test_the_ready_when_choices_are_ups() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["up", "--ready-when", "attached"])
+    assert args.ready_when == "attached" and parser.parse_args(["up"]).ready_when == up.READY_INSTALLED
+    action = next(
+        a for sub in parser._subparsers._group_actions  # type: ignore[union-attr]
+        for name, p in sub.choices.items() if name == "up" for a in p._actions if a.dest == "ready_when"
+    )  # fmt: skip
+    assert tuple(action.choices) == up.READY_WHEN
+
+
+async def test_up_refuses_an_unknown_ready_when(tmp_path: pathlib.Path) -> None:
+    config = load_client_config(config_file(tmp_path, "client.toml", CLIENT_TOML))
+    with pytest.raises(AppError, match="--ready-when must be one of installed, attached"):
+        await up.run_client(config, ready_when="soon")
 
 
 @pytest.mark.parametrize(("command", "toml"), [("serve", GATEWAY_TOML), ("up", CLIENT_TOML)])
@@ -383,11 +403,40 @@ def test_serve_bad_config_exits_2(tmp_path: pathlib.Path, capsys: pytest.Capture
     assert assert_one_error_line(err) == f"jvpn-trio: {path}: no such file"
 
 
-def test_up_needs_a_config(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        cli.main(["up"])
-    assert info.value.code == 2
-    assert "--config" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("command", "constant", "example"),
+    [("up", "DEFAULT_CLIENT_CONFIG", "client"), ("down", "DEFAULT_CLIENT_CONFIG", "client"),
+     ("serve", "DEFAULT_GATEWAY_CONFIG", "gateway")],
+)  # fmt: skip
+def test_without_config_the_default_file_is_read_and_a_missing_one_is_one_line(
+    command: str, constant: str, example: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    missing = tmp_path / f"{example}.toml"
+    monkeypatch.setattr(cli, constant, str(missing))
+    code, out, err = run([command], capsys)
+    assert (code, out) == (2, "")
+    assert assert_one_error_line(err) == (
+        f"jvpn-trio: no config at {missing} (the default): pass --config FILE, or create it from "
+        f"examples/{example}.toml (docs/service.md)"
+    )
+    config_file(tmp_path, f"{example}.toml", GATEWAY_TOML if example == "gateway" else CLIENT_TOML)
+    loaded: list[object] = []
+
+    async def fake_runner(config: object, **_options: object) -> int:
+        loaded.append(config)
+        return 0
+
+    monkeypatch.setattr(serve, "serve_gateway", fake_runner)
+    monkeypatch.setattr(up, "run_client", fake_runner)
+    monkeypatch.setattr(down, "run_down", fake_runner)
+    assert run([command], capsys)[0] == 0
+    assert loaded == [(load_gateway_config if example == "gateway" else load_client_config)(missing)]
+
+
+def test_the_default_paths_are_the_documented_ones() -> None:
+    assert cli.DEFAULT_CLIENT_CONFIG == "/etc/jvpn-trio/client.toml" == str(down.DEFAULT_CONFIG)
+    assert cli.DEFAULT_GATEWAY_CONFIG == "/etc/jvpn-trio/gateway.toml"
 
 
 def _raising_runner(exc: BaseException):  # type: ignore[no-untyped-def]

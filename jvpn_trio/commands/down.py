@@ -29,13 +29,13 @@ import trio
 
 from jvpn_trio.commands.process import AppError, missing_privilege
 from jvpn_trio.commands.up import DOWN_COMMAND, dns_system
-from jvpn_trio.config import ClientConfig
+from jvpn_trio.config import DEFAULT_CLIENT_CONFIG, ClientConfig
 from jvpn_trio.drivers import dns
 from jvpn_trio.drivers.control import ControlError, query_control
 from jvpn_trio.drivers.leftovers import remove_leftovers
 
 #: Where ``down`` looks for the client's config when none is given.
-DEFAULT_CONFIG = Path("/etc/jvpn-trio/client.toml")
+DEFAULT_CONFIG = Path(DEFAULT_CLIENT_CONFIG)
 #: How long the agent may take to close its session and remove what it installed.
 STOP_TIMEOUT_S = 20.0
 #: One control-socket request.

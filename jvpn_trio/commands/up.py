@@ -22,7 +22,18 @@ so ``up`` fails closed, and removed *last*.  It is removed on every clean way
 out (SIGINT/SIGTERM, ``jvpn-trio down`` through the control socket's ``down``
 command, a failure at start); once the agent runs, a crash leaves it in place
 until ``jvpn-trio down`` (docs/threat-model.md).  ``up`` refuses to start over
-what a killed agent left behind (``drivers/leftovers.py``) and names ``down``.
+what a killed agent left behind (``drivers/leftovers.py``) and names ``down``;
+with ``--take-over`` (the systemd unit's restart after a crash) it removes
+those leftovers itself, once its own kill switch has replaced the dead one's.
+
+As a systemd service (docs/service.md) ``up`` runs headless (plain event
+lines) and speaks ``sd_notify`` through ``drivers/systemd.py``: ``READY=1``
+once the kill switch, the TUN, its routes, DNS and the control socket are in
+place and the agent runs (``--ready-when installed``, the default) or once
+the first session is ATTACHED (``--ready-when attached``); ``STATUS=`` lines
+follow the session (:func:`service_status_line`); ``STOPPING=1`` when a
+SIGTERM or ``jvpn-trio down`` begins the shutdown; ``WATCHDOG=1`` pings when
+the unit sets ``WatchdogSec=``.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import sys
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, TextIO
 
 import attrs
 import trio
@@ -51,11 +62,12 @@ from jvpn_trio.core.agent import PathIds, PathIdsExhausted
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.mtu import Family, client_tun_mtu
 from jvpn_trio.core.noise import StaticKeypair
+from jvpn_trio.core.states import SessionState
 from jvpn_trio.drivers import control, dns, event_sink, killswitch, routes, tun, udp
 from jvpn_trio.drivers.agent import ClientAgent
-from jvpn_trio.drivers.client import ClientPath
+from jvpn_trio.drivers.client import ClientPath, RuntimeStatus
 from jvpn_trio.drivers.clock import SuspendDetector
-from jvpn_trio.drivers.leftovers import find_leftovers
+from jvpn_trio.drivers.leftovers import Leftovers, find_leftovers, remove_leftovers
 from jvpn_trio.drivers.logind import SleepSignals
 from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.drivers.paths import (
@@ -66,6 +78,13 @@ from jvpn_trio.drivers.paths import (
     open_path_manager,
 )
 from jvpn_trio.drivers.recording import open_recorder
+from jvpn_trio.drivers.systemd import (
+    Notifier,
+    publish_status,
+    serve_watchdog,
+    under_systemd,
+    watchdog_interval,
+)
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
 from jvpn_trio.ui.app import run_console, use_tui
 from jvpn_trio.ui.status import CONNECTING, client_status, statistics_counters
@@ -84,6 +103,40 @@ DOWN_COMMAND = "down"
 RUNNING_PROBE_TIMEOUT_S = 1.0
 #: At most this many leftovers are named in ``up``'s refusal (``down`` lists them all).
 LEFTOVERS_SHOWN = 3
+#: ``--ready-when``: systemd hears READY=1 once everything is in place and the agent runs...
+READY_INSTALLED = "installed"
+#: ... or once the first session is ATTACHED (docs/service.md says why the first is the default).
+READY_ATTACHED = "attached"
+READY_WHEN = (READY_INSTALLED, READY_ATTACHED)
+
+
+def service_status_line(value: RuntimeStatus | None) -> str:
+    """The agent's state in one line, for systemd's ``STATUS=`` (``systemctl status``).
+
+    ``ATTACHED on p1 (eth0)``, ``RECOVERING, no path``, ``CONNECTING``: what
+    changes only when the session's state or its path does, so the line is
+    not re-sent for every probe.
+    """
+    if value is None or value.snapshot is None:
+        after = f" (after {value.sessions_started} session(s))" if value is not None and value.sessions_started else ""
+        return f"{CONNECTING}{after}"
+    record = value.snapshot.record
+    if record.binding is None:
+        return f"{record.state.value}, no path"
+    names = {path: name for path, name, _kind in value.paths}
+    path = record.binding.path
+    name = names.get(path)
+    return f"{record.state.value} on {path}" + (f" ({name})" if name else "")
+
+
+def wants_tui(no_tui: bool, *, environ: Mapping[str, str] | None = None, stream: TextIO | None = None) -> bool:
+    """The live UI only on a terminal, without ``--no-tui`` and not as a systemd service (docs/service.md)."""
+    return use_tui(no_tui or under_systemd(environ), stream)
+
+
+def is_attached(value: RuntimeStatus | None) -> bool:
+    """Whether the agent's live session is ATTACHED (``--ready-when attached``)."""
+    return value is not None and value.snapshot is not None and value.snapshot.record.state is SessionState.ATTACHED
 
 
 def dns_system(config: ClientConfig) -> dns.DnsSystem:
@@ -94,8 +147,12 @@ def dns_system(config: ClientConfig) -> dns.DnsSystem:
     return dns.DnsSystem(state_dir=config.control_socket.parent)
 
 
-async def refuse_leftovers(config: ClientConfig) -> None:
-    """Raise AppError naming ``jvpn-trio down`` if an agent runs or a killed one left something behind."""
+async def refuse_leftovers(config: ClientConfig, *, take_over: bool = False) -> Leftovers | None:
+    """Raise AppError naming ``jvpn-trio down`` if an agent runs or a killed one left something behind.
+
+    With ``take_over`` what a killed one left is returned instead (None: nothing),
+    for :func:`take_over_leftovers`; a running agent is refused all the same.
+    """
     try:
         await control.query_control(config.control_socket, control.STATUS_REQUEST, timeout=RUNNING_PROBE_TIMEOUT_S)
     except control.ControlError:
@@ -103,12 +160,34 @@ async def refuse_leftovers(config: ClientConfig) -> None:
     else:
         raise AppError(f"jvpn-trio is already running (control socket {config.control_socket}); `jvpn-trio down` stops it")
     found = await find_leftovers(config.tun_name)
+    if take_over:
+        return None if found.empty else found
     if not found.empty:
         lines = found.lines()
         more = f" and {len(lines) - LEFTOVERS_SHOWN} more" if len(lines) > LEFTOVERS_SHOWN else ""
         raise AppError(
             f"an earlier jvpn-trio left {', '.join(lines[:LEFTOVERS_SHOWN])}{more}: run `jvpn-trio down` first"
         )
+    return None
+
+
+async def take_over_leftovers(
+    config: ClientConfig, kill_switch: killswitch.KillSwitch | None, *, log: Callable[[str], None]
+) -> None:
+    """Remove what a killed agent left (DNS, rules, routes, TUN), keeping the machine blocked.
+
+    Called with this agent's kill switch installed: it replaced the dead one's
+    table atomically.  ``remove_leftovers`` removes the table last, and it is
+    installed again at once (one ``nft`` run later: milliseconds, the only
+    moment the block is off; docs/service.md).  Raises what ``down`` would.
+    """
+    with trio.CancelScope(shield=True):
+        reverted = await dns.revert_dns(system=dns_system(config), log=log)
+        removed = await remove_leftovers(config.tun_name)
+        if kill_switch is not None:
+            await killswitch.install(kill_switch.spec)
+    what = removed.lines() + ([f"DNS ({reverted.detail})"] if reverted is not None else [])
+    log(f"took over after an earlier agent: removed {', '.join(what) or 'nothing'}")
 
 
 class PathFollower:
@@ -285,15 +364,46 @@ async def run_client(
     quiet: bool = False,
     no_tui: bool = False,
     suspend_detector: SuspendDetector | None = None,
+    ready_when: str = READY_INSTALLED,
+    take_over: bool = False,
+    notifier: Notifier | None = None,
 ) -> int:
-    """Run the client agent until SIGINT/SIGTERM; 0 then.  Raises AppError for what stops it at start."""
+    """Run the client agent until SIGINT/SIGTERM; 0 then.  Raises AppError for what stops it at start.
+
+    ``notifier`` (default: from ``$NOTIFY_SOCKET``) hears READY=1 at the
+    moment ``ready_when`` names, STATUS= lines and STOPPING=1; under systemd
+    the live UI is never used.
+    """
+    if ready_when not in READY_WHEN:
+        raise AppError(f"--ready-when must be one of {', '.join(READY_WHEN)}, not {ready_when!r}")
+    notifier = Notifier.from_environ(log=stderr_line) if notifier is None else notifier
+    try:
+        return await _run_client(
+            config, record=record, quiet=quiet, tui=wants_tui(no_tui),
+            suspend_detector=suspend_detector, ready_when=ready_when, take_over=take_over, notifier=notifier,
+        )  # fmt: skip
+    finally:
+        notifier.close()
+
+
+async def _run_client(
+    config: ClientConfig,
+    *,
+    record: Path | None,
+    quiet: bool,
+    tui: bool,
+    suspend_detector: SuspendDetector | None,
+    ready_when: str,
+    take_over: bool,
+    notifier: Notifier,
+) -> int:
     problem = missing_privilege()
     if problem:
         raise AppError(problem)
     static = StaticKeypair(load_private_key(config.private_key_file))
     gateway_public = load_public_key_text(config.gateway_public_key)
     gateway_host = config.gateway[0]
-    await refuse_leftovers(config)
+    leftovers = await refuse_leftovers(config, take_over=take_over)
     async with AsyncExitStack() as stack:
         sink = await stack.enter_async_context(
             event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
@@ -307,6 +417,8 @@ async def run_client(
             if config.kill_switch
             else None
         )
+        if leftovers is not None:
+            await take_over_leftovers(config, kill_switch, log=stderr_line)
         tunnel_routes = routes.TunnelRoutes(
             tun_name=config.tun_name, prefixes=tuple(str(p) for p in config.routes), table=TUNNEL_TABLE
         )
@@ -373,14 +485,26 @@ async def run_client(
                 interfaces={path: (name, kind) for path, name, kind in value.paths},
             )
 
+        def stop() -> None:
+            """The first SIGINT/SIGTERM, or ``jvpn-trio down``: tell systemd, then CLOSE the live session."""
+            notifier.stopping(f"closing ({service_status_line(agent.status.value)})")
+            agent.close_nowait()
+
         def down(_request: dict[str, Any]) -> dict[str, Any]:
-            agent.close_nowait()  # as the first SIGTERM: CLOSE the live session, then every resource goes
+            stop()  # as the first SIGTERM: CLOSE the live session, then every resource goes
             return {"closing": True, "pid": os.getpid()}
 
+        async def ready_when_attached() -> None:
+            await agent.status.wait_value(is_attached)
+            notifier.ready(service_status_line(agent.status.value))
+
         async with trio.open_nursery() as nursery:
-            handler = control.command_handler({"status": status, DOWN_COMMAND: down})
+            handler = control.command_handler(
+                {"status": status, DOWN_COMMAND: down, **control.steering_commands(agent)}
+            )
+            access = control.ControlAccess(group=config.control_group, steer_group=config.control_steer_group)
             await nursery.start(
-                lambda task_status: control.serve_control(config.control_socket, handler, task_status=task_status)
+                functools.partial(control.serve_control, config.control_socket, handler, events=sink, access=access)
             )
             nursery.start_soon(follower.follow, path_events)
             if not quiet:
@@ -390,13 +514,23 @@ async def run_client(
                         agent,
                         sink,
                         gateway=f"{config.gateway[0]}:{config.gateway[1]}",
-                        tui=use_tui(no_tui),
+                        tui=tui,
                     )
                 )
-            nursery.start_soon(close_on_signals, agent.close_nowait, nursery.cancel_scope)
+            nursery.start_soon(close_on_signals, stop, nursery.cancel_scope)
             if kill_switch is not None:
                 kill_switch.hold()  # running: from here a crash leaves the block for `jvpn-trio down`
+            if notifier.enabled:
+                nursery.start_soon(publish_status, notifier, agent.status, service_status_line)
+                interval = watchdog_interval()
+                if interval is not None:
+                    nursery.start_soon(serve_watchdog, notifier, interval)
+                if ready_when == READY_ATTACHED:
+                    nursery.start_soon(ready_when_attached)
+                else:  # kill switch, TUN, routes, DNS and control socket in place; the agent starts now
+                    notifier.ready(service_status_line(agent.status.value))
             await agent.serve()
+            notifier.stopping()  # also after the UI's quit; systemd ignores a repeat
             nursery.cancel_scope.cancel()
     if not quiet:
         print(f"jvpn-trio: stopped after {agent.sessions_started} session(s)", file=sys.stderr)
