@@ -112,9 +112,14 @@ async def _serve_gateway(config: GatewayConfig, *, record: Path | None, quiet: b
 
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
             value = runtime.status.value
-            snapshots = [s for s, _, _ in value.sessions] if value else []
             # Counters still at zero are left out: the report lists what happened.
-            return gateway_status(snapshots, node_id=config.node_id, statistics=runtime.statistics())
+            return gateway_status(
+                value.peers if value else (),
+                node_id=config.node_id,
+                statistics=runtime.statistics(),
+                tunnel_address=str(config.tunnel_address),
+                tunnel_address6=str(config.tunnel_address6) if config.tunnel_address6 is not None else None,
+            )
 
         async with trio.open_nursery() as nursery:
             await nursery.start(

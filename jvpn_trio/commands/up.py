@@ -483,6 +483,8 @@ async def _run_client(
                 },
                 sessions_started=value.sessions_started,
                 interfaces={path: (name, kind) for path, name, kind in value.paths},
+                tunnel_address=value.tunnel_address,
+                tunnel_address6=value.tunnel_address6,
             )
 
         def stop() -> None:

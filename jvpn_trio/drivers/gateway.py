@@ -168,6 +168,11 @@ class ServedSession:
     paths: dict[Address, PathId] = attrs.Factory(dict)
     init_path: PathId | None = None
     last_alive_report: float = -math.inf
+    # What this session carried (inner packets, as the runtime-wide rx_*/tx_* counters count them).
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
 
     @property
     def session_id(self) -> SessionId:
@@ -190,9 +195,59 @@ class ServedSession:
 
 
 @attrs.frozen(kw_only=True)
+class PeerStatus:
+    """One served session as ``jvpn-trio status`` shows it: whose it is, where, what it carried.
+
+    The session's state, version and binding (whose endpoint is the peer's
+    current endpoint) are in ``snapshot``.  ``last_handshake`` is on the
+    gateway's clock (the snapshot's ``now`` is too): when the gateway answered
+    the handshake whose keys are now *current*, i.e. which the client has
+    confirmed with an authenticated packet; None until it has.  Bytes are
+    inner packets: DATA written to the TUN (rx) and sealed for the peer (tx).
+    """
+
+    snapshot: GatewaySnapshot
+    name: str
+    public_key: bytes
+    address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address | None
+    last_handshake: float | None
+    rx_packets: int
+    rx_bytes: int
+    tx_packets: int
+    tx_bytes: int
+
+    @classmethod
+    def of(cls, served: ServedSession, *, now: float) -> PeerStatus:
+        current = served.channel.keyring.current
+        return cls(
+            snapshot=served.core.snapshot(now=now),
+            name=served.peer.name,
+            public_key=served.peer.public,
+            address=served.address,
+            address6=served.address6,
+            last_handshake=current.created_at if current is not None else None,
+            rx_packets=served.rx_packets,
+            rx_bytes=served.rx_bytes,
+            tx_packets=served.tx_packets,
+            tx_bytes=served.tx_bytes,
+        )
+
+
+@attrs.frozen(kw_only=True)
 class GatewayStatus:
+    """What the runtime publishes after each supervisor step (``GatewayRuntime.status``).
+
+    ``sessions`` keeps its original shape for existing readers; ``peers`` has
+    the same sessions, in the same order, with everything ``status`` shows per
+    peer.  ``tunnel`` / ``tunnel6`` are the gateway's own tunnel addresses.
+    """
+
     sessions: tuple[tuple[GatewaySnapshot, str, str], ...]  # (snapshot, peer name, tunnel address)
     statistics: GatewayStatistics
+    peers: tuple[PeerStatus, ...] = ()
+    tunnel: str | None = None
+    tunnel6: str | None = None
 
 
 class GatewayRuntime:
@@ -371,11 +426,13 @@ class GatewayRuntime:
 
     def _publish(self) -> None:
         now = self._last_now
+        peers = tuple(PeerStatus.of(s, now=now) for s in self.sessions.values())
         self.status.value = GatewayStatus(
-            sessions=tuple(
-                (s.core.snapshot(now=now), s.peer.name, str(s.address)) for s in self.sessions.values()
-            ),
+            sessions=tuple((p.snapshot, p.name, str(p.address)) for p in peers),
             statistics=self.statistics(),
+            peers=peers,
+            tunnel=str(self.tunnel),
+            tunnel6=str(self.tunnel6) if self.tunnel6 is not None else None,
         )
 
     def _send(self, served: ServedSession, addr: Address, msg_type: wire.MessageType, plaintext: bytes) -> None:
@@ -446,6 +503,8 @@ class GatewayRuntime:
             return
         self._counts.rx_packets += 1
         self._counts.rx_bytes += len(packet)
+        served.rx_packets += 1
+        served.rx_bytes += len(packet)
         if packet and self._packets is not None and not self._packets.write_nowait(packet):
             self._counts.rx_tun_full += 1
 
@@ -659,6 +718,8 @@ class GatewayRuntime:
                 entry[2].append(datagram)
                 self._counts.tx_packets += 1
                 self._counts.tx_bytes += len(packet)
+                served.tx_packets += 1
+                served.tx_bytes += len(packet)
             for served, endpoint, datagrams in outgoing.values():
                 port = served.port_for(endpoint, control=False)
                 if port is None:

@@ -37,6 +37,7 @@ happened; a key that collides raises ValueError.
 
 from __future__ import annotations
 
+import base64
 import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +48,7 @@ import attrs
 from jvpn_trio.core.ids import Binding, PathId
 from jvpn_trio.core.session import ClientSnapshot, GatewaySnapshot, PathSnapshot
 from jvpn_trio.core.states import SessionState
+from jvpn_trio.drivers.gateway import PeerStatus
 
 #: Decimal places per unit (see the module docstring).
 MS_DECIMALS = 1
@@ -164,23 +166,29 @@ def client_status(
     counters: Mapping[str, int] | None = None,
     sessions_started: int | None = None,
     interfaces: Mapping[PathId, tuple[str, str]] | None = None,
+    tunnel_address: str | None = None,
+    tunnel_address6: str | None = None,
 ) -> dict[str, Any]:
     """The client's status report (JSON-able).  Raises ValueError if a counter name collides.
 
     ``interfaces`` names each path's (interface, kind), as the runtime's path
     set has it now; a path missing there reports null for both.
+    ``tunnel_address`` / ``tunnel_address6``: the addresses the handshake gave
+    the TUN (``RuntimeStatus.tunnel_address``, ``"10.66.0.2/24"``); null if unknown.
 
     ``snapshot`` is None between sessions: ``session`` is then null and
     ``state`` is ``CONNECTING``.  ``sessions_started`` counts the agent's
     sessions (1 during the first; None: not reported).
     """
     started = {} if sessions_started is None else {"sessions_started": sessions_started}
+    tunnel = {"tunnel_address": tunnel_address, "tunnel_address6": tunnel_address6}
     if snapshot is None:
         return {
             "role": "client",
             "session": None,
             "state": CONNECTING,
             **started,
+            **tunnel,
             # The agent's paths exist between sessions too: no health yet, but which interfaces.
             "paths": [
                 {"path": str(path), "interface": name, "kind": kind}
@@ -196,6 +204,7 @@ def client_status(
         "session": rec.session_id.hex,
         "state": rec.state.value,
         **started,
+        **tunnel,
         "version": rec.version,
         "gateway_version": snapshot.gateway_version,
         "policy": snapshot.policy_fingerprint,
@@ -223,52 +232,94 @@ def client_status(
     }
 
 
-def _gateway_session_status(s: GatewaySnapshot) -> dict[str, Any]:
+def _gateway_session_status(s: GatewaySnapshot, peer: PeerStatus | None) -> dict[str, Any]:
     rec = s.record
+    binding = rec.binding
     return {
         "session": rec.session_id.hex,
         "state": rec.state.value,
         "version": rec.version,
-        "binding": _binding_text(rec.binding),
+        "binding": _binding_text(binding),
+        "path": str(binding.path) if binding is not None else None,
+        "endpoint": _endpoint_text(binding.endpoint) if binding is not None else None,
         "policy": s.policy_fingerprint,
         "session_age_s": _round(s.now - rec.created_at, S_DECIMALS),
         "last_nonce": s.last_nonce,
         "last_delivery_ago_s": None if s.last_delivery is None else _round(s.now - s.last_delivery, S_DECIMALS),
         "switches_last_minute": s.switches_last_minute,
         "counters": _merge_counters(s.counters, None),
+        # Who the session belongs to and what it carried: null when the runtime did not say.
+        "peer": peer.name if peer is not None else None,
+        "public_key": base64.b64encode(peer.public_key).decode("ascii") if peer is not None else None,
+        "tunnel_ipv4": str(peer.address) if peer is not None else None,
+        "tunnel_ipv6": str(peer.address6) if peer is not None and peer.address6 is not None else None,
+        "last_handshake_ago_s": (
+            None if peer is None or peer.last_handshake is None else _round(s.now - peer.last_handshake, S_DECIMALS)
+        ),
+        "rx_bytes": peer.rx_bytes if peer is not None else None,
+        "tx_bytes": peer.tx_bytes if peer is not None else None,
+        "rx_packets": peer.rx_packets if peer is not None else None,
+        "tx_packets": peer.tx_packets if peer is not None else None,
     }
 
 
 def gateway_status(
-    sessions: Sequence[GatewaySnapshot],
+    sessions: Sequence[GatewaySnapshot | PeerStatus],
     *,
     node_id: str | None = None,
     statistics: object | None = None,
     counters: Mapping[str, int] | None = None,
+    tunnel_address: str | None = None,
+    tunnel_address6: str | None = None,
 ) -> dict[str, Any]:
     """The gateway's status report: every session, per-state totals, summed counters.
 
+    ``sessions`` are the runtime's :class:`~jvpn_trio.drivers.gateway.PeerStatus`
+    records (``GatewayStatus.peers``), or bare snapshots, whose peer fields
+    (``peer``, ``tunnel_ipv4``, ``rx_bytes``, ...) are then null.  ``now_s`` is
+    the snapshots' time on the gateway's clock (null without sessions).
     ``statistics`` is the runtime's statistics record, flattened as in
     :func:`statistics_counters`.  Raises ValueError if a counter name collides.
     """
-    ordered = sorted(sessions, key=lambda s: s.record.session_id)
+    pairs = [(s.snapshot, s) if isinstance(s, PeerStatus) else (s, None) for s in sessions]
+    ordered = sorted(pairs, key=lambda pair: pair[0].record.session_id)
     states = {state.value: 0 for state in SessionState}
     summed: dict[str, int] = {}
-    for s in ordered:
-        states[s.record.state.value] += 1
-        for name, value in s.counters:
+    for snap, _ in ordered:
+        states[snap.record.state.value] += 1
+        for name, value in snap.counters:
             summed[name] = summed.get(name, 0) + value
     return {
         "role": "gateway",
         "node": node_id,
+        "now_s": _round(max(snap.now for snap, _ in ordered), S_DECIMALS) if ordered else None,
+        "tunnel_address": tunnel_address,
+        "tunnel_address6": tunnel_address6,
         "session_count": len(ordered),
         "states": {name: n for name, n in states.items() if n},
-        "sessions": [_gateway_session_status(s) for s in ordered],
+        "sessions": [_gateway_session_status(snap, peer) for snap, peer in ordered],
         "counters": _merge_counters(summed.items(), statistics_counters(statistics), counters),
     }
 
 
 # -- text ------------------------------------------------------------------------
+#
+# Laid out like ``wg show``: a header block for the node, then one block per path
+# (client) or per peer (gateway), each a "name: value" line per field, values
+# aligned.  The renderer reads the reply as untrusted JSON from any version: a
+# missing key, null or a value of the wrong type prints as "-"; it never raises.
+
+#: Byte units as ``wg show`` prints them (binary prefixes, two decimals from KiB up).
+BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+_TIME_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+_INDENT = "  "
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a reply cannot break a line or drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _text(value: Any) -> str:
@@ -276,132 +327,242 @@ def _text(value: Any) -> str:
         return _NONE_TEXT
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
-
-
-def _fixed(value: Any, decimals: int) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, float) and not math.isfinite(value):
         return _NONE_TEXT
-    return f"{value:.{decimals}f}"
+    return _printable(str(value))
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int]) -> list[str]:
-    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+def _number(value: Any) -> float | None:
+    """A finite number from the reply, or None for anything else (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value) if isinstance(value, float) else value
+    if isinstance(number, float) and not math.isfinite(number):
+        return None
+    return number
 
-    def line(cells: Sequence[str]) -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        return "  ".join(padded).rstrip()
 
-    return [line(headers), *(line(row) for row in rows)]
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
-def _fields(pairs: Sequence[tuple[str, str]]) -> list[str]:
-    if not pairs:
-        return []
-    width = max(len(k) for k, _ in pairs)
-    return [f"  {k.ljust(width)}  {v}".rstrip() for k, v in pairs]
+def _mappings(value: Any) -> list[Mapping[str, Any]]:
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
+
+
+def _fixed(value: Any, decimals: int, unit: str = "") -> str:
+    number = _number(value)
+    return _NONE_TEXT if number is None else f"{number:.{decimals}f}{unit}"
+
+
+def _bytes(value: Any) -> str:
+    """``1.21 KiB`` as ``wg show`` writes transfer counts."""
+    number = _number(value)
+    if number is None or number < 0:
+        return _NONE_TEXT
+    if number < 1024:
+        return f"{int(number)} B"
+    scaled = float(number)
+    for unit in BYTE_UNITS:
+        scaled /= 1024.0
+        if scaled < 1024.0 or unit == BYTE_UNITS[-1]:
+            break
+    return f"{scaled:.2f} {unit}"
+
+
+def _duration(value: Any) -> str:
+    """``250 ms`` below a second, else ``1 minute, 3 seconds`` (whole units, as ``wg show``)."""
+    number = _number(value)
+    if number is None:
+        return _NONE_TEXT
+    if number < 1.0:  # a negative age (another host's clock, a hand-edited reply) shows as 0 ms
+        return f"{min(round(max(number, 0.0) * 1000.0), 999)} ms"
+    remaining = int(number)  # whole units below, as wg rounds down
+    parts = []
+    for name, size in _TIME_UNITS:
+        count, remaining = divmod(remaining, size)
+        if count:
+            parts.append(f"{count} {name}{'' if count == 1 else 's'}")
+    return ", ".join(parts)
+
+
+def _ago(value: Any) -> str:
+    text = _duration(value)
+    return text if text == _NONE_TEXT else f"{text} ago"
+
+
+def _transfer(received: Any, sent: Any) -> str:
+    if _number(received) is None and _number(sent) is None:
+        return _NONE_TEXT
+    return f"{_bytes(received)} received, {_bytes(sent)} sent"
+
+
+def _addresses(*values: Any) -> str:
+    present = [_text(v) for v in values if v is not None]
+    return ", ".join(present) if present else _NONE_TEXT
+
+
+Block = tuple[str, list[tuple[str, str]]]  # (title line, [(key, value)])
+
+
+def _blocks(blocks: Sequence[Block]) -> list[str]:
+    """Blocks separated by a blank line, every value in the document starting in one column."""
+    width = max((len(key) for _, pairs in blocks for key, _ in pairs), default=0) + 1
+    lines: list[str] = []
+    for title, pairs in blocks:
+        if lines:
+            lines.append("")
+        lines.append(title)
+        lines.extend(f"{_INDENT}{(key + ':').ljust(width)} {value}".rstrip() for key, value in pairs)
+    return lines
 
 
 def _counter_lines(counters: Any) -> list[str]:
-    if not isinstance(counters, dict) or not counters:
-        return ["counters", "  (none)"]
-    return ["counters", *_fields([(str(k), _text(v)) for k, v in sorted(counters.items())])]
+    if not isinstance(counters, Mapping) or not counters:
+        return ["counters:", f"{_INDENT}(none)"]
+    names = sorted(_text(k) for k in counters)
+    width = max(len(k) for k in names) + 1
+    values = {_text(k): v for k, v in counters.items()}
+    return ["counters:", *(f"{_INDENT}{(k + ':').ljust(width)} {_text(values[k])}" for k in names)]
 
 
-def _seconds(value: Any) -> str:
-    return _NONE_TEXT if value is None else f"{_fixed(value, S_DECIMALS)} s"
+def _with_versions(state: Any, version: Any, gateway_version: Any = None) -> str:
+    """``ATTACHED (version 3, gateway version 3)``; without versions (between sessions) the state alone."""
+    versions = [f"version {_text(version)}"] if version is not None else []
+    if gateway_version is not None:
+        versions.append(f"gateway version {_text(gateway_version)}")
+    return _text(state) + (f" ({', '.join(versions)})" if versions else "")
 
 
-def _render_client(status: Mapping[str, Any]) -> list[str]:
+def _switches(done: Any, allowed: Any = None) -> str:
+    if done is None:
+        return _NONE_TEXT
+    limit = "" if allowed is None else f" of {_text(allowed)} allowed"
+    return f"{_text(done)}{limit} in the last minute"
+
+
+def _client_header(status: Mapping[str, Any]) -> Block:
     pending = status.get("pending_reattach")
-    if isinstance(pending, dict):
+    if isinstance(pending, Mapping):
         reattach = (
             f"{_text(pending.get('path'))} nonce {_text(pending.get('nonce'))}"
-            f" ({_text(pending.get('cause'))}), sent {_fixed(pending.get('age_ms'), MS_DECIMALS)} ms ago"
+            f" ({_text(pending.get('cause'))}), sent {_duration(_ms_to_s(pending.get('age_ms')))} ago"
         )
     else:
         reattach = _NONE_TEXT
-    recovery = status.get("recovery_deadline_in_s")
-    started = [("sessions", _text(status["sessions_started"]))] if "sessions_started" in status else []
-    header = _fields(
-        [
-            ("session", _text(status.get("session"))),
-            *started,
-            (
-                "state",
-                f"{_text(status.get('state'))} (version {_text(status.get('version'))},"
-                f" gateway version {_text(status.get('gateway_version'))})",
-            ),
-            ("binding", _text(status.get("binding"))),
-            ("pinned", _text(status.get("pinned_path"))),
-            (
-                "switches",
-                f"{_text(status.get('switches_last_minute'))} of {_text(status.get('max_switches_per_minute'))}"
-                " allowed in the last minute",
-            ),
-            ("recovery", _NONE_TEXT if recovery is None else f"deadline in {_seconds(recovery)}"),
-            ("reattach", reattach),
-            ("age", _seconds(status.get("session_age_s"))),
-            ("policy", _text(status.get("policy"))),
-        ]
+    recovery = _number(status.get("recovery_deadline_in_s"))
+    counters = status.get("counters")
+    transfer = (
+        _transfer(counters.get("rx_bytes", 0), counters.get("tx_bytes", 0))  # a counter at zero is left out
+        if isinstance(counters, Mapping)
+        else _NONE_TEXT
     )
-    rows = []
-    for p in status.get("paths") or []:
-        flags = ",".join(name for name in ("active", "pinned") if p.get(name)) or _NONE_TEXT
-        rows.append(
-            [
-                _text(p.get("path")),
-                _text(p.get("priority")),
-                _text(p.get("endpoint")),
-                flags,
-                "up" if p.get("link_up") else "down",
-                _text(p.get("verdict")),
-                _text(p.get("reason")),
-                _fixed(p.get("srtt_ms"), MS_DECIMALS),
-                _fixed(p.get("jitter_ms"), MS_DECIMALS),
-                _fixed(p.get("loss_pct"), PCT_DECIMALS),
-            ]
-        )
-    headers = ["PATH", "PRI", "ENDPOINT", "FLAGS", "LINK", "VERDICT", "REASON", "SRTT ms", "JITTER ms", "LOSS %"]
-    table = _table(headers, rows, frozenset({1, 7, 8, 9})) if rows else ["(no paths)"]
-    return ["jvpn-trio client", *header, "", *table, "", *_counter_lines(status.get("counters"))]
+    pairs = [
+        ("state", _with_versions(status.get("state"), status.get("version"), status.get("gateway_version"))),
+        ("tunnel", _addresses(status.get("tunnel_address"), status.get("tunnel_address6"))),
+        ("sessions started", _text(status.get("sessions_started"))),
+        ("binding", _text(status.get("binding"))),
+        ("pinned", _text(status.get("pinned_path"))),
+        ("switches", _switches(status.get("switches_last_minute"), status.get("max_switches_per_minute"))),
+        ("recovery", _NONE_TEXT if recovery is None else f"deadline in {_duration(recovery)}"),
+        ("reattach", reattach),
+        ("session age", _duration(status.get("session_age_s"))),
+        ("transfer", transfer),
+        ("policy", _text(status.get("policy"))),
+    ]  # fmt: skip
+    return f"client: {_text(status.get('session'))}", pairs
+
+
+def _ms_to_s(value: Any) -> float | None:
+    number = _number(value)
+    return None if number is None else number / 1000.0
+
+
+def _client_path(p: Mapping[str, Any]) -> Block:
+    flags = [name for name in ("active", "pinned") if p.get(name) is True]
+    title = f"path: {_text(p.get('path'))}" + (f" ({', '.join(flags)})" if flags else "")
+    kind = p.get("kind")
+    interface = _text(p.get("interface")) + ("" if kind is None else f" ({_text(kind)})")
+    link = p.get("link_up")
+    verdict = _text(p.get("verdict"))
+    if p.get("reason") is not None:
+        verdict += f", {_text(p.get('reason'))}"
+    measured, threshold = _number(p.get("measured")), _number(p.get("threshold"))
+    if measured is not None or threshold is not None:
+        verdict += f" (measured {_fixed(measured, MEASURE_DECIMALS)}, threshold {_fixed(threshold, MEASURE_DECIMALS)})"
+    jitter = _number(p.get("jitter_ms"))
+    missed = _number(p.get("consecutive_missed"))
+    loss = _fixed(p.get("loss_pct"), PCT_DECIMALS, "%")
+    if missed:
+        loss += f" ({_text(p.get('consecutive_missed'))} missed in a row)"
+    pairs = [
+        ("interface", interface),
+        ("endpoint", _text(p.get("endpoint"))),
+        ("priority", _text(p.get("priority"))),
+        ("link", _NONE_TEXT if not isinstance(link, bool) else ("up" if link else "down")),
+        ("verdict", verdict),
+        ("rtt", _fixed(p.get("srtt_ms"), MS_DECIMALS, " ms")
+                + ("" if jitter is None else f" (jitter {_fixed(jitter, MS_DECIMALS, ' ms')})")),
+        ("loss", loss),
+        ("last answer", _ago(p.get("last_delivery_ago_s"))),
+    ]  # fmt: skip
+    return title, pairs
+
+
+def _render_client(status: Mapping[str, Any]) -> list[str]:
+    paths = sorted(_mappings(status.get("paths")), key=lambda p: _text(p.get("path")))
+    blocks = [_client_header(status), *(_client_path(p) for p in paths)]
+    return [*_blocks(blocks), "", *_counter_lines(status.get("counters"))]
+
+
+def _state_breakdown(states: Any) -> str:
+    if not isinstance(states, Mapping) or not states:
+        return ""
+    order = [s.value for s in SessionState]
+    names = sorted((_text(k) for k in states), key=lambda n: (order.index(n) if n in order else len(order), n))
+    values = {_text(k): v for k, v in states.items()}
+    return " (" + ", ".join(f"{name} {_text(values[name])}" for name in names) + ")"
+
+
+def _gateway_peer(s: Mapping[str, Any]) -> Block:
+    endpoint = _text(s.get("endpoint"))
+    if s.get("path") is not None:
+        endpoint += f" via {_text(s.get('path'))}"
+    pairs = [
+        ("session", _text(s.get("session"))),
+        ("public key", _text(s.get("public_key"))),
+        ("tunnel", _addresses(s.get("tunnel_ipv4"), s.get("tunnel_ipv6"))),
+        ("endpoint", endpoint),
+        ("state", _with_versions(s.get("state"), s.get("version"))),
+        ("latest handshake", _ago(s.get("last_handshake_ago_s"))),
+        ("transfer", _transfer(s.get("rx_bytes"), s.get("tx_bytes"))),
+        ("last packet", _ago(s.get("last_delivery_ago_s"))),
+        ("switches", _switches(s.get("switches_last_minute"))),
+        ("session age", _duration(s.get("session_age_s"))),
+        ("policy", _text(s.get("policy"))),
+    ]
+    return f"peer: {_text(s.get('peer'))}", pairs
 
 
 def _render_gateway(status: Mapping[str, Any]) -> list[str]:
-    states = status.get("states")
-    breakdown = ""
-    if isinstance(states, dict) and states:
-        order = [s.value for s in SessionState]
-        known = sorted(states, key=lambda name: (order.index(name) if name in order else len(order), name))
-        breakdown = " (" + ", ".join(f"{name} {states[name]}" for name in known) + ")"
-    header = _fields(
-        [
-            ("node", _text(status.get("node"))),
-            ("sessions", f"{_text(status.get('session_count'))}{breakdown}"),
-        ]
-    )
-    rows = [
-        [
-            _text(s.get("session")),
-            _text(s.get("state")),
-            _text(s.get("version")),
-            _text(s.get("binding")),
-            _text(s.get("last_nonce")),
-            _text(s.get("switches_last_minute")),
-            _fixed(s.get("last_delivery_ago_s"), S_DECIMALS),
-        ]
-        for s in status.get("sessions") or []
+    header = [
+        ("tunnel", _addresses(status.get("tunnel_address"), status.get("tunnel_address6"))),
+        ("sessions", f"{_text(status.get('session_count'))}{_state_breakdown(status.get('states'))}"),
     ]
-    headers = ["SESSION", "STATE", "VER", "BINDING", "NONCE", "SWITCHES/MIN", "LAST DELIVERY s AGO"]
-    table = _table(headers, rows, frozenset({2, 4, 5, 6})) if rows else ["(no sessions)"]
-    return ["jvpn-trio gateway", *header, "", *table, "", *_counter_lines(status.get("counters"))]
+    # One block per peer, by name (then session: a replaced session may linger for a moment).
+    sessions = sorted(
+        _mappings(status.get("sessions")), key=lambda s: (_text(s.get("peer")), _text(s.get("session")))
+    )
+    blocks = [(f"gateway: {_text(status.get('node'))}", header), *(_gateway_peer(s) for s in sessions)]
+    return [*_blocks(blocks), "", *_counter_lines(status.get("counters"))]
 
 
 def render_status_text(status: Mapping[str, Any]) -> str:
-    """A compact, aligned plain-text view of a status report (no trailing newline).
+    """A ``wg show``-like plain-text view of a status report (no trailing newline).
 
-    Works on the dict as built or as decoded from ``--json``; missing values
-    show as ``-``.  An unknown ``role`` is shown as sorted ``key value`` lines.
+    Works on the dict as built or as decoded from ``--json``, from this
+    version or another: missing or malformed values show as ``-`` and never
+    raise.  An unknown ``role`` is shown as its sorted ``key: value`` lines.
     """
     role = status.get("role")
     if role == "client":
@@ -409,11 +570,13 @@ def render_status_text(status: Mapping[str, Any]) -> str:
     elif role == "gateway":
         lines = _render_gateway(status)
     else:
-        lines = [f"jvpn-trio {_text(role)}", *_fields([(str(k), _text(v)) for k, v in sorted(status.items())])]
+        fields = sorted((_text(k), _text(v)) for k, v in status.items())
+        lines = _blocks([(f"{_text(role)}:", fields)])
     return "\n".join(lines)
 
 
 __all__ = [
+    "BYTE_UNITS",
     "CONNECTING",
     "MEASURE_DECIMALS",
     "MS_DECIMALS",

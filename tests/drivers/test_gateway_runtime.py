@@ -27,6 +27,7 @@ from jvpn_trio.drivers import gateway as gw
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime, GatewayStatistics
 from jvpn_trio.drivers.memory import MemoryNetwork, MemoryPacketPort
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
+from jvpn_trio.ui.status import gateway_status, render_status_text
 
 GATEWAY = ("192.0.2.1", 51820)
 GATEWAY_CONTROL = ("192.0.2.1", 51821)
@@ -88,7 +89,12 @@ class Peer:
 
 
 class World:
-    def __init__(self, tunnel: str = "10.66.0.1/29", fixed: dict[int, ipaddress.IPv4Address] | None = None) -> None:
+    def __init__(
+        self,
+        tunnel: str = "10.66.0.1/29",
+        fixed: dict[int, ipaddress.IPv4Address] | None = None,
+        tunnel6: str | None = None,
+    ) -> None:
         self.policy = Policy()
         self.rng = random.Random(11)
         self.gw_static = generate_static(self.random_bytes)
@@ -105,6 +111,7 @@ class World:
             node_id="gw-test",
             emit=lambda _event: None,
             random_bytes=self.random_bytes,
+            tunnel6=ipaddress.IPv6Interface(tunnel6) if tunnel6 is not None else None,
         )
 
     def random_bytes(self, n: int) -> bytes:
@@ -281,3 +288,68 @@ async def test_a_stopping_gateway_closes_every_live_session_to_its_binding(autoj
                 assert isinstance(close, wire.Close) and close.reason is ReasonCode.LOCAL_CLOSE
                 assert source == GATEWAY_CONTROL
             assert all(s.core.record.state is SessionState.TERMINATED for s in world.gateway.sessions.values())
+
+
+# -- what status shows per peer ------------------------------------------------------------
+
+
+async def test_the_published_status_carries_each_peers_name_addresses_bytes_and_handshake(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    world = World(tunnel6="fd6a:7670::1/64")
+    alice, bob = Peer(world, 1), Peer(world, 2)
+    to_alice = [bytes([0x45]) + bytes(15) + ip(2).packed + bytes(n) for n in (0, 20)]  # 20 and 40 bytes
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            await trio.sleep(1.0)
+            handshake_at = trio.current_time()
+            assert await alice.handshake() is not None  # the network has no delay: answered right now
+            assert await bob.handshake() is not None
+            await trio.sleep(0.5)
+            probe = wire.Probe(path_id=PathId(1), seq=1, sent_us=5)
+            alice.send(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))  # confirms her keys: ATTACHED
+            await alice.port.recv_batch(1)
+            for size in (100, 200, 300):
+                alice.send(wire.MessageType.DATA, bytes(size))
+            for packet in to_alice:
+                world.tun.inject(packet)
+            assert len(await alice.port.recv_batch(2)) == 2
+            await trio.sleep(1.0)
+            alice.send(wire.MessageType.PROBE, wire.encode_probe_plaintext(attrs.evolve(probe, seq=2)))
+            await alice.port.recv_batch(1)
+            await trio.sleep(0.01)  # the supervisor takes her probe's report and publishes
+
+            status = world.gateway.status.value
+            assert status is not None
+            peers = {p.name: p for p in status.peers}
+            a, b = peers["peer1"], peers["peer2"]
+            assert (a.public_key, a.address, a.address6) == (
+                world.statics[1].public,
+                ip(2),
+                ipaddress.IPv6Address("fd6a:7670::2"),
+            )
+            record = a.snapshot.record
+            assert (record.state, record.version) == (SessionState.ATTACHED, 1)
+            assert record.binding is not None and record.binding.endpoint == alice.port.addr
+            assert (a.rx_packets, a.rx_bytes, a.tx_packets, a.tx_bytes) == (3, 600, 2, 60)
+            assert a.last_handshake == handshake_at  # on the gateway's clock, once the client confirmed
+            assert a.snapshot.now == trio.current_time() - 0.01
+            # Bob never sent a packet with his keys: no completed handshake, nothing carried, unbound.
+            assert (b.last_handshake, b.rx_bytes, b.tx_bytes, b.snapshot.record.binding) == (None, 0, 0, None)
+            # The old shape of ``sessions`` is kept, in the same order.
+            assert status.sessions == tuple((p.snapshot, p.name, str(p.address)) for p in status.peers)
+            totals = world.gateway.statistics()
+            assert (totals.rx_bytes, totals.tx_bytes) == (600, 60)
+
+            report = gateway_status(status.peers, node_id="gw-test")
+            entry = next(s for s in report["sessions"] if s["peer"] == "peer1")
+            assert entry["session"] == record.session_id.hex
+            assert (entry["tunnel_ipv4"], entry["tunnel_ipv6"], entry["endpoint"]) == (
+                "10.66.0.2",
+                "fd6a:7670::2",
+                "198.51.100.1:40001",
+            )
+            assert (entry["rx_bytes"], entry["tx_bytes"], entry["last_handshake_ago_s"]) == (600, 60, 1.5)
+            assert "peer: peer1" in render_status_text(report).splitlines()
+            nursery.cancel_scope.cancel()

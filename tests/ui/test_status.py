@@ -3,7 +3,8 @@
 The golden snapshots are built from the attrs records directly, so the
 expected text does not move when health arithmetic or policy defaults do;
 one test drives a real ClientSession to check the mapping stays in step with
-the core's snapshot.
+the core's snapshot.  The text renderer's own cases (replies from other
+versions, units, a property test) are in ``test_status_text.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
+
+import ipaddress
 
 import attrs
 import pytest
@@ -31,6 +34,7 @@ from jvpn_trio.core.session import (
 from jvpn_trio.core.states import ReasonCode as R
 from jvpn_trio.core.states import SessionState as S
 from jvpn_trio.drivers.client import ClientStatistics
+from jvpn_trio.drivers.gateway import PeerStatus
 from jvpn_trio.drivers.routes import RoutingStatistics
 from jvpn_trio.ui.status import client_status, gateway_status, render_status_text, statistics_counters
 
@@ -159,50 +163,153 @@ def gateway_snapshots() -> list[GatewaySnapshot]:
     ]
 
 
+def gateway_peers() -> list[PeerStatus]:
+    """The snapshots above as the runtime publishes them: with their peers' names, addresses and bytes."""
+    recovering, attached = gateway_snapshots()
+    return [
+        PeerStatus(
+            snapshot=recovering,
+            name="bob",
+            public_key=bytes(range(32, 64)),
+            address=ipaddress.IPv4Address("10.66.0.3"),
+            address6=None,
+            last_handshake=None,
+            rx_packets=0,
+            rx_bytes=0,
+            tx_packets=0,
+            tx_bytes=0,
+        ),
+        PeerStatus(
+            snapshot=attached,
+            name="alice",
+            public_key=bytes(range(32)),
+            address=ipaddress.IPv4Address("10.66.0.2"),
+            address6=ipaddress.IPv6Address("fd6a:7670::2"),
+            last_handshake=-13.25,  # 63.25 s before the snapshot
+            rx_packets=1000,
+            rx_bytes=1_268_000,
+            tx_packets=2500,
+            tx_bytes=3_620_000,
+        ),
+    ]
+
+
+def full_client_status() -> dict[str, object]:
+    return client_status(
+        client_snapshot(),
+        statistics=ClientStatistics(rx_bytes=1500, tx_bytes=3_145_728),
+        counters={"event_sink.dropped_full": 7},
+        sessions_started=2,
+        interfaces={P1: ("eth0", "ethernet"), P2: ("wlan0", "wifi")},
+        tunnel_address="10.66.0.2/24",
+        tunnel_address6="fd6a:7670::2/64",
+    )
+
+
+def full_gateway_status() -> dict[str, object]:
+    return gateway_status(
+        gateway_peers(),
+        node_id="gw-a",
+        counters={"udp.bad_frames": 9},
+        tunnel_address="10.66.0.1/24",
+        tunnel_address6="fd6a:7670::1/64",
+    )
+
+
 EXPECTED_CLIENT_TEXT = """\
-jvpn-trio client
-  session   000102030405060708090a0b0c0d0e0f
-  state     VOLATILE (version 4, gateway version 4)
-  binding   p1@192.0.2.1:51820
-  pinned    -
-  switches  1 of 6 allowed in the last minute
-  recovery  -
-  reattach  p2 nonce 3 (LOSS_ABOVE_THRESHOLD), sent 40.0 ms ago
-  age       42.500 s
-  policy    0123456789abcdef
+client: 000102030405060708090a0b0c0d0e0f
+  state:            VOLATILE (version 4, gateway version 4)
+  tunnel:           10.66.0.2/24, fd6a:7670::2/64
+  sessions started: 2
+  binding:          p1@192.0.2.1:51820
+  pinned:           -
+  switches:         1 of 6 allowed in the last minute
+  recovery:         -
+  reattach:         p2 nonce 3 (LOSS_ABOVE_THRESHOLD), sent 40 ms ago
+  session age:      42 seconds
+  transfer:         1.46 KiB received, 3.00 MiB sent
+  policy:           0123456789abcdef
 
-PATH  PRI  ENDPOINT             FLAGS   LINK  VERDICT   REASON                SRTT ms  JITTER ms  LOSS %
-p1     10  192.0.2.1:51820      active  up    IMPAIRED  LOSS_ABOVE_THRESHOLD     12.3        0.0    25.0
-p2     20  192.0.2.2:51820      -       up    HEALTHY   WITHIN_THRESHOLDS        31.0        2.2     0.0
-p3     30  [2001:db8::3]:51820  -       down  DEAD      LINK_DOWN                   -          -     0.0
+path: p1 (active)
+  interface:        eth0 (ethernet)
+  endpoint:         192.0.2.1:51820
+  priority:         10
+  link:             up
+  verdict:          IMPAIRED, LOSS_ABOVE_THRESHOLD (measured 25.0, threshold 20.0)
+  rtt:              12.3 ms (jitter 0.0 ms)
+  loss:             25.0% (1 missed in a row)
+  last answer:      200 ms ago
 
-counters
-  event_sink.dropped_full         7
-  session.reattach_sent           3
-  session.stray_reattach_answers  1"""
+path: p2
+  interface:        wlan0 (wifi)
+  endpoint:         192.0.2.2:51820
+  priority:         20
+  link:             up
+  verdict:          HEALTHY, WITHIN_THRESHOLDS
+  rtt:              31.0 ms (jitter 2.2 ms)
+  loss:             0.0%
+  last answer:      50 ms ago
+
+path: p3
+  interface:        -
+  endpoint:         [2001:db8::3]:51820
+  priority:         30
+  link:             down
+  verdict:          DEAD, LINK_DOWN
+  rtt:              -
+  loss:             0.0%
+  last answer:      -
+
+counters:
+  event_sink.dropped_full:        7
+  rx_bytes:                       1500
+  session.reattach_sent:          3
+  session.stray_reattach_answers: 1
+  tx_bytes:                       3145728"""
 
 
 EXPECTED_GATEWAY_TEXT = """\
-jvpn-trio gateway
-  node      gw-a
-  sessions  2 (ATTACHED 1, RECOVERING 1)
+gateway: gw-a
+  tunnel:           10.66.0.1/24, fd6a:7670::1/64
+  sessions:         2 (ATTACHED 1, RECOVERING 1)
 
-SESSION                           STATE       VER  BINDING                NONCE  SWITCHES/MIN  LAST DELIVERY s AGO
-000102030405060708090a0b0c0d0e0f  ATTACHED      3  p1@198.51.100.1:40001      2             1                0.250
-101112131415161718191a1b1c1d1e1f  RECOVERING    7  -                          5             2                    -
+peer: alice
+  session:          000102030405060708090a0b0c0d0e0f
+  public key:       AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=
+  tunnel:           10.66.0.2, fd6a:7670::2
+  endpoint:         198.51.100.1:40001 via p1
+  state:            ATTACHED (version 3)
+  latest handshake: 1 minute, 3 seconds ago
+  transfer:         1.21 MiB received, 3.45 MiB sent
+  last packet:      250 ms ago
+  switches:         1 in the last minute
+  session age:      50 seconds
+  policy:           0123456789abcdef
 
-counters
-  session.packets_off_binding              4
-  session.reattach_rejected_stale_version  3
-  udp.bad_frames                           9"""
+peer: bob
+  session:          101112131415161718191a1b1c1d1e1f
+  public key:       ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=
+  tunnel:           10.66.0.3
+  endpoint:         -
+  state:            RECOVERING (version 7)
+  latest handshake: -
+  transfer:         0 B received, 0 B sent
+  last packet:      -
+  switches:         2 in the last minute
+  session age:      40 seconds
+  policy:           0123456789abcdef
+
+counters:
+  session.packets_off_binding:             4
+  session.reattach_rejected_stale_version: 3
+  udp.bad_frames:                          9"""
 
 
 # -- client -----------------------------------------------------------------------------
 
 
 def test_client_text_is_exact() -> None:
-    status = client_status(client_snapshot(), counters={"event_sink.dropped_full": 7})
-    assert render_status_text(status) == EXPECTED_CLIENT_TEXT
+    assert render_status_text(full_client_status()) == EXPECTED_CLIENT_TEXT
 
 
 def test_client_status_fields_and_rounding() -> None:
@@ -243,10 +350,10 @@ def test_client_status_fields_and_rounding() -> None:
 
 
 def test_status_is_strict_json_and_renders_the_same_after_a_round_trip() -> None:
-    status = client_status(client_snapshot(), counters={"event_sink.dropped_full": 7})
-    decoded = json.loads(json.dumps(status, allow_nan=False))
-    assert decoded == status
-    assert render_status_text(decoded) == EXPECTED_CLIENT_TEXT
+    for status, expected in [(full_client_status(), EXPECTED_CLIENT_TEXT), (full_gateway_status(), EXPECTED_GATEWAY_TEXT)]:
+        decoded = json.loads(json.dumps(status, allow_nan=False))
+        assert decoded == status
+        assert render_status_text(decoded) == expected
 
 
 def test_deadlines_are_shown_as_time_remaining() -> None:
@@ -262,10 +369,10 @@ def test_deadlines_are_shown_as_time_remaining() -> None:
     assert (status["recovery_deadline_in_s"], status["unbound_deadline_in_s"]) == (1.25, 2.5)
     assert (status["binding"], status["active_path"], status["pinned_path"]) == (None, None, "p2")
     lines = render_status_text(status).splitlines()
-    assert "  binding   -" in lines
-    assert "  pinned    p2" in lines
-    assert "  recovery  deadline in 1.250 s" in lines
-    assert "  reattach  -" in lines
+    assert "  binding:          -" in lines
+    assert "  pinned:           p2" in lines
+    assert "  recovery:         deadline in 1 second" in lines
+    assert "  reattach:         -" in lines
 
 
 def test_non_finite_and_negative_zero_floats_are_made_json_safe() -> None:
@@ -313,42 +420,84 @@ def test_driven_client_session_maps_onto_its_status() -> None:
     p2 = by_path["p2"]
     assert (p2["link_up"], p2["verdict"], p2["reason"]) == (False, "DEAD", "LINK_DOWN")
     text = render_status_text(status)
-    assert text.splitlines()[0] == "jvpn-trio client"
-    assert f"  policy    {policy.fingerprint}" in text.splitlines()
+    assert text.splitlines()[0] == f"client: {SID.hex}"
+    assert f"  policy:           {policy.fingerprint}" in text.splitlines()
+    assert "  last answer:      88 ms ago" in text.splitlines()
 
 
 # -- gateway ----------------------------------------------------------------------------
 
 
 def test_gateway_text_is_exact() -> None:
-    status = gateway_status(gateway_snapshots(), node_id="gw-a", counters={"udp.bad_frames": 9})
-    assert render_status_text(status) == EXPECTED_GATEWAY_TEXT
+    assert render_status_text(full_gateway_status()) == EXPECTED_GATEWAY_TEXT
 
 
 def test_gateway_status_fields() -> None:
-    status = gateway_status(gateway_snapshots(), node_id="gw-a")
+    status = full_gateway_status()
     assert (status["role"], status["node"], status["session_count"]) == ("gateway", "gw-a", 2)
+    assert (status["now_s"], status["tunnel_address"], status["tunnel_address6"]) == (
+        50.0,
+        "10.66.0.1/24",
+        "fd6a:7670::1/64",
+    )
     assert status["states"] == {"ATTACHED": 1, "RECOVERING": 1}
-    first, second = status["sessions"]
+    first, second = status["sessions"]  # type: ignore[misc]
     assert first == {
         "session": SID.hex,
         "state": "ATTACHED",
         "version": 3,
         "binding": "p1@198.51.100.1:40001",
+        "path": "p1",
+        "endpoint": "198.51.100.1:40001",
         "policy": FINGERPRINT,
         "session_age_s": 50.0,
         "last_nonce": 2,
         "last_delivery_ago_s": 0.25,
         "switches_last_minute": 1,
         "counters": {"session.packets_off_binding": 4, "session.reattach_rejected_stale_version": 1},
+        "peer": "alice",
+        "public_key": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        "tunnel_ipv4": "10.66.0.2",
+        "tunnel_ipv6": "fd6a:7670::2",
+        "last_handshake_ago_s": 63.25,
+        "rx_bytes": 1_268_000,
+        "tx_bytes": 3_620_000,
+        "rx_packets": 1000,
+        "tx_packets": 2500,
     }
-    assert (second["session"], second["binding"], second["last_delivery_ago_s"]) == (SID_B.hex, None, None)
-    assert status["counters"] == {"session.packets_off_binding": 4, "session.reattach_rejected_stale_version": 3}
+    assert (second["session"], second["binding"], second["path"], second["endpoint"]) == (SID_B.hex, None, None, None)
+    assert (second["peer"], second["tunnel_ipv6"], second["last_handshake_ago_s"]) == ("bob", None, None)
+    assert (second["last_delivery_ago_s"], second["rx_bytes"], second["tx_bytes"]) == (None, 0, 0)
+    assert status["counters"] == {
+        "session.packets_off_binding": 4,
+        "session.reattach_rejected_stale_version": 3,
+        "udp.bad_frames": 9,
+    }
+
+
+def test_bare_snapshots_report_null_peer_fields() -> None:
+    """Given snapshots only (as before the runtime published peers), the keys are there, null."""
+    status = gateway_status(gateway_snapshots(), node_id="gw-a")
+    assert status["sessions"] == [
+        {**entry, **dict.fromkeys(PEER_KEYS, None)} for entry in full_gateway_status()["sessions"]  # type: ignore[attr-defined]
+    ]
+    assert (status["tunnel_address"], status["tunnel_address6"]) == (None, None)
+    text = render_status_text(status)
+    assert "peer: -" in text.splitlines() and "  transfer:         -" in text.splitlines()
+
+
+#: What a gateway session's entry has from its PeerStatus (null without one).
+PEER_KEYS = (
+    "peer", "public_key", "tunnel_ipv4", "tunnel_ipv6", "last_handshake_ago_s",
+    "rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
+)  # fmt: skip
 
 
 def test_empty_gateway_renders() -> None:
-    text = render_status_text(gateway_status([], node_id=None))
-    assert text == "jvpn-trio gateway\n  node      -\n  sessions  0\n\n(no sessions)\n\ncounters\n  (none)"
+    status = gateway_status([], node_id=None)
+    assert (status["now_s"], status["sessions"]) == (None, [])
+    text = render_status_text(status)
+    assert text == "gateway: -\n  tunnel:   -\n  sessions: 0\n\ncounters:\n  (none)"
 
 
 # -- statistics records ------------------------------------------------------------------
@@ -436,7 +585,7 @@ def test_gateway_report_takes_any_statistics_record() -> None:
 
 def test_unknown_role_renders_as_sorted_fields() -> None:
     assert render_status_text({"role": "relay", "b": None, "a": True}) == (
-        "jvpn-trio relay\n  a     yes\n  b     -\n  role  relay"
+        "relay:\n  a:    yes\n  b:    -\n  role: relay"
     )
 
 
@@ -448,12 +597,14 @@ def test_between_sessions_the_client_reports_connecting() -> None:
         "session": None,
         "state": "CONNECTING",
         "sessions_started": 1,
+        "tunnel_address": None,
+        "tunnel_address6": None,
         "paths": [],
         "counters": {"routes.install_failed": 1, "tx_dropped_unbound": 4},
     }
     json.dumps(status)
-    text = render_status_text(status)
-    assert "CONNECTING" in text and "sessions  1" in text
+    text = render_status_text(status).splitlines()
+    assert text[:4] == ["client: -", "  state:            CONNECTING", "  tunnel:           -", "  sessions started: 1"]
 
 
 def test_between_sessions_the_paths_are_still_listed() -> None:
