@@ -153,6 +153,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 DEFAULT_SOCKETS = ("/run/jvpn-trio/client.sock", "/run/jvpn-trio/gateway.sock")
+#: How to start an agent, said when bare ``jvpn-trio`` finds none.
+START_HINT = "start one with `sudo jvpn-trio up` (or `sudo systemctl start jvpn-trio`), or try `jvpn-trio demo`"
+
+
+def attach_socket(given: str | None, *, config: str = DEFAULT_CLIENT_CONFIG) -> str:
+    """The socket bare ``jvpn-trio`` attaches to: ``--socket``, else the client config's ``control_socket``
+    (when that file can be read), else the default ``/run/jvpn-trio/client.sock``."""
+    if given:
+        return given
+    try:
+        if os.path.exists(config):
+            return str(load_client_config(config).control_socket)
+    except (ConfigError, OSError):
+        pass  # the config may be root's alone; the UI never needs root
+    return DEFAULT_SOCKETS[0]
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    """Bare ``jvpn-trio`` (and ``jvpn-trio ui``): the live UI of the running agent, over its control socket."""
+    import pathlib
+
+    import trio
+
+    from jvpn_trio.drivers.control import ControlError
+    from jvpn_trio.ui.app import use_tui
+    from jvpn_trio.ui.attached import AgentGone, run_attached
+
+    path = pathlib.Path(attach_socket(getattr(args, "attach_socket", None)))
+    try:
+        trio.run(lambda: run_attached(path, tui=use_tui(bool(getattr(args, "attach_no_tui", False)))))
+    except AgentGone as exc:
+        raise CliError(str(exc)) from None
+    except ControlError as exc:
+        raise CliError(f"{exc}: {START_HINT}") from None
+    return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -184,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="A VPN whose session survives Wi-Fi dying, LTE flapping and Ethernet being unplugged.",
     )
     parser.add_argument("--version", action="version", version=f"jvpn-trio {__version__}")
+    parser.add_argument(
+        "--socket", dest="attach_socket", metavar="PATH",
+        help="without a command: the running agent's control socket to attach the live UI to "
+        "(default: the control_socket of /etc/jvpn-trio/client.toml, else /run/jvpn-trio/client.sock)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-tui", dest="attach_no_tui", action="store_true", help="without a command: plain event lines"
+    )
+    parser.set_defaults(func=_cmd_ui)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="print a new private key (base64), like `wg genkey`")
@@ -264,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-differences", type=int, default=5, metavar="N", help="what-if: at most N differing decisions per machine")
     p.set_defaults(func=_cmd_replay)
 
+    p = sub.add_parser("ui", help="the live UI of the running agent (what `jvpn-trio` alone does); no root needed")
+    p.add_argument("--socket", dest="attach_socket", metavar="PATH", help="the agent's control socket")
+    p.add_argument("--no-tui", dest="attach_no_tui", action="store_true", help="plain event lines")
+    p.set_defaults(func=_cmd_ui)
+
     p = sub.add_parser("status", help="ask the running client or gateway for its state")
     p.add_argument("--json", action="store_true", help="one JSON document")
     p.add_argument("--socket", help="control socket path (default: the client's, else the gateway's)")
@@ -300,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:
+    if func is None:  # pragma: no cover - bare jvpn-trio attaches the UI
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:

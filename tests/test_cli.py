@@ -210,11 +210,17 @@ def test_states_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "| BIRTH | HANDSHAKE_COMPLETE | ATTACHED | BIND | UNBOUND |" in out
 
 
-def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run([], capsys)
+def test_no_command_attaches_the_ui_and_without_an_agent_says_how_to_start_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    code, out, err = run(["--socket", str(tmp_path / "none.sock")], capsys)
     assert code == 2
     assert out == ""
-    assert err.startswith("usage: jvpn-trio")
+    assert err.startswith("jvpn-trio: no jvpn-trio running at") and err.count("\n") == 1
+    assert "sudo jvpn-trio up" in err and "jvpn-trio demo" in err
+    assert cli.attach_socket(None, config=str(tmp_path / "absent.toml")) == "/run/jvpn-trio/client.sock"
+    code, _out, err = run(["ui", "--socket", str(tmp_path / "none.sock")], capsys)
+    assert code == 2 and "sudo jvpn-trio up" in err
 
 
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,8 +23,14 @@ One process, one Trio run, real protocol end to end::
 - **synthetic traffic** flows both ways through ``MemoryPacketPort`` TUN
   doubles: well-formed IPv4/UDP packets at a modest steady rate, so the
   byte and packet counters move and delivery feeds path liveness;
-- every event goes to one event sink (``--events FILE``: JSON lines), the
-  live UI or plain lines (``--no-tui`` or stdout not a terminal);
+- every event goes to one event sink (``--events FILE``: JSON lines); the
+  demo's client serves a control socket in a temporary directory with the
+  same ``status`` and steering commands as ``up`` (``serve_control``,
+  ``steering_commands``), and the live UI or the plain lines (``--no-tui``
+  or stdout not a terminal) attach to it with ``open_control_client``,
+  exactly as bare ``jvpn-trio`` attaches to a running agent
+  (``ui/attached.py``).  The demo runs one session: ``d`` (disconnect) ends
+  it as ``q`` does, and ``c`` (reconnect) is refused;
 - the end (``--duration``, ``q``, Ctrl-C or SIGTERM) is an explicit close:
   ``CloseRequested`` -> the client's TERMINATED (LOCAL_CLOSE) -> its CLOSE
   reaches the gateway -> the gateway's TERMINATED (PEER_CLOSE).  If the CLOSE
@@ -45,12 +51,13 @@ import os
 import signal
 import struct
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import attrs
 import trio
@@ -62,7 +69,7 @@ from jvpn_trio.core.actions import EmitEvent, EventKind, Role
 from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.states import ReasonCode
-from jvpn_trio.drivers import udp
+from jvpn_trio.drivers import control, udp
 from jvpn_trio.drivers.client import ClientPath, ClientRuntime, HandshakeFailed
 from jvpn_trio.drivers.event_sink import open_event_sink
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
@@ -71,7 +78,9 @@ from jvpn_trio.lab.relay import Relay, describe_impairment, open_relay
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.drivers.udp import PathSocketError
 from jvpn_trio.lab.scenario import Impairment, Scenario, Step, load_scenario, shipped_scenario
-from jvpn_trio.ui.app import PlainPrinter, Screen, run_console, use_tui
+from jvpn_trio.ui.app import PlainPrinter, Screen, use_tui
+from jvpn_trio.ui.attached import AttachedPrinter, AttachedUi, run_attached
+from jvpn_trio.ui.status import client_status
 
 #: The scenario used without ``--scenario`` (a source checkout's examples directory).
 DEFAULT_SCENARIO = shipped_scenario("demo")
@@ -91,6 +100,8 @@ TRAFFIC_MAGIC = b"jvpn-demo"
 GATEWAY_CLOSE_WAIT_S = 0.5
 #: Ends the run if the close itself never completes (e.g. the handshake never finished).
 CLOSE_TIMEOUT_S = 5.0
+#: At the end, how long the UI may take to show the last events (they come through the control socket).
+UI_CATCH_UP_S = 1.0
 EXIT_OK = 0
 EXIT_SESSION_FAILED = 1
 EXIT_USAGE = 2
@@ -305,6 +316,45 @@ class _Stopper:
         self._client.submit_nowait(ev.CloseRequested())
 
 
+class _DemoSteering:
+    """What ``steering_commands`` steers in the demo: its one ClientRuntime (no agent, one session).
+
+    ``disconnect`` ends the demo as ``q`` does (an explicit close); ``reconnect`` is refused.
+    """
+
+    def __init__(self, client: ClientRuntime, stopper: _Stopper) -> None:
+        self._client = client
+        self._stopper = stopper
+
+    @property
+    def paths(self) -> Mapping[PathId, ClientPath]:
+        return self._client.paths
+
+    def submit_nowait(self, event: Any) -> bool:
+        return self._client.submit_nowait(event)
+
+    def disconnect_nowait(self) -> bool:
+        self._stopper.request(interactive=False)
+        return True
+
+    def reconnect_nowait(self) -> bool:
+        raise control.ControlError("the demo runs one session: there is nothing to reconnect", code=control.ErrorCode.REFUSED)
+
+
+def demo_status(client: ClientRuntime) -> dict[str, Any]:
+    """The demo's ``status`` reply: what ``up`` answers (``client_status``) for its ClientRuntime."""
+    value = client.status.value
+    if value is None:
+        return client_status(None, interfaces={p.path: (p.name, p.kind) for p in client.paths.values()})
+    return client_status(
+        value.snapshot,
+        statistics=value.statistics,
+        interfaces={path: (name, kind) for path, name, kind in value.paths},
+        tunnel_address=value.tunnel_address,
+        tunnel_address6=value.tunnel_address6,
+    )
+
+
 async def _stop_at(deadline: float, stopper: _Stopper) -> None:
     await trio.sleep_until(deadline)
     stopper.request(interactive=False)
@@ -344,6 +394,8 @@ async def run_demo(
     result_reason: ReasonCode | None = None
 
     async with AsyncExitStack() as stack:
+        socket_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jvpn-demo-")))
+        socket_path = socket_dir / "control.sock"
         sink = await stack.enter_async_context(
             open_event_sink(options.events, capacity=EVENT_SINK_CAPACITY, also=tally.observe)
         )
@@ -447,15 +499,30 @@ async def run_demo(
             console_scope = trio.CancelScope()
             console_done = trio.Event()
             stopper = _Stopper(client, root.cancel_scope)
+            control_scope = trio.CancelScope()
+            control_done = trio.Event()
 
-            async def show(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+            async def serve_socket(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+                # The same commands as `up`'s socket; the demo's user owns it (mode 0600).
+                handler = control.command_handler(
+                    {"status": lambda _request: demo_status(client), **control.steering_commands(_DemoSteering(client, stopper))}
+                )
+                try:
+                    with control_scope:
+                        await control.serve_control(
+                            socket_path, handler, events=sink, access=control.ControlAccess(group=None),
+                            log=lambda _line: None, task_status=task_status,
+                        )  # fmt: skip
+                finally:
+                    control_done.set()
+
+            async def show(task_status: trio.TaskStatus[AttachedUi | AttachedPrinter] = trio.TASK_STATUS_IGNORED) -> None:
                 try:
                     with console_scope:
-                        await run_console(
-                            client,
-                            sink,
-                            gateway=f"{gateway_address[0]}:{gateway_address[1]}",
+                        await run_attached(
+                            socket_path,
                             tui=tui,
+                            gateway=f"{gateway_address[0]}:{gateway_address[1]}",
                             title=f"jvpn-trio demo · {scenario.name}",
                             origin=origin,
                             on_quit=stopper.request,
@@ -468,7 +535,8 @@ async def run_demo(
                 finally:
                     console_done.set()
 
-            await root.start(show)
+            await root.start(serve_socket)
+            shown = await root.start(show)
             await root.start(serve_gateway)
             driver.apply_initial()
             async with trio.open_nursery() as work:
@@ -484,8 +552,14 @@ async def run_demo(
                 work.cancel_scope.cancel()
             gateway_scope.cancel()
             await gateway_done.wait()
+            # The UI gets its events through the socket: let it show the last ones, then end it first.
+            last = sink.next_seq - 1
+            with trio.move_on_after(UI_CATCH_UP_S):
+                await shown.seen.wait_value(lambda seq: seq >= last)
             console_scope.cancel()
             await console_done.wait()
+            control_scope.cancel()
+            await control_done.wait()
         if stopper.forced:
             result_reason = None
     elapsed = trio.current_time() - origin

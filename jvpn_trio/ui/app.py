@@ -55,7 +55,7 @@ from jvpn_trio.core.actions import EmitEvent
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.drivers.client import RuntimeStatus
 from jvpn_trio.drivers.event_sink import EventSink
-from jvpn_trio.ui.keys import Command, serve_keys, terminal_keys
+from jvpn_trio.ui.keys import Command, Key, serve_keys, terminal_keys
 from jvpn_trio.ui.views import ViewModel, build_view_model, render
 
 #: At most ten frames a second: a person cannot read faster, and each frame costs a terminal write.
@@ -222,8 +222,12 @@ class LiveUi:
         )
 
     # -- keys ------------------------------------------------------------------------
-    def handle(self, command: Command) -> None:
-        """Act on one key command: toggles change the UI only; the rest are inputs to the core."""
+    def handle(self, command: Key) -> None:
+        """Act on one key command: toggles change the UI only; the rest are inputs to the core.
+
+        This in-process UI knows the keys of the first UI (``p`` cycles the pin); the attached UI
+        (``ui/attached.py``) has the picker, unpin, disconnect and reconnect.
+        """
         state = self.state
         if command is Command.TOGGLE_DETAIL:
             self.state = attrs.evolve(state, detail=not state.detail)
@@ -240,7 +244,10 @@ class LiveUi:
         elif command is Command.REEVALUATE:
             self._runtime.submit_nowait(ev.ReevaluateRequested())
             self._flash("re-evaluation requested")
-        elif command is Command.CYCLE_PIN:
+        elif command is Command.UNPIN:
+            self._runtime.submit_nowait(ev.PinRequested(path=None))
+            self._flash("unpin requested")
+        elif command is Command.PIN:
             status = self._runtime.status.value
             if status is None or status.snapshot is None:
                 self._flash("no session yet: nothing to pin")

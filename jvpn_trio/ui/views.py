@@ -34,8 +34,9 @@ UI's or the demo's start): the driver's clock means nothing to a person.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from rich import box
@@ -56,9 +57,12 @@ if TYPE_CHECKING:  # the views only read its fields; importing drivers at run ti
 HANDSHAKING = "HANDSHAKING"
 #: Shown in the header while the agent is between sessions (a new handshake is on its way).
 CONNECTING = "CONNECTING"
+#: Shown by an attached UI before the agent's first status reply.
+ATTACHING = "ATTACHING"
 STATE_STYLES: Mapping[str, str] = {
     HANDSHAKING: "bold cyan",
     CONNECTING: "bold cyan",
+    ATTACHING: "bold cyan",
     SessionState.BIRTH.value: "bold cyan",
     SessionState.ATTACHED.value: "bold green",
     SessionState.VOLATILE.value: "bold yellow",
@@ -118,6 +122,27 @@ class EventView:
     reason: str
     summary: str
     details: tuple[tuple[str, str], ...]
+    seq: int | None = None  # its number in the agent's event log (attached UIs)
+    missed: int = 0  # > 0: not an event but a gap in the stream, "N events missed"
+
+
+@attrs.frozen(kw_only=True)
+class PickerRow:
+    number: int  # 1-based, the digit that picks it
+    path: str
+    interface: str
+    kind: str
+    verdict: str
+    active: bool
+    pinned: bool
+
+
+@attrs.frozen(kw_only=True)
+class PickerView:
+    """The path picker (``p`` in an attached UI): the paths and the selected row."""
+
+    rows: tuple[PickerRow, ...]
+    selected: int  # index into rows
 
 
 @attrs.frozen(kw_only=True)
@@ -154,6 +179,19 @@ class ViewModel:
     help: bool = False
     footer: tuple[str, ...] = ()
     message: str = ""
+    #: The key hints of the footer.
+    hints: tuple[tuple[str, str], ...] = (("q", "quit"), ("p", "pin"), ("s", "re-evaluate"), ("e", "details"), ("?", "help"))
+    picker: PickerView | None = None  # shown instead of the events pane
+    selected_event: int | None = None  # index into ``events`` (attached UIs)
+    event_detail: EventView | None = None  # shown instead of the events pane
+    message_line: bool = False  # the message on a line of its own above the hints (attached UIs)
+
+
+#: The footer's hints in an attached UI.
+ATTACHED_HINTS: tuple[tuple[str, str], ...] = (
+    ("q", "quit"), ("p", "pin"), ("u", "unpin"), ("r", "re-evaluate"), ("d", "disconnect"), ("c", "reconnect"),
+    ("i", "event"), ("?", "help"),
+)
 
 
 # =============================================================================
@@ -421,7 +459,14 @@ def render_events(vm: ViewModel) -> RenderableType:
     table.add_column(no_wrap=True, min_width=len(EventKind.REATTACH_REJECTED.value))
     table.add_column(justify="right", no_wrap=True)  # version
     table.add_column(ratio=1, overflow="fold")  # what happened and why (+ details)
-    for e in vm.events:
+    for index, e in enumerate(vm.events):
+        selected = index == vm.selected_event
+        if e.missed:
+            table.add_row(
+                Text("›" if selected else "", style="bold"), "", Text("GAP", style="bold red"), "",
+                Text(f"{e.missed} events missed", style="bold red"),
+            )
+            continue
         what = Text()
         what.append(e.summary, style=_summary_style(e))
         what.append("  ")
@@ -430,7 +475,7 @@ def render_events(vm: ViewModel) -> RenderableType:
             what.append("\n")
             what.append("  ".join(f"{k}={v}" for k, v in e.details), style="dim")
         table.add_row(
-            f"{e.t:.3f}",
+            Text(f"› {e.t:.3f}" if selected else f"{e.t:.3f}", style="reverse" if selected else ""),
             Text("gw" if e.role == "gateway" else "cl", style="dim"),
             Text(e.kind, style=KIND_STYLES.get(e.kind, "")),
             f"v{e.version}",
@@ -494,16 +539,18 @@ def render_help(vm: ViewModel) -> RenderableType:
 def render_footer(vm: ViewModel) -> RenderableType:
     lines = [Text(line, style="dim", no_wrap=True, overflow="ellipsis") for line in vm.footer]
     hints = Text(no_wrap=True, overflow="ellipsis")
-    for key, label in (("q", "quit"), ("p", "pin"), ("s", "re-evaluate"), ("e", "details"), ("?", "help")):
+    for key, label in vm.hints:
         hints.append(f" {key} ", style="reverse")
         hints.append(f" {label}  ")
-    if vm.message:
+    if vm.message_line:
+        lines.append(Text(vm.message, style="bold yellow", no_wrap=True, overflow="ellipsis"))
+    elif vm.message:
         hints.append(vm.message, style="bold yellow")
     return Group(*lines, hints)
 
 
 def footer_height(vm: ViewModel) -> int:
-    return len(vm.footer) + 1
+    return len(vm.footer) + 1 + (1 if vm.message_line else 0)
 
 
 #: Rows of the counters panel (three lines plus its border).
@@ -523,6 +570,243 @@ def render(vm: ViewModel) -> Layout:
     layout["header"].update(render_header(vm))
     layout["paths"].update(render_paths(vm))
     layout["counters"].update(render_counters(vm))
-    layout["events"].update(render_help(vm) if vm.help else render_events(vm))
+    if vm.help:
+        layout["events"].update(render_help(vm))
+    elif vm.picker is not None:
+        layout["events"].update(render_picker(vm.picker))
+    elif vm.event_detail is not None:
+        layout["events"].update(render_event_detail(vm.event_detail))
+    else:
+        layout["events"].update(render_events(vm))
     layout["footer"].update(render_footer(vm))
     return layout
+
+
+def render_picker(picker: PickerView) -> RenderableType:
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False, pad_edge=False, expand=True)
+    table.add_column("", width=2, no_wrap=True)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("path", no_wrap=True)
+    table.add_column("iface", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for index, row in enumerate(picker.rows):
+        selected = index == picker.selected
+        marks = ("active" if row.active else "") + (" pinned" if row.pinned else "")
+        table.add_row(
+            Text("›" if selected else "", style="bold"),
+            str(row.number),
+            row.path,
+            row.interface,
+            KIND_LABELS.get(row.kind, row.kind),
+            Text(row.verdict, style=VERDICT_STYLES.get(row.verdict, "")),
+            marks.strip(),
+            style="reverse" if selected else "",
+        )
+    body: RenderableType = table if picker.rows else Text("no paths to pin", style="dim")
+    return Panel(
+        body, title="pin a path: ↑/↓ or 1-9, Enter pins, u unpins, Esc cancels", title_align="left", box=box.ROUNDED,
+        padding=(0, 1),
+    )  # fmt: skip
+
+
+def render_event_detail(e: EventView) -> RenderableType:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column(overflow="fold")
+    if e.missed:
+        grid.add_row("gap", f"{e.missed} events missed (the agent dropped them for this UI: it read too slowly)")
+    else:
+        rows: list[tuple[str, str]] = [
+            ("seq", str(e.seq) if e.seq is not None else NONE_TEXT),
+            ("time", f"{e.t:.3f} s"),
+            ("side", e.role),
+            ("kind", e.kind),
+            ("version", f"v{e.version}"),
+            ("what", e.summary),
+            ("reason", e.reason),
+        ]
+        for key, value in rows + list(e.details):
+            grid.add_row(key, value)
+    return Panel(grid, title="event (Esc closes)", title_align="left", box=box.ROUNDED, padding=(0, 1))
+
+
+# =============================================================================
+# An attached UI: the agent's status reply (JSON) -> view model
+# =============================================================================
+
+
+@attrs.frozen(kw_only=True)
+class StreamEntry:
+    """One line of an attached UI's event history: an event (parsed, or raw if unknown) or a gap."""
+
+    seq: int | None
+    event: EmitEvent | None
+    data: Mapping[str, Any] = attrs.field(factory=dict)
+    missed: int = 0
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def entry_view(entry: StreamEntry, *, origin: float, names: Mapping[str, str]) -> EventView:
+    """One line of an attached UI's events pane.  Pure; a raw record of a newer agent is shown as it is."""
+    if entry.missed:
+        return EventView(t=0.0, role="", kind="GAP", version=0, reason="", summary="", details=(), seq=entry.seq,
+                         missed=entry.missed)  # fmt: skip
+    if entry.event is not None:
+        return attrs.evolve(event_view(entry.event, origin=origin, names=names), seq=entry.seq)
+    data = entry.data
+    t = _num(data.get("t"))
+    known = {"kind", "t", "role", "version", "reason", "session", "policy"}
+    return EventView(
+        t=(t if t is not None else origin) - origin,
+        role=str(data.get("role", "?")),
+        kind=str(data.get("kind", "?")),
+        version=_int(data.get("version")),
+        reason=str(data.get("reason", "?")),
+        summary="",
+        details=tuple((str(k), str(v)) for k, v in sorted(data.items()) if k not in known and v is not None),
+        seq=entry.seq,
+    )
+
+
+def _shown(entry: StreamEntry, detail: bool) -> bool:
+    if entry.missed or detail:
+        return True
+    return entry.event is not None and entry.event.kind in HEADLINE_KINDS
+
+
+def attached_events(
+    entries: Sequence[StreamEntry], *, origin: float, names: Mapping[str, str], detail: bool
+) -> tuple[EventView, ...]:
+    """The events pane's rows, newest first (headlines, or every kind with ``detail``; gaps always)."""
+    wanted = [e for e in entries if _shown(e, detail)]
+    return tuple(entry_view(e, origin=origin, names=names) for e in reversed(wanted[-MAX_EVENTS:]))
+
+
+def status_paths(status: Mapping[str, Any] | None) -> tuple[tuple[str, str, str], ...]:
+    """``(path, interface, kind)`` of each path in a status reply (untrusted JSON; bad rows are skipped)."""
+    rows = status.get("paths") if status is not None else None
+    out: list[tuple[str, str, str]] = []
+    for row in rows if isinstance(rows, list) else ():
+        if isinstance(row, dict) and isinstance(row.get("path"), str):
+            out.append((row["path"], _str(row.get("interface")) or row["path"], _str(row.get("kind")) or ""))
+    return tuple(out)
+
+
+def attached_view_model(
+    status: Mapping[str, Any] | None,
+    entries: Sequence[StreamEntry],
+    *,
+    now: float,
+    received_at: float,
+    origin: float,
+    gateway: str | None = None,
+    title: str = "jvpn-trio",
+    rtt_history: Mapping[str, Sequence[float]] | None = None,
+    detail: bool = False,
+    help: bool = False,
+    footer: Sequence[str] = (),
+    message: str = "",
+    picker: PickerView | None = None,
+    selected_event: int | None = None,
+    event_detail: EventView | None = None,
+) -> ViewModel:
+    """The frame of an attached UI at ``now``: the agent's last ``status`` reply (received at ``received_at``,
+    on the UI's clock) and the event history.  Pure.
+
+    The reply is untrusted JSON from any version of the agent: a missing or mistyped field shows as
+    ``-``, never raises.  Countdowns and the uptime advance from ``received_at`` to ``now``.
+    """
+    rtt_history = rtt_history or {}
+    names = {path: name for path, name, _kind in status_paths(status)}
+    kinds = {path: kind for path, _name, kind in status_paths(status)}
+    events = attached_events(entries, origin=origin, names=names, detail=detail)
+    if selected_event is not None:
+        selected_event = min(selected_event, len(events) - 1) if events else None
+    common: dict[str, Any] = dict(
+        title=title, events=events, detail=detail, help=help, footer=tuple(footer), message=message,
+        hints=ATTACHED_HINTS, message_line=True, picker=picker, selected_event=selected_event, event_detail=event_detail,
+    )  # fmt: skip
+    counters = status.get("counters") if status is not None else None
+    c = counters if isinstance(counters, dict) else {}
+    counters_view = CountersView(
+        tx_bytes=_int(c.get("tx_bytes")),
+        tx_packets=_int(c.get("tx_packets")),
+        rx_bytes=_int(c.get("rx_bytes")),
+        rx_packets=_int(c.get("rx_packets")),
+        tx_dropped=_int(c.get("tx_dropped_unbound")),
+    )
+    tunnel = _str(status.get("tunnel_address")) if status is not None else None
+    if status is None or not isinstance(status.get("session"), str):
+        return ViewModel(
+            state=ATTACHING if status is None else str(status.get("state") or CONNECTING),
+            session=None, version=None, uptime_s=None, gateway=gateway or NONE_TEXT, policy=None, tunnel=tunnel,
+            paths=(), counters=counters_view, switches_last_minute=None, max_switches_per_minute=None,
+            recovery_left_s=None, unbound_left_s=None, pinned=None, pending=None, **common,
+        )  # fmt: skip
+    state = str(status.get("state") or NONE_TEXT)
+    elapsed = 0.0 if state == SessionState.TERMINATED.value else max(0.0, now - received_at)
+    paths: list[PathView] = []
+    active_endpoint: str | None = None
+    for row in status.get("paths") or ():
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            continue
+        pid = row["path"]
+        verdict = _str(row.get("verdict")) or "UNKNOWN"
+        active = row.get("active") is True
+        endpoint = _str(row.get("endpoint")) or NONE_TEXT
+        if active:
+            active_endpoint = endpoint
+        paths.append(
+            PathView(
+                path=pid, interface=names.get(pid) or pid, kind=kinds.get(pid, ""), endpoint=endpoint,
+                rtt_ms=_num(row.get("srtt_ms")), jitter_ms=_num(row.get("jitter_ms")),
+                loss_pct=_num(row.get("loss_pct")) or 0.0, verdict=verdict, reason=_str(row.get("reason")) or "",
+                active=active, pinned=row.get("pinned") is True, link_up=row.get("link_up") is not False,
+                rtt_history_ms=tuple(rtt_history.get(pid, ())),
+            )
+        )  # fmt: skip
+
+    def left(key: str) -> float | None:
+        value = _num(status.get(key))
+        return None if value is None or state == SessionState.TERMINATED.value else max(0.0, value - elapsed)
+
+    age = _num(status.get("session_age_s"))
+    pinned = _str(status.get("pinned_path"))
+    pending = status.get("pending_reattach")
+    pending_path = _str(pending.get("path")) if isinstance(pending, dict) else None
+    switches = status.get("switches_last_minute")
+    limit = status.get("max_switches_per_minute")
+    session = str(status["session"])
+    return ViewModel(
+        state=state,
+        session=session[:8],
+        version=_int(status.get("version")) if isinstance(status.get("version"), int) else None,
+        uptime_s=None if age is None else age + elapsed,
+        gateway=gateway or active_endpoint or NONE_TEXT,
+        policy=_str(status.get("policy")),
+        tunnel=tunnel,
+        paths=tuple(paths),
+        counters=counters_view,
+        switches_last_minute=switches if isinstance(switches, int) else None,
+        max_switches_per_minute=limit if isinstance(limit, int) else None,
+        recovery_left_s=left("recovery_deadline_in_s"),
+        unbound_left_s=left("unbound_deadline_in_s"),
+        pinned=names.get(pinned, pinned) if pinned is not None else None,
+        pending=names.get(pending_path, pending_path) if pending_path is not None else None,
+        **common,
+    )

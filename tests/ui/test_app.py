@@ -54,10 +54,12 @@ def client_event(t: float, kind: EventKind = EventKind.STATE_CHANGE, **details: 
 
 def test_decode_keys_skips_escape_sequences() -> None:
     assert decode_keys(b"qpse?h") == [
-        Command.QUIT, Command.CYCLE_PIN, Command.REEVALUATE, Command.TOGGLE_DETAIL, Command.TOGGLE_HELP,
+        Command.QUIT, Command.PIN, Command.REEVALUATE, Command.TOGGLE_DETAIL, Command.TOGGLE_HELP,
         Command.TOGGLE_HELP,
     ]
-    assert decode_keys(b"\x1b[A\x1b[1;5Cp\x1bOPx") == [Command.CYCLE_PIN]  # arrows, ctrl-arrow, F1, unknown
+    # Up/down arrows move a selection; ctrl-arrow, F1 and unknown keys are skipped; digits pick a row.
+    assert decode_keys(b"\x1b[A\x1b[1;5Cp\x1bOPx\x1b[B3\r") == [Command.UP, Command.PIN, Command.DOWN, 3, Command.ENTER]
+    assert decode_keys(b"udcri") == [Command.UNPIN, Command.DISCONNECT, Command.RECONNECT, Command.REEVALUATE, Command.DETAILS]
     assert decode_keys(b"\x1b") == [Command.CLOSE_HELP]
     assert decode_keys(b"") == []
 
@@ -78,7 +80,7 @@ async def test_keys_from_a_real_terminal_and_the_mode_is_restored() -> None:
     master, slave = os.openpty()
     try:
         before = termios.tcgetattr(slave)
-        got: list[Command] = []
+        got: list[Command | int] = []
         with trio.fail_after(5):
             with terminal_keys(slave):
                 during = termios.tcgetattr(slave)
@@ -87,10 +89,10 @@ async def test_keys_from_a_real_terminal_and_the_mode_is_restored() -> None:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(serve_keys, slave, got.append)
                     os.write(master, b"p\x1b[Ae?q")
-                    while len(got) < 4:
+                    while len(got) < 5:
                         await trio.sleep(0.01)
                     nursery.cancel_scope.cancel()
-        assert got == [Command.CYCLE_PIN, Command.TOGGLE_DETAIL, Command.TOGGLE_HELP, Command.QUIT]
+        assert got == [Command.PIN, Command.UP, Command.TOGGLE_DETAIL, Command.TOGGLE_HELP, Command.QUIT]
         assert termios.tcgetattr(slave) == before
     finally:
         os.close(master)
@@ -117,7 +119,7 @@ def test_key_commands_become_inputs_or_toggles() -> None:
     ui = LiveUi(runtime, screen=RecordingScreen(), gateway="gw", on_quit=lambda: quits.append(True))
 
     async def main() -> None:
-        ui.handle(Command.CYCLE_PIN)
+        ui.handle(Command.PIN)
         ui.handle(Command.REEVALUATE)
         ui.handle(Command.TOGGLE_DETAIL)
         ui.handle(Command.TOGGLE_HELP)
@@ -137,7 +139,7 @@ def test_quit_without_a_handler_asks_the_runtime_to_close() -> None:
     ui = LiveUi(runtime, screen=RecordingScreen(), gateway="gw")
 
     async def main() -> None:
-        ui.handle(Command.CYCLE_PIN)  # no session yet: nothing to pin
+        ui.handle(Command.PIN)  # no session yet: nothing to pin
         ui.handle(Command.QUIT)
 
     trio.run(main)
