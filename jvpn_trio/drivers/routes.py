@@ -696,11 +696,18 @@ class TunAddress:
         self.current: ipaddress.IPv4Interface | None = None
         self.current6: ipaddress.IPv6Interface | None = None
         self.failures = 0
+        #: One change of the TUN at a time: setting an address also sets the MTU, and a new
+        #: session's address must not put back an MTU that set_mtu has just replaced.
+        self._lock = trio.Lock()
 
     async def __call__(
         self, address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None = None
     ) -> None:
         """Add ``address`` and ``address6`` (and bring the TUN up), then remove the previous ones that differ."""
+        async with self._lock:
+            await self._set_addresses(address, address6)
+
+    async def _set_addresses(self, address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None) -> None:
         try:
             await self._replace(address, self.current)
             self.current = address
@@ -736,7 +743,8 @@ class TunAddress:
         """Set the TUN's MTU now and at every later session; False (logged, counted) if the kernel refused."""
         self._mtu = mtu
         try:
-            await _run(self._netns, lambda ipr: ipr.link("set", index=_index(ipr, self.tun_name), mtu=mtu))
+            async with self._lock:
+                await _run(self._netns, lambda ipr: ipr.link("set", index=_index(ipr, self.tun_name), mtu=mtu))
         except (RouteError, NetlinkError, OSError) as exc:
             self.failures += 1
             self._log(f"cannot set the MTU of {self.tun_name} to {mtu}: {exc}")

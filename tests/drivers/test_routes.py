@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator
 import attrs
 import pytest
 import trio
+import trio.testing
 from pyroute2 import NetlinkError
 
 from jvpn_trio.drivers import routes
@@ -835,3 +836,38 @@ async def test_a_path_to_an_ipv6_gateway_is_routed_by_its_mark(tun_lab: TunLab) 
             # Unmarked IPv6 is blocked (an IPv4 full tunnel), even to the gateway's address.
             await route_get_error(t.ns, gateway6)
         assert await snapshot6(t.ns) == before
+
+
+async def test_a_new_sessions_address_never_puts_back_an_mtu_set_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TUN's MTU follows the paths while a session's address is being set: the last MTU set wins."""
+    applied: list[tuple[str, int]] = []
+    inside = trio.Event()
+    release = trio.Event()
+
+    async def fake_set_tun_address(ifname: str, address: str, prefixlen: int, mtu: int, *, netns: str | None = None) -> None:
+        inside.set()
+        await release.wait()  # the kernel is slow to answer this one
+        applied.append(("address", mtu))
+
+    async def fake_run(netns: str | None, call: Any) -> Any:
+        class FakeIpr:
+            def link(self, command: str, *, index: int, mtu: int) -> None:
+                applied.append(("link", mtu))
+
+            def link_lookup(self, *, ifname: str) -> list[int]:
+                return [7]
+
+        return call(FakeIpr())
+
+    monkeypatch.setattr(routes, "set_tun_address", fake_set_tun_address)
+    monkeypatch.setattr(routes, "_run", fake_run)
+    tun_address = TunAddress("jvtest0", mtu=1440, log=lambda _line: None)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tun_address, ipaddress.IPv4Interface("10.66.0.2/24"))
+            await inside.wait()  # the address (with MTU 1440) is on its way to the kernel
+            nursery.start_soon(tun_address.set_mtu, 1220)  # a smaller path appeared meanwhile
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    assert applied == [("address", 1440), ("link", 1220)]
+    assert tun_address.mtu == 1220
