@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import secrets
 import signal
 import socket
@@ -63,6 +62,16 @@ import attrs
 import trio
 
 from jvpn_trio.errors import lone_exception_unwrapped
+from jvpn_trio.lab.traffic import (
+    EXIT_FAILED,
+    EXIT_OK,
+    endpoint_arg,
+    format_endpoint,
+    positive_arg,
+    run_tool,
+    write_report,
+    write_text,
+)
 
 PROG = "jvpn_trio.lab.dns_server"
 
@@ -107,8 +116,6 @@ DEFAULT_QUERY_TIMEOUT_S = 2.0
 DNS_PORT = 53
 RESOLV_CONF = "/etc/resolv.conf"
 
-EXIT_OK = 0
-EXIT_FAILED = 1
 
 
 class BadMessage(Exception):
@@ -314,33 +321,6 @@ def parse_response_untrusted(data: bytes, *, query_id: int) -> Response:
 # -----------------------------------------------------------------------------
 
 
-def format_endpoint(endpoint: tuple[str, int]) -> str:
-    host, port = endpoint[0], endpoint[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_endpoint(text: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """``"10.0.0.1:53"``, ``"[fd00::1]:53"`` (or a bare address with ``default_port``) -> ``(host, port)``."""
-    host, sep, port_text = text.rpartition(":")
-    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    if default_port is not None:
-        try:
-            return str(ipaddress.ip_address(bare)), default_port
-        except ValueError:
-            pass
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"expected ADDRESS:PORT, got {text!r}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"expected a literal IP address in {text!r}") from None
-    port = int(port_text)
-    if not 0 <= port <= 0xFFFF:
-        raise ValueError(f"port out of range in {text!r}")
-    return str(address), port
-
-
 @attrs.frozen
 class DnsServerReport:
     """What the server saw.  ``askers``: datagrams per source address (malformed ones too)."""
@@ -525,23 +505,6 @@ def dns_server_argv(subcommand: str, *args: str) -> list[str]:
     return [sys.executable, "-m", PROG, subcommand, *args]
 
 
-async def _write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (readers never see half a file)."""
-
-    def write() -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-
-    await trio.to_thread.run_sync(write)
-
-
-async def _write_report(path: str | None, data: Mapping[str, Any]) -> None:
-    if path is not None:
-        await _write_text(path, json.dumps(data, sort_keys=True) + "\n")
-
-
 def _empty_server_report(listen: tuple[str, int], error: str) -> DnsServerReport:
     return DnsServerReport(format_endpoint(listen), 0, 0, 0, 0, 0, 0, {}, {}, (), 0, error)
 
@@ -570,12 +533,12 @@ async def _cmd_serve(args: argparse.Namespace) -> tuple[int, str | None]:
                 nursery.start_soon(on_signal)
                 bound = await nursery.start(serve)
                 if args.ready is not None:
-                    await _write_text(args.ready, format_endpoint(bound) + "\n")
+                    await write_text(args.ready, format_endpoint(bound) + "\n")
         report = result[0]
     except OSError as exc:
         report = _empty_server_report(args.listen, f"cannot listen on {format_endpoint(args.listen)}: "
                                                    f"{exc.strerror or exc}")  # fmt: skip
-    await _write_report(args.report, report.to_json())
+    await write_report(args.report, report.to_json())
     return (EXIT_OK, None) if report.ok else (EXIT_FAILED, report.error)
 
 
@@ -594,21 +557,11 @@ async def _cmd_query(args: argparse.Namespace) -> tuple[int, str | None]:
     except (DnsToolError, OSError) as exc:
         text = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
         report = QueryReport(format_endpoint(args.server) if args.server else "", args.name, args.type, None, (), text)
-    await _write_report(args.report, report.to_json())
+    await write_report(args.report, report.to_json())
     print(json.dumps(report.to_json(), sort_keys=True))
     if report.ok:
         return EXIT_OK, None
     return EXIT_FAILED, report.error or f"{report.server} answered {report.rcode} with no address"
-
-
-def _endpoint_arg(default_port: int | None = None) -> Callable[[str], tuple[str, int]]:
-    def parse(text: str) -> tuple[str, int]:
-        try:
-            return parse_endpoint(text, default_port=default_port)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 def _answer_arg(text: str) -> tuple[str, IPAddress]:
@@ -621,21 +574,8 @@ def _answer_arg(text: str) -> tuple[str, IPAddress]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-
-    return parse
-
-
 def _ttl(text: str) -> int:
-    value: int = _positive(int)(text)
+    value: int = positive_arg(int)(text)
     if value > MAX_TTL_S:
         raise argparse.ArgumentTypeError(f"TTL at most {MAX_TTL_S} s, got {text!r}")
     return value
@@ -654,38 +594,30 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("serve", _cmd_serve, "answer A/AAAA queries for the given names; count every query and who asked")
-    p.add_argument("--listen", type=_endpoint_arg(), required=True, metavar="ADDR:PORT")
+    p.add_argument("--listen", type=endpoint_arg(), required=True, metavar="ADDR:PORT")
     p.add_argument("--answer", type=_answer_arg, action="append", default=[], metavar="NAME=ADDR",
                    help="answer NAME with ADDR (A or AAAA by its family); repeat for more")  # fmt: skip
     p.add_argument("--ttl", type=_ttl, default=DEFAULT_TTL_S, metavar="S")
     p.add_argument("--report", required=True, metavar="FILE", help="JSON written when the server stops")
     p.add_argument("--ready", metavar="FILE", help="written with ADDR:PORT once bound")
-    p.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S, metavar="S")
-    p.add_argument("--max", type=_positive(int), default=None, metavar="N", help="stop after N well-formed queries")
+    p.add_argument("--timeout", type=positive_arg(float), default=DEFAULT_TIMEOUT_S, metavar="S")
+    p.add_argument("--max", type=positive_arg(int), default=None, metavar="N", help="stop after N well-formed queries")
 
     p = add("query", _cmd_query, "ask one question; exit 0 iff the answer has addresses; JSON on stdout")
     p.add_argument("--name", required=True)
     p.add_argument("--type", choices=("A", "AAAA"), default="A")
-    p.add_argument("--server", type=_endpoint_arg(DNS_PORT), metavar="ADDR[:PORT]",
+    p.add_argument("--server", type=endpoint_arg(DNS_PORT), metavar="ADDR[:PORT]",
                    help="default: the first nameserver of --resolv-conf, port 53")  # fmt: skip
     p.add_argument("--resolv-conf", default=RESOLV_CONF, metavar="FILE")
     p.add_argument("--device", metavar="IF", help="SO_BINDTODEVICE")
-    p.add_argument("--timeout", type=_positive(float), default=DEFAULT_QUERY_TIMEOUT_S, metavar="S")
+    p.add_argument("--timeout", type=positive_arg(float), default=DEFAULT_QUERY_TIMEOUT_S, metavar="S")
     p.add_argument("--report", metavar="FILE")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one tool, print at most one error line, return its exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        outcome: tuple[int, str | None] = trio.run(args.handler, args)
-        code, error = outcome
-    except OSError as exc:  # e.g. the report file cannot be written
-        code, error = EXIT_FAILED, str(exc)
-    if error is not None:
-        print(f"{PROG} {args.command}: {error}", file=sys.stderr)
-    return code
+    return run_tool(build_parser(), argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -107,9 +107,18 @@ class BadProbe(Exception):
 # -----------------------------------------------------------------------------
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``"10.99.0.1:5000"`` or ``"[::1]:5000"`` -> ``(host, port)``; literal addresses only (no DNS)."""
+def parse_endpoint(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``"10.99.0.1:5000"`` or ``"[::1]:5000"`` -> ``(host, port)``; literal addresses only (no DNS).
+
+    With ``default_port``, a bare address (``"10.0.0.1"``, ``"[fd00::1]"``) is accepted too.
+    """
     host, sep, port_text = text.rpartition(":")
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if default_port is not None:
+        try:
+            return str(ipaddress.ip_address(bare)), default_port
+        except ValueError:
+            pass
     if not sep or not port_text.isdigit():
         raise ValueError(f"expected ADDRESS:PORT, got {text!r}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -743,7 +752,7 @@ def traffic_argv(subcommand: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "jvpn_trio.lab.traffic", subcommand, *args]
 
 
-async def _write_text(path: str, text: str) -> None:
+async def write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically (readers never see half a file)."""
 
     def write() -> None:
@@ -755,9 +764,9 @@ async def _write_text(path: str, text: str) -> None:
     await trio.to_thread.run_sync(write)
 
 
-async def _write_report(path: str | None, data: Mapping[str, Any]) -> None:
+async def write_report(path: str | None, data: Mapping[str, Any]) -> None:
     if path is not None:
-        await _write_text(path, json.dumps(data, sort_keys=True) + "\n")
+        await write_text(path, json.dumps(data, sort_keys=True) + "\n")
 
 
 async def _serve(
@@ -772,7 +781,7 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(runner)
         if ready_path is not None:
-            await _write_text(ready_path, format_endpoint(bound) + "\n")
+            await write_text(ready_path, format_endpoint(bound) + "\n")
     return result[0]
 
 
@@ -785,7 +794,7 @@ async def _cmd_tcp_sink(args: argparse.Namespace) -> tuple[int, str | None]:
         report = await _serve(run_tcp_sink, args.ready, args.listen, timeout_s=args.timeout)
     except OSError as exc:
         report = _empty_tcp_report("sink", f"cannot listen on {format_endpoint(args.listen)}: {_error_text(exc)}")
-    await _write_report(args.report, report.to_json())
+    await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error or ("connection reset" if report.reset else None))
 
 
@@ -799,7 +808,7 @@ async def _cmd_tcp_source(args: argparse.Namespace) -> tuple[int, str | None]:
     except (TrafficError, OSError) as exc:
         text = _error_text(exc) if isinstance(exc, OSError) else str(exc)
         report = _empty_tcp_report("source", text)
-    await _write_report(args.report, report.to_json())
+    await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error or ("connection reset" if report.reset else None))
 
 
@@ -809,7 +818,7 @@ async def _cmd_probe_sink(args: argparse.Namespace) -> tuple[int, str | None]:
 
         async def on_first_probe(probe: Probe) -> None:
             if first_probe_path is not None:
-                await _write_text(first_probe_path, f"{probe.stream_id}\n")
+                await write_text(first_probe_path, f"{probe.stream_id}\n")
 
         report = await _serve(
             run_udp_probe_sink, args.ready, args.listen, timeout_s=args.timeout, linger_s=args.linger,
@@ -818,7 +827,7 @@ async def _cmd_probe_sink(args: argparse.Namespace) -> tuple[int, str | None]:
     except OSError as exc:
         error = f"cannot listen on {format_endpoint(args.listen)}: {_error_text(exc)}"
         report = ProbeSinkReport(None, None, None, None, (), 0, 0, error)
-    await _write_report(args.report, report.to_json())
+    await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error)
 
 
@@ -830,7 +839,7 @@ async def _cmd_probe_source(args: argparse.Namespace) -> tuple[int, str | None]:
     except (TrafficError, OSError) as exc:
         text = _error_text(exc) if isinstance(exc, OSError) else str(exc)
         report = ProbeSourceReport(0, 0, args.hz, 0.0, 0, 0, {}, text)
-    await _write_report(args.report, report.to_json())
+    await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error)
 
 
@@ -839,7 +848,7 @@ async def _cmd_echo(args: argparse.Namespace) -> tuple[int, str | None]:
         report = await _serve(run_udp_echo, args.ready, args.listen, timeout_s=args.timeout, max_datagrams=args.max)
     except OSError as exc:
         report = EchoReport(0, f"cannot listen on {format_endpoint(args.listen)}: {_error_text(exc)}")
-    await _write_report(args.report, report.to_json())
+    await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error)
 
 
@@ -851,7 +860,7 @@ async def _cmd_ping(args: argparse.Namespace) -> tuple[int, str | None]:
     except (TrafficError, OSError) as exc:
         text = _error_text(exc) if isinstance(exc, OSError) else str(exc)
         report = PingReport(0, 0, 0, {}, (), text)
-    await _write_report(args.report, report.to_json())
+    await write_report(args.report, report.to_json())
     print(json.dumps(report.to_json(), sort_keys=True))
     return _outcome(report.ok, report.error or f"no reply from {format_endpoint(args.connect)}")
 
@@ -860,14 +869,19 @@ def _outcome(ok: bool, error: str | None) -> tuple[int, str | None]:
     return (EXIT_OK, None) if ok else (EXIT_FAILED, error)
 
 
-def _endpoint_arg(text: str) -> tuple[str, int]:
-    try:
-        return parse_endpoint(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def endpoint_arg(default_port: int | None = None) -> Callable[[str], tuple[str, int]]:
+    """An argparse type for ``ADDRESS:PORT`` (or a bare address, with ``default_port``)."""
+
+    def parse(text: str) -> tuple[str, int]:
+        try:
+            return parse_endpoint(text, default_port=default_port)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def positive_arg(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -893,51 +907,51 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("tcp-sink", _cmd_tcp_sink, "accept one TCP connection, read to EOF, report bytes and SHA-256")
-    p.add_argument("--listen", type=_endpoint_arg, required=True, metavar="ADDR:PORT")
+    p.add_argument("--listen", type=endpoint_arg(), required=True, metavar="ADDR:PORT")
     p.add_argument("--report", required=True, metavar="FILE")
     p.add_argument("--ready", metavar="FILE", help="written with ADDR:PORT once listening")
-    p.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S, metavar="S")
+    p.add_argument("--timeout", type=positive_arg(float), default=DEFAULT_TIMEOUT_S, metavar="S")
 
     p = add("tcp-source", _cmd_tcp_source, "stream a deterministic pattern at a bounded rate, report bytes and SHA-256")
-    p.add_argument("--connect", type=_endpoint_arg, required=True, metavar="ADDR:PORT")
+    p.add_argument("--connect", type=endpoint_arg(), required=True, metavar="ADDR:PORT")
     amount = p.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--bytes", type=_positive(int), metavar="N")
-    amount.add_argument("--duration", type=_positive(float), metavar="S", help="send rate * S worth of bytes")
-    p.add_argument("--rate-mbit", type=_positive(float), required=True, metavar="R")
+    amount.add_argument("--bytes", type=positive_arg(int), metavar="N")
+    amount.add_argument("--duration", type=positive_arg(float), metavar="S", help="send rate * S worth of bytes")
+    p.add_argument("--rate-mbit", type=positive_arg(float), required=True, metavar="R")
     p.add_argument("--report", required=True, metavar="FILE")
     p.add_argument("--seed", default=DEFAULT_SEED)
     p.add_argument("--device", metavar="IF", help="SO_BINDTODEVICE")
-    p.add_argument("--connect-timeout", type=_positive(float), default=DEFAULT_CONNECT_TIMEOUT_S, metavar="S")
-    p.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S, metavar="S")
+    p.add_argument("--connect-timeout", type=positive_arg(float), default=DEFAULT_CONNECT_TIMEOUT_S, metavar="S")
+    p.add_argument("--timeout", type=positive_arg(float), default=DEFAULT_TIMEOUT_S, metavar="S")
 
     p = add("udp-probe-sink", _cmd_probe_sink, "record one probe stream's arrivals; report loss and the longest gap")
-    p.add_argument("--listen", type=_endpoint_arg, required=True, metavar="ADDR:PORT")
+    p.add_argument("--listen", type=endpoint_arg(), required=True, metavar="ADDR:PORT")
     p.add_argument("--report", required=True, metavar="FILE")
     p.add_argument("--ready", metavar="FILE", help="written with ADDR:PORT once bound")
-    p.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S, metavar="S")
-    p.add_argument("--linger", type=_positive(float), default=DEFAULT_LINGER_S, metavar="S")
+    p.add_argument("--timeout", type=positive_arg(float), default=DEFAULT_TIMEOUT_S, metavar="S")
+    p.add_argument("--linger", type=positive_arg(float), default=DEFAULT_LINGER_S, metavar="S")
     p.add_argument("--first-probe", metavar="FILE", help="written with the stream id when its first probe arrives")
 
     p = add("udp-probe-source", _cmd_probe_source, "send sequence-numbered probes at a fixed rate")
-    p.add_argument("--connect", type=_endpoint_arg, required=True, metavar="ADDR:PORT")
-    p.add_argument("--hz", type=_positive(float), default=100.0)
-    p.add_argument("--duration", type=_positive(float), required=True, metavar="S")
-    p.add_argument("--size", type=_positive(int), default=DEFAULT_PROBE_BYTES, metavar="BYTES")
+    p.add_argument("--connect", type=endpoint_arg(), required=True, metavar="ADDR:PORT")
+    p.add_argument("--hz", type=positive_arg(float), default=100.0)
+    p.add_argument("--duration", type=positive_arg(float), required=True, metavar="S")
+    p.add_argument("--size", type=positive_arg(int), default=DEFAULT_PROBE_BYTES, metavar="BYTES")
     p.add_argument("--device", metavar="IF", help="SO_BINDTODEVICE")
     p.add_argument("--report", required=True, metavar="FILE")
 
     p = add("udp-echo", _cmd_echo, "echo datagrams back to their sender")
-    p.add_argument("--listen", type=_endpoint_arg, required=True, metavar="ADDR:PORT")
+    p.add_argument("--listen", type=endpoint_arg(), required=True, metavar="ADDR:PORT")
     p.add_argument("--ready", metavar="FILE", help="written with ADDR:PORT once bound")
     p.add_argument("--report", metavar="FILE")
-    p.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S, metavar="S")
-    p.add_argument("--max", type=_positive(int), default=DEFAULT_ECHO_MAX_DATAGRAMS, metavar="N")
+    p.add_argument("--timeout", type=positive_arg(float), default=DEFAULT_TIMEOUT_S, metavar="S")
+    p.add_argument("--max", type=positive_arg(int), default=DEFAULT_ECHO_MAX_DATAGRAMS, metavar="N")
 
     p = add("udp-ping", _cmd_ping, "ping a udp-echo; exit 0 iff a reply came back; JSON on stdout")
-    p.add_argument("--connect", type=_endpoint_arg, required=True, metavar="ADDR:PORT")
-    p.add_argument("--count", type=_positive(int), default=DEFAULT_PING_COUNT)
-    p.add_argument("--interval", type=_positive(float), default=DEFAULT_PING_INTERVAL_S, metavar="S")
-    p.add_argument("--wait", type=_positive(float), default=DEFAULT_PING_WAIT_S, metavar="S",
+    p.add_argument("--connect", type=endpoint_arg(), required=True, metavar="ADDR:PORT")
+    p.add_argument("--count", type=positive_arg(int), default=DEFAULT_PING_COUNT)
+    p.add_argument("--interval", type=positive_arg(float), default=DEFAULT_PING_INTERVAL_S, metavar="S")
+    p.add_argument("--wait", type=positive_arg(float), default=DEFAULT_PING_WAIT_S, metavar="S",
                    help="how long to wait for replies after the last ping")
     p.add_argument("--device", metavar="IF", help="SO_BINDTODEVICE")
     p.add_argument("--report", metavar="FILE")
@@ -946,14 +960,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one tool, print at most one error line, return its exit code."""
-    args = build_parser().parse_args(argv)
+    return run_tool(build_parser(), argv, prog=PROG)
+
+
+def run_tool(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, prog: str) -> int:
+    """Run the subcommand ``parser`` picks (its ``handler``), print at most one error line, return its exit code.
+
+    Shared by the lab's tools (this one and ``dns_server.py``): the same exit codes and error line.
+    """
+    args = parser.parse_args(argv)
     try:
         outcome: tuple[int, str | None] = trio.run(args.handler, args)
         code, error = outcome
     except OSError as exc:  # e.g. the report file cannot be written
         code, error = EXIT_FAILED, _error_text(exc)
     if error is not None:
-        print(f"{PROG} {args.command}: {error}", file=sys.stderr)
+        print(f"{prog} {args.command}: {error}", file=sys.stderr)
     return code
 
 

@@ -103,6 +103,10 @@ def test_parse_endpoint() -> None:
     for bad in ("10.99.0.1", "host.example:80", "10.0.0.1:99999", ":80", "10.0.0.1:x"):
         with pytest.raises(ValueError):
             parse_endpoint(bad)
+    # The DNS tool's form: a bare address takes the default port.
+    assert parse_endpoint("10.99.0.1", default_port=53) == ("10.99.0.1", 53)
+    assert parse_endpoint("[fd00::1]", default_port=53) == ("fd00::1", 53)
+    assert parse_endpoint("[fd00::1]:5353", default_port=53) == ("fd00::1", 5353)
 
 
 def test_pattern_is_deterministic_and_block_aligned() -> None:
