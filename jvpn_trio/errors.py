@@ -25,6 +25,19 @@ def find_in_group(exc: BaseException, kinds: tuple[type[BaseException], ...]) ->
     return None
 
 
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (possibly nested) groups; ``exc`` itself when it is no group."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe(exc: BaseException) -> str:
+    """``"TypeName: message"`` (or the type name alone), for one log or error line."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @asynccontextmanager
 async def lone_exception_unwrapped() -> AsyncIterator[None]:
     """Re-raise a group holding exactly one exception as that exception (several stay grouped).

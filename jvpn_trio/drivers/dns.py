@@ -100,6 +100,7 @@ from jeepney.io.common import RouterClosed
 from jeepney.io.trio import DBusConnection, open_dbus_connection
 
 from jvpn_trio.drivers.log import stderr_line
+from jvpn_trio.errors import describe, first_leaf
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -430,17 +431,6 @@ class _CallFailed(Exception):
         self.name = name
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _where(system: DnsSystem) -> str:
     return system.bus_address if system.bus_address is not None else "the system bus"
 
@@ -455,9 +445,9 @@ async def _connect(system: DnsSystem) -> tuple[DBusConnection | None, str]:
         try:
             conn = await open_dbus_connection(bus)
         except* (RuntimeError, ValueError) as group:  # jeepney's parse of the address
-            failure = f"unusable D-Bus address {where}: {_describe(_leaf(group))}"
+            failure = f"unusable D-Bus address {where}: {describe(first_leaf(group))}"
         except* _BUS_ERRORS as group:
-            failure = f"cannot use {where}: {_describe(_leaf(group))}"
+            failure = f"cannot use {where}: {describe(first_leaf(group))}"
     if scope.cancelled_caught:
         failure = f"{where} did not answer within {system.connect_timeout_s:g} s"
     if conn is not None and not failure:
@@ -517,7 +507,7 @@ async def _run_calls(conn: DBusConnection, calls: Sequence[DbusCall], system: Dn
                 f"systemd-resolved did not answer {call.member} for {tun_name} within {system.connect_timeout_s:g} s"
             ) from None
         except _BUS_ERRORS as exc:
-            raise DnsError(f"lost {_where(system)} during {call.member} for {tun_name}: {_describe(exc)}") from None
+            raise DnsError(f"lost {_where(system)} during {call.member} for {tun_name}: {describe(exc)}") from None
 
 
 
@@ -812,7 +802,7 @@ async def _try_resolved(request: DnsRequest, system: DnsSystem, skipped: list[st
             owner = await _resolved_owner(conn, system)
         except (_CallFailed, trio.TooSlowError, *_BUS_ERRORS) as exc:
             skipped.append(f"systemd-resolved: {_where(system)} did not say who owns {RESOLVE1_BUS_NAME}: "
-                           f"{_describe(exc)}")  # fmt: skip
+                           f"{describe(exc)}")  # fmt: skip
             return None
         if owner is None:
             skipped.append(f"systemd-resolved: not running ({RESOLVE1_BUS_NAME} has no owner on {_where(system)})")
@@ -935,7 +925,7 @@ async def _revert_resolved(state: DnsState, system: DnsSystem) -> RevertedDns:
             try:
                 owner = await _resolved_owner(conn, system)
             except (_CallFailed, trio.TooSlowError, *_BUS_ERRORS) as exc:
-                raise DnsError(f"cannot revert {state.tun_name}'s DNS in systemd-resolved: {_describe(exc)}") from None
+                raise DnsError(f"cannot revert {state.tun_name}'s DNS in systemd-resolved: {describe(exc)}") from None
             if owner is None:
                 notes.append("systemd-resolved is not running: its link settings went with it")
             else:

@@ -51,6 +51,7 @@ from jeepney.io.common import RouterClosed
 from jeepney.io.trio import DBusConnection, open_dbus_connection
 
 from jvpn_trio.drivers.log import stderr_line
+from jvpn_trio.errors import describe, first_leaf
 
 #: Who sends the signal, from where (``org.freedesktop.login1(5)``).
 LOGIND_BUS_NAME = "org.freedesktop.login1"
@@ -101,18 +102,6 @@ def _match_rule() -> MatchRule:
         interface=LOGIND_INTERFACE,
         member=PREPARE_FOR_SLEEP,
     )
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first exception inside (possibly nested) groups: jeepney's ``Hello`` runs in a nursery."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class SleepSignals:
@@ -183,7 +172,7 @@ class SleepSignals:
         try:
             socket_path = get_bus(bus)
         except (RuntimeError, ValueError) as exc:  # jeepney's parse of the address (bus.py)
-            return None, f"unusable D-Bus address for {self._where()}: {_describe(exc)}"
+            return None, f"unusable D-Bus address for {self._where()}: {describe(exc)}"
         where = f"{self._where()} at {socket_path}" if self.bus_address is None else self._where()
         conn: DBusConnection | None = None
         failure: str | None = None
@@ -192,7 +181,7 @@ class SleepSignals:
                 conn = await open_dbus_connection(bus)
                 failure = await self._subscribe(conn)
             except* _BUS_ERRORS as group:
-                failure = f"cannot use {where}: {_describe(_leaf(group))}"
+                failure = f"cannot use {where}: {describe(first_leaf(group))}"
         if scope.cancelled_caught:
             failure = f"{where} did not answer within {self.connect_timeout_s:g} s"
         if failure is None and conn is not None:
@@ -230,7 +219,7 @@ class SleepSignals:
         except trio.EndOfChannel:
             return f"{self._where()} closed the connection"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            return f"lost the connection to {self._where()}: {_describe(exc)}"
+            return f"lost the connection to {self._where()}: {describe(exc)}"
 
     def _sleep_edge(self, msg: Message, *, expected: bool = True) -> bool | None:
         """The signal's boolean (true: about to sleep), counted; None for anything else, counted if ours.

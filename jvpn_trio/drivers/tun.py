@@ -451,23 +451,19 @@ def _interface_exists(name: str) -> bool:
 
 def _disable_ipv6(name: str) -> bool:
     """Write disable_ipv6=1 for ``name``; False when the knob is absent (no IPv6) or read-only."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w", encoding="ascii") as knob:
-            knob.write("1")
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        if exc.errno in _PERMISSION_ERRNOS or exc.errno == errno.EROFS:
-            return False
-        raise
-    return True
+    return _write_ipv6_knob(name, "disable_ipv6", "1")
 
 
 def _no_ipv6_autoconf(name: str) -> bool:
     """Write addr_gen_mode=1 (no link-local address) for ``name``; False when the knob is absent or read-only."""
+    return _write_ipv6_knob(name, "addr_gen_mode", "1")
+
+
+def _write_ipv6_knob(name: str, knob: str, value: str) -> bool:
+    """Write ``/proc/sys/net/ipv6/conf/<name>/<knob>``; False when it is absent (no IPv6) or read-only."""
     try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/addr_gen_mode", "w", encoding="ascii") as knob:
-            knob.write("1")
+        with open(f"/proc/sys/net/ipv6/conf/{name}/{knob}", "w", encoding="ascii") as f:
+            f.write(value)
     except FileNotFoundError:
         return False
     except OSError as exc:
