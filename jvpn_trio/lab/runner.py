@@ -1191,9 +1191,12 @@ def analyze_step(
         row["slept_s"] = record.slept_s
         row["attached_ms"] = None
     if clock is not None and not record.asleep:  # asleep, the client answers nothing until the resume's row
+        # Searched from the step's start: the client may answer on the new interface before the
+        # lab has finished the step's own bookkeeping (baseline conditions); that counts as 0.
+        usable_at = clock.at(record.finished)
         for n in newly:
-            answer = _first_answer(client, _path_id(n, names), clock.at(record.finished))
-            row["first_answer_ms"][n] = _ms(answer.t - clock.at(record.finished)) if answer is not None else None
+            answer = _first_answer(client, _path_id(n, names), clock.at(record.started))
+            row["first_answer_ms"][n] = _ms(max(0.0, answer.t - usable_at)) if answer is not None else None
         c0, c1 = clock.at(record.origin), clock.at(window_end)
         state, active = _state_at(changes, c0)
         row["active_before"] = _path_name(active, names)
