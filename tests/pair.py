@@ -326,9 +326,10 @@ class Pair:
         """Operator pin (or unpin with None) on the client."""
         return self._client(ev.PinRequested(path=PathId(path) if path is not None else None))
 
-    def close(self, side: str = "client") -> list[Action]:
-        """Close one side; its SendClose reaches the other side as PeerClosed."""
-        actions = self._client(ev.CloseRequested()) if side == "client" else self._gateway(ev.CloseRequested())
+    def close(self, side: str = "client", request: ev.CloseRequested | None = None) -> list[Action]:
+        """Close one side (``request`` says why and who); its SendClose reaches the other side as PeerClosed."""
+        request = request or ev.CloseRequested()
+        actions = self._client(request) if side == "client" else self._gateway(request)
         for action in actions:
             if isinstance(action, SendClose):
                 if side == "client":

@@ -30,6 +30,7 @@ class EventKind(enum.Enum):
     PATH_HEALTH = "PATH_HEALTH"
     REATTACH_REJECTED = "REATTACH_REJECTED"
     SWITCH_DENIED = "SWITCH_DENIED"
+    OPERATOR_ACTION = "OPERATOR_ACTION"  # a person steered the session (pin, unpin, re-evaluate, disconnect, reconnect)
 
 
 class Role(enum.Enum):

@@ -93,6 +93,8 @@ class SessionSeed:
     number: int  # 1 for the agent's first session
     previous_session: SessionId | None
     switch_times: tuple[float, ...]
+    #: Who asked for this session with a reconnect while none was live (its BIRTH logs it).
+    reconnect_by: str = ""
 
 
 class Succession:
@@ -111,6 +113,7 @@ class Succession:
         self._previous: SessionId | None = None
         #: Set by a resume that outlived the gateway: a rescue of the live session is due then.
         self._rescue_forced_at: float | None = None
+        self._reconnect_by = ""
 
     # -- queries ------------------------------------------------------------------
     def reconnect_delay_ms(self) -> int:
@@ -158,11 +161,14 @@ class Succession:
         """A handshake completed: the seed the new session must be created with."""
         self.sessions_started += 1
         self._rescue_forced_at = None
-        return SessionSeed(
+        seed = SessionSeed(
             number=self.sessions_started,
             previous_session=self._previous,
             switch_times=self.carried_switch_times(now),
+            reconnect_by=self._reconnect_by,
         )
+        self._reconnect_by = ""
+        return seed
 
     def session_ended(self, record: SessionRecord, now: float) -> float:
         """A session is over (or is being replaced); returns when the next handshake may start."""
@@ -189,6 +195,17 @@ class Succession:
         self._rescue_forced_at = now
         self._next_attempt_at = min(self._next_attempt_at, now)
         return True
+
+    def reconnect_requested(self, by: str, now: float) -> float:
+        """A person asked to reconnect while no session is live; returns when the next round may start.
+
+        The back-off after failures is cut to one ``reconnect_initial_ms``: a
+        person asking is a reason to try soon, and the floor still bounds how
+        often repeated asking can make the agent handshake.
+        """
+        self._reconnect_by = by
+        self._next_attempt_at = min(self._next_attempt_at, now + self.policy.reconnect_initial_ms / _MS)
+        return self._next_attempt_at
 
     def _fail(self, now: float) -> float:
         self.failures += 1

@@ -102,14 +102,25 @@ class ReattachRejected:
 
 @attrs.frozen(kw_only=True)
 class PinRequested:
-    """Operator override from the UI: pin ``path`` (or unpin with ``None``)."""
+    """Operator override: pin ``path`` (or unpin with ``None``).
+
+    ``by`` names who asked (``"uid 1000"``, ``"ui"``); the session logs it in
+    an OPERATOR_ACTION event.
+    """
 
     path: PathId | None
+    by: str = "operator"
 
 
 @attrs.frozen(kw_only=True)
 class ReevaluateRequested:
-    """Operator asked for a fresh decision now (the UI's ``s`` key)."""
+    """A fresh decision now.
+
+    With ``by`` set an operator asked (the UI's ``s`` key) and the session
+    logs an OPERATOR_ACTION; empty, the agent itself asked (after a resume).
+    """
+
+    by: str = ""
 
 
 # -- both sides ---------------------------------------------------------------
@@ -122,7 +133,17 @@ class TimerFired:
 
 @attrs.frozen(kw_only=True)
 class CloseRequested:
-    """Local operator or process shutdown ends the session explicitly."""
+    """The local side ends the session explicitly: shutdown, an operator, a removed peer.
+
+    ``reason`` is the termination reason (one of ``CLOSE_REASONS``: LOCAL_CLOSE,
+    or PEER_REMOVED on a gateway whose operator removed the peer).  With
+    ``by`` set a person asked for it, and ``action`` (OPERATOR_DISCONNECT or
+    OPERATOR_RECONNECT) is logged as an OPERATOR_ACTION first.
+    """
+
+    reason: ReasonCode = ReasonCode.LOCAL_CLOSE
+    by: str = ""
+    action: ReasonCode | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -57,7 +57,14 @@ from jvpn_trio.core.reattach import (
     switches_in_window,
     validate_reattach,
 )
-from jvpn_trio.core.states import BindingEffect, ReasonCode, Rejected, SessionState, plan_transition
+from jvpn_trio.core.states import (
+    CLOSE_REASONS,
+    BindingEffect,
+    ReasonCode,
+    Rejected,
+    SessionState,
+    plan_transition,
+)
 from jvpn_trio.core.switching import Candidate, DecisionKind, SwitchView, decide
 
 S = SessionState
@@ -91,6 +98,7 @@ class _SessionCore:
     role: Role
     #: The session this one follows in an agent's chain (core/agent.py), named at BIRTH; a client's only.
     previous_session: SessionId | None = None
+    reconnect_by = ""
 
     def __init__(self, *, policy: Policy, session_id: SessionId, now: float) -> None:
         self.policy = policy
@@ -129,7 +137,7 @@ class _SessionCore:
         follows: dict[str, Scalar] = {}
         if self.previous_session is not None:
             follows["previous_session"] = self.previous_session.hex
-        return [
+        born: list[Action] = [
             self._event(
                 EventKind.STATE_CHANGE,
                 R.SESSION_CREATED,
@@ -139,6 +147,11 @@ class _SessionCore:
                 **follows,
             )
         ]
+        if self.reconnect_by:  # a person's reconnect, asked while no session was live, is logged by the one it started
+            born.append(
+                self._event(EventKind.OPERATOR_ACTION, R.OPERATOR_RECONNECT, self.record.created_at, by=self.reconnect_by)
+            )
+        return born
 
     # -- the one place where state, binding and version change -----------------
     def _transition(
@@ -282,7 +295,14 @@ class _SessionCore:
     def _apply_ending(self, event: ev.CloseRequested | ev.PeerClosed | ev.KeysExhausted, now: float) -> list[Action]:
         """The inputs that end a session the same way on both sides."""
         if isinstance(event, ev.CloseRequested):
-            return [SendClose(reason=R.LOCAL_CLOSE, binding=self.record.binding), *self._transition(R.LOCAL_CLOSE, now)]
+            reason = event.reason
+            if reason not in CLOSE_REASONS:  # a driver's mistake: still an explicit close, never a silent one
+                self._count("unknown_close_reasons")
+                reason = R.LOCAL_CLOSE
+            asked: list[Action] = []
+            if event.by and event.action in (R.OPERATOR_DISCONNECT, R.OPERATOR_RECONNECT):
+                asked.append(self._event(EventKind.OPERATOR_ACTION, event.action, now, by=event.by))
+            return [*asked, SendClose(reason=reason, binding=self.record.binding), *self._transition(reason, now)]
         if isinstance(event, ev.PeerClosed):
             return self._transition(R.PEER_CLOSE, now, peer_reason=event.reason.value)
         return self._transition(R.KEY_EXHAUSTED, now)
@@ -350,10 +370,12 @@ class ClientSession(_SessionCore):
         now: float,
         previous_session: SessionId | None = None,
         switch_times: tuple[float, ...] = (),
+        reconnect_by: str = "",
     ) -> None:
-        """``previous_session`` and ``switch_times`` come from the agent (``core/agent.py``)."""
+        """``previous_session``, ``switch_times`` and ``reconnect_by`` come from the agent (``core/agent.py``)."""
         super().__init__(policy=policy, session_id=session_id, now=now)
         self.previous_session = previous_session
+        self.reconnect_by = reconnect_by
         self.record = attrs.evolve(
             self.record, switch_times=tuple(t for t in switch_times if now < switch_expires_at(t))
         )
@@ -425,8 +447,10 @@ class ClientSession(_SessionCore):
 
     # -- inputs ----------------------------------------------------------------------
     def _apply(self, event: ev.ClientInput, now: float) -> list[Action]:
-        if isinstance(event, ev.TimerFired | ev.ReevaluateRequested):
+        if isinstance(event, ev.TimerFired):
             return []
+        if isinstance(event, ev.ReevaluateRequested):  # the decision itself follows in handle()
+            return [self._event(EventKind.OPERATOR_ACTION, R.OPERATOR_REEVALUATE, now, by=event.by)] if event.by else []
         if isinstance(event, ev.HandshakeCompleted):
             if event.session_id != self.record.session_id:
                 self._count("session_mismatch")
@@ -454,8 +478,7 @@ class ClientSession(_SessionCore):
                 self._readdressed = True
             return []
         if isinstance(event, ev.PinRequested):
-            self.pinned = event.path if event.path is None or event.path in self._paths else self.pinned
-            return []
+            return self._on_pin(event, now)
         if isinstance(event, ev.CloseRequested | ev.PeerClosed | ev.KeysExhausted):
             return self._apply_ending(event, now)
         if isinstance(event, ev.ReattachAcked):
@@ -477,6 +500,15 @@ class ClientSession(_SessionCore):
         elif isinstance(event, ev.DeliveryObserved):
             entry.health.on_delivery(now=now)
         return []
+
+    def _on_pin(self, event: ev.PinRequested, now: float) -> list[Action]:
+        """Pin (or unpin); a path that vanished meanwhile leaves the pin as it was, logged as not applied."""
+        applied = event.path is None or event.path in self._paths
+        if applied:
+            self.pinned = event.path
+        reason = R.OPERATOR_UNPIN if event.path is None else R.OPERATOR_PIN
+        target = str(event.path) if event.path is not None else None
+        return [self._event(EventKind.OPERATOR_ACTION, reason, now, by=event.by, path=target, applied=applied)]
 
     def _note_gateway_binding(self, ack: ev.ProbeAcked) -> None:
         """Count acks on the active path that say the gateway is not bound to it.

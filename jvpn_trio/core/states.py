@@ -62,11 +62,18 @@ class ReasonCode(enum.Enum):
     OWNERSHIP_LOST = "OWNERSHIP_LOST"
     LOCAL_CLOSE = "LOCAL_CLOSE"
     PEER_CLOSE = "PEER_CLOSE"
+    PEER_REMOVED = "PEER_REMOVED"  # the gateway's operator removed the peer: its key is no longer authorised
 
     # -- switch causes that are not themselves transitions ------------------
     PREFERRED_PATH_RESTORED = "PREFERRED_PATH_RESTORED"
     OPERATOR_PIN = "OPERATOR_PIN"
     ENDPOINT_CHANGED = "ENDPOINT_CHANGED"  # the gateway no longer knows our endpoint (NAT rebinding)
+
+    # -- operator actions (OPERATOR_ACTION events; OPERATOR_PIN above is also the switch cause) --
+    OPERATOR_UNPIN = "OPERATOR_UNPIN"
+    OPERATOR_REEVALUATE = "OPERATOR_REEVALUATE"
+    OPERATOR_DISCONNECT = "OPERATOR_DISCONNECT"
+    OPERATOR_RECONNECT = "OPERATOR_RECONNECT"
 
     # -- health verdicts -----------------------------------------------------
     NO_SAMPLES = "NO_SAMPLES"
@@ -143,7 +150,12 @@ TERMINATION_REASONS = (
     R.OWNERSHIP_LOST,
     R.LOCAL_CLOSE,
     R.PEER_CLOSE,
+    R.PEER_REMOVED,
 )
+#: What an operator can ask of a live client session; each is logged as an OPERATOR_ACTION event.
+OPERATOR_REASONS = (R.OPERATOR_PIN, R.OPERATOR_UNPIN, R.OPERATOR_REEVALUATE, R.OPERATOR_DISCONNECT, R.OPERATOR_RECONNECT)
+#: The reasons an explicit ``CloseRequested`` may end a session with.
+CLOSE_REASONS = (R.LOCAL_CLOSE, R.PEER_REMOVED)
 LIVE_STATES = tuple(s for s in SessionState if s is not S.TERMINATED)
 
 
@@ -168,7 +180,7 @@ def _build_table() -> dict[tuple[SessionState, ReasonCode], Rule]:
     for state in (S.ATTACHED, S.VOLATILE, S.RECOVERING):
         table[(state, R.SWITCH_RATE_EXCEEDED)] = Rule(S.DEGRADED, B.KEEP)
     for state in LIVE_STATES:
-        for reason in (R.SESSION_TTL_EXPIRED, R.KEY_EXHAUSTED, R.OWNERSHIP_LOST, R.LOCAL_CLOSE, R.PEER_CLOSE):
+        for reason in (R.SESSION_TTL_EXPIRED, R.KEY_EXHAUSTED, R.OWNERSHIP_LOST, R.LOCAL_CLOSE, R.PEER_CLOSE, R.PEER_REMOVED):
             table[(state, reason)] = Rule(S.TERMINATED, B.RELEASE)
     return table
 

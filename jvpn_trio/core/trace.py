@@ -223,6 +223,7 @@ class SessionStart:
     #: A client session in an agent's chain: the session before it, and the switches it inherited.
     previous_session: str | None = None
     switch_times: tuple[float, ...] = ()
+    reconnect_by: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -263,6 +264,8 @@ def encode_session_start(start: SessionStart) -> str:
         body["previous_session"] = start.previous_session
     if start.switch_times:
         body["switch_times"] = list(start.switch_times)
+    if start.reconnect_by:
+        body["reconnect_by"] = start.reconnect_by
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
@@ -308,7 +311,7 @@ def decode_line_untrusted(line: str, *, lineno: int = 0) -> TraceLine:
 
 def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> SessionStart:
     known = {"t", "side", "start", "policy", "node_id", "held_revision", "handshake_binding", "previous_session"}
-    extra = set(body) - known - {"switch_times"}
+    extra = set(body) - known - {"switch_times", "reconnect_by"}
     if extra:
         raise BadTrace(f"line {lineno}: unexpected key(s) {', '.join(sorted(extra))}")
     session, policy = body["start"], body.get("policy")
@@ -336,6 +339,7 @@ def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> S
             handshake_binding=_decode_value(Binding, binding) if binding is not None else None,
             previous_session=previous,
             switch_times=tuple(float(t) for t in switch_times),
+            reconnect_by=_str(body.get("reconnect_by", "")),
         )
     except (TypeError, ValueError, KeyError, OverflowError) as exc:
         raise BadTrace(f"line {lineno}: bad session start: {exc}") from None

@@ -69,6 +69,7 @@ from jvpn_trio.core.ids import PathId, RandomBytes
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession
+from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers.client import (
     BATCH,
     ClientPath,
@@ -261,30 +262,37 @@ class ClientAgent:
         """True after :meth:`disconnect_nowait` until :meth:`reconnect_nowait` (status: disconnected)."""
         return bool(self._held.value)
 
-    def disconnect_nowait(self) -> bool:
-        """Close the live session (LOCAL_CLOSE) and start no other until :meth:`reconnect_nowait`.
+    def disconnect_nowait(self, by: str = "operator") -> bool:
+        """Close the live session (OPERATOR_DISCONNECT, then LOCAL_CLOSE) and start no other until :meth:`reconnect_nowait`.
 
         The process, the TUN and its routes stay (traffic is dropped and
         counted, as between sessions).  Returns whether a live session was
         told to close.
         """
         self._held.value = True
-        return self._close_live_session()
+        return self._close_live_session(by, ReasonCode.OPERATOR_DISCONNECT)
 
-    def reconnect_nowait(self) -> bool:
-        """End a disconnect, or close the live session (LOCAL_CLOSE) so that the next one starts.
+    def reconnect_nowait(self, by: str = "operator") -> bool:
+        """End a disconnect, or close the live session (OPERATOR_RECONNECT, LOCAL_CLOSE) so that the next one starts.
 
-        The next handshake round starts when ``Succession`` allows it.
-        Returns whether a live session was told to close.
+        Without a live session the next one logs the request at its BIRTH,
+        and its handshake round may start within ``reconnect_initial_ms``
+        (:meth:`Succession.reconnect_requested`).  Returns whether a live
+        session was told to close.
         """
         self._held.value = False
-        return self._close_live_session()
+        if self._close_live_session(by, ReasonCode.OPERATOR_RECONNECT):
+            return True
+        if self.succession is not None:
+            self.succession.reconnect_requested(by, trio.current_time())
+            self._nudge.value += 1
+        return False
 
-    def _close_live_session(self) -> bool:
+    def _close_live_session(self, by: str, action: ReasonCode) -> bool:
         runtime = self.runtime
         if runtime is None or runtime.session is None or runtime.session.terminated:
             return False
-        return runtime.submit_nowait(ev.CloseRequested())
+        return runtime.submit_nowait(ev.CloseRequested(by=by, action=action))
 
     async def _interrupted(self) -> None:
         """Until close_nowait() or disconnect_nowait(): a connect in progress stops."""

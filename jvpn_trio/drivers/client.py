@@ -492,6 +492,7 @@ class ClientRuntime:
             now=now,
             previous_session=seed.previous_session,
             switch_times=seed.switch_times,
+            reconnect_by=seed.reconnect_by,
         )
         self.session = session
         created = session.creation_events()
@@ -503,6 +504,7 @@ class ClientRuntime:
                 policy=self.policy.to_mapping(),
                 previous_session=seed.previous_session.hex if seed.previous_session is not None else None,
                 switch_times=seed.switch_times,
+                reconnect_by=seed.reconnect_by,
             )
             self._recorder.started(start, created)
         self._apply(created, now)

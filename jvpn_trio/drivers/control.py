@@ -536,7 +536,8 @@ class _Connection:
             await self._subscribe(request, rid, v1=v1)
             return
         try:
-            result = self.server.handler(request)
+            # The kernel's word on who asks, never the client's: a "caller" it sent is overwritten.
+            result = self.server.handler({**request, CALLER_FIELD: self.caller})
             if inspect.isawaitable(result):
                 result = await result
         except ControlError as exc:
@@ -550,6 +551,11 @@ class _Connection:
         except (TypeError, ValueError) as exc:
             reply = self._error(rid, ErrorCode.INTERNAL, f"internal error: reply is not JSON: {exc}", v1=v1)
         await self.send(reply)
+
+    @property
+    def caller(self) -> str:
+        """Who this connection is, for the event log of a steering action ("uid 1000")."""
+        return f"uid {self.peer.uid}" if self.peer is not None else "unknown"
 
     def _denied(self, cmd: object) -> str | None:
         """Why this connection may not run ``cmd``, or None."""
@@ -848,9 +854,19 @@ class Steerable(Protocol):
 
     def submit_nowait(self, event: Any) -> bool: ...
 
-    def disconnect_nowait(self) -> bool: ...
+    def disconnect_nowait(self, by: str = ...) -> bool: ...
 
-    def reconnect_nowait(self) -> bool: ...
+    def reconnect_nowait(self, by: str = ...) -> bool: ...
+
+
+#: The field the server adds to every request it hands a handler: the caller as the kernel saw it.
+CALLER_FIELD = "caller"
+
+
+def caller_of(request: JsonObject) -> str:
+    """Who sent ``request`` (set by the server from SO_PEERCRED); "operator" when called in-process."""
+    caller = request.get(CALLER_FIELD)
+    return caller if isinstance(caller, str) and caller else "operator"
 
 
 #: The steering commands (docs/control.md, "Steering"); each is one core input or one agent call.
@@ -885,24 +901,34 @@ def steering_commands(target: Steerable) -> dict[str, Handler]:
             raise ControlError('pin needs "path": a path id ("p2") or its interface name', code=ErrorCode.BAD_REQUEST)
         paths = target.paths
         pid = _find_path(paths, wanted)
-        submitted(ev.PinRequested(path=pid), "pin")
+        submitted(ev.PinRequested(path=pid, by=caller_of(request)), "pin")
         return {"input": "PinRequested", "path": str(pid), "interface": paths[pid].name, "reason": ReasonCode.OPERATOR_PIN.value}
 
-    def unpin(_request: JsonObject) -> JsonObject:
-        submitted(ev.PinRequested(path=None), "unpin")
-        return {"input": "PinRequested", "path": None}
+    def unpin(request: JsonObject) -> JsonObject:
+        submitted(ev.PinRequested(path=None, by=caller_of(request)), "unpin")
+        return {"input": "PinRequested", "path": None, "reason": ReasonCode.OPERATOR_UNPIN.value}
 
-    def reevaluate(_request: JsonObject) -> JsonObject:
-        submitted(ev.ReevaluateRequested(), "reevaluate")
-        return {"input": "ReevaluateRequested"}
+    def reevaluate(request: JsonObject) -> JsonObject:
+        submitted(ev.ReevaluateRequested(by=caller_of(request)), "reevaluate")
+        return {"input": "ReevaluateRequested", "reason": ReasonCode.OPERATOR_REEVALUATE.value}
 
-    def disconnect(_request: JsonObject) -> JsonObject:
-        closed = target.disconnect_nowait()
-        return {"input": "CloseRequested" if closed else None, "reason": ReasonCode.LOCAL_CLOSE.value, "session_closed": closed, "held": True}
+    def disconnect(request: JsonObject) -> JsonObject:
+        closed = target.disconnect_nowait(caller_of(request))
+        return {
+            "input": "CloseRequested" if closed else None,
+            "reason": ReasonCode.OPERATOR_DISCONNECT.value,
+            "session_closed": closed,
+            "held": True,
+        }
 
-    def reconnect(_request: JsonObject) -> JsonObject:
-        closed = target.reconnect_nowait()
-        return {"input": "CloseRequested" if closed else None, "reason": ReasonCode.LOCAL_CLOSE.value, "session_closed": closed, "held": False}
+    def reconnect(request: JsonObject) -> JsonObject:
+        closed = target.reconnect_nowait(caller_of(request))
+        return {
+            "input": "CloseRequested" if closed else None,
+            "reason": ReasonCode.OPERATOR_RECONNECT.value,
+            "session_closed": closed,
+            "held": False,
+        }
 
     return {"pin": pin, "unpin": unpin, "reevaluate": reevaluate, "disconnect": disconnect, "reconnect": reconnect}
 

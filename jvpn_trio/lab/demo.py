@@ -306,14 +306,15 @@ class _Stopper:
         self.requested = False
         self.forced = False
 
-    def request(self, *, interactive: bool = True) -> None:
+    def request(self, *, interactive: bool = True, by: str = "") -> None:
         if self.requested:
             if interactive:
                 self.forced = True
                 self._force.cancel()
             return
         self.requested = True
-        self._client.submit_nowait(ev.CloseRequested())
+        action = ReasonCode.OPERATOR_DISCONNECT if by else None
+        self._client.submit_nowait(ev.CloseRequested(by=by, action=action))
 
 
 class _DemoSteering:
@@ -333,11 +334,11 @@ class _DemoSteering:
     def submit_nowait(self, event: Any) -> bool:
         return self._client.submit_nowait(event)
 
-    def disconnect_nowait(self) -> bool:
-        self._stopper.request(interactive=False)
+    def disconnect_nowait(self, by: str = "operator") -> bool:
+        self._stopper.request(interactive=False, by=by)
         return True
 
-    def reconnect_nowait(self) -> bool:
+    def reconnect_nowait(self, by: str = "operator") -> bool:
         raise control.ControlError("the demo runs one session: there is nothing to reconnect", code=control.ErrorCode.REFUSED)
 
 

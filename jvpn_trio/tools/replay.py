@@ -265,7 +265,12 @@ def build_machine(start: SessionStart, *, policy: Policy | None = None) -> Machi
     if start.side == "client":
         previous = SessionId.from_hex(start.previous_session) if start.previous_session else None
         return ClientSession(
-            policy=use, session_id=session_id, now=start.now, previous_session=previous, switch_times=start.switch_times
+            policy=use,
+            session_id=session_id,
+            now=start.now,
+            previous_session=previous,
+            switch_times=start.switch_times,
+            reconnect_by=start.reconnect_by,
         )
     if start.node_id is None or start.held_revision is None:
         raise BadTrace(f"gateway session {start.session[:8]}: start line lacks node_id/held_revision")

@@ -16,7 +16,7 @@ from jvpn_trio.drivers import event_sink
 
 #: Events buffered for the plain-line printer; a stalled terminal drops lines, never decisions.
 PRINTER_CAPACITY = 1024
-_SHOWN_DETAILS = ("from_state", "to_state", "from_path", "to_path", "path", "verdict", "binding", "endpoint")
+_SHOWN_DETAILS = ("from_state", "to_state", "from_path", "to_path", "path", "verdict", "binding", "endpoint", "by", "applied")
 
 
 def format_event_line(event: EmitEvent) -> str:

@@ -78,10 +78,13 @@ KIND_STYLES: Mapping[str, str] = {
     EventKind.SWITCH_DENIED.value: "magenta",
     EventKind.REATTACH_REJECTED.value: "yellow",
     EventKind.PATH_HEALTH.value: "dim",
+    EventKind.OPERATOR_ACTION.value: "bold blue",
 }
 KIND_LABELS: Mapping[str, str] = {"ethernet": "Ethernet", "wifi": "Wi-Fi", "lte": "LTE"}
 #: What the events pane shows by default; ``e`` (detail) shows every kind, with its details.
-HEADLINE_KINDS = frozenset({EventKind.STATE_CHANGE, EventKind.TRANSPORT_SWITCH, EventKind.SECURITY_EVENT})
+HEADLINE_KINDS = frozenset(
+    {EventKind.STATE_CHANGE, EventKind.TRANSPORT_SWITCH, EventKind.SECURITY_EVENT, EventKind.OPERATOR_ACTION}
+)
 #: Events kept in a view model (newest first): more than any terminal shows.
 MAX_EVENTS = 40
 #: RTT samples in a sparkline (the core keeps ``health.RTT_HISTORY_LEN``).
@@ -222,6 +225,10 @@ def event_view(event: EmitEvent, *, origin: float, names: Mapping[str, str] | No
         summary = f"{_path_label(details.get('path'), names)} {details.get('verdict')}"
     elif kind is EventKind.SECURITY_EVENT:
         summary = f"from {details.get('endpoint') or '?'}"
+    elif kind is EventKind.OPERATOR_ACTION:
+        target = details.get("path")
+        refused = " (path gone: not applied)" if details.get("applied") is False else ""
+        summary = f"{_path_label(target, names) + ' ' if target else ''}by {details.get('by') or '?'}{refused}"
     elif kind is EventKind.SWITCH_DENIED:
         target = details.get("target")
         summary = (

@@ -12,6 +12,7 @@ from jvpn_trio.core.actions import (
     ReleaseTransport,
     SendReattach,
     SendReattachAck,
+    SendClose,
     SendReattachReject,
     Terminate,
 )
@@ -278,6 +279,68 @@ def test_operator_pin_switches_with_reason_and_holds() -> None:
     pair._client(ev.PinRequested(path=None))
     pair.run(1.0)
     assert pair.client.record.binding.path == P1
+
+
+def test_every_operator_action_is_logged_with_who_asked_and_changes_no_version() -> None:
+    pair = Pair.start()
+    pair.run(1.0)
+    version = pair.client.record.version
+    pin = pair._client(ev.PinRequested(path=P3, by="uid 1000"))
+    first = [a for a in pin if isinstance(a, EmitEvent)][0]
+    # The request is logged before the switch it causes, at the version it was asked at.
+    assert (first.kind, first.reason, first.version) == (EventKind.OPERATOR_ACTION, R.OPERATOR_PIN, version)
+    assert (first.detail("by"), first.detail("path"), first.detail("applied")) == ("uid 1000", "p3", True)
+    reevaluate = kinds(pair._client(ev.ReevaluateRequested(by="ui")), EventKind.OPERATOR_ACTION)
+    assert [(e.reason, e.detail("by")) for e in reevaluate] == [(R.OPERATOR_REEVALUATE, "ui")]
+    unpin = kinds(pair._client(ev.PinRequested(path=None, by="uid 0")), EventKind.OPERATOR_ACTION)
+    assert [(e.reason, e.detail("path"), e.detail("applied")) for e in unpin] == [(R.OPERATOR_UNPIN, None, True)]
+    assert pair.client.pinned is None
+
+
+def test_the_agents_own_reevaluation_is_not_an_operator_action() -> None:
+    pair = Pair.start()
+    pair.run(1.0)
+    assert kinds(pair._client(ev.ReevaluateRequested()), EventKind.OPERATOR_ACTION) == []
+
+
+def test_a_pin_on_a_path_that_vanished_is_logged_as_not_applied_and_keeps_the_old_pin() -> None:
+    pair = Pair.start()
+    pair.run(1.0)
+    pair._client(ev.PinRequested(path=P2, by="ui"))
+    pair._client(ev.PathRemoved(path=P3))
+    logged = kinds(pair._client(ev.PinRequested(path=P3, by="ui")), EventKind.OPERATOR_ACTION)
+    assert [(e.detail("path"), e.detail("applied")) for e in logged] == [("p3", False)]
+    assert pair.client.pinned == P2
+
+
+def test_an_operator_disconnect_is_logged_before_the_explicit_close() -> None:
+    pair = Pair.start()
+    pair.run(1.0)
+    actions = pair.close("client", ev.CloseRequested(by="uid 1000", action=R.OPERATOR_DISCONNECT))
+    emitted = [a for a in actions if isinstance(a, EmitEvent)]
+    assert [(e.kind, e.reason) for e in emitted] == [
+        (EventKind.OPERATOR_ACTION, R.OPERATOR_DISCONNECT),
+        (EventKind.STATE_CHANGE, R.LOCAL_CLOSE),
+    ]
+    assert [a.reason for a in actions if isinstance(a, SendClose)] == [R.LOCAL_CLOSE]
+    assert kinds(pair.events("gateway"), EventKind.STATE_CHANGE)[-1].detail("peer_reason") == "LOCAL_CLOSE"
+
+
+def test_a_removed_peer_ends_with_its_own_reason_on_both_sides() -> None:
+    pair = Pair.start()
+    pair.run(1.0)
+    actions = pair.close("gateway", ev.CloseRequested(reason=R.PEER_REMOVED))
+    assert [a.reason for a in actions if isinstance(a, SendClose)] == [R.PEER_REMOVED]
+    assert kinds(pair.events("gateway"), EventKind.STATE_CHANGE)[-1].reason is R.PEER_REMOVED
+    client_end = kinds(pair.events("client"), EventKind.STATE_CHANGE)[-1]
+    assert (client_end.reason, client_end.detail("peer_reason")) == (R.PEER_CLOSE, "PEER_REMOVED")
+
+
+def test_a_close_with_a_reason_that_is_not_a_close_reason_still_ends_explicitly() -> None:
+    pair = Pair.start()
+    actions = pair._client(ev.CloseRequested(reason=R.SESSION_TTL_EXPIRED))
+    assert [a.reason for a in actions if isinstance(a, Terminate)] == [R.LOCAL_CLOSE]
+    assert pair.client.counters["unknown_close_reasons"] == 1
 
 
 def test_lost_ack_resynchronises_through_stale_version_and_already_bound() -> None:

@@ -591,3 +591,43 @@ async def test_a_short_suspend_probes_every_path_at_once(autojump_clock: trio.ab
         at_resume = {src for t, src in probes if t == noticed}
         assert at_resume == {client_addr(i) for i in (1, 2, 3)}
         assert world.agent.sessions_started == 1 and session_of(await world.wait_attached(1)) == first
+
+
+# -- an operator's disconnect and reconnect -------------------------------------------------------
+
+
+async def test_disconnect_holds_the_agent_and_reconnect_starts_a_session_logged_with_who_asked(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    world = AgentWorld()
+    async with running(world, within=120):
+        first = session_of(await world.wait_attached(1))
+        assert world.agent.disconnect_nowait("uid 1000") is True
+        await world.agent.status.wait_value(lambda s: s is not None and s.snapshot is None)
+        # Held: however long it waits, no handshake leaves and no session starts.
+        inits = handshake_inits(world)
+        await trio.sleep(world.policy.reconnect_max_ms / 1000.0 * 3)
+        assert inits == [] and world.agent.held and world.agent.sessions_started == 1
+        ended = [e for e in world.client_events if e.session == first.hex][-2:]
+        assert [(e.kind, e.reason, e.detail("by")) for e in ended] == [
+            (EventKind.OPERATOR_ACTION, ReasonCode.OPERATOR_DISCONNECT, "uid 1000"),
+            (EventKind.STATE_CHANGE, ReasonCode.LOCAL_CLOSE, None),
+        ]
+        asked_at = trio.current_time()
+        assert world.agent.reconnect_nowait("uid 0") is False  # no live session to close
+        second = session_of(await world.wait_attached(2))
+        assert inits and inits[0][0] <= asked_at + world.policy.reconnect_initial_ms / 1000.0
+        born = [e for e in world.client_events if e.session == second.hex][:2]
+        assert [(e.reason, e.detail("by")) for e in born] == [
+            (ReasonCode.SESSION_CREATED, None),
+            (ReasonCode.OPERATOR_RECONNECT, "uid 0"),
+        ]
+        await world.data_flows()
+        # On a live session, reconnect closes it (logged) and the next one follows.
+        assert world.agent.reconnect_nowait("uid 0") is True
+        third = session_of(await world.wait_attached(3))
+        closing = [e for e in world.client_events if e.session == second.hex][-2:]
+        assert [e.reason for e in closing] == [ReasonCode.OPERATOR_RECONNECT, ReasonCode.LOCAL_CLOSE]
+        assert third not in (first, second) and not world.agent_returned
+    report = audit_events(world.client_events, policy=world.policy, role="client")
+    assert report.ok, [str(v) for v in report.violations]

@@ -93,12 +93,16 @@ class FakeAgent:
             self.inputs.append(event)
         return self.accept
 
-    def disconnect_nowait(self) -> bool:
+    callers: list[str] = attrs.field(factory=list)
+
+    def disconnect_nowait(self, by: str = "operator") -> bool:
+        self.callers.append(by)
         self.held = True
         closed, self.live_session = self.live_session, False
         return closed
 
-    def reconnect_nowait(self) -> bool:
+    def reconnect_nowait(self, by: str = "operator") -> bool:
+        self.callers.append(by)
         self.held = False
         return self.live_session
 
@@ -302,17 +306,27 @@ async def test_each_steering_command_is_one_core_input_or_agent_call(rig: Rig) -
             reconnect = await client.reconnect()
     assert by_id == {"input": "PinRequested", "path": "p2", "interface": "wlan0", "reason": "OPERATOR_PIN"}
     assert by_name["path"] == "p1"
-    assert unpin == {"input": "PinRequested", "path": None}
-    assert again == {"input": "ReevaluateRequested"}
-    assert disconnect == {"input": "CloseRequested", "reason": "LOCAL_CLOSE", "session_closed": True, "held": True}
+    assert unpin == {"input": "PinRequested", "path": None, "reason": "OPERATOR_UNPIN"}
+    assert again == {"input": "ReevaluateRequested", "reason": "OPERATOR_REEVALUATE"}
+    assert disconnect == {"input": "CloseRequested", "reason": "OPERATOR_DISCONNECT", "session_closed": True, "held": True}
     assert held and not rig.agent.held
-    assert reconnect == {"input": None, "reason": "LOCAL_CLOSE", "session_closed": False, "held": False}
+    assert reconnect == {"input": None, "reason": "OPERATOR_RECONNECT", "session_closed": False, "held": False}
+    # Each input names its caller as the kernel saw it (SO_PEERCRED), for the event log.
+    me = f"uid {os.geteuid()}"
     assert rig.agent.inputs == [
-        ev.PinRequested(path=PathId(2)),
-        ev.PinRequested(path=PathId(1)),
-        ev.PinRequested(path=None),
-        ev.ReevaluateRequested(),
+        ev.PinRequested(path=PathId(2), by=me),
+        ev.PinRequested(path=PathId(1), by=me),
+        ev.PinRequested(path=None, by=me),
+        ev.ReevaluateRequested(by=me),
     ]
+    assert rig.agent.callers == [me, me]
+
+
+async def test_a_caller_field_sent_by_the_client_cannot_name_someone_else(rig: Rig) -> None:
+    with trio.fail_after(IO_TIMEOUT_S):
+        async with open_control_client(rig.path) as client:
+            await client.request("pin", path="p1", caller="uid 0")
+    assert rig.agent.inputs == [ev.PinRequested(path=PathId(1), by=f"uid {os.geteuid()}")]
 
 
 async def test_an_input_the_agent_cannot_take_is_refused_not_queued(rig: Rig) -> None:
@@ -617,7 +631,8 @@ async def test_a_group_member_may_steer_when_configured(public_dir: Path) -> Non
             hello, _status, pin, _down, _events = await as_nobody(path, PEER_REQUESTS, groups=NOBODY_GROUP)
             nursery.cancel_scope.cancel()
     assert hello["result"]["access"] == "steer"
-    assert pin["result"]["path"] == "p1" and agent.inputs == [ev.PinRequested(path=PathId(1))]
+    # The log names the member who pinned, as the kernel saw it, not whoever runs the agent.
+    assert pin["result"]["path"] == "p1" and agent.inputs == [ev.PinRequested(path=PathId(1), by="uid 65534")]
 
 
 @needs_root

@@ -276,9 +276,10 @@ class PairProperties(_PairMachine):
     def pin(self, path: int | None) -> None:
         self.p.pin(path)
 
-    @rule()
-    def reevaluate(self) -> None:
-        self.p._client(ev.ReevaluateRequested())
+    @rule(by=st.sampled_from(("", "uid 1000")))
+    def reevaluate(self, by: str) -> None:
+        """A fresh decision, asked by the agent itself or by a person."""
+        self.p._client(ev.ReevaluateRequested(by=by))
 
     @rule(kind=st.sampled_from(("replay", *FORGERY_KINDS)), path=st.sampled_from(PATHS))
     def attack(self, kind: str, path: int) -> None:
@@ -332,7 +333,7 @@ class PairProperties(_PairMachine):
         self.p.set_store(kind)
 
     @rule(
-        kind=st.sampled_from(("close", "keys_exhausted", "ownership_lost")),
+        kind=st.sampled_from(("close", "operator_close", "peer_removed", "keys_exhausted", "ownership_lost")),
         side=st.sampled_from(("client", "gateway")),
         roll=st.integers(0, 7),
     )
@@ -343,6 +344,11 @@ class PairProperties(_PairMachine):
         RUN_STATS[f"end_{kind}"] += 1
         if kind == "close":
             self.p.close(side)
+        elif kind == "operator_close":  # disconnect/reconnect from the UI: logged, then LOCAL_CLOSE
+            action = R.OPERATOR_DISCONNECT if roll % 2 else R.OPERATOR_RECONNECT
+            self.p.close(side, ev.CloseRequested(by="uid 1000", action=action))
+        elif kind == "peer_removed":  # the gateway's operator removed the peer (reload)
+            self.p.close("gateway", ev.CloseRequested(reason=R.PEER_REMOVED))
         elif kind == "ownership_lost":
             self.p.lose_ownership()
         elif side == "client":
