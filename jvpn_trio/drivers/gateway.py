@@ -30,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -163,8 +163,10 @@ class ServedSession:
     peer: GatewayPeer
     address: ipaddress.IPv4Address
     address6: ipaddress.IPv6Address | None = None
-    ports: dict[Address, DatagramPort] = attrs.Factory(dict)  # where DATA to this endpoint leaves
-    control_ports: dict[Address, DatagramPort] = attrs.Factory(dict)  # where control replies leave
+    # Where DATA / control replies to this endpoint leave: the port its datagrams came in on, which on a
+    # wildcard listener also fixes the local address replies leave from (the one the client reached).
+    ports: dict[Address, DatagramPort] = attrs.Factory(dict)
+    control_ports: dict[Address, DatagramPort] = attrs.Factory(dict)
     paths: dict[Address, PathId] = attrs.Factory(dict)
     init_path: PathId | None = None
     last_alive_report: float = -math.inf
@@ -179,7 +181,7 @@ class ServedSession:
         return self.core.record.session_id
 
     def learn(self, addr: Address, port: DatagramPort, path: PathId | None, *, control: bool) -> None:
-        """Remember how to answer ``addr``: by the port it used, per kind of traffic (bounded)."""
+        """Remember how to answer ``addr``: by the port (and local address) it used, per kind of traffic (bounded)."""
         table = self.control_ports if control else self.ports
         if addr not in table and len(table) >= MAX_ENDPOINTS_PER_SESSION:
             table.pop(next(iter(table)))
@@ -450,11 +452,27 @@ class GatewayRuntime:
 
     # -- receiving ------------------------------------------------------------------------------
     async def _receive(self, port: DatagramPort) -> None:
+        """Feed ``port``'s datagrams in, each with the port to answer it by.
+
+        A wildcard listener (``udp.PathSocket.recv_batch_routed``) names, per
+        datagram, a port that sends from the local address it reached; that is
+        what the handshake response uses and what the session learns for the
+        endpoint, so a multi-homed gateway answers from the address the client
+        sent to (udp.py, "Answering").  Other ports answer by themselves.
+        """
+        routed: Callable[[int], Awaitable[list[tuple[bytes, Address, DatagramPort]]]] | None
+        routed = getattr(port, "recv_batch_routed", None)
+        if routed is None:
+            while True:
+                batch = await port.recv_batch(BATCH)
+                now = trio.current_time()
+                for data, addr in batch:
+                    await self._on_datagram(port, data, addr, now)
         while True:
-            batch = await port.recv_batch(BATCH)
+            routed_batch = await routed(BATCH)
             now = trio.current_time()
-            for data, addr in batch:
-                await self._on_datagram(port, data, addr, now)
+            for data, addr, reply in routed_batch:
+                await self._on_datagram(reply, data, addr, now)
 
     async def _on_datagram(self, port: DatagramPort, data: bytes, addr: Address, now: float) -> None:
         try:

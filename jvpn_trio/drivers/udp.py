@@ -52,6 +52,28 @@ route MTU allows; EIO: the device cannot checksum), it falls back to one
 ``sendto`` per datagram, which the kernel fragments like any datagram
 (docs/mtu.md).
 
+**Answering from the address a request reached** (a listener bound to a
+wildcard, ``0.0.0.0`` or ``::``).  A host with several addresses (a service
+address on loopback, a second uplink) would otherwise answer from whichever
+source the routing table picks for the reply, and a client that accepts
+replies only from the address it sent to (ours does) never hears them.  Such a
+socket turns on ``IP_PKTINFO`` / ``IPV6_RECVPKTINFO``, reads every datagram
+with ``recvmsg`` (the same call and control buffer as GRO, whose control
+message may come alongside) and finds the local address the datagram reached
+(IPv4: ``ipi_spec_dst``, the header's destination for unicast; IPv6:
+``ipi6_addr``).  :meth:`PathSocket.recv_batch_routed` returns each datagram
+with the port to answer it by: a :class:`SourcedPort`, the same socket sending
+with an ``in_pktinfo`` / ``in6_pktinfo`` control message that names that
+address as the source (interface index 0: routing still picks the interface),
+next to ``UDP_SEGMENT`` for GSO.  There is one SourcedPort per local address
+(at most :data:`MAX_SOURCED_PORTS` are kept for reuse), so whoever remembers
+the port remembers the address.  When the kernel refuses the source because
+the address has left the host (:data:`_SOURCE_REFUSED_ERRNOS`), the datagram
+is sent again without it, from wherever routing says, and counted in
+``source_fallbacks``.  A socket bound to one address needs none of this and
+keeps ``recvfrom``.  This is the idea of wireguard-go's "sticky sockets"
+(``conn/sticky_linux.go``) and OpenVPN's ``--multihome``.
+
 Addresses passed to send calls must be numeric (``("10.0.0.1", 51820)``): a
 host name would make the stdlib resolve it with a blocking DNS lookup.
 
@@ -87,7 +109,11 @@ __all__ = [
     "GRO_MAX_SEGMENTS",
     "GSO_MAX_BYTES",
     "GSO_MAX_SEGMENTS",
+    "IPV6_PKTINFO",
+    "IPV6_RECVPKTINFO",
+    "IP_PKTINFO",
     "MAX_SOCKET_BUFFER_BYTES",
+    "MAX_SOURCED_PORTS",
     "PATH_ERRNOS",
     "RECV_SIZE",
     "UDP_GRO",
@@ -98,9 +124,12 @@ __all__ = [
     "PathSocketError",
     "SendResult",
     "SendStatus",
+    "SourcedPort",
     "UdpStatistics",
     "open_listener_socket",
     "open_path_socket",
+    "pktinfo_cmsg",
+    "pktinfo_source",
     "split_gro_buffer",
 ]
 
@@ -108,6 +137,16 @@ __all__ = [
 UDP_SEGMENT: Final = 103
 UDP_GRO: Final = 104
 _SOL_UDP: Final = socket.IPPROTO_UDP
+#: ``<linux/in.h>`` IP_PKTINFO = 8 (Python 3.11 has no name for it; a newer one does) and
+#: ``<linux/in6.h>`` IPV6_RECVPKTINFO = 49 (ask for the destination), IPV6_PKTINFO = 50 (the
+#: control message's type, on receive and send): the one place these numbers are written.
+IP_PKTINFO: Final[int] = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO: Final[int] = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO: Final[int] = getattr(socket, "IPV6_PKTINFO", 50)
+#: ``struct in_pktinfo {int ipi_ifindex; struct in_addr ipi_spec_dst, ipi_addr;}`` and
+#: ``struct in6_pktinfo {struct in6_addr ipi6_addr; unsigned ipi6_ifindex;}``.
+_IN_PKTINFO = struct.Struct("=i4s4s")
+_IN6_PKTINFO = struct.Struct("=16sI")
 
 #: Default receive buffer asked for: about 1800 full-size datagrams (a 1200-byte
 #: datagram costs ~2.3 KiB of truesize), i.e. ~15 ms of a 1 Gbit/s burst while the
@@ -124,6 +163,10 @@ MAX_SOCKET_BUFFER_BYTES: Final = 64 * 1024 * 1024
 RECV_SIZE: Final = 65535
 #: The kernel coalesces at most this many datagrams into one GRO buffer (UDP_GRO_CNT_MAX).
 GRO_MAX_SEGMENTS: Final = 64
+#: Local addresses a wildcard listener keeps a :class:`SourcedPort` for; beyond that the oldest is
+#: dropped from the cache (whoever holds it can still send with it).  AnyIP routes (``local
+#: 10.0.0.0/8 dev lo``) can give a host that many addresses; a normal one has a handful.
+MAX_SOURCED_PORTS: Final = 256
 #: Segments per GSO send; the kernel's UDP_MAX_SEGMENTS is 64 on older and 128 on newer kernels.
 GSO_MAX_SEGMENTS: Final = 64
 #: Payload bytes per GSO send: 65535 minus the IPv4 and UDP headers.
@@ -138,15 +181,21 @@ PATH_ERRNOS: Final = frozenset({
 _GSO_FALLBACK_ERRNOS: Final = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 #: ... and those after which GSO is never tried again on this socket.
 _GSO_UNSUPPORTED_ERRNOS: Final = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT})
+#: Send errnos after which a datagram that named its source is sent again without: the source is no
+#: longer a local address (IPv4 routing says ENETUNREACH, IPv6 EINVAL; EADDRNOTAVAIL for good
+#: measure).  If the retry fails too, its errno is the answer (a path error, or GSO refused).
+_SOURCE_REFUSED_ERRNOS: Final = frozenset({errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENETUNREACH})
 _PERMISSION_ERRNOS: Final = frozenset({errno.EPERM, errno.EACCES})
 # <asm-generic/socket.h>; not every typeshed knows them.
 _SO_RCVBUFFORCE: Final[int] = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE: Final[int] = getattr(socket, "SO_SNDBUFFORCE", 32)
 _GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
+_PKTINFO_CMSG_SPACE: Final = {False: socket.CMSG_SPACE(_IN_PKTINFO.size), True: socket.CMSG_SPACE(_IN6_PKTINFO.size)}
 _INT = struct.Struct("=i")
 _U16 = struct.Struct("=H")
 
 Address = tuple[Any, ...]  # (host, port), for both families (module docstring, "IPv6")
+Cmsg = tuple[int, int, bytes]  # (level, type, data), as sendmsg takes and recvmsg returns them
 
 
 class PathSocketError(Exception):
@@ -214,7 +263,9 @@ class UdpStatistics:
     counts waits for readability that ended; ``recv_batches`` non-empty batches,
     ``max_batch`` the largest.  ``gso_sends``/``gso_segments`` count GSO
     syscalls and the datagrams they carried; ``gso_fallbacks`` the GSO chunks
-    resent one datagram at a time.
+    resent one datagram at a time.  ``source_fallbacks`` counts sends that
+    named a source address the kernel refused (it left the host) and went out
+    without it.
     """
 
     datagrams_in: int
@@ -231,6 +282,7 @@ class UdpStatistics:
     gso_sends: int
     gso_segments: int
     gso_fallbacks: int
+    source_fallbacks: int = 0
 
 
 def split_gro_buffer(buffer: bytes, segment_size: int) -> list[bytes]:
@@ -238,6 +290,40 @@ def split_gro_buffer(buffer: bytes, segment_size: int) -> list[bytes]:
     if segment_size <= 0 or len(buffer) <= segment_size:
         return [buffer]
     return [buffer[i:i + segment_size] for i in range(0, len(buffer), segment_size)]
+
+
+def pktinfo_cmsg(host: str) -> Cmsg:
+    """The control message that makes a send leave from the local address ``host``.
+
+    ``in_pktinfo`` with ``ipi_spec_dst`` = host, or ``in6_pktinfo`` with
+    ``ipi6_addr`` = host; the interface index is 0, so routing still picks the
+    interface (a non-zero index would override the source on IPv4).
+    """
+    ip = ipaddress.ip_address(host)
+    if ip.version == 4:
+        return (socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, ip.packed, bytes(4)))
+    return (socket.IPPROTO_IPV6, IPV6_PKTINFO, _IN6_PKTINFO.pack(ip.packed, 0))
+
+
+def pktinfo_source(level: int, kind: int, data: bytes) -> bytes | None:
+    """The local address (4 or 16 packed bytes) a received pktinfo says the datagram reached; else None.
+
+    IPv4 takes ``ipi_spec_dst`` rather than ``ipi_addr``: they are equal for
+    unicast, and for a broadcast it is the interface's address, which can be
+    answered from while the broadcast address cannot.
+    """
+    if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+        return data[4:8]
+    if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= _IN6_PKTINFO.size:
+        return data[:16]
+    return None
+
+
+def _bounded_put(cache: dict[bytes, Any], key: bytes, value: Any) -> None:
+    """``cache[key] = value``, first dropping the oldest entry if the cache holds :data:`MAX_SOURCED_PORTS`."""
+    if len(cache) >= MAX_SOURCED_PORTS:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def _notify_closing(handle: int | socket.socket) -> None:
@@ -253,10 +339,11 @@ class PathSocket:
 
     The constructor wraps an already configured non-blocking stdlib socket
     and does no I/O.  One task receives and (at most) one task waits to send.
+    ``pktinfo`` says the socket has IP_PKTINFO / IPV6_RECVPKTINFO on.
     """
 
     def __init__(self, sock: socket.socket, *, device: str | None = None, fwmark: int | None = None,
-                 gro: bool = False, gso: bool = False) -> None:
+                 gro: bool = False, gso: bool = False, pktinfo: bool = False) -> None:
         self._sock = sock
         self._fd = sock.fileno()
         name = tuple(sock.getsockname())
@@ -270,7 +357,15 @@ class PathSocket:
         self.gro = gro
         #: Whether UDP_SEGMENT sends are tried (the kernel knows the option).
         self.gso = gso
-        self._carry: deque[tuple[bytes, Address]] = deque()
+        #: Whether each datagram comes with the local address it reached (a wildcard listener).
+        self.pktinfo = pktinfo
+        #: Control buffer for recvmsg; 0: neither GRO nor pktinfo, so plain recvfrom.
+        self._ancbufsize = (_GRO_CMSG_SPACE if gro else 0) + (_PKTINFO_CMSG_SPACE[self._v6] if pktinfo else 0)
+        self._sourced: dict[bytes, SourcedPort] = {}  # packed local address -> its port (bounded)
+        #: A received control message's data, as is -> the port to answer by: the hot path's one
+        #: dict lookup per datagram instead of parsing the pktinfo (bounded like ``_sourced``).
+        self._replies: dict[bytes, PathSocket | SourcedPort] = {}
+        self._carry: deque[tuple[bytes, Address, PathSocket | SourcedPort]] = deque()
         self._datagrams_in = 0
         self._bytes_in = 0
         self._datagrams_out = 0
@@ -285,10 +380,12 @@ class PathSocket:
         self._gso_sends = 0
         self._gso_segments = 0
         self._gso_fallbacks = 0
+        self._source_fallbacks = 0
 
     def __repr__(self) -> str:
         where = "closed" if self._fd < 0 else f"{self.local_address}"
-        return f"<PathSocket {where} device={self.device!r} fwmark={self.fwmark!r} gro={self.gro}>"
+        return (f"<PathSocket {where} device={self.device!r} fwmark={self.fwmark!r} gro={self.gro}"
+                f" pktinfo={self.pktinfo}>")
 
     def fileno(self) -> int:
         return self._fd
@@ -320,37 +417,54 @@ class PathSocket:
         Raises ``trio.ClosedResourceError`` if the socket is (or gets) closed.
         Cancellation never loses datagrams (module docstring).
         """
+        return await self._recv(max_datagrams, routed=False)
+
+    async def recv_batch_routed(self, max_datagrams: int) -> list[tuple[bytes, Address, PathSocket | SourcedPort]]:
+        """:meth:`recv_batch`, each datagram with the port to answer it by: ``(payload, source, port)``.
+
+        The port is the :class:`SourcedPort` of the local address the datagram
+        reached when the socket knows it (``pktinfo``), else this socket.
+        """
+        return await self._recv(max_datagrams, routed=True)
+
+    async def _recv(self, max_datagrams: int, *, routed: bool) -> list[Any]:
         if max_datagrams < 1:
             raise ValueError(f"max_datagrams must be at least 1, got {max_datagrams}")
         await trio.lowlevel.checkpoint_if_cancelled()
         self._live_fd()
-        batch = self._drain(max_datagrams)
+        batch = self._drain(max_datagrams, routed)
         if batch:
             await trio.lowlevel.cancel_shielded_checkpoint()
         while not batch:
             await trio.lowlevel.wait_readable(self._live_fd())
             self._recv_wakeups += 1
-            batch = self._drain(max_datagrams)  # empty on a spurious wakeup
+            batch = self._drain(max_datagrams, routed)  # empty on a spurious wakeup
         n = len(batch)
         self._datagrams_in += n
-        self._bytes_in += sum(len(d) for d, _ in batch)
+        self._bytes_in += sum(len(item[0]) for item in batch)
         self._recv_batches += 1
         if n > self._max_batch:
             self._max_batch = n
         return batch
 
-    def _drain(self, max_datagrams: int) -> list[tuple[bytes, Address]]:
-        batch: list[tuple[bytes, Address]] = []
+    def _drain(self, max_datagrams: int, routed: bool) -> list[Any]:
+        """Up to ``max_datagrams`` ready datagrams: ``(payload, source, reply port)`` if ``routed``, else pairs."""
+        batch: list[Any] = []
         carry = self._carry
         while carry and len(batch) < max_datagrams:
-            batch.append(carry.popleft())
+            item = carry.popleft()
+            batch.append(item if routed else item[:2])
         if carry:
             return batch
         sock = self._sock
         try:
-            if not self.gro:
+            if not self._ancbufsize:  # neither GRO nor pktinfo: recvfrom is the cheapest call
                 recvfrom = sock.recvfrom
-                if self._v6:
+                if routed:
+                    while len(batch) < max_datagrams:
+                        data, source = recvfrom(RECV_SIZE)
+                        batch.append((data, source[:2], self))
+                elif self._v6:
                     while len(batch) < max_datagrams:
                         data, source = recvfrom(RECV_SIZE)
                         batch.append((data, source[:2]))
@@ -358,25 +472,51 @@ class PathSocket:
                     while len(batch) < max_datagrams:
                         batch.append(recvfrom(RECV_SIZE))
             else:
+                recvmsg, ancbufsize, replies, v6 = sock.recvmsg, self._ancbufsize, self._replies, self._v6
                 while len(batch) < max_datagrams:
-                    data, ancdata, _flags, source = sock.recvmsg(RECV_SIZE, _GRO_CMSG_SPACE)
-                    source = source[:2]
+                    data, ancdata, _flags, source = recvmsg(RECV_SIZE, ancbufsize)
+                    if v6:
+                        source = source[:2]
                     segment_size = 0
+                    reply: PathSocket | SourcedPort = self
                     for level, kind, cdata in ancdata:
-                        if level == _SOL_UDP and kind == UDP_GRO and len(cdata) >= _INT.size:
-                            segment_size = _INT.unpack_from(cdata)[0]
+                        if kind == UDP_GRO and level == _SOL_UDP:
+                            if len(cdata) >= _INT.size:
+                                segment_size = _INT.unpack_from(cdata)[0]
+                        else:
+                            reply = replies.get(cdata) or self._reply_port(level, kind, cdata)
                     if 0 < segment_size < len(data):
                         pieces = split_gro_buffer(data, segment_size)
                         self._gro_buffers += 1
                         self._gro_segments += len(pieces)
                         room = max_datagrams - len(batch)
-                        batch.extend((p, source) for p in pieces[:room])
-                        carry.extend((p, source) for p in pieces[room:])
+                        if routed:
+                            batch.extend((p, source, reply) for p in pieces[:room])
+                        else:
+                            batch.extend((p, source) for p in pieces[:room])
+                        carry.extend((p, source, reply) for p in pieces[room:])
                     else:
-                        batch.append((data, source))
+                        batch.append((data, source, reply) if routed else (data, source))
         except BlockingIOError:
             pass
         return batch
+
+    def _reply_port(self, level: int, kind: int, cdata: bytes) -> PathSocket | SourcedPort:
+        """The port to answer a datagram that came with this control message by (cached, bounded).
+
+        A pktinfo gives the :class:`SourcedPort` of the address it names (one
+        per address); any other message, this socket.
+        """
+        local = pktinfo_source(level, kind, cdata)
+        port: PathSocket | SourcedPort = self
+        if local is not None:
+            sourced = self._sourced.get(local)
+            if sourced is None:
+                sourced = SourcedPort(self, ipaddress.ip_address(local).compressed)
+                _bounded_put(self._sourced, local, sourced)
+            port = sourced
+        _bounded_put(self._replies, cdata, port)
+        return port
 
     # -- sending --------------------------------------------------------------------------
 
@@ -385,9 +525,13 @@ class PathSocket:
 
         Raises ``trio.ClosedResourceError`` once closed, OSError for bugs (EMSGSIZE...).
         """
+        return self._send_one(data, addr, None)
+
+    def _send_one(self, data: bytes | bytearray | memoryview, addr: Address, source: Cmsg | None) -> SendResult:
+        """One datagram, from the address ``source`` names (a :func:`pktinfo_cmsg`) or wherever routing says."""
         self._live_fd()
         try:
-            sent = self._sock.sendto(data, addr)
+            sent = self._sock.sendto(data, addr) if source is None else self._sendmsg(data, [source], addr)
         except BlockingIOError:
             self._sends_would_block += 1
             return SendResult.WOULD_BLOCK
@@ -396,6 +540,19 @@ class PathSocket:
         self._datagrams_out += 1
         self._bytes_out += sent
         return SendResult.OK
+
+    def _sendmsg(self, payload: bytes | bytearray | memoryview, ancdata: list[Cmsg], addr: Address) -> int:
+        """sendmsg whose last control message names the source; if the kernel refuses that
+        source (the address left the host), send once more without it and count that."""
+        try:
+            return self._sock.sendmsg([payload], ancdata, 0, addr)
+        except OSError as exc:
+            if exc.errno not in _SOURCE_REFUSED_ERRNOS:
+                raise
+        rest = ancdata[:-1]
+        sent = self._sock.sendmsg([payload], rest, 0, addr) if rest else self._sock.sendto(payload, addr)
+        self._source_fallbacks += 1
+        return sent
 
     def _path_error(self, exc: OSError) -> SendResult:
         if exc.errno not in PATH_ERRNOS:
@@ -424,6 +581,10 @@ class PathSocket:
         Stops at the first send that is not OK and reports how many segments
         went out before it; never raises for EAGAIN or :data:`PATH_ERRNOS`.
         """
+        return self._send_segments(segments, addr, None)
+
+    def _send_segments(self, segments: Sequence[bytes | bytearray | memoryview], addr: Address,
+                       source: Cmsg | None) -> BatchSendResult:
         self._live_fd()
         n = len(segments)
         if n == 0:
@@ -431,15 +592,15 @@ class PathSocket:
         size = len(segments[0])
         if (n == 1 or not self.gso or size == 0 or len(segments[-1]) > size or len(segments[-1]) == 0
                 or any(len(segments[i]) != size for i in range(1, n - 1))):
-            return self._send_each(segments, 0, n, addr)
+            return self._send_each(segments, 0, n, addr, source)
         per_chunk = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
         sent = 0
         while sent < n:
             end = min(n, sent + per_chunk)
-            result = self._send_gso(segments, sent, end, size, addr)
+            result = self._send_gso(segments, sent, end, size, addr, source)
             if result is None:  # the kernel would not segment this chunk: one by one
                 self._gso_fallbacks += 1
-                batch = self._send_each(segments, sent, end, addr)
+                batch = self._send_each(segments, sent, end, addr, source)
                 if not batch.result.ok:
                     return batch
             elif not result.ok:
@@ -448,13 +609,17 @@ class PathSocket:
         return BatchSendResult(n, SendResult.OK)
 
     def _send_gso(self, segments: Sequence[bytes | bytearray | memoryview], start: int, end: int, size: int,
-                  addr: Address) -> SendResult | None:
+                  addr: Address, source: Cmsg | None) -> SendResult | None:
         """One GSO sendmsg of ``segments[start:end]``; None when the kernel refused to segment it."""
         if end - start == 1:
-            return self.send_nowait(segments[start], addr)
+            return self._send_one(segments[start], addr, source)
         payload = b"".join(segments[start:end])
+        gso = (_SOL_UDP, UDP_SEGMENT, _U16.pack(size))
         try:
-            sent = self._sock.sendmsg([payload], [(_SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr)
+            if source is None:
+                sent = self._sock.sendmsg([payload], [gso], 0, addr)
+            else:
+                sent = self._sendmsg(payload, [gso, source], addr)
         except BlockingIOError:
             self._sends_would_block += 1
             return SendResult.WOULD_BLOCK
@@ -471,9 +636,9 @@ class PathSocket:
         return SendResult.OK
 
     def _send_each(self, segments: Sequence[bytes | bytearray | memoryview], start: int, end: int,
-                   addr: Address) -> BatchSendResult:
+                   addr: Address, source: Cmsg | None) -> BatchSendResult:
         for i in range(start, end):
-            result = self.send_nowait(segments[i], addr)
+            result = self._send_one(segments[i], addr, source)
             if not result.ok:
                 return BatchSendResult(i, result)
         return BatchSendResult(end, SendResult.OK)
@@ -488,6 +653,7 @@ class PathSocket:
             recv_wakeups=self._recv_wakeups, recv_batches=self._recv_batches, max_batch=self._max_batch,
             gro_buffers=self._gro_buffers, gro_segments=self._gro_segments,
             gso_sends=self._gso_sends, gso_segments=self._gso_segments, gso_fallbacks=self._gso_fallbacks,
+            source_fallbacks=self._source_fallbacks,
         )
 
     def close(self) -> None:
@@ -498,10 +664,45 @@ class PathSocket:
         _notify_closing(self._sock)
         self._sock.close()
         self._carry.clear()
+        self._sourced.clear()
+        self._replies.clear()
 
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+
+class SourcedPort:
+    """A wildcard listener answering from one of its local addresses (module docstring, "Answering").
+
+    :meth:`PathSocket.recv_batch_routed` hands one out with each datagram
+    that reached ``source``; whoever keeps it to answer that client keeps the
+    address too.  Receiving, statistics and closing are the socket's.
+    """
+
+    __slots__ = ("_cmsg", "socket", "source")
+
+    def __init__(self, sock: PathSocket, source: str) -> None:
+        self.socket = sock
+        #: The local address replies leave from, e.g. ``"127.0.0.2"``.
+        self.source = source
+        self._cmsg = pktinfo_cmsg(source)
+
+    def __repr__(self) -> str:
+        return f"<SourcedPort from {self.source} on {self.socket!r}>"
+
+    def send_nowait(self, data: bytes | bytearray | memoryview, addr: Address) -> SendResult:
+        """:meth:`PathSocket.send_nowait` from ``source``."""
+        return self.socket._send_one(data, addr, self._cmsg)
+
+    def send_segments_nowait(self, segments: Sequence[bytes | bytearray | memoryview],
+                             addr: Address) -> BatchSendResult:
+        """:meth:`PathSocket.send_segments_nowait` from ``source`` (GSO and pktinfo in one sendmsg)."""
+        return self.socket._send_segments(segments, addr, self._cmsg)
+
+    async def recv_batch(self, max_datagrams: int) -> list[tuple[bytes, Address]]:
+        """The socket's :meth:`PathSocket.recv_batch` (datagrams to any of its addresses)."""
+        return await self.socket.recv_batch(max_datagrams)
 
 
 #: The gateway's socket is the same class, opened with :func:`open_listener_socket`.
@@ -533,10 +734,12 @@ def _numeric_host(host: str, family: int) -> None:
 
 
 def _setup(*, bind: Address, device: str | None, fwmark: int | None, family: int, gro: bool,
-           rcvbuf: int, sndbuf: int) -> PathSocket:
+           rcvbuf: int, sndbuf: int, pktinfo: bool = False) -> PathSocket:
+    """A configured, bound socket; ``pktinfo``: report destination addresses if ``bind`` is a wildcard."""
     if family not in (socket.AF_INET, socket.AF_INET6):
         raise PathSocketError(f"unsupported address family {family!r}")
     _numeric_host(bind[0], family)
+    pktinfo = pktinfo and ipaddress.ip_address(bind[0]).is_unspecified
     _check_buffer("rcvbuf", rcvbuf)
     _check_buffer("sndbuf", sndbuf)
     if fwmark is not None and not 0 <= fwmark <= 0xFFFFFFFF:
@@ -571,6 +774,12 @@ def _setup(*, bind: Address, device: str | None, fwmark: int | None, family: int
             if exc.errno not in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 raise
             gso_on = False
+        if pktinfo:
+            step = "ask for destination addresses (IP_PKTINFO / IPV6_RECVPKTINFO)"
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         step = f"bind {bind[0]} port {bind[1]}"
         sock.bind(bind)
     except OSError as exc:
@@ -584,7 +793,17 @@ def _setup(*, bind: Address, device: str | None, fwmark: int | None, family: int
     except BaseException:
         sock.close()
         raise
-    return PathSocket(sock, device=device, fwmark=fwmark, gro=gro_on, gso=gso_on)
+    return PathSocket(sock, device=device, fwmark=fwmark, gro=gro_on, gso=gso_on, pktinfo=pktinfo)
+
+
+@asynccontextmanager
+async def _opened(**setup: Any) -> AsyncIterator[PathSocket]:
+    await trio.lowlevel.checkpoint()
+    path = _setup(**setup)
+    try:
+        yield path
+    finally:
+        path.close()
 
 
 @asynccontextmanager
@@ -600,12 +819,9 @@ async def open_path_socket(*, bind: Address = ("0.0.0.0", 0), device: str | None
     Raises :class:`PathSocketError` (one line): unknown device, no
     permission for SO_BINDTODEVICE/SO_MARK, address in use or not local.
     """
-    await trio.lowlevel.checkpoint()
-    path = _setup(bind=bind, device=device, fwmark=fwmark, family=family, gro=gro, rcvbuf=rcvbuf, sndbuf=sndbuf)
-    try:
+    async with _opened(bind=bind, device=device, fwmark=fwmark, family=family, gro=gro, rcvbuf=rcvbuf,
+                       sndbuf=sndbuf) as path:
         yield path
-    finally:
-        path.close()
 
 
 @asynccontextmanager
@@ -614,10 +830,10 @@ async def open_listener_socket(bind: Address, *, family: int = socket.AF_INET, g
                                sndbuf: int = DEFAULT_SNDBUF_BYTES) -> AsyncIterator[ListenerSocket]:
     """Open the gateway's UDP socket bound to ``bind`` (no device, no mark).
 
-    Bind the exact public address rather than 0.0.0.0 when clients check
-    where replies come from: a wildcard socket answers from the address of
-    the outgoing interface (platform-notes section 1).
+    Bound to a wildcard (``0.0.0.0``, ``::``) it has ``pktinfo`` on, so that
+    :meth:`PathSocket.recv_batch_routed` hands out ports answering from the
+    address each client reached (module docstring, "Answering").
     """
-    async with open_path_socket(bind=bind, device=None, fwmark=None, family=family, gro=gro,
-                                rcvbuf=rcvbuf, sndbuf=sndbuf) as sock:
+    async with _opened(bind=bind, device=None, fwmark=None, family=family, gro=gro, rcvbuf=rcvbuf,
+                       sndbuf=sndbuf, pktinfo=True) as sock:
         yield sock

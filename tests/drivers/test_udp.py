@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import secrets
 import socket
+import struct
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -27,16 +29,24 @@ import pytest
 import trio
 import trio.testing
 
+from jvpn_trio.drivers import udp
 from jvpn_trio.drivers.udp import (
     DEFAULT_RCVBUF_BYTES,
+    IP_PKTINFO,
+    IPV6_PKTINFO,
+    IPV6_RECVPKTINFO,
     PATH_ERRNOS,
+    UDP_SEGMENT,
     BatchSendResult,
     PathSocket,
     PathSocketError,
     SendResult,
     SendStatus,
+    SourcedPort,
     open_listener_socket,
     open_path_socket,
+    pktinfo_cmsg,
+    pktinfo_source,
     split_gro_buffer,
 )
 
@@ -62,6 +72,14 @@ async def _recv_exactly(sock: PathSocket, count: int, *, max_datagrams: int = 64
     got: list[tuple[bytes, Any]] = []
     while len(got) < count:
         got.extend(await sock.recv_batch(max_datagrams))
+    assert len(got) == count
+    return got
+
+
+async def _recv_routed_exactly(sock: PathSocket, count: int, *, max_datagrams: int = 64) -> list[tuple[bytes, Any, Any]]:
+    got: list[tuple[bytes, Any, Any]] = []
+    while len(got) < count:
+        got.extend(await sock.recv_batch_routed(max_datagrams))
     assert len(got) == count
     return got
 
@@ -146,6 +164,119 @@ async def test_ipv4_and_ipv6_wildcards_share_a_port() -> None:
                 (got4,) = await _recv_exactly(v4, 1)
                 (got6,) = await _recv_exactly(v6, 1)
     assert got4 == (b"four", c4.local_address) and got6 == (b"six", c6.local_address)
+
+
+# -- answering from the address a request reached (IP_PKTINFO / IPV6_PKTINFO) -----------------
+
+def test_pktinfo_constants_are_the_linux_values() -> None:
+    assert (IP_PKTINFO, IPV6_RECVPKTINFO, IPV6_PKTINFO) == (8, 49, 50)
+
+
+def test_pktinfo_cmsg_layout() -> None:
+    """in_pktinfo {ifindex 0, spec_dst = source, addr 0}; in6_pktinfo {addr = source, ifindex 0}."""
+    assert pktinfo_cmsg("192.0.2.7") == (socket.IPPROTO_IP, 8, bytes(4) + bytes([192, 0, 2, 7]) + bytes(4))
+    six = ipaddress.IPv6Address("2001:db8::7")
+    assert pktinfo_cmsg("2001:db8::7") == (socket.IPPROTO_IPV6, 50, six.packed + bytes(4))
+
+
+@pytest.mark.parametrize("host", ["192.0.2.7", "0.0.0.1", "2001:db8::7", "::1"])
+def test_pktinfo_cmsg_and_source_round_trip(host: str) -> None:
+    local = pktinfo_source(*pktinfo_cmsg(host))
+    assert local is not None and ipaddress.ip_address(local) == ipaddress.ip_address(host)
+
+
+def test_pktinfo_source_takes_spec_dst_and_ignores_anything_else() -> None:
+    # A broadcast to 10.0.0.255 that reached interface 3, whose address is 10.0.0.1.
+    received = struct.pack("=i4s4s", 3, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 255]))
+    assert pktinfo_source(socket.IPPROTO_IP, IP_PKTINFO, received) == bytes([10, 0, 0, 1])
+    assert pktinfo_source(socket.IPPROTO_IP, IP_PKTINFO, received[:11]) is None  # truncated
+    assert pktinfo_source(socket.IPPROTO_IPV6, IPV6_PKTINFO, bytes(19)) is None
+    assert pktinfo_source(socket.IPPROTO_UDP, IP_PKTINFO, received) is None  # another level
+    assert pktinfo_source(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, bytes(20)) is None  # the option, not the cmsg
+
+
+async def test_wildcard_listener_answers_from_the_address_it_was_reached_at() -> None:
+    """Linux routes all of 127/8 to lo, so 127.0.0.2 is a second local address without root.
+
+    A plain reply from the wildcard socket leaves from 127.0.0.1 (routing's
+    choice for the client); the SourcedPort's leaves from 127.0.0.2.
+    """
+    with trio.fail_after(TIMEOUT):
+        async with open_listener_socket(("0.0.0.0", 0)) as server, open_listener_socket(LOOPBACK) as client:
+            assert server.pktinfo and not client.pktinfo
+            port = server.local_address[1]
+            for host in ("127.0.0.2", "127.0.0.1", "127.0.0.2"):
+                assert client.send_nowait(b"hello", (host, port)).ok
+            got = await _recv_routed_exactly(server, 3)
+            assert {source for _, source, _ in got} == {client.local_address}
+            replies = [reply for _, _, reply in got]
+            assert all(isinstance(r, SourcedPort) and r.socket is server for r in replies)
+            assert [r.source for r in replies] == ["127.0.0.2", "127.0.0.1", "127.0.0.2"]
+            assert replies[0] is replies[2]  # one port per local address
+            assert replies[0].send_nowait(b"sticky", client.local_address) is SendResult.OK
+            assert await client.recv_batch(8) == [(b"sticky", ("127.0.0.2", port))]
+            assert server.send_nowait(b"routed", client.local_address) is SendResult.OK
+            assert await client.recv_batch(8) == [(b"routed", ("127.0.0.1", port))]
+    stats = server.statistics()
+    assert (stats.datagrams_in, stats.datagrams_out, stats.source_fallbacks) == (3, 2, 0)
+
+
+async def test_bound_listener_answers_by_itself() -> None:
+    """A socket bound to one address needs no pktinfo: routed receives name the socket itself."""
+    with trio.fail_after(TIMEOUT):
+        async with open_listener_socket(("127.0.0.2", 0)) as server, open_listener_socket(LOOPBACK) as client:
+            assert not server.pktinfo
+            client.send_nowait(b"x", server.local_address)
+            assert await server.recv_batch_routed(8) == [(b"x", client.local_address, server)]
+
+
+async def test_ipv6_wildcard_listener_names_the_address_it_was_reached_at() -> None:
+    """Only ::1 is local without root; the root test below reaches a second IPv6 address."""
+    with trio.fail_after(TIMEOUT):
+        async with open_listener_socket(("::", 0), family=socket.AF_INET6) as server, \
+                open_listener_socket(("::1", 0), family=socket.AF_INET6) as client:
+            assert server.pktinfo
+            port = server.local_address[1]
+            assert client.send_nowait(b"six", ("::1", port)).ok
+            [(data, source, reply)] = await server.recv_batch_routed(8)
+            assert (data, source) == (b"six", client.local_address)
+            assert isinstance(reply, SourcedPort) and reply.source == "::1"
+            assert reply.send_nowait(b"back", source) is SendResult.OK
+            assert await client.recv_batch(8) == [(b"back", ("::1", port))]
+
+
+async def test_gro_gso_and_pktinfo_share_the_control_messages() -> None:
+    """A GRO buffer's segments all name the address it reached, also those carried to the next batch,
+    and a GSO reply from that address is one sendmsg carrying both UDP_SEGMENT and the pktinfo."""
+    segments = _segments(6, 1000, tail=10)
+    with trio.fail_after(TIMEOUT):
+        async with open_listener_socket(("0.0.0.0", 0), gro=True) as server, \
+                open_listener_socket(LOOPBACK, gro=True) as client:
+            assert server.gro and server.pktinfo
+            port = server.local_address[1]
+            assert client.send_segments_nowait(segments, ("127.0.0.3", port)).result.ok
+            got = await _recv_routed_exactly(server, 7, max_datagrams=4)
+            assert [d for d, _, _ in got] == segments
+            assert {(s, r.source) for _, s, r in got} == {(client.local_address, "127.0.0.3")}
+            assert server.statistics().gro_buffers == 1
+            assert got[0][2].send_segments_nowait(segments, client.local_address) == BatchSendResult(7, SendResult.OK)
+            back = await _recv_exactly(client, 7)
+    assert [d for d, _ in back] == segments and {s for _, s in back} == {("127.0.0.3", port)}
+    stats = server.statistics()
+    assert (stats.gso_sends, stats.gso_segments, stats.source_fallbacks) == (1, 7, 0)
+
+
+async def test_sourced_ports_are_kept_per_address_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(udp, "MAX_SOURCED_PORTS", 2)
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.2"]
+    with trio.fail_after(TIMEOUT):
+        async with open_listener_socket(("0.0.0.0", 0)) as server, open_listener_socket(LOOPBACK) as client:
+            for host in hosts:
+                client.send_nowait(b"x", (host, server.local_address[1]))
+            replies = [r for _, _, r in await _recv_routed_exactly(server, len(hosts))]
+    assert [r.source for r in replies] == hosts
+    assert replies[1] is replies[2]  # still kept
+    assert replies[0] is not replies[4]  # .2 was dropped for .4 (the bound is 2), then made again
 
 
 def test_split_gro_buffer() -> None:
@@ -311,14 +442,23 @@ def test_send_result_values() -> None:
 # -- unprivileged: error mapping through a socket double ----------------------------------
 
 class RaisingSocket:
-    """A socket double: a real fd for readiness, and sendto/sendmsg that raise chosen errnos."""
+    """A socket double: a real fd for readiness, and sendto/sendmsg that raise chosen errnos.
 
-    def __init__(self, *, sendto_errno: int | None = None, sendmsg_errno: int | None = None) -> None:
+    ``refuse_gso_errno`` / ``refuse_source_errno``: sendmsg raises it only when
+    the call carries UDP_SEGMENT / a pktinfo.  ``calls`` records each send's
+    kind and the control message types it carried.
+    """
+
+    def __init__(self, *, sendto_errno: int | None = None, sendmsg_errno: int | None = None,
+                 refuse_gso_errno: int | None = None, refuse_source_errno: int | None = None) -> None:
         self._real = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._real.setblocking(False)
         self.sendto_errno = sendto_errno
         self.sendmsg_errno = sendmsg_errno
+        self.refuse_gso_errno = refuse_gso_errno
+        self.refuse_source_errno = refuse_source_errno
         self.sendto_calls = 0
+        self.calls: list[tuple[str, list[int]]] = []
 
     def fileno(self) -> int:
         return self._real.fileno()
@@ -331,13 +471,18 @@ class RaisingSocket:
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
         self.sendto_calls += 1
+        self.calls.append(("sendto", []))
         if self.sendto_errno is not None:
             raise OSError(self.sendto_errno, os.strerror(self.sendto_errno))
         return len(data)
 
     def sendmsg(self, buffers: list[bytes], ancdata: Any, flags: int, addr: tuple[str, int]) -> int:
-        if self.sendmsg_errno is not None:
-            raise OSError(self.sendmsg_errno, os.strerror(self.sendmsg_errno))
+        kinds = [kind for _level, kind, _data in ancdata]
+        self.calls.append(("sendmsg", kinds))
+        for code, kind in ((self.sendmsg_errno, None), (self.refuse_gso_errno, UDP_SEGMENT),
+                           (self.refuse_source_errno, IP_PKTINFO)):
+            if code is not None and (kind is None or kind in kinds):
+                raise OSError(code, os.strerror(code))
         return sum(map(len, buffers))
 
 
@@ -388,6 +533,49 @@ async def test_refused_gso_falls_back_to_datagrams(
     stats = path.statistics()
     assert (stats.gso_fallbacks, stats.gso_sends, stats.datagrams_out) == (1, 0, 3)
     assert path.gso is still_gso
+
+
+@pytest.mark.parametrize("code", [errno.ENETUNREACH, errno.EINVAL, errno.EADDRNOTAVAIL],
+                         ids=lambda c: errno.errorcode[c])
+async def test_a_refused_source_is_dropped_and_counted(
+        double: Callable[..., tuple[PathSocket, RaisingSocket]], code: int) -> None:
+    """The address left the host (IPv4 says ENETUNREACH, IPv6 EINVAL): send without it, never crash."""
+    path, fake = double(refuse_source_errno=code)
+    sourced = SourcedPort(path, "192.0.2.7")
+    assert sourced.send_nowait(b"x", ("192.0.2.1", 9)) is SendResult.OK
+    assert fake.calls == [("sendmsg", [IP_PKTINFO]), ("sendto", [])]
+    assert sourced.send_segments_nowait([b"ab", b"cd"], ("192.0.2.1", 9)) == BatchSendResult(2, SendResult.OK)
+    assert fake.calls[2:] == [("sendmsg", [UDP_SEGMENT, IP_PKTINFO]), ("sendmsg", [UDP_SEGMENT])]
+    stats = path.statistics()
+    assert (stats.source_fallbacks, stats.datagrams_out, stats.gso_sends, dict(stats.send_errors)) == (2, 3, 1, {})
+
+
+async def test_a_refused_source_then_a_failed_retry_is_the_retry_s_path_error(
+        double: Callable[..., tuple[PathSocket, RaisingSocket]]) -> None:
+    """ENETUNREACH may also mean no route at all: then the retry fails the same way, and that is the result."""
+    path, _fake = double(refuse_source_errno=errno.ENETUNREACH, sendto_errno=errno.ENETUNREACH)
+    assert SourcedPort(path, "192.0.2.7").send_nowait(b"x", ("192.0.2.1", 9)) == SendResult.failed("ENETUNREACH")
+    stats = path.statistics()
+    assert (stats.source_fallbacks, dict(stats.send_errors)) == (0, {"ENETUNREACH": 1})
+
+
+async def test_other_errnos_with_a_source_are_not_retried(
+        double: Callable[..., tuple[PathSocket, RaisingSocket]]) -> None:
+    path, fake = double(sendmsg_errno=errno.EPERM)
+    assert SourcedPort(path, "192.0.2.7").send_nowait(b"x", ("192.0.2.1", 9)) == SendResult.failed("EPERM")
+    assert fake.calls == [("sendmsg", [IP_PKTINFO])]
+
+
+async def test_refused_gso_with_a_source_falls_back_to_datagrams_from_that_source(
+        double: Callable[..., tuple[PathSocket, RaisingSocket]]) -> None:
+    """EINVAL from a GSO send with a pktinfo: not the source's fault when the retry without it fails too."""
+    path, fake = double(refuse_gso_errno=errno.EINVAL)
+    sourced = SourcedPort(path, "192.0.2.7")
+    assert sourced.send_segments_nowait([b"ab", b"cd"], ("192.0.2.1", 9)) == BatchSendResult(2, SendResult.OK)
+    assert fake.calls == [("sendmsg", [UDP_SEGMENT, IP_PKTINFO]), ("sendmsg", [UDP_SEGMENT]),
+                          ("sendmsg", [IP_PKTINFO]), ("sendmsg", [IP_PKTINFO])]
+    stats = path.statistics()
+    assert (stats.gso_fallbacks, stats.source_fallbacks, stats.datagrams_out) == (1, 0, 2)
 
 
 # -- root: namespaces ----------------------------------------------------------------------
@@ -567,6 +755,40 @@ async def test_bindtodevice_and_fwmark_pick_the_path(make_netns: Callable[[str],
                 assert await server.send(b"welcome", source) is SendResult.OK
                 assert await client.recv_batch(8) == [(b"welcome", public)]
     assert server.statistics().datagrams_in == len(cases)
+
+
+@needs_root
+@pytest.mark.parametrize(("family", "first", "second", "prefixlen"), [
+    (socket.AF_INET, "10.232.99.1", "10.232.99.2", 32),
+    (socket.AF_INET6, "fd00:232::1", "fd00:232::2", 128),
+], ids=["ipv4", "ipv6"])
+async def test_wildcard_answers_from_a_second_address_until_it_goes(
+        make_netns: Callable[[str], Netns], family: int, first: str, second: str, prefixlen: int) -> None:
+    """Two service addresses on lo: replies leave from the one reached; once it is deleted they
+    leave from wherever routing says (counted), with no error."""
+    ns = make_netns("home")
+    with ns.iproute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for address in (first, second):
+            ipr.addr("add", index=lo, address=address, prefixlen=prefixlen)
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    with trio.fail_after(TIMEOUT):
+        async with contextlib.AsyncExitStack() as stack:
+            with ns.entered():
+                server = await stack.enter_async_context(open_listener_socket((wildcard, 0), family=family))
+                client = await stack.enter_async_context(open_listener_socket((first, 0), family=family))
+            port = server.local_address[1]
+            assert client.send_nowait(b"hello", (second, port)).ok
+            [(_data, source, reply)] = await server.recv_batch_routed(8)
+            assert isinstance(reply, SourcedPort) and reply.source == second
+            assert reply.send_nowait(b"from second", source) is SendResult.OK
+            assert await client.recv_batch(8) == [(b"from second", (second, port))]
+            with ns.iproute() as ipr:
+                ipr.addr("del", index=lo, address=second, prefixlen=prefixlen)
+            assert reply.send_nowait(b"second gone", source) is SendResult.OK
+            assert await client.recv_batch(8) == [(b"second gone", (first, port))]
+    stats = server.statistics()
+    assert (stats.source_fallbacks, stats.datagrams_out, dict(stats.send_errors)) == (1, 2, {})
 
 
 @needs_root
