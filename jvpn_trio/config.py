@@ -213,6 +213,8 @@ class _Table:
 _GLOB_CHARS = frozenset("*?[")
 #: IFNAMSIZ - 1: the kernel's longest interface name.
 MAX_IFNAME_LEN = 15
+#: The interface names the gateway's nft rules take (drivers/forwarding.py checks the same).
+_PLAIN_IFNAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def _check_name_or_glob(value: str, *, where: str, glob: bool) -> str:
@@ -363,6 +365,12 @@ class GatewayConfig:
     policy: Policy
     #: The tunnel's IPv6 address and prefix; None: the tunnel carries IPv4 only.
     tunnel_address6: ipaddress.IPv6Interface | None = None
+    #: Masquerade the tunnel's subnets out of the egress (docs/gateway.md); forwarding is on either way.
+    nat: bool = True
+    #: The interface forwarded traffic leaves by; None: each family's default route's (docs/gateway.md).
+    nat_egress: str | None = None
+    #: Where Prometheus scrapes ``/metrics`` (docs/metrics.md); None: no metrics endpoint.
+    metrics_listen: tuple[str, int] | None = None
 
     @property
     def control_listen(self) -> tuple[tuple[str, int], ...]:
@@ -463,6 +471,15 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     events = t.get("events_file", str, None)
     control = t.get("control_socket", str, "/run/jvpn-trio/gateway.sock")
     node_id = t.get("node_id", str, "gw-1")
+    nat = t.get("nat", bool, True)
+    nat_egress = t.get("nat_egress", str, None)
+    if nat_egress is not None:
+        _check_name_or_glob(nat_egress, where=f"{t.where}.nat_egress", glob=False)
+        if not _PLAIN_IFNAME.fullmatch(nat_egress):  # it goes into nft rules: nothing nft could misparse
+            raise ConfigError(f"{t.where}.nat_egress: {nat_egress!r} is not an interface name (A-Za-z0-9_.-)")
+        if nat_egress == tun_name:
+            raise ConfigError(f"{t.where}.nat_egress: {nat_egress!r} is the tunnel's own interface (tun_name)")
+    metrics_listen = _metrics_listen(t.get("metrics_listen", str, None), where=f"{t.where}.metrics_listen")
     t.finish()
     if not listen:
         raise ConfigError(f"{t.where}.listen: at least one address:port is required")
@@ -516,7 +533,20 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
         node_id=node_id,
         policy=_policy_of(data, source=source),
         tunnel_address6=tunnel6,
+        nat=nat,
+        nat_egress=nat_egress,
+        metrics_listen=metrics_listen,
     )
+
+
+def _metrics_listen(value: str | None, *, where: str) -> tuple[str, int] | None:
+    """``metrics_listen``: a literal address and a fixed port (a random one could not be scraped)."""
+    if value is None:
+        return None
+    endpoint = parse_endpoint(value, where=where)
+    if endpoint[1] == 0:
+        raise ConfigError(f"{where}: port 0 would pick a random port no scraper knows; give a port")
+    return endpoint
 
 
 def host_number(address: ipaddress.IPv4Address, tunnel4: ipaddress.IPv4Interface) -> int:

@@ -2,7 +2,10 @@
 
 It only wires drivers together; every decision is the core's.  Resources are
 acquired in one exit stack so that every way out (an error, Ctrl-C, SIGTERM)
-removes the TUN and the control socket again.
+removes the TUN, the control socket, the nft table and the forwarding sysctls
+again (docs/gateway.md).  The first SIGINT/SIGTERM first sends every session
+an authenticated CLOSE (bounded by :func:`close_grace_s`); a second one stops
+at once.
 
 As a systemd service (docs/service.md) it speaks ``sd_notify`` through
 ``drivers/systemd.py``: ``READY=1`` once it listens on every address with its
@@ -14,6 +17,7 @@ when the unit sets ``WatchdogSec=``.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -29,8 +33,10 @@ from jvpn_trio.commands.process import (
     missing_privilege,
 )
 from jvpn_trio.config import GatewayConfig
+from jvpn_trio.core.mtu import Family
 from jvpn_trio.core.noise import StaticKeypair
-from jvpn_trio.drivers import control, event_sink, forwarding, routes, tun, udp
+from jvpn_trio.core.policy import Policy
+from jvpn_trio.drivers import control, event_sink, forwarding, metrics, routes, tun, udp
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime, GatewayStatus
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.log import stderr_line
@@ -39,6 +45,16 @@ from jvpn_trio.drivers.systemd import Notifier, publish_status, serve_watchdog, 
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
 from jvpn_trio.ui.lines import print_events
 from jvpn_trio.ui.status import gateway_status
+
+
+def close_grace_s(policy: Policy) -> float:
+    """How long a stopping gateway waits for its sessions' CLOSEs before tearing down: one probe timeout.
+
+    The CLOSEs leave as soon as the supervisor takes them (milliseconds); the bound only
+    keeps a backlog from holding up a stop, and a session still open then is closed by the
+    runtime's way out all the same.
+    """
+    return policy.probe_timeout_ms / 1000.0
 
 
 def service_status_line(value: GatewayStatus | None, *, listening: str) -> str:
@@ -71,8 +87,14 @@ async def _serve_gateway(config: GatewayConfig, *, record: Path | None, quiet: b
         for p in config.peers
     ]
     async with AsyncExitStack() as stack:
+        # With a metrics endpoint, the sink also counts what only events say (switches, security events).
+        event_counts = metrics.EventCounts() if config.metrics_listen is not None else None
         sink = await stack.enter_async_context(
-            event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
+            event_sink.open_event_sink(
+                config.events_file,
+                capacity=EVENT_SINK_CAPACITY,
+                also=event_counts.count if event_counts is not None else None,
+            )
         )
         recorder = await stack.enter_async_context(open_recorder(record))
         runtime = GatewayRuntime(
@@ -99,10 +121,19 @@ async def _serve_gateway(config: GatewayConfig, *, record: Path | None, quiet: b
                 mtu=config.mtu,
             )
         )
-        # The gateway's nft table: TCP SYNs through the tunnel get an MSS the tunnel carries (docs/mtu.md).
-        await stack.enter_async_context(
-            forwarding.open_gateway_table(forwarding.GatewayTable(tun_name=config.tun_name, mtu=config.mtu))
+        # The gateway's nft table and sysctls: TCP SYNs through the tunnel get an MSS the tunnel carries
+        # (docs/mtu.md); the tunnel is forwarded to the egress, masqueraded with nat (docs/gateway.md).
+        subnets: dict[Family, ipaddress.IPv4Network | ipaddress.IPv6Network] = {
+            Family.IPV4: config.tunnel_address.network
+        }
+        if config.tunnel_address6 is not None:
+            subnets[Family.IPV6] = config.tunnel_address6.network
+        plan = await forwarding.plan_forwarding(
+            tun_name=config.tun_name, mtu=config.mtu, subnets=subnets, nat=config.nat, nat_egress=config.nat_egress
         )
+        for note in plan.notes:
+            stderr_line(note)
+        await stack.enter_async_context(forwarding.open_forwarding(plan))
         if config.tunnel_address6 is not None:  # the tunnel carries IPv6 too: the TUN gets its IPv6 address
             address6 = config.tunnel_address6
             try:
@@ -127,9 +158,23 @@ async def _serve_gateway(config: GatewayConfig, *, record: Path | None, quiet: b
                     config.control_socket, control.command_handler({"status": status}), task_status=task_status
                 )
             )
-            def stop() -> None:
-                notifier.stopping()
+            if config.metrics_listen is not None:  # Prometheus scrapes it (docs/metrics.md)
+                collector = metrics.GatewayCollector(runtime, sink=sink, events=event_counts)
+                try:
+                    await nursery.start(functools.partial(metrics.serve_metrics, config.metrics_listen, collector))
+                except metrics.MetricsError as exc:
+                    raise AppError(str(exc)) from None
+
+            async def close_then_cancel() -> None:
+                if runtime.close_all_nowait():
+                    with trio.move_on_after(close_grace_s(config.policy)):
+                        await runtime.status.wait_value(lambda value: value is None or not value.sessions)
                 nursery.cancel_scope.cancel()
+
+            def stop() -> None:
+                """The first SIGINT/SIGTERM: CLOSE every session, then everything serve installed goes."""
+                notifier.stopping()
+                nursery.start_soon(close_then_cancel)
 
             nursery.start_soon(close_on_signals, stop, nursery.cancel_scope)
             if not quiet:

@@ -114,7 +114,10 @@ class _Counts:
     terminated_ownership_lost: int = 0
     terminated_local_close: int = 0
     terminated_peer_close: int = 0
+    terminated_peer_removed: int = 0
     terminated_other: int = 0
+    # REATTACHes answered with an ACK (a move, or a retry for the path already bound)
+    reattach_accepted: int = 0
     # receiving
     rx_packets: int = 0
     rx_bytes: int = 0
@@ -344,6 +347,18 @@ class GatewayRuntime:
             return False
         return True
 
+    def close_all_nowait(self) -> int:
+        """Ask every live session to close (an authenticated CLOSE, then TERMINATED LOCAL_CLOSE); how many were asked.
+
+        Goes through the supervisor's inbox like any input, so the cores keep one caller; a
+        session the full inbox cannot take now is closed by :meth:`serve`'s way out instead.
+        """
+        return sum(
+            self.submit_nowait(served.session_id, ev.CloseRequested())
+            for served in list(self.sessions.values())
+            if not served.core.terminated
+        )
+
     # -- the supervisor ---------------------------------------------------------------------------
     def _next_deadline(self) -> float:
         deadlines = [d for s in self.sessions.values() if (d := s.core.next_deadline()) is not None]
@@ -384,6 +399,7 @@ class GatewayRuntime:
             if isinstance(action, EmitEvent):
                 self._emit(action)
             elif isinstance(action, SendReattachAck):
+                self._counts.reattach_accepted += 1
                 msg = wire.ReattachAck(
                     session_id=served.session_id, nonce=action.nonce, new_version=action.new_version, path_id=action.path
                 )

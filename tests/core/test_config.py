@@ -651,6 +651,56 @@ def test_gateway_peer_address_not_network_or_broadcast(tmp_path: pathlib.Path, a
     gateway_error(tmp_path, GATEWAY_MINIMAL + f"address = '{address}'\n")
 
 
+def test_gateway_nat_is_on_by_default_with_the_egress_found_at_start(tmp_path: pathlib.Path) -> None:
+    cfg = load_gateway_config(write(tmp_path, GATEWAY_MINIMAL, "gateway.toml"))
+    assert (cfg.nat, cfg.nat_egress) == (True, None)
+    cfg = load_gateway_config(write(tmp_path, _gw("nat = false\nnat_egress = 'eth1'\n"), "gateway.toml"))
+    assert (cfg.nat, cfg.nat_egress) == (False, "eth1")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("nat = 'yes'\n", "[gateway].nat: expected bool, got str"),
+        ("nat_egress = 5\n", "[gateway].nat_egress: expected str, got int"),
+        ("nat_egress = ''\n", "[gateway].nat_egress: an empty name matches no interface"),
+        ("nat_egress = 'eth*'\n", "[gateway].nat_egress: 'eth*' looks like a glob: use 'match' for globs"),
+        ("nat_egress = 'a-very-long-name0'\n", "[gateway].nat_egress: 'a-very-long-name0' is longer than 15 characters"),
+        ("nat_egress = 'eth0 accept'\n", "[gateway].nat_egress: 'eth0 accept' is not an interface name (no spaces, '/' or ':')"),
+        ("nat_egress = 'eth0\"'\n", "[gateway].nat_egress: 'eth0\"' is not an interface name (A-Za-z0-9_.-)"),
+        ("nat_egress = 'eth@0'\n", "[gateway].nat_egress: 'eth@0' is not an interface name (A-Za-z0-9_.-)"),
+        ("nat_egress = 'jvpn-gw0'\n", "[gateway].nat_egress: 'jvpn-gw0' is the tunnel's own interface (tun_name)"),
+    ],
+)
+def test_gateway_nat_errors(tmp_path: pathlib.Path, extra: str, message: str) -> None:
+    path, got = gateway_error(tmp_path, _gw(extra))
+    assert got == f"{path}: {message}"
+
+
+def test_gateway_metrics_endpoint_is_off_by_default_and_takes_either_family(tmp_path: pathlib.Path) -> None:
+    assert load_gateway_config(write(tmp_path, GATEWAY_MINIMAL, "gateway.toml")).metrics_listen is None
+    for text, expected in (("127.0.0.1:9587", ("127.0.0.1", 9587)), ("[::1]:9587", ("::1", 9587))):
+        cfg = load_gateway_config(write(tmp_path, _gw(f"metrics_listen = '{text}'\n"), "gateway.toml"))
+        assert cfg.metrics_listen == expected
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("metrics_listen = 9587\n", "[gateway].metrics_listen: expected str, got int"),
+        ("metrics_listen = '127.0.0.1'\n", "[gateway].metrics_listen: expected 'address:port', got '127.0.0.1'"),
+        ("metrics_listen = 'localhost:9587'\n",
+         "[gateway].metrics_listen: 'localhost' is not an IP address (names are not resolved)"),
+        ("metrics_listen = '127.0.0.1:99999'\n", "[gateway].metrics_listen: bad port '99999'"),
+        ("metrics_listen = '127.0.0.1:0'\n",
+         "[gateway].metrics_listen: port 0 would pick a random port no scraper knows; give a port"),
+    ],
+)  # fmt: skip
+def test_gateway_metrics_listen_errors(tmp_path: pathlib.Path, extra: str, message: str) -> None:
+    path, got = gateway_error(tmp_path, _gw(extra))
+    assert got == f"{path}: {message}"
+
+
 # -- shipped examples ------------------------------------------------------------------------------------
 
 EXAMPLE_POLICIES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "policies"

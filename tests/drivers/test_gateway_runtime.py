@@ -290,6 +290,33 @@ async def test_a_stopping_gateway_closes_every_live_session_to_its_binding(autoj
             assert all(s.core.record.state is SessionState.TERMINATED for s in world.gateway.sessions.values())
 
 
+async def test_close_all_closes_every_live_session_while_the_gateway_still_serves(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``serve``'s first SIGTERM: each client gets an authenticated CLOSE before anything is torn down."""
+    world = World()
+    alice, bob = Peer(world, 1), Peer(world, 2)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            for peer in (alice, bob):
+                assert await peer.handshake() is not None
+                probe = wire.Probe(path_id=PathId(1), seq=1, sent_us=5)
+                peer.send(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))  # confirms: ATTACHED
+                await peer.port.recv_batch(1)  # its PROBE_ACK
+            assert world.gateway.close_all_nowait() == 2
+            for peer in (alice, bob):
+                ((datagram, source),) = await peer.port.recv_batch(1)
+                opened = peer.channel.open_untrusted(datagram, now=trio.current_time())
+                close = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
+                assert isinstance(close, wire.Close) and close.reason is ReasonCode.LOCAL_CLOSE
+                assert source == GATEWAY_CONTROL
+            status = await world.gateway.status.wait_value(lambda v: v is not None and not v.sessions)
+            assert status is not None and status.statistics.terminated_local_close == 2
+            assert world.gateway.close_all_nowait() == 0  # nothing left to close
+            nursery.cancel_scope.cancel()
+
+
 # -- what status shows per peer ------------------------------------------------------------
 
 
