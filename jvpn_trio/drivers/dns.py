@@ -112,6 +112,10 @@ RESOLVE1_MANAGER = "org.freedesktop.resolve1.Manager"
 ROUTE_EVERYTHING = "."
 #: The bus's answer when nobody owns a name.
 NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
+#: resolved's answers to a caller polkit did not authorize (a non-root agent without the polkit rule).
+ACCESS_DENIED_ERRORS = frozenset(
+    {"org.freedesktop.DBus.Error.AccessDenied", "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"}
+)
 
 DEFAULT_STATE_DIR = Path("/run/jvpn-trio")
 STATE_FILE_NAME = "dns.json"
@@ -501,7 +505,8 @@ async def _run_calls(conn: DBusConnection, calls: Sequence[DbusCall], system: Dn
         try:
             await _call(conn, _manager_call(call), timeout_s=system.connect_timeout_s)
         except _CallFailed as exc:
-            raise DnsError(f"systemd-resolved refused {call.member} for {tun_name}: {exc}") from None
+            hint = unprivileged_hint(Method.RESOLVED) if exc.name in ACCESS_DENIED_ERRORS else ""
+            raise DnsError(f"systemd-resolved refused {call.member} for {tun_name}: {exc}{hint}") from None
         except trio.TooSlowError:
             raise DnsError(
                 f"systemd-resolved did not answer {call.member} for {tun_name} within {system.connect_timeout_s:g} s"
@@ -514,6 +519,20 @@ async def _run_calls(conn: DBusConnection, calls: Sequence[DbusCall], system: Dn
 # -----------------------------------------------------------------------------
 # Files (synchronous: run in a worker thread)
 # -----------------------------------------------------------------------------
+
+
+def unprivileged_hint(method: Method, *, euid: int | None = None) -> str:
+    """Why ``method`` refuses an agent that is not root (a unit's ``User=``), to append to its error; "" as root.
+
+    resolved asks polkit about every caller but root; resolvconf and the file
+    method write root's files.  docs/service.md, Privileges, has the measurements.
+    """
+    uid = os.geteuid() if euid is None else euid
+    if uid == 0:
+        return ""
+    if method is Method.RESOLVED:
+        return f" (uid {uid} is not root: resolved asks polkit; install examples/systemd/jvpn-trio-resolved.rules)"
+    return f" (uid {uid} is not root: the {method.value} DNS method needs root; docs/service.md, Privileges)"
 
 
 def _os_error(exc: OSError) -> str:
@@ -768,7 +787,8 @@ async def apply_dns(
     try:
         detail, notes = await trio.to_thread.run_sync(_apply_file_sync, system, request)
     except OSError as exc:
-        raise DnsError(f"cannot write {system.resolv_conf}: {_os_error(exc)}") from None
+        hint = unprivileged_hint(Method.FILE) if isinstance(exc, PermissionError) else ""
+        raise DnsError(f"cannot write {system.resolv_conf}: {_os_error(exc)}{hint}") from None
     applied = AppliedDns(
         method=Method.FILE, tun_name=tun_name, servers=request.servers, search=request.search,
         full_tunnel=full_tunnel, detail=detail, skipped=tuple(skipped), notes=notes,
@@ -862,7 +882,7 @@ async def _apply_resolvconf(
         with trio.CancelScope(shield=True):
             await _run_command(plan.revert_argv(command), b"", system)
             await trio.to_thread.run_sync(_remove_state_sync, system)
-        raise DnsError(f"resolvconf refused the tunnel's DNS: {failure}")
+        raise DnsError(f"resolvconf refused the tunnel's DNS: {failure}{unprivileged_hint(Method.RESOLVCONF)}")
     return AppliedDns(
         method=Method.RESOLVCONF, tun_name=request.tun_name, servers=request.servers, search=request.search,
         full_tunnel=request.full_tunnel, detail=f"resolvconf record {plan.interface}" + (" (exclusive)" if

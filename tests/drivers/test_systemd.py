@@ -291,11 +291,11 @@ def test_the_gateways_status_line() -> None:
 REQUIRED = {
     "Service": {"Type": "notify", "NotifyAccess": "main", "Restart": "on-failure", "ProtectSystem": "strict",
                 "NoNewPrivileges": "yes", "RuntimeDirectory": "jvpn-trio", "RuntimeDirectoryPreserve": "yes",
-                "DevicePolicy": "closed", "DeviceAllow": "/dev/net/tun rw"},
+                "DevicePolicy": "closed", "DeviceAllow": "/dev/net/tun rw", "User": "jvpn-trio"},
     "Install": {"WantedBy": "multi-user.target"},
 }  # fmt: skip
 #: Options whose every value must be justified in docs/service.md (each capability, path, family, syscall set).
-JUSTIFIED_VALUES = ("CapabilityBoundingSet", "ReadWritePaths", "RestrictAddressFamilies", "SystemCallFilter")
+JUSTIFIED_VALUES = ("CapabilityBoundingSet", "AmbientCapabilities", "ReadWritePaths", "RestrictAddressFamilies", "SystemCallFilter")
 UNIT_FILES = {"jvpn-trio.service": "up", "jvpn-trio-gateway.service": "serve"}
 
 
