@@ -86,7 +86,8 @@ from jvpn_trio.drivers.systemd import (
     watchdog_interval,
 )
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
-from jvpn_trio.ui.app import run_console, use_tui
+from jvpn_trio.ui.app import UI_EVENT_CAPACITY, PlainPrinter, use_tui
+from jvpn_trio.ui.attached import run_attached
 from jvpn_trio.ui.status import CONNECTING, client_status, statistics_counters
 
 #: Routing tables: the tunnel's, then one per path after it.
@@ -509,16 +510,17 @@ async def _run_client(
                 functools.partial(control.serve_control, config.control_socket, handler, events=sink, access=access)
             )
             nursery.start_soon(follower.follow, path_events)
-            if not quiet:
-                await nursery.start(
+            if not quiet and tui:
+                # The foreground UI is the attached UI, on the agent's own socket: one UI, one way in.
+                # `q` ends the agent as the first Ctrl-C does; it comes back to exit code 0.
+                nursery.start_soon(
                     functools.partial(
-                        run_console,
-                        agent,
-                        sink,
-                        gateway=f"{config.gateway[0]}:{config.gateway[1]}",
-                        tui=tui,
+                        foreground_ui, config.control_socket, gateway=f"{config.gateway[0]}:{config.gateway[1]}", on_quit=stop
                     )
                 )
+            elif not quiet:  # the journal's lines: straight from the sink, whoever may use the socket
+                printer = PlainPrinter(sys.stdout, origin=trio.current_time())
+                nursery.start_soon(printer.run, sink.subscribe(UI_EVENT_CAPACITY, name="printer"))
             nursery.start_soon(close_on_signals, stop, nursery.cancel_scope)
             if kill_switch is not None:
                 kill_switch.hold()  # running: from here a crash leaves the block for `jvpn-trio down`
@@ -537,6 +539,14 @@ async def _run_client(
     if not quiet:
         print(f"jvpn-trio: stopped after {agent.sessions_started} session(s)", file=sys.stderr)
     return 0
+
+
+async def foreground_ui(socket: Path, *, gateway: str, on_quit: Callable[[], object]) -> None:
+    """``up``'s live UI: the attached UI on the agent's own socket; if it fails, the agent goes on without it."""
+    try:
+        await run_attached(socket, tui=True, gateway=gateway, on_quit=on_quit)
+    except control.ControlError as exc:
+        stderr_line(f"the live UI stopped: {exc}; the tunnel stays up (`jvpn-trio` attaches again)")
 
 
 async def _revert_dns(system: dns.DnsSystem) -> None:

@@ -49,6 +49,7 @@ import trio
 import trio_util
 from rich.console import Console
 
+from jvpn_trio.core.actions import EmitEvent
 from jvpn_trio.drivers.attach import AttachedEvent, Gap, Hello, StreamItem, open_control_client
 from jvpn_trio.drivers.control import ControlError, ErrorCode, JsonObject
 from jvpn_trio.errors import lone_exception_unwrapped
@@ -56,12 +57,11 @@ from jvpn_trio.ui.app import (
     EVENT_HISTORY,
     MAX_FPS,
     MESSAGE_S,
-    PRINTER_CAPACITY,
     STOP_TIMEOUT_S,
     LiveScreen,
     PlainPrinter,
     Screen,
-    _key_fd,
+    terminal_key_fd,
 )
 from jvpn_trio.ui.keys import Command, Key, serve_keys, terminal_keys
 from jvpn_trio.ui.views import (
@@ -435,20 +435,18 @@ class AttachedPrinter:
         self.seen = trio_util.AsyncValue(0)
 
     async def run(self, subscription: AsyncIterable[StreamItem]) -> None:
-        send, receive = trio.open_memory_channel[Any](PRINTER_CAPACITY)
+        # The printer's own channel stays empty: its writer runs, and lines come by event()/note().
+        _unused, no_events = trio.open_memory_channel[EmitEvent](0)
         last_t = 0.0
         async with lone_exception_unwrapped(), trio.open_nursery() as nursery:
-            nursery.start_soon(self.printer.run, receive)
+            nursery.start_soon(self.printer.run, no_events)
             async for item in subscription:
                 if isinstance(item, Gap):
                     self.printer.note(last_t, "GAP", f"{item.missed} events missed")
                     continue
                 if item.event is not None:
                     last_t = item.event.t
-                    try:
-                        send.send_nowait(item.event)
-                    except trio.WouldBlock:
-                        self.printer.dropped += 1
+                    self.printer.event(item.event)  # the same queue as the notes: lines keep the stream's order
                 else:
                     self.printer.note(last_t, str(item.data.get("kind", "?")), f"seq {item.seq} (unknown to this UI)")
                 self.seen.value = item.seq
@@ -485,7 +483,7 @@ async def run_attached(
                 model=AttachedModel(title=title, gateway=gateway, origin=origin, footer=footer),
                 on_quit=on_quit,
             )
-            fd = _key_fd() if keys else None
+            fd = terminal_key_fd() if keys else None
             with terminal_keys(fd) if fd is not None else nullcontext():
                 await ui.run(key_fd=fd, task_status=task_status)
             return

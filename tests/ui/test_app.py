@@ -1,51 +1,53 @@
-"""The UI loop, keys and plain-line mode.
+"""The terminal side of the live UI: keys, the frame loop's bounds, screens and plain-line mode.
+
+The live UI itself is ``ui/attached.py`` (its model, picker and socket are
+tested in ``test_attached.py``); here: what it draws on and how often.
 
 Determinism rules: the frame loop runs on the autojump mock clock against a
-fake runtime and a recording screen, so frame counts are exact per virtual
-second; keys go through a real pseudo-terminal (``os.openpty``) and are
-read by the real reader; the plain printer writes into a StringIO.  Every
-trio test is bounded by ``fail_after``.
+fake attach client and a recording screen, so frame counts are exact per
+virtual second; keys go through a real pseudo-terminal (``os.openpty``) and
+are read by the real reader; the plain printer and the live screen write
+into a StringIO; the end-to-end plain mode uses a unix socket in a temp dir
+(no root).  Every trio test is bounded by ``fail_after``.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import pathlib
 import termios
 from typing import Any
 
 import pytest
 import trio
-import trio_util
+from rich.console import Console
+from rich.text import Text
 
-from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import EmitEvent, EventKind, Role
-from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.states import ReasonCode
-from jvpn_trio.drivers.client import RuntimeStatus
+from jvpn_trio.drivers.attach import Gap, StreamItem
+from jvpn_trio.drivers.control import ControlAccess, command_handler, serve_control
 from jvpn_trio.drivers.event_sink import open_event_sink
-from jvpn_trio.ui import app as ui_app
-from jvpn_trio.ui.app import LiveUi, PlainPrinter, RecordingScreen, next_pin, use_tui
+from jvpn_trio.ui.app import MAX_FPS, LiveScreen, PlainPrinter, RecordingScreen, use_tui
+from jvpn_trio.ui.attached import (
+    AgentGone,
+    AttachedModel,
+    AttachedPrinter,
+    AttachedUi,
+    run_attached,
+)
 from jvpn_trio.ui.keys import Command, decode_keys, serve_keys, terminal_keys
 from jvpn_trio.ui.views import ViewModel
 
-from .test_views import live_session_status
-
-
-class FakeRuntime:
-    def __init__(self, status: RuntimeStatus | None = None) -> None:
-        self.status = trio_util.AsyncValue[RuntimeStatus | None](status)
-        self.submitted: list[Any] = []
-
-    def submit_nowait(self, event: Any) -> bool:
-        self.submitted.append(event)
-        return True
+from .test_attached import FakeClient, attached, status_reply
 
 
 def client_event(t: float, kind: EventKind = EventKind.STATE_CHANGE, **details: object) -> EmitEvent:
     return EmitEvent(
         kind=kind, t=t, role=Role.CLIENT, session="00" * 16, version=1, reason=ReasonCode.HANDSHAKE_COMPLETE,
-        policy="0" * 16, details=details,  # type: ignore[arg-type]
+        policy="0" * 16, details=details,
     )
 
 
@@ -62,18 +64,6 @@ def test_decode_keys_skips_escape_sequences() -> None:
     assert decode_keys(b"udcri") == [Command.UNPIN, Command.DISCONNECT, Command.RECONNECT, Command.REEVALUATE, Command.DETAILS]
     assert decode_keys(b"\x1b") == [Command.CLOSE_HELP]
     assert decode_keys(b"") == []
-
-
-def test_next_pin_cycles_then_unpins() -> None:
-    paths = [PathId(3), PathId(1), PathId(2)]
-    seen = []
-    current = None
-    for _ in range(5):
-        current = next_pin(current, paths)
-        seen.append(current)
-    assert seen == [PathId(1), PathId(2), PathId(3), None, PathId(1)]
-    assert next_pin(None, []) is None
-    assert next_pin(PathId(9), paths) == PathId(1)
 
 
 async def test_keys_from_a_real_terminal_and_the_mode_is_restored() -> None:
@@ -103,76 +93,44 @@ def test_terminal_mode_is_restored_when_the_block_raises() -> None:
     master, slave = os.openpty()
     try:
         before = termios.tcgetattr(slave)
-        with pytest.raises(KeyboardInterrupt):
-            with terminal_keys(slave):
-                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt), terminal_keys(slave):
+            raise KeyboardInterrupt
         assert termios.tcgetattr(slave) == before
     finally:
         os.close(master)
         os.close(slave)
 
 
-def test_key_commands_become_inputs_or_toggles() -> None:
-    status, _emitted, _now = live_session_status()
-    runtime = FakeRuntime(status)
-    quits: list[bool] = []
-    ui = LiveUi(runtime, screen=RecordingScreen(), gateway="gw", on_quit=lambda: quits.append(True))
-
-    async def main() -> None:
-        ui.handle(Command.PIN)
-        ui.handle(Command.REEVALUATE)
-        ui.handle(Command.TOGGLE_DETAIL)
-        ui.handle(Command.TOGGLE_HELP)
-        assert ui.state.detail and ui.state.help
-        ui.handle(Command.CLOSE_HELP)
-        assert not ui.state.help
-        ui.handle(Command.QUIT)
-
-    trio.run(main)
-    assert runtime.submitted == [ev.PinRequested(path=PathId(1)), ev.ReevaluateRequested()]
-    assert quits == [True]
-    assert "closing" in ui.state.message
-
-
-def test_quit_without_a_handler_asks_the_runtime_to_close() -> None:
-    runtime = FakeRuntime(None)
-    ui = LiveUi(runtime, screen=RecordingScreen(), gateway="gw")
-
-    async def main() -> None:
-        ui.handle(Command.PIN)  # no session yet: nothing to pin
-        ui.handle(Command.QUIT)
-
-    trio.run(main)
-    assert runtime.submitted == [ev.CloseRequested()]
+# -- the frame loop (of the attached UI) --------------------------------------------------------
 
 
 def test_frame_rate_is_bounded() -> None:
-    with pytest.raises(ValueError):
-        LiveUi(FakeRuntime(), screen=RecordingScreen(), gateway="gw", max_fps=30)
-
-
-# -- the loop -------------------------------------------------------------------------------
+    with pytest.raises(ValueError, match="max_fps"):
+        AttachedUi(FakeClient(), screen=RecordingScreen(), model=AttachedModel(), max_fps=3 * MAX_FPS)
+    with pytest.raises(ValueError, match="max_fps"):
+        AttachedUi(FakeClient(), screen=RecordingScreen(), model=AttachedModel(), max_fps=0)
 
 
 async def test_at_most_ten_frames_a_second_then_a_last_frame(autojump_clock: trio.abc.Clock) -> None:
-    status, _emitted, _now = live_session_status()
-    runtime = FakeRuntime(status)
+    client = FakeClient()
     screen = RecordingScreen()
-    send, receive = trio.open_memory_channel[EmitEvent](16)
-    ui = LiveUi(runtime, screen=screen, gateway="gw", events=receive, origin=0.0, footer=lambda s: (f"at {s:.1f}",))
+    model = AttachedModel(gateway="gw", origin=0.0, footer=lambda s: (f"at {s:.1f}",))
+    ui = AttachedUi(client, screen=screen, model=model)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(ui.run)
-            assert screen.started
+            start = trio.current_time()
             await trio.sleep(5.0)
             frames = screen.frames
-            send.send_nowait(client_event(5.0, from_state="BIRTH", to_state="ATTACHED"))
+            client.send.send_nowait(attached(1, client_event(5.0, from_state="BIRTH", to_state="ATTACHED")))
+            await ui.seen.wait_value(1)
             nursery.cancel_scope.cancel()
+    assert screen.started
     assert 45 <= frames <= 51  # 10 Hz for 5 virtual seconds (the first frame comes at once)
     assert screen.stopped and screen.frames == frames + 1  # the last frame, after the cancel
-    last = ui.view(5.0)
-    assert isinstance(last, ViewModel) and [e.t for e in last.events] == [5.0]  # drained before the last frame
-    assert last.footer == ("at 5.0",)
+    last = ui.model.view(start + 5.0)
+    assert isinstance(last, ViewModel) and [e.t for e in last.events] == [5.0]
+    assert last.footer == (f"at {start + 5.0:.1f}",)
 
 
 async def test_a_slow_screen_drops_frames_instead_of_queueing(autojump_clock: trio.abc.Clock) -> None:
@@ -182,7 +140,7 @@ async def test_a_slow_screen_drops_frames_instead_of_queueing(autojump_clock: tr
             await super().show(renderable)
 
     screen = SlowScreen()
-    ui = LiveUi(FakeRuntime(), screen=screen, gateway="gw")
+    ui = AttachedUi(FakeClient(), screen=screen, model=AttachedModel())
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(ui.run)
@@ -191,26 +149,59 @@ async def test_a_slow_screen_drops_frames_instead_of_queueing(autojump_clock: tr
     assert screen.frames == 10  # one per 0.35 s, none queued behind
 
 
-async def test_run_console_plain_mode_prints_one_line_per_event() -> None:
+async def test_live_screen_draws_in_a_worker_thread() -> None:
     out = io.StringIO()
-    runtime = FakeRuntime()
+    screen = LiveScreen(Console(file=out, width=40, height=5, force_terminal=True, _environ={}), alt_screen=False)
     with trio.fail_after(10):
+        await screen.start()
+        await screen.show(Text("frame one"))
+        await screen.show(Text("frame two"))
+        await screen.stop()
+    text = out.getvalue()
+    assert text.index("frame one") < text.index("frame two")
+
+
+# -- plain lines ----------------------------------------------------------------------------
+
+
+async def test_attached_printer_prints_one_line_per_event_and_per_gap() -> None:
+    out = io.StringIO()
+    plain = AttachedPrinter(PlainPrinter(out, origin=100.0))
+    send, items = trio.open_memory_channel[StreamItem](16)
+    send.send_nowait(attached(1, client_event(101.5, from_state="BIRTH", to_state="ATTACHED")))
+    send.send_nowait(Gap(missed=3, next_seq=5))
+    send.send_nowait(attached(5, client_event(102.25, EventKind.TRANSPORT_SWITCH, from_path="p1", to_path="p2")))
+    send.close()  # the agent goes away: the printer says so, after printing what it got
+    with trio.fail_after(10):
+        with pytest.raises(AgentGone, match="event stream ended"):
+            await plain.run(items)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and plain.seen.value == 5
+    # Lines in the stream's order: the gap's note between the events it sits between.
+    assert [line.split()[:3] for line in lines] == [
+        ["1.500", "client", "STATE_CHANGE"], ["1.500", "demo", "GAP"], ["2.250", "client", "TRANSPORT_SWITCH"],
+    ]  # fmt: skip
+    assert "from_path=p1 to_path=p2" in lines[2] and lines[1].split()[3:] == ["3", "events", "missed"]
+
+
+async def test_run_attached_plain_mode_through_the_socket(tmp_path: pathlib.Path) -> None:
+    out = io.StringIO()
+    path = tmp_path / "agent.sock"
+    handler = command_handler({"status": lambda _r: status_reply()})
+    with trio.fail_after(20):
         async with open_event_sink(None, capacity=64) as sink:
+            sink.emit(client_event(101.5, from_state="BIRTH", to_state="ATTACHED"))  # before the UI: replayed
             async with trio.open_nursery() as nursery:
                 await nursery.start(
-                    lambda task_status: ui_app.run_console(
-                        runtime, sink, gateway="gw", tui=False, origin=100.0, stdout=out, task_status=task_status
-                    )
+                    functools.partial(serve_control, path, handler, events=sink, access=ControlAccess(group=None), log=lambda _l: None)
                 )
-                sink.emit(client_event(101.5, from_state="BIRTH", to_state="ATTACHED"))
+                plain = await nursery.start(functools.partial(run_attached, path, tui=False, origin=100.0, stdout=out))
+                assert isinstance(plain, AttachedPrinter)
                 sink.emit(client_event(102.25, EventKind.TRANSPORT_SWITCH, from_path="p1", to_path="p2"))
-                await trio.sleep(0.2)
+                await plain.seen.wait_value(2)
                 nursery.cancel_scope.cancel()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2
-    assert lines[0].split()[:3] == ["1.500", "client", "STATE_CHANGE"]
-    assert lines[1].split()[:3] == ["2.250", "client", "TRANSPORT_SWITCH"]
-    assert "from_path=p1 to_path=p2" in lines[1]
+    assert [line.split()[:3] for line in lines] == [["1.500", "client", "STATE_CHANGE"], ["2.250", "client", "TRANSPORT_SWITCH"]]
 
 
 async def test_plain_printer_flushes_what_is_queued_when_cancelled() -> None:
