@@ -86,14 +86,20 @@ def _cmd_states(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import pathlib
+
     import trio
 
     from jvpn_trio.commands import serve
 
-    config = load_gateway_config(_config_path(args.config, DEFAULT_GATEWAY_CONFIG, "examples/gateway.toml"))
+    path = _config_path(args.config, DEFAULT_GATEWAY_CONFIG, "examples/gateway.toml")
+    config = load_gateway_config(path)
     clocks = _clocks(args)
     # Deadlines on CLOCK_BOOTTIME count a suspend (docs/spec.md, "Freshness across a suspend").
-    return trio.run(lambda: serve.serve_gateway(config, record=args.record, quiet=args.quiet), clock=clocks.run_clock())
+    return trio.run(
+        lambda: serve.serve_gateway(config, config_path=pathlib.Path(path), record=args.record, quiet=args.quiet),
+        clock=clocks.run_clock(),
+    )
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -213,6 +219,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_reload(args: argparse.Namespace) -> int:
+    import pathlib
+
+    import trio
+
+    from jvpn_trio.commands.serve import RELOAD_COMMAND, describe_reload
+    from jvpn_trio.drivers.control import ControlError, query_control
+
+    if args.socket:
+        socket = pathlib.Path(args.socket)
+    elif args.config or os.path.exists(DEFAULT_GATEWAY_CONFIG):
+        socket = load_gateway_config(_config_path(args.config, DEFAULT_GATEWAY_CONFIG, "examples/gateway.toml")).control_socket
+    else:
+        socket = pathlib.Path(DEFAULT_SOCKETS[1])
+    try:
+        reply = trio.run(lambda: query_control(socket, {"cmd": RELOAD_COMMAND}, timeout=args.timeout))
+    except ControlError as exc:  # no gateway, no access, or its refusal (the config does not load)
+        raise CliError(str(exc)) from None
+    print(json.dumps(reply, sort_keys=True) if args.json else describe_reload(reply))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jvpn-trio",
@@ -312,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", dest="attach_socket", metavar="PATH", help="the agent's control socket")
     p.add_argument("--no-tui", dest="attach_no_tui", action="store_true", help="plain event lines")
     p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser("reload", help="make the running gateway re-read its peers ([[peer]] and peers_dir), like SIGHUP")
+    p.add_argument("--config", help=f"gateway TOML file, for its control socket (default: {DEFAULT_GATEWAY_CONFIG})")
+    p.add_argument("--socket", help="the gateway's control socket (default: the config's)")
+    p.add_argument("--json", action="store_true", help="the changes as one JSON document")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    p.set_defaults(func=_cmd_reload)
 
     p = sub.add_parser("status", help="ask the running client or gateway for its state")
     p.add_argument("--json", action="store_true", help="one JSON document")

@@ -371,6 +371,8 @@ class GatewayConfig:
     nat_egress: str | None = None
     #: Where Prometheus scrapes ``/metrics`` (docs/metrics.md); None: no metrics endpoint.
     metrics_listen: tuple[str, int] | None = None
+    #: One peer per ``*.toml`` file, besides the ``[[peer]]`` entries (what configuration tools write).
+    peers_dir: pathlib.Path | None = None
 
     @property
     def control_listen(self) -> tuple[tuple[str, int], ...]:
@@ -480,46 +482,15 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
         if nat_egress == tun_name:
             raise ConfigError(f"{t.where}.nat_egress: {nat_egress!r} is the tunnel's own interface (tun_name)")
     metrics_listen = _metrics_listen(t.get("metrics_listen", str, None), where=f"{t.where}.metrics_listen")
+    raw_dir = t.get("peers_dir", str, None)
+    peers_dir = _relative(base, raw_dir) if raw_dir is not None else None
     t.finish()
     if not listen:
         raise ConfigError(f"{t.where}.listen: at least one address:port is required")
     mtu = _mtu(mtu, where=f"{t.where}.mtu")
     if tunnel6 is not None and mtu < MIN_MTU6:
         raise ConfigError(f"{t.where}.mtu: {mtu} is below {MIN_MTU6}, the least a tunnel carrying IPv6 needs")
-    raw_peers = data.get("peer", [])
-    if not isinstance(raw_peers, list) or not raw_peers:
-        raise ConfigError(f"{source}: at least one [[peer]] with a public_key is required")
-    peers: list[PeerConfig] = []
-    for i, raw in enumerate(raw_peers):
-        pt = _Table(raw, where=f"{source}: [[peer]] #{i + 1}")
-        address = pt.get("address", str, None)
-        parsed = None
-        if address is not None:
-            try:
-                parsed = ipaddress.IPv4Address(address)
-            except ValueError:
-                raise ConfigError(f"{pt.where}.address: {address!r} is not an IPv4 address") from None
-            usable = parsed in tunnel_address.network and parsed not in (
-                tunnel_address.ip,
-                tunnel_address.network.network_address,
-                tunnel_address.network.broadcast_address,
-            )
-            if not usable:
-                raise ConfigError(f"{pt.where}.address: {parsed} is not a free host address of {tunnel_address.network}")
-            if any(p.address == parsed for p in peers):
-                raise ConfigError(f"{pt.where}.address: {parsed} is already given to another peer")
-        address6 = _peer_address6(pt.get("address6", str, None), parsed, tunnel_address, tunnel6, where=f"{pt.where}.address6")
-        if address6 is not None and any(p.address6 == address6 for p in peers):
-            raise ConfigError(f"{pt.where}.address6: {address6} is already given to another peer")
-        peers.append(
-            PeerConfig(
-                name=pt.get("name", str, f"peer{i + 1}"), public_key=pt.get("public_key", str, required=True),
-                address=parsed, address6=address6,
-            )  # fmt: skip
-        )
-        pt.finish()
-    if len({p.public_key for p in peers}) != len(peers):
-        raise ConfigError(f"{source}: a public key is listed twice in [[peer]]")
+    peers = _gateway_peers(data.get("peer", []), peers_dir, tunnel_address, tunnel6, source=source)
     return GatewayConfig(
         private_key_file=key_file,
         listen=listen,
@@ -536,7 +507,87 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
         nat=nat,
         nat_egress=nat_egress,
         metrics_listen=metrics_listen,
+        peers_dir=peers_dir,
     )
+
+
+#: Files in ``peers_dir`` that hold a peer; anything else there (editor backups, READMEs) is left alone.
+PEER_FILE_SUFFIX = ".toml"
+
+
+def _gateway_peers(
+    raw_peers: Any,
+    peers_dir: pathlib.Path | None,
+    tunnel_address: ipaddress.IPv4Interface,
+    tunnel6: ipaddress.IPv6Interface | None,
+    *,
+    source: str,
+) -> tuple[PeerConfig, ...]:
+    """The ``[[peer]]`` entries, then one peer per ``*.toml`` file of ``peers_dir`` (named after the file)."""
+    if not isinstance(raw_peers, list):
+        raise ConfigError(f"{source}: [[peer]] must be an array of tables")
+    entries: list[tuple[Any, str, str]] = [(raw, f"{source}: [[peer]] #{i + 1}", f"peer{i + 1}") for i, raw in enumerate(raw_peers)]
+    if peers_dir is not None:
+        try:
+            files = sorted(f for f in peers_dir.iterdir() if f.suffix == PEER_FILE_SUFFIX and not f.name.startswith("."))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: [gateway].peers_dir: {peers_dir}: no such directory") from None
+        except NotADirectoryError:
+            raise ConfigError(f"{source}: [gateway].peers_dir: {peers_dir}: not a directory") from None
+        except PermissionError:
+            raise ConfigError(f"{source}: [gateway].peers_dir: {peers_dir}: permission denied") from None
+        for file in files:
+            data = read_toml(file)
+            entries.append((data, str(file), file.stem))
+    if not entries:
+        where = f" or a file in {peers_dir}" if peers_dir is not None else ""
+        raise ConfigError(f"{source}: at least one [[peer]]{where} with a public_key is required")
+    peers: list[PeerConfig] = []
+    for raw, where, default_name in entries:
+        peers.append(_peer(raw, peers, tunnel_address, tunnel6, where=where, default_name=default_name))
+    keys: dict[str, str] = {}
+    for peer in peers:
+        if peer.public_key in keys:
+            raise ConfigError(f"{source}: the public key of peer {peer.name!r} is also peer {keys[peer.public_key]!r}'s")
+        keys[peer.public_key] = peer.name
+    return tuple(peers)
+
+
+def _peer(
+    raw: Any,
+    earlier: list[PeerConfig],
+    tunnel_address: ipaddress.IPv4Interface,
+    tunnel6: ipaddress.IPv6Interface | None,
+    *,
+    where: str,
+    default_name: str,
+) -> PeerConfig:
+    pt = _Table(raw, where=where)
+    address = pt.get("address", str, None)
+    parsed = None
+    if address is not None:
+        try:
+            parsed = ipaddress.IPv4Address(address)
+        except ValueError:
+            raise ConfigError(f"{pt.where}.address: {address!r} is not an IPv4 address") from None
+        usable = parsed in tunnel_address.network and parsed not in (
+            tunnel_address.ip,
+            tunnel_address.network.network_address,
+            tunnel_address.network.broadcast_address,
+        )
+        if not usable:
+            raise ConfigError(f"{pt.where}.address: {parsed} is not a free host address of {tunnel_address.network}")
+        if any(p.address == parsed for p in earlier):
+            raise ConfigError(f"{pt.where}.address: {parsed} is already given to another peer")
+    address6 = _peer_address6(pt.get("address6", str, None), parsed, tunnel_address, tunnel6, where=f"{pt.where}.address6")
+    if address6 is not None and any(p.address6 == address6 for p in earlier):
+        raise ConfigError(f"{pt.where}.address6: {address6} is already given to another peer")
+    peer = PeerConfig(
+        name=pt.get("name", str, default_name), public_key=pt.get("public_key", str, required=True),
+        address=parsed, address6=address6,
+    )  # fmt: skip
+    pt.finish()
+    return peer
 
 
 def _metrics_listen(value: str | None, *, where: str) -> tuple[str, int] | None:

@@ -303,10 +303,12 @@ def config_file(tmp_path: pathlib.Path, name: str, text: str) -> pathlib.Path:
 def test_serve_runs_the_gateway_with_the_loaded_config(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    calls: list[tuple[object, object, bool]] = []
+    calls: list[tuple[object, object, object, bool]] = []
 
-    async def fake_serve(config: object, *, record: object = None, quiet: bool = False, notifier: object = None) -> int:
-        calls.append((config, record, quiet))
+    async def fake_serve(
+        config: object, *, config_path: object = None, record: object = None, quiet: bool = False, notifier: object = None
+    ) -> int:
+        calls.append((config, config_path, record, quiet))
         return 0
 
     monkeypatch.setattr(serve, "serve_gateway", fake_serve)
@@ -314,7 +316,7 @@ def test_serve_runs_the_gateway_with_the_loaded_config(
     trace = tmp_path / "trace.jsonl"
     code, out, err = run(["serve", "--config", str(path), "--record", str(trace), "--quiet"], capsys)
     assert (code, out, err) == (0, "", "")
-    assert calls == [(load_gateway_config(path), trace, True)]
+    assert calls == [(load_gateway_config(path), path, trace, True)]  # the path: where a reload reads the peers
 
 
 def test_up_runs_the_client_with_the_loaded_config(

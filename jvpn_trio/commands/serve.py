@@ -7,6 +7,11 @@ again (docs/gateway.md).  The first SIGINT/SIGTERM first sends every session
 an authenticated CLOSE (bounded by :func:`close_grace_s`); a second one stops
 at once.
 
+Peers change without a restart: ``jvpn-trio reload`` (the control socket's
+``reload``) or SIGHUP re-reads the config file and its ``peers_dir`` and hands
+the new peer set to :meth:`GatewayRuntime.reload_peers` (docs/gateway.md,
+"Peers").  A config that does not load changes nothing.
+
 As a systemd service (docs/service.md) it speaks ``sd_notify`` through
 ``drivers/systemd.py``: ``READY=1`` once it listens on every address with its
 TUN, nft table and control socket in place, ``STATUS=`` with the number of
@@ -18,11 +23,13 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import signal
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from jvpn_trio.commands.process import (
@@ -32,7 +39,7 @@ from jvpn_trio.commands.process import (
     close_on_signals,
     missing_privilege,
 )
-from jvpn_trio.config import GatewayConfig
+from jvpn_trio.config import ConfigError, GatewayConfig, PeerConfig, load_gateway_config
 from jvpn_trio.core.mtu import Family
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.policy import Policy
@@ -42,7 +49,7 @@ from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.drivers.systemd import Notifier, publish_status, serve_watchdog, watchdog_interval
-from jvpn_trio.keyfile import load_private_key, load_public_key_text
+from jvpn_trio.keyfile import KeyFileError, load_private_key, load_public_key_text
 from jvpn_trio.ui.lines import print_events
 from jvpn_trio.ui.status import gateway_status
 
@@ -57,6 +64,71 @@ def close_grace_s(policy: Policy) -> float:
     return policy.probe_timeout_ms / 1000.0
 
 
+#: The control command that re-reads the peers (``jvpn-trio reload``).
+RELOAD_COMMAND = "reload"
+
+
+def gateway_peers(peers: tuple[PeerConfig, ...]) -> list[GatewayPeer]:
+    """The runtime's peers for the config's; raises KeyFileError for a public key that is not one."""
+    return [
+        GatewayPeer(name=p.name, public=load_public_key_text(p.public_key), address=p.address, address6=p.address6)
+        for p in peers
+    ]
+
+
+def settings_needing_restart(running: GatewayConfig, loaded: GatewayConfig) -> list[str]:
+    """The settings a reload read but cannot apply (anything but the peers), by name."""
+    return sorted(
+        field.name
+        for field in attrs.fields(GatewayConfig)
+        if field.name != "peers" and getattr(running, field.name) != getattr(loaded, field.name)
+    )
+
+
+class PeerReloader:
+    """Re-reads the config's peers into a running gateway, one reload at a time."""
+
+    def __init__(self, runtime: GatewayRuntime, config: GatewayConfig, path: Path | None) -> None:
+        self._runtime = runtime
+        self._running = config
+        self._path = path
+        self._lock = trio.Lock()
+
+    async def reload(self) -> dict[str, Any]:
+        """The changes made (``PeerChanges.to_dict`` plus ``restart_needed``); ControlError if nothing changed."""
+        if self._path is None:
+            raise control.ControlError("this gateway was started without a config file to re-read", code=control.ErrorCode.REFUSED)
+        async with self._lock:
+            try:
+                loaded = load_gateway_config(self._path)
+                peers = gateway_peers(loaded.peers)
+                changes = await self._runtime.reload_peers(peers)
+            except (ConfigError, KeyFileError, ValueError) as exc:
+                raise control.ControlError(f"reload refused, nothing changed: {exc}", code=control.ErrorCode.BAD_REQUEST) from None
+        return {**changes.to_dict(), "restart_needed": settings_needing_restart(self._running, loaded)}
+
+    async def on_sighup(self) -> None:
+        """SIGHUP (``systemctl reload``) reloads too; the outcome is one line on stderr."""
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                try:
+                    result = await self.reload()
+                except control.ControlError as exc:
+                    stderr_line(str(exc))
+                    continue
+                stderr_line(describe_reload(result))
+
+
+def describe_reload(result: dict[str, Any]) -> str:
+    """A reload's outcome in one line."""
+    parts = [f"{key} {', '.join(result[key])}" for key in ("added", "removed", "readdressed", "renamed") if result.get(key)]
+    line = "peers reloaded: " + ("; ".join(parts) if parts else "no change")
+    line += f"; {result.get('unchanged', 0)} unchanged; {result.get('sessions_closed', 0)} session(s) closed (PEER_REMOVED)"
+    if result.get("restart_needed"):
+        line += f"; changed but applied only by a restart: {', '.join(result['restart_needed'])}"
+    return line
+
+
 def service_status_line(value: GatewayStatus | None, *, listening: str) -> str:
     """The gateway in one line, for systemd's ``STATUS=``: its sessions and where it listens."""
     sessions = len(value.sessions) if value is not None else 0
@@ -64,28 +136,33 @@ def service_status_line(value: GatewayStatus | None, *, listening: str) -> str:
 
 
 async def serve_gateway(
-    config: GatewayConfig, *, record: Path | None = None, quiet: bool = False, notifier: Notifier | None = None
+    config: GatewayConfig,
+    *,
+    config_path: Path | None = None,
+    record: Path | None = None,
+    quiet: bool = False,
+    notifier: Notifier | None = None,
 ) -> int:
     """Run the gateway until SIGINT/SIGTERM; 0 then.  Raises AppError for what stops it at start.
 
+    ``config_path``: where a reload re-reads the peers (None: reload is refused).
     ``notifier`` (default: from ``$NOTIFY_SOCKET``) hears READY=1 once it serves, STATUS= and STOPPING=1.
     """
     notifier = Notifier.from_environ(log=stderr_line) if notifier is None else notifier
     try:
-        return await _serve_gateway(config, record=record, quiet=quiet, notifier=notifier)
+        return await _serve_gateway(config, config_path=config_path, record=record, quiet=quiet, notifier=notifier)
     finally:
         notifier.close()
 
 
-async def _serve_gateway(config: GatewayConfig, *, record: Path | None, quiet: bool, notifier: Notifier) -> int:
+async def _serve_gateway(
+    config: GatewayConfig, *, config_path: Path | None, record: Path | None, quiet: bool, notifier: Notifier
+) -> int:
     problem = missing_privilege()
     if problem:
         raise AppError(problem)
     static = StaticKeypair(load_private_key(config.private_key_file))
-    peers = [
-        GatewayPeer(name=p.name, public=load_public_key_text(p.public_key), address=p.address, address6=p.address6)
-        for p in config.peers
-    ]
+    peers = gateway_peers(config.peers)
     async with AsyncExitStack() as stack:
         # With a metrics endpoint, the sink also counts what only events say (switches, security events).
         event_counts = metrics.EventCounts() if config.metrics_listen is not None else None
@@ -152,12 +229,17 @@ async def _serve_gateway(config: GatewayConfig, *, record: Path | None, quiet: b
                 tunnel_address6=str(config.tunnel_address6) if config.tunnel_address6 is not None else None,
             )
 
+        reloader = PeerReloader(runtime, config, config_path)
+
+        async def reload(_request: dict[str, Any]) -> dict[str, Any]:
+            return await reloader.reload()
+
         async with trio.open_nursery() as nursery:
+            handler = control.command_handler({"status": status, RELOAD_COMMAND: reload})
             await nursery.start(
-                lambda task_status: control.serve_control(
-                    config.control_socket, control.command_handler({"status": status}), task_status=task_status
-                )
+                lambda task_status: control.serve_control(config.control_socket, handler, task_status=task_status)
             )
+            nursery.start_soon(reloader.on_sighup)
             if config.metrics_listen is not None:  # Prometheus scrapes it (docs/metrics.md)
                 collector = metrics.GatewayCollector(runtime, sink=sink, events=event_counts)
                 try:

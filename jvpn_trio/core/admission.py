@@ -15,6 +15,11 @@ addresses it keeps, and the gateway driver carries the answer out:
    which returns :class:`Claimed` (the revision the new session holds) or
    :class:`Refuse` and frees the address again.
 3. When a session is gone the driver calls :meth:`release`.
+4. A reload (:meth:`reconfigure`) gives a new set of peers and configured
+   addresses; it returns the sessions that must end (their peer is gone, its
+   configured address changed, or they hold an address now configured for
+   another peer), already out of the table, and an admission of theirs still
+   waiting for its claim is settled as PEER_REMOVED.
 
 Invariants, whatever the order of calls (``tests/core/test_admission.py``):
 
@@ -47,7 +52,7 @@ from __future__ import annotations
 import enum
 import heapq
 import ipaddress
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import attrs
 
@@ -66,6 +71,7 @@ class Refusal(enum.Enum):
     POOL_EXHAUSTED = "POOL_EXHAUSTED"
     CLAIM_FAILED = "CLAIM_FAILED"
     ADMISSION_IN_FLIGHT = "ADMISSION_IN_FLIGHT"
+    PEER_REMOVED = "PEER_REMOVED"  # a reload removed the peer (or changed its address) while its claim was out
 
 
 @attrs.frozen(kw_only=True)
@@ -175,7 +181,7 @@ class _Pool:
     """
 
     def __init__(self, tunnel: ipaddress.IPv4Interface, excluded: frozenset[ipaddress.IPv4Address]) -> None:
-        """``excluded``: usable hosts that are not the pool's (the configured addresses)."""
+        """``excluded``: usable hosts that are not the pool's now (configured, or held since before a reload)."""
         network = tunnel.network
         self._unused: Iterator[ipaddress.IPv4Address] = (
             a for a in network.hosts() if a != tunnel.ip and a not in excluded
@@ -183,17 +189,20 @@ class _Pool:
         gateway = 1 if _is_host(network, tunnel.ip) else 0
         self._unused_left = _host_count(network) - gateway - len(excluded)
         self._returned: list[ipaddress.IPv4Address] = []
+        #: The lowest never-used address, looked at ahead: after a reload a returned one may be higher.
+        self._next_unused = next(self._unused, None)
 
     @property
     def free(self) -> int:
         return self._unused_left + len(self._returned)
 
     def take(self) -> ipaddress.IPv4Address | None:
-        if self._returned:
+        if self._returned and (self._next_unused is None or self._returned[0] < self._next_unused):
             return heapq.heappop(self._returned)
-        address = next(self._unused, None)
+        address = self._next_unused
         if address is not None:
             self._unused_left -= 1
+            self._next_unused = next(self._unused, None)
         return address
 
     def give_back(self, address: ipaddress.IPv4Address) -> None:
@@ -221,6 +230,28 @@ class Admissions:
         ``tunnel6`` is the gateway's IPv6 tunnel address (None: no IPv6);
         ``fixed6`` the peers' configured IPv6 addresses (``PeerConfig.address6``).
         """
+        self._tunnel = tunnel
+        self._tunnel6 = tunnel6
+        fixed6 = dict(fixed6 or {})
+        excluded = self._excluded(fixed, fixed6)
+        self._fixed = dict(fixed)
+        self._fixed6 = fixed6
+        self._node_id = node_id
+        self._pool = _Pool(tunnel, excluded)
+        self._pool_excluded = excluded
+        self._address: dict[SessionId, ipaddress.IPv4Address] = {}
+        self._address6: dict[SessionId, ipaddress.IPv6Address] = {}
+        self._peer: dict[SessionId, PeerKey] = {}
+        self._current: dict[PeerKey, SessionId] = {}
+        self._pending: set[SessionId] = set()
+        #: Admissions a reload ended while their claim was out: settled as PEER_REMOVED.
+        self._revoked: set[SessionId] = set()
+
+    def _excluded(
+        self, fixed: Mapping[PeerKey, ipaddress.IPv4Address], fixed6: Mapping[PeerKey, ipaddress.IPv6Address]
+    ) -> frozenset[ipaddress.IPv4Address]:
+        """The addresses the pool must not hand out for these configured ones; ValueError if they are not valid."""
+        tunnel, tunnel6 = self._tunnel, self._tunnel6
         seen: set[ipaddress.IPv4Address] = set()
         for address in fixed.values():
             if not usable_host(tunnel, address):
@@ -228,7 +259,6 @@ class Admissions:
             if address in seen:
                 raise ValueError(f"{address} is configured for two peers")
             seen.add(address)
-        fixed6 = dict(fixed6 or {})
         if fixed6 and tunnel6 is None:
             raise ValueError("configured IPv6 addresses need an IPv6 tunnel address")
         seen6: set[ipaddress.IPv6Address] = set()
@@ -248,19 +278,45 @@ class Admissions:
                     twin = tunnel.network[host]
                     if usable_host(tunnel, twin):
                         excluded.add(twin)
-        self._tunnel = tunnel
-        self._tunnel6 = tunnel6
-        self._fixed = dict(fixed)
-        self._fixed6 = fixed6
-        self._fixed_addresses = frozenset(seen)
-        self._node_id = node_id
-        self._pool = _Pool(tunnel, frozenset(excluded))
-        self._pool_excluded = frozenset(excluded)
-        self._address: dict[SessionId, ipaddress.IPv4Address] = {}
-        self._address6: dict[SessionId, ipaddress.IPv6Address] = {}
-        self._peer: dict[SessionId, PeerKey] = {}
-        self._current: dict[PeerKey, SessionId] = {}
-        self._pending: set[SessionId] = set()
+        return frozenset(excluded)
+
+    def reconfigure(
+        self,
+        *,
+        peers: Collection[PeerKey],
+        fixed: Mapping[PeerKey, ipaddress.IPv4Address],
+        fixed6: Mapping[PeerKey, ipaddress.IPv6Address] | None = None,
+    ) -> tuple[SessionId, ...]:
+        """A reload: ``peers`` are the authorised peers now, ``fixed``/``fixed6`` their configured addresses.
+
+        Returns the sessions that must end, already out of the table: a peer
+        no longer listed, a peer whose configured address (either family)
+        changed, and a session holding an address now configured for another
+        peer.  Every other session keeps its address.  Raises ValueError as
+        ``__init__`` does, before anything changes.
+        """
+        fixed6 = dict(fixed6 or {})
+        excluded = self._excluded(fixed, fixed6)
+        configured4, configured6 = set(fixed.values()), set(fixed6.values())
+        ending = []
+        for session_id, peer in sorted(self._peer.items(), key=lambda item: item[0].hex):
+            address, address6 = self._address[session_id], self._address6.get(session_id)
+            gone = peer not in peers
+            moved = self._fixed.get(peer) != fixed.get(peer) or self._fixed6.get(peer) != fixed6.get(peer)
+            taken = (address in configured4 and fixed.get(peer) != address) or (
+                address6 is not None and address6 in configured6 and fixed6.get(peer) != address6
+            )
+            if gone or moved or taken:
+                ending.append(session_id)
+        for session_id in ending:
+            if session_id in self._pending:
+                self._revoked.add(session_id)
+            self._forget(session_id)
+        self._fixed, self._fixed6 = dict(fixed), fixed6
+        held = frozenset(a for a in self._address.values() if a not in excluded)
+        self._pool = _Pool(self._tunnel, excluded | held)
+        self._pool_excluded = excluded
+        return tuple(ending)
 
     # -- decisions ----------------------------------------------------------------------
     def admit(self, peer: PeerKey, *, session_id: SessionId) -> Admit | Refuse:
@@ -318,6 +374,9 @@ class Admissions:
         the admission is undone and CLAIM_FAILED returned.  Raises ValueError
         if ``session_id`` has no claim outstanding.
         """
+        if session_id in self._revoked:  # a reload ended it while the store was being asked
+            self._revoked.discard(session_id)
+            return Refuse(reason=Refusal.PEER_REMOVED)
         if session_id not in self._pending:
             raise ValueError(f"session {session_id.short} has no claim outstanding")
         self._pending.discard(session_id)

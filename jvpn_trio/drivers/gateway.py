@@ -64,6 +64,9 @@ BATCH = 64
 INBOX_CAPACITY = 4096
 #: Client endpoints remembered per session (one per path is the normal case).
 MAX_ENDPOINTS_PER_SESSION = 16
+#: Removed peers whose last handshake timestamp is kept, so that re-adding one cannot let a
+#: captured old HANDSHAKE_INIT of theirs in again; the oldest is forgotten beyond this.
+MAX_RETIRED_TIMESTAMPS = 65536
 #: Transport types whose failed authentication the session core hears about: a forged or
 #: replayed REATTACH or CLOSE is an attack on the binding, so it becomes a SECURITY_EVENT.
 REPORTED_DROP_TYPES = frozenset({wire.MessageType.REATTACH, wire.MessageType.CLOSE})
@@ -108,6 +111,7 @@ class _Counts:
     handshake_pool_exhausted: int = 0
     handshake_claim_failed: int = 0
     handshake_admission_in_flight: int = 0
+    handshake_peer_removed: int = 0
     terminated_session_ttl_expired: int = 0
     terminated_transport_loss_ttl_expired: int = 0
     terminated_key_exhausted: int = 0
@@ -157,6 +161,26 @@ class GatewayPeer:
     last_timestamp: bytes | None = None
     #: The peer's configured IPv6 tunnel address (``PeerConfig.address6``); None: the twin of its IPv4 one.
     address6: ipaddress.IPv6Address | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PeerChanges:
+    """What a reload did, by peer name (``jvpn-trio reload``'s reply)."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    #: Configured addresses changed: the live session ended (PEER_REMOVED) and the peer connects again.
+    readdressed: tuple[str, ...] = ()
+    renamed: tuple[str, ...] = ()
+    unchanged: int = 0
+    #: Sessions ended with PEER_REMOVED (removed and readdressed peers, and pool holders of a newly configured address).
+    sessions_closed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "added": list(self.added), "removed": list(self.removed), "readdressed": list(self.readdressed),
+            "renamed": list(self.renamed), "unchanged": self.unchanged, "sessions_closed": self.sessions_closed,
+        }  # fmt: skip
 
 
 @attrs.define(eq=False)
@@ -274,6 +298,7 @@ class GatewayRuntime:
         self.policy = policy
         self._static = static
         self._peers = {p.public: p for p in peers}
+        self._retired_timestamps: dict[bytes, bytes] = {}
         self.tunnel = tunnel
         self.tunnel6 = tunnel6
         self._admissions = Admissions(
@@ -358,6 +383,61 @@ class GatewayRuntime:
             for served in list(self.sessions.values())
             if not served.core.terminated
         )
+
+    async def reload_peers(self, peers: Sequence[GatewayPeer]) -> PeerChanges:
+        """Authorise exactly ``peers`` from now on; raises ValueError (changing nothing) for a set that cannot work.
+
+        Added peers may handshake at once.  A removed peer's session, and
+        that of a peer whose configured address changed, ends through the
+        supervisor with PEER_REMOVED (an authenticated CLOSE that says so),
+        unrouted first so that not one more packet reaches it; a session
+        holding a pool address now configured for another peer ends the same
+        way.  Every other session is untouched: same keys, address, binding.
+        """
+        new = {p.public: p for p in peers}
+        if len(new) != len(peers):
+            raise ValueError("a public key is listed twice")
+        ending = self._admissions.reconfigure(
+            peers=new.keys(),
+            fixed={p.public: p.address for p in peers if p.address is not None},
+            fixed6={p.public: p.address6 for p in peers if p.address6 is not None},
+        )
+        old = self._peers
+        added = [p.name for key, p in new.items() if key not in old]
+        removed = [p.name for key, p in old.items() if key not in new]
+        readdressed, renamed, merged = [], [], {}
+        for key, peer in new.items():
+            kept = old.get(key)
+            if kept is None:
+                peer.last_timestamp = self._retired_timestamps.pop(key, None)
+                merged[key] = peer
+                continue
+            if (kept.address, kept.address6) != (peer.address, peer.address6):
+                readdressed.append(peer.name)
+            elif kept.name != peer.name:
+                renamed.append(peer.name)
+            kept.name, kept.address, kept.address6 = peer.name, peer.address, peer.address6  # keeps last_timestamp
+            merged[key] = kept
+        for key, peer in old.items():
+            if key not in new and peer.last_timestamp is not None:
+                self._retired_timestamps[key] = peer.last_timestamp
+                while len(self._retired_timestamps) > MAX_RETIRED_TIMESTAMPS:
+                    self._retired_timestamps.pop(next(iter(self._retired_timestamps)))
+        self._peers = merged
+        closed = 0
+        now = trio.current_time()
+        for session_id in ending:
+            served = self.sessions.get(session_id)
+            if served is None or served.core.terminated:
+                continue
+            self._unroute(served)
+            await self._inbox_send.send((now, session_id, ev.CloseRequested(reason=ReasonCode.PEER_REMOVED)))
+            closed += 1
+        unchanged = len(new) - len(added) - len(readdressed) - len(renamed)
+        return PeerChanges(
+            added=tuple(added), removed=tuple(removed), readdressed=tuple(readdressed), renamed=tuple(renamed),
+            unchanged=unchanged, sessions_closed=closed,
+        )  # fmt: skip
 
     # -- the supervisor ---------------------------------------------------------------------------
     def _next_deadline(self) -> float:

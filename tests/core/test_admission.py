@@ -310,35 +310,93 @@ FIXED = {PEERS[0]: ip(5), PEERS[1]: ip(6)}  # the pool is .2-.4
 
 
 class AdmissionMachine(RuleBasedStateMachine):
-    """Random admits, claim outcomes and releases; the invariants hold after every step."""
+    """Random admits, claim outcomes, releases and reloads; the invariants hold after every step."""
 
     def __init__(self) -> None:
         super().__init__()
         self.table = table(dict(FIXED))
-        self.pool_size = self.table.snapshot().pool_free
+        self.fixed = dict(FIXED)
+        self.fixed6: dict[bytes, ipaddress.IPv6Address] = {}
+        self.peers = set(PEERS)
+        self.hosts = 5  # .2-.6
         self.counter = itertools.count(1)
         self.pending: list[SessionId] = []
+        self.revoked: list[SessionId] = []
         self.known: list[SessionId] = []  # every id ever admitted, including replaced and ended ones
+
+    @property
+    def pool_size(self) -> int:
+        """Hosts minus the configured addresses and the twins of configured IPv6 ones."""
+        twins = {TUNNEL.network[int(a) - int(TUNNEL6.network.network_address)] for a in self.fixed6.values()}
+        return self.hosts - len(set(self.fixed.values()) | twins)
+
+    def fixed6_after(self, kept: set[bytes], fixed: dict[bytes, ipaddress.IPv4Address]) -> dict[bytes, ipaddress.IPv6Address] | None:
+        """The configured IPv6 addresses after a reload; None if the config layer would refuse it."""
+        return {}
 
     @rule(peer=st.sampled_from(PEERS))
     def admit(self, peer: bytes) -> None:
+        if peer not in self.peers:  # the driver refuses an unknown key before it asks for admission
+            return
         current = self.table.session_of(peer)
         held_elsewhere = {h.address for h in self.table.snapshot().holdings if h.peer != peer}
+        twins = {TUNNEL.network[int(a) - int(TUNNEL6.network.network_address)] for a in self.fixed6.values()}
+        unavailable = held_elsewhere | set(self.fixed.values()) | twins
+        lowest_free = min((ip(n) for n in range(2, 7) if ip(n) not in unavailable), default=None)
         new = SessionId(next(self.counter).to_bytes(16, "big"))
         decision = self.table.admit(peer, session_id=new)
         if isinstance(decision, Refuse):
             if decision.reason is Refusal.POOL_EXHAUSTED:
-                assert current is None and peer not in FIXED
+                assert current is None and peer not in self.fixed
                 assert self.table.snapshot().pool_free == 0
             else:
                 assert decision.reason is Refusal.ADMISSION_IN_FLIGHT and current in self.pending
             return
         assert decision.address not in held_elsewhere
         assert decision.replaces == current
-        if peer in FIXED:
-            assert decision.address == FIXED[peer]
+        if peer in self.fixed:
+            assert decision.address == self.fixed[peer]
+        elif current is None:
+            assert decision.address == lowest_free, "the pool did not hand out its lowest free address"
         self.pending.append(new)
         self.known.append(new)
+
+    @rule(
+        kept=st.sets(st.sampled_from(PEERS), min_size=1),
+        addresses=st.lists(st.sampled_from([ip(n) for n in range(2, 7)]), unique=True, max_size=3),
+    )
+    def reload(self, kept: set[bytes], addresses: list[ipaddress.IPv4Address]) -> None:
+        """A new peer set and new configured addresses: what must end is gone at once, the rest stays."""
+        before = {h.session_id: h for h in self.table.snapshot().holdings}
+        fixed = dict(zip(sorted(kept), addresses))
+        fixed6 = self.fixed6_after(kept, fixed)
+        if fixed6 is None:
+            return
+        ending = self.table.reconfigure(peers=kept, fixed=fixed, fixed6=fixed6)
+        for session_id, held in before.items():
+            stays = (
+                held.peer in kept
+                and self.fixed.get(held.peer) == fixed.get(held.peer)
+                and self.fixed6.get(held.peer) == fixed6.get(held.peer)
+                and (held.address not in fixed.values() or fixed.get(held.peer) == held.address)
+                and (held.address6 not in fixed6.values() or fixed6.get(held.peer) == held.address6)
+            )
+            assert (session_id not in ending) == stays
+            assert (self.table.address_of(session_id) == held.address) == stays
+        for session_id in ending:
+            if session_id in self.pending:
+                self.pending.remove(session_id)
+                self.revoked.append(session_id)
+        self.fixed, self.fixed6, self.peers = fixed, fixed6, kept
+
+    @precondition(lambda self: self.revoked)
+    @rule(data=st.data())
+    def settle_revoked(self, data: st.DataObject) -> None:
+        session_id = data.draw(st.sampled_from(self.revoked))
+        self.revoked.remove(session_id)
+        assert self.table.settle_claim(session_id, succeeded=True, record=record(session_id)) == Refuse(
+            reason=Refusal.PEER_REMOVED
+        )
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data(), ok=st.booleans())
@@ -370,12 +428,13 @@ class AdmissionMachine(RuleBasedStateMachine):
         peers = [h.peer for h in snap.holdings]
         assert len(peers) == len(set(peers)), "a peer holds two addresses"
         for h in snap.holdings:
-            if h.address in FIXED.values():
-                assert FIXED.get(h.peer) == h.address, "a configured address went to another peer"
+            if h.address in self.fixed.values():
+                assert self.fixed.get(h.peer) == h.address, "a configured address went to another peer"
+            assert h.peer in self.peers, "a removed peer still holds an address"
             assert usable_host(TUNNEL, h.address)
             assert self.table.session_of(h.peer) == h.session_id
             assert h.pending == (h.session_id in self.pending)
-        pooled = sum(1 for a in addresses if a not in FIXED.values())
+        pooled = sum(1 for a in addresses if a not in self.fixed.values())
         assert pooled + snap.pool_free == self.pool_size, "an address leaked from the pool"
 
 
@@ -475,7 +534,14 @@ class AdmissionMachine6(AdmissionMachine):
     def __init__(self) -> None:
         super().__init__()
         self.table = table6(dict(FIXED), dict(FIXED6))
-        self.pool_size = self.table.snapshot().pool_free
+        self.fixed6 = dict(FIXED6)
+
+    def fixed6_after(self, kept: set[bytes], fixed: dict[bytes, ipaddress.IPv4Address]) -> dict[bytes, ipaddress.IPv6Address] | None:
+        fixed6 = {peer: address6 for peer, address6 in FIXED6.items() if peer in kept}
+        twins = {ip6(int(a) - int(TUNNEL.network.network_address)): p for p, a in fixed.items() if p not in fixed6}
+        if any(twins.get(a6, p) != p for p, a6 in fixed6.items()):
+            return None  # another peer's configured IPv4 twins onto a configured IPv6: config.py refuses it
+        return fixed6
 
     @invariant()
     def ipv6_addresses_are_exclusive_and_paired(self) -> None:
@@ -484,7 +550,7 @@ class AdmissionMachine6(AdmissionMachine):
         assert None not in addresses6, "a session without its IPv6 address"
         assert len(addresses6) == len(set(addresses6)), "two sessions hold one IPv6 address"
         for h in holdings:
-            expected = FIXED6.get(h.peer, ip6(int(h.address) - int(TUNNEL.network.network_address)))
+            expected = self.fixed6.get(h.peer, ip6(int(h.address) - int(TUNNEL.network.network_address)))
             assert h.address6 == expected, "an IPv6 address that is neither configured nor the twin"
             assert h.address6 != TUNNEL6.ip
 

@@ -618,10 +618,10 @@ def _gw(extra: str) -> str:
         (_gw("colour = 'red'\n"), "[gateway]: unknown key(s): colour"),
         ("[gateway]\nprivate_key_file = 'k'\n", "at least one [[peer]] with a public_key is required"),
         ("peer = []\n[gateway]\nprivate_key_file = 'k'\n", "at least one [[peer]] with a public_key is required"),
-        ("peer = 5\n[gateway]\nprivate_key_file = 'k'\n", "at least one [[peer]] with a public_key is required"),
+        ("peer = 5\n[gateway]\nprivate_key_file = 'k'\n", "[[peer]] must be an array of tables"),
         (GATEWAY_MINIMAL + "[[peer]]\nname = 'x'\n", "[[peer]] #2: missing required key 'public_key'"),
         (GATEWAY_MINIMAL + "[[peer]]\npublic_key = 'K2'\nallowed_ips = []\n", "[[peer]] #2: unknown key(s): allowed_ips"),
-        (GATEWAY_MINIMAL + "[[peer]]\npublic_key = 'PEERKEY1'\n", "a public key is listed twice in [[peer]]"),
+        (GATEWAY_MINIMAL + "[[peer]]\npublic_key = 'PEERKEY1'\n", "the public key of peer 'peer2' is also peer 'peer1''s"),
         (GATEWAY_MINIMAL + "address = 'ten'\n", "[[peer]] #1.address: 'ten' is not an IPv4 address"),
         (GATEWAY_MINIMAL + "address = '10.67.0.2'\n", "[[peer]] #1.address: 10.67.0.2 is not a free host address of 10.66.0.0/24"),
         (GATEWAY_MINIMAL + "address = '10.66.0.1'\n", "[[peer]] #1.address: 10.66.0.1 is not a free host address of 10.66.0.0/24"),
@@ -731,3 +731,52 @@ def test_client_control_socket_access(tmp_path: pathlib.Path) -> None:
     assert root_only.control_group is None
     _, message = client_error(tmp_path, CLIENT_MINIMAL + "control_steer_group = 'yes'\n")
     assert "[client].control_steer_group: expected bool, got str" in message
+
+
+def test_gateway_peers_dir_adds_one_peer_per_file_named_after_it(tmp_path: pathlib.Path) -> None:
+    peers = tmp_path / "peers.d"
+    peers.mkdir()
+    (peers / "alice.toml").write_text('public_key = "ALICEKEY"\naddress = "10.66.0.10"\n')
+    (peers / "bob.toml").write_text('public_key = "BOBKEY"\nname = "bob-laptop"\n')
+    (peers / "alice.toml~").write_text("an editor's backup: not a peer\n")
+    (peers / ".carol.toml").write_text("hidden: not a peer\n")
+    path = write(tmp_path, GATEWAY_MINIMAL.replace("[gateway]\n", "[gateway]\npeers_dir = \"peers.d\"\n"), "gw.toml")
+    config = load_gateway_config(path)
+    assert [(p.name, p.public_key, p.address) for p in config.peers] == [
+        ("peer1", "PEERKEY1", None),
+        ("alice", "ALICEKEY", ipaddress.IPv4Address("10.66.0.10")),
+        ("bob-laptop", "BOBKEY", None),
+    ]
+    assert config.peers_dir == peers
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a.toml": 'public_key = "PEERKEY1"\n'}, "the public key of peer 'a' is also peer 'peer1''s"),
+        ({"a.toml": 'public_key = "K"\nport = 1\n'}, "a.toml: unknown key(s): port"),
+        ({"a.toml": "public_key = \n"}, "a.toml: invalid TOML"),
+        ({"a.toml": 'name = "x"\n'}, "a.toml: missing required key 'public_key'"),
+    ],
+)
+def test_gateway_peers_dir_errors_name_the_file(tmp_path: pathlib.Path, files: dict[str, str], message: str) -> None:
+    peers = tmp_path / "peers.d"
+    peers.mkdir()
+    for name, text in files.items():
+        (peers / name).write_text(text)
+    path = write(tmp_path, GATEWAY_MINIMAL.replace("[gateway]\n", "[gateway]\npeers_dir = \"peers.d\"\n"), "gw.toml")
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(path)
+    assert message in str(info.value)
+
+
+def test_gateway_peers_dir_alone_is_enough_and_a_missing_one_is_an_error(tmp_path: pathlib.Path) -> None:
+    head = '[gateway]\nprivate_key_file = "gateway.key"\npeers_dir = "peers.d"\n'
+    path = write(tmp_path, head, "gw.toml")
+    with pytest.raises(ConfigError, match="peers.d: no such directory"):
+        load_gateway_config(path)
+    (tmp_path / "peers.d").mkdir()
+    with pytest.raises(ConfigError, match=r"at least one \[\[peer\]\] or a file in .*peers.d"):
+        load_gateway_config(path)
+    (tmp_path / "peers.d" / "only.toml").write_text('public_key = "ONLY"\n')
+    assert [p.name for p in load_gateway_config(path).peers] == ["only"]

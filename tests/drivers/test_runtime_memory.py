@@ -30,7 +30,7 @@ from jvpn_trio.drivers.client import (
     HandshakeFailed,
     _Tally,
 )
-from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
+from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime, PeerChanges
 from jvpn_trio.drivers.memory import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
 from jvpn_trio.drivers.ports import Address, DatagramPort
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
@@ -425,4 +425,67 @@ async def test_statistics_are_typed_and_frozen(autojump_clock: trio.abc.Clock) -
                 stats.tx_packets = 0  # type: ignore[misc]
             status = world.client.status.value
             assert status is not None and isinstance(status.statistics, ClientStatistics)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_adds_renames_and_removes_peers_and_leaves_the_others_untouched(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    world = World()
+    laptop = world.cl_static.public
+    phone = generate_static(world.random_bytes).public
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+            result: list[ReasonCode] = []
+            gw_port, gw_control = world.net.port(GATEWAY), world.net.port(GATEWAY_CONTROL)
+            await nursery.start(lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status))
+            world.gateway._packets = world.gw_packets
+            nursery.start_soon(world.gateway._pump_packets, world.gw_packets)
+
+            async def run_client() -> None:
+                result.append(await world.client.run())
+                done.set()
+
+            inits = tap(world.net, wire.MessageType.HANDSHAKE_INIT, lambda data, src, dst: (data, src, dst))
+            nursery.start_soon(run_client)
+            await trio.sleep(1.0)
+            served = world.gateway_session()
+            up = ipv4_packet("10.66.0.2", "10.66.0.1", b"still here")
+
+            # An added peer and a renamed one: the live session goes on as it was.
+            changes = await world.gateway.reload_peers(
+                [GatewayPeer(name="laptop-2", public=laptop), GatewayPeer(name="phone", public=phone)]
+            )
+            assert changes == PeerChanges(added=("phone",), renamed=("laptop-2",), unchanged=0)
+            await trio.sleep(0.5)
+            assert world.gateway_session() is served and served.core.record.state is SessionState.ATTACHED
+            assert served.peer.name == "laptop-2"
+            world.cl_packets.inject(up)
+            assert await world.gw_packets.delivered.receive() == up
+
+            # A set that cannot work changes nothing.
+            with pytest.raises(ValueError):
+                await world.gateway.reload_peers([GatewayPeer(name="a", public=laptop), GatewayPeer(name="b", public=laptop)])
+            with pytest.raises(ValueError):
+                await world.gateway.reload_peers([GatewayPeer(name="x", public=laptop, address=ipaddress.IPv4Address("192.0.2.9"))])
+            assert world.gateway_session() is served and served.peer.name == "laptop-2"
+
+            # The laptop removed: its session ends with its own reason on both sides, and it cannot come back.
+            changes = await world.gateway.reload_peers([GatewayPeer(name="phone", public=phone)])
+            assert changes == PeerChanges(removed=("laptop-2",), unchanged=1, sessions_closed=1)
+            await done.wait()
+            assert result == [ReasonCode.PEER_CLOSE]
+            gw_end = [e for e in world.gateway_events if e.kind is EventKind.STATE_CHANGE][-1]
+            assert (gw_end.detail("to_state"), gw_end.reason) == ("TERMINATED", ReasonCode.PEER_REMOVED)
+            cl_end = [e for e in world.client_events if e.kind is EventKind.STATE_CHANGE][-1]
+            assert (cl_end.reason, cl_end.detail("peer_reason")) == (ReasonCode.PEER_CLOSE, "PEER_REMOVED")
+            await trio.sleep(0.1)
+            assert world.gateway.sessions == {}
+            assert world.gateway.statistics().terminated_peer_removed == 1
+            # Its handshake, sent again: the key is no longer known, so no session.
+            data, src, dst = inits[0]
+            world.net.deliver(data, src, dst)
+            await trio.sleep(0.1)
+            assert world.gateway.sessions == {} and world.gateway.statistics().handshake_unknown_peer == 1
             nursery.cancel_scope.cancel()
