@@ -321,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
 
+    from jvpn_trio.lab import loadgen
+
+    p = sub.add_parser("loadgen", help="many simulated clients against one real gateway: handshakes/s, memory per session (root)")
+    loadgen.add_arguments(p)
+    p.set_defaults(func=loadgen.main)
+
     p = sub.add_parser("lab", help="reproduce a field scenario in network namespaces and report (root)")
     p.add_argument("--scenario", metavar="FILE", help="scenario TOML (default: a built-in tour of link down, blackhole, loss)")
     p.add_argument("--short", action="store_true", help="run the scenario's short form (for CI)")
