@@ -245,6 +245,7 @@ def _path_rule(pt: _Table) -> PathRule:
     match = pt.get("match", str, None)
     kind = pt.get("kind", str, None)
     priority = pt.get("priority", int, None)
+    metered = pt.get("metered", bool, None)
     pt.finish()
     if kind is not None and kind not in PATH_KINDS:
         raise ConfigError(f"{pt.where}.kind: expected one of {', '.join(PATH_KINDS)}, got {kind!r}")
@@ -256,7 +257,7 @@ def _path_rule(pt: _Table) -> PathRule:
         _check_name_or_glob(interface, where=f"{pt.where}.interface", glob=False)
     if match is not None:
         _check_name_or_glob(match, where=f"{pt.where}.match", glob=True)
-    return PathRule(interface=interface, match=match, kind=kind, priority=priority)
+    return PathRule(interface=interface, match=match, kind=kind, priority=priority, metered=metered)
 
 
 def _path_rules(raw_paths: Any, *, source: str, exclude: tuple[str, ...], tun_name: str) -> tuple[PathRule, ...]:

@@ -115,6 +115,7 @@ class Pair:
         session_id: SessionId | None = None,
         attach: Callable[[str, ClientSession | GatewaySession], Tap] | None = None,
         handshake: bool = True,
+        metered: Iterable[int] = (),
     ) -> Pair:
         """Create both sides, add the paths (id, priority) and handshake on the first one.
 
@@ -123,7 +124,8 @@ class Pair:
         after each machine is built (before its first input) and returns a tap
         ``(event, now, actions)`` that sees every later call, the handshake
         included.  With ``handshake=False`` both sides are left in BIRTH (a
-        handshake that never completed), the paths added.
+        handshake that never completed), the paths added.  ``metered``: the
+        ids of paths whose bytes cost money.
         """
         policy = policy or Policy()
         sid = session_id or SID
@@ -143,8 +145,9 @@ class Pair:
         )
         pair.gateway_log += gateway.creation_events()
         pair.client_log += client.creation_events()
+        costly = {PathId(p) for p in metered}
         for path, prio in path_list:
-            pair._client(ev.PathAdded(path=path, priority=prio, endpoint=gateway_endpoint(path)))
+            pair._client(ev.PathAdded(path=path, priority=prio, endpoint=gateway_endpoint(path), metered=path in costly))
         if handshake:
             pair.complete_handshake()
         return pair

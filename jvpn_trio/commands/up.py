@@ -284,6 +284,7 @@ class PathFollower:
                 port=sock,
                 gateway=self._config.gateway,
                 control=self._config.gateway_control,
+                metered=event.metered,
             )
         )
         self.counters["paths_added"] += 1

@@ -70,6 +70,8 @@ __all__ = [
 PATH_KINDS = ("ethernet", "wifi", "lte")
 #: Default preference when a path's priority is not configured: Ethernet, then Wi-Fi, then LTE.
 KIND_PRIORITY = {"ethernet": 10, "wifi": 20, "lte": 30}
+#: Whose bytes cost money unless a ``[[path]]`` rule says otherwise (``metered``): a mobile data plan.
+KIND_METERED = {"ethernet": False, "wifi": False, "lte": True}
 #: IP versions an address or a gateway can have.
 _FAMILIES = (4, 6)
 
@@ -199,6 +201,8 @@ class PathRule:
     match: str | None = attrs.field(default=None, validator=_check_glob)
     kind: str | None = attrs.field(default=None, validator=_check_kind)
     priority: int | None = None
+    #: None: the kind's default (:data:`KIND_METERED`).
+    metered: bool | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.interface is not None and self.match is not None:
@@ -261,6 +265,7 @@ class Candidate:
     kind: str
     priority: int
     label: str
+    metered: bool = False
 
 
 def _order(priority: int, name: str) -> tuple[int, str]:
@@ -277,15 +282,17 @@ def select_candidates(rules: PathRules, snapshot: MachineSnapshot) -> tuple[Cand
             if iface.link_class is LinkClass.ORDINARY:
                 chosen.append(
                     Candidate(name=iface.name, index=iface.index, kind=iface.kind,
-                              priority=KIND_PRIORITY[iface.kind], label="auto")
+                              priority=KIND_PRIORITY[iface.kind], label="auto", metered=KIND_METERED[iface.kind])
                 )
             continue
         for position, rule in enumerate(rules.rules):
             if rule.accepts(iface):
                 kind = rule.kind if rule.kind is not None else iface.kind
                 priority = rule.priority if rule.priority is not None else KIND_PRIORITY[kind] + position
+                metered = rule.metered if rule.metered is not None else KIND_METERED[kind]
                 chosen.append(
-                    Candidate(name=iface.name, index=iface.index, kind=kind, priority=priority, label=rule.describe())
+                    Candidate(name=iface.name, index=iface.index, kind=kind, priority=priority, label=rule.describe(),
+                              metered=metered)
                 )
                 break
     return tuple(sorted(chosen, key=lambda c: _order(c.priority, c.name)))
@@ -319,11 +326,12 @@ class Path:
     label: str
     source_address: str
     next_hop: str | None  # None: the gateway is on-link
+    metered: bool = False
 
     @property
     def identity(self) -> tuple[object, ...]:
         """What may not change while the path stays up (an address or next hop may)."""
-        return (self.path_id, self.ifname, self.ifindex, self.kind, self.priority, self.label)
+        return (self.path_id, self.ifname, self.ifindex, self.kind, self.priority, self.label, self.metered)
 
 
 @attrs.frozen(kw_only=True)
@@ -338,16 +346,18 @@ class PathUp:
     next_hop: str | None
     ifindex: int = 0
     label: str = ""
+    metered: bool = False
 
     @classmethod
     def of(cls, path: Path) -> PathUp:
         return cls(path_id=path.path_id, ifname=path.ifname, kind=path.kind, priority=path.priority,
-                   source_address=path.source_address, next_hop=path.next_hop, ifindex=path.ifindex, label=path.label)
+                   source_address=path.source_address, next_hop=path.next_hop, ifindex=path.ifindex, label=path.label,
+                   metered=path.metered)
 
     def to_path(self) -> Path:
         return Path(path_id=self.path_id, ifname=self.ifname, ifindex=self.ifindex, kind=self.kind,
                     priority=self.priority, label=self.label, source_address=self.source_address,
-                    next_hop=self.next_hop)
+                    next_hop=self.next_hop, metered=self.metered)
 
 
 @attrs.frozen(kw_only=True)
@@ -478,7 +488,7 @@ class PathTable:
             source = route.source or iface.addresses_of(family)[0].address
             paths.append(
                 Path(path_id=known[key], ifname=c.name, ifindex=c.index, kind=c.kind, priority=c.priority,
-                     label=c.label, source_address=source, next_hop=route.next_hop)
+                     label=c.label, source_address=source, next_hop=route.next_hop, metered=c.metered)
             )
         still = set(known.values())
         for p in self.paths:

@@ -28,12 +28,18 @@ class HandshakeCompleted:
 
 @attrs.frozen(kw_only=True)
 class PathAdded:
-    """A candidate path appeared.  Lower ``priority`` is preferred (route-metric order)."""
+    """A candidate path appeared.  Lower ``priority`` is preferred (route-metric order).
+
+    ``metered``: its bytes cost money (LTE by default): chosen only when no
+    unmetered path is HEALTHY, and probed at ``metered_probe_interval_ms``
+    while it stands by.
+    """
 
     path: PathId
     priority: int
     endpoint: tuple[str, int]
     link_up: bool = True
+    metered: bool = False
 
 
 @attrs.frozen(kw_only=True)

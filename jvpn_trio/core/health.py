@@ -258,6 +258,11 @@ class PathHealth:
     def path(self) -> PathId:
         return self._path
 
+    @property
+    def committed(self) -> PathVerdict:
+        """The verdict as of the last hook (what :meth:`verdict` says without advancing time)."""
+        return self._current
+
     # -- hooks (mutating) -------------------------------------------------------
 
     def on_probe_sent(self, seq: int, *, now: float) -> None:

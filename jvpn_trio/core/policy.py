@@ -14,6 +14,7 @@ behaviour, it is a field here or a named protocol constant in ``wire.py``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any, Callable, Iterator, Mapping
@@ -82,7 +83,12 @@ class Policy:
         default=50.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
     )
     # -- probing and health ----------------------------------------------------
+    #: The active path's cadence (and every path's while the session is not ATTACHED).
     probe_interval_ms: int = attrs.field(default=50, validator=_int_range(1, 60_000))
+    #: An unmetered standby path's cadence while the session is ATTACHED: a backup costs little until needed.
+    standby_probe_interval_ms: int = attrs.field(default=1_000, validator=_int_range(1, 600_000))
+    #: A metered standby path's cadence while the session is ATTACHED (slower still: its bytes cost money).
+    metered_probe_interval_ms: int = attrs.field(default=10_000, validator=_int_range(1, 600_000))
     probe_timeout_ms: int = attrs.field(default=200, validator=_int_range(1, 60_000))
     #: Adaptive probe timeout (RFC 6298-style: srtt + 4 x jitter), never below this nor above
     #: probe_timeout_ms.  Absent (the default): a fixed probe_timeout_ms, because Wi-Fi power
@@ -133,6 +139,11 @@ class Policy:
                 f"dead_after_missed_probes x probe_interval_ms + probe_timeout_ms ({detect_ms}) exceeds "
                 f"transport_loss_ttl_ms ({self.transport_loss_ttl_ms}): probing could not detect death in time"
             )
+        if self.standby_probe_interval_ms > self.metered_probe_interval_ms:
+            yield (
+                f"standby_probe_interval_ms ({self.standby_probe_interval_ms}) exceeds metered_probe_interval_ms "
+                f"({self.metered_probe_interval_ms}): a metered path would be probed more often than a free one"
+            )
         if self.probe_timeout_floor_ms is not None and self.probe_timeout_floor_ms > self.probe_timeout_ms:
             yield (
                 f"probe_timeout_floor_ms ({self.probe_timeout_floor_ms}) exceeds probe_timeout_ms "
@@ -174,10 +185,23 @@ class Policy:
         return self.dead_after_missed_probes * self.probe_interval_ms + self.probe_timeout_ms
 
     @property
+    def standby_probe_ms(self) -> int:
+        """The unmetered standby cadence in effect: never faster than the active one, never slower than half
+        ``transport_loss_ttl_ms`` (so a healthy path is never declared dead between its probes)."""
+        return max(self.probe_interval_ms, min(self.standby_probe_interval_ms, self.transport_loss_ttl_ms // 2))
+
+    @property
+    def metered_probe_ms(self) -> int:
+        """The metered standby cadence in effect: as :attr:`standby_probe_ms`, and never faster than it."""
+        return max(self.standby_probe_ms, min(self.metered_probe_interval_ms, self.transport_loss_ttl_ms // 2))
+
+    @property
     def fingerprint(self) -> str:
-        """16 hex digits of SHA-256 over the canonical JSON form: names the policy in every event."""
-        blob = json.dumps(self.to_mapping(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """16 hex digits of SHA-256 over the canonical JSON form: names the policy in every event.
+
+        Computed once per policy (every event and snapshot asks for it).
+        """
+        return _fingerprint(self)
 
     def to_mapping(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -196,6 +220,18 @@ class Policy:
         except TypeError as exc:  # attrs raises TypeError for a bad call shape
             raise PolicyError(str(exc)) from exc
 
+
+#: Fields added after policies were first recorded: left out of the fingerprint while they hold
+#: their default (how a policy without them behaves), so a recorded policy keeps its name and replays.
+_LATER_FIELDS = ("standby_probe_interval_ms", "metered_probe_interval_ms")
+
+
+@functools.lru_cache(maxsize=256)
+def _fingerprint(policy: Policy) -> str:
+    defaults = {f.name: f.default for f in attrs.fields(Policy) if f.name in _LATER_FIELDS}
+    mapping = {k: v for k, v in policy.to_mapping().items() if k not in defaults or defaults[k] != v}
+    blob = json.dumps(mapping, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 #: The documented laptop default (docs/policy.md).
 DEFAULT_POLICY = Policy()

@@ -26,6 +26,8 @@ deliver :class:`TimerFired` at that time (``now = max(deadline, clock)``).
 
 from __future__ import annotations
 
+import enum
+import math
 from typing import Iterable
 
 import attrs
@@ -313,6 +315,14 @@ class _SessionCore:
 # =============================================================================
 
 
+class ProbeRole(enum.Enum):
+    """Why a path is probed at the cadence it is (``ClientSession.probe_role``)."""
+
+    ACTIVE = "active"  # probe_interval_ms
+    STANDBY = "standby"  # standby_probe_interval_ms
+    METERED = "metered"  # metered_probe_interval_ms
+
+
 @attrs.frozen(kw_only=True)
 class PendingReattach:
     path: PathId
@@ -330,6 +340,9 @@ class PathSnapshot:
     stats: PathStats
     active: bool
     pinned: bool
+    metered: bool = False
+    #: "active", "standby" or "metered": the cadence it is probed at (``ClientSession.probe_role``).
+    probe_role: str = "active"
 
 
 @attrs.frozen(kw_only=True)
@@ -355,6 +368,11 @@ class _PathEntry:
     priority: int
     endpoint: tuple[str, int]
     health: PathHealth
+    metered: bool = False
+    #: When the last probe left (ProbeSent); None: never, so one is due at once.
+    last_probe: float | None = None
+    #: A link or address event on it: probe it at once, whatever its role.
+    probe_now: bool = True
 
 
 class ClientSession(_SessionCore):
@@ -416,6 +434,49 @@ class ClientSession(_SessionCore):
             ]
         )
 
+    # -- probing cadence (docs/policy.md, "Probing") ------------------------------------
+    def probe_role(self, path: PathId) -> ProbeRole:
+        """How ``path`` is probed now (docs/policy.md, "Probing").
+
+        At the active cadence: the active path, a REATTACH's target, every path while the session
+        is not ATTACHED (a failing binding needs a verified candidate fast), and an unmetered standby
+        that answers but is IMPAIRED (earning HEALTHY back takes a loss window of fresh probes).
+        Otherwise a standby, or a metered standby.
+        """
+        entry = self._paths[path]
+        binding, pending = self.record.binding, self.pending
+        if self.record.state is not S.ATTACHED or binding is None or binding.path == path:
+            return ProbeRole.ACTIVE
+        if pending is not None and pending.path == path:
+            return ProbeRole.ACTIVE
+        if entry.metered:
+            return ProbeRole.METERED
+        return ProbeRole.ACTIVE if entry.health.committed.verdict is Verdict.IMPAIRED else ProbeRole.STANDBY
+
+    def probe_interval_s(self, path: PathId) -> float:
+        role = self.probe_role(path)
+        policy = self.policy
+        ms = {
+            ProbeRole.ACTIVE: policy.probe_interval_ms,
+            ProbeRole.STANDBY: policy.standby_probe_ms,
+            ProbeRole.METERED: policy.metered_probe_ms,
+        }[role]
+        return ms / 1000.0
+
+    def probe_due(self, path: PathId) -> float | None:
+        """When the next PROBE on ``path`` should leave: its role's interval after the last one, or at
+        once (``-inf``) for a path not probed yet or just changed (link up, new address).  None: unknown path.
+
+        Deterministic: a pure function of the inputs so far.  The driver sends at this time and reports
+        ``ProbeSent``; a probe sent earlier (after a resume) is only extra evidence.
+        """
+        entry = self._paths.get(path)
+        if entry is None:
+            return None
+        if entry.probe_now or entry.last_probe is None:
+            return -math.inf
+        return entry.last_probe + self.probe_interval_s(path)
+
     def snapshot(self, *, now: float) -> ClientSnapshot:
         active = self.record.binding.path if self.record.binding else None
         paths = tuple(
@@ -427,6 +488,8 @@ class ClientSession(_SessionCore):
                 stats=entry.health.stats(now=now),
                 active=path == active,
                 pinned=path == self.pinned,
+                metered=entry.metered,
+                probe_role=self.probe_role(path).value,
             )
             for path, entry in sorted(self._paths.items())
         )
@@ -462,7 +525,7 @@ class ClientSession(_SessionCore):
                 self._count("duplicate_path")
                 return []
             health = PathHealth(event.path, self.policy, now=now, link_up=event.link_up)
-            self._paths[event.path] = _PathEntry(event.priority, event.endpoint, health)
+            self._paths[event.path] = _PathEntry(event.priority, event.endpoint, health, metered=event.metered)
             return []
         if isinstance(event, ev.PathRemoved):
             # Removing the active path is its link's death: _evaluate releases the binding (LINK_DOWN).
@@ -474,7 +537,9 @@ class ClientSession(_SessionCore):
         if isinstance(event, ev.PathReaddressed):
             if event.path not in self._paths:
                 self._count("unknown_path_inputs")
-            elif self.record.binding is not None and self.record.binding.path == event.path:
+                return []
+            self._paths[event.path].probe_now = True
+            if self.record.binding is not None and self.record.binding.path == event.path:
                 self._readdressed = True
             return []
         if isinstance(event, ev.PinRequested):
@@ -491,8 +556,10 @@ class ClientSession(_SessionCore):
             return []
         if isinstance(event, ev.LinkChanged):
             entry.health.on_link(event.up, now=now)
+            entry.probe_now = entry.probe_now or event.up
         elif isinstance(event, ev.ProbeSent):
             entry.health.on_probe_sent(event.seq, now=now)
+            entry.last_probe, entry.probe_now = now, False
         elif isinstance(event, ev.ProbeAcked):
             entry.health.on_probe_acked(event.seq, now=now)
             self._note_gateway_binding(event)
@@ -637,6 +704,7 @@ class ClientSession(_SessionCore):
                 verdict=verdict.verdict,
                 reason=verdict.reason,
                 healthy_since=self._paths[path].health.stats(now=now).healthy_since,
+                metered=self._paths[path].metered,
             )
             for path, verdict in verdicts.items()
         )

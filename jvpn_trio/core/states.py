@@ -68,6 +68,7 @@ class ReasonCode(enum.Enum):
     PREFERRED_PATH_RESTORED = "PREFERRED_PATH_RESTORED"
     OPERATOR_PIN = "OPERATOR_PIN"
     ENDPOINT_CHANGED = "ENDPOINT_CHANGED"  # the gateway no longer knows our endpoint (NAT rebinding)
+    UNMETERED_AVAILABLE = "UNMETERED_AVAILABLE"  # leaving a metered path: an unmetered one is healthy again
 
     # -- operator actions (OPERATOR_ACTION events; OPERATOR_PIN above is also the switch cause) --
     OPERATOR_UNPIN = "OPERATOR_UNPIN"
@@ -87,6 +88,7 @@ class ReasonCode(enum.Enum):
     REATTACH_IN_FLIGHT = "REATTACH_IN_FLIGHT"
     REATTACH_TIMEOUT = "REATTACH_TIMEOUT"
     PINNED = "PINNED"
+    METERED_AVOIDED = "METERED_AVOIDED"  # a preferred path is back, but it is metered and the active one is not
 
     # -- reattach rejections (spec 7, 9, 10) --------------------------------
     REPLAYED_NONCE = "REPLAYED_NONCE"

@@ -10,9 +10,10 @@ reason code.  Transitions that follow from the *active* path's own verdict
 asks; this function only chooses where to go next.
 
 Ranking (documented order, ties impossible): HEALTHY before IMPAIRED, then
-lower ``priority`` (the configured or route-metric order: Ethernet, Wi-Fi,
-LTE by default), then lower path id.  UNKNOWN and DEAD paths are never
-chosen.  RTT is deliberately not a ranking key: a noisy float would make the
+unmetered before metered, then lower ``priority`` (the configured or
+route-metric order: Ethernet, Wi-Fi, LTE by default), then lower path id.
+UNKNOWN and DEAD paths are never chosen.  So a metered path is chosen only
+when no unmetered path is HEALTHY.  RTT is deliberately not a ranking key: a noisy float would make the
 choice flip between two equally good paths.
 
 Hysteresis, so that a flapping link cannot make the session flap:
@@ -20,6 +21,12 @@ Hysteresis, so that a flapping link cannot make the session flap:
   bad one) and ``min_dwell_ms`` on the current binding;
 - returning to a preferred path needs it HEALTHY for ``return_dwell_ms``;
 - the health verdicts themselves have hysteresis (``health.py``).
+
+Cost: a session on a metered path leaves it for an unmetered path as soon as
+one has been HEALTHY for ``return_dwell_ms`` (UNMETERED_AVAILABLE), whatever
+their priorities; a session on an unmetered path does not go back to a
+preferred path that is metered (it stays: METERED_AVOIDED).  An operator's
+pin overrides cost.
 
 Rebinding: when the gateway's PROBE_ACKs on the active path say, several
 times in a row, that the probe did not come from its bound endpoint (a NAT
@@ -52,6 +59,7 @@ class Candidate:
     verdict: Verdict
     reason: ReasonCode
     healthy_since: float | None
+    metered: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -79,9 +87,9 @@ class Decision:
     target: PathId | None = None
 
 
-def rank(c: Candidate) -> tuple[int, int, int]:
-    """Sort key: verdict, then priority, then path id (see module docstring)."""
-    return (0 if c.verdict is Verdict.HEALTHY else 1, c.priority, c.path.value)
+def rank(c: Candidate) -> tuple[int, bool, int, int]:
+    """Sort key: verdict, then cost, then priority, then path id (see module docstring)."""
+    return (0 if c.verdict is Verdict.HEALTHY else 1, c.metered, c.priority, c.path.value)
 
 
 def _stay(reason: ReasonCode) -> Decision:
@@ -143,18 +151,25 @@ def decide(view: SwitchView, candidates: tuple[Candidate, ...], policy: Policy, 
             return _stay(ReasonCode.DWELL_NOT_MET)
         return _needed_switch(view, healthy[0].path, active.reason)
 
-    preferred = [
+    settled = [
         c
         for c in usable
         if c.verdict is Verdict.HEALTHY
-        and c.priority < active.priority
         and c.healthy_since is not None
         and now >= c.healthy_since + policy.return_dwell_ms / 1000.0
     ]
+    if active.metered and any(not c.metered for c in settled):
+        preferred, cause = [c for c in settled if not c.metered], ReasonCode.UNMETERED_AVAILABLE
+    else:
+        better = [c for c in settled if c.priority < active.priority]
+        preferred = [c for c in better if c.metered <= active.metered]  # never onto a metered path from a free one
+        cause = ReasonCode.PREFERRED_PATH_RESTORED
+        if better and not preferred:
+            return _stay(ReasonCode.METERED_AVOIDED)
     if not preferred:
         return _stay(ReasonCode.ACTIVE_PATH_HEALTHY)
     if not dwell_met:
         return _stay(ReasonCode.DWELL_NOT_MET)
     if not view.rate_has_room:
         return _stay(ReasonCode.RATE_LIMITED)
-    return Decision(DecisionKind.SWITCH, ReasonCode.PREFERRED_PATH_RESTORED, preferred[0].path)
+    return Decision(DecisionKind.SWITCH, cause, preferred[0].path)

@@ -220,6 +220,8 @@ REASON_WIRE_TABLE: tuple[ReasonCode | None, ...] = (
     R.OPERATOR_REEVALUATE,  # 52
     R.OPERATOR_DISCONNECT,  # 53
     R.OPERATOR_RECONNECT,  # 54
+    R.UNMETERED_AVAILABLE,  # 55
+    R.METERED_AVOIDED,  # 56
 )
 
 #: The inverse of :data:`REASON_WIRE_TABLE`.

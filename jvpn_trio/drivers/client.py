@@ -162,6 +162,7 @@ class ClientPath:
     gateway: Address  # the gateway's data endpoint, as reached over this path
     control: Address = attrs.field(default=attrs.Factory(_default_control, takes_self=True))
     link_up: bool = True  # the interface's state when the runtime starts (netlink), later LinkChanged
+    metered: bool = False  # its bytes cost money: chosen last, probed least (docs/policy.md, "Probing")
 
     def is_gateway(self, addr: Address) -> bool:
         return addr == self.gateway or addr == self.control
@@ -343,6 +344,10 @@ class ClientRuntime:
         self._nursery: trio.Nursery | None = None  # the serving nursery, once the session runs
         self._path_scopes: dict[PathId, trio.CancelScope] = {}
         self._probe_now: dict[PathId, trio.Event] = {}
+        #: When the core wants each path probed next (``ClientSession.probe_due``), as of its last call.
+        self._probe_dues: dict[PathId, float | None] = {}
+        #: Set (then replaced) when a due time moved earlier: the probers look again.
+        self._probe_sooner = trio.Event()
         #: The last probe seq per path: a prober restarted on a new socket continues it (the core
         #: requires increasing seqs per path for as long as the path is in the session).
         self._probe_seq: dict[PathId, int] = {}
@@ -391,7 +396,9 @@ class ClientRuntime:
         self.link_up[path.path] = path.link_up
         if self.session is not None and not self.session.terminated:
             self.submit_nowait(
-                ev.PathAdded(path=path.path, priority=path.priority, endpoint=path.gateway, link_up=path.link_up)
+                ev.PathAdded(
+                    path=path.path, priority=path.priority, endpoint=path.gateway, link_up=path.link_up, metered=path.metered
+                )
             )
         self._start_path_tasks(path)
         return True
@@ -510,7 +517,10 @@ class ClientRuntime:
         self._apply(created, now)
         for p in self.paths.values():
             await self._feed(
-                ev.PathAdded(path=p.path, priority=p.priority, endpoint=p.gateway, link_up=self.link_up[p.path]), now
+                ev.PathAdded(
+                    path=p.path, priority=p.priority, endpoint=p.gateway, link_up=self.link_up[p.path], metered=p.metered
+                ),
+                now,
             )
         await self._feed(
             ev.HandshakeCompleted(
@@ -677,6 +687,21 @@ class ClientRuntime:
             self._recorder.step("client", self.session.record.session_id.hex, now, event, actions)
         self._apply(actions, now)
         self._publish(now)
+        self._follow_probe_schedule()
+
+    def _follow_probe_schedule(self) -> None:
+        """Wake the probers when the core moved a path's next probe earlier (a role change, a link event)."""
+        assert self.session is not None
+        dues = {path: self.session.probe_due(path) for path in self.paths}
+        sooner = any(
+            due is not None and (before is None or due < before)
+            for path, due in dues.items()
+            for before in (self._probe_dues.get(path),)
+        )
+        self._probe_dues = dues
+        if sooner:
+            self._probe_sooner.set()
+            self._probe_sooner = trio.Event()
 
     async def _supervise(self, cancel_scope: trio.CancelScope) -> None:
         assert self.session is not None
@@ -796,20 +821,27 @@ class ClientRuntime:
 
     # -- per-path tasks ------------------------------------------------------------------------
     async def _probe(self, path: ClientPath) -> None:
-        """A PROBE every ``probe_interval_ms``, or at once when :meth:`probe_all_now` asks."""
-        interval_s = self.policy.probe_interval_ms / 1000.0
-        due = trio.current_time()
+        """A PROBE when the core says one is due on this path (``ClientSession.probe_due``: the active
+        path every ``probe_interval_ms``, standby paths slower), or at once when :meth:`probe_all_now` asks.
+
+        Never two within ``probe_interval_ms``: the core hears of a probe (``ProbeSent``) a moment
+        after it leaves, and until then its due time is the old one.
+        """
+        floor_s = self.policy.probe_interval_ms / 1000.0
+        last_sent = -math.inf
         while True:
-            wake = self._probe_now.get(path.path)
-            if wake is not None:
+            session = self.session
+            core_due = session.probe_due(path.path) if session is not None else None
+            due = max(core_due if core_due is not None else trio.current_time(), last_sent + floor_s)
+            wake, sooner = self._probe_now.get(path.path), self._probe_sooner
+            if wake is not None and wake.is_set():
+                self._probe_now[path.path] = trio.Event()  # asked for at once: this probe is it
+            elif trio.current_time() < due:
                 with trio.move_on_at(due):
-                    await wake.wait()
-                if wake.is_set():
-                    self._probe_now[path.path] = trio.Event()
-            else:
-                await trio.sleep_until(due)
+                    await trio_util.wait_any(sooner.wait, *((wake.wait,) if wake is not None else ()))
+                continue  # due, asked for, or the schedule moved: look again with the core's latest word
             now = trio.current_time()
-            due = max(due + interval_s, now) if now >= due else now + interval_s
+            last_sent = now
             seq = self._probe_seq[path.path] = (self._probe_seq.get(path.path, 0) + 1) % (1 << 32)
             await self.submit(ev.ProbeSent(path=path.path, seq=seq), at=now)
             probe = wire.Probe(path_id=path.path, seq=seq, sent_us=int(now * 1e6) % (1 << 64))

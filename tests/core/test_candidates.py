@@ -232,7 +232,7 @@ def test_first_snapshot_brings_every_usable_path_up_in_order() -> None:
         PathUp(path_id=2, ifname="wlan0", kind="wifi", priority=20, source_address="192.168.1.20",
                next_hop=ROUTER, ifindex=3, label="auto"),
         PathUp(path_id=3, ifname="wwan0", kind="lte", priority=30, source_address="192.168.1.20",
-               next_hop=ROUTER, ifindex=4, label="auto"),
+               next_hop=ROUTER, ifindex=4, label="auto", metered=True),  # a mobile data plan, by default
     ]
     assert table.next_id == 4
     assert [p.ifname for p in table.paths] == ["eth0", "wlan0", "wwan0"]
@@ -421,3 +421,11 @@ def test_events_are_a_pure_function_of_the_inputs(old: MachineSnapshot, new: Mac
     a = first.update(new, PathRules(), 4)
     b = attrs.evolve(first).update(new, PathRules(), 4)
     assert a == b
+
+
+def test_a_path_is_metered_by_its_kind_unless_its_rule_says_otherwise() -> None:
+    auto = {c.name: c.metered for c in select_candidates(PathRules(), MachineSnapshot(LAPTOP))}
+    assert (auto["eth0"], auto["wlan0"], auto["wwan0"]) == (False, False, True)
+    rules = PathRules(rules=(PathRule(interface="wlan0", metered=True), PathRule(kind="lte", metered=False)))
+    told = {c.name: c.metered for c in select_candidates(rules, MachineSnapshot(LAPTOP))}
+    assert told["wlan0"] is True and told["wwan0"] is False  # a phone's hotspot; an unlimited plan

@@ -410,6 +410,7 @@ priority = 15
 [[path]]
 match = "usb*"
 kind = "lte"
+metered = false
 
 [[path]]
 kind = "lte"
@@ -419,7 +420,7 @@ kind = "lte"
         rules=(
             PathRule(interface="eth0"),
             PathRule(match="wl*", priority=15),
-            PathRule(match="usb*", kind="lte"),
+            PathRule(match="usb*", kind="lte", metered=False),  # an unlimited plan: not the kind's default
             PathRule(kind="lte"),
         ),
         exclude=("docker*", "veth*"),

@@ -24,6 +24,8 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "transport_loss_ttl_ms": (1, HOUR_MS),
     "session_ttl_s": (1, 30 * 86_400),
     "probe_interval_ms": (1, 60_000),
+    "standby_probe_interval_ms": (1, 600_000),
+    "metered_probe_interval_ms": (1, 600_000),
     "probe_timeout_ms": (1, 60_000),
     "probe_timeout_floor_ms": (1, 60_000),
     "dead_after_missed_probes": (1, 1_000),
@@ -77,6 +79,8 @@ BASE: dict[str, Any] = {
     "latency_threshold_ms": 150.0,
     "jitter_threshold_ms": 50.0,
     "probe_interval_ms": 50,
+    "standby_probe_interval_ms": 1_000,
+    "metered_probe_interval_ms": 10_000,
     "probe_timeout_ms": 200,
     "probe_timeout_floor_ms": None,
     "dead_after_missed_probes": 3,
@@ -371,6 +375,8 @@ ALTERNATIVES: dict[str, object] = {
     "latency_threshold_ms": 151.0,
     "jitter_threshold_ms": 51.0,
     "probe_interval_ms": 51,
+    "standby_probe_interval_ms": 1_001,
+    "metered_probe_interval_ms": 10_001,
     "probe_timeout_ms": 201,
     "probe_timeout_floor_ms": 60,
     "dead_after_missed_probes": 4,
@@ -395,8 +401,15 @@ def test_fingerprint_is_16_hex_digits_of_sha256_over_canonical_json() -> None:
     fp = DEFAULT_POLICY.fingerprint
     assert len(fp) == 16
     assert set(fp) <= set("0123456789abcdef")
-    blob = json.dumps(DEFAULT_POLICY.to_mapping(), sort_keys=True, separators=(",", ":")).encode()
-    assert fp == hashlib.sha256(blob).hexdigest()[:16]
+    # The probing cadences came later: at their defaults they are left out, so a policy recorded
+    # before they existed keeps its fingerprint (and its recorded runs replay).
+    later = {"standby_probe_interval_ms", "metered_probe_interval_ms"}
+    mapping = {k: v for k, v in DEFAULT_POLICY.to_mapping().items() if k not in later}
+    blob = json.dumps(mapping, sort_keys=True, separators=(",", ":")).encode()
+    assert fp == hashlib.sha256(blob).hexdigest()[:16] == "0f008986eaaa4f2d"
+    changed = base(standby_probe_interval_ms=2_000)
+    blob = json.dumps({**mapping, "standby_probe_interval_ms": 2_000}, sort_keys=True, separators=(",", ":")).encode()
+    assert changed.fingerprint == hashlib.sha256(blob).hexdigest()[:16]
 
 
 def test_same_policy_same_fingerprint() -> None:
@@ -500,3 +513,22 @@ def test_probe_timeout_floor_is_optional_and_bounded_by_the_timeout() -> None:
     assert base(probe_timeout_floor_ms=200).probe_timeout_floor_ms == 200
     with pytest.raises(PolicyError, match=r"probe_timeout_floor_ms \(201\) exceeds probe_timeout_ms \(200\)"):
         base(probe_timeout_floor_ms=201)
+
+
+# -- probing cadence per role ----------------------------------------------------------------------
+
+
+def test_the_standby_cadences_in_effect_stay_between_the_active_one_and_half_the_ttl() -> None:
+    assert (base().standby_probe_ms, base().metered_probe_ms) == (1_000, 10_000)
+    # A TTL under two metered intervals: a healthy metered path would be declared dead between probes.
+    short = base(transport_loss_ttl_ms=5_000, max_recovery_window_ms=1_000)
+    assert (short.standby_probe_ms, short.metered_probe_ms) == (1_000, 2_500)
+    # An active cadence slower than the standby one: standby is never probed faster than the active path.
+    slow = base(probe_interval_ms=2_000, transport_loss_ttl_ms=60_000, probe_timeout_ms=2_500)
+    assert (slow.standby_probe_ms, slow.metered_probe_ms) == (2_000, 10_000)
+
+
+def test_a_metered_path_probed_more_often_than_a_free_one_is_refused() -> None:
+    with pytest.raises(PolicyError) as info:
+        base(standby_probe_interval_ms=5_000, metered_probe_interval_ms=2_000)
+    assert "standby_probe_interval_ms (5000) exceeds metered_probe_interval_ms (2000)" in str(info.value)

@@ -39,6 +39,7 @@ def cand(
     *,
     reason: R | None = None,
     healthy_since: float | None = None,
+    metered: bool = False,
 ) -> Candidate:
     return Candidate(
         path=path,
@@ -46,6 +47,7 @@ def cand(
         verdict=verdict,
         reason=reason or DEFAULT_REASON[verdict],
         healthy_since=healthy_since,
+        metered=metered,
     )
 
 
@@ -284,6 +286,61 @@ CASES = [
         (cand(P2, 20, H, healthy_since=0.0), cand(P1, 10, H, healthy_since=19.0), cand(P3, 30, H)),
         Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P2),
     ),
+    # -- cost: a metered path only when no unmetered one is HEALTHY ---------------------------
+    case(
+        "unbound, a healthy unmetered path beats a preferred metered one",
+        unbound(recovery_cause=R.MISSED_PROBES),
+        (cand(P1, 10, H, metered=True), cand(P3, 30, H)),
+        Decision(SWITCH, R.MISSED_PROBES, P3),
+    ),
+    case(
+        "unbound, a healthy metered path beats an impaired unmetered one",
+        unbound(recovery_cause=R.MISSED_PROBES),
+        (cand(P2, 20, I), cand(P3, 30, H, metered=True)),
+        Decision(SWITCH, R.MISSED_PROBES, P3),
+    ),
+    case(
+        "impaired active, the healthy unmetered path rather than the preferred metered one",
+        view(active=P1, bound_since=0.0),
+        (cand(P1, 10, I), cand(P2, 20, H, metered=True), cand(P3, 30, H)),
+        Decision(SWITCH, R.LOSS_ABOVE_THRESHOLD, P3),
+    ),
+    case(
+        "on a metered path, an unmetered one healthy for the return dwell takes over, whatever its priority",
+        view(active=P1, bound_since=0.0),
+        (cand(P1, 10, H, metered=True), cand(P3, 30, H, healthy_since=15.0)),
+        Decision(SWITCH, R.UNMETERED_AVAILABLE, P3),
+    ),
+    case(
+        "on a metered path, an unmetered one still in its return dwell waits",
+        view(active=P1, bound_since=0.0),
+        (cand(P1, 10, H, metered=True), cand(P3, 30, H, healthy_since=15.001)),
+        stay(R.ACTIVE_PATH_HEALTHY),
+    ),
+    case(
+        "on an unmetered path, a preferred path that is metered is not taken back",
+        view(active=P2, bound_since=0.0),
+        (cand(P1, 10, H, healthy_since=0.0, metered=True), cand(P2, 20, H)),
+        stay(R.METERED_AVOIDED),
+    ),
+    case(
+        "on an unmetered path, a preferred unmetered path is taken back over a better metered one",
+        view(active=P3, bound_since=0.0),
+        (cand(P1, 10, H, healthy_since=0.0, metered=True), cand(P2, 20, H, healthy_since=0.0), cand(P3, 30, H)),
+        Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P2),
+    ),
+    case(
+        "between metered paths the preference order holds",
+        view(active=P3, bound_since=0.0),
+        (cand(P2, 20, H, healthy_since=0.0, metered=True), cand(P3, 30, H, metered=True)),
+        Decision(SWITCH, R.PREFERRED_PATH_RESTORED, P2),
+    ),
+    case(
+        "an operator's pin overrides cost",
+        view(active=P3, bound_since=0.0, pinned=P2),
+        (cand(P2, 20, H, metered=True), cand(P3, 30, H)),
+        Decision(SWITCH, R.OPERATOR_PIN, P2),
+    ),
 ]
 
 
@@ -363,8 +420,9 @@ def test_zero_dwell_policy_switches_at_once() -> None:
 
 
 def test_rank_key() -> None:
-    assert rank(cand(P3, 5, H)) == (0, 5, 3)
-    assert rank(cand(P3, 5, I)) == (1, 5, 3)
+    assert rank(cand(P3, 5, H)) == (0, False, 5, 3)
+    assert rank(cand(P3, 5, I)) == (1, False, 5, 3)
+    assert rank(attrs.evolve(cand(P3, 5, H), metered=True)) == (0, True, 5, 3)
 
 
 def test_ranking_order_verdict_then_priority_then_path_id() -> None:

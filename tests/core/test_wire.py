@@ -715,3 +715,23 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_the_documented_probe_cost_matches_the_encoders() -> None:
+    """docs/wire-format.md, "The cost of probing": sealed sizes, plus UDP and IP headers."""
+    from tests.core.test_channel import pair
+
+    client, gateway = pair()
+    probe = client.seal(wire.MessageType.PROBE, wire.encode_probe_plaintext(wire.Probe(path_id=PathId(1), seq=7, sent_us=1)))
+    gateway.open_untrusted(probe, now=1.0)  # the gateway's keys become current with the first packet
+    ack = gateway.seal(
+        wire.MessageType.PROBE_ACK,
+        wire.encode_probe_ack_plaintext(
+            wire.ProbeAck(path_id=PathId(1), seq=7, echo_sent_us=1, gateway_state_version=3, bound_path_id=PathId(1))
+        ),
+    )
+    assert (len(probe), len(ack)) == (45, 54)
+    udp, ipv4, ipv6 = 8, 20, 40
+    assert (len(probe) + len(ack) + 2 * (udp + ipv4), len(probe) + len(ack) + 2 * (udp + ipv6)) == (155, 195)
+    table = (Path(__file__).parents[2] / "docs" / "wire-format.md").read_text()
+    assert "| one probe and its ack | 155 B | 195 B |" in table

@@ -489,3 +489,32 @@ async def test_a_reload_adds_renames_and_removes_peers_and_leaves_the_others_unt
             await trio.sleep(0.1)
             assert world.gateway.sessions == {} and world.gateway.statistics().handshake_unknown_peer == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_probes_follow_each_paths_role_and_a_failing_binding_probes_every_path_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    world = World()
+    world.client.paths[PathId(3)] = attrs.evolve(world.client.paths[PathId(3)], metered=True)
+    probes = tap(world.net, wire.MessageType.PROBE, lambda _data, src, _dst: (trio.current_time(), src))
+    policy = world.policy
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(2.0)  # attached on p1; the first probes of every path are behind us
+            since = trio.current_time()
+            await trio.sleep(20.0)
+            counts = {i: sum(1 for t, src in probes if src == client_addr(i) and t >= since) for i in (1, 2, 3)}
+            per_s = {i: n / 20.0 for i, n in counts.items()}
+            assert per_s[1] == pytest.approx(1000 / policy.probe_interval_ms, rel=0.05)
+            assert per_s[2] == pytest.approx(1000 / policy.standby_probe_interval_ms, rel=0.1)
+            assert counts[3] in (2, 3)  # every metered_probe_interval_ms
+            # The active path is blackholed: once it is declared dead every standby is probed at once.
+            world.net.blocked.add(client_addr(1))
+            blackholed = trio.current_time()
+            await trio.sleep(policy.death_detection_bound_ms / 1000 + 0.1)
+            after = [(t, src) for t, src in probes if t > blackholed]
+            for i in (2, 3):
+                first = min(t for t, src in after if src == client_addr(i))
+                assert first - blackholed <= policy.death_detection_bound_ms / 1000 + policy.probe_interval_ms / 1000
+            nursery.cancel_scope.cancel()

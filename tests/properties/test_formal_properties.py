@@ -41,8 +41,10 @@ from jvpn_trio.core.actions import (
     EventKind,
     ReleaseTransport,
     Role,
+    SendReattach,
     Terminate,
 )
+from jvpn_trio.core.health import Verdict
 from jvpn_trio.core.ids import Binding, PathId, SessionId
 from jvpn_trio.core.ownership import OwnershipRecord
 from jvpn_trio.core.policy import Policy, PolicyError
@@ -355,6 +357,47 @@ class PairProperties(_PairMachine):
             self.p._client(ev.KeysExhausted())
         else:
             self.p._gateway(ev.KeysExhausted())
+
+
+class CostProperties(PairProperties):
+    """Everything PairProperties does, with the second path metered (a laptop tethered to a phone).
+
+    After every core call that sends a REATTACH: if its target is metered and is not the operator's
+    pin (nor a rebinding of the active path), no unmetered path was HEALTHY at that instant.
+    The ten properties are checked as in PairProperties.
+    """
+
+    @initialize(data=st.data(), two_paths=st.booleans(), no_handshake=st.integers(0, 15))
+    def start(self, data: st.DataObject, two_paths: bool, no_handshake: int) -> None:
+        policy = data.draw(self.policy_strategy, label="policy")
+        paths = ((1, 10), (2, 20)) if two_paths else ((1, 10), (2, 20), (3, 30))
+        self.pair = Pair.start(
+            policy=policy, paths=paths, attach=self._attach, handshake=no_handshake != 1, metered={2}
+        )
+        RUN_STATS["cost_traces"] += 1
+
+    def _attach(self, side: str, machine: Any) -> Any:
+        tap = self.tracer.attach(side, machine)
+        if side != "client":
+            return tap
+
+        def checked(event: object, now: float, actions: list[Any]) -> None:
+            tap(event, now, actions)
+            pending = machine.pending
+            if pending is None or not any(isinstance(a, SendReattach) for a in actions):
+                return
+            if pending.cause is R.ENDPOINT_CHANGED or machine.pinned == pending.path:
+                return  # a rebinding of the active path, or the operator's own choice
+            paths = {p.path: p for p in machine.snapshot(now=now).paths}
+            if paths[pending.path].metered:
+                RUN_STATS["cost_switches_to_metered"] += 1
+                free = [p.path for p in paths.values() if not p.metered and p.verdict.verdict is Verdict.HEALTHY]
+                assert not free, f"at {now}: REATTACH onto metered {pending.path} while {free} HEALTHY"
+
+        return checked
+
+
+TestCostProperties = CostProperties.TestCase
 
 
 class FlapProperties(_PairMachine):

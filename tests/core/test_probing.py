@@ -1,0 +1,98 @@
+"""Probing cadence per role: the core says when each path's next PROBE is due (docs/policy.md, "Probing").
+
+Driven with the pair harness on exact times; the harness itself probes every path on its own
+rhythm, so these tests read ``probe_due`` and ``probe_role`` after the inputs that set them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from jvpn_trio.core import events as ev
+from jvpn_trio.core.ids import PathId
+from jvpn_trio.core.policy import Policy
+from jvpn_trio.core.session import ProbeRole
+from jvpn_trio.core.states import SessionState as S
+from tests.pair import Pair
+
+P1, P2, P3 = PathId(1), PathId(2), PathId(3)
+POLICY = Policy()
+
+
+def sent(pair: Pair, path: PathId) -> float:
+    """A probe leaves on ``path`` now; returns when the core wants the next one."""
+    pair.seq += 1
+    pair._client(ev.ProbeSent(path=path, seq=pair.seq))
+    due = pair.client.probe_due(path)
+    assert due is not None
+    return due
+
+
+def test_each_role_has_its_cadence_while_attached() -> None:
+    pair = Pair.start(metered={3})
+    pair.run(1.0)
+    assert pair.client.record.state is S.ATTACHED and pair.client.record.binding is not None
+    roles = {p: pair.client.probe_role(p) for p in (P1, P2, P3)}
+    assert roles == {P1: ProbeRole.ACTIVE, P2: ProbeRole.STANDBY, P3: ProbeRole.METERED}
+    now = pair.now
+    assert sent(pair, P1) == now + POLICY.probe_interval_ms / 1000
+    assert sent(pair, P2) == now + POLICY.standby_probe_interval_ms / 1000
+    assert sent(pair, P3) == now + POLICY.metered_probe_interval_ms / 1000
+
+
+def test_a_path_not_probed_yet_is_due_at_once_and_an_unknown_one_never() -> None:
+    pair = Pair.start(handshake=False)
+    assert pair.client.probe_due(P2) == -math.inf
+    assert pair.client.probe_due(PathId(9)) is None
+
+
+def test_every_path_is_probed_at_the_active_cadence_once_the_session_is_not_attached() -> None:
+    pair = Pair.start(metered={3})
+    pair.run(1.0)
+    for p in (P2, P3):
+        sent(pair, p)
+    pair.blackhole(1)
+    while pair.client.record.state is S.ATTACHED:  # only p1 is probed, and it no longer answers
+        pair.advance(POLICY.probe_interval_ms / 1000)
+        pair.seq += 1
+        pair._client(ev.ProbeSent(path=P1, seq=pair.seq))
+    # The binding is failing: the standby paths are due at once (within one active interval of their last probe).
+    assert pair.client.probe_role(P2) is ProbeRole.ACTIVE and pair.client.probe_role(P3) is ProbeRole.ACTIVE
+    for p in (P2, P3):
+        due = pair.client.probe_due(p)
+        assert due is not None and due <= pair.now
+
+
+def test_a_link_or_address_event_on_a_standby_path_makes_it_due_at_once() -> None:
+    pair = Pair.start()
+    pair.run(1.0)
+    assert sent(pair, P2) > pair.now
+    pair._client(ev.LinkChanged(path=P2, up=False))
+    assert pair.client.probe_due(P2) > pair.now  # type: ignore[operator]  # down: nothing to learn yet
+    pair._client(ev.LinkChanged(path=P2, up=True))
+    assert pair.client.probe_due(P2) == -math.inf
+    sent(pair, P2)
+    pair._client(ev.PathReaddressed(path=P2))
+    assert pair.client.probe_due(P2) == -math.inf
+
+
+def test_an_impaired_standby_earns_healthy_back_at_the_active_cadence() -> None:
+    pair = Pair.start()
+    pair.run(1.0)
+    for i in range(POLICY.loss_window_probes):  # p2 loses every other probe: IMPAIRED, never DEAD
+        pair.advance(POLICY.probe_interval_ms / 1000)
+        pair.probe_round_lossy([1, 3] if i % 2 else [1, 2, 3])
+    assert pair.client.snapshot(now=pair.now).paths[1].verdict.verdict.value == "IMPAIRED"
+    assert pair.client.probe_role(P2) is ProbeRole.ACTIVE
+    pair.run(3.0)  # acks again: HEALTHY, and back to the standby cadence
+    assert pair.client.snapshot(now=pair.now).paths[1].verdict.verdict.value == "HEALTHY"
+    assert pair.client.probe_role(P2) is ProbeRole.STANDBY
+
+
+def test_the_standby_cadence_never_lets_a_healthy_path_go_silent_for_a_ttl() -> None:
+    policy = attrs.evolve(POLICY, transport_loss_ttl_ms=4_000, max_recovery_window_ms=1_000)
+    pair = Pair.start(policy=policy, metered={3})
+    pair.run(1.0)
+    assert sent(pair, P3) - pair.now == 2.0  # metered 10 s, held to half the 4 s TTL
