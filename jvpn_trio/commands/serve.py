@@ -219,10 +219,10 @@ async def _serve_gateway(
                 raise AppError(f"cannot give {config.tun_name} the address {address6}: {exc}") from None
 
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
-            value = runtime.status.value
-            # Counters still at zero are left out: the report lists what happened.
+            # Every session taken afresh (the published status keeps an idle session's snapshot of
+            # its last input); counters still at zero are left out: the report lists what happened.
             return gateway_status(
-                value.peers if value else (),
+                runtime.peer_statuses(),
                 node_id=config.node_id,
                 statistics=runtime.statistics(),
                 tunnel_address=str(config.tunnel_address),

@@ -8,7 +8,19 @@ current version and binding but changes nothing.  Everything that may
 change a session goes to the **supervisor** through one bounded inbox as
 ``(observed_at, session_id, input)``; it is the only caller of the
 ``GatewaySession`` cores, so they need no locks, and it re-arms one timer
-on the earliest ``next_deadline()`` of all sessions.
+on the earliest ``next_deadline()`` of all sessions, kept in a heap.
+
+Scale: the supervisor's work per input is O(1) in the number of sessions
+(docs/benchmarks.md, "Many sessions on one gateway").  Deadlines live in a
+heap with lazy invalidation: a session's entry is pushed again whenever a
+step moves its deadline, and stale entries are skipped when they surface.
+Status is kept per session and refreshed only for the sessions an input
+touched; the aggregate ``GatewayStatus`` is published by a task of its own,
+at once when a session starts or ends (coalesced per
+:data:`STATUS_MEMBERSHIP_GAP_S`), otherwise at most once per
+:data:`STATUS_INTERVAL_S`.  A session untouched since its last publication
+keeps its snapshot of then: :meth:`GatewayRuntime.peer_statuses` takes them
+all afresh, for a status request.
 
 Handshakes: a HANDSHAKE_INIT naming an existing session of the same peer
 rekeys it (the new keypair is held as *next* until the client's first
@@ -27,7 +39,9 @@ tunnel carries it: each session holds one address of each family, from
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import math
 import os
 from collections.abc import Awaitable, Iterable, Mapping
@@ -70,6 +84,16 @@ MAX_RETIRED_TIMESTAMPS = 65536
 #: Transport types whose failed authentication the session core hears about: a forged or
 #: replayed REATTACH or CLOSE is an attack on the binding, so it becomes a SECURITY_EVENT.
 REPORTED_DROP_TYPES = frozenset({wire.MessageType.REATTACH, wire.MessageType.CLOSE})
+#: Changes inside sessions (state, version, binding, bytes) reach ``GatewayRuntime.status`` at most
+#: this often: the rate ``jvpn-trio attach`` polls a status at (ui/attached.py STATUS_PERIOD_S).
+#: Publishing costs O(sessions), so it cannot follow every input.
+STATUS_INTERVAL_S = 0.25
+#: A session started or ended is published at once, but at most once per this long (the lab's
+#: status poll period): a burst of handshakes then costs one O(sessions) publication per gap.
+STATUS_MEMBERSHIP_GAP_S = 0.05
+#: The deadline heap is rebuilt from the live deadlines once its stale entries outnumber them
+#: by this much: memory stays O(sessions) and the rebuild is amortised O(1) per push.
+DEADLINE_HEAP_SLACK = 1024
 
 
 def _reason_counters(prefix: str, reasons: Iterable[ReasonCode]) -> Mapping[ReasonCode, str]:
@@ -263,10 +287,13 @@ class PeerStatus:
         )
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, eq=False)
 class GatewayStatus:
-    """What the runtime publishes after each supervisor step (``GatewayRuntime.status``).
+    """What the runtime publishes (``GatewayRuntime.status``): see the module's "Scale".
 
+    Compared by identity: ``AsyncValue`` compares the old value with the new
+    one on every assignment, and a new object is only made when something
+    changed, so a field-by-field comparison of every session would be waste.
     ``sessions`` keeps its original shape for existing readers; ``peers`` has
     the same sessions, in the same order, with everything ``status`` shows per
     peer.  ``tunnel`` / ``tunnel6`` are the gateway's own tunnel addresses.
@@ -321,6 +348,22 @@ class GatewayRuntime:
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[float, SessionId, Any]](INBOX_CAPACITY)
         self._last_now = -math.inf
         self._packets: PacketPort | None = None
+        # The supervisor's timers: (deadline, tie-break, session) entries, valid while _scheduled agrees.
+        self._deadlines: list[tuple[float, int, SessionId]] = []
+        self._scheduled: dict[SessionId, float] = {}
+        self._tiebreak = itertools.count()
+        # Sessions the last step terminated, reaped right after it.
+        self._ending: list[ServedSession] = []
+        # What is published: per session, in the order of ``sessions``; refreshed for the dirty ones.
+        self._peer_status: dict[SessionId, PeerStatus] = {}
+        self._session_rows: dict[SessionId, tuple[GatewaySnapshot, str, str]] = {}
+        self._dirty: set[SessionId] = set()
+        self._changed = False  # something to publish
+        self._membership = False  # a session started or ended: publish without waiting the interval
+        # Set when the flag above of the same name turns True; only the publisher makes new ones.
+        self._changed_event = trio.Event()
+        self._membership_event = trio.Event()
+        self._published_at = -math.inf
 
     def statistics(self) -> GatewayStatistics:
         """Every counter of this runtime, frozen at the time of the call."""
@@ -351,7 +394,9 @@ class GatewayRuntime:
         self._packets = packets
         try:
             async with trio.open_nursery() as nursery:
+                self._publish()
                 nursery.start_soon(self._supervise)
+                nursery.start_soon(self._publish_changes)
                 for port in [*ports, *control_ports]:
                     nursery.start_soon(self._receive, port)
                 if packets is not None:
@@ -377,7 +422,10 @@ class GatewayRuntime:
 
         Goes through the supervisor's inbox like any input, so the cores keep one caller; a
         session the full inbox cannot take now is closed by :meth:`serve`'s way out instead.
+        The status is published first, so a wait for it to list no session cannot be
+        satisfied by one published before the newest sessions started.
         """
+        self._publish()
         return sum(
             self.submit_nowait(served.session_id, ev.CloseRequested())
             for served in list(self.sessions.values())
@@ -424,6 +472,8 @@ class GatewayRuntime:
                 while len(self._retired_timestamps) > MAX_RETIRED_TIMESTAMPS:
                     self._retired_timestamps.pop(next(iter(self._retired_timestamps)))
         self._peers = merged
+        self._dirty.update(self.sessions)  # a renamed peer's sessions show the new name
+        self._note_change()
         closed = 0
         now = trio.current_time()
         for session_id in ending:
@@ -440,9 +490,41 @@ class GatewayRuntime:
         )  # fmt: skip
 
     # -- the supervisor ---------------------------------------------------------------------------
+    def _schedule(self, served: ServedSession) -> None:
+        """Keep the heap's entry for ``served`` at its core's ``next_deadline()`` (after each step)."""
+        session_id = served.session_id
+        deadline = served.core.next_deadline()
+        if deadline is None:
+            self._scheduled.pop(session_id, None)
+            return
+        if self._scheduled.get(session_id) == deadline:
+            return
+        self._scheduled[session_id] = deadline
+        heapq.heappush(self._deadlines, (deadline, next(self._tiebreak), session_id))
+        if len(self._deadlines) > 2 * len(self._scheduled) + DEADLINE_HEAP_SLACK:
+            self._deadlines = [(d, next(self._tiebreak), s) for s, d in self._scheduled.items()]
+            heapq.heapify(self._deadlines)
+
     def _next_deadline(self) -> float:
-        deadlines = [d for s in self.sessions.values() if (d := s.core.next_deadline()) is not None]
-        return min(deadlines) if deadlines else math.inf
+        """The earliest live deadline; stale heap entries on top are dropped on the way."""
+        heap = self._deadlines
+        while heap:
+            deadline, _, session_id = heap[0]
+            if self._scheduled.get(session_id) == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return math.inf
+
+    def _due(self, now: float) -> list[ServedSession]:
+        """Take every session whose deadline is at or before ``now`` off the heap (each once)."""
+        due = []
+        while self._next_deadline() <= now:
+            _, _, session_id = heapq.heappop(self._deadlines)
+            del self._scheduled[session_id]
+            served = self.sessions.get(session_id)
+            if served is not None:
+                due.append(served)
+        return due
 
     async def _supervise(self) -> None:
         while True:
@@ -452,10 +534,8 @@ class GatewayRuntime:
                 item = await self._inbox.receive()
             if item is None:
                 now = max(deadline, trio.current_time())
-                for served in list(self.sessions.values()):
-                    due = served.core.next_deadline()
-                    if due is not None and due <= now:
-                        self._feed(served, ev.TimerFired(), now)
+                for served in self._due(now):
+                    self._feed(served, ev.TimerFired(), now)
             else:
                 at, session_id, event = item
                 target = self.sessions.get(session_id)
@@ -464,7 +544,6 @@ class GatewayRuntime:
                     continue
                 self._feed(target, event, at)
             await self._reap()
-            self._publish()
 
     def _feed(self, served: ServedSession, event: Any, at: float) -> None:
         now = max(at, self._last_now)
@@ -473,6 +552,10 @@ class GatewayRuntime:
         if self._recorder is not None:
             self._recorder.step("gateway", served.session_id.hex, now, event, actions)
         self._apply(served, actions)
+        self._schedule(served)
+        self._touch(served)
+        if served.core.terminated:
+            self._ending.append(served)
 
     def _apply(self, served: ServedSession, actions: list[Action]) -> None:
         for action in actions:
@@ -505,12 +588,22 @@ class GatewayRuntime:
             # data path reads through accepts_data_from(); there is no second copy to update.
 
     async def _reap(self) -> None:
-        for served in [s for s in self.sessions.values() if s.core.terminated]:
+        """Forget the sessions the last step ended and give their ownership back."""
+        while self._ending:
+            served = self._ending.pop()
+            if self.sessions.get(served.session_id) is not served:
+                continue  # already reaped
             self._forget(served)
             await self._store.release(served.session_id, self.node_id, expected_revision=served.core.held_revision)
 
     def _forget(self, served: ServedSession) -> None:
-        self.sessions.pop(served.session_id, None)
+        session_id = served.session_id
+        self.sessions.pop(session_id, None)
+        self._scheduled.pop(session_id, None)
+        self._peer_status.pop(session_id, None)
+        self._session_rows.pop(session_id, None)
+        self._dirty.discard(session_id)
+        self._note_change(membership=True)
         for index in served.channel.keyring.local_indices():
             self._by_index.pop(index, None)
         self._unroute(served)
@@ -522,16 +615,65 @@ class GatewayRuntime:
             if address is not None and self._by_address.get(address) is served:
                 del self._by_address[address]
 
+    # -- status -----------------------------------------------------------------------------------
+    def _touch(self, served: ServedSession) -> None:
+        """``served`` changed (an input, bytes carried): its status is taken again at the next publication."""
+        self._dirty.add(served.session_id)
+        self._note_change()
+
+    def _note_change(self, *, membership: bool = False) -> None:
+        if membership and not self._membership:
+            self._membership = True
+            self._membership_event.set()
+        if not self._changed:
+            self._changed = True
+            self._changed_event.set()
+
+    def _refresh(self, served: ServedSession, now: float) -> None:
+        peer = PeerStatus.of(served, now=now)
+        self._peer_status[served.session_id] = peer
+        self._session_rows[served.session_id] = (peer.snapshot, peer.name, str(peer.address))
+
+    def _now(self) -> float:
+        return max(self._last_now, trio.current_time())
+
+    def peer_statuses(self) -> tuple[PeerStatus, ...]:
+        """Every session's status taken now, in the order of ``sessions``: O(sessions), for a status request."""
+        now = self._now()
+        return tuple(PeerStatus.of(served, now=now) for served in self.sessions.values())
+
     def _publish(self) -> None:
-        now = self._last_now
-        peers = tuple(PeerStatus.of(s, now=now) for s in self.sessions.values())
+        """Publish the aggregate status: the dirty sessions' statuses are taken again, the others kept."""
+        now = self._now()
+        for session_id in self._dirty:
+            served = self.sessions.get(session_id)
+            if served is not None:
+                self._refresh(served, now)
+        self._dirty.clear()
+        self._changed = self._membership = False
+        self._published_at = trio.current_time()
         self.status.value = GatewayStatus(
-            sessions=tuple((p.snapshot, p.name, str(p.address)) for p in peers),
+            sessions=tuple(self._session_rows.values()),
             statistics=self.statistics(),
-            peers=peers,
+            peers=tuple(self._peer_status.values()),
             tunnel=str(self.tunnel),
             tunnel6=str(self.tunnel6) if self.tunnel6 is not None else None,
         )
+
+    async def _publish_changes(self) -> None:
+        """Publish when something changed: sessions started or ended soon, other changes per interval."""
+        while True:
+            if not self._changed:
+                self._changed_event = trio.Event()
+                await self._changed_event.wait()
+                continue
+            if not self._membership:
+                self._membership_event = trio.Event()
+                with trio.move_on_at(self._published_at + STATUS_INTERVAL_S):
+                    await self._membership_event.wait()
+            await trio.sleep_until(self._published_at + STATUS_MEMBERSHIP_GAP_S)
+            if self._changed:  # else close_all_nowait() has just published it
+                self._publish()
 
     def _send(self, served: ServedSession, addr: Address, msg_type: wire.MessageType, plaintext: bytes) -> None:
         port = served.port_for(addr, control=msg_type is not wire.MessageType.DATA)
@@ -599,6 +741,7 @@ class GatewayRuntime:
                 )
             return
         self._index_keys(served)
+        self._touch(served)  # bytes carried, or a key confirmed: its status changed
         if opened.msg_type is wire.MessageType.DATA:  # the fast path: no message object per packet
             await self._on_data(served, port, opened.plaintext, addr, now)
             return
@@ -759,6 +902,9 @@ class GatewayRuntime:
         if claimed.address6 is not None:
             self._by_address[claimed.address6] = served
         self._index_keys(served)
+        self._schedule(served)
+        self._refresh(served, now)  # in ``sessions`` order from the start
+        self._note_change(membership=True)
         created = core.creation_events()
         if self._recorder is not None:
             start = SessionStart(
@@ -835,6 +981,7 @@ class GatewayRuntime:
                 served.tx_packets += 1
                 served.tx_bytes += len(packet)
             for served, endpoint, datagrams in outgoing.values():
+                self._touch(served)
                 port = served.port_for(endpoint, control=False)
                 if port is None:
                     self._counts.send_no_port += len(datagrams)
