@@ -43,6 +43,14 @@ class PathAdded:
 
 
 @attrs.frozen(kw_only=True)
+class PathCostChanged:
+    """The path's cost class changed while it is a path (NetworkManager's ``Metered`` property)."""
+
+    path: PathId
+    metered: bool
+
+
+@attrs.frozen(kw_only=True)
 class PathRemoved:
     """The path's interface went away: if it carried the binding, that is a link death (LINK_DOWN)."""
 
@@ -219,6 +227,7 @@ class ReattachReceived:
 ClientInput = (
     HandshakeCompleted
     | PathAdded
+    | PathCostChanged
     | PathRemoved
     | PathReaddressed
     | LinkChanged

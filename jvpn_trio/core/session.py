@@ -534,6 +534,13 @@ class ClientSession(_SessionCore):
             if self.pinned == event.path:
                 self.pinned = None
             return []
+        if isinstance(event, ev.PathCostChanged):
+            entry = self._paths.get(event.path)
+            if entry is None:
+                self._count("unknown_path_inputs")
+            else:
+                entry.metered = event.metered  # the next decision ranks it by its new cost
+            return []
         if isinstance(event, ev.PathReaddressed):
             if event.path not in self._paths:
                 self._count("unknown_path_inputs")

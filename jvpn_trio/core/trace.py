@@ -28,6 +28,7 @@ INPUT_TYPES: dict[str, type] = {
     for cls in (
         ev.HandshakeCompleted,
         ev.PathAdded,
+        ev.PathCostChanged,
         ev.PathRemoved,
         ev.PathReaddressed,
         ev.LinkChanged,

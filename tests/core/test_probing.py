@@ -96,3 +96,18 @@ def test_the_standby_cadence_never_lets_a_healthy_path_go_silent_for_a_ttl() -> 
     pair = Pair.start(policy=policy, metered={3})
     pair.run(1.0)
     assert sent(pair, P3) - pair.now == 2.0  # metered 10 s, held to half the 4 s TTL
+
+
+def test_a_path_that_becomes_metered_is_left_for_a_free_one_and_probed_as_metered() -> None:
+    pair = Pair.start(policy=attrs.evolve(POLICY, return_dwell_ms=1_000, min_dwell_ms=0))
+    pair.run(2.0)
+    assert pair.client.record.binding is not None and pair.client.record.binding.path == P1
+    pair._client(ev.PathCostChanged(path=P1, metered=True))  # NetworkManager: the Ethernet is a phone's tether
+    pair.run(2.0)
+    binding = pair.client.record.binding
+    assert binding is not None and binding.path == P2
+    switches = [e for e in pair.events("client") if e.kind.value == "TRANSPORT_SWITCH"]
+    assert switches[-1].reason.value == "UNMETERED_AVAILABLE"
+    assert pair.client.probe_role(P1) is ProbeRole.METERED
+    pair._client(ev.PathCostChanged(path=PathId(9), metered=True))
+    assert pair.client.counters["unknown_path_inputs"] >= 1

@@ -29,7 +29,8 @@ SAMPLES: dict[str, Any] = {
     "HandshakeCompleted": ev.HandshakeCompleted(
         session_id=SID, binding=Binding(path=P1, endpoint=("192.0.2.1", 51820)), gateway_version=1
     ),
-    "PathAdded": ev.PathAdded(path=P2, priority=20, endpoint=("192.0.2.2", 51820), link_up=False),
+    "PathAdded": ev.PathAdded(path=P2, priority=20, endpoint=("192.0.2.2", 51820), link_up=False, metered=True),
+    "PathCostChanged": ev.PathCostChanged(path=P2, metered=True),
     "PathRemoved": ev.PathRemoved(path=P2),
     "PathReaddressed": ev.PathReaddressed(path=P2),
     "LinkChanged": ev.LinkChanged(path=P1, up=False),
