@@ -140,6 +140,8 @@ def _path_status(p: PathSnapshot, now: float, interfaces: Mapping[PathId, tuple[
         "endpoint": _endpoint_text(p.endpoint),
         "active": p.active,
         "pinned": p.pinned,
+        "metered": p.metered,
+        "probing": p.probe_role,
         "link_up": stats.link_up,
         "verdict": p.verdict.verdict.value,
         "reason": p.verdict.reason.value,
@@ -495,10 +497,14 @@ def _client_path(p: Mapping[str, Any]) -> Block:
     loss = _fixed(p.get("loss_pct"), PCT_DECIMALS, "%")
     if missed:
         loss += f" ({_text(p.get('consecutive_missed'))} missed in a row)"
+    probing = _text(p.get("probing"))
+    if p.get("metered") is True:
+        probing += " (metered)"
     pairs = [
         ("interface", interface),
         ("endpoint", _text(p.get("endpoint"))),
         ("priority", _text(p.get("priority"))),
+        ("probing", probing),
         ("link", _NONE_TEXT if not isinstance(link, bool) else ("up" if link else "down")),
         ("verdict", verdict),
         ("rtt", _fixed(p.get("srtt_ms"), MS_DECIMALS, " ms")

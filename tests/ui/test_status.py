@@ -234,6 +234,7 @@ path: p1 (active)
   interface:        eth0 (ethernet)
   endpoint:         192.0.2.1:51820
   priority:         10
+  probing:          active
   link:             up
   verdict:          IMPAIRED, LOSS_ABOVE_THRESHOLD (measured 25.0, threshold 20.0)
   rtt:              12.3 ms (jitter 0.0 ms)
@@ -244,6 +245,7 @@ path: p2
   interface:        wlan0 (wifi)
   endpoint:         192.0.2.2:51820
   priority:         20
+  probing:          active
   link:             up
   verdict:          HEALTHY, WITHIN_THRESHOLDS
   rtt:              31.0 ms (jitter 2.2 ms)
@@ -254,6 +256,7 @@ path: p3
   interface:        -
   endpoint:         [2001:db8::3]:51820
   priority:         30
+  probing:          active
   link:             down
   verdict:          DEAD, LINK_DOWN
   rtt:              -
@@ -331,6 +334,8 @@ def test_client_status_fields_and_rounding() -> None:
         "endpoint": "192.0.2.1:51820",
         "active": True,
         "pinned": False,
+        "metered": False,
+        "probing": "active",
         "link_up": True,
         "verdict": "IMPAIRED",
         "reason": "LOSS_ABOVE_THRESHOLD",

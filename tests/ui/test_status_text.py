@@ -47,6 +47,8 @@ CLIENT_REPLY: dict[str, Any] = {
             "endpoint": "203.0.113.7:51820",
             "active": False,
             "pinned": False,
+            "metered": True,
+            "probing": "active",
             "link_up": True,
             "verdict": "IMPAIRED",
             "reason": "LATENCY_ABOVE_THRESHOLD",
@@ -66,6 +68,8 @@ CLIENT_REPLY: dict[str, Any] = {
             "endpoint": "203.0.113.7:51820",
             "active": True,
             "pinned": False,
+            "metered": False,
+            "probing": "active",
             "link_up": True,
             "verdict": "HEALTHY",
             "reason": "WITHIN_THRESHOLDS",
@@ -99,6 +103,7 @@ path: p1 (active)
   interface:        eth0 (ethernet)
   endpoint:         203.0.113.7:51820
   priority:         10
+  probing:          active
   link:             up
   verdict:          HEALTHY, WITHIN_THRESHOLDS
   rtt:              4.2 ms (jitter 0.3 ms)
@@ -109,6 +114,7 @@ path: p2
   interface:        wlan0 (wifi)
   endpoint:         203.0.113.7:51820
   priority:         20
+  probing:          active (metered)
   link:             up
   verdict:          IMPAIRED, LATENCY_ABOVE_THRESHOLD (measured 412.0, threshold 250.0)
   rtt:              412.3 ms (jitter 88.1 ms)
