@@ -9,7 +9,9 @@ the machine: the path manager (``drivers/paths.py``) runs for the agent's
 whole life, and :class:`PathFollower` turns each ``PathUp`` into a socket
 pinned to the interface, a policy route via the next hop the event carries
 and a path of the agent; ``PathDown`` and ``PathAddressChanged`` undo or
-rebind them (docs/paths.md).  An interface absent at start is not an error:
+rebind them (docs/paths.md); where NetworkManager runs, its ``Metered`` for a
+path's interface may change the path's cost (``drivers/networkmanager.py``).
+An interface absent at start is not an error:
 its path appears when the interface does.  ``up`` exits on SIGINT/SIGTERM (the first closes the live
 session explicitly, a second exits at once) or on a configuration or
 privilege error at start; never because a session ended.  Resources are
@@ -70,6 +72,8 @@ from jvpn_trio.drivers.clock import SuspendDetector
 from jvpn_trio.drivers.leftovers import Leftovers, find_leftovers, remove_leftovers
 from jvpn_trio.drivers.logind import SleepSignals
 from jvpn_trio.drivers.log import stderr_line
+from jvpn_trio.core.candidates import PathCost
+from jvpn_trio.drivers.networkmanager import NetworkManagerCosts, cost_change
 from jvpn_trio.drivers.paths import (
     PathAddressChanged,
     PathDown,
@@ -213,12 +217,16 @@ class PathFollower:
         routing: routes.Routing,
         log: Callable[[str], None],
         tun_address: routes.TunAddress | None = None,
+        network_manager: NetworkManagerCosts | None = None,
     ) -> None:
         self._config = config
         self._agent = agent
         self._routing = routing
         self._log = log
         self._tun_address = tun_address
+        self._network_manager = network_manager
+        #: Each live path's cost inputs: its rule's ``metered`` and its kind's default (NM's opinion comes later).
+        self._costs: dict[PathId, PathCost] = {}
         self._ids = PathIds(configured=[p.interface for p in config.paths])
         self._sockets: dict[PathId, AsyncExitStack] = {}
         #: Each live path's interface MTU: the TUN's MTU follows the smallest (docs/mtu.md).
@@ -287,6 +295,9 @@ class PathFollower:
                 metered=event.metered,
             )
         )
+        cost = self._costs[pid] = PathCost.of(self._config.path_rules, label=event.label, kind=event.kind)
+        if self._network_manager is not None and cost.follows_network_manager:
+            self._network_manager.watch_nowait(event.ifname)
         self.counters["paths_added"] += 1
         self._log(f"path {pid} up: {event.ifname} ({event.kind}) from {event.source_address} via {event.next_hop or 'on-link'}")
         mtu = await interface_mtu(event.ifname)
@@ -299,6 +310,9 @@ class PathFollower:
         if pid is None:
             return
         self._agent.remove_path(pid)  # queues PathRemoved before any later path can get the id
+        self._costs.pop(pid, None)
+        if self._network_manager is not None:
+            self._network_manager.unwatch_nowait(event.ifname)
         stack = self._sockets.pop(pid, None)
         if stack is not None:
             await stack.aclose()
@@ -335,6 +349,17 @@ class PathFollower:
         await self._routing.add_path(self._route(pid, ifname, next_hop))
         self.counters["paths_readdressed"] += 1
         self._log(f"path {pid} readdressed: {ifname} now {source_address} via {next_hop or 'on-link'}")
+
+    def network_manager_said(self, ifname: str, opinion: bool | None) -> None:
+        """NetworkManager's ``Metered`` for ``ifname`` (None: no opinion): the agent hears of a new cost."""
+        change = cost_change(self._agent.paths, self._costs, ifname, opinion)
+        if change is None:
+            return
+        self._agent.submit_nowait(change)
+        self.counters["cost_changes"] += 1
+        self._log(
+            f"path {change.path} ({ifname}) is {'metered' if change.metered else 'unmetered'} now (NetworkManager)"
+        )
 
     async def aclose(self) -> None:
         """Close every path's socket (the routes go with the routing)."""
@@ -461,7 +486,11 @@ async def _run_client(
             suspend_detector=suspend_detector,
             sleep_signals=SleepSignals(log=stderr_line),
         )
-        follower = PathFollower(config=config, agent=agent, routing=routing, log=stderr_line, tun_address=tun_address)
+        network_manager = NetworkManagerCosts(log=stderr_line)
+        follower = PathFollower(
+            config=config, agent=agent, routing=routing, log=stderr_line, tun_address=tun_address,
+            network_manager=network_manager,
+        )  # fmt: skip
         stack.push_async_callback(follower.aclose)
         manager, path_events = await stack.enter_async_context(
             open_path_manager(config.path_rules, gateway_host)
@@ -510,6 +539,8 @@ async def _run_client(
             await nursery.start(
                 functools.partial(control.serve_control, config.control_socket, handler, events=sink, access=access)
             )
+            # NM's Metered, where it runs: paths queue their lookups, so nothing waits for the bus.
+            nursery.start_soon(functools.partial(network_manager.serve, follower.network_manager_said))
             nursery.start_soon(follower.follow, path_events)
             if not quiet and tui:
                 # The foreground UI is the attached UI, on the agent's own socket: one UI, one way in.

@@ -268,6 +268,42 @@ class Candidate:
     metered: bool = False
 
 
+@attrs.frozen(kw_only=True)
+class PathCost:
+    """What decides whether a path is metered, in this order: its ``[[path]]`` rule, NetworkManager's
+    ``Metered`` property (drivers/networkmanager.py), the kind's default."""
+
+    #: The ``[[path]]`` rule's ``metered``; None when the rule does not say (or no rule chose it).
+    configured: bool | None = None
+    #: The kind's default (:data:`KIND_METERED`).
+    kind_default: bool = False
+
+    @classmethod
+    def of(cls, rules: PathRules, *, label: str, kind: str) -> PathCost:
+        """The cost inputs of a path that the rule labelled ``label`` chose (``PathUp.label``).
+
+        A label is the rule's selector (``PathRule.describe``), which alone
+        decides what the rule accepts, and the first rule that accepts an
+        interface chooses it: so the first rule with that label is the one.
+        "auto" (no rules) matches none.
+        """
+        configured = next((r.metered for r in rules.rules if r.describe() == label), None)
+        return cls(configured=configured, kind_default=KIND_METERED.get(kind, False))
+
+    @property
+    def follows_network_manager(self) -> bool:
+        """Whether NM's opinion can matter: only when the rule does not say."""
+        return self.configured is None
+
+    def metered(self, network_manager: bool | None = None) -> bool:
+        """The rule's word, else NM's opinion, else the kind's default."""
+        if self.configured is not None:
+            return self.configured
+        if network_manager is not None:
+            return network_manager
+        return self.kind_default
+
+
 def _order(priority: int, name: str) -> tuple[int, str]:
     return (priority, name)
 
@@ -282,14 +318,15 @@ def select_candidates(rules: PathRules, snapshot: MachineSnapshot) -> tuple[Cand
             if iface.link_class is LinkClass.ORDINARY:
                 chosen.append(
                     Candidate(name=iface.name, index=iface.index, kind=iface.kind,
-                              priority=KIND_PRIORITY[iface.kind], label="auto", metered=KIND_METERED[iface.kind])
+                              priority=KIND_PRIORITY[iface.kind], label="auto",
+                              metered=PathCost(kind_default=KIND_METERED[iface.kind]).metered())
                 )
             continue
         for position, rule in enumerate(rules.rules):
             if rule.accepts(iface):
                 kind = rule.kind if rule.kind is not None else iface.kind
                 priority = rule.priority if rule.priority is not None else KIND_PRIORITY[kind] + position
-                metered = rule.metered if rule.metered is not None else KIND_METERED[kind]
+                metered = PathCost(configured=rule.metered, kind_default=KIND_METERED[kind]).metered()
                 chosen.append(
                     Candidate(name=iface.name, index=iface.index, kind=kind, priority=priority, label=rule.describe(),
                               metered=metered)

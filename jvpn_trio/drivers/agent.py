@@ -31,8 +31,11 @@ while the agent runs (:meth:`ClientAgent.add_path`, :meth:`~ClientAgent.remove_p
 :meth:`~ClientAgent.readdress_path`, called by the composition root as the
 path manager reports interfaces).  A change is handed to the runtime of the
 moment (which tells a live session) and every later runtime starts from the
-set as it is then.  With no path at all the agent waits, CONNECTING, until
-one appears.
+set as it is then.  A cost change (``PathCostChanged``, from NetworkManager's
+``Metered``, ``drivers/networkmanager.py``) goes to the live session through
+:meth:`ClientAgent.submit_nowait` and is kept in the set, so the next
+session's ``PathAdded`` carries it.  With no path at all the agent waits,
+CONNECTING, until one appears.
 
 **Suspend.**  A :class:`~jvpn_trio.drivers.clock.SuspendDetector` runs for
 the agent's life.  On each resume every path is probed at once, and
@@ -167,15 +170,37 @@ class ClientAgent:
         return self.succession.sessions_started if self.succession is not None else 0
 
     def submit_nowait(self, event: Any) -> bool:
-        """Pass an input to the live session (a link change is also remembered for the next one)."""
+        """Pass an input to the live session (a link or cost change is also remembered for the next one)."""
         if isinstance(event, ev.CloseRequested):
             self.close_nowait()
             return True
         if isinstance(event, ev.LinkChanged) and event.path in self._link_up:
             self._link_up[event.path] = event.up
+        if isinstance(event, ev.PathCostChanged):
+            return self._cost_changed(event)
         runtime = self.runtime
         if runtime is None:
             return isinstance(event, ev.LinkChanged)
+        return runtime.submit_nowait(event)
+
+    def _cost_changed(self, event: ev.PathCostChanged) -> bool:
+        """Keep a path's new cost in the set (every later runtime starts from it) and tell a live session.
+
+        A runtime still handshaking gets it in its own table instead, so the
+        session it starts names the cost in ``PathAdded`` from its first input.
+        """
+        path = self._paths.get(event.path)
+        if path is None:
+            return False
+        self._paths[event.path] = attrs.evolve(path, metered=event.metered)
+        runtime = self.runtime
+        if runtime is None:
+            return True
+        current = runtime.paths.get(event.path)
+        if current is not None:
+            runtime.paths[event.path] = attrs.evolve(current, metered=event.metered)
+        if runtime.session is None:
+            return True
         return runtime.submit_nowait(event)
 
     # -- the path set -------------------------------------------------------------------------
