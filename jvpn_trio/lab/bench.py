@@ -1,6 +1,7 @@
 """``jvpn-trio bench``: jvpn-trio, a bare veth and OpenVPN measured side by side in one run.
 
-    jvpn-trio bench [--quick] [--runs N] [--systems baseline,jvpn-trio,openvpn] [--json [FILE]]
+    jvpn-trio bench [--quick] [--runs N] [--systems baseline,jvpn-trio,openvpn] [--idle S] [--idle-only]
+                    [--json [FILE]]
 
 Theory of operation
 -------------------
@@ -39,6 +40,15 @@ Measurements:
    then a lower bound, shown as ``> x``.  The median run is reported (for an even count the
    higher of the two middle runs, so a bound is never averaged with a measurement).  Before
    each fault the bench waits (bounded) until the tunnel is back on the preferred path, eth0.
+3. *Idle cost and failover by probing policy* (jvpn-trio only, ``--idle`` seconds, after the
+   systems' labs are gone): two more labs, one with the default policy (a probing cadence per
+   role, ``docs/policy.md``) and one with every path probed at ``probe_interval_ms`` (the
+   behaviour before per-role probing), the client's lte0 marked ``metered = true``.  Once each
+   is ATTACHED on eth0 with wifi0 and lte0 HEALTHY at their standby roles, both are left alone
+   over the same window: CPU percent of one core of the client and the gateway process (from
+   ``/proc/<pid>/stat``) and bytes/s on each of the client's path interfaces (``ip -s link``,
+   both directions, everything on the wire).  Then ``--runs`` blackholes of the active path
+   each, measured as in 2.  Side by side, so a neighbour's burst lands on both policies.
 
 jvpn-trio runs as the real ``jvpn-trio serve`` / ``jvpn-trio up`` processes, full tunnel, with
 :data:`JVPN_POLICY` over the default policy: it changes only how soon the session returns to
@@ -80,8 +90,9 @@ import attrs
 import trio
 
 from jvpn_trio import __version__
+from jvpn_trio.core.policy import DEFAULT_POLICY
 from jvpn_trio.lab import processes as labrun
-from jvpn_trio.lab.netns import Lab, LabError, LabProcess, LabSpec, open_lab
+from jvpn_trio.lab.netns import Lab, LabError, LabPath, LabProcess, LabSpec, open_lab
 from jvpn_trio.lab.traffic import format_endpoint, longest_gap, traffic_argv
 
 # -----------------------------------------------------------------------------
@@ -567,6 +578,335 @@ def _reference_cell(metric: str) -> str:
     return "—"
 
 
+# -- idle cost and failover by probing policy --------------------------------------------------------
+
+PER_ROLE = "per_role"
+FLAT = "flat"
+#: The probing policies the idle section compares, in column order (each over JVPN_POLICY): the
+#: defaults, a cadence per role; and every path at the active cadence, as before per-role probing
+#: (issue 12's "today's policy", reproduced by setting both standby intervals to probe_interval_ms).
+IDLE_POLICIES: Mapping[str, Mapping[str, int]] = {
+    PER_ROLE: {},
+    FLAT: {
+        "standby_probe_interval_ms": DEFAULT_POLICY.probe_interval_ms,
+        "metered_probe_interval_ms": DEFAULT_POLICY.probe_interval_ms,
+    },
+}
+IDLE_LABELS = {
+    PER_ROLE: "default policy (cadence per role)",
+    FLAT: f"previous: every path at {DEFAULT_POLICY.probe_interval_ms} ms",
+}
+#: The lab paths whose client ``[[path]]`` says ``metered = true`` (LTE is metered by kind as well).
+IDLE_METERED_PATHS = ("lte0",)
+DEFAULT_IDLE_S = 60.0
+QUICK_IDLE_S = 10.0
+MAX_IDLE_S = 600.0
+#: Bound on the wait for the idle state: ATTACHED on the preferred path, every path HEALTHY, the
+#: others at their standby role.
+IDLE_SETTLE_TIMEOUT_S = 30.0
+#: Then this long before the window opens, so the first standby probes and their acks are behind.
+IDLE_LEAD_S = 1.0
+#: Probing roles of a path the session is not bound to (``ProbeRole`` values, docs/policy.md).
+STANDBY_ROLES = ("standby", "metered")
+ACTIVE_ROLE = "active"
+HEALTHY = "HEALTHY"
+ATTACHED = "ATTACHED"
+
+#: Issue 12's targets, printed beside the figures; a benchmark reports them, no test asserts them.
+TARGET_CLIENT_CPU_PCT = 1.0
+TARGET_GATEWAY_CPU_PCT = 0.5
+TARGET_STANDBY_BPS = 200.0
+TARGET_METERED_BPS = 30.0
+
+
+def cpu_percent(stat_before: str, stat_after: str, wall_s: float, *, ticks_per_s: float) -> float:
+    """Percent of one core a process used between two readings of its ``/proc/<pid>/stat``.
+
+    ValueError on malformed text, a non-positive wall time, or CPU time that went backwards
+    (two different processes).
+    """
+    before, after = parse_cpu_ticks(stat_before), parse_cpu_ticks(stat_after)
+    if after < before:
+        raise ValueError(f"CPU ticks went backwards ({before} -> {after}): not the same process")
+    return 100.0 * cores(before, after, wall_s, ticks_per_s=ticks_per_s)
+
+
+@attrs.frozen
+class LinkBytes:
+    """An interface's byte counters: received and sent."""
+
+    rx: int
+    tx: int
+
+
+def parse_link_bytes(text: str) -> dict[str, LinkBytes]:
+    """Bytes received and sent per interface, from ``ip -j -s link show`` (its ``stats64``).
+
+    ValueError if the text is not that JSON or an interface has no byte counters.
+    """
+    try:
+        links = json.loads(text)
+    except ValueError:
+        raise ValueError("ip -j -s link: output is not JSON") from None
+    if not isinstance(links, list):
+        raise ValueError("ip -j -s link: output is not a list")
+    out = {}
+    for link in links:
+        name = link.get("ifname") if isinstance(link, dict) else None
+        stats = link.get("stats64") if isinstance(link, dict) else None
+        try:
+            rx, tx = stats["rx"]["bytes"], stats["tx"]["bytes"]  # type: ignore[index]
+        except (KeyError, TypeError):
+            raise ValueError(f"ip -j -s link: no byte counters for {name!r}") from None
+        if not isinstance(name, str) or not all(isinstance(v, int) and not isinstance(v, bool) for v in (rx, tx)):
+            raise ValueError(f"ip -j -s link: bad entry for {name!r}")
+        out[name] = LinkBytes(rx=rx, tx=tx)
+    return out
+
+
+@attrs.frozen
+class PathRate:
+    """Bytes per second on one path's wire, each direction as the client sees it."""
+
+    tx_bps: float
+    rx_bps: float
+
+    @property
+    def total_bps(self) -> float:
+        return self.tx_bps + self.rx_bps
+
+    def to_json(self) -> dict[str, float]:
+        return {"tx_Bps": round(self.tx_bps, 1), "rx_Bps": round(self.rx_bps, 1), "total_Bps": round(self.total_bps, 1)}
+
+
+def bytes_per_second(
+    before: Mapping[str, LinkBytes], after: Mapping[str, LinkBytes], wall_s: float, *, names: Sequence[str]
+) -> dict[str, PathRate]:
+    """Each of ``names``' bytes per second between two counter readings ``wall_s`` apart.
+
+    ValueError if a name is missing from a reading, a counter went backwards (the interface was
+    recreated), or ``wall_s <= 0``.
+    """
+    if wall_s <= 0:
+        raise ValueError(f"wall time must be positive, got {wall_s}")
+    out = {}
+    for name in names:
+        if name not in before or name not in after:
+            raise ValueError(f"no byte counters for {name} in both readings")
+        b, a = before[name], after[name]
+        if a.rx < b.rx or a.tx < b.tx:
+            raise ValueError(f"{name}: byte counters went backwards (interface recreated?)")
+        out[name] = PathRate(tx_bps=(a.tx - b.tx) / wall_s, rx_bps=(a.rx - b.rx) / wall_s)
+    return out
+
+
+def path_entries(status: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The client status's path entries by interface name."""
+    entries = status.get("paths")
+    if not isinstance(entries, list):
+        return {}
+    return {str(e["interface"]): e for e in entries if isinstance(e, Mapping) and e.get("interface") is not None}
+
+
+def idle_ready(paths: Sequence[LabPath], status: Mapping[str, Any]) -> bool:
+    """True once the client idles as measured: ATTACHED on the preferred path (lowest metric), every
+    path HEALTHY with an answered probe, and every other path at a standby role."""
+    if status.get("state") != ATTACHED or not paths:
+        return False
+    entries = path_entries(status)
+    preferred = min(paths, key=lambda p: p.metric).name
+    for path in paths:
+        entry = entries.get(path.name)
+        if entry is None or entry.get("verdict") != HEALTHY or entry.get("last_delivery_ago_s") is None:
+            return False
+        if path.name == preferred:
+            if not entry.get("active"):
+                return False
+        elif entry.get("probing") not in STANDBY_ROLES:
+            return False
+    return True
+
+
+def probe_roles(status: Mapping[str, Any]) -> dict[str, str]:
+    """Interface name -> how it is probed (``active``, ``standby``, ``metered``), from a client status."""
+    return {name: str(e.get("probing")) for name, e in path_entries(status).items()}
+
+
+@attrs.frozen
+class IdleSnapshot:
+    """What the idle window compares at its two ends: one reading of everything, at ``at``."""
+
+    at: float
+    #: process role -> the text of its /proc/<pid>/stat.
+    stat: Mapping[str, str]
+    links: Mapping[str, LinkBytes]
+    #: interface -> probing role, and the active path, from the client's status.
+    roles: Mapping[str, str]
+    active: str | None
+
+
+@attrs.frozen
+class IdleFigures:
+    wall_s: float
+    cpu_pct: Mapping[str, float]
+    rates: Mapping[str, PathRate]
+
+
+def idle_figures(
+    before: IdleSnapshot, after: IdleSnapshot, *, names: Sequence[str], ticks_per_s: float
+) -> IdleFigures:
+    """CPU percent per process and bytes/s per path over the window between two snapshots (ValueError if
+    the window is empty or a reading is inconsistent)."""
+    wall = after.at - before.at
+    if set(before.stat) != set(after.stat):
+        raise ValueError("the two snapshots read different processes")
+    cpu = {role: cpu_percent(before.stat[role], after.stat[role], wall, ticks_per_s=ticks_per_s) for role in before.stat}
+    return IdleFigures(wall_s=wall, cpu_pct=cpu, rates=bytes_per_second(before.links, after.links, wall, names=names))
+
+
+@attrs.frozen
+class IdleResult:
+    """One probing policy's idle cost and failover times (or why it was not measured)."""
+
+    key: str
+    status: str
+    overrides: Mapping[str, int]
+    reason: str | None = None
+    figures: IdleFigures | None = None
+    #: interface -> probing role at the window's start and end; the active path at both ends.
+    roles: Mapping[str, str] = attrs.field(factory=dict)
+    roles_end: Mapping[str, str] = attrs.field(factory=dict)
+    active: str | None = None
+    active_end: str | None = None
+    #: Blackholes of the active path, in the order they ran.
+    failovers: tuple[Outage, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return IDLE_LABELS.get(self.key, self.key)
+
+    @property
+    def failover(self) -> Outage | None:
+        return median_outage(self.failovers)
+
+    def to_json(self) -> dict[str, Any]:
+        med, f = self.failover, self.figures
+        return {
+            "label": self.label,
+            "status": self.status,
+            "reason": self.reason,
+            "policy_overrides": {**JVPN_POLICY, **self.overrides},
+            "wall_s": None if f is None else round(f.wall_s, 3),
+            "cpu_percent_of_one_core": {} if f is None else {r: round(v, 3) for r, v in f.cpu_pct.items()},
+            "paths": {} if f is None else {n: {"role": self.roles.get(n), **r.to_json()} for n, r in f.rates.items()},
+            "roles_end": dict(self.roles_end),
+            "active_path": self.active,
+            "active_path_end": self.active_end,
+            "failover_blackhole": {
+                "median_s": None if med is None else round(med.seconds, 4),
+                "median_recovered": None if med is None else med.recovered,
+                "runs": [o.to_json() for o in self.failovers],
+            },
+        }
+
+
+@attrs.frozen
+class IdleSection:
+    """The idle section of a report: the window's length and one result per policy, in column order."""
+
+    seconds: float
+    results: tuple[IdleResult, ...]
+    metered: tuple[str, ...] = IDLE_METERED_PATHS
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "idle_seconds": self.seconds,
+            "metered_paths": list(self.metered),
+            "policies": {r.key: r.to_json() for r in self.results},
+            "targets": {
+                "client_cpu_pct": TARGET_CLIENT_CPU_PCT,
+                "gateway_cpu_pct": TARGET_GATEWAY_CPU_PCT,
+                "standby_Bps": TARGET_STANDBY_BPS,
+                "metered_Bps": TARGET_METERED_BPS,
+                "failover": f"no slower than {IDLE_LABELS[FLAT]}",
+            },
+            "notes": {
+                FLAT: "issue 12's 'today's policy': standby_probe_interval_ms = metered_probe_interval_ms = "
+                f"probe_interval_ms ({DEFAULT_POLICY.probe_interval_ms})",
+                "bytes": "on the client's path interfaces (ip -s link), both directions, the whole wire "
+                "(probes, acks, keepalives, ARP/ND)",
+            },
+        }
+
+
+def _role_name(result: IdleResult | None, name: str, metered: Sequence[str]) -> str:
+    role = result.roles.get(name) if result is not None else None
+    if role is None:
+        return "metered" if name in metered else "?"
+    return "metered standby" if role == "metered" else role
+
+
+def _path_target(role: str) -> str:
+    if role == "standby":
+        return f"≤ {TARGET_STANDBY_BPS:.0f}"
+    if role == "metered standby":
+        return f"≤ {TARGET_METERED_BPS:.0f}"
+    return "—"
+
+
+def _rate_cell(rate: PathRate | None) -> str:
+    if rate is None:
+        return "—"
+    return f"{rate.total_bps:,.0f} ({rate.tx_bps:,.0f} out, {rate.rx_bps:,.0f} in)"
+
+
+def render_idle(section: IdleSection, runs: int, paths: Sequence[str]) -> str:
+    """The idle section's Markdown table: one column per policy, issue 12's targets last."""
+    results = section.results
+    of = f"median of {runs}" if runs > 1 else "1 run"
+    headers = ["idle, jvpn-trio", *(r.label for r in results), "target"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines.append("| " + " | ".join(["status", *(_status_text(r.status, r.reason) for r in results), ""]) + " |")
+
+    def cpu(role: str) -> list[str]:
+        return [f"{r.figures.cpu_pct[role]:.2f}" if r.figures and role in r.figures.cpu_pct else "—" for r in results]
+
+    lines.append("| " + " | ".join([f"client CPU (% of one core, {section.seconds:g} s idle)", *cpu("client"),
+                                    f"≤ {TARGET_CLIENT_CPU_PCT:g}"]) + " |")  # fmt: skip
+    lines.append("| " + " | ".join(["gateway CPU (% of one core, one idle session)", *cpu("gateway"),
+                                    f"≤ {TARGET_GATEWAY_CPU_PCT:g}"]) + " |")  # fmt: skip
+    reference = next((r for r in results if r.key == PER_ROLE), results[0] if results else None)
+    for name in paths:
+        role = _role_name(reference, name, section.metered)
+        cells = [_rate_cell(r.figures.rates.get(name) if r.figures else None) for r in results]
+        lines.append("| " + " | ".join([f"{name} ({role}), B/s on the wire", *cells, _path_target(role)]) + " |")
+    failover = []
+    for r in results:
+        o = r.failover
+        failover.append("—" if o is None else format_figure(BLACKHOLE, Figure(o.seconds, lower_bound=not o.recovered)))
+    victim = next((o.path for r in results for o in r.failovers), "the active path")
+    lines.append("| " + " | ".join([f"failover, blackhole of {victim} (s, {of})", *failover,
+                                    "no slower than previous"]) + " |")  # fmt: skip
+    notes = [
+        "",
+        f"- {IDLE_LABELS[FLAT]}: issue 12's 'today's policy', reproduced with standby_probe_interval_ms = "
+        f"metered_probe_interval_ms = {DEFAULT_POLICY.probe_interval_ms}; both over the bench's overrides "
+        f"{dict(JVPN_POLICY)} (dwell and switch budget only, not probing).",
+        f"- {', '.join(section.metered)}: `metered = true` in the client's [[path]]; bytes counted on the client's "
+        "path interfaces, both directions (probes, acks, keepalives, ARP/ND); out = client to gateway.",
+        "- failover: longest gap in a "
+        f"{PROBE_HZ:g} Hz UDP probe stream through the tunnel while the active path is blackholed.",
+    ]
+    for r in results:
+        if r.status == MEASURED and (r.active != r.active_end or r.roles != r.roles_end):
+            notes.append(f"- {r.label}: the roles changed during the window ({r.roles} -> {r.roles_end})")
+    return "\n".join(lines + notes) + "\n"
+
+
+def _status_text(status: str, reason: str | None) -> str:
+    return status if status == MEASURED else f"{status}: {reason}"
+
+
 @attrs.frozen
 class BenchSettings:
     runs: int
@@ -574,6 +914,8 @@ class BenchSettings:
     fault_s: float
     systems: tuple[str, ...]
     workdir: Path | None = None
+    #: The idle section's window per policy; 0: no idle section.
+    idle_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -581,6 +923,7 @@ class BenchSettings:
             "iperf_seconds": self.iperf_s,
             "fault_seconds": self.fault_s,
             "systems": list(self.systems),
+            "idle_seconds": self.idle_s,
             "probe_hz": PROBE_HZ,
             "udp_payload_bytes": UDP_PAYLOAD_BYTES,
             "jvpn_policy_overrides": dict(JVPN_POLICY),
@@ -594,6 +937,7 @@ class BenchReport:
     host: Mapping[str, Any]
     started_utc: str
     elapsed_s: float
+    idle: IdleSection | None = None
 
     def result(self, key: str) -> SystemResult | None:
         return next((r for r in self.results if r.key == key), None)
@@ -626,17 +970,35 @@ class BenchReport:
                 "ratios": "same run only: the jvpn-trio figure divided by the other system's, both medians",
                 "wireguard-go": f"{REFERENCE} ({PEERS_MD_DATE}); no ratio is computed against it",
             },
+            "idle": None if self.idle is None else self.idle.to_json(),
         }
+
+    @property
+    def failed(self) -> bool:
+        """True if a measurement failed (exit code 1)."""
+        statuses = [r.status for r in self.results]
+        statuses += [r.status for r in self.idle.results] if self.idle is not None else []
+        return FAILED in statuses
 
 
 def _status_cell(result: SystemResult) -> str:
-    return result.status if result.status == MEASURED else f"{result.status}: {result.reason}"
+    return _status_text(result.status, result.reason)
 
 
 def render_table(report: BenchReport) -> str:
-    """The Markdown table, with a short header and notes, for a report."""
+    """The Markdown tables, with a short header and notes, for a report: the systems, then the idle section."""
     by_key = {r.key: r for r in report.results}
     columns = [k for k in MEASURABLE if k in by_key]
+    s, host = report.settings, report.host
+    first = (
+        f"jvpn-trio bench, {report.started_utc} UTC, {report.elapsed_s:.0f} s; {host.get('cpus')} CPUs, "
+        f"kernel {host.get('kernel')}, load average {host.get('loadavg_start')} -> {host.get('loadavg_end')}"
+    )
+    idle_table = "" if report.idle is None else render_idle(report.idle, s.runs, [p.name for p in _lab_spec().paths])
+    if not columns:
+        return f"{first}\n\n{idle_table}"
+    if idle_table:
+        idle_table = "\n" + idle_table
     ratios = report.ratios()
     ratio_columns = [
         (name, title)
@@ -653,10 +1015,8 @@ def render_table(report: BenchReport) -> str:
         cells += [format_ratio(ratios[name][row.metric]) for name, _ in ratio_columns]
         cells.append(_reference_cell(row.metric))
         lines.append("| " + " | ".join(cells) + " |")
-    s, host = report.settings, report.host
     header = [
-        f"jvpn-trio bench, {report.started_utc} UTC, {report.elapsed_s:.0f} s; {host.get('cpus')} CPUs, "
-        f"kernel {host.get('kernel')}, load average {host.get('loadavg_start')} -> {host.get('loadavg_end')}",
+        first,
         f"{s.runs} interleaved round(s): iperf3 {s.iperf_s:g} s per test; outage = longest gap in a "
         f"{PROBE_HZ:g} Hz UDP probe stream while the fault ({s.fault_s:g} s) is on the active path",
         "",
@@ -677,7 +1037,7 @@ def render_table(report: BenchReport) -> str:
         "- ratios: jvpn-trio / the other system, same run; '> x (no recovery)': no probe got through "
         "until the fault was removed, so x is a lower bound."
     )
-    return "\n".join(header + lines + notes) + "\n"
+    return "\n".join(header + lines + notes) + "\n" + idle_table
 
 
 # -----------------------------------------------------------------------------
@@ -788,6 +1148,8 @@ class Running:
     #: The client's active path, for tunnels (None: the system has no outage to measure).
     active_path: ActivePath | None = None
     final_details: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    #: jvpn-trio's client status (``{}`` while the control socket does not answer).
+    status: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
     failure: str | None = None
     tcp: list[float] = attrs.Factory(list)
     udp: list[UdpResult] = attrs.Factory(list)
@@ -964,9 +1326,11 @@ async def start_baseline(lab: Lab, workdir: Path) -> Running:
     return Running(key=BASELINE, lab=lab, workdir=workdir, target=lab.gateway_address, version="no tunnel")
 
 
-def _jvpn_configs(directory: Path, lab: Lab) -> None:
+def _jvpn_configs(
+    directory: Path, lab: Lab, policy: Mapping[str, Any] = JVPN_POLICY, options: labrun.TunnelOptions | None = None
+) -> None:
     """Keys and TOML files for one gateway and one full-tunnel client over every lab path."""
-    labrun.write_configs(directory, lab, policy=JVPN_POLICY)
+    labrun.write_configs(directory, lab, policy=policy, options=options or labrun.TunnelOptions())
 
 
 def jvpn_active_path(lab: Lab, status: Mapping[str, Any]) -> str | None:
@@ -979,11 +1343,14 @@ def jvpn_active_path(lab: Lab, status: Mapping[str, Any]) -> str | None:
     return None
 
 
-async def start_jvpn(lab: Lab, workdir: Path) -> Running:
+async def start_jvpn(
+    lab: Lab, workdir: Path, *, key: str = JVPN, policy: Mapping[str, Any] = JVPN_POLICY,
+    options: labrun.TunnelOptions | None = None,
+) -> Running:  # fmt: skip
     """The real ``serve`` and ``up`` processes, full tunnel; returns once the session is ATTACHED."""
     from jvpn_trio.drivers.control import ControlError, query_control
 
-    await trio.to_thread.run_sync(_jvpn_configs, workdir, lab)
+    await trio.to_thread.run_sync(_jvpn_configs, workdir, lab, policy, options)
     py = sys.executable
     gateway = await lab.start_process(
         lab.gateway_ns, [py, "-m", "jvpn_trio", "serve", "--config", str(workdir / "gateway.toml"), "--quiet"],
@@ -1022,8 +1389,8 @@ async def start_jvpn(lab: Lab, workdir: Path) -> Running:
 
     stats = ProcStats({"client": client, "gateway": gateway})
     return Running(
-        key=JVPN, lab=lab, workdir=workdir, target=JVPN_GATEWAY_TUNNEL, version=f"jvpn-trio {__version__}",
-        stats=stats, active_path=active_path, final_details=final_details,
+        key=key, lab=lab, workdir=workdir, target=JVPN_GATEWAY_TUNNEL, version=f"jvpn-trio {__version__}",
+        stats=stats, active_path=active_path, final_details=final_details, status=status,
         details={"processes": await stats.commands()},
     )  # fmt: skip
 
@@ -1248,8 +1615,139 @@ async def _finish(system: Running) -> None:
         system.details.update(await system.final_details())
 
 
+async def _idle_snapshot(system: Running, *, status_first: bool) -> IdleSnapshot:
+    """One reading of CPU ticks, the client's path byte counters and its status (status at the window's
+    outer edges: the control query costs the client a little CPU, kept out of the window)."""
+    assert system.stats is not None and system.status is not None  # jvpn-trio systems only
+
+    async def read_status() -> Mapping[str, Any]:
+        assert system.status is not None
+        return await system.status()
+
+    status = await read_status() if status_first else {}
+    stat = {}
+    for role, proc in system.stats.processes.items():
+        text = await _read_text(Path(f"/proc/{proc.pid}/stat"))
+        if not text or proc.returncode is not None:
+            raise BenchError(f"the {role} process ({proc.pid}) is not running")
+        stat[role] = text
+    at = time.monotonic()
+    with trio.fail_after(READY_TIMEOUT_S):
+        result = await system.lab.run(system.lab.client_ns, "ip", "-j", "-s", "link", "show")
+    links = parse_link_bytes(result.stdout.decode(errors="replace"))
+    if not status_first:
+        status = await read_status()
+    return IdleSnapshot(
+        at=at, stat=stat, links=links, roles=probe_roles(status), active=jvpn_active_path(system.lab, status)
+    )
+
+
+async def _idle_bring_up(key: str, stack: contextlib.AsyncExitStack, workdir: Path) -> Running | IdleResult:
+    """A fresh lab with jvpn-trio under ``key``'s probing policy, idling as measured; or why not.
+
+    The lab closes with ``stack``, or at once if the system does not get there.
+    """
+    overrides = IDLE_POLICIES[key]
+    async with contextlib.AsyncExitStack() as own:
+        lab = await own.enter_async_context(open_lab(_lab_spec()))
+        _progress(f"idle, {IDLE_LABELS[key]}: lab {lab.spec.prefix}")
+        try:
+            running = await start_jvpn(
+                lab, workdir, key=key, policy={**JVPN_POLICY, **overrides},
+                options=labrun.TunnelOptions(metered=IDLE_METERED_PATHS),
+            )  # fmt: skip
+            status = running.status
+            assert status is not None
+            client = running.stats.processes["client"] if running.stats is not None else None
+
+            async def ready() -> bool:
+                return idle_ready(lab.paths, await status())
+
+            await _wait_for(
+                ready, timeout_s=IDLE_SETTLE_TIMEOUT_S, process=client, log=workdir / "client.err",
+                what="ATTACHED on the preferred path with every standby HEALTHY at its standby role",
+            )  # fmt: skip
+        except MEASUREMENT_ERRORS as exc:
+            return IdleResult(key=key, status=FAILED, overrides=overrides, reason=f"does not come up: {_reason(exc)}")
+        stack.push_async_exit(own.pop_all())
+        return running
+
+
+async def run_idle(settings: BenchSettings, workdir: Path) -> IdleSection:
+    """The idle section: both probing policies side by side, idle over the same window, then blackholes.
+
+    Each policy gets its own lab (client paths eth0 / wifi0 / lte0, lte0 marked metered); once
+    each idles as measured (:func:`idle_ready`) and :data:`IDLE_LEAD_S` has passed, both are read,
+    left alone for ``settings.idle_s`` and read again; then ``settings.runs`` blackholes of the
+    active path each, interleaved as in the rest of the bench.  Side by side and over one window,
+    so a neighbour's burst of work lands on both.
+    """
+    names = [p.name for p in _lab_spec().paths]
+    results: dict[str, IdleResult] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        running: list[Running] = []
+        for key in IDLE_POLICIES:
+            sub = workdir / f"idle-{key}"
+            await trio.Path(sub).mkdir(parents=True, exist_ok=True)
+            outcome = await _idle_bring_up(key, stack, sub)
+            if isinstance(outcome, Running):
+                running.append(outcome)
+            else:
+                results[key] = outcome
+                _progress(f"idle, {IDLE_LABELS[key]}: {outcome.reason}")
+        await trio.sleep(IDLE_LEAD_S)
+        before: dict[str, IdleSnapshot] = {}
+        for system in running:
+            try:
+                before[system.key] = await _idle_snapshot(system, status_first=True)
+            except MEASUREMENT_ERRORS as exc:
+                system.failure = _reason(exc)
+        _progress(f"idle: {len(before)} tunnel(s) left alone for {settings.idle_s:g} s")
+        await trio.sleep(settings.idle_s)
+        figures: dict[str, tuple[IdleFigures, IdleSnapshot]] = {}
+        for system in running:
+            if system.key not in before:
+                continue
+            try:
+                after = await _idle_snapshot(system, status_first=False)
+                assert system.stats is not None
+                figures[system.key] = (
+                    idle_figures(before[system.key], after, names=names, ticks_per_s=system.stats.ticks_per_s),
+                    after,
+                )
+            except MEASUREMENT_ERRORS as exc:
+                system.failure = _reason(exc)
+        for r in range(settings.runs):
+            for key in rotated([s.key for s in running if s.failure is None], r):
+                system = next(s for s in running if s.key == key)
+                try:
+                    await _outage_run(system, BLACKHOLE, settings, r)
+                except MEASUREMENT_ERRORS as exc:
+                    system.failure = _reason(exc)
+                    _progress(f"  {system.key}: failed: {system.failure}")
+        for system in running:
+            start = before.get(system.key)
+            measured = figures.get(system.key)
+            results[system.key] = IdleResult(
+                key=system.key, status=MEASURED if system.failure is None else FAILED,
+                overrides=IDLE_POLICIES[system.key], reason=system.failure,
+                figures=measured[0] if measured else None,
+                roles=start.roles if start else {}, active=start.active if start else None,
+                roles_end=measured[1].roles if measured else {}, active_end=measured[1].active if measured else None,
+                failovers=tuple(system.outages.get(BLACKHOLE, ())),
+            )  # fmt: skip
+            if measured:
+                f = measured[0]
+                rates = ", ".join(f"{n} {f.rates[n].total_bps:,.0f} B/s" for n in names)
+                _progress(f"  idle, {IDLE_LABELS[system.key]}: client {f.cpu_pct['client']:.2f} %, "
+                          f"gateway {f.cpu_pct['gateway']:.2f} % of a core; {rates}")  # fmt: skip
+        _progress("idle: tearing the labs down")
+    return IdleSection(seconds=settings.idle_s, results=tuple(results[k] for k in IDLE_POLICIES if k in results))
+
+
 async def run_bench(settings: BenchSettings) -> BenchReport:
-    """Bring every system in ``settings.systems`` up in its own lab, measure them interleaved, tear down.
+    """Bring every system in ``settings.systems`` up in its own lab, measure them interleaved, tear down;
+    then, with ``settings.idle_s``, the idle section (:func:`run_idle`) in labs of its own.
 
     A system that cannot start or fails is reported with its reason; the others still run.
     LabError from a lab that cannot be built at all (for instance not root) propagates.
@@ -1270,8 +1768,9 @@ async def run_bench(settings: BenchSettings) -> BenchReport:
     else:
         workdir = settings.workdir
     results: dict[str, SystemResult] = {}
+    idle: IdleSection | None = None
     try:
-        with trio.fail_after(TOTAL_TIMEOUT_S):
+        with trio.fail_after(TOTAL_TIMEOUT_S + settings.idle_s):
             async with contextlib.AsyncExitStack() as stack:
                 running: list[Running] = []
                 for key in MEASURABLE:
@@ -1284,16 +1783,22 @@ async def run_bench(settings: BenchSettings) -> BenchReport:
                         else:
                             results[key] = outcome
                             _progress(f"{LABELS[key]}: {outcome.status}: {outcome.reason}")
-                await _measure(running, settings)
+                if running:
+                    await _measure(running, settings)
                 results.update({s.key: s.result() for s in running})
-                _progress("tearing the labs down")
+                if running or results:
+                    _progress("tearing the labs down")
+            if settings.idle_s > 0:
+                idle = await run_idle(settings, workdir)
     finally:
         if temporary:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
     host["loadavg_end"] = _loadavg()
-    ordered = tuple(results[k] for k in MEASURABLE if k in results) + (wireguard_reference(),)
-    return BenchReport(settings, ordered, host, started_utc, time.monotonic() - t0)
+    ordered = tuple(results[k] for k in MEASURABLE if k in results)
+    if settings.systems:
+        ordered += (wireguard_reference(),)
+    return BenchReport(settings, ordered, host, started_utc, time.monotonic() - t0, idle)
 
 
 # -----------------------------------------------------------------------------
@@ -1324,6 +1829,17 @@ def _seconds(limit: float) -> Callable[[str], float]:
     return parse
 
 
+def _idle_seconds(text: str) -> float:
+    """0 (no idle section) or 1..MAX_IDLE_S seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value != 0 and not 1.0 <= value <= MAX_IDLE_S:
+        raise argparse.ArgumentTypeError(f"expected 0 (skip) or 1..{MAX_IDLE_S:g} seconds, got {text}")
+    return value
+
+
 def parse_systems(text: str) -> tuple[str, ...]:
     """``"baseline,jvpn-trio"`` -> the systems in column order; ArgumentTypeError names the known ones."""
     names = [word.strip() for word in text.split(",") if word.strip()]
@@ -1348,6 +1864,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lasts the whole fault is reported as a lower bound")  # fmt: skip
     parser.add_argument("--systems", type=parse_systems, default=MEASURABLE, metavar="LIST",
                         help=f"comma list of {', '.join(MEASURABLE)} (default: all)")  # fmt: skip
+    parser.add_argument("--idle", type=_idle_seconds, metavar="S",
+                        help=f"the idle section's window per probing policy (default {DEFAULT_IDLE_S:g}, "
+                             f"{QUICK_IDLE_S:g} with --quick; 0 skips the section)")  # fmt: skip
+    parser.add_argument("--idle-only", action="store_true",
+                        help="only the idle section (idle cost and failover by probing policy), no systems")  # fmt: skip
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="also write the JSON document to FILE, or to stdout (the table then goes to stderr)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, metavar="DIR",
@@ -1359,7 +1880,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
     iperf_s = args.iperf_seconds or (QUICK_IPERF_S if args.quick else DEFAULT_IPERF_S)
     fault_s = args.fault_seconds or (QUICK_FAULT_S if args.quick else DEFAULT_FAULT_S)
-    return BenchSettings(runs=runs, iperf_s=iperf_s, fault_s=fault_s, systems=tuple(args.systems), workdir=args.workdir)
+    idle_s = args.idle if args.idle is not None else (QUICK_IDLE_S if args.quick else DEFAULT_IDLE_S)
+    if args.idle_only and idle_s == 0:
+        raise BenchError("--idle-only needs an idle window (--idle S with S > 0)")
+    systems = () if args.idle_only else tuple(args.systems)
+    return BenchSettings(runs=runs, iperf_s=iperf_s, fault_s=fault_s, systems=systems, workdir=args.workdir,
+                         idle_s=idle_s)  # fmt: skip
 
 
 def _preflight() -> str | None:
@@ -1388,7 +1914,11 @@ def main(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"jvpn-trio bench: {problem}", file=sys.stderr)
         return 2
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except BenchError as exc:
+        print(f"jvpn-trio bench: {exc}", file=sys.stderr)
+        return 2
     try:
         report = trio.run(run_bench, settings)
     except LabError as exc:
@@ -1407,7 +1937,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(document)
     elif args.json is not None:
         Path(args.json).write_text(document)
-    return 1 if any(r.status == FAILED for r in report.results) else 0
+    return 1 if report.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -292,7 +292,8 @@ class TunnelOptions:
     address of the gateway for the client; ``listen`` replaces the gateway's listen list (hosts,
     each at ``PORT``; default: the one address the client uses); ``kill_switch`` None leaves the
     client's default (on for a full tunnel); ``dns`` is the client's ``dns`` list (resolvers
-    reached through the tunnel; empty: DNS left alone).
+    reached through the tunnel; empty: DNS left alone); ``metered`` names the paths whose
+    ``[[path]]`` says ``metered = true`` (the others follow their kind).
     """
 
     ipv6_tunnel: bool = False
@@ -302,6 +303,7 @@ class TunnelOptions:
     listen: tuple[str, ...] | None = None
     kill_switch: bool | None = None
     dns: tuple[str, ...] = ()
+    metered: tuple[str, ...] = ()
 
 
 def _endpoint(host: str, port: int) -> str:
@@ -319,6 +321,9 @@ def write_configs(
     The client's paths get ids p1, p2, ... in the lab's path order, which is how a report maps
     ``p2`` back to an interface name.
     """
+    unknown = sorted(set(options.metered) - {p.name for p in lab.paths})
+    if unknown:
+        raise ValueError(f"metered paths must be paths of the lab, got {unknown}")
     gateway_key = generate_private_key_text(os.urandom)
     client_key = generate_private_key_text(os.urandom)
     write_private_key(directory / "gateway.key", gateway_key)
@@ -348,7 +353,9 @@ address = "{CLIENT_TUNNEL}"
 """
     )
     paths = "\n".join(
-        f'[[path]]\ninterface = "{p.name}"\nkind = "{p.kind}"\npriority = {p.metric}\n' for p in lab.paths
+        f'[[path]]\ninterface = "{p.name}"\nkind = "{p.kind}"\npriority = {p.metric}\n'
+        + ("metered = true\n" if p.name in options.metered else "")
+        for p in lab.paths
     )
     (directory / "client.toml").write_text(
         f"""[client]

@@ -36,6 +36,7 @@ from jvpn_trio.lab.bench import (
     SystemResult,
     UdpResult,
 )
+from jvpn_trio.lab.netns import DEFAULT_PATHS
 from tests.netns import requires_lab
 
 # -- iperf3 JSON ------------------------------------------------------------------------------
@@ -320,6 +321,141 @@ def test_json_document_round_trips_and_keeps_the_reference_apart() -> None:
     assert doc["settings"]["runs"] == 3 and doc["settings"]["jvpn_policy_overrides"] == dict(bench.JVPN_POLICY)
 
 
+# -- idle cost and failover by probing policy ------------------------------------------------------------
+
+
+def _stat(utime: int, stime: int) -> str:
+    return f"4242 (python3) S 1 4242 4242 0 -1 4194560 900 0 3 0 {utime} {stime} 0 0 20 0 3 0 100 0 0\n"
+
+
+def test_cpu_percent_is_of_one_core_from_two_stat_readings() -> None:
+    # 30 ticks of 100 per second over 60 s: 0.3 CPU seconds, 0.5 % of one core.
+    assert bench.cpu_percent(_stat(1000, 200), _stat(1020, 210), 60.0, ticks_per_s=100.0) == pytest.approx(0.5)
+    assert bench.cpu_percent(_stat(5, 5), _stat(5, 5), 1.0, ticks_per_s=100.0) == 0.0
+    with pytest.raises(ValueError, match="backwards"):
+        bench.cpu_percent(_stat(1000, 200), _stat(10, 2), 60.0, ticks_per_s=100.0)
+    with pytest.raises(ValueError):
+        bench.cpu_percent(_stat(1, 1), _stat(2, 2), 0.0, ticks_per_s=100.0)
+    with pytest.raises(ValueError):
+        bench.cpu_percent("garbage", _stat(2, 2), 1.0, ticks_per_s=100.0)
+
+
+def _link(name: str, rx: int, tx: int) -> dict[str, Any]:
+    return {"ifindex": 2, "ifname": name, "stats64": {"rx": {"bytes": rx, "packets": 1}, "tx": {"bytes": tx, "packets": 1}}}
+
+
+def test_link_bytes_come_from_ip_json_stats64() -> None:
+    text = json.dumps([_link("lo", 0, 0), _link("eth0", 1000, 2000)])
+    assert bench.parse_link_bytes(text) == {"lo": bench.LinkBytes(0, 0), "eth0": bench.LinkBytes(rx=1000, tx=2000)}
+    for bad in ("not json", json.dumps({"ifname": "eth0"}), json.dumps([{"ifname": "eth0"}]),
+                json.dumps([_link("eth0", True, 1)])):  # fmt: skip
+        with pytest.raises(ValueError, match="ip -j -s link"):
+            bench.parse_link_bytes(bad)
+
+
+def test_bytes_per_second_per_path_and_direction() -> None:
+    before = {"eth0": bench.LinkBytes(rx=1000, tx=2000), "wifi0": bench.LinkBytes(rx=0, tx=0), "lo": bench.LinkBytes(5, 5)}
+    after = {"eth0": bench.LinkBytes(rx=7000, tx=14000), "wifi0": bench.LinkBytes(rx=600, tx=1200), "lo": bench.LinkBytes(9, 9)}
+    rates = bench.bytes_per_second(before, after, 60.0, names=["eth0", "wifi0"])
+    assert set(rates) == {"eth0", "wifi0"}
+    assert (rates["eth0"].tx_bps, rates["eth0"].rx_bps, rates["eth0"].total_bps) == (200.0, 100.0, 300.0)
+    assert rates["wifi0"].to_json() == {"tx_Bps": 20.0, "rx_Bps": 10.0, "total_Bps": 30.0}
+    with pytest.raises(ValueError, match="lte0"):
+        bench.bytes_per_second(before, after, 60.0, names=["lte0"])
+    with pytest.raises(ValueError, match="backwards"):
+        bench.bytes_per_second(after, before, 60.0, names=["eth0"])
+    with pytest.raises(ValueError):
+        bench.bytes_per_second(before, after, 0.0, names=["eth0"])
+
+
+def _path(interface: str, *, active: bool = False, probing: str = "standby", verdict: str = "HEALTHY",
+          last: float | None = 0.01) -> dict[str, Any]:  # fmt: skip
+    return {"interface": interface, "active": active, "probing": probing, "verdict": verdict, "last_delivery_ago_s": last}
+
+
+def test_idle_ready_wants_the_preferred_path_active_and_healthy_standbys() -> None:
+    paths = DEFAULT_PATHS
+    idle = [_path("eth0", active=True, probing="active"), _path("wifi0"), _path("lte0", probing="metered")]
+    assert bench.idle_ready(paths, {"state": "ATTACHED", "paths": idle})
+    assert not bench.idle_ready(paths, {"state": "RECOVERING", "paths": idle})
+    assert not bench.idle_ready(paths, {})
+    assert not bench.idle_ready(paths, {"state": "ATTACHED", "paths": idle[:2]})
+    on_wifi = [_path("eth0"), _path("wifi0", active=True, probing="active"), _path("lte0", probing="metered")]
+    assert not bench.idle_ready(paths, {"state": "ATTACHED", "paths": on_wifi})
+    impaired = [idle[0], _path("wifi0", probing="active", verdict="IMPAIRED"), idle[2]]
+    assert not bench.idle_ready(paths, {"state": "ATTACHED", "paths": impaired})
+    unanswered = [idle[0], idle[1], _path("lte0", probing="metered", last=None)]
+    assert not bench.idle_ready(paths, {"state": "ATTACHED", "paths": unanswered})
+    assert bench.probe_roles({"paths": idle}) == {"eth0": "active", "wifi0": "standby", "lte0": "metered"}
+
+
+NAMES = [p.name for p in DEFAULT_PATHS]
+
+
+def _snapshot(at: float, ticks: int, octets: int) -> bench.IdleSnapshot:
+    return bench.IdleSnapshot(
+        at=at, stat={"client": _stat(ticks, 0), "gateway": _stat(ticks // 2, 0)},
+        links={n: bench.LinkBytes(rx=octets, tx=2 * octets) for n in NAMES},
+        roles={"eth0": "active", "wifi0": "standby", "lte0": "metered"}, active="eth0",
+    )  # fmt: skip
+
+
+def test_idle_figures_over_the_window_between_two_snapshots() -> None:
+    figures = bench.idle_figures(_snapshot(100.0, 100, 0), _snapshot(160.0, 160, 600), names=NAMES, ticks_per_s=100.0)
+    assert figures.wall_s == 60.0
+    assert figures.cpu_pct == {"client": pytest.approx(1.0), "gateway": pytest.approx(0.5)}
+    assert {n: (r.tx_bps, r.rx_bps) for n, r in figures.rates.items()} == {n: (20.0, 10.0) for n in NAMES}
+    with pytest.raises(ValueError):
+        bench.idle_figures(_snapshot(100.0, 100, 0), _snapshot(100.0, 100, 0), names=NAMES, ticks_per_s=100.0)
+
+
+def _idle_section() -> bench.IdleSection:
+    flat = bench.idle_figures(_snapshot(0.0, 0, 0), _snapshot(60.0, 300, 6000), names=NAMES, ticks_per_s=100.0)
+    per_role = bench.idle_figures(_snapshot(0.0, 0, 0), _snapshot(60.0, 30, 600), names=NAMES, ticks_per_s=100.0)
+    roles = {"eth0": "active", "wifi0": "standby", "lte0": "metered"}
+    results = (
+        bench.IdleResult(key=bench.PER_ROLE, status=MEASURED, overrides={}, figures=per_role, roles=roles,
+                         roles_end=roles, active="eth0", active_end="eth0",
+                         failovers=(_o(0.30), _o(0.27), _o(0.29))),
+        bench.IdleResult(key=bench.FLAT, status=bench.FAILED, overrides=bench.IDLE_POLICIES[bench.FLAT], figures=flat,
+                         reason="BenchError: the client process (7) is not running", roles=roles, roles_end=roles,
+                         active="eth0", active_end="eth0", failovers=(_o(0.31),)),
+    )  # fmt: skip
+    return bench.IdleSection(seconds=60.0, results=results)
+
+
+def test_idle_table_has_a_column_per_policy_and_a_row_per_path() -> None:
+    text = bench.render_idle(_idle_section(), 3, NAMES)
+    table = _table_rows(text)
+    assert table["idle, jvpn-trio"] == ["default policy (cadence per role)", "previous: every path at 50 ms", "target"]
+    assert table["status"][1] == "failed: BenchError: the client process (7) is not running"
+    assert table["client CPU (% of one core, 60 s idle)"][:2] == ["0.50", "5.00"]
+    assert table["gateway CPU (% of one core, one idle session)"][:2] == ["0.25", "2.50"]
+    assert table["eth0 (active), B/s on the wire"][0] == "30 (20 out, 10 in)"
+    assert table["wifi0 (standby), B/s on the wire"][1] == "300 (200 out, 100 in)"
+    assert "lte0 (metered standby), B/s on the wire" in table
+    assert table["failover, blackhole of eth0 (s, median of 3)"][:2] == ["0.290", "0.310"]
+    assert "standby_probe_interval_ms = metered_probe_interval_ms = 50" in text
+
+
+def test_idle_json_and_the_report_without_systems() -> None:
+    settings = BenchSettings(runs=3, iperf_s=3.0, fault_s=3.0, systems=(), idle_s=60.0)
+    report = BenchReport(settings, (), {"cpus": 2}, "2026-12-02 11:00", 130.0, _idle_section())
+    doc = json.loads(json.dumps(report.to_json()))
+    idle = doc["idle"]
+    assert idle["idle_seconds"] == 60.0 and idle["metered_paths"] == ["lte0"]
+    assert list(idle["policies"]) == [bench.PER_ROLE, bench.FLAT]
+    per_role, flat = idle["policies"][bench.PER_ROLE], idle["policies"][bench.FLAT]
+    assert per_role["cpu_percent_of_one_core"] == {"client": 0.5, "gateway": 0.25}
+    assert per_role["paths"]["wifi0"] == {"role": "standby", "tx_Bps": 20.0, "rx_Bps": 10.0, "total_Bps": 30.0}
+    assert per_role["failover_blackhole"]["median_s"] == 0.29 and len(per_role["failover_blackhole"]["runs"]) == 3
+    assert flat["policy_overrides"]["standby_probe_interval_ms"] == 50 == flat["policy_overrides"]["metered_probe_interval_ms"]
+    assert doc["systems"] == {} and doc["settings"]["idle_seconds"] == 60.0
+    assert report.failed  # the flat policy's failure is an exit code 1
+    text = bench.render_table(report)
+    assert "| idle, jvpn-trio |" in text and "| metric |" not in text
+
+
 # -- options and configs ----------------------------------------------------------------------------------
 
 
@@ -328,19 +464,32 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_quick_defaults_and_explicit_options_win() -> None:
-    assert bench.settings_from_args(_args()) == BenchSettings(3, 3.0, 3.0, (BASELINE, JVPN, OPENVPN))
-    assert bench.settings_from_args(_args("--quick")) == BenchSettings(1, 3.0, 2.0, (BASELINE, JVPN, OPENVPN))
+    everyone = (BASELINE, JVPN, OPENVPN)
+    assert bench.settings_from_args(_args()) == BenchSettings(3, 3.0, 3.0, everyone, idle_s=bench.DEFAULT_IDLE_S)
+    assert bench.settings_from_args(_args("--quick")) == BenchSettings(1, 3.0, 2.0, everyone, idle_s=bench.QUICK_IDLE_S)
+    assert bench.settings_from_args(_args("--quick", "--idle", "0")).idle_s == 0.0
+    idle_only = bench.settings_from_args(_args("--idle-only", "--idle", "5"))
+    assert (idle_only.systems, idle_only.idle_s) == ((), 5.0)
     quick = bench.settings_from_args(_args("--quick", "--runs", "2", "--iperf-seconds", "4", "--systems", "jvpn-trio,baseline"))
     assert (quick.runs, quick.iperf_s, quick.fault_s, quick.systems) == (2, 4.0, 2.0, (BASELINE, JVPN))
     assert _args("--json").json == "-" and _args("--json", "out.json").json == "out.json" and _args().json is None
 
 
 @pytest.mark.parametrize("argv", [["--systems", "wireguard-go"], ["--systems", ""], ["--runs", "0"],
-                                  ["--iperf-seconds", "0.5"], ["--fault-seconds", "x"]])  # fmt: skip
+                                  ["--iperf-seconds", "0.5"], ["--fault-seconds", "x"], ["--idle", "0.5"],
+                                  ["--idle", "601"], ["--idle", "soon"]])  # fmt: skip
 def test_bad_options_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         _args(*argv)
     assert info.value.code == 2
+
+
+def test_idle_only_without_a_window_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "_preflight", lambda: None)
+    assert bench.main(_args("--idle-only", "--idle", "0")) == 2
+    assert capsys.readouterr().err == "jvpn-trio bench: --idle-only needs an idle window (--idle S with S > 0)\n"
 
 
 def test_main_refuses_to_run_without_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -354,6 +503,21 @@ def test_only_interrupts_looks_through_nested_groups() -> None:
     assert bench.only_interrupts(BaseExceptionGroup("g", [KeyboardInterrupt(), BaseExceptionGroup("h", [KeyboardInterrupt()])]))
     assert not bench.only_interrupts(BaseExceptionGroup("g", [KeyboardInterrupt(), ValueError("bug")]))
     assert not bench.only_interrupts(ValueError("bug"))
+
+
+def test_idle_configs_mark_lte0_metered_and_set_each_probing_policy(tmp_path: Path) -> None:
+    from jvpn_trio.config import load_client_config
+    from jvpn_trio.lab import processes
+    from jvpn_trio.lab.netns import Lab, LabSpec
+
+    lab = Lab(LabSpec(prefix="jvbnt000"))  # not opened: nothing is built
+    flat = {**bench.JVPN_POLICY, **bench.IDLE_POLICIES[bench.FLAT]}
+    bench._jvpn_configs(tmp_path, lab, flat, processes.TunnelOptions(metered=bench.IDLE_METERED_PATHS))
+    config = load_client_config(tmp_path / "client.toml")
+    assert [(r.interface, r.metered) for r in config.path_rules.rules] == [("eth0", None), ("wifi0", None), ("lte0", True)]
+    assert config.policy.standby_probe_interval_ms == config.policy.metered_probe_interval_ms == 50
+    with pytest.raises(ValueError, match="metered paths must be paths of the lab"):
+        bench._jvpn_configs(tmp_path, lab, flat, processes.TunnelOptions(metered=("wwan9",)))
 
 
 def test_openvpn_configs_are_the_peers_md_setup() -> None:
@@ -377,12 +541,15 @@ async def test_openvpn_not_installed_is_reported_not_raised(monkeypatch: pytest.
 
 # -- the real thing, briefly ------------------------------------------------------------------------------
 
+#: The idle section's short form: long enough for both readings, far too short for a figure to mean much.
+SHORT_IDLE_S = 2.0
+
 
 @requires_lab
 async def test_quick_bench_of_baseline_and_jvpn_produces_every_figure(tmp_path: Path) -> None:
     settings = BenchSettings(runs=1, iperf_s=bench.QUICK_IPERF_S, fault_s=bench.QUICK_FAULT_S,
-                             systems=(BASELINE, JVPN), workdir=tmp_path)  # fmt: skip
-    with trio.fail_after(120):
+                             systems=(BASELINE, JVPN), workdir=tmp_path, idle_s=SHORT_IDLE_S)  # fmt: skip
+    with trio.fail_after(240):
         report = await bench.run_bench(settings)
     baseline, jvpn = report.result(BASELINE), report.result(JVPN)
     assert baseline is not None and jvpn is not None
@@ -396,6 +563,16 @@ async def test_quick_bench_of_baseline_and_jvpn_produces_every_figure(tmp_path: 
     assert len(jvpn.idle_cores_runs) == 2  # read while the baseline's TCP and UDP tests ran
     # The CPU and memory figures are the tunnel processes' own, not an `ip netns exec` wrapper's.
     assert all(name.startswith("python") for name in jvpn.details["processes"].values())
+    # The idle section, in its short form: every figure there, for both policies (never their size).
+    assert report.idle is not None
+    assert [r.key for r in report.idle.results] == [bench.PER_ROLE, bench.FLAT]
+    for idle in report.idle.results:
+        assert idle.status == MEASURED, idle.reason
+        assert idle.figures is not None and set(idle.figures.cpu_pct) == {"client", "gateway"}
+        assert set(idle.figures.rates) == {p.name for p in DEFAULT_PATHS}
+        assert idle.active == "eth0" and idle.roles["lte0"] == "metered" and idle.roles["wifi0"] == "standby"
+        assert len(idle.failovers) == 1 and idle.failovers[0].path == "eth0"
     table = bench.render_table(report)
     assert "jvpn / bare" in table and "jvpn / OpenVPN" not in table
-    json.dumps(report.to_json())
+    assert "| idle, jvpn-trio |" in table
+    assert json.loads(json.dumps(report.to_json()))["idle"]["policies"][bench.FLAT]["status"] == MEASURED
