@@ -319,7 +319,7 @@ def expect_commute(report: dict[str, Any]) -> None:
     fade, gone, back = report["faults"]
     assert fade["on_active_path"] and switched(fade, "lte0", "LOSS_ABOVE_THRESHOLD")
     assert not gone["on_active_path"] and gone["switch_ms"] is None  # Wi-Fi dies while LTE carries the session
-    assert switched(back, "wifi0", "PREFERRED_PATH_RESTORED")
+    assert switched(back, "wifi0", "UNMETERED_AVAILABLE")  # LTE is metered: left as soon as Wi-Fi is healthy
     assert report["totals"]["degraded_entries"] == 0
 
 
@@ -328,7 +328,7 @@ def expect_flaky_wifi(report: dict[str, Any]) -> None:
     hit = [f for f in bursts if f["on_active_path"]]
     assert len(hit) >= 2, "the session should be back on Wi-Fi for most bursts"
     assert all(switched(f, "lte0", "LOSS_ABOVE_THRESHOLD") for f in hit)
-    returns = [f for f in report["faults"] if switched(f, "wifi0", "PREFERRED_PATH_RESTORED")]
+    returns = [f for f in report["faults"] if switched(f, "wifi0", "UNMETERED_AVAILABLE")]
     assert len(returns) >= 2
     assert report["totals"]["degraded_entries"] == 0
 
@@ -336,7 +336,7 @@ def expect_flaky_wifi(report: dict[str, Any]) -> None:
 def expect_dead_wifi(report: dict[str, Any]) -> None:
     dead, back = report["faults"]
     assert dead["on_active_path"] and switched(dead, "lte0", "LOSS_ABOVE_THRESHOLD", "MISSED_PROBES")
-    assert switched(back, "wifi0", "PREFERRED_PATH_RESTORED")
+    assert switched(back, "wifi0", "UNMETERED_AVAILABLE")
 
 
 def expect_dock(report: dict[str, Any]) -> None:
