@@ -1,36 +1,51 @@
 """``jvpn-trio loadgen``: many clients against one real gateway process, measured.
 
-    jvpn-trio loadgen [--sessions 1000,10000,100000] [--window N] [--reattaches N] [--json [FILE]]
+    jvpn-trio loadgen [--sessions 1000,10000,100000] [--window N] [--reattaches N]
+                      [--sockets-per-worker N] [--json [FILE]]
 
 Theory of operation
 -------------------
 The gateway is the real ``jvpn-trio serve`` in the gateway namespace of a fresh one-path lab
 (:func:`jvpn_trio.lab.netns.open_lab`), with its event sink on and one ``[[peer]]`` per
 simulated client (no fixed addresses: the pool of a /10 tunnel network hands them out).  The
-clients are one *worker* process in the client namespace (``python -m jvpn_trio.lab.loadgen
-worker``): every simulated session has its own static key and its own UDP socket, bound to
-its own source address and port (extra addresses on the client's eth0 give more than one
-address's worth of ports), so the gateway sees as many endpoints as sessions.  The worker
+clients are *worker* processes in the client namespace (``python -m jvpn_trio.lab.loadgen
+worker PLAN INDEX``): every simulated session has its own static key and its own UDP socket,
+bound to its own source address and port (extra addresses on the client's eth0 give more than
+one address's worth of ports), so the gateway sees as many endpoints as sessions.  A worker
 speaks the real protocol through the core's own code: ``InitiatorHandshake`` for the
 handshake, ``SecureChannel`` for sealed PROBE, REATTACH and DATA; nothing is reimplemented.
-All sockets sit in one epoll set that a single Trio task waits on, so 100k sockets cost one
-task, not 100k.
+A worker's sockets sit in one epoll set that a single Trio task waits on, so 16k sockets cost
+one task, not 16k.
+
+One socket per session meets the open-file limit, which root may not be able to raise (a
+container's hard limit), so the sessions are spread over as many workers as it takes
+(:func:`partition`): at most ``--sockets-per-worker`` sockets each, by default the hard limit
+less :data:`SPARE_FDS`, at most :data:`MAX_ENDPOINTS_PER_WORKER`.  Every size's new sessions
+are split evenly over all workers, and each worker binds a block of source endpoints of its
+own.  The orchestrator conducts: it sends each phase to every worker at once over a Unix
+socket (JSON lines; a path, so it reaches into the namespace), with its share of
+``--window``, waits for all the answers (bounded) and adds them up; it measures the gateway's
+memory and idle CPU itself, between phases, while every worker is quiet.  A worker or the
+gateway that exits early fails the run at once, and every worker is ended on any error.
 
 For each size in ``--sessions`` (ascending; each adds sessions to the ones already there):
 
-1. *Handshakes*: the new sessions handshake, at most ``--window`` at a time; a session counts
+1. *Handshakes*: the new sessions handshake, at most ``--window`` at a time over all workers
+   (each worker with work gets an even share of it, at least one); a session counts
    as established once its first PROBE is acknowledged (the gateway has then confirmed the
-   keys).  Handshakes/s = established / wall time of the phase.
+   keys).  Handshakes/s = established / wall time of the phase, from the orchestrator's
+   command to the last worker's answer.
 2. *Idle*: after ``--settle`` seconds, the gateway's VmRSS (``/proc/<pid>/status``) and its CPU
    over ``--idle-seconds``.  Memory per session = (RSS(N) - RSS(0)) / N, RSS(0) being read
    before the first handshake.  Idle sessions send nothing: the policy (:data:`LOAD_POLICY`)
    gives them an hour's transport-loss TTL and hour-long keys, so no keepalive traffic is
    needed to hold them (with the default 30 s TTL each would need a probe every few seconds).
-3. *Reattaches*: ``--reattaches`` of the sessions just added move to a new source port with a
-   sealed REATTACH (``--window`` at a time); reattaches/s = acknowledged / wall time.
-4. *Live stream*: the first session sends ``--live-hz`` DATA packets (ICMP echo requests to
-   the gateway's tunnel address, answered by the gateway namespace's kernel through the TUN)
-   for ``--live-seconds`` while the rest idle; loss % = unanswered echoes / sent.
+3. *Live stream*: the first session (always worker 0's) sends ``--live-hz`` DATA packets (ICMP
+   echo requests to the gateway's tunnel address, answered by the gateway namespace's kernel
+   through the TUN) for ``--live-seconds`` while the rest idle; loss % = unanswered echoes / sent.
+4. *Reattaches*: ``--reattaches`` of the sessions just added (split over the workers) move to
+   a new source port with a sealed REATTACH (``--window`` at a time over all workers);
+   reattaches/s = acknowledged / wall time.
 
 Every phase is bounded (``--phase-timeout``); a size whose handshakes do not finish in time is
 reported as far as it got, and no larger size is tried.  Output: a Markdown table and, with
@@ -105,8 +120,13 @@ LAST_SOURCE_PORT = 32_767
 #: Extra source addresses on the client's eth0 are its /24's hosts from this one up.
 FIRST_SOURCE_HOST = 10
 LAST_SOURCE_HOST = 250
-#: File descriptors the worker needs beyond one per socket (epoll, Trio, stdio, files).
+#: File descriptors a worker needs beyond one per socket (epoll, Trio, stdio, files).
 SPARE_FDS = 256
+#: Sockets one worker process holds at most (below the hard RLIMIT_NOFILE, which root may not
+#: be able to raise); more sessions than this are spread over several workers.
+MAX_ENDPOINTS_PER_WORKER = 16_384
+#: Longest line (one JSON message) on the orchestrator's link to a worker.
+MAX_LINK_LINE_BYTES = 1 << 20
 
 #: The gateway's (and the clients') policy: the laptop default but for hour-long idle life.
 #: Idle sessions then need no keepalives during the run (the TTL) and no rekey (the keys).
@@ -135,6 +155,8 @@ EPOLL_MAX_EVENTS = 1_024
 #: Bounds on the orchestrator's waits.
 STARTUP_TIMEOUT_S = 600.0
 STATUS_TIMEOUT_S = 120.0
+#: The gateway's status lists every session (a few hundred bytes each): room for a million.
+STATUS_REPLY_BYTES = 1024 * 1024 * 1024
 POLL_S = 0.05
 #: The worker gets this long beyond the sum of its phases' bounds.
 WORKER_SLACK_S = 120.0
@@ -200,6 +222,93 @@ def source_endpoint(index: int, hosts: Sequence[str], *, first_port: int = FIRST
     if index < 0 or host >= len(hosts):
         raise IndexError(f"source endpoint {index} is beyond {len(hosts)} addresses x {per_host} ports")
     return hosts[host], first_port + offset
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` shares that differ by at most one, the larger ones first."""
+    if parts < 1 or total < 0:
+        raise ValueError(f"cannot split {total} in {parts} parts")
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+@attrs.frozen(kw_only=True)
+class Share:
+    """One worker's part of the run: the sessions it adds per size, its movers, its source endpoints.
+
+    Every size's new sessions are split evenly, so every worker takes part in every phase; the
+    endpoints are a block of their own in the global order of :func:`source_endpoint`, so no two
+    workers ever bind the same address and port.
+    """
+
+    index: int
+    slices: tuple[tuple[int, int], ...]  # per size: the session numbers [start, stop) this worker adds
+    reattaches: tuple[int, ...]  # per size: how many of that slice move to a new port
+    first_endpoint: int
+    endpoints: int
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Share:
+        return cls(
+            index=int(data["index"]), slices=tuple((int(a), int(b)) for a, b in data["slices"]),
+            reattaches=tuple(int(n) for n in data["reattaches"]), first_endpoint=int(data["first_endpoint"]),
+            endpoints=int(data["endpoints"]),
+        )  # fmt: skip
+
+
+def _shares(sizes: Sequence[int], reattaches: int, workers: int) -> list[Share]:
+    slices: list[list[tuple[int, int]]] = [[] for _ in range(workers)]
+    movers: list[list[int]] = [[] for _ in range(workers)]
+    previous = 0
+    for size in sizes:
+        start = previous
+        wanted = split_evenly(reattaches, workers)
+        for w, count in enumerate(split_evenly(size - previous, workers)):
+            slices[w].append((start, start + count))
+            movable = count - (1 if start == 0 < count else 0)  # session 0 (the live one) stays
+            movers[w].append(min(wanted[w], movable))
+            start += count
+        previous = size
+    shares, first = [], 0
+    for w in range(workers):
+        endpoints = sum(b - a for a, b in slices[w]) + sum(movers[w])
+        shares.append(Share(index=w, slices=tuple(slices[w]), reattaches=tuple(movers[w]), first_endpoint=first,
+                            endpoints=endpoints))  # fmt: skip
+        first += endpoints
+    return shares
+
+
+def partition(sizes: Sequence[int], reattaches: int, capacity: int) -> tuple[Share, ...]:
+    """The fewest workers none of which needs more than ``capacity`` sockets; ValueError if capacity < 1."""
+    if capacity < 1:
+        raise ValueError(f"a worker must be allowed at least one socket, not {capacity}")
+    workers = max(1, math.ceil(endpoints_needed(sizes, reattaches) / capacity))
+    while True:  # rounding can put a few sockets too many on the first workers: then one more worker
+        shares = _shares(sizes, reattaches, workers)
+        if max(s.endpoints for s in shares) <= capacity:
+            return tuple(shares)
+        workers += 1
+
+
+def window_shares(window: int, work: Sequence[int]) -> list[int]:
+    """``window`` split evenly over the workers with ``work`` to do (at least 1 each); 0 for the others."""
+    busy = [w for w, n in enumerate(work) if n > 0]
+    shares = [0] * len(work)
+    if busy:
+        for w, share in zip(busy, split_evenly(window, len(busy))):
+            shares[w] = max(1, share)
+    return shares
+
+
+def worker_capacity(hard_limit: int, *, spare: int = SPARE_FDS, most: int = MAX_ENDPOINTS_PER_WORKER) -> int:
+    """Sockets one worker may open: the hard RLIMIT_NOFILE less ``spare``, at most ``most``; LoadError if none."""
+    room = most if hard_limit == resource.RLIM_INFINITY else min(most, hard_limit - spare)
+    if room < 1:
+        raise LoadError(f"the hard open-file limit ({hard_limit}) leaves no room for a worker's sockets")
+    return room
 
 
 def _checksum(data: bytes) -> int:
@@ -304,7 +413,7 @@ node_id = "{NODE_ID}"
 
 @attrs.frozen(kw_only=True)
 class WorkerPlan:
-    """What the worker is told (a JSON file): where the gateway is and what to measure."""
+    """What every worker is told (a JSON file): where the gateway is, each worker's share, the bounds."""
 
     gateway_public: str  # base64
     gateway_host: str
@@ -312,13 +421,12 @@ class WorkerPlan:
     keys_file: str  # one base64 private key per line, one per session, in order
     hosts: tuple[str, ...]  # source addresses
     sizes: tuple[int, ...]
-    window: int
-    reattaches: int
-    settle_s: float
-    idle_s: float
+    shares: tuple[Share, ...]  # one per worker; a worker is started with its index
+    control_socket: str  # the orchestrator's Unix socket (works across network namespaces)
     live_s: float
     live_hz: float
     phase_timeout_s: float
+    budget_s: float  # the longest a worker may live
     gateway_pid: int
     data_port: int = PORT
     control_port: int = CONTROL_PORT
@@ -331,12 +439,13 @@ class WorkerPlan:
         values = dict(data)
         values["hosts"] = tuple(values["hosts"])
         values["sizes"] = tuple(values["sizes"])
+        values["shares"] = tuple(Share.from_json(s) for s in values["shares"])
         return cls(**values)
 
 
 @attrs.define(kw_only=True)
 class SizeResult:
-    """One size's measurements (filled in by the worker as it goes)."""
+    """One size's measurements (the workers' answers, added up by the orchestrator)."""
 
     sessions: int
     established: int = 0
@@ -374,7 +483,7 @@ def render_table(report: Mapping[str, Any]) -> str:
     lines = [
         f"jvpn-trio loadgen, {report['started_utc']} UTC, {report['host']['cpus']} CPUs, "
         f"gateway start with {report['peers']} peers: {_fmt(report.get('gateway_startup_s'), '.1f')} s, "
-        f"RSS(0) {_fmt(_mib(report.get('rss0_kib')), '.1f')} MiB",
+        f"RSS(0) {_fmt(_mib(report.get('rss0_kib')), '.1f')} MiB, {report.get('workers', 1)} client worker(s)",
         "",
         "| sessions | established | handshakes/s | gateway RSS MiB | KiB/session | idle CPU (cores) "
         "| reattaches/s (acked/sent) | live 100 Hz loss % | live RTT p50 / p99 ms | CPU during live |",
@@ -409,6 +518,60 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class Link:
+    """JSON lines over a stream: the orchestrator's commands and a worker's answers."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        try:
+            await self.stream.send_all(json.dumps(message).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise LoadError(f"link to the other side broken: {exc}") from None
+
+    async def receive(self) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            if len(self.buffer) > MAX_LINK_LINE_BYTES:
+                raise LoadError(f"a message on the link is longer than {MAX_LINK_LINE_BYTES} bytes")
+            try:
+                chunk = await self.stream.receive_some(RECV_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise LoadError(f"link to the other side broken: {exc}") from None
+            if not chunk:
+                raise LoadError("the other side closed the link")
+            self.buffer += chunk
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise LoadError("a message on the link is not JSON") from None
+        if not isinstance(message, dict):
+            raise LoadError("a message on the link is not a JSON object")
+        return message
+
+
+async def read_proc(pid: int, name: str) -> str:
+    return await trio.Path(f"/proc/{pid}/{name}").read_text()
+
+
+async def rss_kib(pid: int) -> int | None:
+    return parse_vm_rss_kib(await read_proc(pid, "status"))
+
+
+TICKS_PER_S = float(os.sysconf("SC_CLK_TCK"))
+
+
+async def cores_over(pid: int, seconds: float) -> float:
+    """CPU of ``pid`` over the next ``seconds``, in cores."""
+    before, t0 = parse_cpu_ticks(await read_proc(pid, "stat")), time.monotonic()
+    await trio.sleep(seconds)
+    after, t1 = parse_cpu_ticks(await read_proc(pid, "stat")), time.monotonic()
+    return (after - before) / TICKS_PER_S / (t1 - t0)
+
+
 @attrs.define(eq=False)
 class Impersonated:
     """One simulated client: its key, socket, keys and what the gateway last told it."""
@@ -432,10 +595,11 @@ class Impersonated:
 
 
 class Worker:
-    """The client side of the load: sockets in one epoll set, sessions, and the phases."""
+    """One worker's share of the clients: sockets in one epoll set, sessions, and the phases it is told to run."""
 
-    def __init__(self, plan: WorkerPlan, keys: Sequence[bytes]) -> None:
+    def __init__(self, plan: WorkerPlan, share: Share, keys: Sequence[bytes]) -> None:
         self.plan = plan
+        self.share = share
         self.policy = Policy.from_mapping(LOAD_POLICY)
         self.gateway_public = base64.b64decode(plan.gateway_public)
         self.data = (plan.gateway_host, plan.data_port)
@@ -451,11 +615,12 @@ class Worker:
         self.undecodable = 0
         self._rejected: dict[str, int] = {}
         self.stale_retries = 0
-        self.ticks_per_s = float(os.sysconf("SC_CLK_TCK"))
 
     # -- sockets ------------------------------------------------------------------------
     def _open_socket(self) -> socket.socket:
-        host, port = source_endpoint(self.next_endpoint, self.plan.hosts)
+        if self.next_endpoint >= self.share.endpoints:
+            raise LoadError(f"worker {self.share.index} has used all of its {self.share.endpoints} source endpoints")
+        host, port = source_endpoint(self.share.first_endpoint + self.next_endpoint, self.plan.hosts)
         self.next_endpoint += 1
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -625,10 +790,11 @@ class Worker:
                 nursery.start_soon(one, session)
         return done
 
-    async def handshakes(self, result: SizeResult) -> None:
-        start = len(self.sessions)
+    async def handshakes(self, index: int, window: int) -> dict[str, Any]:
+        """Add this worker's slice of size ``index``; what the gateway acknowledged, and how long it took."""
+        start, stop = self.share.slices[index]
         new: list[Impersonated] = []
-        for number in range(start, result.sessions):
+        for number in range(start, stop):
             session = Impersonated(
                 number=number, static=StaticKeypair(self.keys[number]), sock=self._open_socket(),
                 channel=SecureChannel(self.policy),
@@ -638,33 +804,17 @@ class Worker:
             new.append(session)
         t0 = trio.current_time()
         with trio.move_on_after(self.plan.phase_timeout_s) as scope:
-            await self._windowed(new, self._establish, self.plan.window)
-        result.timed_out = scope.cancelled_caught
-        result.handshake_s = trio.current_time() - t0
+            if new:
+                await self._windowed(new, self._establish, window)
         # A session whose task gave up may still have been answered later: count what the gateway acked.
-        result.handshakes_new = sum(1 for s in new if s.acked_seq >= 1)
-        result.handshake_failed = len(new) - result.handshakes_new
-        result.established = sum(1 for s in self.sessions if s.acked_seq >= 1 and not s.closed)
-        result.handshakes_per_s = rate(result.handshakes_new, result.handshake_s)
-
-    # -- phase 2: idle ------------------------------------------------------------------------
-    async def read_proc(self, name: str) -> str:
-        return await trio.Path(f"/proc/{self.plan.gateway_pid}/{name}").read_text()
-
-    async def rss_kib(self) -> int | None:
-        return parse_vm_rss_kib(await self.read_proc("status"))
-
-    async def cores_over(self, seconds: float) -> float:
-        before, t0 = parse_cpu_ticks(await self.read_proc("stat")), time.monotonic()
-        await trio.sleep(seconds)
-        after, t1 = parse_cpu_ticks(await self.read_proc("stat")), time.monotonic()
-        return (after - before) / self.ticks_per_s / (t1 - t0)
-
-    async def idle(self, result: SizeResult, rss0_kib: int | None) -> None:
-        await trio.sleep(self.plan.settle_s)
-        result.idle_cores = await self.cores_over(self.plan.idle_s)
-        result.rss_kib = await self.rss_kib()
-        result.kib_per_session = kib_per_session(rss0_kib, result.rss_kib, result.established)
+        acked = sum(1 for s in new if s.acked_seq >= 1)
+        return {
+            "new": acked,
+            "failed": len(new) - acked,
+            "established": sum(1 for s in self.sessions if s.acked_seq >= 1 and not s.closed),
+            "timed_out": scope.cancelled_caught,
+            "seconds": trio.current_time() - t0,
+        }
 
     # -- phase 3: reattaches ------------------------------------------------------------------
     async def _reattach(self, session: Impersonated) -> bool:
@@ -702,28 +852,38 @@ class Worker:
                 self.epoll.unregister(old.fileno())
             old.close()
 
-    async def reattaches(self, result: SizeResult, candidates: Sequence[Impersonated]) -> None:
-        movers = [s for s in candidates if s.number != 0 and s.acked_seq >= 1 and not s.closed][: self.plan.reattaches]
+    async def reattaches(self, index: int, window: int) -> dict[str, Any]:
+        """Move this worker's movers of size ``index`` to new ports; how many the gateway acknowledged."""
+        start, stop = self.share.slices[index]
+        movers = [s for s in self.sessions if start <= s.number < stop and s.number != 0 and s.acked_seq >= 1
+                  and not s.closed][: self.share.reattaches[index]]  # fmt: skip
         self._rejected = {}
+        acked = 0
         t0 = trio.current_time()
         with trio.move_on_after(self.plan.phase_timeout_s):
-            result.reattach_acked = await self._windowed(movers, self._reattach, self.plan.window)
-        result.reattach_s = trio.current_time() - t0
-        result.reattach_sent = len(movers)
-        result.reattach_rejected = dict(self._rejected)
-        result.reattaches_per_s = rate(result.reattach_acked, result.reattach_s)
+            if movers:
+                acked = await self._windowed(movers, self._reattach, window)
+        return {
+            "sent": len(movers),
+            "acked": acked,
+            "rejected": dict(self._rejected),
+            "seconds": trio.current_time() - t0,
+            "closed": sum(1 for s in self.sessions if s.closed),
+        }
 
     # -- phase 4: the live stream -----------------------------------------------------------
-    async def live(self, result: SizeResult) -> None:
-        session = self.sessions[0]
-        if session.tunnel_ipv4 is None or session.acked_seq < 1:
-            return
+    async def live(self) -> dict[str, Any]:
+        """Session 0's stream (only the worker holding it is asked); the SizeResult fields it fills."""
+        result = SizeResult(sessions=0)
+        session = self.sessions[0] if self.sessions else None
+        if session is None or session.number != 0 or session.tunnel_ipv4 is None or session.acked_seq < 1:
+            return {}
         self.live_sent_at.clear()
         self.live_rtts = []
         interval = 1.0 / self.plan.live_hz
         count = int(self.plan.live_s * self.plan.live_hz)
         ident = secrets.randbits(16)
-        before, t0 = parse_cpu_ticks(await self.read_proc("stat")), time.monotonic()
+        before, t0 = parse_cpu_ticks(await read_proc(self.plan.gateway_pid, "stat")), time.monotonic()
         due = trio.current_time()
         for seq in range(count):
             await trio.sleep_until(due)
@@ -735,49 +895,51 @@ class Worker:
             self.live_sent_at[seq & 0xFFFF] = trio.current_time()
             self._send(session, datagram, self.data)
             result.live_sent += 1
-        after, t1 = parse_cpu_ticks(await self.read_proc("stat")), time.monotonic()
+        after, t1 = parse_cpu_ticks(await read_proc(self.plan.gateway_pid, "stat")), time.monotonic()
         await trio.sleep(LIVE_GRACE_S)
         result.live_received = len(self.live_rtts)
         result.live_loss_pct = loss_pct(result.live_sent, result.live_received)
         rtts_ms = [r * 1000.0 for r in self.live_rtts]
         result.live_rtt_p50_ms = percentile(rtts_ms, 0.5)
         result.live_rtt_p99_ms = percentile(rtts_ms, 0.99)
-        result.live_cores = (after - before) / self.ticks_per_s / (t1 - t0)
+        result.live_cores = (after - before) / TICKS_PER_S / (t1 - t0)
+        fields = ("live_sent", "live_received", "live_loss_pct", "live_rtt_p50_ms", "live_rtt_p99_ms", "live_cores")
+        return {name: getattr(result, name) for name in fields}
 
-    # -- the whole run ---------------------------------------------------------------------------
-    async def run(self) -> dict[str, Any]:
-        results: list[SizeResult] = []
-        rss0 = await self.rss_kib()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.receive_forever)
-            for size in self.plan.sizes:
-                result = SizeResult(sessions=size)
-                results.append(result)
-                start = len(self.sessions)
-                _progress(f"{size:,} sessions: handshaking {size - start:,} new ones, {self.plan.window} at a time")
-                await self.handshakes(result)
-                _progress(f"  {result.established:,} established, {_fmt(result.handshakes_per_s, ',.0f')} handshakes/s"
-                          f"{' (timed out)' if result.timed_out else ''}")  # fmt: skip
-                await self.idle(result, rss0)
-                _progress(f"  idle: RSS {_fmt(_mib(result.rss_kib), ',.1f')} MiB, "
-                          f"{_fmt(result.kib_per_session, '.1f')} KiB/session, {_fmt(result.idle_cores, '.3f')} cores")  # fmt: skip
-                await self.live(result)
-                _progress(f"  live {self.plan.live_hz:g} Hz: loss {_fmt(result.live_loss_pct, '.2f')} % "
-                          f"({result.live_received}/{result.live_sent})")  # fmt: skip
-                await self.reattaches(result, self.sessions[start:])
-                _progress(f"  reattaches: {result.reattach_acked}/{result.reattach_sent} acked, "
-                          f"{_fmt(result.reattaches_per_s, ',.0f')}/s")  # fmt: skip
-                result.closed_by_gateway = sum(1 for s in self.sessions if s.closed)
-                if result.timed_out:
-                    break
-            nursery.cancel_scope.cancel()
-        return {
-            "rss0_kib": rss0,
-            "sizes": [r.to_json() for r in results],
-            "send_failed": self.send_failed,
-            "undecodable": self.undecodable,
-            "reattach_stale_version_retries": self.stale_retries,
-        }
+    # -- the whole run: what the orchestrator says -----------------------------------------------
+    async def perform(self, command: Mapping[str, Any]) -> dict[str, Any]:
+        match command.get("do"):
+            case "handshakes":
+                return await self.handshakes(int(command["size"]), int(command["window"]))
+            case "live":
+                return await self.live()
+            case "reattaches":
+                return await self.reattaches(int(command["size"]), int(command["window"]))
+            case "finish":
+                return {
+                    "send_failed": self.send_failed,
+                    "undecodable": self.undecodable,
+                    "reattach_stale_version_retries": self.stale_retries,
+                }
+            case other:
+                raise LoadError(f"unknown command from the orchestrator: {other!r}")
+
+    async def serve(self) -> None:
+        """Connect to the orchestrator, then run each phase it names until it says ``finish``."""
+        try:
+            with trio.fail_after(self.plan.budget_s):
+                link = Link(await trio.open_unix_socket(self.plan.control_socket))
+                await link.send({"worker": self.share.index})
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.receive_forever)
+                    while True:
+                        command = await link.receive()
+                        await link.send(await self.perform(command))
+                        if command.get("do") == "finish":
+                            break
+                    nursery.cancel_scope.cancel()
+        except trio.TooSlowError:
+            raise LoadError(f"worker {self.share.index} still running after {self.plan.budget_s:g} s") from None
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -793,16 +955,17 @@ def raise_fd_limit(needed: int) -> int:
     return needed
 
 
-def worker_main(plan_path: Path, report_path: Path) -> int:
-    """The worker process: run the plan, write the report (JSON) to ``report_path``."""
+def worker_main(plan_path: Path, index: int) -> int:
+    """Worker ``index`` of the plan: take its share of the clients and serve the orchestrator."""
     plan = WorkerPlan.from_json(json.loads(plan_path.read_text()))
+    if not 0 <= index < len(plan.shares):
+        raise LoadError(f"the plan has {len(plan.shares)} workers, not a worker {index}")
+    share = plan.shares[index]
     keys = [base64.b64decode(line) for line in Path(plan.keys_file).read_text().split()]
     if len(keys) < plan.sizes[-1]:
         raise LoadError(f"{plan.keys_file} holds {len(keys)} keys, the plan needs {plan.sizes[-1]}")
-    raise_fd_limit(endpoints_needed(plan.sizes, plan.reattaches) + SPARE_FDS)
-    worker = Worker(plan, keys)
-    report = trio.run(worker.run)
-    report_path.write_text(json.dumps(report) + "\n")
+    raise_fd_limit(share.endpoints + SPARE_FDS)
+    trio.run(Worker(plan, share, keys).serve)
     return 0
 
 
@@ -821,6 +984,7 @@ class LoadSettings:
     live_s: float = DEFAULT_LIVE_S
     live_hz: float = DEFAULT_LIVE_HZ
     phase_timeout_s: float = DEFAULT_PHASE_TIMEOUT_S
+    sockets_per_worker: int | None = None  # None: as many as the open-file limit allows
     workdir: Path | None = None
 
 
@@ -837,7 +1001,7 @@ def _write_keys(directory: Path, count: int) -> list[str]:
 
 
 def _worker_budget_s(settings: LoadSettings) -> float:
-    """The longest the worker may take: each size's phases at their bounds."""
+    """The longest a worker may take: each size's phases at their bounds."""
     per_size = 2 * settings.phase_timeout_s + settings.settle_s + settings.idle_s + settings.live_s + LIVE_GRACE_S
     return per_size * len(settings.sizes) + WORKER_SLACK_S
 
@@ -861,11 +1025,13 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 async def run_load(settings: LoadSettings) -> dict[str, Any]:
-    """Build the lab, start the gateway and the worker, collect the report (a JSON-ready mapping)."""
+    """Build the lab, start the gateway and the workers, run the phases, collect the report (JSON-ready)."""
     from jvpn_trio.drivers.control import ControlError, query_control
     from jvpn_trio.lab.netns import DEFAULT_PATHS, LabSpec, open_lab
 
     started_utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    capacity = settings.sockets_per_worker or worker_capacity(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    shares = partition(settings.sizes, settings.reattaches, capacity)
     temporary = settings.workdir is None
     workdir = settings.workdir or Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="jvpn-loadgen-")))
     peers = settings.sizes[-1]
@@ -879,7 +1045,7 @@ async def run_load(settings: LoadSettings) -> dict[str, Any]:
             text = gateway_config_text(public_keys=public_keys, listen=listen, directory=workdir)
             await trio.Path(workdir / "gateway.toml").write_text(text)
             client_ip, _ = lab.path_addresses(DEFAULT_PATHS[0])
-            hosts = source_hosts(client_ip, math.ceil(endpoints_needed(settings.sizes, settings.reattaches) / ports_per_host()))
+            hosts = source_hosts(client_ip, math.ceil(sum(s.endpoints for s in shares) / ports_per_host()))
             for host in hosts:
                 await lab.run(lab.client_ns, "ip", "addr", "add", f"{host}/24", "dev", DEFAULT_PATHS[0].name)
             err = workdir / "gateway.err"
@@ -895,32 +1061,42 @@ async def run_load(settings: LoadSettings) -> dict[str, Any]:
             plan = WorkerPlan(
                 gateway_public=_gateway_public(workdir), gateway_host=lab.gateway_address,
                 gateway_tunnel=str(ipaddress.IPv4Interface(TUNNEL_ADDRESS).ip), keys_file=str(workdir / "clients.keys"),
-                hosts=tuple(hosts), sizes=settings.sizes, window=settings.window, reattaches=settings.reattaches,
-                settle_s=settings.settle_s, idle_s=settings.idle_s, live_s=settings.live_s, live_hz=settings.live_hz,
-                phase_timeout_s=settings.phase_timeout_s, gateway_pid=gateway.pid,
+                hosts=tuple(hosts), sizes=settings.sizes, shares=shares, control_socket=str(workdir / "loadgen.sock"),
+                live_s=settings.live_s, live_hz=settings.live_hz, phase_timeout_s=settings.phase_timeout_s,
+                budget_s=_worker_budget_s(settings), gateway_pid=gateway.pid,
             )  # fmt: skip
             await trio.Path(workdir / "plan.json").write_text(json.dumps(plan.to_json()))
-            worker_err = workdir / "worker.err"
-            worker = await lab.start_process(
-                lab.client_ns,
-                [sys.executable, "-m", "jvpn_trio.lab.loadgen", "worker", str(workdir / "plan.json"),
-                 str(workdir / "worker.json")],
-                stderr_path=worker_err,
-            )  # fmt: skip
-            with trio.move_on_after(_worker_budget_s(settings)):
-                while worker.returncode is None:
-                    if gateway.returncode is not None:
-                        raise LoadError(f"the gateway exited {gateway.returncode} under load: {_tail(err)}")
-                    await trio.sleep(POLL_S * 10)
-            if worker.returncode is None:
-                raise LoadError(f"the worker did not finish within {_worker_budget_s(settings):g} s: {_tail(worker_err)}")
-            if worker.returncode != 0:
-                raise LoadError(f"the worker exited {worker.returncode}: {_tail(worker_err)}")
-            measured = json.loads(await trio.Path(workdir / "worker.json").read_text())
-            count: int | None = None
+            listener = await _control_listener(Path(plan.control_socket), len(shares))
+            _progress(f"starting {len(shares)} client worker(s)")
+            workers: list[Any] = []
             try:
-                status = await query_control(workdir / "gateway.sock", {"cmd": "status"}, timeout=STATUS_TIMEOUT_S)
+                for share in shares:
+                    workers.append(await lab.start_process(
+                        lab.client_ns,
+                        [sys.executable, "-m", "jvpn_trio.lab.loadgen", "worker", str(workdir / "plan.json"),
+                         str(share.index)],
+                        stderr_path=workdir / f"worker{share.index}.err",
+                    ))  # fmt: skip
+                watch = _Watch(gateway, err, workers, [workdir / f"worker{i}.err" for i in range(len(shares))])
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch.run)
+                    measured = await _conduct(listener, watch, plan, settings)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+                    for worker in workers:
+                        await worker.terminate()
+            count: int | None = None
+            status_s: float | None = None
+            try:
+                t0 = time.monotonic()
+                status = await query_control(
+                    workdir / "gateway.sock", {"cmd": "status"}, timeout=STATUS_TIMEOUT_S,
+                    max_reply_bytes=STATUS_REPLY_BYTES,
+                )  # fmt: skip
                 count = int(status["session_count"])
+                status_s = round(time.monotonic() - t0, 3)
             except (ControlError, KeyError, ValueError, TypeError) as exc:
                 _progress(f"gateway status unavailable: {exc}")
             gateway_rss_peak = await _peak_rss(gateway.pid)
@@ -936,10 +1112,143 @@ async def run_load(settings: LoadSettings) -> dict[str, Any]:
         "settings": {**attrs.asdict(settings), "workdir": str(settings.workdir) if settings.workdir else None},
         "policy": dict(LOAD_POLICY),
         "peers": peers,
+        "workers": len(shares),
         "gateway_startup_s": round(startup_s, 3),
         "gateway_session_count": count,
+        "gateway_status_s": status_s,  # how long the gateway took to list every session
         "gateway_peak_rss_kib": gateway_rss_peak,
         **measured,
+    }
+
+
+async def _control_listener(path: Path, backlog: int) -> trio.SocketListener:
+    """The Unix socket the workers connect to (a path, so it reaches into the client namespace)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a socket left by an earlier run in the same --workdir
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise LoadError(f"cannot listen on {path} for the workers: {exc}") from None
+    return trio.SocketListener(sock)
+
+
+class _Watch:
+    """Fails the run (LoadError) as soon as the gateway or a worker exits while it should not."""
+
+    def __init__(self, gateway: Any, gateway_err: Path, workers: Sequence[Any], worker_errs: Sequence[Path]) -> None:
+        self.gateway, self.gateway_err = gateway, gateway_err
+        self.workers, self.worker_errs = workers, worker_errs
+        self.workers_may_exit = False
+
+    async def run(self) -> None:
+        while True:
+            if self.gateway.returncode is not None:
+                raise LoadError(f"the gateway exited {self.gateway.returncode} under load: {_tail(self.gateway_err)}")
+            for index, (worker, err) in enumerate(zip(self.workers, self.worker_errs)):
+                code = worker.returncode
+                if code is not None and (code != 0 or not self.workers_may_exit):
+                    raise LoadError(f"worker {index} exited {code}: {_tail(err)}")
+            await trio.sleep(POLL_S * 10)
+
+
+async def _accept_workers(listener: trio.SocketListener, count: int, timeout_s: float) -> list[Link]:
+    """Every worker's link, in worker order (each says its index first)."""
+    links: list[Link | None] = [None] * count
+    with trio.move_on_after(timeout_s):
+        while any(link is None for link in links):
+            link = Link(await listener.accept())
+            hello = await link.receive()
+            index = hello.get("worker")
+            if not isinstance(index, int) or not 0 <= index < count or links[index] is not None:
+                raise LoadError(f"unexpected hello from a worker: {hello!r}")
+            links[index] = link
+        return [link for link in links if link is not None]
+    raise LoadError(f"only {sum(1 for link in links if link is not None)} of {count} workers connected within {timeout_s:g} s")
+
+
+async def _ask(links: Sequence[Link], commands: Sequence[Mapping[str, Any] | None], timeout_s: float,
+               what: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Send each worker its command (None: nothing) at once; their answers ({} for none), bounded."""
+    answers: list[dict[str, Any]] = [{} for _ in links]
+
+    async def one(w: int, command: Mapping[str, Any]) -> None:
+        await links[w].send(command)
+        answers[w] = await links[w].receive()
+
+    with trio.move_on_after(timeout_s):
+        async with trio.open_nursery() as nursery:
+            for w, command in enumerate(commands):
+                if command is not None:
+                    nursery.start_soon(one, w, command)
+        return answers
+    raise LoadError(f"the workers did not finish {what} within {timeout_s:g} s")
+
+
+async def _conduct(listener: trio.SocketListener, watch: _Watch, plan: WorkerPlan,
+                   settings: LoadSettings) -> dict[str, Any]:  # fmt: skip
+    """The phases, size after size, every worker at once; the figures added up across workers."""
+    links = await _accept_workers(listener, len(plan.shares), STARTUP_TIMEOUT_S)
+    bound = settings.phase_timeout_s + WORKER_SLACK_S
+    pid = plan.gateway_pid
+    rss0 = await rss_kib(pid)
+    results: list[SizeResult] = []
+    for index, size in enumerate(settings.sizes):
+        result = SizeResult(sessions=size)
+        results.append(result)
+        new = [s.slices[index][1] - s.slices[index][0] for s in plan.shares]
+        windows = window_shares(settings.window, new)
+        _progress(f"{size:,} sessions: handshaking {sum(new):,} new ones, {settings.window} at a time "
+                  f"over {sum(1 for n in new if n)} worker(s)")  # fmt: skip
+        t0 = time.monotonic()
+        answers = await _ask(links, [{"do": "handshakes", "size": index, "window": w} for w in windows], bound,
+                             "their handshakes")  # fmt: skip
+        result.handshake_s = time.monotonic() - t0
+        result.handshakes_new = sum(a["new"] for a in answers)
+        result.handshake_failed = sum(a["failed"] for a in answers)
+        result.established = sum(a["established"] for a in answers)
+        result.timed_out = any(a["timed_out"] for a in answers)
+        result.handshakes_per_s = rate(result.handshakes_new, result.handshake_s)
+        _progress(f"  {result.established:,} established, {_fmt(result.handshakes_per_s, ',.0f')} handshakes/s"
+                  f"{' (timed out)' if result.timed_out else ''}")  # fmt: skip
+        await trio.sleep(settings.settle_s)
+        result.idle_cores = await cores_over(pid, settings.idle_s)
+        result.rss_kib = await rss_kib(pid)
+        result.kib_per_session = kib_per_session(rss0, result.rss_kib, result.established)
+        _progress(f"  idle: RSS {_fmt(_mib(result.rss_kib), ',.1f')} MiB, "
+                  f"{_fmt(result.kib_per_session, '.1f')} KiB/session, {_fmt(result.idle_cores, '.3f')} cores")  # fmt: skip
+        live_bound = settings.live_s + LIVE_GRACE_S + WORKER_SLACK_S
+        live = await _ask(links, [{"do": "live"}] + [None] * (len(links) - 1), live_bound, "the live stream")
+        for name, value in live[0].items():
+            setattr(result, name, value)
+        _progress(f"  live {settings.live_hz:g} Hz: loss {_fmt(result.live_loss_pct, '.2f')} % "
+                  f"({result.live_received}/{result.live_sent})")  # fmt: skip
+        movers = [s.reattaches[index] for s in plan.shares]
+        windows = window_shares(settings.window, movers)
+        t0 = time.monotonic()
+        answers = await _ask(links, [{"do": "reattaches", "size": index, "window": w} for w in windows], bound,
+                             "their reattaches")  # fmt: skip
+        result.reattach_s = time.monotonic() - t0
+        result.reattach_sent = sum(a["sent"] for a in answers)
+        result.reattach_acked = sum(a["acked"] for a in answers)
+        for answer in answers:
+            for reason, n in answer["rejected"].items():
+                result.reattach_rejected[reason] = result.reattach_rejected.get(reason, 0) + n
+        result.reattaches_per_s = rate(result.reattach_acked, result.reattach_s)
+        result.closed_by_gateway = sum(a["closed"] for a in answers)
+        _progress(f"  reattaches: {result.reattach_acked}/{result.reattach_sent} acked, "
+                  f"{_fmt(result.reattaches_per_s, ',.0f')}/s")  # fmt: skip
+        if result.timed_out:
+            break
+    watch.workers_may_exit = True
+    totals = await _ask(links, [{"do": "finish"}] * len(links), STATUS_TIMEOUT_S, "their totals")
+    counters = ("send_failed", "undecodable", "reattach_stale_version_retries")
+    return {
+        "rss0_kib": rss0,
+        "sizes": [r.to_json() for r in results],
+        **{name: sum(t[name] for t in totals) for name in counters},
     }
 
 
@@ -1002,6 +1311,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"packets per second of the live stream (default {DEFAULT_LIVE_HZ:g})")  # fmt: skip
     parser.add_argument("--phase-timeout", type=_bounded(float, 1, MAX_SECONDS), default=DEFAULT_PHASE_TIMEOUT_S,
                         metavar="S", help=f"bound on each size's handshakes and reattaches (default {DEFAULT_PHASE_TIMEOUT_S:g})")  # fmt: skip
+    parser.add_argument("--sockets-per-worker", type=_bounded(int, 1, MAX_ENDPOINTS_PER_WORKER), metavar="N",
+                        help="sockets one client worker process holds at most; more sessions start more workers "
+                             f"(default: the hard open-file limit less {SPARE_FDS}, at most {MAX_ENDPOINTS_PER_WORKER})")  # fmt: skip
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="also write the JSON document to FILE, or to stdout (the table then goes to stderr)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, metavar="DIR",
@@ -1012,7 +1324,7 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
     return LoadSettings(
         sizes=tuple(args.sessions), window=args.window, reattaches=args.reattaches, settle_s=args.settle,
         idle_s=args.idle_seconds, live_s=args.live_seconds, live_hz=args.live_hz, phase_timeout_s=args.phase_timeout,
-        workdir=args.workdir,
+        sockets_per_worker=args.sockets_per_worker, workdir=args.workdir,
     )  # fmt: skip
 
 
@@ -1022,6 +1334,17 @@ def _preflight() -> str | None:
     for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
             return f"{tool} not found (apt-get install -y {package})"
+    return None
+
+
+def first_load_error(exc: BaseException) -> LoadError | None:
+    """The first LoadError of a (nested) group holding nothing else (several workers failing at once)."""
+    if isinstance(exc, LoadError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        inner = [first_load_error(e) for e in exc.exceptions]
+        if inner and all(e is not None for e in inner):
+            return inner[0]
     return None
 
 
@@ -1040,6 +1363,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"jvpn-trio loadgen: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, LoadError) else 2
     except (KeyboardInterrupt, BaseExceptionGroup) as exc:
+        load_error = first_load_error(exc)
+        if load_error is not None:
+            print(f"jvpn-trio loadgen: {load_error}", file=sys.stderr)
+            return 1
         if not only_interrupts(exc):
             raise
         print("jvpn-trio loadgen: interrupted (lab removed)", file=sys.stderr)
@@ -1059,9 +1386,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="role")
     run = sub.add_parser("run", help="the benchmark (what `jvpn-trio loadgen` does)")
     add_arguments(run)
-    worker = sub.add_parser("worker", help="internal: the client side, started by the benchmark in the lab")
+    worker = sub.add_parser("worker", help="internal: a share of the client side, started by the benchmark in the lab")
     worker.add_argument("plan", type=Path)
-    worker.add_argument("report", type=Path)
+    worker.add_argument("index", type=int)
     return parser
 
 
@@ -1069,9 +1396,15 @@ def _module_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.role == "worker":
         try:
-            return worker_main(args.plan, args.report)
+            return worker_main(args.plan, args.index)
         except (LoadError, OSError) as exc:
-            print(f"loadgen worker: {exc}", file=sys.stderr)
+            print(f"loadgen worker {args.index}: {exc}", file=sys.stderr)
+            return 1
+        except BaseExceptionGroup as exc:
+            load_error = first_load_error(exc)
+            if load_error is None:
+                raise
+            print(f"loadgen worker {args.index}: {load_error}", file=sys.stderr)
             return 1
     if args.role == "run":
         return main(args)

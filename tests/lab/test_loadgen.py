@@ -1,15 +1,19 @@
 """``jvpn-trio loadgen``: the pure parts (sizes, endpoints, packets, /proc text, table), plus one root run.
 
 The pure tests use fixed inputs and no clock.  The root test runs the real thing (a gateway
-process in a namespace lab, the worker speaking the protocol from 50 source ports) and checks
-the report's shape and that the gateway itself counts the sessions; never how fast it was.
+process in a namespace lab, one worker or three speaking the protocol from 50 source ports)
+and checks the report's shape and that the gateway itself counts the sessions; never how fast
+it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import itertools
 import json
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,9 @@ from jvpn_trio.config import load_gateway_config
 from jvpn_trio.keyfile import generate_private_key_text, write_private_key
 from jvpn_trio.lab import loadgen
 from jvpn_trio.lab.loadgen import (
+    LoadError,
     LoadSettings,
+    Share,
     SizeResult,
     WorkerPlan,
     endpoints_needed,
@@ -31,10 +37,14 @@ from jvpn_trio.lab.loadgen import (
     parse_cpu_ticks,
     parse_sizes,
     parse_vm_rss_kib,
+    partition,
     percentile,
     render_table,
     source_endpoint,
     source_hosts,
+    split_evenly,
+    window_shares,
+    worker_capacity,
 )
 from tests.netns import requires_lab
 
@@ -88,6 +98,91 @@ def test_each_reattach_needs_a_socket_of_its_own() -> None:
     assert endpoints_needed((1,), 10) == 1
 
 
+# -- workers ------------------------------------------------------------------------------------
+
+
+def test_split_evenly_puts_the_remainder_first() -> None:
+    assert split_evenly(10, 3) == [4, 3, 3]
+    assert split_evenly(2, 4) == [1, 1, 0, 0]
+    with pytest.raises(ValueError):
+        split_evenly(5, 0)
+
+
+def test_one_worker_when_everything_fits() -> None:
+    (share,) = partition((20, 50), 10, capacity=1_000)
+    assert share.slices == ((0, 20), (20, 50)) and share.reattaches == (10, 10)
+    assert share.first_endpoint == 0 and share.endpoints == endpoints_needed((20, 50), 10) == 70
+
+
+def test_every_size_is_split_over_all_workers_in_disjoint_slices() -> None:
+    shares = partition((1_000, 100_000), 100, capacity=16_000)
+    assert len(shares) == 7  # 100,100 sockets (sessions + movers) / 16,000 per worker
+    for index, (previous, size) in enumerate(((0, 1_000), (1_000, 100_000))):
+        slices = [s.slices[index] for s in shares]
+        assert slices[0][0] == previous and slices[-1][1] == size
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))  # contiguous, no overlap, no gap
+        assert max(b - a for a, b in slices) - min(b - a for a, b in slices) <= 1  # even
+        assert sum(s.reattaches[index] for s in shares) == 100
+    assert all(s.endpoints <= 16_000 for s in shares)
+
+
+def test_workers_own_disjoint_blocks_of_source_endpoints() -> None:
+    shares = partition((1_000, 100_000), 100, capacity=16_000)
+    assert [s.index for s in shares] == list(range(len(shares)))
+    assert shares[0].first_endpoint == 0
+    for a, b in itertools.pairwise(shares):
+        assert b.first_endpoint == a.first_endpoint + a.endpoints
+    assert sum(s.endpoints for s in shares) == endpoints_needed((1_000, 100_000), 100)
+
+
+def test_the_live_session_never_moves_and_stays_with_worker_zero() -> None:
+    shares = partition((3,), 10, capacity=2)
+    assert shares[0].slices[0][0] == 0
+    # 3 sessions + 2 movers = 5 sockets, 2 per worker: 3 workers, and worker 0's one session stays put.
+    assert [s.slices[0] for s in shares] == [(0, 1), (1, 2), (2, 3)]
+    assert [s.reattaches[0] for s in shares] == [0, 1, 1]
+    assert all(s.endpoints <= 2 for s in shares)
+
+
+def test_rounding_over_the_capacity_adds_a_worker() -> None:
+    # 2 sizes of 3 new sessions each: 6 sockets fit 2 workers of 3 only on paper (3 = 2 + 1 per size).
+    shares = partition((3, 6), 0, capacity=3)
+    assert all(s.endpoints <= 3 for s in shares)
+    assert sum(b - a for s in shares for a, b in s.slices) == 6
+
+
+def test_partition_needs_room_for_a_socket() -> None:
+    with pytest.raises(ValueError):
+        partition((10,), 0, capacity=0)
+
+
+def test_the_window_is_shared_by_the_workers_with_work() -> None:
+    assert window_shares(32, [100, 100, 100]) == [11, 11, 10]
+    assert window_shares(32, [100, 0, 100]) == [16, 0, 16]
+    assert window_shares(2, [5, 5, 5]) == [1, 1, 1]  # at least one each
+    assert window_shares(8, [0, 0]) == [0, 0]
+
+
+def test_worker_capacity_stays_below_the_hard_limit() -> None:
+    assert worker_capacity(20_000) == loadgen.MAX_ENDPOINTS_PER_WORKER
+    assert worker_capacity(10_000) == 10_000 - loadgen.SPARE_FDS
+    assert worker_capacity(resource.RLIM_INFINITY) == loadgen.MAX_ENDPOINTS_PER_WORKER
+    with pytest.raises(LoadError):
+        worker_capacity(loadgen.SPARE_FDS)
+
+
+def test_a_group_of_load_errors_reports_its_first() -> None:
+    first, second = LoadError("worker 0 exited 1"), LoadError("worker 1 exited 1")
+    assert loadgen.first_load_error(ExceptionGroup("x", [first, ExceptionGroup("y", [second])])) is first
+    assert loadgen.first_load_error(ExceptionGroup("x", [first, ValueError("bug")])) is None
+    assert loadgen.first_load_error(KeyboardInterrupt()) is None
+
+
+def test_share_round_trips_through_json() -> None:
+    share = Share(index=1, slices=((3, 5), (10, 20)), reattaches=(1, 2), first_endpoint=7, endpoints=15)
+    assert Share.from_json(json.loads(json.dumps(share.to_json()))) == share
+
+
 # -- packets and /proc --------------------------------------------------------------------------
 
 
@@ -124,7 +219,7 @@ def test_figures() -> None:
 
 def test_the_gateway_config_loads_with_one_peer_per_key(tmp_path: Path) -> None:
     write_private_key(tmp_path / "gateway.key", generate_private_key_text(os.urandom))
-    keys = [loadgen.base64.b64encode(bytes([i]) * 32).decode() for i in range(1, 4)]
+    keys = [base64.b64encode(bytes([i]) * 32).decode() for i in range(1, 4)]
     (tmp_path / "gateway.toml").write_text(
         loadgen.gateway_config_text(public_keys=keys, listen="10.99.0.1:51820", directory=tmp_path)
     )
@@ -137,8 +232,8 @@ def test_the_gateway_config_loads_with_one_peer_per_key(tmp_path: Path) -> None:
 def test_plan_round_trips_through_json() -> None:
     plan = WorkerPlan(
         gateway_public="x", gateway_host="10.99.0.1", gateway_tunnel="10.64.0.1", keys_file="k", hosts=("10.77.1.10",),
-        sizes=(20, 50), window=8, reattaches=10, settle_s=1.0, idle_s=1.0, live_s=1.0, live_hz=100.0,
-        phase_timeout_s=60.0, gateway_pid=1,
+        sizes=(20, 50), shares=partition((20, 50), 10, capacity=40), control_socket="/tmp/x.sock", live_s=1.0,
+        live_hz=100.0, phase_timeout_s=60.0, budget_s=300.0, gateway_pid=1,
     )  # fmt: skip
     assert WorkerPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
 
@@ -159,13 +254,17 @@ def test_table_shows_every_size_and_a_missing_figure_as_na() -> None:
 
 
 @requires_lab
-async def test_fifty_sessions_are_established_and_measured(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sockets_per_worker", "workers"), [(None, 1), (25, 3)])
+async def test_fifty_sessions_are_established_and_measured(
+    tmp_path: Path, sockets_per_worker: int | None, workers: int
+) -> None:
     settings = LoadSettings(
         sizes=(20, 50), window=16, reattaches=5, settle_s=0.2, idle_s=0.5, live_s=1.0, phase_timeout_s=60.0,
-        workdir=tmp_path,
+        sockets_per_worker=sockets_per_worker, workdir=tmp_path,
     )  # fmt: skip
     with trio.fail_after(180):
         report = await loadgen.run_load(settings)
+    assert report["workers"] == workers  # 60 sockets (50 sessions + 10 movers), at most 25 per worker
     assert [s["sessions"] for s in report["sizes"]] == [20, 50]
     assert report["gateway_session_count"] == 50  # the gateway's own count (status --json)
     last = report["sizes"][-1]
