@@ -95,10 +95,9 @@ from typing import Any
 import attrs
 import trio
 from jeepney import DBusAddress, HeaderFields, MessageType, message_bus, new_method_call
-from jeepney.auth import AuthenticationError
-from jeepney.io.common import RouterClosed
 from jeepney.io.trio import DBusConnection, open_dbus_connection
 
+from jvpn_trio.drivers.dbus import BUS_ERRORS, NAME_HAS_NO_OWNER, CallFailed, bus_label
 from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.errors import describe, first_leaf
 
@@ -110,8 +109,6 @@ RESOLVE1_PATH = "/org/freedesktop/resolve1"
 RESOLVE1_MANAGER = "org.freedesktop.resolve1.Manager"
 #: The routing-only domain that matches every name (``~.`` in resolvectl's syntax).
 ROUTE_EVERYTHING = "."
-#: The bus's answer when nobody owns a name.
-NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
 #: resolved's answers to a caller polkit did not authorize (a non-root agent without the polkit rule).
 ACCESS_DENIED_ERRORS = frozenset(
     {"org.freedesktop.DBus.Error.AccessDenied", "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"}
@@ -416,27 +413,9 @@ class RevertedDns:
 # D-Bus
 # -----------------------------------------------------------------------------
 
-#: What a bus that is missing, refuses us or goes away raises from jeepney and Trio.
-_BUS_ERRORS = (
-    OSError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.EndOfChannel,
-    AuthenticationError,
-    RouterClosed,
-)
-
-
-class _CallFailed(Exception):
-    """The peer answered a call with a D-Bus error."""
-
-    def __init__(self, name: str, text: str) -> None:
-        super().__init__(f"{name}: {text}" if text else name)
-        self.name = name
-
 
 def _where(system: DnsSystem) -> str:
-    return system.bus_address if system.bus_address is not None else "the system bus"
+    return bus_label(system.bus_address)
 
 
 async def _connect(system: DnsSystem) -> tuple[DBusConnection | None, str]:
@@ -450,7 +429,7 @@ async def _connect(system: DnsSystem) -> tuple[DBusConnection | None, str]:
             conn = await open_dbus_connection(bus)
         except* (RuntimeError, ValueError) as group:  # jeepney's parse of the address
             failure = f"unusable D-Bus address {where}: {describe(first_leaf(group))}"
-        except* _BUS_ERRORS as group:
+        except* BUS_ERRORS as group:
             failure = f"cannot use {where}: {describe(first_leaf(group))}"
     if scope.cancelled_caught:
         failure = f"{where} did not answer within {system.connect_timeout_s:g} s"
@@ -462,7 +441,7 @@ async def _connect(system: DnsSystem) -> tuple[DBusConnection | None, str]:
 
 
 async def _call(conn: DBusConnection, msg: Any, *, timeout_s: float) -> tuple[Any, ...]:
-    """Send a method call and return its reply's body; raises _CallFailed or one of _BUS_ERRORS.
+    """Send a method call and return its reply's body; raises CallFailed or one of BUS_ERRORS.
 
     The connection carries nothing we asked for besides replies, so other messages
     (the bus's ``NameAcquired``) are dropped.  Raises trio.TooSlowError after ``timeout_s``.
@@ -479,7 +458,7 @@ async def _call(conn: DBusConnection, msg: Any, *, timeout_s: float) -> tuple[An
                 name = str(header.fields.get(HeaderFields.error_name, "unknown D-Bus error"))
                 body = reply.body
                 text = str(body[0]) if body and isinstance(body[0], str) else ""
-                raise _CallFailed(name, text)
+                raise CallFailed(name, text)
             return tuple(reply.body)
 
 
@@ -492,7 +471,7 @@ async def _resolved_owner(conn: DBusConnection, system: DnsSystem) -> str | None
     """The unique name owning resolve1, or None when nobody does (resolved is not running)."""
     try:
         (owner,) = await _call(conn, message_bus.GetNameOwner(RESOLVE1_BUS_NAME), timeout_s=system.connect_timeout_s)
-    except _CallFailed as exc:
+    except CallFailed as exc:
         if exc.name == NAME_HAS_NO_OWNER:
             return None
         raise
@@ -504,14 +483,14 @@ async def _run_calls(conn: DBusConnection, calls: Sequence[DbusCall], system: Dn
     for call in calls:
         try:
             await _call(conn, _manager_call(call), timeout_s=system.connect_timeout_s)
-        except _CallFailed as exc:
+        except CallFailed as exc:
             hint = unprivileged_hint(Method.RESOLVED) if exc.name in ACCESS_DENIED_ERRORS else ""
             raise DnsError(f"systemd-resolved refused {call.member} for {tun_name}: {exc}{hint}") from None
         except trio.TooSlowError:
             raise DnsError(
                 f"systemd-resolved did not answer {call.member} for {tun_name} within {system.connect_timeout_s:g} s"
             ) from None
-        except _BUS_ERRORS as exc:
+        except BUS_ERRORS as exc:
             raise DnsError(f"lost {_where(system)} during {call.member} for {tun_name}: {describe(exc)}") from None
 
 
@@ -820,7 +799,7 @@ async def _try_resolved(request: DnsRequest, system: DnsSystem, skipped: list[st
     async with conn:
         try:
             owner = await _resolved_owner(conn, system)
-        except (_CallFailed, trio.TooSlowError, *_BUS_ERRORS) as exc:
+        except (CallFailed, trio.TooSlowError, *BUS_ERRORS) as exc:
             skipped.append(f"systemd-resolved: {_where(system)} did not say who owns {RESOLVE1_BUS_NAME}: "
                            f"{describe(exc)}")  # fmt: skip
             return None
@@ -852,7 +831,7 @@ async def _try_resolved(request: DnsRequest, system: DnsSystem, skipped: list[st
 async def _best_effort_revert_link(conn: DBusConnection, call: DbusCall, system: DnsSystem) -> None:
     try:
         await _call(conn, _manager_call(call), timeout_s=system.connect_timeout_s)
-    except (_CallFailed, trio.TooSlowError, *_BUS_ERRORS):
+    except (CallFailed, trio.TooSlowError, *BUS_ERRORS):
         pass  # the apply's own error is the one reported; the link's settings die with the link
 
 
@@ -944,7 +923,7 @@ async def _revert_resolved(state: DnsState, system: DnsSystem) -> RevertedDns:
         async with conn:
             try:
                 owner = await _resolved_owner(conn, system)
-            except (_CallFailed, trio.TooSlowError, *_BUS_ERRORS) as exc:
+            except (CallFailed, trio.TooSlowError, *BUS_ERRORS) as exc:
                 raise DnsError(f"cannot revert {state.tun_name}'s DNS in systemd-resolved: {describe(exc)}") from None
             if owner is None:
                 notes.append("systemd-resolved is not running: its link settings went with it")

@@ -45,11 +45,10 @@ from collections.abc import Callable
 import attrs
 import trio
 from jeepney import HeaderFields, MatchRule, Message, MessageType, message_bus
-from jeepney.auth import AuthenticationError
 from jeepney.bus import get_bus
-from jeepney.io.common import RouterClosed
 from jeepney.io.trio import DBusConnection, open_dbus_connection
 
+from jvpn_trio.drivers.dbus import BUS_ERRORS, bus_label
 from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.errors import describe, first_leaf
 
@@ -64,17 +63,6 @@ PREPARE_FOR_SLEEP_SIGNATURE = "b"
 #: system bus answers a local client in milliseconds; the bound only keeps a wedged bus (or a
 #: socket that accepts and never speaks) from holding up ``nursery.start`` for ever.
 CONNECT_TIMEOUT_S = 5.0
-
-#: What a bus that is missing, refuses us or goes away raises from jeepney and Trio, during the
-#: connection's set-up (authentication, ``Hello``) or while subscribing.
-_BUS_ERRORS = (
-    OSError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.EndOfChannel,
-    AuthenticationError,
-    RouterClosed,
-)
 
 
 @attrs.frozen(kw_only=True)
@@ -158,7 +146,7 @@ class SleepSignals:
         self._unavailable(reason)
 
     def _where(self) -> str:
-        return self.bus_address if self.bus_address is not None else "the system bus"
+        return bus_label(self.bus_address)
 
     def _unavailable(self, reason: str) -> None:
         self._stats = attrs.evolve(self._stats, connected=False, unavailable_reason=reason)
@@ -180,7 +168,7 @@ class SleepSignals:
             try:
                 conn = await open_dbus_connection(bus)
                 failure = await self._subscribe(conn)
-            except* _BUS_ERRORS as group:
+            except* BUS_ERRORS as group:
                 failure = f"cannot use {where}: {describe(first_leaf(group))}"
         if scope.cancelled_caught:
             failure = f"{where} did not answer within {self.connect_timeout_s:g} s"

@@ -60,15 +60,14 @@ from jeepney import (
     message_bus,
     new_method_call,
 )
-from jeepney.auth import AuthenticationError
 from jeepney.bus import get_bus
-from jeepney.io.common import RouterClosed
 from jeepney.io.trio import DBusConnection, open_dbus_connection
 
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.candidates import PathCost, PathRules
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.drivers.client import ClientPath
+from jvpn_trio.drivers.dbus import BUS_ERRORS, NAME_HAS_NO_OWNER, CallFailed, bus_label
 from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.errors import describe, first_leaf
 
@@ -84,23 +83,12 @@ PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
 PROPERTIES_CHANGED = "PropertiesChanged"
 #: The signal's body: the interface, the changed properties, the invalidated ones.
 PROPERTIES_CHANGED_SIGNATURE = "sa{sv}as"
-NAME_HAS_NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"
 #: How long connecting, subscribing and finding NM may take, in seconds: a local bus answers in
 #: milliseconds; the bound keeps a wedged bus from holding anything up.
 CONNECT_TIMEOUT_S = 5.0
 #: How long one call to NM (a device lookup, a property read) may take, in seconds.  Nothing
 #: waits on it but the looker-up; past it the path keeps its configured cost.
 CALL_TIMEOUT_S = 2.0
-
-#: What a bus that is missing, refuses us or goes away raises from jeepney and Trio.
-_BUS_ERRORS = (
-    OSError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.EndOfChannel,
-    AuthenticationError,
-    RouterClosed,
-)
 
 
 class NmMetered(enum.IntEnum):
@@ -161,14 +149,6 @@ class NetworkManagerStatistics:
     malformed: int = 0  # replies or signals of the wrong shape
     ignored: int = 0  # PropertiesChanged sent to us alone: not NM's broadcast
     unavailable_reason: str | None = None
-
-
-class _CallFailed(Exception):
-    """NM answered a call with a D-Bus error."""
-
-    def __init__(self, name: str, text: str) -> None:
-        super().__init__(f"{name}: {text}" if text else name)
-        self.name = name
 
 
 class _Reply:
@@ -291,7 +271,7 @@ class NetworkManagerCosts:
         self._unavailable(reason)
 
     def _where(self) -> str:
-        return self.bus_address if self.bus_address is not None else "the system bus"
+        return bus_label(self.bus_address)
 
     def _unavailable(self, reason: str) -> None:
         self._available = False
@@ -316,13 +296,13 @@ class NetworkManagerCosts:
                 conn = await open_dbus_connection(bus)
                 await self._direct_call(conn, message_bus.AddMatch(_match_rule()))
                 await self._direct_call(conn, message_bus.GetNameOwner(NM_BUS_NAME))
-            except* _CallFailed as group:
+            except* CallFailed as group:
                 leaf = first_leaf(group)
-                if isinstance(leaf, _CallFailed) and leaf.name == NAME_HAS_NO_OWNER:
+                if isinstance(leaf, CallFailed) and leaf.name == NAME_HAS_NO_OWNER:
                     failure = f"NetworkManager is not running on {where}"
                 else:
                     failure = f"{where} refused: {leaf}"
-            except* _BUS_ERRORS as group:
+            except* BUS_ERRORS as group:
                 failure = f"cannot use {where}: {describe(first_leaf(group))}"
         if scope.cancelled_caught:
             failure = f"{where} did not answer within {self.connect_timeout_s:g} s"
@@ -416,7 +396,7 @@ class NetworkManagerCosts:
                 ifname = next(iter(self._queued))
                 del self._queued[ifname]
                 await self._look_up(conn, ifname, on_change)
-        except _BUS_ERRORS:
+        except BUS_ERRORS:
             return
 
     async def _look_up(self, conn: DBusConnection, ifname: str, on_change: Callable[[str, bool | None], None]) -> None:
@@ -437,7 +417,7 @@ class NetworkManagerCosts:
             properties = DBusAddress(device, bus_name=NM_BUS_NAME, interface=PROPERTIES_INTERFACE)
             get = new_method_call(properties, "Get", "ss", (NM_DEVICE_INTERFACE, METERED_PROPERTY))
             (variant,), seq = await self._call(conn, get)
-        except _CallFailed as exc:
+        except CallFailed as exc:
             self._count_failure(exc)
             return
         except trio.TooSlowError:
@@ -449,7 +429,7 @@ class NetworkManagerCosts:
         if self._watched.get(ifname) == generation:
             self._deliver(ifname, variant, seq, on_change)
 
-    def _count_failure(self, exc: _CallFailed) -> None:
+    def _count_failure(self, exc: CallFailed) -> None:
         if exc.name.startswith(NM_INTERFACE + "."):  # e.g. UnknownDevice: not an interface NM manages
             self._stats = attrs.evolve(self._stats, unmanaged=self._stats.unmanaged + 1)
         else:
@@ -458,8 +438,8 @@ class NetworkManagerCosts:
     async def _call(self, conn: DBusConnection, msg: Message) -> tuple[tuple[Any, ...], int]:
         """Send a call and wait (at most ``call_timeout_s``) for the reader to hand over its reply.
 
-        Returns the reply's body and its place in the stream; raises _CallFailed,
-        trio.TooSlowError or one of _BUS_ERRORS.
+        Returns the reply's body and its place in the stream; raises CallFailed,
+        trio.TooSlowError or one of BUS_ERRORS.
         """
         serial = next(conn.outgoing_serial)
         reply = self._replies[serial] = _Reply()
@@ -478,5 +458,5 @@ def _body_or_raise(reply: Message) -> tuple[Any, ...]:
     if header.message_type is MessageType.error:
         name = str(header.fields.get(HeaderFields.error_name, "unknown D-Bus error"))
         body = reply.body
-        raise _CallFailed(name, str(body[0]) if body and isinstance(body[0], str) else "")
+        raise CallFailed(name, str(body[0]) if body and isinstance(body[0], str) else "")
     return tuple(reply.body)
