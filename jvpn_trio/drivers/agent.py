@@ -184,24 +184,17 @@ class ClientAgent:
         return runtime.submit_nowait(event)
 
     def _cost_changed(self, event: ev.PathCostChanged) -> bool:
-        """Keep a path's new cost in the set (every later runtime starts from it) and tell a live session.
+        """Keep a path's new cost in the set (every later runtime starts from it) and pass it on.
 
-        A runtime still handshaking gets it in its own table instead, so the
-        session it starts names the cost in ``PathAdded`` from its first input.
+        The runtime keeps it in its own set too (``ClientRuntime.submit_nowait``),
+        so a session it is still handshaking for names the cost from its first input.
         """
         path = self._paths.get(event.path)
         if path is None:
             return False
         self._paths[event.path] = attrs.evolve(path, metered=event.metered)
         runtime = self.runtime
-        if runtime is None:
-            return True
-        current = runtime.paths.get(event.path)
-        if current is not None:
-            runtime.paths[event.path] = attrs.evolve(current, metered=event.metered)
-        if runtime.session is None:
-            return True
-        return runtime.submit_nowait(event)
+        return True if runtime is None else runtime.submit_nowait(event)
 
     # -- the path set -------------------------------------------------------------------------
     @property

@@ -363,12 +363,16 @@ class ClientRuntime:
     def submit_nowait(self, event: Any) -> bool:
         """Queue an input stamped now; False (and counted) if the inbox is full.
 
-        A link change also tells a running handshake plan which paths to try.
+        A link change also tells a running handshake plan which paths to try; a
+        cost change is kept in the path set, so a session started later names it in
+        ``PathAdded``.
         """
         if isinstance(event, ev.LinkChanged) and event.path in self.paths:
             self.link_up[event.path] = event.up
             if self._plan is not None:
                 self._plan.link_changed(event.path, up=event.up)
+        if isinstance(event, ev.PathCostChanged) and event.path in self.paths:
+            self.paths[event.path] = attrs.evolve(self.paths[event.path], metered=event.metered)
         try:
             self._inbox_send.send_nowait((trio.current_time(), event))
         except trio.WouldBlock:
