@@ -50,7 +50,7 @@ from jvpn_trio.drivers.log import stderr_line
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.drivers.systemd import Notifier, publish_status, serve_watchdog, watchdog_interval
 from jvpn_trio.keyfile import KeyFileError, load_private_key, load_public_key_text
-from jvpn_trio.ui.lines import print_events
+from jvpn_trio.ui.lines import PRINTER_CAPACITY, PlainPrinter
 from jvpn_trio.ui.status import gateway_status
 
 
@@ -260,7 +260,8 @@ async def _serve_gateway(
 
             nursery.start_soon(close_on_signals, stop, nursery.cancel_scope)
             if not quiet:
-                nursery.start_soon(print_events, sink, sys.stdout)
+                printer = PlainPrinter(sys.stdout)  # times as the events carry them
+                nursery.start_soon(printer.run, sink.subscribe(PRINTER_CAPACITY, name="printer"))
             await nursery.start(
                 lambda task_status: runtime.serve(
                     ports, control_ports=control_ports, packets=device, task_status=task_status

@@ -90,7 +90,8 @@ from jvpn_trio.drivers.systemd import (
     watchdog_interval,
 )
 from jvpn_trio.keyfile import load_private_key, load_public_key_text
-from jvpn_trio.ui.app import UI_EVENT_CAPACITY, PlainPrinter, use_tui
+from jvpn_trio.ui.app import use_tui
+from jvpn_trio.ui.lines import PRINTER_CAPACITY, PlainPrinter
 from jvpn_trio.ui.attached import run_attached
 from jvpn_trio.ui.status import CONNECTING, client_status, statistics_counters
 
@@ -552,7 +553,7 @@ async def _run_client(
                 )
             elif not quiet:  # the journal's lines: straight from the sink, whoever may use the socket
                 printer = PlainPrinter(sys.stdout, origin=trio.current_time())
-                nursery.start_soon(printer.run, sink.subscribe(UI_EVENT_CAPACITY, name="printer"))
+                nursery.start_soon(printer.run, sink.subscribe(PRINTER_CAPACITY, name="printer"))
             nursery.start_soon(close_on_signals, stop, nursery.cancel_scope)
             if kill_switch is not None:
                 kill_switch.hold()  # running: from here a crash leaves the block for `jvpn-trio down`

@@ -78,7 +78,8 @@ from jvpn_trio.lab.relay import Relay, describe_impairment, open_relay
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from jvpn_trio.drivers.udp import PathSocketError
 from jvpn_trio.lab.scenario import Impairment, Scenario, Step, load_scenario, shipped_scenario
-from jvpn_trio.ui.app import PlainPrinter, Screen, use_tui
+from jvpn_trio.ui.app import Screen, use_tui
+from jvpn_trio.ui.lines import PlainPrinter
 from jvpn_trio.ui.attached import AttachedPrinter, AttachedUi, run_attached
 from jvpn_trio.ui.status import client_status
 

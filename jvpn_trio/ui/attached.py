@@ -57,12 +57,11 @@ from jvpn_trio.ui.app import (
     EVENT_HISTORY,
     MAX_FPS,
     MESSAGE_S,
-    STOP_TIMEOUT_S,
     LiveScreen,
-    PlainPrinter,
     Screen,
     terminal_key_fd,
 )
+from jvpn_trio.ui.lines import STOP_TIMEOUT_S, PlainPrinter
 from jvpn_trio.ui.keys import Command, Key, serve_keys, terminal_keys
 from jvpn_trio.ui.views import (
     PickerRow,

@@ -1,21 +1,24 @@
 """Plain event lines: one per event, for ``--no-tui``, pipes and logs read by people.
 
-Printing happens in a worker thread from the sink's own bounded
-subscription, so a terminal that stops reading drops lines (counted by the
-sink) and never delays a decision.
+:class:`PlainPrinter` writes them in a worker thread from a bounded queue, so a
+terminal that stops reading drops lines (counted) and never delays a
+decision.  ``serve``, ``up`` without a terminal, the attached UI's plain mode
+and the demo all print through it.  Nothing here imports rich.
 """
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import Any, TextIO
 
+import attrs
 import trio
 
 from jvpn_trio.core.actions import EmitEvent
-from jvpn_trio.drivers import event_sink
 
-#: Events buffered for the plain-line printer; a stalled terminal drops lines, never decisions.
+#: Lines waiting for the plain printer's writer thread; beyond this they are dropped and counted.
 PRINTER_CAPACITY = 1024
+#: Each teardown step (last frame, restoring the terminal, flushing lines) waits at most this long.
+STOP_TIMEOUT_S = 1.0
 _SHOWN_DETAILS = ("from_state", "to_state", "from_path", "to_path", "path", "verdict", "binding", "endpoint", "by", "applied")
 
 
@@ -28,18 +31,95 @@ def format_event_line(event: EmitEvent) -> str:
     )
 
 
-async def print_events(sink: event_sink.EventSink, stream: TextIO) -> None:
-    """Print each event from the sink's own bounded subscription, writing in a worker thread.
+def _drain(channel: trio.MemoryReceiveChannel[Any]) -> list[Any]:
+    items: list[Any] = []
+    while True:
+        try:
+            items.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return items
 
-    If the terminal stalls, the write blocks only that thread; the subscription
-    fills and drops (counted by the sink), while the session keeps deciding.
+
+class PlainPrinter:
+    """One line per event (``format_event_line``) and per note, written in a worker thread.
+
+    Times are seconds since ``origin``.  A stalled stream blocks only the
+    writer thread: lines then queue up to :data:`PRINTER_CAPACITY` and the
+    rest are dropped and counted (``dropped``), never the session's work.
     """
 
-    def write(line: str) -> None:
+    def __init__(self, stream: TextIO, *, origin: float = 0.0, capacity: int = PRINTER_CAPACITY) -> None:
+        self._stream = stream
+        self._origin = origin
+        self._send, self._receive = trio.open_memory_channel[str](capacity)
+        self._write_scope: trio.CancelScope | None = None
+        self._closing = False
+        self.dropped = 0
+
+    def line(self, event: EmitEvent) -> str:
+        return format_event_line(attrs.evolve(event, t=event.t - self._origin))
+
+    def event(self, event: EmitEvent) -> None:
+        """One event's line, queued in order with the notes (what an attached printer prints)."""
+        self._offer(self.line(event))
+
+    def note(self, t: float, kind: str, text: str) -> None:
+        """A line that is not an event (the demo's scenario steps), in the same columns."""
+        self._offer(f"{t - self._origin:10.3f} {'demo':7} {kind:17} {text}")
+
+    def _offer(self, line: str) -> None:
         try:
-            print(line, file=stream, flush=True)
-        except (BrokenPipeError, OSError):
+            self._send.send_nowait(line)
+        except trio.WouldBlock:
+            self.dropped += 1
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self._stream.write("".join(line + "\n" for line in lines))
+            self._stream.flush()
+        except (BrokenPipeError, OSError, ValueError):
             pass  # a closed terminal must not stop the VPN
 
-    async for event in sink.subscribe(PRINTER_CAPACITY, name="printer"):
-        await trio.to_thread.run_sync(write, format_event_line(event))
+    async def run(self, events: trio.MemoryReceiveChannel[EmitEvent]) -> None:
+        """Print until cancelled; then print what is still queued (bounded, shielded)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                try:
+                    async for event in events:
+                        self._offer(self.line(event))
+                finally:
+                    self._bound_write_in_progress()
+        finally:
+            with trio.move_on_after(STOP_TIMEOUT_S, shield=True):
+                for event in _drain(events):
+                    self._offer(self.line(event))
+                events.close()
+                pending = _drain(self._receive)
+                if pending:
+                    await trio.to_thread.run_sync(self._write, pending, abandon_on_cancel=True)
+
+    def _bound_write_in_progress(self) -> None:
+        """Teardown: the write in progress may finish, within :data:`STOP_TIMEOUT_S`."""
+        self._closing = True
+        if self._write_scope is not None:
+            self._write_scope.deadline = trio.current_time() + STOP_TIMEOUT_S
+
+    async def _writer(self) -> None:
+        # A batch being written is shielded, so a cancellation cannot abandon it half-way (its
+        # lines would then land after the ones written at teardown); the shield gets a deadline
+        # once teardown starts, so a stuck terminal cannot hold it up for longer than that.
+        while True:
+            first = await self._receive.receive()
+            batch = [first, *_drain(self._receive)]
+            scope = trio.CancelScope(shield=True)
+            if self._closing:
+                scope.deadline = trio.current_time() + STOP_TIMEOUT_S
+            self._write_scope = scope
+            try:
+                with scope:
+                    await trio.to_thread.run_sync(self._write, batch, abandon_on_cancel=True)
+            finally:
+                self._write_scope = None
+            if scope.cancelled_caught:
+                self.dropped += len(batch)  # in doubt: the thread may still write them

@@ -30,7 +30,8 @@ from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers.attach import Gap, StreamItem
 from jvpn_trio.drivers.control import ControlAccess, command_handler, serve_control
 from jvpn_trio.drivers.event_sink import open_event_sink
-from jvpn_trio.ui.app import MAX_FPS, LiveScreen, PlainPrinter, RecordingScreen, use_tui
+from jvpn_trio.ui.app import MAX_FPS, LiveScreen, RecordingScreen, use_tui
+from jvpn_trio.ui.lines import PlainPrinter
 from jvpn_trio.ui.attached import (
     AgentGone,
     AttachedModel,
