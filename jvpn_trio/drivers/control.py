@@ -912,23 +912,16 @@ def steering_commands(target: Steerable) -> dict[str, Handler]:
         submitted(ev.ReevaluateRequested(by=caller_of(request)), "reevaluate")
         return {"input": "ReevaluateRequested", "reason": ReasonCode.OPERATOR_REEVALUATE.value}
 
+    def closing_reply(closed: bool, reason: ReasonCode, *, held: bool) -> JsonObject:
+        return {"input": "CloseRequested" if closed else None, "reason": reason.value, "session_closed": closed, "held": held}
+
     def disconnect(request: JsonObject) -> JsonObject:
         closed = target.disconnect_nowait(caller_of(request))
-        return {
-            "input": "CloseRequested" if closed else None,
-            "reason": ReasonCode.OPERATOR_DISCONNECT.value,
-            "session_closed": closed,
-            "held": True,
-        }
+        return closing_reply(closed, ReasonCode.OPERATOR_DISCONNECT, held=True)
 
     def reconnect(request: JsonObject) -> JsonObject:
         closed = target.reconnect_nowait(caller_of(request))
-        return {
-            "input": "CloseRequested" if closed else None,
-            "reason": ReasonCode.OPERATOR_RECONNECT.value,
-            "session_closed": closed,
-            "held": False,
-        }
+        return closing_reply(closed, ReasonCode.OPERATOR_RECONNECT, held=False)
 
     return {"pin": pin, "unpin": unpin, "reevaluate": reevaluate, "disconnect": disconnect, "reconnect": reconnect}
 
