@@ -288,14 +288,19 @@ def parse_cpu_ticks(stat_text: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def parse_vm_hwm_kib(status_text: str) -> int | None:
-    """Peak resident set size in KiB (``VmHWM``) from ``/proc/<pid>/status``; None if absent."""
+def parse_status_kib(status_text: str, field: str) -> int | None:
+    """A ``kB`` field of ``/proc/<pid>/status`` (``VmHWM``, ``VmRSS``) in KiB; None if absent."""
     for line in status_text.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             parts = line.split()
             if len(parts) >= 2 and parts[1].isdigit():
                 return int(parts[1])
     return None
+
+
+def parse_vm_hwm_kib(status_text: str) -> int | None:
+    """Peak resident set size in KiB (``VmHWM``); None if absent."""
+    return parse_status_kib(status_text, "VmHWM")
 
 
 def cores(ticks_before: int, ticks_after: int, wall_s: float, *, ticks_per_s: float) -> float:

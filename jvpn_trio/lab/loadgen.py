@@ -89,6 +89,7 @@ from jvpn_trio.core.keyring import KeyExhausted
 from jvpn_trio.core.noise import HandshakeError, InitiatorHandshake, StaticKeypair, generate_static
 from jvpn_trio.core.policy import DEFAULT_POLICY, HOUR_MS, Policy
 from jvpn_trio.core.states import ReasonCode
+from jvpn_trio.lab.bench import cores, parse_cpu_ticks, parse_status_kib
 
 # -----------------------------------------------------------------------------
 # Settings and named constants
@@ -348,21 +349,7 @@ def icmp_echo_reply_untrusted(packet: bytes) -> tuple[int, int] | None:
 
 def parse_vm_rss_kib(status_text: str) -> int | None:
     """Resident set size in KiB (``VmRSS``) from ``/proc/<pid>/status``; None if absent."""
-    for line in status_text.splitlines():
-        if line.startswith("VmRSS:"):
-            parts = line.split()
-            if len(parts) >= 2 and parts[1].isdigit():
-                return int(parts[1])
-    return None
-
-
-def parse_cpu_ticks(stat_text: str) -> int:
-    """utime + stime from ``/proc/<pid>/stat`` (fields counted after the last ``)``); ValueError if malformed."""
-    _, paren, rest = stat_text.rpartition(")")
-    fields = rest.split()
-    if not paren or len(fields) < 13:
-        raise ValueError("not a /proc/<pid>/stat line")
-    return int(fields[11]) + int(fields[12])
+    return parse_status_kib(status_text, "VmRSS")
 
 
 def rate(count: int, seconds: float) -> float | None:
@@ -569,7 +556,7 @@ async def cores_over(pid: int, seconds: float) -> float:
     before, t0 = parse_cpu_ticks(await read_proc(pid, "stat")), time.monotonic()
     await trio.sleep(seconds)
     after, t1 = parse_cpu_ticks(await read_proc(pid, "stat")), time.monotonic()
-    return (after - before) / TICKS_PER_S / (t1 - t0)
+    return cores(before, after, t1 - t0, ticks_per_s=TICKS_PER_S)
 
 
 @attrs.define(eq=False)
@@ -902,7 +889,7 @@ class Worker:
         rtts_ms = [r * 1000.0 for r in self.live_rtts]
         result.live_rtt_p50_ms = percentile(rtts_ms, 0.5)
         result.live_rtt_p99_ms = percentile(rtts_ms, 0.99)
-        result.live_cores = (after - before) / TICKS_PER_S / (t1 - t0)
+        result.live_cores = cores(before, after, t1 - t0, ticks_per_s=TICKS_PER_S)
         fields = ("live_sent", "live_received", "live_loss_pct", "live_rtt_p50_ms", "live_rtt_p99_ms", "live_cores")
         return {name: getattr(result, name) for name in fields}
 
