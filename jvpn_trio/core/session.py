@@ -454,14 +454,10 @@ class ClientSession(_SessionCore):
         return ProbeRole.ACTIVE if entry.health.committed.verdict is Verdict.IMPAIRED else ProbeRole.STANDBY
 
     def probe_interval_s(self, path: PathId) -> float:
-        role = self.probe_role(path)
-        policy = self.policy
-        ms = {
-            ProbeRole.ACTIVE: policy.probe_interval_ms,
-            ProbeRole.STANDBY: policy.standby_probe_ms,
-            ProbeRole.METERED: policy.metered_probe_ms,
-        }[role]
-        return ms / 1000.0
+        role, policy = self.probe_role(path), self.policy
+        if role is ProbeRole.ACTIVE:
+            return policy.probe_interval_ms / 1000.0
+        return (policy.standby_probe_ms if role is ProbeRole.STANDBY else policy.metered_probe_ms) / 1000.0
 
     def probe_due(self, path: PathId) -> float | None:
         """When the next PROBE on ``path`` should leave: its role's interval after the last one, or at

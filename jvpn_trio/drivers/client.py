@@ -171,6 +171,10 @@ class ClientPath:
 _NO_COUNTS: Mapping[ReasonCode, int] = MappingProxyType({})
 
 
+def _or_never(due: float | None) -> float:
+    return math.inf if due is None else due
+
+
 @attrs.frozen(kw_only=True)
 class ClientStatistics:
     """The client driver's counters at one moment (the session core keeps its own in its snapshot).
@@ -697,11 +701,7 @@ class ClientRuntime:
         """Wake the probers when the core moved a path's next probe earlier (a role change, a link event)."""
         assert self.session is not None
         dues = {path: self.session.probe_due(path) for path in self.paths}
-        sooner = any(
-            due is not None and (before is None or due < before)
-            for path, due in dues.items()
-            for before in (self._probe_dues.get(path),)
-        )
+        sooner = any(due is not None and due < _or_never(self._probe_dues.get(path)) for path, due in dues.items())
         self._probe_dues = dues
         if sooner:
             self._probe_sooner.set()
