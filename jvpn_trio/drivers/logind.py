@@ -45,12 +45,11 @@ from collections.abc import Callable
 import attrs
 import trio
 from jeepney import HeaderFields, MatchRule, Message, MessageType, message_bus
-from jeepney.bus import get_bus
-from jeepney.io.trio import DBusConnection, open_dbus_connection
+from jeepney.io.trio import DBusConnection
 
-from jvpn_trio.drivers.dbus import BUS_ERRORS, bus_label
+from jvpn_trio.drivers.dbus import bus_label, connect_bus
 from jvpn_trio.drivers.log import stderr_line
-from jvpn_trio.errors import describe, first_leaf
+from jvpn_trio.errors import describe
 
 #: Who sends the signal, from where (``org.freedesktop.login1(5)``).
 LOGIND_BUS_NAME = "org.freedesktop.login1"
@@ -156,27 +155,9 @@ class SleepSignals:
 
     async def _connect(self) -> tuple[DBusConnection | None, str]:
         """A connection subscribed to the signal, or None and why not."""
-        bus = self.bus_address if self.bus_address is not None else "SYSTEM"
-        try:
-            socket_path = get_bus(bus)
-        except (RuntimeError, ValueError) as exc:  # jeepney's parse of the address (bus.py)
-            return None, f"unusable D-Bus address for {self._where()}: {describe(exc)}"
-        where = f"{self._where()} at {socket_path}" if self.bus_address is None else self._where()
-        conn: DBusConnection | None = None
-        failure: str | None = None
-        with trio.move_on_after(self.connect_timeout_s) as scope:
-            try:
-                conn = await open_dbus_connection(bus)
-                failure = await self._subscribe(conn)
-            except* BUS_ERRORS as group:
-                failure = f"cannot use {where}: {describe(first_leaf(group))}"
-        if scope.cancelled_caught:
-            failure = f"{where} did not answer within {self.connect_timeout_s:g} s"
-        if failure is None and conn is not None:
-            return conn, ""
-        if conn is not None:
-            await conn.aclose()
-        return None, failure or f"cannot use {where}"
+        return await connect_bus(
+            self.bus_address, timeout_s=self.connect_timeout_s, setup=lambda conn, _where: self._subscribe(conn)
+        )
 
     async def _subscribe(self, conn: DBusConnection) -> str | None:
         """Send ``AddMatch`` and wait for its reply; None when subscribed, else the bus's refusal."""

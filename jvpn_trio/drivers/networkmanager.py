@@ -60,16 +60,15 @@ from jeepney import (
     message_bus,
     new_method_call,
 )
-from jeepney.bus import get_bus
-from jeepney.io.trio import DBusConnection, open_dbus_connection
+from jeepney.io.trio import DBusConnection
 
 from jvpn_trio.core import events as ev
-from jvpn_trio.core.candidates import PathCost, PathRules
+from jvpn_trio.core.candidates import PathCost
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.drivers.client import ClientPath
-from jvpn_trio.drivers.dbus import BUS_ERRORS, NAME_HAS_NO_OWNER, CallFailed, bus_label
+from jvpn_trio.drivers.dbus import BUS_ERRORS, NAME_HAS_NO_OWNER, CallFailed, bus_label, connect_bus
 from jvpn_trio.drivers.log import stderr_line
-from jvpn_trio.errors import describe, first_leaf
+from jvpn_trio.errors import describe
 
 NM_BUS_NAME = "org.freedesktop.NetworkManager"
 NM_PATH = "/org/freedesktop/NetworkManager"
@@ -283,34 +282,18 @@ class NetworkManagerCosts:
 
     async def _connect(self) -> tuple[DBusConnection | None, str]:
         """A connection subscribed to NM's device changes, with NM running; or None and why not."""
-        bus = self.bus_address if self.bus_address is not None else "SYSTEM"
+        return await connect_bus(self.bus_address, timeout_s=self.connect_timeout_s, setup=self._subscribe)
+
+    async def _subscribe(self, conn: DBusConnection, where: str) -> str | None:
+        """Subscribe to device changes and check NM runs: None, else why not."""
         try:
-            socket_path = get_bus(bus)
-        except (RuntimeError, ValueError) as exc:  # jeepney's parse of the address (bus.py)
-            return None, f"unusable D-Bus address for {self._where()}: {describe(exc)}"
-        where = f"{self._where()} at {socket_path}" if self.bus_address is None else self._where()
-        conn: DBusConnection | None = None
-        failure: str | None = None
-        with trio.move_on_after(self.connect_timeout_s) as scope:
-            try:
-                conn = await open_dbus_connection(bus)
-                await self._direct_call(conn, message_bus.AddMatch(_match_rule()))
-                await self._direct_call(conn, message_bus.GetNameOwner(NM_BUS_NAME))
-            except* CallFailed as group:
-                leaf = first_leaf(group)
-                if isinstance(leaf, CallFailed) and leaf.name == NAME_HAS_NO_OWNER:
-                    failure = f"NetworkManager is not running on {where}"
-                else:
-                    failure = f"{where} refused: {leaf}"
-            except* BUS_ERRORS as group:
-                failure = f"cannot use {where}: {describe(first_leaf(group))}"
-        if scope.cancelled_caught:
-            failure = f"{where} did not answer within {self.connect_timeout_s:g} s"
-        if failure is None and conn is not None:
-            return conn, ""
-        if conn is not None:
-            await conn.aclose()
-        return None, failure or f"cannot use {where}"
+            await self._direct_call(conn, message_bus.AddMatch(_match_rule()))
+            await self._direct_call(conn, message_bus.GetNameOwner(NM_BUS_NAME))
+        except CallFailed as exc:
+            if exc.name == NAME_HAS_NO_OWNER:
+                return f"NetworkManager is not running on {where}"
+            return f"{where} refused: {exc}"
+        return None
 
     @staticmethod
     async def _direct_call(conn: DBusConnection, msg: Message) -> tuple[Any, ...]:
