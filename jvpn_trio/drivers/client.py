@@ -456,8 +456,8 @@ class ClientRuntime:
 
     def _start_path_tasks(self, path: ClientPath) -> None:
         nursery = self._nursery
-        if nursery is None:
-            return
+        if nursery is None or nursery.cancel_scope.cancel_called:
+            return  # no session, or it is ending: the path stays in the set and the next session serves it
         scope = trio.CancelScope()
         self._path_scopes[path.path] = scope
         self._probe_now[path.path] = trio.Event()
