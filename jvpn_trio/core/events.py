@@ -100,6 +100,14 @@ class DeliveryObserved:
 
 
 @attrs.frozen(kw_only=True)
+class DataSent:
+    """Data left on ``path`` (coalesced by the datapath): the tunnel is in use, so its path is watched
+    at the active cadence (docs/policy.md, "Probing").  Not evidence of health: nothing came back."""
+
+    path: PathId
+
+
+@attrs.frozen(kw_only=True)
 class ReattachAcked:
     path: PathId
     nonce: int
@@ -234,6 +242,7 @@ ClientInput = (
     | ProbeSent
     | ProbeAcked
     | DeliveryObserved
+    | DataSent
     | ReattachAcked
     | ReattachRejected
     | PinRequested

@@ -89,6 +89,9 @@ class Policy:
     standby_probe_interval_ms: int = attrs.field(default=1_000, validator=_int_range(1, 600_000))
     #: A metered standby path's cadence while the session is ATTACHED (slower still: its bytes cost money).
     metered_probe_interval_ms: int = attrs.field(default=10_000, validator=_int_range(1, 600_000))
+    #: No data either way this long and the bound path is probed at its standby cadence too; the
+    #: next packet makes it due at once (detection is fast again from the first packet on).
+    idle_after_ms: int = attrs.field(default=5_000, validator=_int_range(1, HOUR_MS))
     probe_timeout_ms: int = attrs.field(default=200, validator=_int_range(1, 60_000))
     #: Adaptive probe timeout (RFC 6298-style: srtt + 4 x jitter), never below this nor above
     #: probe_timeout_ms.  Absent (the default): a fixed probe_timeout_ms, because Wi-Fi power
@@ -191,6 +194,13 @@ class Policy:
         return max(self.probe_interval_ms, min(self.standby_probe_interval_ms, self.transport_loss_ttl_ms // 2))
 
     @property
+    def idle_ms(self) -> int:
+        """When the tunnel counts as idle in effect: ``idle_after_ms``, but never before the death
+        detection bound, so that one packet after a quiet spell keeps the full cadence long enough
+        to see a dead path."""
+        return max(self.idle_after_ms, self.death_detection_bound_ms)
+
+    @property
     def metered_probe_ms(self) -> int:
         """The metered standby cadence in effect: as :attr:`standby_probe_ms`, and never faster than it."""
         return max(self.standby_probe_ms, min(self.metered_probe_interval_ms, self.transport_loss_ttl_ms // 2))
@@ -223,7 +233,7 @@ class Policy:
 
 #: Fields added after policies were first recorded: left out of the fingerprint while they hold
 #: their default (how a policy without them behaves), so a recorded policy keeps its name and replays.
-_LATER_FIELDS = ("standby_probe_interval_ms", "metered_probe_interval_ms")
+_LATER_FIELDS = ("standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms")
 
 
 @functools.lru_cache(maxsize=256)

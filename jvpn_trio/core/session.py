@@ -319,6 +319,8 @@ class ProbeRole(enum.Enum):
     """Why a path is probed at the cadence it is (``ClientSession.probe_role``)."""
 
     ACTIVE = "active"  # probe_interval_ms
+    #: The bound path with no traffic either way for idle_after_ms: its cost's standby cadence.
+    IDLE = "idle"
     STANDBY = "standby"  # standby_probe_interval_ms
     METERED = "metered"  # metered_probe_interval_ms
 
@@ -341,7 +343,7 @@ class PathSnapshot:
     active: bool
     pinned: bool
     metered: bool = False
-    #: "active", "standby" or "metered": the cadence it is probed at (``ClientSession.probe_role``).
+    #: "active", "idle", "standby" or "metered": the cadence it is probed at (``ClientSession.probe_role``).
     probe_role: str = "active"
 
 
@@ -409,6 +411,9 @@ class ClientSession(_SessionCore):
         self._disowned_acks = 0
         #: The active path was rebound to a new source address and no REATTACH has confirmed it yet.
         self._readdressed = False
+        #: When data last went out (``DataSent``) or came in (``DeliveryObserved``): the tunnel is idle
+        #: ``idle_after_ms`` later, and the bound path slows to its standby cadence.
+        self._last_traffic: float | None = None
 
     # -- public API ----------------------------------------------------------------
     def handle(self, event: ev.ClientInput, *, now: float) -> list[Action]:
@@ -435,35 +440,34 @@ class ClientSession(_SessionCore):
         )
 
     # -- probing cadence (docs/policy.md, "Probing") ------------------------------------
-    def probe_role(self, path: PathId) -> ProbeRole:
-        """How ``path`` is probed now (docs/policy.md, "Probing").
+    def probe_role(self, path: PathId, *, now: float) -> ProbeRole:
+        """How ``path`` is probed at ``now`` (docs/policy.md, "Probing").
 
-        At the active cadence: the active path, a REATTACH's target, every path while the session
-        is not ATTACHED (a failing binding needs a verified candidate fast), and an unmetered standby
-        that answers but is IMPAIRED (earning HEALTHY back takes a loss window of fresh probes).
-        Otherwise a standby, or a metered standby.
+        At the active cadence: the bound path while traffic flows, a REATTACH's target, every path
+        while the session is not ATTACHED (a failing binding needs a verified candidate fast), and an
+        unmetered standby that answers but is IMPAIRED (earning HEALTHY back takes a loss window of
+        fresh probes).  The bound path with no traffic for ``idle_after_ms`` is IDLE; the others are a
+        standby, or a metered standby.
         """
         entry = self._paths[path]
         binding, pending = self.record.binding, self.pending
-        if self.record.state is not S.ATTACHED or binding is None or binding.path == path:
+        if self.record.state is not S.ATTACHED or binding is None:
             return ProbeRole.ACTIVE
+        if binding.path == path:
+            return ProbeRole.IDLE if now >= self._busy_until() else ProbeRole.ACTIVE
         if pending is not None and pending.path == path:
             return ProbeRole.ACTIVE
         if entry.metered:
             return ProbeRole.METERED
         return ProbeRole.ACTIVE if entry.health.committed.verdict is Verdict.IMPAIRED else ProbeRole.STANDBY
 
-    def probe_interval_s(self, path: PathId) -> float:
-        role, policy = self.probe_role(path), self.policy
-        if role is ProbeRole.ACTIVE:
-            return policy.probe_interval_ms / 1000.0
-        return (policy.standby_probe_ms if role is ProbeRole.STANDBY else policy.metered_probe_ms) / 1000.0
-
     def probe_due(self, path: PathId) -> float | None:
         """When the next PROBE on ``path`` should leave: its role's interval after the last one, or at
         once (``-inf``) for a path not probed yet or just changed (link up, new address).  None: unknown path.
 
-        Deterministic: a pure function of the inputs so far.  The driver sends at this time and reports
+        Deterministic: a pure function of the inputs so far.  The bound path's next probe is at the
+        active cadence if it would leave while the tunnel is still busy, else at its idle cadence; so
+        traffic after a quiet spell makes a probe due at once.  The driver sends at this time and reports
         ``ProbeSent``; a probe sent earlier (after a resume) is only extra evidence.
         """
         entry = self._paths.get(path)
@@ -471,7 +475,19 @@ class ClientSession(_SessionCore):
             return None
         if entry.probe_now or entry.last_probe is None:
             return -math.inf
-        return entry.last_probe + self.probe_interval_s(path)
+        policy = self.policy
+        active_due = entry.last_probe + policy.probe_interval_ms / 1000.0
+        role = self.probe_role(path, now=active_due)
+        if role is ProbeRole.ACTIVE:
+            return active_due
+        if role is ProbeRole.METERED or (role is ProbeRole.IDLE and entry.metered):
+            return entry.last_probe + policy.metered_probe_ms / 1000.0
+        return entry.last_probe + policy.standby_probe_ms / 1000.0
+
+    def _busy_until(self) -> float:
+        """The instant the tunnel turns idle: ``Policy.idle_ms`` after the last traffic or the binding."""
+        last = max((t for t in (self._last_traffic, self.record.bound_since) if t is not None), default=-math.inf)
+        return last + self.policy.idle_ms / 1000.0
 
     def snapshot(self, *, now: float) -> ClientSnapshot:
         active = self.record.binding.path if self.record.binding else None
@@ -485,7 +501,7 @@ class ClientSession(_SessionCore):
                 active=path == active,
                 pinned=path == self.pinned,
                 metered=entry.metered,
-                probe_role=self.probe_role(path).value,
+                probe_role=self.probe_role(path, now=now).value,
             )
             for path, entry in sorted(self._paths.items())
         )
@@ -569,6 +585,9 @@ class ClientSession(_SessionCore):
             self.gateway_version = max(self.gateway_version, event.gateway_version)
         elif isinstance(event, ev.DeliveryObserved):
             entry.health.on_delivery(now=now)
+            self._last_traffic = now
+        elif isinstance(event, ev.DataSent):
+            self._last_traffic = now
         return []
 
     def _on_pin(self, event: ev.PinRequested, now: float) -> list[Action]:

@@ -35,6 +35,7 @@ INPUT_TYPES: dict[str, type] = {
         ev.ProbeSent,
         ev.ProbeAcked,
         ev.DeliveryObserved,
+        ev.DataSent,
         ev.ReattachAcked,
         ev.ReattachRejected,
         ev.PinRequested,

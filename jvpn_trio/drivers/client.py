@@ -343,6 +343,7 @@ class ClientRuntime:
         self._last_now = -math.inf
         self._handshakes: dict[int, _PendingHandshake] = {}
         self._delivery_reported: dict[PathId, float] = {}
+        self._sent_reported: dict[PathId, float] = {}
         self._socket_down: set[PathId] = set()
         self._error_lines = LineLimiter(PATH_ERROR_LOG_INTERVAL_S)
         self._nursery: trio.Nursery | None = None  # the serving nursery, once the session runs
@@ -910,10 +911,15 @@ class ClientRuntime:
         tally.rx_bytes += len(packet)
         if packet and self._packets is not None and not self._packets.write_nowait(packet):
             tally.rx_tun_full += 1
-        last = self._delivery_reported.get(path.path, -math.inf)
-        if now - last >= self.policy.probe_interval_ms / 1000.0:
-            self._delivery_reported[path.path] = now
+        if self._due_to_report(self._delivery_reported, path.path, now):
             self.submit_nowait(ev.DeliveryObserved(path=path.path))
+
+    def _due_to_report(self, reported: dict[PathId, float], path: PathId, now: float) -> bool:
+        """Whether traffic on ``path`` is news for the core: at most once per ``probe_interval_ms``."""
+        if now - reported.get(path, -math.inf) < self.policy.probe_interval_ms / 1000.0:
+            return False
+        reported[path] = now
+        return True
 
     async def _pump_packets(self, port: PacketPort) -> None:
         while True:
@@ -931,6 +937,9 @@ class ClientRuntime:
                 sealed.append(datagram)
                 tally.tx_bytes += len(packet)
             tally.tx_packets += len(sealed)
+            now = trio.current_time()
+            if self._due_to_report(self._sent_reported, active.path, now):
+                self.submit_nowait(ev.DataSent(path=active.path))
             for run in equal_size_runs(sealed):
                 try:
                     active.port.send_segments_nowait(run, active.gateway)

@@ -44,7 +44,8 @@ Measurements:
    systems' labs are gone): two more labs, one with the default policy (a probing cadence per
    role, ``docs/policy.md``) and one with every path probed at ``probe_interval_ms`` (the
    behaviour before per-role probing), the client's lte0 marked ``metered = true``.  Once each
-   is ATTACHED on eth0 with wifi0 and lte0 HEALTHY at their standby roles, both are left alone
+   is ATTACHED on eth0, idle (no traffic for ``idle_after_ms``), with wifi0 and lte0 HEALTHY at
+   their standby roles, both are left alone
    over the same window: CPU percent of one core of the client and the gateway process (from
    ``/proc/<pid>/stat``) and bytes/s on each of the client's path interfaces (``ip -s link``,
    both directions, everything on the wire).  Then ``--runs`` blackholes of the active path
@@ -109,6 +110,8 @@ MEASURABLE = (BASELINE, JVPN, OPENVPN)
 LINK_DOWN = "link_down"
 BLACKHOLE = "blackhole"
 FAULTS = (LINK_DOWN, BLACKHOLE)
+#: The idle section's second failover: the blackhole lands while the tunnel idles, before traffic.
+IDLE_BLACKHOLE = "blackhole_while_idle"
 
 TCP = "tcp"
 UDP64 = "udp64"
@@ -139,6 +142,10 @@ PROBE_HZ = 100.0
 PROBE_LEAD_S = 0.5
 #: The probe stream is scheduled this much longer than lead + fault, to outlast the restore.
 PROBE_SLACK_S = 1.0
+#: A death while idle: the active path is blackholed this long before the stream starts, well inside
+#: the idle detection bound (dead_after_missed_probes standby probes), so the first packets meet a
+#: path not yet known dead; the outage counts from the stream's first packet.
+IDLE_FAULT_LEAD_S = 0.5
 
 #: Bounds on waits for a process or a condition; polled every POLL_S.
 READY_TIMEOUT_S = 10.0
@@ -613,7 +620,8 @@ IDLE_SETTLE_TIMEOUT_S = 30.0
 IDLE_LEAD_S = 1.0
 #: Probing roles of a path the session is not bound to (``ProbeRole`` values, docs/policy.md).
 STANDBY_ROLES = ("standby", "metered")
-ACTIVE_ROLE = "active"
+#: The bound path's role once the tunnel carried nothing for ``idle_after_ms``.
+IDLE_ROLE = "idle"
 HEALTHY = "HEALTHY"
 ATTACHED = "ATTACHED"
 
@@ -714,8 +722,8 @@ def path_entries(status: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 
 
 def idle_ready(paths: Sequence[LabPath], status: Mapping[str, Any]) -> bool:
-    """True once the client idles as measured: ATTACHED on the preferred path (lowest metric), every
-    path HEALTHY with an answered probe, and every other path at a standby role."""
+    """True once the client idles as measured: ATTACHED on the preferred path (lowest metric) at the
+    idle role, every path HEALTHY with an answered probe, and every other path at a standby role."""
     if status.get("state") != ATTACHED or not paths:
         return False
     entries = path_entries(status)
@@ -725,7 +733,7 @@ def idle_ready(paths: Sequence[LabPath], status: Mapping[str, Any]) -> bool:
         if entry is None or entry.get("verdict") != HEALTHY or entry.get("last_delivery_ago_s") is None:
             return False
         if path.name == preferred:
-            if not entry.get("active"):
+            if not entry.get("active") or entry.get("probing") != IDLE_ROLE:
                 return False
         elif entry.get("probing") not in STANDBY_ROLES:
             return False
@@ -783,8 +791,9 @@ class IdleResult:
     roles_end: Mapping[str, str] = attrs.field(factory=dict)
     active: str | None = None
     active_end: str | None = None
-    #: Blackholes of the active path, in the order they ran.
+    #: Blackholes of the active path, in the order they ran: while traffic flows, and while idle.
     failovers: tuple[Outage, ...] = ()
+    idle_failovers: tuple[Outage, ...] = ()
 
     @property
     def label(self) -> str:
@@ -794,8 +803,12 @@ class IdleResult:
     def failover(self) -> Outage | None:
         return median_outage(self.failovers)
 
+    @property
+    def idle_failover(self) -> Outage | None:
+        return median_outage(self.idle_failovers)
+
     def to_json(self) -> dict[str, Any]:
-        med, f = self.failover, self.figures
+        med, idle_med, f = self.failover, self.idle_failover, self.figures
         return {
             "label": self.label,
             "status": self.status,
@@ -811,6 +824,11 @@ class IdleResult:
                 "median_s": None if med is None else round(med.seconds, 4),
                 "median_recovered": None if med is None else med.recovered,
                 "runs": [o.to_json() for o in self.failovers],
+            },
+            "failover_blackhole_while_idle": {
+                "median_s": None if idle_med is None else round(idle_med.seconds, 4),
+                "median_recovered": None if idle_med is None else idle_med.recovered,
+                "runs": [o.to_json() for o in self.idle_failovers],
             },
         }
 
@@ -885,13 +903,18 @@ def render_idle(section: IdleSection, runs: int, paths: Sequence[str]) -> str:
         role = _role_name(reference, name, section.metered)
         cells = [_rate_cell(r.figures.rates.get(name) if r.figures else None) for r in results]
         lines.append("| " + " | ".join([f"{name} ({role}), B/s on the wire", *cells, _path_target(role)]) + " |")
-    failover = []
-    for r in results:
-        o = r.failover
-        failover.append("—" if o is None else format_figure(BLACKHOLE, Figure(o.seconds, lower_bound=not o.recovered)))
+    def outages(which: Callable[[IdleResult], Outage | None]) -> list[str]:
+        cells = []
+        for r in results:
+            o = which(r)
+            cells.append("—" if o is None else format_figure(BLACKHOLE, Figure(o.seconds, lower_bound=not o.recovered)))
+        return cells
+
     victim = next((o.path for r in results for o in r.failovers), "the active path")
-    lines.append("| " + " | ".join([f"failover, blackhole of {victim} (s, {of})", *failover,
+    lines.append("| " + " | ".join([f"failover, blackhole of {victim} (s, {of})", *outages(lambda r: r.failover),
                                     "no slower than previous"]) + " |")  # fmt: skip
+    lines.append("| " + " | ".join([f"failover, {victim} blackholed while idle, from the first packet (s, {of})",
+                                    *outages(lambda r: r.idle_failover), "—"]) + " |")  # fmt: skip
     notes = [
         "",
         f"- {IDLE_LABELS[FLAT]}: issue 12's 'today's policy', reproduced with standby_probe_interval_ms = "
@@ -901,6 +924,9 @@ def render_idle(section: IdleSection, runs: int, paths: Sequence[str]) -> str:
         "path interfaces, both directions (probes, acks, keepalives, ARP/ND); out = client to gateway.",
         "- failover: longest gap in a "
         f"{PROBE_HZ:g} Hz UDP probe stream through the tunnel while the active path is blackholed.",
+        f"- while idle: the active path is blackholed {IDLE_FAULT_LEAD_S:g} s before the stream starts, on a tunnel "
+        "idle for idle_after_ms; the outage counts from the stream's first packet (the cost of probing an idle "
+        "path at its standby cadence: the death is seen after the first packet, docs/policy.md).",
     ]
     for r in results:
         if r.status == MEASURED and (r.active != r.active_end or r.roles != r.roles_end):
@@ -1262,8 +1288,14 @@ async def _wait_preferred(lab: Lab, active_path: ActivePath) -> str:
     return current
 
 
-async def _one_outage(system: Running, fault: str, victim: str, settings: BenchSettings, tag: str) -> Outage:
-    """Run one probe stream, put ``fault`` on ``victim`` while it flows, and return the outage."""
+async def _one_outage(
+    system: Running, fault: str, victim: str, settings: BenchSettings, tag: str, *, fault_first: bool = False
+) -> Outage:
+    """Run one probe stream, put ``fault`` on ``victim`` while it flows, and return the outage.
+
+    ``fault_first``: the fault is on :data:`IDLE_FAULT_LEAD_S` before the stream starts (a death while
+    the tunnel idles), and the outage counts from the stream's first packet.
+    """
     lab, workdir = system.lab, system.workdir
     ready, report, first = (workdir / f"probe-{tag}.{ext}" for ext in ("ready", "json", "first"))
     sink_err, source_err = workdir / f"probe-{tag}-sink.err", workdir / f"probe-{tag}-source.err"
@@ -1276,22 +1308,31 @@ async def _one_outage(system: Running, fault: str, victim: str, settings: BenchS
         stderr_path=sink_err,
     )  # fmt: skip
     await _wait_for(lambda: _exists(ready), timeout_s=READY_TIMEOUT_S, what="probe sink", process=sink, log=sink_err)
+
+    async def apply_fault() -> float:
+        at = time.monotonic()
+        if fault == LINK_DOWN:
+            await lab.link_down(victim)
+        else:
+            await lab.blackhole(victim, True)
+        return at
+
+    if fault_first:
+        fault_start = await apply_fault()
+        await trio.sleep(IDLE_FAULT_LEAD_S)
     source = await lab.start_process(
         lab.client_ns,
         traffic_argv("udp-probe-source", "--connect", listen, "--hz", f"{PROBE_HZ:g}", "--duration", f"{duration:g}",
                      "--report", str(workdir / f"probe-{tag}-source.json")),
         stderr_path=source_err,
     )  # fmt: skip
-    await _wait_for(
-        lambda: _exists(first), timeout_s=READY_TIMEOUT_S, what="first probe through the tunnel",
-        process=source, log=source_err,
-    )  # fmt: skip
-    await trio.sleep(PROBE_LEAD_S)
-    fault_start = time.monotonic()
-    if fault == LINK_DOWN:
-        await lab.link_down(victim)
-    else:
-        await lab.blackhole(victim, True)
+    if not fault_first:
+        await _wait_for(
+            lambda: _exists(first), timeout_s=READY_TIMEOUT_S, what="first probe through the tunnel",
+            process=source, log=source_err,
+        )  # fmt: skip
+        await trio.sleep(PROBE_LEAD_S)
+        fault_start = await apply_fault()
     await trio.sleep(settings.fault_s)
     fault_end = time.monotonic()
     await lab.restore(victim)
@@ -1303,9 +1344,27 @@ async def _one_outage(system: Running, fault: str, victim: str, settings: BenchS
         raise BenchError(f"probe sink wrote no usable report: {await _tail(sink_err)}")
     start = float(data["start"])
     arrivals = [start + float(t) for _, t in data.get("arrivals", [])]
+    if fault_first:
+        fault_start = start
     return outage_from_arrivals(
         arrivals, fault_start=fault_start, fault_end=fault_end, stream_end=float(data["end"]), path=victim
     )
+
+
+async def _idle_outage_run(system: Running, settings: BenchSettings, run: int) -> None:
+    """A blackhole of the active path while the tunnel idles, then traffic (:func:`_one_outage`'s ``fault_first``)."""
+    assert system.active_path is not None and system.status is not None  # jvpn-trio systems only
+    victim = await _wait_preferred(system.lab, system.active_path)
+    status, lab = system.status, system.lab
+
+    async def idle() -> bool:
+        return idle_ready(lab.paths, await status())
+
+    await _wait_for(idle, timeout_s=IDLE_SETTLE_TIMEOUT_S, what="the tunnel idle again", process=None, log=None)
+    outage = await _one_outage(system, BLACKHOLE, victim, settings, f"idle-blackhole-{run + 1}", fault_first=True)
+    system.outages.setdefault(IDLE_BLACKHOLE, []).append(outage)
+    shown = f"{outage.seconds:.3f} s" if outage.recovered else f"> {outage.seconds:.3f} s (no recovery)"
+    _progress(f"  {system.key}: run {run + 1}/{settings.runs} blackhole while idle on {victim}: outage {shown}")
 
 
 async def _outage_run(system: Running, fault: str, settings: BenchSettings, run: int) -> None:
@@ -1727,6 +1786,7 @@ async def run_idle(settings: BenchSettings, workdir: Path) -> IdleSection:
                 system = next(s for s in running if s.key == key)
                 try:
                     await _outage_run(system, BLACKHOLE, settings, r)
+                    await _idle_outage_run(system, settings, r)
                 except MEASUREMENT_ERRORS as exc:
                     system.failure = _reason(exc)
                     _progress(f"  {system.key}: failed: {system.failure}")
@@ -1740,6 +1800,7 @@ async def run_idle(settings: BenchSettings, workdir: Path) -> IdleSection:
                 roles=start.roles if start else {}, active=start.active if start else None,
                 roles_end=measured[1].roles if measured else {}, active_end=measured[1].active if measured else None,
                 failovers=tuple(system.outages.get(BLACKHOLE, ())),
+                idle_failovers=tuple(system.outages.get(IDLE_BLACKHOLE, ())),
             )  # fmt: skip
             if measured:
                 f = measured[0]

@@ -26,6 +26,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "probe_interval_ms": (1, 60_000),
     "standby_probe_interval_ms": (1, 600_000),
     "metered_probe_interval_ms": (1, 600_000),
+    "idle_after_ms": (1, HOUR_MS),
     "probe_timeout_ms": (1, 60_000),
     "probe_timeout_floor_ms": (1, 60_000),
     "dead_after_missed_probes": (1, 1_000),
@@ -81,6 +82,7 @@ BASE: dict[str, Any] = {
     "probe_interval_ms": 50,
     "standby_probe_interval_ms": 1_000,
     "metered_probe_interval_ms": 10_000,
+    "idle_after_ms": 5_000,
     "probe_timeout_ms": 200,
     "probe_timeout_floor_ms": None,
     "dead_after_missed_probes": 3,
@@ -377,6 +379,7 @@ ALTERNATIVES: dict[str, object] = {
     "probe_interval_ms": 51,
     "standby_probe_interval_ms": 1_001,
     "metered_probe_interval_ms": 10_001,
+    "idle_after_ms": 5_001,
     "probe_timeout_ms": 201,
     "probe_timeout_floor_ms": 60,
     "dead_after_missed_probes": 4,
@@ -403,7 +406,7 @@ def test_fingerprint_is_16_hex_digits_of_sha256_over_canonical_json() -> None:
     assert set(fp) <= set("0123456789abcdef")
     # The probing cadences came later: at their defaults they are left out, so a policy recorded
     # before they existed keeps its fingerprint (and its recorded runs replay).
-    later = {"standby_probe_interval_ms", "metered_probe_interval_ms"}
+    later = {"standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms"}
     mapping = {k: v for k, v in DEFAULT_POLICY.to_mapping().items() if k not in later}
     blob = json.dumps(mapping, sort_keys=True, separators=(",", ":")).encode()
     assert fp == hashlib.sha256(blob).hexdigest()[:16] == "0f008986eaaa4f2d"
@@ -526,6 +529,13 @@ def test_the_standby_cadences_in_effect_stay_between_the_active_one_and_half_the
     # An active cadence slower than the standby one: standby is never probed faster than the active path.
     slow = base(probe_interval_ms=2_000, transport_loss_ttl_ms=60_000, probe_timeout_ms=2_500)
     assert (slow.standby_probe_ms, slow.metered_probe_ms) == (2_000, 10_000)
+
+
+def test_the_tunnel_is_idle_no_sooner_than_a_death_could_be_seen() -> None:
+    assert base().idle_ms == 5_000
+    assert base(idle_after_ms=100).idle_ms == base().death_detection_bound_ms == 350
+    slow = base(probe_interval_ms=2_000, transport_loss_ttl_ms=60_000, probe_timeout_ms=2_500)
+    assert slow.idle_ms == 3 * 2_000 + 2_500
 
 
 def test_a_metered_path_probed_more_often_than_a_free_one_is_refused() -> None:

@@ -34,7 +34,7 @@ def test_each_role_has_its_cadence_while_attached() -> None:
     pair = Pair.start(metered={3})
     pair.run(1.0)
     assert pair.client.record.state is S.ATTACHED and pair.client.record.binding is not None
-    roles = {p: pair.client.probe_role(p) for p in (P1, P2, P3)}
+    roles = {p: pair.client.probe_role(p, now=pair.now) for p in (P1, P2, P3)}
     assert roles == {P1: ProbeRole.ACTIVE, P2: ProbeRole.STANDBY, P3: ProbeRole.METERED}
     now = pair.now
     assert sent(pair, P1) == now + POLICY.probe_interval_ms / 1000
@@ -59,7 +59,7 @@ def test_every_path_is_probed_at_the_active_cadence_once_the_session_is_not_atta
         pair.seq += 1
         pair._client(ev.ProbeSent(path=P1, seq=pair.seq))
     # The binding is failing: the standby paths are due at once (within one active interval of their last probe).
-    assert pair.client.probe_role(P2) is ProbeRole.ACTIVE and pair.client.probe_role(P3) is ProbeRole.ACTIVE
+    assert pair.client.probe_role(P2, now=pair.now) is ProbeRole.ACTIVE and pair.client.probe_role(P3, now=pair.now) is ProbeRole.ACTIVE
     for p in (P2, P3):
         due = pair.client.probe_due(p)
         assert due is not None and due <= pair.now
@@ -85,10 +85,10 @@ def test_an_impaired_standby_earns_healthy_back_at_the_active_cadence() -> None:
         pair.advance(POLICY.probe_interval_ms / 1000)
         pair.probe_round_lossy([1, 3] if i % 2 else [1, 2, 3])
     assert pair.client.snapshot(now=pair.now).paths[1].verdict.verdict.value == "IMPAIRED"
-    assert pair.client.probe_role(P2) is ProbeRole.ACTIVE
+    assert pair.client.probe_role(P2, now=pair.now) is ProbeRole.ACTIVE
     pair.run(3.0)  # acks again: HEALTHY, and back to the standby cadence
     assert pair.client.snapshot(now=pair.now).paths[1].verdict.verdict.value == "HEALTHY"
-    assert pair.client.probe_role(P2) is ProbeRole.STANDBY
+    assert pair.client.probe_role(P2, now=pair.now) is ProbeRole.STANDBY
 
 
 def test_the_standby_cadence_never_lets_a_healthy_path_go_silent_for_a_ttl() -> None:
@@ -108,6 +108,71 @@ def test_a_path_that_becomes_metered_is_left_for_a_free_one_and_probed_as_metere
     assert binding is not None and binding.path == P2
     switches = [e for e in pair.events("client") if e.kind.value == "TRANSPORT_SWITCH"]
     assert switches[-1].reason.value == "UNMETERED_AVAILABLE"
-    assert pair.client.probe_role(P1) is ProbeRole.METERED
+    assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.METERED
     pair._client(ev.PathCostChanged(path=PathId(9), metered=True))
+    assert pair.client.counters["unknown_path_inputs"] >= 1
+
+
+# -- the bound path while the tunnel is idle ---------------------------------------------------------
+
+
+def idle(pair: Pair) -> None:
+    """Run past ``idle_after_ms`` with no data either way."""
+    pair.run(POLICY.idle_after_ms / 1000 + 1.0)
+    assert pair.client.record.state is S.ATTACHED
+
+
+def test_a_fresh_binding_is_watched_at_the_active_cadence_until_the_tunnel_has_been_idle_a_while() -> None:
+    pair = Pair.start()
+    pair.run(1.0)
+    assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.ACTIVE
+    idle(pair)
+    assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.IDLE
+    now = pair.now
+    assert sent(pair, P1) == now + POLICY.standby_probe_interval_ms / 1000
+
+
+def test_traffic_either_way_brings_the_active_cadence_back_within_one_interval() -> None:
+    for traffic in (ev.DataSent(path=P1), ev.DeliveryObserved(path=P1)):
+        pair = Pair.start()
+        idle(pair)
+        last = pair.now
+        sent(pair, P1)
+        pair.advance(0.3)
+        pair._client(traffic)
+        assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.ACTIVE
+        assert pair.client.probe_due(P1) == last + POLICY.probe_interval_ms / 1000 < pair.now  # at once
+        pair.advance(POLICY.idle_after_ms / 1000)  # the next quiet spell
+        assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.IDLE
+
+
+def test_the_last_probe_before_the_tunnel_turns_idle_is_at_the_active_cadence() -> None:
+    pair = Pair.start()
+    idle(pair)
+    pair._client(ev.DataSent(path=P1))
+    busy_until = pair.now + POLICY.idle_after_ms / 1000
+    pair.advance(POLICY.idle_after_ms / 1000 - 0.03)
+    now = pair.now
+    assert sent(pair, P1) == now + POLICY.standby_probe_interval_ms / 1000  # now + 50 ms is past busy_until
+    assert now + POLICY.probe_interval_ms / 1000 >= busy_until
+
+
+def test_an_idle_metered_binding_is_probed_at_the_metered_cadence() -> None:
+    pair = Pair.start(metered={1, 2, 3})
+    idle(pair)
+    binding = pair.client.record.binding
+    assert binding is not None
+    assert pair.client.probe_role(binding.path, now=pair.now) is ProbeRole.IDLE
+    now = pair.now
+    assert sent(pair, binding.path) == now + POLICY.metered_probe_interval_ms / 1000
+
+
+def test_data_on_an_idle_tunnel_is_no_evidence_of_health() -> None:
+    pair = Pair.start()
+    idle(pair)
+    before = pair.client.snapshot(now=pair.now).paths[0].stats
+    pair._client(ev.DataSent(path=P1))
+    after = pair.client.snapshot(now=pair.now).paths[0].stats
+    assert after == before
+    pair._client(ev.DataSent(path=PathId(9)))
     assert pair.client.counters["unknown_path_inputs"] >= 1

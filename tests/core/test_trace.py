@@ -37,6 +37,7 @@ SAMPLES: dict[str, Any] = {
     "ProbeSent": ev.ProbeSent(path=P1, seq=41),
     "ProbeAcked": ev.ProbeAcked(path=P1, seq=41, gateway_version=3, gateway_bound_path=P2),
     "DeliveryObserved": ev.DeliveryObserved(path=P2),
+    "DataSent": ev.DataSent(path=P1),
     "ReattachAcked": ev.ReattachAcked(path=P2, nonce=7, new_version=4),
     "ReattachRejected": ev.ReattachRejected(path=P2, nonce=7, reason=R.STALE_VERSION, current_version=5),
     "PinRequested": ev.PinRequested(path=PathId(255)),

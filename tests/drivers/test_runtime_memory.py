@@ -498,17 +498,33 @@ async def test_probes_follow_each_paths_role_and_a_failing_binding_probes_every_
     world.client.paths[PathId(3)] = attrs.evolve(world.client.paths[PathId(3)], metered=True)
     probes = tap(world.net, wire.MessageType.PROBE, lambda _data, src, _dst: (trio.current_time(), src))
     policy = world.policy
-    with trio.fail_after(60):
+
+    def per_s(i: int, since: float, seconds: float) -> float:
+        return sum(1 for t, src in probes if src == client_addr(i) and since <= t < since + seconds) / seconds
+
+    async def traffic() -> None:
+        up = ipv4_packet("10.66.0.2", "10.66.0.1", b"busy")
+        while True:
+            world.cl_packets.inject(up)
+            await trio.sleep(0.1)
+
+    with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
             await start(nursery, world)
-            await trio.sleep(2.0)  # attached on p1; the first probes of every path are behind us
+            await trio.sleep(policy.idle_ms / 1000 + 2.0)  # attached on p1, nothing sent: the tunnel idles
             since = trio.current_time()
             await trio.sleep(20.0)
-            counts = {i: sum(1 for t, src in probes if src == client_addr(i) and t >= since) for i in (1, 2, 3)}
-            per_s = {i: n / 20.0 for i, n in counts.items()}
-            assert per_s[1] == pytest.approx(1000 / policy.probe_interval_ms, rel=0.05)
-            assert per_s[2] == pytest.approx(1000 / policy.standby_probe_interval_ms, rel=0.1)
-            assert counts[3] in (2, 3)  # every metered_probe_interval_ms
+            assert per_s(1, since, 20.0) == pytest.approx(1000 / policy.standby_probe_interval_ms, rel=0.1)
+            assert per_s(2, since, 20.0) == pytest.approx(1000 / policy.standby_probe_interval_ms, rel=0.1)
+            assert per_s(3, since, 20.0) * 20.0 in (2, 3)  # every metered_probe_interval_ms
+            # Data flows: the active path is probed at once, then at the active cadence; the others keep theirs.
+            busy = trio.current_time()
+            nursery.start_soon(traffic)
+            await trio.sleep(5.0)
+            first = min(t for t, src in probes if src == client_addr(1) and t >= busy)
+            assert first - busy <= policy.probe_interval_ms / 1000
+            assert per_s(1, busy, 5.0) == pytest.approx(1000 / policy.probe_interval_ms, rel=0.05)
+            assert per_s(2, busy, 5.0) == pytest.approx(1000 / policy.standby_probe_interval_ms, rel=0.2)
             # The active path is blackholed: once it is declared dead every standby is probed at once.
             world.net.blocked.add(client_addr(1))
             blackholed = trio.current_time()

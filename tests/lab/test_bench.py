@@ -373,10 +373,12 @@ def _path(interface: str, *, active: bool = False, probing: str = "standby", ver
     return {"interface": interface, "active": active, "probing": probing, "verdict": verdict, "last_delivery_ago_s": last}
 
 
-def test_idle_ready_wants_the_preferred_path_active_and_healthy_standbys() -> None:
+def test_idle_ready_wants_the_preferred_path_active_and_idle_and_healthy_standbys() -> None:
     paths = DEFAULT_PATHS
-    idle = [_path("eth0", active=True, probing="active"), _path("wifi0"), _path("lte0", probing="metered")]
+    idle = [_path("eth0", active=True, probing="idle"), _path("wifi0"), _path("lte0", probing="metered")]
     assert bench.idle_ready(paths, {"state": "ATTACHED", "paths": idle})
+    busy = [_path("eth0", active=True, probing="active"), *idle[1:]]
+    assert not bench.idle_ready(paths, {"state": "ATTACHED", "paths": busy})
     assert not bench.idle_ready(paths, {"state": "RECOVERING", "paths": idle})
     assert not bench.idle_ready(paths, {})
     assert not bench.idle_ready(paths, {"state": "ATTACHED", "paths": idle[:2]})
@@ -386,7 +388,7 @@ def test_idle_ready_wants_the_preferred_path_active_and_healthy_standbys() -> No
     assert not bench.idle_ready(paths, {"state": "ATTACHED", "paths": impaired})
     unanswered = [idle[0], idle[1], _path("lte0", probing="metered", last=None)]
     assert not bench.idle_ready(paths, {"state": "ATTACHED", "paths": unanswered})
-    assert bench.probe_roles({"paths": idle}) == {"eth0": "active", "wifi0": "standby", "lte0": "metered"}
+    assert bench.probe_roles({"paths": idle}) == {"eth0": "idle", "wifi0": "standby", "lte0": "metered"}
 
 
 NAMES = [p.name for p in DEFAULT_PATHS]
@@ -412,11 +414,11 @@ def test_idle_figures_over_the_window_between_two_snapshots() -> None:
 def _idle_section() -> bench.IdleSection:
     flat = bench.idle_figures(_snapshot(0.0, 0, 0), _snapshot(60.0, 300, 6000), names=NAMES, ticks_per_s=100.0)
     per_role = bench.idle_figures(_snapshot(0.0, 0, 0), _snapshot(60.0, 30, 600), names=NAMES, ticks_per_s=100.0)
-    roles = {"eth0": "active", "wifi0": "standby", "lte0": "metered"}
+    roles = {"eth0": "idle", "wifi0": "standby", "lte0": "metered"}
     results = (
         bench.IdleResult(key=bench.PER_ROLE, status=MEASURED, overrides={}, figures=per_role, roles=roles,
                          roles_end=roles, active="eth0", active_end="eth0",
-                         failovers=(_o(0.30), _o(0.27), _o(0.29))),
+                         failovers=(_o(0.30), _o(0.27), _o(0.29)), idle_failovers=(_o(0.42), _o(0.38))),
         bench.IdleResult(key=bench.FLAT, status=bench.FAILED, overrides=bench.IDLE_POLICIES[bench.FLAT], figures=flat,
                          reason="BenchError: the client process (7) is not running", roles=roles, roles_end=roles,
                          active="eth0", active_end="eth0", failovers=(_o(0.31),)),
@@ -431,10 +433,12 @@ def test_idle_table_has_a_column_per_policy_and_a_row_per_path() -> None:
     assert table["status"][1] == "failed: BenchError: the client process (7) is not running"
     assert table["client CPU (% of one core, 60 s idle)"][:2] == ["0.50", "5.00"]
     assert table["gateway CPU (% of one core, one idle session)"][:2] == ["0.25", "2.50"]
-    assert table["eth0 (active), B/s on the wire"][0] == "30 (20 out, 10 in)"
+    assert table["eth0 (idle), B/s on the wire"][0] == "30 (20 out, 10 in)"
     assert table["wifi0 (standby), B/s on the wire"][1] == "300 (200 out, 100 in)"
     assert "lte0 (metered standby), B/s on the wire" in table
     assert table["failover, blackhole of eth0 (s, median of 3)"][:2] == ["0.290", "0.310"]
+    # Two runs: the higher middle one, never an average.
+    assert table["failover, eth0 blackholed while idle, from the first packet (s, median of 3)"][:2] == ["0.420", "—"]
     assert "standby_probe_interval_ms = metered_probe_interval_ms = 50" in text
 
 
@@ -449,6 +453,8 @@ def test_idle_json_and_the_report_without_systems() -> None:
     assert per_role["cpu_percent_of_one_core"] == {"client": 0.5, "gateway": 0.25}
     assert per_role["paths"]["wifi0"] == {"role": "standby", "tx_Bps": 20.0, "rx_Bps": 10.0, "total_Bps": 30.0}
     assert per_role["failover_blackhole"]["median_s"] == 0.29 and len(per_role["failover_blackhole"]["runs"]) == 3
+    assert per_role["failover_blackhole_while_idle"]["median_s"] == 0.42
+    assert flat["failover_blackhole_while_idle"] == {"median_s": None, "median_recovered": None, "runs": []}
     assert flat["policy_overrides"]["standby_probe_interval_ms"] == 50 == flat["policy_overrides"]["metered_probe_interval_ms"]
     assert doc["systems"] == {} and doc["settings"]["idle_seconds"] == 60.0
     assert report.failed  # the flat policy's failure is an exit code 1
@@ -571,7 +577,9 @@ async def test_quick_bench_of_baseline_and_jvpn_produces_every_figure(tmp_path: 
         assert idle.figures is not None and set(idle.figures.cpu_pct) == {"client", "gateway"}
         assert set(idle.figures.rates) == {p.name for p in DEFAULT_PATHS}
         assert idle.active == "eth0" and idle.roles["lte0"] == "metered" and idle.roles["wifi0"] == "standby"
+        assert idle.roles["eth0"] == "idle"
         assert len(idle.failovers) == 1 and idle.failovers[0].path == "eth0"
+        assert len(idle.idle_failovers) == 1 and idle.idle_failovers[0].recovered
     table = bench.render_table(report)
     assert "jvpn / bare" in table and "jvpn / OpenVPN" not in table
     assert "| idle, jvpn-trio |" in table
