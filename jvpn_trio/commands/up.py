@@ -517,6 +517,7 @@ async def _run_client(
                 interfaces={path: (name, kind) for path, name, kind in value.paths},
                 tunnel_address=value.tunnel_address,
                 tunnel_address6=value.tunnel_address6,
+                held=agent.held_reason,
             )
 
         def stop() -> None:

@@ -10,7 +10,8 @@ addresses it keeps, and the gateway driver carries the answer out:
    session it replaces, the ownership claim to write) or :class:`Refuse`.
    The table is updated at once, so a second handshake racing the first sees
    the first one's effect.
-2. The driver ends the replaced session (PEER_CLOSE), writes the claim by
+2. The driver ends the replaced session (SESSION_REPLACED: the same key
+   handshook again, from this machine or another), writes the claim by
    compare-and-swap and reports the store's answer to :meth:`settle_claim`,
    which returns :class:`Claimed` (the revision the new session holds) or
    :class:`Refuse` and frees the address again.
@@ -323,7 +324,7 @@ class Admissions:
         """Decide on a new session for an authenticated ``peer``; the table changes at once.
 
         The address is the one the peer's current session holds (which the new
-        session then replaces), else the peer's configured one, else the
+        session then replaces: ``Admit.replaces``, ended SESSION_REPLACED), else the peer's configured one, else the
         lowest free pool address.  Refuses POOL_EXHAUSTED when the pool is
         empty and ADMISSION_IN_FLIGHT while the peer's previous admission
         still waits for its claim.  Raises ValueError if ``session_id`` is

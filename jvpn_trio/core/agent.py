@@ -35,6 +35,17 @@ a *new* session, with a new SessionID, whose BIRTH names the one before it.
   suspend"), and every REATTACH or probe would go unanswered until the
   client's own TTL ran out.  :meth:`Succession.resumed` then makes the next
   handshake (or a rescue of the live session) due at once.
+- **Replaced.**  The gateway keeps one session per static key: a newer
+  handshake with the same key (the same key on a second machine, or a
+  second ``up`` with it) replaces this session, and the gateway says so with
+  an authenticated CLOSE(SESSION_REPLACED).  Handshaking again at once, or
+  after any back-off, would evict the other client, which would evict this
+  one in turn, forever.  So a session ended that way (:data:`HOLD_PEER_REASONS`)
+  *holds* the agent as an operator's disconnect does: no handshake until a
+  person asks for one (:meth:`Succession.reconnect_requested`), and the
+  status says why (:attr:`Succession.hold`).  The agent's own rescue
+  replaces its own session too, and may hear that CLOSE: a session ended
+  while a rescue was out (answered or not yet) does not hold.
 - **Rounds.**  A handshake round (:class:`HandshakeRound`) is one attempt
   per eligible path, in the order the
   :class:`~jvpn_trio.core.connect.HandshakePlanner` gives, each waiting
@@ -49,7 +60,8 @@ Everything here is a pure function of its inputs and ``now``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
@@ -66,6 +78,12 @@ from jvpn_trio.core.session import SessionRecord
 from jvpn_trio.core.states import ReasonCode, SessionState
 
 _MS = 1000.0
+#: A peer's CLOSE with one of these reasons holds the agent until a person reconnects (module docstring,
+#: "Replaced"): reconnecting by itself would take the session back from another holder of the same key.
+#: Each with what the agent says about it (its log line, ``status``, the UI).
+HOLD_PEER_REASONS: Mapping[ReasonCode, str] = {
+    ReasonCode.SESSION_REPLACED: "replaced by another client with the same key",
+}
 #: The gateway ends a silent session after this many transport-loss TTLs at the latest: one TTL
 #: until it releases the binding (spec R11), one more unbound (Property 4, R1).
 GATEWAY_SILENCE_TTLS = 2
@@ -100,8 +118,10 @@ class SessionSeed:
 class Succession:
     """The agent's decisions between sessions; see the module docstring.
 
-    State changes: :meth:`handshake_failed`, :meth:`session_started` and
-    :meth:`session_ended`.  Queries never change anything.
+    State changes: :meth:`handshake_failed`, :meth:`session_started`,
+    :meth:`session_ended` and :meth:`reconnect_requested`.  Queries never
+    change anything.  ``hold`` is the peer reason the agent waits for a person
+    after (None: it reconnects by itself).
     """
 
     def __init__(self, *, policy: Policy, now: float) -> None:
@@ -114,6 +134,7 @@ class Succession:
         #: Set by a resume that outlived the gateway: a rescue of the live session is due then.
         self._rescue_forced_at: float | None = None
         self._reconnect_by = ""
+        self.hold: ReasonCode | None = None
 
     # -- queries ------------------------------------------------------------------
     def reconnect_delay_ms(self) -> int:
@@ -124,8 +145,8 @@ class Succession:
         return min(self.policy.reconnect_initial_ms << doublings, self.policy.reconnect_max_ms)
 
     def next_attempt_at(self) -> float:
-        """When the next handshake round may start."""
-        return self._next_attempt_at
+        """When the next handshake round may start: never while held."""
+        return math.inf if self.hold is not None else self._next_attempt_at
 
     def rescue_at(self, record: SessionRecord) -> float | None:
         """When a fresh handshake may try to replace the live session ``record``; None while it is bound."""
@@ -170,8 +191,18 @@ class Succession:
         self._reconnect_by = ""
         return seed
 
-    def session_ended(self, record: SessionRecord, now: float) -> float:
-        """A session is over (or is being replaced); returns when the next handshake may start."""
+    def session_ended(
+        self, record: SessionRecord, now: float, *, peer_reason: ReasonCode | None = None, rescued: bool = False
+    ) -> float:
+        """A session is over (or is being replaced); returns when the next handshake may start.
+
+        ``peer_reason``: the reason of the peer's CLOSE that ended it, if one
+        did.  One in :data:`HOLD_PEER_REASONS` sets :attr:`hold` (the return
+        is then ``inf``) unless ``rescued``: the agent's own rescue was
+        out, so the session that replaced this one is (or was about to be) ours.
+        """
+        if peer_reason in HOLD_PEER_REASONS and not rescued:
+            self.hold = peer_reason
         self._previous = record.session_id
         self._switch_times = tuple(
             t for t in sorted(set(self._switch_times) | set(record.switch_times)) if now < t + SWITCH_RATE_WINDOW_S
@@ -179,7 +210,8 @@ class Succession:
         ever_bound = record.binding is not None or record.last_path is not None
         if ever_bound and now - record.created_at >= SWITCH_RATE_WINDOW_S:
             self.failures = 0
-        return self._fail(now)
+        self._fail(now)
+        return self.next_attempt_at()
 
     def resumed(self, suspended_for_s: float, now: float) -> bool:
         """The machine slept ``suspended_for_s`` and runs again at ``now``; True if a handshake is due at once.
@@ -201,8 +233,9 @@ class Succession:
 
         The back-off after failures is cut to one ``reconnect_initial_ms``: a
         person asking is a reason to try soon, and the floor still bounds how
-        often repeated asking can make the agent handshake.
+        often repeated asking can make the agent handshake.  It ends a hold.
         """
+        self.hold = None
         self._reconnect_by = by
         self._next_attempt_at = min(self._next_attempt_at, now + self.policy.reconnect_initial_ms / _MS)
         return self._next_attempt_at

@@ -63,6 +63,7 @@ class ReasonCode(enum.Enum):
     LOCAL_CLOSE = "LOCAL_CLOSE"
     PEER_CLOSE = "PEER_CLOSE"
     PEER_REMOVED = "PEER_REMOVED"  # the gateway's operator removed the peer: its key is no longer authorised
+    SESSION_REPLACED = "SESSION_REPLACED"  # a newer handshake with the same static key took the peer's address
 
     # -- switch causes that are not themselves transitions ------------------
     PREFERRED_PATH_RESTORED = "PREFERRED_PATH_RESTORED"
@@ -153,11 +154,12 @@ TERMINATION_REASONS = (
     R.LOCAL_CLOSE,
     R.PEER_CLOSE,
     R.PEER_REMOVED,
+    R.SESSION_REPLACED,
 )
 #: What an operator can ask of a live client session; each is logged as an OPERATOR_ACTION event.
 OPERATOR_REASONS = (R.OPERATOR_PIN, R.OPERATOR_UNPIN, R.OPERATOR_REEVALUATE, R.OPERATOR_DISCONNECT, R.OPERATOR_RECONNECT)
 #: The reasons an explicit ``CloseRequested`` may end a session with.
-CLOSE_REASONS = (R.LOCAL_CLOSE, R.PEER_REMOVED)
+CLOSE_REASONS = (R.LOCAL_CLOSE, R.PEER_REMOVED, R.SESSION_REPLACED)
 LIVE_STATES = tuple(s for s in SessionState if s is not S.TERMINATED)
 
 
@@ -182,7 +184,10 @@ def _build_table() -> dict[tuple[SessionState, ReasonCode], Rule]:
     for state in (S.ATTACHED, S.VOLATILE, S.RECOVERING):
         table[(state, R.SWITCH_RATE_EXCEEDED)] = Rule(S.DEGRADED, B.KEEP)
     for state in LIVE_STATES:
-        for reason in (R.SESSION_TTL_EXPIRED, R.KEY_EXHAUSTED, R.OWNERSHIP_LOST, R.LOCAL_CLOSE, R.PEER_CLOSE, R.PEER_REMOVED):
+        for reason in (
+            R.SESSION_TTL_EXPIRED, R.KEY_EXHAUSTED, R.OWNERSHIP_LOST, R.LOCAL_CLOSE, R.PEER_CLOSE, R.PEER_REMOVED,
+            R.SESSION_REPLACED,
+        ):  # fmt: skip
             table[(state, reason)] = Rule(S.TERMINATED, B.RELEASE)
     return table
 

@@ -222,6 +222,7 @@ REASON_WIRE_TABLE: tuple[ReasonCode | None, ...] = (
     R.OPERATOR_RECONNECT,  # 54
     R.UNMETERED_AVAILABLE,  # 55
     R.METERED_AVOIDED,  # 56
+    R.SESSION_REPLACED,  # 57
 )
 
 #: The inverse of :data:`REASON_WIRE_TABLE`.

@@ -25,6 +25,13 @@ that decides everything between sessions.  :meth:`ClientAgent.serve` loops:
    without an answer is ``handshake_failed``;
 3. when the session ends, for whatever reason the core gave,
    ``session_ended()`` says when to try again, and the loop goes on.
+   A session the gateway closed with SESSION_REPLACED (another client with
+   the same key took over) *holds* the agent instead, as a disconnect does:
+   reconnecting by itself would evict the other client, and it us, forever
+   (``core/agent.py``, "Replaced").  :attr:`ClientAgent.held_reason` says
+   why it holds; :meth:`ClientAgent.reconnect_nowait` ends the hold.  The
+   peer's reason is the one the session's TERMINATED event carries
+   (``peer_reason``), read on its way to the event sink.
 
 **The path set** belongs to the agent, not to a session: paths come and go
 while the agent runs (:meth:`ClientAgent.add_path`, :meth:`~ClientAgent.remove_path`,
@@ -66,13 +73,13 @@ import trio
 import trio_util
 
 from jvpn_trio.core import events as ev
-from jvpn_trio.core.actions import EmitEvent
-from jvpn_trio.core.agent import HandshakeRound, SessionSeed, Succession
+from jvpn_trio.core.actions import EmitEvent, EventKind
+from jvpn_trio.core.agent import HOLD_PEER_REASONS, HandshakeRound, SessionSeed, Succession
 from jvpn_trio.core.ids import PathId, RandomBytes
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession
-from jvpn_trio.core.states import ReasonCode
+from jvpn_trio.core.states import ReasonCode, SessionState
 from jvpn_trio.drivers.client import (
     BATCH,
     ClientPath,
@@ -151,8 +158,13 @@ class ClientAgent:
         self.tunnel_address6: ipaddress.IPv6Interface | None = None
         self._closing = False
         self._close_requested = trio.Event()
-        #: Set by :meth:`disconnect_nowait`: no session is started until :meth:`reconnect_nowait`.
+        #: Set by :meth:`disconnect_nowait` (or a replacement): no session is started until :meth:`reconnect_nowait`.
         self._held = trio_util.AsyncValue(False)
+        self._held_reason: ReasonCode | None = None
+        #: (session hex, peer reason) of the last session a peer's CLOSE ended, as its TERMINATED event said.
+        self._peer_closed: tuple[str, ReasonCode] | None = None
+        #: A rescue handshake of the live session is out (set until it returns; a session ending cancels it).
+        self._rescue_out = False
 
     # -- outside inputs -----------------------------------------------------------------------
     def statistics(self) -> ClientStatistics:
@@ -277,8 +289,13 @@ class ClientAgent:
 
     @property
     def held(self) -> bool:
-        """True after :meth:`disconnect_nowait` until :meth:`reconnect_nowait` (status: disconnected)."""
+        """True after :meth:`disconnect_nowait` or a replacement, until :meth:`reconnect_nowait`."""
         return bool(self._held.value)
+
+    @property
+    def held_reason(self) -> ReasonCode | None:
+        """Why the agent holds: OPERATOR_DISCONNECT, SESSION_REPLACED (None: it does not)."""
+        return self._held_reason if self._held.value else None
 
     def disconnect_nowait(self, by: str = "operator") -> bool:
         """Close the live session (OPERATOR_DISCONNECT, then LOCAL_CLOSE) and start no other until :meth:`reconnect_nowait`.
@@ -287,6 +304,7 @@ class ClientAgent:
         counted, as between sessions).  Returns whether a live session was
         told to close.
         """
+        self._held_reason = ReasonCode.OPERATOR_DISCONNECT
         self._held.value = True
         return self._close_live_session(by, ReasonCode.OPERATOR_DISCONNECT)
 
@@ -299,6 +317,7 @@ class ClientAgent:
         session was told to close.
         """
         self._held.value = False
+        self._held_reason = None
         if self._close_live_session(by, ReasonCode.OPERATOR_RECONNECT):
             return True
         if self.succession is not None:
@@ -340,11 +359,32 @@ class ClientAgent:
                         continue
                 seed = succession.session_started(adopt.result.session_id, trio.current_time())
                 adopt = await self._serve_session(runtime, adopt, seed, succession)
+                if succession.hold is not None and not self._held.value:
+                    self._hold_replaced(succession.hold)
                 if self._held.value:
                     adopt = None
                 self._publish_connecting()
             self.runtime = None
             nursery.cancel_scope.cancel()
+
+    def _hold_replaced(self, reason: ReasonCode) -> None:
+        """The gateway gave the session to another holder of our key: hold until a person reconnects."""
+        self._held_reason = reason
+        self._held.value = True
+        self._log(f"the session was {HOLD_PEER_REASONS[reason]} ({reason.value}); not reconnecting until asked (reconnect)")
+
+    def _session_event(self, event: EmitEvent) -> None:
+        """Pass a session's event on; remember the peer reason a TERMINATED by the peer's CLOSE carries."""
+        if (
+            event.kind is EventKind.STATE_CHANGE
+            and event.reason is ReasonCode.PEER_CLOSE
+            and event.detail("to_state") == SessionState.TERMINATED.value
+        ):
+            try:
+                self._peer_closed = (event.session, ReasonCode(event.detail("peer_reason")))
+            except ValueError:  # no or an unknown peer reason: nothing the succession acts on
+                self._peer_closed = None
+        self._emit(event)
 
     def _new_runtime(self) -> ClientRuntime:
         for path, up in (self.runtime.link_up.items() if self.runtime is not None else ()):
@@ -354,7 +394,7 @@ class ClientAgent:
             static=self._static,
             gateway_public=self._gateway_public,
             paths=[attrs.evolve(p, link_up=self._link_up[p.path]) for p in self._paths.values()],
-            emit=self._emit,
+            emit=self._session_event,
             packets=self._packets,
             set_address=self._set_address,
             random_bytes=self._random_bytes,
@@ -397,6 +437,7 @@ class ClientAgent:
     ) -> Handshaken | None:
         """Serve one session to its end; returns a rescue's handshake to start the next one from."""
         rescued: list[Handshaken] = []
+        self._rescue_out = False
 
         async def session(task_status: trio.TaskStatus[ClientRuntime] = trio.TASK_STATUS_IGNORED) -> None:
             await runtime.run(adopt=adopt, seed=seed, task_status=task_status)
@@ -408,7 +449,13 @@ class ClientAgent:
                 runtime.submit_nowait(ev.CloseRequested())
             nursery.start_soon(self._rescue, runtime, succession, rescued)
         assert runtime.session is not None
-        succession.session_ended(runtime.session.record, trio.current_time())
+        record = runtime.session.record
+        closed, self._peer_closed = self._peer_closed, None
+        peer_reason = closed[1] if closed is not None and closed[0] == record.session_id.hex else None
+        # A rescue still out when the session ended may be what replaced it (its CLOSE overtook the
+        # answer): not another client, so no hold; the next round handshakes afresh.
+        ours = bool(rescued) or self._rescue_out
+        succession.session_ended(record, trio.current_time(), peer_reason=peer_reason, rescued=ours)
         return rescued[0] if rescued and not self._closing else None
 
     async def _rescue(self, runtime: ClientRuntime, succession: Succession, found: list[Handshaken]) -> None:
@@ -432,7 +479,9 @@ class ClientAgent:
                 await self._nudge.wait_transition()
                 continue
             plan = HandshakeRound(policy=self.policy, candidates=runtime.candidates(), now=trio.current_time())
+            self._rescue_out = True
             answer = await runtime.rescue(plan)
+            self._rescue_out = False
             if answer is None:
                 succession.handshake_failed(trio.current_time(), last_attempt_at=plan.last_attempt_at)
                 continue

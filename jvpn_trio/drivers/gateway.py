@@ -26,8 +26,17 @@ Handshakes: a HANDSHAKE_INIT naming an existing session of the same peer
 rekeys it (the new keypair is held as *next* until the client's first
 packet proves it has it; the SessionID does not change, Property 5).  Any
 other authenticated init asks ``core.admission`` for a new session, and
-this driver carries the answer out: end the session it replaces
-(PEER_CLOSE), claim ownership in the store, start the session core.
+this driver carries the answer out: end the session it replaces, claim
+ownership in the store, start the session core.
+
+Same key twice (docs/gateway.md): a peer holds one session.  When a new
+handshake with the same static key completes, the session it replaces is
+unrouted at once and ends through the supervisor with SESSION_REPLACED: the
+core sends an authenticated CLOSE(SESSION_REPLACED) on the old binding,
+sealed with the old session's keys (the only ones its client can open),
+before the session is reaped and its keys dropped.  Only a HANDSHAKE_INIT
+that authenticates with the peer's static key and carries a fresh timestamp
+gets this far, so nobody without the key can displace a session.
 
 Data: DATA is written to the TUN only if it came from the active binding
 (``GatewaySession.accepts_data_from``); anything else is counted as stray
@@ -143,6 +152,7 @@ class _Counts:
     terminated_local_close: int = 0
     terminated_peer_close: int = 0
     terminated_peer_removed: int = 0
+    terminated_session_replaced: int = 0
     terminated_other: int = 0
     # REATTACHes answered with an ACK (a move, or a retry for the path already bound)
     reattach_accepted: int = 0
@@ -847,22 +857,30 @@ class GatewayRuntime:
         if isinstance(admission, Refuse):
             self._count(REFUSAL_COUNTERS[admission.reason])
             return
-        if admission.replaces is not None:
-            await self._retire(admission.replaces, now)
+        previous = self.sessions.get(admission.replaces) if admission.replaces is not None else None
+        if previous is not None:
+            self._unroute(previous)  # not one more packet from the TUN for it
         claimed = await self._claim(admission)
         if isinstance(claimed, Refuse):
             self._count(REFUSAL_COUNTERS[claimed.reason])
-            return
-        self._start_session(hs, peer, port, addr, claimed, now)
+        else:
+            self._start_session(hs, peer, port, addr, claimed, now)
+        if previous is not None:
+            await self._retire(previous, now)
 
-    async def _retire(self, session_id: SessionId, now: float) -> None:
-        """End a session its peer replaced: unroute its address now, close it through the supervisor."""
-        previous = self.sessions.get(session_id)
-        if previous is None:
-            return
-        self._unroute(previous)
+    async def _retire(self, previous: ServedSession, now: float) -> None:
+        """End a session its peer replaced (already unrouted): close it through the supervisor.
+
+        The core ends it with SESSION_REPLACED and sends CLOSE(SESSION_REPLACED)
+        on its binding, sealed with its own keys, which stay until it is reaped.
+        This comes after the new session's HANDSHAKE_RESP has left, so a client
+        that replaced its own session (the agent's rescue) normally hears its
+        answer first; its agent copes with the other order too (drivers/agent.py).
+        """
+        session_id = previous.session_id
         if not previous.core.terminated:
-            await self._inbox_send.send((now, session_id, ev.PeerClosed(reason=ReasonCode.PEER_CLOSE)))
+            replaced = ev.CloseRequested(reason=ReasonCode.SESSION_REPLACED)
+            await self._inbox_send.send((now, session_id, replaced))
 
     async def _claim(self, admission: Admit) -> Claimed | Refuse:
         """Write the admission's ownership claim and let the core judge the store's answer."""

@@ -45,9 +45,10 @@ from typing import Any, cast
 
 import attrs
 
+from jvpn_trio.core.agent import HOLD_PEER_REASONS
 from jvpn_trio.core.ids import Binding, PathId
 from jvpn_trio.core.session import ClientSnapshot, GatewaySnapshot, PathSnapshot
-from jvpn_trio.core.states import SessionState
+from jvpn_trio.core.states import ReasonCode, SessionState
 from jvpn_trio.drivers.gateway import PeerStatus
 
 #: Decimal places per unit (see the module docstring).
@@ -159,6 +160,16 @@ def _path_status(p: PathSnapshot, now: float, interfaces: Mapping[PathId, tuple[
 
 #: The client's ``state`` between two sessions of the agent (no session: a handshake is on its way).
 CONNECTING = "CONNECTING"
+#: The client's ``state`` while its agent holds (no session, and none starts until a reconnect), by why.
+HELD_STATES: Mapping[ReasonCode, str] = {
+    ReasonCode.OPERATOR_DISCONNECT: "DISCONNECTED",
+    ReasonCode.SESSION_REPLACED: "REPLACED",
+}
+#: What ``held_because`` says for each hold.
+HELD_TEXTS: Mapping[ReasonCode, str] = {
+    ReasonCode.OPERATOR_DISCONNECT: "disconnected by an operator",
+    **HOLD_PEER_REASONS,
+}
 
 
 def client_status(
@@ -170,6 +181,7 @@ def client_status(
     interfaces: Mapping[PathId, tuple[str, str]] | None = None,
     tunnel_address: str | None = None,
     tunnel_address6: str | None = None,
+    held: ReasonCode | None = None,
 ) -> dict[str, Any]:
     """The client's status report (JSON-able).  Raises ValueError if a counter name collides.
 
@@ -179,16 +191,22 @@ def client_status(
     the TUN (``RuntimeStatus.tunnel_address``, ``"10.66.0.2/24"``); null if unknown.
 
     ``snapshot`` is None between sessions: ``session`` is then null and
-    ``state`` is ``CONNECTING``.  ``sessions_started`` counts the agent's
-    sessions (1 during the first; None: not reported).
+    ``state`` is ``CONNECTING``, or, while the agent holds (``held``, its
+    ``ClientAgent.held_reason``), the state :data:`HELD_STATES` names, with
+    ``held`` (the reason) and ``held_because`` (:data:`HELD_TEXTS`) added.
+    ``sessions_started`` counts the agent's sessions (1 during the first; None: not reported).
     """
     started = {} if sessions_started is None else {"sessions_started": sessions_started}
     tunnel = {"tunnel_address": tunnel_address, "tunnel_address6": tunnel_address6}
     if snapshot is None:
+        holding = (
+            {"held": held.value, "held_because": HELD_TEXTS.get(held, held.value)} if held is not None else {}
+        )
         return {
             "role": "client",
             "session": None,
-            "state": CONNECTING,
+            "state": HELD_STATES.get(held, CONNECTING) if held is not None else CONNECTING,
+            **holding,
             **started,
             **tunnel,
             # The agent's paths exist between sessions too: no health yet, but which interfaces.
@@ -461,6 +479,7 @@ def _client_header(status: Mapping[str, Any]) -> Block:
     )
     pairs = [
         ("state", _with_versions(status.get("state"), status.get("version"), status.get("gateway_version"))),
+        *([("held", f"{_text(status.get('held_because'))} ({_text(status.get('held'))})")] if status.get("held") else []),
         ("tunnel", _addresses(status.get("tunnel_address"), status.get("tunnel_address6"))),
         ("sessions started", _text(status.get("sessions_started"))),
         ("binding", _text(status.get("binding"))),
@@ -584,6 +603,8 @@ def render_status_text(status: Mapping[str, Any]) -> str:
 __all__ = [
     "BYTE_UNITS",
     "CONNECTING",
+    "HELD_STATES",
+    "HELD_TEXTS",
     "MEASURE_DECIMALS",
     "MS_DECIMALS",
     "PCT_DECIMALS",

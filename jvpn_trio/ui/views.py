@@ -59,10 +59,15 @@ HANDSHAKING = "HANDSHAKING"
 CONNECTING = "CONNECTING"
 #: Shown by an attached UI before the agent's first status reply.
 ATTACHING = "ATTACHING"
+#: Shown while the agent holds (status ``held``): an operator's disconnect, or another client with our key.
+DISCONNECTED = "DISCONNECTED"
+REPLACED = "REPLACED"
 STATE_STYLES: Mapping[str, str] = {
     HANDSHAKING: "bold cyan",
     CONNECTING: "bold cyan",
     ATTACHING: "bold cyan",
+    DISCONNECTED: "bold white on blue",
+    REPLACED: "bold white on magenta",
     SessionState.BIRTH.value: "bold cyan",
     SessionState.ATTACHED.value: "bold green",
     SessionState.VOLATILE.value: "bold yellow",
@@ -759,6 +764,9 @@ def attached_view_model(
     )
     tunnel = _str(status.get("tunnel_address")) if status is not None else None
     if status is None or not isinstance(status.get("session"), str):
+        held_because = _str(status.get("held_because")) if status is not None else None
+        if held_because and not message:  # a held agent says why in the message line, until a key's feedback
+            common["message"] = f"{held_because}: c reconnects"
         return ViewModel(
             state=ATTACHING if status is None else str(status.get("state") or CONNECTING),
             session=None, version=None, uptime_s=None, gateway=gateway or NONE_TEXT, policy=None, tunnel=tunnel,

@@ -65,8 +65,8 @@ def test_spec_states() -> None:
 
 def test_row_count() -> None:
     # 7 single rows + 3 death reasons x 3 states + 3 impairments + 4 reattach confirmations
-    # + 3 rate-exceeded rows + 5 live states x 6 terminations that need no unbound guard.
-    assert len(TRANSITIONS) == 7 + 9 + 3 + 4 + 3 + 30 == 56
+    # + 3 rate-exceeded rows + 5 live states x 7 terminations that need no unbound guard.
+    assert len(TRANSITIONS) == 7 + 9 + 3 + 4 + 3 + 35 == 61
 
 
 def test_terminated_has_no_outgoing_rows() -> None:

@@ -171,12 +171,12 @@ async def test_handshaking_again_replaces_the_session_and_keeps_the_address(auto
             (served,) = world.gateway.sessions.values()
             assert results[-1] is not None and served.session_id == results[-1].session_id
             stats = world.gateway.statistics()
-            assert (stats.sessions_created, stats.terminated_peer_close) == (12, 11)
+            assert (stats.sessions_created, stats.terminated_session_replaced, stats.terminated_peer_close) == (12, 11, 0)
             second = await bob.handshake()
             assert second is not None and second.tunnel_ipv4 == ip(3)
             status = world.gateway.status.value
             # Published by the supervisor once it had ended the eleventh replaced session.
-            assert status is not None and status.statistics.terminated_peer_close == 11
+            assert status is not None and status.statistics.terminated_session_replaced == 11
             nursery.cancel_scope.cancel()
 
 

@@ -158,7 +158,7 @@ async def test_the_status_follows_sessions_starting_and_ending_and_is_fresh_on_r
                 lambda v: v is not None and old not in {p.snapshot.record.session_id for p in v.peers}
             )
             assert trio.current_time() - ended <= gw.STATUS_MEMBERSHIP_GAP_S + CLOCK_SLACK_S
-            assert len(status.peers) == 3 and status.statistics.terminated_peer_close == 1
+            assert len(status.peers) == 3 and status.statistics.terminated_session_replaced == 1
             assert len(runtime.sessions) == 3  # the replaced session was reaped, not only unlisted
             # serve's stop path: close everything, wait for a status without sessions (published at once).
             await trio.sleep(2 * gw.STATUS_INTERVAL_S)  # the publisher is idle
