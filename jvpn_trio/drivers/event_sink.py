@@ -38,6 +38,15 @@ Lines are written in ``emit`` order, byte-identical to ``to_json_line``.
   consumer that replays then follows sees no gap and no duplicate; a gap
   in its ``seq`` numbers is exactly what its full channel dropped.  This is
   what the control socket's ``events`` command serves (docs/control.md).
+* Attacks are logged within a bound (issue 15, docs/events.md "Bounded logging
+  of attacks"): a :class:`~jvpn_trio.core.loglimit.SecurityLogLimiter`
+  (``limits``, on by default) decides, at ``emit``, which SECURITY_EVENTs
+  are written in full and which are only counted, to be reported by a
+  summary line.  ``also`` (the metrics' counters) sees every event before
+  the limiter; the file, the history and subscribers see what it lets
+  through, and a summary task writes summaries when they fall due, so a
+  flood that stops is still summed up.  ``seq`` numbers the lines that go
+  out (summaries included), so a gap is still only a full channel's drop.
 * On exit, whatever is still queued is written within one bounded, shielded
   drain (:data:`DRAIN_TIMEOUT_S` by default), even when the exit is a
   cancellation: a batch being written is shielded until that deadline, so a
@@ -47,11 +56,13 @@ Lines are written in ``emit`` order, byte-identical to ``to_json_line``.
 
 Accounting, at any instant::
 
-    emitted == written + queued + dropped_full + dropped_failed
-               + dropped_unencodable + dropped_closed
+    emitted + summaries == written + queued + dropped_full + dropped_failed
+                           + dropped_unencodable + dropped_closed + suppressed
 
 (with a file; ``queued`` counts events in the channel or in the batch being
-written).  With ``path=None`` only ``emitted`` and the subscriber counters move.
+written; ``suppressed`` the events the limiter held back, ``summaries`` the
+lines it made of them).  With ``path=None`` only ``emitted``, the limiter's
+counters and the subscriber counters move.
 
 Tests: the writer waits on worker threads, which ``autojump_clock`` does not
 see as work, so a test that writes a real file under ``autojump_clock`` may
@@ -75,6 +86,7 @@ import trio
 from jvpn_trio.errors import lone_exception_unwrapped
 
 from jvpn_trio.core.actions import EmitEvent
+from jvpn_trio.core.loglimit import DEFAULT_LOG_LIMITS, LimiterStatistics, LogLimits, SecurityLogLimiter
 
 #: Upper bound on the exit drain: shutdown is never held up longer by a slow disk.
 DRAIN_TIMEOUT_S = 1.0
@@ -134,11 +146,14 @@ class EventSinkStatistics:
     dropped_failed: int
     dropped_unencodable: int
     dropped_closed: int
+    suppressed: int
+    summaries: int
     write_failures: int
     failing: bool
     last_error: str | None
     subscribers: tuple[SubscriberStatistics, ...]
     history: int
+    limiter: LimiterStatistics | None = None
 
 
 @attrs.define
@@ -214,7 +229,10 @@ class EventSink:
         also: Callable[[EmitEvent], None] | None = None,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         history: int = HISTORY_EVENTS,
+        limits: LogLimits | None = DEFAULT_LOG_LIMITS,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
+        """``limits=None`` logs every event in full; ``clock`` is the limiter's ``now`` (Trio's clock)."""
         _check_capacity(capacity)
         if not isinstance(history, int) or isinstance(history, bool) or history < 0:
             raise ValueError(f"history must be a non-negative int, got {history!r}")
@@ -230,6 +248,11 @@ class EventSink:
         if path is not None:
             self._send, self._receive = trio.open_memory_channel[EmitEvent](capacity)
         self._subscribers: list[_Subscriber] = []
+        self._limiter = SecurityLogLimiter(limits) if limits is not None else None
+        self._clock = clock
+        # Set when the limiter starts holding events back: the summary task then has a deadline.
+        self._summaries_wanted = trio.Event()
+        self._seq = 0
         self._closed = False
         self._writer_done = trio.Event()
         self._file_lock = threading.Lock()
@@ -256,13 +279,31 @@ class EventSink:
         """Queue ``event`` for the file and every subscriber, or count it dropped.
 
         Synchronous and non-blocking (spec 12); call it from the Trio thread.
-        ``also``, if given, is called first, in this task: it must be as cheap
-        and as total as ``list.append`` (its exceptions are not caught).
+        ``also``, if given, is called first, in this task, for every event: it
+        must be as cheap and as total as ``list.append`` (its exceptions are not
+        caught).  Then the limiter decides what goes out (the event, nothing,
+        or summaries before it).
         """
         self._emitted += 1
         if self._also is not None:
             self._also(event)
-        numbered = SequencedEvent(seq=self._emitted, event=event)
+        limiter = self._limiter
+        if limiter is None:
+            self._log(event)
+            return
+        if event.kind in limiter.limits.kinds:
+            lines = limiter.admit(event, now=self._clock())
+            if not self._summaries_wanted.is_set() and limiter.next_deadline() is not None:
+                self._summaries_wanted.set()
+        else:
+            lines = limiter.observe(event)
+        for line in lines:
+            self._log(line)
+
+    def _log(self, event: EmitEvent) -> None:
+        """One line out: numbered, kept in the history, offered to subscribers and the file."""
+        self._seq += 1
+        numbered = SequencedEvent(seq=self._seq, event=event)
         self._history.append(numbered)
         for sub in self._subscribers:
             if sub.closed:
@@ -314,26 +355,26 @@ class EventSink:
         for label, value in (("replay", replay), ("since", since)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{label} must be a non-negative int, got {value!r}")
-        if since is not None and since > self._emitted:
-            raise ValueError(f"since={since} is ahead of this sink (last seq {self._emitted}: another run?)")
+        if since is not None and since > self._seq:
+            raise ValueError(f"since={since} is ahead of this sink (last seq {self._seq}: another run?)")
         history = tuple(self._history)
         missed = 0
         if since is not None:
             replayed = tuple(item for item in history if item.seq > since)
-            oldest_kept = history[0].seq if history else self._emitted + 1
-            missed = max(0, min(oldest_kept, self._emitted + 1) - since - 1)
+            oldest_kept = history[0].seq if history else self._seq + 1
+            missed = max(0, min(oldest_kept, self._seq + 1) - since - 1)
         elif replay is None:
             replayed = history
         else:
             replayed = history[len(history) - replay :] if replay else ()
         send, receive = trio.open_memory_channel[SequencedEvent](capacity)
         self._add_subscriber(_Subscriber(name=self._subscriber_name(name), capacity=capacity, send_seq=send))
-        return Attachment(replayed=replayed, live=receive, next_seq=self._emitted + 1, missed=missed)
+        return Attachment(replayed=replayed, live=receive, next_seq=self._seq + 1, missed=missed)
 
     @property
     def next_seq(self) -> int:
-        """The ``seq`` the next emitted event will get."""
-        return self._emitted + 1
+        """The ``seq`` the next line that goes out will get."""
+        return self._seq + 1
 
     def _subscriber_name(self, name: str) -> str:
         return name or f"subscriber-{len(self._subscribers) + 1}"
@@ -348,6 +389,7 @@ class EventSink:
 
     def statistics(self) -> EventSinkStatistics:
         buffered = self._send.statistics().current_buffer_used if self._send is not None else 0
+        limited = self._limiter.statistics() if self._limiter is not None else None
         return EventSinkStatistics(
             emitted=self._emitted,
             written=self._written,
@@ -356,17 +398,42 @@ class EventSink:
             dropped_failed=self._dropped_failed,
             dropped_unencodable=self._dropped_unencodable,
             dropped_closed=self._dropped_closed,
+            suppressed=limited.held + limited.overflowed if limited is not None else 0,
+            summaries=limited.summaries if limited is not None else 0,
             write_failures=self._write_failures,
             failing=self._failing,
             last_error=self._last_error,
             subscribers=tuple(sub.statistics() for sub in self._subscribers),
             history=len(self._history),
+            limiter=limited,
         )
 
     # -- lifecycle (driven by open_event_sink) --------------------------------------
 
+    def _flush_summaries(self) -> None:
+        """Every summary still pending goes out now: the log ends with the counts of what it held back."""
+        if self._limiter is not None and not self._closed:
+            for line in self._limiter.flush():
+                self._log(line)
+
+    async def _serve_summaries(
+        self, limiter: SecurityLogLimiter, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Write the limiter's summaries when they fall due, so a flood that stops is still summed up."""
+        task_status.started()
+        while True:
+            deadline = limiter.next_deadline()
+            if deadline is None:
+                await self._summaries_wanted.wait()
+                self._summaries_wanted = trio.Event()
+                continue
+            await trio.sleep_until(deadline)
+            for line in limiter.tick(now=max(deadline, self._clock())):
+                self._log(line)
+
     def _close(self) -> None:
         """Stop accepting events; the writer drains what is queued, subscribers see the end."""
+        self._flush_summaries()
         self._closed = True
         if self._send is not None:
             self._send.close()
@@ -490,20 +557,26 @@ async def open_event_sink(
     also: Callable[[EmitEvent], None] | None = None,
     drain_timeout_s: float = DRAIN_TIMEOUT_S,
     history: int = HISTORY_EVENTS,
+    limits: LogLimits | None = DEFAULT_LOG_LIMITS,
 ) -> AsyncIterator[EventSink]:
     """Run an :class:`EventSink` for the duration of the block.
 
     ``path=None`` writes no file (subscribers and ``also`` only).  On exit the
     queue is drained for at most ``drain_timeout_s`` (shielded), then the
-    writer is stopped and subscriber channels end.  Raises ValueError for a
+    writer is stopped and subscriber channels end.  ``limits`` bounds the
+    lines of attack (None: every event in full).  Raises ValueError for a
     capacity below 1 or a negative ``history``; file errors are never raised (they are counted).
     """
-    sink = EventSink(path, capacity=capacity, also=also, drain_timeout_s=drain_timeout_s, history=history)
+    sink = EventSink(
+        path, capacity=capacity, also=also, drain_timeout_s=drain_timeout_s, history=history, limits=limits
+    )
     async with lone_exception_unwrapped(), trio.open_nursery() as nursery:
         if path is not None and sink._receive is not None:
             await nursery.start(sink._serve_writer, path, sink._receive)
         else:
             sink._writer_done.set()
+        if sink._limiter is not None:
+            await nursery.start(sink._serve_summaries, sink._limiter)
         try:
             yield sink
         finally:

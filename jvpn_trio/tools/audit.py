@@ -48,6 +48,10 @@ Checks, each reported as a :class:`Violation` under its name:
 ``policy``       every event names the audited policy's fingerprint (the bounds checked above
                  are that policy's).
 
+A log written under attack needs no special case: the summary lines of the sink's limiter
+(``core/loglimit.py``, docs/events.md "Bounded logging of attacks") are ordinary
+``SECURITY_EVENT``s at the session's current version, with non-decreasing ``t``.
+
 What a log cannot show is left alone: whether the gateway really held one binding between two
 log lines is the core's business (``tests/properties``); the audit proves the record the log
 describes was a legal one.  A log that simply ends while a session is alive is not a violation.

@@ -48,13 +48,14 @@ def expected_bytes(events: list[EmitEvent]) -> bytes:
 
 
 def assert_accounted(stats: EventSinkStatistics) -> None:
-    assert stats.emitted == (
+    assert stats.emitted + stats.summaries == (
         stats.written
         + stats.queued
         + stats.dropped_full
         + stats.dropped_failed
         + stats.dropped_unencodable
         + stats.dropped_closed
+        + stats.suppressed
     )
 
 
