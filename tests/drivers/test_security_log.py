@@ -14,7 +14,6 @@ import random
 import struct
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -29,11 +28,11 @@ from jvpn_trio.drivers.event_sink import EventSink, open_event_sink
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.metrics import EventCounts
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
-from jvpn_trio.core.trace import SessionStart, encode_input, encode_outputs, encode_session_start
 from jvpn_trio.tools.audit import audit_lines
 from jvpn_trio.tools.replay import replay_lines
 from tests.drivers.test_event_sink import assert_accounted
 from tests.drivers.test_gateway_runtime import GATEWAY_CONTROL, Peer, World
+from tests.tools.test_replay import MemoryRecorder
 
 R = ReasonCode
 SESSION = "000102030405060708090a0b0c0d0e0f"
@@ -217,25 +216,12 @@ async def test_a_gateway_flooded_with_junk_reattaches_logs_within_the_bound_and_
     assert_accounted(sink_stats)
 
 
-class ListRecorder:
-    """The ``--record`` trace kept in memory (drivers/recording.py writes the same lines to a file)."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def started(self, start: SessionStart, actions: list[Any]) -> None:
-        self.lines += [encode_session_start(start), encode_outputs(start.side, start.now, start.session, actions)]
-
-    def step(self, side: str, session: str, now: float, event: Any, actions: list[Any]) -> None:
-        self.lines += [encode_input(side, now, event, session=session), encode_outputs(side, now, session, actions)]
-
-
 async def test_under_a_flood_the_trace_replays_and_the_limited_log_passes_the_audit(
     timed_file: TimedFile, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The limiter thins the event log only: the ``--record`` trace keeps every step, so replay still works."""
     world = World()
-    recorder = ListRecorder()
+    recorder = MemoryRecorder()
     limits = LogLimits(burst=2, refill_ms=1_000, summary_interval_ms=500)
     with trio.fail_after(60):
         async with open_event_sink(LOG, capacity=4096, limits=limits) as sink:

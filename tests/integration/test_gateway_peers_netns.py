@@ -271,13 +271,9 @@ async def star(directory: Path) -> AsyncIterator[Star]:
         await built.aclose()
 
 
-def write_configs(directory: Path) -> None:
-    """Keys, ``gateway.toml`` with ``peers_dir``, ``peers.d/laptop<i>.toml`` and ``c<i>.toml``."""
-    gateway_key = generate_private_key_text(os.urandom)
-    write_private_key(directory / "gateway.key", gateway_key)
-    (directory / "peers.d").mkdir()
-    (directory / "gateway.toml").write_text(
-        f"""[gateway]
+def gateway_toml(directory: Path, *, extra: str = "") -> str:
+    """The star's gateway config: its key in ``gateway.key``, peers in ``peers.d``, then ``extra`` lines."""
+    return f"""[gateway]
 private_key_file = "gateway.key"
 listen = ["{GATEWAY_ADDRESS}:{PORT}"]
 tun_name = "{GATEWAY_TUN}"
@@ -285,8 +281,15 @@ tunnel_address = "{GATEWAY_TUNNEL}"
 events_file = "gateway-events.jsonl"
 control_socket = "{directory / 'gateway.sock'}"
 peers_dir = "peers.d"
-"""
-    )
+{extra}"""
+
+
+def write_configs(directory: Path) -> None:
+    """Keys, ``gateway.toml`` with ``peers_dir``, ``peers.d/laptop<i>.toml`` and ``c<i>.toml``."""
+    gateway_key = generate_private_key_text(os.urandom)
+    write_private_key(directory / "gateway.key", gateway_key)
+    (directory / "peers.d").mkdir()
+    (directory / "gateway.toml").write_text(gateway_toml(directory))
     for i in range(1, CLIENTS + 1):
         key = generate_private_key_text(os.urandom)
         write_private_key(directory / f"c{i}.key", key)

@@ -31,12 +31,12 @@ from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers.control import query_control
 from jvpn_trio.keyfile import generate_private_key_text, public_from_private_text, write_private_key
 from jvpn_trio.lab.netns import LabProcess
-from jvpn_trio.lab.processes import CLIENT_TUN, GATEWAY_TUN, PORT, STATUS_POLL_S, STATUS_TIMEOUT_S
+from jvpn_trio.lab.processes import CLIENT_TUN, PORT, STATUS_POLL_S, STATUS_TIMEOUT_S
 from tests.integration.test_gateway_peers_netns import (
     GATEWAY_ADDRESS,
-    GATEWAY_TUNNEL,
     client_status,
     events,
+    gateway_toml,
     jvpn,
     star,
     terminated,
@@ -61,18 +61,7 @@ def write_configs(directory: Path) -> None:
     write_private_key(directory / "shared.key", shared)
     (directory / "peers.d").mkdir()
     (directory / "peers.d" / f"{PEER}.toml").write_text(f'public_key = "{public_from_private_text(shared)}"\n')
-    (directory / "gateway.toml").write_text(
-        f"""[gateway]
-private_key_file = "gateway.key"
-listen = ["{GATEWAY_ADDRESS}:{PORT}"]
-tun_name = "{GATEWAY_TUN}"
-tunnel_address = "{GATEWAY_TUNNEL}"
-events_file = "gateway-events.jsonl"
-control_socket = "{directory / 'gateway.sock'}"
-peers_dir = "peers.d"
-nat = false
-"""
-    )
+    (directory / "gateway.toml").write_text(gateway_toml(directory, extra="nat = false\n"))
     for i in LAPTOPS:
         (directory / f"c{i}.toml").write_text(
             f"""[client]
