@@ -1,15 +1,19 @@
 """TOML files -> frozen, validated configuration.  The only user of ``tomllib``.
 
 Errors are :class:`ConfigError` with one line that names the file, and the
-key or the TOML syntax position, so the CLI can print it and exit 2.
+key or the TOML syntax position, so the CLI can print it and exit 2.  A file
+is an untrusted input: whatever it holds (any size, any nesting, any bytes, a
+FIFO in its place) ends as a ConfigError, never as a traceback or a hang.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import re
 import pathlib
+import stat
 import tomllib
 from typing import Any
 
@@ -19,29 +23,123 @@ import attrs
 from jvpn_trio.core.candidates import KIND_PRIORITY as KIND_PRIORITY
 from jvpn_trio.core.candidates import PATH_KINDS as PATH_KINDS
 from jvpn_trio.core.candidates import PathRule, PathRules
+from jvpn_trio.core.ids import MAX_PATH_ID
 from jvpn_trio.core.policy import Policy, PolicyError
 
 
+#: The longest error message: a key or value quoted from a hostile file could fill a terminal.
+MAX_ERROR_CHARS = 400
+
+
 class ConfigError(Exception):
-    """A configuration file that cannot be used; ``str()`` is a one-line explanation."""
+    """A configuration file that cannot be used; ``str()`` is a one-line explanation.
+
+    Control characters (a newline in a quoted key, say) are escaped and the message is cut at
+    :data:`MAX_ERROR_CHARS`, so whatever a file holds, the CLI prints one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        if len(line) > MAX_ERROR_CHARS:
+            line = line[: MAX_ERROR_CHARS - 1] + "\u2026"
+        super().__init__(line)
 
 
-def read_toml(path: str | pathlib.Path) -> dict[str, Any]:
-    p = pathlib.Path(path)
+#: The largest configuration file read, in bytes; a larger one is refused before it is parsed
+#: (reading stops at one byte more).  Room for ~350,000 inline ``[[peer]]`` entries: loadgen
+#: writes 100,000 (about 9 MB); a deployment that big belongs in ``peers_dir`` anyway.
+MAX_CONFIG_BYTES = 32 << 20
+#: The deepest nesting of tables and arrays accepted (the document itself is level 1).  A real
+#: file needs 3 (``[[path]]`` is an array of tables); past Python's recursion limit the parser
+#: itself fails, and a deep value would make every later ``repr`` fail the same way.
+MAX_CONFIG_DEPTH = 16
+#: TOML's integers are 64-bit (toml.io); the unsigned top half is accepted too, because
+#: ``reject_after_messages`` is a 64-bit counter (docs/policy.md).  Beyond, numbers are refused
+#: rather than carried: a 5,000-digit one cannot even be printed in an error message.
+MIN_CONFIG_INT = -(1 << 63)
+MAX_CONFIG_INT = (1 << 64) - 1
+#: How much one read asks the kernel for.
+_READ_CHUNK = 1 << 16
+
+
+def _read_bounded(p: pathlib.Path) -> bytes:
+    """The bytes of the regular file ``p``, at most :data:`MAX_CONFIG_BYTES` (ConfigError otherwise).
+
+    Opened non-blocking, so a FIFO with no writer is refused instead of waited on.
+    """
     try:
-        text = p.read_text(encoding="utf-8")
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
     except PermissionError:
         raise ConfigError(f"{p}: permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot open: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the name
+        raise ConfigError(f"{str(p)!r}: not a usable file name") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{p}: is a directory")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{p}: not a regular file ({_file_kind(mode)})")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, min(_READ_CHUNK, MAX_CONFIG_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes, the most a config file may be")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _check_document(data: dict[str, Any], *, source: pathlib.Path) -> None:
+    """Nesting within :data:`MAX_CONFIG_DEPTH`, integers within TOML's 64 bits; iterative, so any depth is safe."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: tables and arrays nested deeper than {MAX_CONFIG_DEPTH} levels")
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+            elif isinstance(child, int) and not MIN_CONFIG_INT <= child <= MAX_CONFIG_INT:
+                raise ConfigError(f"{source}: an integer outside {MIN_CONFIG_INT}..{MAX_CONFIG_INT} (TOML's 64 bits)")
+
+
+def read_toml(path: str | pathlib.Path) -> dict[str, Any]:
+    """Parse one TOML file; every way it can be unusable is a one-line ConfigError naming it."""
+    p = pathlib.Path(path)
+    raw = _read_bounded(p)
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: tables and arrays nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+    except ValueError:  # a number longer than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError(f"{p}: a number too long to read (TOML's integers are 64-bit)") from None
+    _check_document(data, source=p)
+    return data
 
 
 def policy_from_table(table: Any, *, source: str) -> Policy:
@@ -137,6 +235,8 @@ def _networks(values: Any, *, where: str) -> tuple[Network, ...]:
         raise ConfigError(f"{where}: expected a non-empty list of prefixes")
     out: list[Network] = []
     for v in values:
+        if not isinstance(v, str):  # ipaddress would take an integer (or true) as an address
+            raise ConfigError(f"{where}: expected prefixes as strings like '10.0.0.0/8', got {type(v).__name__} {v!r}")
         try:
             out.append(ipaddress.ip_network(v))
         except (ValueError, TypeError):
@@ -149,6 +249,8 @@ def _addresses(values: Any, *, where: str) -> tuple[ipaddress.IPv4Address | ipad
         raise ConfigError(f"{where}: expected a list of IP addresses")
     out = []
     for v in values:
+        if not isinstance(v, str):  # ipaddress would take an integer (or true) as an address
+            raise ConfigError(f"{where}: expected addresses as strings like '10.66.0.1', got {type(v).__name__} {v!r}")
         try:
             out.append(ipaddress.ip_address(v))
         except (ValueError, TypeError):
@@ -209,6 +311,8 @@ class _Table:
             raise ConfigError(f"{self.where}: unknown key(s): {', '.join(unknown)}")
 
 
+#: A firewall mark is 32 bits; each path's is ``fwmark_base`` plus its path id (``commands/up.py``).
+MAX_FWMARK = 0xFFFF_FFFF
 #: Characters that make a string a glob rather than one interface name (fnmatch's syntax).
 _GLOB_CHARS = frozenset("*?[")
 #: IFNAMSIZ - 1: the kernel's longest interface name.
@@ -421,6 +525,8 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     events = t.get("events_file", str, None)
     control = t.get("control_socket", str, "/run/jvpn-trio/client.sock")
     fwmark_base = t.get("fwmark_base", int, 0x5100)
+    if not 0 <= fwmark_base <= MAX_FWMARK - MAX_PATH_ID:
+        raise ConfigError(f"{t.where}.fwmark_base: {fwmark_base} is out of range 0..{MAX_FWMARK - MAX_PATH_ID}")
     exclude = _globs(t.get("exclude", list, []), where=f"{t.where}.exclude")
     control_group = t.get("control_group", str, DEFAULT_CONTROL_GROUP) or None
     control_steer_group = t.get("control_steer_group", bool, False)

@@ -32,12 +32,26 @@ class PolicyError(ValueError):
 Validator = Callable[[object, "attrs.Attribute[Any]", object], None]
 
 
-def _int_range(lo: int, hi: int) -> Validator:
+#: Integers longer than this many bits are named by their size in messages: printing one with
+#: thousands of digits is slow, and past Python's digit limit it raises instead of explaining.
+_SHOWN_INT_BITS = 128
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, int) and value.bit_length() > _SHOWN_INT_BITS:
+        return f"a {value.bit_length()}-bit integer"
+    return str(value)
+
+
+def _int_range(lo: int, hi: int, *, why: str = "") -> Validator:
+    """``lo..hi`` inclusive; ``why`` says (after a colon) what a value beyond the bound would break."""
+    because = f": {why}" if why else ""
+
     def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise PolicyError(f"{attribute.name}: expected an integer, got {type(value).__name__}")
         if not lo <= value <= hi:
-            raise PolicyError(f"{attribute.name}: {value} is out of range {lo}..{hi}")
+            raise PolicyError(f"{attribute.name}: {_shown(value)} is out of range {lo}..{hi}{because}")
 
     return check
 
@@ -47,21 +61,42 @@ def _float_range(lo: float, hi: float) -> Validator:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise PolicyError(f"{attribute.name}: expected a number, got {type(value).__name__}")
         if not lo <= value <= hi:
-            raise PolicyError(f"{attribute.name}: {value} is out of range {lo}..{hi}")
+            raise PolicyError(f"{attribute.name}: {_shown(value)} is out of range {lo}..{hi}")
 
     return check
 
 
 def _to_float(value: object) -> object:
-    # TOML integers are fine where a float is expected; anything else is left
-    # for the validator to reject with a clear message.
+    # TOML integers are fine where a float is expected; anything else (and an integer too large
+    # for a float) is left for the validator to reject with a clear message.
     if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return value
     return value
 
 
 DAY_S = 86_400
 HOUR_MS = 3_600_000
+#: The largest probe timeout, and so (latency and jitter must stay under it) the bound of those thresholds.
+MAX_PROBE_TIMEOUT_MS = 60_000
+#: The least round trip a handshake must be given on a real path (docs/policy.md, "Minimums"):
+#: Wi-Fi power save holds a reply for up to a beacon interval (~100 ms) and an LTE radio waking
+#: from idle needs ~100 ms before its first packet moves.  A retry sooner than the reply abandons
+#: every initiation: the client sprays them and the gateway builds a session for each.
+MIN_HANDSHAKE_RETRY_MS = 100
+#: The least freshness window (docs/policy.md, "Minimums"): after a resume the two session clocks
+#: may differ by the kernel's suspend measurement error, up to about 1 s (docs/spec.md, R4 and
+#: "Freshness across a suspend"); a narrower window refuses the REATTACH that follows a suspend.
+MIN_FRESHNESS_WINDOW_MS = 1_000
+
+
+#: What a field shorter than the slowest round trip a live path may have (probe_timeout_ms) breaks.
+_TOO_SHORT_FOR_A_ROUND_TRIP = {
+    "handshake_retry_ms": "a path the policy calls alive could never answer an initiation before the next replaces it",
+    "freshness_window_ms": "a REATTACH from a path the policy calls alive could arrive already stale",
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -69,18 +104,21 @@ class Policy:
     """All bounds of a session.  Defaults are the documented laptop policy (docs/policy.md)."""
 
     # -- spec section 8 ------------------------------------------------------
-    max_recovery_window_ms: int = attrs.field(default=3_000, validator=_int_range(1, HOUR_MS))
+    #: At least 2: reattach_timeout_ms (>= 1) must fit under it.
+    max_recovery_window_ms: int = attrs.field(default=3_000, validator=_int_range(2, HOUR_MS))
     max_switches_per_minute: int = attrs.field(default=6, validator=_int_range(1, 600))
-    transport_loss_ttl_ms: int = attrs.field(default=30_000, validator=_int_range(1, HOUR_MS))
+    #: At least 2: two probe intervals (each >= 1) must fit in it.
+    transport_loss_ttl_ms: int = attrs.field(default=30_000, validator=_int_range(2, HOUR_MS))
     session_ttl_s: int = attrs.field(default=43_200, validator=_int_range(1, 30 * DAY_S))
     loss_threshold_pct: float = attrs.field(
         default=10.0, converter=_to_float, validator=_float_range(0.1, 100.0)
     )
+    #: Latency and jitter thresholds stay under probe_timeout_ms, so under its largest value.
     latency_threshold_ms: float = attrs.field(
-        default=150.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
+        default=150.0, converter=_to_float, validator=_float_range(0.1, MAX_PROBE_TIMEOUT_MS - 1.0)
     )
     jitter_threshold_ms: float = attrs.field(
-        default=50.0, converter=_to_float, validator=_float_range(0.1, 60_000.0)
+        default=50.0, converter=_to_float, validator=_float_range(0.1, MAX_PROBE_TIMEOUT_MS - 1.0)
     )
     # -- probing and health ----------------------------------------------------
     #: The active path's cadence (and every path's while the session is not ATTACHED).
@@ -92,12 +130,12 @@ class Policy:
     #: No data either way this long and the bound path is probed at its standby cadence too; the
     #: next packet makes it due at once (detection is fast again from the first packet on).
     idle_after_ms: int = attrs.field(default=5_000, validator=_int_range(1, HOUR_MS))
-    probe_timeout_ms: int = attrs.field(default=200, validator=_int_range(1, 60_000))
+    probe_timeout_ms: int = attrs.field(default=200, validator=_int_range(1, MAX_PROBE_TIMEOUT_MS))
     #: Adaptive probe timeout (RFC 6298-style: srtt + 4 x jitter), never below this nor above
     #: probe_timeout_ms.  Absent (the default): a fixed probe_timeout_ms, because Wi-Fi power
     #: save can hold replies ~100 ms, which an eager timeout would count as loss.
     probe_timeout_floor_ms: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_int_range(1, 60_000))
+        default=None, validator=attrs.validators.optional(_int_range(1, MAX_PROBE_TIMEOUT_MS))
     )
     dead_after_missed_probes: int = attrs.field(default=3, validator=_int_range(1, 1_000))
     loss_window_probes: int = attrs.field(default=20, validator=_int_range(2, 10_000))
@@ -109,12 +147,24 @@ class Policy:
     return_dwell_ms: int = attrs.field(default=5_000, validator=_int_range(0, HOUR_MS))
     # -- reattach and anti-replay ------------------------------------------------
     reattach_timeout_ms: int = attrs.field(default=250, validator=_int_range(1, 60_000))
-    freshness_window_ms: int = attrs.field(default=5_000, validator=_int_range(1, HOUR_MS))
+    freshness_window_ms: int = attrs.field(
+        default=5_000,
+        validator=_int_range(
+            MIN_FRESHNESS_WINDOW_MS, HOUR_MS, why="a narrower window refuses the REATTACH after a suspend"
+        ),
+    )
     replay_window_packets: int = attrs.field(default=8_192, validator=_int_range(2_048, 1 << 20))
     # -- handshake and key rotation (WireGuard's timers, made policy) ----------
-    handshake_retry_ms: int = attrs.field(default=1_000, validator=_int_range(1, 60_000))
-    rekey_after_s: int = attrs.field(default=120, validator=_int_range(1, DAY_S))
-    reject_after_s: int = attrs.field(default=180, validator=_int_range(1, DAY_S))
+    handshake_retry_ms: int = attrs.field(
+        default=1_000,
+        validator=_int_range(
+            MIN_HANDSHAKE_RETRY_MS, 60_000, why="a sooner retry abandons initiations a real path would answer"
+        ),
+    )
+    #: Under reject_after_s, so at most a day less a second.
+    rekey_after_s: int = attrs.field(default=120, validator=_int_range(1, DAY_S - 1))
+    #: Above rekey_after_s, so at least 2.
+    reject_after_s: int = attrs.field(default=180, validator=_int_range(2, DAY_S))
     rekey_after_messages: int = attrs.field(default=1 << 60, validator=_int_range(1, 1 << 62))
     reject_after_messages: int = attrs.field(
         default=(1 << 64) - (1 << 13) - 1, validator=_int_range(2, (1 << 64) - 1)
@@ -163,6 +213,12 @@ class Policy:
                 f"max_recovery_window_ms ({self.max_recovery_window_ms}) exceeds transport_loss_ttl_ms "
                 f"({self.transport_loss_ttl_ms}): DEGRADED could never be reached before termination"
             )
+        for name in ("handshake_retry_ms", "freshness_window_ms"):
+            if getattr(self, name) < self.probe_timeout_ms:
+                yield (
+                    f"{name} ({getattr(self, name)}) is under probe_timeout_ms ({self.probe_timeout_ms}): "
+                    f"{_TOO_SHORT_FOR_A_ROUND_TRIP[name]}"
+                )
         if self.reattach_timeout_ms >= self.max_recovery_window_ms:
             yield (
                 f"reattach_timeout_ms ({self.reattach_timeout_ms}) must be under max_recovery_window_ms "

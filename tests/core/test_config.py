@@ -8,15 +8,21 @@ either the TOML position or the policy field.
 from __future__ import annotations
 
 import ipaddress
+import os
 import pathlib
+import tomllib
 
 import attrs
 import pytest
 
+from jvpn_trio import config
 from jvpn_trio.config import (
     DEFAULT_MTU,
     DEFAULT_PORT,
     KIND_PRIORITY,
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    MAX_ERROR_CHARS,
     PATH_KINDS,
     ClientConfig,
     ConfigError,
@@ -61,14 +67,135 @@ def test_directory(tmp_path: pathlib.Path) -> None:
 
 
 def test_permission_denied(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Tests may run as root, where chmod cannot deny a read; simulate the OS answer instead.
+    # Tests may run as root, where chmod cannot deny a read; simulate the OS answer instead
+    # (tests/test_config_cli.py denies it for real, as another user).
     path = write(tmp_path, "")
 
-    def deny(self: pathlib.Path, *args: object, **kwargs: object) -> str:
-        raise PermissionError(13, "Permission denied", str(self))
+    def deny(name: object, *args: object, **kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied", str(name))
 
-    monkeypatch.setattr(pathlib.Path, "read_text", deny)
+    monkeypatch.setattr(os, "open", deny)  # the module config.py reads with
     assert config_error(path) == f"{path}: permission denied"
+
+
+def test_other_open_errors_are_one_line(tmp_path: pathlib.Path) -> None:
+    plain = write(tmp_path, "")
+    assert config_error(plain / "below-a-file.toml") == f"{plain}/below-a-file.toml: cannot open: Not a directory"
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    assert config_error(loop) == f"{loop}: cannot open: Too many levels of symbolic links"
+    assert config_error("nul\0byte.toml") == "'nul\\x00byte.toml': not a usable file name"
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: pathlib.Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    assert config_error(fifo) == f"{fifo}: not a regular file (a FIFO)"
+
+
+def test_a_device_is_refused() -> None:
+    assert config_error("/dev/zero") == "/dev/zero: not a regular file (a character device)"
+
+
+def test_a_file_over_the_size_limit_is_refused_before_parsing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert MAX_CONFIG_BYTES == 32 << 20
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 100)
+    parsed: list[str] = []
+
+    def loads(text: str) -> dict[str, object]:
+        parsed.append(text)
+        return {}
+
+    monkeypatch.setattr(tomllib, "loads", loads)
+    at_limit = write(tmp_path, "#" * 100, name="at.toml")
+    assert read_toml(at_limit) == {}
+    over = write(tmp_path, "#" * 101, name="over.toml")
+    assert config_error(over) == f"{over}: larger than 100 bytes, the most a config file may be"
+    assert parsed == ["#" * 100]
+
+
+def test_the_size_limit_reads_no_more_than_one_byte_past_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 100)
+    asked: list[int] = []
+    real_read = os.read
+
+    def read(fd: int, n: int) -> bytes:
+        asked.append(n)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", read)
+    huge = write(tmp_path, "#" * 10_000)
+    config_error(huge)
+    assert sum(asked) == 101
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x = " + "[" * 3_000 + "]" * 3_000,  # past the parser's recursion
+        "x = " + "{a=" * 3_000 + "1" + "}" * 3_000,
+        "x = " + "[" * 17 + "]" * 17,  # parses, but deeper than the limit
+        "a" + ".a" * 100 + " = 1",  # dotted keys nest without recursion
+        "[" + "a." * 20 + "a]\nb = 1",
+    ],
+    ids=["arrays", "inline-tables", "just-too-deep", "dotted-keys", "table-header"],
+)
+def test_deep_nesting_is_one_line(tmp_path: pathlib.Path, text: str) -> None:
+    path = write(tmp_path, text)
+    assert config_error(path) == f"{path}: tables and arrays nested deeper than {MAX_CONFIG_DEPTH} levels"
+
+
+def test_nesting_up_to_the_limit_is_read(tmp_path: pathlib.Path) -> None:
+    depth = MAX_CONFIG_DEPTH - 1  # the document is level 1
+    path = write(tmp_path, "x = " + "[" * depth + "]" * depth)
+    assert read_toml(path)["x"] is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        (f"x = {-(1 << 63)}", True),
+        (f"x = {(1 << 64) - 1}", True),
+        (f"x = {-(1 << 63) - 1}", False),
+        (f"x = {1 << 64}", False),
+        ("x = 0x" + "f" * 5_000, False),
+    ],
+)
+def test_integers_beyond_64_bits_are_refused(tmp_path: pathlib.Path, text: str, ok: bool) -> None:
+    path = write(tmp_path, text)
+    if ok:
+        read_toml(path)
+    else:
+        assert config_error(path) == (
+            f"{path}: an integer outside -9223372036854775808..18446744073709551615 (TOML's 64 bits)"
+        )
+
+
+def test_a_number_too_long_for_python_is_one_line(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "x = " + "1" * 5_000)
+    assert config_error(path) == f"{path}: a number too long to read (TOML's integers are 64-bit)"
+
+
+def test_control_characters_in_a_quoted_key_stay_on_one_line(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, '[policy]\n"evil\\nkey\\u001b[2J" = 1\n')
+    message = config_error(path)
+    assert message.startswith(f"{path}: [policy] unknown policy key(s): evil\\nkey\\x1b[2J (known: ")
+
+
+def test_a_long_error_is_cut_to_the_limit(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[policy]\n" + "k" * 10_000 + " = 1\n")
+    message = config_error(path)
+    assert len(message) == MAX_ERROR_CHARS
+    assert message.endswith("\u2026")
+
+
+def test_config_error_escapes_and_cuts_what_it_is_given() -> None:
+    assert str(ConfigError("a\nb\tc\x00")) == "a\\nb\\tc\\x00"
+    assert str(ConfigError("x" * 1_000)) == "x" * (MAX_ERROR_CHARS - 1) + "\u2026"
 
 
 def test_not_utf8(tmp_path: pathlib.Path) -> None:
@@ -337,6 +464,12 @@ def test_kind_priorities() -> None:
          "[client].gateway: 'gw.example' is not an IP address (names are not resolved)"),
         (CLIENT_MINIMAL + "fwmark_base = true\n", "[client].fwmark_base: expected int, got bool"),
         (CLIENT_MINIMAL + "fwmark_base = 1.5\n", "[client].fwmark_base: expected int, got float"),
+        (CLIENT_MINIMAL + "fwmark_base = -1\n", "[client].fwmark_base: -1 is out of range 0..4294967040"),
+        (CLIENT_MINIMAL + "fwmark_base = 4294967041\n", "[client].fwmark_base: 4294967041 is out of range 0..4294967040"),
+        (CLIENT_MINIMAL + "routes = [167772160]\n",
+         "[client].routes: expected prefixes as strings like '10.0.0.0/8', got int 167772160"),
+        (CLIENT_MINIMAL + "routes = [true]\n", "[client].routes: expected prefixes as strings like '10.0.0.0/8', got bool True"),
+        (CLIENT_MINIMAL + "dns = [[1]]\n", "[client].dns: expected addresses as strings like '10.66.0.1', got list [1]"),
         (CLIENT_MINIMAL + "routes = []\n", "[client].routes: expected a non-empty list of prefixes"),
         (CLIENT_MINIMAL + 'routes = "0.0.0.0/0"\n', "[client].routes: expected list, got str"),
         (CLIENT_MINIMAL + 'routes = ["10.0.0.1/8"]\n', "[client].routes: '10.0.0.1/8' is not an IPv4 or IPv6 prefix (host bits must be zero)"),

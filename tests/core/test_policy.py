@@ -13,15 +13,22 @@ from typing import Any
 import attrs
 import pytest
 
-from jvpn_trio.core.policy import DEFAULT_POLICY, SWITCH_RATE_WINDOW_S, Policy, PolicyError
+from jvpn_trio.core.policy import (
+    DEFAULT_POLICY,
+    MIN_FRESHNESS_WINDOW_MS,
+    MIN_HANDSHAKE_RETRY_MS,
+    SWITCH_RATE_WINDOW_S,
+    Policy,
+    PolicyError,
+)
 
 HOUR_MS = 3_600_000
 
 # field -> (lowest accepted, highest accepted), written out independently of the module.
 INT_RANGES: dict[str, tuple[int, int]] = {
-    "max_recovery_window_ms": (1, HOUR_MS),
+    "max_recovery_window_ms": (2, HOUR_MS),
     "max_switches_per_minute": (1, 600),
-    "transport_loss_ttl_ms": (1, HOUR_MS),
+    "transport_loss_ttl_ms": (2, HOUR_MS),
     "session_ttl_s": (1, 30 * 86_400),
     "probe_interval_ms": (1, 60_000),
     "standby_probe_interval_ms": (1, 600_000),
@@ -34,11 +41,11 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "min_dwell_ms": (0, HOUR_MS),
     "return_dwell_ms": (0, HOUR_MS),
     "reattach_timeout_ms": (1, 60_000),
-    "freshness_window_ms": (1, HOUR_MS),
+    "freshness_window_ms": (1_000, HOUR_MS),
     "replay_window_packets": (2_048, 1 << 20),
-    "handshake_retry_ms": (1, 60_000),
-    "rekey_after_s": (1, 86_400),
-    "reject_after_s": (1, 86_400),
+    "handshake_retry_ms": (100, 60_000),
+    "rekey_after_s": (1, 86_399),
+    "reject_after_s": (2, 86_400),
     "rekey_after_messages": (1, 1 << 62),
     "reject_after_messages": (2, (1 << 64) - 1),
     "reconnect_initial_ms": (1, 60_000),
@@ -46,11 +53,16 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 }
 FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "loss_threshold_pct": (0.1, 100.0),
-    "latency_threshold_ms": (0.1, 60_000.0),
-    "jitter_threshold_ms": (0.1, 60_000.0),
+    "latency_threshold_ms": (0.1, 59_999.0),
+    "jitter_threshold_ms": (0.1, 59_999.0),
     "healthy_below_fraction": (0.05, 1.0),
 }
 FIELD_NAMES = [a.name for a in attrs.fields(Policy)]
+#: What a range error adds for the fields whose lower bound is a documented minimum (docs/policy.md).
+RANGE_REASONS = {
+    "freshness_window_ms": ": a narrower window refuses the REATTACH after a suspend",
+    "handshake_retry_ms": ": a sooner retry abandons initiations a real path would answer",
+}
 OPTIONAL_INT_FIELDS = {"probe_timeout_floor_ms"}
 
 
@@ -150,7 +162,7 @@ def test_int_field_below_range(name: str) -> None:
     lo, hi = INT_RANGES[name]
     with pytest.raises(PolicyError) as info:
         Policy(**{name: lo - 1})
-    assert str(info.value) == f"{name}: {lo - 1} is out of range {lo}..{hi}"
+    assert str(info.value) == f"{name}: {lo - 1} is out of range {lo}..{hi}{RANGE_REASONS.get(name, '')}"
 
 
 @pytest.mark.parametrize("name", sorted(INT_RANGES))
@@ -158,7 +170,7 @@ def test_int_field_above_range(name: str) -> None:
     lo, hi = INT_RANGES[name]
     with pytest.raises(PolicyError) as info:
         Policy(**{name: hi + 1})
-    assert str(info.value) == f"{name}: {hi + 1} is out of range {lo}..{hi}"
+    assert str(info.value) == f"{name}: {hi + 1} is out of range {lo}..{hi}{RANGE_REASONS.get(name, '')}"
 
 
 @pytest.mark.parametrize("name", sorted(INT_RANGES))
@@ -255,7 +267,7 @@ INCONSISTENT = [
     ),
     (
         "death detection slower than ttl",
-        dict(probe_timeout_ms=29_851),
+        dict(probe_timeout_ms=29_851, handshake_retry_ms=29_851, freshness_window_ms=29_851),
         "dead_after_missed_probes x probe_interval_ms + probe_timeout_ms (30001) exceeds "
         "transport_loss_ttl_ms (30000): probing could not detect death in time",
     ),
@@ -270,6 +282,18 @@ INCONSISTENT = [
         dict(jitter_threshold_ms=250.5),
         "jitter_threshold_ms (250.5) must be under probe_timeout_ms (200): "
         "a reply that slow is already counted as lost, so the threshold could never fire",
+    ),
+    (
+        "handshake retry under the probe timeout",
+        dict(probe_timeout_ms=1_001),
+        "handshake_retry_ms (1000) is under probe_timeout_ms (1001): "
+        "a path the policy calls alive could never answer an initiation before the next replaces it",
+    ),
+    (
+        "freshness window under the probe timeout",
+        dict(probe_timeout_ms=5_001, handshake_retry_ms=5_001),
+        "freshness_window_ms (5000) is under probe_timeout_ms (5001): "
+        "a REATTACH from a path the policy calls alive could arrive already stale",
     ),
     (
         "recovery window beyond ttl",
@@ -331,9 +355,11 @@ CONSISTENT_EDGES = [
         dead_after_missed_probes=1,
         max_recovery_window_ms=1_000,
     ),
-    dict(probe_timeout_ms=29_850),  # detection bound exactly equal to the ttl
+    dict(probe_timeout_ms=29_850, handshake_retry_ms=29_850, freshness_window_ms=29_850),  # bound == ttl
     dict(latency_threshold_ms=199.9),
     dict(jitter_threshold_ms=199.9),
+    dict(probe_timeout_ms=1_000),
+    dict(probe_timeout_ms=5_000, handshake_retry_ms=5_000),
     dict(max_recovery_window_ms=30_000),
     dict(reattach_timeout_ms=2_999),
     dict(session_ttl_s=31),
@@ -527,14 +553,18 @@ def test_the_standby_cadences_in_effect_stay_between_the_active_one_and_half_the
     short = base(transport_loss_ttl_ms=5_000, max_recovery_window_ms=1_000)
     assert (short.standby_probe_ms, short.metered_probe_ms) == (1_000, 2_500)
     # An active cadence slower than the standby one: standby is never probed faster than the active path.
-    slow = base(probe_interval_ms=2_000, transport_loss_ttl_ms=60_000, probe_timeout_ms=2_500)
+    slow = base(
+        probe_interval_ms=2_000, transport_loss_ttl_ms=60_000, probe_timeout_ms=2_500, handshake_retry_ms=2_500
+    )
     assert (slow.standby_probe_ms, slow.metered_probe_ms) == (2_000, 10_000)
 
 
 def test_the_tunnel_is_idle_no_sooner_than_a_death_could_be_seen() -> None:
     assert base().idle_ms == 5_000
     assert base(idle_after_ms=100).idle_ms == base().death_detection_bound_ms == 350
-    slow = base(probe_interval_ms=2_000, transport_loss_ttl_ms=60_000, probe_timeout_ms=2_500)
+    slow = base(
+        probe_interval_ms=2_000, transport_loss_ttl_ms=60_000, probe_timeout_ms=2_500, handshake_retry_ms=2_500
+    )
     assert slow.idle_ms == 3 * 2_000 + 2_500
 
 
@@ -542,3 +572,123 @@ def test_a_metered_path_probed_more_often_than_a_free_one_is_refused() -> None:
     with pytest.raises(PolicyError) as info:
         base(standby_probe_interval_ms=5_000, metered_probe_interval_ms=2_000)
     assert "standby_probe_interval_ms (5000) exceeds metered_probe_interval_ms (2000)" in str(info.value)
+
+
+# -- every declared bound is reachable ------------------------------------------------------------
+
+#: Every field at its least accepted value: itself a complete, consistent policy.
+ALL_LOW: dict[str, Any] = {
+    **{name: lo for name, (lo, _hi) in {**INT_RANGES, **FLOAT_RANGES}.items()},
+    "min_dwell_ms": 0,
+    "return_dwell_ms": 0,
+}
+#: As many fields as can be at their greatest value at once (dead_after_missed_probes cannot:
+#: 1000 missed probes at the slowest cadence take longer than the longest loss TTL).
+ALL_HIGH: dict[str, Any] = {
+    **{name: hi for name, (_lo, hi) in {**INT_RANGES, **FLOAT_RANGES}.items()},
+    "min_dwell_ms": HOUR_MS,
+    "return_dwell_ms": HOUR_MS,
+    "dead_after_missed_probes": 3,
+}
+ANCHORS = (BASE, ALL_LOW, ALL_HIGH)
+
+
+def _accepted(values: dict[str, Any]) -> bool:
+    try:
+        Policy(**values)
+    except PolicyError:
+        return False
+    return True
+
+
+def _witness(name: str, value: object) -> dict[str, Any] | None:
+    """A complete policy with ``name`` = ``value`` that is accepted: an anchor as it is, or with one
+    or two other fields moved to one of their reachable values (a range edge or an anchor's value)."""
+    others = [n for n in FIELD_NAMES if n != name]
+    ranges = {**INT_RANGES, **FLOAT_RANGES}
+    choices = {n: sorted({a[n] for a in ANCHORS if a[n] is not None} | set(ranges[n])) for n in others}
+    moves = [(n, v) for n in others for v in choices[n]]
+    for anchor in ANCHORS:
+        start = {**anchor, name: value}
+        if _accepted(start):
+            return start
+        for i, (n1, v1) in enumerate(moves):
+            if _accepted(one := {**start, n1: v1}):
+                return one
+            for n2, v2 in moves[i + 1 :]:
+                if n2 != n1 and _accepted(two := {**start, n1: v1, n2: v2}):
+                    return two
+    return None
+
+
+def test_the_anchors_are_complete_policies() -> None:
+    for anchor in ANCHORS:
+        assert set(anchor) == set(FIELD_NAMES)
+        Policy(**anchor)
+
+
+@pytest.mark.parametrize("edge", ["lowest", "highest"])
+@pytest.mark.parametrize("name", FIELD_NAMES)
+def test_every_declared_bound_is_accepted_in_some_complete_policy(name: str, edge: str) -> None:
+    # A bound that every complete policy rejects (through a cross-field rule) would be a lie in
+    # the declared range and in docs/policy.md's table.
+    lo, hi = {**INT_RANGES, **FLOAT_RANGES}[name]
+    value = lo if edge == "lowest" else hi
+    witness = _witness(name, value)
+    assert witness is not None, f"{name} = {value} is declared but no complete policy accepts it"
+    assert getattr(Policy(**witness), name) == value
+
+
+def test_every_field_at_its_minimum_is_a_policy_that_can_complete_a_handshake() -> None:
+    low = Policy(**ALL_LOW)
+    # The retry outlasts the documented least round trip, so an answer on a real path arrives
+    # while its initiation is still the one waited for (drivers/client.py drops late answers).
+    assert low.handshake_retry_ms == MIN_HANDSHAKE_RETRY_MS >= low.probe_timeout_ms
+    assert low.freshness_window_ms == MIN_FRESHNESS_WINDOW_MS >= low.probe_timeout_ms
+
+
+# -- documented minimums (docs/policy.md, "Minimums") -------------------------------------------
+
+
+def test_a_handshake_retry_under_the_documented_minimum_is_refused_with_the_reason() -> None:
+    assert MIN_HANDSHAKE_RETRY_MS == 100
+    base(handshake_retry_ms=100, probe_timeout_ms=100, latency_threshold_ms=90.0)
+    with pytest.raises(PolicyError) as info:
+        base(handshake_retry_ms=99)
+    assert str(info.value) == (
+        "handshake_retry_ms: 99 is out of range 100..60000: a sooner retry abandons initiations a real path would answer"
+    )
+
+
+def test_a_freshness_window_under_the_documented_minimum_is_refused_with_the_reason() -> None:
+    assert MIN_FRESHNESS_WINDOW_MS == 1_000
+    base(freshness_window_ms=1_000)
+    with pytest.raises(PolicyError) as info:
+        base(freshness_window_ms=1)
+    assert str(info.value) == (
+        "freshness_window_ms: 1 is out of range 1000..3600000: a narrower window refuses the REATTACH after a suspend"
+    )
+
+
+def test_the_round_trip_rules_name_both_fields_and_hold_at_equality() -> None:
+    base(probe_timeout_ms=1_000, handshake_retry_ms=1_000)
+    with pytest.raises(PolicyError) as info:
+        base(probe_timeout_ms=2_000, handshake_retry_ms=1_999, freshness_window_ms=1_999)
+    message = str(info.value)
+    assert "handshake_retry_ms (1999) is under probe_timeout_ms (2000)" in message
+    assert "freshness_window_ms (1999) is under probe_timeout_ms (2000)" in message
+
+
+def test_the_shipped_defaults_meet_the_minimums_with_margin() -> None:
+    assert DEFAULT_POLICY.handshake_retry_ms >= 5 * DEFAULT_POLICY.probe_timeout_ms
+    assert DEFAULT_POLICY.freshness_window_ms >= 5 * MIN_FRESHNESS_WINDOW_MS
+
+
+@pytest.mark.parametrize("value", [1 << 200, -(1 << 200)])
+def test_an_enormous_integer_is_named_by_its_size_not_printed(value: int) -> None:
+    with pytest.raises(PolicyError) as info:
+        base(max_switches_per_minute=value)
+    assert str(info.value) == "max_switches_per_minute: a 201-bit integer is out of range 1..600"
+    with pytest.raises(PolicyError) as info:
+        base(loss_threshold_pct=value * (1 << 20_000))  # too large for a float
+    assert str(info.value) == "loss_threshold_pct: a 20201-bit integer is out of range 0.1..100.0"
