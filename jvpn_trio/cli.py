@@ -140,12 +140,6 @@ def _clocks(args: argparse.Namespace) -> KernelClocks:
         raise CliError(str(exc)) from None
 
 
-def _cmd_lab(args: argparse.Namespace) -> int:
-    from jvpn_trio.lab import runner
-
-    return runner.main(args)
-
-
 def _cmd_replay(args: argparse.Namespace) -> int:
     from jvpn_trio.tools import replay
 
@@ -327,13 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     loadgen.add_arguments(p)
     p.set_defaults(func=loadgen.main)
 
+    from jvpn_trio.lab import runner
+
     p = sub.add_parser("lab", help="reproduce a field scenario in network namespaces and report (root)")
-    p.add_argument("--scenario", metavar="FILE", help="scenario TOML (default: a built-in tour of link down, blackhole, loss)")
-    p.add_argument("--short", action="store_true", help="run the scenario's short form (for CI)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON document (docs/lab-report.md)")
-    p.add_argument("--keep", action="store_true", help="leave the namespaces in place and print how to remove them")
-    p.add_argument("--workdir", metavar="DIR", help="where configs, event logs and traces go (default: a new temp dir)")
-    p.set_defaults(func=_cmd_lab)
+    runner.add_arguments(p)
+    p.set_defaults(func=runner.main)
 
     p = sub.add_parser("replay", help="replay a recorded trace through the core; --policy FILE for a what-if")
     p.add_argument("trace", metavar="TRACE", help="trace file written by `serve/up --record`")

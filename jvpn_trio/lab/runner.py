@@ -111,6 +111,7 @@ from jvpn_trio.config import ConfigError
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.health import Verdict
 from jvpn_trio.core.states import ReasonCode, SessionState
+from jvpn_trio.lab import soak
 from jvpn_trio.lab.netns import Lab, LabError, LabPath, LabSpec, open_lab
 from jvpn_trio.lab.processes import (
     GATEWAY_TUNNEL,
@@ -1642,6 +1643,8 @@ def render_report(doc: Mapping[str, Any]) -> str:
     )
     for e in doc["errors"]:
         out.append(f"  error: {e}")
+    if doc.get("soak") is not None:
+        out += soak.render(doc["soak"])
     return "\n".join(out)
 
 
@@ -1657,9 +1660,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON document (docs/lab-report.md)")
     parser.add_argument("--keep", action="store_true", help="leave the namespaces in place and print how to remove them")
     parser.add_argument("--workdir", metavar="DIR", help="where configs, event logs and traces go (default: a new /tmp directory)")
+    parser.add_argument("--soak", type=float, metavar="MINUTES",
+                        help="instead of a scenario: MINUTES of random faults, every outage held to its bound (lab/soak.py)")
+    parser.add_argument("--seed", type=int, default=1, metavar="N", help="--soak: the faults drawn from this seed (default 1)")
 
 
 def _load(args: argparse.Namespace) -> Scenario:
+    minutes = getattr(args, "soak", None)
+    if minutes is not None:
+        if getattr(args, "scenario", None) or getattr(args, "short", False):
+            raise ConfigError("--soak builds its own timeline: give it without --scenario or --short")
+        try:
+            return soak.soak_scenario(minutes, seed=getattr(args, "seed", 1))
+        except soak.SoakError as exc:
+            raise ConfigError(str(exc)) from None
     scenario = load_scenario(args.scenario) if getattr(args, "scenario", None) else builtin_scenario()
     return scenario.short() if getattr(args, "short", False) else scenario
 
@@ -1699,7 +1713,11 @@ def main(args: argparse.Namespace) -> int:
                         scenario_file=getattr(args, "scenario", None), keep=bool(getattr(args, "keep", False)),
                         progress=progress,
                     )  # fmt: skip
-                    outcome["report"] = await check_run(data)
+                    report = await check_run(data)
+                    if getattr(args, "soak", None) is not None:
+                        report["soak"] = soak.judge(report, scenario.policy)
+                        report["ok"] = report["soak"]["ok"]
+                    outcome["report"] = report
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch)
