@@ -23,6 +23,7 @@ import attrs
 from jvpn_trio.core.candidates import KIND_PRIORITY as KIND_PRIORITY
 from jvpn_trio.core.candidates import PATH_KINDS as PATH_KINDS
 from jvpn_trio.core.candidates import PathRule, PathRules
+from jvpn_trio.core.cookie import HandshakeLimits
 from jvpn_trio.core.ids import MAX_PATH_ID
 from jvpn_trio.core.policy import Policy, PolicyError
 
@@ -404,6 +405,14 @@ class PathConfig:
 
 
 @attrs.frozen(kw_only=True)
+class GatewayEntry:
+    """One gateway the client may use: its data endpoint and its static public key (base64)."""
+
+    endpoint: tuple[str, int]
+    public_key: str
+
+
+@attrs.frozen(kw_only=True)
 class ClientConfig:
     private_key_file: pathlib.Path
     gateway_public_key: str
@@ -435,6 +444,21 @@ class ClientConfig:
     #: also steer when ``control_steer_group``.
     control_group: str | None = DEFAULT_CONTROL_GROUP
     control_steer_group: bool = False
+    #: Every gateway in order of preference (``[[gateway]]``); ``gateway`` and
+    #: ``gateway_public_key`` above are the first.  Empty: the one gateway above.
+    gateways: tuple[GatewayEntry, ...] = ()
+
+    @property
+    def gateway_entries(self) -> tuple[GatewayEntry, ...]:
+        """The gateways in order of preference (at least one)."""
+        return self.gateways or (GatewayEntry(endpoint=self.gateway, public_key=self.gateway_public_key),)
+
+    @property
+    def gateway_endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Every gateway's data and control endpoint: all the path sockets may talk to."""
+        return tuple(
+            e for g in self.gateway_entries for e in (g.endpoint, control_endpoint(g.endpoint, self.control_port_offset))
+        )
 
     @property
     def full_tunnel(self) -> bool:
@@ -453,6 +477,34 @@ class PeerConfig:
     address: ipaddress.IPv4Address | None
     #: The peer's IPv6 tunnel address (``tunnel_address6`` only); None: the host number of ``address`` in it.
     address6: ipaddress.IPv6Address | None = None
+
+
+#: ``[cluster].store``: where session ownership lives (docs/cluster.md).
+CLUSTER_STORES = ("memory", "etcd")
+#: etcd's lease TTLs are whole seconds; ``lease_ttl_ms`` is rounded up to them.
+_MS_PER_S = 1000
+
+
+@attrs.frozen(kw_only=True)
+class ClusterConfig:
+    """The gateway's ``[cluster]`` table: the ownership store and its lease (docs/cluster.md).
+
+    Without the table, ``store = "memory"``: one gateway, nothing shared.
+    """
+
+    store: str = "memory"
+    #: The etcd members' client URLs (``http://host:port``), tried in order.
+    etcd_endpoints: tuple[str, ...] = ()
+    #: The gateway's lease TTL asked of etcd (rounded up to whole seconds).
+    lease_ttl_ms: int = 10_000
+    #: Every etcd call is bounded by this; past it the call fails closed.
+    request_timeout_ms: int = 2_000
+    #: How often the lease is renewed.
+    keepalive_interval_ms: int = 2_000
+    #: Taken off every lease proof: covers the drift between our clock and etcd's.
+    lease_margin_ms: int = 1_000
+    #: Where the session keys live in etcd; gateways of one cluster share it.
+    key_prefix: str = "/jvpn-trio/sessions/"
 
 
 @attrs.frozen(kw_only=True)
@@ -478,6 +530,10 @@ class GatewayConfig:
     metrics_listen: tuple[str, int] | None = None
     #: One peer per ``*.toml`` file, besides the ``[[peer]]`` entries (what configuration tools write).
     peers_dir: pathlib.Path | None = None
+    #: The ownership store (``[cluster]``); the in-memory one without the table.
+    cluster: ClusterConfig = ClusterConfig()
+    #: Bounds on handshake work under a flood (``[handshake]``, docs/threat-model.md "Handshake floods").
+    handshake: HandshakeLimits = HandshakeLimits()
 
     @property
     def control_listen(self) -> tuple[tuple[str, int], ...]:
@@ -500,12 +556,12 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     source = str(path)
     base = pathlib.Path(path).resolve().parent
     data = read_toml(path)
-    _top_level(data, {"client", "path", "policy"}, source=source)
+    _top_level(data, {"client", "path", "policy", "gateway"}, source=source)
     t = _Table(data.get("client"), where=f"{source}: [client]")
     key_file = _relative(base, t.get("private_key_file", str, required=True))
-    public = t.get("gateway_public_key", str, required=True)
-    gateway = parse_endpoint(t.get("gateway", str, required=True), where=f"{t.where}.gateway")
-    control_offset = _control_offset(t, [gateway[1]])
+    gateways = _client_gateways(t, data.get("gateway"), source=source)
+    control_offset = _control_offset(t, [g.endpoint[1] for g in gateways])
+    _distinct_gateway_endpoints(gateways, control_offset, source=source)
     tun_name = t.get("tun_name", str, "jvpn0")
     routes = _networks(t.get("routes", list, list(DEFAULT_ROUTES)), where=f"{t.where}.routes")
     full = any(is_default_route(r) for r in routes)
@@ -539,8 +595,8 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     ]
     return ClientConfig(
         private_key_file=key_file,
-        gateway_public_key=public,
-        gateway=gateway,
+        gateway_public_key=gateways[0].public_key,
+        gateway=gateways[0].endpoint,
         control_port_offset=control_offset,
         tun_name=tun_name,
         routes=routes,
@@ -557,7 +613,58 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
         mtu=mtu,
         control_group=control_group,
         control_steer_group=control_steer_group,
+        gateways=gateways if "gateway" in data else (),  # the single form: gateway_entries gives it
     )
+
+
+def _client_gateways(t: _Table, raw: Any, *, source: str) -> tuple[GatewayEntry, ...]:
+    """``[[gateway]]`` entries, or the single ``[client].gateway`` / ``gateway_public_key``: never both."""
+    if raw is None:
+        public = t.get("gateway_public_key", str, required=True)
+        endpoint = parse_endpoint(t.get("gateway", str, required=True), where=f"{t.where}.gateway")
+        return (GatewayEntry(endpoint=endpoint, public_key=public),)
+    single = sorted({"gateway", "gateway_public_key"} & set(t.data))
+    if single:
+        raise ConfigError(f"{t.where}: {' and '.join(single)} beside [[gateway]] entries: use one form")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{source}: [[gateway]] must be a non-empty array of tables")
+    entries: list[GatewayEntry] = []
+    for i, item in enumerate(raw):
+        g = _Table(item, where=f"{source}: [[gateway]] #{i + 1}")
+        endpoint = parse_endpoint(g.get("endpoint", str, required=True), where=f"{g.where}.endpoint")
+        public = g.get("public_key", str, required=True)
+        g.finish()
+        if not public:
+            raise ConfigError(f"{g.where}.public_key: empty")
+        if any(e.endpoint == endpoint for e in entries):
+            raise ConfigError(f"{g.where}.endpoint: {_endpoint_text(endpoint)} is listed twice")
+        entries.append(GatewayEntry(endpoint=endpoint, public_key=public))
+    families = {ipaddress.ip_address(e.endpoint[0]).version for e in entries}
+    if len(families) > 1:
+        raise ConfigError(f"{source}: [[gateway]] endpoints mix IPv4 and IPv6: the path sockets are of one family")
+    hosts = {e.endpoint[0] for e in entries}
+    if len(hosts) > 1 and families == {6}:
+        # Path tables route the one gateway host's /128 (drivers/routes.py); several need a default route there.
+        raise ConfigError(f"{source}: [[gateway]] endpoints on several IPv6 hosts are not supported yet")
+    return tuple(entries)
+
+
+def _endpoint_text(endpoint: tuple[str, int]) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _distinct_gateway_endpoints(gateways: tuple[GatewayEntry, ...], offset: int, *, source: str) -> None:
+    """No gateway's data or control endpoint may be another's: each answers for its own key only."""
+    seen: dict[tuple[str, int], int] = {}
+    for i, g in enumerate(gateways):
+        for endpoint in (g.endpoint, control_endpoint(g.endpoint, offset)):
+            other = seen.setdefault(endpoint, i)
+            if other != i:
+                raise ConfigError(
+                    f"{source}: [[gateway]] #{i + 1} and #{other + 1} share the endpoint {_endpoint_text(endpoint)}"
+                    " (data or control, control_port_offset apart)"
+                )
 
 
 def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
@@ -565,7 +672,7 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     source = str(path)
     base = pathlib.Path(path).resolve().parent
     data = read_toml(path)
-    _top_level(data, {"gateway", "peer", "policy"}, source=source)
+    _top_level(data, {"gateway", "peer", "policy", "cluster", "handshake"}, source=source)
     t = _Table(data.get("gateway"), where=f"{source}: [gateway]")
     key_file = _relative(base, t.get("private_key_file", str, required=True))
     listen = tuple(
@@ -615,7 +722,78 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
         nat_egress=nat_egress,
         metrics_listen=metrics_listen,
         peers_dir=peers_dir,
+        cluster=_cluster(data.get("cluster"), source=source),
+        handshake=_handshake_limits(data.get("handshake"), source=source),
     )
+
+
+def _handshake_limits(raw: Any, *, source: str) -> HandshakeLimits:
+    """The ``[handshake]`` table: every field of ``HandshakeLimits``, each optional; ranges checked there."""
+    if raw is None:
+        return HandshakeLimits()
+    t = _Table(raw, where=f"{source}: [handshake]")
+    values: dict[str, Any] = {}
+    for field in attrs.fields(HandshakeLimits):
+        kind: type | tuple[type, ...] = int if field.type in (int, "int") else (int, float)
+        value = t.get(field.name, kind, None)
+        if value is not None:
+            values[field.name] = value
+    t.finish()
+    try:
+        return HandshakeLimits(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{t.where}.{exc}") from None
+
+
+def _cluster(raw: Any, *, source: str) -> ClusterConfig:
+    """The ``[cluster]`` table; ConfigError for anything the etcd store would refuse at start."""
+    if raw is None:
+        return ClusterConfig()
+    t = _Table(raw, where=f"{source}: [cluster]")
+    default = ClusterConfig()
+    store = t.get("store", str, default.store)
+    if store not in CLUSTER_STORES:
+        raise ConfigError(f"{t.where}.store: {store!r} is not one of {', '.join(CLUSTER_STORES)}")
+    raw_endpoints = t.get("etcd_endpoints", list, [])
+    endpoints = tuple(_etcd_endpoint(e, where=f"{t.where}.etcd_endpoints") for e in raw_endpoints)
+    timings = {
+        name: t.get(name, int, getattr(default, name))
+        for name in ("lease_ttl_ms", "request_timeout_ms", "keepalive_interval_ms", "lease_margin_ms")
+    }
+    prefix = t.get("key_prefix", str, default.key_prefix)
+    t.finish()
+    if store == "etcd" and not endpoints:
+        raise ConfigError(f"{t.where}.etcd_endpoints: store = \"etcd\" needs at least one endpoint")
+    for name, value in timings.items():
+        if value < 0 or (value == 0 and name != "lease_margin_ms"):
+            raise ConfigError(f"{t.where}.{name}: {value} must be {'positive' if name != 'lease_margin_ms' else 'at least 0'}")
+    if not prefix.startswith("/") or not prefix.isprintable():
+        raise ConfigError(f"{t.where}.key_prefix: {prefix!r} must start with / and be printable")
+    # The lease must be renewable before its last proof runs out (drivers/store_etcd.py checks the same).
+    ttl_ms = -(-timings["lease_ttl_ms"] // _MS_PER_S) * _MS_PER_S
+    budget = timings["keepalive_interval_ms"] + timings["request_timeout_ms"]
+    if budget >= ttl_ms - timings["lease_margin_ms"]:
+        raise ConfigError(
+            f"{t.where}: keepalive_interval_ms + request_timeout_ms ({budget}) must be below "
+            f"lease_ttl_ms rounded up to seconds ({ttl_ms}) minus lease_margin_ms ({timings['lease_margin_ms']})"
+        )
+    return ClusterConfig(store=store, etcd_endpoints=endpoints, key_prefix=prefix, **timings)
+
+
+def _etcd_endpoint(value: Any, *, where: str) -> str:
+    """An etcd client URL: ``http://`` or ``https://``, a host, a port, nothing after it."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected strings like \"http://10.0.0.5:2379\", got {type(value).__name__}")
+    match = _ETCD_URL.fullmatch(value)
+    if match is None:
+        raise ConfigError(f"{where}: {value!r} is not an etcd URL like http://10.0.0.5:2379")
+    if not 0 < int(match.group("port")) <= 65535:
+        raise ConfigError(f"{where}: {value!r} has a port out of range")
+    return value
+
+
+#: ``scheme://host:port`` with a DNS name, an IPv4 address or a bracketed IPv6 address.
+_ETCD_URL = re.compile(r"https?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})/?")
 
 
 #: Files in ``peers_dir`` that hold a peer; anything else there (editor backups, READMEs) is left alone.

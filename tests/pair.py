@@ -26,6 +26,8 @@ from jvpn_trio.core.actions import (
     Action,
     EmitEvent,
     SendClose,
+    SendPathChallenge,
+    SendPathResponse,
     SendReattach,
     SendReattachAck,
     SendReattachReject,
@@ -105,6 +107,12 @@ class Pair:
     client_log: list[Action] = attrs.Factory(list)
     gateway_log: list[Action] = attrs.Factory(list)
     captured: list[ev.ReattachReceived] = attrs.Factory(list)
+    #: While True, the client's next REATTACH is taken off the wire (into ``held_back``), as an
+    #: on-path attacker who suppresses it would.
+    hold_back: bool = False
+    held_back: list[ev.ReattachReceived] = attrs.Factory(list)
+    #: PATH_CHALLENGEs the gateway sent to an address that is not the client's (nobody answers them).
+    lost_challenges: list[SendPathChallenge] = attrs.Factory(list)
 
     @classmethod
     def start(
@@ -159,6 +167,8 @@ class Pair:
         for action in actions:
             if isinstance(action, SendReattach):
                 self._deliver_reattach(action)
+            elif isinstance(action, SendPathResponse):
+                self._deliver_path_response(action)
         return actions
 
     def _gateway(self, event: ev.GatewayInput) -> list[Action]:
@@ -183,15 +193,45 @@ class Pair:
         if not self.links[send.path].delivers:
             return
         request = self.reattach_request(send)
+        if self.hold_back:
+            self.hold_back = False
+            self.held_back.append(request)
+            return
         self.captured.append(request)
         self._gateway(ev.PacketAuthenticated(endpoint=request.endpoint, path=send.path))
-        for answer in self._gateway(request):
-            if isinstance(answer, SendReattachAck):
-                self._client(ev.ReattachAcked(path=send.path, nonce=answer.nonce, new_version=answer.new_version))
-            elif isinstance(answer, SendReattachReject):
+        self._answer_client(self._gateway(request))
+
+    def _deliver_path_response(self, send: SendPathResponse) -> None:
+        """The client's echo reaches the gateway from the client's address on that path (if it passes)."""
+        if not self.links[send.path].delivers:
+            return
+        response = ev.PathResponseReceived(
+            endpoint=client_endpoint(send.path), path=send.path, nonce=send.nonce, challenge=send.challenge
+        )
+        self._answer_client(self._gateway(response))
+
+    def _answer_client(self, answers: list[Action]) -> None:
+        """Carry the gateway's replies to the client: only those sent to the client's own address on a
+        path whose link delivers arrive (on that path); a challenge to any other address is lost."""
+        by_endpoint = {client_endpoint(p): p for p in self.links}
+        for answer in answers:
+            if not isinstance(answer, SendReattachAck | SendReattachReject | SendPathChallenge):
+                continue
+            path = by_endpoint.get(answer.endpoint)
+            if path is None or not self.links[path].delivers:
+                if isinstance(answer, SendPathChallenge):
+                    self.lost_challenges.append(answer)
+                continue
+            if isinstance(answer, SendPathChallenge):
+                self._client(
+                    ev.PathChallenged(path=path, for_path=answer.path, nonce=answer.nonce, challenge=answer.challenge)
+                )
+            elif isinstance(answer, SendReattachAck):
+                self._client(ev.ReattachAcked(path=path, nonce=answer.nonce, new_version=answer.new_version))
+            else:
                 self._client(
                     ev.ReattachRejected(
-                        path=send.path,
+                        path=path,
                         nonce=answer.nonce,
                         reason=answer.reason,
                         current_version=answer.current_version,
@@ -319,7 +359,17 @@ class Pair:
     def replay_captured(self, index: int = -1, *, endpoint: tuple[str, int] = ATTACKER_ENDPOINT) -> list[Action]:
         """Feed a captured REATTACH to the gateway again, from another address."""
         original = self.captured[index]
-        return self._gateway(attrs.evolve(original, endpoint=endpoint))
+        return self._deliver_foreign(attrs.evolve(original, endpoint=endpoint))
+
+    def send_held_back(self, index: int = -1, *, endpoint: tuple[str, int] = ATTACKER_ENDPOINT) -> list[Action]:
+        """The attacker sends a REATTACH he took off the wire (``hold_back``) from his own address."""
+        return self._deliver_foreign(attrs.evolve(self.held_back[index], endpoint=endpoint))
+
+    def _deliver_foreign(self, request: ev.ReattachReceived) -> list[Action]:
+        """A REATTACH from someone else's address: replies to the client's addresses still reach it."""
+        answers = self._gateway(request)
+        self._answer_client(answers)
+        return answers
 
     def events(self, side: str = "client") -> list[EmitEvent]:
         log = self.client_log if side == "client" else self.gateway_log
@@ -393,7 +443,7 @@ class Pair:
         """Deliver a forged REATTACH (or ``kind="replay"``: the last captured one) to the gateway."""
         if kind == "replay":
             return self.replay_captured(-1) if self.captured else []
-        return self._gateway(self.forge_reattach(kind, **kwargs))  # type: ignore[arg-type]
+        return self._deliver_foreign(self.forge_reattach(kind, **kwargs))  # type: ignore[arg-type]
 
 
 def _install_tap(machine: ClientSession | GatewaySession, tap: Tap) -> None:
@@ -522,3 +572,20 @@ def valid_reattach(
         ownership=OwnershipRecord(session_id=sid, owner=NODE, revision=gw.held_revision),
     )
     return attrs.evolve(base, **changes)
+
+
+def answer_challenge(gw: GatewaySession, actions: list[Action], *, now: float) -> list[Action]:
+    """What ``gw`` does when the client echoes the PATH_CHALLENGE in ``actions`` from the challenged address."""
+    challenge = next(a for a in actions if isinstance(a, SendPathChallenge))
+    response = ev.PathResponseReceived(
+        endpoint=challenge.endpoint, path=challenge.path, nonce=challenge.nonce, challenge=challenge.challenge
+    )
+    return gw.handle(response, now=now)
+
+
+def genuine_reattach(gw: GatewaySession, request: ev.ReattachReceived, *, now: float) -> list[Action]:
+    """A genuine client's REATTACH: fed to ``gw``, its challenge (if any) answered at once; all actions, in order."""
+    actions = gw.handle(request, now=now)
+    if any(isinstance(a, SendPathChallenge) for a in actions):
+        actions += answer_challenge(gw, actions, now=now)
+    return actions

@@ -25,7 +25,8 @@ import functools
 import ipaddress
 import signal
 import sys
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from jvpn_trio.commands.process import (
     close_on_signals,
     missing_privilege,
 )
-from jvpn_trio.config import ConfigError, GatewayConfig, PeerConfig, load_gateway_config
+from jvpn_trio.config import ClusterConfig, ConfigError, GatewayConfig, PeerConfig, load_gateway_config
 from jvpn_trio.core.mtu import Family
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.policy import Policy
@@ -47,7 +48,8 @@ from jvpn_trio.drivers import control, event_sink, forwarding, metrics, routes, 
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime, GatewayStatus
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.log import stderr_line
-from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
+from jvpn_trio.drivers.store_etcd import EtcdOwnershipStore, NodeIdInUse, StoreError, open_etcd_ownership_store
+from jvpn_trio.drivers.store_memory import MemoryOwnershipStore, OwnershipStore
 from jvpn_trio.drivers.systemd import Notifier, publish_status, serve_watchdog, watchdog_interval
 from jvpn_trio.keyfile import KeyFileError, load_private_key, load_public_key_text
 from jvpn_trio.ui.lines import PRINTER_CAPACITY, PlainPrinter
@@ -129,6 +131,48 @@ def describe_reload(result: dict[str, Any]) -> str:
     return line
 
 
+@asynccontextmanager
+async def open_ownership_store(cluster: ClusterConfig, node_id: str) -> AsyncIterator[OwnershipStore]:
+    """The ``[cluster]`` store, started: in memory, or etcd with this gateway's lease kept alive.
+
+    With etcd, ``node_id`` is registered under the lease first: a second live gateway with the
+    same ``node_id`` stops at start (AppError), since ownership could not tell the two apart.
+
+    etcd is tried once at start (each endpoint, each bounded by ``request_timeout_ms``); if no
+    member grants the lease, AppError (exit 2) at once rather than a gateway that waits
+    unserving: a service manager restarts it (docs/cluster.md, "Start").  The lease is revoked
+    on the way out, so the sessions' records go with it.
+    """
+    if cluster.store != "etcd":
+        yield MemoryOwnershipStore()
+        return
+    started = False
+    try:
+        async with open_etcd_ownership_store(
+            cluster.etcd_endpoints,
+            request_timeout_s=cluster.request_timeout_ms / 1000.0,
+            lease_ttl_ms=cluster.lease_ttl_ms,
+            lease_margin_s=cluster.lease_margin_ms / 1000.0,
+            keepalive_interval_s=cluster.keepalive_interval_ms / 1000.0,
+            prefix=cluster.key_prefix,
+            node_id=node_id,
+        ) as store:
+            started = True
+            yield store
+    except NodeIdInUse as exc:
+        if started:
+            raise
+        raise AppError(str(exc)) from None
+    except StoreError as exc:
+        if started:
+            raise
+        raise AppError(f"etcd not reachable at {', '.join(cluster.etcd_endpoints)}: {exc}") from None
+    except ValueError as exc:  # the store's own check of the lease timings (config checks them first)
+        if started:
+            raise
+        raise AppError(f"[cluster]: {exc}") from None
+
+
 def service_status_line(value: GatewayStatus | None, *, listening: str) -> str:
     """The gateway in one line, for systemd's ``STATUS=``: its sessions and where it listens."""
     sessions = len(value.sessions) if value is not None else 0
@@ -174,12 +218,15 @@ async def _serve_gateway(
             )
         )
         recorder = await stack.enter_async_context(open_recorder(record))
+        store = await stack.enter_async_context(open_ownership_store(config.cluster, config.node_id))
         runtime = GatewayRuntime(
             policy=config.policy,
             static=static,
             peers=peers,
             tunnel=config.tunnel_address,
-            store=MemoryOwnershipStore(),
+            store=store,
+            lease=store if isinstance(store, EtcdOwnershipStore) else None,  # served only while proven
+            handshake_limits=config.handshake,
             node_id=config.node_id,
             emit=sink.emit,
             recorder=recorder,

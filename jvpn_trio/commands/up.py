@@ -59,14 +59,14 @@ from jvpn_trio.commands.process import (
     close_on_signals,
     missing_privilege,
 )
-from jvpn_trio.config import ClientConfig
+from jvpn_trio.config import ClientConfig, control_endpoint
 from jvpn_trio.core.agent import PathIds, PathIdsExhausted
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.mtu import Family, client_tun_mtu
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.states import SessionState
 from jvpn_trio.drivers import control, dns, event_sink, killswitch, routes, tun, udp
-from jvpn_trio.drivers.agent import ClientAgent
+from jvpn_trio.drivers.agent import ClientAgent, GatewayTarget
 from jvpn_trio.drivers.client import ClientPath, RuntimeStatus
 from jvpn_trio.drivers.clock import SuspendDetector
 from jvpn_trio.drivers.leftovers import Leftovers, find_leftovers, remove_leftovers
@@ -89,7 +89,7 @@ from jvpn_trio.drivers.systemd import (
     under_systemd,
     watchdog_interval,
 )
-from jvpn_trio.keyfile import load_private_key, load_public_key_text
+from jvpn_trio.keyfile import KeyFileError, load_private_key, load_public_key_text
 from jvpn_trio.ui.app import use_tui
 from jvpn_trio.ui.lines import PRINTER_CAPACITY, PlainPrinter
 from jvpn_trio.ui.attached import run_attached
@@ -369,6 +369,21 @@ class PathFollower:
             await stack.aclose()
 
 
+def gateway_targets(config: ClientConfig) -> list[GatewayTarget]:
+    """The agent's gateways in order of preference; a bad public key is named by its gateway."""
+    targets = []
+    for g in config.gateway_entries:
+        target = GatewayTarget(
+            endpoint=g.endpoint, control=control_endpoint(g.endpoint, config.control_port_offset), public_key=b""
+        )
+        try:
+            public = load_public_key_text(g.public_key)
+        except KeyFileError as exc:
+            raise KeyFileError(f"gateway {target.name}: {exc}") from None
+        targets.append(attrs.evolve(target, public_key=public))
+    return targets
+
+
 def gateway_family(config: ClientConfig) -> Family:
     return Family(ipaddress.ip_address(config.gateway[0]).version)
 
@@ -429,8 +444,10 @@ async def _run_client(
     if problem:
         raise AppError(problem)
     static = StaticKeypair(load_private_key(config.private_key_file))
-    gateway_public = load_public_key_text(config.gateway_public_key)
+    gateways = gateway_targets(config)
     gateway_host = config.gateway[0]
+    # A path's table routes the gateway's own address; with several hosts (IPv4 only, config.py) its default.
+    routed_host = gateway_host if len({g.endpoint[0] for g in gateways}) == 1 else None
     leftovers = await refuse_leftovers(config, take_over=take_over)
     async with AsyncExitStack() as stack:
         sink = await stack.enter_async_context(
@@ -454,7 +471,7 @@ async def _run_client(
             routes.open_routing(
                 tunnel=tunnel_routes,
                 paths=(),  # paths come and go with the path manager
-                gateway_address=gateway_host,
+                gateway_address=routed_host,
                 defer_tunnel=True,  # the TUN is created next
                 best_effort=True,  # a path that is not routable yet is left to probing
             )
@@ -479,7 +496,7 @@ async def _run_client(
         agent = ClientAgent(
             policy=config.policy,
             static=static,
-            gateway_public=gateway_public,
+            gateways=gateways,
             emit=sink.emit,
             packets=device,
             set_address=tun_address,
@@ -500,8 +517,8 @@ async def _run_client(
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
             value = agent.status.value
             if value is None:
-                return {"role": "client", "session": None, "state": CONNECTING, "sessions_started": 0}
-            return client_status(
+                return {"role": "client", "session": None, "state": CONNECTING, "sessions_started": 0, "gateway": agent.gateway}
+            return {"gateway": agent.gateway} | client_status(
                 value.snapshot,
                 statistics=value.statistics,
                 counters={
@@ -518,7 +535,7 @@ async def _run_client(
                 tunnel_address=value.tunnel_address,
                 tunnel_address6=value.tunnel_address6,
                 held=agent.held_reason,
-            )
+            )  # fmt: skip
 
         def stop() -> None:
             """The first SIGINT/SIGTERM, or ``jvpn-trio down``: tell systemd, then CLOSE the live session."""

@@ -150,6 +150,25 @@ class SendReattachReject:
 
 
 @attrs.frozen(kw_only=True)
+class SendPathChallenge:
+    """Gateway: challenge the unvalidated ``endpoint`` a REATTACH came from; sent there and nowhere else."""
+
+    endpoint: tuple[str, int]
+    path: PathId
+    nonce: int
+    challenge: int
+
+
+@attrs.frozen(kw_only=True)
+class SendPathResponse:
+    """Client: echo a challenge on ``path``, the path the pending REATTACH left by."""
+
+    path: PathId
+    nonce: int
+    challenge: int
+
+
+@attrs.frozen(kw_only=True)
 class SendClose:
     """Tell the peer, authenticated, that the session is over; sent to ``binding``.
 
@@ -176,6 +195,8 @@ Action = Union[
     SendReattach,
     SendReattachAck,
     SendReattachReject,
+    SendPathChallenge,
+    SendPathResponse,
     SendClose,
     Terminate,
 ]

@@ -73,6 +73,8 @@ class Refusal(enum.Enum):
     CLAIM_FAILED = "CLAIM_FAILED"
     ADMISSION_IN_FLIGHT = "ADMISSION_IN_FLIGHT"
     PEER_REMOVED = "PEER_REMOVED"  # a reload removed the peer (or changed its address) while its claim was out
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # the ownership store gave no answer (or our lease is unproven)
+    OWNERSHIP_AMBIGUOUS = "OWNERSHIP_AMBIGUOUS"  # the claim was sent, its outcome is unknown
 
 
 @attrs.frozen(kw_only=True)
@@ -395,6 +397,20 @@ class Admissions:
             held_revision=record.revision,
             address6=self._address6.get(session_id),
         )
+
+    def abandon_claim(self, session_id: SessionId, refusal: Refusal) -> Refuse:
+        """The store gave no certain answer to the claim: undo the admission (fail closed).
+
+        Like a failed claim, but refused for ``refusal`` (STORE_UNAVAILABLE, OWNERSHIP_AMBIGUOUS).
+        Raises ValueError if ``session_id`` has no claim outstanding.
+        """
+        if session_id in self._revoked:
+            self._revoked.discard(session_id)
+            return Refuse(reason=Refusal.PEER_REMOVED)
+        if session_id not in self._pending:
+            raise ValueError(f"session {session_id.short} has no claim outstanding")
+        self.release(session_id)
+        return Refuse(reason=refusal)
 
     def release(self, session_id: SessionId) -> None:
         """``session_id`` is gone (ended, or its admission abandoned): free what it holds.  Idempotent."""

@@ -54,6 +54,21 @@ a *new* session, with a new SessionID, whose BIRTH names the one before it.
   The back-off after a failed round counts from when its last init left,
   so two inits are never further apart than ``reconnect_max_ms`` (the
   bound on noticing a gateway that came back).
+- **Gateways.**  With several gateways configured (``[[gateway]]``, in
+  order of preference), :class:`GatewayChoice` says which one a handshake
+  round goes to.  The current one is kept while it answers.  A round to it
+  that fails on every path, or a session with it that ended unbound by
+  its transport-loss TTL, moves the choice to the next one in the list
+  (wrapping around); the next round waits the ordinary back-off.  A
+  session's keys live only in the gateway that made them (docs/cluster.md,
+  "Multi-gateway and takeover"), so the new gateway's session is a fresh
+  handshake with a new SessionID, linked by ``previous_session``.  When a
+  *rescue* round fails and another gateway exists, the live session is
+  closed (LOCAL_CLOSE) so that the next round can go there: its gateway
+  did not answer on any path for the recovery window and a whole round.
+  The choice returns to the preferred gateway only by wrapping around,
+  when the current one fails: never while one works, so two working
+  gateways never flap and a session is never ended to move back.
 
 Everything here is a pure function of its inputs and ``now``.
 """
@@ -244,6 +259,74 @@ class Succession:
         self.failures += 1
         self._next_attempt_at = now + self.reconnect_delay_ms() / _MS
         return self._next_attempt_at
+
+
+@attrs.frozen(kw_only=True)
+class GatewayMove:
+    """The agent moved to another gateway: from which, to which, why, when (its log line)."""
+
+    from_index: int
+    to_index: int
+    from_name: str
+    to_name: str
+    reason: ReasonCode  # NO_CANDIDATE: a round got no answer; TRANSPORT_LOSS_TTL_EXPIRED: a session ended unbound
+    at: float
+
+    def describe(self) -> str:
+        why = "no handshake answer on any path" if self.reason is ReasonCode.NO_CANDIDATE else self.reason.value
+        return f"gateway {self.from_name} failed ({why}); next handshakes go to {self.to_name}"
+
+
+class GatewayChoice:
+    """Which gateway the agent's handshake rounds go to; see the module docstring, "Gateways".
+
+    ``names`` are the gateways in order of preference (non-empty, distinct;
+    ValueError otherwise); the driver keeps what each index means (its
+    endpoint and key).  ``moves`` keeps every move, in order.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        if not names:
+            raise ValueError("at least one gateway")
+        if len(set(names)) != len(names):
+            raise ValueError(f"gateways repeat: {list(names)}")
+        self.names = tuple(names)
+        self.current = 0
+        self.moves: list[GatewayMove] = []
+
+    @property
+    def name(self) -> str:
+        return self.names[self.current]
+
+    @property
+    def has_alternative(self) -> bool:
+        """Another gateway exists to move to."""
+        return len(self.names) > 1
+
+    def round_failed(self, now: float) -> GatewayMove | None:
+        """A handshake round to the current gateway got no answer on any path; None: nowhere else to go."""
+        return self._move(ReasonCode.NO_CANDIDATE, now)
+
+    def session_ended(self, reason: ReasonCode | None, now: float) -> GatewayMove | None:
+        """A session with the current gateway ended for ``reason``: only the transport-loss TTL moves on.
+
+        Every other end (a CLOSE, the session TTL, an operator) came with a
+        gateway that answered, or is no news about it.
+        """
+        if reason is not ReasonCode.TRANSPORT_LOSS_TTL_EXPIRED:
+            return None
+        return self._move(reason, now)
+
+    def _move(self, reason: ReasonCode, now: float) -> GatewayMove | None:
+        if not self.has_alternative:
+            return None
+        to = (self.current + 1) % len(self.names)
+        move = GatewayMove(
+            from_index=self.current, to_index=to, from_name=self.name, to_name=self.names[to], reason=reason, at=now
+        )
+        self.current = to
+        self.moves.append(move)
+        return move
 
 
 class HandshakeRound:

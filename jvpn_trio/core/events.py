@@ -123,6 +123,16 @@ class ReattachRejected:
 
 
 @attrs.frozen(kw_only=True)
+class PathChallenged:
+    """An authenticated PATH_CHALLENGE arrived on ``path``; ``for_path`` is the path it names."""
+
+    path: PathId
+    for_path: PathId
+    nonce: int
+    challenge: int
+
+
+@attrs.frozen(kw_only=True)
 class PinRequested:
     """Operator override: pin ``path`` (or unpin with ``None``).
 
@@ -230,6 +240,18 @@ class ReattachReceived:
     proof_valid: bool
     ownership: OwnershipRecord | None
     metadata: bytes = b""
+    #: The store gave no certain answer (or the lease is unproven): the reattach is denied with it.
+    store_failure: ReasonCode | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PathResponseReceived:
+    """An authenticated PATH_RESPONSE from ``endpoint``: the client's echo of a challenge."""
+
+    endpoint: tuple[str, int]
+    path: PathId
+    nonce: int
+    challenge: int
 
 
 ClientInput = (
@@ -245,6 +267,7 @@ ClientInput = (
     | DataSent
     | ReattachAcked
     | ReattachRejected
+    | PathChallenged
     | PinRequested
     | ReevaluateRequested
     | TimerFired
@@ -256,6 +279,7 @@ GatewayInput = (
     PacketAuthenticated
     | FrameDropped
     | ReattachReceived
+    | PathResponseReceived
     | TimerFired
     | CloseRequested
     | PeerClosed

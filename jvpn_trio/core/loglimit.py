@@ -69,6 +69,7 @@ from typing import Any
 import attrs
 
 from jvpn_trio.core.actions import EmitEvent, EventKind, Scalar
+from jvpn_trio.core.ratelimit import TokenBucket
 from jvpn_trio.core.states import SessionState
 
 #: Defaults of :class:`LogLimits`.  They are meant to become Policy fields
@@ -91,9 +92,6 @@ DEFAULT_MAX_KEYS = 4_096
 #: The details a summary adds (they name how many events of its key were held back, and when).
 SUMMARY_DETAILS = ("suppressed", "suppressed_first_t", "suppressed_last_t")
 _TERMINATED = SessionState.TERMINATED.value
-#: Tokens are floats: a bucket refilled exactly at the time it said a token would be back may fall
-#: short by a rounding error; this much short still counts as a token (so a deadline is never stuck).
-_ROUNDING = 1e-9
 
 
 def _int_range(lo: int, hi: int) -> Any:
@@ -152,27 +150,8 @@ class LimiterStatistics:
 
 
 @attrs.define
-class _Bucket:
-    capacity: float
-    per_s: float
-    tokens: float
-    stamp: float
-
-    def refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.per_s)
-            self.stamp = now
-
-    def has_token(self) -> bool:
-        return self.tokens >= 1.0 - _ROUNDING
-
-    def full_at(self) -> float:
-        return self.stamp + (self.capacity - self.tokens) / self.per_s
-
-
-@attrs.define
 class _Key:
-    bucket: _Bucket
+    bucket: TokenBucket
     held: int = 0
     first_t: float = 0.0
     last_t: float = 0.0
@@ -185,11 +164,9 @@ class SecurityLogLimiter:
 
     def __init__(self, limits: LogLimits = DEFAULT_LOG_LIMITS) -> None:
         self.limits = limits
-        self._global = _Bucket(capacity=limits.lines_per_s, per_s=limits.lines_per_s, tokens=limits.lines_per_s, stamp=0.0)
+        self._global = TokenBucket.full(limits.lines_per_s, limits.lines_per_s, now=0.0)
         per_interval = limits.summaries_per_interval
-        self._summary_bucket = _Bucket(
-            capacity=per_interval, per_s=per_interval / limits.summary_interval_s, tokens=per_interval, stamp=0.0
-        )
+        self._summary_bucket = TokenBucket.full(per_interval / limits.summary_interval_s, per_interval, now=0.0)
         self._started = False
         self._keys: dict[tuple[str, str], _Key] = {}
         # Keys holding events back, in the order their summaries fall due (insertion order: ``now`` only grows).
@@ -229,8 +206,8 @@ class SecurityLogLimiter:
         key.bucket.refill(now)
         self._global.refill(now)
         if key.bucket.has_token() and self._global.has_token() and self._fits(event):
-            key.bucket.tokens -= 1.0
-            self._global.tokens -= 1.0
+            key.bucket.spend()
+            self._global.spend()
             self._logged += 1
             out.append(event)
             return out
@@ -260,7 +237,7 @@ class SecurityLogLimiter:
                 key = self._keys[key_id]
                 if key.due > now:
                     break
-                self._summary_bucket.tokens -= 1.0
+                self._summary_bucket.spend()
                 self._summarise(key_id, key, out)
         if now >= self._next_prune:
             self._prune(now)
@@ -278,7 +255,7 @@ class SecurityLogLimiter:
             due = self._keys[key_id].due
             if self._summary_bucket.has_token():
                 return due
-            return max(due, self._summary_bucket.stamp + (1.0 - self._summary_bucket.tokens) / self._summary_bucket.per_s)
+            return max(due, self._summary_bucket.token_at())
         return None
 
     def flush(self) -> list[EmitEvent]:
@@ -304,7 +281,7 @@ class SecurityLogLimiter:
     def _start(self, now: float) -> None:
         if not self._started:  # buckets start full at the first ``now`` seen
             self._started = True
-            self._global.stamp = self._summary_bucket.stamp = now
+            self._global.updated = self._summary_bucket.updated = now
             self._next_prune = now + self.limits.summary_interval_s
 
     def _fits(self, event: EmitEvent) -> bool:
@@ -320,7 +297,7 @@ class SecurityLogLimiter:
             if len(self._keys) >= self.limits.max_keys:
                 return None
         burst = float(self.limits.burst)
-        key = _Key(bucket=_Bucket(capacity=burst, per_s=1000.0 / self.limits.refill_ms, tokens=burst, stamp=now))
+        key = _Key(bucket=TokenBucket.full(1000.0 / self.limits.refill_ms, burst, now=now))
         self._keys[key_id] = key
         return key
 
@@ -366,7 +343,7 @@ class SecurityLogLimiter:
         out: list[EmitEvent] = []
         for key_id in [k for k in self._keys if k[0] == session]:
             if key_id in self._pending:
-                self._summary_bucket.tokens -= 1.0  # may go below zero: later summaries wait for it
+                self._summary_bucket.spend()  # may go below zero: later summaries wait for it
                 self._summarise(key_id, self._keys[key_id], out)
             del self._keys[key_id]
         self._versions.pop(session, None)

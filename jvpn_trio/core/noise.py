@@ -20,8 +20,13 @@ jvpn-trio's own identifier string so the two can never be confused:
 * Each message ends in ``mac1 = BLAKE2s-128(key = HASH(LABEL_MAC1 ||
   receiver_static_public), message up to mac1)``.  It is checked before any
   DH, so a sender who does not know whom it is talking to costs us one hash.
-  WireGuard's ``mac2`` and cookie reply under load are not implemented;
-  message type 3 is reserved for them.
+* mac1 only proves the sender knows the gateway's public key, which every
+  client config holds.  Under load the gateway also asks for **mac2**
+  (WireGuard's idea, whitepaper 5.4.7): ``mac2 = BLAKE2s-128(key = cookie,
+  init up to mac2)``, where the cookie is a MAC of the sender's address the
+  gateway sent in a COOKIE_REPLY (``core/cookie.py``).  mac2 is an optional
+  16-byte trailer of HANDSHAKE_INIT (:func:`add_mac2`, :func:`mac2_ok`), so it
+  proves the sender receives datagrams at the address it sends from.
 
 Freshness of HANDSHAKE_INIT is its timestamp: the responder refuses an init
 whose TAI64N is not strictly greater than the last one it accepted from that
@@ -306,7 +311,31 @@ def _compute_mac1(encoded_without_mac: bytes, receiver_public: bytes) -> bytes:
 
 
 def _mac1_ok(encoded: bytes, offset: int, key: bytes) -> bool:
-    return hmac.compare_digest(_mac(key, encoded[:offset]), encoded[offset:])
+    return hmac.compare_digest(_mac(key, encoded[:offset]), encoded[offset : offset + MAC_LEN])
+
+
+def init_mac1_ok(data: bytes, static: StaticKeypair) -> bool:
+    """Whether raw ``data`` is a HANDSHAKE_INIT of either length whose mac1 is right for ``static``.
+
+    One hash and no parsing: what the gateway's receive loop checks before an
+    init may cost it anything more (a token, a cookie reply, a queue slot).
+    """
+    if len(data) not in (wire.HANDSHAKE_INIT_LEN, wire.HANDSHAKE_INIT_MAC2_LEN):
+        return False
+    return _mac1_ok(data, wire.HANDSHAKE_INIT_MAC1_OFFSET, static.mac1_key)
+
+
+def add_mac2(init: HandshakeInit, cookie: bytes) -> HandshakeInit:
+    """``init`` with mac2 keyed by ``cookie`` (covering every byte up to and including mac1)."""
+    encoded = wire.encode_handshake_init(attrs.evolve(init, mac2=None))
+    return attrs.evolve(init, mac2=_mac(cookie, encoded))
+
+
+def mac2_ok(data: bytes, cookie: bytes) -> bool:
+    """Whether raw HANDSHAKE_INIT ``data`` carries a mac2 keyed by ``cookie``."""
+    if len(data) != wire.HANDSHAKE_INIT_MAC2_LEN:
+        return False
+    return hmac.compare_digest(_mac(cookie, data[: wire.HANDSHAKE_INIT_LEN]), data[wire.HANDSHAKE_INIT_LEN :])
 
 
 _ZERO_MAC = bytes(MAC_LEN)

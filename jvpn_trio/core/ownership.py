@@ -12,6 +12,7 @@ means rejection (invariant 6, Property 9).  Consistency over availability.
 from __future__ import annotations
 
 import enum
+from typing import Protocol
 
 import attrs
 
@@ -20,6 +21,43 @@ from jvpn_trio.core.states import ReasonCode
 
 #: The revision a compare-and-swap expects when it creates a record: "no record yet".
 ABSENT_REVISION = 0
+
+
+class StoreError(Exception):
+    """The store could not give a certain answer; ``reason`` is short and fit for a log line.
+
+    Whatever the store, the gateway treats it alike: the admission or reattach that needed the
+    answer is denied (:func:`store_failure_reason`), nothing changes (fail closed).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StoreUnavailable(StoreError):
+    """No answer (non-200, timeout, connection error, unparsable reply); nothing was changed by us."""
+
+
+class StoreAmbiguous(StoreError):
+    """A transaction was sent but its outcome is unknown: it may or may not have been applied."""
+
+
+def store_failure_reason(exc: StoreError) -> ReasonCode:
+    """The reason a denial names: an outcome we cannot know is ambiguity; no answer is unavailability."""
+    return ReasonCode.OWNERSHIP_AMBIGUOUS if isinstance(exc, StoreAmbiguous) else ReasonCode.STORE_UNAVAILABLE
+
+
+class Lease(Protocol):
+    """A shared store's proof that this node may still serve what it owns (etcd's lease).
+
+    ``lease_valid(now)`` is False once the proof has run out on the local clock: serve nothing
+    then.  ``wait_lost`` returns once the store knows the lease is gone for good.
+    """
+
+    def lease_valid(self, now: float) -> bool: ...
+
+    async def wait_lost(self) -> None: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -45,9 +83,20 @@ class OwnershipVerdict:
 
 
 def classify(
-    record: OwnershipRecord | None, *, session_id: SessionId, node_id: str, held_revision: int
+    record: OwnershipRecord | None,
+    *,
+    session_id: SessionId,
+    node_id: str,
+    held_revision: int,
+    store_failure: ReasonCode | None = None,
 ) -> OwnershipVerdict:
-    """Decide whether ``node_id`` may mutate ``session_id`` given the store's record."""
+    """Decide whether ``node_id`` may mutate ``session_id`` given the store's record.
+
+    ``store_failure``: the store gave no certain answer (STORE_UNAVAILABLE, OWNERSHIP_AMBIGUOUS,
+    or a lease no longer proven): that is ambiguity whatever ``record`` says.
+    """
+    if store_failure is not None:
+        return OwnershipVerdict(Ownership.AMBIGUOUS, store_failure, "ownership store gave no certain answer")
     if record is None:
         return OwnershipVerdict(
             Ownership.AMBIGUOUS, ReasonCode.OWNERSHIP_AMBIGUOUS, "no ownership record (lease expired?)"

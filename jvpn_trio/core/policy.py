@@ -154,6 +154,9 @@ class Policy:
         ),
     )
     replay_window_packets: int = attrs.field(default=8_192, validator=_int_range(2_048, 1 << 20))
+    #: How long an address that proved it reaches the client (it answered a PATH_CHALLENGE, or
+    #: was the binding) may take the binding back without a new challenge; 0: only the bound one.
+    path_validation_cache_ms: int = attrs.field(default=30_000, validator=_int_range(0, HOUR_MS))
     # -- handshake and key rotation (WireGuard's timers, made policy) ----------
     handshake_retry_ms: int = attrs.field(
         default=1_000,
@@ -289,7 +292,7 @@ class Policy:
 
 #: Fields added after policies were first recorded: left out of the fingerprint while they hold
 #: their default (how a policy without them behaves), so a recorded policy keeps its name and replays.
-_LATER_FIELDS = ("standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms")
+_LATER_FIELDS = ("standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms", "path_validation_cache_ms")
 
 
 @functools.lru_cache(maxsize=256)

@@ -21,12 +21,20 @@ authenticates before it lets a packet move an endpoint):
 9. switch rate                      -> RATE_LIMITED
 10. accept: new binding, version + 1, TRANSPORT_SWITCH
 
+An accepted move to an address the session has not validated is not committed
+yet: the gateway first sends a PATH_CHALLENGE there and moves the binding only
+when the client echoes it from there (return routability, as QUIC's path
+validation; docs/spec.md, "Path validation").  The request is judged again,
+with this same function, when the echo arrives.
+
 "Silent" rejections get no REJECT reply: answering unauthenticated or
 replayed input would let anyone make the gateway talk (wireguard-go never
 answers invalid packets).  They are counted and logged as SECURITY_EVENTs.
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import attrs
 
@@ -122,7 +130,13 @@ def validate_reattach(
             reply=True,
             why=f"timestamp off by {skew_ms:.0f} ms (window {policy.freshness_window_ms} ms)",
         )
-    owner = classify(req.ownership, session_id=ctx.session_id, node_id=ctx.node_id, held_revision=ctx.held_revision)
+    owner = classify(
+        req.ownership,
+        session_id=ctx.session_id,
+        node_id=ctx.node_id,
+        held_revision=ctx.held_revision,
+        store_failure=req.store_failure,
+    )
     if owner.ownership is not Ownership.OWNED:
         assert owner.reason is not None  # classify names a reason for every non-OWNED verdict
         return Reject(reason=owner.reason, security=True, reply=True, why=owner.why)
@@ -146,3 +160,30 @@ def validate_reattach(
             f"(max {policy.max_switches_per_minute})",
         )
     return Accept(binding=binding, already_bound=False, new_last_nonce=req.nonce, new_clock_offset_ms=new_offset)
+
+
+#: Unanswered PATH_CHALLENGEs one session keeps (one per address): bounds the state a copied
+#: REATTACH sent from many addresses can create; a new one pushes the oldest out.
+MAX_PENDING_CHALLENGES = 4
+#: Addresses one session remembers as validated; the least recently validated is forgotten first.
+MAX_VALIDATED_ADDRESSES = 8
+
+
+def address_validated(
+    endpoint: tuple[str, int],
+    *,
+    binding: Binding | None,
+    validated: Mapping[tuple[str, int], float],
+    policy: Policy,
+    now: float,
+) -> bool:
+    """Return routability shown: the bound address, or one validated at most ``path_validation_cache_ms`` ago.
+
+    An authenticated packet *from* an address proves nothing about reaching the client *at*
+    it (anyone on the path can re-send a sealed frame from elsewhere); only an answered
+    challenge, or having carried the binding, does.
+    """
+    if binding is not None and binding.endpoint == endpoint:
+        return True
+    at = validated.get(endpoint)
+    return at is not None and now - at <= policy.path_validation_cache_ms / 1000.0

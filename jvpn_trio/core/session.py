@@ -17,7 +17,10 @@ order, so the same ``(now, event)`` sequence always yields the same actions:
    the switch decision (``switching.py``) -> REATTACH or DEGRADED.
 
 The gateway is authoritative for binding and version: it validates a
-REATTACH (``reattach.py``) and answers with the new version.  The client runs
+REATTACH (``reattach.py``) and answers with the new version.  A move to an
+address that has not shown it reaches the client waits for the answer to a
+PATH_CHALLENGE sent there (docs/spec.md, "Path validation"); until then the
+old binding stays.  The client runs
 the same table on its own view: it decides *when* to move (it is the one
 that can see every path's health) and tracks the gateway's version to put in
 its next REATTACH.  Drivers call ``next_deadline()`` after every call and
@@ -42,6 +45,8 @@ from jvpn_trio.core.actions import (
     Role,
     Scalar,
     SendClose,
+    SendPathChallenge,
+    SendPathResponse,
     SendReattach,
     SendReattachAck,
     SendReattachReject,
@@ -51,11 +56,14 @@ from jvpn_trio.core.health import PathHealth, PathStats, PathVerdict, Verdict
 from jvpn_trio.core.ids import Binding, PathId, SessionId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.reattach import (
+    MAX_PENDING_CHALLENGES,
+    MAX_VALIDATED_ADDRESSES,
     Accept,
     ReattachContext,
     Reject,
     rate_has_room,
     switch_expires_at,
+    address_validated,
     switches_in_window,
     validate_reattach,
 )
@@ -569,6 +577,8 @@ class ClientSession(_SessionCore):
             return self._on_reattach_acked(event, now)
         if isinstance(event, ev.ReattachRejected):
             return self._on_reattach_rejected(event, now)
+        if isinstance(event, ev.PathChallenged):
+            return self._on_path_challenged(event, now)
         entry = self._paths.get(event.path)
         if entry is None:
             self._count("unknown_path_inputs")
@@ -634,6 +644,21 @@ class ClientSession(_SessionCore):
             cause=pending.cause,
             gateway_version=event.new_version,
         )
+
+    def _on_path_challenged(self, event: ev.PathChallenged, now: float) -> list[Action]:
+        """Echo a challenge only for our own pending REATTACH, and only on the path it left by.
+
+        The gateway moves the binding when the echo arrives from the address it challenged, so
+        answering on any other path could prove an address we do not use.  The wait restarts:
+        the echo and its REATTACH_ACK are one more round trip, given a full ``reattach_timeout_ms``.
+        """
+        pending = self.pending
+        if pending is None or event.nonce != pending.nonce or not event.path == event.for_path == pending.path:
+            self._count("stray_path_challenges")
+            return []
+        self.pending = attrs.evolve(pending, sent_at=now)
+        self._count("path_responses_sent")
+        return [SendPathResponse(path=pending.path, nonce=pending.nonce, challenge=event.challenge)]
 
     def _on_reattach_rejected(self, event: ev.ReattachRejected, now: float) -> list[Action]:
         pending = self.pending
@@ -794,6 +819,15 @@ class GatewaySnapshot:
     counters: tuple[tuple[str, int], ...]
 
 
+@attrs.frozen(kw_only=True)
+class PendingChallenge:
+    """A REATTACH that would be accepted, waiting for its address to echo ``challenge``."""
+
+    request: ev.ReattachReceived
+    challenge: int
+    sent_at: float
+
+
 class GatewaySession(_SessionCore):
     """The gateway's authoritative session: strict binding, reattach validation."""
 
@@ -820,19 +854,37 @@ class GatewaySession(_SessionCore):
         self.last_nonce = 0
         self.clock_offset_ms = 0.0
         self.last_delivery: float | None = None
+        #: Challenged address -> the REATTACH waiting for its echo (at most MAX_PENDING_CHALLENGES).
+        self.challenges: dict[tuple[str, int], PendingChallenge] = {}
+        #: Address -> when it last showed return routability (at most MAX_VALIDATED_ADDRESSES).
+        self.validated: dict[tuple[str, int], float] = {}
+        self._next_challenge = 1
 
     def handle(self, event: ev.GatewayInput, *, now: float) -> list[Action]:
+        before = self.record.binding
         actions = self._enforce_bounds(now)
         actions += self._enforce_silence(now)
+        actions += self._expire_challenges(now)
         if self.terminated and not isinstance(event, ev.ReattachReceived):
             self._count("inputs_after_termination")
-            return actions
-        return actions + self._apply(event, now)
+        else:
+            actions += self._apply(event, now)
+        if before is not None and self.record.binding != before:  # it carried the binding: validated until now
+            self._remember_validated(before.endpoint, now)
+        if self.terminated and self.challenges:
+            self._count("path_challenges_ended_with_session", len(self.challenges))
+            self.challenges.clear()
+        return actions
 
     def next_deadline(self) -> float | None:
         if self.terminated:
             return None
-        return _min_deadline([*self._bound_deadlines(), self.silence_deadline()])
+        return _min_deadline([*self._bound_deadlines(), self.silence_deadline(), self.challenge_deadline()])
+
+    def challenge_deadline(self) -> float | None:
+        """When the oldest unanswered PATH_CHALLENGE gives up (``reattach_timeout_ms`` after it left)."""
+        timeout = self.policy.reattach_timeout_ms / 1000.0
+        return _min_deadline(pending.sent_at + timeout for pending in self.challenges.values())
 
     def silence_deadline(self) -> float | None:
         """Spec 6: a binding that delivered nothing for TransportLossTTL is dead."""
@@ -892,6 +944,8 @@ class GatewaySession(_SessionCore):
             return []
         if isinstance(event, ev.ReattachReceived):
             return self._on_reattach(event, now)
+        if isinstance(event, ev.PathResponseReceived):
+            return self._on_path_response(event, now)
         if isinstance(event, ev.FrameDropped):
             self._count(f"dropped_{event.reason.value.lower()}")
             return [
@@ -942,19 +996,23 @@ class GatewaySession(_SessionCore):
         confirmed = self._apply(ev.PacketAuthenticated(endpoint=req.endpoint, path=req.path), now)
         return confirmed + self._judge_reattach(req, now)
 
-    def _judge_reattach(self, req: ev.ReattachReceived, now: float) -> list[Action]:
+    def _judge_reattach(self, req: ev.ReattachReceived, now: float, *, answered: bool = False) -> list[Action]:
+        """Accept, refuse or (a move to an unvalidated address) challenge; ``answered``: its echo just came."""
         verdict = validate_reattach(self._reattach_context(), req, self.policy, now=now)
         if isinstance(verdict, Accept):
             actions: list[Action] = []
             if verdict.already_bound:
                 self._count("reattach_already_bound")
             else:
+                if not answered and not self._address_validated(req.endpoint, now):
+                    return self._challenge(req, now)
                 actions += self._transition(
                     R.REATTACH_CONFIRMED,
                     now,
                     binding=verdict.binding,
                     cause=R.REATTACH_CONFIRMED,
                     nonce=req.nonce,
+                    path_validation="challenge" if answered else "known",
                 )
                 if not actions:  # the table refused: nothing was committed, so nothing is answered
                     return []
@@ -997,3 +1055,86 @@ class GatewaySession(_SessionCore):
                 )
             )
         return actions
+
+    # -- path validation (docs/spec.md, "Path validation") --------------------------------
+    def _address_validated(self, endpoint: tuple[str, int], now: float) -> bool:
+        return address_validated(
+            endpoint, binding=self.record.binding, validated=self.validated, policy=self.policy, now=now
+        )
+
+    def _remember_validated(self, endpoint: tuple[str, int], now: float) -> None:
+        self.validated.pop(endpoint, None)
+        self.validated[endpoint] = now
+        while len(self.validated) > MAX_VALIDATED_ADDRESSES:
+            del self.validated[next(iter(self.validated))]  # the least recently validated
+
+    def _challenge(self, req: ev.ReattachReceived, now: float) -> list[Action]:
+        """Hold an acceptable move to an unvalidated address; send its challenge there, and only there.
+
+        One challenge per (address, nonce): the same REATTACH again, or a copy, sends nothing
+        more, so the address gets at most one frame, shorter than the request, per request.
+        """
+        actions: list[Action] = []
+        held = self.challenges.get(req.endpoint)
+        if held is not None:
+            if held.request.nonce >= req.nonce:
+                self._count("path_challenge_repeats")
+                return []
+            del self.challenges[req.endpoint]  # the client gave up on that one and asks anew
+            self._count("path_challenges_superseded")
+        elif len(self.challenges) >= MAX_PENDING_CHALLENGES:
+            oldest = self.challenges.pop(next(iter(self.challenges)))
+            actions.append(
+                self._not_validated(
+                    oldest.request.endpoint,
+                    oldest.request.path,
+                    oldest.request.nonce,
+                    now,
+                    why=f"pushed out by a newer challenge (at most {MAX_PENDING_CHALLENGES} pending)",
+                )
+            )
+        challenge = self._next_challenge
+        self._next_challenge += 1
+        self.challenges[req.endpoint] = PendingChallenge(request=req, challenge=challenge, sent_at=now)
+        self._count("path_challenges_sent")
+        actions.append(SendPathChallenge(endpoint=req.endpoint, path=req.path, nonce=req.nonce, challenge=challenge))
+        return actions
+
+    def _on_path_response(self, event: ev.PathResponseReceived, now: float) -> list[Action]:
+        """The echo from the challenged address moves the binding (the request is judged again now)."""
+        held = self.challenges.get(event.endpoint)
+        if held is None or (held.challenge, held.request.nonce, held.request.path) != (
+            event.challenge,
+            event.nonce,
+            event.path,
+        ):
+            why = "no challenge pending for this address" if held is None else "echo does not match the challenge"
+            return [self._not_validated(event.endpoint, event.path, event.nonce, now, why=why)]
+        del self.challenges[event.endpoint]
+        self._remember_validated(event.endpoint, now)
+        self._count("path_responses_matched")
+        return self._judge_reattach(held.request, now, answered=True)
+
+    def _expire_challenges(self, now: float) -> list[Action]:
+        timeout_ms = self.policy.reattach_timeout_ms
+        actions: list[Action] = []
+        for endpoint, held in list(self.challenges.items()):
+            if now >= held.sent_at + timeout_ms / 1000.0:
+                del self.challenges[endpoint]
+                why = f"no PATH_RESPONSE within reattach_timeout_ms ({timeout_ms} ms); the binding stays"
+                actions.append(self._not_validated(endpoint, held.request.path, held.request.nonce, now, why=why))
+        return actions
+
+    def _not_validated(
+        self, endpoint: tuple[str, int], path: PathId, nonce: int, now: float, *, why: str
+    ) -> EmitEvent:
+        self._count("path_not_validated")
+        return self._event(
+            EventKind.SECURITY_EVENT,
+            R.PATH_NOT_VALIDATED,
+            now,
+            path=str(path),
+            endpoint=f"{endpoint[0]}:{endpoint[1]}",
+            nonce=nonce,
+            why=why,
+        )

@@ -98,10 +98,14 @@ class ReasonCode(enum.Enum):
     RATE_LIMITED = "RATE_LIMITED"
     NOT_OWNER = "NOT_OWNER"
     OWNERSHIP_AMBIGUOUS = "OWNERSHIP_AMBIGUOUS"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # the cluster's ownership store gave no answer (docs/cluster.md)
     SESSION_TERMINATED = "SESSION_TERMINATED"
     UNKNOWN_SESSION = "UNKNOWN_SESSION"
     SESSION_MISMATCH = "SESSION_MISMATCH"
     ALREADY_BOUND = "ALREADY_BOUND"
+    #: A REATTACH from an address not yet shown to reach the client: its PATH_CHALLENGE went
+    #: unanswered (or was answered wrongly), so the binding did not move (docs/spec.md, "Path validation").
+    PATH_NOT_VALIDATED = "PATH_NOT_VALIDATED"
 
     # -- dropped input (counted; SECURITY_EVENT where it is one) -------------
     MALFORMED = "MALFORMED"

@@ -38,6 +38,7 @@ INPUT_TYPES: dict[str, type] = {
         ev.DataSent,
         ev.ReattachAcked,
         ev.ReattachRejected,
+        ev.PathChallenged,
         ev.PinRequested,
         ev.ReevaluateRequested,
         ev.TimerFired,
@@ -48,6 +49,7 @@ INPUT_TYPES: dict[str, type] = {
         ev.PacketAuthenticated,
         ev.FrameDropped,
         ev.ReattachReceived,
+        ev.PathResponseReceived,
     )
 }
 SIDES = ("client", "gateway")

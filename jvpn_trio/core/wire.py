@@ -34,7 +34,7 @@ from jvpn_trio.core.states import ReasonCode
 
 #: Byte 0 of every datagram.  A peer speaking another version is refused, never guessed at.
 #: Version 2: HANDSHAKE_RESP's payload carries the client's IPv6 tunnel address too (46 bytes, was 29).
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: The largest datagram we ever build or accept (the IPv4 total-length field's limit).
 MAX_DATAGRAM = 65_535
@@ -71,7 +71,8 @@ class MessageType(enum.IntEnum):
 
     HANDSHAKE_INIT = 1
     HANDSHAKE_RESP = 2
-    # 3 is WireGuard's cookie reply: reserved here, and refused like any unknown type.
+    #: The gateway's answer, under load, to a HANDSHAKE_INIT without a valid mac2 (core/cookie.py).
+    COOKIE_REPLY = 3
     DATA = 4
     PROBE = 5
     PROBE_ACK = 6
@@ -79,10 +80,12 @@ class MessageType(enum.IntEnum):
     REATTACH_ACK = 8
     REATTACH_REJECT = 9
     CLOSE = 10
+    PATH_CHALLENGE = 11
+    PATH_RESPONSE = 12
 
 
 HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INIT, MessageType.HANDSHAKE_RESP})
-TRANSPORT_TYPES = frozenset(MessageType) - HANDSHAKE_TYPES
+TRANSPORT_TYPES = frozenset(MessageType) - HANDSHAKE_TYPES - {MessageType.COOKIE_REPLY}
 
 # ---------------------------------------------------------------------------
 # Layouts.  "!" means big-endian with no padding, so sizes are exact.
@@ -109,6 +112,15 @@ _HANDSHAKE_INIT = struct.Struct(
 HANDSHAKE_INIT_LEN = _HANDSHAKE_INIT.size  # 147
 #: mac1 covers every byte before it.
 HANDSHAKE_INIT_MAC1_OFFSET = HANDSHAKE_INIT_LEN - MAC_LEN
+#: An init that carries mac2 (a cookie's MAC over every byte before it) is this long; without, 147.
+HANDSHAKE_INIT_MAC2_LEN = HANDSHAKE_INIT_LEN + MAC_LEN  # 163
+#: A cookie (core/cookie.py) is a MAC of the source address: what mac2 is keyed with.
+COOKIE_LEN = MAC_LEN
+#: The cookie is sealed with ChaCha20-Poly1305 under a random 96-bit nonce, new per reply.
+COOKIE_NONCE_LEN = 12
+#: [version][type][receiver_index u32][nonce][cookie sealed, with tag]
+_COOKIE_REPLY = struct.Struct(f"!BBI{COOKIE_NONCE_LEN}s{COOKIE_LEN + TAG_LEN}s")
+COOKIE_REPLY_LEN = _COOKIE_REPLY.size  # 50
 
 _HANDSHAKE_RESP = struct.Struct(f"!BBII{KEY_LEN}s{ENCRYPTED_RESP_PAYLOAD_LEN}s{MAC_LEN}s")
 HANDSHAKE_RESP_LEN = _HANDSHAKE_RESP.size  # 120
@@ -137,6 +149,10 @@ _REATTACH_REJECT = struct.Struct(f"!{SESSION_ID_BYTES}sQHQ")
 REATTACH_REJECT_LEN = _REATTACH_REJECT.size  # 34
 _CLOSE = struct.Struct(f"!{SESSION_ID_BYTES}sH")
 CLOSE_LEN = _CLOSE.size  # 18
+#: PATH_CHALLENGE and PATH_RESPONSE share one layout: session id, the REATTACH's nonce, the
+#: challenge value, the path id.  Shorter than any REATTACH, so a challenge never amplifies.
+_PATH_CHECK = struct.Struct(f"!{SESSION_ID_BYTES}sQQB")
+PATH_CHECK_LEN = _PATH_CHECK.size  # 33
 
 #: Inclusive (min, max) plaintext length per transport type: lets the outer
 #: framing refuse a wrongly sized frame before spending an AEAD open on it.
@@ -148,6 +164,8 @@ PLAINTEXT_LEN_BOUNDS: Mapping[MessageType, tuple[int, int]] = {
     MessageType.REATTACH_ACK: (REATTACH_ACK_LEN, REATTACH_ACK_LEN),
     MessageType.REATTACH_REJECT: (REATTACH_REJECT_LEN, REATTACH_REJECT_LEN),
     MessageType.CLOSE: (CLOSE_LEN, CLOSE_LEN),
+    MessageType.PATH_CHALLENGE: (PATH_CHECK_LEN, PATH_CHECK_LEN),
+    MessageType.PATH_RESPONSE: (PATH_CHECK_LEN, PATH_CHECK_LEN),
 }
 
 # ---------------------------------------------------------------------------
@@ -223,6 +241,8 @@ REASON_WIRE_TABLE: tuple[ReasonCode | None, ...] = (
     R.UNMETERED_AVAILABLE,  # 55
     R.METERED_AVOIDED,  # 56
     R.SESSION_REPLACED,  # 57
+    R.PATH_NOT_VALIDATED,  # 58
+    R.STORE_UNAVAILABLE,  # 59
 )
 
 #: The inverse of :data:`REASON_WIRE_TABLE`.
@@ -393,10 +413,12 @@ class HandshakeInit:
     encrypted_static: bytes = attrs.field(validator=exact_bytes(ENCRYPTED_STATIC_LEN))
     encrypted_payload: bytes = attrs.field(validator=exact_bytes(ENCRYPTED_INIT_PAYLOAD_LEN))
     mac1: bytes = attrs.field(validator=exact_bytes(MAC_LEN))
+    #: Present only when the initiator holds a cookie (the gateway asked for one under load).
+    mac2: bytes | None = attrs.field(default=None, validator=attrs.validators.optional(exact_bytes(MAC_LEN)))
 
 
 def encode_handshake_init(msg: HandshakeInit) -> bytes:
-    return _HANDSHAKE_INIT.pack(
+    encoded = _HANDSHAKE_INIT.pack(
         PROTOCOL_VERSION,
         MessageType.HANDSHAKE_INIT,
         msg.sender_index,
@@ -405,6 +427,7 @@ def encode_handshake_init(msg: HandshakeInit) -> bytes:
         msg.encrypted_payload,
         msg.mac1,
     )
+    return encoded if msg.mac2 is None else encoded + msg.mac2
 
 
 _HANDSHAKE_INIT_ONLY = frozenset({MessageType.HANDSHAKE_INIT})
@@ -412,8 +435,14 @@ _HANDSHAKE_RESP_ONLY = frozenset({MessageType.HANDSHAKE_RESP})
 
 
 def decode_handshake_init_untrusted(data: bytes) -> HandshakeInit:
-    """Parse a HANDSHAKE_INIT (exactly :data:`HANDSHAKE_INIT_LEN` bytes); raises BadFrame."""
+    """Parse a HANDSHAKE_INIT (:data:`HANDSHAKE_INIT_LEN` bytes, or :data:`HANDSHAKE_INIT_MAC2_LEN` with mac2).
+
+    Raises BadFrame.
+    """
     _expect_type(data, _HANDSHAKE_INIT_ONLY)
+    mac2: bytes | None = None
+    if len(data) == HANDSHAKE_INIT_MAC2_LEN:
+        data, mac2 = data[:HANDSHAKE_INIT_LEN], data[HANDSHAKE_INIT_LEN:]
     _exact_len(data, HANDSHAKE_INIT_LEN)
     _, _, sender, ephemeral, enc_static, enc_payload, mac1 = _HANDSHAKE_INIT.unpack(data)
     return HandshakeInit(
@@ -422,7 +451,41 @@ def decode_handshake_init_untrusted(data: bytes) -> HandshakeInit:
         encrypted_static=enc_static,
         encrypted_payload=enc_payload,
         mac1=mac1,
+        mac2=mac2,
     )
+
+
+@attrs.frozen(kw_only=True)
+class CookieReply:
+    """The gateway's answer under load: a cookie for the sender's address, sealed to the init it answers.
+
+    ``receiver_index`` is the init's sender index; the seal's associated data
+    is the init's mac1, so only the initiator of that very init opens it.
+    """
+
+    receiver_index: int = attrs.field(validator=_u32)
+    nonce: bytes = attrs.field(validator=exact_bytes(COOKIE_NONCE_LEN))
+    sealed_cookie: bytes = attrs.field(validator=exact_bytes(COOKIE_LEN + TAG_LEN))
+
+
+def encode_cookie_reply(msg: CookieReply) -> bytes:
+    return pack_cookie_reply(msg.receiver_index, msg.nonce, msg.sealed_cookie)
+
+
+def pack_cookie_reply(receiver_index: int, nonce: bytes, sealed_cookie: bytes) -> bytes:
+    """:func:`encode_cookie_reply` without the message object (the gateway's path under a flood)."""
+    return _COOKIE_REPLY.pack(PROTOCOL_VERSION, MessageType.COOKIE_REPLY, receiver_index, nonce, sealed_cookie)
+
+
+_COOKIE_REPLY_ONLY = frozenset({MessageType.COOKIE_REPLY})
+
+
+def decode_cookie_reply_untrusted(data: bytes) -> CookieReply:
+    """Parse a COOKIE_REPLY (exactly :data:`COOKIE_REPLY_LEN` bytes); raises BadFrame."""
+    _expect_type(data, _COOKIE_REPLY_ONLY)
+    _exact_len(data, COOKIE_REPLY_LEN)
+    _, _, receiver, nonce, sealed = _COOKIE_REPLY.unpack(data)
+    return CookieReply(receiver_index=receiver, nonce=nonce, sealed_cookie=sealed)
 
 
 @attrs.frozen(kw_only=True)
@@ -845,6 +908,48 @@ def decode_close_plaintext_untrusted(data: bytes) -> Close:
     return Close(session_id=SessionId(session), reason=reason_from_wire_untrusted(code))
 
 
+@attrs.frozen(kw_only=True)
+class _PathCheck:
+    """The body PATH_CHALLENGE and PATH_RESPONSE share: the message type says which it is."""
+
+    session_id: SessionId = attrs.field(validator=_is_session)
+    nonce: int = attrs.field(validator=_u64)
+    challenge: int = attrs.field(validator=_u64)
+    path_id: PathId = attrs.field(validator=_is_path)
+
+
+@attrs.frozen(kw_only=True)
+class PathChallenge(_PathCheck):
+    """Gateway: prove you receive at the address your REATTACH ``nonce`` came from (return routability).
+
+    Sealed, so only the key holder can read ``challenge``; the transport counter's replay
+    window makes each copy single-use, so the value needs to be unique, not secret.
+    """
+
+
+@attrs.frozen(kw_only=True)
+class PathResponse(_PathCheck):
+    """Client: the echo of a PATH_CHALLENGE, sent on the path its REATTACH left by."""
+
+
+def encode_path_check_plaintext(msg: _PathCheck) -> bytes:
+    return _PATH_CHECK.pack(msg.session_id.raw, msg.nonce, msg.challenge, msg.path_id.value)
+
+
+def decode_path_challenge_plaintext_untrusted(data: bytes) -> PathChallenge:
+    return PathChallenge(**_path_check_fields_untrusted(data))
+
+
+def decode_path_response_plaintext_untrusted(data: bytes) -> PathResponse:
+    return PathResponse(**_path_check_fields_untrusted(data))
+
+
+def _path_check_fields_untrusted(data: bytes) -> dict[str, Any]:
+    _exact_len(data, PATH_CHECK_LEN)
+    session, nonce, challenge, path = _PATH_CHECK.unpack(data)
+    return {"session_id": SessionId(session), "nonce": nonce, "challenge": challenge, "path_id": _path_id_untrusted(path)}
+
+
 # ---------------------------------------------------------------------------
 # Tunnelled IP packets (read from the TUN, routed to a session by destination)
 # ---------------------------------------------------------------------------
@@ -899,12 +1004,15 @@ def ip_destination_untrusted(packet: bytes) -> ipaddress.IPv4Address | ipaddress
 # Dispatchers
 # ---------------------------------------------------------------------------
 
-Frame = Union[HandshakeInit, HandshakeResp, TransportFrame]
-InnerMessage = Union[Data, Probe, ProbeAck, Reattach, ReattachAck, ReattachReject, Close]
+Frame = Union[HandshakeInit, HandshakeResp, CookieReply, TransportFrame]
+InnerMessage = Union[
+    Data, Probe, ProbeAck, Reattach, ReattachAck, ReattachReject, Close, PathChallenge, PathResponse
+]
 
 _FRAME_DECODERS: Mapping[MessageType, Callable[[bytes], Frame]] = {
     MessageType.HANDSHAKE_INIT: decode_handshake_init_untrusted,
     MessageType.HANDSHAKE_RESP: decode_handshake_resp_untrusted,
+    MessageType.COOKIE_REPLY: decode_cookie_reply_untrusted,
     **{t: decode_transport_untrusted for t in TRANSPORT_TYPES},
 }
 
@@ -920,6 +1028,8 @@ def encode(frame: Frame) -> bytes:
         return encode_handshake_init(frame)
     if isinstance(frame, HandshakeResp):
         return encode_handshake_resp(frame)
+    if isinstance(frame, CookieReply):
+        return encode_cookie_reply(frame)
     return encode_transport(frame)
 
 
@@ -931,6 +1041,8 @@ _PLAINTEXT_CODECS: Mapping[type, tuple[MessageType, Callable[[Any], bytes]]] = {
     ReattachAck: (MessageType.REATTACH_ACK, encode_reattach_ack_plaintext),
     ReattachReject: (MessageType.REATTACH_REJECT, encode_reattach_reject_plaintext),
     Close: (MessageType.CLOSE, encode_close_plaintext),
+    PathChallenge: (MessageType.PATH_CHALLENGE, encode_path_check_plaintext),
+    PathResponse: (MessageType.PATH_RESPONSE, encode_path_check_plaintext),
 }
 
 _PLAINTEXT_DECODERS: Mapping[MessageType, Callable[[bytes], InnerMessage]] = {
@@ -941,6 +1053,8 @@ _PLAINTEXT_DECODERS: Mapping[MessageType, Callable[[bytes], InnerMessage]] = {
     MessageType.REATTACH_ACK: decode_reattach_ack_plaintext_untrusted,
     MessageType.REATTACH_REJECT: decode_reattach_reject_plaintext_untrusted,
     MessageType.CLOSE: decode_close_plaintext_untrusted,
+    MessageType.PATH_CHALLENGE: decode_path_challenge_plaintext_untrusted,
+    MessageType.PATH_RESPONSE: decode_path_response_plaintext_untrusted,
 }
 
 

@@ -33,6 +33,15 @@ that decides everything between sessions.  :meth:`ClientAgent.serve` loops:
    peer's reason is the one the session's TERMINATED event carries
    (``peer_reason``), read on its way to the event sink.
 
+**Gateways.**  With several (``gateways``, in order of preference) the
+agent's :class:`~jvpn_trio.core.agent.GatewayChoice` names the one each
+handshake round goes to, and each session's runtime is made against it:
+its key, and the paths' data and control endpoints.  A round without an
+answer moves the choice on; so does a session that ended unbound by its
+transport-loss TTL; a failed *rescue* closes the live session so that the
+next round can try the next gateway (``core/agent.py``, "Gateways").  Each
+move is a log line; :attr:`ClientAgent.gateway` names the one in use.
+
 **The path set** belongs to the agent, not to a session: paths come and go
 while the agent runs (:meth:`ClientAgent.add_path`, :meth:`~ClientAgent.remove_path`,
 :meth:`~ClientAgent.readdress_path`, called by the composition root as the
@@ -74,7 +83,14 @@ import trio_util
 
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import EmitEvent, EventKind
-from jvpn_trio.core.agent import HOLD_PEER_REASONS, HandshakeRound, SessionSeed, Succession
+from jvpn_trio.core.agent import (
+    HOLD_PEER_REASONS,
+    GatewayChoice,
+    GatewayMove,
+    HandshakeRound,
+    SessionSeed,
+    Succession,
+)
 from jvpn_trio.core.ids import PathId, RandomBytes
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.policy import Policy
@@ -94,11 +110,25 @@ from jvpn_trio.drivers.client import (
 from jvpn_trio.drivers.clock import Resumed, SuspendDetector
 from jvpn_trio.drivers.logind import SleepSignals
 from jvpn_trio.drivers.log import stderr_line
-from jvpn_trio.drivers.ports import PacketPort
+from jvpn_trio.drivers.ports import Address, PacketPort
 from jvpn_trio.drivers.recording import Recorder
 
 #: How many resume reports the agent keeps (for status and tests).
 RESUMES_KEPT = 16
+
+
+@attrs.frozen(kw_only=True)
+class GatewayTarget:
+    """One gateway the agent may handshake with: its data and control endpoints and its static key."""
+
+    endpoint: Address
+    control: Address
+    public_key: bytes
+
+    @property
+    def name(self) -> str:
+        host, port = self.endpoint
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ClientAgent:
@@ -107,6 +137,11 @@ class ClientAgent:
     Inputs from outside (netlink's ``LinkChanged``, the UI's keys) go through
     :meth:`submit_nowait` to whichever session is live; ``CloseRequested``
     there means :meth:`close_nowait`.
+
+    ``gateways`` (in order of preference) replaces ``gateway_public``: each
+    runtime is then made against the chosen one, the paths' ``gateway`` and
+    ``control`` set to its endpoints.  Without it the one gateway is
+    ``gateway_public`` at the endpoints the paths name.
     """
 
     def __init__(
@@ -114,7 +149,8 @@ class ClientAgent:
         *,
         policy: Policy,
         static: StaticKeypair,
-        gateway_public: bytes,
+        gateway_public: bytes = b"",
+        gateways: Sequence[GatewayTarget] = (),
         paths: Sequence[ClientPath] = (),
         emit: Callable[[EmitEvent], None],
         packets: PacketPort | None = None,
@@ -128,7 +164,12 @@ class ClientAgent:
     ) -> None:
         self.policy = policy
         self._static = static
+        if not gateways and not gateway_public:
+            raise ValueError("a gateway is needed: gateway_public or gateways")
         self._gateway_public = gateway_public
+        self._gateways = tuple(gateways)
+        #: Which gateway the next handshake goes to (core/agent.py, "Gateways").
+        self.gateway_choice = GatewayChoice([g.name for g in gateways] if gateways else ["configured"])
         self._paths: dict[PathId, ClientPath] = {}
         self._link_up: dict[PathId, bool] = {}
         for p in paths:
@@ -163,6 +204,10 @@ class ClientAgent:
         self._held_reason: ReasonCode | None = None
         #: (session hex, peer reason) of the last session a peer's CLOSE ended, as its TERMINATED event said.
         self._peer_closed: tuple[str, ReasonCode] | None = None
+        #: (session hex, reason) of the last session that ended, as its TERMINATED event said.
+        self._ended: tuple[str, ReasonCode] | None = None
+        #: The gateway the runtime of the moment was made against: paths it is given later aim there too.
+        self._runtime_target: GatewayTarget | None = None
         #: A rescue handshake of the live session is out (set until it returns; a session ending cancels it).
         self._rescue_out = False
 
@@ -176,6 +221,18 @@ class ClientAgent:
         """The live session's core, or None between sessions."""
         runtime = self.runtime
         return runtime.session if runtime is not None else None
+
+    @property
+    def gateway(self) -> str | None:
+        """The gateway in use or next tried (None: the one the paths name, ``gateways`` not given)."""
+        return self.gateway_choice.name if self._gateways else None
+
+    def _target(self) -> GatewayTarget | None:
+        return self._gateways[self.gateway_choice.current] if self._gateways else None
+
+    def _gateway_moved(self, move: GatewayMove | None) -> None:
+        if move is not None:
+            self._log(move.describe())
 
     @property
     def sessions_started(self) -> int:
@@ -222,7 +279,7 @@ class ClientAgent:
         self._link_up[path.path] = path.link_up
         runtime = self.runtime
         if runtime is not None:
-            runtime.add_path(attrs.evolve(path, link_up=self._link_up[path.path]))
+            runtime.add_path(self._towards(path, self._runtime_target))
         self._nudge.value += 1
         self._publish_paths()
         return True
@@ -249,7 +306,7 @@ class ClientAgent:
         self._paths[path.path] = attrs.evolve(path, link_up=self._link_up[path.path])
         runtime = self.runtime
         if runtime is not None:
-            runtime.readdress_path(self._paths[path.path])
+            runtime.readdress_path(self._towards(self._paths[path.path], self._runtime_target))
         return old
 
     def _publish_paths(self) -> None:
@@ -374,12 +431,11 @@ class ClientAgent:
         self._log(f"the session was {HOLD_PEER_REASONS[reason]} ({reason.value}); not reconnecting until asked (reconnect)")
 
     def _session_event(self, event: EmitEvent) -> None:
-        """Pass a session's event on; remember the peer reason a TERMINATED by the peer's CLOSE carries."""
-        if (
-            event.kind is EventKind.STATE_CHANGE
-            and event.reason is ReasonCode.PEER_CLOSE
-            and event.detail("to_state") == SessionState.TERMINATED.value
-        ):
+        """Pass a session's event on; remember why it ended and the peer reason a TERMINATED by the peer's CLOSE carries."""
+        ended = event.kind is EventKind.STATE_CHANGE and event.detail("to_state") == SessionState.TERMINATED.value
+        if ended and event.reason is not None:
+            self._ended = (event.session, event.reason)
+        if ended and event.reason is ReasonCode.PEER_CLOSE:
             try:
                 self._peer_closed = (event.session, ReasonCode(event.detail("peer_reason")))
             except ValueError:  # no or an unknown peer reason: nothing the succession acts on
@@ -389,11 +445,12 @@ class ClientAgent:
     def _new_runtime(self) -> ClientRuntime:
         for path, up in (self.runtime.link_up.items() if self.runtime is not None else ()):
             self._link_up[path] = up
+        target = self._runtime_target = self._target()
         runtime = ClientRuntime(
             policy=self.policy,
             static=self._static,
-            gateway_public=self._gateway_public,
-            paths=[attrs.evolve(p, link_up=self._link_up[p.path]) for p in self._paths.values()],
+            gateway_public=self._gateway_public if target is None else target.public_key,
+            paths=[self._towards(p, target) for p in self._paths.values()],
             emit=self._session_event,
             packets=self._packets,
             set_address=self._set_address,
@@ -407,6 +464,11 @@ class ClientAgent:
         self.runtime = runtime
         return runtime
 
+    def _towards(self, path: ClientPath, target: GatewayTarget | None) -> ClientPath:
+        """``path`` as the next runtime gets it: its link state, and aimed at ``target`` if there is one."""
+        path = attrs.evolve(path, link_up=self._link_up[path.path])
+        return path if target is None else attrs.evolve(path, gateway=target.endpoint, control=target.control)
+
     async def _connect(self, runtime: ClientRuntime, succession: Succession) -> Handshaken | None:
         """Wait for the back-off, then one handshake round; None if nobody answered."""
         async with trio.open_nursery() as nursery:
@@ -418,6 +480,7 @@ class ClientAgent:
                 found = await runtime.handshake(plan)
             except HandshakeFailed as exc:
                 succession.handshake_failed(trio.current_time(), last_attempt_at=exc.last_attempt_at)
+                self._gateway_moved(self.gateway_choice.round_failed(trio.current_time()))
                 found = None
             nursery.cancel_scope.cancel()
         self._publish_connecting()
@@ -455,6 +518,9 @@ class ClientAgent:
         # A rescue still out when the session ended may be what replaced it (its CLOSE overtook the
         # answer): not another client, so no hold; the next round handshakes afresh.
         ours = bool(rescued) or self._rescue_out
+        ended, self._ended = self._ended, None
+        if not rescued and ended is not None and ended[0] == record.session_id.hex:
+            self._gateway_moved(self.gateway_choice.session_ended(ended[1], trio.current_time()))
         succession.session_ended(record, trio.current_time(), peer_reason=peer_reason, rescued=ours)
         return rescued[0] if rescued and not self._closing else None
 
@@ -484,6 +550,11 @@ class ClientAgent:
             self._rescue_out = False
             if answer is None:
                 succession.handshake_failed(trio.current_time(), last_attempt_at=plan.last_attempt_at)
+                move = self.gateway_choice.round_failed(trio.current_time())
+                if move is not None:  # another gateway may answer: end this session so the next round goes there
+                    self._gateway_moved(move)
+                    await runtime.submit(ev.CloseRequested())
+                    return
                 continue
             found.append(answer)
             await runtime.submit(ev.CloseRequested())

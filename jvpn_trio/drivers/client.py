@@ -75,6 +75,7 @@ from jvpn_trio.core.actions import (
     EmitEvent,
     ReleaseTransport,
     SendClose,
+    SendPathResponse,
     SendReattach,
     Terminate,
 )
@@ -86,6 +87,7 @@ from jvpn_trio.core.connect import (
     HandshakePlanner,
     HandshakeStep,
 )
+from jvpn_trio.core.cookie import open_cookie_reply
 from jvpn_trio.core.ids import Binding, PathId, RandomBytes
 from jvpn_trio.core.keyring import KeyExhausted
 from jvpn_trio.core.noise import (
@@ -93,6 +95,7 @@ from jvpn_trio.core.noise import (
     HandshakeResult,
     InitiatorHandshake,
     StaticKeypair,
+    add_mac2,
 )
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, ClientSnapshot
@@ -191,6 +194,7 @@ class ClientStatistics:
     rx_tun_full: int = 0  # delivered packets the TUN could not take
     handshake_sent: int = 0  # HANDSHAKE_INITs of fresh handshakes (not rekeys)
     handshake_stray: int = 0  # responses to no handshake of ours
+    cookie_replies: int = 0  # COOKIE_REPLYs taken: the gateway was under load, the init went again with mac2
     handshake: Mapping[ReasonCode, int] = attrs.field(default=_NO_COUNTS, hash=False)  # responses refused
     rekeys: int = 0
     reattach_sent: int = 0
@@ -216,6 +220,7 @@ class _Tally:
     rx_tun_full: int = 0
     handshake_sent: int = 0
     handshake_stray: int = 0
+    cookie_replies: int = 0
     handshake: Counter[ReasonCode] = attrs.Factory(Counter)
     rekeys: int = 0
     reattach_sent: int = 0
@@ -285,6 +290,9 @@ class _PendingHandshake:
     done: trio.Event = attrs.Factory(trio.Event)
     result: HandshakeResult | None = None
     answered_at: float | None = None
+    #: The init as sent without mac2: a cookie reply sends it again once, with mac2.
+    init: wire.HandshakeInit | None = None
+    cookie_retried: bool = False
 
 
 class ClientRuntime:
@@ -342,6 +350,8 @@ class ClientRuntime:
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[float, Any]](INBOX_CAPACITY)
         self._last_now = -math.inf
         self._handshakes: dict[int, _PendingHandshake] = {}
+        # The gateway's latest cookie (core/cookie.py): every init carries mac2 with it from then on.
+        self._cookie: bytes | None = None
         self._delivery_reported: dict[PathId, float] = {}
         self._sent_reported: dict[PathId, float] = {}
         self._socket_down: set[PathId] = set()
@@ -653,11 +663,12 @@ class ClientRuntime:
             path_id=path.path,
             rekey_session=self.session.record.session_id if rekey and self.session is not None else None,
         )
-        if not self._send(path, wire.encode_handshake_init(init), path.control):
+        sent = init if self._cookie is None else add_mac2(init, self._cookie)
+        if not self._send(path, wire.encode_handshake_init(sent), path.control):
             return None
         if not rekey:
             self._tally.handshake_sent += 1
-        pending = _PendingHandshake(state=state, sender_index=sender_index, path=path)
+        pending = _PendingHandshake(state=state, sender_index=sender_index, path=path, init=init)
         self._handshakes[sender_index] = pending
         return pending
 
@@ -665,7 +676,11 @@ class ClientRuntime:
         """A HANDSHAKE_RESP from the gateway's address: complete the handshake it answers, if any.
 
         Only a response that authenticates with both static keys counts; anything else is counted.
+        A COOKIE_REPLY (the gateway is under load) goes to :meth:`_on_cookie_reply`.
         """
+        if data[1:2] == bytes((wire.MessageType.COOKIE_REPLY,)):
+            self._on_cookie_reply(data)
+            return
         try:
             resp = wire.decode_handshake_resp_untrusted(data)
         except wire.BadFrame:
@@ -684,6 +699,30 @@ class ClientRuntime:
         pending.result = result
         pending.answered_at = now
         pending.done.set()
+
+    def _on_cookie_reply(self, data: bytes) -> None:
+        """Keep the cookie and send the init it answers again, with mac2: once per init.
+
+        Only a reply sealed to the mac1 of an init still waiting opens, so a
+        replayed or forged one changes nothing (counted as stray or refused).
+        """
+        try:
+            reply = wire.decode_cookie_reply_untrusted(data)
+        except wire.BadFrame:
+            self._tally.handshake[ReasonCode.MALFORMED] += 1
+            return
+        pending = self._handshakes.get(reply.receiver_index)
+        if pending is None or pending.init is None or pending.result is not None or pending.cookie_retried:
+            self._tally.handshake_stray += 1
+            return
+        cookie = open_cookie_reply(reply, gateway_public=self._gateway_public, init_mac1=pending.init.mac1)
+        if cookie is None:
+            self._tally.handshake[ReasonCode.DECRYPT_FAILED] += 1
+            return
+        self._cookie = cookie
+        pending.cookie_retried = True
+        self._tally.cookie_replies += 1
+        self._send(pending.path, wire.encode_handshake_init(add_mac2(pending.init, cookie)), pending.path.control)
 
     # -- the supervisor ------------------------------------------------------------------------
     async def _feed(self, event: Any, now: float) -> None:
@@ -735,6 +774,8 @@ class ClientRuntime:
                     self._active = None
             elif isinstance(action, SendReattach):
                 self._send_reattach(action)
+            elif isinstance(action, SendPathResponse):
+                self._send_path_response(action)
             elif isinstance(action, SendClose):
                 self._send_close(action.reason)
             elif isinstance(action, Terminate):
@@ -814,6 +855,22 @@ class ClientRuntime:
         if datagram is not None and self._send(path, datagram, path.control):
             self._tally.reattach_sent += 1
 
+    def _send_path_response(self, action: SendPathResponse) -> None:
+        """The echo leaves by the path the REATTACH did (the core chose it), to the gateway's control port."""
+        assert self.session is not None
+        path = self.paths.get(action.path)
+        if path is None:
+            return
+        echo = wire.PathResponse(
+            session_id=self.session.record.session_id,
+            nonce=action.nonce,
+            challenge=action.challenge,
+            path_id=action.path,
+        )
+        datagram = self._seal(wire.MessageType.PATH_RESPONSE, wire.encode_path_check_plaintext(echo))
+        if datagram is not None:
+            self._send(path, datagram, path.control)
+
     def _send_close(self, reason: ReasonCode) -> None:
         assert self.session is not None
         target = self._active
@@ -874,7 +931,7 @@ class ClientRuntime:
         except wire.BadFrame:
             self._tally.drop[ReasonCode.MALFORMED] += 1
             return
-        if msg_type is wire.MessageType.HANDSHAKE_RESP:
+        if msg_type in (wire.MessageType.HANDSHAKE_RESP, wire.MessageType.COOKIE_REPLY):
             self._on_handshake_response(data, now)
             return
         try:
@@ -898,9 +955,11 @@ class ClientRuntime:
                 event = ev.ReattachAcked(path=path.path, nonce=nonce, new_version=version)
             case wire.ReattachReject(nonce=nonce, reason=reason, current_version=version):
                 event = ev.ReattachRejected(path=path.path, nonce=nonce, reason=reason, current_version=version)
+            case wire.PathChallenge(nonce=nonce, challenge=challenge, path_id=named):
+                event = ev.PathChallenged(path=path.path, for_path=named, nonce=nonce, challenge=challenge)
             case wire.Close(reason=reason):
                 event = ev.PeerClosed(reason=reason)
-            case _:  # PROBE, REATTACH: only the gateway receives those
+            case _:  # PROBE, REATTACH, PATH_RESPONSE: only the gateway receives those
                 self._tally.unexpected_type += 1
                 return
         await self.submit(event, at=now)

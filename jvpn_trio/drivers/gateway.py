@@ -29,6 +29,19 @@ other authenticated init asks ``core.admission`` for a new session, and
 this driver carries the answer out: end the session it replaces, claim
 ownership in the store, start the session core.
 
+Handshakes cannot starve sessions (issue 15): the receive loop spends on a
+HANDSHAKE_INIT only a mac1 hash and what ``core.cookie.HandshakeGate``
+decides (a per-source token bucket, under load a cookie reply instead of any
+DH work), and hands an init it lets through to the **handshake worker**
+through a queue of its own, bounded (``HandshakeLimits.queue_capacity``) and
+never waited on: a full queue drops the init and counts it.  The worker does
+the DH work within the gate's budget (``handshakes_per_s``).  So authenticated
+traffic of live sessions never waits behind an unauthenticated handshake, and
+a frame failing authentication costs one AEAD attempt; its report to the
+session core (a forged REATTACH or CLOSE) is shed, and counted, once the
+inbox is :data:`DROP_REPORT_INBOX_SHARE` full, so junk cannot crowd out real
+inputs either.
+
 Same key twice (docs/gateway.md): a peer holds one session.  When a new
 handshake with the same static key completes, the session it replaces is
 unrouted at once and ends through the supervisor with SESSION_REPLACED: the
@@ -65,14 +78,26 @@ from jvpn_trio.core import wire
 from jvpn_trio.core.actions import (
     Action,
     EmitEvent,
+    EventKind,
+    Role,
     SendClose,
+    SendPathChallenge,
     SendReattachAck,
     SendReattachReject,
     Terminate,
 )
 from jvpn_trio.core.admission import Admissions, Admit, Claimed, Refusal, Refuse
+from jvpn_trio.core.ownership import (
+    Lease,
+    OwnershipRecord,
+    StoreAmbiguous,
+    StoreError,
+    StoreUnavailable,
+    store_failure_reason,
+)
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
-from jvpn_trio.core.noise import HandshakeError, PeerRecord, ResponderHandshake, StaticKeypair
+from jvpn_trio.core.cookie import HandshakeGate, HandshakeLimits, Verdict
+from jvpn_trio.core.noise import HandshakeError, PeerRecord, ResponderHandshake, StaticKeypair, init_mac1_ok
 from jvpn_trio.core.keyring import KeyExhausted
 from jvpn_trio.core.ids import Binding, PathId, RandomBytes, SessionId
 from jvpn_trio.core.policy import Policy
@@ -93,6 +118,9 @@ MAX_RETIRED_TIMESTAMPS = 65536
 #: Transport types whose failed authentication the session core hears about: a forged or
 #: replayed REATTACH or CLOSE is an attack on the binding, so it becomes a SECURITY_EVENT.
 REPORTED_DROP_TYPES = frozenset({wire.MessageType.REATTACH, wire.MessageType.CLOSE})
+#: Such reports are shed (counted in ``reports_shed``) once the supervisor's inbox is this full:
+#: the rest of it stays for inputs that authenticated, whatever rate of junk arrives.
+DROP_REPORT_INBOX_SHARE = 0.5
 #: Changes inside sessions (state, version, binding, bytes) reach ``GatewayRuntime.status`` at most
 #: this often: the rate ``jvpn-trio attach`` polls a status at (ui/attached.py STATUS_PERIOD_S).
 #: Publishing costs O(sessions), so it cannot follow every input.
@@ -145,6 +173,18 @@ class _Counts:
     handshake_claim_failed: int = 0
     handshake_admission_in_flight: int = 0
     handshake_peer_removed: int = 0
+    # handshake admission (core/cookie.py): inits the gate or the full queue turned away, cookies sent
+    handshake_source_limited: int = 0
+    handshake_cookie_limited: int = 0
+    handshake_queue_full: int = 0
+    handshake_cookie_reply: int = 0
+    # the cluster store (docs/cluster.md): denials for no certain answer, packets held while the lease is unproven
+    handshake_store_unavailable: int = 0
+    handshake_ownership_ambiguous: int = 0
+    reattach_store_unavailable: int = 0
+    store_release_failed: int = 0
+    drop_lease_unproven: int = 0
+    tx_lease_unproven: int = 0
     terminated_session_ttl_expired: int = 0
     terminated_transport_loss_ttl_expired: int = 0
     terminated_key_exhausted: int = 0
@@ -180,6 +220,7 @@ class _Counts:
     # the supervisor
     inbox_full: int = 0
     input_for_unknown_session: int = 0
+    reports_shed: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -330,8 +371,15 @@ class GatewayRuntime:
         random_bytes: RandomBytes = os.urandom,
         recorder: Recorder | None = None,
         tunnel6: ipaddress.IPv6Interface | None = None,
+        lease: Lease | None = None,
+        handshake_limits: HandshakeLimits | None = None,
     ) -> None:
-        """``tunnel6``: the gateway's IPv6 tunnel address; each client then gets an IPv6 address too."""
+        """``tunnel6``: the gateway's IPv6 tunnel address; each client then gets an IPv6 address too.
+
+        ``lease``: a shared store's lease (docs/cluster.md); while it is unproven the gateway
+        forwards nothing and admits nothing, and once it is lost every session ends
+        OWNERSHIP_LOST.  None (the memory store): always valid.
+        """
         self.policy = policy
         self._static = static
         self._peers = {p.public: p for p in peers}
@@ -346,6 +394,7 @@ class GatewayRuntime:
             fixed6={p.public: p.address6 for p in self._peers.values() if p.address6 is not None},
         )
         self._store = store
+        self._lease = lease
         self.node_id = node_id
         self._emit = emit
         self._random_bytes = random_bytes
@@ -356,6 +405,13 @@ class GatewayRuntime:
         self._counts = _Counts()
         self.status = trio_util.AsyncValue[GatewayStatus | None](None)
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[float, SessionId, Any]](INBOX_CAPACITY)
+        # ``handshake_limits`` ([handshake] in gateway.toml; None: the defaults) bound handshake work.
+        limits = handshake_limits if handshake_limits is not None else HandshakeLimits()
+        self._gate = HandshakeGate(limits, gateway_public=static.public, random_bytes=random_bytes, now=-math.inf)
+        self._inits_send, self._inits = trio.open_memory_channel[tuple[DatagramPort, bytes, Address]](
+            limits.queue_capacity
+        )
+        self._inits_queued = 0  # what the channel holds: its statistics() costs an object per init
         self._last_now = -math.inf
         self._packets: PacketPort | None = None
         # The supervisor's timers: (deadline, tie-break, session) entries, valid while _scheduled agrees.
@@ -407,10 +463,13 @@ class GatewayRuntime:
                 self._publish()
                 nursery.start_soon(self._supervise)
                 nursery.start_soon(self._publish_changes)
+                nursery.start_soon(self._handshake_worker)
                 for port in [*ports, *control_ports]:
                     nursery.start_soon(self._receive, port)
                 if packets is not None:
                     nursery.start_soon(self._pump_packets, packets)
+                if self._lease is not None:
+                    nursery.start_soon(self._end_all_when_lease_lost, self._lease)
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
@@ -587,6 +646,12 @@ class GatewayRuntime:
                 self._send(
                     served, action.endpoint, wire.MessageType.REATTACH_REJECT, wire.encode_reattach_reject_plaintext(rej)
                 )
+            elif isinstance(action, SendPathChallenge):
+                check = wire.PathChallenge(
+                    session_id=served.session_id, nonce=action.nonce, challenge=action.challenge, path_id=action.path
+                )
+                plaintext = wire.encode_path_check_plaintext(check)
+                self._send(served, action.endpoint, wire.MessageType.PATH_CHALLENGE, plaintext)
             elif isinstance(action, SendClose):
                 binding = action.binding
                 if binding is not None:
@@ -604,7 +669,21 @@ class GatewayRuntime:
             if self.sessions.get(served.session_id) is not served:
                 continue  # already reaped
             self._forget(served)
-            await self._store.release(served.session_id, self.node_id, expected_revision=served.core.held_revision)
+            try:
+                await self._store.release(served.session_id, self.node_id, expected_revision=served.core.held_revision)
+            except StoreError:  # the record stays until our lease ends; nobody serves it meanwhile
+                self._counts.store_release_failed += 1
+
+    def _lease_valid(self, now: float) -> bool:
+        """Whether this node may serve what it owns at ``now`` (always, without a shared store)."""
+        return self._lease is None or self._lease.lease_valid(now)
+
+    async def _end_all_when_lease_lost(self, lease: Lease) -> None:
+        """The store says our lease is gone, so are our records: every session ends OWNERSHIP_LOST."""
+        await lease.wait_lost()
+        now = trio.current_time()
+        for session_id in list(self.sessions):
+            await self._inbox_send.send((now, session_id, ev.OwnershipLost()))
 
     def _forget(self, served: ServedSession) -> None:
         session_id = served.session_id
@@ -729,7 +808,7 @@ class GatewayRuntime:
             self._counts.drop_malformed += 1
             return
         if msg_type is wire.MessageType.HANDSHAKE_INIT:
-            await self._on_handshake(port, data, addr, now)
+            self._on_init(port, data, addr, now)
             return
         if msg_type is wire.MessageType.HANDSHAKE_RESP:
             self._counts.drop_unexpected_handshake_resp += 1
@@ -746,9 +825,7 @@ class GatewayRuntime:
         except ChannelDrop as drop:
             self._count_reason(CHANNEL_DROP_COUNTERS, drop.reason, "drop_other")
             if msg_type in REPORTED_DROP_TYPES:
-                await self._inbox_send.send(
-                    (now, served.session_id, ev.FrameDropped(reason=drop.reason, endpoint=addr, frame=msg_type.name))
-                )
+                self._report_drop(served, drop.reason, addr, msg_type, now)
             return
         self._index_keys(served)
         self._touch(served)  # bytes carried, or a key confirmed: its status changed
@@ -767,6 +844,9 @@ class GatewayRuntime:
         await self._alive(served, addr, served.paths.get(addr, served.init_path), now)
         if not served.core.accepts_data_from(addr):
             self._counts.stray_data += 1
+            return
+        if not self._lease_valid(now):  # held, not served, until the lease is proven again
+            self._counts.drop_lease_unproven += 1
             return
         self._counts.rx_packets += 1
         self._counts.rx_bytes += len(packet)
@@ -793,7 +873,7 @@ class GatewayRuntime:
                 self._send(served, addr, wire.MessageType.PROBE_ACK, wire.encode_probe_ack_plaintext(ack))
             case wire.Reattach() as req:
                 served.learn(addr, port, req.path_id, control=True)
-                ownership = await self._store.read(served.session_id)
+                ownership, store_failure = await self._read_ownership(served.session_id, now)
                 reattach = ev.ReattachReceived(
                     session_id=req.session_id,
                     path=req.path_id,
@@ -804,12 +884,31 @@ class GatewayRuntime:
                     proof_valid=True,
                     ownership=ownership,
                     metadata=req.metadata,
+                    store_failure=store_failure,
                 )
                 await self._inbox_send.send((now, served.session_id, reattach))
+            case wire.PathResponse() as echo:
+                served.learn(addr, port, echo.path_id, control=True)
+                response = ev.PathResponseReceived(
+                    endpoint=addr, path=echo.path_id, nonce=echo.nonce, challenge=echo.challenge
+                )
+                await self._inbox_send.send((now, served.session_id, response))
             case wire.Close() as close:
                 await self._inbox_send.send((now, served.session_id, ev.PeerClosed(reason=close.reason)))
             case _:  # messages only a gateway sends
                 self._counts.drop_unexpected_type += 1
+
+    async def _read_ownership(
+        self, session_id: SessionId, now: float
+    ) -> tuple[OwnershipRecord | None, ReasonCode | None]:
+        """The session's record for a reattach, or why there is no certain one (the core denies then)."""
+        if not self._lease_valid(now):
+            return None, ReasonCode.STORE_UNAVAILABLE
+        try:
+            return await self._store.read(session_id), None
+        except StoreError as exc:
+            self._counts.reattach_store_unavailable += 1
+            return None, store_failure_reason(exc)
 
     async def _alive(self, served: ServedSession, addr: Address, path: PathId | None, now: float) -> None:
         """Tell the core the session is alive: at once while unconfirmed, then coalesced per interval."""
@@ -820,6 +919,18 @@ class GatewayRuntime:
             return
         served.last_alive_report = now
         await self._inbox_send.send((now, served.session_id, ev.PacketAuthenticated(endpoint=addr, path=path)))
+
+    def _report_drop(
+        self, served: ServedSession, reason: ReasonCode, addr: Address, msg_type: wire.MessageType, now: float
+    ) -> None:
+        """Tell the core about a forged REATTACH or CLOSE, unless junk already fills the inbox: never waits."""
+        if self._inbox_send.statistics().current_buffer_used >= INBOX_CAPACITY * DROP_REPORT_INBOX_SHARE:
+            self._counts.reports_shed += 1
+            return
+        try:
+            self._inbox_send.send_nowait((now, served.session_id, ev.FrameDropped(reason=reason, endpoint=addr, frame=msg_type.name)))
+        except trio.WouldBlock:
+            self._counts.reports_shed += 1
 
     def _index_keys(self, served: ServedSession) -> None:
         for index in served.channel.keyring.local_indices():
@@ -837,6 +948,39 @@ class GatewayRuntime:
             index = int.from_bytes(self._random_bytes(4), "big")
             if index not in self._by_index:
                 return index
+
+    def _on_init(self, port: DatagramPort, data: bytes, addr: Address, now: float) -> None:
+        """A HANDSHAKE_INIT in the receive loop: mac1, the gate's verdict, and at most a queue slot."""
+        if self._gate.shed(len(data), now=now):
+            self._counts.handshake_cookie_limited += 1
+            return
+        if not init_mac1_ok(data, self._static):
+            self._counts.handshake_bad_mac += 1
+            return
+        verdict = self._gate.admit(data, addr[0], addr[1], queued=self._inits_queued, now=now)
+        if verdict is Verdict.ACCEPT:
+            try:
+                self._inits_send.send_nowait((port, data, addr))
+                self._inits_queued += 1
+            except trio.WouldBlock:
+                self._counts.handshake_queue_full += 1
+        elif verdict is Verdict.COOKIE:
+            nonce = self._random_bytes(wire.COOKIE_NONCE_LEN)
+            port.send_nowait(self._gate.cookie_reply(data, addr[0], addr[1], nonce=nonce, now=now), addr)
+            self._counts.handshake_cookie_reply += 1
+        elif verdict is Verdict.SOURCE_LIMITED:
+            self._counts.handshake_source_limited += 1
+        else:
+            self._counts.handshake_cookie_limited += 1
+
+    async def _handshake_worker(self) -> None:
+        """The DH work of queued inits, one at a time, within the gate's budget per second."""
+        async for port, data, addr in self._inits:
+            self._inits_queued -= 1
+            delay = self._gate.work_delay(now=trio.current_time())
+            if delay > 0:
+                await trio.sleep(delay)
+            await self._on_handshake(port, data, addr, trio.current_time())
 
     async def _on_handshake(self, port: DatagramPort, data: bytes, addr: Address, now: float) -> None:
         try:
@@ -885,8 +1029,30 @@ class GatewayRuntime:
     async def _claim(self, admission: Admit) -> Claimed | Refuse:
         """Write the admission's ownership claim and let the core judge the store's answer."""
         claim = admission.claim
-        result = await self._store.claim(claim.session_id, claim.owner, expected_revision=claim.expected_revision)
+        try:
+            if not self._lease_valid(trio.current_time()):
+                raise StoreUnavailable("the lease is not proven alive")
+            result = await self._store.claim(claim.session_id, claim.owner, expected_revision=claim.expected_revision)
+        except StoreError as exc:  # fail closed: no session without a certain claim
+            refusal = Refusal.OWNERSHIP_AMBIGUOUS if isinstance(exc, StoreAmbiguous) else Refusal.STORE_UNAVAILABLE
+            self._emit_store_denial(claim.session_id, store_failure_reason(exc), exc.reason)
+            return self._admissions.abandon_claim(claim.session_id, refusal)
         return self._admissions.settle_claim(claim.session_id, succeeded=result.succeeded, record=result.record)
+
+    def _emit_store_denial(self, session_id: SessionId, reason: ReasonCode, why: str) -> None:
+        """A handshake refused for the store: a SECURITY_EVENT for the session that was not created."""
+        self._emit(
+            EmitEvent(
+                kind=EventKind.SECURITY_EVENT,
+                t=trio.current_time(),
+                role=Role.GATEWAY,
+                session=session_id.hex,
+                version=0,
+                reason=reason,
+                policy=self.policy.fingerprint,
+                details={"why": f"handshake refused: {why}"},
+            )
+        )
 
     def _start_session(
         self, hs: ResponderHandshake, peer: GatewayPeer, port: DatagramPort, addr: Address, claimed: Claimed, now: float
@@ -975,7 +1141,11 @@ class GatewayRuntime:
         """TUN -> sessions: seal each packet for the session holding its destination, batch per binding."""
         while True:
             outgoing: dict[int, tuple[ServedSession, Address, list[bytes]]] = {}
-            for packet in await packets.read_batch(BATCH):
+            batch = await packets.read_batch(BATCH)
+            if not self._lease_valid(trio.current_time()):  # held, not served, until the lease is proven again
+                self._counts.tx_lease_unproven += len(batch)
+                continue
+            for packet in batch:
                 try:
                     destination = wire.ip_destination_untrusted(packet)
                 except wire.BadFrame:

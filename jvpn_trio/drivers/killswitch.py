@@ -172,8 +172,8 @@ class KillSwitchSpec:
 
     @classmethod
     def from_config(cls, config: ClientConfig) -> KillSwitchSpec:
-        """The kill switch of a client config: its TUN, its gateway's data and control endpoints."""
-        return cls(tun_name=config.tun_name, gateways=(config.gateway, config.gateway_control), allow_lan=config.allow_lan)
+        """The kill switch of a client config: its TUN, every gateway's data and control endpoints."""
+        return cls(tun_name=config.tun_name, gateways=config.gateway_endpoints, allow_lan=config.allow_lan)
 
 
 def _set(items: Sequence[object]) -> str:

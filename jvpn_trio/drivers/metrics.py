@@ -102,6 +102,10 @@ _FIELD_SAMPLES: Mapping[str, tuple[str, Mapping[str, str]]] = {
     "keys_exhausted": ("dropped_packets", {"direction": "tx", "reason": "keys_exhausted"}),
     "inbox_full": ("supervisor_inputs_dropped", {"reason": "inbox_full"}),
     "input_for_unknown_session": ("supervisor_inputs_dropped", {"reason": "unknown_session"}),
+    "tx_lease_unproven": ("dropped_packets", {"direction": "tx", "reason": "lease_unproven"}),
+    "reattach_store_unavailable": ("store_failures", {"operation": "reattach_read"}),
+    "store_release_failed": ("store_failures", {"operation": "release"}),
+    "reports_shed": ("supervisor_inputs_dropped", {"reason": "reports_shed"}),
 }
 #: Counters named after a reason (gateway.py builds these names from its reason tables):
 #: prefix -> (metric, fixed labels); the rest of the field's name is the ``reason`` label.
@@ -120,6 +124,7 @@ _GATEWAY_COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "data_bytes": ("Inner bytes carried: rx from peers to the TUN, tx from the TUN to peers", ("direction",)),
     "dropped_packets": ("Datagrams and packets dropped, by direction and reason", ("direction", "reason")),
     "supervisor_inputs_dropped": ("Inputs the session supervisor never got to see, by reason", ("reason",)),
+    "store_failures": ("Ownership store calls without a certain answer, by operation (docs/cluster.md)", ("operation",)),
 }
 
 

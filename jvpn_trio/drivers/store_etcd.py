@@ -49,7 +49,12 @@ import httpx
 import trio
 
 from jvpn_trio.core.ids import SessionId
+# The store's errors live in the core, so that the gateway handles any store's alike; they are
+# part of this module's API too.
 from jvpn_trio.core.ownership import ABSENT_REVISION, OwnershipRecord
+from jvpn_trio.core.ownership import StoreAmbiguous as StoreAmbiguous
+from jvpn_trio.core.ownership import StoreError as StoreError
+from jvpn_trio.core.ownership import StoreUnavailable as StoreUnavailable
 from jvpn_trio.drivers.store_memory import CasResult
 
 #: Where session keys live; one key per session below it.
@@ -60,24 +65,16 @@ ATTEMPT_ID_BYTES = 16
 VALUE_FORMAT = 1
 #: etcd's lease TTLs are whole seconds.
 MS_PER_S = 1000
+#: Below the prefix, where each live gateway's node key lives (session keys are hex: no slash).
+NODE_KEY_DIR = "node/"
+#: The session id a node key's record is decoded with: node keys belong to no session.
+_NO_SESSION = SessionId(bytes(16))
 
 Json = dict[str, Any]
 
 
-class StoreError(Exception):
-    """The store could not give a certain answer; ``reason`` is short and fit for a log line."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class StoreUnavailable(StoreError):
-    """No answer (non-200, timeout, connection error, unparsable reply); nothing was changed by us."""
-
-
-class StoreAmbiguous(StoreError):
-    """A transaction was sent but its outcome is unknown: it may or may not have been applied."""
+class NodeIdInUse(StoreError):
+    """Another live gateway holds this ``node_id``'s node key: two gateways must never share one."""
 
 
 class BadReply(ValueError):
@@ -94,6 +91,11 @@ def b64(data: bytes) -> str:
 def session_key(prefix: str, session_id: SessionId) -> bytes:
     """The session's key: the prefix, then the session id in hex."""
     return (prefix + session_id.hex).encode()
+
+
+def node_key(prefix: str, node_id: str) -> bytes:
+    """The key that says a live gateway goes by ``node_id``; it lives under that gateway's lease."""
+    return (prefix + NODE_KEY_DIR + node_id).encode()
 
 
 def new_attempt_id() -> str:
@@ -507,6 +509,7 @@ class EtcdOwnershipStore:
         self._attempt_ids = attempt_ids
         self._lease: LeaseState | None = None
         self._keepalive_scope: trio.CancelScope | None = None
+        self._lost = trio.Event()
 
     @property
     def lease(self) -> LeaseState | None:
@@ -515,6 +518,10 @@ class EtcdOwnershipStore:
     def lease_valid(self, now: float) -> bool:
         """Whether the lease is certainly alive at ``now``: if not, stop serving (issue 14)."""
         return self._lease is not None and self._lease.valid(now)
+
+    async def wait_lost(self) -> None:
+        """Return once etcd said the lease is gone (a keepalive answered without TTL): for good."""
+        await self._lost.wait()
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Grant the lease, then keep it alive from a task in ``nursery``; raises StoreUnavailable."""
@@ -545,6 +552,7 @@ class EtcdOwnershipStore:
                     continue
                 if ttl_s is None:
                     self._lease = attrs.evolve(lease, lost=True)
+                    self._lost.set()
                 else:
                     valid_until = lease_valid_until(sent_at, ttl_s, self.lease_margin_s)
                     self._lease = attrs.evolve(lease, valid_until=valid_until)
@@ -560,6 +568,29 @@ class EtcdOwnershipStore:
                     await self.client.post("/v3/lease/revoke", lease_request(lease.lease_id))
         finally:
             await self.client.aclose()
+
+    async def register_node(self, node_id: str) -> None:
+        """Put our node key under our lease if no live gateway has it; NodeIdInUse if one does.
+
+        Ownership is by ``node_id``, so two live gateways with one id could each take the
+        other's records for their own: the second to start refuses to.  The key goes with the
+        lease (revoked on a clean stop, expired one TTL after a crash).
+        """
+        if self._lease is None or self._lease.lost:
+            raise StoreUnavailable("no live lease to register under")
+        key = node_key(self.prefix, node_id)
+        value = StoredValue(owner=node_id, attempt=self._attempt_ids()).to_bytes()
+        body = claim_txn_request(key, expected_revision=ABSENT_REVISION, value=value, lease_id=self._lease.lease_id)
+        try:
+            outcome = decode_txn_reply_untrusted(await self.client.post("/v3/kv/txn", body, txn=True), key, _NO_SESSION)
+        except BadReply as exc:
+            raise StoreAmbiguous(f"node key txn reply: {exc}") from exc
+        if not outcome.succeeded:
+            holder = outcome.current.lease_id if outcome.current is not None else 0
+            raise NodeIdInUse(
+                f"node_id {node_id!r} is in use by another live gateway (etcd lease {holder:x}); "
+                "give each gateway its own node_id"
+            )
 
     async def read_record(self, session_id: SessionId) -> EtcdRecord | None:
         """A linearizable read of the session's key, with its attempt id and lease."""
@@ -646,8 +677,14 @@ async def open_etcd_ownership_store(
     lease_margin_s: float,
     keepalive_interval_s: float,
     prefix: str = DEFAULT_PREFIX,
+    node_id: str | None = None,
 ) -> AsyncIterator[EtcdOwnershipStore]:
-    """A started store with its own nursery for the keepalive task; revoked and closed on exit."""
+    """A started store with its own nursery for the keepalive task; revoked and closed on exit.
+
+    ``node_id``: registered at start (:meth:`EtcdOwnershipStore.register_node`).  A store that
+    cannot start (no member grants the lease, the node id is taken) raises its StoreError as
+    it is, not inside an exception group, so that a caller can turn it into one line.
+    """
     client = EtcdClient(endpoints, request_timeout_s=request_timeout_s)
     try:
         store = EtcdOwnershipStore(
@@ -660,10 +697,19 @@ async def open_etcd_ownership_store(
     except ValueError:
         await client.aclose()
         raise
+    failure: StoreError | None = None
     async with trio.open_nursery() as nursery:
         try:
-            await store.start(nursery)
-            yield store
+            try:
+                await store.start(nursery)
+                if node_id is not None:
+                    await store.register_node(node_id)
+            except StoreError as exc:
+                failure = exc  # raised below, once the (empty) nursery is closed
+            else:
+                yield store
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
+    if failure is not None:
+        raise failure

@@ -311,6 +311,11 @@ def test_the_audit_accepts_a_gateway_log_written_under_a_flood() -> None:
         feed(ev.FrameDropped(reason=R.DECRYPT_FAILED, endpoint=ATTACKER, frame="REATTACH"), now)
         if i == 1_500:  # a genuine switch in the middle of the flood: its pair of lines stays together
             feed(valid_reattach(gw, path=PathId(2), now=now), now)
+            held = gw.challenges[client_endpoint(PathId(2))]  # a new address: the client echoes its challenge
+            echo = ev.PathResponseReceived(
+                endpoint=client_endpoint(PathId(2)), path=PathId(2), nonce=held.request.nonce, challenge=held.challenge
+            )
+            feed(echo, now)
     feed(ev.TimerFired(), now + 0.5)
     feed(ev.CloseRequested(), now + 1.0)
     kinds = Counter(e.kind for e in log)

@@ -43,6 +43,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "reattach_timeout_ms": (1, 60_000),
     "freshness_window_ms": (1_000, HOUR_MS),
     "replay_window_packets": (2_048, 1 << 20),
+    "path_validation_cache_ms": (0, HOUR_MS),
     "handshake_retry_ms": (100, 60_000),
     "rekey_after_s": (1, 86_399),
     "reject_after_s": (2, 86_400),
@@ -105,6 +106,7 @@ BASE: dict[str, Any] = {
     "reattach_timeout_ms": 250,
     "freshness_window_ms": 5_000,
     "replay_window_packets": 8_192,
+    "path_validation_cache_ms": 30_000,
     "handshake_retry_ms": 1_000,
     "rekey_after_s": 120,
     "reject_after_s": 180,
@@ -416,6 +418,7 @@ ALTERNATIVES: dict[str, object] = {
     "reattach_timeout_ms": 251,
     "freshness_window_ms": 5_001,
     "replay_window_packets": 8_256,
+    "path_validation_cache_ms": 30_001,
     "handshake_retry_ms": 1_001,
     "rekey_after_s": 121,
     "reject_after_s": 181,
@@ -432,7 +435,7 @@ def test_fingerprint_is_16_hex_digits_of_sha256_over_canonical_json() -> None:
     assert set(fp) <= set("0123456789abcdef")
     # The probing cadences came later: at their defaults they are left out, so a policy recorded
     # before they existed keeps its fingerprint (and its recorded runs replay).
-    later = {"standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms"}
+    later = {"standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms", "path_validation_cache_ms"}
     mapping = {k: v for k, v in DEFAULT_POLICY.to_mapping().items() if k not in later}
     blob = json.dumps(mapping, sort_keys=True, separators=(",", ":")).encode()
     assert fp == hashlib.sha256(blob).hexdigest()[:16] == "0f008986eaaa4f2d"

@@ -28,6 +28,7 @@ from tests.pair import (
     SID,
     Pair,
     client_endpoint,
+    genuine_reattach,
     lone_client,
     lone_gateway,
     valid_reattach,
@@ -192,7 +193,7 @@ def test_gateway_revision_mismatch_is_ambiguous() -> None:
 
 def test_gateway_accept_binds_new_and_releases_old_in_one_step() -> None:
     gw = _gateway_bound()
-    actions = gw.handle(valid_reattach(gw), now=0.0)
+    actions = genuine_reattach(gw, valid_reattach(gw), now=0.0)
     binds = [a for a in actions if isinstance(a, (BindTransport, ReleaseTransport))]
     assert binds == [
         ReleaseTransport(Binding(path=P1, endpoint=client_endpoint(P1))),
@@ -214,7 +215,7 @@ def test_gateway_same_binding_is_acked_without_a_transition() -> None:
 
 def test_gateway_rate_limit_rejects_and_degrades() -> None:
     gw = _gateway_bound(ONE_SWITCH_A_MINUTE)
-    gw.handle(valid_reattach(gw), now=1.0)
+    genuine_reattach(gw, valid_reattach(gw), now=1.0)
     assert gw.record.binding is not None and gw.record.binding.path == P2
     actions = gw.handle(valid_reattach(gw, path=P3, client_ts_ms=2000), now=2.0)
     assert gw.record.state is S.DEGRADED
@@ -352,7 +353,7 @@ def test_lost_ack_resynchronises_through_stale_version_and_already_bound() -> No
     pair.links[P1].up = False
     sends = [a for a in nonce_actions if isinstance(a, SendReattach)]
     assert sends
-    gateway.handle(pair.reattach_request(sends[0]), now=pair.now)
+    genuine_reattach(gateway, pair.reattach_request(sends[0]), now=pair.now)
     assert gateway.record.binding is not None and gateway.record.binding.path == P2
     # The client times out, retries with the old expected version, resyncs, and converges.
     pair.run(2.0)

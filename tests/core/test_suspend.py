@@ -21,7 +21,7 @@ import attrs
 import pytest
 
 from jvpn_trio.core import events as ev
-from jvpn_trio.core.actions import Action, EmitEvent, EventKind, SendReattach
+from jvpn_trio.core.actions import Action, EmitEvent, EventKind, SendPathResponse, SendReattach
 from jvpn_trio.core.ids import Binding, PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode as R
@@ -71,6 +71,8 @@ class SuspendPair(Pair):
         for action in actions:
             if isinstance(action, SendReattach):
                 self._deliver_reattach(action)
+            elif isinstance(action, SendPathResponse):
+                self._deliver_path_response(action)
         return actions
 
     def _deliver_reattach(self, send: SendReattach) -> None:

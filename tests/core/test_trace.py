@@ -40,6 +40,8 @@ SAMPLES: dict[str, Any] = {
     "DataSent": ev.DataSent(path=P1),
     "ReattachAcked": ev.ReattachAcked(path=P2, nonce=7, new_version=4),
     "ReattachRejected": ev.ReattachRejected(path=P2, nonce=7, reason=R.STALE_VERSION, current_version=5),
+    "PathChallenged": ev.PathChallenged(path=P2, for_path=P2, nonce=7, challenge=3),
+    "PathResponseReceived": ev.PathResponseReceived(endpoint=EP, path=P2, nonce=7, challenge=(1 << 64) - 1),
     "PinRequested": ev.PinRequested(path=PathId(255)),
     "ReevaluateRequested": ev.ReevaluateRequested(),
     "TimerFired": ev.TimerFired(),
@@ -134,6 +136,7 @@ def test_encoding_of_nested_values() -> None:
         "proof_valid": False,
         "ownership": {"session_id": SID.hex, "owner": "gw-a", "revision": 7},
         "metadata": "00ff6869",
+        "store_failure": None,
     }
     handshake = json.loads(encode_input("client", 0.0, SAMPLES["HandshakeCompleted"]))
     assert handshake["binding"] == {"path": 1, "endpoint": ["192.0.2.1", 51820]}

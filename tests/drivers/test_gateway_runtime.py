@@ -20,7 +20,8 @@ from jvpn_trio.core import wire
 from jvpn_trio.core.admission import Refusal
 from jvpn_trio.core.channel import SecureChannel
 from jvpn_trio.core.ids import PathId
-from jvpn_trio.core.noise import HandshakeResult, InitiatorHandshake, StaticKeypair, generate_static
+from jvpn_trio.core.cookie import open_cookie_reply
+from jvpn_trio.core.noise import HandshakeResult, InitiatorHandshake, StaticKeypair, add_mac2, generate_static
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import TERMINATION_REASONS, TRANSITIONS, ReasonCode, SessionState
 from jvpn_trio.drivers import gateway as gw
@@ -77,6 +78,11 @@ class Peer:
         with trio.move_on_after(NO_ANSWER_S):
             while True:
                 for data, _ in await self.port.recv_batch(16):
+                    if wire.peek_type_untrusted(data) is wire.MessageType.COOKIE_REPLY:  # under load: again, with mac2
+                        reply = wire.decode_cookie_reply_untrusted(data)
+                        cookie = open_cookie_reply(reply, gateway_public=self.world.gw_static.public, init_mac1=init.mac1)
+                        assert cookie is not None
+                        self.port.send_nowait(wire.encode_handshake_init(add_mac2(init, cookie)), GATEWAY_CONTROL)
                     if wire.peek_type_untrusted(data) is wire.MessageType.HANDSHAKE_RESP:
                         result = state.consume_response(wire.decode_handshake_resp_untrusted(data))
                         self.channel = SecureChannel(self.world.policy)

@@ -35,7 +35,7 @@ from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime, GatewayStatis
 from jvpn_trio.drivers.metrics import EventCounts, GatewayCollector, MetricsError, MetricsServer, serve_metrics
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
 from tests.drivers.test_runtime_memory import GATEWAY_CONTROL, TUNNEL, World, client_addr, ipv4_packet, start
-from tests.pair import lone_gateway, valid_reattach
+from tests.pair import genuine_reattach, lone_gateway, valid_reattach
 
 IO_TIMEOUT_S = 10.0
 LOOPBACK = ("127.0.0.1", 0)
@@ -174,7 +174,7 @@ def test_event_counts_tell_reattach_refusals_from_forged_frames() -> None:
     """Accepted, refused (security or not) REATTACHes and a forged frame, as a real gateway core logs them."""
     gw = lone_gateway()
     counts = EventCounts()
-    happened = core_events(gw.handle(valid_reattach(gw, path=PathId(2), now=1.0), now=1.0))
+    happened = core_events(genuine_reattach(gw, valid_reattach(gw, path=PathId(2), now=1.0), now=1.0))
     happened += core_events(gw.handle(valid_reattach(gw, path=PathId(3), now=2.0, nonce=gw.last_nonce), now=2.0))
     happened += core_events(
         gw.handle(valid_reattach(gw, path=PathId(3), now=3.0, expected_version=gw.record.version - 1), now=3.0)

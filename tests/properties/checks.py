@@ -27,6 +27,13 @@ the ten properties of ``formal-properties.md``, read for our design as:
    event is stamped with the step's ``now``; the gateway acknowledges a
    REATTACH only if its binding is then the active one (spec 7: accepting
    means binding, logged), never as an accept with no transition.
+   Return routability (docs/spec.md, "Path validation"): outside the handshake,
+   the gateway binds an address only if it was the bound one, answered a
+   challenge within ``path_validation_cache_ms``, or echoes its pending
+   PATH_CHALLENGE in this very step; a PATH_CHALLENGE goes only to the address
+   of the REATTACH in that step.  A matching PATH_RESPONSE is checked as the
+   REATTACH it completes, judged at the response's ``now`` (so 7, 8 and 9 hold
+   for it too); one that matches nothing changes nothing.
 4. Bounded recovery: unbound for longer than ``transport_loss_ttl_ms`` at a
    step's ``now`` means TERMINATED after that step; RECOVERING for longer than
    ``max_recovery_window_ms`` means no longer RECOVERING after it.
@@ -85,12 +92,13 @@ from jvpn_trio.core.actions import (
     EventKind,
     ReleaseTransport,
     Role,
+    SendPathChallenge,
     SendReattachAck,
     Terminate,
 )
 from jvpn_trio.core.ids import Binding, SessionId
 from jvpn_trio.core.policy import SWITCH_RATE_WINDOW_S, Policy
-from jvpn_trio.core.session import ClientSession, GatewaySession, SessionRecord
+from jvpn_trio.core.session import ClientSession, GatewaySession, PendingChallenge, SessionRecord
 from jvpn_trio.core.states import (
     TERMINATION_REASONS,
     TRANSITIONS,
@@ -146,6 +154,9 @@ class Step:
     last_nonce: int | None = None  # gateway only
     clock_offset_ms: float | None = None  # gateway only
     invalid_transitions: int = 0  # the machine's counter of rejected (illegal) transitions after the step
+    #: Gateway only, after the step: pending PATH_CHALLENGEs and validated addresses (copies).
+    challenges: dict[tuple[str, int], PendingChallenge] = attrs.Factory(dict)
+    validated: dict[tuple[str, int], float] = attrs.Factory(dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -249,6 +260,8 @@ class TraceChecker:
             last_nonce=step.last_nonce,
             clock_offset_ms=step.clock_offset_ms,
             invalid_transitions=step.invalid_transitions,
+            challenges=step.challenges,
+            validated=step.validated,
         )
         self.steps_checked += 1
 
@@ -515,10 +528,48 @@ class TraceChecker:
                 f"(max_switches_per_minute {self.policy.max_switches_per_minute})",
             )
 
+    def _check_return_routability(
+        self, prev: Step, step: Step, fail: Callable[[int, str], PropertyViolation]
+    ) -> None:
+        """Property 3, path validation: no binding moves to an address that has not shown it reaches the client."""
+        req = step.input
+        for action in step.actions:
+            if isinstance(action, SendPathChallenge) and not (
+                isinstance(req, ev.ReattachReceived) and action.endpoint == req.endpoint
+            ):
+                raise fail(3, f"{action} is not addressed to the REATTACH of this step ({type(req).__name__})")
+        if prev.record.state is S.BIRTH:
+            return  # the handshake's own round trip shows the first address
+        cache_s = self.policy.path_validation_cache_ms / 1000.0
+        for bind in (a for a in step.actions if isinstance(a, BindTransport)):
+            endpoint = bind.binding.endpoint
+            was_bound = prev.record.binding is not None and prev.record.binding.endpoint == endpoint
+            at = prev.validated.get(endpoint)
+            cached = at is not None and step.now - at <= cache_s
+            held = prev.challenges.get(endpoint)
+            echoed = (
+                isinstance(req, ev.PathResponseReceived)
+                and req.endpoint == endpoint
+                and held is not None
+                and held.challenge == req.challenge
+            )
+            if not (was_bound or cached or echoed):
+                raise fail(3, f"bound {bind.binding}: its address never answered a PATH_CHALLENGE")
+
     def _check_gateway(self, prev: Step, step: Step, fail: Callable[[int, str], PropertyViolation]) -> None:
         gateway = self.gateway
         assert gateway is not None
         req = step.input
+        if isinstance(req, ev.PathResponseReceived):
+            held = prev.challenges.get(req.endpoint)
+            if held is not None and (held.challenge, held.request.nonce, held.request.path) == (
+                req.challenge,
+                req.nonce,
+                req.path,
+            ):
+                req = held.request  # the echo completes this REATTACH: check it as that request, now
+            elif step.record != prev.record or step.last_nonce != prev.last_nonce:
+                raise fail(3, f"a PATH_RESPONSE that matches no challenge changed the session: {req}")
         # Property 7: the accepted nonce only grows, and only by an accepted REATTACH.
         if step.last_nonce != prev.last_nonce:
             if not isinstance(req, ev.ReattachReceived):
@@ -562,6 +613,7 @@ class TraceChecker:
         if isinstance(req, ev.OwnershipLost) and prev.record.state is not S.TERMINATED:
             if step.record.state is not S.TERMINATED or step.record.binding is not None:
                 raise fail(9, f"ownership lost, but {step.record.state.value} bound to {step.record.binding}")
+        self._check_return_routability(prev, step, fail)
 
 
 # =============================================================================
@@ -598,6 +650,8 @@ class Recorder:
                 last_nonce=machine.last_nonce,
                 clock_offset_ms=machine.clock_offset_ms,
                 invalid_transitions=invalid,
+                challenges=dict(machine.challenges),
+                validated=dict(machine.validated),
             )
         else:
             step = Step(

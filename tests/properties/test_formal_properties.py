@@ -59,6 +59,7 @@ from tests.pair import (
     Pair,
     client_endpoint,
     gateway_endpoint,
+    genuine_reattach,
     lone_gateway,
     valid_reattach,
 )
@@ -291,6 +292,19 @@ class PairProperties(_PairMachine):
         else:
             self.p.attack(kind, path=path)
 
+    @rule(send=st.booleans())
+    def hold_back(self, send: bool) -> None:
+        """Issue 15: an on-path attacker takes the client's next REATTACH off the wire, then sends one
+        he holds from his own address.  Path validation: his address never gets the binding."""
+        if send and self.p.held_back:
+            RUN_STATS["held_back_sent"] += 1
+            self.p.send_held_back()
+        else:
+            RUN_STATS["hold_back"] += 1
+            self.p.hold_back = True
+        binding = self.p.gateway.record.binding
+        assert binding is None or binding.endpoint != ATTACKER_ENDPOINT
+
     @rule(path=st.sampled_from(PATHS), from_client=st.booleans())
     def roam(self, path: int, from_client: bool) -> None:
         """A fully valid REATTACH the client did not send: a NAT rebinding, or a thief with the keys."""
@@ -475,7 +489,11 @@ def _switch_step(steps: list[Step]) -> int:
     return _index(steps, lambda s: _has_event(s, EventKind.TRANSPORT_SWITCH))
 
 
-def _reattach_input(step: Step) -> ev.ReattachReceived:
+def _reattach_input(steps: list[Step], i: int) -> ev.ReattachReceived:
+    """The REATTACH step ``i`` judged: its input, or the one its PATH_RESPONSE completed (path validation)."""
+    step = steps[i]
+    if isinstance(step.input, ev.PathResponseReceived):
+        return steps[i - 1].challenges[step.input.endpoint].request
     assert isinstance(step.input, ev.ReattachReceived), step.input
     return step.input
 
@@ -712,7 +730,7 @@ def test_p7_catches_a_forged_reattach_that_binds(scenario: tuple[PairTracer, Pai
     tracer, pair = scenario
     steps = tracer.steps("gateway")
     i = _switch_step(steps)  # a genuine accepted REATTACH...
-    forged = attrs.evolve(_reattach_input(steps[i]), proof_valid=False)  # ...had it been forged
+    forged = attrs.evolve(_reattach_input(steps, i), proof_valid=False)  # ...had it been forged
     _expect(7, _replace(steps, i, input=forged), Role.GATEWAY, pair.policy, "forged")
 
 
@@ -743,7 +761,7 @@ def test_p8_catches_a_stale_version_reattach_that_is_accepted(scenario: tuple[Pa
     tracer, pair = scenario
     steps = tracer.steps("gateway")
     i = _switch_step(steps)
-    stale = attrs.evolve(_reattach_input(steps[i]), expected_version=steps[i - 1].record.version - 1)
+    stale = attrs.evolve(_reattach_input(steps, i), expected_version=steps[i - 1].record.version - 1)
     _expect(8, _replace(steps, i, input=stale), Role.GATEWAY, pair.policy, "stale version")
 
 
@@ -763,7 +781,7 @@ def test_p9_catches_a_bind_without_ownership(
     tracer, pair = scenario
     steps = tracer.steps("gateway")
     i = _switch_step(steps)
-    unowned = attrs.evolve(_reattach_input(steps[i]), ownership=ownership)
+    unowned = attrs.evolve(_reattach_input(steps, i), ownership=ownership)
     _expect(9, _replace(steps, i, input=unowned), Role.GATEWAY, pair.policy, "ownership")
 
 
@@ -1070,7 +1088,7 @@ def test_rate_window_deadline_makes_progress_at_the_float_boundary() -> None:
     """
     gw = lone_gateway(ONE_SWITCH_A_MINUTE)
     p2, p3 = PathId(2), PathId(3)
-    gw.handle(valid_reattach(gw, path=p2, now=0.797), now=0.797)  # switch 1 of 1 allowed per minute, at t = 0.797
+    genuine_reattach(gw, valid_reattach(gw, path=p2, now=0.797), now=0.797)  # switch 1 of 1 allowed a minute, t = 0.797
     gw.handle(valid_reattach(gw, path=p3, now=2.0), now=2.0)  # rate-limited: DEGRADED, still bound on p2
     assert gw.record.state is S.DEGRADED and gw.record.switch_times == (0.797,)
     for t in (25.0, 50.0):  # keep p2 alive (spec 6 silence bound)

@@ -1,0 +1,211 @@
+"""The gateway fails closed on its ownership store: no certain answer, no session and no move.
+
+A store that raises (StoreUnavailable, StoreAmbiguous) turns a handshake into a refusal with a
+SECURITY_EVENT and a REATTACH into a REATTACH_REJECT naming the reason; a lease that is no
+longer proven stops forwarding both ways, and a lease etcd says is gone ends every session
+OWNERSHIP_LOST (docs/cluster.md).  Virtual time, in-memory network, scripted peers (the
+harness of ``test_gateway_runtime``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import trio
+
+from jvpn_trio.core import wire
+from jvpn_trio.core.actions import EmitEvent, EventKind
+from jvpn_trio.core.ids import PathId, SessionId
+from jvpn_trio.core.noise import HandshakeResult
+from jvpn_trio.core.ownership import OwnershipRecord, StoreAmbiguous, StoreError, StoreUnavailable
+from jvpn_trio.core.states import ReasonCode, SessionState
+from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
+from jvpn_trio.drivers.store_memory import CasResult, MemoryOwnershipStore
+from tests.drivers.test_gateway_runtime import Peer, World, ip
+
+
+class FlakyStore(MemoryOwnershipStore):
+    """The memory store, with a switch that makes every call raise ``failure`` instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: StoreError | None = None
+
+    async def read(self, session_id: SessionId) -> OwnershipRecord | None:
+        if self.failure is not None:
+            raise self.failure
+        return await super().read(session_id)
+
+    async def claim(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
+        if self.failure is not None:
+            raise self.failure
+        return await super().claim(session_id, node_id, expected_revision=expected_revision)
+
+    async def release(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
+        if self.failure is not None:
+            raise self.failure
+        return await super().release(session_id, node_id, expected_revision=expected_revision)
+
+
+class FakeLease:
+    """A lease the test proves or withdraws at will."""
+
+    def __init__(self) -> None:
+        self.valid = True
+        self.lost = trio.Event()
+
+    def lease_valid(self, now: float) -> bool:
+        return self.valid and not self.lost.is_set()
+
+    async def wait_lost(self) -> None:
+        await self.lost.wait()
+
+
+class ClusterWorld(World):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = FlakyStore()
+        self.lease = FakeLease()
+        self.events: list[EmitEvent] = []
+        self.gateway = GatewayRuntime(
+            policy=self.policy,
+            static=self.gw_static,
+            peers=[GatewayPeer(name=f"peer{n}", public=s.public, address=None) for n, s in self.statics.items()],
+            tunnel=ipaddress.IPv4Interface("10.66.0.1/29"),
+            store=self.store,
+            node_id="gw-a",
+            emit=self.events.append,
+            random_bytes=self.random_bytes,
+            lease=self.lease,
+        )
+
+    def security_events(self, reason: ReasonCode) -> list[EmitEvent]:
+        return [e for e in self.events if e.kind is EventKind.SECURITY_EVENT and e.reason is reason]
+
+
+async def reattach(peer: Peer, result: HandshakeResult, *, nonce: int) -> wire.ReattachReject | wire.ReattachAck | None:
+    """One REATTACH for the peer's session on path 2; the gateway's answer, if one comes."""
+    request = wire.Reattach(
+        session_id=result.session_id,
+        path_id=PathId(2),
+        nonce=nonce,
+        client_ts_ms=0,
+        expected_version=result.state_version,
+    )
+    peer.send(wire.MessageType.REATTACH, wire.encode_reattach_plaintext(request))
+    with trio.move_on_after(1.0):
+        while True:
+            for data, _ in await peer.port.recv_batch(16):
+                opened = peer.channel.open_untrusted(data, now=trio.current_time())
+                if opened.msg_type is wire.MessageType.REATTACH_REJECT:
+                    return wire.decode_reattach_reject_plaintext_untrusted(opened.plaintext)
+                if opened.msg_type is wire.MessageType.REATTACH_ACK:
+                    return wire.decode_reattach_ack_plaintext_untrusted(opened.plaintext)
+    return None
+
+
+async def test_a_claim_without_answer_refuses_the_handshake_and_frees_the_address(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    world = ClusterWorld()
+    alice = Peer(world, 1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            world.store.failure = StoreUnavailable("etcd: cannot connect")
+            assert await alice.handshake() is None
+            world.store.failure = StoreAmbiguous("etcd: txn timed out")
+            assert await alice.handshake() is None
+            stats = world.gateway.statistics()
+            assert (stats.handshake_store_unavailable, stats.handshake_ownership_ambiguous) == (1, 1)
+            assert stats.sessions_created == 0 and not world.gateway.sessions
+            assert len(world.security_events(ReasonCode.STORE_UNAVAILABLE)) == 1
+            assert len(world.security_events(ReasonCode.OWNERSHIP_AMBIGUOUS)) == 1
+            world.store.failure = None  # etcd is back: the same address is free again
+            result = await alice.handshake()
+            assert result is not None and result.tunnel_ipv4 == ip(2)
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_unproven_lease_refuses_new_sessions(autojump_clock: trio.abc.Clock) -> None:
+    world = ClusterWorld()
+    world.lease.valid = False
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            assert await Peer(world, 1).handshake() is None
+            assert world.gateway.statistics().handshake_store_unavailable == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reattach_the_store_cannot_judge_is_rejected_and_changes_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    world = ClusterWorld()
+    alice = Peer(world, 1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            result = await alice.handshake()
+            assert result is not None
+            (served,) = world.gateway.sessions.values()
+            for failure, reason in (
+                (StoreUnavailable("etcd: 503"), ReasonCode.STORE_UNAVAILABLE),
+                (StoreAmbiguous("etcd: 500"), ReasonCode.OWNERSHIP_AMBIGUOUS),
+            ):
+                world.store.failure = failure
+                before = served.core.record
+                answer = await reattach(alice, result, nonce=1)
+                assert isinstance(answer, wire.ReattachReject) and answer.reason is reason
+                assert served.core.record == before and served.core.last_nonce == 0
+                assert world.security_events(reason)
+            world.lease.valid = False  # no store call at all: the lease alone denies
+            answer = await reattach(alice, result, nonce=1)
+            assert isinstance(answer, wire.ReattachReject) and answer.reason is ReasonCode.STORE_UNAVAILABLE
+            world.lease.valid, world.store.failure = True, None
+            answer = await reattach(alice, result, nonce=1)  # the same nonce: nothing was consumed
+            assert isinstance(answer, wire.ReattachAck)
+            assert world.gateway.statistics().reattach_store_unavailable == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_unproven_lease_forwards_nothing_until_proven_again(autojump_clock: trio.abc.Clock) -> None:
+    world = ClusterWorld()
+    alice = Peer(world, 1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            result = await alice.handshake()
+            assert result is not None
+            assert isinstance(await reattach(alice, result, nonce=1), wire.ReattachAck)  # bound on path 2
+            packet = bytes([0x45]) + bytes(15) + ip(2).packed + bytes(8)  # an IPv4 header to alice
+            world.lease.valid = False
+            world.tun.inject(packet)
+            alice.send(wire.MessageType.DATA, wire.encode_data_plaintext(wire.Data(packet=packet)))
+            await trio.sleep(0.5)
+            stats = world.gateway.statistics()
+            assert (stats.tx_lease_unproven, stats.drop_lease_unproven) == (1, 1)
+            assert world.gateway.statistics().tx_packets == 0
+            (served,) = world.gateway.sessions.values()
+            assert served.core.record.state is not SessionState.TERMINATED  # held, not ended
+            world.lease.valid = True
+            world.tun.inject(packet)
+            await trio.sleep(0.5)
+            assert world.gateway.statistics().tx_packets == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_lease_ends_every_session_ownership_lost(autojump_clock: trio.abc.Clock) -> None:
+    world = ClusterWorld()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            assert await Peer(world, 1).handshake() is not None
+            assert await Peer(world, 2).handshake() is not None
+            world.store.failure = StoreUnavailable("etcd: gone")  # the releases fail too: counted
+            world.lease.lost.set()
+            await trio.sleep(0.5)
+            stats = world.gateway.statistics()
+            assert stats.terminated_ownership_lost == 2 and not world.gateway.sessions
+            assert stats.store_release_failed == 2
+            nursery.cancel_scope.cancel()
