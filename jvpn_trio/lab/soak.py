@@ -76,19 +76,20 @@ class SoakError(ValueError):
     """A soak that cannot be built (length out of range); one line."""
 
 
-def outage_bound_ms(kind: str, policy: Policy) -> float | None:
+def outage_bound_ms(kind: str, policy: Policy, *, paths: int = len(SOAK_PATHS)) -> float | None:
     """The longest outage a fault step may cause under ``policy``; None: the step's outage is the fault.
 
     A path fault (and its restore): the active path is declared dead within the death detection
     bound and the session is on another path within the recovery window.  The gateway's start:
-    the agent's longest wait between handshakes, one handshake retry, and the death detection
-    bound for the half-dead session it replaces.  The gateway's kill has no bound: traffic stops
-    until it is started again, by design.
+    a handshake round that began just before it goes on unanswered (one attempt per path, each
+    waiting ``handshake_retry_ms``: core/agent.py, "Rounds"), then the agent's longest wait
+    between rounds, then the death detection bound for the half-dead session the new one
+    replaces.  The gateway's kill has no bound: traffic stops until it is started again, by design.
     """
     if kind == KILL_GATEWAY:
         return None  # traffic stops until the gateway is started again
     if kind == START_GATEWAY:
-        return float(policy.reconnect_max_ms + 2 * policy.handshake_retry_ms + policy.death_detection_bound_ms)
+        return float(policy.reconnect_max_ms + paths * policy.handshake_retry_ms + policy.death_detection_bound_ms)
     return float(policy.death_detection_bound_ms + policy.max_recovery_window_ms)
 
 
