@@ -136,6 +136,18 @@ LOAD_POLICY: Mapping[str, int] = {
     "rekey_after_s": 3 * 3_600,
     "reject_after_s": 4 * 3_600,
 }
+#: The gateway's handshake limits (``[handshake]``, docs/gateway.md) lifted: this tool measures how
+#: many handshakes a second the gateway can do, from a few source addresses, which the flood
+#: defences would otherwise cap (20 a second per source, 200 of DH work, cookie replies past 100).
+LOAD_HANDSHAKE_LIMITS: Mapping[str, float] = {
+    "under_load_per_s": 1_000_000.0,
+    "under_load_queue": 100_000,
+    "queue_capacity": 100_000,
+    "per_source_per_s": 1_000_000.0,
+    "per_source_burst": 1_000_000,
+    "handshakes_per_s": 1_000_000.0,
+    "handshake_burst": 1_000_000,
+}
 
 #: A handshake or REATTACH unanswered this long is sent again (the policy's handshake_retry_ms).
 RETRY_S = DEFAULT_POLICY.handshake_retry_ms / 1000.0
@@ -393,6 +405,9 @@ node_id = "{NODE_ID}"
 
 [policy]
 {policy_lines(LOAD_POLICY)}
+
+[handshake]
+{policy_lines(LOAD_HANDSHAKE_LIMITS)}
 """
     peers = "".join(f'\n[[peer]]\nname = "load{i}"\npublic_key = "{key}"\n' for i, key in enumerate(public_keys))
     return head + peers
@@ -698,6 +713,9 @@ class Worker:
             case wire.ReattachReject(nonce=nonce, reason=reason, current_version=version):
                 session.version = version
                 session.reattach_answer = (nonce, reason.value)
+            case wire.PathChallenge(nonce=nonce, challenge=challenge, path_id=path):
+                self._answer_challenge(session, nonce, challenge, path)
+                return  # not the answer yet: the ACK follows the echo
             case wire.Close():
                 session.closed = True
             case _:
@@ -804,6 +822,17 @@ class Worker:
         }
 
     # -- phase 3: reattaches ------------------------------------------------------------------
+    def _answer_challenge(self, session: Impersonated, nonce: int, challenge: int, path: PathId) -> None:
+        """Echo the gateway's PATH_CHALLENGE for this session's REATTACH from its new socket, as a real
+        client does (return routability, docs/spec.md); any other challenge is stray."""
+        if session.session_id is None or nonce != session.nonce or path != session.path:
+            self.undecodable += 1
+            return
+        echo = wire.PathResponse(session_id=session.session_id, nonce=nonce, challenge=challenge, path_id=path)
+        datagram = self._seal(session, wire.MessageType.PATH_RESPONSE, wire.encode_path_check_plaintext(echo))
+        if datagram is not None:
+            self._send(session, datagram, self.control)
+
     async def _reattach(self, session: Impersonated) -> bool:
         """Move ``session`` to a new socket with a sealed REATTACH; True once acknowledged."""
         old, session.sock = session.sock, self._open_socket()

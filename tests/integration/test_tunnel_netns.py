@@ -25,6 +25,7 @@ from pathlib import Path
 
 import trio
 
+from jvpn_trio.core import wire
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.config import DEFAULT_CONTROL_PORT_OFFSET as CONTROL_PORT_OFFSET
@@ -54,10 +55,10 @@ while time.monotonic() < deadline:
     if pkt[9] != 17 or struct.unpack("!H", pkt[ihl + 2:ihl + 4])[0] != port:
         continue
     payload = pkt[ihl + 8:]
-    if len(payload) > 1 and payload[0] == 2 and payload[1] == 7:   # version 2 (wire.PROTOCOL_VERSION), REATTACH
+    if len(payload) > 1 and payload[0] == VERSION and payload[1] == REATTACH:
         open(out, "w").write(payload.hex())
         break
-"""
+""".replace("VERSION", str(wire.PROTOCOL_VERSION), 1).replace("REATTACH:", f"{int(wire.MessageType.REATTACH)}:", 1)
 
 REPLAY = r"""
 import socket, sys
