@@ -50,7 +50,7 @@ class EtcdSpec:
     heartbeat_ms: int = 50
     election_ms: int = 500
     #: Bounds on start-up and shutdown, and how often start-up polls.
-    ready_timeout_s: float = 20.0
+    ready_timeout_s: float = 45.0
     stop_timeout_s: float = 5.0
     poll_s: float = 0.05
     #: Per-request bound of the health probes.
@@ -178,7 +178,7 @@ class EtcdCluster:
                 if pending:
                     await trio.sleep(self.spec.poll_s)
             return
-        names = ", ".join(m.name for m in pending)
+        names = ", ".join(f"{m.name} ({m.log_tail()})" for m in pending)
         raise EtcdError(f"etcd members not healthy after {self.spec.ready_timeout_s}s: {names}")
 
     async def status(self, member: EtcdMember) -> dict[str, Any]:

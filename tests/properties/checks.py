@@ -205,8 +205,11 @@ def reattach_defects(
         out.append((7, f"timestamp {req.client_ts_ms} ms outside the freshness window around {expected_ts:.0f}"))
     if not ownership_valid(req, rec.session_id, gateway):
         out.append((9, f"ownership record {req.ownership!r} is not ours at revision {gateway.held_revision}"))
-    if req.expected_version != rec.version:
-        out.append((8, f"stale version {req.expected_version} (current {rec.version})"))
+    # In BIRTH the gateway judges a REATTACH as if the handshake were confirmed (the confirmation
+    # is one transition, so one version on): core/session.py, GatewaySession._on_reattach.
+    current = rec.version + 1 if rec.state is S.BIRTH else rec.version
+    if req.expected_version != current:
+        out.append((8, f"stale version {req.expected_version} (current {current})"))
     return out
 
 
