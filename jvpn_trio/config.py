@@ -25,6 +25,7 @@ from jvpn_trio.core.candidates import PATH_KINDS as PATH_KINDS
 from jvpn_trio.core.candidates import PathRule, PathRules
 from jvpn_trio.core.cookie import HandshakeLimits
 from jvpn_trio.core.ids import MAX_PATH_ID
+from jvpn_trio.core.ownership import lease_renewable, lease_ttl_s
 from jvpn_trio.core.policy import Policy, PolicyError
 
 
@@ -769,10 +770,14 @@ def _cluster(raw: Any, *, source: str) -> ClusterConfig:
             raise ConfigError(f"{t.where}.{name}: {value} must be {'positive' if name != 'lease_margin_ms' else 'at least 0'}")
     if not prefix.startswith("/") or not prefix.isprintable():
         raise ConfigError(f"{t.where}.key_prefix: {prefix!r} must start with / and be printable")
-    # The lease must be renewable before its last proof runs out (drivers/store_etcd.py checks the same).
-    ttl_ms = -(-timings["lease_ttl_ms"] // _MS_PER_S) * _MS_PER_S
+    ttl_ms = lease_ttl_s(timings["lease_ttl_ms"]) * _MS_PER_S
     budget = timings["keepalive_interval_ms"] + timings["request_timeout_ms"]
-    if budget >= ttl_ms - timings["lease_margin_ms"]:
+    if not lease_renewable(
+        ttl_s=ttl_ms / _MS_PER_S,
+        keepalive_interval_s=timings["keepalive_interval_ms"] / _MS_PER_S,
+        request_timeout_s=timings["request_timeout_ms"] / _MS_PER_S,
+        margin_s=timings["lease_margin_ms"] / _MS_PER_S,
+    ):
         raise ConfigError(
             f"{t.where}: keepalive_interval_ms + request_timeout_ms ({budget}) must be below "
             f"lease_ttl_ms rounded up to seconds ({ttl_ms}) minus lease_margin_ms ({timings['lease_margin_ms']})"

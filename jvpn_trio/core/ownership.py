@@ -12,6 +12,7 @@ means rejection (invariant 6, Property 9).  Consistency over availability.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Protocol
 
 import attrs
@@ -46,6 +47,16 @@ class StoreAmbiguous(StoreError):
 def store_failure_reason(exc: StoreError) -> ReasonCode:
     """The reason a denial names: an outcome we cannot know is ambiguity; no answer is unavailability."""
     return ReasonCode.OWNERSHIP_AMBIGUOUS if isinstance(exc, StoreAmbiguous) else ReasonCode.STORE_UNAVAILABLE
+
+
+def lease_ttl_s(ttl_ms: int) -> int:
+    """The lease TTL a store grants for ``ttl_ms``: etcd counts whole seconds, so rounded up."""
+    return max(1, math.ceil(ttl_ms / 1000))
+
+
+def lease_renewable(*, ttl_s: float, keepalive_interval_s: float, request_timeout_s: float, margin_s: float) -> bool:
+    """Whether a keepalive can be sent and answered before the previous proof of the lease runs out."""
+    return keepalive_interval_s + request_timeout_s < ttl_s - margin_s
 
 
 class Lease(Protocol):

@@ -39,7 +39,6 @@ import binascii
 import contextlib
 import enum
 import json
-import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -51,7 +50,7 @@ import trio
 from jvpn_trio.core.ids import SessionId
 # The store's errors live in the core, so that the gateway handles any store's alike; they are
 # part of this module's API too.
-from jvpn_trio.core.ownership import ABSENT_REVISION, OwnershipRecord
+from jvpn_trio.core.ownership import ABSENT_REVISION, OwnershipRecord, lease_renewable, lease_ttl_s
 from jvpn_trio.core.ownership import StoreAmbiguous as StoreAmbiguous
 from jvpn_trio.core.ownership import StoreError as StoreError
 from jvpn_trio.core.ownership import StoreUnavailable as StoreUnavailable
@@ -63,8 +62,6 @@ DEFAULT_PREFIX = "/jvpn-trio/sessions/"
 ATTEMPT_ID_BYTES = 16
 #: The format version written into every value; a value with another version is unparsable.
 VALUE_FORMAT = 1
-#: etcd's lease TTLs are whole seconds.
-MS_PER_S = 1000
 #: Below the prefix, where each live gateway's node key lives (session keys are hex: no slash).
 NODE_KEY_DIR = "node/"
 #: The session id a node key's record is decoded with: node keys belong to no session.
@@ -165,11 +162,6 @@ def grant_request(ttl_s: int) -> Json:
 def lease_request(lease_id: int) -> Json:
     """The body of keepalive, revoke and timetolive: the lease id."""
     return {"ID": str(lease_id)}
-
-
-def ttl_seconds(ttl_ms: int) -> int:
-    """The etcd TTL (whole seconds, rounded up) for a ``lease_ttl_ms``."""
-    return max(1, math.ceil(ttl_ms / MS_PER_S))
 
 
 def lease_valid_until(sent_at: float, ttl_s: float, margin_s: float) -> float:
@@ -489,13 +481,18 @@ class EtcdOwnershipStore:
         clock: Callable[[], float] = trio.current_time,
         attempt_ids: Callable[[], str] = new_attempt_id,
     ) -> None:
-        ttl_s = ttl_seconds(lease_ttl_ms)
+        ttl_s = lease_ttl_s(lease_ttl_ms)
         if lease_margin_s < 0:
             raise ValueError(f"lease margin must not be negative, got {lease_margin_s}")
         if not keepalive_interval_s > 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval_s}")
         # A keepalive must be sent and answered before the last one's validity runs out.
-        if keepalive_interval_s + client.request_timeout_s >= ttl_s - lease_margin_s:
+        if not lease_renewable(
+            ttl_s=ttl_s,
+            keepalive_interval_s=keepalive_interval_s,
+            request_timeout_s=client.request_timeout_s,
+            margin_s=lease_margin_s,
+        ):
             raise ValueError(
                 f"keepalive interval {keepalive_interval_s}s + request timeout {client.request_timeout_s}s "
                 f"must be below the lease TTL {ttl_s}s minus margin {lease_margin_s}s"

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from jvpn_trio.core.ids import SessionId
 from jvpn_trio.core.ownership import ABSENT_REVISION, OwnershipRecord
+from jvpn_trio.core.ownership import lease_ttl_s as ttl_seconds
 from jvpn_trio.drivers.store_etcd import (
     DEFAULT_PREFIX,
     BadReply,
@@ -49,7 +50,6 @@ from jvpn_trio.drivers.store_etcd import (
     release_txn_request,
     resolve_attempt,
     session_key,
-    ttl_seconds,
 )
 from jvpn_trio.drivers.store_memory import CasResult, OwnershipStore
 
