@@ -57,6 +57,7 @@ from collections.abc import Collection, Iterator, Mapping
 
 import attrs
 
+from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.core.ids import SessionId
 from jvpn_trio.core.ownership import ABSENT_REVISION, Ownership, OwnershipRecord, classify
 
@@ -398,10 +399,11 @@ class Admissions:
             address6=self._address6.get(session_id),
         )
 
-    def abandon_claim(self, session_id: SessionId, refusal: Refusal) -> Refuse:
+    def abandon_claim(self, session_id: SessionId, failure: ReasonCode) -> Refuse:
         """The store gave no certain answer to the claim: undo the admission (fail closed).
 
-        Like a failed claim, but refused for ``refusal`` (STORE_UNAVAILABLE, OWNERSHIP_AMBIGUOUS).
+        Like a failed claim, but refused for the store's ``failure`` (STORE_UNAVAILABLE or
+        OWNERSHIP_AMBIGUOUS, ``core.ownership.store_failure_reason``), the refusal of that name.
         Raises ValueError if ``session_id`` has no claim outstanding.
         """
         if session_id in self._revoked:
@@ -410,7 +412,7 @@ class Admissions:
         if session_id not in self._pending:
             raise ValueError(f"session {session_id.short} has no claim outstanding")
         self.release(session_id)
-        return Refuse(reason=refusal)
+        return Refuse(reason=Refusal(failure.value))
 
     def release(self, session_id: SessionId) -> None:
         """``session_id`` is gone (ended, or its admission abandoned): free what it holds.  Idempotent."""

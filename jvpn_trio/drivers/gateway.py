@@ -90,7 +90,6 @@ from jvpn_trio.core.admission import Admissions, Admit, Claimed, Refusal, Refuse
 from jvpn_trio.core.ownership import (
     Lease,
     OwnershipRecord,
-    StoreAmbiguous,
     StoreError,
     StoreUnavailable,
     store_failure_reason,
@@ -1034,9 +1033,9 @@ class GatewayRuntime:
                 raise StoreUnavailable("the lease is not proven alive")
             result = await self._store.claim(claim.session_id, claim.owner, expected_revision=claim.expected_revision)
         except StoreError as exc:  # fail closed: no session without a certain claim
-            refusal = Refusal.OWNERSHIP_AMBIGUOUS if isinstance(exc, StoreAmbiguous) else Refusal.STORE_UNAVAILABLE
-            self._emit_store_denial(claim.session_id, store_failure_reason(exc), exc.reason)
-            return self._admissions.abandon_claim(claim.session_id, refusal)
+            failure = store_failure_reason(exc)
+            self._emit_store_denial(claim.session_id, failure, exc.reason)
+            return self._admissions.abandon_claim(claim.session_id, failure)
         return self._admissions.settle_claim(claim.session_id, succeeded=result.succeeded, record=result.record)
 
     def _emit_store_denial(self, session_id: SessionId, reason: ReasonCode, why: str) -> None:
