@@ -10,11 +10,14 @@ addresses it keeps, and the gateway driver carries the answer out:
    session it replaces, the ownership claim to write) or :class:`Refuse`.
    The table is updated at once, so a second handshake racing the first sees
    the first one's effect.
-2. The driver ends the replaced session (SESSION_REPLACED: the same key
-   handshook again, from this machine or another), writes the claim by
-   compare-and-swap and reports the store's answer to :meth:`settle_claim`,
-   which returns :class:`Claimed` (the revision the new session holds) or
-   :class:`Refuse` and frees the address again.
+2. The driver writes the claim by compare-and-swap and reports the store's
+   answer to :meth:`settle_claim` (or, with no certain answer, calls
+   :meth:`abandon_claim`), which returns :class:`Claimed` (the revision the
+   new session holds) or :class:`Refuse`.  Only a claimed session ends the
+   one it replaces (SESSION_REPLACED: the same key handshook again, from
+   this machine or another).  A refused one frees its address, or hands it
+   back to the session it would have replaced (``Refuse.restored``): a
+   handshake the store could not confirm ends nobody.
 3. When a session is gone the driver calls :meth:`release`.
 4. A reload (:meth:`reconfigure`) gives a new set of peers and configured
    addresses; it returns the sessions that must end (their peer is gone, its
@@ -89,7 +92,7 @@ class OwnershipClaim:
 
 @attrs.frozen(kw_only=True)
 class Admit:
-    """Create ``session_id`` at ``address`` (and ``address6``) once ``claim`` is written; end ``replaces`` first."""
+    """Create ``session_id`` at ``address`` (and ``address6``) once ``claim`` is written, then end ``replaces``."""
 
     session_id: SessionId
     address: ipaddress.IPv4Address
@@ -101,9 +104,11 @@ class Admit:
 
 @attrs.frozen(kw_only=True)
 class Refuse:
-    """No session for this handshake; nothing is left held."""
+    """No session for this handshake; nothing is left held by it."""
 
     reason: Refusal
+    #: The session the refused admission would have replaced, back in the table with its address: it goes on.
+    restored: SessionId | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -250,6 +255,8 @@ class Admissions:
         self._pending: set[SessionId] = set()
         #: Admissions a reload ended while their claim was out: settled as PEER_REMOVED.
         self._revoked: set[SessionId] = set()
+        #: Pending admission -> the session it replaces, restored if the claim fails and it is still alive.
+        self._replacing: dict[SessionId, SessionId] = {}
 
     def _excluded(
         self, fixed: Mapping[PeerKey, ipaddress.IPv4Address], fixed6: Mapping[PeerKey, ipaddress.IPv6Address]
@@ -349,6 +356,7 @@ class Admissions:
             address = taken
         if previous is not None:
             self._forget(previous)
+            self._replacing[session_id] = previous
         address6 = self._pair6(peer, address)
         self._address[session_id] = address
         if address6 is not None:
@@ -380,18 +388,19 @@ class Admissions:
         """
         if session_id in self._revoked:  # a reload ended it while the store was being asked
             self._revoked.discard(session_id)
+            self._replacing.pop(session_id, None)
             return Refuse(reason=Refusal.PEER_REMOVED)
         if session_id not in self._pending:
             raise ValueError(f"session {session_id.short} has no claim outstanding")
-        self._pending.discard(session_id)
         if (
             not succeeded
             or record is None
             or classify(record, session_id=session_id, node_id=self._node_id, held_revision=record.revision).ownership
             is not Ownership.OWNED
         ):
-            self.release(session_id)
-            return Refuse(reason=Refusal.CLAIM_FAILED)
+            return self._undo(session_id, Refusal.CLAIM_FAILED)
+        self._pending.discard(session_id)
+        self._replacing.pop(session_id, None)
         return Claimed(
             session_id=session_id,
             address=self._address[session_id],
@@ -408,14 +417,33 @@ class Admissions:
         """
         if session_id in self._revoked:
             self._revoked.discard(session_id)
+            self._replacing.pop(session_id, None)
             return Refuse(reason=Refusal.PEER_REMOVED)
         if session_id not in self._pending:
             raise ValueError(f"session {session_id.short} has no claim outstanding")
-        self.release(session_id)
-        return Refuse(reason=Refusal(failure.value))
+        return self._undo(session_id, Refusal(failure.value))
+
+    def _undo(self, session_id: SessionId, reason: Refusal) -> Refuse:
+        """Undo a pending admission: its address goes back to the session it replaced, if alive, else to the pool."""
+        previous = self._replacing.pop(session_id, None)
+        if previous is None:
+            self.release(session_id)
+            return Refuse(reason=reason)
+        address, address6, peer = self._address[session_id], self._address6.get(session_id), self._peer[session_id]
+        self._forget(session_id)
+        self._address[previous] = address
+        if address6 is not None:
+            self._address6[previous] = address6
+        self._peer[previous] = peer
+        self._current[peer] = previous
+        return Refuse(reason=reason, restored=previous)
 
     def release(self, session_id: SessionId) -> None:
         """``session_id`` is gone (ended, or its admission abandoned): free what it holds.  Idempotent."""
+        for pending, replaced in list(self._replacing.items()):
+            if replaced == session_id:  # it ended while its successor's claim was out: nothing to restore
+                del self._replacing[pending]
+        self._replacing.pop(session_id, None)
         address = self._address.get(session_id)
         self._forget(session_id)
         if address is not None and address not in self._pool_excluded:

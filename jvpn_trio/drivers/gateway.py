@@ -1000,21 +1000,24 @@ class GatewayRuntime:
         if isinstance(admission, Refuse):
             self._count(REFUSAL_COUNTERS[admission.reason])
             return
-        previous = self.sessions.get(admission.replaces) if admission.replaces is not None else None
-        if previous is not None:
-            self._unroute(previous)  # not one more packet from the TUN for it
         claimed = await self._claim(admission)
+        previous = self.sessions.get(admission.replaces) if admission.replaces is not None else None
         if isinstance(claimed, Refuse):
             self._count(REFUSAL_COUNTERS[claimed.reason])
-        else:
-            self._start_session(hs, peer, port, addr, claimed, now)
+            if previous is None or claimed.restored == previous.session_id:
+                return  # a handshake the store did not confirm ends nobody
         if previous is not None:
-            await self._retire(previous, now)
+            self._unroute(previous)  # not one more packet from the TUN for it
+        if not isinstance(claimed, Refuse):
+            self._start_session(hs, peer, port, addr, claimed, now)
+        if previous is not None:  # replaced, or (a reload removed its peer meanwhile) gone with its successor
+            removed = isinstance(claimed, Refuse) and claimed.reason is Refusal.PEER_REMOVED
+            await self._retire(previous, now, ReasonCode.PEER_REMOVED if removed else ReasonCode.SESSION_REPLACED)
 
-    async def _retire(self, previous: ServedSession, now: float) -> None:
+    async def _retire(self, previous: ServedSession, now: float, reason: ReasonCode) -> None:
         """End a session its peer replaced (already unrouted): close it through the supervisor.
 
-        The core ends it with SESSION_REPLACED and sends CLOSE(SESSION_REPLACED)
+        The core ends it with ``reason`` (SESSION_REPLACED) and sends CLOSE(reason)
         on its binding, sealed with its own keys, which stay until it is reaped.
         This comes after the new session's HANDSHAKE_RESP has left, so a client
         that replaced its own session (the agent's rescue) normally hears its
@@ -1022,8 +1025,7 @@ class GatewayRuntime:
         """
         session_id = previous.session_id
         if not previous.core.terminated:
-            replaced = ev.CloseRequested(reason=ReasonCode.SESSION_REPLACED)
-            await self._inbox_send.send((now, session_id, replaced))
+            await self._inbox_send.send((now, session_id, ev.CloseRequested(reason=reason)))
 
     async def _claim(self, admission: Admit) -> Claimed | Refuse:
         """Write the admission's ownership claim and let the core judge the store's answer."""

@@ -25,6 +25,7 @@ from jvpn_trio.core.admission import (
 )
 from jvpn_trio.core.ids import SessionId
 from jvpn_trio.core.ownership import ABSENT_REVISION, OwnershipRecord
+from jvpn_trio.core.states import ReasonCode
 
 NODE = "gw-a"
 TUNNEL = ipaddress.IPv4Interface("10.66.0.1/29")  # hosts .1-.6; .1 is the gateway
@@ -219,13 +220,46 @@ def test_one_admission_per_peer_waits_for_its_claim() -> None:
     assert admitted(t, ALICE).replaces == pending.session_id
 
 
-def test_a_failed_claim_of_a_replacement_frees_the_address() -> None:
+def test_a_failed_claim_of_a_replacement_hands_the_address_back_to_the_session_it_would_replace() -> None:
     t = table()
     first = start(t, ALICE)
     second = admitted(t, ALICE)
+    refused = t.settle_claim(second.session_id, succeeded=False, record=None)
+    assert refused == Refuse(reason=Refusal.CLAIM_FAILED, restored=first.session_id)
+    assert t.session_of(ALICE) == first.session_id  # a handshake the store refused ends nobody
+    assert [(h.session_id, h.address) for h in t.snapshot().holdings] == [(first.session_id, first.address)]
+    assert start(t, BOB).address != first.address
+
+
+def test_a_store_failure_on_a_replacement_restores_the_session_it_would_replace() -> None:
+    t = table()
+    first = start(t, ALICE)
+    second = admitted(t, ALICE)
+    refused = t.abandon_claim(second.session_id, ReasonCode.STORE_UNAVAILABLE)
+    assert refused == Refuse(reason=Refusal.STORE_UNAVAILABLE, restored=first.session_id)
+    again = admitted(t, ALICE)  # the restored session is replaceable as before
+    assert again.replaces == first.session_id and again.address == first.address
+
+
+def test_a_replaced_session_that_ended_meanwhile_is_not_restored() -> None:
+    t = table()
+    first = start(t, ALICE)
+    second = admitted(t, ALICE)
+    t.release(first.session_id)  # it ended while its successor's claim was out
     assert t.settle_claim(second.session_id, succeeded=False, record=None) == Refuse(reason=Refusal.CLAIM_FAILED)
-    assert t.session_of(ALICE) is None  # the replaced session was already told to end
+    assert t.session_of(ALICE) is None and t.snapshot().holdings == ()
     assert start(t, BOB).address == first.address
+
+
+def test_a_replacement_a_reload_revoked_restores_nothing() -> None:
+    t = table()
+    start(t, ALICE)
+    second = admitted(t, ALICE)
+    assert t.reconfigure(peers=[BOB], fixed={}) == (second.session_id,)
+    assert t.settle_claim(second.session_id, succeeded=True, record=record(second.session_id)) == Refuse(
+        reason=Refusal.PEER_REMOVED
+    )
+    assert t.snapshot().holdings == ()
 
 
 # -- the ownership claim ---------------------------------------------------------------------
@@ -323,6 +357,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.pending: list[SessionId] = []
         self.revoked: list[SessionId] = []
         self.known: list[SessionId] = []  # every id ever admitted, including replaced and ended ones
+        self.replacing: dict[SessionId, SessionId] = {}  # pending admission -> the live session it replaces
 
     @property
     def pool_size(self) -> int:
@@ -360,6 +395,8 @@ class AdmissionMachine(RuleBasedStateMachine):
             assert decision.address == lowest_free, "the pool did not hand out its lowest free address"
         self.pending.append(new)
         self.known.append(new)
+        if current is not None:
+            self.replacing[new] = current
 
     @rule(
         kept=st.sets(st.sampled_from(PEERS), min_size=1),
@@ -394,6 +431,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     def settle_revoked(self, data: st.DataObject) -> None:
         session_id = data.draw(st.sampled_from(self.revoked))
         self.revoked.remove(session_id)
+        self.replacing.pop(session_id, None)
         assert self.table.settle_claim(session_id, succeeded=True, record=record(session_id)) == Refuse(
             reason=Refusal.PEER_REMOVED
         )
@@ -405,12 +443,15 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.pending.remove(session_id)
         address = self.table.address_of(session_id)
         assert address is not None
+        address6 = self.table.address6_of(session_id)
+        replaced = self.replacing.pop(session_id, None)
         outcome = self.table.settle_claim(session_id, succeeded=ok, record=record(session_id) if ok else None)
         if ok:
-            address6 = self.table.address6_of(session_id)
             assert outcome == Claimed(session_id=session_id, address=address, held_revision=7, address6=address6)
         else:
-            assert outcome == Refuse(reason=Refusal.CLAIM_FAILED)
+            assert outcome == Refuse(reason=Refusal.CLAIM_FAILED, restored=replaced)
+            if replaced is not None:  # the session it would have replaced goes on with the same addresses
+                assert self.table.address_of(replaced) == address and self.table.address6_of(replaced) == address6
 
     @precondition(lambda self: self.known)
     @rule(data=st.data())
@@ -419,6 +460,10 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.table.release(session_id)
         if session_id in self.pending:
             self.pending.remove(session_id)
+        self.replacing.pop(session_id, None)
+        for pending, replaced in list(self.replacing.items()):
+            if replaced == session_id:  # ended while its successor's claim was out: nothing to restore
+                del self.replacing[pending]
 
     @invariant()
     def addresses_are_exclusive_and_conserved(self) -> None:

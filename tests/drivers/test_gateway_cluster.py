@@ -209,3 +209,28 @@ async def test_a_lost_lease_ends_every_session_ownership_lost(autojump_clock: tr
             assert stats.terminated_ownership_lost == 2 and not world.gateway.sessions
             assert stats.store_release_failed == 2
             nursery.cancel_scope.cancel()
+
+
+async def test_a_replacing_handshake_the_store_cannot_confirm_ends_nobody(autojump_clock: trio.abc.Clock) -> None:
+    """The same key handshakes again while etcd is down: refused, and the session it would replace goes on."""
+    world = ClusterWorld()
+    alice = Peer(world, 1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            first = await alice.handshake()
+            assert first is not None
+            world.store.failure = StoreUnavailable("etcd: cannot connect")
+            assert await alice.handshake() is None
+            assert not world.gateway.sessions[first.session_id].core.terminated
+            assert world.gateway.statistics().handshake_store_unavailable == 1
+            assert [e for e in world.events if e.reason is ReasonCode.SESSION_REPLACED] == []
+            world.store.failure = None
+            bob = await Peer(world, 2).handshake()  # alice's address was not freed for someone else
+            assert bob is not None and bob.tunnel_ipv4 != first.tunnel_ipv4
+            second = await alice.handshake()  # etcd is back: now it replaces her session, at the same address
+            assert second is not None and second.tunnel_ipv4 == first.tunnel_ipv4
+            await trio.sleep(0.1)
+            ended = [e for e in world.events if e.kind is EventKind.STATE_CHANGE and e.session == first.session_id.hex]
+            assert ended[-1].reason is ReasonCode.SESSION_REPLACED
+            nursery.cancel_scope.cancel()
