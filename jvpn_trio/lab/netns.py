@@ -72,7 +72,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import IO, Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import IO, Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import attrs
 import trio
@@ -194,6 +194,11 @@ def _ipv4_text(value: object) -> str:
         raise ValueError(f"gateway_address: {exc}") from None
 
 
+def _paths_tuple(value: Iterable[LabPath]) -> tuple[LabPath, ...]:
+    """``LabSpec.paths`` from any iterable (a typed converter: mypy cannot see through ``tuple``)."""
+    return tuple(value)
+
+
 @attrs.frozen
 class LabSpec:
     """What to build.  Validated at construction; see the module docstring for the address plan.
@@ -203,7 +208,7 @@ class LabSpec:
     """
 
     prefix: str = attrs.field(factory=new_prefix)
-    paths: tuple[LabPath, ...] = attrs.field(default=DEFAULT_PATHS, converter=tuple)
+    paths: tuple[LabPath, ...] = attrs.field(default=DEFAULT_PATHS, converter=_paths_tuple)
     gateway_address: str = attrs.field(default="10.99.0.1", converter=_ipv4_text)
     link_octet: int = attrs.field(default=77)
     absent: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
