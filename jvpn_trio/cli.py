@@ -235,7 +235,16 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The lab's commands: their arguments are defined in ``jvpn_trio.lab``, imported only to run one of them.
+LAB_COMMANDS = ("bench", "loadgen", "lab")
+
+
+def build_parser(*, lab_arguments: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; without ``lab_arguments`` the lab commands are names and help alone.
+
+    That lighter parser is what every other command runs with, so that a gateway or a client never
+    imports the lab (issue 16, tests/test_import_weight.py): see :func:`parser_for`.
+    """
     parser = argparse.ArgumentParser(
         prog="jvpn-trio",
         description="A VPN whose session survives Wi-Fi dying, LTE flapping and Ethernet being unplugged.",
@@ -309,23 +318,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short", action="store_true", help="the scenario's short form (for CI)")
     p.set_defaults(func=_cmd_demo)
 
-    from jvpn_trio.lab import bench
+    # Without lab_arguments, a lab command's own options (and -h) are left for the full parser.
+    p = sub.add_parser(
+        "bench", help="benchmark against a bare veth and OpenVPN in fresh namespace labs (root)", add_help=lab_arguments
+    )
+    if lab_arguments:
+        from jvpn_trio.lab import bench
 
-    p = sub.add_parser("bench", help="benchmark against a bare veth and OpenVPN in fresh namespace labs (root)")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.main)
+        bench.add_arguments(p)
+        p.set_defaults(func=bench.main)
 
-    from jvpn_trio.lab import loadgen
+    p = sub.add_parser(
+        "loadgen", help="many simulated clients against one real gateway: handshakes/s, memory per session (root)",
+        add_help=lab_arguments,
+    )  # fmt: skip
+    if lab_arguments:
+        from jvpn_trio.lab import loadgen
 
-    p = sub.add_parser("loadgen", help="many simulated clients against one real gateway: handshakes/s, memory per session (root)")
-    loadgen.add_arguments(p)
-    p.set_defaults(func=loadgen.main)
+        loadgen.add_arguments(p)
+        p.set_defaults(func=loadgen.main)
 
-    from jvpn_trio.lab import runner
+    p = sub.add_parser(
+        "lab", help="reproduce a field scenario in network namespaces and report (root)", add_help=lab_arguments
+    )
+    if lab_arguments:
+        from jvpn_trio.lab import runner
 
-    p = sub.add_parser("lab", help="reproduce a field scenario in network namespaces and report (root)")
-    runner.add_arguments(p)
-    p.set_defaults(func=runner.main)
+        runner.add_arguments(p)
+        p.set_defaults(func=runner.main)
 
     p = sub.add_parser("replay", help="replay a recorded trace through the core; --policy FILE for a what-if")
     p.add_argument("trace", metavar="TRACE", help="trace file written by `serve/up --record`")
@@ -378,8 +398,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     )  # fmt: skip
 
 
+def parser_for(argv: Sequence[str] | None) -> argparse.ArgumentParser:
+    """The parser for this command line: with the lab's arguments (and so the lab) only for a lab command."""
+    light = build_parser(lab_arguments=False)
+    command = light.parse_known_args(argv)[0].command  # exits here, as the full parser would, on --help or a bad command
+    return build_parser() if command in LAB_COMMANDS else light
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = parser_for(argv)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:  # pragma: no cover - bare jvpn-trio attaches the UI

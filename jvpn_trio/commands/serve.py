@@ -28,7 +28,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -44,16 +44,22 @@ from jvpn_trio.config import ClusterConfig, ConfigError, GatewayConfig, PeerConf
 from jvpn_trio.core.mtu import Family
 from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.policy import Policy
-from jvpn_trio.drivers import control, event_sink, forwarding, metrics, routes, tun, udp
+from jvpn_trio.core.ownership import StoreError
+from jvpn_trio.drivers import control, event_sink, forwarding, routes, tun, udp
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime, GatewayStatus
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.log import stderr_line
-from jvpn_trio.drivers.store_etcd import EtcdOwnershipStore, NodeIdInUse, StoreError, open_etcd_ownership_store
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore, OwnershipStore
 from jvpn_trio.drivers.systemd import Notifier, publish_status, serve_watchdog, watchdog_interval
 from jvpn_trio.keyfile import KeyFileError, load_private_key, load_public_key_text
-from jvpn_trio.ui.lines import PRINTER_CAPACITY, PlainPrinter
-from jvpn_trio.ui.status import gateway_status
+
+if TYPE_CHECKING:
+    from jvpn_trio.core.ownership import Lease
+    from jvpn_trio.drivers.metrics import EventCounts
+
+# What only some gateways run is imported where it runs (issue 16; tests/test_import_weight.py):
+# the etcd store and httpx with ``[cluster] store = "etcd"``, the Prometheus endpoint with
+# ``metrics_listen``, the plain event printer unless ``--quiet``, the status report on request.
 
 
 def close_grace_s(policy: Policy) -> float:
@@ -146,6 +152,8 @@ async def open_ownership_store(cluster: ClusterConfig, node_id: str) -> AsyncIte
     if cluster.store != "etcd":
         yield MemoryOwnershipStore()
         return
+    from jvpn_trio.drivers.store_etcd import NodeIdInUse, open_etcd_ownership_store
+
     started = False
     try:
         async with open_etcd_ownership_store(
@@ -171,6 +179,15 @@ async def open_ownership_store(cluster: ClusterConfig, node_id: str) -> AsyncIte
         if started:
             raise
         raise AppError(f"[cluster]: {exc}") from None
+
+
+def etcd_lease(store: OwnershipStore, cluster: ClusterConfig) -> Lease | None:
+    """The store's lease if it is etcd's (the only store with one); its module is loaded only then."""
+    if cluster.store != "etcd":
+        return None
+    from jvpn_trio.drivers.store_etcd import EtcdOwnershipStore
+
+    return store if isinstance(store, EtcdOwnershipStore) else None
 
 
 def service_status_line(value: GatewayStatus | None, *, listening: str) -> str:
@@ -209,7 +226,11 @@ async def _serve_gateway(
     peers = gateway_peers(config.peers)
     async with AsyncExitStack() as stack:
         # With a metrics endpoint, the sink also counts what only events say (switches, security events).
-        event_counts = metrics.EventCounts() if config.metrics_listen is not None else None
+        event_counts: EventCounts | None = None
+        if config.metrics_listen is not None:
+            from jvpn_trio.drivers.metrics import EventCounts
+
+            event_counts = EventCounts()
         sink = await stack.enter_async_context(
             event_sink.open_event_sink(
                 config.events_file,
@@ -225,7 +246,7 @@ async def _serve_gateway(
             peers=peers,
             tunnel=config.tunnel_address,
             store=store,
-            lease=store if isinstance(store, EtcdOwnershipStore) else None,  # served only while proven
+            lease=etcd_lease(store, config.cluster),  # served only while proven
             handshake_limits=config.handshake,
             node_id=config.node_id,
             emit=sink.emit,
@@ -268,6 +289,8 @@ async def _serve_gateway(
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
             # Every session taken afresh (the published status keeps an idle session's snapshot of
             # its last input); counters still at zero are left out: the report lists what happened.
+            from jvpn_trio.ui.status import gateway_status
+
             return gateway_status(
                 runtime.peer_statuses(),
                 node_id=config.node_id,
@@ -288,6 +311,8 @@ async def _serve_gateway(
             )
             nursery.start_soon(reloader.on_sighup)
             if config.metrics_listen is not None:  # Prometheus scrapes it (docs/metrics.md)
+                from jvpn_trio.drivers import metrics
+
                 collector = metrics.GatewayCollector(runtime, sink=sink, events=event_counts)
                 try:
                     await nursery.start(functools.partial(metrics.serve_metrics, config.metrics_listen, collector))
@@ -307,6 +332,8 @@ async def _serve_gateway(
 
             nursery.start_soon(close_on_signals, stop, nursery.cancel_scope)
             if not quiet:
+                from jvpn_trio.ui.lines import PRINTER_CAPACITY, PlainPrinter
+
                 printer = PlainPrinter(sys.stdout)  # times as the events carry them
                 nursery.start_soon(printer.run, sink.subscribe(PRINTER_CAPACITY, name="printer"))
             await nursery.start(

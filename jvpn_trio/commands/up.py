@@ -90,9 +90,7 @@ from jvpn_trio.drivers.systemd import (
     watchdog_interval,
 )
 from jvpn_trio.keyfile import KeyFileError, load_private_key, load_public_key_text
-from jvpn_trio.ui.app import use_tui
-from jvpn_trio.ui.lines import PRINTER_CAPACITY, PlainPrinter
-from jvpn_trio.ui.attached import run_attached
+from jvpn_trio.ui.lines import PRINTER_CAPACITY, PlainPrinter, use_tui
 from jvpn_trio.ui.status import CONNECTING, client_status, statistics_counters
 
 #: Routing tables: the tunnel's, then one per path after it.
@@ -594,6 +592,9 @@ async def _run_client(
 
 async def foreground_ui(socket: Path, *, gateway: str, on_quit: Callable[[], object]) -> None:
     """``up``'s live UI: the attached UI on the agent's own socket; if it fails, the agent goes on without it."""
+    # rich: only an agent that draws the live UI loads it (tests/test_import_weight.py)
+    from jvpn_trio.ui.attached import run_attached
+
     try:
         await run_attached(socket, tui=True, gateway=gateway, on_quit=on_quit)
     except control.ControlError as exc:

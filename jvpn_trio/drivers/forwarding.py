@@ -74,10 +74,9 @@ from typing import Any
 
 import attrs
 import trio
-from pyroute2 import NetlinkError
 
 from jvpn_trio.core.mtu import MAX_TUNNEL_MTU, MIN_LINK_MTU, Family, tcp_mss
-from jvpn_trio.drivers.netlink import open_iproute
+from jvpn_trio.drivers.netlink import NetlinkError, open_iproute
 
 __all__ = [
     "CLAMP_COUNTERS",

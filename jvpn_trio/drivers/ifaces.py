@@ -66,8 +66,6 @@ from typing import Any, Callable, Iterable, Literal
 
 import attrs
 import trio
-from pyroute2 import NetlinkError
-from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
 from jvpn_trio.config import MAX_IFNAME_LEN
 from jvpn_trio.core.candidates import (
@@ -80,7 +78,13 @@ from jvpn_trio.core.candidates import (
     gateway_family,
 )
 from jvpn_trio.core.candidates import select_candidates as select_path_candidates
-from jvpn_trio.drivers.netlink import IFF_LOOPBACK, link_is_up, open_iproute
+from jvpn_trio.drivers.netlink import (
+    IFF_LOOPBACK,
+    NetlinkDumpInterrupted,
+    NetlinkError,
+    link_is_up,
+    open_iproute,
+)
 
 __all__ = [
     "IfaceKind",

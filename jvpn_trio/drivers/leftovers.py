@@ -32,10 +32,9 @@ from typing import Any
 
 import attrs
 import trio
-from pyroute2 import NetlinkError
 
 from jvpn_trio.drivers import killswitch
-from jvpn_trio.drivers.netlink import open_iproute
+from jvpn_trio.drivers.netlink import NetlinkError, open_iproute
 from jvpn_trio.drivers.routes import (
     PATH_RULE_PRIORITY,
     RTPROT_JVPN,

@@ -43,15 +43,60 @@ from __future__ import annotations
 
 import enum
 import errno
+import importlib
+import importlib.util
 import socket
+import sys
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Union
 
 import attrs
 import trio
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
+
+def _pyroute2_without_its_package_init() -> None:
+    """Make ``import pyroute2.<module>`` load that module, not the whole library.
+
+    pyroute2's package ``__init__`` imports every netlink family it knows (NDB,
+    IPDB, conntrack, nftables, nl80211, plan9, ...): 75 modules and 6.5 MiB of
+    RSS more than the rtnetlink parts we use, in every gateway and client
+    (measured with pyroute2 0.9.7; issue 16, "a gateway that imports only what
+    it runs", tests/test_import_weight.py).  So unless pyroute2
+    is already imported, the package is registered without running its
+    ``__init__``; its submodules import as usual.  A name the ``__init__``
+    would have exported (``from pyroute2 import NDB``) still works: the first
+    such lookup runs the real ``__init__`` in the same module, once.
+    """
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return  # not a package we know how to load in parts: let the plain import do what it does
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+    completing = False
+
+    def complete_on_demand(name: str) -> Any:
+        nonlocal completing
+        is_submodule = importlib.util.find_spec(f"pyroute2.{name}") is not None
+        if completing or name.startswith("__") or is_submodule:
+            raise AttributeError(f"module 'pyroute2' has no attribute {name!r}")  # the import system's cue
+        completing = True
+        loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__dict__["__getattr__"] = complete_on_demand
+    sys.modules["pyroute2"] = package
+    # What our drivers take from the package itself (``from pyroute2 import NetlinkError``): the same objects.
+    package.__dict__["IPRoute"] = importlib.import_module("pyroute2.iproute.linux").IPRoute
+    package.__dict__["NetlinkError"] = importlib.import_module("pyroute2.netlink.exceptions").NetlinkError
+
+
+_pyroute2_without_its_package_init()
+
+from pyroute2 import netns as pyroute2_netns  # after the package is registered, above
+from pyroute2.iproute.linux import IPRoute
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
@@ -75,6 +120,8 @@ __all__ = [
     "LinkMonitor",
     "LinkMonitorStatistics",
     "MonitorEvent",
+    "NetlinkDumpInterrupted",
+    "NetlinkError",
     "Resync",
     "RouteEvent",
     "WATCH_DEFAULT",

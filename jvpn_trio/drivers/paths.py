@@ -39,7 +39,6 @@ from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import attrs
 import trio
-from pyroute2 import NetlinkError
 
 from jvpn_trio.core.candidates import (
     DownReason,
@@ -55,7 +54,12 @@ from jvpn_trio.core.candidates import (
 )
 from jvpn_trio.drivers import ifaces
 from jvpn_trio.drivers.log import LineLimiter, stderr_line
-from jvpn_trio.drivers.netlink import WATCH_PATHS, Resync, open_link_monitor
+from jvpn_trio.drivers.netlink import (
+    WATCH_PATHS,
+    NetlinkError,
+    Resync,
+    open_link_monitor,
+)
 from jvpn_trio.errors import lone_exception_unwrapped
 
 __all__ = [

@@ -83,10 +83,9 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence, TypeVar
 
 import attrs
 import trio
-from pyroute2 import NetlinkError
 
 from jvpn_trio.drivers.log import LineLimiter, stderr_line
-from jvpn_trio.drivers.netlink import open_iproute
+from jvpn_trio.drivers.netlink import NetlinkError, open_iproute
 
 __all__ = [
     "CLEANUP_TIMEOUT_S",

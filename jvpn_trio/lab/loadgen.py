@@ -1051,7 +1051,7 @@ async def run_load(settings: LoadSettings) -> dict[str, Any]:
     temporary = settings.workdir is None
     workdir = settings.workdir or Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="jvpn-loadgen-")))
     peers = settings.sizes[-1]
-    spec = LabSpec(prefix=PREFIX_FAMILY + secrets.token_hex(2), paths=(DEFAULT_PATHS[0],), ipv6=False)  # type: ignore[arg-type]  # attrs' tuple converter
+    spec = LabSpec(prefix=PREFIX_FAMILY + secrets.token_hex(2), paths=(DEFAULT_PATHS[0],), ipv6=False)
     try:
         await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
         _progress(f"generating {peers:,} client keys")

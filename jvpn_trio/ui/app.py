@@ -18,12 +18,15 @@ that UI draws on:
 from __future__ import annotations
 
 import sys
-from typing import Protocol, TextIO
+from typing import Protocol
 
 import trio
 from rich.console import Console, RenderableType
 from rich.live import Live
 
+from jvpn_trio.ui.lines import (
+    use_tui as use_tui,  # the choice is made without rich: serve and up import it from there
+)
 
 #: At most ten frames a second: a person cannot read faster, and each frame costs a terminal write.
 MAX_FPS = 10.0
@@ -101,16 +104,5 @@ def terminal_key_fd() -> int | None:
     except (ValueError, OSError):  # closed, or replaced by a capture object
         pass
     return None
-
-
-def use_tui(no_tui: bool = False, stream: TextIO | None = None) -> bool:
-    """The live UI only on a terminal and unless ``--no-tui``; otherwise plain lines."""
-    if no_tui:
-        return False
-    stream = sys.stdout if stream is None else stream
-    try:
-        return bool(stream.isatty())
-    except (ValueError, OSError):
-        return False
 
 

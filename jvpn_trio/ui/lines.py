@@ -3,11 +3,13 @@
 :class:`PlainPrinter` writes them in a worker thread from a bounded queue, so a
 terminal that stops reading drops lines (counted) and never delays a
 decision.  ``serve``, ``up`` without a terminal, the attached UI's plain mode
-and the demo all print through it.  Nothing here imports rich.
+and the demo all print through it; :func:`use_tui` chooses between these lines
+and the live UI.  Nothing here imports rich (tests/test_import_weight.py).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, TextIO
 
 import attrs
@@ -29,6 +31,20 @@ def format_event_line(event: EmitEvent) -> str:
         f"{event.t:10.3f} {event.role.value:7} {event.kind.value:17} v{event.version:<4} "
         f"{event.reason.value:26} {extra}".rstrip()
     )
+
+
+def use_tui(no_tui: bool = False, stream: TextIO | None = None) -> bool:
+    """The live UI only on a terminal and unless ``--no-tui``; otherwise plain lines.
+
+    Here, not beside the live UI, so that deciding on plain lines never imports rich.
+    """
+    if no_tui:
+        return False
+    stream = sys.stdout if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (ValueError, OSError):
+        return False
 
 
 def _drain(channel: trio.MemoryReceiveChannel[Any]) -> list[Any]:
