@@ -11,23 +11,25 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import os
-import re
 import pathlib
+import re
 import stat
 import tomllib
 from typing import Any
 
 import attrs
 
+from jvpn_trio.core.bounds import out_of_range
+
 # KIND_PRIORITY and PATH_KINDS are part of this module's API; they are defined beside the path rules.
-from jvpn_trio.core.candidates import KIND_PRIORITY as KIND_PRIORITY
-from jvpn_trio.core.candidates import PATH_KINDS as PATH_KINDS
+from jvpn_trio.core.candidates import KIND_PRIORITY as KIND_PRIORITY  # noqa: PLC0414
+from jvpn_trio.core.candidates import PATH_KINDS as PATH_KINDS  # noqa: PLC0414
 from jvpn_trio.core.candidates import PathRule, PathRules
 from jvpn_trio.core.cookie import HandshakeLimits
 from jvpn_trio.core.ids import MAX_PATH_ID
+from jvpn_trio.core.loglimit import DEFAULT_LOG_LIMITS, LogLimits
 from jvpn_trio.core.ownership import lease_renewable, lease_ttl_s
 from jvpn_trio.core.policy import Policy, PolicyError
-
 
 #: The longest error message: a key or value quoted from a hostile file could fill a terminal.
 MAX_ERROR_CHARS = 400
@@ -190,7 +192,7 @@ def control_endpoint(data: tuple[str, int], offset: int) -> tuple[str, int]:
     return (data[0], data[1] + offset)
 
 
-def _control_offset(t: "_Table", data_ports: list[int]) -> int:
+def _control_offset(t: _Table, data_ports: list[int]) -> int:
     offset: int = t.get("control_port_offset", int, DEFAULT_CONTROL_PORT_OFFSET)
     for port in data_ports:
         if offset == 0 or not 0 < port + offset <= 65535:
@@ -278,7 +280,7 @@ def _domains(values: Any, *, where: str) -> tuple[str, ...]:
 
 def _mtu(value: Any, *, where: str) -> int:
     if not MIN_MTU <= value <= MAX_MTU:
-        raise ConfigError(f"{where}: {value} is out of range {MIN_MTU}..{MAX_MTU}")
+        raise ConfigError(f"{where}: {out_of_range(value, MIN_MTU, MAX_MTU)}")
     return int(value)
 
 
@@ -430,7 +432,7 @@ class ClientConfig:
     #: Every ``[[path]]`` rule in file order (``interface``, ``match`` or ``kind``) and
     #: ``[client].exclude``: what the path manager selects paths by.  ``paths`` above keeps
     #: only the entries that name one interface.
-    path_rules: PathRules = PathRules()
+    path_rules: PathRules = PathRules()  # noqa: RUF009 (frozen: one shared instance is safe)
     #: While the agent runs nothing leaves a physical interface but the tunnel's own UDP (and the
     #: local network's housekeeping); default: on for a full tunnel.  Only a full tunnel may have it.
     kill_switch: bool = False
@@ -448,6 +450,8 @@ class ClientConfig:
     #: Every gateway in order of preference (``[[gateway]]``); ``gateway`` and
     #: ``gateway_public_key`` above are the first.  Empty: the one gateway above.
     gateways: tuple[GatewayEntry, ...] = ()
+    #: How many SECURITY_EVENT lines the event log takes (``[log_limits]``, docs/events.md "Bounded logging").
+    log_limits: LogLimits = DEFAULT_LOG_LIMITS
 
     @property
     def gateway_entries(self) -> tuple[GatewayEntry, ...]:
@@ -534,7 +538,9 @@ class GatewayConfig:
     #: The ownership store (``[cluster]``); the in-memory one without the table.
     cluster: ClusterConfig = ClusterConfig()
     #: Bounds on handshake work under a flood (``[handshake]``, docs/threat-model.md "Handshake floods").
-    handshake: HandshakeLimits = HandshakeLimits()
+    handshake: HandshakeLimits = HandshakeLimits()  # noqa: RUF009 (frozen)
+    #: How many SECURITY_EVENT lines the event log takes (``[log_limits]``, docs/events.md "Bounded logging").
+    log_limits: LogLimits = DEFAULT_LOG_LIMITS
 
     @property
     def control_listen(self) -> tuple[tuple[str, int], ...]:
@@ -557,7 +563,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     source = str(path)
     base = pathlib.Path(path).resolve().parent
     data = read_toml(path)
-    _top_level(data, {"client", "path", "policy", "gateway"}, source=source)
+    _top_level(data, {"client", "path", "policy", "gateway", "log_limits"}, source=source)
     t = _Table(data.get("client"), where=f"{source}: [client]")
     key_file = _relative(base, t.get("private_key_file", str, required=True))
     gateways = _client_gateways(t, data.get("gateway"), source=source)
@@ -583,7 +589,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     control = t.get("control_socket", str, "/run/jvpn-trio/client.sock")
     fwmark_base = t.get("fwmark_base", int, 0x5100)
     if not 0 <= fwmark_base <= MAX_FWMARK - MAX_PATH_ID:
-        raise ConfigError(f"{t.where}.fwmark_base: {fwmark_base} is out of range 0..{MAX_FWMARK - MAX_PATH_ID}")
+        raise ConfigError(f"{t.where}.fwmark_base: {out_of_range(fwmark_base, 0, MAX_FWMARK - MAX_PATH_ID)}")
     exclude = _globs(t.get("exclude", list, []), where=f"{t.where}.exclude")
     control_group = t.get("control_group", str, DEFAULT_CONTROL_GROUP) or None
     control_steer_group = t.get("control_steer_group", bool, False)
@@ -615,6 +621,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
         control_group=control_group,
         control_steer_group=control_steer_group,
         gateways=gateways if "gateway" in data else (),  # the single form: gateway_entries gives it
+        log_limits=log_limits_from_table(data.get("log_limits"), source=source),
     )
 
 
@@ -673,7 +680,7 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     source = str(path)
     base = pathlib.Path(path).resolve().parent
     data = read_toml(path)
-    _top_level(data, {"gateway", "peer", "policy", "cluster", "handshake"}, source=source)
+    _top_level(data, {"gateway", "peer", "policy", "cluster", "handshake", "log_limits"}, source=source)
     t = _Table(data.get("gateway"), where=f"{source}: [gateway]")
     key_file = _relative(base, t.get("private_key_file", str, required=True))
     listen = tuple(
@@ -725,6 +732,7 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
         peers_dir=peers_dir,
         cluster=_cluster(data.get("cluster"), source=source),
         handshake=_handshake_limits(data.get("handshake"), source=source),
+        log_limits=log_limits_from_table(data.get("log_limits"), source=source),
     )
 
 
@@ -742,6 +750,28 @@ def _handshake_limits(raw: Any, *, source: str) -> HandshakeLimits:
     t.finish()
     try:
         return HandshakeLimits(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{t.where}.{exc}") from None
+
+
+#: The keys of ``[log_limits]``: the integer fields of ``LogLimits`` (which event kinds are limited is not a setting).
+LOG_LIMITS_KEYS = tuple(f.name for f in attrs.fields(LogLimits) if f.type in (int, "int"))
+
+
+def log_limits_from_table(raw: Any, *, source: str) -> LogLimits:
+    """The ``[log_limits]`` table of gateway.toml or client.toml: each key optional, checked by ``LogLimits``.
+
+    Types and ranges are ``LogLimits``' own validators (core/bounds.py), so a bad value reads as
+    ``file: [log_limits].burst: 0 is out of range 1..10000``; an unknown key is refused.
+    """
+    if raw is None:
+        return DEFAULT_LOG_LIMITS
+    t = _Table(raw, where=f"{source}: [log_limits]")
+    values = {name: t.data[name] for name in LOG_LIMITS_KEYS if name in t.data}
+    t.used.update(values)
+    t.finish()
+    try:
+        return LogLimits(**values)
     except ValueError as exc:
         raise ConfigError(f"{t.where}.{exc}") from None
 

@@ -236,6 +236,7 @@ async def _serve_gateway(
                 config.events_file,
                 capacity=EVENT_SINK_CAPACITY,
                 also=event_counts.count if event_counts is not None else None,
+                limits=config.log_limits,
             )
         )
         recorder = await stack.enter_async_context(open_recorder(record))

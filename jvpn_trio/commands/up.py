@@ -449,7 +449,7 @@ async def _run_client(
     leftovers = await refuse_leftovers(config, take_over=take_over)
     async with AsyncExitStack() as stack:
         sink = await stack.enter_async_context(
-            event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY)
+            event_sink.open_event_sink(config.events_file, capacity=EVENT_SINK_CAPACITY, limits=config.log_limits)
         )
         recorder = await stack.enter_async_context(open_recorder(record))
         # Fail closed: the block is in place before any route or the TUN, and goes last.

@@ -51,14 +51,13 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
 
 import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from jvpn_trio.core import wire
+from jvpn_trio.core.bounds import int_range, number_range
 from jvpn_trio.core.ids import RandomBytes
 from jvpn_trio.core.noise import mac2_ok
 from jvpn_trio.core.ratelimit import TokenBucket
@@ -69,14 +68,6 @@ LABEL_COOKIE = b"cookie--"
 SECRET_LEN = 32
 
 
-def _between(low: float, high: float) -> Callable[[Any, Any, float], None]:
-    def check(_inst: Any, attribute: Any, value: float) -> None:
-        if not low <= value <= high:
-            raise ValueError(f"{attribute.name}: {value} is out of range {low}..{high}")
-
-    return check
-
-
 @attrs.frozen(kw_only=True)
 class HandshakeLimits:
     """The gateway's bounds on handshake work (``[handshake]`` in gateway.toml, docs/threat-model.md).
@@ -85,25 +76,25 @@ class HandshakeLimits:
     """
 
     #: How often the cookie secret is drawn anew (a cookie stays good for one to two periods).
-    cookie_rotation_s: float = attrs.field(default=120.0, validator=_between(1.0, 3600.0))
+    cookie_rotation_s: float = attrs.field(default=120.0, validator=number_range(1.0, 3600.0))
     #: Inits per second (all sources) above which the gateway is under load and asks for cookies.
-    under_load_per_s: float = attrs.field(default=100.0, validator=_between(1.0, 1_000_000.0))
+    under_load_per_s: float = attrs.field(default=100.0, validator=number_range(1.0, 1_000_000.0))
     #: Queued inits at or above which the gateway is under load.
-    under_load_queue: int = attrs.field(default=16, validator=_between(1, 1_000_000))
+    under_load_queue: int = attrs.field(default=16, validator=int_range(1, 1_000_000))
     #: How long the gateway stays under load after the last sign of it.
-    load_hold_s: float = attrs.field(default=1.0, validator=_between(0.0, 3600.0))
+    load_hold_s: float = attrs.field(default=1.0, validator=number_range(0.0, 3600.0))
     #: Inits per second one source IP address may have looked at (sustained), and its burst.
-    per_source_per_s: float = attrs.field(default=20.0, validator=_between(0.01, 1_000_000.0))
-    per_source_burst: int = attrs.field(default=40, validator=_between(1, 1_000_000))
+    per_source_per_s: float = attrs.field(default=20.0, validator=number_range(0.01, 1_000_000.0))
+    per_source_burst: int = attrs.field(default=40, validator=int_range(1, 1_000_000))
     #: Source addresses whose bucket is remembered; the least recently seen is forgotten beyond this.
-    source_table_size: int = attrs.field(default=16384, validator=_between(1, 10_000_000))
+    source_table_size: int = attrs.field(default=16384, validator=int_range(1, 10_000_000))
     #: Handshakes (DH work) per second the worker does at most, and its burst.
-    handshakes_per_s: float = attrs.field(default=200.0, validator=_between(1.0, 1_000_000.0))
-    handshake_burst: int = attrs.field(default=50, validator=_between(1, 1_000_000))
+    handshakes_per_s: float = attrs.field(default=200.0, validator=number_range(1.0, 1_000_000.0))
+    handshake_burst: int = attrs.field(default=50, validator=int_range(1, 1_000_000))
     #: Cookie replies per second at most (one second's worth of burst).
-    cookie_replies_per_s: float = attrs.field(default=5_000.0, validator=_between(1.0, 10_000_000.0))
+    cookie_replies_per_s: float = attrs.field(default=5_000.0, validator=number_range(1.0, 10_000_000.0))
     #: Inits waiting for the worker at most; one more is dropped and counted.
-    queue_capacity: int = attrs.field(default=128, validator=_between(1, 1_000_000))
+    queue_capacity: int = attrs.field(default=128, validator=int_range(1, 1_000_000))
 
     def __attrs_post_init__(self) -> None:
         if self.under_load_queue > self.queue_capacity:

@@ -64,16 +64,15 @@ back without a key (counted in ``overflowed``, not summarised); idle keys
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 from jvpn_trio.core.actions import EmitEvent, EventKind, Scalar
+from jvpn_trio.core.bounds import int_range
 from jvpn_trio.core.ratelimit import TokenBucket
 from jvpn_trio.core.states import SessionState
 
-#: Defaults of :class:`LogLimits`.  They are meant to become Policy fields
-#: (``security_log_*``, same names and units); until then these constants are the defaults.
+#: Defaults of :class:`LogLimits`; an operator overrides any of them in the ``[log_limits]``
+#: table of gateway.toml or client.toml (``config.py``, docs/events.md "Bounded logging").
 #: Lines in full per (session, reason) before limiting starts ("the first N in full").
 DEFAULT_BURST = 10
 #: After the burst, one more line in full per (session, reason) per this long.
@@ -94,27 +93,20 @@ SUMMARY_DETAILS = ("suppressed", "suppressed_first_t", "suppressed_last_t")
 _TERMINATED = SessionState.TERMINATED.value
 
 
-def _int_range(lo: int, hi: int) -> Any:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{attribute.name}: expected an integer, got {type(value).__name__}")
-        if not lo <= value <= hi:
-            raise ValueError(f"{attribute.name}: {value} is out of range {lo}..{hi}")
-
-    return check
-
-
 @attrs.frozen(kw_only=True)
 class LogLimits:
-    """How many lines of attack the log takes (see the module docstring); raises ValueError out of range."""
+    """How many lines of attack the log takes (see the module docstring).
 
-    burst: int = attrs.field(default=DEFAULT_BURST, validator=_int_range(1, 10_000))
-    refill_ms: int = attrs.field(default=DEFAULT_REFILL_MS, validator=_int_range(1, 3_600_000))
-    lines_per_s: int = attrs.field(default=DEFAULT_LINES_PER_S, validator=_int_range(1, 10_000))
-    summary_interval_ms: int = attrs.field(default=DEFAULT_SUMMARY_INTERVAL_MS, validator=_int_range(100, 3_600_000))
-    summaries_per_interval: int = attrs.field(default=DEFAULT_SUMMARIES_PER_INTERVAL, validator=_int_range(1, 100_000))
-    max_line_bytes: int = attrs.field(default=DEFAULT_MAX_LINE_BYTES, validator=_int_range(256, 65_536))
-    max_keys: int = attrs.field(default=DEFAULT_MAX_KEYS, validator=_int_range(1, 1 << 20))
+    Each integer field is bounded (core/bounds.py): ValueError naming the field and its range.
+    """
+
+    burst: int = attrs.field(default=DEFAULT_BURST, validator=int_range(1, 10_000))
+    refill_ms: int = attrs.field(default=DEFAULT_REFILL_MS, validator=int_range(1, 3_600_000))
+    lines_per_s: int = attrs.field(default=DEFAULT_LINES_PER_S, validator=int_range(1, 10_000))
+    summary_interval_ms: int = attrs.field(default=DEFAULT_SUMMARY_INTERVAL_MS, validator=int_range(100, 3_600_000))
+    summaries_per_interval: int = attrs.field(default=DEFAULT_SUMMARIES_PER_INTERVAL, validator=int_range(1, 100_000))
+    max_line_bytes: int = attrs.field(default=DEFAULT_MAX_LINE_BYTES, validator=int_range(256, 65_536))
+    max_keys: int = attrs.field(default=DEFAULT_MAX_KEYS, validator=int_range(1, 1 << 20))
     kinds: frozenset[EventKind] = frozenset({EventKind.SECURITY_EVENT})
 
     @property

@@ -17,9 +17,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import attrs
+
+from jvpn_trio.core.bounds import IntRange, NumberRange, int_range, number_range
 
 #: Property 6 counts switches "per minute": the rate window is that minute.
 SWITCH_RATE_WINDOW_S = 60.0
@@ -29,41 +32,14 @@ class PolicyError(ValueError):
     """A policy that cannot be used; the message names the field and the problem."""
 
 
-Validator = Callable[[object, "attrs.Attribute[Any]", object], None]
+def _int_range(lo: int, hi: int, *, why: str = "") -> IntRange:
+    """``lo..hi`` inclusive (core/bounds.py), raising PolicyError; ``why`` says what a value beyond breaks."""
+    return int_range(lo, hi, why=why, error=PolicyError)
 
 
-#: Integers longer than this many bits are named by their size in messages: printing one with
-#: thousands of digits is slow, and past Python's digit limit it raises instead of explaining.
-_SHOWN_INT_BITS = 128
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, int) and value.bit_length() > _SHOWN_INT_BITS:
-        return f"a {value.bit_length()}-bit integer"
-    return str(value)
-
-
-def _int_range(lo: int, hi: int, *, why: str = "") -> Validator:
-    """``lo..hi`` inclusive; ``why`` says (after a colon) what a value beyond the bound would break."""
-    because = f": {why}" if why else ""
-
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise PolicyError(f"{attribute.name}: expected an integer, got {type(value).__name__}")
-        if not lo <= value <= hi:
-            raise PolicyError(f"{attribute.name}: {_shown(value)} is out of range {lo}..{hi}{because}")
-
-    return check
-
-
-def _float_range(lo: float, hi: float) -> Validator:
-    def check(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise PolicyError(f"{attribute.name}: expected a number, got {type(value).__name__}")
-        if not lo <= value <= hi:
-            raise PolicyError(f"{attribute.name}: {_shown(value)} is out of range {lo}..{hi}")
-
-    return check
+def _float_range(lo: float, hi: float) -> NumberRange:
+    """A number in ``lo..hi`` inclusive (core/bounds.py), raising PolicyError."""
+    return number_range(lo, hi, error=PolicyError)
 
 
 def _to_float(value: object) -> object:
