@@ -2,8 +2,9 @@
 
 Determinism rules: the pure tests use fixed inputs (iperf3 documents trimmed from real
 output, hand-written /proc text, exact arrival times) and no clock.  The smoke test runs
-the real bench (``--quick``, bare veth and jvpn-trio only) and asserts only that every
-figure was produced, never how large it is: speeds are the bench's job, not a test's.
+the real bench (``--quick``: bare veth, jvpn-trio and wireguard-go, or wireguard-go's
+not-available row where it is not installed) and asserts only that every figure was
+produced, never how large it is: speeds are the bench's job, not a test's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jvpn_trio.lab.bench import (
     NOT_AVAILABLE,
     OPENVPN,
     WIREGUARD,
+    WIREGUARD_REFERENCE,
     BenchError,
     BenchReport,
     BenchSettings,
@@ -305,10 +307,10 @@ def test_an_unavailable_openvpn_is_said_so_and_gets_no_ratio() -> None:
 def test_json_document_round_trips_and_keeps_the_reference_apart() -> None:
     doc = json.loads(json.dumps(_report(OPENVPN_MEASURED).to_json()))
     systems = doc["systems"]
-    assert list(systems) == [BASELINE, JVPN, OPENVPN, WIREGUARD]
-    assert systems[WIREGUARD]["status"] == "not measured in this run; peers.md figure"
-    assert systems[WIREGUARD]["reference"]["tcp_mbit"] == 413.0
-    assert "tcp_mbit" not in systems[WIREGUARD]  # never mixed with same-run figures
+    assert list(systems) == [BASELINE, JVPN, OPENVPN, WIREGUARD_REFERENCE]
+    assert systems[WIREGUARD_REFERENCE]["status"] == "not measured in this run; peers.md figure"
+    assert systems[WIREGUARD_REFERENCE]["reference"]["tcp_mbit"] == 413.0
+    assert "tcp_mbit" not in systems[WIREGUARD_REFERENCE]  # never mixed with same-run figures
     jv = systems[JVPN]
     assert jv["outage"][BLACKHOLE]["median_s"] == 0.3 and len(jv["outage"][BLACKHOLE]["runs"]) == 3
     assert jv["cpu_cores"]["tcp"]["median"]["total"] == 0.95 and len(jv["cpu_cores"]["tcp"]["runs"]) == 3
@@ -470,18 +472,25 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_quick_defaults_and_explicit_options_win() -> None:
-    everyone = (BASELINE, JVPN, OPENVPN)
-    assert bench.settings_from_args(_args()) == BenchSettings(3, 3.0, 3.0, everyone, idle_s=bench.DEFAULT_IDLE_S)
-    assert bench.settings_from_args(_args("--quick")) == BenchSettings(1, 3.0, 2.0, everyone, idle_s=bench.QUICK_IDLE_S)
+    everyone = (BASELINE, JVPN, OPENVPN, WIREGUARD)
+    full = bench.settings_from_args(_args())
+    assert full == BenchSettings(3, 3.0, 3.0, everyone, idle_s=bench.DEFAULT_IDLE_S, fault_runs=5)
+    assert full.outage_runs == bench.DEFAULT_FAULT_RUNS == 5  # at least five fault trials in the full run
+    quick = bench.settings_from_args(_args("--quick"))
+    assert quick == BenchSettings(1, 3.0, 2.0, everyone, idle_s=bench.QUICK_IDLE_S, fault_runs=1)
+    assert bench.settings_from_args(_args("--runs", "7")).outage_runs == 7  # never fewer trials than rounds
+    assert bench.settings_from_args(_args("--fault-runs", "2")).outage_runs == 2
+    assert bench.settings_from_args(_args("--quick", "--runs", "2")).outage_runs == 2
     assert bench.settings_from_args(_args("--quick", "--idle", "0")).idle_s == 0.0
     idle_only = bench.settings_from_args(_args("--idle-only", "--idle", "5"))
     assert (idle_only.systems, idle_only.idle_s) == ((), 5.0)
     quick = bench.settings_from_args(_args("--quick", "--runs", "2", "--iperf-seconds", "4", "--systems", "jvpn-trio,baseline"))
     assert (quick.runs, quick.iperf_s, quick.fault_s, quick.systems) == (2, 4.0, 2.0, (BASELINE, JVPN))
+    assert bench.settings_from_args(_args("--systems", "wireguard-go,baseline")).systems == (BASELINE, WIREGUARD)
     assert _args("--json").json == "-" and _args("--json", "out.json").json == "out.json" and _args().json is None
 
 
-@pytest.mark.parametrize("argv", [["--systems", "wireguard-go"], ["--systems", ""], ["--runs", "0"],
+@pytest.mark.parametrize("argv", [["--systems", "ipsec"], ["--systems", ""], ["--runs", "0"], ["--fault-runs", "0"],
                                   ["--iperf-seconds", "0.5"], ["--fault-seconds", "x"], ["--idle", "0.5"],
                                   ["--idle", "601"], ["--idle", "soon"]])  # fmt: skip
 def test_bad_options_are_usage_errors(argv: list[str]) -> None:
@@ -545,6 +554,136 @@ async def test_openvpn_not_installed_is_reported_not_raised(monkeypatch: pytest.
     assert result.figure("tcp_mbit") is None and result.figure(BLACKHOLE) is None
 
 
+# -- wireguard-go ----------------------------------------------------------------------------------------
+
+#: Fixed keys in ``wg``'s base64 form (32 bytes each); never used on a network.
+KEYS = bench.WireguardKeys(
+    gateway_private="oK" + "A" * 41 + "=", gateway_public="gP" + "B" * 41 + "=",
+    client_private="cK" + "C" * 41 + "=", client_public="cP" + "D" * 41 + "=",
+)  # fmt: skip
+
+
+def _conf(text: str) -> dict[str, dict[str, str]]:
+    """``wg setconf`` text -> {section: {key: value}} (one [Peer] in ours)."""
+    out: dict[str, dict[str, str]] = {}
+    section = ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+            out[section] = {}
+        elif line.strip():
+            key, _, value = line.partition(" = ")
+            out[section][key] = value
+    return out
+
+
+def test_wireguard_configs_pair_the_keys_with_keepalive_on_the_client() -> None:
+    gateway, client = bench.wireguard_configs("10.99.0.1", KEYS)
+    gw, cl = _conf(gateway), _conf(client)
+    assert gw == {
+        "Interface": {"PrivateKey": KEYS.gateway_private, "ListenPort": "51820"},
+        "Peer": {"PublicKey": KEYS.client_public, "AllowedIPs": "10.68.0.2/32"},
+    }
+    assert cl == {
+        "Interface": {"PrivateKey": KEYS.client_private},
+        "Peer": {"PublicKey": KEYS.gateway_public, "AllowedIPs": "10.68.0.0/24", "Endpoint": "10.99.0.1:51820",
+                 "PersistentKeepalive": "1"},
+    }  # fmt: skip
+    assert KEYS.gateway_private not in repr(KEYS) and KEYS.client_private not in repr(KEYS)
+
+
+def test_wireguard_keys_are_checked() -> None:
+    key = "x" * 43 + "="
+    assert bench.wireguard_key(f"{key}\n", "client private key") == key
+    for bad in ("", "short=", "!" * 44, "A" * 40 + "===="):
+        with pytest.raises(BenchError, match="client private key is not a base64 32-byte key"):
+            bench.wireguard_key(bad, "client private key")
+
+
+def test_wireguard_interface_names_carry_the_lab_prefix_and_fit_ifnamsiz() -> None:
+    client, gateway = bench.wireguard_interfaces(bench._lab_spec().prefix)
+    assert client != gateway and client.startswith(bench.PREFIX_FAMILY) and gateway.startswith(bench.PREFIX_FAMILY)
+    assert max(len(client), len(gateway)) <= 15  # IFNAMSIZ - 1
+
+
+def test_latest_handshakes_parse_and_reject_garbage() -> None:
+    text = f"{KEYS.gateway_public}\t1796238467\n{KEYS.client_public}\t0\n\n"
+    assert bench.parse_latest_handshakes(text) == {KEYS.gateway_public: 1796238467, KEYS.client_public: 0}
+    assert bench.parse_latest_handshakes("") == {}
+    with pytest.raises(ValueError, match="latest-handshakes"):
+        bench.parse_latest_handshakes(f"{KEYS.gateway_public}\tsoon\n")
+
+
+WIREGUARD_MEASURED = SystemResult(
+    key=WIREGUARD, status=MEASURED, version="wireguard-go v0.0.20220316, wireguard-tools v1.0.20210914",
+    tcp_mbit_runs=(400.0,), udp64_runs=(UdpResult(90_000.0, 32_000.0, 64.0),),
+    outages={LINK_DOWN: (_o(1.99, False),), BLACKHOLE: (_o(1.99, False),)},
+    cpu_runs={"tcp": ({"client": 0.6, "gateway": 0.5},), "udp64": ({"client": 0.5, "gateway": 0.5},)},
+    peak_rss_kib={"client": 10_240, "gateway": 10_240},
+)  # fmt: skip
+
+
+def _report_with(*peers: SystemResult, fault_runs: int | None = None) -> BenchReport:
+    base = _report(OPENVPN_MEASURED)
+    settings = BenchSettings(runs=3, iperf_s=3.0, fault_s=3.0, systems=bench.MEASURABLE, fault_runs=fault_runs)
+    results = (*base.results[:3], *peers)
+    return BenchReport(settings, results, base.host, base.started_utc, base.elapsed_s)
+
+
+def test_a_measured_wireguard_gets_a_column_and_ratios_and_no_reference() -> None:
+    report = _report_with(WIREGUARD_MEASURED, fault_runs=5)
+    table = _table_rows(bench.render_table(report))
+    assert table["metric"] == [
+        "bare veth", "jvpn-trio", "OpenVPN", "wireguard-go", "jvpn / bare", "jvpn / OpenVPN", "jvpn / wireguard-go",
+    ]  # fmt: skip
+    assert table["status"][3] == "measured"
+    assert table["TCP, one stream (Mbit/s, median of 3)"][3::3] == ["400", "0.94×"]
+    assert table["UDP 64 B received (packets/s, median of 3)"][3] == "32.0 k"
+    # The outage rows count the fault trials, not the throughput rounds.
+    assert table["outage, blackhole (s, median of 5)"][3] == "> 1.990 (no recovery)"
+    assert table["outage, blackhole (s, median of 5)"][6] == "≤ 0.15×"
+    assert table["peak RSS, client + gateway (MiB)"][3] == "20.0"
+    doc = json.loads(json.dumps(report.to_json()))
+    assert list(doc["systems"]) == [BASELINE, JVPN, OPENVPN, WIREGUARD]
+    assert doc["systems"][WIREGUARD]["tcp_mbit"] == 400.0
+    assert doc["ratios"]["jvpn_over_wireguard_go"]["tcp_mbit"] == {"value": 0.9375, "bound": "="}
+    assert doc["ratios"]["jvpn_over_wireguard_go"][LINK_DOWN] == {"value": pytest.approx(0.0065, abs=1e-4), "bound": "<="}
+    assert doc["settings"]["fault_runs"] == 5
+
+
+def test_a_missing_wireguard_is_a_row_with_the_reason_and_the_reference_stays_apart() -> None:
+    missing = SystemResult(key=WIREGUARD, status=NOT_AVAILABLE, reason=bench.wireguard_missing_reason(["wg"]))
+    report = _report_with(missing, bench.wireguard_reference())
+    text = bench.render_table(report)
+    table = _table_rows(text)
+    reason = "wg is not installed (apt-get install -y wireguard-go wireguard-tools)"
+    assert table["metric"][3] == "wireguard-go" and table["metric"][-1].endswith("NOT this run)")
+    assert table["status"][3] == f"not available: {reason}"
+    assert table["TCP, one stream (Mbit/s, median of 3)"][3] == "—"
+    assert table["TCP, one stream (Mbit/s, median of 3)"][6] == "—"  # jvpn / wireguard-go: nothing to divide by
+    assert table["TCP, one stream (Mbit/s, median of 3)"][-1] == "413"  # the reference, in its own column
+    assert f"- wireguard-go: not available: {reason}" in text
+    doc = json.loads(json.dumps(report.to_json()))
+    assert (doc["systems"][WIREGUARD]["status"], doc["systems"][WIREGUARD]["reason"]) == (NOT_AVAILABLE, reason)
+    assert doc["systems"][WIREGUARD]["tcp_mbit"] is None
+    assert doc["systems"][WIREGUARD_REFERENCE]["status"] == bench.REFERENCE
+    assert all(v is None for v in doc["ratios"]["jvpn_over_wireguard_go"].values())
+    assert bench.wireguard_missing_reason(["wireguard-go", "wg"]).startswith("wireguard-go and wg are not installed")
+
+
+@pytest.mark.parametrize("present", [set(), {"wireguard-go"}, {"wg"}])
+async def test_wireguard_not_installed_is_reported_not_raised(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, present: set[str]
+) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}" if name in present else None)
+    async with contextlib.AsyncExitStack() as stack:
+        result = await bench._bring_up(WIREGUARD, stack, tmp_path)
+    assert isinstance(result, SystemResult)
+    missing = [tool for tool in ("wireguard-go", "wg") if tool not in present]
+    assert (result.status, result.reason) == (NOT_AVAILABLE, bench.wireguard_missing_reason(missing))
+    assert result.figure("tcp_mbit") is None and result.figure(BLACKHOLE) is None
+
+
 # -- the real thing, briefly ------------------------------------------------------------------------------
 
 #: The idle section's short form: long enough for both readings, far too short for a figure to mean much.
@@ -552,23 +691,39 @@ SHORT_IDLE_S = 2.0
 
 
 @requires_lab
-async def test_quick_bench_of_baseline_and_jvpn_produces_every_figure(tmp_path: Path) -> None:
+async def test_quick_bench_of_baseline_jvpn_and_wireguard_produces_every_figure(tmp_path: Path) -> None:
     settings = BenchSettings(runs=1, iperf_s=bench.QUICK_IPERF_S, fault_s=bench.QUICK_FAULT_S,
-                             systems=(BASELINE, JVPN), workdir=tmp_path, idle_s=SHORT_IDLE_S)  # fmt: skip
-    with trio.fail_after(240):
+                             systems=(BASELINE, JVPN, WIREGUARD), workdir=tmp_path, idle_s=SHORT_IDLE_S)  # fmt: skip
+    wireguard_installed = not bench.missing_tools(bench.WIREGUARD_TOOLS)
+    with trio.fail_after(300):
         report = await bench.run_bench(settings)
-    baseline, jvpn = report.result(BASELINE), report.result(JVPN)
-    assert baseline is not None and jvpn is not None
+    baseline, jvpn, wireguard = report.result(BASELINE), report.result(JVPN), report.result(WIREGUARD)
+    assert baseline is not None and jvpn is not None and wireguard is not None
     assert (baseline.status, jvpn.status) == (MEASURED, MEASURED), jvpn.reason
     assert report.result(OPENVPN) is None
-    for result in (baseline, jvpn):
+    tunnels = (jvpn, wireguard) if wireguard_installed else (jvpn,)
+    for result in (baseline, *tunnels):
         assert len(result.tcp_mbit_runs) == 1 and result.tcp_mbit_runs[0] > 0
         assert len(result.udp64_runs) == 1 and result.udp64_runs[0].received_pps > 0
-    assert {fault: len(runs) for fault, runs in jvpn.outages.items()} == {LINK_DOWN: 1, BLACKHOLE: 1}
-    assert set(jvpn.cpu_runs) == {"tcp", "udp64"} and set(jvpn.peak_rss_kib) == {"client", "gateway"}
-    assert len(jvpn.idle_cores_runs) == 2  # read while the baseline's TCP and UDP tests ran
+    for result in tunnels:
+        assert result.status == MEASURED, result.reason
+        assert {fault: len(runs) for fault, runs in result.outages.items()} == {LINK_DOWN: 1, BLACKHOLE: 1}
+        assert set(result.cpu_runs) == {"tcp", "udp64"} and set(result.peak_rss_kib) == {"client", "gateway"}
+        assert len(result.idle_cores_runs) == 2 * len(tunnels)  # read while the others' TCP and UDP tests ran
     # The CPU and memory figures are the tunnel processes' own, not an `ip netns exec` wrapper's.
     assert all(name.startswith("python") for name in jvpn.details["processes"].values())
+    if wireguard_installed:
+        assert set(wireguard.details["processes"].values()) == {"wireguard-go"}
+        assert report.result(WIREGUARD_REFERENCE) is None  # measured: no peers.md stand-in
+        assert "jvpn / wireguard-go" in bench.render_table(report)
+        # The daemons are gone with their labs, and so are their UAPI sockets.
+        assert not any((bench.WIREGUARD_SOCKET_DIR / f"{name}.sock").exists()
+                       for name in wireguard.details["interfaces"].values())  # fmt: skip
+    else:  # CI without the packages: reported with the reason, never dropped
+        assert (wireguard.status, wireguard.reason) == (
+            NOT_AVAILABLE, bench.wireguard_missing_reason(bench.missing_tools(bench.WIREGUARD_TOOLS))
+        )  # fmt: skip
+        assert report.result(WIREGUARD_REFERENCE) is not None
     # The idle section, in its short form: every figure there, for both policies (never their size).
     assert report.idle is not None
     assert [r.key for r in report.idle.results] == [bench.PER_ROLE, bench.FLAT]
