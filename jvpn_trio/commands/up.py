@@ -72,11 +72,12 @@ from jvpn_trio.drivers.clock import SuspendDetector
 from jvpn_trio.drivers.leftovers import Leftovers, find_leftovers, remove_leftovers
 from jvpn_trio.drivers.logind import SleepSignals
 from jvpn_trio.drivers.log import stderr_line
-from jvpn_trio.core.candidates import PathCost
+from jvpn_trio.core.candidates import DownReason, PathCost
 from jvpn_trio.drivers.networkmanager import NetworkManagerCosts, cost_change
 from jvpn_trio.drivers.paths import (
     PathAddressChanged,
     PathDown,
+    PathForgotten,
     PathEvent,
     PathUp,
     open_path_manager,
@@ -264,6 +265,8 @@ class PathFollower:
                     await self._down(event)
                 elif isinstance(event, PathAddressChanged):
                     await self._readdressed(event)
+                elif isinstance(event, PathForgotten):  # down already; now its interface is gone: free the id
+                    self._ids.path_down(event.path_id, DownReason.INTERFACE_GONE)
             except (OSError, routes.RouteError, ValueError, PathIdsExhausted) as exc:
                 self.counters["path_errors"] += 1
                 self._log(f"path {event.ifname}: {exc}; left out until the path manager reports it again")

@@ -56,6 +56,7 @@ __all__ = [
     "PathDiff",
     "PathDown",
     "PathEvent",
+    "PathForgotten",
     "PathRule",
     "PathRules",
     "PathTable",
@@ -407,6 +408,19 @@ class PathDown:
 
 
 @attrs.frozen(kw_only=True)
+class PathForgotten:
+    """A path that was already down is gone for good (its interface no longer exists): its id is free.
+
+    A path goes down first and its interface disappears later when a link drops and is then
+    deleted (``ip link del`` says "down" before "gone", a USB modem powers off after losing
+    carrier): a consumer that keeps an id for a path that may come back learns here that it won't.
+    """
+
+    path_id: int
+    ifname: str
+
+
+@attrs.frozen(kw_only=True)
 class PathAddressChanged:
     """A path stays usable but its source address or next hop changed (DHCP renewal, new subnet or router)."""
 
@@ -416,7 +430,7 @@ class PathAddressChanged:
     next_hop: str | None
 
 
-PathEvent = Union[PathUp, PathDown, PathAddressChanged]
+PathEvent = Union[PathUp, PathDown, PathAddressChanged, PathForgotten]
 
 
 @attrs.frozen(kw_only=True)
@@ -426,13 +440,15 @@ class PathDiff:
     down: tuple[PathDown, ...] = ()
     changed: tuple[PathAddressChanged, ...] = ()
     up: tuple[PathUp, ...] = ()
+    #: Paths already down before this diff whose interfaces are now gone (they change no path set).
+    forgotten: tuple[PathForgotten, ...] = ()
 
     def events(self) -> tuple[PathEvent, ...]:
-        """Downs, then address changes, then ups: the order a consumer should apply them in."""
-        return (*self.down, *self.changed, *self.up)
+        """Downs and forgotten ids, then address changes, then ups: the order a consumer should apply them in."""
+        return (*self.down, *self.forgotten, *self.changed, *self.up)
 
     def __bool__(self) -> bool:
-        return bool(self.down or self.changed or self.up)
+        return bool(self.down or self.changed or self.up or self.forgotten)
 
 
 def _sorted_paths(paths: Iterable[Path]) -> tuple[Path, ...]:
@@ -531,13 +547,34 @@ class PathTable:
         for p in self.paths:
             if p.path_id not in still:
                 reasons[p.path_id] = DownReason.INTERFACE_GONE
+        was_up = {p.path_id for p in self.paths}
+        forgotten = tuple(
+            PathForgotten(path_id=pid, ifname=name)
+            for _index, name, pid in self.ids
+            if pid not in still and pid not in was_up
+        )
         new_paths = _sorted_paths(paths)
         table = PathTable(
             paths=new_paths,
             ids=tuple(sorted((index, name, pid) for (index, name), pid in known.items())),
             next_id=next_id,
         )
-        return table, diff_paths(self.paths, new_paths, reasons)
+        return table, attrs.evolve(diff_paths(self.paths, new_paths, reasons), forgotten=forgotten)
+
+    def link_lost(self, ifindex: int, *, removed: bool) -> tuple[PathTable, PathDiff]:
+        """The kernel says interface ``ifindex`` went down (or away): its path is down now, before any read.
+
+        A hint, not a snapshot: nothing else changes and a path whose link is only down keeps
+        its id, so the next :meth:`update` brings it back as the same path if the link came back
+        meanwhile (or reports it :class:`PathForgotten` if the interface went away after all).
+        """
+        reason = DownReason.INTERFACE_GONE if removed else DownReason.LINK_DOWN
+        lost = {p.path_id: reason for p in self.paths if p.ifindex == ifindex}
+        if not lost:
+            return self, PathDiff(down=(), changed=(), up=())
+        kept = tuple(p for p in self.paths if p.path_id not in lost)
+        ids = tuple(entry for entry in self.ids if not (removed and entry[2] in lost))  # gone: its id too
+        return attrs.evolve(self, paths=kept, ids=ids), diff_paths(self.paths, kept, lost)
 
     def unreadable(self) -> tuple[PathTable, PathDiff]:
         """The machine could not be read at all: every path is down for now, ids are kept for later."""

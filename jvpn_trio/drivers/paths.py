@@ -13,7 +13,11 @@ in a worker thread), so no change can fall between the two.  After that, every n
 event, including a :class:`~jvpn_trio.drivers.netlink.Resync` after an overrun, only says
 "something changed": the task waits ``settle_s`` more for the rest of the burst (one
 ``ip`` command or a DHCP client makes several changes at once), then reads everything
-again.  What to make of a snapshot is decided by the pure rules of
+again.  Bad news does not wait, because a switch cannot start before it: a link that goes
+down or away takes its path down at once, from the event itself
+(:meth:`~jvpn_trio.core.candidates.PathTable.link_lost`, no read: a read of the machine
+costs 5-10 ms); a burst that starts with an address or route removed is read at once.
+Either way the read after the settle interval follows and reconciles.  What to make of a snapshot is decided by the pure rules of
 :mod:`jvpn_trio.core.candidates`; the task sends the resulting events, in order, on a
 bounded channel, and a slow consumer holds the task back rather than losing an event
 (the netlink monitor then overruns and the next read catches up).
@@ -47,6 +51,7 @@ from jvpn_trio.core.candidates import (
     PathAddressChanged,
     PathDown,
     PathEvent,
+    PathForgotten,
     PathRules,
     PathTable,
     PathUp,
@@ -56,8 +61,11 @@ from jvpn_trio.drivers import ifaces
 from jvpn_trio.drivers.log import LineLimiter, stderr_line
 from jvpn_trio.drivers.netlink import (
     WATCH_PATHS,
+    AddressEvent,
+    LinkEvent,
     NetlinkError,
     Resync,
+    RouteEvent,
     open_link_monitor,
 )
 from jvpn_trio.errors import lone_exception_unwrapped
@@ -71,6 +79,7 @@ __all__ = [
     "Path",
     "PathAddressChanged",
     "PathDown",
+    "PathForgotten",
     "PathEvent",
     "PathManager",
     "PathManagerStatistics",
@@ -207,6 +216,15 @@ class PathManager:
             await send.send(event)
             self._published += 1
 
+    async def _news_that_cannot_wait(self, event: object) -> tuple[PathEvent, ...]:
+        """A loss that opens a burst, reported before the burst settles (nothing for any other event)."""
+        if isinstance(event, LinkEvent) and (event.removed or not event.up):
+            self._table, diff = self._table.link_lost(event.index, removed=event.removed)
+            return diff.events()
+        if isinstance(event, (AddressEvent, RouteEvent)) and not event.added:
+            return await self._read()
+        return ()
+
     async def _settle(self, wakeups: Wakeups) -> bool:
         """Take in the rest of a burst for ``settle_s``; True if the wake-up source ended meanwhile."""
         with trio.move_on_after(self._settle_s):
@@ -235,6 +253,7 @@ class PathManager:
                     except trio.EndOfChannel:
                         return
                     self._woken(first)
+                    await self._publish(send, await self._news_that_cannot_wait(first))  # the settled read follows
                     ended = await self._settle(wakeups)
                 await self._publish(send, await self._read())
                 if ended:

@@ -27,6 +27,7 @@ from jvpn_trio.core.candidates import (
     PathAddressChanged,
     PathDiff,
     PathDown,
+    PathForgotten,
     PathRule,
     PathRules,
     PathTable,
@@ -255,6 +256,24 @@ def test_an_id_stays_with_its_interface_across_flaps_and_is_never_reused() -> No
     table, events = step(table, iface("eth0", 13), iface("wlan0", 3, kind="wifi"))
     assert [(e.path_id, e.ifname) for e in events if isinstance(e, PathUp)] == [(3, "eth0")]
     assert table.next_id == 4
+
+
+def test_a_link_lost_hint_downs_only_its_path_and_keeps_the_id_for_the_next_read() -> None:
+    table, _ = step(PathTable(), iface("eth0", 2), iface("wlan0", 3, kind="wifi"))
+    hinted, diff = table.link_lost(2, removed=False)
+    assert list(diff.events()) == [PathDown(path_id=1, ifname="eth0", reason=DownReason.LINK_DOWN)]
+    assert apply_diff(table.paths, diff) == hinted.paths and hinted.ids == table.ids
+    _, events = step(hinted, iface("eth0", 2), iface("wlan0", 3, kind="wifi"))  # it was back by the read
+    assert [(e.path_id, e.ifname) for e in events if isinstance(e, PathUp)] == [(1, "eth0")]
+    _, events = step(hinted, iface("wlan0", 3, kind="wifi"))  # deleted after going down: its id is free
+    assert events == [PathForgotten(path_id=1, ifname="eth0")]
+    gone, diff = table.link_lost(3, removed=True)
+    assert list(diff.events()) == [PathDown(path_id=2, ifname="wlan0", reason=DownReason.INTERFACE_GONE)]
+    assert [pid for _, _, pid in gone.ids] == [1]
+    _, events = step(gone, iface("eth0", 2))  # already reported gone: nothing more
+    assert events == []
+    same, diff = gone.link_lost(99, removed=False)  # not a path: nothing
+    assert same is gone and list(diff.events()) == []
 
 
 def test_a_rename_is_a_different_interface() -> None:

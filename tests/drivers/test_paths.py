@@ -11,6 +11,7 @@ in the last test, which reads this machine's own namespace once (read-only).
 from __future__ import annotations
 
 import errno
+import socket
 import pytest
 import trio
 import trio.testing
@@ -25,7 +26,7 @@ from jvpn_trio.core.candidates import (
     PathRule,
     PathRules,
 )
-from jvpn_trio.drivers.netlink import LinkEvent, Resync
+from jvpn_trio.drivers.netlink import AddressEvent, LinkEvent, Resync, RouteEvent
 from jvpn_trio.drivers.paths import (
     DEFAULT_READ_RETRY_S,
     DEFAULT_SETTLE_S,
@@ -33,6 +34,7 @@ from jvpn_trio.drivers.paths import (
     PathAddressChanged,
     PathDown,
     PathEvent,
+    PathForgotten,
     PathManager,
     PathManagerStatistics,
     PathUp,
@@ -156,7 +158,41 @@ async def test_no_interface_at_start_is_not_fatal_and_a_later_one_comes_up(
 # -- events and their timing --------------------------------------------------------------------
 
 
-async def test_a_burst_is_read_once_after_the_settle_interval(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_burst_of_good_news_is_read_once_after_the_settle_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    script = Script(machine(ETH))
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            h = await run_harness(nursery, script)
+            await h.take(1)
+            await trio.sleep(5.0)
+            script.then(machine(ETH, WLAN))  # wlan0 plugged in
+            for _ in range(4):  # one `ip link add` / `ip addr add` is several messages
+                h.wake.send_nowait(LinkEvent(ifname="wlan0", index=3, up=True))
+                await trio.sleep(DEFAULT_SETTLE_S / 10)
+            assert await h.take(1) == [up(2, WLAN, 20)]
+            assert script.read_times == [0.0, 5.0 + DEFAULT_SETTLE_S]
+            await trio.testing.wait_all_tasks_blocked()
+            stats = h.manager.statistics()
+            assert (stats.wakeups, stats.snapshots_read, stats.events_published, stats.paths) == (4, 2, 2, 2)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "loss, reason, read_at_once",
+    [  # a link's own event is enough (no read); an address or route removal is read at once
+        (LinkEvent(ifname="wlan0", index=3, up=False), DownReason.LINK_DOWN, False),
+        (LinkEvent(ifname="wlan0", index=3, up=False, removed=True), DownReason.INTERFACE_GONE, False),
+        (AddressEvent(ifname="wlan0", index=3, address="192.168.1.20", prefixlen=24, added=False),
+         DownReason.INTERFACE_GONE, True),
+        (RouteEvent(family=socket.AF_INET, table=254, dst="0.0.0.0/0", oif=3, gateway="192.168.1.1", added=False),
+         DownReason.INTERFACE_GONE, True),
+    ],
+)
+async def test_a_loss_is_reported_at_once_and_read_again_once_the_burst_settles(
+    autojump_clock: trio.testing.MockClock, loss: object, reason: DownReason, read_at_once: bool
+) -> None:
     script = Script(machine(ETH, WLAN))
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
@@ -164,14 +200,42 @@ async def test_a_burst_is_read_once_after_the_settle_interval(autojump_clock: tr
             await h.take(2)
             await trio.sleep(5.0)
             script.then(machine(ETH))  # wlan0 unplugged
-            for _ in range(4):  # one `ip link del` is several messages
-                h.wake.send_nowait(LinkEvent(ifname="wlan0", index=3, up=False))
+            h.wake.send_nowait(loss)
+            assert await h.take(1) == [PathDown(path_id=2, ifname="wlan0", reason=reason)]
+            assert trio.current_time() == 5.0  # not after the settle interval
+            for _ in range(3):  # one `ip link del` is several messages
+                h.wake.send_nowait(loss)
                 await trio.sleep(DEFAULT_SETTLE_S / 10)
-            assert await h.take(1) == [PathDown(path_id=2, ifname="wlan0", reason=DownReason.INTERFACE_GONE)]
-            assert script.read_times == [0.0, 5.0 + DEFAULT_SETTLE_S]
-            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(DEFAULT_SETTLE_S)
+            at_once = [5.0] if read_at_once else []
+            assert script.read_times == [0.0, *at_once, 5.0 + DEFAULT_SETTLE_S]  # then the settled read
+            forgotten = [PathForgotten(path_id=2, ifname="wlan0")] if reason is DownReason.LINK_DOWN else []
+            assert await h.take(len(forgotten)) == forgotten  # "down" first, "gone" at the read: the id is free
+            assert h.nothing_pending()
             stats = h.manager.statistics()
-            assert (stats.wakeups, stats.snapshots_read, stats.events_published, stats.paths) == (4, 2, 3, 1)
+            assert (stats.wakeups, stats.snapshots_read, stats.events_published, stats.paths) == (
+                4, 2 + len(at_once), 3 + len(forgotten), 1
+            )
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_link_that_flaps_back_within_the_burst_is_the_same_path_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    script = Script(machine(ETH, WLAN))
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            h = await run_harness(nursery, script)
+            await h.take(2)
+            h.wake.send_nowait(LinkEvent(ifname="wlan0", index=3, up=False))  # the settled read finds it up again
+            assert await h.take(2) == [
+                PathDown(path_id=2, ifname="wlan0", reason=DownReason.LINK_DOWN),
+                up(2, WLAN, 20),
+            ]
+            assert script.read_times == [0.0, DEFAULT_SETTLE_S]
+            h.wake.send_nowait(LinkEvent(ifname="lo", index=1, up=False))  # not a path: nothing at once
+            await trio.sleep(DEFAULT_SETTLE_S)
+            assert h.nothing_pending()
             nursery.cancel_scope.cancel()
 
 
