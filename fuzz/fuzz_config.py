@@ -22,7 +22,13 @@ import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
 with atheris.instrument_imports():
     import tomllib  # noqa: F401  (instrumented here, before the loaders import it)
 
-    from jvpn_trio.config import ConfigError, load_client_config, load_gateway_config, load_policy, read_toml
+    from jvpn_trio.config import (
+        ConfigError,
+        load_client_config,
+        load_gateway_config,
+        load_policy,
+        read_toml,
+    )
     from jvpn_trio.lab.scenario import load_scenario
 
 LOADERS = (read_toml, load_policy, load_client_config, load_gateway_config, load_scenario)

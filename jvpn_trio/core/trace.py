@@ -14,7 +14,7 @@ import json
 import math
 import types
 import typing
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 
@@ -161,6 +161,16 @@ class TraceEntry:
     session: str | None = None
 
 
+def _finite_number(value: object) -> TypeGuard[int | float]:
+    """A JSON number a time can be: int or float, not bool, finite as a float (a 400-digit int is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def decode_input_untrusted(line: str, *, lineno: int = 0) -> TraceEntry:
     """Parse one trace line; raises only :class:`BadTrace`."""
     try:
@@ -180,7 +190,7 @@ def decode_input_untrusted(line: str, *, lineno: int = 0) -> TraceEntry:
     cls = INPUT_TYPES.get(str(name))
     if cls is None:
         raise BadTrace(f"line {lineno}: unknown input {name!r}")
-    if not isinstance(now, (int, float)) or isinstance(now, bool) or not math.isfinite(now):
+    if not _finite_number(now):
         raise BadTrace(f"line {lineno}: t must be a finite number")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in attrs.fields(cls)}
@@ -296,7 +306,7 @@ def decode_line_untrusted(line: str, *, lineno: int = 0) -> TraceLine:
     side, now = body.get("side"), body.get("t")
     if side not in SIDES:
         raise BadTrace(f"line {lineno}: side must be one of {SIDES}, got {side!r}")
-    if not isinstance(now, (int, float)) or isinstance(now, bool) or not math.isfinite(now):
+    if not _finite_number(now):
         raise BadTrace(f"line {lineno}: t must be a finite number")
     if "start" in body:
         return _decode_start(body, side, float(now), lineno)
@@ -327,9 +337,7 @@ def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> S
     if previous is not None and not _is_session_hex(previous):
         raise BadTrace(f"line {lineno}: previous_session must be a SessionID (32 hex digits)")
     switch_times = body.get("switch_times", [])
-    if not isinstance(switch_times, list) or not all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in switch_times
-    ):
+    if not isinstance(switch_times, list) or not all(_finite_number(t) for t in switch_times):
         raise BadTrace(f"line {lineno}: switch_times must be a list of finite numbers")
     try:
         binding = body.get("handshake_binding")

@@ -35,7 +35,6 @@ Everything that builds or reads a JSON body is a plain function below, tested wi
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import enum
 import json
@@ -115,8 +114,8 @@ class StoredValue:
         """Parse a stored value; raises :class:`BadReply` for anything we did not write."""
         try:
             obj = json.loads(data)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise BadReply(f"value is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise BadReply(f"value is not JSON: {exc}") from None
         if not isinstance(obj, dict) or obj.get("v") != VALUE_FORMAT:
             raise BadReply("value is not a version-1 ownership record")
         owner, attempt = obj.get("owner"), obj.get("attempt")
@@ -206,7 +205,7 @@ def _bytes(obj: Json, field: str) -> bytes:
         raise BadReply(f"{field} is not base64 text")
     try:
         return base64.b64decode(raw, validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, and non-ASCII text, which b64decode refuses with a plain ValueError
         raise BadReply(f"{field} is not base64: {exc}") from exc
 
 
@@ -364,8 +363,8 @@ def parse_json_untrusted(body: bytes) -> Any:
     text = body.strip().split(b"\n", 1)[0]
     try:
         return json.loads(text)
-    except ValueError as exc:
-        raise BadReply(f"reply is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        raise BadReply(f"reply is not JSON: {exc}") from None
 
 
 # --- I/O: the client --------------------------------------------------------------------------

@@ -415,9 +415,8 @@ TestCostProperties = CostProperties.TestCase
 #: The ten properties get their examples in PairProperties; this variant adds one cost rule on the same
 #: machine, so it takes a share of the profile's examples (CI time, not coverage, is what it saves).
 COST_SHARE = 0.4
-TestCostProperties.settings = settings(
-    settings.default, max_examples=max(1, int(settings.default.max_examples * COST_SHARE))
-)
+_PROFILE = settings()  # the profile tests/properties/conftest.py loaded
+TestCostProperties.settings = settings(_PROFILE, max_examples=max(1, int(_PROFILE.max_examples * COST_SHARE)))
 
 
 class FlapProperties(_PairMachine):

@@ -104,6 +104,8 @@ inner_messages = st.one_of(
     st.builds(wire.ReattachAck, session_id=session_ids, nonce=u64, new_version=u64, path_id=path_ids),
     st.builds(wire.ReattachReject, session_id=session_ids, nonce=u64, reason=reasons, current_version=u64),
     st.builds(wire.Close, session_id=session_ids, reason=reasons),
+    st.builds(wire.PathChallenge, session_id=session_ids, nonce=u64, challenge=u64, path_id=path_ids),
+    st.builds(wire.PathResponse, session_id=session_ids, nonce=u64, challenge=u64, path_id=path_ids),
 )
 
 init_payloads = st.builds(
@@ -143,6 +145,9 @@ CODECS: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] = {
     "reattach_ack": (wire.decode_reattach_ack_plaintext_untrusted, wire.encode_reattach_ack_plaintext),
     "reattach_reject": (wire.decode_reattach_reject_plaintext_untrusted, wire.encode_reattach_reject_plaintext),
     "close": (wire.decode_close_plaintext_untrusted, wire.encode_close_plaintext),
+    "cookie_reply": (wire.decode_cookie_reply_untrusted, wire.encode_cookie_reply),
+    "path_challenge": (wire.decode_path_challenge_plaintext_untrusted, wire.encode_path_check_plaintext),
+    "path_response": (wire.decode_path_response_plaintext_untrusted, wire.encode_path_check_plaintext),
 }
 
 #: Arbitrary bytes, plus bytes behind a plausible header so the fuzzer gets past the first checks.
