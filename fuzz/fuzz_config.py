@@ -14,10 +14,10 @@ atheris is not a dependency of the project (it needs a libFuzzer build for the P
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from fuzzing import run
 
 with atheris.instrument_imports():
     import tomllib  # noqa: F401  (instrumented here, before the loaders import it)
@@ -52,8 +52,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run(test_one_input)
 
 
 if __name__ == "__main__":

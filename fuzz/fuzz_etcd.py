@@ -24,13 +24,13 @@ from __future__ import annotations
 import base64
 import json
 import pathlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import httpx  # noqa: F401  (imported before instrumenting: the decoders never call the I/O half)
 import trio  # noqa: F401
+from fuzzing import run
 
 with atheris.instrument_imports():
     from jvpn_trio.core.ids import SessionId
@@ -194,11 +194,7 @@ def write_seeds(directory: pathlib.Path) -> int:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--seeds"]:
-        print(f"{write_seeds(pathlib.Path(sys.argv[2]))} seeds written to {sys.argv[2]}")
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run(test_one_input, write_seeds)
 
 
 if __name__ == "__main__":

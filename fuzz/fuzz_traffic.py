@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import math
 import pathlib
-import sys
 
 import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import trio  # noqa: F401  (imported before instrumenting: the decoders never call it)
+from fuzzing import run
 
 with atheris.instrument_imports():
     from jvpn_trio.lab.traffic import (
@@ -89,11 +89,7 @@ def write_seeds(directory: pathlib.Path) -> int:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--seeds"]:
-        print(f"{write_seeds(pathlib.Path(sys.argv[2]))} seeds written to {sys.argv[2]}")
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run(test_one_input, write_seeds)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import pathlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from fuzzing import run
 
 with atheris.instrument_imports():
     from jvpn_trio.core import wire
@@ -167,11 +167,7 @@ def write_seeds(directory: pathlib.Path) -> int:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--seeds"]:
-        print(f"{write_seeds(pathlib.Path(sys.argv[2]))} seeds written to {sys.argv[2]}")
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run(test_one_input, write_seeds)
 
 
 if __name__ == "__main__":
