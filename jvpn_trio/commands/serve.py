@@ -55,7 +55,8 @@ from jvpn_trio.keyfile import KeyFileError, load_private_key, load_public_key_te
 
 if TYPE_CHECKING:
     from jvpn_trio.core.ownership import Lease
-    from jvpn_trio.drivers.metrics import EventCounts
+    from jvpn_trio.drivers.metrics import EventCounts, StoreCallTimes
+    from jvpn_trio.drivers.store_etcd import StoreObserver
 
 # What only some gateways run is imported where it runs (issue 16; tests/test_import_weight.py):
 # the etcd store and httpx with ``[cluster] store = "etcd"``, the Prometheus endpoint with
@@ -138,7 +139,9 @@ def describe_reload(result: dict[str, Any]) -> str:
 
 
 @asynccontextmanager
-async def open_ownership_store(cluster: ClusterConfig, node_id: str) -> AsyncIterator[OwnershipStore]:
+async def open_ownership_store(
+    cluster: ClusterConfig, node_id: str, *, observer: StoreObserver | None = None
+) -> AsyncIterator[OwnershipStore]:
     """The ``[cluster]`` store, started: in memory, or etcd with this gateway's lease kept alive.
 
     With etcd, ``node_id`` is registered under the lease first: a second live gateway with the
@@ -147,7 +150,8 @@ async def open_ownership_store(cluster: ClusterConfig, node_id: str) -> AsyncIte
     etcd is tried once at start (each endpoint, each bounded by ``request_timeout_ms``); if no
     member grants the lease, AppError (exit 2) at once rather than a gateway that waits
     unserving: a service manager restarts it (docs/cluster.md, "Start").  The lease is revoked
-    on the way out, so the sessions' records go with it.
+    on the way out, so the sessions' records go with it.  ``observer`` hears how long each etcd
+    call took (the metrics' ``StoreCallTimes.observe``); the memory store has nothing to time.
     """
     if cluster.store != "etcd":
         yield MemoryOwnershipStore()
@@ -164,6 +168,7 @@ async def open_ownership_store(cluster: ClusterConfig, node_id: str) -> AsyncIte
             keepalive_interval_s=cluster.keepalive_interval_ms / 1000.0,
             prefix=cluster.key_prefix,
             node_id=node_id,
+            observer=observer,
         ) as store:
             started = True
             yield store
@@ -226,11 +231,15 @@ async def _serve_gateway(
     peers = gateway_peers(config.peers)
     async with AsyncExitStack() as stack:
         # With a metrics endpoint, the sink also counts what only events say (switches, security events).
+        # With etcd, the store's call latencies too.
         event_counts: EventCounts | None = None
+        store_calls: StoreCallTimes | None = None
         if config.metrics_listen is not None:
-            from jvpn_trio.drivers.metrics import EventCounts
+            from jvpn_trio.drivers.metrics import EventCounts, StoreCallTimes
 
             event_counts = EventCounts()
+            if config.cluster.store == "etcd":
+                store_calls = StoreCallTimes()
         sink = await stack.enter_async_context(
             event_sink.open_event_sink(
                 config.events_file,
@@ -240,7 +249,11 @@ async def _serve_gateway(
             )
         )
         recorder = await stack.enter_async_context(open_recorder(record))
-        store = await stack.enter_async_context(open_ownership_store(config.cluster, config.node_id))
+        store = await stack.enter_async_context(
+            open_ownership_store(
+                config.cluster, config.node_id, observer=store_calls.observe if store_calls is not None else None
+            )
+        )
         runtime = GatewayRuntime(
             policy=config.policy,
             static=static,
@@ -314,7 +327,7 @@ async def _serve_gateway(
             if config.metrics_listen is not None:  # Prometheus scrapes it (docs/metrics.md)
                 from jvpn_trio.drivers import metrics
 
-                collector = metrics.GatewayCollector(runtime, sink=sink, events=event_counts)
+                collector = metrics.GatewayCollector(runtime, sink=sink, events=event_counts, store_calls=store_calls)
                 try:
                     await nursery.start(functools.partial(metrics.serve_metrics, config.metrics_listen, collector))
                 except metrics.MetricsError as exc:

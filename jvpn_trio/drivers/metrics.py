@@ -31,6 +31,14 @@ client sends raises out of the server.  The registry is private to the
 server (never the library's global one), so two gateways in one process, or
 two tests, cannot see each other's metrics.
 
+The cluster store's latency (docs/cluster.md) is the one number measured
+rather than counted: the etcd store times each of its calls and hands
+(operation, outcome, seconds) to :meth:`StoreCallTimes.observe`, which puts
+it into fixed buckets (a few increments per store call, never per packet);
+the collector renders those as a histogram.  Ownership outcomes by reason
+need nothing new: admissions are the gateway's ``handshake_*`` counters
+(one per ``Refusal``), REATTACH denials the events counted here.
+
 Label values are lowercase: a reason is its ``ReasonCode`` (or the
 counter's name in ``jvpn-trio status --json``) without its prefix, a state
 its ``SessionState``.  docs/metrics.md lists every metric.
@@ -38,6 +46,7 @@ its ``SessionState``.  docs/metrics.md lists every metric.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -45,7 +54,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import attrs
 import trio
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from jvpn_trio.core.actions import EmitEvent, EventKind
@@ -65,6 +74,13 @@ MAX_CONNECTIONS = 8
 LISTEN_BACKLOG = 16
 #: Every metric's name starts with this.
 NAMESPACE = "jvpn"
+#: Upper bounds (seconds) of the store latency histogram's buckets: a healthy etcd on the LAN
+#: answers in about a millisecond, a disk sync or a leader election takes tens to hundreds, and
+#: the top buckets hold the calls that ran into the request timeout (2 s by default) or tried
+#: several endpoints.
+STORE_LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
 
 _RECEIVE_CHUNK = 4096
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -180,20 +196,75 @@ class EventCounts:
                 self.reattaches_rejected[_label(event.reason)] += 1
 
 
+@attrs.define
+class _LatencySeries:
+    """One (operation, outcome)'s observations: a count per bucket (the last is +Inf), and their sum."""
+
+    counts: list[int]
+    total_s: float = 0.0
+
+
+class StoreCallTimes:
+    """How long the ownership store's calls took, by operation and outcome (the etcd store's observer).
+
+    Give :meth:`observe` to the store (``observer=``); it is a few increments and never raises.
+    Series appear with their first observation.  Buckets are fixed at construction.
+    """
+
+    def __init__(self, buckets_s: Iterable[float] = STORE_LATENCY_BUCKETS_S) -> None:
+        bounds = tuple(sorted(buckets_s))
+        if not bounds or bounds[0] <= 0 or len(set(bounds)) != len(bounds):
+            raise ValueError(f"latency buckets must be distinct positive bounds, got {bounds}")
+        self.buckets_s = bounds
+        self._series: dict[tuple[str, str], _LatencySeries] = {}
+
+    def observe(self, operation: str, outcome: str, seconds: float) -> None:
+        """Count one finished call; a negative duration (a clock never runs backwards) counts as 0."""
+        seconds = max(seconds, 0.0)
+        series = self._series.get((operation, outcome))
+        if series is None:
+            series = self._series[(operation, outcome)] = _LatencySeries([0] * (len(self.buckets_s) + 1))
+        series.counts[bisect.bisect_left(self.buckets_s, seconds)] += 1  # bucket i holds bound[i-1] < s <= bound[i]
+        series.total_s += seconds
+
+    def calls(self, operation: str, outcome: str) -> int:
+        """How many calls of ``operation`` ended with ``outcome``."""
+        series = self._series.get((operation, outcome))
+        return sum(series.counts) if series is not None else 0
+
+    def histogram(self, name: str, text: str) -> HistogramMetricFamily:
+        """The observations as one histogram family labelled ``operation`` and ``outcome``."""
+        family = HistogramMetricFamily(name, text, labels=["operation", "outcome"])
+        for (operation, outcome), series in sorted(self._series.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(repr, self.buckets_s), "+Inf"), series.counts, strict=True):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            family.add_metric([operation, outcome], buckets, sum_value=series.total_s)
+        return family
+
+
 class GatewayCollector(Collector):
     """A gateway's metrics, read from its counters when Prometheus scrapes (see the module docstring).
 
     ``sink``: the event sink whose drops to report; ``events``: the
-    :class:`EventCounts` that sink feeds.  Either may be None (its metrics are
-    then left out).
+    :class:`EventCounts` that sink feeds; ``store_calls``: the
+    :class:`StoreCallTimes` the cluster store reports to.  Any may be None
+    (its metrics are then left out).
     """
 
     def __init__(
-        self, runtime: GatewayRuntime, *, sink: EventSink | None = None, events: EventCounts | None = None
+        self,
+        runtime: GatewayRuntime,
+        *,
+        sink: EventSink | None = None,
+        events: EventCounts | None = None,
+        store_calls: StoreCallTimes | None = None,
     ) -> None:
         self._runtime = runtime
         self._sink = sink
         self._events = events
+        self._store_calls = store_calls
         self._plan = _field_plan()
 
     def collect(self) -> Iterator[Metric]:
@@ -203,6 +274,11 @@ class GatewayCollector(Collector):
             yield from self._event_counters(self._events)
         if self._sink is not None:
             yield from self._sink_metrics(self._sink)
+        if self._store_calls is not None:
+            yield self._store_calls.histogram(
+                self._name("store_call_duration_seconds"),
+                "Ownership store calls, by operation and outcome: how long each took (docs/cluster.md)",
+            )
 
     @staticmethod
     def _name(name: str) -> str:
@@ -435,10 +511,12 @@ __all__ = [
     "METRICS_PATH",
     "NAMESPACE",
     "SCRAPE_TIMEOUT_S",
+    "STORE_LATENCY_BUCKETS_S",
     "EventCounts",
     "GatewayCollector",
     "MetricsError",
     "MetricsServer",
     "MetricsServerStatistics",
+    "StoreCallTimes",
     "serve_metrics",
 ]

@@ -30,6 +30,13 @@ The JSON shapes (etcd 3.4): keys and values are base64, 64-bit integers are stri
 or false fields are omitted (a failed txn has no ``succeeded``; an absent key has no ``kvs``).
 Everything that builds or reads a JSON body is a plain function below, tested without etcd;
 :class:`EtcdClient` and :class:`EtcdOwnershipStore` only do I/O.
+
+Latency.  The store times each of its calls on its injected clock and hands ``(operation,
+outcome, seconds)`` to an optional *observer* (:data:`StoreObserver`; the gateway's metrics,
+docs/metrics.md): :class:`StoreOperation` names the call as the caller sees it (a claim's
+re-read and a release's read are part of that claim or release), :class:`StoreOutcome` how it
+ended.  A call its caller cancels has no outcome and is not observed.  The observer is called
+synchronously and must be cheap and must not raise, like the event sink's ``also`` hook.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ import contextlib
 import enum
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import attrs
 import httpx
@@ -67,10 +74,56 @@ NODE_KEY_DIR = "node/"
 _NO_SESSION = SessionId(bytes(16))
 
 Json = dict[str, Any]
+T = TypeVar("T")
+
+
+class StoreOperation(enum.StrEnum):
+    """A store call as its latency is recorded (the metrics' ``operation`` label)."""
+
+    CLAIM = "claim"
+    READ = "read"
+    RELEASE = "release"
+    GRANT = "grant"
+    KEEPALIVE = "keepalive"
+    REVOKE = "revoke"
+    REGISTER_NODE = "register_node"
+    TIME_TO_LIVE = "time_to_live"
+
+
+class StoreOutcome(enum.StrEnum):
+    """How a store call ended (the metrics' ``outcome`` label)."""
+
+    OK = "ok"
+    #: etcd answered, and the compare did not hold: a claim or release lost, a node id in use.
+    CONFLICT = "conflict"
+    #: No answer, nothing changed (StoreUnavailable).
+    UNAVAILABLE = "unavailable"
+    #: A txn was sent and its outcome is unknown (StoreAmbiguous).
+    AMBIGUOUS = "ambiguous"
+    #: A keepalive answered without TTL: etcd no longer has our lease.
+    LEASE_LOST = "lease_lost"
+
+
+#: Called with (operation, outcome, seconds on the store's clock) once per finished store call.
+StoreObserver = Callable[[str, str, float], None]
 
 
 class NodeIdInUse(StoreError):
     """Another live gateway holds this ``node_id``'s node key: two gateways must never share one."""
+
+
+def error_outcome(exc: StoreError) -> StoreOutcome:
+    """The outcome a store error is recorded as."""
+    if isinstance(exc, StoreAmbiguous):
+        return StoreOutcome.AMBIGUOUS
+    if isinstance(exc, NodeIdInUse):
+        return StoreOutcome.CONFLICT
+    return StoreOutcome.UNAVAILABLE
+
+
+def cas_outcome(result: CasResult) -> StoreOutcome:
+    """A claim or release that etcd answered: ours (ok), or the compare did not hold (conflict)."""
+    return StoreOutcome.OK if result.succeeded else StoreOutcome.CONFLICT
 
 
 class BadReply(ValueError):
@@ -467,6 +520,9 @@ class EtcdOwnershipStore:
     task), :attr:`lease` / :meth:`lease_valid` (serve a session only while it is true) and
     :meth:`aclose` (revoke).  :meth:`claim` raises :class:`StoreUnavailable` or
     :class:`StoreAmbiguous`; :meth:`read` and :meth:`release` raise :class:`StoreUnavailable`.
+
+    ``observer`` (optional) hears every finished call's operation, outcome and duration on
+    ``clock`` (see the module docstring).
     """
 
     def __init__(
@@ -479,6 +535,7 @@ class EtcdOwnershipStore:
         prefix: str = DEFAULT_PREFIX,
         clock: Callable[[], float] = trio.current_time,
         attempt_ids: Callable[[], str] = new_attempt_id,
+        observer: StoreObserver | None = None,
     ) -> None:
         ttl_s = lease_ttl_s(lease_ttl_ms)
         if lease_margin_s < 0:
@@ -503,6 +560,7 @@ class EtcdOwnershipStore:
         self.keepalive_interval_s = keepalive_interval_s
         self._clock = clock
         self._attempt_ids = attempt_ids
+        self._observer = observer
         self._lease: LeaseState | None = None
         self._keepalive_scope: trio.CancelScope | None = None
         self._lost = trio.Event()
@@ -510,6 +568,26 @@ class EtcdOwnershipStore:
     @property
     def lease(self) -> LeaseState | None:
         return self._lease
+
+    def _observe(self, operation: StoreOperation, outcome: StoreOutcome, started: float) -> None:
+        if self._observer is not None:
+            self._observer(operation, outcome, self._clock() - started)
+
+    async def _timed(
+        self,
+        operation: StoreOperation,
+        call: Callable[[], Awaitable[T]],
+        judge: Callable[[T], StoreOutcome] = lambda _result: StoreOutcome.OK,
+    ) -> T:
+        """Run ``call`` and report its duration and outcome to the observer (not when cancelled)."""
+        started = self._clock()
+        try:
+            result = await call()
+        except StoreError as exc:
+            self._observe(operation, error_outcome(exc), started)
+            raise
+        self._observe(operation, judge(result), started)
+        return result
 
     def lease_valid(self, now: float) -> bool:
         """Whether the lease is certainly alive at ``now``: if not, stop serving (issue 14)."""
@@ -522,12 +600,15 @@ class EtcdOwnershipStore:
     async def start(self, nursery: trio.Nursery) -> None:
         """Grant the lease, then keep it alive from a task in ``nursery``; raises StoreUnavailable."""
         sent_at = self._clock()
-        try:
-            granted = decode_grant_reply_untrusted(await self.client.post("/v3/lease/grant", grant_request(self.ttl_s)))
-        except BadReply as exc:
-            raise StoreUnavailable(f"lease grant: {exc}") from exc
+        granted = await self._timed(StoreOperation.GRANT, self._grant)
         self._lease = LeaseState(granted.lease_id, lease_valid_until(sent_at, granted.ttl_s, self.lease_margin_s))
         await nursery.start(self._keep_alive)
+
+    async def _grant(self) -> GrantedLease:
+        try:
+            return decode_grant_reply_untrusted(await self.client.post("/v3/lease/grant", grant_request(self.ttl_s)))
+        except BadReply as exc:
+            raise StoreUnavailable(f"lease grant: {exc}") from exc
 
     async def _keep_alive(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew the lease every interval; stop once etcd says it is gone (no TTL in the reply)."""
@@ -542,10 +623,13 @@ class EtcdOwnershipStore:
                     reply = await self.client.post("/v3/lease/keepalive", lease_request(lease.lease_id))
                     ttl_s = decode_keepalive_reply_untrusted(reply, lease.lease_id)
                 except StoreError:
+                    self._observe(StoreOperation.KEEPALIVE, StoreOutcome.UNAVAILABLE, sent_at)
                     continue  # validity runs out on its own; the next keepalive may succeed
                 except BadReply:  # e.g. "no leader" from a member cut off from its quorum
+                    self._observe(StoreOperation.KEEPALIVE, StoreOutcome.UNAVAILABLE, sent_at)
                     self.client.skip_endpoint()
                     continue
+                self._observe(StoreOperation.KEEPALIVE, StoreOutcome.LEASE_LOST if ttl_s is None else StoreOutcome.OK, sent_at)
                 if ttl_s is None:
                     self._lease = attrs.evolve(lease, lost=True)
                     self._lost.set()
@@ -560,8 +644,9 @@ class EtcdOwnershipStore:
         lease, self._lease = self._lease, None
         try:
             if lease is not None and not lease.lost:
+                body = lease_request(lease.lease_id)
                 with contextlib.suppress(StoreError):  # unrevoked, the lease simply expires
-                    await self.client.post("/v3/lease/revoke", lease_request(lease.lease_id))
+                    await self._timed(StoreOperation.REVOKE, lambda: self.client.post("/v3/lease/revoke", body))
         finally:
             await self.client.aclose()
 
@@ -572,6 +657,9 @@ class EtcdOwnershipStore:
         other's records for their own: the second to start refuses to.  The key goes with the
         lease (revoked on a clean stop, expired one TTL after a crash).
         """
+        await self._timed(StoreOperation.REGISTER_NODE, lambda: self._register_node(node_id))
+
+    async def _register_node(self, node_id: str) -> None:
         if self._lease is None or self._lease.lost:
             raise StoreUnavailable("no live lease to register under")
         key = node_key(self.prefix, node_id)
@@ -590,6 +678,9 @@ class EtcdOwnershipStore:
 
     async def read_record(self, session_id: SessionId) -> EtcdRecord | None:
         """A linearizable read of the session's key, with its attempt id and lease."""
+        return await self._timed(StoreOperation.READ, lambda: self._read_record(session_id))
+
+    async def _read_record(self, session_id: SessionId) -> EtcdRecord | None:
         key = session_key(self.prefix, session_id)
         try:
             reply = await self.client.post("/v3/kv/range", range_request(key))
@@ -614,6 +705,15 @@ class EtcdOwnershipStore:
         An ambiguous txn is resolved by one re-read (:func:`resolve_attempt`); if that cannot
         decide, or fails, StoreAmbiguous is raised with the attempt id in its reason.
         """
+        return await self._timed(
+            StoreOperation.CLAIM,
+            lambda: self._claim_attempt(session_id, node_id, expected_revision=expected_revision, attempt=attempt),
+            cas_outcome,
+        )
+
+    async def _claim_attempt(
+        self, session_id: SessionId, node_id: str, *, expected_revision: int, attempt: str
+    ) -> CasResult:
         if self._lease is None or self._lease.lost:
             raise StoreUnavailable("no live lease to claim under")
         key = session_key(self.prefix, session_id)
@@ -627,7 +727,7 @@ class EtcdOwnershipStore:
         except StoreAmbiguous as exc:
             first = exc.reason
         try:
-            current = await self.read_record(session_id)
+            current = await self._read_record(session_id)
         except StoreUnavailable as exc:
             raise StoreAmbiguous(f"attempt {attempt}: {first}; re-read failed: {exc.reason}") from exc
         resolution = resolve_attempt(current, expected_revision=expected_revision, attempt=attempt)
@@ -642,7 +742,14 @@ class EtcdOwnershipStore:
         very write, so nothing can slip in between.  An ambiguous delete raises StoreUnavailable
         (the caller cannot tell whether it still owns the session; the lease ends it anyway).
         """
-        current = await self.read_record(session_id)
+        return await self._timed(
+            StoreOperation.RELEASE,
+            lambda: self._release(session_id, node_id, expected_revision=expected_revision),
+            cas_outcome,
+        )
+
+    async def _release(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
+        current = await self._read_record(session_id)
         if not may_release(current, node_id, expected_revision):
             return CasResult(False, current.record if current else None)
         key = session_key(self.prefix, session_id)
@@ -657,6 +764,9 @@ class EtcdOwnershipStore:
 
     async def lease_time_to_live(self, lease_id: int) -> int | None:
         """Seconds etcd gives ``lease_id`` still, or None when it is gone (for tests and status)."""
+        return await self._timed(StoreOperation.TIME_TO_LIVE, lambda: self._time_to_live(lease_id))
+
+    async def _time_to_live(self, lease_id: int) -> int | None:
         try:
             reply = await self.client.post("/v3/lease/timetolive", lease_request(lease_id))
             return decode_timetolive_reply_untrusted(reply)
@@ -674,14 +784,18 @@ async def open_etcd_ownership_store(
     keepalive_interval_s: float,
     prefix: str = DEFAULT_PREFIX,
     node_id: str | None = None,
+    observer: StoreObserver | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[EtcdOwnershipStore]:
     """A started store with its own nursery for the keepalive task; revoked and closed on exit.
 
-    ``node_id``: registered at start (:meth:`EtcdOwnershipStore.register_node`).  A store that
+    ``node_id``: registered at start (:meth:`EtcdOwnershipStore.register_node`).  ``observer``:
+    hears every call's latency (:data:`StoreObserver`).  ``transport``: replaces the network
+    (tests; the lab's members in network namespaces are reached through unix sockets).  A store that
     cannot start (no member grants the lease, the node id is taken) raises its StoreError as
     it is, not inside an exception group, so that a caller can turn it into one line.
     """
-    client = EtcdClient(endpoints, request_timeout_s=request_timeout_s)
+    client = EtcdClient(endpoints, request_timeout_s=request_timeout_s, transport=transport)
     try:
         store = EtcdOwnershipStore(
             client,
@@ -689,6 +803,7 @@ async def open_etcd_ownership_store(
             lease_margin_s=lease_margin_s,
             keepalive_interval_s=keepalive_interval_s,
             prefix=prefix,
+            observer=observer,
         )
     except ValueError:
         await client.aclose()
