@@ -327,7 +327,9 @@ def expect_flaky_wifi(report: dict[str, Any]) -> None:
     bursts = [f for f in report["faults"] if f["changes"] == "loss_pct=30.0"]
     hit = [f for f in bursts if f["on_active_path"]]
     assert len(hit) >= 2, "the session should be back on Wi-Fi for most bursts"
-    assert all(switched(f, "lte0", "LOSS_ABOVE_THRESHOLD") for f in hit)
+    # 30 % random loss can also drop dead_after_missed_probes probes in a row before the loss
+    # fraction crosses its threshold (0.3 ** 3 per run of three): either reason is the right one.
+    assert all(switched(f, "lte0", "LOSS_ABOVE_THRESHOLD", "MISSED_PROBES") for f in hit)
     returns = [f for f in report["faults"] if switched(f, "wifi0", "UNMETERED_AVAILABLE")]
     assert len(returns) >= 2
     assert report["totals"]["degraded_entries"] == 0
