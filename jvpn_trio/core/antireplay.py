@@ -130,6 +130,8 @@ class ReplayWindow:
 
     def check(self, counter: int) -> bool:
         """Would ``commit(counter)`` accept?  Pure: call it before the AEAD open."""
+        if self._highest < counter < COUNTER_LIMIT:  # in order: the common case, decided at once
+            return True
         return self._classify(counter) is None
 
     def commit(self, counter: int) -> bool:
@@ -137,6 +139,12 @@ class ReplayWindow:
 
         Call only after the packet authenticated: this is what moves the window.
         """
+        if self._highest < counter < COUNTER_LIMIT:  # newer than anything seen: never a replay
+            self._advance(counter)
+            self._ring[(counter // BLOCK_BITS) % self._blocks] |= 1 << (counter % BLOCK_BITS)
+            self._any_accepted = True
+            self._accepted += 1
+            return True
         verdict = self._classify(counter)
         if verdict == "out_of_range":
             self._rejected_out_of_range += 1
@@ -159,9 +167,11 @@ class ReplayWindow:
         """Slide the window so ``counter`` is the highest: clear the blocks passed over."""
         current = self._highest // BLOCK_BITS
         target = counter // BLOCK_BITS
-        # A jump of a whole ring or more clears everything; never loop further.
-        for step in range(1, min(target - current, self._blocks) + 1):
-            self._ring[(current + step) % self._blocks] = 0
+        if target != current:  # else still in the highest's block: nothing to clear
+            # A jump of a whole ring or more clears everything; never loop further.
+            ring, blocks = self._ring, self._blocks
+            for step in range(1, min(target - current, blocks) + 1):
+                ring[(current + step) % blocks] = 0
         self._highest = counter
 
     def statistics(self) -> ReplayStatistics:

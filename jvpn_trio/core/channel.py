@@ -15,13 +15,16 @@ forgotten.
 
 from __future__ import annotations
 
-import attrs
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from jvpn_trio.core import wire
+from jvpn_trio.core.antireplay import ReplayWindow
 from jvpn_trio.core.keyring import DecryptFailed, KeyExhausted, Keypair, KeyRing
 from jvpn_trio.core.policy import Policy
-from jvpn_trio.core.antireplay import ReplayWindow
 from jvpn_trio.core.states import ReasonCode
+
+_HEADER_LEN = wire.TRANSPORT_HEADER_LEN
 
 
 class ChannelDrop(Exception):
@@ -33,8 +36,13 @@ class ChannelDrop(Exception):
         self.detail = detail
 
 
-@attrs.frozen
-class Opened:
+class Opened(NamedTuple):
+    """What :meth:`SecureChannel.open_untrusted` authenticated.
+
+    A named tuple rather than an attrs class: one is built per received
+    packet, and a tuple costs a fraction of a frozen attrs instance.
+    """
+
     msg_type: wire.MessageType
     plaintext: bytes
     local_index: int
@@ -48,6 +56,9 @@ class SecureChannel:
         self.keyring = KeyRing(policy)
         self._windows: dict[int, ReplayWindow] = {}
         self._keypairs: dict[int, Keypair] = {}  # local index -> keypair, rebuilt when the ring changes
+        #: Bumped whenever the ring's keypairs change, so a driver that indexes sessions by
+        #: ``keyring.local_indices()`` re-reads them only then, not per packet.
+        self.generation = 0
 
     # -- keys -----------------------------------------------------------------------
     def install_current(self, keypair: Keypair) -> None:
@@ -64,6 +75,7 @@ class SecureChannel:
         return freed
 
     def _sync_windows(self) -> None:
+        self.generation += 1
         self._keypairs = {kp.local_index: kp for kp in self.keyring.keypairs()}
         live = self.keyring.local_indices()
         for index in list(self._windows):
@@ -82,6 +94,10 @@ class SecureChannel:
         """One encoded transport datagram.  Raises KeyExhausted (no keys, or past the limit)."""
         return self.keyring.seal_datagram(msg_type, plaintext)
 
+    def seal_data_batch(self, packets: Sequence[bytes]) -> list[bytes]:
+        """DATA datagrams for the leading ``packets`` (:meth:`KeyRing.seal_data_batch`): shorter when keys ran out."""
+        return self.keyring.seal_data_batch(packets)
+
     # -- receive ---------------------------------------------------------------------
     def open_untrusted(self, datagram: bytes, *, now: float) -> Opened:
         """Authenticate ``datagram``; raises :class:`ChannelDrop` and changes nothing on failure.
@@ -99,17 +115,17 @@ class SecureChannel:
             raise ChannelDrop(ReasonCode.STRAY_PACKET, f"no keypair with index {index}")
         if not window.check(counter):
             raise ChannelDrop(ReasonCode.REPLAYED_COUNTER, f"counter {counter}")
+        policy = self.policy
         try:
-            self.keyring.check_receivable(keypair, counter, now)
-            plaintext = keypair.open(
-                counter, datagram[wire.TRANSPORT_HEADER_LEN :], datagram[: wire.TRANSPORT_HEADER_LEN]
-            )
+            if now - keypair.created_at >= policy.reject_after_s or counter >= policy.reject_after_messages:
+                self.keyring.check_receivable(keypair, counter, now)  # raises, saying which limit
+            plaintext = keypair.open(counter, datagram[_HEADER_LEN:], datagram[:_HEADER_LEN])
         except DecryptFailed as exc:
             raise ChannelDrop(exc.reason, exc.detail) from None
         window.commit(counter)
-        if self.keyring.confirm(keypair):  # an authenticated packet promoted *next*
+        if keypair is self.keyring.next and self.keyring.confirm(keypair):  # an authenticated packet promoted *next*
             self._sync_windows()
-        return Opened(msg_type=msg_type, plaintext=plaintext, local_index=index)
+        return Opened(msg_type, plaintext, index)
 
 
 __all__ = ["ChannelDrop", "KeyExhausted", "Opened", "SecureChannel"]

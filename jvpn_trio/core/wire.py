@@ -86,6 +86,8 @@ class MessageType(enum.IntEnum):
 
 HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INIT, MessageType.HANDSHAKE_RESP})
 TRANSPORT_TYPES = frozenset(MessageType) - HANDSHAKE_TYPES - {MessageType.COOKIE_REPLY}
+#: Byte 1 -> its type, for :func:`peek_type_untrusted` (a byte that is no type is absent).
+_TYPE_BY_VALUE: Mapping[int, MessageType] = {t.value: t for t in MessageType}
 
 # ---------------------------------------------------------------------------
 # Layouts.  "!" means big-endian with no padding, so sizes are exact.
@@ -129,6 +131,10 @@ HANDSHAKE_RESP_MAC1_OFFSET = HANDSHAKE_RESP_LEN - MAC_LEN
 #: [version][type][reserved u16 = 0][receiver_index u32][counter u64]: keeps the counter 8-aligned.
 _TRANSPORT_HEADER = struct.Struct("!BBHIQ")
 TRANSPORT_HEADER_LEN = _TRANSPORT_HEADER.size  # 16
+#: The counter is the header's last field: the data path packs the other fields once per batch
+#: (:meth:`KeyRing.seal_data_batch`) and only the counter per packet.
+TRANSPORT_COUNTER_OFFSET = struct.calcsize("!BBHI")  # 8
+TRANSPORT_COUNTER = struct.Struct("!Q")
 #: Header plus tag: what a transport frame adds to its plaintext.
 TRANSPORT_OVERHEAD = TRANSPORT_HEADER_LEN + TAG_LEN  # 32
 #: An empty DATA frame (a keepalive) is the shortest transport frame.
@@ -167,6 +173,11 @@ PLAINTEXT_LEN_BOUNDS: Mapping[MessageType, tuple[int, int]] = {
     MessageType.PATH_CHALLENGE: (PATH_CHECK_LEN, PATH_CHECK_LEN),
     MessageType.PATH_RESPONSE: (PATH_CHECK_LEN, PATH_CHECK_LEN),
 }
+
+#: Byte 1 -> its type, for the transport types only (:func:`parse_transport_untrusted`).
+_TRANSPORT_TYPE_BY_VALUE: Mapping[int, MessageType] = {t.value: t for t in TRANSPORT_TYPES}
+#: :data:`PLAINTEXT_LEN_BOUNDS` as a plain dict, read once per received datagram.
+_TRANSPORT_BOUNDS: dict[MessageType, tuple[int, int]] = dict(PLAINTEXT_LEN_BOUNDS)
 
 # ---------------------------------------------------------------------------
 # Reason codes on the wire
@@ -370,13 +381,12 @@ def peek_type_untrusted(data: bytes) -> MessageType:
     """
     if len(data) < HEADER_LEN:
         raise BadFrame("short")
-    version, raw_type = _HEADER.unpack_from(data)
-    if version != PROTOCOL_VERSION:
+    if data[0] != PROTOCOL_VERSION:
         raise BadFrame("version")
-    try:
-        return MessageType(raw_type)
-    except ValueError:
-        raise BadFrame("type") from None
+    msg_type = _TYPE_BY_VALUE.get(data[1])  # a dict hit, not an Enum call: once per datagram
+    if msg_type is None:
+        raise BadFrame("type")
+    return msg_type
 
 
 def _expect_type(data: bytes, expected: frozenset[MessageType]) -> MessageType:
@@ -667,8 +677,14 @@ def parse_transport_untrusted(data: bytes) -> tuple[MessageType, int, int]:
     ``data[:TRANSPORT_HEADER_LEN]`` and the ciphertext the rest.  Raises
     BadFrame ("short", "long", "version", "type", "reserved").
     """
-    msg_type = _expect_type(data, TRANSPORT_TYPES)
     size = len(data)
+    if size < HEADER_LEN:
+        raise BadFrame("short")
+    if data[0] != PROTOCOL_VERSION:
+        raise BadFrame("version")
+    msg_type = _TRANSPORT_TYPE_BY_VALUE.get(data[1])  # the checks of _expect_type, in its order
+    if msg_type is None:
+        raise BadFrame("type")
     if size < TRANSPORT_HEADER_LEN:
         raise BadFrame("short")
     if size > MAX_DATAGRAM:
@@ -676,7 +692,7 @@ def parse_transport_untrusted(data: bytes) -> tuple[MessageType, int, int]:
     _, _, reserved, receiver, counter = _TRANSPORT_HEADER.unpack_from(data)
     if reserved:
         raise BadFrame("reserved")
-    low, high = PLAINTEXT_LEN_BOUNDS[msg_type]
+    low, high = _TRANSPORT_BOUNDS[msg_type]
     sealed_len = size - TRANSPORT_HEADER_LEN
     if sealed_len < low + TAG_LEN:
         raise BadFrame("short")

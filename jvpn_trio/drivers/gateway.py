@@ -66,6 +66,7 @@ import ipaddress
 import itertools
 import math
 import os
+import struct
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, Callable, Sequence
 
@@ -135,6 +136,10 @@ DEADLINE_HEAP_SLACK = 1024
 def _reason_counters(prefix: str, reasons: Iterable[ReasonCode]) -> Mapping[ReasonCode, str]:
     return {reason: f"{prefix}{reason.value.lower()}" for reason in reasons}
 
+
+#: The DATA type's byte, and the transport header's receiver index: what the DATA fast path reads first.
+_DATA = wire.MessageType.DATA.value
+_RECEIVER_INDEX = struct.Struct("!I")
 
 R = ReasonCode
 #: The counter per reason ``SecureChannel.open_untrusted`` drops a frame for.
@@ -271,6 +276,8 @@ class ServedSession:
     paths: dict[Address, PathId] = attrs.Factory(dict)
     init_path: PathId | None = None
     last_alive_report: float = -math.inf
+    #: ``channel.generation`` when its keys were last indexed: the data path re-indexes only on a change.
+    indexed_generation: int = -1
     # What this session carried (inner packets, as the runtime-wide rx_*/tx_* counters count them).
     rx_packets: int = 0
     rx_bytes: int = 0
@@ -707,7 +714,8 @@ class GatewayRuntime:
     def _touch(self, served: ServedSession) -> None:
         """``served`` changed (an input, bytes carried): its status is taken again at the next publication."""
         self._dirty.add(served.session_id)
-        self._note_change()
+        if not self._changed:  # else already noted: the data path's common case, without a call
+            self._note_change()
 
     def _note_change(self, *, membership: bool = False) -> None:
         if membership and not self._membership:
@@ -793,12 +801,43 @@ class GatewayRuntime:
                 batch = await port.recv_batch(BATCH)
                 now = trio.current_time()
                 for data, addr in batch:
-                    await self._on_datagram(port, data, addr, now)
+                    if not self._on_data_nowait(port, data, addr, now):
+                        await self._on_datagram(port, data, addr, now)
         while True:
             routed_batch = await routed(BATCH)
             now = trio.current_time()
             for data, addr, reply in routed_batch:
-                await self._on_datagram(reply, data, addr, now)
+                if not self._on_data_nowait(reply, data, addr, now):
+                    await self._on_datagram(reply, data, addr, now)
+
+    def _on_data_nowait(self, port: DatagramPort, data: bytes, addr: Address, now: float) -> bool:
+        """The DATA fast path, without a coroutine: what :meth:`_on_datagram` does for DATA, when no await is due.
+
+        True when the datagram was taken (delivered, or dropped and counted).  False, before
+        anything changed, for every datagram that is not DATA to a known session or whose
+        session is due an alive report (which awaits the inbox): :meth:`_on_datagram` takes those.
+        """
+        if len(data) < wire.TRANSPORT_HEADER_LEN or data[1] != _DATA or data[0] != wire.PROTOCOL_VERSION:
+            return False
+        served = self._by_index.get(_RECEIVER_INDEX.unpack_from(data, wire.RECEIVER_INDEX_OFFSET)[0])
+        if served is None or self._alive_would_be_due(served, addr, served.paths.get(addr, served.init_path), now):
+            return False
+        try:
+            opened = served.channel.open_untrusted(data, now=now)
+        except ChannelDrop as drop:  # DATA is not a reported drop type: counted only
+            self._count_reason(CHANNEL_DROP_COUNTERS, drop.reason, "drop_other")
+            return True
+        self._opened(served)
+        if served.ports.get(addr) is not port:
+            served.learn(addr, port, None, control=False)
+        self._on_data(served, opened.plaintext, addr, now)
+        return True
+
+    def _opened(self, served: ServedSession) -> None:
+        """A datagram of ``served`` authenticated: index its keys if the ring changed, mark its status stale."""
+        if served.channel.generation != served.indexed_generation:
+            self._index_keys(served)
+        self._touch(served)  # bytes carried, or a key confirmed: its status changed
 
     async def _on_datagram(self, port: DatagramPort, data: bytes, addr: Address, now: float) -> None:
         try:
@@ -826,10 +865,14 @@ class GatewayRuntime:
             if msg_type in REPORTED_DROP_TYPES:
                 self._report_drop(served, drop.reason, addr, msg_type, now)
             return
-        self._index_keys(served)
-        self._touch(served)  # bytes carried, or a key confirmed: its status changed
-        if opened.msg_type is wire.MessageType.DATA:  # the fast path: no message object per packet
-            await self._on_data(served, port, opened.plaintext, addr, now)
+        self._opened(served)
+        if opened.msg_type is wire.MessageType.DATA:  # no message object; an await only for an alive report
+            if served.ports.get(addr) is not port:  # a new endpoint or port: else nothing to learn
+                served.learn(addr, port, None, control=False)
+            path = served.paths.get(addr, served.init_path)
+            if self._alive_due(served, addr, path, now):
+                await self._report_alive(served, addr, path, now)
+            self._on_data(served, opened.plaintext, addr, now)
             return
         try:
             message = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
@@ -838,9 +881,8 @@ class GatewayRuntime:
             return
         await self._on_message(served, port, message, addr, now)
 
-    async def _on_data(self, served: ServedSession, port: DatagramPort, packet: bytes, addr: Address, now: float) -> None:
-        served.learn(addr, port, None, control=False)
-        await self._alive(served, addr, served.paths.get(addr, served.init_path), now)
+    def _on_data(self, served: ServedSession, packet: bytes, addr: Address, now: float) -> None:
+        """An authenticated DATA packet from ``addr`` (already learnt and reported alive): to the TUN if bound."""
         if not served.core.accepts_data_from(addr):
             self._counts.stray_data += 1
             return
@@ -911,12 +953,30 @@ class GatewayRuntime:
 
     async def _alive(self, served: ServedSession, addr: Address, path: PathId | None, now: float) -> None:
         """Tell the core the session is alive: at once while unconfirmed, then coalesced per interval."""
-        core = served.core
-        interval = self.policy.probe_interval_ms / 1000.0
-        due = core.accepts_data_from(addr) and now - served.last_alive_report >= interval
-        if path is None or not (core.awaiting_confirmation or due):
-            return
+        if self._alive_due(served, addr, path, now):
+            await self._report_alive(served, addr, path, now)
+
+    def _alive_due(self, served: ServedSession, addr: Address, path: PathId | None, now: float) -> bool:
+        """Whether the core is to hear now that ``served`` is alive; if so, the report is noted as made.
+
+        Synchronous, so the DATA path pays a coroutine only for the few packets that are news.
+        """
+        if not self._alive_would_be_due(served, addr, path, now):
+            return False
         served.last_alive_report = now
+        return True
+
+    def _alive_would_be_due(self, served: ServedSession, addr: Address, path: PathId | None, now: float) -> bool:
+        """:meth:`_alive_due` without noting anything: at once while unconfirmed, else once per probe interval."""
+        if path is None:
+            return False
+        core = served.core
+        return core.awaiting_confirmation or (
+            now - served.last_alive_report >= self.policy.probe_interval_ms / 1000.0 and core.accepts_data_from(addr)
+        )
+
+    async def _report_alive(self, served: ServedSession, addr: Address, path: PathId | None, now: float) -> None:
+        assert path is not None  # _alive_due said so
         await self._inbox_send.send((now, served.session_id, ev.PacketAuthenticated(endpoint=addr, path=path)))
 
     def _report_drop(
@@ -932,6 +992,7 @@ class GatewayRuntime:
             self._counts.reports_shed += 1
 
     def _index_keys(self, served: ServedSession) -> None:
+        served.indexed_generation = served.channel.generation
         for index in served.channel.keyring.local_indices():
             self._by_index.setdefault(index, served)
 
@@ -1157,19 +1218,23 @@ class GatewayRuntime:
                 if served is None or binding is None:
                     self._counts.tx_no_binding += 1
                     continue
-                try:
-                    datagram = served.channel.seal(wire.MessageType.DATA, packet)
-                except KeyExhausted:
-                    self._counts.keys_exhausted += 1
+                entry = outgoing.get(id(served))
+                if entry is None:
+                    entry = outgoing[id(served)] = (served, binding.endpoint, [])
+                entry[2].append(packet)
+            for served, endpoint, plain in outgoing.values():
+                datagrams = served.channel.seal_data_batch(plain)  # one sealing loop per session and batch
+                if len(datagrams) < len(plain):  # the keys ran out: the rest is dropped, the core told once
+                    self._counts.keys_exhausted += len(plain) - len(datagrams)
                     self.submit_nowait(served.session_id, ev.KeysExhausted())
-                    continue
-                entry = outgoing.setdefault(id(served), (served, binding.endpoint, []))
-                entry[2].append(datagram)
-                self._counts.tx_packets += 1
-                self._counts.tx_bytes += len(packet)
-                served.tx_packets += 1
-                served.tx_bytes += len(packet)
-            for served, endpoint, datagrams in outgoing.values():
+                    if not datagrams:
+                        continue
+                    plain = plain[: len(datagrams)]
+                carried = sum(map(len, plain))
+                self._counts.tx_packets += len(datagrams)
+                self._counts.tx_bytes += carried
+                served.tx_packets += len(datagrams)
+                served.tx_bytes += carried
                 self._touch(served)
                 port = served.port_for(endpoint, control=False)
                 if port is None:
