@@ -288,6 +288,11 @@ class ServedSession:
     def session_id(self) -> SessionId:
         return self.core.record.session_id
 
+    def learn_data_port(self, addr: Address, port: DatagramPort) -> None:
+        """The DATA path's :meth:`learn`: only a new endpoint or port costs the call."""
+        if self.ports.get(addr) is not port:
+            self.learn(addr, port, None, control=False)
+
     def learn(self, addr: Address, port: DatagramPort, path: PathId | None, *, control: bool) -> None:
         """Remember how to answer ``addr``: by the port (and local address) it used, per kind of traffic (bounded)."""
         table = self.control_ports if control else self.ports
@@ -828,8 +833,7 @@ class GatewayRuntime:
             self._count_reason(CHANNEL_DROP_COUNTERS, drop.reason, "drop_other")
             return True
         self._opened(served)
-        if served.ports.get(addr) is not port:
-            served.learn(addr, port, None, control=False)
+        served.learn_data_port(addr, port)
         self._on_data(served, opened.plaintext, addr, now)
         return True
 
@@ -867,8 +871,7 @@ class GatewayRuntime:
             return
         self._opened(served)
         if opened.msg_type is wire.MessageType.DATA:  # no message object; an await only for an alive report
-            if served.ports.get(addr) is not port:  # a new endpoint or port: else nothing to learn
-                served.learn(addr, port, None, control=False)
+            served.learn_data_port(addr, port)
             path = served.paths.get(addr, served.init_path)
             if self._alive_due(served, addr, path, now):
                 await self._report_alive(served, addr, path, now)
