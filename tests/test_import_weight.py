@@ -124,3 +124,10 @@ def test_pyroute2_in_parts_still_offers_the_whole_library_on_demand() -> None:
         "import pyroute2; assert pyroute2.NDB is NDB and pyroute2.NetNS is not None and pyroute2.IPRoute is IPRoute\n"
     )
     assert "pyroute2.ndb.main" in modules
+
+
+def test_the_announcer_loads_netlink_only_when_it_opens() -> None:
+    """``serve`` may import drivers/announce.py whether or not ``[cluster].announce_interface`` is set."""
+    modules = modules_after("import jvpn_trio.drivers.announce")
+    assert "jvpn_trio.drivers.announce" in modules
+    assert loaded(modules, ("pyroute2", "jvpn_trio.drivers.netlink", "jvpn_trio.drivers.routes")) == []
