@@ -452,6 +452,9 @@ class ClientConfig:
     gateways: tuple[GatewayEntry, ...] = ()
     #: How many SECURITY_EVENT lines the event log takes (``[log_limits]``, docs/events.md "Bounded logging").
     log_limits: LogLimits = DEFAULT_LOG_LIMITS
+    #: The gateways share an ownership store (docs/cluster.md): when the one in use falls silent,
+    #: the session is resumed at the next (same SessionID and address) rather than started anew.
+    cluster: bool = False
 
     @property
     def gateway_entries(self) -> tuple[GatewayEntry, ...]:
@@ -510,6 +513,9 @@ class ClusterConfig:
     lease_margin_ms: int = 1_000
     #: Where the session keys live in etcd; gateways of one cluster share it.
     key_prefix: str = "/jvpn-trio/sessions/"
+    #: The LAN interface on which the owner of a session answers ARP for the client's tunnel address
+    #: (proxy ARP and gratuitous ARP on takeover, drivers/announce.py); None: no announcements.
+    announce_interface: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -593,7 +599,10 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     exclude = _globs(t.get("exclude", list, []), where=f"{t.where}.exclude")
     control_group = t.get("control_group", str, DEFAULT_CONTROL_GROUP) or None
     control_steer_group = t.get("control_steer_group", bool, False)
+    cluster = t.get("cluster", bool, False)
     t.finish()
+    if cluster and len(gateways) < 2:
+        raise ConfigError(f"{t.where}.cluster: a session can move only between two or more [[gateway]] entries")
     if len(tun_name) > 15:
         raise ConfigError(f"{source}: [client].tun_name {tun_name!r} is longer than 15 characters")
     rules = _path_rules(data.get("path", []), source=source, exclude=exclude, tun_name=tun_name)
@@ -622,6 +631,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
         control_steer_group=control_steer_group,
         gateways=gateways if "gateway" in data else (),  # the single form: gateway_entries gives it
         log_limits=log_limits_from_table(data.get("log_limits"), source=source),
+        cluster=cluster,
     )
 
 
@@ -792,6 +802,9 @@ def _cluster(raw: Any, *, source: str) -> ClusterConfig:
         for name in ("lease_ttl_ms", "request_timeout_ms", "keepalive_interval_ms", "lease_margin_ms")
     }
     prefix = t.get("key_prefix", str, default.key_prefix)
+    announce_interface = t.get("announce_interface", str, default.announce_interface)
+    if announce_interface is not None:
+        _check_name_or_glob(announce_interface, where=f"{t.where}.announce_interface", glob=False)
     t.finish()
     if store == "etcd" and not endpoints:
         raise ConfigError(f"{t.where}.etcd_endpoints: store = \"etcd\" needs at least one endpoint")
@@ -812,7 +825,9 @@ def _cluster(raw: Any, *, source: str) -> ClusterConfig:
             f"{t.where}: keepalive_interval_ms + request_timeout_ms ({budget}) must be below "
             f"lease_ttl_ms rounded up to seconds ({ttl_ms}) minus lease_margin_ms ({timings['lease_margin_ms']})"
         )
-    return ClusterConfig(store=store, etcd_endpoints=endpoints, key_prefix=prefix, **timings)
+    return ClusterConfig(
+        store=store, etcd_endpoints=endpoints, key_prefix=prefix, announce_interface=announce_interface, **timings
+    )
 
 
 def _etcd_endpoint(value: Any, *, where: str) -> str:

@@ -227,7 +227,11 @@ class Pair:
                     ev.PathChallenged(path=path, for_path=answer.path, nonce=answer.nonce, challenge=answer.challenge)
                 )
             elif isinstance(answer, SendReattachAck):
-                self._client(ev.ReattachAcked(path=path, nonce=answer.nonce, new_version=answer.new_version))
+                self._client(
+                    ev.ReattachAcked(
+                        path=path, nonce=answer.nonce, new_version=answer.new_version, owner_epoch=answer.owner_epoch
+                    )
+                )
             else:
                 self._client(
                     ev.ReattachRejected(
@@ -248,6 +252,7 @@ class Pair:
                 session_id=self.client.record.session_id,
                 binding=Binding(path=first, endpoint=gateway_endpoint(first)),
                 gateway_version=self.gateway.record.version,
+                owner_epoch=self.gateway.held_revision,
             )
         )
 

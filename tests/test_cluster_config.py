@@ -86,6 +86,37 @@ def test_bad_cluster_tables_are_one_line_errors(tmp_path: pathlib.Path, table: s
     assert expected in error(tmp_path, "\n[cluster]\n" + table + "\n")
 
 
+def test_announce_interface_is_off_by_default(tmp_path: pathlib.Path) -> None:
+    assert load(tmp_path, "\n[cluster]\n").announce_interface is None
+
+
+def test_announce_interface_is_read(tmp_path: pathlib.Path) -> None:
+    cluster = load(tmp_path, '\n[cluster]\nannounce_interface = "eth1.20"\n')
+    assert cluster == ClusterConfig(announce_interface="eth1.20")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('""', "announce_interface: an empty name matches no interface"),
+        ('"eth 0"', "announce_interface: 'eth 0' is not an interface name"),
+        ('"eth*"', "announce_interface: 'eth*' looks like a glob"),
+        ('"a-name-of-16-chr"', "announce_interface: 'a-name-of-16-chr' is longer than 15 characters"),
+        ('["eth0"]', "announce_interface: expected str, got list"),
+    ],
+)
+def test_a_bad_announce_interface_is_a_one_line_error(tmp_path: pathlib.Path, value: str, expected: str) -> None:
+    assert expected in error(tmp_path, f"\n[cluster]\nannounce_interface = {value}\n")
+
+
+def test_an_announce_interface_change_needs_a_restart(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(GATEWAY, encoding="utf-8")
+    running = load_gateway_config(path)
+    path.write_text(GATEWAY + '\n[cluster]\nannounce_interface = "eth1"\n', encoding="utf-8")
+    assert settings_needing_restart(running, load_gateway_config(path)) == ["cluster"]
+
+
 def test_a_cluster_change_needs_a_restart(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(GATEWAY, encoding="utf-8")

@@ -46,6 +46,7 @@ from jvpn_trio.core.noise import StaticKeypair
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.ownership import StoreError
 from jvpn_trio.drivers import control, event_sink, forwarding, routes, tun, udp
+from jvpn_trio.drivers.announce import AnnounceError, Announcer
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime, GatewayStatus
 from jvpn_trio.drivers.recording import open_recorder
 from jvpn_trio.drivers.log import stderr_line
@@ -195,6 +196,27 @@ def etcd_lease(store: OwnershipStore, cluster: ClusterConfig) -> Lease | None:
     return store if isinstance(store, EtcdOwnershipStore) else None
 
 
+def announce_problem(interface: str | None, plan: forwarding.ForwardingPlan) -> str | None:
+    """Why ``announce_interface`` cannot work with this forwarding, or None.
+
+    The kernel answers ARP for a proxy entry only on an interface with forwarding on, and the
+    answers only help if the tunnel is forwarded there, routed (``nat = false``): masquerading
+    hides the tunnel addresses the LAN would send to (docs/cluster.md, "Routing follows the owner").
+    """
+    if interface is None:
+        return None
+    egress = next((e for e in plan.table.egress if e.family is Family.IPV4), None)
+    if egress is None or egress.ifname != interface:
+        where = "no IPv4 egress" if egress is None else f"the IPv4 egress is {egress.ifname}"
+        return (
+            f"[cluster].announce_interface = {interface!r} must be the interface the tunnel is forwarded to "
+            f"({where}; set [gateway].nat_egress = {interface!r})"
+        )
+    if egress.masquerade:
+        return "[cluster].announce_interface needs [gateway].nat = false: masquerading hides the tunnel addresses it announces"
+    return None
+
+
 def service_status_line(value: GatewayStatus | None, *, listening: str) -> str:
     """The gateway in one line, for systemd's ``STATUS=``: its sessions and where it listens."""
     sessions = len(value.sessions) if value is not None else 0
@@ -254,6 +276,14 @@ async def _serve_gateway(
                 config.cluster, config.node_id, observer=store_calls.observe if store_calls is not None else None
             )
         )
+        announcer: Announcer | None = None
+        if config.cluster.announce_interface is not None:  # return traffic follows the owner (docs/cluster.md)
+            from jvpn_trio.drivers.announce import open_announcer
+
+            try:
+                announcer = await stack.enter_async_context(open_announcer(config.cluster.announce_interface))
+            except AnnounceError as exc:
+                raise AppError(f"[cluster].announce_interface: {exc}") from None
         runtime = GatewayRuntime(
             policy=config.policy,
             static=static,
@@ -266,6 +296,7 @@ async def _serve_gateway(
             emit=sink.emit,
             recorder=recorder,
             tunnel6=config.tunnel_address6,
+            announcer=announcer,
         )
         ports, control_ports = [], []
         for addr, control_addr in zip(config.listen, config.control_listen, strict=True):
@@ -292,6 +323,9 @@ async def _serve_gateway(
         )
         for note in plan.notes:
             stderr_line(note)
+        problem = announce_problem(config.cluster.announce_interface, plan)
+        if problem is not None:
+            raise AppError(problem)
         await stack.enter_async_context(forwarding.open_forwarding(plan))
         if config.tunnel_address6 is not None:  # the tunnel carries IPv6 too: the TUN gets its IPv6 address
             address6 = config.tunnel_address6

@@ -504,6 +504,7 @@ async def _run_client(
             recorder=recorder,
             suspend_detector=suspend_detector,
             sleep_signals=SleepSignals(log=stderr_line),
+            cluster=config.cluster,
         )
         network_manager = NetworkManagerCosts(log=stderr_line)
         follower = PathFollower(

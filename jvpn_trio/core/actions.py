@@ -135,10 +135,13 @@ class SendReattach:
 
 @attrs.frozen(kw_only=True)
 class SendReattachAck:
+    """Gateway: the REATTACH is accepted; ``owner_epoch`` is the ownership revision it holds (fencing)."""
+
     endpoint: tuple[str, int]
     nonce: int
     new_version: int
     path: PathId
+    owner_epoch: int
 
 
 @attrs.frozen(kw_only=True)

@@ -19,6 +19,12 @@ addresses it keeps, and the gateway driver carries the answer out:
    back to the session it would have replaced (``Refuse.restored``): a
    handshake the store could not confirm ends nobody.
 3. When a session is gone the driver calls :meth:`release`.
+
+A *takeover* (:meth:`adopt`) is an admission for a session another gateway made: the peer
+authenticated, asked to resume that SessionID, and the store's ticket names it
+(``ownership.judge_takeover``).  The session keeps its id and its address, which must be the
+peer's configured one here (a pool address belongs to the gateway that handed it out).  Its
+claim is the store's ``take_over`` at the ticket's revision; the rest is as for ``admit``.
 4. A reload (:meth:`reconfigure`) gives a new set of peers and configured
    addresses; it returns the sessions that must end (their peer is gone, its
    configured address changed, or they hold an address now configured for
@@ -79,6 +85,7 @@ class Refusal(enum.Enum):
     PEER_REMOVED = "PEER_REMOVED"  # a reload removed the peer (or changed its address) while its claim was out
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # the ownership store gave no answer (or our lease is unproven)
     OWNERSHIP_AMBIGUOUS = "OWNERSHIP_AMBIGUOUS"  # the claim was sent, its outcome is unknown
+    NOT_PORTABLE = "NOT_PORTABLE"  # a takeover for a peer without a configured address here
 
 
 @attrs.frozen(kw_only=True)
@@ -88,6 +95,8 @@ class OwnershipClaim:
     session_id: SessionId
     owner: str
     expected_revision: int
+    #: A takeover: the revision of the ticket it was judged on (the store compares it); None for a new session.
+    ticket_revision: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -366,6 +375,39 @@ class Admissions:
         self._pending.add(session_id)
         claim = OwnershipClaim(session_id=session_id, owner=self._node_id, expected_revision=ABSENT_REVISION)
         return Admit(session_id=session_id, address=address, replaces=previous, claim=claim, address6=address6)
+
+    def adopt(self, peer: PeerKey, *, session_id: SessionId, ticket_revision: int) -> Admit | Refuse:
+        """Decide on taking ``session_id`` over for ``peer`` (see the module docstring).
+
+        The caller has checked the ticket (``ownership.judge_takeover``) against
+        :meth:`configured_address`.  Refuses NOT_PORTABLE for a peer without a configured
+        address, ADMISSION_IN_FLIGHT while the peer's previous admission waits for its claim
+        or this session is already being admitted.  A session the peer holds here is replaced.
+        """
+        address = self._fixed.get(peer)
+        if address is None:
+            return Refuse(reason=Refusal.NOT_PORTABLE)
+        previous = self._current.get(peer)
+        if session_id in self._peer or (previous is not None and previous in self._pending):
+            return Refuse(reason=Refusal.ADMISSION_IN_FLIGHT)
+        if previous is not None:
+            self._forget(previous)
+            self._replacing[session_id] = previous
+        address6 = self._pair6(peer, address)
+        self._address[session_id] = address
+        if address6 is not None:
+            self._address6[session_id] = address6
+        self._peer[session_id] = peer
+        self._current[peer] = session_id
+        self._pending.add(session_id)
+        claim = OwnershipClaim(
+            session_id=session_id, owner=self._node_id, expected_revision=ABSENT_REVISION, ticket_revision=ticket_revision
+        )
+        return Admit(session_id=session_id, address=address, replaces=previous, claim=claim, address6=address6)
+
+    def configured_address(self, peer: PeerKey) -> ipaddress.IPv4Address | None:
+        """The peer's configured tunnel address here, if it has one (the one a takeover keeps)."""
+        return self._fixed.get(peer)
 
     def _pair6(self, peer: PeerKey, address: ipaddress.IPv4Address) -> ipaddress.IPv6Address | None:
         """The IPv6 address that goes with ``address`` for ``peer``: its configured one, else the twin."""

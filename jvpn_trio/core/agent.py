@@ -69,6 +69,17 @@ a *new* session, with a new SessionID, whose BIRTH names the one before it.
   The choice returns to the preferred gateway only by wrapping around,
   when the current one fails: never while one works, so two working
   gateways never flap and a session is never ended to move back.
+- **Takeover.**  When the gateways are a cluster (``[client] cluster``:
+  they share an ownership store, docs/cluster.md), a failed rescue round
+  does not end the session.  The next round goes to the next gateway as a
+  *resume*: a handshake naming the live session, which that gateway
+  answers only once it has taken the session over (the old owner's lease
+  is gone).  The session keeps its SessionID, version and address; the
+  core reattaches it there as after any path loss.  Rounds go on, moving
+  through the gateways, until one answers or the session's own
+  transport-loss TTL ends it.  After an answer the next rescue waits
+  another recovery window (:meth:`Succession.session_resumed`), time for
+  the reattach.
 
 Everything here is a pure function of its inputs and ``now``.
 """
@@ -227,6 +238,17 @@ class Succession:
             self.failures = 0
         self._fail(now)
         return self.next_attempt_at()
+
+    def session_resumed(self, now: float) -> float:
+        """The live session was taken over by another gateway at ``now``; returns when a rescue may next be due.
+
+        The answer proves that gateway and a path work (the failures start over); the
+        session is still unbound, and the reattach that binds it needs a recovery window.
+        """
+        self.failures = 0
+        self._rescue_forced_at = None
+        self._next_attempt_at = now + self.policy.max_recovery_window_ms / _MS
+        return self._next_attempt_at
 
     def resumed(self, suspended_for_s: float, now: float) -> bool:
         """The machine slept ``suspended_for_s`` and runs again at ``now``; True if a handshake is due at once.

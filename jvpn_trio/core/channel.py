@@ -65,6 +65,10 @@ class SecureChannel:
         self.keyring.install_current(keypair)
         self._sync_windows()
 
+    def install_alone(self, keypair: Keypair) -> None:
+        self.keyring.install_alone(keypair)
+        self._sync_windows()
+
     def install_next(self, keypair: Keypair) -> None:
         self.keyring.install_next(keypair)
         self._sync_windows()

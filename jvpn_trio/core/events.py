@@ -19,11 +19,16 @@ from jvpn_trio.core.states import ReasonCode
 
 @attrs.frozen(kw_only=True)
 class HandshakeCompleted:
-    """The gateway answered our handshake on ``binding``: the session is born bound."""
+    """The gateway answered our handshake on ``binding``: the session is born bound.
+
+    ``owner_epoch`` is the fencing epoch the response carried (docs/cluster.md); 0, the
+    lowest, when unknown (a trace recorded before protocol version 4).
+    """
 
     session_id: SessionId
     binding: Binding
     gateway_version: int
+    owner_epoch: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -109,9 +114,15 @@ class DataSent:
 
 @attrs.frozen(kw_only=True)
 class ReattachAcked:
+    """An authenticated REATTACH_ACK; ``owner_epoch`` is the acking gateway's fencing epoch.
+
+    0 (the lowest) when unknown: a trace recorded before protocol version 4.
+    """
+
     path: PathId
     nonce: int
     new_version: int
+    owner_epoch: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -254,8 +265,20 @@ class PathResponseReceived:
     challenge: int
 
 
+@attrs.frozen(kw_only=True)
+class TakenOver:
+    """Another gateway of the cluster took the session over: it answered our resume handshake.
+
+    Its keys are in place, the session is still unbound and reattaches there.  ``owner_epoch``
+    is the fencing epoch its answer carried (docs/cluster.md, "Takeover").
+    """
+
+    owner_epoch: int
+
+
 ClientInput = (
     HandshakeCompleted
+    | TakenOver
     | PathAdded
     | PathCostChanged
     | PathRemoved

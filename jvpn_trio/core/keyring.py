@@ -142,6 +142,15 @@ class KeyRing:
         self._next = None
         self._current = keypair
 
+    def install_alone(self, keypair: Keypair) -> None:
+        """Initiator side, at another gateway (a takeover): this keypair and no other.
+
+        The keys before it were the old gateway's: nothing it still sends may open.
+        """
+        self._previous = None
+        self._next = None
+        self._current = keypair
+
     def install_next(self, keypair: Keypair) -> None:
         """Responder side: hold the keypair until the initiator proves it has it.
 

@@ -12,10 +12,12 @@ jvpn-trio's own identifier string so the two can never be confused:
 * Both sides start from ``ck = HASH(CONSTRUCTION)`` and
   ``h = HASH(HASH(ck || IDENTIFIER) || responder_static_public)``.
 * HANDSHAKE_INIT mixes ``e``, ``es`` (encrypts the initiator's static key),
-  ``ss`` (encrypts the payload: TAI64N timestamp, rekey session id, path id).
+  ``ss`` (encrypts the payload: TAI64N timestamp, rekey session id, path id,
+  the client's state version for that session).
 * HANDSHAKE_RESP mixes ``e``, ``ee``, ``se`` and the pre-shared key
   (``psk2``; all zeros unless configured), then encrypts the session payload
-  (session id, state version, tunnel address).  Transport keys are
+  (session id, state version, tunnel address, owner epoch: the fencing token
+  of docs/cluster.md, so it reaches the client authenticated).  Transport keys are
   ``KDF_2(ck, "")``: first for initiator->responder, second for the reverse.
 * Each message ends in ``mac1 = BLAKE2s-128(key = HASH(LABEL_MAC1 ||
   receiver_static_public), message up to mac1)``.  It is checked before any
@@ -267,6 +269,8 @@ class HandshakeResult:
     rekey: bool
     path_id: PathId
     state_version: int
+    #: The fencing epoch (the ownership store revision the gateway holds for the session).
+    owner_epoch: int
     tunnel_ipv4: ipaddress.IPv4Address
     prefix_len: int
     #: The client's IPv6 tunnel address; None when the gateway's tunnel carries no IPv6.
@@ -358,6 +362,8 @@ class InitiatorHandshake:
     sender_index: int
     path_id: PathId
     rekey_session: SessionId | None
+    #: The state version the init told the responder we hold (0 for a new session).
+    state_version: int
     timestamp: bytes = attrs.field(repr=_hex)
     psk: bytes = attrs.field(repr=False)
     _ephemeral_private: bytes = attrs.field(repr=False)
@@ -375,15 +381,24 @@ class InitiatorHandshake:
         wall_time_ns: int,
         path_id: PathId,
         rekey_session: SessionId | None = None,
+        state_version: int = 0,
         psk: bytes = ZERO_PSK,
     ) -> tuple[InitiatorHandshake, HandshakeInit]:
         """Build HANDSHAKE_INIT.  Draws 32 bytes (the ephemeral key) from ``random_bytes``.
 
         ``rekey_session`` names the session this handshake rekeys (None: a new
-        session).  ``wall_time_ns`` becomes the TAI64N freshness timestamp.
+        session) and ``state_version`` the version we hold for it, so a gateway
+        taking the session over starts there (docs/cluster.md); it must be 0
+        without a ``rekey_session`` (ValueError).  ``wall_time_ns`` becomes the
+        TAI64N freshness timestamp.
         """
         payload = wire.encode_init_payload(
-            InitPayload(timestamp=tai64n(wall_time_ns), rekey_session=rekey_session, path_id=path_id)
+            InitPayload(
+                timestamp=tai64n(wall_time_ns),
+                rekey_session=rekey_session,
+                path_id=path_id,
+                state_version=state_version,
+            )
         )
         ck, h = _initial_state(responder_public)
         ephemeral_private = random_bytes(KEY_LEN)
@@ -412,6 +427,7 @@ class InitiatorHandshake:
             sender_index=sender_index,
             path_id=path_id,
             rekey_session=rekey_session,
+            state_version=state_version,
             timestamp=payload[: wire.TIMESTAMP_LEN],
             psk=psk,
             ephemeral_private=ephemeral_private,
@@ -456,6 +472,7 @@ class InitiatorHandshake:
             rekey=self.rekey_session is not None,
             path_id=self.path_id,
             state_version=payload.state_version,
+            owner_epoch=payload.owner_epoch,
             tunnel_ipv4=payload.tunnel_ipv4,
             prefix_len=payload.prefix_len,
             tunnel_ipv6=payload.tunnel_ipv6,
@@ -484,7 +501,9 @@ class ResponderHandshake:
     """A HANDSHAKE_INIT that passed every check, ready to be answered with :meth:`respond`.
 
     ``timestamp`` is what the caller stores as the peer's last accepted
-    timestamp once it acts on this init.
+    timestamp once it acts on this init.  ``state_version`` is the version the
+    client says it holds for ``rekey_session`` (0 for a new session): what a
+    gateway taking the session over starts from (docs/cluster.md).
     """
 
     static: StaticKeypair
@@ -493,6 +512,7 @@ class ResponderHandshake:
     timestamp: bytes = attrs.field(repr=_hex)
     path_id: PathId
     rekey_session: SessionId | None
+    state_version: int
     _initiator_ephemeral: bytes = attrs.field(repr=False)
     _chaining_key: bytes = attrs.field(repr=False)
     _handshake_hash: bytes = attrs.field(repr=False)
@@ -539,6 +559,7 @@ class ResponderHandshake:
             timestamp=payload.timestamp,
             path_id=payload.path_id,
             rekey_session=payload.rekey_session,
+            state_version=payload.state_version,
             initiator_ephemeral=init.ephemeral,
             chaining_key=ck,
             handshake_hash=h,
@@ -549,6 +570,7 @@ class ResponderHandshake:
         *,
         session_id: SessionId,
         state_version: int,
+        owner_epoch: int,
         tunnel_ipv4: ipaddress.IPv4Address,
         prefix_len: int,
         sender_index: int,
@@ -558,6 +580,8 @@ class ResponderHandshake:
     ) -> tuple[HandshakeResp, HandshakeResult]:
         """Build HANDSHAKE_RESP and the responder's keys.  Draws 32 bytes from ``random_bytes``.
 
+        ``owner_epoch`` is the ownership store revision this gateway holds for
+        the session (the fencing token, docs/cluster.md).
         ``tunnel_ipv6``/``prefix_len6`` give the client its IPv6 tunnel address
         too (None: the tunnel carries no IPv6).
 
@@ -572,6 +596,7 @@ class ResponderHandshake:
                 state_version=state_version,
                 tunnel_ipv4=tunnel_ipv4,
                 prefix_len=prefix_len,
+                owner_epoch=owner_epoch,
                 tunnel_ipv6=tunnel_ipv6,
                 prefix_len6=prefix_len6,
             )
@@ -608,6 +633,7 @@ class ResponderHandshake:
             rekey=self.rekey_session is not None,
             path_id=self.path_id,
             state_version=state_version,
+            owner_epoch=owner_epoch,
             tunnel_ipv4=tunnel_ipv4,
             prefix_len=prefix_len,
             tunnel_ipv6=tunnel_ipv6,

@@ -12,6 +12,8 @@ means rejection (invariant 6, Property 9).  Consistency over availability.
 from __future__ import annotations
 
 import enum
+import hashlib
+import ipaddress
 import math
 from typing import Protocol
 
@@ -78,6 +80,80 @@ class OwnershipRecord:
     session_id: SessionId
     owner: str
     revision: int
+
+
+#: Bytes of a peer's fingerprint (BLAKE2s of its static public key) in a session ticket.
+PEER_FINGERPRINT_BYTES = 16
+
+
+def peer_fingerprint(public_key: bytes) -> str:
+    """The name a ticket gives a peer: short, and the same on every gateway that knows the key."""
+    return hashlib.blake2s(public_key, digest_size=PEER_FINGERPRINT_BYTES).hexdigest()
+
+
+@attrs.frozen(kw_only=True)
+class SessionTicket:
+    """Whose a session is, kept per peer beside the ownership record and outliving its owner's lease.
+
+    When a gateway dies its ownership records go with its lease, and with them any proof of
+    which peer a session belongs to.  The ticket keeps that proof (and the session's tunnel
+    addresses) so that another gateway can take the session over for the peer that
+    authenticates as its owner, and for no one else (docs/cluster.md, "Takeover").  One per
+    peer: a peer's new session overwrites it, so a ticket never names a session the peer
+    replaced.  Nothing in it is secret.
+    """
+
+    peer: str
+    session_id: SessionId
+    owner: str
+    address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address | None = None
+    #: The store revision of the write that put the ticket there; 0 before it is written.
+    revision: int = ABSENT_REVISION
+
+
+@attrs.frozen(kw_only=True)
+class Takeover:
+    """How a gateway's session began when it took one over: the client's version, the owner before."""
+
+    version: int = attrs.field(validator=attrs.validators.ge(0))
+    previous_owner: str
+    #: Where the resume came from: the answer went there, so a REATTACH from it sealed with the
+    #: new keys proves the client receives there (return routability, as a challenge would).
+    endpoint: tuple[str, int] | None = None
+
+
+class TakeoverVerdict(enum.Enum):
+    """Whether a ticket lets ``peer`` take ``session`` over here (:func:`judge_takeover`)."""
+
+    ALLOWED = "ALLOWED"
+    NO_TICKET = "NO_TICKET"  # the peer has no session anywhere the store knows of
+    OTHER_SESSION = "OTHER_SESSION"  # the peer's ticket names another (newer) session
+    ADDRESS_DIFFERS = "ADDRESS_DIFFERS"  # this gateway would give the peer another tunnel address
+
+
+def judge_takeover(
+    ticket: SessionTicket | None,
+    *,
+    peer: str,
+    session_id: SessionId,
+    address: ipaddress.IPv4Address | None,
+) -> TakeoverVerdict:
+    """May the authenticated ``peer`` resume ``session_id`` here, where it would hold ``address``?
+
+    The session must be the one the peer's ticket names (a peer can resume only its latest
+    session, never another peer's), and its tunnel address must stay the same, or the
+    connections through the tunnel would break anyway.  ``address`` None: the peer has no
+    configured address here, so its address is a pool address of another gateway, which this
+    one cannot vouch for.
+    """
+    if ticket is None or ticket.peer != peer:
+        return TakeoverVerdict.NO_TICKET
+    if ticket.session_id != session_id:
+        return TakeoverVerdict.OTHER_SESSION
+    if address is None or ticket.address != address:
+        return TakeoverVerdict.ADDRESS_DIFFERS
+    return TakeoverVerdict.ALLOWED
 
 
 class Ownership(enum.Enum):

@@ -25,6 +25,13 @@ the same table on its own view: it decides *when* to move (it is the one
 that can see every path's health) and tracks the gateway's version to put in
 its next REATTACH.  Drivers call ``next_deadline()`` after every call and
 deliver :class:`TimerFired` at that time (``now = max(deadline, clock)``).
+
+Fencing (docs/cluster.md): the gateway sends the ownership store revision it
+holds for the session (``held_revision``) as the *owner epoch* in
+HANDSHAKE_RESP and every REATTACH_ACK.  The client remembers the highest epoch
+it has seen and refuses an ack with a lower one (``STALE_EPOCH``, a
+SECURITY_EVENT, nothing changes): a gateway that lost the session to another
+node may still hold its keys, but it can no longer move the client.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from jvpn_trio.core.actions import (
 )
 from jvpn_trio.core.health import PathHealth, PathStats, PathVerdict, Verdict
 from jvpn_trio.core.ids import Binding, PathId, SessionId
+from jvpn_trio.core.ownership import Takeover
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.reattach import (
     MAX_PENDING_CHALLENGES,
@@ -371,6 +379,8 @@ class ClientSnapshot:
     recovery_deadline: float | None
     unbound_deadline: float | None
     counters: tuple[tuple[str, int], ...]
+    #: The highest fencing epoch the gateway has shown (``ClientSession.owner_epoch``).
+    owner_epoch: int = 0
 
 
 @attrs.define
@@ -410,6 +420,10 @@ class ClientSession(_SessionCore):
         self._paths: dict[PathId, _PathEntry] = {}
         self._reported: dict[PathId, tuple[Verdict, ReasonCode]] = {}
         self.gateway_version = 0
+        #: The highest owner epoch seen (HANDSHAKE_RESP, REATTACH_ACK): an ack below it is stale.
+        self._owner_epoch = 0
+        #: Where the session clock of REATTACH timestamps starts: the creation, or the last takeover.
+        self._clock_origin = now
         self.pinned: PathId | None = None
         self.pending: PendingReattach | None = None
         self._retry_not_before: float | None = None
@@ -424,6 +438,11 @@ class ClientSession(_SessionCore):
         self._last_traffic: float | None = None
 
     # -- public API ----------------------------------------------------------------
+    @property
+    def owner_epoch(self) -> int:
+        """The highest fencing epoch (ownership revision) a gateway has shown this session."""
+        return self._owner_epoch
+
     def handle(self, event: ev.ClientInput, *, now: float) -> list[Action]:
         """Feed one input; returns the actions to carry out, in order."""
         actions = self._enforce_bounds(now)
@@ -526,6 +545,7 @@ class ClientSession(_SessionCore):
             recovery_deadline=self.recovery_deadline(),
             unbound_deadline=self.unbound_deadline(),
             counters=tuple(sorted(self.counters.items())),
+            owner_epoch=self._owner_epoch,
         )
 
     # -- inputs ----------------------------------------------------------------------
@@ -539,6 +559,7 @@ class ClientSession(_SessionCore):
                 self._count("session_mismatch")
                 return []
             self.gateway_version = max(self.gateway_version, event.gateway_version)
+            self._owner_epoch = max(self._owner_epoch, event.owner_epoch)
             return self._transition(R.HANDSHAKE_COMPLETE, now, binding=event.binding)
         if isinstance(event, ev.PathAdded):
             if event.path in self._paths:
@@ -561,6 +582,8 @@ class ClientSession(_SessionCore):
             else:
                 entry.metered = event.metered  # the next decision ranks it by its new cost
             return []
+        if isinstance(event, ev.TakenOver):
+            return self._on_taken_over(event, now)
         if isinstance(event, ev.PathReaddressed):
             if event.path not in self._paths:
                 self._count("unknown_path_inputs")
@@ -623,7 +646,50 @@ class ClientSession(_SessionCore):
             return
         self._disowned_acks = 0 if ack.gateway_bound_path == binding.path else self._disowned_acks + 1
 
+    def _on_taken_over(self, event: ev.TakenOver, now: float) -> list[Action]:
+        """The session now lives at another gateway, which counts its age from the takeover.
+
+        A REATTACH's timestamp is the session's age on the sender's clock, checked against the
+        gateway's own count (core/reattach.py): the new owner began counting when it took the
+        session over, so from now on ours does too.  Its epoch is the floor for every ack.
+        """
+        if event.owner_epoch < self._owner_epoch:  # an answer from a stale owner takes nothing over
+            self._count("stale_epoch_takeovers")
+            return [
+                self._event(
+                    EventKind.SECURITY_EVENT,
+                    R.STALE_EPOCH,
+                    now,
+                    owner_epoch=event.owner_epoch,
+                    highest_epoch=self._owner_epoch,
+                )
+            ]
+        self._owner_epoch = event.owner_epoch
+        self._clock_origin = now
+        self.pending = None  # a REATTACH still out went to the old gateway
+        self._count("taken_over")
+        return []
+
     def _on_reattach_acked(self, event: ev.ReattachAcked, now: float) -> list[Action]:
+        """Commit the move the gateway confirmed, unless the ack is stray or fenced off.
+
+        Fencing first: an ack whose owner epoch is below the highest seen comes from a
+        gateway that no longer owns the session (it may still hold the keys), so it is a
+        SECURITY_EVENT ``STALE_EPOCH`` and changes nothing, not even the pending REATTACH.
+        """
+        if event.owner_epoch < self._owner_epoch:
+            self._count("stale_epoch_acks")
+            return [
+                self._event(
+                    EventKind.SECURITY_EVENT,
+                    R.STALE_EPOCH,
+                    now,
+                    path=str(event.path),
+                    nonce=event.nonce,
+                    owner_epoch=event.owner_epoch,
+                    highest_epoch=self._owner_epoch,
+                )
+            ]
         pending = self.pending
         if pending is None or event.nonce != pending.nonce or event.path != pending.path:
             self._count("stray_reattach_answers")
@@ -634,6 +700,7 @@ class ClientSession(_SessionCore):
             self._count("reattach_acked_for_removed_path")
             return []
         self.gateway_version = max(self.gateway_version, event.new_version)
+        self._owner_epoch = event.owner_epoch  # not below it: checked above
         self._retry_not_before = None
         self._disowned_acks = 0
         self._readdressed = False
@@ -765,7 +832,7 @@ class ClientSession(_SessionCore):
                 SendReattach(
                     path=decision.target,
                     nonce=nonce,
-                    client_ts_ms=round((now - rec.created_at) * 1000.0),
+                    client_ts_ms=round((now - self._clock_origin) * 1000.0),
                     expected_version=self.gateway_version,
                 )
             ]
@@ -842,8 +909,17 @@ class GatewaySession(_SessionCore):
         node_id: str,
         held_revision: int,
         handshake_binding: Binding | None = None,
+        taken_over: Takeover | None = None,
     ) -> None:
+        """``taken_over``: this gateway took the session over from another (docs/cluster.md,
+        "Takeover"): it starts unbound (RECOVERING) at the version the client holds, and the
+        client's REATTACH binds it, as after any loss of its path."""
         super().__init__(policy=policy, session_id=session_id, now=now)
+        self.taken_over = taken_over
+        if taken_over is not None:
+            self.record = attrs.evolve(
+                self.record, state=S.RECOVERING, version=taken_over.version, recovering_since=now
+            )
         #: Where the handshake came from: the binding the client also starts on.  The
         #: first authenticated packet (on any path) confirms the keys and binds *this*,
         #: so both views agree whichever path's packet wins the race.  None: bind the
@@ -859,6 +935,23 @@ class GatewaySession(_SessionCore):
         #: Address -> when it last showed return routability (at most MAX_VALIDATED_ADDRESSES).
         self.validated: dict[tuple[str, int], float] = {}
         self._next_challenge = 1
+        if taken_over is not None and taken_over.endpoint is not None:
+            self._remember_validated(taken_over.endpoint, now)
+
+    def creation_events(self) -> list[Action]:
+        """A new session's BIRTH, or a taken-over session's first line: where it came from, at which version."""
+        if self.taken_over is None:
+            return super().creation_events()
+        return [
+            self._event(
+                EventKind.STATE_CHANGE,
+                R.SESSION_TAKEN_OVER,
+                self.record.created_at,
+                from_state=None,
+                to_state=S.RECOVERING.value,
+                previous_owner=self.taken_over.previous_owner,
+            )
+        ]
 
     def handle(self, event: ev.GatewayInput, *, now: float) -> list[Action]:
         before = self.record.binding
@@ -1022,7 +1115,11 @@ class GatewaySession(_SessionCore):
             self.last_delivery = now
             actions.append(
                 SendReattachAck(
-                    endpoint=req.endpoint, nonce=req.nonce, new_version=self.record.version, path=req.path
+                    endpoint=req.endpoint,
+                    nonce=req.nonce,
+                    new_version=self.record.version,
+                    path=req.path,
+                    owner_epoch=self.held_revision,  # the fencing epoch the client checks
                 )
             )
             return actions

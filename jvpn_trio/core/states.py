@@ -64,6 +64,8 @@ class ReasonCode(enum.Enum):
     PEER_CLOSE = "PEER_CLOSE"
     PEER_REMOVED = "PEER_REMOVED"  # the gateway's operator removed the peer: its key is no longer authorised
     SESSION_REPLACED = "SESSION_REPLACED"  # a newer handshake with the same static key took the peer's address
+    #: A gateway's first line for a session it took over from another (docs/cluster.md, "Takeover").
+    SESSION_TAKEN_OVER = "SESSION_TAKEN_OVER"
 
     # -- switch causes that are not themselves transitions ------------------
     PREFERRED_PATH_RESTORED = "PREFERRED_PATH_RESTORED"
@@ -106,6 +108,9 @@ class ReasonCode(enum.Enum):
     #: A REATTACH from an address not yet shown to reach the client: its PATH_CHALLENGE went
     #: unanswered (or was answered wrongly), so the binding did not move (docs/spec.md, "Path validation").
     PATH_NOT_VALIDATED = "PATH_NOT_VALIDATED"
+    #: The client's side of fencing (docs/cluster.md): a REATTACH_ACK carrying an owner epoch below
+    #: the highest the client has seen comes from a stale owner; it changes nothing.
+    STALE_EPOCH = "STALE_EPOCH"
 
     # -- dropped input (counted; SECURITY_EVENT where it is one) -------------
     MALFORMED = "MALFORMED"

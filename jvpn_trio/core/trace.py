@@ -20,13 +20,14 @@ import attrs
 
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.ids import Binding, PathId, SessionId
-from jvpn_trio.core.ownership import OwnershipRecord
+from jvpn_trio.core.ownership import OwnershipRecord, Takeover
 from jvpn_trio.core.states import ReasonCode
 
 INPUT_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
         ev.HandshakeCompleted,
+        ev.TakenOver,
         ev.PathAdded,
         ev.PathCostChanged,
         ev.PathRemoved,
@@ -238,6 +239,8 @@ class SessionStart:
     previous_session: str | None = None
     switch_times: tuple[float, ...] = ()
     reconnect_by: str = ""
+    #: A gateway session that began by taking a session over from another gateway.
+    taken_over: Takeover | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -280,6 +283,11 @@ def encode_session_start(start: SessionStart) -> str:
         body["switch_times"] = list(start.switch_times)
     if start.reconnect_by:
         body["reconnect_by"] = start.reconnect_by
+    if start.taken_over is not None:
+        taken = start.taken_over
+        body["taken_over"] = {"version": taken.version, "from": taken.previous_owner}
+        if taken.endpoint is not None:
+            body["taken_over"]["endpoint"] = _encode_value(taken.endpoint)
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
@@ -325,7 +333,7 @@ def decode_line_untrusted(line: str, *, lineno: int = 0) -> TraceLine:
 
 def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> SessionStart:
     known = {"t", "side", "start", "policy", "node_id", "held_revision", "handshake_binding", "previous_session"}
-    extra = set(body) - known - {"switch_times", "reconnect_by"}
+    extra = set(body) - known - {"switch_times", "reconnect_by", "taken_over"}
     if extra:
         raise BadTrace(f"line {lineno}: unexpected key(s) {', '.join(sorted(extra))}")
     session, policy = body["start"], body.get("policy")
@@ -339,8 +347,16 @@ def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> S
     switch_times = body.get("switch_times", [])
     if not isinstance(switch_times, list) or not all(_finite_number(t) for t in switch_times):
         raise BadTrace(f"line {lineno}: switch_times must be a list of finite numbers")
+    taken = body.get("taken_over")
+    if taken is not None and not (isinstance(taken, dict) and {"version", "from"} <= set(taken) <= {"version", "from", "endpoint"}):
+        raise BadTrace(f"line {lineno}: taken_over must be an object with version, from and maybe endpoint")
     try:
         binding = body.get("handshake_binding")
+        takeover = None if taken is None else Takeover(
+            version=_int(taken["version"]),
+            previous_owner=_str(taken["from"]),
+            endpoint=_endpoint(taken["endpoint"]) if "endpoint" in taken else None,
+        )
         return SessionStart(
             side=side,
             now=now,
@@ -352,6 +368,7 @@ def _decode_start(body: dict[str, Any], side: str, now: float, lineno: int) -> S
             previous_session=previous,
             switch_times=tuple(float(t) for t in switch_times),
             reconnect_by=_str(body.get("reconnect_by", "")),
+            taken_over=takeover,
         )
     except (TypeError, ValueError, KeyError, OverflowError) as exc:
         raise BadTrace(f"line {lineno}: bad session start: {exc}") from None

@@ -34,7 +34,9 @@ from jvpn_trio.core.states import ReasonCode
 
 #: Byte 0 of every datagram.  A peer speaking another version is refused, never guessed at.
 #: Version 2: HANDSHAKE_RESP's payload carries the client's IPv6 tunnel address too (46 bytes, was 29).
-PROTOCOL_VERSION = 3
+#: Version 4: the fencing epoch (docs/cluster.md) in HANDSHAKE_RESP and REATTACH_ACK, and the
+#: client's state version in HANDSHAKE_INIT (docs/wire-format.md, "Version history").
+PROTOCOL_VERSION = 4
 
 #: The largest datagram we ever build or accept (the IPv4 total-length field's limit).
 MAX_DATAGRAM = 65_535
@@ -96,26 +98,27 @@ _TYPE_BY_VALUE: Mapping[int, MessageType] = {t.value: t for t in MessageType}
 _HEADER = struct.Struct("!BB")
 HEADER_LEN = _HEADER.size  # 2
 
-#: Plaintext of HANDSHAKE_INIT's encrypted payload: TAI64N, rekey session id (zeros = new), path id.
-_INIT_PAYLOAD = struct.Struct(f"!{TIMESTAMP_LEN}s{SESSION_ID_BYTES}sB")
-INIT_PAYLOAD_LEN = _INIT_PAYLOAD.size  # 29
+#: Plaintext of HANDSHAKE_INIT's encrypted payload: TAI64N, rekey session id (zeros = new), path id,
+#: the state version the client holds for that session (0 for a new one).
+_INIT_PAYLOAD = struct.Struct(f"!{TIMESTAMP_LEN}s{SESSION_ID_BYTES}sBQ")
+INIT_PAYLOAD_LEN = _INIT_PAYLOAD.size  # 37
 #: Plaintext of HANDSHAKE_RESP's encrypted payload: session id, state version, tunnel IPv4 and
-#: prefix, tunnel IPv6 and prefix (all zeros: none).
-_RESP_PAYLOAD = struct.Struct(f"!{SESSION_ID_BYTES}sQ{IPV4_LEN}sB{IPV6_LEN}sB")
-RESP_PAYLOAD_LEN = _RESP_PAYLOAD.size  # 46
+#: prefix, tunnel IPv6 and prefix (all zeros: none), the owner epoch (fencing token).
+_RESP_PAYLOAD = struct.Struct(f"!{SESSION_ID_BYTES}sQ{IPV4_LEN}sB{IPV6_LEN}sBQ")
+RESP_PAYLOAD_LEN = _RESP_PAYLOAD.size  # 54
 
 ENCRYPTED_STATIC_LEN = KEY_LEN + TAG_LEN  # 48
-ENCRYPTED_INIT_PAYLOAD_LEN = INIT_PAYLOAD_LEN + TAG_LEN  # 45
-ENCRYPTED_RESP_PAYLOAD_LEN = RESP_PAYLOAD_LEN + TAG_LEN  # 62
+ENCRYPTED_INIT_PAYLOAD_LEN = INIT_PAYLOAD_LEN + TAG_LEN  # 53
+ENCRYPTED_RESP_PAYLOAD_LEN = RESP_PAYLOAD_LEN + TAG_LEN  # 70
 
 _HANDSHAKE_INIT = struct.Struct(
     f"!BBI{KEY_LEN}s{ENCRYPTED_STATIC_LEN}s{ENCRYPTED_INIT_PAYLOAD_LEN}s{MAC_LEN}s"
 )
-HANDSHAKE_INIT_LEN = _HANDSHAKE_INIT.size  # 147
+HANDSHAKE_INIT_LEN = _HANDSHAKE_INIT.size  # 155
 #: mac1 covers every byte before it.
 HANDSHAKE_INIT_MAC1_OFFSET = HANDSHAKE_INIT_LEN - MAC_LEN
-#: An init that carries mac2 (a cookie's MAC over every byte before it) is this long; without, 147.
-HANDSHAKE_INIT_MAC2_LEN = HANDSHAKE_INIT_LEN + MAC_LEN  # 163
+#: An init that carries mac2 (a cookie's MAC over every byte before it) is this long; without, 155.
+HANDSHAKE_INIT_MAC2_LEN = HANDSHAKE_INIT_LEN + MAC_LEN  # 171
 #: A cookie (core/cookie.py) is a MAC of the source address: what mac2 is keyed with.
 COOKIE_LEN = MAC_LEN
 #: The cookie is sealed with ChaCha20-Poly1305 under a random 96-bit nonce, new per reply.
@@ -125,7 +128,7 @@ _COOKIE_REPLY = struct.Struct(f"!BBI{COOKIE_NONCE_LEN}s{COOKIE_LEN + TAG_LEN}s")
 COOKIE_REPLY_LEN = _COOKIE_REPLY.size  # 50
 
 _HANDSHAKE_RESP = struct.Struct(f"!BBII{KEY_LEN}s{ENCRYPTED_RESP_PAYLOAD_LEN}s{MAC_LEN}s")
-HANDSHAKE_RESP_LEN = _HANDSHAKE_RESP.size  # 120
+HANDSHAKE_RESP_LEN = _HANDSHAKE_RESP.size  # 128
 HANDSHAKE_RESP_MAC1_OFFSET = HANDSHAKE_RESP_LEN - MAC_LEN
 
 #: [version][type][reserved u16 = 0][receiver_index u32][counter u64]: keeps the counter 8-aligned.
@@ -149,8 +152,9 @@ PROBE_ACK_LEN = _PROBE_ACK.size  # 22
 _REATTACH_FIXED = struct.Struct(f"!{SESSION_ID_BYTES}sBQQQH")
 REATTACH_MIN_LEN = _REATTACH_FIXED.size  # 43
 REATTACH_MAX_LEN = REATTACH_MIN_LEN + MAX_METADATA  # 107
-_REATTACH_ACK = struct.Struct(f"!{SESSION_ID_BYTES}sQQB")
-REATTACH_ACK_LEN = _REATTACH_ACK.size  # 33
+#: Session id, nonce, new version, path id, owner epoch (the gateway's fencing token).
+_REATTACH_ACK = struct.Struct(f"!{SESSION_ID_BYTES}sQQBQ")
+REATTACH_ACK_LEN = _REATTACH_ACK.size  # 41
 _REATTACH_REJECT = struct.Struct(f"!{SESSION_ID_BYTES}sQHQ")
 REATTACH_REJECT_LEN = _REATTACH_REJECT.size  # 34
 _CLOSE = struct.Struct(f"!{SESSION_ID_BYTES}sH")
@@ -254,6 +258,8 @@ REASON_WIRE_TABLE: tuple[ReasonCode | None, ...] = (
     R.SESSION_REPLACED,  # 57
     R.PATH_NOT_VALIDATED,  # 58
     R.STORE_UNAVAILABLE,  # 59
+    R.STALE_EPOCH,  # 60
+    R.SESSION_TAKEN_OVER,  # 61
 )
 
 #: The inverse of :data:`REASON_WIRE_TABLE`.
@@ -288,7 +294,8 @@ class BadFrame(ValueError):
 
     ``reason`` names the failed check (``"short"``, ``"long"``, ``"version"``,
     ``"type"``, ``"reserved"``, ``"metadata_len"``, ``"path_id"``,
-    ``"reason"``, ``"prefix_len"``, ``"session_id"``, ``"ip_version"``);
+    ``"reason"``, ``"prefix_len"``, ``"session_id"``, ``"ip_version"``,
+    ``"state_version"``);
     drivers count drops by it (aioquic's ``packet_dropped`` trigger).
     """
 
@@ -537,37 +544,58 @@ def decode_handshake_resp_untrusted(data: bytes) -> HandshakeResp:
 
 @attrs.frozen(kw_only=True)
 class InitPayload:
-    """What HANDSHAKE_INIT encrypts: freshness, the session to rekey (None = new), the path."""
+    """What HANDSHAKE_INIT encrypts: freshness, the session to rekey (None = new), the path, and
+    the state version the client holds for that session.
+
+    ``state_version`` lets a gateway that takes the session over (docs/cluster.md) start at the
+    version the client holds.  It is 0 exactly when ``rekey_session`` is None (a new session
+    has no version yet), so "no session" keeps one encoding; ValueError otherwise.
+    """
 
     timestamp: bytes = attrs.field(validator=exact_bytes(TIMESTAMP_LEN))
     rekey_session: SessionId | None = attrs.field(
         validator=[attrs.validators.optional(_is_session), _not_zero_session]
     )
     path_id: PathId = attrs.field(validator=_is_path)
+    state_version: int = attrs.field(validator=_u64)
+
+    def __attrs_post_init__(self) -> None:
+        if self.rekey_session is None and self.state_version != 0:
+            raise ValueError("state_version: must be 0 without a rekey_session")
 
 
 def encode_init_payload(payload: InitPayload) -> bytes:
     rekey = payload.rekey_session.raw if payload.rekey_session is not None else _ZERO_SESSION
-    return _INIT_PAYLOAD.pack(payload.timestamp, rekey, payload.path_id.value)
+    return _INIT_PAYLOAD.pack(payload.timestamp, rekey, payload.path_id.value, payload.state_version)
 
 
 def decode_init_payload_untrusted(data: bytes) -> InitPayload:
-    """Parse the decrypted init payload; raises BadFrame ("short", "long", "path_id")."""
+    """Parse the decrypted init payload; raises BadFrame ("short", "long", "path_id", "state_version").
+
+    A non-zero ``state_version`` beside the all-zero ("new session") id is refused, so every
+    payload that decodes encodes back to the same bytes.
+    """
     _exact_len(data, INIT_PAYLOAD_LEN)
-    timestamp, rekey, path = _INIT_PAYLOAD.unpack(data)
+    timestamp, rekey, path, state_version = _INIT_PAYLOAD.unpack(data)
+    if rekey == _ZERO_SESSION and state_version != 0:
+        raise BadFrame("state_version")
     return InitPayload(
         timestamp=timestamp,
         rekey_session=None if rekey == _ZERO_SESSION else SessionId(rekey),
         path_id=_path_id_untrusted(path),
+        state_version=state_version,
     )
 
 
 @attrs.frozen(kw_only=True)
 class RespPayload:
-    """What HANDSHAKE_RESP encrypts: the session the gateway assigned and its tunnel addresses.
+    """What HANDSHAKE_RESP encrypts: the session the gateway assigned, its tunnel addresses, and
+    the fencing epoch.
 
     ``tunnel_ipv6`` is None when the gateway's tunnel carries no IPv6; then
     ``prefix_len6`` is 0 (on the wire: 16 zero bytes and a zero prefix).
+    ``owner_epoch`` is the ownership store revision the gateway holds for the session
+    (docs/cluster.md): the client refuses a later REATTACH_ACK with a lower one.
     """
 
     session_id: SessionId = attrs.field(validator=_is_session)
@@ -576,6 +604,7 @@ class RespPayload:
         validator=attrs.validators.instance_of(ipaddress.IPv4Address)
     )
     prefix_len: int = attrs.field(validator=_prefix_len)
+    owner_epoch: int = attrs.field(validator=_u64)
     tunnel_ipv6: ipaddress.IPv6Address | None = attrs.field(default=None, validator=_tunnel_ipv6)
     prefix_len6: int = attrs.field(default=0, validator=_prefix_len6)
 
@@ -593,6 +622,7 @@ def encode_resp_payload(payload: RespPayload) -> bytes:
         payload.prefix_len,
         ipv6,
         payload.prefix_len6,
+        payload.owner_epoch,
     )
 
 
@@ -604,7 +634,7 @@ def decode_resp_payload_untrusted(data: bytes) -> RespPayload:
     encodes back to the same bytes.
     """
     _exact_len(data, RESP_PAYLOAD_LEN)
-    session, version, address, prefix, address6, prefix6 = _RESP_PAYLOAD.unpack(data)
+    session, version, address, prefix, address6, prefix6, owner_epoch = _RESP_PAYLOAD.unpack(data)
     if prefix > MAX_IPV4_PREFIX or prefix6 > MAX_IPV6_PREFIX or (address6 == _NO_IPV6 and prefix6 != 0):
         raise BadFrame("prefix_len")
     return RespPayload(
@@ -614,6 +644,7 @@ def decode_resp_payload_untrusted(data: bytes) -> RespPayload:
         prefix_len=prefix,
         tunnel_ipv6=None if address6 == _NO_IPV6 else ipaddress.IPv6Address(address6),
         prefix_len6=prefix6,
+        owner_epoch=owner_epoch,
     )
 
 
@@ -859,23 +890,33 @@ def decode_reattach_plaintext_untrusted(data: bytes) -> Reattach:
 
 @attrs.frozen(kw_only=True)
 class ReattachAck:
-    """The gateway bound the session to ``path_id`` at ``new_version``."""
+    """The gateway bound the session to ``path_id`` at ``new_version``, holding it at ``owner_epoch``.
+
+    ``owner_epoch`` is the gateway's fencing token (docs/cluster.md): the client refuses an ack
+    whose epoch is below the highest it has seen (STALE_EPOCH), so a stale owner that still
+    holds the keys cannot move it.
+    """
 
     session_id: SessionId = attrs.field(validator=_is_session)
     nonce: int = attrs.field(validator=_u64)
     new_version: int = attrs.field(validator=_u64)
     path_id: PathId = attrs.field(validator=_is_path)
+    owner_epoch: int = attrs.field(validator=_u64)
 
 
 def encode_reattach_ack_plaintext(msg: ReattachAck) -> bytes:
-    return _REATTACH_ACK.pack(msg.session_id.raw, msg.nonce, msg.new_version, msg.path_id.value)
+    return _REATTACH_ACK.pack(msg.session_id.raw, msg.nonce, msg.new_version, msg.path_id.value, msg.owner_epoch)
 
 
 def decode_reattach_ack_plaintext_untrusted(data: bytes) -> ReattachAck:
     _exact_len(data, REATTACH_ACK_LEN)
-    session, nonce, version, path = _REATTACH_ACK.unpack(data)
+    session, nonce, version, path, owner_epoch = _REATTACH_ACK.unpack(data)
     return ReattachAck(
-        session_id=SessionId(session), nonce=nonce, new_version=version, path_id=_path_id_untrusted(path)
+        session_id=SessionId(session),
+        nonce=nonce,
+        new_version=version,
+        path_id=_path_id_untrusted(path),
+        owner_epoch=owner_epoch,
     )
 
 

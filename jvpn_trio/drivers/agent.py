@@ -141,7 +141,9 @@ class ClientAgent:
     ``gateways`` (in order of preference) replaces ``gateway_public``: each
     runtime is then made against the chosen one, the paths' ``gateway`` and
     ``control`` set to its endpoints.  Without it the one gateway is
-    ``gateway_public`` at the endpoints the paths name.
+    ``gateway_public`` at the endpoints the paths name.  ``cluster``: the
+    gateways share an ownership store, so a live session whose gateway fell
+    silent is resumed at the next one rather than ended.
     """
 
     def __init__(
@@ -161,8 +163,11 @@ class ClientAgent:
         log: Callable[[str], None] = stderr_line,
         suspend_detector: SuspendDetector | None = None,
         sleep_signals: SleepSignals | None = None,
+        cluster: bool = False,
     ) -> None:
         self.policy = policy
+        #: The gateways share an ownership store: a session moves between them (core/agent.py, "Takeover").
+        self._cluster = cluster and len(gateways) > 1
         self._static = static
         if not gateways and not gateway_public:
             raise ValueError("a gateway is needed: gateway_public or gateways")
@@ -544,6 +549,10 @@ class ClientAgent:
             if not runtime.paths:  # nothing to handshake on: wait for a path or a change
                 await self._nudge.wait_transition()
                 continue
+            target = self._target()
+            if self._cluster and target is not None and target != self._runtime_target:
+                await self._resume_at(runtime, succession, target)
+                continue
             plan = HandshakeRound(policy=self.policy, candidates=runtime.candidates(), now=trio.current_time())
             self._rescue_out = True
             answer = await runtime.rescue(plan)
@@ -551,14 +560,34 @@ class ClientAgent:
             if answer is None:
                 succession.handshake_failed(trio.current_time(), last_attempt_at=plan.last_attempt_at)
                 move = self.gateway_choice.round_failed(trio.current_time())
-                if move is not None:  # another gateway may answer: end this session so the next round goes there
+                if move is not None:  # another gateway may answer
                     self._gateway_moved(move)
-                    await runtime.submit(ev.CloseRequested())
+                    if self._cluster:  # the next round resumes this session there
+                        continue
+                    await runtime.submit(ev.CloseRequested())  # end it, so the next round starts one there
                     return
                 continue
             found.append(answer)
             await runtime.submit(ev.CloseRequested())
             return
+
+    async def _resume_at(self, runtime: ClientRuntime, succession: Succession, target: GatewayTarget) -> None:
+        """One round resuming the live session at ``target``, another gateway of the cluster."""
+        session = runtime.session
+        assert session is not None
+        self._runtime_target = target
+        runtime.retarget(target.endpoint, target.control, target.public_key)
+        plan = HandshakeRound(policy=self.policy, candidates=runtime.candidates(), now=trio.current_time())
+        self._rescue_out = True
+        resumed = await runtime.resume(plan)
+        self._rescue_out = False
+        now = trio.current_time()
+        if resumed:
+            succession.session_resumed(now)
+            self._log(f"session {session.record.session_id.short} resumed at gateway {target.name}")
+            return
+        succession.handshake_failed(now, last_attempt_at=plan.last_attempt_at)
+        self._gateway_moved(self.gateway_choice.round_failed(now))
 
     async def _set_address(self, address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None) -> None:
         """Give the TUN the session's addresses, only when they differ from the ones it has."""

@@ -206,6 +206,7 @@ class ClientStatistics:
     unexpected_type: int = 0  # authenticated messages only a gateway receives
     path_errors: Mapping[str, int] = attrs.field(default=MappingProxyType({}), hash=False)  # by errno name
     rescues: int = 0  # fresh handshakes answered while a session was live but unbound
+    resumes: int = 0  # the live session resumed at another gateway of a cluster (same SessionID)
 
 
 @attrs.define
@@ -232,6 +233,7 @@ class _Tally:
     unexpected_type: int = 0
     path_errors: Counter[str] = attrs.Factory(Counter)
     rescues: int = 0
+    resumes: int = 0
 
     def freeze(self) -> ClientStatistics:
         """A frozen copy: each Counter becomes a read-only mapping."""
@@ -546,6 +548,7 @@ class ClientRuntime:
                 session_id=result.session_id,
                 binding=Binding(path=path.path, endpoint=path.gateway),
                 gateway_version=result.state_version,
+                owner_epoch=result.owner_epoch,
             ),
             now,
         )
@@ -648,6 +651,58 @@ class ClientRuntime:
         finally:
             self._plan = None
 
+    def retarget(self, gateway: Address, control: Address, gateway_public: bytes) -> None:
+        """Aim every path at another gateway (a cluster's: docs/cluster.md, "Takeover").
+
+        Each path is taken out and put back with the new endpoints, so the session core
+        forgets what it measured towards the old gateway and probes the new one afresh;
+        its sockets stay.  Handshakes from now on go to ``gateway_public``.
+        """
+        self._gateway_public = gateway_public
+        self._cookie = None  # a cookie is the old gateway's
+        for path_id, path in list(self.paths.items()):
+            link_up = self.link_up.get(path_id, path.link_up)
+            self.remove_path(path_id)
+            self.add_path(attrs.evolve(path, gateway=gateway, control=control, link_up=link_up))
+
+    async def resume(self, plan: HandshakePlan) -> bool:
+        """Resume the live session at the gateway the paths aim at: a handshake naming it.
+
+        The gateway answers only if it could take the session over (its ticket, the old
+        owner gone); the answer names the same session, and its keys replace ours.  The
+        session is still unbound then: the core's ordinary recovery reattaches it, on the
+        path the probes show best.  Returns False when ``plan`` gives up.
+        """
+        session = self.session
+        if session is None or session.terminated:
+            return False
+        self._plan = plan
+        try:
+            while True:
+                step = plan.next_attempt(now=trio.current_time())
+                if isinstance(step, HandshakeGiveUp):
+                    return False
+                path = self.paths.get(step.path)
+                pending = self._start_handshake(path, rekey=True) if path is not None else None
+                if path is None or pending is None:
+                    await trio.sleep_until(step.deadline)
+                    continue
+                try:
+                    with trio.move_on_at(step.deadline):
+                        await pending.done.wait()
+                finally:
+                    self._handshakes.pop(pending.sender_index, None)
+                result = pending.result
+                if result is None or pending.answered_at is None:
+                    continue  # consume_response refused an answer naming another session (SESSION_MISMATCH)
+                self.channel.install_alone(result.keypair(created_at=pending.answered_at))
+                self._tally.resumes += 1
+                await self.submit(ev.TakenOver(owner_epoch=result.owner_epoch))
+                self.probe_all_now()
+                return True
+        finally:
+            self._plan = None
+
     def _start_handshake(self, path: ClientPath, *, rekey: bool = False) -> _PendingHandshake | None:
         """Send a HANDSHAKE_INIT on ``path`` and register it; a rekey names the session (Property 5).
 
@@ -662,6 +717,7 @@ class ClientRuntime:
             wall_time_ns=self._wall_time_ns(),
             path_id=path.path,
             rekey_session=self.session.record.session_id if rekey and self.session is not None else None,
+            state_version=self.session.record.version if rekey and self.session is not None else 0,
         )
         sent = init if self._cookie is None else add_mac2(init, self._cookie)
         if not self._send(path, wire.encode_handshake_init(sent), path.control):
@@ -962,8 +1018,8 @@ class ClientRuntime:
         match message:
             case wire.ProbeAck(seq=seq, gateway_state_version=version, bound_path_id=bound):
                 event = ev.ProbeAcked(path=path.path, seq=seq, gateway_version=version, gateway_bound_path=bound)
-            case wire.ReattachAck(nonce=nonce, new_version=version):
-                event = ev.ReattachAcked(path=path.path, nonce=nonce, new_version=version)
+            case wire.ReattachAck(nonce=nonce, new_version=version, owner_epoch=epoch):
+                event = ev.ReattachAcked(path=path.path, nonce=nonce, new_version=version, owner_epoch=epoch)
             case wire.ReattachReject(nonce=nonce, reason=reason, current_version=version):
                 event = ev.ReattachRejected(path=path.path, nonce=nonce, reason=reason, current_version=version)
             case wire.PathChallenge(nonce=nonce, challenge=challenge, path_id=named):

@@ -61,6 +61,7 @@ tunnel carries it: each session holds one address of each family, from
 
 from __future__ import annotations
 
+import collections
 import heapq
 import ipaddress
 import itertools
@@ -68,7 +69,7 @@ import math
 import os
 import struct
 from collections.abc import Awaitable, Iterable, Mapping
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import attrs
 import trio
@@ -89,10 +90,16 @@ from jvpn_trio.core.actions import (
 )
 from jvpn_trio.core.admission import Admissions, Admit, Claimed, Refusal, Refuse
 from jvpn_trio.core.ownership import (
+    ABSENT_REVISION,
     Lease,
+    Takeover,
     OwnershipRecord,
+    SessionTicket,
     StoreError,
     StoreUnavailable,
+    TakeoverVerdict,
+    judge_takeover,
+    peer_fingerprint,
     store_failure_reason,
 )
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
@@ -104,6 +111,8 @@ from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import GatewaySession, GatewaySnapshot
 from jvpn_trio.core.states import TERMINATION_REASONS, ReasonCode
 from jvpn_trio.core.trace import SessionStart
+from jvpn_trio.drivers.announce import ANNOUNCE_LOG_INTERVAL_S, AnnounceError
+from jvpn_trio.drivers.log import LineLimiter, stderr_line
 from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
 from jvpn_trio.drivers.store_memory import OwnershipStore
@@ -152,6 +161,8 @@ HANDSHAKE_ERROR_COUNTERS = _reason_counters(
 TERMINATION_COUNTERS = _reason_counters("terminated_", TERMINATION_REASONS)
 #: The counter per reason admission refuses a new session for.
 REFUSAL_COUNTERS: Mapping[Refusal, str] = {r: f"handshake_{r.value.lower()}" for r in Refusal}
+#: A takeover the ticket does not allow, counted by why (``takeover_<verdict>``).
+TAKEOVER_COUNTERS: Mapping[TakeoverVerdict, str] = {v: f"takeover_{v.value.lower()}" for v in TakeoverVerdict}
 
 
 @attrs.define(kw_only=True)
@@ -177,6 +188,15 @@ class _Counts:
     handshake_claim_failed: int = 0
     handshake_admission_in_flight: int = 0
     handshake_peer_removed: int = 0
+    handshake_not_portable: int = 0
+    # takeovers (docs/cluster.md, "Takeover"): sessions another gateway made, resumed here
+    takeovers: int = 0
+    takeover_no_ticket: int = 0
+    takeover_other_session: int = 0
+    takeover_address_differs: int = 0
+    takeover_store_unavailable: int = 0
+    store_ticket_forget_failed: int = 0
+    announce_failed: int = 0  # proxy ARP announcements or withdrawals the kernel refused
     # handshake admission (core/cookie.py): inits the gate or the full queue turned away, cookies sent
     handshake_source_limited: int = 0
     handshake_cookie_limited: int = 0
@@ -368,6 +388,14 @@ class GatewayStatus:
     tunnel6: str | None = None
 
 
+class AddressAnnouncer(Protocol):
+    """Makes the LAN send a tunnel address's traffic here (``drivers/announce.py``: proxy ARP)."""
+
+    async def announce(self, address: ipaddress.IPv4Address) -> bool: ...
+
+    async def withdraw(self, address: ipaddress.IPv4Address) -> None: ...
+
+
 class GatewayRuntime:
     def __init__(
         self,
@@ -384,12 +412,18 @@ class GatewayRuntime:
         tunnel6: ipaddress.IPv6Interface | None = None,
         lease: Lease | None = None,
         handshake_limits: HandshakeLimits | None = None,
+        announcer: AddressAnnouncer | None = None,
+        log: Callable[[str], None] = stderr_line,
     ) -> None:
         """``tunnel6``: the gateway's IPv6 tunnel address; each client then gets an IPv6 address too.
 
         ``lease``: a shared store's lease (docs/cluster.md); while it is unproven the gateway
         forwards nothing and admits nothing, and once it is lost every session ends
         OWNERSHIP_LOST.  None (the memory store): always valid.
+
+        ``announcer``: in a cluster, return traffic must follow the session's owner
+        (docs/cluster.md, "Routing follows the owner"): each session's IPv4 address is
+        announced while it is routed here and withdrawn when it stops being, in that order.
         """
         self.policy = policy
         self._static = static
@@ -441,6 +475,12 @@ class GatewayRuntime:
         self._changed_event = trio.Event()
         self._membership_event = trio.Event()
         self._published_at = -math.inf
+        self._announcer = announcer
+        self._log = log
+        self._announce_lines = LineLimiter(ANNOUNCE_LOG_INTERVAL_S)
+        # (address, announce?) in the order routes changed; one task carries them out.
+        self._announcements: collections.deque[tuple[ipaddress.IPv4Address, bool]] = collections.deque()
+        self._announcement_due = trio.Event()
 
     def statistics(self) -> GatewayStatistics:
         """Every counter of this runtime, frozen at the time of the call."""
@@ -481,6 +521,8 @@ class GatewayRuntime:
                     nursery.start_soon(self._pump_packets, packets)
                 if self._lease is not None:
                     nursery.start_soon(self._end_all_when_lease_lost, self._lease)
+                if self._announcer is not None:
+                    nursery.start_soon(self._announce, self._announcer)
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
@@ -644,7 +686,11 @@ class GatewayRuntime:
             elif isinstance(action, SendReattachAck):
                 self._counts.reattach_accepted += 1
                 msg = wire.ReattachAck(
-                    session_id=served.session_id, nonce=action.nonce, new_version=action.new_version, path_id=action.path
+                    session_id=served.session_id,
+                    nonce=action.nonce,
+                    new_version=action.new_version,
+                    path_id=action.path,
+                    owner_epoch=action.owner_epoch,
                 )
                 self._send(served, action.endpoint, wire.MessageType.REATTACH_ACK, wire.encode_reattach_ack_plaintext(msg))
             elif isinstance(action, SendReattachReject):
@@ -680,10 +726,19 @@ class GatewayRuntime:
             if self.sessions.get(served.session_id) is not served:
                 continue  # already reaped
             self._forget(served)
+            revision = served.core.held_revision
             try:
-                await self._store.release(served.session_id, self.node_id, expected_revision=served.core.held_revision)
+                released = await self._store.release(served.session_id, self.node_id, expected_revision=revision)
             except StoreError:  # the record stays until our lease ends; nobody serves it meanwhile
                 self._counts.store_release_failed += 1
+                continue
+            if not released.succeeded:
+                continue
+            # The session ended here for good: its ticket must not let another gateway resume it.
+            try:
+                await self._store.forget_ticket(peer_fingerprint(served.peer.public), expected_revision=revision)
+            except StoreError:
+                self._counts.store_ticket_forget_failed += 1
 
     def _lease_valid(self, now: float) -> bool:
         """Whether this node may serve what it owns at ``now`` (always, without a shared store)."""
@@ -709,11 +764,51 @@ class GatewayRuntime:
         self._unroute(served)
         self._admissions.release(served.session_id)
 
+    def _route(self, served: ServedSession) -> None:
+        """Packets to the session's addresses go to it (and, in a cluster, the LAN is told so)."""
+        self._by_address[served.address] = served
+        if served.address6 is not None:
+            self._by_address[served.address6] = served
+        self._queue_announcement(served.address, announce=True)
+
     def _unroute(self, served: ServedSession) -> None:
         """Packets to the session's addresses stop going to it (they are counted as unbound)."""
         for address in (served.address, served.address6):
             if address is not None and self._by_address.get(address) is served:
                 del self._by_address[address]
+                if isinstance(address, ipaddress.IPv4Address):
+                    self._queue_announcement(address, announce=False)
+
+    def _queue_announcement(self, address: ipaddress.IPv4Address, *, announce: bool) -> None:
+        if self._announcer is not None:
+            self._announcements.append((address, announce))
+            self._announcement_due.set()
+
+    async def _announce(self, announcer: AddressAnnouncer) -> None:
+        """Carry the route changes out on the LAN, in order; a failure is counted, never fatal."""
+        while True:
+            await self._announcement_due.wait()
+            self._announcement_due = trio.Event()
+            while self._announcements:
+                address, announce = self._announcements.popleft()
+                if announce and self._by_address.get(address) is None:
+                    continue  # unrouted again before its turn: its withdrawal follows
+                try:
+                    if announce:
+                        if not await announcer.announce(address):
+                            self._counts.announce_failed += 1
+                    else:
+                        await announcer.withdraw(address)
+                except (AnnounceError, OSError) as exc:  # the kernel refused: the session is served all the same
+                    self._counts.announce_failed += 1
+                    self._emit_announce_failure(address, announce, str(exc))
+
+    def _emit_announce_failure(self, address: ipaddress.IPv4Address, announce: bool, why: str) -> None:
+        """One line, at most every ANNOUNCE_LOG_INTERVAL_S per kind: the LAN may route the address elsewhere."""
+        action = "announce" if announce else "withdraw"
+        line = self._announce_lines.line(action, f"could not {action} {address} on the LAN: {why}", now=trio.current_time())
+        if line is not None:
+            self._log(line)
 
     # -- status -----------------------------------------------------------------------------------
     def _touch(self, served: ServedSession) -> None:
@@ -1058,13 +1153,65 @@ class GatewayRuntime:
         peer = self._peers[hs.peer_public]
         peer.last_timestamp = hs.timestamp
         if hs.rekey_session is not None:
-            self._on_rekey(hs, peer, port, addr, now)
+            if hs.rekey_session in self.sessions:
+                self._on_rekey(hs, peer, port, addr, now)
+            else:
+                await self._take_over(hs, hs.rekey_session, peer, port, addr, now)
             return
         admission = self._admissions.admit(peer.public, session_id=SessionId.generate(self._random_bytes))
+        await self._settle(admission, hs, peer, port, addr, now)
+
+    async def _take_over(
+        self,
+        hs: ResponderHandshake,
+        session_id: SessionId,
+        peer: GatewayPeer,
+        port: DatagramPort,
+        addr: Address,
+        now: float,
+    ) -> None:
+        """A handshake resuming a session this gateway does not serve: take it over if its ticket allows.
+
+        Only the peer the store's ticket names may resume the session, only its latest one, and
+        only where it keeps its tunnel address (``ownership.judge_takeover``); the claim itself
+        succeeds only once the old owner is gone (docs/cluster.md, "Takeover").  Anything else is
+        counted and gets no answer, as an unknown rekey always did.
+        """
+        fingerprint = peer_fingerprint(peer.public)
+        try:
+            if not self._lease_valid(trio.current_time()):
+                raise StoreUnavailable("the lease is not proven alive")
+            ticket = await self._store.read_ticket(fingerprint)
+        except StoreError as exc:  # fail closed: no takeover without a certain ticket
+            self._counts.takeover_store_unavailable += 1
+            self._emit_store_denial(session_id, store_failure_reason(exc), f"takeover: {exc.reason}")
+            return
+        verdict = judge_takeover(
+            ticket, peer=fingerprint, session_id=session_id, address=self._admissions.configured_address(peer.public)
+        )
+        if ticket is None or verdict is not TakeoverVerdict.ALLOWED:
+            self._count(TAKEOVER_COUNTERS[verdict])
+            self._counts.rekey_unknown_session += 1
+            return
+        admission = self._admissions.adopt(peer.public, session_id=session_id, ticket_revision=ticket.revision)
+        await self._settle(admission, hs, peer, port, addr, now, taken_from=ticket.owner)
+
+    async def _settle(
+        self,
+        admission: Admit | Refuse,
+        hs: ResponderHandshake,
+        peer: GatewayPeer,
+        port: DatagramPort,
+        addr: Address,
+        now: float,
+        *,
+        taken_from: str | None = None,
+    ) -> None:
+        """Carry an admission out: claim it in the store, start the session, retire the one it replaces."""
         if isinstance(admission, Refuse):
             self._count(REFUSAL_COUNTERS[admission.reason])
             return
-        claimed = await self._claim(admission)
+        claimed = await self._claim(admission, peer)
         previous = self.sessions.get(admission.replaces) if admission.replaces is not None else None
         if isinstance(claimed, Refuse):
             self._count(REFUSAL_COUNTERS[claimed.reason])
@@ -1073,7 +1220,7 @@ class GatewayRuntime:
         if previous is not None:
             self._unroute(previous)  # not one more packet from the TUN for it
         if not isinstance(claimed, Refuse):
-            self._start_session(hs, peer, port, addr, claimed, now)
+            self._start_session(hs, peer, port, addr, claimed, now, taken_from=taken_from)
         if previous is not None:  # replaced, or (a reload removed its peer meanwhile) gone with its successor
             removed = isinstance(claimed, Refuse) and claimed.reason is Refusal.PEER_REMOVED
             await self._retire(previous, now, ReasonCode.PEER_REMOVED if removed else ReasonCode.SESSION_REPLACED)
@@ -1091,13 +1238,26 @@ class GatewayRuntime:
         if not previous.core.terminated:
             await self._inbox_send.send((now, session_id, ev.CloseRequested(reason=reason)))
 
-    async def _claim(self, admission: Admit) -> Claimed | Refuse:
-        """Write the admission's ownership claim and let the core judge the store's answer."""
+    async def _claim(self, admission: Admit, peer: GatewayPeer) -> Claimed | Refuse:
+        """Write the admission's ownership claim (with the peer's ticket) and let the core judge the store's answer."""
         claim = admission.claim
+        ticket = SessionTicket(
+            peer=peer_fingerprint(peer.public),
+            session_id=claim.session_id,
+            owner=claim.owner,
+            address=admission.address,
+            address6=admission.address6,
+            revision=claim.ticket_revision or ABSENT_REVISION,
+        )
         try:
             if not self._lease_valid(trio.current_time()):
                 raise StoreUnavailable("the lease is not proven alive")
-            result = await self._store.claim(claim.session_id, claim.owner, expected_revision=claim.expected_revision)
+            if claim.ticket_revision is None:
+                result = await self._store.claim(
+                    claim.session_id, claim.owner, expected_revision=claim.expected_revision, ticket=ticket
+                )
+            else:
+                result = await self._store.take_over(ticket, claim.owner)
         except StoreError as exc:  # fail closed: no session without a certain claim
             failure = store_failure_reason(exc)
             self._emit_store_denial(claim.session_id, failure, exc.reason)
@@ -1120,20 +1280,44 @@ class GatewayRuntime:
         )
 
     def _start_session(
-        self, hs: ResponderHandshake, peer: GatewayPeer, port: DatagramPort, addr: Address, claimed: Claimed, now: float
+        self,
+        hs: ResponderHandshake,
+        peer: GatewayPeer,
+        port: DatagramPort,
+        addr: Address,
+        claimed: Claimed,
+        now: float,
+        *,
+        taken_from: str | None = None,
     ) -> None:
+        """Create the session's core and answer the handshake.
+
+        ``taken_from``: a takeover from that gateway.  The session then starts unbound at the
+        version the client holds (its init says which), and the client reattaches to it, as
+        after any loss of its path; a new session starts in BIRTH, bound where the handshake
+        came from once the client confirms.
+        """
         session_id = claimed.session_id
+        if taken_from is None:
+            takeover = None
+            binding: Binding | None = Binding(path=hs.path_id, endpoint=addr)
+        else:
+            takeover = Takeover(version=hs.state_version, previous_owner=taken_from, endpoint=addr)
+            binding = None
         core = GatewaySession(
             policy=self.policy,
             session_id=session_id,
             now=now,
             node_id=self.node_id,
             held_revision=claimed.held_revision,
-            handshake_binding=Binding(path=hs.path_id, endpoint=addr),
+            handshake_binding=binding,
+            taken_over=takeover,
         )
         resp, result = hs.respond(
             session_id=session_id,
-            state_version=core.record.version + 1,  # the version it will have once the client confirms
+            # a new session: the version it will have once the client confirms; a takeover: the client's own
+            state_version=core.record.version + (1 if takeover is None else 0),
+            owner_epoch=claimed.held_revision,  # the fencing epoch (docs/cluster.md)
             tunnel_ipv4=claimed.address,
             prefix_len=self.tunnel.network.prefixlen,
             sender_index=self._new_index(),
@@ -1147,9 +1331,7 @@ class GatewayRuntime:
         )
         served.learn(addr, port, hs.path_id, control=True)
         self.sessions[session_id] = served
-        self._by_address[claimed.address] = served
-        if claimed.address6 is not None:
-            self._by_address[claimed.address6] = served
+        self._route(served)
         self._index_keys(served)
         self._schedule(served)
         self._refresh(served, now)  # in ``sessions`` order from the start
@@ -1164,13 +1346,17 @@ class GatewayRuntime:
                 node_id=self.node_id,
                 held_revision=claimed.held_revision,
                 handshake_binding=core.handshake_binding,
+                taken_over=takeover,
             )
             self._recorder.started(start, created)
         for action in created:
             if isinstance(action, EmitEvent):
                 self._emit(action)
         port.send_nowait(wire.encode_handshake_resp(resp), addr)
-        self._counts.sessions_created += 1
+        if takeover is None:
+            self._counts.sessions_created += 1
+        else:
+            self._counts.takeovers += 1
 
     def _ipv6_fields(self, address6: ipaddress.IPv6Address | None) -> dict[str, Any]:
         """The response's IPv6 fields for a session holding ``address6`` (none without one)."""
@@ -1186,6 +1372,7 @@ class GatewayRuntime:
         resp, result = hs.respond(
             session_id=served.session_id,
             state_version=served.core.record.version,
+            owner_epoch=served.core.held_revision,
             tunnel_ipv4=served.address,
             prefix_len=self.tunnel.network.prefixlen,
             sender_index=self._new_index(),

@@ -122,11 +122,16 @@ _FIELD_SAMPLES: Mapping[str, tuple[str, Mapping[str, str]]] = {
     "reattach_store_unavailable": ("store_failures", {"operation": "reattach_read"}),
     "store_release_failed": ("store_failures", {"operation": "release"}),
     "reports_shed": ("supervisor_inputs_dropped", {"reason": "reports_shed"}),
+    "takeovers": ("handshakes_accepted", {"kind": "takeover"}),
+    "takeover_store_unavailable": ("store_failures", {"operation": "takeover_read"}),
+    "store_ticket_forget_failed": ("store_failures", {"operation": "forget_ticket"}),
+    "announce_failed": ("announce_failures", {}),
 }
 #: Counters named after a reason (gateway.py builds these names from its reason tables):
 #: prefix -> (metric, fixed labels); the rest of the field's name is the ``reason`` label.
 _REASON_PREFIXES: Mapping[str, tuple[str, Mapping[str, str]]] = {
     "handshake_": ("handshakes_rejected", {}),
+    "takeover_": ("takeovers_refused", {}),
     "terminated_": ("sessions_ended", {}),
     "drop_": ("dropped_packets", {"direction": "rx"}),
 }
@@ -141,6 +146,8 @@ _GATEWAY_COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "dropped_packets": ("Datagrams and packets dropped, by direction and reason", ("direction", "reason")),
     "supervisor_inputs_dropped": ("Inputs the session supervisor never got to see, by reason", ("reason",)),
     "store_failures": ("Ownership store calls without a certain answer, by operation (docs/cluster.md)", ("operation",)),
+    "takeovers_refused": ("Resumes of another gateway's session its ticket did not allow, by reason", ("reason",)),
+    "announce_failures": ("Proxy ARP announcements or withdrawals the kernel refused (docs/cluster.md)", ()),
 }
 
 

@@ -31,6 +31,14 @@ or false fields are omitted (a failed txn has no ``succeeded``; an absent key ha
 Everything that builds or reads a JSON body is a plain function below, tested without etcd;
 :class:`EtcdClient` and :class:`EtcdOwnershipStore` only do I/O.
 
+Tickets.  Beside the session keys, ``<prefix>peer/<fingerprint>`` holds each peer's
+:class:`~jvpn_trio.core.ownership.SessionTicket` (its latest session, owner and tunnel
+addresses), written in the same transaction as a new session's claim and *not* under a lease:
+it outlives a dead owner, so that another gateway can take the session over
+(:meth:`EtcdOwnershipStore.take_over`: one transaction comparing "no session key" and "ticket
+unchanged").  There is at most one ticket per configured peer; a session that ends cleanly
+deletes its own (:meth:`EtcdOwnershipStore.forget_ticket`).
+
 Latency.  The store times each of its calls on its injected clock and hands ``(operation,
 outcome, seconds)`` to an optional *observer* (:data:`StoreObserver`; the gateway's metrics,
 docs/metrics.md): :class:`StoreOperation` names the call as the caller sees it (a claim's
@@ -44,6 +52,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import ipaddress
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -56,7 +65,13 @@ import trio
 from jvpn_trio.core.ids import SessionId
 # The store's errors live in the core, so that the gateway handles any store's alike; they are
 # part of this module's API too.
-from jvpn_trio.core.ownership import ABSENT_REVISION, OwnershipRecord, lease_renewable, lease_ttl_s
+from jvpn_trio.core.ownership import (
+    ABSENT_REVISION,
+    OwnershipRecord,
+    SessionTicket,
+    lease_renewable,
+    lease_ttl_s,
+)
 from jvpn_trio.core.ownership import StoreAmbiguous as StoreAmbiguous
 from jvpn_trio.core.ownership import StoreError as StoreError
 from jvpn_trio.core.ownership import StoreUnavailable as StoreUnavailable
@@ -70,6 +85,8 @@ ATTEMPT_ID_BYTES = 16
 VALUE_FORMAT = 1
 #: Below the prefix, where each live gateway's node key lives (session keys are hex: no slash).
 NODE_KEY_DIR = "node/"
+#: Below the prefix, where each peer's session ticket lives (no lease: it outlives its owner).
+TICKET_KEY_DIR = "peer/"
 #: The session id a node key's record is decoded with: node keys belong to no session.
 _NO_SESSION = SessionId(bytes(16))
 
@@ -88,6 +105,9 @@ class StoreOperation(enum.StrEnum):
     REVOKE = "revoke"
     REGISTER_NODE = "register_node"
     TIME_TO_LIVE = "time_to_live"
+    TAKE_OVER = "take_over"
+    READ_TICKET = "read_ticket"
+    FORGET_TICKET = "forget_ticket"
 
 
 class StoreOutcome(enum.StrEnum):
@@ -147,6 +167,11 @@ def node_key(prefix: str, node_id: str) -> bytes:
     return (prefix + NODE_KEY_DIR + node_id).encode()
 
 
+def ticket_key(prefix: str, peer: str) -> bytes:
+    """The key of ``peer``'s session ticket (``peer`` is its fingerprint, hex)."""
+    return (prefix + TICKET_KEY_DIR + peer).encode()
+
+
 def new_attempt_id() -> str:
     """A fresh attempt id: lets a retried claim recognise its own earlier write."""
     return secrets.token_hex(ATTEMPT_ID_BYTES)
@@ -177,6 +202,44 @@ class StoredValue:
         return cls(owner=owner, attempt=attempt)
 
 
+def encode_ticket(ticket: SessionTicket) -> bytes:
+    """A ticket's value (its peer is in the key, its revision is the key's ``mod_revision``)."""
+    obj: dict[str, Any] = {
+        "v": VALUE_FORMAT,
+        "session": ticket.session_id.hex,
+        "owner": ticket.owner,
+        "address": str(ticket.address),
+    }
+    if ticket.address6 is not None:
+        obj["address6"] = str(ticket.address6)
+    return json.dumps(obj).encode()
+
+
+def decode_ticket_untrusted(data: bytes, *, peer: str, revision: int) -> SessionTicket:
+    """Parse a ticket's value; raises :class:`BadReply` for anything we did not write."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise BadReply(f"ticket is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("v") != VALUE_FORMAT:
+        raise BadReply("value is not a version-1 ticket")
+    session, owner, address, address6 = obj.get("session"), obj.get("owner"), obj.get("address"), obj.get("address6")
+    if not all(isinstance(x, str) and x for x in (session, owner, address)) or not isinstance(address6, str | None):
+        raise BadReply("ticket lacks session, owner or address")
+    assert isinstance(session, str) and isinstance(owner, str) and isinstance(address, str)
+    try:
+        return SessionTicket(
+            peer=peer,
+            session_id=SessionId.from_hex(session),
+            owner=owner,
+            address=ipaddress.IPv4Address(address),
+            address6=None if address6 is None else ipaddress.IPv6Address(address6),
+            revision=revision,
+        )
+    except ValueError as exc:
+        raise BadReply(f"ticket does not parse: {exc}") from None
+
+
 def range_request(key: bytes) -> Json:
     """A linearizable read of one key (never ``serializable``: see the module docstring)."""
     return {"key": b64(key)}
@@ -198,12 +261,43 @@ def claim_txn_request(key: bytes, *, expected_revision: int, value: bytes, lease
     }
 
 
+def with_ticket(body: Json, key: bytes, value: bytes) -> Json:
+    """``body`` whose success branch also puts a ticket (no lease: it outlives the owner's)."""
+    put = {"request_put": {"key": b64(key), "value": b64(value)}}
+    return {**body, "success": [*body["success"], put]}
+
+
+def takeover_txn_request(
+    key: bytes, *, ticket_key_: bytes, ticket_revision: int, value: bytes, ticket_value: bytes, lease_id: int
+) -> Json:
+    """Own the session iff it has no key (its owner is gone) and the ticket is still at ``ticket_revision``."""
+    return {
+        "compare": [
+            {"target": "CREATE", "key": b64(key), "result": "EQUAL", "create_revision": "0"},
+            {"target": "MOD", "key": b64(ticket_key_), "result": "EQUAL", "mod_revision": str(ticket_revision)},
+        ],
+        "success": [
+            {"request_put": {"key": b64(key), "value": b64(value), "lease": str(lease_id)}},
+            {"request_put": {"key": b64(ticket_key_), "value": b64(ticket_value)}},
+        ],
+        "failure": [{"request_range": {"key": b64(key)}}],
+    }
+
+
 def release_txn_request(key: bytes, *, expected_revision: int) -> Json:
     """Delete the key iff it is at ``expected_revision``; else read it."""
     return {
         "compare": [{"target": "MOD", "key": b64(key), "result": "EQUAL", "mod_revision": str(expected_revision)}],
         "success": [{"request_delete_range": {"key": b64(key)}}],
         "failure": [{"request_range": {"key": b64(key)}}],
+    }
+
+
+def forget_ticket_txn_request(key: bytes, *, expected_revision: int) -> Json:
+    """Delete a ticket iff it is still at ``expected_revision`` (no failure branch: nothing to learn)."""
+    return {
+        "compare": [{"target": "MOD", "key": b64(key), "result": "EQUAL", "mod_revision": str(expected_revision)}],
+        "success": [{"request_delete_range": {"key": b64(key)}}],
     }
 
 
@@ -315,15 +409,40 @@ def decode_txn_reply_untrusted(reply: Any, key: bytes, session_id: SessionId) ->
         raise BadReply("succeeded is not a boolean")
     revision = _int(_dict(reply.get("header"), "header"), "revision")
     responses = _list(reply, "responses")
-    if len(responses) != 1:
-        raise BadReply("txn reply does not have exactly one response")
-    response = _dict(responses[0], "txn response")
+    if not responses or (not succeeded and len(responses) != 1):
+        raise BadReply("txn reply does not have the responses its branch sends")
     current = None
     if not succeeded:
+        response = _dict(responses[0], "txn response")
         current = decode_range_reply_untrusted(response.get("response_range"), key, session_id)
-    elif "response_range" in response:
+    elif any("response_range" in _dict(response, "txn response") for response in responses):
         raise BadReply("a succeeded txn answered with its failure branch")
     return TxnOutcome(succeeded=succeeded, revision=revision, current=current)
+
+
+def decode_ticket_range_untrusted(reply: Any, key: bytes, peer: str) -> SessionTicket | None:
+    """A range reply for a ticket key: the ticket (revision = its ``mod_revision``), or None."""
+    reply = _dict(reply, "range reply")
+    kvs = _list(reply, "kvs")
+    if not kvs:
+        return None
+    if len(kvs) != 1:
+        raise BadReply("range of one key returned several")
+    kv = _dict(kvs[0], "kv")
+    if _bytes(kv, "key") != key:
+        raise BadReply("reply is for another key")
+    revision = _int(kv, "mod_revision")
+    if revision <= ABSENT_REVISION:
+        raise BadReply("kv without mod_revision")
+    return decode_ticket_untrusted(_bytes(kv, "value"), peer=peer, revision=revision)
+
+
+def decode_succeeded_untrusted(reply: Any) -> bool:
+    """Whether a txn's compare held (a failed txn omits ``succeeded``)."""
+    succeeded = _dict(reply, "txn reply").get("succeeded", False)
+    if not isinstance(succeeded, bool):
+        raise BadReply("succeeded is not a boolean")
+    return succeeded
 
 
 def claim_result(outcome: TxnOutcome, session_id: SessionId, node_id: str) -> CasResult:
@@ -692,35 +811,115 @@ class EtcdOwnershipStore:
         current = await self.read_record(session_id)
         return current.record if current else None
 
-    async def claim(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
-        """Write ``node_id`` as owner under our lease iff the key is at ``expected_revision``."""
+    async def claim(
+        self, session_id: SessionId, node_id: str, *, expected_revision: int, ticket: SessionTicket | None = None
+    ) -> CasResult:
+        """Write ``node_id`` as owner under our lease iff the key is at ``expected_revision``.
+
+        ``ticket``: put in the same transaction (no lease), replacing the peer's previous one.
+        """
         attempt = self._attempt_ids()
-        return await self.claim_attempt(session_id, node_id, expected_revision=expected_revision, attempt=attempt)
+        return await self.claim_attempt(
+            session_id, node_id, expected_revision=expected_revision, attempt=attempt, ticket=ticket
+        )
 
     async def claim_attempt(
-        self, session_id: SessionId, node_id: str, *, expected_revision: int, attempt: str
+        self,
+        session_id: SessionId,
+        node_id: str,
+        *,
+        expected_revision: int,
+        attempt: str,
+        ticket: SessionTicket | None = None,
     ) -> CasResult:
         """:meth:`claim` with a given attempt id: a retry after StoreAmbiguous passes the same one.
 
         An ambiguous txn is resolved by one re-read (:func:`resolve_attempt`); if that cannot
         decide, or fails, StoreAmbiguous is raised with the attempt id in its reason.
         """
+
+        def body(value: bytes, lease_id: int) -> Json:
+            key = session_key(self.prefix, session_id)
+            txn = claim_txn_request(key, expected_revision=expected_revision, value=value, lease_id=lease_id)
+            if ticket is None:
+                return txn
+            owned = attrs.evolve(ticket, owner=node_id)
+            return with_ticket(txn, ticket_key(self.prefix, ticket.peer), encode_ticket(owned))
+
         return await self._timed(
             StoreOperation.CLAIM,
-            lambda: self._claim_attempt(session_id, node_id, expected_revision=expected_revision, attempt=attempt),
+            lambda: self._claim_attempt(session_id, node_id, expected_revision=expected_revision, attempt=attempt, body=body),
             cas_outcome,
         )
 
+    async def take_over(self, ticket: SessionTicket, node_id: str) -> CasResult:
+        """Own the ticket's session iff it has no key and the ticket is unchanged (see the module docstring).
+
+        The record's revision on success is the new fencing epoch.  Ambiguity is resolved as a
+        claim's is: by our attempt id in the session key, or StoreAmbiguous.
+        """
+
+        def body(value: bytes, lease_id: int) -> Json:
+            owned = attrs.evolve(ticket, owner=node_id)
+            return takeover_txn_request(
+                session_key(self.prefix, ticket.session_id),
+                ticket_key_=ticket_key(self.prefix, ticket.peer),
+                ticket_revision=ticket.revision,
+                value=value,
+                ticket_value=encode_ticket(owned),
+                lease_id=lease_id,
+            )
+
+        attempt = self._attempt_ids()
+        return await self._timed(
+            StoreOperation.TAKE_OVER,
+            lambda: self._claim_attempt(
+                ticket.session_id, node_id, expected_revision=ABSENT_REVISION, attempt=attempt, body=body
+            ),
+            cas_outcome,
+        )
+
+    async def read_ticket(self, peer: str) -> SessionTicket | None:
+        """A linearizable read of ``peer``'s ticket."""
+        return await self._timed(StoreOperation.READ_TICKET, lambda: self._read_ticket(peer))
+
+    async def _read_ticket(self, peer: str) -> SessionTicket | None:
+        key = ticket_key(self.prefix, peer)
+        try:
+            return decode_ticket_range_untrusted(await self.client.post("/v3/kv/range", range_request(key)), key, peer)
+        except BadReply as exc:
+            raise StoreUnavailable(f"ticket range: {exc}") from exc
+
+    async def forget_ticket(self, peer: str, *, expected_revision: int) -> bool:
+        """Delete ``peer``'s ticket iff still at ``expected_revision``; StoreUnavailable if unsure."""
+        return await self._timed(
+            StoreOperation.FORGET_TICKET, lambda: self._forget_ticket(peer, expected_revision=expected_revision)
+        )
+
+    async def _forget_ticket(self, peer: str, *, expected_revision: int) -> bool:
+        body = forget_ticket_txn_request(ticket_key(self.prefix, peer), expected_revision=expected_revision)
+        try:
+            return decode_succeeded_untrusted(await self.client.post("/v3/kv/txn", body, txn=True))
+        except BadReply as exc:
+            raise StoreUnavailable(f"ticket delete reply: {exc}") from exc
+        except StoreAmbiguous as exc:
+            raise StoreUnavailable(f"ticket delete: {exc.reason}") from exc
+
     async def _claim_attempt(
-        self, session_id: SessionId, node_id: str, *, expected_revision: int, attempt: str
+        self,
+        session_id: SessionId,
+        node_id: str,
+        *,
+        expected_revision: int,
+        attempt: str,
+        body: Callable[[bytes, int], Json],
     ) -> CasResult:
         if self._lease is None or self._lease.lost:
             raise StoreUnavailable("no live lease to claim under")
         key = session_key(self.prefix, session_id)
-        value = StoredValue(owner=node_id, attempt=attempt).to_bytes()
-        body = claim_txn_request(key, expected_revision=expected_revision, value=value, lease_id=self._lease.lease_id)
+        txn = body(StoredValue(owner=node_id, attempt=attempt).to_bytes(), self._lease.lease_id)
         try:
-            reply = await self.client.post("/v3/kv/txn", body, txn=True)
+            reply = await self.client.post("/v3/kv/txn", txn, txn=True)
             return claim_result(decode_txn_reply_untrusted(reply, key, session_id), session_id, node_id)
         except BadReply as exc:
             first = f"txn reply: {exc}"

@@ -281,6 +281,7 @@ def build_machine(start: SessionStart, *, policy: Policy | None = None) -> Machi
         node_id=start.node_id,
         held_revision=start.held_revision,
         handshake_binding=start.handshake_binding,
+        taken_over=start.taken_over,
     )
 
 

@@ -227,6 +227,7 @@ def client_status(
         **tunnel,
         "version": rec.version,
         "gateway_version": snapshot.gateway_version,
+        "owner_epoch": snapshot.owner_epoch,  # the fencing epoch of the gateway that owns it (docs/cluster.md)
         "policy": snapshot.policy_fingerprint,
         "now_s": _round(now, S_DECIMALS),
         "session_age_s": _round(now - rec.created_at, S_DECIMALS),

@@ -8,7 +8,7 @@ The full handshake is pinned byte for byte in
 ``tests/data/golden/handshake.json``.  After an intentional change to the
 derivation (a protocol version bump), regenerate with::
 
-    python -m tests.core.test_handshake --regen
+    python -m tests.core.test_noise --regen
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ SID = SessionId(bytes.fromhex("5e55101d" * 4))
 TUNNEL = ipaddress.IPv4Address("10.77.0.2")
 TUNNEL6 = ipaddress.IPv6Address("fd6a:7670::2")
 INIT_INDEX, RESP_INDEX = 0x11111111, 0x22222222
+#: The fencing epoch the responder answers with (its ownership store revision).
+OWNER_EPOCH = 0x0E0E
 POLICY = Policy()
 
 
@@ -81,6 +83,7 @@ def start(
     random_bytes: SeededRandom | None = None,
     wall_time_ns: int = WALL_TIME_NS,
     rekey_session: SessionId | None = None,
+    state_version: int = 0,
     responder_public: bytes = RESPONDER.public,
     psk: bytes = hs.ZERO_PSK,
     sender_index: int = INIT_INDEX,
@@ -93,6 +96,7 @@ def start(
         wall_time_ns=wall_time_ns,
         path_id=PathId(2),
         rekey_session=rekey_session,
+        state_version=state_version,
         psk=psk,
     )
 
@@ -103,10 +107,12 @@ def answer(
     session_id: SessionId = SID,
     random_bytes: SeededRandom | None = None,
     sender_index: int = RESP_INDEX,
+    owner_epoch: int = OWNER_EPOCH,
 ) -> tuple[HandshakeResp, HandshakeResult]:
     return responder.respond(
         session_id=session_id,
         state_version=1,
+        owner_epoch=owner_epoch,
         tunnel_ipv4=TUNNEL,
         prefix_len=24,
         tunnel_ipv6=TUNNEL6,
@@ -210,6 +216,7 @@ def test_both_sides_derive_matching_keys_and_indices() -> None:
         assert (result.tunnel_ipv6, result.prefix_len6) == (TUNNEL6, 64)
         assert result.tunnel_interface6 == ipaddress.IPv6Interface("fd6a:7670::2/64")
         assert result.path_id == PathId(2) and not result.rekey
+        assert result.owner_epoch == OWNER_EPOCH  # the fencing epoch reaches the client authenticated
     assert ini.sending_key.hex() not in repr(ini)
 
 
@@ -219,7 +226,28 @@ def test_responder_sees_what_the_init_carried() -> None:
     assert responder.peer_public == INITIATOR.public
     assert responder.timestamp == hs.tai64n(WALL_TIME_NS)
     assert responder.path_id == PathId(2) and responder.rekey_session is None
+    assert responder.state_version == 0
     assert responder.init_sender_index == INIT_INDEX
+
+
+def test_a_rekey_init_carries_the_clients_state_version() -> None:
+    # A gateway taking the session over starts at the version the client holds (docs/cluster.md).
+    state, init = start(rekey_session=SID, state_version=17)
+    assert state.state_version == 17
+    responder = ResponderHandshake.consume_init(init, RESPONDER, lookup_peer=known(INITIATOR))
+    assert (responder.rekey_session, responder.state_version) == (SID, 17)
+
+
+def test_a_state_version_without_a_session_cannot_be_sent() -> None:
+    with pytest.raises(ValueError, match="state_version"):
+        start(state_version=1)
+
+
+def test_the_owner_epoch_is_whatever_the_responder_holds() -> None:
+    state, init = start()
+    responder = ResponderHandshake.consume_init(init, RESPONDER, lookup_peer=known(INITIATOR))
+    resp, res = answer(responder, owner_epoch=wire.U64_MAX)
+    assert res.owner_epoch == state.consume_response(resp).owner_epoch == wire.U64_MAX
 
 
 def test_handshake_is_deterministic_and_draws_32_bytes_per_side() -> None:
@@ -309,7 +337,14 @@ def test_replayed_init_is_refused() -> None:
 
 def test_unparseable_authenticated_init_payload_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
     real = wire.encode_init_payload
-    monkeypatch.setattr(wire, "encode_init_payload", lambda p: real(p)[:-1] + b"\x00")  # path id 0
+    monkeypatch.setattr(wire, "encode_init_payload", lambda p: real(p)[:28] + b"\x00" + real(p)[29:])  # path id 0
+    _, init = start()
+    assert error_reason(ResponderHandshake.consume_init, init, RESPONDER, lookup_peer=known(INITIATOR)) is ReasonCode.MALFORMED
+
+
+def test_an_authenticated_init_with_a_version_but_no_session_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = wire.encode_init_payload
+    monkeypatch.setattr(wire, "encode_init_payload", lambda p: real(p)[:-1] + b"\x01")  # state version 1, no session
     _, init = start()
     assert error_reason(ResponderHandshake.consume_init, init, RESPONDER, lookup_peer=known(INITIATOR)) is ReasonCode.MALFORMED
 
@@ -384,7 +419,7 @@ def build_golden() -> dict[str, Any]:
     gateway.open_frame(first, now=0.0)
     reply = gateway.seal_frame(MessageType.PROBE_ACK, bytes(wire.PROBE_ACK_LEN))
     return {
-        "comment": "Regenerate with: python -m tests.core.test_handshake --regen",
+        "comment": "Regenerate with: python -m tests.core.test_noise --regen",
         "inputs": {
             "initiator_private": INITIATOR.private.hex(),
             "responder_private": RESPONDER.private.hex(),

@@ -27,8 +27,9 @@ EP = ("198.51.100.1", 40001)
 # One instance of every recordable input, with every optional field set to a non-default value.
 SAMPLES: dict[str, Any] = {
     "HandshakeCompleted": ev.HandshakeCompleted(
-        session_id=SID, binding=Binding(path=P1, endpoint=("192.0.2.1", 51820)), gateway_version=1
+        session_id=SID, binding=Binding(path=P1, endpoint=("192.0.2.1", 51820)), gateway_version=1, owner_epoch=9
     ),
+    "TakenOver": ev.TakenOver(owner_epoch=11),
     "PathAdded": ev.PathAdded(path=P2, priority=20, endpoint=("192.0.2.2", 51820), link_up=False, metered=True),
     "PathCostChanged": ev.PathCostChanged(path=P2, metered=True),
     "PathRemoved": ev.PathRemoved(path=P2),
@@ -38,7 +39,8 @@ SAMPLES: dict[str, Any] = {
     "ProbeAcked": ev.ProbeAcked(path=P1, seq=41, gateway_version=3, gateway_bound_path=P2),
     "DeliveryObserved": ev.DeliveryObserved(path=P2),
     "DataSent": ev.DataSent(path=P1),
-    "ReattachAcked": ev.ReattachAcked(path=P2, nonce=7, new_version=4),
+    "ReattachAcked": ev.ReattachAcked(path=P2, nonce=7, new_version=4, owner_epoch=(1 << 64) - 1),
+    "TakenOver": ev.TakenOver(owner_epoch=12),
     "ReattachRejected": ev.ReattachRejected(path=P2, nonce=7, reason=R.STALE_VERSION, current_version=5),
     "PathChallenged": ev.PathChallenged(path=P2, for_path=P2, nonce=7, challenge=3),
     "PathResponseReceived": ev.PathResponseReceived(endpoint=EP, path=P2, nonce=7, challenge=(1 << 64) - 1),

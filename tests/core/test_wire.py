@@ -90,7 +90,7 @@ PLAINTEXTS: dict[str, Any] = {
     "reattach_no_metadata": Reattach(
         session_id=SID, path_id=P1, nonce=43, client_ts_ms=1, expected_version=6
     ),
-    "reattach_ack": ReattachAck(session_id=SID, nonce=42, new_version=6, path_id=P2),
+    "reattach_ack": ReattachAck(session_id=SID, nonce=42, new_version=6, path_id=P2, owner_epoch=0x0102030405060708),
     "reattach_reject": ReattachReject(
         session_id=SID, nonce=42, reason=ReasonCode.STALE_VERSION, current_version=9
     ),
@@ -110,19 +110,20 @@ PLAINTEXT_CODECS: dict[type, tuple[Callable[[Any], bytes], Callable[[bytes], Any
 
 HANDSHAKE_PAYLOADS: dict[str, Any] = {
     "init_payload": InitPayload(
-        timestamp=_fill(0x40, wire.TIMESTAMP_LEN), rekey_session=None, path_id=P1
+        timestamp=_fill(0x40, wire.TIMESTAMP_LEN), rekey_session=None, path_id=P1, state_version=0
     ),
     "init_payload_rekey": InitPayload(
-        timestamp=_fill(0x41, wire.TIMESTAMP_LEN), rekey_session=SID, path_id=P2
+        timestamp=_fill(0x41, wire.TIMESTAMP_LEN), rekey_session=SID, path_id=P2, state_version=9
     ),
     "resp_payload": RespPayload(
-        session_id=SID, state_version=1, tunnel_ipv4=ipaddress.IPv4Address("10.77.0.2"), prefix_len=24
+        session_id=SID, state_version=1, tunnel_ipv4=ipaddress.IPv4Address("10.77.0.2"), prefix_len=24, owner_epoch=3
     ),
     "resp_payload_ipv6": RespPayload(
         session_id=SID,
         state_version=2,
         tunnel_ipv4=ipaddress.IPv4Address("10.77.0.2"),
         prefix_len=24,
+        owner_epoch=0x1122334455667788,
         tunnel_ipv6=ipaddress.IPv6Address("fd6a:7670::2"),
         prefix_len6=64,
     ),
@@ -206,13 +207,16 @@ def test_golden_file_has_no_stale_entries() -> None:
 
 def test_layout_sizes_are_the_documented_ones() -> None:
     # docs/wire-format.md states these numbers; a change here is a protocol change.
-    assert wire.PROTOCOL_VERSION == 3
-    assert (wire.HANDSHAKE_INIT_LEN, wire.HANDSHAKE_RESP_LEN) == (147, 120)
+    assert wire.PROTOCOL_VERSION == 4
+    assert (wire.HANDSHAKE_INIT_LEN, wire.HANDSHAKE_INIT_MAC2_LEN, wire.HANDSHAKE_RESP_LEN) == (155, 171, 128)
     assert (wire.TRANSPORT_HEADER_LEN, wire.MIN_TRANSPORT_LEN) == (16, 32)
-    assert (wire.INIT_PAYLOAD_LEN, wire.RESP_PAYLOAD_LEN) == (29, 46)
+    assert (wire.INIT_PAYLOAD_LEN, wire.RESP_PAYLOAD_LEN) == (37, 54)
     assert (wire.PROBE_LEN, wire.PROBE_ACK_LEN) == (13, 22)
     assert (wire.REATTACH_MIN_LEN, wire.REATTACH_MAX_LEN) == (43, 107)
-    assert (wire.REATTACH_ACK_LEN, wire.REATTACH_REJECT_LEN, wire.CLOSE_LEN) == (33, 34, 18)
+    assert (wire.REATTACH_ACK_LEN, wire.REATTACH_REJECT_LEN, wire.CLOSE_LEN) == (41, 34, 18)
+    # On the wire, with the 16-byte header and the 16-byte tag: docs/wire-format.md's type table.
+    ack = wire.encode(SAMPLES["transport_reattach_ack"])
+    assert len(ack) == wire.TRANSPORT_OVERHEAD + wire.REATTACH_ACK_LEN == 73
     assert wire.MAX_DATA_PLAINTEXT == wire.MAX_DATAGRAM - 32
 
 
@@ -227,7 +231,7 @@ def test_handshake_init_layout_by_hand() -> None:
 def test_transport_header_layout_by_hand() -> None:
     frame = transport_frame(MessageType.PROBE, wire.PROBE_LEN)
     raw = wire.encode_transport(frame)
-    assert raw[:16] == bytes.fromhex("0305" "0000" "cafebabe" "0102030405060708")
+    assert raw[:16] == bytes.fromhex("0405" "0000" "cafebabe" "0102030405060708")
     assert wire.encode_transport_header(frame.header) == raw[:16]
 
 
@@ -328,8 +332,9 @@ def test_datagram_above_max_is_long() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(FIXED_FRAMES))
-# 1: the layout before IPv6 in the response; 2: before cookie replies and path validation; 4: the future.
-@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
+# 1: the layout before IPv6 in the response; 2: before cookie replies and path validation;
+# 3: before the fencing epoch and the client's state version; 5: the future.
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, 255])
 def test_wrong_version_is_refused(name: str, version: int) -> None:
     raw = bytes([version]) + FIXED_FRAMES[name][1:]
     assert reason_of(wire.decode_untrusted, raw) == "version"
@@ -441,8 +446,9 @@ def test_resp_payload_layout_by_hand() -> None:
     assert raw[16:24] == (2).to_bytes(8, "big")
     assert raw[24:29] == bytes([10, 77, 0, 2, 24])
     assert raw[29:45] == ipaddress.IPv6Address("fd6a:7670::2").packed and raw[45] == 64
+    assert raw[46:54] == bytes.fromhex("1122334455667788")  # the owner epoch, last
     # Without IPv6: sixteen zero bytes and a zero prefix.
-    assert wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload"])[29:] == bytes(17)
+    assert wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload"])[29:46] == bytes(17)
 
 
 def test_resp_payload_ipv6_round_trips_with_the_ipv4_address() -> None:
@@ -463,7 +469,7 @@ def test_resp_payload_ipv6_round_trips_with_the_ipv4_address() -> None:
 )
 def test_malformed_ipv6_prefix_is_refused(address6: bytes, prefix6: int) -> None:
     raw = wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload"])
-    assert reason_of(wire.decode_resp_payload_untrusted, raw[:29] + address6 + bytes([prefix6])) == "prefix_len"
+    assert reason_of(wire.decode_resp_payload_untrusted, raw[:29] + address6 + bytes([prefix6]) + raw[46:]) == "prefix_len"
 
 
 def test_the_old_29_byte_response_payload_is_refused() -> None:
@@ -473,10 +479,46 @@ def test_the_old_29_byte_response_payload_is_refused() -> None:
     assert reason_of(wire.decode_resp_payload_untrusted, raw + bytes(1)) == "long"
 
 
+def test_version_3_payloads_without_the_new_fields_are_short() -> None:
+    # Version 3's 46-byte response payload (no owner epoch), 29-byte init payload (no state
+    # version) and 33-byte REATTACH_ACK (no owner epoch).
+    resp = wire.encode_resp_payload(HANDSHAKE_PAYLOADS["resp_payload"])
+    assert reason_of(wire.decode_resp_payload_untrusted, resp[:46]) == "short"
+    init = wire.encode_init_payload(HANDSHAKE_PAYLOADS["init_payload_rekey"])
+    assert reason_of(wire.decode_init_payload_untrusted, init[:29]) == "short"
+    ack = wire.encode_reattach_ack_plaintext(PLAINTEXTS["reattach_ack"])
+    assert reason_of(wire.decode_reattach_ack_plaintext_untrusted, ack[:33]) == "short"
+
+
 def test_all_zero_rekey_session_means_new_session() -> None:
     raw = wire.encode_init_payload(HANDSHAKE_PAYLOADS["init_payload"])
     assert raw[12:28] == bytes(16)
+    assert raw[29:37] == bytes(8)  # no session, no version
     assert wire.decode_init_payload_untrusted(raw).rekey_session is None
+
+
+def test_init_payload_carries_the_clients_state_version() -> None:
+    raw = wire.encode_init_payload(HANDSHAKE_PAYLOADS["init_payload_rekey"])
+    assert raw[12:28] == SID.raw and raw[28] == 2
+    assert raw[29:37] == (9).to_bytes(8, "big")
+    assert wire.decode_init_payload_untrusted(raw).state_version == 9
+    top = raw[:29] + wire.U64_MAX.to_bytes(8, "big")
+    assert wire.decode_init_payload_untrusted(top).state_version == wire.U64_MAX
+
+
+@pytest.mark.parametrize("version", [1, 0x0100, wire.U64_MAX])
+def test_a_state_version_without_a_session_is_refused(version: int) -> None:
+    # "New session" has one encoding: all-zero id and version 0.
+    raw = wire.encode_init_payload(HANDSHAKE_PAYLOADS["init_payload"])
+    assert reason_of(wire.decode_init_payload_untrusted, raw[:29] + version.to_bytes(8, "big")) == "state_version"
+
+
+def test_reattach_ack_carries_the_owner_epoch_after_the_path() -> None:
+    raw = wire.encode_reattach_ack_plaintext(PLAINTEXTS["reattach_ack"])
+    assert len(raw) == wire.REATTACH_ACK_LEN == 41
+    assert raw[:16] == SID.raw and raw[16:24] == (42).to_bytes(8, "big") and raw[24:32] == (6).to_bytes(8, "big")
+    assert raw[32] == 2 and raw[33:41] == bytes.fromhex("0102030405060708")
+    assert wire.decode_reattach_ack_plaintext_untrusted(raw).owner_epoch == 0x0102030405060708
 
 
 @pytest.mark.parametrize(
@@ -517,24 +559,34 @@ def test_fixed_plaintexts_must_have_their_exact_length(decode: Callable[[bytes],
         lambda: Reattach(session_id=b"x" * 16, path_id=P1, nonce=0, client_ts_ms=0, expected_version=0),  # type: ignore[arg-type]
         lambda: Data(bytes(wire.MAX_DATA_PLAINTEXT + 1)),
         lambda: Close(session_id=SID, reason="LOCAL_CLOSE"),  # type: ignore[arg-type]
-        lambda: InitPayload(timestamp=bytes(12), rekey_session=SessionId(bytes(16)), path_id=P1),
-        lambda: RespPayload(session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=33),
-        lambda: RespPayload(session_id=SID, state_version=0, tunnel_ipv4="10.0.0.1", prefix_len=24),  # type: ignore[arg-type]
+        lambda: InitPayload(timestamp=bytes(12), rekey_session=SessionId(bytes(16)), path_id=P1, state_version=0),
+        lambda: InitPayload(timestamp=bytes(12), rekey_session=None, path_id=P1, state_version=1),
+        lambda: InitPayload(timestamp=bytes(12), rekey_session=SID, path_id=P1, state_version=1 << 64),
+        lambda: ReattachAck(session_id=SID, nonce=0, new_version=0, path_id=P1, owner_epoch=-1),
+        lambda: ReattachAck(session_id=SID, nonce=0, new_version=0, path_id=P1, owner_epoch=1 << 64),
         lambda: RespPayload(
             session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
-            tunnel_ipv6=ipaddress.IPv6Address("fd00::2"), prefix_len6=129,
+            owner_epoch=1 << 64,
+        ),
+        lambda: RespPayload(
+            session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=33, owner_epoch=0
+        ),
+        lambda: RespPayload(session_id=SID, state_version=0, tunnel_ipv4="10.0.0.1", prefix_len=24, owner_epoch=0),  # type: ignore[arg-type]
+        lambda: RespPayload(
+            session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
+            tunnel_ipv6=ipaddress.IPv6Address("fd00::2"), prefix_len6=129, owner_epoch=0,
         ),
         lambda: RespPayload(
             session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
-            tunnel_ipv6=ipaddress.IPv6Address("::"), prefix_len6=64,
+            tunnel_ipv6=ipaddress.IPv6Address("::"), prefix_len6=64, owner_epoch=0,
         ),
         lambda: RespPayload(
             session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
-            prefix_len6=64,
+            prefix_len6=64, owner_epoch=0,
         ),
         lambda: RespPayload(
             session_id=SID, state_version=0, tunnel_ipv4=ipaddress.IPv4Address("10.0.0.1"), prefix_len=24,
-            tunnel_ipv6="fd00::2", prefix_len6=64,  # type: ignore[arg-type]
+            tunnel_ipv6="fd00::2", prefix_len6=64, owner_epoch=0,  # type: ignore[arg-type]
         ),
         lambda: TransportHeader(msg_type=MessageType.HANDSHAKE_INIT, receiver_index=0, counter=0),
         lambda: TransportHeader(msg_type=3, receiver_index=0, counter=0),
@@ -575,6 +627,7 @@ def test_reason_codes_round_trip_and_zero_is_reserved() -> None:
     for reason in TERMINATION_REASONS:
         assert wire.reason_from_wire_untrusted(wire.reason_to_wire(reason)) is reason
     assert wire.reason_to_wire(ReasonCode.REPLAYED_NONCE) == 1
+    assert wire.reason_to_wire(ReasonCode.STALE_EPOCH) == 60  # version 4's: the next free code
 
 
 def test_the_documented_reason_table_matches_the_code() -> None:

@@ -17,7 +17,7 @@ from jvpn_trio.core import wire
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.ids import PathId, SessionId
 from jvpn_trio.core.noise import HandshakeResult
-from jvpn_trio.core.ownership import OwnershipRecord, StoreAmbiguous, StoreError, StoreUnavailable
+from jvpn_trio.core.ownership import OwnershipRecord, SessionTicket, StoreAmbiguous, StoreError, StoreUnavailable
 from jvpn_trio.core.states import ReasonCode, SessionState
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.store_memory import CasResult, MemoryOwnershipStore
@@ -36,10 +36,27 @@ class FlakyStore(MemoryOwnershipStore):
             raise self.failure
         return await super().read(session_id)
 
-    async def claim(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
+    async def claim(
+        self, session_id: SessionId, node_id: str, *, expected_revision: int, ticket: SessionTicket | None = None
+    ) -> CasResult:
         if self.failure is not None:
             raise self.failure
-        return await super().claim(session_id, node_id, expected_revision=expected_revision)
+        return await super().claim(session_id, node_id, expected_revision=expected_revision, ticket=ticket)
+
+    async def read_ticket(self, peer: str) -> SessionTicket | None:
+        if self.failure is not None:
+            raise self.failure
+        return await super().read_ticket(peer)
+
+    async def take_over(self, ticket: SessionTicket, node_id: str) -> CasResult:
+        if self.failure is not None:
+            raise self.failure
+        return await super().take_over(ticket, node_id)
+
+    async def forget_ticket(self, peer: str, *, expected_revision: int) -> bool:
+        if self.failure is not None:
+            raise self.failure
+        return await super().forget_ticket(peer, expected_revision=expected_revision)
 
     async def release(self, session_id: SessionId, node_id: str, *, expected_revision: int) -> CasResult:
         if self.failure is not None:

@@ -41,7 +41,8 @@ u16 = st.integers(0, wire.U16_MAX)
 u32 = st.integers(0, wire.U32_MAX)
 u64 = st.integers(0, wire.U64_MAX)
 session_ids = st.binary(min_size=16, max_size=16).map(SessionId)
-rekey_sessions = st.one_of(st.none(), session_ids.filter(lambda s: s.raw != bytes(16)))
+#: A session an init may name for a rekey: any id but the all-zero "new session" one.
+named_sessions = session_ids.filter(lambda s: s.raw != bytes(16))
 path_ids = st.integers(1, 255).map(PathId)
 reasons = st.sampled_from([r for r in wire.REASON_WIRE_TABLE if r is not None])
 
@@ -101,15 +102,26 @@ inner_messages = st.one_of(
         expected_version=u64,
         metadata=st.binary(max_size=wire.MAX_METADATA),
     ),
-    st.builds(wire.ReattachAck, session_id=session_ids, nonce=u64, new_version=u64, path_id=path_ids),
+    st.builds(
+        wire.ReattachAck, session_id=session_ids, nonce=u64, new_version=u64, path_id=path_ids, owner_epoch=u64
+    ),
     st.builds(wire.ReattachReject, session_id=session_ids, nonce=u64, reason=reasons, current_version=u64),
     st.builds(wire.Close, session_id=session_ids, reason=reasons),
     st.builds(wire.PathChallenge, session_id=session_ids, nonce=u64, challenge=u64, path_id=path_ids),
     st.builds(wire.PathResponse, session_id=session_ids, nonce=u64, challenge=u64, path_id=path_ids),
 )
 
-init_payloads = st.builds(
-    wire.InitPayload, timestamp=exact(wire.TIMESTAMP_LEN), rekey_session=rekey_sessions, path_id=path_ids
+init_payloads = st.one_of(
+    st.builds(
+        wire.InitPayload, timestamp=exact(wire.TIMESTAMP_LEN), rekey_session=st.none(), path_id=path_ids, state_version=st.just(0)
+    ),  # a new session: no version yet
+    st.builds(
+        wire.InitPayload,
+        timestamp=exact(wire.TIMESTAMP_LEN),
+        rekey_session=named_sessions,
+        path_id=path_ids,
+        state_version=u64,
+    ),
 )
 resp_payloads = st.one_of(
     st.builds(
@@ -118,6 +130,7 @@ resp_payloads = st.one_of(
         state_version=u64,
         tunnel_ipv4=u32.map(ipaddress.IPv4Address),
         prefix_len=st.integers(0, wire.MAX_IPV4_PREFIX),
+        owner_epoch=u64,
     ),
     st.builds(
         wire.RespPayload,
@@ -125,6 +138,7 @@ resp_payloads = st.one_of(
         state_version=u64,
         tunnel_ipv4=u32.map(ipaddress.IPv4Address),
         prefix_len=st.integers(0, wire.MAX_IPV4_PREFIX),
+        owner_epoch=u64,
         tunnel_ipv6=st.integers(1, (1 << 128) - 1).map(ipaddress.IPv6Address),
         prefix_len6=st.integers(0, wire.MAX_IPV6_PREFIX),
     ),
