@@ -363,18 +363,7 @@ class Admissions:
             if taken is None:
                 return Refuse(reason=Refusal.POOL_EXHAUSTED)
             address = taken
-        if previous is not None:
-            self._forget(previous)
-            self._replacing[session_id] = previous
-        address6 = self._pair6(peer, address)
-        self._address[session_id] = address
-        if address6 is not None:
-            self._address6[session_id] = address6
-        self._peer[session_id] = peer
-        self._current[peer] = session_id
-        self._pending.add(session_id)
-        claim = OwnershipClaim(session_id=session_id, owner=self._node_id, expected_revision=ABSENT_REVISION)
-        return Admit(session_id=session_id, address=address, replaces=previous, claim=claim, address6=address6)
+        return self._hold(peer, session_id, address, previous)
 
     def adopt(self, peer: PeerKey, *, session_id: SessionId, ticket_revision: int) -> Admit | Refuse:
         """Decide on taking ``session_id`` over for ``peer`` (see the module docstring).
@@ -390,6 +379,18 @@ class Admissions:
         previous = self._current.get(peer)
         if session_id in self._peer or (previous is not None and previous in self._pending):
             return Refuse(reason=Refusal.ADMISSION_IN_FLIGHT)
+        return self._hold(peer, session_id, address, previous, ticket_revision=ticket_revision)
+
+    def _hold(
+        self,
+        peer: PeerKey,
+        session_id: SessionId,
+        address: ipaddress.IPv4Address,
+        previous: SessionId | None,
+        *,
+        ticket_revision: int | None = None,
+    ) -> Admit:
+        """Enter an admission in the table (its claim outstanding), in place of ``previous``."""
         if previous is not None:
             self._forget(previous)
             self._replacing[session_id] = previous

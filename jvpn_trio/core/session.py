@@ -646,6 +646,12 @@ class ClientSession(_SessionCore):
             return
         self._disowned_acks = 0 if ack.gateway_bound_path == binding.path else self._disowned_acks + 1
 
+    def _stale_epoch(self, epoch: int, now: float, **details: Scalar) -> EmitEvent:
+        """The SECURITY_EVENT for an answer from a gateway fenced off by a later owner."""
+        return self._event(
+            EventKind.SECURITY_EVENT, R.STALE_EPOCH, now, owner_epoch=epoch, highest_epoch=self._owner_epoch, **details
+        )
+
     def _on_taken_over(self, event: ev.TakenOver, now: float) -> list[Action]:
         """The session now lives at another gateway, which counts its age from the takeover.
 
@@ -655,15 +661,7 @@ class ClientSession(_SessionCore):
         """
         if event.owner_epoch < self._owner_epoch:  # an answer from a stale owner takes nothing over
             self._count("stale_epoch_takeovers")
-            return [
-                self._event(
-                    EventKind.SECURITY_EVENT,
-                    R.STALE_EPOCH,
-                    now,
-                    owner_epoch=event.owner_epoch,
-                    highest_epoch=self._owner_epoch,
-                )
-            ]
+            return [self._stale_epoch(event.owner_epoch, now)]
         self._owner_epoch = event.owner_epoch
         self._clock_origin = now
         self.pending = None  # a REATTACH still out went to the old gateway
@@ -679,17 +677,7 @@ class ClientSession(_SessionCore):
         """
         if event.owner_epoch < self._owner_epoch:
             self._count("stale_epoch_acks")
-            return [
-                self._event(
-                    EventKind.SECURITY_EVENT,
-                    R.STALE_EPOCH,
-                    now,
-                    path=str(event.path),
-                    nonce=event.nonce,
-                    owner_epoch=event.owner_epoch,
-                    highest_epoch=self._owner_epoch,
-                )
-            ]
+            return [self._stale_epoch(event.owner_epoch, now, path=str(event.path), nonce=event.nonce)]
         pending = self.pending
         if pending is None or event.nonce != pending.nonce or event.path != pending.path:
             self._count("stray_reattach_answers")

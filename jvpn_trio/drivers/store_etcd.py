@@ -381,15 +381,18 @@ def decode_kv_untrusted(kv: Any, key: bytes, session_id: SessionId) -> EtcdRecor
     )
 
 
+def _only_kv(reply: Any) -> Any:
+    """The one ``kvs`` entry of a range of one key, or None when the key is absent (no ``kvs``)."""
+    kvs = _list(_dict(reply, "range reply"), "kvs")
+    if len(kvs) > 1:
+        raise BadReply("range of one key returned several")
+    return kvs[0] if kvs else None
+
+
 def decode_range_reply_untrusted(reply: Any, key: bytes, session_id: SessionId) -> EtcdRecord | None:
     """A range reply for one key: the record, or None when the key is absent (no ``kvs``)."""
-    reply = _dict(reply, "range reply")
-    kvs = _list(reply, "kvs")
-    if not kvs:
-        return None
-    if len(kvs) != 1:
-        raise BadReply("range of one key returned several")
-    return decode_kv_untrusted(kvs[0], key, session_id)
+    kv = _only_kv(reply)
+    return None if kv is None else decode_kv_untrusted(kv, key, session_id)
 
 
 @attrs.frozen(kw_only=True)
@@ -422,13 +425,10 @@ def decode_txn_reply_untrusted(reply: Any, key: bytes, session_id: SessionId) ->
 
 def decode_ticket_range_untrusted(reply: Any, key: bytes, peer: str) -> SessionTicket | None:
     """A range reply for a ticket key: the ticket (revision = its ``mod_revision``), or None."""
-    reply = _dict(reply, "range reply")
-    kvs = _list(reply, "kvs")
-    if not kvs:
+    found = _only_kv(reply)
+    if found is None:
         return None
-    if len(kvs) != 1:
-        raise BadReply("range of one key returned several")
-    kv = _dict(kvs[0], "kv")
+    kv = _dict(found, "kv")
     if _bytes(kv, "key") != key:
         raise BadReply("reply is for another key")
     revision = _int(kv, "mod_revision")

@@ -107,6 +107,7 @@ from jvpn_trio.lab.processes import (
     STATUS_TIMEOUT_S,
     TUNNEL_PREFIX,
     TunnelError,
+    _tail,
     _wait_for_file,
 )
 
@@ -694,14 +695,6 @@ async def open_cluster_lab(spec: ClusterSpec, directory: Path) -> AsyncIterator[
         clean = True
     finally:
         await lab._aclose(raise_errors=clean)
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no stderr)"
-    return " / ".join(text[-lines:]) or "(no stderr)"
 
 
 # --- traffic tools (run as ``python -m jvpn_trio.lab.cluster``) ---------------------------------
