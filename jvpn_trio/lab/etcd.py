@@ -25,6 +25,14 @@ not a network address, so it is reachable from any namespace), and :meth:`EtcdCl
 gives an httpx transport that sends ``http://<member name>/...`` to that member's socket.
 Everything is built inside the new namespaces (veth ends are created in place), and teardown
 deletes them after the members stopped.
+
+In a namespace of the caller's (``EtcdSpec(namespace="ns")``, root and iproute2).  Every member
+runs in that existing namespace (one the caller made and removes, e.g. a lab's gateway
+namespace) and serves its clients twice: on that namespace's loopback, at fixed ports
+(:data:`NAMESPACE_FIRST_PORT` up: the namespace is not ours to probe for free ones), for the
+processes that live there (:attr:`EtcdCluster.namespace_endpoints`); and on a unix socket in the
+data directory, for us outside it (:attr:`EtcdCluster.endpoints` with :meth:`EtcdCluster.transport`,
+as for ``netns``).  Teardown stops the members and leaves the namespace alone.
 """
 
 from __future__ import annotations
@@ -62,6 +70,9 @@ NETNS_CLIENT_PORT = 2379
 #: The bridge in the hub namespace, and the nft table there that cuts members off.
 NETNS_BRIDGE = "br0"
 NETNS_NFT_TABLE = "jvpn_etcd_partition"
+#: With ``EtcdSpec.namespace``: member ``i`` listens on the namespace's loopback at this port plus
+#: ``2 * i`` for clients and the next one for raft.
+NAMESPACE_FIRST_PORT = 2379
 #: Bound on each ``ip`` / ``nft`` command the lab runs; they finish in milliseconds.
 COMMAND_TIMEOUT_S = 10.0
 
@@ -104,8 +115,14 @@ class EtcdSpec:
     #: :meth:`EtcdCluster.cut_off` can partition it (needs root, iproute2, nft; see the module
     #: docstring).  Off: every member on 127.0.0.1, no privileges needed.
     netns: bool = False
+    #: Every member in this existing network namespace, on its loopback (for the processes there)
+    #: and on a unix socket (for the caller); the caller creates and deletes the namespace.
+    #: Needs root and iproute2; None: no namespace.
+    namespace: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.netns and self.namespace is not None:
+            raise ValueError("netns (a namespace per member) and namespace (one given namespace) exclude each other")
         if self.members < 1:
             raise ValueError(f"an etcd cluster needs at least one member, got {self.members}")
         if not 0 < self.heartbeat_ms < self.election_ms:
@@ -166,6 +183,8 @@ class EtcdMember:
     namespace: str | None = None
     hub_port: str | None = None
     socket_path: Path | None = None
+    #: With ``EtcdSpec.namespace``: the client URL inside that namespace (its loopback).
+    namespace_url: str | None = None
 
     def _signal(self, signum: signal.Signals) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -218,8 +237,13 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        """The members' client URLs; with ``EtcdSpec.netns`` they need :meth:`transport`."""
+        """The members' client URLs; with ``EtcdSpec.netns`` or ``namespace`` they need :meth:`transport`."""
         return [m.client_url for m in self.members]
+
+    @property
+    def namespace_endpoints(self) -> list[str]:
+        """With ``EtcdSpec.namespace``: the client URLs for processes inside that namespace (else none)."""
+        return [m.namespace_url for m in self.members if m.namespace_url is not None]
 
     @property
     def hub(self) -> str | None:
@@ -275,6 +299,8 @@ class EtcdCluster:
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         # A unix socket URL is ``unix://<file name>:<port>``; etcd creates that file in its cwd (base_dir).
         client_url = f"unix://{member.socket_path.name}" if member.socket_path is not None else member.client_url
+        if member.namespace_url is not None:  # the namespace's processes reach it there, we through the socket
+            client_url = f"{member.namespace_url},{client_url}"
         wrapper = ["ip", "netns", "exec", member.namespace] if member.namespace is not None else []
         return [
             *wrapper,
@@ -366,6 +392,8 @@ async def open_etcd_cluster(spec: EtcdSpec | None = None) -> AsyncIterator[EtcdC
         raise EtcdError(f"{spec.binary} is not installed (apt-get install etcd-server)")
     if spec.netns and (os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nft") is None):
         raise EtcdError("etcd members in network namespaces need root, iproute2 and nft")
+    if spec.namespace is not None and (os.geteuid() != 0 or shutil.which("ip") is None):
+        raise EtcdError(f"etcd members in namespace {spec.namespace} need root and iproute2")
     for attempt in range(1, spec.start_attempts + 1):
         cluster = await _new_cluster(spec)
         try:
@@ -405,6 +433,21 @@ async def _new_cluster(spec: EtcdSpec) -> EtcdCluster:
             for i in range(spec.members)
         ]
         return EtcdCluster(spec=spec, base_dir=base_dir, members=members, netns_prefix=prefix)
+    if spec.namespace is not None:
+        members = [
+            EtcdMember(
+                name=f"m{i}",
+                client_url=f"http://m{i}",  # a name for MemberSockets, not an address
+                peer_url=f"http://{HOST}:{NAMESPACE_FIRST_PORT + 2 * i + 1}",
+                data_dir=base_dir / f"m{i}",
+                log_path=base_dir / f"m{i}.log",
+                namespace=spec.namespace,
+                socket_path=base_dir / f"m{i}:{NETNS_CLIENT_PORT}",
+                namespace_url=f"http://{HOST}:{NAMESPACE_FIRST_PORT + 2 * i}",
+            )
+            for i in range(spec.members)
+        ]
+        return EtcdCluster(spec=spec, base_dir=base_dir, members=members)
     members = [
         EtcdMember(
             name=f"m{i}",

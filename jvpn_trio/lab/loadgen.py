@@ -1,6 +1,7 @@
 """``jvpn-trio loadgen``: many clients against one real gateway process, measured.
 
     jvpn-trio loadgen [--sessions 1000,10000,100000] [--window N] [--reattaches N]
+                      [--store memory,etcd,etcd3] [--store-ops N]
                       [--sockets-per-worker N] [--json [FILE]]
 
 Theory of operation
@@ -47,9 +48,28 @@ For each size in ``--sessions`` (ascending; each adds sessions to the ones alrea
    a new source port with a sealed REATTACH (``--window`` at a time over all workers);
    reattaches/s = acknowledged / wall time.
 
+Latency.  Each worker times every handshake (first HANDSHAKE_INIT sent -> its first PROBE
+acknowledged, retries included: what a client waits for) and every REATTACH (first sent -> ACK,
+a STALE_VERSION retry included) from the send to the epoll wake-up that read the answer, and
+hands the durations (whole microseconds) to the orchestrator, which reports p50 / p99 / max
+per size over all workers (nearest rank, :func:`latency_summary`).  Failed attempts have none.
+
+The ownership store (``--store``).  ``memory`` is the gateway's default.  ``etcd`` / ``etcd3``
+start a one- / three-member etcd (:mod:`jvpn_trio.lab.etcd`) inside the gateway namespace, on
+its loopback, and give ``serve`` a ``[cluster]`` table with ``store = "etcd"`` and those
+endpoints (lease timings: the defaults).  Every new session is then one etcd transaction (the
+claim, with the peer's ticket), so handshakes/s is the rate of ownership changes the cluster
+sustains; every REATTACH is one linearizable read.  A comma list runs the whole benchmark once
+per store, each in a lab of its own, and reports them side by side.  With etcd the run ends,
+once the gateway has stopped, with the store alone (:func:`measure_store_ops`, ``--store-ops N``):
+N ``claim`` (create-if-absent, with a ticket), ``read``, ``release``, ``read_ticket`` and
+``take_over`` calls through :class:`~jvpn_trio.drivers.store_etcd.EtcdOwnershipStore`, first one
+at a time, then :data:`STORE_OPS_CONCURRENCY` at a time; ops/s and p50 / p99 / max each.
+
 Every phase is bounded (``--phase-timeout``); a size whose handshakes do not finish in time is
 reported as far as it got, and no larger size is tried.  Output: a Markdown table and, with
-``--json``, one JSON document; progress on stderr.  Exit codes: 0 measured, 1 a size fell
+``--json``, one JSON document (one store: the run's report; several: ``{"runs": [...]}``, one
+report each); progress on stderr.  Exit codes: 0 measured, 1 a size fell
 short of its session count or a phase failed, 2 cannot run as asked.
 
 This is a benchmark: it measures wall-clock time on purpose, and asserts nothing about it.
@@ -75,8 +95,9 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -86,10 +107,19 @@ from jvpn_trio.core import wire
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
 from jvpn_trio.core.ids import PathId, SessionId
 from jvpn_trio.core.keyring import KeyExhausted
-from jvpn_trio.core.noise import HandshakeError, InitiatorHandshake, StaticKeypair, generate_static
+from jvpn_trio.core.noise import (
+    HandshakeError,
+    InitiatorHandshake,
+    StaticKeypair,
+    generate_static,
+)
 from jvpn_trio.core.policy import DEFAULT_POLICY, HOUR_MS, Policy
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.lab.bench import cores, parse_cpu_ticks, parse_status_kib
+
+if TYPE_CHECKING:
+    from jvpn_trio.drivers.store_etcd import EtcdOwnershipStore
+    from jvpn_trio.lab.etcd import EtcdCluster
 
 # -----------------------------------------------------------------------------
 # Settings and named constants
@@ -175,6 +205,28 @@ POLL_S = 0.05
 WORKER_SLACK_S = 120.0
 
 KIB = 1024
+MS_PER_S = 1_000.0
+US_PER_S = 1_000_000.0
+
+#: ``--store`` choices: the gateway's memory store, or etcd with this many members.
+ETCD_MEMBERS: Mapping[str, int] = {"etcd": 1, "etcd3": 3}
+STORES = ("memory", *ETCD_MEMBERS)
+DEFAULT_STORES = ("memory",)
+#: Calls per operation in the store-level figure (``--store-ops``; 0 skips it).
+DEFAULT_STORE_OPS = 2_000
+MAX_STORE_OPS = 1_000_000
+#: Calls in flight at once in the store-level figure's concurrent pass.
+STORE_OPS_CONCURRENCY = 16
+#: The store-level figure's keys, apart from the gateway's, and the owner it writes.
+STORE_OPS_PREFIX = "/jvpn-trio/loadgen-ops/"
+STORE_OPS_NODE = "loadgen-ops"
+#: The address a store-level ticket names (the tickets are never used by a gateway).
+STORE_OPS_TICKET_ADDRESS = ipaddress.IPv4Address("10.64.0.2")
+#: The store-level figure's operations, in the order each pass runs them.
+STORE_OPS = ("claim", "read", "release", "read_ticket", "take_over")
+#: etcd's own raft timings (the lab's tests shorten them for fast failover): measure etcd as deployed.
+ETCD_HEARTBEAT_MS = 100
+ETCD_ELECTION_MS = 1_000
 
 
 class LoadError(Exception):
@@ -203,6 +255,21 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     if not sizes:
         raise argparse.ArgumentTypeError(f"sessions must name at least one count, got {text!r}")
     return tuple(sorted(sizes))
+
+
+def parse_stores(text: str) -> tuple[str, ...]:
+    """``"memory,etcd"`` -> the stores in the order given, each once; ArgumentTypeError on anything else."""
+    stores: list[str] = []
+    for word in (w.strip().lower() for w in text.split(",")):
+        if not word:
+            continue
+        if word not in STORES:
+            raise argparse.ArgumentTypeError(f"a store must be one of {', '.join(STORES)}, got {word!r}")
+        if word not in stores:
+            stores.append(word)
+    if not stores:
+        raise argparse.ArgumentTypeError(f"store must name at least one of {', '.join(STORES)}, got {text!r}")
+    return tuple(stores)
 
 
 def endpoints_needed(sizes: Sequence[int], reattaches: int) -> int:
@@ -387,12 +454,38 @@ def percentile(values: Sequence[float], fraction: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
+def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
+    """``p50_ms`` / ``p99_ms`` / ``max_ms`` of durations in seconds (nearest rank); None each for none."""
+    ms = [value * MS_PER_S for value in seconds]
+    return {"p50_ms": percentile(ms, 0.5), "p99_ms": percentile(ms, 0.99), "max_ms": max(ms) if ms else None}
+
+
+def to_us(seconds: Sequence[float]) -> list[int]:
+    """Durations as whole microseconds: what a worker sends (compact JSON, 16k of them per answer)."""
+    return [round(value * US_PER_S) for value in seconds]
+
+
+def from_us(micros: Sequence[int]) -> list[float]:
+    return [value / US_PER_S for value in micros]
+
+
 def policy_lines(policy: Mapping[str, Any]) -> str:
     return "\n".join(f"{k} = {json.dumps(v)}" for k, v in policy.items())
 
 
-def gateway_config_text(*, public_keys: Sequence[str], listen: str, directory: Path) -> str:
-    """``gateway.toml`` with one ``[[peer]]`` per key (no fixed address: the pool hands them out)."""
+def cluster_text(etcd_endpoints: Sequence[str]) -> str:
+    """The ``[cluster]`` table for etcd at ``etcd_endpoints`` (lease timings: the defaults); none for the memory store."""
+    if not etcd_endpoints:
+        return ""
+    return f'\n[cluster]\nstore = "etcd"\netcd_endpoints = {json.dumps(list(etcd_endpoints))}\n'
+
+
+def gateway_config_text(*, public_keys: Sequence[str], listen: str, directory: Path,
+                        etcd_endpoints: Sequence[str] = ()) -> str:  # fmt: skip
+    """``gateway.toml`` with one ``[[peer]]`` per key (no fixed address: the pool hands them out).
+
+    ``etcd_endpoints``: ownership in etcd there (``[cluster]``); none: the memory store.
+    """
     head = f"""[gateway]
 private_key_file = "gateway.key"
 listen = [{json.dumps(listen)}]
@@ -408,7 +501,7 @@ node_id = "{NODE_ID}"
 
 [handshake]
 {policy_lines(LOAD_HANDSHAKE_LIMITS)}
-"""
+{cluster_text(etcd_endpoints)}"""
     peers = "".join(f'\n[[peer]]\nname = "load{i}"\npublic_key = "{key}"\n' for i, key in enumerate(public_keys))
     return head + peers
 
@@ -455,6 +548,10 @@ class SizeResult:
     handshake_failed: int = 0
     handshake_s: float = 0.0
     handshakes_per_s: float | None = None
+    #: Per established session: first HANDSHAKE_INIT sent -> first PROBE acknowledged.
+    handshake_p50_ms: float | None = None
+    handshake_p99_ms: float | None = None
+    handshake_max_ms: float | None = None
     timed_out: bool = False
     rss_kib: int | None = None
     kib_per_session: float | None = None
@@ -464,6 +561,10 @@ class SizeResult:
     reattach_rejected: dict[str, int] = attrs.Factory(dict)
     reattach_s: float = 0.0
     reattaches_per_s: float | None = None
+    #: Per acknowledged REATTACH: first sent -> ACK.
+    reattach_p50_ms: float | None = None
+    reattach_p99_ms: float | None = None
+    reattach_max_ms: float | None = None
     live_sent: int = 0
     live_received: int = 0
     live_loss_pct: float | None = None
@@ -475,35 +576,104 @@ class SizeResult:
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
+    def set_latency(self, phase: str, seconds: Sequence[float]) -> None:
+        """Fill ``<phase>_p50_ms`` / ``_p99_ms`` / ``_max_ms`` (phase: handshake or reattach)."""
+        for name, value in latency_summary(seconds).items():
+            setattr(self, f"{phase}_{name}", value)
+
 
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def store_label(store: str) -> str:
+    """How a report names its store: ``memory``, ``etcd (1 member)``, ``etcd3 (3 members)``."""
+    members = ETCD_MEMBERS.get(store)
+    if members is None:
+        return store
+    return f"{store} ({members} member{'s' if members > 1 else ''})"
+
+
+def _p50_p99_max(figures: Mapping[str, Any], phase: str) -> str:
+    return " / ".join(_fmt(figures.get(f"{phase}_{name}"), ".1f") for name in ("p50_ms", "p99_ms", "max_ms"))
+
+
+#: Each new session is one ownership write (with etcd: one transaction), so the handshake rate is both.
+HANDSHAKES_HEADER = "handshakes/s = ownership changes/s"
+
+
 def render_table(report: Mapping[str, Any]) -> str:
-    """The Markdown table of a report document (:func:`run_load`'s JSON)."""
+    """The Markdown table of a report document (:func:`run_load`'s JSON), and its store-level table if any."""
+    store = report.get("store", "memory")
     lines = [
-        f"jvpn-trio loadgen, {report['started_utc']} UTC, {report['host']['cpus']} CPUs, "
-        f"gateway start with {report['peers']} peers: {_fmt(report.get('gateway_startup_s'), '.1f')} s, "
-        f"RSS(0) {_fmt(_mib(report.get('rss0_kib')), '.1f')} MiB, {report.get('workers', 1)} client worker(s)",
+        (f"jvpn-trio loadgen, {report['started_utc']} UTC, {report['host']['cpus']} CPUs, "
+         f"store {store_label(store)}, "
+         f"gateway start with {report['peers']} peers: {_fmt(report.get('gateway_startup_s'), '.1f')} s, "
+         f"RSS(0) {_fmt(_mib(report.get('rss0_kib')), '.1f')} MiB, {report.get('workers', 1)} client worker(s)"),
         "",
-        "| sessions | established | handshakes/s | gateway RSS MiB | KiB/session | idle CPU (cores) "
-        "| reattaches/s (acked/sent) | live 100 Hz loss % | live RTT p50 / p99 ms | CPU during live |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (f"| sessions | established | {HANDSHAKES_HEADER} | handshake p50 / p99 / max ms | gateway RSS MiB "
+         "| KiB/session | idle CPU (cores) | reattaches/s (acked/sent) | reattach p50 / p99 / max ms "
+         "| live 100 Hz loss % | live RTT p50 / p99 ms | CPU during live |"),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size in report["sizes"]:
         short = " (timed out)" if size["timed_out"] else ""
         lines.append(
             f"| {size['sessions']:,} | {size['established']:,}{short} | {_fmt(size['handshakes_per_s'], ',.0f')} "
+            f"| {_p50_p99_max(size, 'handshake')} "
             f"| {_fmt(_mib(size['rss_kib']), ',.1f')} | {_fmt(size['kib_per_session'], '.1f')} "
             f"| {_fmt(size['idle_cores'], '.3f')} "
             f"| {_fmt(size['reattaches_per_s'], ',.0f')} ({size['reattach_acked']}/{size['reattach_sent']}) "
+            f"| {_p50_p99_max(size, 'reattach')} "
             f"| {_fmt(size['live_loss_pct'], '.2f')} ({size['live_received']}/{size['live_sent']}) "
             f"| {_fmt(size['live_rtt_p50_ms'], '.2f')} / {_fmt(size['live_rtt_p99_ms'], '.2f')} "
             f"| {_fmt(size['live_cores'], '.2f')} |"
         )
     lines.append("")
     lines.append(f"gateway status: {report.get('gateway_session_count')} sessions; policy: {report['policy']}")
+    store_ops = report.get("store_ops")
+    if store_ops:
+        lines += ["", render_store_ops(store_ops, label=store_label(store)).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def render_comparison(reports: Sequence[Mapping[str, Any]]) -> str:
+    """The stores side by side: per store and size, the rates and latencies (the issue's figures)."""
+    lines = [
+        (f"| store | sessions | {HANDSHAKES_HEADER} | handshake p50 / p99 / max ms | reattaches/s (acked/sent) "
+         "| reattach p50 / p99 / max ms |"),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for report in reports:
+        for size in report["sizes"]:
+            short = " (timed out)" if size["timed_out"] else ""
+            lines.append(
+                f"| {store_label(report.get('store', 'memory'))} | {size['established']:,}{short} "
+                f"| {_fmt(size['handshakes_per_s'], ',.0f')} | {_p50_p99_max(size, 'handshake')} "
+                f"| {_fmt(size['reattaches_per_s'], ',.0f')} ({size['reattach_acked']}/{size['reattach_sent']}) "
+                f"| {_p50_p99_max(size, 'reattach')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def render_store_ops(store_ops: Mapping[str, Any], *, label: str = "etcd") -> str:
+    """The store-level table: per operation, ops/s and p50 / p99 / max, one at a time and concurrently."""
+    concurrency = store_ops["concurrency"]
+    lines = [
+        f"store alone ({label}, EtcdOwnershipStore, {store_ops['count']:,} calls per operation and pass):",
+        "",
+        (f"| operation | one at a time: ops/s | p50 / p99 / max ms | {concurrency} at a time: ops/s "
+         "| p50 / p99 / max ms | failed |"),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    passes = store_ops["passes"]
+    for operation in STORE_OPS:
+        one, many = passes["sequential"].get(operation, {}), passes["concurrent"].get(operation, {})
+        failed = one.get("failed", 0) + many.get("failed", 0)
+        lines.append(
+            f"| {operation} | {_fmt(one.get('ops_per_s'), ',.0f')} | {_p50_p99_max(one, 'latency')} "
+            f"| {_fmt(many.get('ops_per_s'), ',.0f')} | {_p50_p99_max(many, 'latency')} | {failed} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -592,6 +762,7 @@ class Impersonated:
     probe_seq: int = 0
     acked_seq: int = -1
     reattach_answer: tuple[int, str | None] | None = None  # (nonce, None: ACK, else the reject reason)
+    answered_at: float = 0.0  # when the last PROBE ACK or REATTACH answer was read: the latencies' end
     closed: bool = False
     wake: trio.Event = attrs.Factory(trio.Event)
 
@@ -617,6 +788,7 @@ class Worker:
         self.undecodable = 0
         self._rejected: dict[str, int] = {}
         self.stale_retries = 0
+        self.latencies: list[float] = []  # this phase's, in seconds: one per established session / acked REATTACH
 
     # -- sockets ------------------------------------------------------------------------
     def _open_socket(self) -> socket.socket:
@@ -707,9 +879,11 @@ class Worker:
                 # version before the handshake's; never step back to it.
                 session.acked_seq = seq
                 session.version = max(session.version, version)
+                session.answered_at = now
             case wire.ReattachAck(nonce=nonce, new_version=version):
                 session.version = version
                 session.reattach_answer = (nonce, None)
+                session.answered_at = now
             case wire.ReattachReject(nonce=nonce, reason=reason, current_version=version):
                 session.version = version
                 session.reattach_answer = (nonce, reason.value)
@@ -757,7 +931,11 @@ class Worker:
             self._send(session, datagram, self.control)
 
     async def _establish(self, session: Impersonated) -> bool:
-        """Handshake, then one acknowledged PROBE (the gateway confirms the keys); retried ATTEMPTS times."""
+        """Handshake, then one acknowledged PROBE (the gateway confirms the keys); retried ATTEMPTS times.
+
+        Success adds the time from the first HANDSHAKE_INIT to the ACK's arrival to :attr:`latencies`.
+        """
+        started = trio.current_time()
         for _ in range(ATTEMPTS):
             if session.session_id is None:
                 sender_index = int.from_bytes(os.urandom(4), "big")
@@ -773,6 +951,7 @@ class Worker:
             self._send_probe(session)
             await self._wait(session, RETRY_S)
             if session.acked_seq == session.probe_seq:
+                self.latencies.append(session.answered_at - started)
                 return True
         return False
 
@@ -807,6 +986,7 @@ class Worker:
             self._register(session)
             self.sessions.append(session)
             new.append(session)
+        self.latencies = []
         t0 = trio.current_time()
         with trio.move_on_after(self.plan.phase_timeout_s) as scope:
             if new:
@@ -819,6 +999,7 @@ class Worker:
             "established": sum(1 for s in self.sessions if s.acked_seq >= 1 and not s.closed),
             "timed_out": scope.cancelled_caught,
             "seconds": trio.current_time() - t0,
+            "latencies_us": to_us(self.latencies),
         }
 
     # -- phase 3: reattaches ------------------------------------------------------------------
@@ -834,7 +1015,11 @@ class Worker:
             self._send(session, datagram, self.control)
 
     async def _reattach(self, session: Impersonated) -> bool:
-        """Move ``session`` to a new socket with a sealed REATTACH; True once acknowledged."""
+        """Move ``session`` to a new socket with a sealed REATTACH; True once acknowledged.
+
+        Success adds the time from the first REATTACH to the ACK's arrival to :attr:`latencies`.
+        """
+        started = trio.current_time()
         old, session.sock = session.sock, self._open_socket()
         self.by_fd.pop(old.fileno(), None)
         self._register(session)
@@ -856,6 +1041,7 @@ class Worker:
                 answer = session.reattach_answer
                 if answer is not None and answer[0] == session.nonce:
                     if answer[1] is None:
+                        self.latencies.append(session.answered_at - started)
                         return True
                     if answer[1] == ReasonCode.STALE_VERSION.value:  # the reject named the current version: ask again with it
                         self.stale_retries += 1
@@ -874,6 +1060,7 @@ class Worker:
         movers = [s for s in self.sessions if start <= s.number < stop and s.number != 0 and s.acked_seq >= 1
                   and not s.closed][: self.share.reattaches[index]]  # fmt: skip
         self._rejected = {}
+        self.latencies = []
         acked = 0
         t0 = trio.current_time()
         with trio.move_on_after(self.plan.phase_timeout_s):
@@ -885,6 +1072,7 @@ class Worker:
             "rejected": dict(self._rejected),
             "seconds": trio.current_time() - t0,
             "closed": sum(1 for s in self.sessions if s.closed),
+            "latencies_us": to_us(self.latencies),
         }
 
     # -- phase 4: the live stream -----------------------------------------------------------
@@ -1002,6 +1190,8 @@ class LoadSettings:
     phase_timeout_s: float = DEFAULT_PHASE_TIMEOUT_S
     sockets_per_worker: int | None = None  # None: as many as the open-file limit allows
     workdir: Path | None = None
+    store: str = attrs.field(default="memory", validator=attrs.validators.in_(STORES))
+    store_ops: int = DEFAULT_STORE_OPS  # calls per operation in the store-level figure (etcd only); 0: none
 
 
 def _write_keys(directory: Path, count: int) -> list[str]:
@@ -1040,12 +1230,137 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " / ".join(text[-lines:]) or "(no output)"
 
 
+def op_summary(durations: Sequence[float], *, seconds: float, failed: int) -> dict[str, Any]:
+    """One operation's pass: calls that succeeded, failed, ops/s over the pass's wall time, latencies."""
+    return {
+        "ok": len(durations),
+        "failed": failed,
+        "seconds": seconds,
+        "ops_per_s": rate(len(durations), seconds),
+        **{f"latency_{name}": value for name, value in latency_summary(durations).items()},
+    }
+
+
+async def timed_calls(call: Callable[[int], Awaitable[bool]], items: Sequence[int],
+                      width: int) -> tuple[list[float], list[int], float]:  # fmt: skip
+    """``call(i)`` for each item, ``width`` at a time: durations and items of those that returned True, wall time.
+
+    A call that raises StoreError counts as one that returned False.
+    """
+    from jvpn_trio.core.ownership import StoreError
+
+    durations: list[float] = []
+    succeeded: list[int] = []
+    limit = trio.CapacityLimiter(width)
+
+    async def one(i: int) -> None:
+        async with limit:
+            t0 = trio.current_time()
+            try:
+                ok = await call(i)
+            except StoreError:
+                ok = False
+            if ok:
+                durations.append(trio.current_time() - t0)
+                succeeded.append(i)
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in items:
+            nursery.start_soon(one, i)
+    return durations, sorted(succeeded), trio.current_time() - t0
+
+
+async def _store_ops_pass(store: EtcdOwnershipStore, count: int, width: int) -> dict[str, Any]:
+    """One pass of :func:`measure_store_ops` over ``count`` fresh sessions, ``width`` calls at a time."""
+    from jvpn_trio.core.ids import SESSION_ID_BYTES
+    from jvpn_trio.core.ownership import (
+        ABSENT_REVISION,
+        SessionTicket,
+        peer_fingerprint,
+    )
+
+    tickets = [
+        SessionTicket(
+            peer=peer_fingerprint(os.urandom(32)), session_id=SessionId(os.urandom(SESSION_ID_BYTES)),
+            owner=STORE_OPS_NODE, address=STORE_OPS_TICKET_ADDRESS,
+        )
+        for _ in range(count)
+    ]
+    revisions: dict[int, int] = {}  # ticket index -> the session key's revision, once claimed
+    read_back: dict[int, SessionTicket] = {}
+
+    async def claim(i: int) -> bool:
+        result = await store.claim(
+            tickets[i].session_id, STORE_OPS_NODE, expected_revision=ABSENT_REVISION, ticket=tickets[i]
+        )
+        if result.succeeded and result.record is not None:
+            revisions[i] = result.record.revision
+        return i in revisions
+
+    async def read(i: int) -> bool:
+        return await store.read(tickets[i].session_id) is not None
+
+    async def release(i: int) -> bool:
+        return (await store.release(tickets[i].session_id, STORE_OPS_NODE, expected_revision=revisions[i])).succeeded
+
+    async def read_ticket(i: int) -> bool:
+        ticket = await store.read_ticket(tickets[i].peer)
+        if ticket is not None and ticket.session_id == tickets[i].session_id:
+            read_back[i] = ticket
+        return i in read_back
+
+    async def take_over(i: int) -> bool:
+        return (await store.take_over(read_back[i], STORE_OPS_NODE)).succeeded
+
+    steps: dict[str, Callable[[int], Awaitable[bool]]] = {
+        "claim": claim, "read": read, "release": release, "read_ticket": read_ticket, "take_over": take_over,
+    }  # fmt: skip
+    alive = list(range(count))
+    figures: dict[str, Any] = {}
+    for operation in STORE_OPS:
+        durations, succeeded, seconds = await timed_calls(steps[operation], alive, width)
+        figures[operation] = op_summary(durations, seconds=seconds, failed=len(alive) - len(succeeded))
+        alive = succeeded
+    return figures
+
+
+async def measure_store_ops(endpoints: Sequence[str], *, count: int, concurrency: int = STORE_OPS_CONCURRENCY,
+                            transport: Any = None) -> dict[str, Any]:  # fmt: skip
+    """The etcd store alone: ``count`` calls of each of :data:`STORE_OPS`, one at a time, then ``concurrency`` at a time.
+
+    Through :class:`~jvpn_trio.drivers.store_etcd.EtcdOwnershipStore` with the gateway's default
+    lease timings, under a lease of its own and keys of its own (:data:`STORE_OPS_PREFIX`).  Each
+    pass works on ``count`` fresh sessions, in the order a takeover needs: claim (create-if-absent,
+    with the peer's ticket), read, release (the session key; the ticket stays), read_ticket, and
+    take_over with the ticket read back.  A call that raises StoreError or loses its
+    compare-and-swap counts as failed and has no latency; a session whose earlier step failed is
+    left out of the later ones.  ``transport``: how to reach the members (a lab's unix sockets).
+    Raises StoreError if the store cannot start (no lease).
+    """
+    from jvpn_trio.config import ClusterConfig
+    from jvpn_trio.drivers.store_etcd import open_etcd_ownership_store
+
+    cluster = ClusterConfig()
+    passes: dict[str, dict[str, Any]] = {}
+    async with open_etcd_ownership_store(
+        endpoints, request_timeout_s=cluster.request_timeout_ms / MS_PER_S, lease_ttl_ms=cluster.lease_ttl_ms,
+        lease_margin_s=cluster.lease_margin_ms / MS_PER_S, keepalive_interval_s=cluster.keepalive_interval_ms / MS_PER_S,
+        prefix=STORE_OPS_PREFIX, transport=transport,
+    ) as store:  # fmt: skip
+        for mode, width in (("sequential", 1), ("concurrent", concurrency)):
+            passes[mode] = figures = await _store_ops_pass(store, count, width)
+            summary = ", ".join(f"{op} {_fmt(f['ops_per_s'], ',.0f')}/s" for op, f in figures.items())
+            _progress(f"  store alone, {mode}: {summary}")
+    return {"count": count, "concurrency": concurrency, "prefix": STORE_OPS_PREFIX, "passes": passes}
+
+
 async def run_load(settings: LoadSettings) -> dict[str, Any]:
     """Build the lab, start the gateway and the workers, run the phases, collect the report (JSON-ready)."""
     from jvpn_trio.drivers.control import ControlError, query_control
     from jvpn_trio.lab.netns import DEFAULT_PATHS, LabSpec, open_lab
 
-    started_utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    started_utc = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     capacity = settings.sockets_per_worker or worker_capacity(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     shares = partition(settings.sizes, settings.reattaches, capacity)
     temporary = settings.workdir is None
@@ -1056,9 +1371,11 @@ async def run_load(settings: LoadSettings) -> dict[str, Any]:
         await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
         _progress(f"generating {peers:,} client keys")
         public_keys = await trio.to_thread.run_sync(_write_keys, workdir, peers)
-        async with open_lab(spec) as lab:
+        async with open_lab(spec) as lab, _open_etcd_for(settings.store, lab.gateway_ns) as etcd:
             listen = f"{lab.gateway_address}:{PORT}"
-            text = gateway_config_text(public_keys=public_keys, listen=listen, directory=workdir)
+            etcd_endpoints = etcd.namespace_endpoints if etcd is not None else []
+            text = gateway_config_text(public_keys=public_keys, listen=listen, directory=workdir,
+                                       etcd_endpoints=etcd_endpoints)  # fmt: skip
             await trio.Path(workdir / "gateway.toml").write_text(text)
             client_ip, _ = lab.path_addresses(DEFAULT_PATHS[0])
             hosts = source_hosts(client_ip, math.ceil(sum(s.endpoints for s in shares) / ports_per_host()))
@@ -1117,6 +1434,11 @@ async def run_load(settings: LoadSettings) -> dict[str, Any]:
                 _progress(f"gateway status unavailable: {exc}")
             gateway_rss_peak = await _peak_rss(gateway.pid)
             await gateway.terminate()
+            store_ops: dict[str, Any] | None = None
+            if etcd is not None and settings.store_ops > 0:
+                _progress(f"the store alone: {settings.store_ops:,} calls per operation, one at a time, "
+                          f"then {STORE_OPS_CONCURRENCY} at a time")  # fmt: skip
+                store_ops = await measure_store_ops(etcd.endpoints, count=settings.store_ops, transport=etcd.transport())
     finally:
         if temporary:
             with trio.CancelScope(shield=True):
@@ -1127,6 +1449,10 @@ async def run_load(settings: LoadSettings) -> dict[str, Any]:
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "settings": {**attrs.asdict(settings), "workdir": str(settings.workdir) if settings.workdir else None},
         "policy": dict(LOAD_POLICY),
+        "store": settings.store,
+        "etcd_members": ETCD_MEMBERS.get(settings.store, 0),
+        "etcd_endpoints": etcd_endpoints,
+        "store_ops": store_ops,
         "peers": peers,
         "workers": len(shares),
         "gateway_startup_s": round(startup_s, 3),
@@ -1135,6 +1461,21 @@ async def run_load(settings: LoadSettings) -> dict[str, Any]:
         "gateway_peak_rss_kib": gateway_rss_peak,
         **measured,
     }
+
+
+@contextlib.asynccontextmanager
+async def _open_etcd_for(store: str, namespace: str) -> AsyncIterator[EtcdCluster | None]:
+    """With an etcd store: its members in ``namespace`` (the gateway's), on its loopback; else None."""
+    from jvpn_trio.lab.etcd import EtcdSpec, open_etcd_cluster
+
+    members = ETCD_MEMBERS.get(store)
+    if members is None:
+        yield None
+        return
+    _progress(f"starting etcd: {members} member(s) in {namespace}")
+    spec = EtcdSpec(members=members, namespace=namespace, heartbeat_ms=ETCD_HEARTBEAT_MS, election_ms=ETCD_ELECTION_MS)
+    async with open_etcd_cluster(spec) as cluster:
+        yield cluster
 
 
 async def _control_listener(path: Path, backlog: int) -> trio.SocketListener:
@@ -1227,7 +1568,9 @@ async def _conduct(listener: trio.SocketListener, watch: _Watch, plan: WorkerPla
         result.established = sum(a["established"] for a in answers)
         result.timed_out = any(a["timed_out"] for a in answers)
         result.handshakes_per_s = rate(result.handshakes_new, result.handshake_s)
-        _progress(f"  {result.established:,} established, {_fmt(result.handshakes_per_s, ',.0f')} handshakes/s"
+        result.set_latency("handshake", from_us([us for a in answers for us in a["latencies_us"]]))
+        _progress(f"  {result.established:,} established, {_fmt(result.handshakes_per_s, ',.0f')} handshakes/s, "
+                  f"p50 / p99 / max {_p50_p99_max(result.to_json(), 'handshake')} ms"
                   f"{' (timed out)' if result.timed_out else ''}")  # fmt: skip
         await trio.sleep(settings.settle_s)
         result.idle_cores = await cores_over(pid, settings.idle_s)
@@ -1254,8 +1597,10 @@ async def _conduct(listener: trio.SocketListener, watch: _Watch, plan: WorkerPla
                 result.reattach_rejected[reason] = result.reattach_rejected.get(reason, 0) + n
         result.reattaches_per_s = rate(result.reattach_acked, result.reattach_s)
         result.closed_by_gateway = sum(a["closed"] for a in answers)
+        result.set_latency("reattach", from_us([us for a in answers for us in a["latencies_us"]]))
         _progress(f"  reattaches: {result.reattach_acked}/{result.reattach_sent} acked, "
-                  f"{_fmt(result.reattaches_per_s, ',.0f')}/s")  # fmt: skip
+                  f"{_fmt(result.reattaches_per_s, ',.0f')}/s, "
+                  f"p50 / p99 / max {_p50_p99_max(result.to_json(), 'reattach')} ms")  # fmt: skip
         if result.timed_out:
             break
     watch.workers_may_exit = True
@@ -1330,18 +1675,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sockets-per-worker", type=_bounded(int, 1, MAX_ENDPOINTS_PER_WORKER), metavar="N",
                         help="sockets one client worker process holds at most; more sessions start more workers "
                              f"(default: the hard open-file limit less {SPARE_FDS}, at most {MAX_ENDPOINTS_PER_WORKER})")  # fmt: skip
+    parser.add_argument("--store", type=parse_stores, default=DEFAULT_STORES, metavar="LIST",
+                        help="the gateway's ownership store: memory, etcd (one member) or etcd3 (three), started in "
+                             "the gateway namespace; a comma list runs each in turn and compares them (default memory)")  # fmt: skip
+    parser.add_argument("--store-ops", type=_bounded(int, 0, MAX_STORE_OPS), default=DEFAULT_STORE_OPS, metavar="N",
+                        help="with etcd: then N calls of each store operation, one at a time and "
+                             f"{STORE_OPS_CONCURRENCY} at a time, against etcd alone (default {DEFAULT_STORE_OPS}; 0 skips)")  # fmt: skip
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="also write the JSON document to FILE, or to stdout (the table then goes to stderr)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="keep keys, configs, logs and the gateway's event log here (default: a temporary directory)")  # fmt: skip
 
 
-def settings_from_args(args: argparse.Namespace) -> LoadSettings:
-    return LoadSettings(
-        sizes=tuple(args.sessions), window=args.window, reattaches=args.reattaches, settle_s=args.settle,
-        idle_s=args.idle_seconds, live_s=args.live_seconds, live_hz=args.live_hz, phase_timeout_s=args.phase_timeout,
-        sockets_per_worker=args.sockets_per_worker, workdir=args.workdir,
-    )  # fmt: skip
+def settings_from_args(args: argparse.Namespace) -> tuple[LoadSettings, ...]:
+    """One run's settings per ``--store``, in the order given."""
+    return tuple(
+        LoadSettings(
+            sizes=tuple(args.sessions), window=args.window, reattaches=args.reattaches, settle_s=args.settle,
+            idle_s=args.idle_seconds, live_s=args.live_seconds, live_hz=args.live_hz,
+            phase_timeout_s=args.phase_timeout, sockets_per_worker=args.sockets_per_worker,
+            workdir=_store_workdir(args.workdir, store, len(args.store)), store=store, store_ops=args.store_ops,
+        )
+        for store in args.store
+    )
+
+
+def _store_workdir(workdir: Path | None, store: str, stores: int) -> Path | None:
+    """``--workdir`` itself for one store; a subdirectory per store for several (each run writes its own keys)."""
+    return workdir / store if workdir is not None and stores > 1 else workdir
+
+
+async def run_loads(runs: Sequence[LoadSettings]) -> list[dict[str, Any]]:
+    """:func:`run_load` for each store in turn, each in a lab of its own."""
+    reports = []
+    for settings in runs:
+        _progress(f"== store {store_label(settings.store)} ==")
+        reports.append(await run_load(settings))
+    return reports
+
+
+def render_reports(reports: Sequence[Mapping[str, Any]]) -> str:
+    """Each run's table, then (several stores) the side-by-side comparison."""
+    text = "\n".join(render_table(report) for report in reports)
+    if len(reports) > 1:
+        text += "\n" + render_comparison(reports)
+    return text
+
+
+def report_document(reports: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The JSON document: one store's report as it is; several as ``{"runs": [...]}``."""
+    return reports[0] if len(reports) == 1 else {"runs": list(reports)}
 
 
 def _preflight() -> str | None:
@@ -1366,7 +1749,9 @@ def first_load_error(exc: BaseException) -> LoadError | None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the load from parsed options; print the table (and the JSON); return the exit code."""
+    from jvpn_trio.core.ownership import StoreError
     from jvpn_trio.lab.bench import EXIT_INTERRUPTED, only_interrupts
+    from jvpn_trio.lab.etcd import EtcdError
     from jvpn_trio.lab.netns import LabError
 
     problem = _preflight()
@@ -1374,7 +1759,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"jvpn-trio loadgen: {problem}", file=sys.stderr)
         return 2
     try:
-        report = trio.run(run_load, settings_from_args(args))
+        reports = trio.run(run_loads, settings_from_args(args))
+    except (EtcdError, StoreError) as exc:
+        print(f"jvpn-trio loadgen: etcd: {exc}", file=sys.stderr)
+        return 1
     except (LoadError, LabError, OSError) as exc:
         print(f"jvpn-trio loadgen: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, LoadError) else 2
@@ -1387,14 +1775,14 @@ def main(args: argparse.Namespace) -> int:
             raise
         print("jvpn-trio loadgen: interrupted (lab removed)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    document = json.dumps(report, indent=2) + "\n"
+    document = json.dumps(report_document(reports), indent=2) + "\n"
     to_stdout = args.json == "-"
-    print(render_table(report), file=sys.stderr if to_stdout else sys.stdout, end="")
+    print(render_reports(reports), file=sys.stderr if to_stdout else sys.stdout, end="")
     if to_stdout:
         sys.stdout.write(document)
     elif args.json is not None:
         Path(args.json).write_text(document)
-    return 1 if short_of_target(report) else 0
+    return 1 if any(short_of_target(report) for report in reports) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,8 @@ from jvpn_trio.cli import build_parser
 from jvpn_trio.config import load_gateway_config
 from jvpn_trio.keyfile import generate_private_key_text, write_private_key
 from jvpn_trio.lab import loadgen
+from jvpn_trio.lab.bench import parse_cpu_ticks
+from jvpn_trio.lab.etcd import etcd_binary
 from jvpn_trio.lab.loadgen import (
     LoadError,
     LoadSettings,
@@ -33,12 +35,14 @@ from jvpn_trio.lab.loadgen import (
     icmp_echo_reply_untrusted,
     icmp_echo_request,
     kib_per_session,
+    latency_summary,
     loss_pct,
-    parse_cpu_ticks,
     parse_sizes,
     parse_vm_rss_kib,
     partition,
     percentile,
+    render_comparison,
+    render_store_ops,
     render_table,
     source_endpoint,
     source_hosts,
@@ -63,9 +67,41 @@ def test_bad_sizes_are_one_line_errors(text: str) -> None:
 
 def test_cli_knows_loadgen_and_its_defaults() -> None:
     args = build_parser().parse_args(["loadgen", "--sessions", "50", "--window", "8"])
-    settings = loadgen.settings_from_args(args)
+    (settings,) = loadgen.settings_from_args(args)
     assert settings.sizes == (50,) and settings.window == 8
     assert settings.live_hz == loadgen.DEFAULT_LIVE_HZ
+
+
+def test_stores_keep_their_order_and_come_once() -> None:
+    assert loadgen.parse_stores("etcd, memory,etcd") == ("etcd", "memory")
+    assert loadgen.parse_stores("ETCD3") == ("etcd3",)
+
+
+@pytest.mark.parametrize("text", ["", ",", "redis", "memory,zk"])
+def test_bad_stores_are_one_line_errors(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        loadgen.parse_stores(text)
+
+
+def test_cli_gives_one_run_per_store_in_order() -> None:
+    args = build_parser().parse_args(["loadgen", "--sessions", "50", "--store", "memory,etcd3", "--store-ops", "10"])
+    runs = loadgen.settings_from_args(args)
+    assert [r.store for r in runs] == ["memory", "etcd3"]
+    assert all(r.store_ops == 10 and r.sizes == (50,) for r in runs)
+    (default,) = loadgen.settings_from_args(build_parser().parse_args(["loadgen"]))
+    assert default.store == "memory" and default.store_ops == loadgen.DEFAULT_STORE_OPS
+
+
+def test_several_stores_keep_their_workdirs_apart() -> None:
+    args = build_parser().parse_args(["loadgen", "--store", "memory,etcd", "--workdir", "/tmp/w"])
+    assert [r.workdir for r in loadgen.settings_from_args(args)] == [Path("/tmp/w/memory"), Path("/tmp/w/etcd")]
+    args = build_parser().parse_args(["loadgen", "--store", "etcd", "--workdir", "/tmp/w"])
+    assert [r.workdir for r in loadgen.settings_from_args(args)] == [Path("/tmp/w")]
+
+
+def test_settings_refuse_an_unknown_store() -> None:
+    with pytest.raises(ValueError):
+        LoadSettings(store="redis")
 
 
 def test_cli_rejects_a_window_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
@@ -214,6 +250,50 @@ def test_figures() -> None:
     assert percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
 
 
+def test_latency_summary_is_nearest_rank_in_milliseconds() -> None:
+    summary = latency_summary([i / 1000.0 for i in range(100, 0, -1)])  # 1..100 ms, in any order
+    assert summary == pytest.approx({"p50_ms": 50.0, "p99_ms": 99.0, "max_ms": 100.0})
+    assert latency_summary([]) == {"p50_ms": None, "p99_ms": None, "max_ms": None}
+
+
+def test_latencies_travel_as_whole_microseconds() -> None:
+    assert loadgen.to_us([0.0012344, 1.5]) == [1234, 1_500_000]
+    assert loadgen.from_us([1234, 1_500_000]) == [0.001234, 1.5]
+
+
+def test_size_result_takes_a_phase_latency() -> None:
+    result = SizeResult(sessions=3)
+    result.set_latency("reattach", [0.002, 0.001, 0.004])
+    assert (result.reattach_p50_ms, result.reattach_max_ms) == pytest.approx((2.0, 4.0))
+    assert result.handshake_p50_ms is None
+
+
+def test_op_summary_counts_only_successes() -> None:
+    summary = loadgen.op_summary([0.001, 0.003], seconds=0.5, failed=1)
+    assert summary["ok"] == 2 and summary["failed"] == 1 and summary["ops_per_s"] == 4.0
+    assert summary["latency_p50_ms"] == pytest.approx(1.0) and summary["latency_max_ms"] == pytest.approx(3.0)
+
+
+async def test_timed_calls_bound_their_concurrency_and_drop_failures() -> None:
+    from jvpn_trio.core.ownership import StoreUnavailable
+
+    in_flight, most = 0, 0
+
+    async def call(i: int) -> bool:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await trio.lowlevel.checkpoint()  # let the other calls start, if the limit allows
+        in_flight -= 1
+        if i == 3:
+            raise StoreUnavailable("down")
+        return i % 2 == 0
+
+    durations, succeeded, _seconds = await loadgen.timed_calls(call, list(range(10)), 4)
+    assert succeeded == [0, 2, 4, 6, 8] and len(durations) == 5
+    assert most == 4
+
+
 # -- config, plan, table ------------------------------------------------------------------------
 
 
@@ -227,6 +307,23 @@ def test_the_gateway_config_loads_with_one_peer_per_key(tmp_path: Path) -> None:
     assert [p.name for p in config.peers] == ["load0", "load1", "load2"]
     assert config.policy.transport_loss_ttl_ms == loadgen.LOAD_POLICY["transport_loss_ttl_ms"]
     assert config.nat is False and config.events_file is not None
+    assert config.cluster.store == "memory"
+
+
+def test_the_gateway_config_names_etcd_in_a_cluster_table(tmp_path: Path) -> None:
+    write_private_key(tmp_path / "gateway.key", generate_private_key_text(os.urandom))
+    endpoints = ["http://127.0.0.1:2379", "http://127.0.0.1:2381"]
+    (tmp_path / "gateway.toml").write_text(
+        loadgen.gateway_config_text(
+            public_keys=[base64.b64encode(bytes(32)).decode()], listen="10.99.0.1:51820", directory=tmp_path,
+            etcd_endpoints=endpoints,
+        )
+    )
+    cluster = load_gateway_config(tmp_path / "gateway.toml").cluster
+    assert cluster.store == "etcd" and list(cluster.etcd_endpoints) == endpoints
+    default = type(cluster)()
+    assert cluster.lease_ttl_ms == default.lease_ttl_ms and cluster.request_timeout_ms == default.request_timeout_ms
+    assert loadgen.cluster_text([]) == ""
 
 
 def test_plan_round_trips_through_json() -> None:
@@ -245,9 +342,54 @@ def test_table_shows_every_size_and_a_missing_figure_as_na() -> None:
         "rss0_kib": 60_000, "sizes": [size], "gateway_session_count": 1000, "policy": dict(loadgen.LOAD_POLICY),
     }  # fmt: skip
     table = render_table(report)
-    assert "| 1,000 | 1,000 | 512 | 78.1 | n/a |" in table
-    assert "gateway status: 1000 sessions" in table
+    assert "| 1,000 | 1,000 | 512 | n/a / n/a / n/a | 78.1 | n/a |" in table
+    assert "gateway status: 1000 sessions" in table and "store memory," in table
+    assert "store alone" not in table
     assert not loadgen.short_of_target(report)
+
+
+def _etcd_report() -> dict[str, object]:
+    size = SizeResult(sessions=1000, established=1000, handshakes_per_s=150.0, reattach_sent=10, reattach_acked=10,
+                      reattaches_per_s=400.0)  # fmt: skip
+    size.set_latency("handshake", [0.010, 0.020, 0.030])
+    size.set_latency("reattach", [0.0015, 0.0025])
+    figures = loadgen.op_summary([0.004, 0.006], seconds=0.01, failed=0)
+    passes = {mode: {op: figures for op in loadgen.STORE_OPS} for mode in ("sequential", "concurrent")}
+    return {
+        "started_utc": "2026-12-03 02:00", "host": {"cpus": 2}, "peers": 1000, "gateway_startup_s": 1.0,
+        "rss0_kib": 60_000, "sizes": [size.to_json()], "gateway_session_count": 1000,
+        "policy": dict(loadgen.LOAD_POLICY), "store": "etcd3",
+        "store_ops": {"count": 2, "concurrency": 16, "prefix": loadgen.STORE_OPS_PREFIX, "passes": passes},
+    }  # fmt: skip
+
+
+def test_table_shows_latencies_and_calls_handshakes_ownership_changes() -> None:
+    table = render_table(_etcd_report())
+    assert "store etcd3 (3 members)," in table
+    assert "| handshakes/s = ownership changes/s | handshake p50 / p99 / max ms |" in table
+    assert "| 1,000 | 1,000 | 150 | 20.0 / 30.0 / 30.0 |" in table
+    assert "| 400 (10/10) | 1.5 / 2.5 / 2.5 |" in table
+    assert "store alone (etcd3 (3 members), EtcdOwnershipStore, 2 calls per operation and pass):" in table
+
+
+def test_store_ops_table_has_a_row_per_operation() -> None:
+    text = render_store_ops(_etcd_report()["store_ops"])  # type: ignore[arg-type]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| operation")]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(loadgen.STORE_OPS)
+    assert "| claim | 200 | 4.0 / 6.0 / 6.0 | 200 | 4.0 / 6.0 / 6.0 | 0 |" in text
+    assert "| 16 at a time: ops/s |" in text
+
+
+def test_stores_side_by_side() -> None:
+    memory = {**_etcd_report(), "store": "memory", "store_ops": None}
+    text = render_comparison([memory, _etcd_report()])
+    assert "| memory | 1,000 | 150 | 20.0 / 30.0 / 30.0 | 400 (10/10) | 1.5 / 2.5 / 2.5 |" in text
+    assert "| etcd3 (3 members) | 1,000 |" in text
+    both = loadgen.render_reports([memory, _etcd_report()])
+    assert both.count("jvpn-trio loadgen,") == 2 and "| store | sessions |" in both
+    assert "| store | sessions |" not in loadgen.render_reports([memory])
+    assert loadgen.report_document([memory]) is memory
+    assert loadgen.report_document([memory, memory]) == {"runs": [memory, memory]}
 
 
 # -- the real thing -----------------------------------------------------------------------------
@@ -274,3 +416,24 @@ async def test_fifty_sessions_are_established_and_measured(
     assert last["live_sent"] == int(settings.live_s * settings.live_hz) and last["live_received"] > 0
     assert (tmp_path / "gateway-events.jsonl").stat().st_size > 0  # the event sink was on
     assert "| 50 | 50 |" in render_table(report)
+
+
+@requires_lab
+@pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (apt-get install etcd-server)")
+async def test_the_etcd_store_is_measured_through_the_gateway_and_alone(tmp_path: Path) -> None:
+    settings = LoadSettings(
+        sizes=(20,), window=8, reattaches=5, settle_s=0.2, idle_s=0.5, live_s=1.0, phase_timeout_s=60.0,
+        workdir=tmp_path, store="etcd", store_ops=12,
+    )  # fmt: skip
+    with trio.fail_after(240):
+        report = await loadgen.run_load(settings)
+    assert report["store"] == "etcd" and report["etcd_members"] == 1
+    assert report["etcd_endpoints"] == ["http://127.0.0.1:2379"]  # the gateway namespace's loopback
+    assert "[cluster]" in (tmp_path / "gateway.toml").read_text()
+    (size,) = report["sizes"]
+    assert size["established"] == 20 and report["gateway_session_count"] == 20
+    assert size["reattach_acked"] == 5
+    assert size["handshake_p50_ms"] is not None and size["reattach_max_ms"] is not None
+    for figures in report["store_ops"]["passes"].values():
+        assert {op: f["ok"] for op, f in figures.items()} == dict.fromkeys(loadgen.STORE_OPS, 12)
+    assert "store alone" in render_table(report)
