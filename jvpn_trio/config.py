@@ -489,6 +489,8 @@ class PeerConfig:
 
 #: ``[cluster].store``: where session ownership lives (docs/cluster.md).
 CLUSTER_STORES = ("memory", "etcd")
+#: Upper bound of ``[cluster].store_calls_in_flight``: each call holds a task and an HTTP connection.
+MAX_STORE_CALLS_IN_FLIGHT = 1024
 #: etcd's lease TTLs are whole seconds; ``lease_ttl_ms`` is rounded up to them.
 _MS_PER_S = 1000
 
@@ -516,6 +518,9 @@ class ClusterConfig:
     #: The LAN interface on which the owner of a session answers ARP for the client's tunnel address
     #: (proxy ARP and gratuitous ARP on takeover, drivers/announce.py); None: no announcements.
     announce_interface: str | None = None
+    #: Store calls (claims, takeovers, reads before a REATTACH) in flight at once: each waits for
+    #: etcd in a task of its own, so a slow store never holds up the probes on the control port.
+    store_calls_in_flight: int = 32
 
 
 @attrs.frozen(kw_only=True)
@@ -805,6 +810,9 @@ def _cluster(raw: Any, *, source: str) -> ClusterConfig:
     announce_interface = t.get("announce_interface", str, default.announce_interface)
     if announce_interface is not None:
         _check_name_or_glob(announce_interface, where=f"{t.where}.announce_interface", glob=False)
+    in_flight = t.get("store_calls_in_flight", int, default.store_calls_in_flight)
+    if not 1 <= in_flight <= MAX_STORE_CALLS_IN_FLIGHT:
+        raise ConfigError(f"{t.where}.store_calls_in_flight: {out_of_range(in_flight, 1, MAX_STORE_CALLS_IN_FLIGHT)}")
     t.finish()
     if store == "etcd" and not endpoints:
         raise ConfigError(f"{t.where}.etcd_endpoints: store = \"etcd\" needs at least one endpoint")
@@ -826,7 +834,12 @@ def _cluster(raw: Any, *, source: str) -> ClusterConfig:
             f"lease_ttl_ms rounded up to seconds ({ttl_ms}) minus lease_margin_ms ({timings['lease_margin_ms']})"
         )
     return ClusterConfig(
-        store=store, etcd_endpoints=endpoints, key_prefix=prefix, announce_interface=announce_interface, **timings
+        store=store,
+        etcd_endpoints=endpoints,
+        key_prefix=prefix,
+        announce_interface=announce_interface,
+        store_calls_in_flight=in_flight,
+        **timings,
     )
 
 

@@ -80,6 +80,8 @@ key_prefix = "/vpn/sessions/"
         ('key_prefix = "sessions"', "must start with /"),
         ("leases = 1", "unknown key(s): leases"),
         ('lease_ttl_ms = "10s"', "lease_ttl_ms: expected int"),
+        ("store_calls_in_flight = 0", "store_calls_in_flight: 0 is"),
+        ("store_calls_in_flight = 5000", "store_calls_in_flight: 5000 is"),
     ],
 )
 def test_bad_cluster_tables_are_one_line_errors(tmp_path: pathlib.Path, table: str, expected: str) -> None:
@@ -147,3 +149,8 @@ async def test_an_unreachable_etcd_stops_serve_at_start_with_one_line() -> None:
                 pytest.fail("a store without etcd must not open")
     assert str(info.value).startswith(f"etcd not reachable at {endpoint}: ")
     assert "cannot connect" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_store_calls_in_flight_is_read(tmp_path: pathlib.Path) -> None:
+    assert load(tmp_path, "\n[cluster]\n").store_calls_in_flight == 32
+    assert load(tmp_path, "\n[cluster]\nstore_calls_in_flight = 4\n").store_calls_in_flight == 4

@@ -297,6 +297,7 @@ async def _serve_gateway(
             recorder=recorder,
             tunnel6=config.tunnel_address6,
             announcer=announcer,
+            store_calls_in_flight=config.cluster.store_calls_in_flight,
         )
         ports, control_ports = [], []
         for addr, control_addr in zip(config.listen, config.control_listen, strict=True):

@@ -206,6 +206,7 @@ class _Counts:
     handshake_store_unavailable: int = 0
     handshake_ownership_ambiguous: int = 0
     reattach_store_unavailable: int = 0
+    reattach_store_busy: int = 0  # denied STORE_UNAVAILABLE at once: every store call slot was waiting
     store_release_failed: int = 0
     drop_lease_unproven: int = 0
     tx_lease_unproven: int = 0
@@ -414,12 +415,19 @@ class GatewayRuntime:
         handshake_limits: HandshakeLimits | None = None,
         announcer: AddressAnnouncer | None = None,
         log: Callable[[str], None] = stderr_line,
+        store_calls_in_flight: int | None = None,
     ) -> None:
         """``tunnel6``: the gateway's IPv6 tunnel address; each client then gets an IPv6 address too.
 
         ``lease``: a shared store's lease (docs/cluster.md); while it is unproven the gateway
         forwards nothing and admits nothing, and once it is lost every session ends
         OWNERSHIP_LOST.  None (the memory store): always valid.
+
+        ``store_calls_in_flight``: with a shared store (``lease`` given), each claim, takeover
+        and pre-REATTACH read runs in a task of its own, at most this many at once, so that
+        waiting for etcd holds up neither the next handshake nor the probes on the control
+        port; a REATTACH finding them all busy is denied STORE_UNAVAILABLE (fail closed).
+        None: calls are awaited where they arise (the memory store answers at once).
 
         ``announcer``: in a cluster, return traffic must follow the session's owner
         (docs/cluster.md, "Routing follows the owner"): each session's IPv4 address is
@@ -477,6 +485,10 @@ class GatewayRuntime:
         self._published_at = -math.inf
         self._announcer = announcer
         self._log = log
+        self._store_calls = (
+            trio.Semaphore(store_calls_in_flight) if lease is not None and store_calls_in_flight else None
+        )
+        self._nursery: trio.Nursery | None = None
         self._announce_lines = LineLimiter(ANNOUNCE_LOG_INTERVAL_S)
         # (address, announce?) in the order routes changed; one task carries them out.
         self._announcements: collections.deque[tuple[ipaddress.IPv4Address, bool]] = collections.deque()
@@ -511,6 +523,7 @@ class GatewayRuntime:
         self._packets = packets
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 self._publish()
                 nursery.start_soon(self._supervise)
                 nursery.start_soon(self._publish_changes)
@@ -1012,20 +1025,21 @@ class GatewayRuntime:
                 self._send(served, addr, wire.MessageType.PROBE_ACK, wire.encode_probe_ack_plaintext(ack))
             case wire.Reattach() as req:
                 served.learn(addr, port, req.path_id, control=True)
-                ownership, store_failure = await self._read_ownership(served.session_id, now)
-                reattach = ev.ReattachReceived(
-                    session_id=req.session_id,
-                    path=req.path_id,
-                    endpoint=addr,
-                    nonce=req.nonce,
-                    client_ts_ms=req.client_ts_ms,
-                    expected_version=req.expected_version,
-                    proof_valid=True,
-                    ownership=ownership,
-                    metadata=req.metadata,
-                    store_failure=store_failure,
+                limiter, nursery = self._store_calls, self._nursery
+                if limiter is None or nursery is None:
+                    await self._reattach_read(served.session_id, req, addr, now)
+                    return
+                try:
+                    limiter.acquire_nowait()
+                except trio.WouldBlock:  # every slot waits for the store: deny now rather than stall the port
+                    self._counts.reattach_store_busy += 1
+                    await self._inbox_send.send(
+                        (now, served.session_id, self._reattach_event(req, addr, None, ReasonCode.STORE_UNAVAILABLE))
+                    )
+                    return
+                nursery.start_soon(
+                    self._store_task, limiter, lambda: self._reattach_read(served.session_id, req, addr, now)
                 )
-                await self._inbox_send.send((now, served.session_id, reattach))
             case wire.PathResponse() as echo:
                 served.learn(addr, port, echo.path_id, control=True)
                 response = ev.PathResponseReceived(
@@ -1036,6 +1050,28 @@ class GatewayRuntime:
                 await self._inbox_send.send((now, served.session_id, ev.PeerClosed(reason=close.reason)))
             case _:  # messages only a gateway sends
                 self._counts.drop_unexpected_type += 1
+
+    async def _reattach_read(self, session_id: SessionId, req: wire.Reattach, addr: Address, now: float) -> None:
+        """Read the session's record, then hand the REATTACH and what was read to the core."""
+        ownership, store_failure = await self._read_ownership(session_id, now)
+        await self._inbox_send.send((now, session_id, self._reattach_event(req, addr, ownership, store_failure)))
+
+    @staticmethod
+    def _reattach_event(
+        req: wire.Reattach, addr: Address, ownership: OwnershipRecord | None, store_failure: ReasonCode | None
+    ) -> ev.ReattachReceived:
+        return ev.ReattachReceived(
+            session_id=req.session_id,
+            path=req.path_id,
+            endpoint=addr,
+            nonce=req.nonce,
+            client_ts_ms=req.client_ts_ms,
+            expected_version=req.expected_version,
+            proof_valid=True,
+            ownership=ownership,
+            metadata=req.metadata,
+            store_failure=store_failure,
+        )
 
     async def _read_ownership(
         self, session_id: SessionId, now: float
@@ -1156,10 +1192,27 @@ class GatewayRuntime:
             if hs.rekey_session in self.sessions:
                 self._on_rekey(hs, peer, port, addr, now)
             else:
-                await self._take_over(hs, hs.rekey_session, peer, port, addr, now)
+                rekey_session = hs.rekey_session
+                await self._with_store(lambda: self._take_over(hs, rekey_session, peer, port, addr, now))
             return
         admission = self._admissions.admit(peer.public, session_id=SessionId.generate(self._random_bytes))
-        await self._settle(admission, hs, peer, port, addr, now)
+        await self._with_store(lambda: self._settle(admission, hs, peer, port, addr, now))
+
+    async def _with_store(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` (it calls the store) here, or in a task of its own once a call slot is free."""
+        limiter, nursery = self._store_calls, self._nursery
+        if limiter is None or nursery is None:
+            await work()
+            return
+        await limiter.acquire()  # backpressure: the init queue fills, and the handshake gate sheds
+        nursery.start_soon(self._store_task, limiter, work)
+
+    @staticmethod
+    async def _store_task(limiter: trio.Semaphore, work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        finally:
+            limiter.release()
 
     async def _take_over(
         self,

@@ -124,6 +124,7 @@ _FIELD_SAMPLES: Mapping[str, tuple[str, Mapping[str, str]]] = {
     "reports_shed": ("supervisor_inputs_dropped", {"reason": "reports_shed"}),
     "takeovers": ("handshakes_accepted", {"kind": "takeover"}),
     "takeover_store_unavailable": ("store_failures", {"operation": "takeover_read"}),
+    "reattach_store_busy": ("store_failures", {"operation": "reattach_busy"}),
     "store_ticket_forget_failed": ("store_failures", {"operation": "forget_ticket"}),
     "announce_failed": ("announce_failures", {}),
 }

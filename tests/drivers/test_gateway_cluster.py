@@ -251,3 +251,77 @@ async def test_a_replacing_handshake_the_store_cannot_confirm_ends_nobody(autoju
             ended = [e for e in world.events if e.kind is EventKind.STATE_CHANGE and e.session == first.session_id.hex]
             assert ended[-1].reason is ReasonCode.SESSION_REPLACED
             nursery.cancel_scope.cancel()
+
+
+class SlowStore(FlakyStore):
+    """Reads take ``READ_DELAY_S`` (etcd under load), until the test lets them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = True
+        self.reads_started = 0
+
+    async def read(self, session_id: SessionId) -> OwnershipRecord | None:
+        self.reads_started += 1
+        if self.slow:
+            await trio.sleep(READ_DELAY_S)
+        return await super().read(session_id)
+
+
+#: How long a slow store takes to answer a read: far longer than a probe's timeout.
+READ_DELAY_S = 5.0
+
+
+async def test_a_slow_store_holds_up_no_probe_and_a_full_set_of_calls_denies_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    world = ClusterWorld()
+    store = SlowStore()
+    world.store = store
+    world.gateway = GatewayRuntime(
+        policy=world.policy,
+        static=world.gw_static,
+        peers=[GatewayPeer(name=f"peer{n}", public=s.public, address=None) for n, s in world.statics.items()],
+        tunnel=ipaddress.IPv4Interface("10.66.0.1/29"),
+        store=store,
+        node_id="gw-a",
+        emit=world.events.append,
+        random_bytes=world.random_bytes,
+        lease=world.lease,
+        store_calls_in_flight=1,
+    )
+    alice = Peer(world, 1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await world.start(nursery)
+            result = await alice.handshake()
+            assert result is not None
+            first = wire.Reattach(
+                session_id=result.session_id, path_id=PathId(2), nonce=1, client_ts_ms=0, expected_version=result.state_version
+            )
+            alice.send(wire.MessageType.REATTACH, wire.encode_reattach_plaintext(first))
+            await trio.sleep(0.01)
+            assert store.reads_started == 1  # its read waits for the store, in a task of its own
+            # A probe on the same control port is answered at once, not after the read.
+            sent = trio.current_time()
+            probe = wire.Probe(path_id=PathId(1), seq=7, sent_us=5)
+            alice.send(wire.MessageType.PROBE, wire.encode_probe_plaintext(probe))
+            answers = []
+            while not answers:
+                for data, _ in await alice.port.recv_batch(16):
+                    opened = alice.channel.open_untrusted(data, now=trio.current_time())
+                    answers.append(wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext))
+            assert isinstance(answers[0], wire.ProbeAck) and answers[0].seq == 7
+            assert trio.current_time() - sent < READ_DELAY_S
+            # The one call slot is taken: a second REATTACH is denied at once, fail closed.
+            answer = await reattach(alice, result, nonce=2)
+            assert isinstance(answer, wire.ReattachReject) and answer.reason is ReasonCode.STORE_UNAVAILABLE
+            assert trio.current_time() - sent < READ_DELAY_S
+            assert world.gateway.statistics().reattach_store_busy == 1
+            # The first read completes: its REATTACH is judged on what the store said.
+            store.slow = False
+            with trio.move_on_after(READ_DELAY_S * 2):
+                while world.gateway.statistics().reattach_accepted == 0:
+                    await trio.sleep(0.1)
+            assert world.gateway.statistics().reattach_accepted == 1
+            nursery.cancel_scope.cancel()
