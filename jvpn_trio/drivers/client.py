@@ -48,6 +48,15 @@ link up.
 
 Inputs are stamped when observed, not when processed, so RTTs are measured
 where the bytes moved and a recorded trace replays exactly.
+
+Status: a ``RuntimeStatus`` (the core's snapshot, a frozen copy of every
+counter) costs too much to build after every input.  What a watcher waits on
+is published at once: the session record, a pending REATTACH, the path set,
+the tunnel address, the session's start and end, and the outcome of the
+inputs in :data:`PUBLISHED_AT_ONCE`.  Anything else (counters, path health,
+probe RTTs) marks the status stale, and a task of its own publishes it at
+most once per :data:`~jvpn_trio.drivers.control.STATUS_INTERVAL_S`, as the
+gateway does.
 """
 
 from __future__ import annotations
@@ -101,6 +110,7 @@ from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ClientSession, ClientSnapshot
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.core.trace import SessionStart
+from jvpn_trio.drivers.control import STATUS_INTERVAL_S
 from jvpn_trio.drivers.log import LineLimiter, stderr_line
 from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
@@ -111,6 +121,18 @@ BATCH = 64
 INBOX_CAPACITY = 4096
 #: A failing path socket is logged at most this often (every failure is counted).
 PATH_ERROR_LOG_INTERVAL_S = 10.0
+#: Inputs whose outcome is published at once, whatever they changed: news of the path set
+#: (rare), and requests whose asker looks at the status next (a person's key; the agent's
+#: rescuer after a resume, drivers/agent.py ``_resumed``).  The frequent ones wait (:meth:`ClientRuntime._feed`).
+PUBLISHED_AT_ONCE = (
+    ev.PathAdded,
+    ev.PathRemoved,
+    ev.PathReaddressed,
+    ev.PathCostChanged,
+    ev.LinkChanged,
+    ev.PinRequested,
+    ev.ReevaluateRequested,
+)
 #: The seed of a runtime that is not part of an agent's chain.
 FIRST_SEED = SessionSeed(number=1, previous_session=None, switch_times=())
 
@@ -261,6 +283,9 @@ class RuntimeStatus:
     statistics: ClientStatistics
     sessions_started: int = 0  # sessions of the agent so far (1 while the first one runs)
     tunnel_address6: str | None = None
+    #: Inputs the session core had taken: a publication after an input never equals the one before,
+    #: so it wakes whoever waits on a republication (``AsyncValue`` ignores an equal value).
+    inputs: int = 0
 
     @classmethod
     def of(
@@ -272,6 +297,7 @@ class RuntimeStatus:
         tally: ClientTally,
         sessions_started: int,
         tunnel_address6: ipaddress.IPv6Interface | None = None,
+        inputs: int = 0,
     ) -> RuntimeStatus:
         """The status of a runtime (or of an agent between sessions) from its live parts."""
         return cls(
@@ -281,6 +307,7 @@ class RuntimeStatus:
             statistics=tally.freeze(),
             sessions_started=sessions_started,
             tunnel_address6=str(tunnel_address6) if tunnel_address6 else None,
+            inputs=inputs,
         )
 
 
@@ -351,6 +378,14 @@ class ClientRuntime:
         self._active: ClientPath | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[float, Any]](INBOX_CAPACITY)
         self._last_now = -math.inf
+        # What the last publication showed of what a watcher waits on (identities: each is replaced whole).
+        self._published_record: object = None
+        self._published_pending: object = None
+        self._published_tunnel: tuple[object, object] = (None, None)
+        self._published_at = -math.inf
+        self._inputs = 0  # inputs the core has taken (RuntimeStatus.inputs)
+        self._status_stale = False  # an input changed something the status does not show yet
+        self._status_stale_event = trio.Event()  # set when the flag above turns True; the publisher renews it
         self._handshakes: dict[int, _PendingHandshake] = {}
         # The gateway's latest cookie (core/cookie.py): every init carries mac2 with it from then on.
         self._cookie: bytes | None = None
@@ -554,6 +589,7 @@ class ClientRuntime:
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._supervise, nursery.cancel_scope)
+            nursery.start_soon(self._publish_changes)
             self._nursery = nursery
             for p in self.paths.values():
                 self._start_path_tasks(p)
@@ -561,6 +597,8 @@ class ClientRuntime:
                 nursery.start_soon(self._pump_packets, self._packets)
             nursery.start_soon(self._rekey_loop)
             task_status.started(self)
+        if self._status_stale:  # the publisher ended with the nursery: what changed since goes out now
+            self._publish(self._status_now())
         self._nursery = None
         self._path_scopes.clear()
         return self.termination_reason or ReasonCode.LOCAL_CLOSE
@@ -629,6 +667,17 @@ class ClientRuntime:
         The receivers deliver the answer; returns it, or None when ``plan``
         gives up.  Changes nothing of the live session: the caller decides.
         """
+        answered = await self._answered(plan, rekey=False)
+        if answered is None:
+            return None
+        path, result, at = answered
+        self._tally.rescues += 1
+        return Handshaken(result=result, path=path.path, at=at)
+
+    async def _answered(
+        self, plan: HandshakePlan, *, rekey: bool
+    ) -> tuple[ClientPath, HandshakeResult, float] | None:
+        """Send inits where ``plan`` says until one is answered (the receivers deliver it); None if it gives up."""
         self._plan = plan
         try:
             while True:
@@ -636,7 +685,7 @@ class ClientRuntime:
                 if isinstance(step, HandshakeGiveUp):
                     return None
                 path = self.paths.get(step.path)
-                pending = self._start_handshake(path) if path is not None else None
+                pending = self._start_handshake(path, rekey=rekey) if path is not None else None
                 if path is None or pending is None:
                     await trio.sleep_until(step.deadline)
                     continue
@@ -646,8 +695,7 @@ class ClientRuntime:
                 finally:
                     self._handshakes.pop(pending.sender_index, None)
                 if pending.result is not None and pending.answered_at is not None:
-                    self._tally.rescues += 1
-                    return Handshaken(result=pending.result, path=path.path, at=pending.answered_at)
+                    return path, pending.result, pending.answered_at
         finally:
             self._plan = None
 
@@ -676,32 +724,15 @@ class ClientRuntime:
         session = self.session
         if session is None or session.terminated:
             return False
-        self._plan = plan
-        try:
-            while True:
-                step = plan.next_attempt(now=trio.current_time())
-                if isinstance(step, HandshakeGiveUp):
-                    return False
-                path = self.paths.get(step.path)
-                pending = self._start_handshake(path, rekey=True) if path is not None else None
-                if path is None or pending is None:
-                    await trio.sleep_until(step.deadline)
-                    continue
-                try:
-                    with trio.move_on_at(step.deadline):
-                        await pending.done.wait()
-                finally:
-                    self._handshakes.pop(pending.sender_index, None)
-                result = pending.result
-                if result is None or pending.answered_at is None:
-                    continue  # consume_response refused an answer naming another session (SESSION_MISMATCH)
-                self.channel.install_alone(result.keypair(created_at=pending.answered_at))
-                self._tally.resumes += 1
-                await self.submit(ev.TakenOver(owner_epoch=result.owner_epoch))
-                self.probe_all_now()
-                return True
-        finally:
-            self._plan = None
+        answered = await self._answered(plan, rekey=True)  # an answer naming another session is refused
+        if answered is None:
+            return False
+        _path, result, at = answered
+        self.channel.install_alone(result.keypair(created_at=at))
+        self._tally.resumes += 1
+        await self.submit(ev.TakenOver(owner_epoch=result.owner_epoch))
+        self.probe_all_now()
+        return True
 
     def _start_handshake(self, path: ClientPath, *, rekey: bool = False) -> _PendingHandshake | None:
         """Send a HANDSHAKE_INIT on ``path`` and register it; a rekey names the session (Property 5).
@@ -787,10 +818,22 @@ class ClientRuntime:
         now = max(now, self._last_now)
         self._last_now = now
         actions = self.session.handle(event, now=now)
+        self._inputs += 1
         if self._recorder is not None:
             self._recorder.step("client", self.session.record.session_id.hex, now, event, actions)
         self._apply(actions, now)
-        self._publish(now)
+        session = self.session
+        if (
+            session.record is not self._published_record
+            or session.pending is not self._published_pending
+            or isinstance(event, PUBLISHED_AT_ONCE)
+            or self.tunnel_address is not self._published_tunnel[0]
+            or self.tunnel_address6 is not self._published_tunnel[1]
+        ):
+            self._publish(now)  # a watcher waits on these: at once
+        elif not self._status_stale:  # counters, health, RTTs: by the publisher, within one interval
+            self._status_stale = True
+            self._status_stale_event.set()
         self._follow_probe_schedule()
 
     def _follow_probe_schedule(self) -> None:
@@ -837,16 +880,38 @@ class ClientRuntime:
             elif isinstance(action, Terminate):
                 self.termination_reason = action.reason
 
+    # -- status ----------------------------------------------------------------------------------
+    def _status_now(self) -> float:
+        return max(self._last_now, trio.current_time())
+
     def _publish(self, now: float) -> None:
-        assert self.session is not None
+        """Publish the status as of ``now``: O(paths + counters), so not after every input (see :meth:`_feed`)."""
+        session = self.session
+        assert session is not None
+        self._published_record, self._published_pending = session.record, session.pending
+        self._published_tunnel = (self.tunnel_address, self.tunnel_address6)
+        self._status_stale = False
+        self._published_at = trio.current_time()
         self.status.value = RuntimeStatus.of(
-            self.session.snapshot(now=now),
+            session.snapshot(now=now),
             paths=self.paths.values(),
             tunnel_address=self.tunnel_address,
             tally=self._tally,
             sessions_started=self.seed.number,
             tunnel_address6=self.tunnel_address6,
+            inputs=self._inputs,
         )
+
+    async def _publish_changes(self) -> None:
+        """Publish a stale status at most once per STATUS_INTERVAL_S: a watcher sees every change within one."""
+        while True:
+            if not self._status_stale:
+                self._status_stale_event = trio.Event()
+                await self._status_stale_event.wait()
+                continue
+            await trio.sleep_until(self._published_at + STATUS_INTERVAL_S)
+            if self._status_stale:  # else a change a watcher waits on has just published it
+                self._publish(self._status_now())
 
     # -- path sockets ------------------------------------------------------------------------
     def _send(self, path: ClientPath, data: bytes, addr: Address) -> bool:

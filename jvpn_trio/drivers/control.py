@@ -102,6 +102,13 @@ from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.drivers.event_sink import Attachment, SequencedEvent
 from jvpn_trio.drivers.log import stderr_line
 
+#: A runtime's status (``GatewayRuntime.status``, ``ClientRuntime.status``) takes in what changed
+#: inside its sessions (versions, bytes, health) at most this often: the rate ``jvpn-trio attach``
+#: polls a status at (ui/attached.py STATUS_PERIOD_S).  Building one costs O(sessions) on the
+#: gateway and a snapshot on the client, so it cannot follow every input; what a watcher waits on
+#: (a session started or ended, a state change) is published at once.
+STATUS_INTERVAL_S = 0.25
+
 JsonObject = dict[str, Any]
 Handler = Callable[[JsonObject], Union[JsonObject, Awaitable[JsonObject]]]
 

@@ -112,6 +112,7 @@ from jvpn_trio.core.session import GatewaySession, GatewaySnapshot
 from jvpn_trio.core.states import TERMINATION_REASONS, ReasonCode
 from jvpn_trio.core.trace import SessionStart
 from jvpn_trio.drivers.announce import ANNOUNCE_LOG_INTERVAL_S, AnnounceError
+from jvpn_trio.drivers.control import STATUS_INTERVAL_S
 from jvpn_trio.drivers.log import LineLimiter, stderr_line
 from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
@@ -130,10 +131,6 @@ REPORTED_DROP_TYPES = frozenset({wire.MessageType.REATTACH, wire.MessageType.CLO
 #: Such reports are shed (counted in ``reports_shed``) once the supervisor's inbox is this full:
 #: the rest of it stays for inputs that authenticated, whatever rate of junk arrives.
 DROP_REPORT_INBOX_SHARE = 0.5
-#: Changes inside sessions (state, version, binding, bytes) reach ``GatewayRuntime.status`` at most
-#: this often: the rate ``jvpn-trio attach`` polls a status at (ui/attached.py STATUS_PERIOD_S).
-#: Publishing costs O(sessions), so it cannot follow every input.
-STATUS_INTERVAL_S = 0.25
 #: A session started or ended is published at once, but at most once per this long (the lab's
 #: status poll period): a burst of handshakes then costs one O(sessions) publication per gap.
 STATUS_MEMBERSHIP_GAP_S = 0.05
