@@ -1,8 +1,7 @@
 """``jvpn-trio bench``: jvpn-trio, a bare veth, OpenVPN and wireguard-go measured side by side in one run.
 
     jvpn-trio bench [--quick] [--runs N] [--fault-runs N] [--systems baseline,jvpn-trio,openvpn,wireguard-go]
-                    [--idle S] [--idle-only] [--json [FILE]] [--plots DIR]
-    jvpn-trio bench --replot REPORT.json --plots DIR
+                    [--idle S] [--idle-only] [--json [FILE]]
 
 Theory of operation
 -------------------
@@ -71,8 +70,7 @@ in a separate column labelled as not measured in this run, and no ratio is compu
 
 Every wait is bounded and every process is started through its lab, so the lab's teardown
 kills it at the latest.  Output: a Markdown table (stdout, or stderr when the JSON goes to
-stdout) and, with ``--json``, one JSON document; with ``--plots DIR``, PNG plots of that document
-(:mod:`jvpn_trio.lab.plots`; ``--replot`` draws them from a saved one); progress lines on stderr.  Exit codes: 0
+stdout) and, with ``--json``, one JSON document; progress lines on stderr.  Exit codes: 0
 every requested system that can run here was measured; 1 a measurement failed (the rest is
 still reported); 2 the bench cannot run as asked (not root, iperf3 missing, bad options).
 
@@ -2221,11 +2219,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the JSON document to FILE, or to stdout (the table then goes to stderr)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="keep configs, logs and raw iperf3 output here (default: a temporary directory)")  # fmt: skip
-    parser.add_argument("--plots", type=Path, metavar="DIR",
-                        help="also write PNG plots (throughput, outages) to DIR; needs matplotlib "
-                             "(pip install 'jvpn-trio[plots]')")  # fmt: skip
-    parser.add_argument("--replot", type=Path, metavar="JSON",
-                        help="measure nothing: render --plots DIR from a saved --json report (no root needed)")  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -2262,46 +2255,8 @@ def only_interrupts(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt)
 
 
-def replot(report_path: Path, directory: Path) -> int:
-    """``--replot``: render the plots of a saved JSON report, measuring nothing; 2 with one line on bad input."""
-    from jvpn_trio.lab import plots
-
-    try:
-        doc = json.loads(report_path.read_text())
-        drawn = plots.render_all(doc, directory)
-    except (OSError, UnicodeDecodeError, ValueError, plots.PlotsUnavailable) as exc:  # NotAReport, bad JSON
-        where = "" if isinstance(exc, OSError) else f"{report_path}: "  # an OSError names its own file
-        print(f"jvpn-trio bench: {where}{_one_line(exc)}", file=sys.stderr)
-        return 2
-    for figure in drawn:
-        _progress(f"wrote {figure.path}")
-    return 0
-
-
-def _one_line(exc: BaseException) -> str:
-    """An error as one line; an OSError as ``file: reason``."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the bench from parsed options; print the table (and the JSON); return the exit code."""
-    if args.replot is not None:
-        if args.plots is None:
-            print("jvpn-trio bench: --replot needs --plots DIR (where to write the PNGs)", file=sys.stderr)
-            return 2
-        return replot(args.replot, args.plots)
-    if args.plots is not None:
-        from jvpn_trio.lab import plots
-
-        try:  # before the run, not after minutes of it
-            plots.require_matplotlib()
-            args.plots.mkdir(parents=True, exist_ok=True)
-        except (OSError, plots.PlotsUnavailable) as exc:
-            print(f"jvpn-trio bench: --plots: {_one_line(exc)}", file=sys.stderr)
-            return 2
     problem = _preflight()
     if problem is not None:
         print(f"jvpn-trio bench: {problem}", file=sys.stderr)
@@ -2329,23 +2284,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(document)
     elif args.json is not None:
         Path(args.json).write_text(document)
-    if args.plots is not None and replot_report(report, args.plots) != 0:
-        return 1
     return 1 if report.failed else 0
-
-
-def replot_report(report: BenchReport, directory: Path) -> int:
-    """The plots of a finished run, from its JSON document (as ``--replot`` would draw them); 1 if they failed."""
-    from jvpn_trio.lab import plots
-
-    try:
-        drawn = plots.render_all(json.loads(json.dumps(report.to_json())), directory)
-    except (OSError, ValueError, plots.PlotsUnavailable) as exc:
-        print(f"jvpn-trio bench: plots not written: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    for figure in drawn:
-        _progress(f"wrote {figure.path}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
