@@ -27,7 +27,7 @@ GATEWAY_B_CONTROL = ("192.0.2.9", 51821)
 class TwoGatewayWorld(AgentWorld):
     """AgentWorld's agent, remade with two gateways: A at GATEWAY (the world's key), B with a key of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, cluster: bool = False) -> None:
         super().__init__()
         self.gw_b_static = generate_static(self.random_bytes)
         self.targets = (
@@ -45,6 +45,7 @@ class TwoGatewayWorld(AgentWorld):
             random_bytes=self.random_bytes,
             wall_time_ns=lambda: WALL_EPOCH_NS + int(trio.current_time() * 1e9),
             log=self.logs.append,
+            cluster=cluster,
         )
         self.gateway_b: GatewayRuntime | None = None
 

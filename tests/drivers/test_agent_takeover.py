@@ -14,11 +14,9 @@ import trio
 
 from jvpn_trio.core.actions import EventKind
 from jvpn_trio.core.states import ReasonCode, SessionState
-from jvpn_trio.drivers.agent import ClientAgent
 from jvpn_trio.drivers.client import RuntimeStatus
 from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
-from tests.drivers.test_agent import WALL_EPOCH_NS
 from tests.drivers.test_agent_gateways import (
     GATEWAY_B,
     GATEWAY_B_CONTROL,
@@ -34,22 +32,8 @@ LEASE_TTL_S = 10.0
 
 class ClusterWorld(TwoGatewayWorld):
     def __init__(self, *, cluster: bool = True) -> None:
-        super().__init__()
+        super().__init__(cluster=cluster)
         self.store = MemoryOwnershipStore()
-        self.agent = ClientAgent(
-            policy=self.policy,
-            static=self.cl_static,
-            gateways=self.targets,
-            paths=[self.client_path(i) for i in (1, 2, 3)],
-            emit=self.client_events.append,
-            packets=self.cl_packets,
-            set_address=self._set_address,
-            random_bytes=self.random_bytes,
-            wall_time_ns=lambda: WALL_EPOCH_NS + int(trio.current_time() * 1e9),
-            log=self.logs.append,
-            cluster=cluster,
-        )
-        self.events_a: list[object] = []
 
     def _gateway(self, static: object, node_id: str) -> GatewayRuntime:
         return GatewayRuntime(

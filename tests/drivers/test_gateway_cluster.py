@@ -79,9 +79,9 @@ class FakeLease:
 
 
 class ClusterWorld(World):
-    def __init__(self) -> None:
+    def __init__(self, store: FlakyStore | None = None, *, store_calls_in_flight: int | None = None) -> None:
         super().__init__()
-        self.store = FlakyStore()
+        self.store = store if store is not None else FlakyStore()
         self.lease = FakeLease()
         self.events: list[EmitEvent] = []
         self.gateway = GatewayRuntime(
@@ -94,6 +94,7 @@ class ClusterWorld(World):
             emit=self.events.append,
             random_bytes=self.random_bytes,
             lease=self.lease,
+            store_calls_in_flight=store_calls_in_flight,
         )
 
     def security_events(self, reason: ReasonCode) -> list[EmitEvent]:
@@ -275,21 +276,8 @@ READ_DELAY_S = 5.0
 async def test_a_slow_store_holds_up_no_probe_and_a_full_set_of_calls_denies_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    world = ClusterWorld()
     store = SlowStore()
-    world.store = store
-    world.gateway = GatewayRuntime(
-        policy=world.policy,
-        static=world.gw_static,
-        peers=[GatewayPeer(name=f"peer{n}", public=s.public, address=None) for n, s in world.statics.items()],
-        tunnel=ipaddress.IPv4Interface("10.66.0.1/29"),
-        store=store,
-        node_id="gw-a",
-        emit=world.events.append,
-        random_bytes=world.random_bytes,
-        lease=world.lease,
-        store_calls_in_flight=1,
-    )
+    world = ClusterWorld(store, store_calls_in_flight=1)
     alice = Peer(world, 1)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
