@@ -24,8 +24,8 @@ CHILD_TIMEOUT_S = 120.0
 
 #: The live terminal UI and everything it draws with.
 LIVE_UI = ("rich", "jvpn_trio.ui.app", "jvpn_trio.ui.attached", "jvpn_trio.ui.views", "jvpn_trio.ui.keys")
-#: The lab, the bench and the offline tools: never part of a running gateway or client.
-LAB = ("jvpn_trio.lab", "jvpn_trio.tools")
+#: The lab, the bench (and its plots' matplotlib) and the offline tools: never part of a running gateway or client.
+LAB = ("jvpn_trio.lab", "jvpn_trio.tools", "matplotlib")
 #: Loaded only with ``[cluster] store = "etcd"``.
 ETCD = ("httpx", "jvpn_trio.drivers.store_etcd")
 #: Loaded only with ``metrics_listen``.

@@ -1,7 +1,8 @@
 """``jvpn-trio bench``: jvpn-trio, a bare veth, OpenVPN and wireguard-go measured side by side in one run.
 
     jvpn-trio bench [--quick] [--runs N] [--fault-runs N] [--systems baseline,jvpn-trio,openvpn,wireguard-go]
-                    [--idle S] [--idle-only] [--json [FILE]]
+                    [--idle S] [--idle-only] [--json [FILE]] [--plots DIR]
+    jvpn-trio bench --replot REPORT.json --plots DIR
 
 Theory of operation
 -------------------
@@ -41,6 +42,9 @@ Measurements:
    then a lower bound, shown as ``> x``.  The median run is reported (for an even count the
    higher of the two middle runs, so a bound is never averaged with a measurement).  Before
    each fault the bench waits (bounded) until the tunnel is back on the preferred path, eth0.
+   Each trial keeps its *arrival timeline* too: the :data:`TIMELINE_CONTEXT_PROBES` arrivals on
+   either side of its gap, as times since the fault (:func:`arrival_timeline`; bounded, however
+   long the fault), from which ``--plots`` draws how the stream stopped and came back.
 3. *Idle cost and failover by probing policy* (jvpn-trio only, ``--idle`` seconds, after the
    systems' labs are gone): two more labs, one with the default policy (a probing cadence per
    role, ``docs/policy.md``) and one with every path probed at ``probe_interval_ms`` (the
@@ -70,7 +74,10 @@ in a separate column labelled as not measured in this run, and no ratio is compu
 
 Every wait is bounded and every process is started through its lab, so the lab's teardown
 kills it at the latest.  Output: a Markdown table (stdout, or stderr when the JSON goes to
-stdout) and, with ``--json``, one JSON document; progress lines on stderr.  Exit codes: 0
+stdout) and, with ``--json``, one JSON document; with ``--plots DIR``, PNG plots of that document
+(:mod:`jvpn_trio.lab.plots`; ``--replot`` draws them from a saved one); progress lines on stderr.
+The report's vocabulary (system keys and labels, faults, statuses, ratios) is
+:mod:`jvpn_trio.lab.bench_report`, shared with the plots.  Exit codes: 0
 every requested system that can run here was measured; 1 a measurement failed (the rest is
 still reported); 2 the bench cannot run as asked (not root, iperf3 missing, bad options).
 
@@ -81,6 +88,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import contextlib
 import datetime
 import ipaddress
@@ -103,29 +111,44 @@ import trio
 from jvpn_trio import __version__
 from jvpn_trio.core.policy import DEFAULT_POLICY
 from jvpn_trio.lab import processes as labrun
+from jvpn_trio.lab.bench_report import (
+    BASELINE,
+    BLACKHOLE,
+    FAILED,
+    FAULTS,
+    IDLE_BLACKHOLE,
+    JVPN,
+    LABELS,
+    LINK_DOWN,
+    MEASURABLE,
+    MEASURED,
+    NOT_AVAILABLE,
+    OPENVPN,
+    PEERS_MD_BASELINE,
+    PEERS_MD_DATE,
+    PEERS_MD_WIREGUARD,
+    PROBE_HZ,
+    RATIO_COLUMNS,
+    REFERENCE,
+    REPORT_KIND,
+    UDP_PAYLOAD_BYTES,
+    WIREGUARD,
+    WIREGUARD_REFERENCE,
+    Figure,
+    Ratio,
+    format_figure,
+    format_ratio,
+    ratio,
+)
 from jvpn_trio.lab.netns import Lab, LabError, LabPath, LabProcess, LabSpec, open_lab
-from jvpn_trio.lab.traffic import format_endpoint, longest_gap, traffic_argv
+from jvpn_trio.lab.traffic import Gap, format_endpoint, longest_gap, traffic_argv
 
 # -----------------------------------------------------------------------------
 # Settings and named constants
 # -----------------------------------------------------------------------------
 
-BASELINE = "baseline"
-JVPN = "jvpn-trio"
-OPENVPN = "openvpn"
-WIREGUARD = "wireguard-go"
-#: The peers.md wireguard-go figure, shown (as its own column) only when wireguard-go was not measured.
-WIREGUARD_REFERENCE = "wireguard-go (peers.md)"
-#: Systems this command can measure, in their column order (the default set: all of them).
-MEASURABLE = (BASELINE, JVPN, OPENVPN, WIREGUARD)
 #: Systems that are someone else's software: absent or not coming up is NOT_AVAILABLE, not FAILED.
 PEERS = (OPENVPN, WIREGUARD)
-
-LINK_DOWN = "link_down"
-BLACKHOLE = "blackhole"
-FAULTS = (LINK_DOWN, BLACKHOLE)
-#: The idle section's second failover: the blackhole lands while the tunnel idles, before traffic.
-IDLE_BLACKHOLE = "blackhole_while_idle"
 
 TCP = "tcp"
 UDP64 = "udp64"
@@ -148,19 +171,19 @@ MAX_FAULT_S = 60.0
 PREFIX_FAMILY = "jvbn"
 
 IPERF_PORT = 5201
-UDP_PAYLOAD_BYTES = 64
 #: iperf3 needs this long beyond ``-t`` to connect, exchange results and exit.
 IPERF_SLACK_S = 15.0
 IPERF_CONNECT_TIMEOUT_MS = 3000
 
 PROBE_PORT = 5002
-#: Probes per second of the outage stream: at 1 kHz a gap is resolved to about 1 ms, so outages
-#: below 10 ms can be told apart (before 2026-12-02 the bench used 100 Hz).
-PROBE_HZ = 1000.0
 #: Probes flow this long (after the first one arrived) before the fault is applied.
 PROBE_LEAD_S = 0.5
 #: The probe stream is scheduled this much longer than lead + fault, to outlast the restore.
 PROBE_SLACK_S = 1.0
+#: Probe arrivals kept on each side of a trial's outage gap in its arrival timeline (the JSON's
+#: ``timeline``, drawn by ``--plots``): at PROBE_HZ, 50 ms of the stream before the gap and after it.
+#: A timeline is at most twice this many numbers, however long the fault.
+TIMELINE_CONTEXT_PROBES = 50
 #: A death while idle: the active path is blackholed this long before the stream starts, well inside
 #: the idle detection bound (dead_after_missed_probes standby probes), so the first packets meet a
 #: path not yet known dead; the outage counts from the stream's first packet.
@@ -192,11 +215,6 @@ OPENVPN_INSTALL_HINT = "apt-get install -y openvpn"
 #: Certificates only need to outlive the run.
 CERT_DAYS = 2
 
-MEASURED = "measured"
-FAILED = "failed"
-NOT_AVAILABLE = "not available"
-REFERENCE = "not measured in this run; peers.md figure"
-
 WIREGUARD_PORT = 51820
 WIREGUARD_GATEWAY_TUNNEL = "10.68.0.1"
 WIREGUARD_CLIENT_TUNNEL = "10.68.0.2"
@@ -214,29 +232,6 @@ WIREGUARD_CLIENT_SUFFIX = "wgc"
 WIREGUARD_GATEWAY_SUFFIX = "wgg"
 #: A Curve25519 key in ``wg``'s base64 form is 32 bytes.
 WIREGUARD_KEY_BYTES = 32
-
-#: What ``../shared/peers.md`` (2026-11-22, same topology, a 2-core CI-class machine) reports.
-#: Shown as a reference column only: it was not measured in this run.
-PEERS_MD_DATE = "2026-11-22"
-PEERS_MD_WIREGUARD: Mapping[str, Any] = {
-    "label": "wireguard-go 0.0.20220316, keepalive 1 s",
-    "tcp_mbit": 413.0,
-    "tcp_cores": 1.37,
-    "udp64_pps": 46_500.0,
-    "link_down_s": 15.2,
-    "link_down_recovered": True,
-    "blackhole_s": 60.0,
-    "blackhole_recovered": False,
-}
-PEERS_MD_BASELINE: Mapping[str, float] = {"tcp_mbit": 19_965.0, "udp64_pps": 260_000.0}
-
-LABELS = {
-    BASELINE: "bare veth",
-    JVPN: "jvpn-trio",
-    OPENVPN: "OpenVPN",
-    WIREGUARD: "wireguard-go",
-    WIREGUARD_REFERENCE: f"wireguard-go (peers.md {PEERS_MD_DATE}, NOT this run)",
-}
 
 
 class BenchError(Exception):
@@ -375,30 +370,87 @@ class Outage:
     recovered: bool
     window_s: float
     path: str
+    #: The probe arrivals around the gap; None for an outage recorded without them.
+    timeline: ArrivalTimeline | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "seconds": round(self.seconds, 4),
             "recovered": self.recovered,
             "window_s": round(self.window_s, 4),
             "path": self.path,
         }
+        if self.timeline is not None:
+            out["timeline"] = self.timeline.to_json()
+        return out
+
+
+@attrs.frozen
+class ArrivalTimeline:
+    """How the probe stream stopped and came back: arrivals around one outage's gap, in seconds since the fault.
+
+    Only the last ``context`` arrivals up to the gap and the first ``context`` from its end are
+    kept (:func:`arrival_timeline`), so a report stays small however long the fault was; the
+    arrivals before the fault (negative times) show the stream flowing when it struck.
+    """
+
+    gap_start_s: float
+    gap_end_s: float
+    arrivals_s: tuple[float, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gap_start_s": round(self.gap_start_s, 4),
+            "gap_end_s": round(self.gap_end_s, 4),
+            "arrivals_s": [round(t, 4) for t in self.arrivals_s],
+        }
+
+
+def arrival_timeline(arrivals: Sequence[float], gap: Gap, *, fault_start: float, context: int) -> ArrivalTimeline:
+    """The ``context`` arrivals up to ``gap`` and the ``context`` from its end, relative to ``fault_start``.
+
+    Arrivals may come in any order; at most ``2 * context`` are kept.  ValueError if ``context < 0``.
+    """
+    if context < 0:
+        raise ValueError(f"timeline context must be >= 0, got {context}")
+    ordered = sorted(arrivals)
+    up_to_gap = bisect.bisect_right(ordered, gap.start)
+    from_gap_end = max(up_to_gap, bisect.bisect_left(ordered, gap.end))  # an arrival on both edges: once
+    kept = ordered[max(0, up_to_gap - context) : up_to_gap] + ordered[from_gap_end : from_gap_end + context]
+    return ArrivalTimeline(
+        gap_start_s=gap.start - fault_start,
+        gap_end_s=gap.end - fault_start,
+        arrivals_s=tuple(t - fault_start for t in kept),
+    )
 
 
 def outage_from_arrivals(
-    arrivals: Sequence[float], *, fault_start: float, fault_end: float, stream_end: float, path: str
+    arrivals: Sequence[float],
+    *,
+    fault_start: float,
+    fault_end: float,
+    stream_end: float,
+    path: str,
+    context: int = TIMELINE_CONTEXT_PROBES,
 ) -> Outage:
     """The outage of one fault from absolute probe arrival times (same clock as the fault times).
 
     The window is ``[fault_start, min(fault_end, stream_end)]``; if the longest gap reaches the
-    window's end with no arrival closing it, it is a lower bound (not recovered).  ValueError
-    if the window is empty or inverted.
+    window's end with no arrival closing it, it is a lower bound (not recovered).  The outage
+    carries the arrivals around its gap (``context`` on each side, :func:`arrival_timeline`).
+    ValueError if the window is empty or inverted.
     """
     end = min(fault_end, stream_end)
     if end <= fault_start:
         raise ValueError(f"empty outage window [{fault_start}, {end}]")
     gap = longest_gap(arrivals, fault_start, end)
-    return Outage(seconds=gap.seconds, recovered=gap.end < end, window_s=end - fault_start, path=path)
+    return Outage(
+        seconds=gap.seconds,
+        recovered=gap.end < end,
+        window_s=end - fault_start,
+        path=path,
+        timeline=arrival_timeline(arrivals, gap, fault_start=fault_start, context=context),
+    )
 
 
 def median_outage(runs: Sequence[Outage]) -> Outage | None:
@@ -416,39 +468,6 @@ def median_outage(runs: Sequence[Outage]) -> Outage | None:
 def median(values: Sequence[float]) -> float | None:
     """The median of ``values``, None when there are none."""
     return statistics.median(values) if values else None
-
-
-@attrs.frozen
-class Figure:
-    """A number, possibly only a lower bound (an outage that did not end within its window)."""
-
-    value: float
-    lower_bound: bool = False
-
-
-@attrs.frozen
-class Ratio:
-    """``a / b`` of two figures; ``bound`` is ``=``, ``<=`` or ``>=``."""
-
-    value: float
-    bound: str = "="
-
-    def to_json(self) -> dict[str, Any]:
-        return {"value": round(self.value, 4), "bound": self.bound}
-
-
-def ratio(numerator: Figure | None, denominator: Figure | None) -> Ratio | None:
-    """``numerator / denominator``, carrying bounds through; None when it means nothing.
-
-    If the denominator is only a lower bound the ratio is an upper bound, and the other way
-    round; two lower bounds (or a zero or missing denominator) give None.
-    """
-    if numerator is None or denominator is None or denominator.value <= 0:
-        return None
-    if numerator.lower_bound and denominator.lower_bound:
-        return None
-    bound = ">=" if numerator.lower_bound else "<=" if denominator.lower_bound else "="
-    return Ratio(numerator.value / denominator.value, bound)
 
 
 CpuSample = Mapping[str, float]
@@ -589,40 +608,6 @@ def rows(runs: int, fault_runs: int | None = None) -> tuple[Row, ...]:
         Row("cpu_udp64", "CPU during UDP 64 B, client + gateway (cores)"),
         Row("peak_rss", "peak RSS, client + gateway (MiB)"),
     )
-
-
-#: Same-run ratio columns: (other system, JSON name, table title); each present when both were run.
-RATIO_COLUMNS = (
-    (BASELINE, "jvpn_over_baseline", "jvpn / bare"),
-    (OPENVPN, "jvpn_over_openvpn", "jvpn / OpenVPN"),
-    (WIREGUARD, "jvpn_over_wireguard_go", "jvpn / wireguard-go"),
-)
-
-
-def format_figure(metric: str, figure: Figure | None) -> str:
-    """A table cell: ``—`` for nothing, ``> x (no recovery)`` for a lower bound."""
-    if figure is None:
-        return "—"
-    v = figure.value
-    if metric == "tcp_mbit":
-        text = f"{v:,.0f}"
-    elif metric == "udp64_pps":
-        text = f"{v / 1000:,.1f} k"
-    elif metric in FAULTS:
-        text = f"{v:.3f}"
-    elif metric == "peak_rss":
-        text = f"{v:,.1f}"
-    else:
-        text = f"{v:.2f}"
-    return f"> {text} (no recovery)" if figure.lower_bound else text
-
-
-def format_ratio(r: Ratio | None) -> str:
-    if r is None:
-        return "—"
-    prefix = {"=": "", "<=": "≤ ", ">=": "≥ "}[r.bound]
-    digits = 3 if r.value < 0.1 else 2
-    return f"{prefix}{r.value:.{digits}f}×"
 
 
 def _reference_cell(metric: str) -> str:
@@ -1044,7 +1029,7 @@ class BenchReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "benchmark": "jvpn-trio bench",
+            "benchmark": REPORT_KIND,
             "jvpn_trio_version": __version__,
             "started_utc": self.started_utc,
             "elapsed_s": round(self.elapsed_s, 1),
@@ -2219,6 +2204,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the JSON document to FILE, or to stdout (the table then goes to stderr)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="keep configs, logs and raw iperf3 output here (default: a temporary directory)")  # fmt: skip
+    parser.add_argument("--plots", type=Path, metavar="DIR",
+                        help="also write PNG plots (throughput, outages, outage timelines) to DIR; needs matplotlib "
+                             "(pip install 'jvpn-trio[plots]')")  # fmt: skip
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="measure nothing: render --plots DIR from a saved --json report (no root needed)")  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -2255,8 +2245,53 @@ def only_interrupts(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt)
 
 
+def replot(report_path: Path, directory: Path) -> int:
+    """``--replot``: render the plots of a saved JSON report, measuring nothing; 2 with one line on bad input."""
+    from jvpn_trio.lab import plots
+
+    try:
+        doc = json.loads(report_path.read_text())
+        drawn = plots.render_all(doc, directory)
+    except (OSError, UnicodeDecodeError, ValueError, plots.PlotsUnavailable) as exc:  # NotAReport, bad JSON
+        where = "" if isinstance(exc, OSError) else f"{report_path}: "  # an OSError names its own file
+        print(f"jvpn-trio bench: {where}{_one_line(exc)}", file=sys.stderr)
+        return 2
+    _announce_plots([figure.path for figure in drawn], plots.TIMELINES_FILE)
+    return 0
+
+
+def _announce_plots(paths: Sequence[Path], timelines_file: str) -> None:
+    """A progress line per PNG written, and one when the report had no outage timeline to draw."""
+    for path in paths:
+        _progress(f"wrote {path}")
+    if all(path.name != timelines_file for path in paths):
+        _progress(f"{timelines_file} not drawn: no fault trial in this report kept its probe arrivals")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line; an OSError as ``file: reason``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the bench from parsed options; print the table (and the JSON); return the exit code."""
+    if args.replot is not None:
+        if args.plots is None:
+            print("jvpn-trio bench: --replot needs --plots DIR (where to write the PNGs)", file=sys.stderr)
+            return 2
+        return replot(args.replot, args.plots)
+    if args.plots is not None:
+        from jvpn_trio.lab import plots
+
+        try:  # before the run, not after minutes of it
+            plots.require_matplotlib()
+            args.plots.mkdir(parents=True, exist_ok=True)
+        except (OSError, plots.PlotsUnavailable) as exc:
+            print(f"jvpn-trio bench: --plots: {_one_line(exc)}", file=sys.stderr)
+            return 2
     problem = _preflight()
     if problem is not None:
         print(f"jvpn-trio bench: {problem}", file=sys.stderr)
@@ -2284,7 +2319,22 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(document)
     elif args.json is not None:
         Path(args.json).write_text(document)
+    if args.plots is not None and replot_report(report, args.plots) != 0:
+        return 1
     return 1 if report.failed else 0
+
+
+def replot_report(report: BenchReport, directory: Path) -> int:
+    """The plots of a finished run, from its JSON document (as ``--replot`` would draw them); 1 if they failed."""
+    from jvpn_trio.lab import plots
+
+    try:
+        drawn = plots.render_all(json.loads(json.dumps(report.to_json())), directory)
+    except (OSError, ValueError, plots.PlotsUnavailable) as exc:
+        print(f"jvpn-trio bench: plots not written: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    _announce_plots([figure.path for figure in drawn], plots.TIMELINES_FILE)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

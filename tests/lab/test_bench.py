@@ -18,8 +18,16 @@ from typing import Any
 import pytest
 import trio
 
-from jvpn_trio.lab import bench
+from jvpn_trio.lab import bench, bench_report
 from jvpn_trio.lab.bench import (
+    BenchError,
+    BenchReport,
+    BenchSettings,
+    Outage,
+    SystemResult,
+    UdpResult,
+)
+from jvpn_trio.lab.bench_report import (
     BASELINE,
     BLACKHOLE,
     JVPN,
@@ -29,14 +37,8 @@ from jvpn_trio.lab.bench import (
     OPENVPN,
     WIREGUARD,
     WIREGUARD_REFERENCE,
-    BenchError,
-    BenchReport,
-    BenchSettings,
     Figure,
-    Outage,
     Ratio,
-    SystemResult,
-    UdpResult,
 )
 from jvpn_trio.lab.netns import DEFAULT_PATHS
 from tests.netns import requires_lab
@@ -179,13 +181,13 @@ def test_median_of_values() -> None:
 
 
 def test_ratio_carries_bounds() -> None:
-    assert bench.ratio(Figure(300.0), Figure(600.0)) == Ratio(0.5, "=")
-    assert bench.ratio(Figure(0.25), Figure(2.5, lower_bound=True)) == Ratio(0.1, "<=")
-    assert bench.ratio(Figure(2.5, lower_bound=True), Figure(0.25)) == Ratio(10.0, ">=")
-    assert bench.ratio(Figure(3.0, lower_bound=True), Figure(3.0, lower_bound=True)) is None
-    assert bench.ratio(Figure(1.0), Figure(0.0)) is None
-    assert bench.ratio(None, Figure(1.0)) is None
-    assert bench.ratio(Figure(1.0), None) is None
+    assert bench_report.ratio(Figure(300.0), Figure(600.0)) == Ratio(0.5, "=")
+    assert bench_report.ratio(Figure(0.25), Figure(2.5, lower_bound=True)) == Ratio(0.1, "<=")
+    assert bench_report.ratio(Figure(2.5, lower_bound=True), Figure(0.25)) == Ratio(10.0, ">=")
+    assert bench_report.ratio(Figure(3.0, lower_bound=True), Figure(3.0, lower_bound=True)) is None
+    assert bench_report.ratio(Figure(1.0), Figure(0.0)) is None
+    assert bench_report.ratio(None, Figure(1.0)) is None
+    assert bench_report.ratio(Figure(1.0), None) is None
 
 
 @pytest.mark.parametrize(
@@ -201,15 +203,15 @@ def test_ratio_carries_bounds() -> None:
     ],
 )
 def test_format_figure(metric: str, figure: Figure | None, text: str) -> None:
-    assert bench.format_figure(metric, figure) == text
+    assert bench_report.format_figure(metric, figure) == text
 
 
 def test_format_ratio() -> None:
-    assert bench.format_ratio(None) == "—"
-    assert bench.format_ratio(Ratio(0.5983)) == "0.60×"
-    assert bench.format_ratio(Ratio(0.0252)) == "0.025×"
-    assert bench.format_ratio(Ratio(0.1544, "<=")) == "≤ 0.15×"
-    assert bench.format_ratio(Ratio(12.0, ">=")) == "≥ 12.00×"
+    assert bench_report.format_ratio(None) == "—"
+    assert bench_report.format_ratio(Ratio(0.5983)) == "0.60×"
+    assert bench_report.format_ratio(Ratio(0.0252)) == "0.025×"
+    assert bench_report.format_ratio(Ratio(0.1544, "<=")) == "≤ 0.15×"
+    assert bench_report.format_ratio(Ratio(12.0, ">=")) == "≥ 12.00×"
 
 
 # -- the report: table and JSON ------------------------------------------------------------------------
@@ -421,7 +423,7 @@ def _idle_section() -> bench.IdleSection:
         bench.IdleResult(key=bench.PER_ROLE, status=MEASURED, overrides={}, figures=per_role, roles=roles,
                          roles_end=roles, active="eth0", active_end="eth0",
                          failovers=(_o(0.30), _o(0.27), _o(0.29)), idle_failovers=(_o(0.42), _o(0.38))),
-        bench.IdleResult(key=bench.FLAT, status=bench.FAILED, overrides=bench.IDLE_POLICIES[bench.FLAT], figures=flat,
+        bench.IdleResult(key=bench.FLAT, status=bench_report.FAILED, overrides=bench.IDLE_POLICIES[bench.FLAT], figures=flat,
                          reason="BenchError: the client process (7) is not running", roles=roles, roles_end=roles,
                          active="eth0", active_end="eth0", failovers=(_o(0.31),)),
     )  # fmt: skip
@@ -625,7 +627,7 @@ WIREGUARD_MEASURED = SystemResult(
 
 def _report_with(*peers: SystemResult, fault_runs: int | None = None) -> BenchReport:
     base = _report(OPENVPN_MEASURED)
-    settings = BenchSettings(runs=3, iperf_s=3.0, fault_s=3.0, systems=bench.MEASURABLE, fault_runs=fault_runs)
+    settings = BenchSettings(runs=3, iperf_s=3.0, fault_s=3.0, systems=bench_report.MEASURABLE, fault_runs=fault_runs)
     results = (*base.results[:3], *peers)
     return BenchReport(settings, results, base.host, base.started_utc, base.elapsed_s)
 
@@ -666,7 +668,7 @@ def test_a_missing_wireguard_is_a_row_with_the_reason_and_the_reference_stays_ap
     doc = json.loads(json.dumps(report.to_json()))
     assert (doc["systems"][WIREGUARD]["status"], doc["systems"][WIREGUARD]["reason"]) == (NOT_AVAILABLE, reason)
     assert doc["systems"][WIREGUARD]["tcp_mbit"] is None
-    assert doc["systems"][WIREGUARD_REFERENCE]["status"] == bench.REFERENCE
+    assert doc["systems"][WIREGUARD_REFERENCE]["status"] == bench_report.REFERENCE
     assert all(v is None for v in doc["ratios"]["jvpn_over_wireguard_go"].values())
     assert bench.wireguard_missing_reason(["wireguard-go", "wg"]).startswith("wireguard-go and wg are not installed")
 
