@@ -455,6 +455,8 @@ class ClientConfig:
     #: The gateways share an ownership store (docs/cluster.md): when the one in use falls silent,
     #: the session is resumed at the next (same SessionID and address) rather than started anew.
     cluster: bool = False
+    #: Open the TUN with checksum and TSO offloads (docs/offload.md); false: one packet per read and write.
+    tun_offload: bool = True
 
     @property
     def gateway_entries(self) -> tuple[GatewayEntry, ...]:
@@ -552,6 +554,8 @@ class GatewayConfig:
     handshake: HandshakeLimits = HandshakeLimits()  # noqa: RUF009 (frozen)
     #: How many SECURITY_EVENT lines the event log takes (``[log_limits]``, docs/events.md "Bounded logging").
     log_limits: LogLimits = DEFAULT_LOG_LIMITS
+    #: Open the TUN with checksum and TSO offloads (docs/offload.md); false: one packet per read and write.
+    tun_offload: bool = True
 
     @property
     def control_listen(self) -> tuple[tuple[str, int], ...]:
@@ -605,6 +609,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
     control_group = t.get("control_group", str, DEFAULT_CONTROL_GROUP) or None
     control_steer_group = t.get("control_steer_group", bool, False)
     cluster = t.get("cluster", bool, False)
+    tun_offload = t.get("tun_offload", bool, True)
     t.finish()
     if cluster and len(gateways) < 2:
         raise ConfigError(f"{t.where}.cluster: a session can move only between two or more [[gateway]] entries")
@@ -637,6 +642,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
         gateways=gateways if "gateway" in data else (),  # the single form: gateway_entries gives it
         log_limits=log_limits_from_table(data.get("log_limits"), source=source),
         cluster=cluster,
+        tun_offload=tun_offload,
     )
 
 
@@ -721,6 +727,7 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
     metrics_listen = _metrics_listen(t.get("metrics_listen", str, None), where=f"{t.where}.metrics_listen")
     raw_dir = t.get("peers_dir", str, None)
     peers_dir = _relative(base, raw_dir) if raw_dir is not None else None
+    tun_offload = t.get("tun_offload", bool, True)
     t.finish()
     if not listen:
         raise ConfigError(f"{t.where}.listen: at least one address:port is required")
@@ -748,6 +755,7 @@ def load_gateway_config(path: str | pathlib.Path) -> GatewayConfig:
         cluster=_cluster(data.get("cluster"), source=source),
         handshake=_handshake_limits(data.get("handshake"), source=source),
         log_limits=log_limits_from_table(data.get("log_limits"), source=source),
+        tun_offload=tun_offload,
     )
 
 

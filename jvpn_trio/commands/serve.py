@@ -310,6 +310,7 @@ async def _serve_gateway(
                 address=str(config.tunnel_address.ip),
                 prefixlen=config.tunnel_address.network.prefixlen,
                 mtu=config.mtu,
+                vnet_hdr=config.tun_offload,
             )
         )
         # The gateway's nft table and sysctls: TCP SYNs through the tunnel get an MSS the tunnel carries
@@ -338,12 +339,13 @@ async def _serve_gateway(
         async def status(_request: dict[str, Any]) -> dict[str, Any]:
             # Every session taken afresh (the published status keeps an idle session's snapshot of
             # its last input); counters still at zero are left out: the report lists what happened.
-            from jvpn_trio.ui.status import gateway_status
+            from jvpn_trio.ui.status import gateway_status, statistics_counters
 
             return gateway_status(
                 runtime.peer_statuses(),
                 node_id=config.node_id,
                 statistics=runtime.statistics(),
+                counters=statistics_counters(device.statistics(), prefix=tun.STATUS_COUNTER_PREFIX),
                 tunnel_address=str(config.tunnel_address),
                 tunnel_address6=str(config.tunnel_address6) if config.tunnel_address6 is not None else None,
             )

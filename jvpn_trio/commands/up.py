@@ -484,7 +484,7 @@ async def _run_client(
         mtu = client_tun_mtu(config.mtu, [], gateway_family(config), inner_ipv6=carries_ipv6(config))
         tun_address = routes.TunAddress(config.tun_name, mtu=mtu, log=stderr_line)
         device = await stack.enter_async_context(
-            tun.open_tun(config.tun_name, address=None, prefixlen=0, mtu=mtu)
+            tun.open_tun(config.tun_name, address=None, prefixlen=0, mtu=mtu, vnet_hdr=config.tun_offload)
         )
         await stack.enter_async_context(routing.open_tunnel_routes())
         if config.dns:
@@ -524,6 +524,7 @@ async def _run_client(
                 value.snapshot,
                 statistics=value.statistics,
                 counters={
+                    **statistics_counters(device.statistics(), prefix=tun.STATUS_COUNTER_PREFIX),
                     **statistics_counters(routing.statistics(), prefix=ROUTES_COUNTER_PREFIX),
                     **{f"{PATHS_COUNTER_PREFIX}{k}": v for k, v in sorted(follower.counters.items())},
                     **{

@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from jvpn_trio.core import wire
+from jvpn_trio.core.offload import PartialPacket
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.core.wire import MessageType, TransportFrame, TransportHeader
@@ -240,7 +241,8 @@ class KeyRing:
 
         The data path's send side, one loop with the keypair, counter and
         header prefix held in locals instead of four calls per packet; the
-        datagrams are byte-identical to ``seal_datagram(DATA, p)`` for each.
+        datagrams are byte-identical to ``seal_datagram(DATA, p)`` for each
+        (``DATA_PARTIAL`` for a :class:`PartialPacket`).
         The result is shorter than ``packets`` only when the keys ran out (no
         current keypair, or ``reject_after_messages`` reached): the caller
         treats that as KeyExhausted.  A packet longer than a DATA frame
@@ -257,6 +259,9 @@ class KeyRing:
         if len(packets) > room:
             packets = packets[:room]
         prefix = wire.pack_transport_header(MessageType.DATA, kp.remote_index, 0)[: wire.TRANSPORT_COUNTER_OFFSET]
+        partial = wire.pack_transport_header(MessageType.DATA_PARTIAL, kp.remote_index, 0)[
+            : wire.TRANSPORT_COUNTER_OFFSET
+        ]
         pack_counter, pack_nonce, encrypt = wire.TRANSPORT_COUNTER.pack, _NONCE.pack, kp._send_aead.encrypt
         limit = wire.MAX_DATA_PLAINTEXT
         sealed: list[bytes] = []
@@ -265,7 +270,7 @@ class KeyRing:
             for packet in packets:
                 if len(packet) > limit:
                     raise ValueError(f"a DATA plaintext is 0..{limit} bytes, got {len(packet)}")
-                header = prefix + pack_counter(counter)
+                header = (partial if type(packet) is PartialPacket else prefix) + pack_counter(counter)
                 append(header + encrypt(pack_nonce(counter), packet, header))
                 counter += 1
         finally:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Union
 import attrs
 
 from jvpn_trio.core.ids import SESSION_ID_BYTES, PathId, SessionId
+from jvpn_trio.core.offload import PartialPacket
 from jvpn_trio.core.states import ReasonCode
 
 # ---------------------------------------------------------------------------
@@ -36,7 +37,8 @@ from jvpn_trio.core.states import ReasonCode
 #: Version 2: HANDSHAKE_RESP's payload carries the client's IPv6 tunnel address too (46 bytes, was 29).
 #: Version 4: the fencing epoch (docs/cluster.md) in HANDSHAKE_RESP and REATTACH_ACK, and the
 #: client's state version in HANDSHAKE_INIT (docs/wire-format.md, "Version history").
-PROTOCOL_VERSION = 4
+#: Version 5: DATA_PARTIAL, an inner packet whose TCP/UDP checksum the receiver completes (core/offload.py).
+PROTOCOL_VERSION = 5
 
 #: The largest datagram we ever build or accept (the IPv4 total-length field's limit).
 MAX_DATAGRAM = 65_535
@@ -84,9 +86,14 @@ class MessageType(enum.IntEnum):
     CLOSE = 10
     PATH_CHALLENGE = 11
     PATH_RESPONSE = 12
+    #: DATA whose inner TCP/UDP checksum field holds only the pseudo-header sum: the receiver
+    #: completes it (its kernel, through the TUN's checksum offload, or core/offload.py).
+    DATA_PARTIAL = 13
 
 
 HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INIT, MessageType.HANDSHAKE_RESP})
+#: The types that carry an inner packet.
+DATA_TYPES = frozenset({MessageType.DATA, MessageType.DATA_PARTIAL})
 TRANSPORT_TYPES = frozenset(MessageType) - HANDSHAKE_TYPES - {MessageType.COOKIE_REPLY}
 #: Byte 1 -> its type, for :func:`peek_type_untrusted` (a byte that is no type is absent).
 _TYPE_BY_VALUE: Mapping[int, MessageType] = {t.value: t for t in MessageType}
@@ -168,6 +175,7 @@ PATH_CHECK_LEN = _PATH_CHECK.size  # 33
 #: framing refuse a wrongly sized frame before spending an AEAD open on it.
 PLAINTEXT_LEN_BOUNDS: Mapping[MessageType, tuple[int, int]] = {
     MessageType.DATA: (0, MAX_DATA_PLAINTEXT),
+    MessageType.DATA_PARTIAL: (0, MAX_DATA_PLAINTEXT),
     MessageType.PROBE: (PROBE_LEN, PROBE_LEN),
     MessageType.PROBE_ACK: (PROBE_ACK_LEN, PROBE_ACK_LEN),
     MessageType.REATTACH: (REATTACH_MIN_LEN, REATTACH_MAX_LEN),
@@ -793,6 +801,18 @@ def decode_data_plaintext_untrusted(data: bytes) -> Data:
     return Data(bytes(data))
 
 
+def data_packet(msg_type: MessageType, plaintext: bytes) -> bytes:
+    """The inner packet of an opened DATA or DATA_PARTIAL frame, typed so the TUN knows what to complete."""
+    return PartialPacket(plaintext) if msg_type is MessageType.DATA_PARTIAL else plaintext
+
+
+def decode_data_partial_plaintext_untrusted(data: bytes) -> Data:
+    """Wrap a decrypted DATA_PARTIAL payload: a Data whose packet is a :class:`PartialPacket`."""
+    if len(data) > MAX_DATA_PLAINTEXT:
+        raise BadFrame("long")
+    return Data(PartialPacket(data))
+
+
 @attrs.frozen(kw_only=True)
 class Probe:
     """An authenticated path probe; the gateway echoes ``sent_us`` for RTT."""
@@ -1104,6 +1124,7 @@ _PLAINTEXT_CODECS: Mapping[type, tuple[MessageType, Callable[[Any], bytes]]] = {
 
 _PLAINTEXT_DECODERS: Mapping[MessageType, Callable[[bytes], InnerMessage]] = {
     MessageType.DATA: decode_data_plaintext_untrusted,
+    MessageType.DATA_PARTIAL: decode_data_partial_plaintext_untrusted,
     MessageType.PROBE: decode_probe_plaintext_untrusted,
     MessageType.PROBE_ACK: decode_probe_ack_plaintext_untrusted,
     MessageType.REATTACH: decode_reattach_plaintext_untrusted,
@@ -1118,6 +1139,8 @@ _PLAINTEXT_DECODERS: Mapping[MessageType, Callable[[bytes], InnerMessage]] = {
 def encode_plaintext(msg: InnerMessage) -> tuple[MessageType, bytes]:
     """The transport type and plaintext bytes for an inner message, ready for ``KeyRing.seal_frame``."""
     msg_type, encoder = _PLAINTEXT_CODECS[type(msg)]
+    if isinstance(msg, Data) and type(msg.packet) is PartialPacket:
+        msg_type = MessageType.DATA_PARTIAL
     return msg_type, encoder(msg)
 
 

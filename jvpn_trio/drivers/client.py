@@ -117,6 +117,8 @@ from jvpn_trio.drivers.recording import Recorder
 
 #: How many datagrams / packets one wake-up handles before yielding.
 BATCH = 64
+#: Byte 1 of the datagrams the receive loop opens without a coroutine.
+_DATA_TYPES = frozenset(t.value for t in wire.DATA_TYPES)
 #: Inbox depth: inputs waiting for the supervisor.  Producers wait when it is full (backpressure).
 INBOX_CAPACITY = 4096
 #: A failing path socket is logged at most this often (every failure is counted).
@@ -361,6 +363,8 @@ class ClientRuntime:
         self.link_up: dict[PathId, bool] = {p.path: p.link_up for p in self.paths.values()}
         self._emit = emit
         self._packets = packets
+        #: DATA opened from the batch being received, written at its end (:meth:`_flush_delivered`).
+        self._delivered: list[bytes] = []
         self._set_address = set_address
         self._random_bytes = random_bytes
         self._wall_time_ns = wall_time_ns
@@ -1040,22 +1044,23 @@ class ClientRuntime:
                 await trio.sleep(retry_s)
                 continue
             now = trio.current_time()
-            tally, channel, data_type = self._tally, self.channel, wire.MessageType.DATA
+            tally, channel, data_packet = self._tally, self.channel, wire.data_packet
             for data, addr in batch:
                 if not path.is_gateway(addr):
                     tally.stray_source += 1
                     continue
                 # DATA, the per-packet case, is opened and delivered here without a coroutine;
                 # everything else (and every drop) goes the general way.
-                if len(data) > 1 and data[1] == data_type and data[0] == wire.PROTOCOL_VERSION:
+                if len(data) > 1 and data[1] in _DATA_TYPES and data[0] == wire.PROTOCOL_VERSION:
                     try:
                         opened = channel.open_untrusted(data, now=now)
                     except ChannelDrop as drop:
                         tally.drop[drop.reason] += 1
                         continue
-                    self._deliver(path, opened.plaintext, now)
+                    self._deliver(path, data_packet(opened.msg_type, opened.plaintext), now)
                     continue
                 await self._on_datagram(path, data, now)
+            self._flush_delivered()
 
     async def _on_datagram(self, path: ClientPath, data: bytes, now: float) -> None:
         try:
@@ -1071,8 +1076,8 @@ class ClientRuntime:
         except ChannelDrop as drop:
             self._tally.drop[drop.reason] += 1
             return
-        if opened.msg_type is wire.MessageType.DATA:  # the per-packet path: nothing to decode
-            self._deliver(path, opened.plaintext, now)
+        if opened.msg_type in wire.DATA_TYPES:  # the per-packet path: nothing to decode
+            self._deliver(path, wire.data_packet(opened.msg_type, opened.plaintext), now)
             return
         try:
             message = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
@@ -1100,10 +1105,17 @@ class ClientRuntime:
         tally = self._tally
         tally.rx_packets += 1
         tally.rx_bytes += len(packet)
-        if packet and self._packets is not None and not self._packets.write_nowait(packet):
-            tally.rx_tun_full += 1
+        if packet and self._packets is not None:
+            self._delivered.append(packet)
         if self._due_to_report(self._delivery_reported, path.path, now):
             self.submit_nowait(ev.DeliveryObserved(path=path.path))
+
+    def _flush_delivered(self) -> None:
+        """Write what a received batch delivered, in one go: the TUN glues a flow's segments (core/offload.py)."""
+        delivered, packets = self._delivered, self._packets
+        if delivered and packets is not None:
+            self._delivered = []
+            self._tally.rx_tun_full += packets.write_batch(delivered)
 
     def _due_to_report(self, reported: dict[PathId, float], path: PathId, now: float) -> bool:
         """Whether traffic on ``path`` is news for the core: at most once per ``probe_interval_ms``."""

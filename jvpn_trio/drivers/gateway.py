@@ -144,7 +144,8 @@ def _reason_counters(prefix: str, reasons: Iterable[ReasonCode]) -> Mapping[Reas
 
 
 #: The DATA type's byte, and the transport header's receiver index: what the DATA fast path reads first.
-_DATA = wire.MessageType.DATA.value
+#: Byte 1 of the datagrams the DATA fast path takes.
+_DATA_TYPES = frozenset(t.value for t in wire.DATA_TYPES)
 _RECEIVER_INDEX = struct.Struct("!I")
 
 R = ReasonCode
@@ -464,6 +465,8 @@ class GatewayRuntime:
         self._inits_queued = 0  # what the channel holds: its statistics() costs an object per init
         self._last_now = -math.inf
         self._packets: PacketPort | None = None
+        #: DATA opened from the batches being received, written at each batch's end (:meth:`_flush_delivered`).
+        self._delivered: list[bytes] = []
         # The supervisor's timers: (deadline, tie-break, session) entries, valid while _scheduled agrees.
         self._deadlines: list[tuple[float, int, SessionId]] = []
         self._scheduled: dict[SessionId, float] = {}
@@ -882,7 +885,7 @@ class GatewayRuntime:
                 self._publish()
 
     def _send(self, served: ServedSession, addr: Address, msg_type: wire.MessageType, plaintext: bytes) -> None:
-        port = served.port_for(addr, control=msg_type is not wire.MessageType.DATA)
+        port = served.port_for(addr, control=msg_type not in wire.DATA_TYPES)
         if port is None:
             self._counts.send_no_port += 1
             return
@@ -913,12 +916,21 @@ class GatewayRuntime:
                 for data, addr in batch:
                     if not self._on_data_nowait(port, data, addr, now):
                         await self._on_datagram(port, data, addr, now)
+                self._flush_delivered()
         while True:
             routed_batch = await routed(BATCH)
             now = trio.current_time()
             for data, addr, reply in routed_batch:
                 if not self._on_data_nowait(reply, data, addr, now):
                     await self._on_datagram(reply, data, addr, now)
+            self._flush_delivered()
+
+    def _flush_delivered(self) -> None:
+        """Write what a received batch delivered, in one go: the TUN glues a flow's segments (core/offload.py)."""
+        delivered, packets = self._delivered, self._packets
+        if delivered and packets is not None:
+            self._delivered = []
+            self._counts.rx_tun_full += packets.write_batch(delivered)
 
     def _on_data_nowait(self, port: DatagramPort, data: bytes, addr: Address, now: float) -> bool:
         """The DATA fast path, without a coroutine: what :meth:`_on_datagram` does for DATA, when no await is due.
@@ -927,7 +939,7 @@ class GatewayRuntime:
         anything changed, for every datagram that is not DATA to a known session or whose
         session is due an alive report (which awaits the inbox): :meth:`_on_datagram` takes those.
         """
-        if len(data) < wire.TRANSPORT_HEADER_LEN or data[1] != _DATA or data[0] != wire.PROTOCOL_VERSION:
+        if len(data) < wire.TRANSPORT_HEADER_LEN or data[1] not in _DATA_TYPES or data[0] != wire.PROTOCOL_VERSION:
             return False
         served = self._by_index.get(_RECEIVER_INDEX.unpack_from(data, wire.RECEIVER_INDEX_OFFSET)[0])
         if served is None or self._alive_would_be_due(served, addr, served.paths.get(addr, served.init_path), now):
@@ -939,7 +951,7 @@ class GatewayRuntime:
             return True
         self._opened(served)
         served.learn_data_port(addr, port)
-        self._on_data(served, opened.plaintext, addr, now)
+        self._on_data(served, wire.data_packet(opened.msg_type, opened.plaintext), addr, now)
         return True
 
     def _opened(self, served: ServedSession) -> None:
@@ -975,12 +987,12 @@ class GatewayRuntime:
                 self._report_drop(served, drop.reason, addr, msg_type, now)
             return
         self._opened(served)
-        if opened.msg_type is wire.MessageType.DATA:  # no message object; an await only for an alive report
+        if opened.msg_type in wire.DATA_TYPES:  # no message object; an await only for an alive report
             served.learn_data_port(addr, port)
             path = served.paths.get(addr, served.init_path)
             if self._alive_due(served, addr, path, now):
                 await self._report_alive(served, addr, path, now)
-            self._on_data(served, opened.plaintext, addr, now)
+            self._on_data(served, wire.data_packet(opened.msg_type, opened.plaintext), addr, now)
             return
         try:
             message = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
@@ -1001,8 +1013,8 @@ class GatewayRuntime:
         self._counts.rx_bytes += len(packet)
         served.rx_packets += 1
         served.rx_bytes += len(packet)
-        if packet and self._packets is not None and not self._packets.write_nowait(packet):
-            self._counts.rx_tun_full += 1
+        if packet and self._packets is not None:
+            self._delivered.append(packet)
 
     async def _on_message(
         self, served: ServedSession, port: DatagramPort, message: wire.InnerMessage, addr: Address, now: float

@@ -30,9 +30,13 @@ class DatagramPort(Protocol):
 
 
 class PacketPort(Protocol):
-    async def read_batch(self, max_packets: int) -> list[bytes]: ...
+    async def read_batch(self, max_packets: int) -> list[bytes]:
+        """Wait for at least one packet, then return what is ready (PartialPackets among them, core/offload.py)."""
+        ...
 
-    def write_nowait(self, packet: bytes) -> bool: ...
+    def write_batch(self, packets: Sequence[bytes]) -> int:
+        """Write ``packets`` in order without blocking (glued where the device takes it); how many were dropped."""
+        ...
 
 
 def equal_size_runs(datagrams: list[bytes]) -> list[list[bytes]]:

@@ -63,8 +63,7 @@ import fcntl
 import ipaddress
 import os
 import socket
-import struct
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import Final, Protocol
@@ -73,9 +72,26 @@ import attrs
 import pytun  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import trio
 
+from jvpn_trio.core.offload import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+    VNET_HDR_EMPTY,
+    VNET_HDR_LEN,
+    OffloadError,
+    VnetHeader,
+    coalesce,
+    completed,
+    split_frame,
+)
+
 __all__ = [
+    "COALESCE_MAX_SEGMENTS",
     "OFFLOAD_ATTEMPTS",
     "READ_SIZE",
+    "STATUS_COUNTER_PREFIX",
     "TUNSETOFFLOAD",
     "TUN_F_CSUM",
     "TUN_F_TSO4",
@@ -119,24 +135,16 @@ OFFLOAD_ATTEMPTS: Final[tuple[int, ...]] = (
     0,
 )
 
-#: Size of the legacy ``struct virtio_net_hdr`` that prefixes every frame in VNET_HDR mode.
-VNET_HDR_LEN: Final = 10
-#: An all-zero header: "no checksum work, not GSO".  Prepend it to an ordinary IP packet.
-VNET_HDR_EMPTY: Final = bytes(VNET_HDR_LEN)
-# <linux/virtio_net.h>: flags and gso_type values.
-VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
-VIRTIO_NET_HDR_GSO_NONE: Final = 0
-VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
-VIRTIO_NET_HDR_GSO_TCPV6: Final = 4
-VIRTIO_NET_HDR_GSO_UDP_L4: Final = 5
-# The legacy header is in native byte order unless TUNSETVNETLE/BE is used (we do not).
-_VNET_HDR = struct.Struct("=BBHHHH")
-
 #: Bytes asked of each ``os.read``: the largest IPv4/IPv6 (GSO) packet plus the
 #: virtio header, so a packet is never truncated even if someone raises the MTU
 #: behind our back.  ``os.read`` shrinks the result to the packet's size, and
 #: measuring showed no cost over reading ``mtu`` bytes.
 READ_SIZE: Final = 65536 + VNET_HDR_LEN
+#: Prefix of the device's counters (:meth:`TunDevice.statistics`) in ``status`` reports.
+STATUS_COUNTER_PREFIX: Final = "tun."
+#: At most this many TCP segments glued into one written frame: Linux's own GRO stops at 64
+#: (``MAX_GRO_SKBS``), and 64 KiB, the IP length limit, is reached first at any usual MSS.
+COALESCE_MAX_SEGMENTS: Final = 64
 
 _MIN_MTU: Final = 68  # RFC 791 minimum, the kernel's IPv4 floor
 _MAX_MTU: Final = 65535
@@ -157,41 +165,6 @@ def _frozen_counts(counts: Mapping[str, int]) -> Mapping[str, int]:
 
 
 @attrs.frozen(kw_only=True)
-class VnetHeader:
-    """The ``virtio_net_hdr`` that starts every frame in VNET_HDR mode.
-
-    ``gso_type`` is one of the ``VIRTIO_NET_HDR_GSO_*`` values (0: an
-    ordinary packet); a GSO frame must be cut into ``gso_size``-byte payloads
-    behind ``hdr_len`` bytes of headers.  ``flags & VIRTIO_NET_HDR_F_NEEDS_CSUM``
-    means the checksum at ``csum_start + csum_offset`` is not filled in yet.
-    """
-
-    flags: int
-    gso_type: int
-    hdr_len: int
-    gso_size: int
-    csum_start: int
-    csum_offset: int
-
-    @classmethod
-    def from_bytes(cls, frame: bytes | bytearray | memoryview) -> VnetHeader:
-        """Parse the header at the start of ``frame``; ValueError if it is shorter than VNET_HDR_LEN."""
-        if len(frame) < VNET_HDR_LEN:
-            raise ValueError(f"frame of {len(frame)} bytes is shorter than a {VNET_HDR_LEN}-byte virtio_net_hdr")
-        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET_HDR.unpack_from(frame)
-        return cls(flags=flags, gso_type=gso_type, hdr_len=hdr_len, gso_size=gso_size,
-                   csum_start=csum_start, csum_offset=csum_offset)
-
-    def to_bytes(self) -> bytes:
-        return _VNET_HDR.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size,
-                              self.csum_start, self.csum_offset)
-
-    @property
-    def is_gso(self) -> bool:
-        return self.gso_type != VIRTIO_NET_HDR_GSO_NONE
-
-
-@attrs.frozen(kw_only=True)
 class TunStatistics:
     """Counters of one :class:`TunDevice` (trio-style ``statistics()`` record).
 
@@ -200,7 +173,11 @@ class TunStatistics:
     (:data:`WRITE_DROP_ERRNOS`).  ``read_wakeups`` counts waits for
     readability that ended; ``read_batches`` counts non-empty batches and
     ``max_batch`` is the largest.  ``gso_frames_read`` counts VNET_HDR frames
-    whose header has a GSO type (always 0 without VNET_HDR).
+    whose header has a GSO type (always 0 without VNET_HDR), and
+    ``gso_frames_written`` the glued frames written.  ``packets_read`` and
+    ``packets_written`` count frames, ``segments_read`` the packets cut from
+    them.  ``offload_refused`` counts, by reason, frames read and packets to
+    write that the offload code could not take (core/offload.py).
     """
 
     packets_read: int
@@ -213,6 +190,9 @@ class TunStatistics:
     read_batches: int
     max_batch: int
     gso_frames_read: int
+    segments_read: int = 0
+    gso_frames_written: int = 0
+    offload_refused: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen_counts, hash=False)
 
 
 def _notify_closing(handle: int | socket.socket) -> None:
@@ -260,6 +240,9 @@ class TunDevice:
         self._read_batches = 0
         self._max_batch = 0
         self._gso_frames_read = 0
+        self._segments_read = 0
+        self._gso_frames_written = 0
+        self._offload_refused: dict[str, int] = {}
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
@@ -281,11 +264,15 @@ class TunDevice:
     # -- reading ---------------------------------------------------------------------------
 
     async def read_batch(self, max_packets: int) -> list[bytes]:
-        """Wait until at least one packet is queued, then return up to ``max_packets`` of them.
+        """Wait until at least one packet is queued, then return the packets of up to ``max_packets`` reads.
 
-        Raises ``trio.ClosedResourceError`` if the device is (or gets) closed,
-        and :class:`TunError` if the kernel detached the device (deleted
-        with ``ip link del``).  Cancellation never loses packets (module docstring).
+        In VNET_HDR mode each read is a frame, cut into the packets it carries
+        (:func:`~jvpn_trio.core.offload.split_frame`): a TSO frame gives up to
+        64 KiB of them, and a frame the offload code refuses is counted and
+        dropped.  Raises ``trio.ClosedResourceError`` if the device is (or gets)
+        closed, and :class:`TunError` if the kernel detached the device
+        (deleted with ``ip link del``).  Cancellation never loses packets
+        (module docstring).
         """
         if max_packets < 1:
             raise ValueError(f"max_packets must be at least 1, got {max_packets}")
@@ -299,9 +286,25 @@ class TunDevice:
             packets = self._drain(self._live_fd(), max_packets)  # empty on a spurious wakeup
         n = len(packets)
         self._read_batches += 1
-        if n > self._max_batch:
-            self._max_batch = n
+        self._max_batch = max(self._max_batch, n)
         return packets
+
+    def _split(self, frames: list[bytes]) -> list[bytes]:
+        packets: list[bytes] = []
+        for frame in frames:
+            try:
+                cut = split_frame(frame)
+            except OffloadError as exc:
+                self._refused(exc.reason)
+                continue
+            if len(cut) > 1:
+                self._gso_frames_read += 1
+            packets += cut
+        self._segments_read += len(packets)
+        return packets
+
+    def _refused(self, reason: str, count: int = 1) -> None:
+        self._offload_refused[reason] = self._offload_refused.get(reason, 0) + count
 
     def _drain(self, fd: int, max_packets: int) -> list[bytes]:
         packets: list[bytes] = []
@@ -319,39 +322,79 @@ class TunDevice:
             self._packets_read += len(packets)
             self._bytes_read += sum(map(len, packets))
             if self.vnet_hdr:
-                self._gso_frames_read += sum(1 for p in packets if len(p) > 1 and p[1] != 0)
+                return self._split(packets)
         return packets
 
     # -- writing ---------------------------------------------------------------------------
 
-    def write_nowait(self, packet: bytes | bytearray | memoryview) -> bool:
-        """Hand one packet (one frame with its header in VNET_HDR mode) to the kernel; never blocks.
+    def write_nowait(self, packet: bytes) -> bool:
+        """Hand one packet to the kernel (behind its virtio header in VNET_HDR mode); never blocks.
 
         Returns False, counting a drop, when the device queue is full
         (EAGAIN) or the kernel refuses the packet (EINVAL, EIO: counted by
         errno name).  Raises ``trio.ClosedResourceError`` once closed and
         :class:`TunError` if the kernel detached the device.
         """
+        sent = self.write_batch([packet])
+        return sent == 0
+
+    def write_batch(self, packets: Sequence[bytes]) -> int:
+        """Write ``packets`` in order, never blocking; the number of frames or packets dropped.
+
+        In VNET_HDR mode consecutive TCP segments of a flow leave glued into
+        one GSO frame (:func:`~jvpn_trio.core.offload.coalesce`) and a
+        PartialPacket's checksum is left to the kernel; without it, such a
+        checksum is completed here.  A packet the offload code refuses is
+        counted (``offload_refused``) and dropped.
+        """
         fd = self._live_fd()
-        try:
-            written = os.write(fd, packet)
-        except BlockingIOError:
-            self._write_drops += 1
-            return False
-        except OSError as exc:
-            self._count_write_error(exc)
-            return False
-        self._packets_written += 1
-        self._bytes_written += written
-        return True
+        if self.vnet_hdr:
+            glued = coalesce(packets, max_segments=COALESCE_MAX_SEGMENTS)
+            frames = glued.frames
+            dropped = sum(glued.refused.values())
+            for reason, count in glued.refused.items():
+                self._refused(reason, count)
+        else:
+            frames, dropped = [], 0
+            for packet in packets:
+                try:
+                    frames.append(completed(packet))
+                except OffloadError as exc:
+                    self._refused(exc.reason)
+                    dropped += 1
+        write = os.write
+        for frame in frames:
+            try:
+                written = write(fd, frame)
+            except BlockingIOError:
+                self._write_drops += 1
+                dropped += 1
+                continue
+            except OSError as exc:
+                self._count_write_error(exc)
+                dropped += 1
+                continue
+            self._packets_written += 1
+            self._bytes_written += written
+            if self.vnet_hdr and frame[1] != VIRTIO_NET_HDR_GSO_NONE:
+                self._gso_frames_written += 1
+        return dropped
 
     async def write(self, packet: bytes | bytearray | memoryview) -> bool:
         """Like :meth:`write_nowait`, but wait for writability instead of dropping on EAGAIN.
 
-        Returns False only when the kernel refused the packet.  Bounded by the
+        Returns False only when the kernel (or, for a PartialPacket, the offload code) refused the packet.  Bounded by the
         caller's cancel scope; a cancelled write has not written the packet.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self.vnet_hdr:
+            glued = coalesce([bytes(packet)], max_segments=1)
+            if not glued.frames:
+                for reason, count in glued.refused.items():
+                    self._refused(reason, count)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return False
+            packet = glued.frames[0]
         while True:
             fd = self._live_fd()
             try:
@@ -386,6 +429,8 @@ class TunDevice:
             write_drops=self._write_drops, write_errors=self._write_errors,
             read_wakeups=self._read_wakeups, read_batches=self._read_batches,
             max_batch=self._max_batch, gso_frames_read=self._gso_frames_read,
+            segments_read=self._segments_read, gso_frames_written=self._gso_frames_written,
+            offload_refused=self._offload_refused,
         )
 
     def close(self) -> None:

@@ -861,7 +861,7 @@ class Worker:
         except ChannelDrop:
             self.undecodable += 1
             return
-        if opened.msg_type is wire.MessageType.DATA:
+        if opened.msg_type in wire.DATA_TYPES:
             reply = icmp_echo_reply_untrusted(opened.plaintext)
             if reply is not None:
                 sent_at = self.live_sent_at.pop(reply[1], None)

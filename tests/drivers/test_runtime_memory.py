@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from jvpn_trio.core import events as ev
-from jvpn_trio.core import wire
+from jvpn_trio.core import offload, wire
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.noise import generate_static
@@ -34,6 +34,7 @@ from jvpn_trio.drivers.gateway import GatewayPeer, GatewayRuntime, PeerChanges
 from jvpn_trio.drivers.memory import MemoryDatagramPort, MemoryNetwork, MemoryPacketPort
 from jvpn_trio.drivers.ports import Address, DatagramPort
 from jvpn_trio.drivers.store_memory import MemoryOwnershipStore
+from tests.core import test_offload as offload_tests
 
 GATEWAY = ("192.0.2.1", 51820)
 GATEWAY_CONTROL = ("192.0.2.1", 51821)
@@ -533,4 +534,48 @@ async def test_probes_follow_each_paths_role_and_a_failing_binding_probes_every_
             for i in (2, 3):
                 first = min(t for t, src in after if src == client_addr(i))
                 assert first - blackholed <= policy.death_detection_bound_ms / 1000 + policy.probe_interval_ms / 1000
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_partial_checksum_travels_as_data_partial_and_arrives_completed(autojump_clock: trio.abc.Clock) -> None:
+    """A TCP segment whose checksum the sender's kernel left to finish crosses as DATA_PARTIAL, in both directions.
+
+    The memory TUN has no offloads, so the receiving runtime's device completes the checksum:
+    what comes out is the packet a kernel would have sent, byte for byte.
+    """
+    world = World()
+    types = tap(world.net, wire.MessageType.DATA_PARTIAL, lambda data, src, dst: (src, dst))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            for src, dst, inject, out in (
+                ("10.66.0.2", "10.66.0.1", world.cl_packets, world.gw_packets),
+                ("10.66.0.1", "10.66.0.2", world.gw_packets, world.cl_packets),
+            ):
+                addresses = {"src": ipaddress.IPv4Address(src), "dst": ipaddress.IPv4Address(dst)}
+                whole = offload_tests.tcp_packet(4, 1000, b"partial payload", **addresses)
+                partial = offload_tests.tcp_packet(4, 1000, b"partial payload", partial=True, **addresses)
+                assert type(partial) is offload.PartialPacket and partial != whole  # the checksum differs
+                inject.inject(partial)
+                arrived = await out.delivered.receive()
+                assert arrived == whole
+                assert offload_tests.transport_checksum_ok(arrived)
+            assert len(types) == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_broken_partial_packet_from_a_valid_peer_is_dropped_and_counted(autojump_clock: trio.abc.Clock) -> None:
+    """A holder of the session's keys sends DATA_PARTIAL cut inside its UDP header: nothing reaches the TUN."""
+    world = World()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            world.cl_packets.inject(offload.PartialPacket(ipv4_packet("10.66.0.2", "10.66.0.1", b"abc")))
+            good = ipv4_packet("10.66.0.2", "10.66.0.1", b"after")
+            world.cl_packets.inject(good)
+            assert await world.gw_packets.delivered.receive() == good  # the broken one never came out
+            assert world.gw_packets.dropped == 0
+            assert world.gateway.statistics().rx_tun_full == 1  # refused by the device, counted
             nursery.cancel_scope.cancel()
