@@ -984,6 +984,8 @@ class BenchSettings:
     idle_s: float = 0.0
     #: Trials of each fault per tunnel; None: as many as ``runs``.
     fault_runs: int | None = None
+    #: jvpn-trio's TUNs with checksum and TSO offloads (the default), or without (to measure what they give).
+    tun_offload: bool = True
 
     @property
     def outage_runs(self) -> int:
@@ -998,6 +1000,7 @@ class BenchSettings:
             "fault_seconds": self.fault_s,
             "systems": list(self.systems),
             "idle_seconds": self.idle_s,
+            "tun_offload": self.tun_offload,
             "probe_hz": PROBE_HZ,
             "udp_payload_bytes": UDP_PAYLOAD_BYTES,
             "jvpn_policy_overrides": dict(JVPN_POLICY),
@@ -1830,7 +1833,9 @@ async def start_wireguard(lab: Lab, workdir: Path, version: str, keys: Wireguard
     )  # fmt: skip
 
 
-async def _bring_up(key: str, stack: contextlib.AsyncExitStack, workdir: Path) -> Running | SystemResult:
+async def _bring_up(
+    key: str, stack: contextlib.AsyncExitStack, workdir: Path, *, tun_offload: bool = True
+) -> Running | SystemResult:
     """Open ``key``'s lab and start the system in it; the lab then closes with ``stack``.
 
     Returns the running system, or the result saying why it is not there (its lab is torn
@@ -1871,7 +1876,7 @@ async def _bring_up(key: str, stack: contextlib.AsyncExitStack, workdir: Path) -
             if key == BASELINE:
                 running = await start_baseline(lab, workdir)
             elif key == JVPN:
-                running = await start_jvpn(lab, workdir)
+                running = await start_jvpn(lab, workdir, options=labrun.TunnelOptions(tun_offload=tun_offload))
             elif key == OPENVPN:
                 running = await start_openvpn(lab, workdir, version or "OpenVPN")
             else:
@@ -2103,7 +2108,7 @@ async def run_bench(settings: BenchSettings) -> BenchReport:
                     if key in settings.systems:
                         sub = workdir / key
                         await trio.Path(sub).mkdir(parents=True, exist_ok=True)
-                        outcome = await _bring_up(key, stack, sub)
+                        outcome = await _bring_up(key, stack, sub, tun_offload=settings.tun_offload)
                         if isinstance(outcome, Running):
                             running.append(outcome)
                         else:
@@ -2198,6 +2203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle", type=_idle_seconds, metavar="S",
                         help=f"the idle section's window per probing policy (default {DEFAULT_IDLE_S:g}, "
                              f"{QUICK_IDLE_S:g} with --quick; 0 skips the section)")  # fmt: skip
+    parser.add_argument("--tun-offload", choices=("on", "off"), default="on",
+                        help="jvpn-trio's TUNs with checksum and TSO offloads (default), or without")
     parser.add_argument("--idle-only", action="store_true",
                         help="only the idle section (idle cost and failover by probing policy), no systems")  # fmt: skip
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
@@ -2222,7 +2229,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         raise BenchError("--idle-only needs an idle window (--idle S with S > 0)")
     systems = () if args.idle_only else tuple(args.systems)
     return BenchSettings(runs=runs, iperf_s=iperf_s, fault_s=fault_s, systems=systems, workdir=args.workdir,
-                         idle_s=idle_s, fault_runs=fault_runs)  # fmt: skip
+                         idle_s=idle_s, fault_runs=fault_runs, tun_offload=args.tun_offload == "on")  # fmt: skip
 
 
 def _preflight() -> str | None:

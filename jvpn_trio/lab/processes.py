@@ -293,7 +293,8 @@ class TunnelOptions:
     each at ``PORT``; default: the one address the client uses); ``kill_switch`` None leaves the
     client's default (on for a full tunnel); ``dns`` is the client's ``dns`` list (resolvers
     reached through the tunnel; empty: DNS left alone); ``metered`` names the paths whose
-    ``[[path]]`` says ``metered = true`` (the others follow their kind).
+    ``[[path]]`` says ``metered = true`` (the others follow their kind); ``tun_offload``
+    False opens both TUNs without offloads (``tun_offload = false``).
     """
 
     ipv6_tunnel: bool = False
@@ -304,6 +305,7 @@ class TunnelOptions:
     kill_switch: bool | None = None
     dns: tuple[str, ...] = ()
     metered: tuple[str, ...] = ()
+    tun_offload: bool = True
 
 
 def _endpoint(host: str, port: int) -> str:
@@ -333,12 +335,13 @@ def write_configs(
     kill_switch = "" if options.kill_switch is None else f"kill_switch = {json.dumps(options.kill_switch)}\n"
     listen = ", ".join(json.dumps(_endpoint(h, PORT)) for h in (options.listen or (gateway_host,)))
     tunnel6 = f'tunnel_address6 = "{GATEWAY_TUNNEL6}/{TUNNEL_PREFIXLEN6}"\n' if options.ipv6_tunnel else ""
+    offload = "" if options.tun_offload else "tun_offload = false\n"
     (directory / "gateway.toml").write_text(
         f"""[gateway]
 private_key_file = "gateway.key"
 listen = [{listen}]
 tun_name = "{GATEWAY_TUN}"
-tunnel_address = "{GATEWAY_TUNNEL}/24"
+{offload}tunnel_address = "{GATEWAY_TUNNEL}/24"
 {tunnel6}events_file = "gateway-events.jsonl"
 control_socket = "{directory / 'gateway.sock'}"
 node_id = "{NODE_ID}"
@@ -363,7 +366,7 @@ private_key_file = "client.key"
 gateway_public_key = "{public_from_private_text(gateway_key)}"
 gateway = "{_endpoint(gateway_host, PORT)}"
 tun_name = "{CLIENT_TUN}"
-routes = {json.dumps(list(options.routes))}
+{offload}routes = {json.dumps(list(options.routes))}
 dns = {json.dumps(list(options.dns))}
 {kill_switch}
 events_file = "client-events.jsonl"
