@@ -43,7 +43,12 @@ async def test_short_demo_passes_every_state_and_switches(tmp_path: pathlib.Path
     assert reached == {s.value for s in SessionState}
     switches = [e for e in client if e.kind is EventKind.TRANSPORT_SWITCH]
     assert len(switches) >= 3
-    assert switches[-1].reason is ReasonCode.PREFERRED_PATH_RESTORED and switches[-1].detail("to_path") == "p1"
+    # Ethernet comes back, and the session goes back to it.  Not necessarily the last switch: the
+    # demo runs on the wall clock, and on a loaded machine (CI with coverage on two cores) a probe
+    # late past its timeout can still make a reason-coded MISSED_PROBES switch afterwards.
+    restored = [s for s in switches if s.reason is ReasonCode.PREFERRED_PATH_RESTORED]
+    assert restored and all(s.detail("to_path") == "p1" for s in restored)
+    assert all(s.reason is not None for s in switches)
     # One session, versions without gaps, and an explicit end on both sides.
     assert len({e.session for e in events}) == 1
     versions = [e.version for e in client if e.kind is EventKind.STATE_CHANGE]
