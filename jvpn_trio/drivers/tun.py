@@ -33,24 +33,26 @@ trio's own non-blocking-socket pattern (``checkpoint_if_cancelled``, try,
 can only arrive *before* packets are taken off the device, never after, so
 no packet is lost to a cancel.  Every call is still a checkpoint.
 
-**Writing** never blocks the event loop.  :meth:`TunDevice.write_nowait`
-makes one ``os.write``; on EAGAIN (the device queue is full) it returns
-``False`` and counts a drop.  A packet the kernel refuses (EINVAL: not an IP
-packet, or a bad virtio header; EIO: the device is down) is also dropped and
-counted by errno name, because what we write comes from the peer, and a peer
-must not be able to crash the data path with a malformed packet.  Any other
-error is a bug and propagates.  :meth:`TunDevice.write` waits for
-writability instead of dropping on EAGAIN.
+**Writing** never blocks the event loop.  :meth:`TunDevice.write_batch`
+writes what one received batch delivered, one ``os.write`` per frame;
+:meth:`TunDevice.write_nowait` is the same for one packet.  On EAGAIN (the
+device queue is full) a frame is dropped and counted.  A frame the kernel
+refuses (EINVAL: not an IP packet, or a bad virtio header; EIO: the device
+is down) is also dropped and counted by errno name, because what we write
+comes from the peer, and a peer must not be able to crash the data path
+with a malformed packet.  Any other error is a bug and propagates.
+:meth:`TunDevice.write` waits for writability instead of dropping on EAGAIN.
 
-**VNET_HDR mode** (platform-notes section 3).  With ``vnet_hdr=True`` the
-device is created with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` is asked for
-checksum, TSO and USO offloads, falling back to smaller sets on EINVAL (see
-:data:`OFFLOAD_ATTEMPTS`; the accepted set is in ``TunDevice.offload_flags``).
-Every frame read or written then starts with a :data:`VNET_HDR_LEN`-byte
-``virtio_net_hdr``, and a frame can be a GSO super-packet of up to 64 KiB
-that the caller must segment itself (or pass whole to a peer that also uses
-VNET_HDR).  :meth:`VnetHeader.from_bytes` parses the header;
-:data:`VNET_HDR_EMPTY` is the header to prepend to an ordinary packet.
+**VNET_HDR mode** (platform-notes section 3, docs/offload.md).  With
+``vnet_hdr=True`` the device is created with ``IFF_VNET_HDR`` and
+``TUNSETOFFLOAD`` is asked for checksum, TSO and USO offloads, falling back
+to smaller sets on EINVAL (see :data:`OFFLOAD_ATTEMPTS`; the accepted set is
+in ``TunDevice.offload_flags``).  Every frame read or written then starts
+with a ``virtio_net_hdr`` and can be a GSO super-frame of up to 64 KiB.  The
+device hides that from its callers: reads return the packets the frames
+carry (``core/offload.py`` ``split_frame``), and a batch to write is glued
+into frames (``coalesce``).  Callers see packets either way, some of them
+:class:`~jvpn_trio.core.offload.PartialPacket`.
 
 One task reads and (at most) one task waits to write: trio raises
 ``BusyResourceError`` if two tasks wait for the same direction of one fd.
@@ -73,15 +75,9 @@ import pytun  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import trio
 
 from jvpn_trio.core.offload import (
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
-    VIRTIO_NET_HDR_GSO_UDP_L4,
-    VNET_HDR_EMPTY,
     VNET_HDR_LEN,
     OffloadError,
-    VnetHeader,
     coalesce,
     completed,
     split_frame,
@@ -99,18 +95,10 @@ __all__ = [
     "TUN_F_USO4",
     "TUN_F_USO6",
     "TUN_PATH",
-    "VIRTIO_NET_HDR_F_NEEDS_CSUM",
-    "VIRTIO_NET_HDR_GSO_NONE",
-    "VIRTIO_NET_HDR_GSO_TCPV4",
-    "VIRTIO_NET_HDR_GSO_TCPV6",
-    "VIRTIO_NET_HDR_GSO_UDP_L4",
-    "VNET_HDR_EMPTY",
-    "VNET_HDR_LEN",
     "WRITE_DROP_ERRNOS",
     "TunDevice",
     "TunError",
     "TunStatistics",
-    "VnetHeader",
     "open_tun",
 ]
 

@@ -25,18 +25,16 @@ import pytest
 import trio
 import trio.testing
 
-from jvpn_trio.core.offload import PartialPacket, complete_checksum
-from jvpn_trio.drivers.tun import (
+from jvpn_trio.core.offload import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_UDP_L4,
     VNET_HDR_EMPTY,
     VNET_HDR_LEN,
-    TunDevice,
-    TunError,
+    PartialPacket,
     VnetHeader,
-    _create_error,
-    open_tun,
+    complete_checksum,
 )
+from jvpn_trio.drivers.tun import TunDevice, TunError, _create_error, open_tun
 from tests.core.test_offload import transport_checksum_ok
 
 TIMEOUT = 5.0
