@@ -220,7 +220,10 @@ def _completed_in_place(packet: bytearray, csum_start: int, csum_offset: int) ->
     at = csum_start + csum_offset
     if csum_start >= len(packet) or at + 2 > len(packet):
         raise OffloadError("offload_malformed", f"checksum at {csum_start}+{csum_offset} outside {len(packet)} bytes")
-    packet[at:at + 2] = _U16.pack(~_ones_sum(memoryview(packet)[csum_start:]) & 0xFFFF)
+    value = ~_ones_sum(memoryview(packet)[csum_start:]) & 0xFFFF
+    if value == 0 and csum_offset == _UDP_CHECKSUM_AT:
+        value = 0xFFFF  # UDP: 0 means "no checksum" (and is not allowed at all over IPv6)
+    packet[at:at + 2] = _U16.pack(value)
     return bytes(packet)
 
 

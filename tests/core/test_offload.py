@@ -292,3 +292,20 @@ def test_checksum_field_finds_tcp_and_udp_only() -> None:
     assert checksum_field(tcp_packet(6, 1, b"x")) == (6, 40, 56)
     with pytest.raises(OffloadError):
         checksum_field(ip_header(4, 1, 8) + bytes(8))
+
+
+def test_a_udp_checksum_that_sums_to_zero_is_sent_as_all_ones() -> None:
+    """RFC 768 / RFC 8200: a computed UDP checksum of 0 goes on the wire as 0xFFFF, on both software paths."""
+    pseudo = SRC6.packed + DST6.packed + struct.pack("!I3xB", 12, 17)
+    body = bytearray(struct.pack("!HHHH", 53, 5353, 12, reference_sum(pseudo)) + b"\0\0\0\0")
+    # The field holds the pseudo-header sum; choose the last two payload bytes so that the UDP
+    # bytes then sum to 0xFFFF: the computed checksum is 0.
+    body[10:12] = struct.pack("!H", 0xFFFF - reference_sum(bytes(body)))
+    assert reference_sum(bytes(body)) == 0xFFFF
+    hop_by_hop = bytes([17, 0]) + bytes(6)
+    packet = struct.pack("!IHBB16s16s", 0x60000000, 8 + len(body), 0, 64, SRC6.packed, DST6.packed) + hop_by_hop
+    header = VnetHeader(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=48, csum_offset=6)
+    (out,) = split_frame(header.to_bytes() + packet + bytes(body))
+    assert out[54:56] == b"\xff\xff"
+    plain = PartialPacket(struct.pack("!IHBB16s16s", 0x60000000, len(body), 17, 64, SRC6.packed, DST6.packed) + body)
+    assert complete_checksum(plain)[46:48] == b"\xff\xff"
