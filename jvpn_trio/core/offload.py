@@ -210,9 +210,22 @@ def complete_checksum(packet: bytes | bytearray | memoryview) -> bytes:
     return bytes(out)
 
 
-def completed(packet: bytes) -> bytes:
-    """``packet`` as a device without checksum offload must get it: a PartialPacket completed, others unchanged."""
-    return complete_checksum(packet) if type(packet) is PartialPacket else packet
+def completed(packets: Iterable[bytes]) -> Coalesced:
+    """What a device without offloads must get: each packet alone, a PartialPacket's checksum completed.
+
+    The counterpart of :func:`coalesce`, refusing what it refuses.
+    """
+    frames: list[bytes] = []
+    refused: dict[str, int] = {}
+    for packet in packets:
+        if type(packet) is not PartialPacket:
+            frames.append(packet)
+            continue
+        try:
+            frames.append(complete_checksum(packet))
+        except OffloadError as exc:
+            refused[exc.reason] = refused.get(exc.reason, 0) + 1
+    return Coalesced(frames=frames, packets_in_frames=len(frames), refused=refused)
 
 
 def _completed_in_place(packet: bytearray, csum_start: int, csum_offset: int) -> bytes:
@@ -334,7 +347,7 @@ def _segments(packet: memoryview, gso_type: int, gso_size: int, csum_start: int)
 
 @attrs.frozen
 class Coalesced:
-    """What :func:`coalesce` made of a batch: the frames to write, and the packets it refused by reason."""
+    """What :func:`coalesce` (or :func:`completed`) made of a batch: the frames to write, the packets refused by reason."""
 
     frames: list[bytes]
     packets_in_frames: int
@@ -350,8 +363,12 @@ class _Group:
     header_len: int
     gso_size: int
     next_seq: int
-    closed: bool
     psh: bool
+
+    @property
+    def closed(self) -> bool:
+        """A PSH, or a segment shorter than ``gso_size``, ends the frame (the kernel cuts only the last short)."""
+        return self.psh or len(self.payloads[-1]) < self.gso_size
 
 
 def coalesce(packets: Iterable[bytes], *, max_segments: int) -> Coalesced:
@@ -401,11 +418,10 @@ def coalesce(packets: Iterable[bytes], *, max_segments: int) -> Coalesced:
             group.payloads.append(memoryview(packet)[header_len:])
             group.next_seq = (seq + payload_len) & 0xFFFFFFFF
             group.psh = psh
-            group.closed = psh or payload_len < group.gso_size
             continue
         group = open_groups[key] = _Group(
             first=packet, payloads=[memoryview(packet)[header_len:]], header_len=header_len, gso_size=payload_len,
-            next_seq=(seq + payload_len) & 0xFFFFFFFF, closed=psh, psh=psh,
+            next_seq=(seq + payload_len) & 0xFFFFFFFF, psh=psh,
         )
         frames.append(group)
     return Coalesced(frames=[_frame_of(f) for f in frames], packets_in_frames=carried, refused=refused)

@@ -94,6 +94,8 @@ class MessageType(enum.IntEnum):
 HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INIT, MessageType.HANDSHAKE_RESP})
 #: The types that carry an inner packet.
 DATA_TYPES = frozenset({MessageType.DATA, MessageType.DATA_PARTIAL})
+#: :data:`DATA_TYPES` as byte 1 values, for the receive loops' test before any parsing.
+DATA_TYPE_BYTES = frozenset(t.value for t in DATA_TYPES)
 TRANSPORT_TYPES = frozenset(MessageType) - HANDSHAKE_TYPES - {MessageType.COOKIE_REPLY}
 #: Byte 1 -> its type, for :func:`peek_type_untrusted` (a byte that is no type is absent).
 _TYPE_BY_VALUE: Mapping[int, MessageType] = {t.value: t for t in MessageType}

@@ -112,13 +112,11 @@ from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.core.trace import SessionStart
 from jvpn_trio.drivers.control import STATUS_INTERVAL_S
 from jvpn_trio.drivers.log import LineLimiter, stderr_line
-from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
+from jvpn_trio.drivers.ports import Address, DatagramPort, DeliveryBuffer, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
 
 #: How many datagrams / packets one wake-up handles before yielding.
 BATCH = 64
-#: Byte 1 of the datagrams the receive loop opens without a coroutine.
-_DATA_TYPES = frozenset(t.value for t in wire.DATA_TYPES)
 #: Inbox depth: inputs waiting for the supervisor.  Producers wait when it is full (backpressure).
 INBOX_CAPACITY = 4096
 #: A failing path socket is logged at most this often (every failure is counted).
@@ -363,8 +361,7 @@ class ClientRuntime:
         self.link_up: dict[PathId, bool] = {p.path: p.link_up for p in self.paths.values()}
         self._emit = emit
         self._packets = packets
-        #: DATA opened from the batch being received, written at its end (:meth:`_flush_delivered`).
-        self._delivered: list[bytes] = []
+        self._delivered = DeliveryBuffer()
         self._set_address = set_address
         self._random_bytes = random_bytes
         self._wall_time_ns = wall_time_ns
@@ -1044,14 +1041,14 @@ class ClientRuntime:
                 await trio.sleep(retry_s)
                 continue
             now = trio.current_time()
-            tally, channel, data_packet = self._tally, self.channel, wire.data_packet
+            tally, channel, data_packet, data_types = self._tally, self.channel, wire.data_packet, wire.DATA_TYPE_BYTES
             for data, addr in batch:
                 if not path.is_gateway(addr):
                     tally.stray_source += 1
                     continue
                 # DATA, the per-packet case, is opened and delivered here without a coroutine;
                 # everything else (and every drop) goes the general way.
-                if len(data) > 1 and data[1] in _DATA_TYPES and data[0] == wire.PROTOCOL_VERSION:
+                if len(data) > 1 and data[1] in data_types and data[0] == wire.PROTOCOL_VERSION:
                     try:
                         opened = channel.open_untrusted(data, now=now)
                     except ChannelDrop as drop:
@@ -1106,16 +1103,14 @@ class ClientRuntime:
         tally.rx_packets += 1
         tally.rx_bytes += len(packet)
         if packet and self._packets is not None:
-            self._delivered.append(packet)
+            self._delivered.add(packet)
         if self._due_to_report(self._delivery_reported, path.path, now):
             self.submit_nowait(ev.DeliveryObserved(path=path.path))
 
     def _flush_delivered(self) -> None:
-        """Write what a received batch delivered, in one go: the TUN glues a flow's segments (core/offload.py)."""
-        delivered, packets = self._delivered, self._packets
-        if delivered and packets is not None:
-            self._delivered = []
-            self._tally.rx_tun_full += packets.write_batch(delivered)
+        """Write what a received batch delivered, in one go (:class:`DeliveryBuffer`)."""
+        if self._packets is not None:
+            self._tally.rx_tun_full += self._delivered.flush(self._packets)
 
     def _due_to_report(self, reported: dict[PathId, float], path: PathId, now: float) -> bool:
         """Whether traffic on ``path`` is news for the core: at most once per ``probe_interval_ms``."""

@@ -114,7 +114,7 @@ from jvpn_trio.core.trace import SessionStart
 from jvpn_trio.drivers.announce import ANNOUNCE_LOG_INTERVAL_S, AnnounceError
 from jvpn_trio.drivers.control import STATUS_INTERVAL_S
 from jvpn_trio.drivers.log import LineLimiter, stderr_line
-from jvpn_trio.drivers.ports import Address, DatagramPort, PacketPort, equal_size_runs
+from jvpn_trio.drivers.ports import Address, DatagramPort, DeliveryBuffer, PacketPort, equal_size_runs
 from jvpn_trio.drivers.recording import Recorder
 from jvpn_trio.drivers.store_memory import OwnershipStore
 
@@ -144,8 +144,6 @@ def _reason_counters(prefix: str, reasons: Iterable[ReasonCode]) -> Mapping[Reas
 
 
 #: The DATA type's byte, and the transport header's receiver index: what the DATA fast path reads first.
-#: Byte 1 of the datagrams the DATA fast path takes.
-_DATA_TYPES = frozenset(t.value for t in wire.DATA_TYPES)
 _RECEIVER_INDEX = struct.Struct("!I")
 
 R = ReasonCode
@@ -465,8 +463,7 @@ class GatewayRuntime:
         self._inits_queued = 0  # what the channel holds: its statistics() costs an object per init
         self._last_now = -math.inf
         self._packets: PacketPort | None = None
-        #: DATA opened from the batches being received, written at each batch's end (:meth:`_flush_delivered`).
-        self._delivered: list[bytes] = []
+        self._delivered = DeliveryBuffer()
         # The supervisor's timers: (deadline, tie-break, session) entries, valid while _scheduled agrees.
         self._deadlines: list[tuple[float, int, SessionId]] = []
         self._scheduled: dict[SessionId, float] = {}
@@ -926,11 +923,9 @@ class GatewayRuntime:
             self._flush_delivered()
 
     def _flush_delivered(self) -> None:
-        """Write what a received batch delivered, in one go: the TUN glues a flow's segments (core/offload.py)."""
-        delivered, packets = self._delivered, self._packets
-        if delivered and packets is not None:
-            self._delivered = []
-            self._counts.rx_tun_full += packets.write_batch(delivered)
+        """Write what a received batch delivered, in one go (:class:`DeliveryBuffer`)."""
+        if self._packets is not None:
+            self._counts.rx_tun_full += self._delivered.flush(self._packets)
 
     def _on_data_nowait(self, port: DatagramPort, data: bytes, addr: Address, now: float) -> bool:
         """The DATA fast path, without a coroutine: what :meth:`_on_datagram` does for DATA, when no await is due.
@@ -939,7 +934,7 @@ class GatewayRuntime:
         anything changed, for every datagram that is not DATA to a known session or whose
         session is due an alive report (which awaits the inbox): :meth:`_on_datagram` takes those.
         """
-        if len(data) < wire.TRANSPORT_HEADER_LEN or data[1] not in _DATA_TYPES or data[0] != wire.PROTOCOL_VERSION:
+        if len(data) < wire.TRANSPORT_HEADER_LEN or data[1] not in wire.DATA_TYPE_BYTES or data[0] != wire.PROTOCOL_VERSION:
             return False
         served = self._by_index.get(_RECEIVER_INDEX.unpack_from(data, wire.RECEIVER_INDEX_OFFSET)[0])
         if served is None or self._alive_would_be_due(served, addr, served.paths.get(addr, served.init_path), now):
@@ -1014,7 +1009,7 @@ class GatewayRuntime:
         served.rx_packets += 1
         served.rx_bytes += len(packet)
         if packet and self._packets is not None:
-            self._delivered.append(packet)
+            self._delivered.add(packet)
 
     async def _on_message(
         self, served: ServedSession, port: DatagramPort, message: wire.InnerMessage, addr: Address, now: float

@@ -39,6 +39,29 @@ class PacketPort(Protocol):
         ...
 
 
+class DeliveryBuffer:
+    """DATA opened from the batch being received, written to the TUN at the batch's end in one call.
+
+    One write per batch is what lets a TUN with offloads glue a flow's segments (core/offload.py).
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+
+    def add(self, packet: bytes) -> None:
+        self._pending.append(packet)
+
+    def flush(self, port: PacketPort) -> int:
+        """Write what was added since the last flush to ``port``; how many it dropped."""
+        pending = self._pending
+        if not pending:
+            return 0
+        self._pending = []
+        return port.write_batch(pending)
+
+
 def equal_size_runs(datagrams: list[bytes]) -> list[list[bytes]]:
     """Split into runs that one UDP_SEGMENT send can carry: equal sizes, the last may be shorter."""
     runs: list[list[bytes]] = []

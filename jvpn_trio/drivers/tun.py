@@ -77,6 +77,7 @@ import trio
 from jvpn_trio.core.offload import (
     VIRTIO_NET_HDR_GSO_NONE,
     VNET_HDR_LEN,
+    Coalesced,
     OffloadError,
     coalesce,
     completed,
@@ -294,6 +295,13 @@ class TunDevice:
     def _refused(self, reason: str, count: int = 1) -> None:
         self._offload_refused[reason] = self._offload_refused.get(reason, 0) + count
 
+    def _frames(self, packets: Sequence[bytes], *, max_segments: int) -> Coalesced:
+        """What to write for ``packets``: glued in VNET_HDR mode, else each alone, completed; refusals counted."""
+        frames = coalesce(packets, max_segments=max_segments) if self.vnet_hdr else completed(packets)
+        for reason, count in frames.refused.items():
+            self._refused(reason, count)
+        return frames
+
     def _drain(self, fd: int, max_packets: int) -> list[bytes]:
         packets: list[bytes] = []
         read = os.read
@@ -323,8 +331,7 @@ class TunDevice:
         errno name).  Raises ``trio.ClosedResourceError`` once closed and
         :class:`TunError` if the kernel detached the device.
         """
-        sent = self.write_batch([packet])
-        return sent == 0
+        return self.write_batch([packet]) == 0
 
     def write_batch(self, packets: Sequence[bytes]) -> int:
         """Write ``packets`` in order, never blocking; the number of frames or packets dropped.
@@ -336,22 +343,10 @@ class TunDevice:
         counted (``offload_refused``) and dropped.
         """
         fd = self._live_fd()
-        if self.vnet_hdr:
-            glued = coalesce(packets, max_segments=COALESCE_MAX_SEGMENTS)
-            frames = glued.frames
-            dropped = sum(glued.refused.values())
-            for reason, count in glued.refused.items():
-                self._refused(reason, count)
-        else:
-            frames, dropped = [], 0
-            for packet in packets:
-                try:
-                    frames.append(completed(packet))
-                except OffloadError as exc:
-                    self._refused(exc.reason)
-                    dropped += 1
+        frames = self._frames(packets, max_segments=COALESCE_MAX_SEGMENTS)
+        dropped = len(packets) - frames.packets_in_frames
         write = os.write
-        for frame in frames:
+        for frame in frames.frames:
             try:
                 written = write(fd, frame)
             except BlockingIOError:
@@ -375,14 +370,11 @@ class TunDevice:
         caller's cancel scope; a cancelled write has not written the packet.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self.vnet_hdr:
-            glued = coalesce([bytes(packet)], max_segments=1)
-            if not glued.frames:
-                for reason, count in glued.refused.items():
-                    self._refused(reason, count)
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return False
-            packet = glued.frames[0]
+        framed = self._frames([bytes(packet)], max_segments=1).frames
+        if not framed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return False
+        packet = framed[0]
         while True:
             fd = self._live_fd()
             try:
