@@ -20,7 +20,8 @@ Measurements
       before it.  At most ``loss_window_probes + dead_after_missed_probes``
       probes are outstanding; sending one more resolves the oldest as lost.
     * ``loss_pct`` = lost / resolved over the last ``loss_window_probes``
-      resolved probes (outstanding ones do not count either way).
+      resolved probes judged by the ordinary timeout (outstanding ones do not
+      count either way, nor do those judged by the silence clock, below).
     * ``consecutive_missed`` = probes lost, in resolution order, since the last
       in-time ack; an in-time ack resets it to 0.  An ack for probe N first
       resolves every older outstanding probe as lost (one path delivers in
@@ -35,6 +36,19 @@ Measurements
       a stable but long path jittery on its first sample.
     * ``last_delivery`` = the last in-time ack, late ack or ``on_delivery``
       (authenticated data seen on the path).
+    * *Silence* (``silence_probe_after_ms``): data sent (``on_data_sent``) and
+      nothing delivered since, for the threshold or the path's srtt + 4 x
+      jitter if longer (:meth:`PathHealth.silent_from`).  A probe sent on a
+      silent path times out after srtt + 4 x jitter clamped to
+      [``silence_probe_timeout_floor_ms``, ``probe_timeout_ms``], and every
+      probe still outstanding is cut down to the same deadline.  Such a
+      probe, lost at that short deadline, counts in ``consecutive_missed``
+      but never in ``loss_pct`` (acked, it does not count there either): a
+      loaded peer's 30 ms stall must not read as 10 % loss.  Silence
+      decides no verdict: it only makes probes come sooner (the session's
+      SILENT cadence) and be lost sooner, so a blackholed path that carries
+      traffic reaches MISSED_PROBES in the silence threshold plus
+      ``dead_after_missed_probes`` short timeouts.
     * Acks are matched against the outstanding set, so a duplicate or forged
       ack never counts twice: an unknown or already-acked ``seq`` changes
       nothing but the ``ignored_acks`` counter.  A *late* ack (for a probe
@@ -93,6 +107,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -233,9 +248,11 @@ class PathHealth:
         self._max_outstanding = policy.loss_window_probes + policy.dead_after_missed_probes
         self._now = now
         self._link_up = link_up
-        # seq -> (sent, deadline), in send order; deadlines never decrease
-        # because ``now`` never does, so the due probes are always a prefix.
-        self._outstanding: dict[int, tuple[float, float]] = {}
+        # seq -> (sent, deadline, in the loss window), in send order; deadlines never decrease
+        # because ``now`` never does, so the due probes are always a prefix.  A probe judged by
+        # the silence clock (sent on a silent path, or cut down when it turned silent) stays out
+        # of the loss window: its short deadline may only count it as missed.
+        self._outstanding: dict[int, tuple[float, float, bool]] = {}
         # Probes resolved as lost, remembered (bounded) to recognise late acks.
         self._lost_seqs: dict[int, None] = {}
         self._last_seq = -1
@@ -244,6 +261,8 @@ class PathHealth:
         self._srtt_ms: float | None = None
         self._jitter_ms: float | None = None
         self._last_delivery: float | None = None
+        #: The first data sent since the last delivery (``on_data_sent``); None: all answered.
+        self._unanswered_since: float | None = None
         self._missed = 0
         self._probes_sent = 0
         self._probes_acked = 0
@@ -277,12 +296,20 @@ class PathHealth:
         self._last_seq = seq
         self._probes_sent += 1
         if len(self._outstanding) >= self._max_outstanding:
-            oldest = next(iter(self._outstanding))
-            del self._outstanding[oldest]
-            self._mark_lost(oldest)
-        # Deadlines never decrease (the due probes stay a prefix), even when the timeout shrinks.
-        last_deadline = next(reversed(self._outstanding.values()))[1] if self._outstanding else now
-        self._outstanding[seq] = (now, max(now + self.probe_timeout_s(), last_deadline))
+            self._mark_lost(next(iter(self._outstanding)))
+        silent_from = self.silent_from()
+        if silent_from is not None and now >= silent_from:
+            # A silent path: this probe gets the short timeout, and so does every one still out
+            # (cut down to the same deadline, so the due probes stay a prefix in send order).
+            deadline = now + self.silence_probe_timeout_s()
+            for older, (sent, older_deadline, _in_window) in self._outstanding.items():
+                if older_deadline > deadline:
+                    self._outstanding[older] = (sent, deadline, False)
+            self._outstanding[seq] = (now, deadline, False)
+        else:
+            # Deadlines never decrease (the due probes stay a prefix), even when the timeout shrinks.
+            last_deadline = next(reversed(self._outstanding.values()))[1] if self._outstanding else now
+            self._outstanding[seq] = (now, max(now + self.probe_timeout_s(), last_deadline), True)
         self._commit(now)
 
     def probe_timeout_s(self) -> float:
@@ -296,6 +323,25 @@ class PathHealth:
         adaptive_ms = self._srtt_ms + RTO_JITTER_FACTOR * (self._jitter_ms or 0.0)
         bounded_ms = min(max(adaptive_ms, floor_ms), self._policy.probe_timeout_ms)
         return bounded_ms / _MS_PER_S
+
+    def silence_probe_timeout_s(self) -> float:
+        """How long a probe sent on a silent path may go unanswered: srtt + 4 x jitter, at least
+        ``silence_probe_timeout_floor_ms``, at most ``probe_timeout_ms``; the full timeout before any
+        RTT sample (nothing yet says how fast this path answers)."""
+        if self._srtt_ms is None:
+            return self._timeout_s
+        adaptive_ms = self._srtt_ms + RTO_JITTER_FACTOR * (self._jitter_ms or 0.0)
+        bounded_ms = min(max(adaptive_ms, self._policy.silence_probe_timeout_floor_ms), self._policy.probe_timeout_ms)
+        return bounded_ms / _MS_PER_S
+
+    def silent_from(self) -> float | None:
+        """When this path counts as silent: data sent and unanswered for ``silence_probe_after_ms``,
+        or for :meth:`silence_probe_timeout_s` if that is longer (a slow path is not silent for
+        answering at its usual pace).  None: nothing unanswered, or silence probing is off."""
+        after_ms = self._policy.silence_probe_after_ms
+        if after_ms is None or self._unanswered_since is None:
+            return None
+        return self._unanswered_since + max(after_ms / _MS_PER_S, self.silence_probe_timeout_s())
 
     def on_probe_acked(self, seq: int, *, now: float) -> float | None:
         """An authenticated ack for probe ``seq``; returns its RTT in ms.
@@ -312,32 +358,40 @@ class PathHealth:
             # consecutive misses on a path that has just proved it delivers (a link that came
             # back would otherwise be declared dead again by the probes sent while it was down).
             for older in [s for s in self._outstanding if s < seq]:
-                del self._outstanding[older]
                 self._mark_lost(older)
         if entry is None:
             if seq in self._lost_seqs:
                 del self._lost_seqs[seq]
                 self._late_acks += 1
-                self._last_delivery = now
+                self._delivered(now)
                 self._commit(now)
             else:
                 self._ignored_acks += 1
             return None
-        sent, _deadline = entry
+        sent, _deadline, in_window = entry
         rtt_ms = (now - sent) * _MS_PER_S
         self._sample_rtt(rtt_ms)
         self._missed = 0
-        self._outcomes.append(False)
+        if in_window:
+            self._outcomes.append(False)
         self._probes_acked += 1
-        self._last_delivery = now
+        self._delivered(now)
         self._commit(now)
         return rtt_ms
 
     def on_delivery(self, *, now: float) -> None:
-        """Authenticated data arrived on this path: refreshes ``last_delivery`` only."""
+        """Authenticated data arrived on this path: refreshes ``last_delivery`` and ends a silence."""
         now = self._advance(now)
-        self._last_delivery = now
+        self._delivered(now)
         self._commit(now)
+
+    def on_data_sent(self, *, now: float) -> None:
+        """Data left on this path: if nothing comes back, the path turns silent (:meth:`silent_from`).
+
+        No verdict depends on it: silence only makes probes come sooner and time out sooner."""
+        now = self._advance(now)
+        if self._unanswered_since is None:
+            self._unanswered_since = now
 
     def on_link(self, up: bool, *, now: float) -> None:
         """The interface went up or down.  Down is DEAD at once; up re-evaluates the metrics."""
@@ -360,7 +414,7 @@ class PathHealth:
         """
         candidates: list[float] = []
         if self._outstanding:
-            _sent, deadline = next(iter(self._outstanding.values()))
+            _sent, deadline, _in_window = next(iter(self._outstanding.values()))
             candidates.append(deadline)
         if self._last_delivery is not None:
             dead_at = math.nextafter(self._last_delivery + self._ttl_s, math.inf)
@@ -398,7 +452,7 @@ class PathHealth:
     def _due(self, now: float) -> int:
         """How many outstanding probes are lost by ``now`` (a prefix, in send order)."""
         due = 0
-        for _sent, deadline in self._outstanding.values():
+        for _sent, deadline, _in_window in self._outstanding.values():
             if deadline > now:
                 break
             due += 1
@@ -407,9 +461,10 @@ class PathHealth:
     def _metrics(self, now: float) -> tuple[_Metrics, int]:
         """The metrics as of ``now``, counting due probes as lost; and how many that is."""
         due = self._due(now)
-        if due:
+        due_in_window = sum(entry[2] for entry in itertools.islice(self._outstanding.values(), due))
+        if due_in_window:
             projected = collections.deque(self._outcomes, maxlen=self._outcomes.maxlen)
-            projected.extend([True] * min(due, self._policy.loss_window_probes))
+            projected.extend([True] * min(due_in_window, self._policy.loss_window_probes))
             loss_pct = _loss_pct(projected)
         else:
             loss_pct = _loss_pct(self._outcomes)
@@ -447,14 +502,20 @@ class PathHealth:
         self._now = now
         for _ in range(self._due(now)):
             oldest = next(iter(self._outstanding))
-            del self._outstanding[oldest]
             self._mark_lost(oldest)
         self._commit(now)
         return now
 
+    def _delivered(self, now: float) -> None:
+        self._last_delivery = now
+        self._unanswered_since = None
+
     def _mark_lost(self, seq: int) -> None:
+        """Resolve outstanding probe ``seq`` as lost."""
+        _sent, _deadline, in_window = self._outstanding.pop(seq)
         self._missed += 1
-        self._outcomes.append(True)
+        if in_window:
+            self._outcomes.append(True)
         self._probes_lost += 1
         self._lost_seqs[seq] = None
         if len(self._lost_seqs) > self._max_outstanding:

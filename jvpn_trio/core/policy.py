@@ -26,6 +26,9 @@ from jvpn_trio.core.bounds import IntRange, NumberRange, int_range, number_range
 
 #: Property 6 counts switches "per minute": the rate window is that minute.
 SWITCH_RATE_WINDOW_S = 60.0
+#: A datapath reports traffic this many times per ``silence_probe_after_ms`` at most, so a
+#: silence is seen at most a quarter of the threshold late.
+TRAFFIC_REPORTS_PER_SILENCE = 4
 
 
 class PolicyError(ValueError):
@@ -66,6 +69,10 @@ MIN_HANDSHAKE_RETRY_MS = 100
 #: may differ by the kernel's suspend measurement error, up to about 1 s (docs/spec.md, R4 and
 #: "Freshness across a suspend"); a narrower window refuses the REATTACH that follows a suspend.
 MIN_FRESHNESS_WINDOW_MS = 1_000
+
+
+#: The laptop default of ``silence_probe_after_ms`` (typed so that None stays allowed).
+_SILENCE_PROBE_AFTER_MS: int | None = 30
 
 
 #: What a field shorter than the slowest round trip a live path may have (probe_timeout_ms) breaks.
@@ -113,6 +120,16 @@ class Policy:
     probe_timeout_floor_ms: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_int_range(1, MAX_PROBE_TIMEOUT_MS))
     )
+    #: The bound path has carried our data and returned nothing authenticated this long (or its
+    #: srtt + 4 x jitter, if longer): it is *silent*, and is probed every silence-probe timeout until
+    #: it answers or goes DEAD.  A path that sends is awake (no Wi-Fi power save to wait out), so data
+    #: left unanswered is evidence that a quiet path's probes cannot give.  Absent: only the cadence.
+    silence_probe_after_ms: int | None = attrs.field(
+        default=_SILENCE_PROBE_AFTER_MS, validator=attrs.validators.optional(_int_range(1, MAX_PROBE_TIMEOUT_MS))
+    )
+    #: The least timeout of a probe sent on a silent path (srtt + 4 x jitter above it, at most
+    #: probe_timeout_ms); it also cuts every probe still outstanding there down to the same deadline.
+    silence_probe_timeout_floor_ms: int = attrs.field(default=20, validator=_int_range(1, MAX_PROBE_TIMEOUT_MS))
     dead_after_missed_probes: int = attrs.field(default=3, validator=_int_range(1, 1_000))
     loss_window_probes: int = attrs.field(default=20, validator=_int_range(2, 10_000))
     # -- hysteresis ------------------------------------------------------------
@@ -181,6 +198,11 @@ class Policy:
                 f"probe_timeout_floor_ms ({self.probe_timeout_floor_ms}) exceeds probe_timeout_ms "
                 f"({self.probe_timeout_ms})"
             )
+        if self.silence_probe_timeout_floor_ms > self.probe_timeout_ms:
+            yield (
+                f"silence_probe_timeout_floor_ms ({self.silence_probe_timeout_floor_ms}) exceeds probe_timeout_ms "
+                f"({self.probe_timeout_ms})"
+            )
         for name in ("latency_threshold_ms", "jitter_threshold_ms"):
             if getattr(self, name) >= self.probe_timeout_ms:
                 yield (
@@ -241,6 +263,21 @@ class Policy:
         return max(self.standby_probe_ms, min(self.metered_probe_interval_ms, self.transport_loss_ttl_ms // 2))
 
     @property
+    def traffic_report_ms(self) -> float:
+        """How often at most a datapath tells the core that data went out or came in on a path: the active
+        cadence, or finer when silence probing is on, so that a silence is seen within a fraction of it."""
+        if self.silence_probe_after_ms is None:
+            return float(self.probe_interval_ms)
+        return min(float(self.probe_interval_ms), self.silence_probe_after_ms / TRAFFIC_REPORTS_PER_SILENCE)
+
+    @property
+    def probe_spacing_ms(self) -> int:
+        """The shortest gap between two probes on one path that the core can ask for."""
+        if self.silence_probe_after_ms is None:
+            return self.probe_interval_ms
+        return min(self.probe_interval_ms, self.silence_probe_timeout_floor_ms)
+
+    @property
     def fingerprint(self) -> str:
         """16 hex digits of SHA-256 over the canonical JSON form: names the policy in every event.
 
@@ -265,16 +302,32 @@ class Policy:
         except TypeError as exc:  # attrs raises TypeError for a bad call shape
             raise PolicyError(str(exc)) from exc
 
+    @classmethod
+    def from_recording(cls, data: Mapping[str, Any]) -> Policy:
+        """Build the policy a recording was made under: a field added since it was written takes the
+        value that behaves as the code did then, not today's default."""
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"policy must be a table, got {type(data).__name__}")
+        return cls.from_mapping({**{k: v for k, v in _AS_BEFORE.items() if k not in data}, **data})
 
-#: Fields added after policies were first recorded: left out of the fingerprint while they hold
-#: their default (how a policy without them behaves), so a recorded policy keeps its name and replays.
-_LATER_FIELDS = ("standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms", "path_validation_cache_ms")
+
+#: Fields added after policies were first recorded, with the value that gives the behaviour from
+#: before they existed.  A recording that lacks one is replayed with that value
+#: (:meth:`Policy.from_recording`), and the fingerprint leaves the field out while it holds it, so a
+#: recorded policy keeps its name.
+_AS_BEFORE: dict[str, Any] = {
+    "standby_probe_interval_ms": 1_000,
+    "metered_probe_interval_ms": 10_000,
+    "idle_after_ms": 5_000,
+    "path_validation_cache_ms": 30_000,
+    "silence_probe_after_ms": None,
+    "silence_probe_timeout_floor_ms": 20,
+}
 
 
 @functools.lru_cache(maxsize=256)
 def _fingerprint(policy: Policy) -> str:
-    defaults = {f.name: f.default for f in attrs.fields(Policy) if f.name in _LATER_FIELDS}
-    mapping = {k: v for k, v in policy.to_mapping().items() if k not in defaults or defaults[k] != v}
+    mapping = {k: v for k, v in policy.to_mapping().items() if k not in _AS_BEFORE or _AS_BEFORE[k] != v}
     blob = json.dumps(mapping, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -339,6 +339,8 @@ class ProbeRole(enum.Enum):
     IDLE = "idle"
     STANDBY = "standby"  # standby_probe_interval_ms
     METERED = "metered"  # metered_probe_interval_ms
+    #: The bound path with our data unanswered (``PathHealth.silent_from``): every silence-probe timeout.
+    SILENT = "silent"
 
 
 @attrs.frozen(kw_only=True)
@@ -359,7 +361,7 @@ class PathSnapshot:
     active: bool
     pinned: bool
     metered: bool = False
-    #: "active", "idle", "standby" or "metered": the cadence it is probed at (``ClientSession.probe_role``).
+    #: "active", "idle", "standby", "metered" or "silent": the cadence it is probed at (``ClientSession.probe_role``).
     probe_role: str = "active"
 
 
@@ -481,6 +483,9 @@ class ClientSession(_SessionCore):
         if self.record.state is not S.ATTACHED or binding is None:
             return ProbeRole.ACTIVE
         if binding.path == path:
+            silent_from = entry.health.silent_from()
+            if silent_from is not None and now >= silent_from:
+                return ProbeRole.SILENT
             return ProbeRole.IDLE if now >= self._busy_until() else ProbeRole.ACTIVE
         if pending is not None and pending.path == path:
             return ProbeRole.ACTIVE
@@ -505,11 +510,22 @@ class ClientSession(_SessionCore):
         policy = self.policy
         active_due = entry.last_probe + policy.probe_interval_ms / 1000.0
         role = self.probe_role(path, now=active_due)
-        if role is ProbeRole.ACTIVE:
-            return active_due
-        if role is ProbeRole.METERED or (role is ProbeRole.IDLE and entry.metered):
-            return entry.last_probe + policy.metered_probe_ms / 1000.0
-        return entry.last_probe + policy.standby_probe_ms / 1000.0
+        if role is ProbeRole.ACTIVE or role is ProbeRole.SILENT:
+            due = active_due
+        elif role is ProbeRole.METERED or (role is ProbeRole.IDLE and entry.metered):
+            due = entry.last_probe + policy.metered_probe_ms / 1000.0
+        else:
+            due = entry.last_probe + policy.standby_probe_ms / 1000.0
+        return min(due, self._silence_probe_due(path, entry))
+
+    def _silence_probe_due(self, path: PathId, entry: _PathEntry) -> float:
+        """When the bound path, once silent, is probed next: when the silence begins, then every
+        silence-probe timeout (``PathHealth.silent_from``); never while it answers."""
+        binding = self.record.binding
+        silent_from = entry.health.silent_from()
+        if binding is None or binding.path != path or silent_from is None or entry.last_probe is None:
+            return math.inf
+        return max(silent_from, entry.last_probe + entry.health.silence_probe_timeout_s())
 
     def _busy_until(self) -> float:
         """The instant the tunnel turns idle: ``Policy.idle_ms`` after the last traffic or the binding."""
@@ -620,6 +636,7 @@ class ClientSession(_SessionCore):
             entry.health.on_delivery(now=now)
             self._last_traffic = now
         elif isinstance(event, ev.DataSent):
+            entry.health.on_data_sent(now=now)
             self._last_traffic = now
         return []
 

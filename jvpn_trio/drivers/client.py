@@ -1008,10 +1008,10 @@ class ClientRuntime:
         """A PROBE when the core says one is due on this path (``ClientSession.probe_due``: the active
         path every ``probe_interval_ms``, standby paths slower), or at once when :meth:`probe_all_now` asks.
 
-        Never two within ``probe_interval_ms``: the core hears of a probe (``ProbeSent``) a moment
-        after it leaves, and until then its due time is the old one.
+        Never two within ``Policy.probe_spacing_ms``: the core hears of a probe (``ProbeSent``) a
+        moment after it leaves, and until then its due time is the old one.
         """
-        floor_s = self.policy.probe_interval_ms / 1000.0
+        floor_s = self.policy.probe_spacing_ms / 1000.0
         last_sent = -math.inf
         while True:
             session = self.session
@@ -1113,8 +1113,8 @@ class ClientRuntime:
             self._tally.rx_tun_full += self._delivered.flush(self._packets)
 
     def _due_to_report(self, reported: dict[PathId, float], path: PathId, now: float) -> bool:
-        """Whether traffic on ``path`` is news for the core: at most once per ``probe_interval_ms``."""
-        if now - reported.get(path, -math.inf) < self.policy.probe_interval_ms / 1000.0:
+        """Whether traffic on ``path`` is news for the core: at most once per ``Policy.traffic_report_ms``."""
+        if now - reported.get(path, -math.inf) < self.policy.traffic_report_ms / 1000.0:
             return False
         reported[path] = now
         return True

@@ -258,7 +258,7 @@ def _walk(lines: Iterable[str], starts: dict[Key, tuple[SessionStart, int]]) -> 
 def build_machine(start: SessionStart, *, policy: Policy | None = None) -> Machine:
     """A fresh machine as the start line describes it (under ``policy`` if given); BadTrace if it cannot be."""
     try:
-        use = policy if policy is not None else Policy.from_mapping(start.policy)
+        use = policy if policy is not None else Policy.from_recording(start.policy)
     except PolicyError as exc:
         raise BadTrace(f"session {start.session[:8]}: recorded policy is not valid: {exc}") from None
     session_id = SessionId.from_hex(start.session)

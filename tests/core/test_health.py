@@ -51,7 +51,11 @@ POLICY = Policy(
     latency_threshold_ms=120.0,
     jitter_threshold_ms=100.0,
     healthy_below_fraction=0.8,
+    silence_probe_after_ms=None,
 )
+#: Silence probing on: data unanswered 30 ms makes a path silent; its probes then time out after
+#: srtt + 4 x jitter, at least 20 ms.
+SILENCE = attrs.evolve(POLICY, silence_probe_after_ms=30, silence_probe_timeout_floor_ms=20)
 #: Acks up to a second late still count, so RTTs above the latency threshold can be measured.
 SLOW = attrs.evolve(POLICY, probe_timeout_ms=1_000, latency_threshold_ms=400.0)
 TIMEOUT_S = POLICY.probe_timeout_ms / 1000
@@ -759,3 +763,85 @@ def test_an_ack_resolves_older_unanswered_probes_as_lost_first() -> None:
     h.expire(now=1.0)  # nothing left to time out later
     assert h.stats(now=1.0).consecutive_missed == 0
     assert h.verdict(now=1.0).verdict is not Verdict.DEAD
+
+
+# -- silence: data out, nothing back ------------------------------------------------------------
+
+
+def test_unanswered_data_makes_a_path_silent_after_the_threshold_or_its_round_trip() -> None:
+    h = PathHealth(P, SILENCE, now=0.0)
+    assert h.silent_from() is None
+    h.on_data_sent(now=0.5)  # no RTT sample yet: the full probe timeout is the path's round trip
+    assert h.silent_from() == 0.5 + TIMEOUT_S
+    h.on_probe_sent(1, now=0.5)
+    assert h.on_probe_acked(1, now=0.5625) == 62.5  # answers end the silence
+    assert h.silent_from() is None
+    h.on_data_sent(now=1.0)
+    h.on_data_sent(now=1.01)  # the first unanswered packet counts, not the last
+    assert h.silence_probe_timeout_s() == 0.0625  # srtt 62.5 ms, no jitter yet, above the 20 ms floor
+    assert h.silent_from() == 1.0625  # a path answering at its pace is not silent before its round trip
+    h.on_delivery(now=1.05)
+    assert h.silent_from() is None
+
+
+def test_a_fast_path_is_silent_after_the_threshold_and_its_probes_time_out_at_the_floor() -> None:
+    h = PathHealth(P, SILENCE, now=0.0)
+    h.on_probe_sent(1, now=0.0)
+    h.on_probe_acked(1, now=0.0009765625)  # about 1 ms
+    h.on_data_sent(now=1.0)
+    assert h.silent_from() == 1.03
+    h.on_probe_sent(2, now=1.01)  # before the silence: the ordinary timeout
+    assert h.next_deadline() == 1.01 + TIMEOUT_S
+    h.on_probe_sent(3, now=1.03)  # silent: 20 ms, and probe 2 is cut to the same deadline
+    assert h.next_deadline() == 1.03 + 0.020
+    verdict = h.verdict(now=1.03)
+    h.expire(now=1.05)
+    stats = h.stats(now=1.05)
+    assert (stats.consecutive_missed, stats.probes_lost) == (2, 2)
+    assert stats.loss_pct == 0.0  # judged by the silence clock: missed, never counted as loss
+    assert verdict.verdict is Verdict.HEALTHY  # silence itself decided nothing; the lost probes do
+    h.on_probe_sent(4, now=1.05)
+    h.expire(now=1.07)
+    assert h.verdict(now=1.07).reason is R.MISSED_PROBES  # the third miss: DEAD, 70 ms after the data
+
+
+def test_silence_probes_stay_out_of_the_loss_window_acked_or_not() -> None:
+    h = PathHealth(P, SILENCE, now=0.0)
+    h.on_probe_sent(1, now=0.0)
+    h.on_probe_sent(2, now=0.01)
+    h.expire(now=0.01 + TIMEOUT_S)  # two ordinary losses
+    h.on_probe_sent(3, now=0.2)
+    h.on_probe_acked(3, now=0.2009765625)
+    assert h.stats(now=0.3).loss_pct == pytest.approx(200 / 3)
+    for seq in range(4, 10):  # a one-way flow: data, then a silence probe that is answered
+        t = 0.3 + seq * 0.1
+        h.on_data_sent(now=t)
+        silent_from = h.silent_from()
+        assert silent_from is not None
+        h.on_probe_sent(seq, now=silent_from)
+        h.on_probe_acked(seq, now=silent_from + 0.001)
+    assert h.stats(now=2.0).loss_pct == pytest.approx(200 / 3)  # unchanged: the answered ones did not dilute it
+
+
+def test_silence_decides_no_verdict_and_is_off_without_a_threshold() -> None:
+    for policy in (SILENCE, POLICY):
+        h = PathHealth(P, policy, now=0.0)
+        h.on_probe_sent(1, now=0.0)
+        h.on_probe_acked(1, now=0.0625)
+        before = (h.verdict(now=0.1), h.stats(now=0.1))
+        h.on_data_sent(now=0.1)
+        assert (h.verdict(now=0.1), h.stats(now=0.1)) == before
+    assert PathHealth(P, POLICY, now=0.0).silent_from() is None
+    off = PathHealth(P, POLICY, now=0.0)
+    off.on_data_sent(now=0.0)
+    assert off.silent_from() is None
+
+
+def test_a_late_ack_ends_the_silence() -> None:
+    h = PathHealth(P, SILENCE, now=0.0)
+    h.on_probe_sent(1, now=0.0)
+    h.on_data_sent(now=0.0)
+    h.expire(now=TIMEOUT_S)  # probe 1 lost
+    assert h.silent_from() is not None
+    h.on_probe_acked(1, now=TIMEOUT_S + 0.01)  # late: proves the path delivers
+    assert h.silent_from() is None

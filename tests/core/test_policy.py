@@ -36,6 +36,8 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "idle_after_ms": (1, HOUR_MS),
     "probe_timeout_ms": (1, 60_000),
     "probe_timeout_floor_ms": (1, 60_000),
+    "silence_probe_after_ms": (1, 60_000),
+    "silence_probe_timeout_floor_ms": (1, 60_000),
     "dead_after_missed_probes": (1, 1_000),
     "loss_window_probes": (2, 10_000),
     "min_dwell_ms": (0, HOUR_MS),
@@ -64,7 +66,7 @@ RANGE_REASONS = {
     "freshness_window_ms": ": a narrower window refuses the REATTACH after a suspend",
     "handshake_retry_ms": ": a sooner retry abandons initiations a real path would answer",
 }
-OPTIONAL_INT_FIELDS = {"probe_timeout_floor_ms"}
+OPTIONAL_INT_FIELDS = {"probe_timeout_floor_ms", "silence_probe_after_ms"}
 
 
 def _field(name: str) -> attrs.Attribute:  # type: ignore[type-arg]
@@ -98,6 +100,8 @@ BASE: dict[str, Any] = {
     "idle_after_ms": 5_000,
     "probe_timeout_ms": 200,
     "probe_timeout_floor_ms": None,
+    "silence_probe_after_ms": 30,
+    "silence_probe_timeout_floor_ms": 20,
     "dead_after_missed_probes": 3,
     "loss_window_probes": 20,
     "healthy_below_fraction": 0.8,
@@ -410,6 +414,8 @@ ALTERNATIVES: dict[str, object] = {
     "idle_after_ms": 5_001,
     "probe_timeout_ms": 201,
     "probe_timeout_floor_ms": 60,
+    "silence_probe_after_ms": 31,
+    "silence_probe_timeout_floor_ms": 21,
     "dead_after_missed_probes": 4,
     "loss_window_probes": 21,
     "healthy_below_fraction": 0.75,
@@ -433,12 +439,16 @@ def test_fingerprint_is_16_hex_digits_of_sha256_over_canonical_json() -> None:
     fp = DEFAULT_POLICY.fingerprint
     assert len(fp) == 16
     assert set(fp) <= set("0123456789abcdef")
-    # The probing cadences came later: at their defaults they are left out, so a policy recorded
-    # before they existed keeps its fingerprint (and its recorded runs replay).
-    later = {"standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms", "path_validation_cache_ms"}
+    # Fields that came later are left out while they hold the value that behaves as before they
+    # existed, so a policy recorded before them keeps its fingerprint (and its recorded runs replay).
+    # silence_probe_after_ms is not: its default (30) is not its "before" value (None, off).
+    later = {
+        "standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms", "path_validation_cache_ms",
+        "silence_probe_timeout_floor_ms",
+    }
     mapping = {k: v for k, v in DEFAULT_POLICY.to_mapping().items() if k not in later}
     blob = json.dumps(mapping, sort_keys=True, separators=(",", ":")).encode()
-    assert fp == hashlib.sha256(blob).hexdigest()[:16] == "0f008986eaaa4f2d"
+    assert fp == hashlib.sha256(blob).hexdigest()[:16] == "7a40d701ce2a8621"
     changed = base(standby_probe_interval_ms=2_000)
     blob = json.dumps({**mapping, "standby_probe_interval_ms": 2_000}, sort_keys=True, separators=(",", ":")).encode()
     assert changed.fingerprint == hashlib.sha256(blob).hexdigest()[:16]
@@ -537,6 +547,31 @@ def test_from_mapping_passes_validator_errors_through() -> None:
 def test_from_mapping_non_string_key_is_a_policy_error() -> None:
     with pytest.raises(PolicyError):
         Policy.from_mapping({1: 2})  # type: ignore[dict-item]
+
+
+def test_a_recording_without_the_later_fields_gets_the_behaviour_it_was_made_under() -> None:
+    old = {k: v for k, v in BASE.items() if k not in ("silence_probe_after_ms", "silence_probe_timeout_floor_ms")}
+    recorded = Policy.from_recording(old)
+    assert recorded.silence_probe_after_ms is None  # no silence probing: it did not exist
+    assert Policy.from_mapping(old).silence_probe_after_ms == 30  # a config file gets today's default
+    # ... and keeps the fingerprint it had: the laptop default's before silence probing existed.
+    assert recorded.fingerprint == "0f008986eaaa4f2d"
+    assert Policy.from_recording({**old, "silence_probe_after_ms": 40}).silence_probe_after_ms == 40
+    with pytest.raises(PolicyError):
+        Policy.from_recording([])  # type: ignore[arg-type]
+
+
+def test_silence_probing_is_optional_and_its_floor_bounded_by_the_timeout() -> None:
+    assert base(silence_probe_after_ms=None).silence_probe_after_ms is None
+    _check("silence_probe_after_ms", None)
+    assert base(silence_probe_timeout_floor_ms=200).silence_probe_timeout_floor_ms == 200
+    with pytest.raises(PolicyError, match=r"silence_probe_timeout_floor_ms \(201\) exceeds probe_timeout_ms \(200\)"):
+        base(silence_probe_timeout_floor_ms=201)
+    # Traffic is reported to the core four times per silence threshold at most (never slower than
+    # the active cadence), and probes may come as close as the silence floor.
+    assert (base().traffic_report_ms, base().probe_spacing_ms) == (7.5, 20)
+    assert (base(silence_probe_after_ms=None).traffic_report_ms, base(silence_probe_after_ms=None).probe_spacing_ms) == (50.0, 50)
+    assert base(silence_probe_after_ms=1_000).traffic_report_ms == 50.0
 
 
 def test_probe_timeout_floor_is_optional_and_bounded_by_the_timeout() -> None:

@@ -11,6 +11,7 @@ import math
 import attrs
 
 from jvpn_trio.core import events as ev
+from jvpn_trio.core.actions import EventKind
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ProbeRole
@@ -142,6 +143,7 @@ def test_traffic_either_way_brings_the_active_cadence_back_within_one_interval()
         pair._client(traffic)
         assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.ACTIVE
         assert pair.client.probe_due(P1) == last + POLICY.probe_interval_ms / 1000 < pair.now  # at once
+        pair._client(ev.DeliveryObserved(path=P1))  # answered (data left unanswered is a silence: below)
         pair.advance(POLICY.idle_after_ms / 1000)  # the next quiet spell
         assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.IDLE
 
@@ -150,6 +152,7 @@ def test_the_last_probe_before_the_tunnel_turns_idle_is_at_the_active_cadence() 
     pair = Pair.start()
     idle(pair)
     pair._client(ev.DataSent(path=P1))
+    pair._client(ev.DeliveryObserved(path=P1))  # answered: no silence
     busy_until = pair.now + POLICY.idle_after_ms / 1000
     pair.advance(POLICY.idle_after_ms / 1000 - 0.03)
     now = pair.now
@@ -176,3 +179,93 @@ def test_data_on_an_idle_tunnel_is_no_evidence_of_health() -> None:
     assert after == before
     pair._client(ev.DataSent(path=PathId(9)))
     assert pair.client.counters["unknown_path_inputs"] >= 1
+
+
+# -- silence: data out, nothing back (docs/policy.md, "Silence") ---------------------------------------
+
+
+def _attached() -> tuple[Pair, float]:
+    """An attached pair whose active path has just been probed and acked; returns that probe's time."""
+    pair = Pair.start()
+    pair.run(1.0)
+    assert pair.client.record.binding is not None and pair.client.record.binding.path == P1
+    pair.probe_round()
+    return pair, pair.now
+
+
+def test_data_left_unanswered_makes_the_bound_path_silent_and_probed_at_once() -> None:
+    pair, last_probe = _attached()
+    pair._client(ev.DataSent(path=P1))
+    sent_at = pair.now
+    silent_from = sent_at + POLICY.silence_probe_after_ms / 1000  # type: ignore[operator]
+    # Before the silence threshold: the ordinary cadence, and the silence probe already scheduled.
+    assert pair.client.probe_role(P1, now=sent_at) is ProbeRole.ACTIVE
+    assert pair.client.probe_due(P1) == min(last_probe + POLICY.probe_interval_ms / 1000, silent_from)
+    pair.advance(POLICY.silence_probe_after_ms / 1000)  # type: ignore[operator]
+    assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.SILENT
+    # While silent, the next probe follows the last one by the silence-probe timeout (the floor on this
+    # near-zero-RTT path), faster than the active cadence.
+    nxt = sent(pair, P1)
+    assert nxt == pair.now + POLICY.silence_probe_timeout_floor_ms / 1000 < pair.now + POLICY.probe_interval_ms / 1000
+    # A standby path never turns silent: data only leaves on the bound one.
+    assert pair.client.probe_role(P2, now=pair.now) is ProbeRole.STANDBY
+
+
+def test_an_answer_ends_the_silence() -> None:
+    pair, _ = _attached()
+    pair._client(ev.DataSent(path=P1))
+    pair.advance(POLICY.silence_probe_after_ms / 1000)  # type: ignore[operator]
+    assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.SILENT
+    pair._client(ev.DeliveryObserved(path=P1))
+    assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.ACTIVE
+    now = pair.now
+    assert sent(pair, P1) == now + POLICY.probe_interval_ms / 1000
+
+
+def test_a_silent_path_dies_after_the_missed_silence_probes_not_after_the_full_timeouts() -> None:
+    pair, _ = _attached()
+    pair.blackhole(1)
+    pair._client(ev.DataSent(path=P1))
+    start = pair.now
+    floor_s = POLICY.silence_probe_timeout_floor_ms / 1000
+    for _ in range(POLICY.dead_after_missed_probes):
+        due = pair.client.probe_due(P1)
+        assert due is not None
+        pair.advance(max(due - pair.now, 0.0))
+        sent(pair, P1)
+    pair.advance(floor_s)
+    dead = [e for e in pair.events() if e.kind is EventKind.PATH_HEALTH and e.detail("path") == str(P1)
+            and e.detail("verdict") == "DEAD" and e.t >= start]
+    assert dead and dead[0].reason.value == "MISSED_PROBES"
+    # The silence threshold, then one floor per missed probe: under a third of the default's
+    # worst case (three intervals and the full probe timeout).
+    expected = start + POLICY.silence_probe_after_ms / 1000 + POLICY.dead_after_missed_probes * floor_s  # type: ignore[operator]
+    assert dead[0].t <= expected + 1e-9
+    assert expected - start < POLICY.death_detection_bound_ms / 1000 / 3
+
+
+def test_a_probe_outstanding_when_the_path_turns_silent_is_cut_to_the_silence_deadline() -> None:
+    pair, _ = _attached()
+    pair.blackhole(1)
+    first = sent(pair, P1)  # an ordinary probe: 200 ms to answer
+    assert first > pair.now
+    pair._client(ev.DataSent(path=P1))
+    pair.advance(POLICY.silence_probe_after_ms / 1000)  # type: ignore[operator]
+    sent(pair, P1)  # the first silence probe
+    stats = pair.client.snapshot(now=pair.now).paths[0].stats
+    assert stats.consecutive_missed == 0
+    pair.advance(POLICY.silence_probe_timeout_floor_ms / 1000)
+    stats = pair.client.snapshot(now=pair.now).paths[0].stats
+    assert stats.consecutive_missed == 2  # both, at the silence probe's deadline, long before 200 ms
+
+
+def test_without_silence_probing_unanswered_data_changes_nothing() -> None:
+    off = attrs.evolve(POLICY, silence_probe_after_ms=None)
+    pair = Pair.start(policy=off)
+    pair.run(1.0)
+    pair.probe_round()
+    last = pair.now
+    pair._client(ev.DataSent(path=P1))
+    pair.advance(1.0)
+    assert pair.client.probe_role(P1, now=pair.now) is ProbeRole.ACTIVE
+    assert pair.client.probe_due(P1) == last + off.probe_interval_ms / 1000
