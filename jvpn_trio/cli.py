@@ -320,7 +320,7 @@ def build_parser(*, lab_arguments: bool = True) -> argparse.ArgumentParser:
 
     # Without lab_arguments, a lab command's own options (and -h) are left for the full parser.
     p = sub.add_parser(
-        "bench", help="benchmark against a bare veth, OpenVPN and wireguard-go in fresh namespace labs (root)", add_help=lab_arguments
+        "bench", help="benchmark against a bare veth, OpenVPN, wireguard-go and kernel MPTCP in fresh namespace labs (root)", add_help=lab_arguments
     )
     if lab_arguments:
         from jvpn_trio.lab import bench

@@ -1,6 +1,6 @@
-"""``jvpn-trio bench``: jvpn-trio, a bare veth, OpenVPN and wireguard-go measured side by side in one run.
+"""``jvpn-trio bench``: jvpn-trio, a bare veth, OpenVPN, wireguard-go and kernel MPTCP measured side by side.
 
-    jvpn-trio bench [--quick] [--runs N] [--fault-runs N] [--systems baseline,jvpn-trio,openvpn,wireguard-go]
+    jvpn-trio bench [--quick] [--runs N] [--fault-runs N] [--systems baseline,jvpn-trio,openvpn,wireguard-go,mptcp]
                     [--idle S] [--idle-only] [--json [FILE]] [--plots DIR]
     jvpn-trio bench --replot REPORT.json --plots DIR
 
@@ -72,6 +72,18 @@ is not installed or cannot be set up is reported with the reason (``not availabl
 never dropped; when wireguard-go was not measured in the run, the ``peers.md`` figure is shown
 in a separate column labelled as not measured in this run, and no ratio is computed against it.
 
+Kernel MPTCP (issue 16) is no tunnel, so it has no throughput figures and its outage is measured
+differently (:mod:`jvpn_trio.lab.mptcp`): in its lab the in-kernel path manager gets a ``subflow``
+endpoint on wifi0, so one MPTCP connection from the client namespace to the gateway's /32 runs
+over eth0 (the route) and wifi0 at once; each fault trial streams :data:`PROBE_HZ` small
+timestamped writes over a fresh connection, puts the fault on the path that carried the most of
+them during :data:`PROBE_LEAD_S`, and takes the longest receive stall while the fault is on
+(median and bounds as above).  Each trial checks, from both namespaces' MPTCP counters and both
+sockets' ``MPTCP_INFO``, that MPTCP was negotiated and the second subflow joined, and keeps that
+evidence in the JSON (``outage.<fault>.runs[i].details``); a trial where MPTCP fell back to plain
+TCP or no subflow joined fails the system with that reason instead of giving a figure.  A kernel
+without MPTCP, or one where the first check stream does not join, is ``not available``.
+
 Every wait is bounded and every process is started through its lab, so the lab's teardown
 kills it at the latest.  Output: a Markdown table (stdout, or stderr when the JSON goes to
 stdout) and, with ``--json``, one JSON document; with ``--plots DIR``, PNG plots of that document
@@ -91,6 +103,7 @@ import base64
 import bisect
 import contextlib
 import datetime
+import functools
 import ipaddress
 import json
 import math
@@ -109,7 +122,9 @@ import attrs
 import trio
 
 from jvpn_trio import __version__
+from jvpn_trio.config import ConfigError, load_policy
 from jvpn_trio.core.policy import DEFAULT_POLICY
+from jvpn_trio.lab import mptcp as labmptcp
 from jvpn_trio.lab import processes as labrun
 from jvpn_trio.lab.bench_report import (
     BASELINE,
@@ -122,6 +137,8 @@ from jvpn_trio.lab.bench_report import (
     LINK_DOWN,
     MEASURABLE,
     MEASURED,
+    MPTCP,
+    MPTCP_OUTAGE_MEASURE,
     NOT_AVAILABLE,
     OPENVPN,
     PEERS_MD_BASELINE,
@@ -148,7 +165,7 @@ from jvpn_trio.lab.traffic import Gap, format_endpoint, longest_gap, traffic_arg
 # -----------------------------------------------------------------------------
 
 #: Systems that are someone else's software: absent or not coming up is NOT_AVAILABLE, not FAILED.
-PEERS = (OPENVPN, WIREGUARD)
+PEERS = (OPENVPN, WIREGUARD, MPTCP)
 
 TCP = "tcp"
 UDP64 = "udp64"
@@ -232,6 +249,20 @@ WIREGUARD_CLIENT_SUFFIX = "wgc"
 WIREGUARD_GATEWAY_SUFFIX = "wgg"
 #: A Curve25519 key in ``wg``'s base64 form is 32 bytes.
 WIREGUARD_KEY_BYTES = 32
+
+
+#: Where the gateway namespace's MPTCP stream sink listens (on the gateway's /32).
+MPTCP_PORT = 5003
+#: The stream's budget for the second subflow to join (a few ms in the lab); the fault waits for it.
+MPTCP_JOIN_TIMEOUT_S = 0.5
+#: Length of the stream that checks, before any fault, that MPTCP negotiates and joins here.
+MPTCP_CHECK_S = 0.3
+#: The sink reads on this long past the stream's scheduled end for records a stall still holds back (a
+#: stall can outlast its fault); the trial's figure is the stall within the fault either way.
+MPTCP_DRAIN_S = 2.0
+#: The stream goes on this long after its fault is removed, then stops (the source's stop file): room for
+#: the timeline's TIMELINE_CONTEXT_PROBES arrivals after the gap, and no longer (a trial's length counts in --quick).
+MPTCP_TAIL_S = 0.3
 
 
 class BenchError(Exception):
@@ -372,6 +403,8 @@ class Outage:
     path: str
     #: The probe arrivals around the gap; None for an outage recorded without them.
     timeline: ArrivalTimeline | None = None
+    #: What else the trial recorded (kernel MPTCP: the subflow evidence, bytes per path before the fault).
+    details: Mapping[str, Any] = attrs.field(factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -382,6 +415,8 @@ class Outage:
         }
         if self.timeline is not None:
             out["timeline"] = self.timeline.to_json()
+        if self.details:
+            out["details"] = dict(self.details)
         return out
 
 
@@ -986,6 +1021,10 @@ class BenchSettings:
     fault_runs: int | None = None
     #: jvpn-trio's TUNs with checksum and TSO offloads (the default), or without (to measure what they give).
     tun_offload: bool = True
+    #: ``--jvpn-policy``: the fields of a policy file that differ from the laptop default, under JVPN_POLICY.
+    jvpn_policy: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Where they came from (the report names it); "" for the laptop default.
+    jvpn_policy_source: str = ""
 
     @property
     def outage_runs(self) -> int:
@@ -1004,6 +1043,8 @@ class BenchSettings:
             "probe_hz": PROBE_HZ,
             "udp_payload_bytes": UDP_PAYLOAD_BYTES,
             "jvpn_policy_overrides": dict(JVPN_POLICY),
+            "jvpn_policy_file": self.jvpn_policy_source or None,
+            "jvpn_policy_file_fields": dict(self.jvpn_policy),
         }
 
 
@@ -1048,6 +1089,10 @@ class BenchReport:
                 "wireguard-go": (
                     f"measured in this run when installed; '{WIREGUARD_REFERENCE}' (present only when it was "
                     f"not measured) is {REFERENCE} ({PEERS_MD_DATE}) and no ratio is computed against it"
+                ),
+                "mptcp": (
+                    f"outage = {MPTCP_OUTAGE_MEASURE}; each trial's evidence that MPTCP ran over two subflows "
+                    "(namespace counters, both sockets' MPTCP_INFO) is in outage.<fault>.runs[i].details"
                 ),
             },
             "idle": None if self.idle is None else self.idle.to_json(),
@@ -1099,6 +1144,7 @@ def render_table(report: BenchReport) -> str:
         f"{s.runs} interleaved round(s): iperf3 {s.iperf_s:g} s per test; {s.outage_runs} trial(s) per fault: "
         f"outage = longest gap in a {PROBE_HZ:g} Hz UDP probe stream while the fault ({s.fault_s:g} s) is on "
         "the active path",
+        *([f"jvpn-trio runs under {s.jvpn_policy_source}: {dict(s.jvpn_policy)}"] if s.jvpn_policy_source else []),
         "",
     ]
     notes = [""]
@@ -1109,6 +1155,9 @@ def render_table(report: BenchReport) -> str:
         if idle is not None:
             line += f"; idle while the others were measured: {idle:.2f} cores"
         notes.append(line)
+    if MPTCP in columns:
+        notes.append(f"- {LABELS[MPTCP]}'s outage: {MPTCP_OUTAGE_MEASURE}; its '> x (no recovery)': a stall that "
+                     "began x before the fault was removed had not ended by then.")
     if reference:
         notes.append(
             f"- {LABELS[WIREGUARD_REFERENCE]}: {REFERENCE}; that run measured the bare veth at "
@@ -1209,6 +1258,9 @@ class ProcStats:
 
 
 ActivePath = Callable[[], Awaitable[str | None]]
+#: A system's own fault trial (``fault``, the settings, ``tag`` for file names) -> its outage, for systems whose
+#: outage is not a probe stream's gap through a tunnel (kernel MPTCP).
+OutageTrial = Callable[[str, BenchSettings, str], Awaitable[Outage]]
 
 
 @attrs.define
@@ -1231,6 +1283,10 @@ class Running:
     final_details: Callable[[], Awaitable[dict[str, Any]]] | None = None
     #: jvpn-trio's client status (``{}`` while the control socket does not answer).
     status: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
+    #: Its own fault trial, run instead of a probe stream through ``active_path`` (kernel MPTCP).
+    outage_trial: OutageTrial | None = None
+    #: Whether iperf3 measures it (False: no tunnel address to send to; kernel MPTCP).
+    throughput: bool = True
     failure: str | None = None
     tcp: list[float] = attrs.Factory(list)
     udp: list[UdpResult] = attrs.Factory(list)
@@ -1338,6 +1394,16 @@ async def _wait_preferred(lab: Lab, active_path: ActivePath) -> str:
     return current
 
 
+async def _apply_fault(lab: Lab, fault: str, victim: str) -> float:
+    """Put ``fault`` on the client path ``victim``; return when it was applied (``time.monotonic()``)."""
+    at = time.monotonic()
+    if fault == LINK_DOWN:
+        await lab.link_down(victim)
+    else:
+        await lab.blackhole(victim, True)
+    return at
+
+
 async def _one_outage(
     system: Running, fault: str, victim: str, settings: BenchSettings, tag: str, *, fault_first: bool = False
 ) -> Outage:
@@ -1360,12 +1426,7 @@ async def _one_outage(
     await _wait_for(lambda: _exists(ready), timeout_s=READY_TIMEOUT_S, what="probe sink", process=sink, log=sink_err)
 
     async def apply_fault() -> float:
-        at = time.monotonic()
-        if fault == LINK_DOWN:
-            await lab.link_down(victim)
-        else:
-            await lab.blackhole(victim, True)
-        return at
+        return await _apply_fault(lab, fault, victim)
 
     if fault_first:
         fault_start = await apply_fault()
@@ -1418,9 +1479,14 @@ async def _idle_outage_run(system: Running, settings: BenchSettings, run: int) -
 
 
 async def _outage_run(system: Running, fault: str, settings: BenchSettings, run: int) -> None:
-    assert system.active_path is not None  # callers pass tunnels only (not input validation)
-    victim = await _wait_preferred(system.lab, system.active_path)
-    outage = await _one_outage(system, fault, victim, settings, f"{fault}-{run + 1}")
+    tag = f"{fault}-{run + 1}"
+    if system.outage_trial is not None:
+        outage = await system.outage_trial(fault, settings, tag)
+        victim = outage.path
+    else:
+        assert system.active_path is not None  # callers pass tunnels only (not input validation)
+        victim = await _wait_preferred(system.lab, system.active_path)
+        outage = await _one_outage(system, fault, victim, settings, tag)
     system.outages.setdefault(fault, []).append(outage)
     shown = f"{outage.seconds:.3f} s" if outage.recovered else f"> {outage.seconds:.3f} s (no recovery)"
     _progress(f"  {system.key}: run {run + 1}/{settings.outage_runs} {fault.replace('_', ' ')} on {victim}: "
@@ -1833,8 +1899,211 @@ async def start_wireguard(lab: Lab, workdir: Path, version: str, keys: Wireguard
     )  # fmt: skip
 
 
+# -- kernel MPTCP ------------------------------------------------------------------------------------
+
+
+def mptcp_paths(lab: Lab) -> tuple[str, str]:
+    """``(initial, second)``: the client paths of MPTCP's two subflows, the two lowest route metrics.
+
+    The initial subflow leaves by the kernel's route (the lowest metric); the second is the
+    ``subflow`` endpoint's.  BenchError if the lab has fewer than two paths.
+    """
+    ordered = sorted(lab.paths, key=lambda p: p.metric)
+    if len(ordered) < 2:
+        raise BenchError("kernel MPTCP needs two paths in the lab")
+    return ordered[0].name, ordered[1].name
+
+
+@attrs.frozen
+class MptcpStream:
+    """What one MPTCP stream left behind: the sink's and the source's reports, and the counters' evidence."""
+
+    sink: Mapping[str, Any]
+    source: Mapping[str, Any]
+    evidence: labmptcp.SubflowEvidence
+
+    @property
+    def problem(self) -> str | None:
+        """Why this stream does not count as MPTCP over two subflows (the counters, or either socket), or None."""
+        if self.evidence.problem is not None:
+            return self.evidence.problem
+        for role, report in (("sink", self.sink), ("source", self.source)):
+            info = report.get("mptcp")
+            if isinstance(info, Mapping) and info.get("fallback"):
+                return f"MPTCP fell back to plain TCP (the {role}'s MPTCP_INFO says so)"
+        return None
+
+    def details(self) -> dict[str, Any]:
+        """The evidence a trial keeps in the JSON: counters and both sockets' MPTCP_INFO."""
+        return {
+            "subflows": self.evidence.to_json(),
+            "sink_mptcp_info": self.sink.get("mptcp"),
+            "source_mptcp_info": self.source.get("mptcp"),
+            "source_error": self.source.get("error"),
+            "sink_error": self.sink.get("error"),
+            # A byte stream delivers every record written, in order; fewer received: a stall outlasted the
+            # fault and the sink's MPTCP_DRAIN_S, or the connection broke.
+            "records": {"written": self.source.get("written"), "received": self.sink.get("received"),
+                        "in_order": self.sink.get("in_order")},
+        }
+
+
+async def _client_links(lab: Lab) -> dict[str, LinkBytes]:
+    with trio.fail_after(READY_TIMEOUT_S):
+        result = await lab.run(lab.client_ns, "ip", "-j", "-s", "link", "show")
+    return parse_link_bytes(result.stdout.decode(errors="replace"))
+
+
+async def _json_report(path: Path) -> dict[str, Any]:
+    data = json.loads(await _read_text(path) or "null")
+    return data if isinstance(data, dict) else {}
+
+
+async def _mptcp_stream(
+    lab: Lab, workdir: Path, tag: str, *, duration_s: float, during: Callable[[], Awaitable[None]]
+) -> MptcpStream:
+    """One MPTCP record stream from the client namespace to the gateway's /32, with ``during`` run while it flows.
+
+    Starts the sink and the source (scheduled for at most ``duration_s``); once the first record
+    has arrived and the second subflow has joined (the client's join counter moved, within
+    :data:`MPTCP_JOIN_TIMEOUT_S`), awaits ``during``, then stops the stream and waits for both
+    ends.  BenchError (the tools stopped) if no second subflow joins, saying whether MPTCP fell
+    back, or if the sink wrote no usable report.
+    """
+    names = {ext: workdir / f"mptcp-{tag}.{ext}" for ext in ("ready", "first", "stop", "sink.json", "source.json",
+                                                             "sink.err", "source.err")}  # fmt: skip
+    for stale in names.values():  # a reused --workdir: a ready file of an earlier run means nothing now
+        await trio.Path(stale).unlink(missing_ok=True)
+    listen = format_endpoint((lab.gateway_address, MPTCP_PORT))
+    client_before = await labmptcp.counters(lab, lab.client_ns)
+    gateway_before = await labmptcp.counters(lab, lab.gateway_ns)
+
+    async def evidence() -> labmptcp.SubflowEvidence:
+        client, gateway = await labmptcp.counters(lab, lab.client_ns), await labmptcp.counters(lab, lab.gateway_ns)
+        return labmptcp.subflow_evidence(client_before, client, gateway_before, gateway)
+
+    sink = await lab.start_process(
+        lab.gateway_ns,
+        labmptcp.mptcp_argv("stream-sink", "--listen", listen, "--ready", str(names["ready"]),
+                            "--report", str(names["sink.json"]), "--first-record", str(names["first"]),
+                            "--timeout", f"{duration_s + READY_TIMEOUT_S + 5:g}", "--linger", f"{MPTCP_DRAIN_S:g}"),
+        stderr_path=names["sink.err"],
+    )  # fmt: skip
+    source: LabProcess | None = None
+    try:
+        # Started together (each tool takes most of a second to start): the source retries while refused.
+        source = await lab.start_process(
+            lab.client_ns,
+            labmptcp.mptcp_argv("stream-source", "--connect", listen, "--hz", f"{PROBE_HZ:g}",
+                                "--duration", f"{duration_s:g}", "--report", str(names["source.json"]),
+                                "--stop-file", str(names["stop"])),
+            stderr_path=names["source.err"],
+        )  # fmt: skip
+        await _wait_for(lambda: _exists(names["ready"]), timeout_s=READY_TIMEOUT_S, what="MPTCP stream sink",
+                        process=sink, log=names["sink.err"])  # fmt: skip
+        await _wait_for(lambda: _exists(names["first"]), timeout_s=READY_TIMEOUT_S, what="first record over MPTCP",
+                        process=source, log=names["source.err"])  # fmt: skip
+
+        async def joined() -> bool:
+            now = await labmptcp.counters(lab, lab.client_ns)
+            return now.get(labmptcp.CLIENT_JOIN_COUNTER, 0) > client_before.get(labmptcp.CLIENT_JOIN_COUNTER, 0)
+
+        try:
+            await _wait_for(joined, timeout_s=MPTCP_JOIN_TIMEOUT_S, what="the second MPTCP subflow",
+                            process=source, log=names["source.err"])  # fmt: skip
+        except BenchError as exc:
+            raise BenchError((await evidence()).problem or str(exc)) from None
+        await during()
+        await trio.Path(names["stop"]).write_text("stop\n")
+        with trio.fail_after(duration_s + READY_TIMEOUT_S + 10):
+            await source.wait()
+            await sink.wait()
+    finally:
+        with trio.CancelScope(shield=True):  # the next trial listens on the same port
+            for process in (source, sink):
+                if process is not None:
+                    await process.terminate()
+    sink_report = await _json_report(names["sink.json"])
+    if sink_report.get("start") is None or sink_report.get("end") is None:
+        raise BenchError(f"MPTCP stream sink wrote no usable report: {await _tail(names['sink.err'])}")
+    return MptcpStream(sink_report, await _json_report(names["source.json"]), await evidence())
+
+
+async def _mptcp_outage(lab: Lab, workdir: Path, fault: str, settings: BenchSettings, tag: str) -> Outage:
+    """One fault trial of kernel MPTCP: a stream over both subflows; after :data:`PROBE_LEAD_S`, ``fault``
+    on the path that sent the most of it meanwhile, for ``settings.fault_s``; the outage is the
+    longest receive stall while it was on.  BenchError if the trial was not MPTCP over two subflows."""
+    initial, second = mptcp_paths(lab)
+    trial: dict[str, Any] = {}
+
+    async def fault_on_the_busiest_path() -> None:
+        before = await _client_links(lab)
+        await trio.sleep(PROBE_LEAD_S)
+        after = await _client_links(lab)
+        sent = {name: after[name].tx - before[name].tx for name in (initial, second)}
+        victim = labmptcp.busiest_path(sent)
+        trial.update(victim=victim, sent=sent)
+        try:
+            trial["start"] = await _apply_fault(lab, fault, victim)
+            await trio.sleep(settings.fault_s)
+            trial["end"] = time.monotonic()
+        finally:
+            with trio.CancelScope(shield=True), trio.fail_after(READY_TIMEOUT_S):
+                await lab.restore(victim)
+        await trio.sleep(MPTCP_TAIL_S)
+
+    stream = await _mptcp_stream(
+        lab, workdir, tag, duration_s=MPTCP_JOIN_TIMEOUT_S + PROBE_LEAD_S + settings.fault_s + PROBE_SLACK_S,
+        during=fault_on_the_busiest_path,
+    )  # fmt: skip
+    if stream.problem is not None:
+        raise BenchError(f"{fault.replace('_', ' ')} trial: {stream.problem}")
+    start = float(stream.sink["start"])
+    arrivals = [start + float(t) for _, t in stream.sink.get("arrivals", [])]
+    # The stream is scheduled to outlast the fault; should the connection die first, its stall lasts the fault.
+    stream_end = max(float(stream.sink["end"]), trial["end"])
+    outage = outage_from_arrivals(arrivals, fault_start=trial["start"], fault_end=trial["end"], stream_end=stream_end,
+                                  path=trial["victim"])  # fmt: skip
+    return attrs.evolve(outage, details={**stream.details(), "bytes_sent_before_fault": trial["sent"]})
+
+
+async def start_mptcp(lab: Lab, workdir: Path) -> Running:
+    """Set up the path manager (:func:`jvpn_trio.lab.mptcp.configure_lab`) and check, with one short stream,
+    that MPTCP negotiates and a second subflow joins here; BenchError (the reason) if not."""
+    for ns in (lab.client_ns, lab.gateway_ns):
+        if not await labmptcp.enabled_in(lab, ns):
+            raise BenchError(f"net.mptcp.enabled is not 1 in the lab namespace {ns}")
+    initial, second = mptcp_paths(lab)
+    with trio.fail_after(READY_TIMEOUT_S):
+        setup = await labmptcp.configure_lab(lab, second)
+        scheduler = await labmptcp.scheduler_in(lab, lab.client_ns)
+
+    async def flow() -> None:
+        await trio.sleep(MPTCP_CHECK_S)
+
+    check = await _mptcp_stream(lab, workdir, "check", duration_s=MPTCP_JOIN_TIMEOUT_S + MPTCP_CHECK_S + PROBE_SLACK_S,
+                                during=flow)  # fmt: skip
+    if check.problem is not None:
+        raise BenchError(check.problem)
+
+    async def trial(fault: str, settings: BenchSettings, tag: str) -> Outage:
+        return await _mptcp_outage(lab, workdir, fault, settings, tag)
+
+    flags = " ".join(labmptcp.ENDPOINT_FLAGS)
+    version = f"Linux {platform.release()}, in-kernel path manager" + (f", scheduler {scheduler}" if scheduler else "")
+    version += f"; subflows on {initial} (initial) and {second} (endpoint: {flags})"
+    return Running(
+        key=MPTCP, lab=lab, workdir=workdir, target=lab.gateway_address, version=version, outage_trial=trial,
+        throughput=False,
+        details={"outage_measure": MPTCP_OUTAGE_MEASURE, "paths": [initial, second],
+                 "endpoint_flags": list(labmptcp.ENDPOINT_FLAGS), "setup": setup.to_json(),
+                 "stream": {"hz": PROBE_HZ, "record_bytes": labmptcp.RECORD_BYTES}, "check": check.details()},
+    )  # fmt: skip
+
+
 async def _bring_up(
-    key: str, stack: contextlib.AsyncExitStack, workdir: Path, *, tun_offload: bool = True
+    key: str, stack: contextlib.AsyncExitStack, workdir: Path, *, tun_offload: bool = True,
+    jvpn_policy: Mapping[str, Any] | None = None,
 ) -> Running | SystemResult:
     """Open ``key``'s lab and start the system in it; the lab then closes with ``stack``.
 
@@ -1854,6 +2123,10 @@ async def _bring_up(
         except (BenchError, OSError, trio.TooSlowError) as exc:
             return SystemResult(key=key, status=NOT_AVAILABLE, reason=f"cannot be set up here: {_reason(exc)}",
                                 version=version)  # fmt: skip
+    elif key == MPTCP:
+        unavailable = labmptcp.unavailable_reason()
+        if unavailable is not None:
+            return SystemResult(key=key, status=NOT_AVAILABLE, reason=unavailable)
     elif key == WIREGUARD:
         missing = missing_tools(WIREGUARD_TOOLS)
         if missing:
@@ -1876,9 +2149,14 @@ async def _bring_up(
             if key == BASELINE:
                 running = await start_baseline(lab, workdir)
             elif key == JVPN:
-                running = await start_jvpn(lab, workdir, options=labrun.TunnelOptions(tun_offload=tun_offload))
+                running = await start_jvpn(
+                    lab, workdir, policy={**(jvpn_policy or {}), **JVPN_POLICY},
+                    options=labrun.TunnelOptions(tun_offload=tun_offload),
+                )
             elif key == OPENVPN:
                 running = await start_openvpn(lab, workdir, version or "OpenVPN")
+            elif key == MPTCP:
+                running = await start_mptcp(lab, workdir)
             else:
                 assert keys is not None  # set above for WIREGUARD (not input validation)
                 running = await start_wireguard(lab, workdir, version or "wireguard-go", keys)
@@ -1922,19 +2200,20 @@ async def _measure(running: list[Running], settings: BenchSettings) -> None:
         for test in THROUGHPUT_TESTS:
             for key in rotated(keys, r):
                 system = by_key[key]
-                if system.failure is None:
-                    await attempt(system, lambda: _throughput_test(system, running, test, settings, f"{test}-{r + 1}"))
-    tunnels = [s.key for s in running if s.active_path is not None]
+                if system.failure is None and system.throughput:
+                    step = functools.partial(_throughput_test, system, running, test, settings, f"{test}-{r + 1}")
+                    await attempt(system, step)
+    tunnels = [s.key for s in running if s.active_path is not None or s.outage_trial is not None]
     for r in range(settings.outage_runs):
         _progress(f"outage round {r + 1}/{settings.outage_runs}")
         for fault in FAULTS:
             for key in rotated(tunnels, r):
                 system = by_key[key]
                 if system.failure is None:
-                    await attempt(system, lambda: _outage_run(system, fault, settings, r))
+                    await attempt(system, functools.partial(_outage_run, system, fault, settings, r))
     for system in running:
         if system.stats is not None and system.failure is None:
-            await attempt(system, lambda: _finish(system))
+            await attempt(system, functools.partial(_finish, system))
 
 
 async def _finish(system: Running) -> None:
@@ -2108,7 +2387,9 @@ async def run_bench(settings: BenchSettings) -> BenchReport:
                     if key in settings.systems:
                         sub = workdir / key
                         await trio.Path(sub).mkdir(parents=True, exist_ok=True)
-                        outcome = await _bring_up(key, stack, sub, tun_offload=settings.tun_offload)
+                        outcome = await _bring_up(
+                            key, stack, sub, tun_offload=settings.tun_offload, jvpn_policy=settings.jvpn_policy
+                        )
                         if isinstance(outcome, Running):
                             running.append(outcome)
                         else:
@@ -2205,6 +2486,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{QUICK_IDLE_S:g} with --quick; 0 skips the section)")  # fmt: skip
     parser.add_argument("--tun-offload", choices=("on", "off"), default="on",
                         help="jvpn-trio's TUNs with checksum and TSO offloads (default), or without")
+    parser.add_argument("--jvpn-policy", metavar="FILE",
+                        help="run jvpn-trio under this policy file (e.g. examples/policies/fast-failover.toml) "
+                             f"instead of the laptop default; the bench's own dwell and switch budget "
+                             f"({', '.join(JVPN_POLICY)}) still apply")  # fmt: skip
     parser.add_argument("--idle-only", action="store_true",
                         help="only the idle section (idle cost and failover by probing policy), no systems")  # fmt: skip
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
@@ -2228,8 +2513,17 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.idle_only and idle_s == 0:
         raise BenchError("--idle-only needs an idle window (--idle S with S > 0)")
     systems = () if args.idle_only else tuple(args.systems)
+    jvpn_policy: dict[str, Any] = {}
+    if args.jvpn_policy:
+        try:
+            chosen = load_policy(args.jvpn_policy).to_mapping()
+        except ConfigError as exc:
+            raise BenchError(str(exc)) from None
+        default = DEFAULT_POLICY.to_mapping()
+        jvpn_policy = {k: v for k, v in chosen.items() if v != default[k]}
     return BenchSettings(runs=runs, iperf_s=iperf_s, fault_s=fault_s, systems=systems, workdir=args.workdir,
-                         idle_s=idle_s, fault_runs=fault_runs, tun_offload=args.tun_offload == "on")  # fmt: skip
+                         idle_s=idle_s, fault_runs=fault_runs, tun_offload=args.tun_offload == "on",
+                         jvpn_policy=jvpn_policy, jvpn_policy_source=args.jvpn_policy or "")  # fmt: skip
 
 
 def _preflight() -> str | None:
@@ -2347,7 +2641,8 @@ def replot_report(report: BenchReport, directory: Path) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jvpn-trio bench",
-        description="Benchmark jvpn-trio against a bare veth, OpenVPN and wireguard-go in fresh namespace labs (root).",
+        description="Benchmark jvpn-trio against a bare veth, OpenVPN, wireguard-go and kernel MPTCP in fresh "
+        "namespace labs (root).",
     )
     add_arguments(parser)
     return parser

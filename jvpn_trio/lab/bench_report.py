@@ -30,10 +30,12 @@ BASELINE = "baseline"
 JVPN = "jvpn-trio"
 OPENVPN = "openvpn"
 WIREGUARD = "wireguard-go"
+#: Kernel MPTCP: not a tunnel but the transport a user could pick for surviving a dead path (issue 16).
+MPTCP = "mptcp"
 #: The peers.md wireguard-go figure, shown (as its own column) only when wireguard-go was not measured.
 WIREGUARD_REFERENCE = "wireguard-go (peers.md)"
 #: Systems the bench can measure, in their column order (the default set: all of them).
-MEASURABLE = (BASELINE, JVPN, OPENVPN, WIREGUARD)
+MEASURABLE = (BASELINE, JVPN, OPENVPN, WIREGUARD, MPTCP)
 
 #: What ``../shared/peers.md`` (2026-11-22, same topology, a 2-core CI-class machine) reports.
 #: Shown as a reference column only: it was not measured in this run.
@@ -55,6 +57,7 @@ LABELS = {
     JVPN: "jvpn-trio",
     OPENVPN: "OpenVPN",
     WIREGUARD: "wireguard-go",
+    MPTCP: "kernel MPTCP",
     WIREGUARD_REFERENCE: f"wireguard-go (peers.md {PEERS_MD_DATE}, NOT this run)",
 }
 
@@ -79,11 +82,22 @@ UDP_PAYLOAD_BYTES = 64
 #: below 10 ms can be told apart (before 2026-12-02 the bench used 100 Hz).
 PROBE_HZ = 1000.0
 
+#: What kernel MPTCP's outage figure is (it has no tunnel to send probes through): said beside it in the
+#: table and the JSON (the plots use MPTCP_OUTAGE_SHORT).
+MPTCP_OUTAGE_MEASURE = (
+    f"longest receive stall of one MPTCP connection carrying a {PROBE_HZ:g} Hz stream of small "
+    "timestamped writes, with subflows on eth0 and wifi0; "
+    "the fault hits the path that carried the most of it; no throughput figures (not a tunnel)"
+)
+#: The same, short enough for a plot's footer.
+MPTCP_OUTAGE_SHORT = f"longest receive stall of a {PROBE_HZ:g} Hz stream of writes (no tunnel)"
+
 #: Same-run ratio columns: (other system, JSON name, table title); each present when both were run.
 RATIO_COLUMNS = (
     (BASELINE, "jvpn_over_baseline", "jvpn / bare"),
     (OPENVPN, "jvpn_over_openvpn", "jvpn / OpenVPN"),
     (WIREGUARD, "jvpn_over_wireguard_go", "jvpn / wireguard-go"),
+    (MPTCP, "jvpn_over_mptcp", "jvpn / MPTCP"),
 )
 
 # -- figures and ratios --------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ the rendering functions only, and its absence raises :class:`PlotsUnavailable` w
 A gateway or a client never imports this module (tests/test_import_weight.py).  The report's
 vocabulary (systems, faults, statuses, ratios) comes from :mod:`jvpn_trio.lab.bench_report`, never
 from :mod:`jvpn_trio.lab.bench`: the bench imports this module to draw, so the arrow runs one way.
+Kernel MPTCP's outage points are its stream's longest receive stalls, not probe gaps; a note under
+every figure says so.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from jvpn_trio.lab.bench_report import (
     LABELS,
     LINK_DOWN,
     MEASURED,
+    MPTCP,
+    MPTCP_OUTAGE_SHORT,
     PROBE_HZ,
     RATIO_COLUMNS,
     REFERENCE,
@@ -323,6 +327,8 @@ def plot_data(doc: Any) -> PlotData:
             continue
         if status != MEASURED:
             notes.append(f"{label}: {status}: {entry.get('reason')}")
+        elif key == MPTCP:  # no tunnel: its outage points are not a UDP probe stream's gaps
+            notes.append(f"{label}'s outage: {MPTCP_OUTAGE_SHORT}")
         tcp = _optional_number(entry, "tcp_mbit", where)
         if tcp is not None:
             runs = tuple(_finite(v, f"{where}tcp_mbit_runs[{i}]") for i, v in enumerate(_list(entry, "tcp_mbit_runs", where)))

@@ -33,6 +33,7 @@ from jvpn_trio.lab.bench_report import (
     JVPN,
     LINK_DOWN,
     MEASURED,
+    MPTCP,
     NOT_AVAILABLE,
     OPENVPN,
     WIREGUARD,
@@ -474,7 +475,7 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_quick_defaults_and_explicit_options_win() -> None:
-    everyone = (BASELINE, JVPN, OPENVPN, WIREGUARD)
+    everyone = (BASELINE, JVPN, OPENVPN, WIREGUARD, MPTCP)
     full = bench.settings_from_args(_args())
     assert full == BenchSettings(3, 3.0, 3.0, everyone, idle_s=bench.DEFAULT_IDLE_S, fault_runs=5)
     assert full.outage_runs == bench.DEFAULT_FAULT_RUNS == 5  # at least five fault trials in the full run
@@ -489,7 +490,26 @@ def test_quick_defaults_and_explicit_options_win() -> None:
     quick = bench.settings_from_args(_args("--quick", "--runs", "2", "--iperf-seconds", "4", "--systems", "jvpn-trio,baseline"))
     assert (quick.runs, quick.iperf_s, quick.fault_s, quick.systems) == (2, 4.0, 2.0, (BASELINE, JVPN))
     assert bench.settings_from_args(_args("--systems", "wireguard-go,baseline")).systems == (BASELINE, WIREGUARD)
+    assert bench.settings_from_args(_args("--quick", "--systems", "mptcp,jvpn-trio")).systems == (JVPN, MPTCP)
     assert _args("--json").json == "-" and _args("--json", "out.json").json == "out.json" and _args().json is None
+
+
+def test_a_policy_file_runs_jvpn_trio_under_its_fields_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples" / "policies"
+    fast = bench.settings_from_args(_args("--quick", "--jvpn-policy", str(examples / "fast-failover.toml")))
+    # Only the fields that differ from the laptop default are carried, and they reach the JSON.
+    assert fast.jvpn_policy["probe_interval_ms"] == 20 and fast.jvpn_policy["silence_probe_after_ms"] == 15
+    assert "max_recovery_window_ms" not in fast.jvpn_policy
+    assert fast.to_json()["jvpn_policy_file_fields"] == dict(fast.jvpn_policy)
+    laptop = bench.settings_from_args(_args("--jvpn-policy", str(examples / "laptop.toml")))
+    assert laptop.jvpn_policy == {}  # the laptop default written out: nothing to override
+    assert bench.settings_from_args(_args()).to_json()["jvpn_policy_file"] is None
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[policy]\nprobe_interval_ms = 0\n")
+    with pytest.raises(bench.BenchError, match="probe_interval_ms"):
+        bench.settings_from_args(_args("--jvpn-policy", str(bad)))
+    with pytest.raises(bench.BenchError):
+        bench.settings_from_args(_args("--jvpn-policy", str(tmp_path / "missing.toml")))
 
 
 @pytest.mark.parametrize("argv", [["--systems", "ipsec"], ["--systems", ""], ["--runs", "0"], ["--fault-runs", "0"],
