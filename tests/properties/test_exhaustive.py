@@ -225,7 +225,10 @@ def abstract_state(pair: Pair) -> tuple[object, ...]:
     for path, entry in sorted(client._paths.items()):
         verdict = entry.health.verdict(now=now)
         stats = entry.health.stats(now=now)
-        outstanding = tuple(_age(now, sent) for sent, _deadline in entry.health._outstanding.values())
+        outstanding = tuple(
+            (_age(now, sent), _age(now, deadline), in_window)
+            for sent, deadline, in_window in entry.health._outstanding.values()
+        )
         link = pair.links[path]
         paths.append(
             (
@@ -239,6 +242,7 @@ def abstract_state(pair: Pair) -> tuple[object, ...]:
                 stats.jitter_ms is None,
                 outstanding,
                 _age(now, stats.last_delivery),
+                _age(now, entry.health._unanswered_since),
                 _age(now, stats.healthy_since) is not None,
             )
         )
