@@ -20,8 +20,7 @@ Measurements
       before it.  At most ``loss_window_probes + dead_after_missed_probes``
       probes are outstanding; sending one more resolves the oldest as lost.
     * ``loss_pct`` = lost / resolved over the last ``loss_window_probes``
-      resolved probes judged by the ordinary timeout (outstanding ones do not
-      count either way, nor do those judged by the silence clock, below).
+      resolved probes (outstanding ones do not count either way).
     * ``consecutive_missed`` = probes lost, in resolution order, since the last
       in-time ack; an in-time ack resets it to 0.  An ack for probe N first
       resolves every older outstanding probe as lost (one path delivers in
@@ -39,24 +38,16 @@ Measurements
     * *Silence* (``silence_probe_after_ms``): data sent (``on_data_sent``) and
       nothing delivered since, for the threshold or the path's srtt + 4 x
       jitter if longer (:meth:`PathHealth.silent_from`).  A probe sent on a
-      silent path times out after srtt + 4 x jitter clamped to
-      [``silence_probe_timeout_floor_ms``, ``probe_timeout_ms``], and every
-      probe still outstanding is cut down to the same deadline.  Such a
-      probe, lost at that short deadline, counts in ``consecutive_missed``
-      but never in ``loss_pct`` (acked, it does not count there either): a
-      loaded peer's 30 ms stall must not read as 10 % loss.  Silence
-      decides no verdict: it only makes probes come sooner (the session's
-      SILENT cadence) and be lost sooner, so a blackholed path that carries
-      traffic reaches MISSED_PROBES in the silence threshold plus
-      ``dead_after_missed_probes`` short timeouts.
-    * Acks are matched against the outstanding set, so a duplicate or forged
-      ack never counts twice: an unknown or already-acked ``seq`` changes
-      nothing but the ``ignored_acks`` counter.  A *late* ack (for a probe
-      already resolved as lost) proves the path delivers, so it refreshes
-      ``last_delivery`` (and counts in ``late_acks``); but the loss stays
-      counted, it gives no RTT sample and it does not reset
-      ``consecutive_missed``, so a path whose every reply misses the probe
-      timeout still goes DEAD by MISSED_PROBES rather than looking alive.
+      silent path gets a second, early deadline, its *silence deadline*:
+      srtt + 4 x jitter clamped to [``silence_probe_timeout_floor_ms``,
+      ``probe_timeout_ms``]; so does every probe still outstanding.  Passing
+      it makes a probe *unanswered*, never lost: the probe stays outstanding
+      until its ordinary deadline, so an answer that is merely slow still
+      counts, gives its RTT sample, and a path whose RTT jumped is never
+      DEAD for it.  ``unanswered`` = outstanding probes past their silence
+      deadline.  Silence only makes probes come sooner (the session's SILENT
+      cadence) and be judged sooner; the loss, latency and DEAD rules are
+      unchanged.
 
 Verdicts, first match wins (``measured``/``threshold`` are in the unit of the
 policy field named: probes, ms or percent):
@@ -69,6 +60,7 @@ policy field named: probes, ms or percent):
     DEAD                  DELIVERY_TIMEOUT          delivered before, and now - last_delivery
                                                     > transport_loss_ttl_ms (spec 6, bullet 1)
     UNKNOWN               NO_SAMPLES                no in-time ack yet (no RTT sample)
+    IMPAIRED              DATA_UNANSWERED           unanswered >= dead_after_missed_probes
     IMPAIRED              LOSS_ABOVE_THRESHOLD      loss_pct >= loss_threshold_pct
     IMPAIRED              LATENCY_ABOVE_THRESHOLD   srtt_ms >= latency_threshold_ms
     IMPAIRED              JITTER_ABOVE_THRESHOLD    jitter_ms >= jitter_threshold_ms
@@ -183,6 +175,8 @@ class _Metrics:
     srtt_ms: float | None
     jitter_ms: float | None
     loss_pct: float
+    #: Probes past their silence deadline and not yet lost (``PathHealth._unanswered``).
+    unanswered: int = 0
 
 
 def _loss_pct(outcomes: Iterable[bool]) -> float:
@@ -216,6 +210,10 @@ def _decide(path: PathId, policy: Policy, m: _Metrics, *, now: float, previous: 
         )
     if m.srtt_ms is None:
         return PathVerdict(path, Verdict.UNKNOWN, ReasonCode.NO_SAMPLES)
+    if m.unanswered >= policy.dead_after_missed_probes:
+        return PathVerdict(
+            path, Verdict.IMPAIRED, ReasonCode.DATA_UNANSWERED, float(m.unanswered), float(policy.dead_after_missed_probes)
+        )
     checks = (
         (ReasonCode.LOSS_ABOVE_THRESHOLD, m.loss_pct, policy.loss_threshold_pct),
         (ReasonCode.LATENCY_ABOVE_THRESHOLD, m.srtt_ms, policy.latency_threshold_ms),
@@ -248,11 +246,11 @@ class PathHealth:
         self._max_outstanding = policy.loss_window_probes + policy.dead_after_missed_probes
         self._now = now
         self._link_up = link_up
-        # seq -> (sent, deadline, in the loss window), in send order; deadlines never decrease
-        # because ``now`` never does, so the due probes are always a prefix.  A probe judged by
-        # the silence clock (sent on a silent path, or cut down when it turned silent) stays out
-        # of the loss window: its short deadline may only count it as missed.
-        self._outstanding: dict[int, tuple[float, float, bool]] = {}
+        # seq -> (sent, deadline, silence deadline or inf), in send order; deadlines never
+        # decrease because ``now`` never does, so the due probes are always a prefix.  The silence
+        # deadline is the early clock of a silent path: passing it counts a probe as unanswered
+        # (IMPAIRED by DATA_UNANSWERED), never as lost; the probe stays out until its deadline.
+        self._outstanding: dict[int, tuple[float, float, float]] = {}
         # Probes resolved as lost, remembered (bounded) to recognise late acks.
         self._lost_seqs: dict[int, None] = {}
         self._last_seq = -1
@@ -297,19 +295,19 @@ class PathHealth:
         self._probes_sent += 1
         if len(self._outstanding) >= self._max_outstanding:
             self._mark_lost(next(iter(self._outstanding)))
+        # Deadlines never decrease (the due probes stay a prefix), even when the timeout shrinks.
+        last_deadline = next(reversed(self._outstanding.values()))[1] if self._outstanding else now
+        deadline = max(now + self.probe_timeout_s(), last_deadline)
+        silence_deadline = math.inf
         silent_from = self.silent_from()
         if silent_from is not None and now >= silent_from:
-            # A silent path: this probe gets the short timeout, and so does every one still out
-            # (cut down to the same deadline, so the due probes stay a prefix in send order).
-            deadline = now + self.silence_probe_timeout_s()
-            for older, (sent, older_deadline, _in_window) in self._outstanding.items():
-                if older_deadline > deadline:
-                    self._outstanding[older] = (sent, deadline, False)
-            self._outstanding[seq] = (now, deadline, False)
-        else:
-            # Deadlines never decrease (the due probes stay a prefix), even when the timeout shrinks.
-            last_deadline = next(reversed(self._outstanding.values()))[1] if self._outstanding else now
-            self._outstanding[seq] = (now, max(now + self.probe_timeout_s(), last_deadline), True)
+            # A silent path: this probe is also on the short clock, and so is every one still
+            # out (a probe sent before the silence has had at least as long to be answered).
+            silence_deadline = now + self.silence_probe_timeout_s()
+            for older, (sent, older_deadline, older_silence) in self._outstanding.items():
+                if older_silence > silence_deadline:
+                    self._outstanding[older] = (sent, older_deadline, silence_deadline)
+        self._outstanding[seq] = (now, deadline, silence_deadline)
         self._commit(now)
 
     def probe_timeout_s(self) -> float:
@@ -368,12 +366,11 @@ class PathHealth:
             else:
                 self._ignored_acks += 1
             return None
-        sent, _deadline, in_window = entry
+        sent, _deadline, _silence_deadline = entry
         rtt_ms = (now - sent) * _MS_PER_S
         self._sample_rtt(rtt_ms)
         self._missed = 0
-        if in_window:
-            self._outcomes.append(False)
+        self._outcomes.append(False)
         self._probes_acked += 1
         self._delivered(now)
         self._commit(now)
@@ -414,8 +411,11 @@ class PathHealth:
         """
         candidates: list[float] = []
         if self._outstanding:
-            _sent, deadline, _in_window = next(iter(self._outstanding.values()))
+            _sent, deadline, _silence_deadline = next(iter(self._outstanding.values()))
             candidates.append(deadline)
+            silence = self._next_silence_deadline()
+            if silence < math.inf:
+                candidates.append(silence)
         if self._last_delivery is not None:
             dead_at = math.nextafter(self._last_delivery + self._ttl_s, math.inf)
             if dead_at > self._now:  # otherwise it is already in effect
@@ -452,7 +452,7 @@ class PathHealth:
     def _due(self, now: float) -> int:
         """How many outstanding probes are lost by ``now`` (a prefix, in send order)."""
         due = 0
-        for _sent, deadline, _in_window in self._outstanding.values():
+        for _sent, deadline, _silence_deadline in self._outstanding.values():
             if deadline > now:
                 break
             due += 1
@@ -461,10 +461,9 @@ class PathHealth:
     def _metrics(self, now: float) -> tuple[_Metrics, int]:
         """The metrics as of ``now``, counting due probes as lost; and how many that is."""
         due = self._due(now)
-        due_in_window = sum(entry[2] for entry in itertools.islice(self._outstanding.values(), due))
-        if due_in_window:
+        if due:
             projected = collections.deque(self._outcomes, maxlen=self._outcomes.maxlen)
-            projected.extend([True] * min(due_in_window, self._policy.loss_window_probes))
+            projected.extend([True] * min(due, self._policy.loss_window_probes))
             loss_pct = _loss_pct(projected)
         else:
             loss_pct = _loss_pct(self._outcomes)
@@ -475,6 +474,7 @@ class PathHealth:
             srtt_ms=self._srtt_ms,
             jitter_ms=self._jitter_ms,
             loss_pct=loss_pct,
+            unanswered=self._unanswered(now, due),
         )
         return metrics, due
 
@@ -510,12 +510,19 @@ class PathHealth:
         self._last_delivery = now
         self._unanswered_since = None
 
+    def _unanswered(self, now: float, due: int) -> int:
+        """Probes still out (not yet lost by ``now``) whose silence deadline has passed."""
+        return sum(1 for _s, _d, silence in itertools.islice(self._outstanding.values(), due, None) if silence <= now)
+
+    def _next_silence_deadline(self) -> float:
+        """The next instant the silence-clock count can grow with no new input (inf: none pending)."""
+        return min((silence for _s, _d, silence in self._outstanding.values() if silence > self._now), default=math.inf)
+
     def _mark_lost(self, seq: int) -> None:
         """Resolve outstanding probe ``seq`` as lost."""
-        _sent, _deadline, in_window = self._outstanding.pop(seq)
+        del self._outstanding[seq]
         self._missed += 1
-        if in_window:
-            self._outcomes.append(True)
+        self._outcomes.append(True)
         self._probes_lost += 1
         self._lost_seqs[seq] = None
         if len(self._lost_seqs) > self._max_outstanding:

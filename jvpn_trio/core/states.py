@@ -51,6 +51,8 @@ class ReasonCode(enum.Enum):
     LOSS_ABOVE_THRESHOLD = "LOSS_ABOVE_THRESHOLD"
     LATENCY_ABOVE_THRESHOLD = "LATENCY_ABOVE_THRESHOLD"
     JITTER_ABOVE_THRESHOLD = "JITTER_ABOVE_THRESHOLD"
+    #: The bound path carried data and its silence probes went unanswered (docs/policy.md, "Silence").
+    DATA_UNANSWERED = "DATA_UNANSWERED"
     PATH_HEALTHY_AGAIN = "PATH_HEALTHY_AGAIN"
     REATTACH_CONFIRMED = "REATTACH_CONFIRMED"
     RECOVERY_WINDOW_EXCEEDED = "RECOVERY_WINDOW_EXCEEDED"
@@ -153,7 +155,9 @@ B = BindingEffect
 #: Path-death causes (spec 6): each moves a bound session into recovery.
 PATH_DEATH_REASONS = (R.LINK_DOWN, R.MISSED_PROBES, R.DELIVERY_TIMEOUT)
 #: Quality causes: the active path still delivers but crossed a threshold.
-IMPAIRMENT_REASONS = (R.LOSS_ABOVE_THRESHOLD, R.LATENCY_ABOVE_THRESHOLD, R.JITTER_ABOVE_THRESHOLD)
+IMPAIRMENT_REASONS = (
+    R.LOSS_ABOVE_THRESHOLD, R.LATENCY_ABOVE_THRESHOLD, R.JITTER_ABOVE_THRESHOLD, R.DATA_UNANSWERED,
+)  # fmt: skip
 #: Property 10: the only ways a session ends (plus an explicit close, see docs/spec.md).
 TERMINATION_REASONS = (
     R.SESSION_TTL_EXPIRED,

@@ -270,6 +270,7 @@ REASON_WIRE_TABLE: tuple[ReasonCode | None, ...] = (
     R.STORE_UNAVAILABLE,  # 59
     R.STALE_EPOCH,  # 60
     R.SESSION_TAKEN_OVER,  # 61
+    R.DATA_UNANSWERED,  # 62
 )
 
 #: The inverse of :data:`REASON_WIRE_TABLE`.

@@ -784,43 +784,48 @@ def test_unanswered_data_makes_a_path_silent_after_the_threshold_or_its_round_tr
     assert h.silent_from() is None
 
 
-def test_a_fast_path_is_silent_after_the_threshold_and_its_probes_time_out_at_the_floor() -> None:
+def test_a_fast_path_is_silent_after_the_threshold_and_its_probes_are_unanswered_at_the_floor() -> None:
     h = PathHealth(P, SILENCE, now=0.0)
     h.on_probe_sent(1, now=0.0)
     h.on_probe_acked(1, now=0.0009765625)  # about 1 ms
     h.on_data_sent(now=1.0)
     assert h.silent_from() == 1.03
-    h.on_probe_sent(2, now=1.01)  # before the silence: the ordinary timeout
+    h.on_probe_sent(2, now=1.01)  # before the silence: only the ordinary clock
     assert h.next_deadline() == 1.01 + TIMEOUT_S
-    h.on_probe_sent(3, now=1.03)  # silent: 20 ms, and probe 2 is cut to the same deadline
+    h.on_probe_sent(3, now=1.03)  # silent: a 20 ms clock for it, and for probe 2 still out
     assert h.next_deadline() == 1.03 + 0.020
-    verdict = h.verdict(now=1.03)
     h.expire(now=1.05)
     stats = h.stats(now=1.05)
-    assert (stats.consecutive_missed, stats.probes_lost) == (2, 2)
-    assert stats.loss_pct == 0.0  # judged by the silence clock: missed, never counted as loss
-    assert verdict.verdict is Verdict.HEALTHY  # silence itself decided nothing; the lost probes do
+    assert (stats.consecutive_missed, stats.probes_lost, stats.loss_pct) == (0, 0, 0.0)  # unanswered is not lost
+    assert h.verdict(now=1.05).verdict is Verdict.HEALTHY  # two of three
     h.on_probe_sent(4, now=1.05)
     h.expire(now=1.07)
-    assert h.verdict(now=1.07).reason is R.MISSED_PROBES  # the third miss: DEAD, 70 ms after the data
+    # The third unanswered probe: IMPAIRED (a quality switch keeps the binding), 70 ms after the data.
+    assert h.verdict(now=1.07) == PathVerdict(P, Verdict.IMPAIRED, R.DATA_UNANSWERED, 3.0, 3.0)
+    # A blackhole is still declared DEAD by the ordinary clock, as before.
+    h.expire(now=1.01 + TIMEOUT_S)
+    assert h.verdict(now=1.01 + TIMEOUT_S).verdict is Verdict.IMPAIRED
+    h.expire(now=1.05 + TIMEOUT_S)
+    assert h.verdict(now=1.05 + TIMEOUT_S).reason is R.MISSED_PROBES
 
 
-def test_silence_probes_stay_out_of_the_loss_window_acked_or_not() -> None:
+def test_a_path_that_only_got_slower_is_impaired_by_silence_never_dead() -> None:
     h = PathHealth(P, SILENCE, now=0.0)
     h.on_probe_sent(1, now=0.0)
-    h.on_probe_sent(2, now=0.01)
-    h.expire(now=0.01 + TIMEOUT_S)  # two ordinary losses
-    h.on_probe_sent(3, now=0.2)
-    h.on_probe_acked(3, now=0.2009765625)
-    assert h.stats(now=0.3).loss_pct == pytest.approx(200 / 3)
-    for seq in range(4, 10):  # a one-way flow: data, then a silence probe that is answered
-        t = 0.3 + seq * 0.1
-        h.on_data_sent(now=t)
-        silent_from = h.silent_from()
-        assert silent_from is not None
-        h.on_probe_sent(seq, now=silent_from)
-        h.on_probe_acked(seq, now=silent_from + 0.001)
-    assert h.stats(now=2.0).loss_pct == pytest.approx(200 / 3)  # unchanged: the answered ones did not dilute it
+    h.on_probe_acked(1, now=0.0009765625)
+    h.on_data_sent(now=1.0)  # from here every answer takes 125 ms: under the 150 ms probe timeout
+    t = 1.03
+    for seq in range(2, 5):
+        h.on_probe_sent(seq, now=t)
+        t = round(t + 0.02, 6)
+    h.expire(now=t)
+    assert h.verdict(now=t).reason is R.DATA_UNANSWERED
+    for acked in range(2, 5):
+        sent = 1.03 + (acked - 2) * 0.02
+        assert h.on_probe_acked(acked, now=sent + 0.125) == pytest.approx(125.0)
+    stats = h.stats(now=1.2)
+    assert (stats.consecutive_missed, stats.probes_lost, stats.loss_pct) == (0, 0, 0.0)
+    assert h.silent_from() is None and h.verdict(now=1.2).verdict is not Verdict.DEAD
 
 
 def test_silence_decides_no_verdict_and_is_off_without_a_threshold() -> None:

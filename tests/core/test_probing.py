@@ -15,6 +15,7 @@ from jvpn_trio.core.actions import EventKind
 from jvpn_trio.core.ids import PathId
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.session import ProbeRole
+from jvpn_trio.core.states import ReasonCode as R
 from jvpn_trio.core.states import SessionState as S
 from tests.pair import Pair
 
@@ -185,9 +186,10 @@ def test_data_on_an_idle_tunnel_is_no_evidence_of_health() -> None:
 
 
 def _attached() -> tuple[Pair, float]:
-    """An attached pair whose active path has just been probed and acked; returns that probe's time."""
+    """An attached pair whose active path has just been probed and acked, bound longer than the
+    dwell (so a switch is allowed); returns that probe's time."""
     pair = Pair.start()
-    pair.run(1.0)
+    pair.run(POLICY.min_dwell_ms / 1000 + 0.5)
     assert pair.client.record.binding is not None and pair.client.record.binding.path == P1
     pair.probe_round()
     return pair, pair.now
@@ -222,7 +224,7 @@ def test_an_answer_ends_the_silence() -> None:
     assert sent(pair, P1) == now + POLICY.probe_interval_ms / 1000
 
 
-def test_a_silent_path_dies_after_the_missed_silence_probes_not_after_the_full_timeouts() -> None:
+def test_a_silent_path_is_left_after_the_unanswered_silence_probes_not_after_the_full_timeouts() -> None:
     pair, _ = _attached()
     pair.blackhole(1)
     pair._client(ev.DataSent(path=P1))
@@ -234,17 +236,20 @@ def test_a_silent_path_dies_after_the_missed_silence_probes_not_after_the_full_t
         pair.advance(max(due - pair.now, 0.0))
         sent(pair, P1)
     pair.advance(floor_s)
-    dead = [e for e in pair.events() if e.kind is EventKind.PATH_HEALTH and e.detail("path") == str(P1)
-            and e.detail("verdict") == "DEAD" and e.t >= start]
-    assert dead and dead[0].reason.value == "MISSED_PROBES"
-    # The silence threshold, then one floor per missed probe: under a third of the default's
+    verdicts = [e for e in pair.events() if e.kind is EventKind.PATH_HEALTH and e.detail("path") == str(P1)
+                and e.t >= start and e.detail("verdict") != "HEALTHY"]
+    assert verdicts and verdicts[0].reason is R.DATA_UNANSWERED and verdicts[0].detail("verdict") == "IMPAIRED"
+    # The silence threshold, then one floor per unanswered probe: under a third of the default's
     # worst case (three intervals and the full probe timeout).
     expected = start + POLICY.silence_probe_after_ms / 1000 + POLICY.dead_after_missed_probes * floor_s  # type: ignore[operator]
-    assert dead[0].t <= expected + 1e-9
+    assert verdicts[0].t <= expected + 1e-9
     assert expected - start < POLICY.death_detection_bound_ms / 1000 / 3
+    # The session leaves for the healthy standby at once, for that reason.
+    switches = [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
+    assert switches and switches[0].reason is R.DATA_UNANSWERED and switches[0].detail("to_path") == str(P2)
 
 
-def test_a_probe_outstanding_when_the_path_turns_silent_is_cut_to_the_silence_deadline() -> None:
+def test_a_probe_outstanding_when_the_path_turns_silent_goes_on_the_silence_clock() -> None:
     pair, _ = _attached()
     pair.blackhole(1)
     first = sent(pair, P1)  # an ordinary probe: 200 ms to answer
@@ -252,11 +257,10 @@ def test_a_probe_outstanding_when_the_path_turns_silent_is_cut_to_the_silence_de
     pair._client(ev.DataSent(path=P1))
     pair.advance(POLICY.silence_probe_after_ms / 1000)  # type: ignore[operator]
     sent(pair, P1)  # the first silence probe
-    stats = pair.client.snapshot(now=pair.now).paths[0].stats
-    assert stats.consecutive_missed == 0
     pair.advance(POLICY.silence_probe_timeout_floor_ms / 1000)
-    stats = pair.client.snapshot(now=pair.now).paths[0].stats
-    assert stats.consecutive_missed == 2  # both, at the silence probe's deadline, long before 200 ms
+    health = pair.client._paths[P1].health
+    assert health._unanswered(pair.now, 0) == 2  # both, long before the ordinary 200 ms
+    assert pair.client.snapshot(now=pair.now).paths[0].stats.consecutive_missed == 0  # and neither lost yet
 
 
 def test_without_silence_probing_unanswered_data_changes_nothing() -> None:

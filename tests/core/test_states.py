@@ -64,9 +64,9 @@ def test_spec_states() -> None:
 
 
 def test_row_count() -> None:
-    # 7 single rows + 3 death reasons x 3 states + 3 impairments + 4 reattach confirmations
+    # 7 single rows + 3 death reasons x 3 states + 4 impairments + 4 reattach confirmations
     # + 3 rate-exceeded rows + 5 live states x 7 terminations that need no unbound guard.
-    assert len(TRANSITIONS) == 7 + 9 + 3 + 4 + 3 + 35 == 61
+    assert len(TRANSITIONS) == 7 + 9 + 4 + 4 + 3 + 35 == 62
 
 
 def test_terminated_has_no_outgoing_rows() -> None:

@@ -244,6 +244,56 @@ async def test_blackholed_path_fails_over_and_gateway_follows(autojump_clock: tr
             nursery.cancel_scope.cancel()
 
 
+async def _failover_under_traffic(policy: Policy) -> float:
+    """Blackhole the active path while the laptop sends a packet every millisecond; returns how long
+    after the fault the client switched."""
+    world = World(policy)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            assert world.client.active_path is not None and world.client.active_path.path == PathId(1)
+
+            async def send_every_ms() -> None:
+                up = ipv4_packet("10.66.0.2", "10.66.0.1", b"upload")
+                while True:
+                    world.cl_packets.inject(up)
+                    await trio.sleep(0.001)
+
+            async def drain() -> None:
+                async for _packet in world.gw_packets.delivered:
+                    pass
+
+            nursery.start_soon(send_every_ms)
+            nursery.start_soon(drain)
+            await trio.sleep(0.5)
+            fault_at = trio.current_time()
+            world.net.blocked.add(client_addr(1))
+            await trio.sleep(1.0)
+            switches = [e for e in world.client_events if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= fault_at]
+            assert switches and switches[0].detail("to_path") == str(PathId(2))
+            nursery.cancel_scope.cancel()
+    return switches[0].t - fault_at
+
+
+async def test_a_blackhole_under_traffic_is_seen_on_the_silence_clock(autojump_clock: trio.abc.Clock) -> None:
+    """The driver feeds the core's silence clock (DataSent without answers) and sends its probes
+    when due, closer than the active cadence: the switch comes within the silence bound, where
+    without it the same fault waits out the full probe timeouts (about 350 ms here)."""
+    policy = Policy()
+    assert policy.silence_probe_after_ms is not None
+    took = await _failover_under_traffic(policy)
+    bound_ms = (
+        policy.traffic_report_ms
+        + policy.silence_probe_after_ms
+        + (policy.dead_after_missed_probes + 1) * policy.silence_probe_timeout_floor_ms
+    )
+    assert took <= bound_ms / 1000.0
+    # Without silence probing the same fault waits out the full probe timeouts.
+    without = await _failover_under_traffic(attrs.evolve(policy, silence_probe_after_ms=None))
+    assert without > policy.probe_timeout_ms / 1000.0 > bound_ms / 1000.0
+
+
 async def test_data_from_a_non_active_endpoint_is_not_data(autojump_clock: trio.abc.Clock) -> None:
     world = World()
     with trio.fail_after(30):

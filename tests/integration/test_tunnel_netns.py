@@ -162,7 +162,7 @@ async def test_tcp_survives_every_fault_and_replay_is_rejected(lab: Lab, tmp_pat
     client_switches = switches(client_events)
     causes = [e.reason for e in client_switches]
     assert ReasonCode.LINK_DOWN in causes
-    assert {ReasonCode.MISSED_PROBES, ReasonCode.LOSS_ABOVE_THRESHOLD} & set(causes)
+    assert {ReasonCode.MISSED_PROBES, ReasonCode.LOSS_ABOVE_THRESHOLD, ReasonCode.DATA_UNANSWERED} & set(causes)
     assert ReasonCode.PREFERRED_PATH_RESTORED in causes
     assert len(client_switches) >= 6  # away and back for each of the three faults
     assert len(switches(gateway_events)) == len(client_switches)
