@@ -122,13 +122,14 @@ class Policy:
     )
     #: The bound path has carried our data and returned nothing authenticated this long (or its
     #: srtt + 4 x jitter, if longer): it is *silent*, and is probed every silence-probe timeout until
-    #: it answers or goes DEAD.  A path that sends is awake (no Wi-Fi power save to wait out), so data
-    #: left unanswered is evidence that a quiet path's probes cannot give.  Absent: only the cadence.
+    #: it answers; dead_after_missed_probes of those unanswered make it IMPAIRED (DATA_UNANSWERED).
+    #: A path that sends is awake (no Wi-Fi power save to wait out), so data left unanswered is
+    #: evidence that a quiet path's probes cannot give.  Absent: only the cadence.
     silence_probe_after_ms: int | None = attrs.field(
         default=_SILENCE_PROBE_AFTER_MS, validator=attrs.validators.optional(_int_range(1, MAX_PROBE_TIMEOUT_MS))
     )
-    #: The least timeout of a probe sent on a silent path (srtt + 4 x jitter above it, at most
-    #: probe_timeout_ms); it also cuts every probe still outstanding there down to the same deadline.
+    #: The least time a probe on a silent path has before it counts as unanswered (srtt + 4 x jitter
+    #: above it, at most probe_timeout_ms); it still counts as lost only at its ordinary deadline.
     silence_probe_timeout_floor_ms: int = attrs.field(default=20, validator=_int_range(1, MAX_PROBE_TIMEOUT_MS))
     dead_after_missed_probes: int = attrs.field(default=3, validator=_int_range(1, 1_000))
     loss_window_probes: int = attrs.field(default=20, validator=_int_range(2, 10_000))
