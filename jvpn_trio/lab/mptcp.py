@@ -71,6 +71,7 @@ from jvpn_trio.lab.traffic import (
     encode_probe,
     endpoint_arg,
     format_endpoint,
+    os_error_text,
     positive_arg,
     run_tool,
     write_report,
@@ -287,11 +288,6 @@ def split_records(buffer: bytes) -> tuple[list[bytes], bytes]:
 # -----------------------------------------------------------------------------
 
 
-def _error_text(exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno or 0, "")
-    return f"{name}: {exc.strerror or exc}" if name else str(exc)
-
-
 @attrs.frozen
 class StreamSourceReport:
     stream_id: int
@@ -365,7 +361,7 @@ def unavailable_reason() -> str | None:
     try:
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
     except OSError as exc:
-        return f"the kernel has no MPTCP (socket(IPPROTO_MPTCP): {_error_text(exc)})"
+        return f"the kernel has no MPTCP (socket(IPPROTO_MPTCP): {os_error_text(exc)})"
     probe.close()
     return None
 
@@ -431,7 +427,7 @@ async def run_stream_sink(
                     try:
                         data = await conn.recv(RECV_BYTES)
                     except OSError as exc:
-                        error = f"after {len(arrivals)} records: {_error_text(exc)}"
+                        error = f"after {len(arrivals)} records: {os_error_text(exc)}"
                         end_early = time.monotonic()
                         break
                 if data is None:
@@ -543,7 +539,7 @@ async def run_stream_source(
                 while await sock.recv(RECV_BYTES):
                     pass
         except (OSError, ValueError) as exc:
-            error = f"after {written} records: {_error_text(exc) if isinstance(exc, OSError) else exc}"
+            error = f"after {written} records: {os_error_text(exc) if isinstance(exc, OSError) else exc}"
     return StreamSourceReport(stream_id, count, hz, start, written, info, error)
 
 
@@ -617,7 +613,7 @@ async def _cmd_sink(args: argparse.Namespace) -> tuple[int, str | None]:
         report = result[0]
     except OSError as exc:
         report = StreamSinkReport(None, None, None, (), 0, False, None,
-                                  f"cannot listen on {format_endpoint(args.listen)}: {_error_text(exc)}")  # fmt: skip
+                                  f"cannot listen on {format_endpoint(args.listen)}: {os_error_text(exc)}")  # fmt: skip
     await write_report(args.report, report.to_json())
     return (EXIT_OK, None) if report.ok else (EXIT_FAILED, report.error)
 
@@ -628,7 +624,7 @@ async def _cmd_source(args: argparse.Namespace) -> tuple[int, str | None]:
                                          connect_timeout_s=args.connect_timeout, linger_s=args.linger,
                                          stop_file=args.stop_file)  # fmt: skip
     except (TrafficError, OSError) as exc:
-        text = _error_text(exc) if isinstance(exc, OSError) else str(exc)
+        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
         report = StreamSourceReport(0, 0, args.hz, 0.0, 0, None, text)
     await write_report(args.report, report.to_json())
     return (EXIT_OK, None) if report.ok else (EXIT_FAILED, report.error)

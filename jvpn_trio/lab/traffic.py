@@ -266,7 +266,8 @@ def decode_probe_untrusted(data: bytes) -> Probe:
 # -----------------------------------------------------------------------------
 
 
-def _error_text(exc: OSError) -> str:
+def os_error_text(exc: OSError) -> str:
+    """An OSError as one line: its errno name and message (for reports and stderr)."""
     name = errno.errorcode.get(exc.errno or 0, "")
     return f"{name}: {exc.strerror or exc}" if name else str(exc)
 
@@ -408,7 +409,7 @@ def _socket(host: str, kind: int, device: str | None) -> trio.socket.SocketType:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         except OSError as exc:
             sock.close()
-            raise TrafficError(f"cannot bind to device {device!r}: {_error_text(exc)}") from None
+            raise TrafficError(f"cannot bind to device {device!r}: {os_error_text(exc)}") from None
     return sock
 
 
@@ -458,7 +459,7 @@ async def run_tcp_sink(
                         data = await conn.recv(RECV_BYTES)
                     except OSError as exc:
                         reset = isinstance(exc, ConnectionResetError)
-                        error = f"after {total} bytes: {_error_text(exc)}"
+                        error = f"after {total} bytes: {os_error_text(exc)}"
                         break
                     if not data:
                         break
@@ -540,7 +541,7 @@ async def run_tcp_source(
                     pass
             except OSError as exc:
                 reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
-                error = f"after {sent} bytes: {_error_text(exc)}"
+                error = f"after {sent} bytes: {os_error_text(exc)}"
     if scope.cancelled_caught:
         error = f"timed out after {timeout_s} s ({sent} of {nbytes} bytes sent)"
     return TcpReport("source", sent, digest.hexdigest(), reset, error, round(trio.current_time() - begun, 6))
@@ -793,7 +794,7 @@ async def _cmd_tcp_sink(args: argparse.Namespace) -> tuple[int, str | None]:
     try:
         report = await _serve(run_tcp_sink, args.ready, args.listen, timeout_s=args.timeout)
     except OSError as exc:
-        report = _empty_tcp_report("sink", f"cannot listen on {format_endpoint(args.listen)}: {_error_text(exc)}")
+        report = _empty_tcp_report("sink", f"cannot listen on {format_endpoint(args.listen)}: {os_error_text(exc)}")
     await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error or ("connection reset" if report.reset else None))
 
@@ -806,7 +807,7 @@ async def _cmd_tcp_source(args: argparse.Namespace) -> tuple[int, str | None]:
             connect_timeout_s=args.connect_timeout, timeout_s=args.timeout,
         )  # fmt: skip
     except (TrafficError, OSError) as exc:
-        text = _error_text(exc) if isinstance(exc, OSError) else str(exc)
+        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
         report = _empty_tcp_report("source", text)
     await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error or ("connection reset" if report.reset else None))
@@ -825,7 +826,7 @@ async def _cmd_probe_sink(args: argparse.Namespace) -> tuple[int, str | None]:
             on_first_probe=on_first_probe,
         )  # fmt: skip
     except OSError as exc:
-        error = f"cannot listen on {format_endpoint(args.listen)}: {_error_text(exc)}"
+        error = f"cannot listen on {format_endpoint(args.listen)}: {os_error_text(exc)}"
         report = ProbeSinkReport(None, None, None, None, (), 0, 0, error)
     await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error)
@@ -837,7 +838,7 @@ async def _cmd_probe_source(args: argparse.Namespace) -> tuple[int, str | None]:
             args.connect, hz=args.hz, duration_s=args.duration, size=args.size, device=args.device
         )
     except (TrafficError, OSError) as exc:
-        text = _error_text(exc) if isinstance(exc, OSError) else str(exc)
+        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
         report = ProbeSourceReport(0, 0, args.hz, 0.0, 0, 0, {}, text)
     await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error)
@@ -847,7 +848,7 @@ async def _cmd_echo(args: argparse.Namespace) -> tuple[int, str | None]:
     try:
         report = await _serve(run_udp_echo, args.ready, args.listen, timeout_s=args.timeout, max_datagrams=args.max)
     except OSError as exc:
-        report = EchoReport(0, f"cannot listen on {format_endpoint(args.listen)}: {_error_text(exc)}")
+        report = EchoReport(0, f"cannot listen on {format_endpoint(args.listen)}: {os_error_text(exc)}")
     await write_report(args.report, report.to_json())
     return _outcome(report.ok, report.error)
 
@@ -858,7 +859,7 @@ async def _cmd_ping(args: argparse.Namespace) -> tuple[int, str | None]:
             args.connect, count=args.count, interval_s=args.interval, wait_s=args.wait, device=args.device
         )
     except (TrafficError, OSError) as exc:
-        text = _error_text(exc) if isinstance(exc, OSError) else str(exc)
+        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
         report = PingReport(0, 0, 0, {}, (), text)
     await write_report(args.report, report.to_json())
     print(json.dumps(report.to_json(), sort_keys=True))
@@ -973,7 +974,7 @@ def run_tool(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, pro
         outcome: tuple[int, str | None] = trio.run(args.handler, args)
         code, error = outcome
     except OSError as exc:  # e.g. the report file cannot be written
-        code, error = EXIT_FAILED, _error_text(exc)
+        code, error = EXIT_FAILED, os_error_text(exc)
     if error is not None:
         print(f"{prog} {args.command}: {error}", file=sys.stderr)
     return code
