@@ -299,8 +299,7 @@ class PathHealth:
         last_deadline = next(reversed(self._outstanding.values()))[1] if self._outstanding else now
         deadline = max(now + self.probe_timeout_s(), last_deadline)
         silence_deadline = math.inf
-        silent_from = self.silent_from()
-        if silent_from is not None and now >= silent_from:
+        if self.is_silent(now):
             # A silent path: this probe is also on the short clock, and so is every one still
             # out (a probe sent before the silence has had at least as long to be answered).
             silence_deadline = now + self.silence_probe_timeout_s()
@@ -315,22 +314,21 @@ class PathHealth:
 
         Without ``probe_timeout_floor_ms`` (the default) it is the fixed ``probe_timeout_ms``.
         """
-        floor_ms = self._policy.probe_timeout_floor_ms
-        if floor_ms is None or self._srtt_ms is None:
-            return self._timeout_s
-        adaptive_ms = self._srtt_ms + RTO_JITTER_FACTOR * (self._jitter_ms or 0.0)
-        bounded_ms = min(max(adaptive_ms, floor_ms), self._policy.probe_timeout_ms)
-        return bounded_ms / _MS_PER_S
+        return self._adaptive_timeout_s(self._policy.probe_timeout_floor_ms)
 
     def silence_probe_timeout_s(self) -> float:
         """How long a probe sent on a silent path may go unanswered: srtt + 4 x jitter, at least
         ``silence_probe_timeout_floor_ms``, at most ``probe_timeout_ms``; the full timeout before any
         RTT sample (nothing yet says how fast this path answers)."""
-        if self._srtt_ms is None:
+        return self._adaptive_timeout_s(self._policy.silence_probe_timeout_floor_ms)
+
+    def _adaptive_timeout_s(self, floor_ms: int | None) -> float:
+        """RFC 6298's shape, srtt + 4 x jitter, within [``floor_ms``, ``probe_timeout_ms``]; the fixed
+        ``probe_timeout_ms`` without a floor or before the first RTT sample."""
+        if floor_ms is None or self._srtt_ms is None:
             return self._timeout_s
         adaptive_ms = self._srtt_ms + RTO_JITTER_FACTOR * (self._jitter_ms or 0.0)
-        bounded_ms = min(max(adaptive_ms, self._policy.silence_probe_timeout_floor_ms), self._policy.probe_timeout_ms)
-        return bounded_ms / _MS_PER_S
+        return min(max(adaptive_ms, floor_ms), self._policy.probe_timeout_ms) / _MS_PER_S
 
     def silent_from(self) -> float | None:
         """When this path counts as silent: data sent and unanswered for ``silence_probe_after_ms``,
@@ -340,6 +338,11 @@ class PathHealth:
         if after_ms is None or self._unanswered_since is None:
             return None
         return self._unanswered_since + max(after_ms / _MS_PER_S, self.silence_probe_timeout_s())
+
+    def is_silent(self, now: float) -> bool:
+        """Whether the path is silent at ``now`` (:meth:`silent_from`)."""
+        silent_from = self.silent_from()
+        return silent_from is not None and now >= silent_from
 
     def on_probe_acked(self, seq: int, *, now: float) -> float | None:
         """An authenticated ack for probe ``seq``; returns its RTT in ms.

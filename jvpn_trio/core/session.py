@@ -483,8 +483,7 @@ class ClientSession(_SessionCore):
         if self.record.state is not S.ATTACHED or binding is None:
             return ProbeRole.ACTIVE
         if binding.path == path:
-            silent_from = entry.health.silent_from()
-            if silent_from is not None and now >= silent_from:
+            if entry.health.is_silent(now):
                 return ProbeRole.SILENT
             return ProbeRole.IDLE if now >= self._busy_until() else ProbeRole.ACTIVE
         if pending is not None and pending.path == path:

@@ -67,10 +67,12 @@ from jvpn_trio.lab.traffic import (
     BadProbe,
     Probe,
     TrafficError,
+    connect_retrying,
     decode_probe_untrusted,
     encode_probe,
     endpoint_arg,
     format_endpoint,
+    mono_offset,
     os_error_text,
     positive_arg,
     run_tool,
@@ -120,8 +122,6 @@ ENDPOINT_FLAGS = ("subflow",)
 RECORD_BYTES = DEFAULT_PROBE_BYTES
 #: Largest single recv; records are cut out of the byte stream.
 RECV_BYTES = 64 * 1024
-#: How often a refused connect is retried (the sink may still be starting).
-CONNECT_RETRY_S = 0.05
 #: How often the source looks for its stop file (the bench ends a stream once its fault is over).
 STOP_POLL_S = 0.02
 
@@ -380,11 +380,6 @@ def connection_info(sock: trio.socket.SocketType) -> MptcpInfo:
     return parse_mptcp_info(data)
 
 
-def _mono_offset() -> float:
-    """``time.monotonic() - trio.current_time()``: converts between the shared and the Trio clock."""
-    return time.monotonic() - float(trio.current_time())
-
-
 async def run_stream_sink(
     listen: tuple[str, int],
     *,
@@ -445,7 +440,7 @@ async def run_stream_sink(
                         continue
                     if first is None:
                         first = record
-                        stop_at = min(stop_at, record.end + linger_s - _mono_offset())
+                        stop_at = min(stop_at, record.end + linger_s - mono_offset())
                         if on_first_record is not None:
                             await on_first_record(record)
                     if record.stream_id == first.stream_id and len(arrivals) < MAX_PROBES:
@@ -462,25 +457,11 @@ async def run_stream_sink(
     return StreamSinkReport(first.stream_id, first.start, end, tuple(arrivals), bad, eof, info, error)
 
 
-async def _connect(connect: tuple[str, int], connect_timeout_s: float) -> trio.socket.SocketType:
-    """Connect an MPTCP socket, retrying while refused until ``connect_timeout_s``; TrafficError then."""
-    deadline = trio.current_time() + connect_timeout_s
-    while True:
-        sock = mptcp_socket(connect[0])
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with trio.move_on_at(deadline):
-                await sock.connect(connect)
-                return sock
-            raise TrafficError(f"could not connect to {format_endpoint(connect)} within {connect_timeout_s:g} s")
-        except ConnectionRefusedError:
-            sock.close()
-            if trio.current_time() + CONNECT_RETRY_S >= deadline:
-                raise TrafficError(f"{format_endpoint(connect)} refused connections for {connect_timeout_s:g} s") from None
-            await trio.sleep(CONNECT_RETRY_S)
-        except BaseException:
-            sock.close()
-            raise
+def _stream_socket(host: str) -> trio.socket.SocketType:
+    """An MPTCP socket that sends each small record at once (Nagle off)."""
+    sock = mptcp_socket(host)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 async def _cancel_once_exists(path: str, scope: trio.CancelScope) -> None:
@@ -517,10 +498,10 @@ async def run_stream_source(
     written = 0
     error: str | None = None
     info: MptcpInfo | None = None
-    sock = await _connect(connect, connect_timeout_s)
+    sock = await connect_retrying(connect, lambda: _stream_socket(connect[0]), connect_timeout_s)
     with sock:
         t0 = trio.current_time()
-        start = t0 + _mono_offset()
+        start = t0 + mono_offset()
         try:
             async with trio.open_nursery() as nursery:
                 if stop_file is not None:

@@ -424,7 +424,7 @@ async def _bound_socket(listen: tuple[str, int], kind: int) -> trio.socket.Socke
     return sock
 
 
-def _mono_offset() -> float:
+def mono_offset() -> float:
     """``time.monotonic() - trio.current_time()``: converts between the shared and the Trio clock."""
     return time.monotonic() - float(trio.current_time())
 
@@ -470,13 +470,14 @@ async def run_tcp_sink(
     return TcpReport("sink", total, digest.hexdigest(), reset, error, round(trio.current_time() - begun, 6))
 
 
-async def _connect(
-    connect: tuple[str, int], device: str | None, connect_timeout_s: float
+async def connect_retrying(
+    connect: tuple[str, int], new_socket: Callable[[], trio.socket.SocketType], connect_timeout_s: float
 ) -> trio.socket.SocketType:
-    """Connect, retrying while refused (the sink may be starting) until ``connect_timeout_s``."""
+    """Connect a fresh ``new_socket()``, retrying while refused (the sink may be starting) until
+    ``connect_timeout_s``; TrafficError then."""
     deadline = trio.current_time() + connect_timeout_s
     while True:
-        sock = _socket(connect[0], socket.SOCK_STREAM, device)
+        sock = new_socket()
         try:
             with trio.move_on_at(deadline):
                 await sock.connect(connect)
@@ -520,7 +521,7 @@ async def run_tcp_source(
     error: str | None = None
     begun = trio.current_time()
     with trio.move_on_after(timeout_s) as scope:
-        sock = await _connect(connect, device, connect_timeout_s)
+        sock = await connect_retrying(connect, lambda: _socket(connect[0], socket.SOCK_STREAM, device), connect_timeout_s)
         with sock:
             try:
                 begun = trio.current_time()
@@ -584,7 +585,7 @@ async def run_udp_probe_source(
     sent = 0
     with _socket(connect[0], socket.SOCK_DGRAM, device) as sock:
         t0 = trio.current_time()
-        start = t0 + _mono_offset()
+        start = t0 + mono_offset()
         for seq in range(count):
             await trio.sleep_until(t0 + seq / hz)
             probe = Probe(stream_id=stream_id, seq=seq, count=count, hz=hz, start=start, sent=time.monotonic())
@@ -638,7 +639,7 @@ async def run_udp_probe_sink(
                 continue
             if first is None:
                 first = probe
-                stop_at = min(stop_at, probe.end + linger_s - _mono_offset())
+                stop_at = min(stop_at, probe.end + linger_s - mono_offset())
                 if on_first_probe is not None:
                     await on_first_probe(probe)
             if probe.stream_id != first.stream_id or probe.count != first.count:
