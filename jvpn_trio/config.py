@@ -317,6 +317,8 @@ class _Table:
 
 #: A firewall mark is 32 bits; each path's is ``fwmark_base`` plus its path id (``commands/up.py``).
 MAX_FWMARK = 0xFFFF_FFFF
+#: ``[client].fwmark_base`` when the file sets none.
+DEFAULT_FWMARK_BASE = 0x5100
 #: Characters that make a string a glob rather than one interface name (fnmatch's syntax).
 _GLOB_CHARS = frozenset("*?[")
 #: IFNAMSIZ - 1: the kernel's longest interface name.
@@ -602,7 +604,7 @@ def load_client_config(path: str | pathlib.Path) -> ClientConfig:
             raise ConfigError(f"{t.where}.mtu: {mtu} is below {MIN_MTU6}, the least IPv6 in the tunnel needs")
     events = t.get("events_file", str, None)
     control = t.get("control_socket", str, "/run/jvpn-trio/client.sock")
-    fwmark_base = t.get("fwmark_base", int, 0x5100)
+    fwmark_base = t.get("fwmark_base", int, DEFAULT_FWMARK_BASE)
     if not 0 <= fwmark_base <= MAX_FWMARK - MAX_PATH_ID:
         raise ConfigError(f"{t.where}.fwmark_base: {out_of_range(fwmark_base, 0, MAX_FWMARK - MAX_PATH_ID)}")
     exclude = _globs(t.get("exclude", list, []), where=f"{t.where}.exclude")

@@ -267,6 +267,8 @@ class PathFollower:
                     await self._readdressed(event)
                 elif isinstance(event, PathForgotten):  # down already; now its interface is gone: free the id
                     self._ids.path_down(event.path_id, DownReason.INTERFACE_GONE)
+                    if await self._routing.remove_path(event.ifname):  # kept since its link went down
+                        self.counters["path_routes_removed_late"] += 1
             except (OSError, routes.RouteError, ValueError, PathIdsExhausted) as exc:
                 self.counters["path_errors"] += 1
                 self._log(f"path {event.ifname}: {exc}; left out until the path manager reports it again")
@@ -318,7 +320,15 @@ class PathFollower:
         stack = self._sockets.pop(pid, None)
         if stack is not None:
             await stack.aclose()
-        await self._routing.remove_path(event.ifname)
+        if event.reason is DownReason.LINK_DOWN:
+            # Its interface is still there, and so is its id: the kernel dropped the route through
+            # the link, and the table's unreachable default with its rule keep the path failing
+            # closed (routes.py) until the link comes back (add_path replaces) or the interface
+            # goes (PathForgotten).  Removing them now would also run netlink dumps in a worker
+            # thread, competing for the GIL with the failover this very event started.
+            self.counters["path_routes_kept"] += 1
+        else:
+            await self._routing.remove_path(event.ifname)
         self.counters["paths_removed"] += 1
         self._log(f"path {pid} down: {event.ifname} ({event.reason.value})")
         if self._mtus.pop(pid, None) is not None:

@@ -234,6 +234,8 @@ class RouteEvent:
     oif: int | None
     gateway: str | None
     added: bool
+    #: Who installed it (``rtm_protocol``: the kernel, a DHCP client, ``routes.RTPROT_JVPN`` for ours).
+    protocol: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -289,6 +291,7 @@ def _decode_route(get: Callable[[str], Any], kind: str) -> RouteEvent | None:
     table = get("table")
     oif = get("oif")
     gateway = get("gateway")
+    protocol = get("proto")
     return RouteEvent(
         family=family,
         table=table if isinstance(table, int) else 0,
@@ -296,6 +299,7 @@ def _decode_route(get: Callable[[str], Any], kind: str) -> RouteEvent | None:
         oif=oif if isinstance(oif, int) else None,
         gateway=gateway if isinstance(gateway, str) else None,
         added=kind == "RTM_NEWROUTE",
+        protocol=protocol if isinstance(protocol, int) else None,
     )
 
 

@@ -16,7 +16,7 @@ event, including a :class:`~jvpn_trio.drivers.netlink.Resync` after an overrun, 
 again.  Bad news does not wait, because a switch cannot start before it: a link that goes
 down or away takes its path down at once, from the event itself
 (:meth:`~jvpn_trio.core.candidates.PathTable.link_lost`, no read: a read of the machine
-costs 5-10 ms); a burst that starts with an address or route removed is read at once.
+costs 10-25 ms of a worker thread); a burst that starts with an address or route removed is read at once.
 Either way the read after the settle interval follows and reconciles.  What to make of a snapshot is decided by the pure rules of
 :mod:`jvpn_trio.core.candidates`; the task sends the resulting events, in order, on a
 bounded channel, and a slow consumer holds the task back rather than losing an event
@@ -68,6 +68,7 @@ from jvpn_trio.drivers.netlink import (
     RouteEvent,
     open_link_monitor,
 )
+from jvpn_trio.drivers.routes import RTPROT_JVPN
 from jvpn_trio.errors import lone_exception_unwrapped
 
 __all__ = [
@@ -125,6 +126,7 @@ class PathManagerStatistics:
     events_published: int
     log_lines_suppressed: int
     last_error: str | None  # the most recent failure, for a status view
+    own_route_events: int = 0  # netlink events about our own routes: never a reason to read
 
 
 class PathManager:
@@ -158,6 +160,7 @@ class PathManager:
         self._resyncs = 0
         self._published = 0
         self._last_error: str | None = None
+        self._own_route_events = 0
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -175,12 +178,28 @@ class PathManager:
             events_published=self._published,
             log_lines_suppressed=self._limiter.suppressed,
             last_error=self._last_error,
+            own_route_events=self._own_route_events,
         )
 
     def _report(self, subject: str, text: str, *, now: float) -> None:
         line = self._limiter.line(subject, text, now=now)
         if line is not None:
             self._log(line)
+
+    async def _next_wakeup(self, wakeups: Wakeups) -> object:
+        """The next event that may change what a read sees.
+
+        Our own routes never do: they live in our tables or point into the TUN, and a read looks
+        the gateway up *through* each interface, which neither answers.  Skipping them keeps the
+        routing's own changes (a path added, a link's routes dropped by the kernel) from
+        triggering a read of the whole machine, a worker thread's 10-20 ms of pyroute2 parsing
+        that competes with the datapath for the GIL.
+        """
+        while True:
+            event = await wakeups.receive()
+            if not (isinstance(event, RouteEvent) and event.protocol == RTPROT_JVPN):
+                return event
+            self._own_route_events += 1
 
     def _woken(self, event: object) -> None:
         self._wakeups += 1
@@ -230,7 +249,7 @@ class PathManager:
         with trio.move_on_after(self._settle_s):
             while True:
                 try:
-                    self._woken(await wakeups.receive())
+                    self._woken(await self._next_wakeup(wakeups))
                 except trio.EndOfChannel:
                     return True
         return False
@@ -249,7 +268,7 @@ class PathManager:
                 ended = False
                 with trio.move_on_at(self._retry_at):
                     try:
-                        first = await wakeups.receive()
+                        first = await self._next_wakeup(wakeups)
                     except trio.EndOfChannel:
                         return
                     self._woken(first)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -27,6 +28,7 @@ from jvpn_trio.core.candidates import (
     PathRules,
 )
 from jvpn_trio.drivers.netlink import AddressEvent, LinkEvent, Resync, RouteEvent
+from jvpn_trio.drivers.routes import RTPROT_JVPN
 from jvpn_trio.drivers.paths import (
     DEFAULT_READ_RETRY_S,
     DEFAULT_SETTLE_S,
@@ -216,6 +218,36 @@ async def test_a_loss_is_reported_at_once_and_read_again_once_the_burst_settles(
             assert (stats.wakeups, stats.snapshots_read, stats.events_published, stats.paths) == (
                 4, 2 + len(at_once), 3 + len(forgotten), 1
             )
+            nursery.cancel_scope.cancel()
+
+
+async def test_our_own_route_changes_never_read_the_machine(autojump_clock: trio.testing.MockClock) -> None:
+    """Routes with our protocol (a path installed or removed, the kernel dropping a link's) wake nothing.
+
+    Each would otherwise cost a read of the whole machine in a worker thread; the same change
+    by anyone else (here a DHCP client's default route going) is still read at once.
+    """
+    script = Script(machine(ETH, WLAN))
+    ours = [
+        RouteEvent(family=socket.AF_INET, table=51821, dst=f"{GATEWAY}/32", oif=2, gateway="192.168.1.1",
+                   added=added, protocol=RTPROT_JVPN)
+        for added in (True, False)
+    ]
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            h = await run_harness(nursery, script)
+            await h.take(2)
+            for event in ours * 3:
+                h.wake.send_nowait(event)
+            await trio.sleep(10 * DEFAULT_SETTLE_S)
+            assert script.read_times == [0.0] and h.nothing_pending()
+            assert (h.manager.statistics().own_route_events, h.manager.statistics().wakeups) == (6, 0)
+            theirs = attrs.evolve(ours[1], table=254, dst="0.0.0.0/0", protocol=16)  # RTPROT_DHCP
+            sent_at = trio.current_time()
+            h.wake.send_nowait(theirs)
+            await trio.sleep(2 * DEFAULT_SETTLE_S)
+            assert script.read_times == [0.0, sent_at, sent_at + DEFAULT_SETTLE_S]  # at once, then settled
+            assert h.manager.statistics().wakeups == 1
             nursery.cancel_scope.cancel()
 
 

@@ -5,9 +5,13 @@ lte0 interfaces do not exist when ``up`` starts (only eth0 does).  In turn:
 
 1. wifi0 appears 2 s after ``up`` started: the client's status lists it
    (interface and kind) and a probe answer is measured on it;
-2. eth0, the active path, is deleted (``ip link del``): the session moves to
-   wifi0, the SessionID stays, the process neither exits nor prints a traceback;
-3. the gateway is killed with SIGKILL and started again: a new session
+2. eth0's link goes down and comes back: the session moves to wifi0 and back; while
+   the link is down, eth0's rule and the unreachable default of its table stay, so a
+   packet with its mark fails closed, and its route to the gateway returns with the link;
+3. eth0, the active path, is deleted (``ip link del``): the session moves to
+   wifi0, the SessionID stays, the process neither exits nor prints a traceback, and
+   eth0's rule and table are gone;
+4. the gateway is killed with SIGKILL and started again: a new session
    (``sessions_started`` == 2) is attached within 10 s of its return.
 
 Determinism rules: every wait is bounded (``trio.fail_after``) and polls a
@@ -18,6 +22,7 @@ is asserted on.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,18 +31,25 @@ from typing import Any
 import pytest
 import trio
 
+from jvpn_trio.commands.up import TUNNEL_TABLE
+from jvpn_trio.config import DEFAULT_FWMARK_BASE
 from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
-from tests.integration.tunnel_lab import start_tunnel
+from tests.integration.tunnel_lab import STATUS_POLL_S, start_tunnel
 from tests.netns import requires_lab, unique_prefix
 
-#: Enough switches per minute for the whole scenario; the rest is the laptop default.
-POLICY = {"max_switches_per_minute": 12}
+#: Enough switches per minute for the whole scenario, a quick return to eth0; the rest is the laptop default.
+POLICY = {"max_switches_per_minute": 12, "return_dwell_ms": 1000}
+#: eth0 is the first path (p1): its policy-routing table and firewall mark (commands/up.py, config defaults).
+ETH0_TABLE = TUNNEL_TABLE + 1
+ETH0_MARK = DEFAULT_FWMARK_BASE + 1
 #: How long after ``up`` starts the second interface is plugged in.
 PLUG_IN_AFTER_S = 2.0
 #: How long the gateway stays dead.
 GATEWAY_DOWN_S = 2.0
 #: The specification's bound: a gateway that came back gets a new session within this.
 NEW_SESSION_BOUND_S = 10.0
+#: How long eth0's rule and table may outlive its path.
+ROUTES_GONE_S = 5.0
 #: Bound on the whole test: the lab, both processes, the three events and their waits.
 TEST_BOUND_S = 90.0
 
@@ -47,6 +59,14 @@ async def late_lab() -> AsyncIterator[Lab]:
     """The three-path lab with only eth0 built at start; wifi0 and lte0 come later (or never)."""
     async with open_lab(LabSpec(prefix=unique_prefix(), absent=frozenset({"wifi0", "lte0"}))) as built:
         yield built
+
+
+async def eth0_routing(lab: Lab) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether eth0's fwmark rule is installed, and the routes of its table, in the client namespace."""
+    rules = json.loads((await lab.run(lab.client_ns, "ip", "-j", "rule", "show")).stdout or b"[]")
+    has_rule = any(r.get("table") == str(ETH0_TABLE) and r.get("fwmark") == hex(ETH0_MARK) for r in rules)
+    table = await lab.run(lab.client_ns, "ip", "-j", "route", "show", "table", str(ETH0_TABLE), check=False)
+    return has_rule, json.loads(table.stdout or b"[]") if table.returncode == 0 else []
 
 
 def path_named(status: dict[str, Any], interface: str) -> dict[str, Any] | None:
@@ -85,7 +105,25 @@ async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab,
         wifi = path_named(status, "wifi0")
         assert wifi is not None and wifi["kind"] == "wifi"
 
-        # 2. The active path's interface is deleted: the session moves, the process lives.
+        # 2. eth0's link flaps: its routing stays, failing closed, and its route returns with it.
+        has_rule, table = await eth0_routing(lab)
+        assert has_rule and any(r.get("dst") == lab.gateway_address for r in table), table
+        await lab.link_down("eth0")
+        await tunnel.wait_status(
+            lambda s: s.get("state") == "ATTACHED" and active_interface(s) == "wifi0" and path_named(s, "eth0") is None
+        )
+        has_rule, table = await eth0_routing(lab)
+        assert has_rule and [(r.get("type"), r.get("dst")) for r in table] == [("unreachable", "default")], table
+        marked = await lab.run(
+            lab.client_ns, "ip", "route", "get", lab.gateway_address, "mark", str(ETH0_MARK), check=False
+        )
+        assert marked.returncode != 0 or b"unreachable" in marked.stdout, marked.stdout  # never via another link
+        await lab.restore("eth0")
+        await tunnel.wait_status(lambda s: active_interface(s) == "eth0")
+        has_rule, table = await eth0_routing(lab)
+        assert has_rule and any(r.get("dst") == lab.gateway_address for r in table), table
+
+        # 3. The active path's interface is deleted: the session moves, the process lives.
         deleted_at = time.monotonic()
         await lab.delete_path("eth0")  # the link goes first; the lab then drops its fault chains
         status = await tunnel.wait_status(
@@ -95,8 +133,11 @@ async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab,
         assert status["session"] == session
         gone = await tunnel.wait_status(lambda s: path_named(s, "eth0") is None)
         assert gone["session"] == session
+        with trio.fail_after(ROUTES_GONE_S):  # removed after the path went, not before
+            while (routing := await eth0_routing(lab)) != (False, []):
+                await trio.sleep(STATUS_POLL_S)
 
-        # 3. The gateway is killed and comes back: a new session within the bound.
+        # 4. The gateway is killed and comes back: a new session within the bound.
         await tunnel.kill_gateway()
         await trio.sleep(GATEWAY_DOWN_S)
         await tunnel.start_gateway()
