@@ -28,7 +28,6 @@ from jvpn_trio.core.candidates import (
     PathRules,
 )
 from jvpn_trio.drivers.netlink import AddressEvent, LinkEvent, Resync, RouteEvent
-from jvpn_trio.drivers.routes import RTPROT_JVPN
 from jvpn_trio.drivers.paths import (
     DEFAULT_READ_RETRY_S,
     DEFAULT_SETTLE_S,
@@ -43,6 +42,7 @@ from jvpn_trio.drivers.paths import (
     open_path_manager,
     serve_path_manager,
 )
+from jvpn_trio.drivers.routes import RTPROT_JVPN
 
 GATEWAY = "198.51.100.7"
 TIMEOUT_S = 60.0  # virtual seconds under autojump_clock

@@ -134,7 +134,7 @@ async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab,
         gone = await tunnel.wait_status(lambda s: path_named(s, "eth0") is None)
         assert gone["session"] == session
         with trio.fail_after(ROUTES_GONE_S):  # removed after the path went, not before
-            while (routing := await eth0_routing(lab)) != (False, []):
+            while await eth0_routing(lab) != (False, []):
                 await trio.sleep(STATUS_POLL_S)
 
         # 4. The gateway is killed and comes back: a new session within the bound.
