@@ -10,7 +10,7 @@ import ipaddress
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jvpn_trio.core.offload import (
@@ -133,6 +133,7 @@ TIMESTAMPS = bytes([1, 1, 8, 10]) + struct.pack("!II", 123, 456)
 @settings(max_examples=60, deadline=None)
 @given(version=st.sampled_from([4, 6]), size=st.integers(1, 6000), gso_size=st.integers(100, 1448),
        seq=st.integers(0, 2**32 - 1), options=st.sampled_from([b"", TIMESTAMPS]))
+@example(version=6, size=254, gso_size=100, seq=4842, options=b"")  # its last segment's partial sum is complete
 def test_a_tso_frame_becomes_the_segments_the_kernel_would_send(version: int, size: int, gso_size: int, seq: int,
                                                                    options: bytes) -> None:
     payload = bytes(i % 251 for i in range(size))
@@ -151,7 +152,9 @@ def test_a_tso_frame_becomes_the_segments_the_kernel_would_send(version: int, si
         else:
             assert struct.unpack_from("!H", segment, 4)[0] == len(segment) - 40
         assert transport_checksum_ok(complete_checksum(segment))
-        assert not transport_checksum_ok(segment) or reference_sum(segment) == 0xFFFF  # partial until completed
+        # Partial until completed: it validates only where the pseudo-header sum happens to be the
+        # whole checksum (about one segment in 65,536), and then completing it changes nothing.
+        assert not transport_checksum_ok(segment) or bytes(complete_checksum(segment)) == bytes(segment)
 
 
 @settings(max_examples=60, deadline=None)
