@@ -179,6 +179,10 @@ class _Metrics:
     unanswered: int = 0
 
 
+#: A projection of the state to some ``now``: verdict, healthy_since, metrics, probes lost by then.
+_Projection = tuple[PathVerdict, "float | None", _Metrics, int]
+
+
 def _loss_pct(outcomes: Iterable[bool]) -> float:
     resolved = 0
     lost = 0
@@ -268,6 +272,8 @@ class PathHealth:
         self._late_acks = 0
         self._ignored_acks = 0
         self._current = PathVerdict(path, Verdict.UNKNOWN, ReasonCode.NO_SAMPLES)
+        #: ``_project``'s last result and its ``now``; replaced or dropped by every commit.
+        self._memo: tuple[float, _Projection] | None = None
         self._healthy_since: float | None = None
         self._commit(now)
 
@@ -392,6 +398,7 @@ class PathHealth:
         now = self._advance(now)
         if self._unanswered_since is None:
             self._unanswered_since = now
+            self._memo = None  # no projection reads it; kept so that every change drops the memo
 
     def on_link(self, up: bool, *, now: float) -> None:
         """The interface went up or down.  Down is DEAD at once; up re-evaluates the metrics."""
@@ -429,6 +436,11 @@ class PathHealth:
         """The verdict ``expire(now)`` would commit, without committing it."""
         verdict, _healthy_since, _metrics, _lost = self._project(now)
         return verdict
+
+    def healthy_since(self, *, now: float) -> float | None:
+        """``stats(now=now).healthy_since``, without building the stats."""
+        _verdict, healthy_since, _metrics, _lost = self._project(now)
+        return healthy_since
 
     def stats(self, *, now: float) -> PathStats:
         """A frozen view consistent with :meth:`verdict` at the same ``now``."""
@@ -481,8 +493,22 @@ class PathHealth:
         )
         return metrics, due
 
-    def _project(self, now: float) -> tuple[PathVerdict, float | None, _Metrics, int]:
+    def _project(self, now: float) -> _Projection:
+        """What the queries see at ``now``: computed once per ``now`` between two commits.
+
+        The session asks for every path's verdict and state several times per input at one
+        ``now``; every change to what a projection reads is followed by :meth:`_commit`, which
+        replaces or drops the memo, so a memo is always what a fresh projection would give.
+        """
         now = max(now, self._now)
+        memo = self._memo
+        if memo is not None and memo[0] == now:
+            return memo[1]
+        projection = self._fresh_projection(now)
+        self._memo = (now, projection)
+        return projection
+
+    def _fresh_projection(self, now: float) -> _Projection:
         metrics, due = self._metrics(now)
         verdict = _decide(self._path, self._policy, metrics, now=now, previous=self._current.verdict)
         if verdict.verdict is not Verdict.HEALTHY:
@@ -495,9 +521,14 @@ class PathHealth:
 
     def _commit(self, now: float) -> None:
         """Store the verdict as of ``now`` (the only place that assigns it)."""
-        verdict, healthy_since, _metrics, _due = self._project(now)
+        projection = self._fresh_projection(now)
+        verdict, healthy_since, _metrics, _due = projection
+        # A projection reads the committed verdict (hysteresis, healthy_since): while it stays
+        # the same, this one is what a query at ``now`` would compute again.
+        unchanged = verdict.verdict is self._current.verdict
         self._current = verdict
         self._healthy_since = healthy_since
+        self._memo = (now, projection) if unchanged else None
 
     def _advance(self, now: float) -> float:
         """Move to ``now`` (never backwards): lose due probes, then commit the verdict."""

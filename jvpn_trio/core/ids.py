@@ -62,7 +62,7 @@ def _check_path_id(_inst: object, _attr: object, value: int) -> None:
         raise ValueError(f"PathId must be an int in 1..{MAX_PATH_ID}, got {value!r}")
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)  # a dict key on every input: hashed once
 class PathId:
     """A candidate transport path (one local interface towards the gateway)."""
 

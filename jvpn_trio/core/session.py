@@ -821,7 +821,7 @@ class ClientSession(_SessionCore):
                 priority=self._paths[path].priority,
                 verdict=verdict.verdict,
                 reason=verdict.reason,
-                healthy_since=self._paths[path].health.stats(now=now).healthy_since,
+                healthy_since=self._paths[path].health.healthy_since(now=now),
                 metered=self._paths[path].metered,
             )
             for path, verdict in verdicts.items()

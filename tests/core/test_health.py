@@ -620,7 +620,9 @@ def test_values_are_frozen() -> None:
 
 Op = tuple[str, float, int]
 OPS = st.tuples(
-    st.sampled_from(["probe"] * 4 + ["send"] * 3 + ["ack"] * 3 + ["dup", "delivery", "down", "up", "up", "expire"]),
+    st.sampled_from(
+        ["probe"] * 4 + ["send"] * 3 + ["ack"] * 3 + ["dup", "delivery", "data", "down", "up", "up", "expire"]
+    ),
     st.sampled_from([0.0, 0.01, 0.01, 0.03, 0.05, 0.05, 0.1, 0.149, 0.15, 0.2, 0.5, 1.0, TTL_S, TTL_S + 1.0]),
     st.integers(0, 30),
 )
@@ -630,7 +632,10 @@ OPS = st.tuples(
 @given(st.lists(OPS, max_size=100), st.sampled_from([POLICY, SLOW]))
 def test_expire_first_changes_nothing(ops: list[Op], policy: Policy) -> None:
     """A hook at ``now`` gives the same result whether or not ``expire(now)`` ran first,
-    and ``verdict(now)`` always equals what ``expire(now)`` then commits."""
+    and ``verdict(now)`` always equals what ``expire(now)`` then commits.
+
+    ``eager`` is also asked before every hook at the very ``now`` the hook runs, so a query
+    remembered from before a change (``PathHealth._project``'s memo) would show here."""
     plain = PathHealth(P, policy, now=0.0)
     eager = PathHealth(P, policy, now=0.0)
     now = 0.0
@@ -656,6 +661,8 @@ def test_expire_first_changes_nothing(ops: list[Op], policy: Policy) -> None:
                 results.append(health.on_probe_acked(target, now=now))
             elif kind == "delivery":
                 health.on_delivery(now=now)
+            elif kind == "data":
+                health.on_data_sent(now=now)
             elif kind in ("down", "up"):
                 health.on_link(kind == "up", now=now)
             else:
@@ -668,6 +675,7 @@ def test_expire_first_changes_nothing(ops: list[Op], policy: Policy) -> None:
         assert plain.verdict(now=now) == eager.verdict(now=now)
         stats = plain.stats(now=now)
         assert stats == eager.stats(now=now)
+        assert plain.healthy_since(now=now) == eager.healthy_since(now=now) == stats.healthy_since
         assert plain.next_deadline() == eager.next_deadline()
         # invariants
         verdict = plain.verdict(now=now)
