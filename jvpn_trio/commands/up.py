@@ -321,11 +321,12 @@ class PathFollower:
         if stack is not None:
             await stack.aclose()
         if event.reason is DownReason.LINK_DOWN:
-            # Its interface is still there, and so is its id: the kernel dropped the route through
-            # the link, and the table's unreachable default with its rule keep the path failing
-            # closed (routes.py) until the link comes back (add_path replaces) or the interface
-            # goes (PathForgotten).  Removing them now would also run netlink dumps in a worker
-            # thread, competing for the GIL with the failover this very event started.
+            # Its interface is still there, and so is its id.  Its socket is closed, so nothing
+            # carries its mark; the table's route through the link is gone (admin down) or points
+            # at a dead link (carrier lost), and its unreachable default keeps it failing closed
+            # (routes.py).  All stays until the path is up again (add_path replaces it), the
+            # interface goes (PathForgotten) or the agent exits.  Removing it now would run netlink
+            # dumps in a worker thread, competing for the GIL with the failover this event started.
             self.counters["path_routes_kept"] += 1
         else:
             await self._routing.remove_path(event.ifname)

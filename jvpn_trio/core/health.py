@@ -397,8 +397,7 @@ class PathHealth:
         No verdict depends on it: silence only makes probes come sooner and time out sooner."""
         now = self._advance(now)
         if self._unanswered_since is None:
-            self._unanswered_since = now
-            self._memo = None  # no projection reads it; kept so that every change drops the memo
+            self._unanswered_since = now  # read by no projection: the memo stands
 
     def on_link(self, up: bool, *, now: float) -> None:
         """The interface went up or down.  Down is DEAD at once; up re-evaluates the metrics."""

@@ -192,7 +192,7 @@ class PathManager:
         Our own routes never do: they live in our tables or point into the TUN, and a read looks
         the gateway up *through* each interface, which neither answers.  Skipping them keeps the
         routing's own changes (a path added, a link's routes dropped by the kernel) from
-        triggering a read of the whole machine, a worker thread's 10-20 ms of pyroute2 parsing
+        triggering a read of the whole machine, a worker thread's 10-25 ms of pyroute2 parsing
         that competes with the datapath for the GIL.
         """
         while True:

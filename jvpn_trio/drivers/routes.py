@@ -837,10 +837,15 @@ class Routing:
         Recorded first, so that exit removes it even after a partial install.
         A refusal raises :class:`RouteError`, or with ``best_effort`` is
         counted, reported and returns None (the path is left to probing).
-        Raises ValueError for a table or mark another path uses.
+        Raises ValueError for a table or mark another path uses.  An interface that comes back
+        under another table or mark (its path got a new id) loses its old entries first: kept
+        while its link was down, they would otherwise outlive the agent.
         """
         others = [p for name, p in self._paths.items() if name != pr.ifname]
         check_routing_plan(self._planned, [*others, pr])
+        before = self._paths.get(pr.ifname)
+        if before is not None and (before.table, before.fwmark) != (pr.table, pr.fwmark):
+            await self.remove_path(pr.ifname)
         self._paths[pr.ifname] = pr
         return await self._install_path(pr)
 

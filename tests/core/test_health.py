@@ -634,8 +634,9 @@ def test_expire_first_changes_nothing(ops: list[Op], policy: Policy) -> None:
     """A hook at ``now`` gives the same result whether or not ``expire(now)`` ran first,
     and ``verdict(now)`` always equals what ``expire(now)`` then commits.
 
-    ``eager`` is also asked before every hook at the very ``now`` the hook runs, so a query
-    remembered from before a change (``PathHealth._project``'s memo) would show here."""
+    ``eager`` is also asked before every hook at the very ``now`` the hook runs, and after each
+    hook both twins' remembered projection (``PathHealth._project``'s memo) is compared with a
+    fresh one."""
     plain = PathHealth(P, policy, now=0.0)
     eager = PathHealth(P, policy, now=0.0)
     now = 0.0
@@ -672,6 +673,8 @@ def test_expire_first_changes_nothing(ops: list[Op], policy: Policy) -> None:
         if kind in ("send", "probe"):
             seq += 1
         assert results[:1] == results[1:]
+        for health in (plain, eager):  # white box: whatever a query remembers is what it would compute
+            assert health._project(now) == health._fresh_projection(max(now, health._now))
         assert plain.verdict(now=now) == eager.verdict(now=now)
         stats = plain.stats(now=now)
         assert stats == eager.stats(now=now)

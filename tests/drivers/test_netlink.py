@@ -33,6 +33,7 @@ from jvpn_trio.drivers.netlink import (
     open_link_monitor,
     read_link_states,
 )
+from jvpn_trio.drivers.routes import RTPROT_JVPN
 from jvpn_trio.lab.netns import Lab, LabSpec, open_lab
 from tests.netns import requires_lab
 
@@ -291,9 +292,11 @@ def test_ipv6_addresses_and_routes_are_decoded_only_when_watched() -> None:
     assert _decode(gone, WATCH_PATHS) == RouteEvent(
         family=socket.AF_INET6, table=254, dst="2001:db8::/32", oif=None, gateway=None, added=False
     )
-    ours = FakeMsg(event="RTM_DELROUTE", family=socket.AF_INET, dst="198.51.100.7", dst_len=32, table=51821, proto=74)
+    ours = FakeMsg(event="RTM_DELROUTE", family=socket.AF_INET, dst="198.51.100.7", dst_len=32, table=51821,
+                   proto=RTPROT_JVPN)
     assert _decode(ours, WATCH_PATHS) == RouteEvent(
-        family=socket.AF_INET, table=51821, dst="198.51.100.7/32", oif=None, gateway=None, added=False, protocol=74
+        family=socket.AF_INET, table=51821, dst="198.51.100.7/32", oif=None, gateway=None, added=False,
+        protocol=RTPROT_JVPN,
     )
     # IPv4 routes only: IPv6 routes stay unwatched; kernel-cloned exceptions are never table changes.
     assert _decode(gone, WATCH_DEFAULT | Watch.IPV4_ROUTES) is None
@@ -313,9 +316,11 @@ async def test_route_changes_arrive_with_the_path_watch(nl_lab: Lab) -> None:
     with trio.fail_after(EVENT_TIMEOUT_S):
         async with open_link_monitor(netns=ns, watch=WATCH_PATHS) as monitor:
             index = (await read_link_states(netns=ns))[a].index
-            await nl_lab.run(ns, "ip", "route", "add", "203.0.113.0/24", "dev", a, "table", "4242", "proto", "74")
+            await nl_lab.run(
+                ns, "ip", "route", "add", "203.0.113.0/24", "dev", a, "table", "4242", "proto", str(RTPROT_JVPN)
+            )
             async for event in monitor:
                 if isinstance(event, RouteEvent) and event.dst == "203.0.113.0/24":
-                    assert (event.table, event.oif, event.added, event.protocol) == (4242, index, True, 74)
+                    assert (event.table, event.oif, event.added, event.protocol) == (4242, index, True, RTPROT_JVPN)
                     break
             assert monitor.statistics().route_events >= 1

@@ -725,6 +725,22 @@ async def test_routing_reinstall_path_after_flap(tun_lab: TunLab) -> None:
 
 
 @requires_lab
+async def test_an_interface_back_under_another_table_leaves_nothing_of_the_old_one(tun_lab: TunLab) -> None:
+    """A path whose link went down keeps its entries (commands/up.py); if it returns with another
+    id, its old table and rule go before the new ones come, and exit removes everything."""
+    t = tun_lab
+    with trio.fail_after(IO_TIMEOUT_S):
+        before = await snapshot(t.ns)
+        async with open_routing(tunnel=None, paths=(), gateway_address=t.gateway, netns=t.ns) as routing:
+            await routing.add_path(PathRoute("eth0", 103, 0x103, gateway="10.77.1.1"))
+            await routing.add_path(PathRoute("eth0", 105, 0x105, gateway="10.77.1.1"))
+            rules, tables = await snapshot(t.ns)
+            assert "0x105 lookup 105" in rules and "0x103" not in rules and "lookup 103" not in rules, rules
+            assert "table 103" not in tables and "table 105" in tables, tables
+        assert await snapshot(t.ns) == before
+
+
+@requires_lab
 async def test_remove_of_never_installed_entries_is_quiet(tun_lab: TunLab) -> None:
     t = tun_lab
     with trio.fail_after(IO_TIMEOUT_S):

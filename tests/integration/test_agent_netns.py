@@ -8,10 +8,12 @@ lte0 interfaces do not exist when ``up`` starts (only eth0 does).  In turn:
 2. eth0's link goes down and comes back: the session moves to wifi0 and back; while
    the link is down, eth0's rule and the unreachable default of its table stay, so a
    packet with its mark fails closed, and its route to the gateway returns with the link;
-3. eth0, the active path, is deleted (``ip link del``): the session moves to
+3. lte0 is plugged in, its link goes down (its routing stays), then it is deleted: its rule
+   and table go with the interface;
+4. eth0, the active path, is deleted (``ip link del``): the session moves to
    wifi0, the SessionID stays, the process neither exits nor prints a traceback, and
    eth0's rule and table are gone;
-4. the gateway is killed with SIGKILL and started again: a new session
+5. the gateway is killed with SIGKILL and started again: a new session
    (``sessions_started`` == 2) is attached within 10 s of its return.
 
 Determinism rules: every wait is bounded (``trio.fail_after``) and polls a
@@ -39,9 +41,8 @@ from tests.netns import requires_lab, unique_prefix
 
 #: Enough switches per minute for the whole scenario, a quick return to eth0; the rest is the laptop default.
 POLICY = {"max_switches_per_minute": 12, "return_dwell_ms": 1000}
-#: eth0 is the first path (p1): its policy-routing table and firewall mark (commands/up.py, config defaults).
-ETH0_TABLE = TUNNEL_TABLE + 1
-ETH0_MARK = DEFAULT_FWMARK_BASE + 1
+#: Each lab path's id is its place in client.toml (eth0 p1, wifi0 p2, lte0 p3): its table and mark follow.
+PATH_IDS = {"eth0": 1, "wifi0": 2, "lte0": 3}
 #: How long after ``up`` starts the second interface is plugged in.
 PLUG_IN_AFTER_S = 2.0
 #: How long the gateway stays dead.
@@ -61,12 +62,29 @@ async def late_lab() -> AsyncIterator[Lab]:
         yield built
 
 
-async def eth0_routing(lab: Lab) -> tuple[bool, list[dict[str, Any]]]:
-    """Whether eth0's fwmark rule is installed, and the routes of its table, in the client namespace."""
+def mark_of(interface: str) -> int:
+    return DEFAULT_FWMARK_BASE + PATH_IDS[interface]
+
+
+async def routing_of(lab: Lab, interface: str) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether the path's fwmark rule is installed, and the routes of its table, in the client namespace."""
+    table_id = TUNNEL_TABLE + PATH_IDS[interface]
     rules = json.loads((await lab.run(lab.client_ns, "ip", "-j", "rule", "show")).stdout or b"[]")
-    has_rule = any(r.get("table") == str(ETH0_TABLE) and r.get("fwmark") == hex(ETH0_MARK) for r in rules)
-    table = await lab.run(lab.client_ns, "ip", "-j", "route", "show", "table", str(ETH0_TABLE), check=False)
+    has_rule = any(r.get("table") == str(table_id) and r.get("fwmark") == hex(mark_of(interface)) for r in rules)
+    table = await lab.run(lab.client_ns, "ip", "-j", "route", "show", "table", str(table_id), check=False)
     return has_rule, json.loads(table.stdout or b"[]") if table.returncode == 0 else []
+
+
+async def wait_routing_gone(lab: Lab, interface: str) -> None:
+    with trio.fail_after(ROUTES_GONE_S):
+        while await routing_of(lab, interface) != (False, []):
+            await trio.sleep(STATUS_POLL_S)
+
+
+def kept(status: dict[str, Any]) -> tuple[int, int]:
+    """The follower's counters: paths whose routing was kept at link-down, and of those removed later."""
+    counters = status["counters"]
+    return counters.get("paths.path_routes_kept", 0), counters.get("paths.path_routes_removed_late", 0)
 
 
 def path_named(status: dict[str, Any], interface: str) -> dict[str, Any] | None:
@@ -106,24 +124,35 @@ async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab,
         assert wifi is not None and wifi["kind"] == "wifi"
 
         # 2. eth0's link flaps: its routing stays, failing closed, and its route returns with it.
-        has_rule, table = await eth0_routing(lab)
+        has_rule, table = await routing_of(lab, "eth0")
         assert has_rule and any(r.get("dst") == lab.gateway_address for r in table), table
         await lab.link_down("eth0")
-        await tunnel.wait_status(
+        down = await tunnel.wait_status(
             lambda s: s.get("state") == "ATTACHED" and active_interface(s) == "wifi0" and path_named(s, "eth0") is None
         )
-        has_rule, table = await eth0_routing(lab)
+        assert kept(down) == (1, 0)  # kept by choice, not by timing
+        has_rule, table = await routing_of(lab, "eth0")
         assert has_rule and [(r.get("type"), r.get("dst")) for r in table] == [("unreachable", "default")], table
         marked = await lab.run(
-            lab.client_ns, "ip", "route", "get", lab.gateway_address, "mark", str(ETH0_MARK), check=False
+            lab.client_ns, "ip", "route", "get", lab.gateway_address, "mark", str(mark_of("eth0")), check=False
         )
         assert marked.returncode != 0 or b"unreachable" in marked.stdout, marked.stdout  # never via another link
         await lab.restore("eth0")
         await tunnel.wait_status(lambda s: active_interface(s) == "eth0")
-        has_rule, table = await eth0_routing(lab)
+        has_rule, table = await routing_of(lab, "eth0")
         assert has_rule and any(r.get("dst") == lab.gateway_address for r in table), table
 
-        # 3. The active path's interface is deleted: the session moves, the process lives.
+        # 3. A standby whose link went down is then deleted: its kept routing goes with it.
+        await lab.add_path("lte0")
+        await tunnel.wait_status(lambda s: (p := path_named(s, "lte0")) is not None and p["srtt_ms"] is not None)
+        await lab.link_down("lte0")
+        await tunnel.wait_status(lambda s: path_named(s, "lte0") is None and kept(s) == (2, 0))
+        assert (await routing_of(lab, "lte0"))[0]
+        await lab.delete_path("lte0")
+        await tunnel.wait_status(lambda s: kept(s) == (2, 1))
+        await wait_routing_gone(lab, "lte0")
+
+        # 4. The active path's interface is deleted: the session moves, the process lives, its routing goes.
         deleted_at = time.monotonic()
         await lab.delete_path("eth0")  # the link goes first; the lab then drops its fault chains
         status = await tunnel.wait_status(
@@ -133,11 +162,9 @@ async def test_the_agent_follows_interfaces_and_a_gateway_restart(late_lab: Lab,
         assert status["session"] == session
         gone = await tunnel.wait_status(lambda s: path_named(s, "eth0") is None)
         assert gone["session"] == session
-        with trio.fail_after(ROUTES_GONE_S):  # removed after the path went, not before
-            while await eth0_routing(lab) != (False, []):
-                await trio.sleep(STATUS_POLL_S)
+        await wait_routing_gone(lab, "eth0")
 
-        # 4. The gateway is killed and comes back: a new session within the bound.
+        # 5. The gateway is killed and comes back: a new session within the bound.
         await tunnel.kill_gateway()
         await trio.sleep(GATEWAY_DOWN_S)
         await tunnel.start_gateway()

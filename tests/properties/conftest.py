@@ -40,13 +40,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 #: The trace searches run untraced by coverage: under its tracer they take about 3x as long
 #: (test_exhaustive 56 s plain, 172 s with --cov; 2026-12-03), and tests/core covers the code
 #: they drive.  The fuzz tests stay traced: they reach parsers' error branches nothing else does.
-UNTRACED_MODULES = frozenset({"test_exhaustive", "test_formal_properties", "test_replay_model"})
+UNTRACED_MODULES = frozenset(
+    f"tests.properties.{name}" for name in ("test_exhaustive", "test_formal_properties", "test_replay_model")
+)
 
 
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
     for item in items:
         module = getattr(item, "module", None)
-        if module is not None and module.__name__.rpartition(".")[2] in UNTRACED_MODULES:
+        if module is not None and module.__name__ in UNTRACED_MODULES:
             item.add_marker(pytest.mark.no_cover)
 
 
