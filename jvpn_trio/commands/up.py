@@ -524,7 +524,9 @@ async def _run_client(
         )  # fmt: skip
         stack.push_async_callback(follower.aclose)
         manager, path_events = await stack.enter_async_context(
-            open_path_manager(config.path_rules, gateway_host)
+            open_path_manager(
+                config.path_rules, gateway_host, lookup_mark=routes.bypass_lookup_mark(config.fwmark_base)
+            )
         )
 
         async def status(_request: dict[str, Any]) -> dict[str, Any]:

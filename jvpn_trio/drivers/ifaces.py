@@ -42,7 +42,10 @@ is on-link and answers anyway.  So the lookup is made twice: with ``RTM_F_FIB_MA
 (``ip route get fibmatch``), which fails with ``ENETUNREACH``/``EHOSTUNREACH`` when no route
 through that interface exists, then plainly, for the next hop and source address the kernel
 would use.  The lookup goes through the usual rules, so a ``main`` default route via the
-interface answers it as well as a more specific route.
+interface answers it as well as a more specific route.  ``up`` marks the lookups with a mark
+the tunnel's rule lets by (``routes.bypass_lookup_mark``): a tunnel of the other family only
+has an ``unreachable default`` for the gateway's family in its table, which an unmarked
+lookup falls into on every link.
 
 An OS error about one interface (``ENODEV`` when it vanished between the dump and the
 lookup, ``EPERM``, ...) is recorded on that interface as ``error``: it is unusable for
@@ -216,11 +219,12 @@ def _usable_address(msg: Any) -> Address | None:
     return Address(family=version, address=local, prefixlen=int(msg.get("prefixlen") or 0))
 
 
-def _route_to(ipr: Any, gateway: str, family: int, index: int) -> GatewayRoute | None:
+def _route_to(ipr: Any, gateway: str, family: int, index: int, mark: int | None) -> GatewayRoute | None:
     """The kernel's route to ``gateway`` through interface ``index`` (see the module docstring), or None."""
+    marked = {} if mark is None else {"mark": mark}
     try:
-        ipr.route("get", dst=gateway, oif=index, family=family, flags=RTM_F_FIB_MATCH)
-        answer = ipr.route("get", dst=gateway, oif=index, family=family)
+        ipr.route("get", dst=gateway, oif=index, family=family, flags=RTM_F_FIB_MATCH, **marked)
+        answer = ipr.route("get", dst=gateway, oif=index, family=family, **marked)
     except NetlinkError as exc:
         if exc.code in NO_ROUTE_ERRNOS:
             return None
@@ -246,7 +250,9 @@ def _dump(fetch: Callable[[], Iterable[Any]]) -> list[Any]:
                 raise
 
 
-def _read_machine_sync(rules: PathRules, gateway: str, netns: str | None, sysfs_root: str) -> MachineSnapshot:
+def _read_machine_sync(
+    rules: PathRules, gateway: str, netns: str | None, sysfs_root: str, mark: int | None = None
+) -> MachineSnapshot:
     version = gateway_family(gateway)
     with open_iproute(netns) as ipr:
         links, addresses = _dump(ipr.get_links), _dump(ipr.get_addr)
@@ -277,7 +283,8 @@ def _read_machine_sync(rules: PathRules, gateway: str, netns: str | None, sysfs_
         for state in snapshot.interfaces:
             if state.name in wanted and state.up and state.addresses_of(version):
                 try:
-                    state = attrs.evolve(state, route=_route_to(ipr, gateway, _FAMILY_OF_VERSION[version], state.index))
+                    route = _route_to(ipr, gateway, _FAMILY_OF_VERSION[version], state.index, mark)
+                    state = attrs.evolve(state, route=route)
                 except (NetlinkError, OSError) as exc:
                     state = attrs.evolve(state, error=describe_os_error(exc))
             looked_up.append(state)
@@ -285,13 +292,23 @@ def _read_machine_sync(rules: PathRules, gateway: str, netns: str | None, sysfs_
 
 
 async def read_machine_snapshot(
-    rules: PathRules, gateway: str, *, netns: str | None = None, sysfs_root: str = SYSFS_NET
+    rules: PathRules,
+    gateway: str,
+    *,
+    netns: str | None = None,
+    sysfs_root: str = SYSFS_NET,
+    lookup_mark: int | None = None,
 ) -> MachineSnapshot:
     """The machine as the path manager's rules see it now: links, addresses, routes to ``gateway``.
+
+    ``lookup_mark`` marks the route lookups, so that they see what a path socket would see
+    before its own table (``routes.bypass_lookup_mark``): an unmarked lookup goes into the
+    tunnel's table, which blocks the gateway's family when the tunnel carries only the other
+    one, and would then find no path at all.
 
     Runs the netlink dumps, the route lookups and the sysfs reads in a worker thread,
     with an ``IPRoute`` of its own.  Per-interface failures are recorded on the
     interface; a failed dump raises ``OSError`` or ``pyroute2.NetlinkError``
     (``FileNotFoundError`` for an unknown ``netns``).
     """
-    return await trio.to_thread.run_sync(_read_machine_sync, rules, gateway, netns, sysfs_root)
+    return await trio.to_thread.run_sync(_read_machine_sync, rules, gateway, netns, sysfs_root, lookup_mark)

@@ -290,6 +290,7 @@ async def serve_path_manager(
     read_state: StateReader | None = None,
     wakeups: Wakeups | None = None,
     log: Callable[[str], None] = stderr_line,
+    lookup_mark: int | None = None,
     task_status: trio.TaskStatus[PathManager] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Publish :class:`PathUp` / :class:`PathDown` / :class:`PathAddressChanged` on ``send_channel`` until cancelled.
@@ -301,11 +302,15 @@ async def serve_path_manager(
 
     By default the task listens to netlink in ``netns`` and reads the machine with
     :func:`~jvpn_trio.drivers.ifaces.read_machine_snapshot`; ``wakeups`` and ``read_state``
-    replace them (tests).  Returns, closing ``send_channel``, only if ``wakeups`` ends.
+    replace them (tests); ``lookup_mark`` marks its route lookups
+    (:func:`~jvpn_trio.drivers.ifaces.read_machine_snapshot`).  Returns, closing
+    ``send_channel``, only if ``wakeups`` ends.
     Raises ``ValueError`` for bad parameters and ``OSError`` if netlink cannot be
     subscribed to; never because of the machine's state (see the module docstring).
     """
-    reader = read_state or functools.partial(ifaces.read_machine_snapshot, rules, gateway, netns=netns)
+    reader = read_state or functools.partial(
+        ifaces.read_machine_snapshot, rules, gateway, netns=netns, lookup_mark=lookup_mark
+    )
     manager = PathManager(rules=rules, gateway=gateway, read_state=reader, settle_s=settle_s, retry_s=retry_s, log=log)
     if wakeups is not None:
         await manager._serve(send_channel, wakeups, task_status)
@@ -326,6 +331,7 @@ async def open_path_manager(
     read_state: StateReader | None = None,
     wakeups: Wakeups | None = None,
     log: Callable[[str], None] = stderr_line,
+    lookup_mark: int | None = None,
 ) -> AsyncIterator[tuple[PathManager, trio.MemoryReceiveChannel[PathEvent]]]:
     """Run :func:`serve_path_manager` for the block: ``async with open_path_manager(...) as (manager, events)``.
 
@@ -338,7 +344,7 @@ async def open_path_manager(
     async with lone_exception_unwrapped(), trio.open_nursery() as nursery:
         serve = functools.partial(
             serve_path_manager, send, rules, gateway, netns=netns, settle_s=settle_s, retry_s=retry_s,
-            read_state=read_state, wakeups=wakeups, log=log,
+            read_state=read_state, wakeups=wakeups, log=log, lookup_mark=lookup_mark,
         )
         manager: PathManager = await nursery.start(serve)
         try:

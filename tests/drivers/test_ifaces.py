@@ -150,6 +150,7 @@ class FakeIPRoute:
     def __init__(self, links: list[Msg], addrs: list[Msg], routes: dict[int, Any], interrupted: int = 0) -> None:
         self.links, self.addrs, self.routes, self.interrupted = links, addrs, routes, interrupted
         self.lookups: list[tuple[int, int]] = []
+        self.marks: set[int | None] = set()
 
     def __enter__(self) -> FakeIPRoute:
         return self
@@ -166,9 +167,11 @@ class FakeIPRoute:
     def get_addr(self) -> list[Msg]:
         return self.addrs
 
-    def route(self, command: str, *, dst: str, oif: int, family: int, flags: int = 0) -> list[Msg]:
+    def route(self, command: str, *, dst: str, oif: int, family: int, flags: int = 0,
+              mark: int | None = None) -> list[Msg]:
         assert command == "get" and dst == "198.51.100.7" and family == socket.AF_INET
         self.lookups.append((oif, flags))
+        self.marks.add(mark)
         answer = self.routes[oif]
         if isinstance(answer, BaseException):
             raise answer
@@ -199,8 +202,9 @@ def test_the_snapshot_reads_routes_for_candidates_only_and_isolates_errors(
         interrupted=1,
     )
     monkeypatch.setattr(ifaces, "open_iproute", lambda netns: fake)
-    snapshot = ifaces._read_machine_sync(PathRules(), "198.51.100.7", None, str(tmp_path))
+    snapshot = ifaces._read_machine_sync(PathRules(), "198.51.100.7", None, str(tmp_path), 0x5100)
     by_name = snapshot.by_name()
+    assert fake.marks == {0x5100}  # every lookup marked, so the tunnel's table never answers it
     assert by_name["eth0"].route == GatewayRoute(next_hop="192.168.1.1", source="192.168.1.20")
     assert by_name["wlan0"].error is not None and by_name["wlan0"].error.startswith("ENODEV")
     assert by_name["wlan0"].kind == "wifi"

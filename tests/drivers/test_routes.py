@@ -705,6 +705,13 @@ async def test_link_flap_deletes_the_path_route_and_reinstall_restores_it(tun_la
         assert "table 101" not in routes
 
 
+def test_the_lookup_mark_bypasses_the_tunnel_and_is_no_paths_mark() -> None:
+    mark = routes.bypass_lookup_mark(0x5100)
+    assert mark == 0x5100 and mark & routes.DEFAULT_BYPASS_MASK == routes.DEFAULT_BYPASS_MARK
+    assert all(0x5100 + n != mark for n in range(1, 256))  # path marks are fwmark_base + id, ids from 1
+    assert routes.bypass_lookup_mark(0x50FF) is None  # would fall into the tunnel: unmarked instead
+
+
 @requires_lab
 async def test_routing_reinstall_path_after_flap(tun_lab: TunLab) -> None:
     t = tun_lab

@@ -28,6 +28,7 @@ import attrs
 import pytest
 import trio
 
+from jvpn_trio.config import DEFAULT_FWMARK_BASE
 from jvpn_trio.core.candidates import DownReason, GatewayRoute, PathRule, PathRules
 from jvpn_trio.drivers.ifaces import read_machine_snapshot
 from jvpn_trio.drivers.paths import (
@@ -38,6 +39,13 @@ from jvpn_trio.drivers.paths import (
     PathManager,
     PathUp,
     open_path_manager,
+)
+from jvpn_trio.drivers.routes import (
+    DEFAULT_BYPASS_MARK,
+    DEFAULT_BYPASS_MASK,
+    SUPPRESS_RULE_PRIORITY,
+    TUNNEL_RULE_PRIORITY,
+    bypass_lookup_mark,
 )
 from tests.netns import READY_POLL_S, requires_root, unique_prefix
 
@@ -319,3 +327,24 @@ async def test_an_addressed_link_without_a_route_to_the_gateway_is_no_path(net: 
         await ip("-n", net.client, "route", "add", f"{GATEWAY}/32", "via", "192.168.61.1", "dev", "wlz")
         snapshot = await read_machine_snapshot(RULES, GATEWAY, netns=net.client)
         assert snapshot.by_name()["wlz"].route == GatewayRoute(next_hop="192.168.61.1", source="192.168.61.50")
+
+
+async def test_a_tunnel_that_blocks_the_gateways_family_hides_no_path_from_a_marked_read(net: Net) -> None:
+    """A one-family full tunnel of the other family puts ``unreachable default`` for the gateway's family
+    into the tunnel table (routes.py).  An unmarked lookup falls into it through rule 20300 and finds no
+    route on any link; the reader's lookups carry the bypass mark, as ``up`` gives them, and see past it."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        await net.client_link("wlm", router=1)
+        await net.dhcp("wlm", router=1, host=30)
+        ns = net.client
+        await ip("-n", ns, "rule", "add", "priority", str(SUPPRESS_RULE_PRIORITY), "lookup", "main",
+                 "suppress_prefixlength", "0")
+        await ip("-n", ns, "rule", "add", "priority", str(TUNNEL_RULE_PRIORITY), "not", "fwmark",
+                 f"{DEFAULT_BYPASS_MARK:#x}/{DEFAULT_BYPASS_MASK:#x}", "lookup", "51820")
+        await ip("-n", ns, "route", "add", "unreachable", "default", "table", "51820")
+        unmarked = await read_machine_snapshot(RULES, GATEWAY, netns=ns)
+        assert unmarked.by_name()["wlm"].route is None  # what the reader saw before it marked its lookups
+        mark = bypass_lookup_mark(DEFAULT_FWMARK_BASE)
+        assert mark is not None
+        marked = await read_machine_snapshot(RULES, GATEWAY, netns=ns, lookup_mark=mark)
+        assert marked.by_name()["wlm"].route == GatewayRoute(next_hop="192.168.61.1", source="192.168.61.30")
