@@ -33,7 +33,7 @@ TESTS = ("tcp", "udp64")
 
 
 async def _one(running: bench.Running, test: str, seconds: float, workdir: Path, tag: str) -> float:
-    doc, _wall = await bench._run_iperf(
+    doc, _wall = await bench.run_iperf(
         running.lab, running.target, udp=test == "udp64", seconds=seconds, workdir=workdir, tag=tag
     )
     return bench.parse_iperf_udp(doc).received_pps if test == "udp64" else bench.parse_iperf_tcp(doc)
@@ -44,7 +44,7 @@ async def _measure(rounds: int, seconds: float, workdir: Path) -> dict[str, Any]
     async with contextlib.AsyncExitStack() as stack:
         tunnels = []
         for n in (1, 2):
-            lab = await stack.enter_async_context(open_lab(bench._lab_spec()))
+            lab = await stack.enter_async_context(open_lab(bench.lab_spec()))
             where = workdir / f"lab{n}"
             where.mkdir()
             tunnels.append(await bench.start_jvpn(lab, where, policy=dict(bench.JVPN_POLICY)))

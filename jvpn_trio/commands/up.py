@@ -525,7 +525,7 @@ async def _run_client(
         stack.push_async_callback(follower.aclose)
         manager, path_events = await stack.enter_async_context(
             open_path_manager(
-                config.path_rules, gateway_host, lookup_mark=routes.bypass_lookup_mark(config.fwmark_base)
+                config.path_rules, gateway_host, lookup_mark=tunnel_routes.lookup_mark(config.fwmark_base)
             )
         )
 

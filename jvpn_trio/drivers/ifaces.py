@@ -43,7 +43,7 @@ is on-link and answers anyway.  So the lookup is made twice: with ``RTM_F_FIB_MA
 through that interface exists, then plainly, for the next hop and source address the kernel
 would use.  The lookup goes through the usual rules, so a ``main`` default route via the
 interface answers it as well as a more specific route.  ``up`` marks the lookups with a mark
-the tunnel's rule lets by (``routes.bypass_lookup_mark``): a tunnel of the other family only
+the tunnel's rule lets by (``routes.TunnelRoutes.lookup_mark``): a tunnel of the other family only
 has an ``unreachable default`` for the gateway's family in its table, which an unmarked
 lookup falls into on every link.
 
@@ -251,7 +251,7 @@ def _dump(fetch: Callable[[], Iterable[Any]]) -> list[Any]:
 
 
 def _read_machine_sync(
-    rules: PathRules, gateway: str, netns: str | None, sysfs_root: str, mark: int | None = None
+    rules: PathRules, gateway: str, netns: str | None, sysfs_root: str, mark: int | None
 ) -> MachineSnapshot:
     version = gateway_family(gateway)
     with open_iproute(netns) as ipr:
@@ -302,7 +302,7 @@ async def read_machine_snapshot(
     """The machine as the path manager's rules see it now: links, addresses, routes to ``gateway``.
 
     ``lookup_mark`` marks the route lookups, so that they see what a path socket would see
-    before its own table (``routes.bypass_lookup_mark``): an unmarked lookup goes into the
+    before its own table (``routes.TunnelRoutes.lookup_mark``): an unmarked lookup goes into the
     tunnel's table, which blocks the gateway's family when the tunnel carries only the other
     one, and would then find no path at all.
 

@@ -91,7 +91,6 @@ __all__ = [
     "CLEANUP_TIMEOUT_S",
     "DEFAULT_BYPASS_MARK",
     "DEFAULT_BYPASS_MASK",
-    "bypass_lookup_mark",
     "InstalledRoutes",
     "LineLimiter",
     "PATH_RULE_PRIORITY",
@@ -124,17 +123,6 @@ RTPROT_JVPN = 74
 #: Path marks are DEFAULT_BYPASS_MARK | n: any mark with these bits bypasses the TUN.
 DEFAULT_BYPASS_MARK = 0x100
 DEFAULT_BYPASS_MASK = 0xF00
-
-
-def bypass_lookup_mark(fwmark_base: int) -> int | None:
-    """A mark that rule 20300 lets by and no path's rule takes: ``fwmark_base`` itself (path marks start
-    at ``fwmark_base + 1``), if it matches the default bypass bits; None otherwise.
-
-    A route lookup with it sees the machine's own routes as a path socket would before its table:
-    never the tunnel's, whose unreachable default blocks the gateway's family when the tunnel
-    carries only the other one (the path manager's reads, ``ifaces.read_machine_snapshot``).
-    """
-    return fwmark_base if fwmark_base & DEFAULT_BYPASS_MASK == DEFAULT_BYPASS_MARK else None
 #: How long one removal (all routes on exit, or the tunnel's) may take, shielded from cancellation.
 CLEANUP_TIMEOUT_S = 5.0
 
@@ -252,6 +240,16 @@ class TunnelRoutes:
         if DEFAULT_PREFIX[family] in self.prefixes:
             return "tun"
         return "unreachable" if self.full_tunnel else None
+
+    def lookup_mark(self, fwmark_base: int) -> int | None:
+        """A mark rule 20300 lets by and no path's rule takes: ``fwmark_base`` itself (path marks start
+        at ``fwmark_base + 1``), if it has the bypass bits; None otherwise.
+
+        A route lookup with it sees the machine's own routes as a path socket would before its table:
+        never the tunnel's, whose unreachable default blocks the gateway's family when the tunnel
+        carries only the other one (the path manager's reads, ``ifaces.read_machine_snapshot``).
+        """
+        return fwmark_base if fwmark_base & self.bypass_mask == self.bypass_mark else None
 
     def main_prefixes(self) -> tuple[str, ...]:
         """The listed prefixes that go into main as ``<prefix> dev <tun>`` (all but the default routes)."""

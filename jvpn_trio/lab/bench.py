@@ -1119,7 +1119,7 @@ def render_table(report: BenchReport) -> str:
         f"jvpn-trio bench, {report.started_utc} UTC, {report.elapsed_s:.0f} s; {host.get('cpus')} CPUs, "
         f"kernel {host.get('kernel')}, load average {host.get('loadavg_start')} -> {host.get('loadavg_end')}"
     )
-    idle_table = "" if report.idle is None else render_idle(report.idle, s.runs, [p.name for p in _lab_spec().paths])
+    idle_table = "" if report.idle is None else render_idle(report.idle, s.runs, [p.name for p in lab_spec().paths])
     if not columns:
         return f"{first}\n\n{idle_table}"
     if idle_table:
@@ -1312,7 +1312,7 @@ class Running:
         )
 
 
-async def _run_iperf(lab: Lab, target: str, *, udp: bool, seconds: float, workdir: Path, tag: str) -> tuple[Any, float]:
+async def run_iperf(lab: Lab, target: str, *, udp: bool, seconds: float, workdir: Path, tag: str) -> tuple[Any, float]:
     """One iperf3 test from the client ns to a one-off server on ``target`` in the gateway ns.
 
     Returns the client's JSON document and the wall time the client ran.
@@ -1355,7 +1355,7 @@ async def _all_ticks(systems: Sequence[Running]) -> dict[str, dict[str, int]]:
 async def _throughput_test(system: Running, everyone: Sequence[Running], test: str, settings: BenchSettings, tag: str) -> None:
     """One iperf3 test through ``system``; CPU of every live tunnel is read around it."""
     before = await _all_ticks(everyone)
-    doc, wall = await _run_iperf(
+    doc, wall = await run_iperf(
         system.lab, system.target, udp=test == UDP64, seconds=settings.iperf_s, workdir=system.workdir, tag=tag
     )
     after = await _all_ticks(everyone)
@@ -1498,7 +1498,7 @@ async def _outage_run(system: Running, fault: str, settings: BenchSettings, run:
 # -----------------------------------------------------------------------------
 
 
-def _lab_spec() -> LabSpec:
+def lab_spec() -> LabSpec:
     return LabSpec(prefix=PREFIX_FAMILY + secrets.token_hex(2))
 
 
@@ -2140,7 +2140,7 @@ async def _bring_up(
             return SystemResult(key=key, status=NOT_AVAILABLE, reason=f"cannot be set up here: {_reason(exc)}",
                                 version=version)  # fmt: skip
     async with contextlib.AsyncExitStack() as own:
-        spec = _lab_spec()
+        spec = lab_spec()
         if key == WIREGUARD:  # runs after the lab's teardown has stopped the daemons
             own.callback(_remove_wireguard_sockets, wireguard_interfaces(spec.prefix))
         lab = await own.enter_async_context(open_lab(spec))
@@ -2257,7 +2257,7 @@ async def _idle_bring_up(key: str, stack: contextlib.AsyncExitStack, workdir: Pa
     """
     overrides = IDLE_POLICIES[key]
     async with contextlib.AsyncExitStack() as own:
-        lab = await own.enter_async_context(open_lab(_lab_spec()))
+        lab = await own.enter_async_context(open_lab(lab_spec()))
         _progress(f"idle, {IDLE_LABELS[key]}: lab {lab.spec.prefix}")
         try:
             running = await start_jvpn(
@@ -2290,7 +2290,7 @@ async def run_idle(settings: BenchSettings, workdir: Path) -> IdleSection:
     active path each, interleaved as in the rest of the bench.  Side by side and over one window,
     so a neighbour's burst of work lands on both.
     """
-    names = [p.name for p in _lab_spec().paths]
+    names = [p.name for p in lab_spec().paths]
     results: dict[str, IdleResult] = {}
     async with contextlib.AsyncExitStack() as stack:
         running: list[Running] = []

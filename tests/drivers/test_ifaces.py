@@ -218,7 +218,7 @@ def test_a_dump_interrupted_too_often_raises(tmp_path: Path, monkeypatch: pytest
     fake = FakeIPRoute(links=[], addrs=[], routes={}, interrupted=DUMP_ATTEMPTS)
     monkeypatch.setattr(ifaces, "open_iproute", lambda netns: fake)
     with pytest.raises(NetlinkDumpInterrupted):
-        ifaces._read_machine_sync(PathRules(), "198.51.100.7", None, str(tmp_path))
+        ifaces._read_machine_sync(PathRules(), "198.51.100.7", None, str(tmp_path), None)
 
 
 async def test_read_machine_snapshot_here() -> None:

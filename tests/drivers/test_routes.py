@@ -706,10 +706,11 @@ async def test_link_flap_deletes_the_path_route_and_reinstall_restores_it(tun_la
 
 
 def test_the_lookup_mark_bypasses_the_tunnel_and_is_no_paths_mark() -> None:
-    mark = routes.bypass_lookup_mark(0x5100)
+    tunnel = routes.TunnelRoutes(tun_name="jv0", prefixes=("0.0.0.0/0",), table=TUN_TABLE)
+    mark = tunnel.lookup_mark(0x5100)
     assert mark == 0x5100 and mark & routes.DEFAULT_BYPASS_MASK == routes.DEFAULT_BYPASS_MARK
     assert all(0x5100 + n != mark for n in range(1, 256))  # path marks are fwmark_base + id, ids from 1
-    assert routes.bypass_lookup_mark(0x50FF) is None  # would fall into the tunnel: unmarked instead
+    assert tunnel.lookup_mark(0x50FF) is None  # would fall into the tunnel: unmarked instead
 
 
 @requires_lab

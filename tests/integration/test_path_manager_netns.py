@@ -45,7 +45,7 @@ from jvpn_trio.drivers.routes import (
     DEFAULT_BYPASS_MASK,
     SUPPRESS_RULE_PRIORITY,
     TUNNEL_RULE_PRIORITY,
-    bypass_lookup_mark,
+    TunnelRoutes,
 )
 from tests.netns import READY_POLL_S, requires_root, unique_prefix
 
@@ -344,7 +344,7 @@ async def test_a_tunnel_that_blocks_the_gateways_family_hides_no_path_from_a_mar
         await ip("-n", ns, "route", "add", "unreachable", "default", "table", "51820")
         unmarked = await read_machine_snapshot(RULES, GATEWAY, netns=ns)
         assert unmarked.by_name()["wlm"].route is None  # what the reader saw before it marked its lookups
-        mark = bypass_lookup_mark(DEFAULT_FWMARK_BASE)
+        mark = TunnelRoutes(tun_name="jv0", prefixes=("::/0",), table=51820).lookup_mark(DEFAULT_FWMARK_BASE)
         assert mark is not None
         marked = await read_machine_snapshot(RULES, GATEWAY, netns=ns, lookup_mark=mark)
         assert marked.by_name()["wlm"].route == GatewayRoute(next_hop="192.168.61.1", source="192.168.61.30")

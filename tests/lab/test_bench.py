@@ -623,7 +623,7 @@ def test_wireguard_keys_are_checked() -> None:
 
 
 def test_wireguard_interface_names_carry_the_lab_prefix_and_fit_ifnamsiz() -> None:
-    client, gateway = bench.wireguard_interfaces(bench._lab_spec().prefix)
+    client, gateway = bench.wireguard_interfaces(bench.lab_spec().prefix)
     assert client != gateway and client.startswith(bench.PREFIX_FAMILY) and gateway.startswith(bench.PREFIX_FAMILY)
     assert max(len(client), len(gateway)) <= 15  # IFNAMSIZ - 1
 
