@@ -8,9 +8,11 @@ only then the window's *commit*.  A frame that fails any step raises
 :class:`ChannelDrop` with a reason code and changes nothing: not the window,
 not the key ring.  Nothing here reads a clock; ``now`` ages keypairs.
 
-One replay window per receive keypair (keyed by its local index), sized by
-``policy.replay_window_packets``; windows of keypairs that left the ring are
-forgotten.
+Two replay windows per receive keypair (keyed by its local index), one per
+lane (``core/keyring.py``): a PROBE that overtakes queued DATA moves only the
+control lane's window.  Each is sized by ``policy.replay_window_packets``;
+windows of keypairs that left the ring are forgotten.  A frame cannot change
+lanes: its type is in the associated data and its lane in the nonce.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import NamedTuple
 
 from jvpn_trio.core import wire
 from jvpn_trio.core.antireplay import ReplayWindow
-from jvpn_trio.core.keyring import DecryptFailed, KeyExhausted, Keypair, KeyRing
+from jvpn_trio.core.keyring import (
+    CONTROL_LANE,
+    DATA_LANE,
+    DecryptFailed,
+    KeyExhausted,
+    Keypair,
+    KeyRing,
+)
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode
 
@@ -54,7 +63,8 @@ class SecureChannel:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.keyring = KeyRing(policy)
-        self._windows: dict[int, ReplayWindow] = {}
+        self._windows: dict[int, ReplayWindow] = {}  # data lane, by local index
+        self._control_windows: dict[int, ReplayWindow] = {}
         self._keypairs: dict[int, Keypair] = {}  # local index -> keypair, rebuilt when the ring changes
         #: Bumped whenever the ring's keypairs change, so a driver that indexes sessions by
         #: ``keyring.local_indices()`` re-reads them only then, not per packet.
@@ -82,12 +92,13 @@ class SecureChannel:
         self.generation += 1
         self._keypairs = {kp.local_index: kp for kp in self.keyring.keypairs()}
         live = self.keyring.local_indices()
-        for index in list(self._windows):
-            if index not in live:
-                del self._windows[index]
-        for index in live:
-            if index not in self._windows:
-                self._windows[index] = ReplayWindow(self.policy.replay_window_packets)
+        for windows in (self._windows, self._control_windows):
+            for index in list(windows):
+                if index not in live:
+                    del windows[index]
+            for index in live:
+                if index not in windows:
+                    windows[index] = ReplayWindow(self.policy.replay_window_packets)
 
     @property
     def ready(self) -> bool:
@@ -113,7 +124,8 @@ class SecureChannel:
             msg_type, index, counter = wire.parse_transport_untrusted(datagram)
         except wire.BadFrame as exc:
             raise ChannelDrop(ReasonCode.MALFORMED, exc.reason) from None
-        window = self._windows.get(index)
+        lane = DATA_LANE if msg_type in wire.DATA_TYPES else CONTROL_LANE
+        window = (self._windows if lane == DATA_LANE else self._control_windows).get(index)
         keypair = self._keypairs.get(index)
         if window is None or keypair is None:
             raise ChannelDrop(ReasonCode.STRAY_PACKET, f"no keypair with index {index}")
@@ -123,7 +135,7 @@ class SecureChannel:
         try:
             if now - keypair.created_at >= policy.reject_after_s or counter >= policy.reject_after_messages:
                 self.keyring.check_receivable(keypair, counter, now)  # raises, saying which limit
-            plaintext = keypair.open(counter, datagram[_HEADER_LEN:], datagram[:_HEADER_LEN])
+            plaintext = keypair.open(counter, datagram[_HEADER_LEN:], datagram[:_HEADER_LEN], lane)
         except DecryptFailed as exc:
             raise ChannelDrop(exc.reason, exc.detail) from None
         window.commit(counter)

@@ -10,6 +10,16 @@ current.  Rekeying never changes the SessionId (Property 5): a rekey
 handshake carries the session id in the init payload and the responder must
 answer with the same one.
 
+Each keypair sends on two *lanes*, each with its own counter: DATA and
+DATA_PARTIAL on the data lane, every other transport message (PROBE,
+REATTACH, CLOSE...) on the control lane.  The lane is the nonce's first four
+bytes, so a counter never repeats under one key, and the receiver keeps one
+replay window per lane (``core/channel.py``).  Why: a PROBE sent on an idle
+path overtakes the DATA queued on the busy one (the receiver's socket holds
+thousands of datagrams under load); in one counter space it slid the window
+past them all and every one was refused as too old (docs/wire-format.md,
+"Lanes").
+
 Errors are :class:`DecryptFailed` and :class:`KeyExhausted`; no
 ``cryptography`` exception escapes.
 """
@@ -31,9 +41,13 @@ from jvpn_trio.core.wire import MessageType, TransportFrame, TransportHeader
 
 #: Transport key size (ChaCha20-Poly1305).
 KEY_LEN = 32
-#: ChaCha20-Poly1305 nonce: 4 zero bytes then the counter, little-endian (as WireGuard).
-#: One ``pack`` per packet builds it (the pad bytes are the zeros).
-_NONCE = struct.Struct("<4xQ")
+#: ChaCha20-Poly1305 nonce: the lane (u32) then the counter (u64), little-endian.  The data
+#: lane's nonce is WireGuard's: 4 zero bytes, then the counter.
+_NONCE = struct.Struct("<IQ")
+#: The lane of DATA and DATA_PARTIAL.
+DATA_LANE = 0
+#: The lane of every other transport message.
+CONTROL_LANE = 1
 
 _key_bytes = wire.exact_bytes(KEY_LEN)
 
@@ -54,18 +68,24 @@ class KeyExhausted(Exception):
     """No keypair may send: none installed yet, or the current one reached reject_after_messages."""
 
 
-def aead_nonce(counter: int) -> bytes:
-    """The 12-byte ChaCha20-Poly1305 nonce for a 64-bit counter."""
-    return _NONCE.pack(counter)
+def aead_nonce(counter: int, lane: int = DATA_LANE) -> bytes:
+    """The 12-byte ChaCha20-Poly1305 nonce for a 64-bit counter on ``lane``."""
+    return _NONCE.pack(lane, counter)
+
+
+def lane_of(type_byte: int) -> int:
+    """The lane of a transport message, from its type (byte 1 of the datagram)."""
+    return DATA_LANE if type_byte in wire.DATA_TYPE_BYTES else CONTROL_LANE
 
 
 @attrs.define(kw_only=True)
 class Keypair:
-    """One direction pair of transport keys, their indices, age and send counter.
+    """One direction pair of transport keys, their indices, age and send counters.
 
-    Mutable only in ``send_counter``, which :meth:`KeyRing.next_send_counter`
-    advances.  The receive-side replay window is kept by the caller per
-    ``local_index`` (``core/antireplay.py``), after :meth:`KeyRing.open`.
+    Mutable only in ``send_counter`` (the data lane) and ``control_counter``,
+    which :meth:`KeyRing.next_send_counter` advances.  The receive-side replay
+    windows are kept by the caller per ``local_index`` and lane
+    (``core/channel.py``).
     """
 
     send_key: bytes = attrs.field(validator=_key_bytes, repr=False)
@@ -75,6 +95,7 @@ class Keypair:
     is_initiator: bool
     created_at: float
     send_counter: int = 0
+    control_counter: int = 0
     _send_aead: ChaCha20Poly1305 = attrs.field(init=False, repr=False, eq=False)
     _recv_aead: ChaCha20Poly1305 = attrs.field(init=False, repr=False, eq=False)
 
@@ -86,13 +107,17 @@ class Keypair:
     def age(self, now: float) -> float:
         return now - self.created_at
 
-    def seal(self, counter: int, plaintext: bytes, associated: bytes) -> bytes:
-        return self._send_aead.encrypt(_NONCE.pack(counter), plaintext, associated)
+    def counter_of(self, lane: int) -> int:
+        """The next counter ``lane`` sends with."""
+        return self.send_counter if lane == DATA_LANE else self.control_counter
 
-    def open(self, counter: int, ciphertext: bytes, associated: bytes) -> bytes:
+    def seal(self, counter: int, plaintext: bytes, associated: bytes, lane: int = DATA_LANE) -> bytes:
+        return self._send_aead.encrypt(_NONCE.pack(lane, counter), plaintext, associated)
+
+    def open(self, counter: int, ciphertext: bytes, associated: bytes, lane: int = DATA_LANE) -> bytes:
         """Raises DecryptFailed(DECRYPT_FAILED) when the tag does not authenticate."""
         try:
-            return self._recv_aead.decrypt(_NONCE.pack(counter), ciphertext, associated)
+            return self._recv_aead.decrypt(_NONCE.pack(lane, counter), ciphertext, associated)
         except InvalidTag:
             raise DecryptFailed(ReasonCode.DECRYPT_FAILED, "tag does not authenticate") from None
 
@@ -102,7 +127,7 @@ class KeyRing:
 
     State changes: :meth:`install_current`, :meth:`install_next`,
     :meth:`open` (promotes *next* on its first authenticated packet),
-    :meth:`next_send_counter` (advances the current send counter) and
+    :meth:`next_send_counter` (advances one of the current send counters) and
     :meth:`drop_expired`.  Nothing else mutates it.
     """
 
@@ -165,14 +190,14 @@ class KeyRing:
     def needs_rekey(self, now: float) -> bool:
         """True when the current keypair should be replaced by a new handshake.
 
-        By message count on either side; by age (``rekey_after_s``) only for
+        By message count on either side (either lane); by age (``rekey_after_s``) only for
         the side that initiated it, so both ends never start a rekey at once
         (wireguard-go's rule).  False with no current keypair.
         """
         kp = self._current
         if kp is None:
             return False
-        if kp.send_counter >= self._policy.rekey_after_messages:
+        if max(kp.send_counter, kp.control_counter) >= self._policy.rekey_after_messages:
             return True
         return kp.is_initiator and kp.age(now) >= self._policy.rekey_after_s
 
@@ -186,25 +211,29 @@ class KeyRing:
         if kp is None:
             return False
         return (
-            kp.send_counter >= self._policy.reject_after_messages
+            max(kp.send_counter, kp.control_counter) >= self._policy.reject_after_messages
             or kp.age(now) >= self._policy.reject_after_s
         )
 
-    def next_send_counter(self) -> int:
-        """Reserve the next counter of the current keypair.  Raises KeyExhausted."""
+    def next_send_counter(self, lane: int = DATA_LANE) -> int:
+        """Reserve the next counter of the current keypair on ``lane``.  Raises KeyExhausted."""
         kp = self._current
         if kp is None:
             raise KeyExhausted("no current keypair: handshake first")
-        counter = kp.send_counter
+        counter = kp.counter_of(lane)
         if counter >= self._policy.reject_after_messages:
             raise KeyExhausted("current keypair reached reject_after_messages")
-        kp.send_counter = counter + 1
+        if lane == DATA_LANE:
+            kp.send_counter = counter + 1
+        else:
+            kp.control_counter = counter + 1
         return counter
 
     def seal(self, plaintext: bytes, header: TransportHeader) -> bytes:
         """AEAD-seal ``plaintext`` with the current keypair; ``header`` is the associated data.
 
-        ``header.counter`` must come from :meth:`next_send_counter` and
+        ``header.counter`` must come from :meth:`next_send_counter` (on the
+        lane of ``header.msg_type``) and
         ``header.receiver_index`` must be the current ``remote_index``
         (ValueError otherwise: a caller bug).  Raises KeyExhausted with no
         current keypair.
@@ -214,7 +243,7 @@ class KeyRing:
             raise KeyExhausted("no current keypair: handshake first")
         if header.receiver_index != kp.remote_index:
             raise ValueError("header.receiver_index is not the current keypair's remote index")
-        return kp.seal(header.counter, plaintext, wire.encode_transport_header(header))
+        return kp.seal(header.counter, plaintext, wire.encode_transport_header(header), lane_of(header.msg_type))
 
     def seal_frame(self, msg_type: MessageType, plaintext: bytes) -> TransportFrame:
         """Reserve a counter, build the header and seal: one outgoing transport frame.
@@ -223,7 +252,8 @@ class KeyRing:
         fit ``msg_type`` (checked first, so no counter is spent on it).
         """
         kp = self._sending_keypair(msg_type, plaintext)
-        header = TransportHeader(msg_type=msg_type, receiver_index=kp.remote_index, counter=self.next_send_counter())
+        counter = self.next_send_counter(lane_of(msg_type))
+        header = TransportHeader(msg_type=msg_type, receiver_index=kp.remote_index, counter=counter)
         return TransportFrame(header=header, ciphertext=self.seal(plaintext, header))
 
     def seal_datagram(self, msg_type: MessageType, plaintext: bytes) -> bytes:
@@ -232,9 +262,10 @@ class KeyRing:
         Same checks and the same raises (KeyExhausted, ValueError for a bad length).
         """
         kp = self._sending_keypair(msg_type, plaintext)
-        counter = self.next_send_counter()
+        lane = lane_of(msg_type)
+        counter = self.next_send_counter(lane)
         header = wire.pack_transport_header(msg_type, kp.remote_index, counter)
-        return header + kp.seal(counter, plaintext, header)
+        return header + kp.seal(counter, plaintext, header, lane)
 
     def seal_data_batch(self, packets: Sequence[bytes]) -> list[bytes]:
         """DATA datagrams for the leading ``packets``: :meth:`seal_datagram` for a whole TUN batch.
@@ -271,7 +302,7 @@ class KeyRing:
                 if len(packet) > limit:
                     raise ValueError(f"a DATA plaintext is 0..{limit} bytes, got {len(packet)}")
                 header = (partial if type(packet) is PartialPacket else prefix) + pack_counter(counter)
-                append(header + encrypt(pack_nonce(counter), packet, header))
+                append(header + encrypt(pack_nonce(DATA_LANE, counter), packet, header))
                 counter += 1
         finally:
             kp.send_counter = counter
@@ -291,7 +322,7 @@ class KeyRing:
         """Authenticate and decrypt a transport frame; return the plaintext and its keypair.
 
         The caller then checks the counter against that keypair's replay
-        window (keyed by ``local_index``) before acting on the plaintext.  If
+        window for the frame's lane before acting on the plaintext.  If
         the keypair was *next*, it is promoted to current here (the old current
         becomes previous).  Raises DecryptFailed: STRAY_PACKET for an unknown
         index, DECRYPT_FAILED for an expired keypair, a counter past
@@ -301,7 +332,7 @@ class KeyRing:
         if kp is None:
             raise DecryptFailed(ReasonCode.STRAY_PACKET, f"no keypair with index {header.receiver_index}")
         self.check_receivable(kp, header.counter, now)
-        plaintext = kp.open(header.counter, ciphertext, wire.encode_transport_header(header))
+        plaintext = kp.open(header.counter, ciphertext, wire.encode_transport_header(header), lane_of(header.msg_type))
         self.confirm(kp)
         return plaintext, kp
 

@@ -38,7 +38,8 @@ from jvpn_trio.core.states import ReasonCode
 #: Version 4: the fencing epoch (docs/cluster.md) in HANDSHAKE_RESP and REATTACH_ACK, and the
 #: client's state version in HANDSHAKE_INIT (docs/wire-format.md, "Version history").
 #: Version 5: DATA_PARTIAL, an inner packet whose TCP/UDP checksum the receiver completes (core/offload.py).
-PROTOCOL_VERSION = 5
+#: Version 6: control messages seal on a lane of their own (nonce and replay window; core/keyring.py).
+PROTOCOL_VERSION = 6
 
 #: The largest datagram we ever build or accept (the IPv4 total-length field's limit).
 MAX_DATAGRAM = 65_535

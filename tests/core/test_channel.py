@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from random import Random
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jvpn_trio.core import wire
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
@@ -108,6 +112,43 @@ def test_windows_follow_the_key_ring() -> None:
     a, b = pair()
     b.open_untrusted(a.seal(wire.MessageType.DATA, b"x"), now=1.0)
     b.install_next(keypair(K3, K4, 21, 11, initiator=False))
-    assert set(b._windows) == {20, 21}
+    assert set(b._windows) == set(b._control_windows) == {20, 21}
     freed = b.drop_expired(float(POLICY.reject_after_s) + 1.0)
-    assert freed == {20, 21} and b._windows == {} and not b.ready
+    assert freed == {20, 21} and b._windows == b._control_windows == {} and not b.ready
+
+
+def test_a_probe_that_overtakes_queued_data_leaves_the_data_acceptable() -> None:
+    """The receiver's socket holds more DATA than the window when a PROBE on an idle path arrives.
+
+    In one counter space the PROBE's counter slid the window past the queue and every datagram
+    in it was refused as too old (measured: half of a UDP flood); on its own lane it moves nothing.
+    """
+    a, b = pair()
+    queued = [a.seal(wire.MessageType.DATA, b"%d" % i) for i in range(POLICY.replay_window_packets + 1_000)]
+    probe = a.seal(wire.MessageType.PROBE, bytes(wire.PROBE_LEN))
+    assert b.open_untrusted(probe, now=1.0).msg_type is wire.MessageType.PROBE
+    assert [b.open_untrusted(d, now=1.0).plaintext for d in queued] == [b"%d" % i for i in range(len(queued))]
+    for replayed in (probe, queued[0], queued[-1]):  # each lane still refuses its own copies
+        with pytest.raises(ChannelDrop) as info:
+            b.open_untrusted(replayed, now=1.0)
+        assert info.value.reason is R.REPLAYED_COUNTER
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([wire.MessageType.DATA, wire.MessageType.PROBE]), min_size=1, max_size=40),
+       st.randoms(use_true_random=False))
+def test_an_attacker_replaying_any_mix_of_lanes_gets_nothing_twice(kinds: list[wire.MessageType], rng: Random) -> None:
+    """On-path, holding every datagram of both lanes: replayed in any order, each opens at most once."""
+    a, b = pair()
+    sent = [a.seal(kind, bytes(wire.PROBE_LEN)) for kind in kinds]
+    delivery = sent + [rng.choice(sent) for _ in range(len(sent))]
+    rng.shuffle(delivery)
+    opened = []
+    for datagram in delivery:
+        try:
+            b.open_untrusted(datagram, now=1.0)
+        except ChannelDrop as drop:
+            assert drop.reason is R.REPLAYED_COUNTER
+        else:
+            opened.append(datagram)
+    assert sorted(opened) == sorted(sent)  # every one once, none twice

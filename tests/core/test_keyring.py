@@ -6,7 +6,13 @@ import attrs
 import pytest
 
 from jvpn_trio.core import wire
-from jvpn_trio.core.keyring import DecryptFailed, KeyExhausted, Keypair, KeyRing
+from jvpn_trio.core.keyring import (
+    DATA_LANE,
+    DecryptFailed,
+    KeyExhausted,
+    Keypair,
+    KeyRing,
+)
 from jvpn_trio.core.noise import HandshakeResult
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode
@@ -196,3 +202,36 @@ def test_keypair_repr_hides_keys() -> None:
     assert isinstance(client.current, Keypair) and client.current.age(3.0) == 3.0
 
 
+
+
+def test_each_lane_counts_on_its_own_and_limits_hold_per_lane() -> None:
+    policy = Policy(rekey_after_messages=2, reject_after_messages=3)
+    client, gateway, _, _ = rings(policy)
+    probe = b"\x01" * wire.PROBE_LEN
+    data = [send(client) for _ in range(2)]
+    control = [send(client, probe, MessageType.PROBE) for _ in range(3)]
+    assert [f.header.counter for f in data] == [0, 1]
+    assert [f.header.counter for f in control] == [0, 1, 2]  # its own counter, from 0
+    for frame in data + control:  # every one opens, on its own lane's nonce
+        gateway.open_frame(frame, now=0.0)
+    assert client.expired(0.0) and client.needs_rekey(0.0)  # the control lane reached the limit
+    with pytest.raises(KeyExhausted):
+        client.seal_frame(MessageType.PROBE, probe)
+    assert send(client).header.counter == 2  # the data lane still has room
+
+
+def test_a_frame_cannot_move_to_the_other_lane() -> None:
+    """The same counter on both lanes seals under different nonces; a changed type opens on neither."""
+    client, gateway, _, _ = rings()
+    data = send(client, b"\x00" * wire.PROBE_LEN)
+    probe = send(client, b"\x00" * wire.PROBE_LEN, MessageType.PROBE)
+    assert data.header.counter == probe.header.counter == 0
+    assert data.ciphertext != probe.ciphertext  # one key, two nonces: no keystream reused
+    moved = attrs.evolve(probe, header=attrs.evolve(probe.header, msg_type=MessageType.DATA))
+    with pytest.raises(DecryptFailed):
+        gateway.open_frame(moved, now=0.0)
+    kp = gateway.keypair_for(probe.header.receiver_index)
+    assert kp is not None and gateway.current is None  # nothing authenticated, nothing promoted
+    with pytest.raises(DecryptFailed):  # its own type kept, opened under the data lane's nonce
+        kp.open(probe.header.counter, probe.ciphertext, wire.encode_transport_header(probe.header), DATA_LANE)
+    assert gateway.open_frame(probe, now=0.0)[0] == b"\x00" * wire.PROBE_LEN
