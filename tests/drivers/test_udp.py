@@ -51,6 +51,8 @@ from jvpn_trio.drivers.udp import (
 )
 
 TIMEOUT = 5.0
+#: ``<linux/if_addr.h>``: add an IPv6 address without duplicate address detection.
+IFA_F_NODAD = 0x02
 LOOPBACK = ("127.0.0.1", 0)
 
 _skip_unless_root = pytest.mark.skipif(
@@ -769,8 +771,8 @@ async def test_wildcard_answers_from_a_second_address_until_it_goes(
     ns = make_netns("home")
     with ns.iproute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
-        for address in (first, second):
-            ipr.addr("add", index=lo, address=address, prefixlen=prefixlen)
+        for address in (first, second):  # IFA_F_NODAD: an IPv6 address still tentative cannot be bound
+            ipr.addr("add", index=lo, address=address, prefixlen=prefixlen, flags=IFA_F_NODAD)
     wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
     with trio.fail_after(TIMEOUT):
         async with contextlib.AsyncExitStack() as stack:
