@@ -76,6 +76,8 @@ def close_grace_s(policy: Policy) -> float:
 
 #: The control command that re-reads the peers (``jvpn-trio reload``).
 RELOAD_COMMAND = "reload"
+#: Prefix of the data ports' counters (all listeners summed) in the status report.
+UDP_COUNTER_PREFIX = "udp."
 
 
 def gateway_peers(peers: tuple[PeerConfig, ...]) -> list[GatewayPeer]:
@@ -302,7 +304,8 @@ async def _serve_gateway(
         ports, control_ports = [], []
         for addr, control_addr in zip(config.listen, config.control_listen, strict=True):
             family = address_family(addr[0])
-            ports.append(await stack.enter_async_context(udp.open_listener_socket(addr, family=family, gro=False)))
+            # GRO: a client's GSO burst arrives as one receive (docs/benchmarks.md, "UDP GRO on the gateway").
+            ports.append(await stack.enter_async_context(udp.open_listener_socket(addr, family=family, gro=True)))
             control_ports.append(await stack.enter_async_context(udp.open_listener_socket(control_addr, family=family)))
         device = await stack.enter_async_context(
             tun.open_tun(
@@ -345,7 +348,12 @@ async def _serve_gateway(
                 runtime.peer_statuses(),
                 node_id=config.node_id,
                 statistics=runtime.statistics(),
-                counters=statistics_counters(device.statistics(), prefix=tun.STATUS_COUNTER_PREFIX),
+                counters={
+                    **statistics_counters(device.statistics(), prefix=tun.STATUS_COUNTER_PREFIX),
+                    **statistics_counters(
+                        udp.combined_statistics(port.statistics() for port in ports), prefix=UDP_COUNTER_PREFIX
+                    ),
+                },
                 tunnel_address=str(config.tunnel_address),
                 tunnel_address6=str(config.tunnel_address6) if config.tunnel_address6 is not None else None,
             )

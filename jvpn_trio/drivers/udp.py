@@ -95,7 +95,7 @@ import ipaddress
 import socket
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import Any, ClassVar, Final
@@ -126,6 +126,7 @@ __all__ = [
     "SendStatus",
     "SourcedPort",
     "UdpStatistics",
+    "combined_statistics",
     "open_listener_socket",
     "open_path_socket",
     "pktinfo_cmsg",
@@ -283,6 +284,24 @@ class UdpStatistics:
     gso_segments: int
     gso_fallbacks: int
     source_fallbacks: int = 0
+
+
+def combined_statistics(records: Iterable[UdpStatistics]) -> UdpStatistics:
+    """Several sockets' statistics as one: every count summed, ``max_batch`` the largest.
+
+    What a gateway with one listener per address reports as its data ports.
+    """
+    records = list(records)
+    errors: dict[str, int] = {}
+    for record in records:
+        for name, count in record.send_errors.items():
+            errors[name] = errors.get(name, 0) + count
+    summed = {
+        field.name: sum(getattr(record, field.name) for record in records)
+        for field in attrs.fields(UdpStatistics)
+        if field.name not in ("send_errors", "max_batch")
+    }
+    return UdpStatistics(**summed, send_errors=errors, max_batch=max((r.max_batch for r in records), default=0))
 
 
 def split_gro_buffer(buffer: bytes, segment_size: int) -> list[bytes]:

@@ -25,6 +25,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -43,6 +44,8 @@ from jvpn_trio.drivers.udp import (
     SendResult,
     SendStatus,
     SourcedPort,
+    UdpStatistics,
+    combined_statistics,
     open_listener_socket,
     open_path_socket,
     pktinfo_cmsg,
@@ -819,3 +822,13 @@ async def test_without_cap_net_raw_the_error_says_so() -> None:
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == (
         "cannot open UDP socket: set fwmark 0x102: permission denied (not root / no CAP_NET_RAW or CAP_NET_ADMIN)")
+
+
+def test_combined_statistics_sum_counts_and_keep_the_largest_batch() -> None:
+    def record(n: int, batch: int, errors: dict[str, int]) -> UdpStatistics:
+        counts = {f.name: n for f in attrs.fields(UdpStatistics) if f.name not in ("send_errors", "max_batch")}
+        return UdpStatistics(**counts, send_errors=errors, max_batch=batch)
+
+    both = combined_statistics([record(1, 5, {"ENETUNREACH": 2}), record(10, 3, {"ENETUNREACH": 1, "EPERM": 4})])
+    assert both == record(11, 5, {"ENETUNREACH": 3, "EPERM": 4})
+    assert combined_statistics([]) == record(0, 0, {})

@@ -2,7 +2,8 @@
 
 A paced TCP stream runs from the client's namespace to the gateway's tunnel address.  Asserted
 from each side's ``status`` counters: the client's TUN handed over TSO super-frames
-(``tun.gso_frames_read``) and the gateway wrote glued GSO frames (``tun.gso_frames_written``);
+(``tun.gso_frames_read``), the client's GSO bursts reached the gateway's socket as GRO buffers
+(``udp.gro_buffers``), and the gateway wrote glued GSO frames (``tun.gso_frames_written``);
 every byte arrived in order (SHA-256 of the stream); no packet was refused by the offload code.  With ``tun_offload = false`` none of those counters moves, and the stream is just as intact.
 Counts, never timings.
 """
@@ -28,7 +29,7 @@ RATE_MBIT = 200.0
 
 def offload_counters(status: dict[str, Any]) -> dict[str, int]:
     counters = status.get("counters", {})
-    return {k: v for k, v in counters.items() if k.startswith("tun.")}
+    return {k: v for k, v in counters.items() if k.startswith(("tun.", "udp."))}
 
 
 async def stream(lab: Lab, tmp_path: Path, name: str, *, port: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -65,6 +66,10 @@ async def test_a_tcp_stream_crosses_as_super_frames_and_arrives_intact(lab: Lab,
         if offload:
             assert client.get("tun.gso_frames_read", 0) > 0, client  # the laptop's kernel handed over TSO frames
             assert client.get("tun.segments_read", 0) > client.get("tun.packets_read", 0), client
+            # One receive per GSO burst at the gateway, split back into the datagrams the client sealed.
+            assert gateway.get("udp.gro_buffers", 0) > 0, gateway
+            assert gateway.get("udp.gro_segments", 0) > gateway["udp.gro_buffers"], gateway
+            assert gateway.get("udp.datagrams_in", 0) >= gateway["udp.gro_segments"], gateway
             assert gateway.get("tun.gso_frames_written", 0) > 0, gateway  # and the gateway glued them back
         else:
             assert client.get("tun.gso_frames_read", 0) == 0 and gateway.get("tun.gso_frames_written", 0) == 0
