@@ -1,9 +1,10 @@
-"""Anti-replay: a sliding-window bitmap for DATA counters, monotonic reattach nonces.
+"""Anti-replay: a sliding-window bitmap for transport counters, monotonic reattach nonces.
 
 Theory of operation
 -------------------
-**DATA counters** (spec 9, wireguard-go's ``replay/``).  Every DATA packet
-carries a 64-bit counter that the sender increments.  The receiver keeps the
+**Transport counters** (spec 9, wireguard-go's ``replay/``).  Every transport
+message carries a 64-bit counter that the sender increments, one counter per
+lane (``core/keyring.py``), so the receiver keeps one window per lane.  The receiver keeps the
 highest counter it has accepted and a bitmap of which recent counters it has
 seen, laid out as RFC 6479 describes: a ring of ``size_packets / 64`` blocks
 of 64 bits each.  Moving the window forward only clears the blocks it slides

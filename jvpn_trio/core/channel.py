@@ -23,12 +23,11 @@ from typing import NamedTuple
 from jvpn_trio.core import wire
 from jvpn_trio.core.antireplay import ReplayWindow
 from jvpn_trio.core.keyring import (
-    CONTROL_LANE,
-    DATA_LANE,
     DecryptFailed,
     KeyExhausted,
     Keypair,
     KeyRing,
+    lane_of,
 )
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode
@@ -63,8 +62,8 @@ class SecureChannel:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.keyring = KeyRing(policy)
-        self._windows: dict[int, ReplayWindow] = {}  # data lane, by local index
-        self._control_windows: dict[int, ReplayWindow] = {}
+        #: Per lane (the index), the replay window of each receive keypair by local index.
+        self._windows: tuple[dict[int, ReplayWindow], ...] = ({}, {})
         self._keypairs: dict[int, Keypair] = {}  # local index -> keypair, rebuilt when the ring changes
         #: Bumped whenever the ring's keypairs change, so a driver that indexes sessions by
         #: ``keyring.local_indices()`` re-reads them only then, not per packet.
@@ -92,7 +91,7 @@ class SecureChannel:
         self.generation += 1
         self._keypairs = {kp.local_index: kp for kp in self.keyring.keypairs()}
         live = self.keyring.local_indices()
-        for windows in (self._windows, self._control_windows):
+        for windows in self._windows:
             for index in list(windows):
                 if index not in live:
                     del windows[index]
@@ -124,8 +123,8 @@ class SecureChannel:
             msg_type, index, counter = wire.parse_transport_untrusted(datagram)
         except wire.BadFrame as exc:
             raise ChannelDrop(ReasonCode.MALFORMED, exc.reason) from None
-        lane = DATA_LANE if msg_type in wire.DATA_TYPES else CONTROL_LANE
-        window = (self._windows if lane == DATA_LANE else self._control_windows).get(index)
+        lane = lane_of(msg_type)
+        window = self._windows[lane].get(index)
         keypair = self._keypairs.get(index)
         if window is None or keypair is None:
             raise ChannelDrop(ReasonCode.STRAY_PACKET, f"no keypair with index {index}")
@@ -135,10 +134,11 @@ class SecureChannel:
         try:
             if now - keypair.created_at >= policy.reject_after_s or counter >= policy.reject_after_messages:
                 self.keyring.check_receivable(keypair, counter, now)  # raises, saying which limit
-            plaintext = keypair.open(counter, datagram[_HEADER_LEN:], datagram[:_HEADER_LEN], lane)
+            plaintext = keypair.open(counter, datagram[_HEADER_LEN:], datagram[:_HEADER_LEN], lane=lane)
         except DecryptFailed as exc:
             raise ChannelDrop(exc.reason, exc.detail) from None
-        window.commit(counter)
+        if not window.commit(counter):  # cannot fail after check() today; the window's own re-check stays binding
+            raise ChannelDrop(ReasonCode.REPLAYED_COUNTER, f"counter {counter}")
         if keypair is self.keyring.next and self.keyring.confirm(keypair):  # an authenticated packet promoted *next*
             self._sync_windows()
         return Opened(msg_type, plaintext, index)

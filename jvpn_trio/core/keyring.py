@@ -68,7 +68,7 @@ class KeyExhausted(Exception):
     """No keypair may send: none installed yet, or the current one reached reject_after_messages."""
 
 
-def aead_nonce(counter: int, lane: int = DATA_LANE) -> bytes:
+def aead_nonce(counter: int, *, lane: int) -> bytes:
     """The 12-byte ChaCha20-Poly1305 nonce for a 64-bit counter on ``lane``."""
     return _NONCE.pack(lane, counter)
 
@@ -82,10 +82,9 @@ def lane_of(type_byte: int) -> int:
 class Keypair:
     """One direction pair of transport keys, their indices, age and send counters.
 
-    Mutable only in ``send_counter`` (the data lane) and ``control_counter``,
-    which :meth:`KeyRing.next_send_counter` advances.  The receive-side replay
-    windows are kept by the caller per ``local_index`` and lane
-    (``core/channel.py``).
+    Mutable only in ``send_counters``, the next counter of each lane (indexed
+    by lane), which the key ring advances.  The receive-side replay windows are
+    kept by the caller per ``local_index`` and lane (``core/channel.py``).
     """
 
     send_key: bytes = attrs.field(validator=_key_bytes, repr=False)
@@ -94,8 +93,7 @@ class Keypair:
     remote_index: int
     is_initiator: bool
     created_at: float
-    send_counter: int = 0
-    control_counter: int = 0
+    send_counters: list[int] = attrs.Factory(lambda: [0, 0])
     _send_aead: ChaCha20Poly1305 = attrs.field(init=False, repr=False, eq=False)
     _recv_aead: ChaCha20Poly1305 = attrs.field(init=False, repr=False, eq=False)
 
@@ -107,14 +105,10 @@ class Keypair:
     def age(self, now: float) -> float:
         return now - self.created_at
 
-    def counter_of(self, lane: int) -> int:
-        """The next counter ``lane`` sends with."""
-        return self.send_counter if lane == DATA_LANE else self.control_counter
-
-    def seal(self, counter: int, plaintext: bytes, associated: bytes, lane: int = DATA_LANE) -> bytes:
+    def seal(self, counter: int, plaintext: bytes, associated: bytes, *, lane: int) -> bytes:
         return self._send_aead.encrypt(_NONCE.pack(lane, counter), plaintext, associated)
 
-    def open(self, counter: int, ciphertext: bytes, associated: bytes, lane: int = DATA_LANE) -> bytes:
+    def open(self, counter: int, ciphertext: bytes, associated: bytes, *, lane: int) -> bytes:
         """Raises DecryptFailed(DECRYPT_FAILED) when the tag does not authenticate."""
         try:
             return self._recv_aead.decrypt(_NONCE.pack(lane, counter), ciphertext, associated)
@@ -197,39 +191,38 @@ class KeyRing:
         kp = self._current
         if kp is None:
             return False
-        if max(kp.send_counter, kp.control_counter) >= self._policy.rekey_after_messages:
+        if max(kp.send_counters) >= self._policy.rekey_after_messages:
             return True
         return kp.is_initiator and kp.age(now) >= self._policy.rekey_after_s
 
     def expired(self, now: float) -> bool:
-        """True when the current keypair must not be used any more (``reject_after_*``).
+        """True when the current keypair is spent: older than ``reject_after_s``, or a lane at ``reject_after_messages``.
 
-        The session should then stop sending and handshake again, or end with
-        KEY_EXHAUSTED.  False with no current keypair (nothing to expire).
+        That lane can seal no more (:meth:`next_send_counter` raises); the
+        session handshakes again, or ends with KEY_EXHAUSTED, either way.  False
+        with no current keypair (nothing to expire).
         """
         kp = self._current
         if kp is None:
             return False
         return (
-            max(kp.send_counter, kp.control_counter) >= self._policy.reject_after_messages
+            max(kp.send_counters) >= self._policy.reject_after_messages
             or kp.age(now) >= self._policy.reject_after_s
         )
 
-    def next_send_counter(self, lane: int = DATA_LANE) -> int:
-        """Reserve the next counter of the current keypair on ``lane``.  Raises KeyExhausted."""
+    def next_send_counter(self, msg_type: MessageType) -> int:
+        """Reserve the next counter of the current keypair on ``msg_type``'s lane.  Raises KeyExhausted."""
         kp = self._current
         if kp is None:
             raise KeyExhausted("no current keypair: handshake first")
-        counter = kp.counter_of(lane)
+        lane = lane_of(msg_type)
+        counter = kp.send_counters[lane]
         if counter >= self._policy.reject_after_messages:
             raise KeyExhausted("current keypair reached reject_after_messages")
-        if lane == DATA_LANE:
-            kp.send_counter = counter + 1
-        else:
-            kp.control_counter = counter + 1
+        kp.send_counters[lane] = counter + 1
         return counter
 
-    def seal(self, plaintext: bytes, header: TransportHeader) -> bytes:
+    def _seal(self, plaintext: bytes, header: TransportHeader) -> bytes:
         """AEAD-seal ``plaintext`` with the current keypair; ``header`` is the associated data.
 
         ``header.counter`` must come from :meth:`next_send_counter` (on the
@@ -243,7 +236,7 @@ class KeyRing:
             raise KeyExhausted("no current keypair: handshake first")
         if header.receiver_index != kp.remote_index:
             raise ValueError("header.receiver_index is not the current keypair's remote index")
-        return kp.seal(header.counter, plaintext, wire.encode_transport_header(header), lane_of(header.msg_type))
+        return kp.seal(header.counter, plaintext, wire.encode_transport_header(header), lane=lane_of(header.msg_type))
 
     def seal_frame(self, msg_type: MessageType, plaintext: bytes) -> TransportFrame:
         """Reserve a counter, build the header and seal: one outgoing transport frame.
@@ -252,9 +245,9 @@ class KeyRing:
         fit ``msg_type`` (checked first, so no counter is spent on it).
         """
         kp = self._sending_keypair(msg_type, plaintext)
-        counter = self.next_send_counter(lane_of(msg_type))
+        counter = self.next_send_counter(msg_type)
         header = TransportHeader(msg_type=msg_type, receiver_index=kp.remote_index, counter=counter)
-        return TransportFrame(header=header, ciphertext=self.seal(plaintext, header))
+        return TransportFrame(header=header, ciphertext=self._seal(plaintext, header))
 
     def seal_datagram(self, msg_type: MessageType, plaintext: bytes) -> bytes:
         """:meth:`seal_frame` straight to wire bytes: the data path's send side, one header pack.
@@ -262,10 +255,9 @@ class KeyRing:
         Same checks and the same raises (KeyExhausted, ValueError for a bad length).
         """
         kp = self._sending_keypair(msg_type, plaintext)
-        lane = lane_of(msg_type)
-        counter = self.next_send_counter(lane)
+        counter = self.next_send_counter(msg_type)
         header = wire.pack_transport_header(msg_type, kp.remote_index, counter)
-        return header + kp.seal(counter, plaintext, header, lane)
+        return header + kp.seal(counter, plaintext, header, lane=lane_of(msg_type))
 
     def seal_data_batch(self, packets: Sequence[bytes]) -> list[bytes]:
         """DATA datagrams for the leading ``packets``: :meth:`seal_datagram` for a whole TUN batch.
@@ -283,7 +275,7 @@ class KeyRing:
         kp = self._current
         if kp is None:
             return []
-        counter = kp.send_counter
+        counter = kp.send_counters[DATA_LANE]
         room = self._policy.reject_after_messages - counter
         if room <= 0:
             return []
@@ -305,7 +297,7 @@ class KeyRing:
                 append(header + encrypt(pack_nonce(DATA_LANE, counter), packet, header))
                 counter += 1
         finally:
-            kp.send_counter = counter
+            kp.send_counters[DATA_LANE] = counter
         return sealed
 
     def _sending_keypair(self, msg_type: MessageType, plaintext: bytes) -> Keypair:
@@ -332,7 +324,7 @@ class KeyRing:
         if kp is None:
             raise DecryptFailed(ReasonCode.STRAY_PACKET, f"no keypair with index {header.receiver_index}")
         self.check_receivable(kp, header.counter, now)
-        plaintext = kp.open(header.counter, ciphertext, wire.encode_transport_header(header), lane_of(header.msg_type))
+        plaintext = kp.open(header.counter, ciphertext, wire.encode_transport_header(header), lane=lane_of(header.msg_type))
         self.confirm(kp)
         return plaintext, kp
 

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from jvpn_trio.core import wire
 from jvpn_trio.core.ids import PathId, RandomBytes, SessionId
-from jvpn_trio.core.keyring import Keypair, aead_nonce
+from jvpn_trio.core.keyring import Keypair
 from jvpn_trio.core.states import ReasonCode
 from jvpn_trio.core.wire import (
     HandshakeInit,
@@ -142,7 +142,7 @@ def _mac(key: bytes, data: bytes) -> bytes:
     return hashlib.blake2s(data, digest_size=MAC_LEN, key=key).digest()
 
 
-_HANDSHAKE_NONCE = aead_nonce(0)  # every handshake key encrypts exactly once
+_HANDSHAKE_NONCE = bytes(12)  # nonce 0: every handshake key encrypts exactly once
 
 
 def _seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:

@@ -7,7 +7,7 @@ import pytest
 from jvpn_trio.core import wire
 from jvpn_trio.core.antireplay import ReplayWindow
 from jvpn_trio.core.channel import ChannelDrop, SecureChannel
-from jvpn_trio.core.keyring import Keypair, KeyRing, aead_nonce
+from jvpn_trio.core.keyring import DATA_LANE, Keypair, KeyRing, aead_nonce
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode as R
 
@@ -32,7 +32,7 @@ PACKETS = [b"", b"x", bytes(range(64)), bytes(1400)]
 
 
 def test_nonce_is_four_zero_bytes_then_the_little_endian_counter() -> None:
-    assert aead_nonce(0x0102030405060708) == bytes(4) + bytes([8, 7, 6, 5, 4, 3, 2, 1])
+    assert aead_nonce(0x0102030405060708, lane=DATA_LANE) == bytes(4) + bytes([8, 7, 6, 5, 4, 3, 2, 1])
 
 
 def test_batch_seal_is_byte_identical_to_one_packet_seals_and_spends_the_same_counters() -> None:
@@ -40,7 +40,7 @@ def test_batch_seal_is_byte_identical_to_one_packet_seals_and_spends_the_same_co
     expected = [one.seal_datagram(wire.MessageType.DATA, p) for p in PACKETS]
     assert batch.seal_data_batch(PACKETS) == expected
     assert batch.current is not None and one.current is not None
-    assert batch.current.send_counter == one.current.send_counter == len(PACKETS)
+    assert batch.current.send_counters == one.current.send_counters == [len(PACKETS), 0]
     # and the next batch continues where the first stopped
     assert batch.seal_data_batch([b"y"]) == [one.seal_datagram(wire.MessageType.DATA, b"y")]
 
@@ -49,7 +49,7 @@ def test_batch_seal_stops_at_reject_after_messages_and_without_keys() -> None:
     policy = Policy(rekey_after_messages=1, reject_after_messages=3)
     r = ring(policy)
     assert len(r.seal_data_batch(PACKETS)) == 3  # only counters 0, 1, 2 may be used
-    assert r.current is not None and r.current.send_counter == 3
+    assert r.current is not None and r.current.send_counters[DATA_LANE] == 3
     assert r.seal_data_batch(PACKETS) == []
     assert KeyRing(policy).seal_data_batch(PACKETS) == []  # no current keypair
 
@@ -58,7 +58,7 @@ def test_batch_seal_refuses_an_oversized_packet_before_spending_its_counter() ->
     r = ring()
     with pytest.raises(ValueError, match="DATA plaintext"):
         r.seal_data_batch([b"ok", bytes(wire.MAX_DATA_PLAINTEXT + 1)])
-    assert r.current is not None and r.current.send_counter == 1  # "ok" was sealed, the oversized one not
+    assert r.current is not None and r.current.send_counters[DATA_LANE] == 1  # "ok" was sealed, the oversized one not
 
 
 def test_batch_sealed_datagrams_open_in_order_and_replays_still_drop() -> None:

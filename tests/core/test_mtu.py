@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from jvpn_trio import config
 from jvpn_trio.core import mtu, wire
-from jvpn_trio.core.keyring import Keypair
+from jvpn_trio.core.keyring import DATA_LANE, Keypair
 from jvpn_trio.core.mtu import Family, client_tun_mtu, tcp_mss, tunnel_mtu
 
 
@@ -31,7 +31,7 @@ def test_a_full_data_frame_fills_the_path_exactly() -> None:
     for outer in Family:
         inner = tunnel_mtu([1500], outer)
         header = wire.pack_transport_header(wire.MessageType.DATA, keypair.remote_index, 0)
-        datagram = header + keypair.seal(0, bytes(inner), header)
+        datagram = header + keypair.seal(0, bytes(inner), header, lane=DATA_LANE)
         assert len(datagram) == inner + wire.TRANSPORT_OVERHEAD
         assert mtu.IP_HEADER_LEN[outer] + mtu.UDP_HEADER_LEN + len(datagram) == 1500
 

@@ -26,7 +26,7 @@ import pytest
 from jvpn_trio.core import noise as hs
 from jvpn_trio.core import wire
 from jvpn_trio.core.ids import PathId, SessionId
-from jvpn_trio.core.keyring import KeyRing, aead_nonce
+from jvpn_trio.core.keyring import CONTROL_LANE, DATA_LANE, KeyRing, aead_nonce
 from jvpn_trio.core.noise import (
     HandshakeError,
     HandshakeResult,
@@ -172,8 +172,9 @@ def test_tai64n_layout_and_order() -> None:
         hs.tai64n(-1)
 
 
-def test_aead_nonce_is_zero_prefix_and_little_endian_counter() -> None:
-    assert aead_nonce(0x0102) == bytes(4) + bytes.fromhex("0201000000000000")
+def test_aead_nonce_is_the_little_endian_lane_then_the_little_endian_counter() -> None:
+    assert aead_nonce(0x0102, lane=DATA_LANE) == bytes(4) + bytes.fromhex("0201000000000000")  # WireGuard's
+    assert aead_nonce(0x0102, lane=CONTROL_LANE) == bytes.fromhex("01000000") + bytes.fromhex("0201000000000000")
 
 
 def test_static_keypair_derives_public_and_hides_private() -> None:
