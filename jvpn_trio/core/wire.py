@@ -392,6 +392,14 @@ _is_optional_path = attrs.validators.optional(_is_path)
 # ---------------------------------------------------------------------------
 
 
+def is_data_untrusted(data: bytes) -> bool:
+    """Whether a datagram claims to be DATA or DATA_PARTIAL of this version: bytes 0 and 1 only.
+
+    The receive loops' test before any parsing; the claim is unauthenticated until opened.
+    """
+    return len(data) > 1 and data[1] in DATA_TYPE_BYTES and data[0] == PROTOCOL_VERSION
+
+
 def peek_type_untrusted(data: bytes) -> MessageType:
     """The message type of a datagram, after checking its length and version.
 

@@ -10,7 +10,10 @@ no-root demo, and over in-memory doubles (``memory.py``) in tests (wireguard-go'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, Sequence
+
+from jvpn_trio.core.wire import is_data_untrusted
 
 Address = tuple[str, int]
 
@@ -72,3 +75,31 @@ def equal_size_runs(datagrams: list[bytes]) -> list[list[bytes]]:
         else:
             runs.append([data])
     return runs
+
+
+
+def shed_oldest_data(
+    batch: list[tuple[bytes, Address]], keep: int, is_peer: Callable[[Address], bool]
+) -> tuple[list[tuple[bytes, Address]], int, int]:
+    """A long read cut down: ``(kept, shed, strays)``.
+
+    Datagrams from anyone but the peer go first (``strays`` of them), then the oldest DATA
+    beyond the newest ``keep``: ``kept`` holds every other datagram in order.  A receiver that
+    has fallen behind a flood still reads the control frames queued in it, and opens no more
+    DATA than it can in time.  Only the peer's own datagrams count, so junk from elsewhere
+    cannot push its DATA out; a forged "DATA" from the peer's address is shed like a real one,
+    never a control frame.
+    """
+    from_peer = [item for item in batch if is_peer(item[1])]
+    strays = len(batch) - len(from_peer)
+    excess = sum(1 for data, _ in from_peer if is_data_untrusted(data)) - keep
+    if excess <= 0:
+        return from_peer, 0, strays
+    shed = excess
+    kept = []
+    for item in from_peer:
+        if excess and is_data_untrusted(item[0]):
+            excess -= 1
+        else:
+            kept.append(item)
+    return kept, shed, strays

@@ -6,6 +6,7 @@ randomness; every wait is bounded by fail_after in virtual seconds.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import random
 import struct
@@ -129,10 +130,13 @@ class World(MemoryWorld):
         links: dict[int, bool] | None = None,
         *,
         tunnel6: ipaddress.IPv6Interface | None = None,
+        port_capacity: int = 1024,
     ) -> None:
         super().__init__(policy, seed=7, tunnel6=tunnel6)
         self.gateway = self.new_gateway()
-        self.ports: dict[int, MemoryDatagramPort] = {i: self.net.port(client_addr(i)) for i in (1, 2, 3)}
+        self.ports: dict[int, MemoryDatagramPort] = {
+            i: self.net.port(client_addr(i), port_capacity) for i in (1, 2, 3)
+        }
         self.client = ClientRuntime(
             policy=self.policy,
             static=self.cl_static,
@@ -341,6 +345,81 @@ async def test_replayed_reattach_from_another_address_is_a_security_event(autoju
             security = [e for e in world.gateway_events if e.kind is EventKind.SECURITY_EVENT]
             assert security and security[-1].reason is ReasonCode.REPLAYED_COUNTER
             assert security[-1].detail("endpoint") == "203.0.113.66:6666"
+            nursery.cancel_scope.cancel()
+
+
+#: What opening one DATA costs the client on this machine (docs/benchmarks.md): the test's clock
+#: pays it, so that a backlog takes the time to work off that it takes for real.
+OPEN_COST_S = 40e-6
+
+
+async def test_behind_a_flood_the_client_reads_the_close_queued_after_it_in_time(autojump_clock: trio.MockClock) -> None:
+    """2,000 junk "DATA" from a stranger, 14,000 DATA from the gateway, then a CLOSE, all queued at once.
+
+    Opened one by one that is 0.56 s of work, past ``probe_timeout_ms``: a PROBE_ACK or
+    REATTACH_ACK in the CLOSE's place would be read too late, and the session flapped and ended
+    (docs/benchmarks.md, "A UDP flood towards the client").  Once reads have come back full for
+    RX_SWEEP_AFTER datagrams, one read looks RX_READ_AHEAD ahead and opens only its newest
+    RX_BACKLOG_DATA of the gateway's DATA; the junk is counted as strays and pushes none of them
+    out; what is opened stays in order (no replay drop).
+    """
+    world = World(port_capacity=20_000)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            gw_port, gw_control = world.net.port(GATEWAY), world.net.port(GATEWAY_CONTROL)
+            await nursery.start(
+                lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status)
+            )
+            done = trio.Event()
+            result: list[ReasonCode] = []
+            delivered: list[bytes] = []
+
+            async def run_client() -> None:
+                result.append(await world.client.run())
+                done.set()
+
+            async def collect() -> None:  # the TUN's reader: the double holds only 1,024, so all at each turn
+                while True:
+                    delivered.append(await world.cl_packets.delivered.receive())
+                    with contextlib.suppress(trio.WouldBlock):
+                        while True:
+                            delivered.append(world.cl_packets.delivered.receive_nowait())
+
+            nursery.start_soon(run_client)
+            nursery.start_soon(collect)
+            await trio.sleep(1.0)
+            served, active = world.gateway_session(), world.client.active_path
+            assert active is not None and isinstance(active.port, MemoryDatagramPort)
+            channel = world.client.channel
+            open_untrusted = channel.open_untrusted
+
+            def costly_open(datagram: bytes, *, now: float):  # type: ignore[no-untyped-def]
+                autojump_clock.jump(OPEN_COST_S)
+                return open_untrusted(datagram, now=now)
+
+            channel.open_untrusted = costly_open  # type: ignore[method-assign]
+            stranger = ("198.51.100.9", 51820)
+            junk = bytes([wire.PROTOCOL_VERSION, wire.MessageType.DATA]) + bytes(60)
+            packets = [ipv4_packet("10.66.0.1", "10.66.0.2", b"%d" % n) for n in range(14_000)]
+            close = wire.Close(session_id=served.session_id, reason=ReasonCode.PEER_REMOVED)
+            for _ in range(2_000):  # no await from here on: all queued at once
+                world.net.deliver(junk, stranger, active.port.addr)
+            for datagram in served.channel.seal_data_batch(packets):
+                world.net.deliver(datagram, GATEWAY, active.port.addr)
+            world.net.deliver(served.channel.seal(wire.MessageType.CLOSE, wire.encode_close_plaintext(close)),
+                              GATEWAY_CONTROL, active.port.addr)  # fmt: skip
+            queued_at = trio.current_time()
+            await done.wait()
+            assert result == [ReasonCode.PEER_CLOSE]
+            closed = next(e for e in world.client_events if e.reason is ReasonCode.PEER_CLOSE)
+            assert closed.t - queued_at < world.policy.probe_timeout_ms / 1000.0
+            await trio.sleep(0.1)
+            stats = world.client.statistics()
+            assert stats.stray_source == 2_000 and dict(stats.drop) == {}
+            assert stats.rx_backlog_shed + len(delivered) == len(packets) and world.cl_packets.dropped == 0
+            assert stats.rx_backlog_shed >= len(packets) // 2  # most of the flood was never opened
+            indices = [packets.index(p) for p in delivered]
+            assert indices == sorted(indices) and indices[-1] == len(packets) - 1
             nursery.cancel_scope.cancel()
 
 
