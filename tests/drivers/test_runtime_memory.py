@@ -159,9 +159,27 @@ class World(MemoryWorld):
         return served
 
 
-async def start(nursery: trio.Nursery, world: World) -> None:
+async def serve_gateway(nursery: trio.Nursery, world: World) -> None:
+    """The gateway on its data and control ports, without a TUN."""
     gw_port, gw_control = world.net.port(GATEWAY), world.net.port(GATEWAY_CONTROL)
     await nursery.start(lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status))
+
+
+def run_client_to_its_end(nursery: trio.Nursery, world: World) -> tuple[trio.Event, list[ReasonCode]]:
+    """Start the client; once ``run`` returns, the list holds its end reason and the event is set."""
+    done = trio.Event()
+    result: list[ReasonCode] = []
+
+    async def run_client() -> None:
+        result.append(await world.client.run())
+        done.set()
+
+    nursery.start_soon(run_client)
+    return done, result
+
+
+async def start(nursery: trio.Nursery, world: World) -> None:
+    await serve_gateway(nursery, world)
     world.gateway._packets = world.gw_packets
     nursery.start_soon(world.gateway._pump_packets, world.gw_packets)
     await nursery.start(lambda task_status: world.client.run(task_status=task_status))
@@ -366,17 +384,8 @@ async def test_behind_a_flood_the_client_reads_the_close_queued_after_it_in_time
     world = World(port_capacity=20_000)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            gw_port, gw_control = world.net.port(GATEWAY), world.net.port(GATEWAY_CONTROL)
-            await nursery.start(
-                lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status)
-            )
-            done = trio.Event()
-            result: list[ReasonCode] = []
+            await serve_gateway(nursery, world)
             delivered: list[bytes] = []
-
-            async def run_client() -> None:
-                result.append(await world.client.run())
-                done.set()
 
             async def collect() -> None:  # the TUN's reader: the double holds only 1,024, so all at each turn
                 while True:
@@ -385,7 +394,7 @@ async def test_behind_a_flood_the_client_reads_the_close_queued_after_it_in_time
                         while True:
                             delivered.append(world.cl_packets.delivered.receive_nowait())
 
-            nursery.start_soon(run_client)
+            done, result = run_client_to_its_end(nursery, world)
             nursery.start_soon(collect)
             await trio.sleep(1.0)
             served, active = world.gateway_session(), world.client.active_path
@@ -429,18 +438,8 @@ async def test_close_terminates_both_sides_explicitly(autojump_clock: trio.abc.C
     world = World()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            gw_port, gw_control = world.net.port(GATEWAY), world.net.port(GATEWAY_CONTROL)
-            await nursery.start(
-                lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status)
-            )
-            done = trio.Event()
-            result: list[ReasonCode] = []
-
-            async def run_client() -> None:
-                result.append(await world.client.run())
-                done.set()
-
-            nursery.start_soon(run_client)
+            await serve_gateway(nursery, world)
+            done, result = run_client_to_its_end(nursery, world)
             await trio.sleep(1.0)
             world.client.submit_nowait(ev.CloseRequested())
             await done.wait()
@@ -567,19 +566,11 @@ async def test_a_reload_adds_renames_and_removes_peers_and_leaves_the_others_unt
     phone = generate_static(world.random_bytes).public
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            done = trio.Event()
-            result: list[ReasonCode] = []
-            gw_port, gw_control = world.net.port(GATEWAY), world.net.port(GATEWAY_CONTROL)
-            await nursery.start(lambda task_status: world.gateway.serve([gw_port], control_ports=[gw_control], task_status=task_status))
+            await serve_gateway(nursery, world)
             world.gateway._packets = world.gw_packets
             nursery.start_soon(world.gateway._pump_packets, world.gw_packets)
-
-            async def run_client() -> None:
-                result.append(await world.client.run())
-                done.set()
-
             inits = tap(world.net, wire.MessageType.HANDSHAKE_INIT, lambda data, src, dst: (data, src, dst))
-            nursery.start_soon(run_client)
+            done, result = run_client_to_its_end(nursery, world)
             await trio.sleep(1.0)
             served = world.gateway_session()
             up = ipv4_packet("10.66.0.2", "10.66.0.1", b"still here")
