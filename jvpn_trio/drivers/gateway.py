@@ -934,7 +934,7 @@ class GatewayRuntime:
         anything changed, for every datagram that is not DATA to a known session or whose
         session is due an alive report (which awaits the inbox): :meth:`_on_datagram` takes those.
         """
-        if len(data) < wire.TRANSPORT_HEADER_LEN or data[1] not in wire.DATA_TYPE_BYTES or data[0] != wire.PROTOCOL_VERSION:
+        if len(data) < wire.TRANSPORT_HEADER_LEN or not wire.is_data_untrusted(data):
             return False
         served = self._by_index.get(_RECEIVER_INDEX.unpack_from(data, wire.RECEIVER_INDEX_OFFSET)[0])
         if served is None or self._alive_would_be_due(served, addr, served.paths.get(addr, served.init_path), now):
