@@ -515,7 +515,21 @@ class ClientSession(_SessionCore):
             due = entry.last_probe + policy.metered_probe_ms / 1000.0
         else:
             due = entry.last_probe + policy.standby_probe_ms / 1000.0
-        return min(due, self._silence_probe_due(path, entry))
+        return min(due, self._silence_probe_due(path, entry), self._second_opinion_due(path, entry))
+
+    def _second_opinion_due(self, path: PathId, entry: _PathEntry) -> float:
+        """When a path other than the bound one is asked, once, whether it still gets answers: at the
+        bound path's silence alarm (``PathHealth.silence_alarm_at``).  Only an answer to that probe, at
+        the usual pace, lets the session leave a path for DATA_UNANSWERED (``switching.decide``).
+        A DEAD path (its link down, say) is not asked: it could not be the target anyway."""
+        binding = self.record.binding
+        if binding is None or binding.path == path or entry.last_probe is None:
+            return math.inf
+        if entry.health.committed.verdict is Verdict.DEAD:
+            return math.inf
+        bound = self._paths.get(binding.path)
+        alarm = bound.health.silence_alarm_at() if bound is not None else None
+        return alarm if alarm is not None and entry.last_probe < alarm else math.inf
 
     def _silence_probe_due(self, path: PathId, entry: _PathEntry) -> float:
         """When the bound path, once silent, is probed next: when the silence begins, then every
@@ -823,6 +837,8 @@ class ClientSession(_SessionCore):
                 reason=verdict.reason,
                 healthy_since=self._paths[path].health.healthy_since(now=now),
                 metered=self._paths[path].metered,
+                prompt_probe_sent_at=self._paths[path].health.prompt_probe_sent_at(),
+                silence_alarm_at=self._paths[path].health.silence_alarm_at(),
             )
             for path, verdict in verdicts.items()
         )

@@ -19,6 +19,11 @@ choice flip between two equally good paths.
 Hysteresis, so that a flapping link cannot make the session flap:
 - leaving an IMPAIRED active path needs a HEALTHY target (not merely a less
   bad one) and ``min_dwell_ms`` on the current binding;
+- leaving it for DATA_UNANSWERED also needs a second opinion: the target must
+  have answered, at its usual pace, a probe sent after the active path's silence
+  alarm (:func:`answered_during_silence`; the session probes every other path
+  at that alarm).  A gateway that stalls silences every path alike, and a
+  switch then would only spend the rate budget;
 - returning to a preferred path needs it HEALTHY for ``return_dwell_ms``;
 - the health verdicts themselves have hysteresis (``health.py``).
 
@@ -60,6 +65,10 @@ class Candidate:
     reason: ReasonCode
     healthy_since: float | None
     metered: bool = False
+    #: PathHealth.prompt_probe_sent_at: when the newest probe answered at the usual pace left.
+    prompt_probe_sent_at: float | None = None
+    #: PathHealth.silence_alarm_at: when its first probe still out counted as unanswered.
+    silence_alarm_at: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -90,6 +99,14 @@ class Decision:
 def rank(c: Candidate) -> tuple[int, bool, int, int]:
     """Sort key: verdict, then cost, then priority, then path id (see module docstring)."""
     return (0 if c.verdict is Verdict.HEALTHY else 1, c.metered, c.priority, c.path.value)
+
+
+def answered_during_silence(target: Candidate, active: Candidate) -> bool:
+    """Whether ``target`` answered, at its usual pace, a probe sent once ``active``'s silence was
+    suspect.  Without that, the silence may not be the path's: a gateway that froze for a moment
+    silences every path at once, and its late answers arrive on all of them together."""
+    alarm = active.silence_alarm_at
+    return alarm is None or (target.prompt_probe_sent_at is not None and target.prompt_probe_sent_at >= alarm)
 
 
 def _stay(reason: ReasonCode) -> Decision:
@@ -145,6 +162,8 @@ def decide(view: SwitchView, candidates: tuple[Candidate, ...], policy: Policy, 
 
     if active.verdict is Verdict.IMPAIRED:
         healthy = [c for c in usable if c.verdict is Verdict.HEALTHY]
+        if active.reason is ReasonCode.DATA_UNANSWERED:
+            healthy = [c for c in healthy if answered_during_silence(c, active)]
         if not healthy:
             return _stay(ReasonCode.NO_BETTER_PATH)
         if not dwell_met:

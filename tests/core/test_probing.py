@@ -224,18 +224,42 @@ def test_an_answer_ends_the_silence() -> None:
     assert sent(pair, P1) == now + POLICY.probe_interval_ms / 1000
 
 
-def test_a_silent_path_is_left_after_the_unanswered_silence_probes_not_after_the_full_timeouts() -> None:
-    pair, _ = _attached()
+def _second_opinion(pair: Pair, *, answered: bool) -> int:
+    """P2's probe, if the core wants one now; answered at once (a working path) or not. Returns how many left."""
+    due = pair.client.probe_due(P2)
+    if due is None or due > pair.now:
+        return 0
+    sent(pair, P2)
+    if answered:
+        pair.ack_probes(pair.seq, [2])
+    return 1
+
+
+def _silent_p1(pair: Pair, *, p2_answers: bool) -> tuple[float, int]:
+    """P1 goes silent under data; its silence probes go out when due, and P2's second opinion when asked.
+
+    Returns when the data left and how many probes P2 sent meanwhile."""
     pair.blackhole(1)
     pair._client(ev.DataSent(path=P1))
     start = pair.now
     floor_s = POLICY.silence_probe_timeout_floor_ms / 1000
+    asked = 0
     for _ in range(POLICY.dead_after_missed_probes):
         due = pair.client.probe_due(P1)
         assert due is not None
         pair.advance(max(due - pair.now, 0.0))
+        asked += _second_opinion(pair, answered=p2_answers)
         sent(pair, P1)
     pair.advance(floor_s)
+    asked += _second_opinion(pair, answered=p2_answers)
+    return start, asked
+
+
+def test_a_silent_path_is_left_after_the_unanswered_silence_probes_not_after_the_full_timeouts() -> None:
+    pair, _ = _attached()
+    start, asked = _silent_p1(pair, p2_answers=True)
+    floor_s = POLICY.silence_probe_timeout_floor_ms / 1000
+    assert asked == 1, "the standby path is asked once, at the silence alarm, not at every silence probe"
     verdicts = [e for e in pair.events() if e.kind is EventKind.PATH_HEALTH and e.detail("path") == str(P1)
                 and e.t >= start and e.detail("verdict") != "HEALTHY"]
     assert verdicts and verdicts[0].reason is R.DATA_UNANSWERED and verdicts[0].detail("verdict") == "IMPAIRED"
@@ -247,6 +271,62 @@ def test_a_silent_path_is_left_after_the_unanswered_silence_probes_not_after_the
     # The session leaves for the healthy standby at once, for that reason.
     switches = [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
     assert switches and switches[0].reason is R.DATA_UNANSWERED and switches[0].detail("to_path") == str(P2)
+    assert switches[0].t <= expected + 1e-9, "the second opinion costs the switch no time on a prompt path"
+
+
+def test_the_other_paths_are_asked_once_at_the_silence_alarm_before_the_verdict() -> None:
+    """The second opinion leaves when the first probes count as unanswered, a silence timeout before
+    the verdict, so a standby path's round trip is over by the time the session wants to move."""
+    pair, _ = _attached()
+    pair.blackhole(1)
+    pair._client(ev.DataSent(path=P1))
+    pair.advance(POLICY.silence_probe_after_ms / 1000)  # type: ignore[operator]
+    standby_due = pair.client.probe_due(P2)
+    sent(pair, P1)  # the first silence probe: it, and the probe still out, are on the silence clock
+    alarm = pair.now + POLICY.silence_probe_timeout_floor_ms / 1000
+    assert standby_due is not None and standby_due > alarm
+    assert pair.client.probe_due(P2) == alarm
+    assert pair.client.probe_due(P3) == alarm
+    pair.set_link(3, up=False)  # a dead path could not be the target: it is not asked
+    assert pair.client.probe_due(P3) > alarm  # type: ignore[operator]
+    pair.advance(alarm - pair.now)
+    assert pair.client.record.state is S.ATTACHED  # no verdict yet: two unanswered of three
+    assert sent(pair, P2) > pair.now + POLICY.probe_interval_ms / 1000, "asked once, then back to its cadence"
+
+
+def test_silence_on_every_path_at_once_is_not_a_reason_to_switch() -> None:
+    """A gateway that freezes for a moment (a busy host, a VM paused) silences every path alike: the
+    standby path asked at the alarm does not answer either, so the session stays on its path, and its
+    late answers bring the path back without a switch or a spent rate budget."""
+    pair, _ = _attached()
+    start, asked = _silent_p1(pair, p2_answers=False)
+    assert asked == 1
+    assert pair.client.record.state is S.VOLATILE  # the silence is reported, not hidden
+    assert pair.client.pending is None, "no REATTACH towards a path that has not answered since the alarm"
+    # The gateway wakes: the answers it owes arrive on both paths together, late.
+    pair.blackhole(1, on=False)
+    for seq in range(pair.seq - 4, pair.seq + 1):
+        pair.ack_probes(seq)
+    switches = [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
+    assert switches == []
+    assert pair.client.record.state is S.ATTACHED and pair.client.record.binding is not None
+    assert pair.client.record.binding.path == P1
+
+
+def test_a_late_answer_on_the_standby_path_is_no_second_opinion() -> None:
+    pair, _ = _attached()
+    start, _asked = _silent_p1(pair, p2_answers=False)
+    p2_probe = pair.seq - 1  # the second opinion went out just before the last silence probe
+    # It is answered, but only after the path's usual pace: held up somewhere, it proves nothing.
+    pair.advance(POLICY.probe_timeout_ms / 1000 / 2)
+    pair.ack_probes(p2_probe, [2])
+    assert not [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
+    assert pair.client.record.state is S.VOLATILE
+    # A probe answered at once does.
+    sent(pair, P2)
+    pair.ack_probes(pair.seq, [2])
+    switches = [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
+    assert [(e.reason, e.detail("to_path")) for e in switches] == [(R.DATA_UNANSWERED, str(P2))]
 
 
 def test_a_probe_outstanding_when_the_path_turns_silent_goes_on_the_silence_clock() -> None:
