@@ -126,6 +126,8 @@ class Tunnel:
     clock_offsets: dict[str, tuple[float, float]] = attrs.Factory(dict)
     #: While the laptop sleeps: when it was stopped (time.monotonic()) and which pids.
     _asleep: tuple[float, tuple[int, ...]] | None = None
+    #: While the gateway is frozen: when it was stopped (time.monotonic()).
+    _gateway_frozen_at: float | None = None
 
     async def suspend_laptop(self) -> int:
         """SIGSTOP every process in the client namespace; returns how many.  RuntimeError if asleep already.
@@ -175,6 +177,23 @@ class Tunnel:
 
     def clock_file(self, side: str) -> Path:
         return self.directory / f"{side}.clock"
+
+    def freeze_gateway(self) -> int:
+        """SIGSTOP the gateway: a host that stalls (a paused VM, a swap storm) and keeps its state.
+        Returns its pid; RuntimeError if none runs or it is frozen already."""
+        if self.gateway.returncode is not None or self._gateway_frozen_at is not None:
+            raise RuntimeError("no gateway is running, or it is frozen already")
+        _signal(self.gateway.pid, signal.SIGSTOP)
+        self._gateway_frozen_at = time.monotonic()
+        return self.gateway.pid
+
+    def thaw_gateway(self) -> float:
+        """SIGCONT the frozen gateway; returns how long it was stopped (s).  RuntimeError if not frozen."""
+        if self._gateway_frozen_at is None:
+            raise RuntimeError("the gateway is not frozen")
+        _signal(self.gateway.pid, signal.SIGCONT)
+        stopped, self._gateway_frozen_at = time.monotonic() - self._gateway_frozen_at, None
+        return stopped
 
     async def kill_gateway(self) -> GatewayRun:
         """SIGKILL the gateway (a crash or a power cut of the server) and move its files aside.
@@ -272,6 +291,8 @@ class Tunnel:
         event logs and traces end cleanly before anything is read.
         """
         client = await self.client.terminate()
+        if self._gateway_frozen_at is not None:  # a run that failed half-way through a freeze
+            self.thaw_gateway()
         gateway = await self.gateway.terminate()
         return client, gateway
 

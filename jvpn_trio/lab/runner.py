@@ -135,6 +135,7 @@ from jvpn_trio.lab.scenario import (
     ADD_INTERFACE,
     DELETE_INTERFACE,
     FLUSH_ADDRESS,
+    FREEZE_GATEWAY,
     GATEWAY_TARGET,
     KILL_GATEWAY,
     LAPTOP_TARGET,
@@ -142,6 +143,7 @@ from jvpn_trio.lab.scenario import (
     RESUME,
     START_GATEWAY,
     SUSPEND,
+    THAW_GATEWAY,
     Impairment,
     Scenario,
     Step,
@@ -855,6 +857,10 @@ async def _do_step(lab: Lab, relay: WireRelay | None, tunnel: Tunnel, scenario: 
     if step.kind == KILL_GATEWAY:
         run = await tunnel.kill_gateway()
         return [f"gateway: SIGKILL (exit {run.exit_code}), its files moved to *.{run.number}.*"]
+    if step.kind == FREEZE_GATEWAY:
+        return [f"gateway: frozen (SIGSTOP to pid {tunnel.freeze_gateway()}), a host that stalls"]
+    if step.kind == THAW_GATEWAY:
+        return [f"gateway: thawed (SIGCONT) after {tunnel.thaw_gateway() * 1000:.0f} ms"]
     if step.kind == START_GATEWAY:
         with trio.fail_after(GATEWAY_START_TIMEOUT_S):
             process = await tunnel.start_gateway()

@@ -82,11 +82,16 @@ FLUSH_ADDRESS = "flush-address"
 ADD_ADDRESS = "add-address"
 KILL_GATEWAY = "kill-gateway"
 START_GATEWAY = "start-gateway"
+FREEZE_GATEWAY = "freeze-gateway"
+THAW_GATEWAY = "thaw-gateway"
 SUSPEND = "suspend"
 RESUME = "resume"
 #: What ``do = ...`` may say: the faults of a laptop's network that are not impairments.
-STEP_KINDS = (ADD_INTERFACE, DELETE_INTERFACE, FLUSH_ADDRESS, ADD_ADDRESS, KILL_GATEWAY, START_GATEWAY, SUSPEND, RESUME)
-GATEWAY_STEP_KINDS = (KILL_GATEWAY, START_GATEWAY)
+STEP_KINDS = (
+    ADD_INTERFACE, DELETE_INTERFACE, FLUSH_ADDRESS, ADD_ADDRESS, KILL_GATEWAY, START_GATEWAY, FREEZE_GATEWAY,
+    THAW_GATEWAY, SUSPEND, RESUME,
+)  # fmt: skip
+GATEWAY_STEP_KINDS = (KILL_GATEWAY, START_GATEWAY, FREEZE_GATEWAY, THAW_GATEWAY)
 #: Steps about the whole laptop: they name no path.
 MACHINE_STEP_KINDS = (SUSPEND, RESUME)
 #: ``resume``: the longest sleep a scenario may claim (a day), in seconds.
@@ -309,6 +314,7 @@ def _check_timeline(steps: list[tuple[int, Step]], paths: tuple[ScenarioPath, ..
     present = {p.name: p.present for p in paths}
     addressed = {p.name: p.present for p in paths}
     gateway_up = True
+    gateway_frozen = False
     asleep_since: float | None = None
     ever_absent = {p.name for p in paths if not p.present}
     delayed = {p.name for p in paths if p.baseline.delay_ms or p.baseline.jitter_ms}
@@ -334,6 +340,15 @@ def _check_timeline(steps: list[tuple[int, Step]], paths: tuple[ScenarioPath, ..
         elif step.kind in GATEWAY_STEP_KINDS:
             if asleep_since is not None:
                 raise ScenarioError(f"{where}: the laptop is asleep then; gateway steps are not simulated during a suspend")
+            if step.kind in (FREEZE_GATEWAY, THAW_GATEWAY):
+                freeze = step.kind == FREEZE_GATEWAY
+                if not gateway_up or gateway_frozen == freeze:
+                    state = "not running" if not gateway_up else "frozen" if gateway_frozen else "not frozen"
+                    raise ScenarioError(f"{where}: the gateway is {state} then")
+                gateway_frozen = freeze
+                continue
+            if gateway_frozen:
+                raise ScenarioError(f"{where}: the gateway is frozen then (thaw it first)")
             wanted = step.kind == START_GATEWAY
             if gateway_up == wanted:
                 raise ScenarioError(f"{where}: the gateway is {'running' if gateway_up else 'not running'} then")
@@ -356,6 +371,8 @@ def _check_timeline(steps: list[tuple[int, Step]], paths: tuple[ScenarioPath, ..
                 addressed[step.path] = True
     if asleep_since is not None:
         raise ScenarioError(f"{source}: the laptop is still asleep at the end (add a '{RESUME}' step)")
+    if gateway_frozen:
+        raise ScenarioError(f"{source}: the gateway is still frozen at the end (add a '{THAW_GATEWAY}' step)")
     both = sorted(ever_absent & delayed)
     if both:
         raise ScenarioError(f"{source}: {', '.join(both)}: a path whose interface comes or goes cannot have a delay or jitter")

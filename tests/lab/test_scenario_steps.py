@@ -96,6 +96,9 @@ def test_every_step_kind_parses() -> None:
         ({"at_s": 1.0, "do": "suspend", "slept_s": 5.0}, {}, "#1: unknown key(s) for this step: slept_s"),
         ({"at_s": 1.0, "do": "resume", "slept_s": 0.0}, {}, "#1.slept_s: expected more than 0 and at most 86400 s"),
         ({"at_s": 1.0, "do": "resume", "slept_s": 90_000.0}, {}, "#1.slept_s: expected more than 0"),
+        ({"at_s": 1.0, "do": "thaw-gateway"}, {}, "#1 (at 1 s, thaw-gateway): the gateway is not frozen then"),
+        ({"at_s": 1.0, "do": "freeze-gateway"}, {}, "the gateway is still frozen at the end (add a 'thaw-gateway' step)"),
+        ({"at_s": 1.0, "path": "eth0", "do": "freeze-gateway"}, {}, "#1: unknown key(s) for this step: path"),
     ],
 )
 def test_impossible_or_malformed_steps_are_named(step: dict[str, Any], paths: dict[str, Any], message: str) -> None:
@@ -115,6 +118,18 @@ def test_the_timeline_is_played_in_time_order_and_names_the_step_in_the_file() -
     twice = [{"at_s": 2.0, "do": "kill-gateway"}, {"at_s": 3.0, "do": "kill-gateway"}]
     with pytest.raises(ScenarioError, match=r"#2 .*the gateway is not running then"):
         parse(scenario(twice))
+
+
+def test_a_gateway_freeze_is_a_pair_of_gateway_steps_and_nothing_else_happens_to_it_meanwhile() -> None:
+    sc = parse(scenario([{"at_s": 2.0, "do": "freeze-gateway"}, {"at_s": 2.2, "do": "thaw-gateway"}]))
+    assert [(s.kind, s.path) for s in sc.steps] == [("freeze-gateway", GATEWAY_TARGET), ("thaw-gateway", GATEWAY_TARGET)]
+    for steps, message in (
+        ([{"at_s": 2.0, "do": "freeze-gateway"}, {"at_s": 3.0, "do": "freeze-gateway"}], "#2 .*the gateway is frozen then"),
+        ([{"at_s": 2.0, "do": "freeze-gateway"}, {"at_s": 3.0, "do": "kill-gateway"}], "#2 .*frozen then \\(thaw it first\\)"),
+        ([{"at_s": 2.0, "do": "kill-gateway"}, {"at_s": 3.0, "do": "freeze-gateway"}], "#2 .*the gateway is not running then"),
+    ):
+        with pytest.raises(ScenarioError, match=message):
+            parse(scenario(steps))
 
 
 def test_a_suspend_is_a_pair_of_laptop_steps_and_the_short_form_keeps_the_sleep() -> None:
