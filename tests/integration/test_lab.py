@@ -348,7 +348,14 @@ def expect_dock(report: dict[str, Any]) -> None:
     dock, undock, redock = report["faults"]
     assert not dock["on_active_path"] and switched(dock, "eth0", "PREFERRED_PATH_RESTORED")
     assert undock["on_active_path"] and switched(undock, "wifi0", "LINK_DOWN")
-    assert switched(redock, "eth0", "PREFERRED_PATH_RESTORED")
+    # Docked again: back to Ethernet, normally once it has been HEALTHY for return_dwell_ms.  Wi-Fi
+    # here runs through the lab's userspace relay (its delay and jitter); if that relay stalls on a
+    # loaded machine, Wi-Fi alone goes silent while Ethernet answers promptly, and the session
+    # rightly leaves for Ethernet sooner, for DATA_UNANSWERED, with the probes it lost to show for it.
+    # (A stall of the gateway silences both paths: no switch then, docs/policy.md "Second opinion".)
+    assert switched(redock, "eth0", "PREFERRED_PATH_RESTORED") or (
+        switched(redock, "eth0", "DATA_UNANSWERED") and redock["probes_lost"] > 0
+    )
 
 
 def expect_gateway_stall(report: dict[str, Any]) -> None:
