@@ -49,9 +49,9 @@ Measurements
       cadence) and be judged sooner; the loss, latency and DEAD rules are
       unchanged.
     * ``silence_alarm_at`` = the earliest silence deadline among outstanding
-      probes; ``prompt_probe_sent_at`` = when the newest probe answered within
-      the silence-probe timeout was sent.  The session compares one path's
-      second with another's first before it leaves a silent path
+      probes; ``recent_answers`` = when the probes answered in time lately left
+      and when their answers came.  Before it leaves a silent path the session
+      asks another path's answers about the silent one's alarm
       (``switching.answered_during_silence``).
 
 Verdicts, first match wins (``measured``/``threshold`` are in the unit of the
@@ -270,8 +270,8 @@ class PathHealth:
         self._last_delivery: float | None = None
         #: The first data sent since the last delivery (``on_data_sent``); None: all answered.
         self._unanswered_since: float | None = None
-        #: When the newest probe answered at the path's usual pace (:meth:`prompt_probe_sent_at`) left.
-        self._prompt_probe_sent: float | None = None
+        #: (sent, answered) of the probes answered in time lately (:meth:`recent_answers`).
+        self._answers: collections.deque[tuple[float, float]] = collections.deque(maxlen=policy.loss_window_probes)
         self._missed = 0
         self._probes_sent = 0
         self._probes_acked = 0
@@ -364,11 +364,10 @@ class PathHealth:
         alarm = min((silence for _s, _d, silence in self._outstanding.values()), default=math.inf)
         return None if alarm == math.inf else alarm
 
-    def prompt_probe_sent_at(self) -> float | None:
-        """When the newest probe that was answered within :meth:`silence_probe_timeout_s` was sent:
-        the last instant this path is known to have carried a round trip at its usual pace.  An answer
-        held up by a stall anywhere on the way (a frozen gateway) is late, so it proves nothing."""
-        return self._prompt_probe_sent
+    def recent_answers(self) -> tuple[tuple[float, float], ...]:
+        """``(sent, answered)`` of the last ``loss_window_probes`` probes answered in time, oldest first:
+        the instants the far end is known to have been answering through this path."""
+        return tuple(self._answers)
 
     def on_probe_acked(self, seq: int, *, now: float) -> float | None:
         """An authenticated ack for probe ``seq``; returns its RTT in ms.
@@ -397,8 +396,7 @@ class PathHealth:
             return None
         sent, _deadline, _silence_deadline = entry
         rtt_ms = (now - sent) * _MS_PER_S
-        if now - sent <= self.silence_probe_timeout_s():  # judged by the pace known before this sample
-            self._prompt_probe_sent = sent  # newer than any earlier one: older probes were just resolved
+        self._answers.append((sent, now))
         self._sample_rtt(rtt_ms)
         self._missed = 0
         self._outcomes.append(False)

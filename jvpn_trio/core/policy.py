@@ -45,6 +45,11 @@ def _float_range(lo: float, hi: float) -> NumberRange:
     return number_range(lo, hi, error=PolicyError)
 
 
+def _is_bool(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise PolicyError(f"{attribute.name}: expected true or false, got {value!r}")
+
+
 def _to_float(value: object) -> object:
     # TOML integers are fine where a float is expected; anything else (and an integer too large
     # for a float) is left for the validator to reject with a clear message.
@@ -131,6 +136,11 @@ class Policy:
     #: The least time a probe on a silent path has before it counts as unanswered (srtt + 4 x jitter
     #: above it, at most probe_timeout_ms); it still counts as lost only at its ordinary deadline.
     silence_probe_timeout_floor_ms: int = attrs.field(default=20, validator=_int_range(1, MAX_PROBE_TIMEOUT_MS))
+    #: Leave a silent path (DATA_UNANSWERED) only for one that answered a probe sent since the
+    #: silence alarm, and only once the silent path has had its silence-probe timeout since that
+    #: answer to answer too: a gateway that stalls silences every path alike (docs/policy.md,
+    #: "Second opinion").  False: leave for any HEALTHY path at once.
+    silence_second_opinion: bool = attrs.field(default=True, validator=_is_bool)
     dead_after_missed_probes: int = attrs.field(default=3, validator=_int_range(1, 1_000))
     loss_window_probes: int = attrs.field(default=20, validator=_int_range(2, 10_000))
     # -- hysteresis ------------------------------------------------------------
@@ -323,6 +333,7 @@ _AS_BEFORE: dict[str, Any] = {
     "path_validation_cache_ms": 30_000,
     "silence_probe_after_ms": None,
     "silence_probe_timeout_floor_ms": 20,
+    "silence_second_opinion": False,
 }
 
 

@@ -83,7 +83,7 @@ from jvpn_trio.core.states import (
     SessionState,
     plan_transition,
 )
-from jvpn_trio.core.switching import Candidate, DecisionKind, SwitchView, decide
+from jvpn_trio.core.switching import Candidate, DecisionKind, SwitchView, decide, second_opinion_at
 
 S = SessionState
 R = ReasonCode
@@ -430,6 +430,8 @@ class ClientSession(_SessionCore):
         self.pending: PendingReattach | None = None
         self._retry_not_before: float | None = None
         self._next_nonce = 1
+        #: The latest ``now`` handled: a deadline at or before it would fire to no effect.
+        self._latest_input_at = now
         self._recovery_cause: ReasonCode | None = None
         #: Consecutive PROBE_ACKs on the active path saying the gateway is bound elsewhere.
         self._disowned_acks = 0
@@ -447,6 +449,7 @@ class ClientSession(_SessionCore):
 
     def handle(self, event: ev.ClientInput, *, now: float) -> list[Action]:
         """Feed one input; returns the actions to carry out, in order."""
+        self._latest_input_at = max(self._latest_input_at, now)
         actions = self._enforce_bounds(now)
         if self.terminated:
             self._count("inputs_after_termination")
@@ -465,8 +468,25 @@ class ClientSession(_SessionCore):
                 *(entry.health.next_deadline() for entry in self._paths.values()),
                 self.pending.sent_at + self.policy.reattach_timeout_ms / 1000.0 if self.pending else None,
                 self._retry_not_before,
+                self.second_opinion_deadline(),
             ]
         )
+
+    def second_opinion_deadline(self) -> float | None:
+        """When another path's answer makes the bound path's silence conclusive, if that is still
+        ahead (``switching.second_opinion_at``): the switch is decided again then."""
+        binding = self.record.binding
+        bound = self._paths.get(binding.path) if binding is not None else None
+        alarm = bound.health.silence_alarm_at() if bound is not None else None
+        if not self.policy.silence_second_opinion or bound is None or alarm is None:
+            return None
+        timeout_s = bound.health.silence_probe_timeout_s()
+        instants = [
+            second_opinion_at(entry.health.recent_answers(), alarm, timeout_s)
+            for path, entry in self._paths.items()
+            if binding is not None and path != binding.path
+        ]
+        return min((t for t in instants if t is not None and t > self._latest_input_at), default=None)
 
     # -- probing cadence (docs/policy.md, "Probing") ------------------------------------
     def probe_role(self, path: PathId, *, now: float) -> ProbeRole:
@@ -523,9 +543,9 @@ class ClientSession(_SessionCore):
         the usual pace, lets the session leave a path for DATA_UNANSWERED (``switching.decide``).
         A DEAD path (its link down, say) is not asked: it could not be the target anyway."""
         binding = self.record.binding
-        if binding is None or binding.path == path or entry.last_probe is None:
+        if not self.policy.silence_second_opinion or binding is None or binding.path == path:
             return math.inf
-        if entry.health.committed.verdict is Verdict.DEAD:
+        if entry.last_probe is None or entry.health.committed.verdict is Verdict.DEAD:
             return math.inf
         bound = self._paths.get(binding.path)
         alarm = bound.health.silence_alarm_at() if bound is not None else None
@@ -837,8 +857,9 @@ class ClientSession(_SessionCore):
                 reason=verdict.reason,
                 healthy_since=self._paths[path].health.healthy_since(now=now),
                 metered=self._paths[path].metered,
-                prompt_probe_sent_at=self._paths[path].health.prompt_probe_sent_at(),
+                answers=self._paths[path].health.recent_answers(),
                 silence_alarm_at=self._paths[path].health.silence_alarm_at(),
+                silence_probe_timeout_s=self._paths[path].health.silence_probe_timeout_s(),
             )
             for path, verdict in verdicts.items()
         )

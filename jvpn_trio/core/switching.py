@@ -19,11 +19,13 @@ choice flip between two equally good paths.
 Hysteresis, so that a flapping link cannot make the session flap:
 - leaving an IMPAIRED active path needs a HEALTHY target (not merely a less
   bad one) and ``min_dwell_ms`` on the current binding;
-- leaving it for DATA_UNANSWERED also needs a second opinion: the target must
-  have answered, at its usual pace, a probe sent after the active path's silence
-  alarm (:func:`answered_during_silence`; the session probes every other path
-  at that alarm).  A gateway that stalls silences every path alike, and a
-  switch then would only spend the rate budget;
+- leaving it for DATA_UNANSWERED also needs a second opinion
+  (``silence_second_opinion``): the target must have answered a probe sent at
+  or after the active path's silence alarm, and the active path must have had
+  its silence-probe timeout since that answer to be answered too
+  (:func:`second_opinion_at`; the session probes every other path at the
+  alarm).  A gateway that stalls silences every path alike, and a switch then
+  would only spend the rate budget;
 - returning to a preferred path needs it HEALTHY for ``return_dwell_ms``;
 - the health verdicts themselves have hysteresis (``health.py``).
 
@@ -48,6 +50,7 @@ DEGRADE; an optional one (a preferred path came back) just waits.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 import attrs
 
@@ -65,10 +68,12 @@ class Candidate:
     reason: ReasonCode
     healthy_since: float | None
     metered: bool = False
-    #: PathHealth.prompt_probe_sent_at: when the newest probe answered at the usual pace left.
-    prompt_probe_sent_at: float | None = None
-    #: PathHealth.silence_alarm_at: when its first probe still out counted as unanswered.
+    #: PathHealth.recent_answers: (sent, answered) of the probes answered in time lately.
+    answers: tuple[tuple[float, float], ...] = ()
+    #: PathHealth.silence_alarm_at: when its first probe still out counts as unanswered.
     silence_alarm_at: float | None = None
+    #: PathHealth.silence_probe_timeout_s: how long it takes to answer at its usual pace.
+    silence_probe_timeout_s: float = 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -101,12 +106,25 @@ def rank(c: Candidate) -> tuple[int, bool, int, int]:
     return (0 if c.verdict is Verdict.HEALTHY else 1, c.metered, c.priority, c.path.value)
 
 
-def answered_during_silence(target: Candidate, active: Candidate) -> bool:
-    """Whether ``target`` answered, at its usual pace, a probe sent once ``active``'s silence was
-    suspect.  Without that, the silence may not be the path's: a gateway that froze for a moment
-    silences every path at once, and its late answers arrive on all of them together."""
-    alarm = active.silence_alarm_at
-    return alarm is None or (target.prompt_probe_sent_at is not None and target.prompt_probe_sent_at >= alarm)
+def second_opinion_at(answers: Iterable[tuple[float, float]], alarm: float, timeout_s: float) -> float | None:
+    """When another path's word on a silent path is in: the silent path's silence-probe timeout
+    (``timeout_s``) after the other path answered a probe sent at or after its silence ``alarm``
+    (``answers``: that path's ``(sent, answered)``, oldest first).  None: no such answer yet.
+
+    The answer shows the gateway alive since the alarm.  A gateway that froze for a moment answers
+    the probes it owes on every path when it wakes, the older ones (the silent path's) first, so a
+    path whose only fault was the gateway is answered again within that timeout; a path still
+    silent then is the one at fault."""
+    return next((at + timeout_s for sent, at in answers if sent >= alarm), None)
+
+
+def answered_during_silence(target: Candidate, active: Candidate, *, now: float) -> bool:
+    """Whether ``target``'s second opinion on ``active``'s silence is in by ``now``
+    (:func:`second_opinion_at`); True when ``active`` has no silence alarm."""
+    if active.silence_alarm_at is None:
+        return True
+    at = second_opinion_at(target.answers, active.silence_alarm_at, active.silence_probe_timeout_s)
+    return at is not None and now >= at
 
 
 def _stay(reason: ReasonCode) -> Decision:
@@ -162,8 +180,8 @@ def decide(view: SwitchView, candidates: tuple[Candidate, ...], policy: Policy, 
 
     if active.verdict is Verdict.IMPAIRED:
         healthy = [c for c in usable if c.verdict is Verdict.HEALTHY]
-        if active.reason is ReasonCode.DATA_UNANSWERED:
-            healthy = [c for c in healthy if answered_during_silence(c, active)]
+        if active.reason is ReasonCode.DATA_UNANSWERED and policy.silence_second_opinion:
+            healthy = [c for c in healthy if answered_during_silence(c, active, now=now)]
         if not healthy:
             return _stay(ReasonCode.NO_BETTER_PATH)
         if not dwell_met:

@@ -820,6 +820,29 @@ def test_a_fast_path_is_silent_after_the_threshold_and_its_probes_are_unanswered
     assert h.verdict(now=1.05 + TIMEOUT_S).reason is R.MISSED_PROBES
 
 
+def test_the_silence_alarm_is_the_first_silence_deadline_still_out_and_answers_are_remembered() -> None:
+    h = PathHealth(P, SILENCE, now=0.0)
+    h.on_probe_sent(1, now=0.0)
+    h.on_probe_acked(1, now=0.0009765625)
+    assert h.recent_answers() == ((0.0, 0.0009765625),)
+    h.on_data_sent(now=1.0)
+    h.on_probe_sent(2, now=1.01)  # before the silence: no silence clock, no alarm
+    assert h.silence_alarm_at() is None
+    h.on_probe_sent(3, now=1.03)  # silent: probes 2 and 3 on the 20 ms clock
+    assert h.silence_alarm_at() == 1.03 + 0.020  # known ahead: the session schedules by it
+    h.on_probe_sent(4, now=1.05)
+    assert h.silence_alarm_at() == 1.03 + 0.020  # the earliest one still out
+    h.on_probe_acked(3, now=1.06)  # answers 3, so 2 is lost: 4 is the only one still out
+    assert h.silence_alarm_at() == 1.05 + 0.020  # 4's own silence deadline, set when it left
+    assert h.recent_answers()[-1] == (1.03, 1.06)
+    h.on_probe_acked(4, now=1.07)
+    assert h.silence_alarm_at() is None
+    for seq in range(5, 5 + SILENCE.loss_window_probes + 3):  # only the last loss window is kept
+        h.on_probe_sent(seq, now=2.0 + seq / 100)
+        h.on_probe_acked(seq, now=2.0 + seq / 100)
+    assert len(h.recent_answers()) == SILENCE.loss_window_probes
+
+
 def test_a_path_that_only_got_slower_is_impaired_by_silence_never_dead() -> None:
     h = PathHealth(P, SILENCE, now=0.0)
     h.on_probe_sent(1, now=0.0)

@@ -67,6 +67,8 @@ RANGE_REASONS = {
     "handshake_retry_ms": ": a sooner retry abandons initiations a real path would answer",
 }
 OPTIONAL_INT_FIELDS = {"probe_timeout_floor_ms", "silence_probe_after_ms"}
+#: The switches: their two values are their range.
+BOOL_RANGES: dict[str, tuple[bool, bool]] = {"silence_second_opinion": (False, True)}
 
 
 def _field(name: str) -> attrs.Attribute:  # type: ignore[type-arg]
@@ -80,8 +82,21 @@ def _check(name: str, value: object) -> None:
 
 
 def test_range_tables_cover_every_field() -> None:
-    assert set(INT_RANGES) | set(FLOAT_RANGES) == set(FIELD_NAMES)
+    assert set(INT_RANGES) | set(FLOAT_RANGES) | set(BOOL_RANGES) == set(FIELD_NAMES)
     assert not set(INT_RANGES) & set(FLOAT_RANGES)
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", None, 1.0])
+def test_a_switch_is_true_or_false_and_nothing_that_looks_like_it(value: object) -> None:
+    for name in BOOL_RANGES:
+        with pytest.raises(PolicyError, match=f"{name}: expected true or false"):
+            Policy.from_mapping({name: value})
+
+
+def test_a_recording_made_before_the_second_opinion_replays_without_it() -> None:
+    old = {k: v for k, v in DEFAULT_POLICY.to_mapping().items() if k != "silence_second_opinion"}
+    assert Policy.from_recording(old).silence_second_opinion is False
+    assert Policy.from_recording(DEFAULT_POLICY.to_mapping()).silence_second_opinion is True
 
 
 # A complete, consistent policy written out field by field, so the cross-field and
@@ -102,6 +117,7 @@ BASE: dict[str, Any] = {
     "probe_timeout_floor_ms": None,
     "silence_probe_after_ms": 30,
     "silence_probe_timeout_floor_ms": 20,
+    "silence_second_opinion": True,
     "dead_after_missed_probes": 3,
     "loss_window_probes": 20,
     "healthy_below_fraction": 0.8,
@@ -432,6 +448,7 @@ ALTERNATIVES: dict[str, object] = {
     "reject_after_messages": (1 << 64) - (1 << 13) - 2,
     "reconnect_initial_ms": 500,
     "reconnect_max_ms": 20_000,
+    "silence_second_opinion": False,
 }
 
 
@@ -441,14 +458,15 @@ def test_fingerprint_is_16_hex_digits_of_sha256_over_canonical_json() -> None:
     assert set(fp) <= set("0123456789abcdef")
     # Fields that came later are left out while they hold the value that behaves as before they
     # existed, so a policy recorded before them keeps its fingerprint (and its recorded runs replay).
-    # silence_probe_after_ms is not: its default (30) is not its "before" value (None, off).
+    # silence_probe_after_ms and silence_second_opinion are not: their defaults (30, true) are not
+    # their "before" values (None and false: off).
     later = {
         "standby_probe_interval_ms", "metered_probe_interval_ms", "idle_after_ms", "path_validation_cache_ms",
         "silence_probe_timeout_floor_ms",
     }
     mapping = {k: v for k, v in DEFAULT_POLICY.to_mapping().items() if k not in later}
     blob = json.dumps(mapping, sort_keys=True, separators=(",", ":")).encode()
-    assert fp == hashlib.sha256(blob).hexdigest()[:16] == "7a40d701ce2a8621"
+    assert fp == hashlib.sha256(blob).hexdigest()[:16] == "fb2273e960aa47a0"
     changed = base(standby_probe_interval_ms=2_000)
     blob = json.dumps({**mapping, "standby_probe_interval_ms": 2_000}, sort_keys=True, separators=(",", ":")).encode()
     assert changed.fingerprint == hashlib.sha256(blob).hexdigest()[:16]
@@ -550,9 +568,11 @@ def test_from_mapping_non_string_key_is_a_policy_error() -> None:
 
 
 def test_a_recording_without_the_later_fields_gets_the_behaviour_it_was_made_under() -> None:
-    old = {k: v for k, v in BASE.items() if k not in ("silence_probe_after_ms", "silence_probe_timeout_floor_ms")}
+    later = ("silence_probe_after_ms", "silence_probe_timeout_floor_ms", "silence_second_opinion")
+    old = {k: v for k, v in BASE.items() if k not in later}
     recorded = Policy.from_recording(old)
     assert recorded.silence_probe_after_ms is None  # no silence probing: it did not exist
+    assert recorded.silence_second_opinion is False
     assert Policy.from_mapping(old).silence_probe_after_ms == 30  # a config file gets today's default
     # ... and keeps the fingerprint it had: the laptop default's before silence probing existed.
     assert recorded.fingerprint == "0f008986eaaa4f2d"
@@ -616,14 +636,14 @@ def test_a_metered_path_probed_more_often_than_a_free_one_is_refused() -> None:
 
 #: Every field at its least accepted value: itself a complete, consistent policy.
 ALL_LOW: dict[str, Any] = {
-    **{name: lo for name, (lo, _hi) in {**INT_RANGES, **FLOAT_RANGES}.items()},
+    **{name: lo for name, (lo, _hi) in {**INT_RANGES, **FLOAT_RANGES, **BOOL_RANGES}.items()},
     "min_dwell_ms": 0,
     "return_dwell_ms": 0,
 }
 #: As many fields as can be at their greatest value at once (dead_after_missed_probes cannot:
 #: 1000 missed probes at the slowest cadence take longer than the longest loss TTL).
 ALL_HIGH: dict[str, Any] = {
-    **{name: hi for name, (_lo, hi) in {**INT_RANGES, **FLOAT_RANGES}.items()},
+    **{name: hi for name, (_lo, hi) in {**INT_RANGES, **FLOAT_RANGES, **BOOL_RANGES}.items()},
     "min_dwell_ms": HOUR_MS,
     "return_dwell_ms": HOUR_MS,
     "dead_after_missed_probes": 3,
@@ -643,7 +663,7 @@ def _witness(name: str, value: object) -> dict[str, Any] | None:
     """A complete policy with ``name`` = ``value`` that is accepted: an anchor as it is, or with one
     or two other fields moved to one of their reachable values (a range edge or an anchor's value)."""
     others = [n for n in FIELD_NAMES if n != name]
-    ranges = {**INT_RANGES, **FLOAT_RANGES}
+    ranges = {**INT_RANGES, **FLOAT_RANGES, **BOOL_RANGES}
     choices = {n: sorted({a[n] for a in ANCHORS if a[n] is not None} | set(ranges[n])) for n in others}
     moves = [(n, v) for n in others for v in choices[n]]
     for anchor in ANCHORS:
@@ -670,7 +690,7 @@ def test_the_anchors_are_complete_policies() -> None:
 def test_every_declared_bound_is_accepted_in_some_complete_policy(name: str, edge: str) -> None:
     # A bound that every complete policy rejects (through a cross-field rule) would be a lie in
     # the declared range and in docs/policy.md's table.
-    lo, hi = {**INT_RANGES, **FLOAT_RANGES}[name]
+    lo, hi = {**INT_RANGES, **FLOAT_RANGES, **BOOL_RANGES}[name]
     value = lo if edge == "lowest" else hi
     witness = _witness(name, value)
     assert witness is not None, f"{name} = {value} is declared but no complete policy accepts it"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import attrs
+import pytest
 
 from jvpn_trio.core import events as ev
 from jvpn_trio.core.actions import EventKind
@@ -224,42 +225,38 @@ def test_an_answer_ends_the_silence() -> None:
     assert sent(pair, P1) == now + POLICY.probe_interval_ms / 1000
 
 
-def _second_opinion(pair: Pair, *, answered: bool) -> int:
-    """P2's probe, if the core wants one now; answered at once (a working path) or not. Returns how many left."""
-    due = pair.client.probe_due(P2)
-    if due is None or due > pair.now:
-        return 0
-    sent(pair, P2)
-    if answered:
-        pair.ack_probes(pair.seq, [2])
-    return 1
-
-
-def _silent_p1(pair: Pair, *, p2_answers: bool) -> tuple[float, int]:
-    """P1 goes silent under data; its silence probes go out when due, and P2's second opinion when asked.
-
-    Returns when the data left and how many probes P2 sent meanwhile."""
+def _silent_p1(pair: Pair, *, p2_answers: bool) -> tuple[float, dict[PathId, list[int]]]:
+    """P1 goes dark under data; its silence probes go out when due, and P2's whenever the core wants
+    one (answered at once if ``p2_answers``), until P1's verdict.  Returns when the data left and the
+    probe numbers sent on each path meanwhile."""
     pair.blackhole(1)
     pair._client(ev.DataSent(path=P1))
     start = pair.now
-    floor_s = POLICY.silence_probe_timeout_floor_ms / 1000
-    asked = 0
-    for _ in range(POLICY.dead_after_missed_probes):
-        due = pair.client.probe_due(P1)
-        assert due is not None
-        pair.advance(max(due - pair.now, 0.0))
-        asked += _second_opinion(pair, answered=p2_answers)
-        sent(pair, P1)
-    pair.advance(floor_s)
-    asked += _second_opinion(pair, answered=p2_answers)
-    return start, asked
+    out: dict[PathId, list[int]] = {P1: [], P2: []}
+    for _ in range(100):
+        binding = pair.client.record.binding
+        if pair.client.record.state is not S.ATTACHED or binding is None or binding.path != P1:
+            break
+        dues = {p: pair.client.probe_due(p) for p in out}
+        nxt = min(d for d in dues.values() if d is not None)
+        pair.advance(max(nxt - pair.now, 0.0))
+        for p in out:
+            due = pair.client.probe_due(p)
+            if due is not None and due <= pair.now:
+                sent(pair, p)
+                out[p].append(pair.seq)
+                if p == P2 and p2_answers:
+                    pair.ack_probes(pair.seq, [2])
+    else:
+        raise AssertionError("P1 never got its verdict")
+    return start, out
 
 
 def test_a_silent_path_is_left_after_the_unanswered_silence_probes_not_after_the_full_timeouts() -> None:
     pair, _ = _attached()
-    start, asked = _silent_p1(pair, p2_answers=True)
+    start, out = _silent_p1(pair, p2_answers=True)
     floor_s = POLICY.silence_probe_timeout_floor_ms / 1000
-    assert asked == 1, "the standby path is asked once, at the silence alarm, not at every silence probe"
+    assert len(out[P2]) == 1, "the standby path is asked once, at the silence alarm, not at every silence probe"
     verdicts = [e for e in pair.events() if e.kind is EventKind.PATH_HEALTH and e.detail("path") == str(P1)
                 and e.t >= start and e.detail("verdict") != "HEALTHY"]
     assert verdicts and verdicts[0].reason is R.DATA_UNANSWERED and verdicts[0].detail("verdict") == "IMPAIRED"
@@ -268,10 +265,11 @@ def test_a_silent_path_is_left_after_the_unanswered_silence_probes_not_after_the
     expected = start + POLICY.silence_probe_after_ms / 1000 + POLICY.dead_after_missed_probes * floor_s  # type: ignore[operator]
     assert verdicts[0].t <= expected + 1e-9
     assert expected - start < POLICY.death_detection_bound_ms / 1000 / 3
-    # The session leaves for the healthy standby at once, for that reason.
+    # The session leaves for the healthy standby at once, for that reason: the standby answered at the
+    # alarm, a silence timeout before the verdict, so its word is in by then.
     switches = [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
     assert switches and switches[0].reason is R.DATA_UNANSWERED and switches[0].detail("to_path") == str(P2)
-    assert switches[0].t <= expected + 1e-9, "the second opinion costs the switch no time on a prompt path"
+    assert switches[0].t <= expected + 1e-9, "the second opinion costs the switch no time on a fast path"
 
 
 def test_the_other_paths_are_asked_once_at_the_silence_alarm_before_the_verdict() -> None:
@@ -294,39 +292,72 @@ def test_the_other_paths_are_asked_once_at_the_silence_alarm_before_the_verdict(
     assert sent(pair, P2) > pair.now + POLICY.probe_interval_ms / 1000, "asked once, then back to its cadence"
 
 
+def _gateway_wakes(pair: Pair, out: dict[PathId, list[int]], first: PathId, gap_s: float) -> None:
+    """The frozen gateway answers every probe it owes: on ``first`` at once, on the other path
+    ``gap_s`` later (the paths' round trips differ)."""
+    pair.blackhole(1, on=False)
+    second = P2 if first == P1 else P1
+    for seq in out[first]:
+        pair.ack_probes(seq, [first.value])
+    pair.advance(gap_s)
+    for seq in out[second]:
+        pair.ack_probes(seq, [second.value])
+
+
+def _switches_since(pair: Pair, start: float) -> list[tuple[R, str | None]]:
+    return [(e.reason, e.detail("to_path")) for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
+
+
 def test_silence_on_every_path_at_once_is_not_a_reason_to_switch() -> None:
     """A gateway that freezes for a moment (a busy host, a VM paused) silences every path alike: the
     standby path asked at the alarm does not answer either, so the session stays on its path, and its
     late answers bring the path back without a switch or a spent rate budget."""
     pair, _ = _attached()
-    start, asked = _silent_p1(pair, p2_answers=False)
-    assert asked == 1
+    start, out = _silent_p1(pair, p2_answers=False)
     assert pair.client.record.state is S.VOLATILE  # the silence is reported, not hidden
     assert pair.client.pending is None, "no REATTACH towards a path that has not answered since the alarm"
-    # The gateway wakes: the answers it owes arrive on both paths together, late.
-    pair.blackhole(1, on=False)
-    for seq in range(pair.seq - 4, pair.seq + 1):
-        pair.ack_probes(seq)
-    switches = [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
-    assert switches == []
+    pair.advance(0.05)  # frozen a while longer; every path is probed at the active cadence meanwhile
+    _gateway_wakes(pair, out, first=P1, gap_s=0.002)
+    assert _switches_since(pair, start) == []
     assert pair.client.record.state is S.ATTACHED and pair.client.record.binding is not None
     assert pair.client.record.binding.path == P1
 
 
-def test_a_late_answer_on_the_standby_path_is_no_second_opinion() -> None:
+def test_a_gateway_that_wakes_answers_the_faster_standby_first_and_still_no_switch() -> None:
+    """The standby's late answers come first (its round trip is shorter); some were sent just before
+    the gateway woke, so they are not even late.  The bound path's answers follow within its silence
+    timeout, before the standby's word is in, and the session stays."""
     pair, _ = _attached()
-    start, _asked = _silent_p1(pair, p2_answers=False)
-    p2_probe = pair.seq - 1  # the second opinion went out just before the last silence probe
-    # It is answered, but only after the path's usual pace: held up somewhere, it proves nothing.
-    pair.advance(POLICY.probe_timeout_ms / 1000 / 2)
-    pair.ack_probes(p2_probe, [2])
-    assert not [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
-    assert pair.client.record.state is S.VOLATILE
-    # A probe answered at once does.
+    start, out = _silent_p1(pair, p2_answers=False)
+    pair.advance(0.05)
+    sent(pair, P2)  # a probe the frozen gateway receives just before it wakes
+    out[P2].append(pair.seq)
+    _gateway_wakes(pair, out, first=P2, gap_s=POLICY.silence_probe_timeout_floor_ms / 1000 / 2)
+    assert _switches_since(pair, start) == []
+    assert pair.client.record.state is S.ATTACHED
+
+
+def test_a_path_that_stays_silent_after_the_standby_answered_is_left_when_the_word_is_in() -> None:
+    pair, _ = _attached()
+    start, out = _silent_p1(pair, p2_answers=False)
+    pair.advance(0.01)
     sent(pair, P2)
-    pair.ack_probes(pair.seq, [2])
-    switches = [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH and e.t >= start]
-    assert [(e.reason, e.detail("to_path")) for e in switches] == [(R.DATA_UNANSWERED, str(P2))]
+    pair.ack_probes(pair.seq, [2])  # the standby answers; P1 stays dark
+    answered = pair.now
+    assert _switches_since(pair, start) == []  # not yet: P1 gets a silence timeout to answer too
+    pair.advance(POLICY.silence_probe_timeout_floor_ms / 1000)  # the core's own timer decides then
+    assert _switches_since(pair, start) == [(R.DATA_UNANSWERED, str(P2))]
+    switch = [e for e in pair.events() if e.kind is EventKind.TRANSPORT_SWITCH][-1]
+    assert switch.t == pytest.approx(answered + POLICY.silence_probe_timeout_floor_ms / 1000)
+
+
+def test_without_the_second_opinion_a_silent_path_is_left_for_any_healthy_one_at_once() -> None:
+    policy = attrs.evolve(POLICY, silence_second_opinion=False)
+    pair = Pair.start(policy=policy)
+    pair.run(policy.min_dwell_ms / 1000 + 0.5)
+    pair.probe_round()
+    start, _out = _silent_p1(pair, p2_answers=False)  # the standby answers nothing since the alarm
+    assert _switches_since(pair, start) == [(R.DATA_UNANSWERED, str(P2))]
 
 
 def test_a_probe_outstanding_when_the_path_turns_silent_goes_on_the_silence_clock() -> None:
