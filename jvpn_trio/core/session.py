@@ -472,19 +472,27 @@ class ClientSession(_SessionCore):
             ]
         )
 
+    def _silence_alarm(self) -> tuple[PathId, _PathEntry, float] | None:
+        """The bound path, its entry and its silence alarm, while a second opinion is wanted."""
+        binding = self.record.binding
+        bound = self._paths.get(binding.path) if binding is not None else None
+        if not self.policy.silence_second_opinion or binding is None or bound is None:
+            return None
+        alarm = bound.health.silence_alarm_at()
+        return None if alarm is None else (binding.path, bound, alarm)
+
     def second_opinion_deadline(self) -> float | None:
         """When another path's answer makes the bound path's silence conclusive, if that is still
         ahead (``switching.second_opinion_at``): the switch is decided again then."""
-        binding = self.record.binding
-        bound = self._paths.get(binding.path) if binding is not None else None
-        alarm = bound.health.silence_alarm_at() if bound is not None else None
-        if not self.policy.silence_second_opinion or bound is None or alarm is None:
+        silence = self._silence_alarm()
+        if silence is None:
             return None
+        bound_path, bound, alarm = silence
         timeout_s = bound.health.silence_probe_timeout_s()
         instants = [
             second_opinion_at(entry.health.recent_answers(), alarm, timeout_s)
             for path, entry in self._paths.items()
-            if binding is not None and path != binding.path
+            if path != bound_path
         ]
         return min((t for t in instants if t is not None and t > self._latest_input_at), default=None)
 
@@ -539,17 +547,16 @@ class ClientSession(_SessionCore):
 
     def _second_opinion_due(self, path: PathId, entry: _PathEntry) -> float:
         """When a path other than the bound one is asked, once, whether it still gets answers: at the
-        bound path's silence alarm (``PathHealth.silence_alarm_at``).  Only an answer to that probe, at
-        the usual pace, lets the session leave a path for DATA_UNANSWERED (``switching.decide``).
+        bound path's silence alarm (``PathHealth.silence_alarm_at``).  Only an answer to a probe sent
+        since then lets the session leave a path for DATA_UNANSWERED (``switching.second_opinion_at``).
         A DEAD path (its link down, say) is not asked: it could not be the target anyway."""
-        binding = self.record.binding
-        if not self.policy.silence_second_opinion or binding is None or binding.path == path:
+        silence = self._silence_alarm()
+        if silence is None or silence[0] == path:
             return math.inf
         if entry.last_probe is None or entry.health.committed.verdict is Verdict.DEAD:
             return math.inf
-        bound = self._paths.get(binding.path)
-        alarm = bound.health.silence_alarm_at() if bound is not None else None
-        return alarm if alarm is not None and entry.last_probe < alarm else math.inf
+        alarm = silence[2]
+        return alarm if entry.last_probe < alarm else math.inf
 
     def _silence_probe_due(self, path: PathId, entry: _PathEntry) -> float:
         """When the bound path, once silent, is probed next: when the silence begins, then every
