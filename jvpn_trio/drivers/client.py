@@ -1068,24 +1068,34 @@ class ClientRuntime:
                 await self._receive_batch(path, batch[start:start + BATCH])
 
     async def _receive_batch(self, path: ClientPath, batch: list[tuple[bytes, Address]]) -> None:
+        """Each datagram from the gateway, in order; consecutive DATA is opened in one call, without a coroutine.
+
+        A control frame ends the run before it, so it sees the keys and windows as the
+        DATA before it left them; everything else (and every drop) goes the general way.
+        """
         now = trio.current_time()
-        tally, channel, data_packet, is_data = self._tally, self.channel, wire.data_packet, wire.is_data_untrusted
+        tally, is_data, is_gateway = self._tally, wire.is_data_untrusted, path.is_gateway
+        run: list[bytes] = []
         for data, addr in batch:
-            if not path.is_gateway(addr):
+            if not is_gateway(addr):
                 tally.stray_source += 1
-                continue
-            # DATA, the per-packet case, is opened and delivered here without a coroutine;
-            # everything else (and every drop) goes the general way.
-            if is_data(data):
-                try:
-                    opened = channel.open_untrusted(data, now=now)
-                except ChannelDrop as drop:
-                    tally.drop[drop.reason] += 1
-                    continue
-                self._deliver(path, data_packet(opened.msg_type, opened.plaintext), now)
-                continue
-            await self._on_datagram(path, data, now)
+            elif is_data(data):
+                run.append(data)
+            else:
+                if run:
+                    self._open_data(path, run, now)
+                    run = []
+                await self._on_datagram(path, data, now)
+        if run:
+            self._open_data(path, run, now)
         self._flush_delivered()
+
+    def _open_data(self, path: ClientPath, run: list[bytes], now: float) -> None:
+        opened = self.channel.open_data_batch(run, now=now)
+        for reason in opened.drops:
+            self._tally.drop[reason] += 1
+        if opened.packets:
+            self._deliver(path, opened.packets, now)
 
     async def _on_datagram(self, path: ClientPath, data: bytes, now: float) -> None:
         try:
@@ -1102,7 +1112,7 @@ class ClientRuntime:
             self._tally.drop[drop.reason] += 1
             return
         if opened.msg_type in wire.DATA_TYPES:  # the per-packet path: nothing to decode
-            self._deliver(path, wire.data_packet(opened.msg_type, opened.plaintext), now)
+            self._deliver(path, [wire.data_packet(opened.msg_type, opened.plaintext)], now)
             return
         try:
             message = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
@@ -1126,12 +1136,12 @@ class ClientRuntime:
                 return
         await self.submit(event, at=now)
 
-    def _deliver(self, path: ClientPath, packet: bytes, now: float) -> None:
+    def _deliver(self, path: ClientPath, packets: list[bytes], now: float) -> None:
         tally = self._tally
-        tally.rx_packets += 1
-        tally.rx_bytes += len(packet)
-        if packet and self._packets is not None:
-            self._delivered.add(packet)
+        tally.rx_packets += len(packets)
+        tally.rx_bytes += sum(map(len, packets))
+        if self._packets is not None:
+            self._delivered.extend([packet for packet in packets if packet])  # an empty one is a keepalive
         if self._due_to_report(self._delivery_reported, path.path, now):
             self.submit_nowait(ev.DeliveryObserved(path=path.path))
 

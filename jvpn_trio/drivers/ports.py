@@ -53,8 +53,8 @@ class DeliveryBuffer:
     def __init__(self) -> None:
         self._pending: list[bytes] = []
 
-    def add(self, packet: bytes) -> None:
-        self._pending.append(packet)
+    def extend(self, packets: list[bytes]) -> None:
+        self._pending.extend(packets)
 
     def flush(self, port: PacketPort) -> int:
         """Write what was added since the last flush to ``port``; how many it dropped."""

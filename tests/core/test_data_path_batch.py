@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from random import Random
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jvpn_trio.core import wire
 from jvpn_trio.core.antireplay import ReplayWindow
@@ -103,3 +107,106 @@ def test_in_order_fast_path_decides_as_the_general_rule(counters: list[int]) -> 
             seen.add(c)
             highest = c if highest is None else max(highest, c)
     assert window.statistics().highest_accepted == highest
+
+
+# -- opening a batch: SecureChannel.open_data_batch against open_untrusted, datagram by datagram -------------
+
+K3, K4 = bytes([3]) * 32, bytes([4]) * 32
+#: When the newer keypair (index 21) was made: at ``LATE`` the older one (20) is past reject_after_s, it is not.
+NEWER_AT = float(POLICY.reject_after_s) - 1.0
+LATE = float(POLICY.reject_after_s) + 0.5
+
+
+def receivers() -> list[SecureChannel]:
+    """Two identical receivers: keypair 20 current, 21 installed as *next* (a rekey the sender will use)."""
+    twins = []
+    for _ in range(2):
+        b = SecureChannel(POLICY)
+        b.install_current(keypair(K2, K1, 20, 10, initiator=False))
+        b.install_next(Keypair(send_key=K4, recv_key=K3, local_index=21, remote_index=11,
+                               is_initiator=False, created_at=NEWER_AT))
+        twins.append(b)
+    return twins
+
+
+def one_at_a_time(b: SecureChannel, datagrams: list[bytes], now: float) -> tuple[list[tuple[type, bytes]], list[R]]:
+    packets, drops = [], []
+    for datagram in datagrams:
+        try:
+            opened = b.open_untrusted(datagram, now=now)
+        except ChannelDrop as drop:
+            drops.append(drop.reason)
+        else:
+            packet = wire.data_packet(opened.msg_type, opened.plaintext)
+            packets.append((type(packet), bytes(packet)))
+    return packets, drops
+
+
+def state(b: SecureChannel) -> tuple[object, ...]:
+    ring = b.keyring
+    return (
+        tuple(kp.local_index for kp in (ring.previous, ring.current, ring.next) if kp is not None),
+        b.generation,
+        tuple(sorted((lane, index, w.statistics()) for lane, windows in enumerate(b._windows) for index, w in windows.items())),
+    )
+
+
+MANGLES = {
+    "as sent": lambda d: d,
+    "tag flipped": lambda d: d[:-1] + bytes([d[-1] ^ 1]),
+    "truncated": lambda d: d[:10],
+    "unknown index": lambda d: d[:4] + (99).to_bytes(4, "big") + d[8:],
+    "reserved set": lambda d: d[:2] + b"\x00\x01" + d[4:],
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([wire.MessageType.DATA, wire.MessageType.DATA_PARTIAL]),
+                       st.binary(min_size=0, max_size=80)), min_size=1, max_size=30),
+    st.integers(min_value=0, max_value=30),
+    st.lists(st.sampled_from(sorted(MANGLES)), max_size=10),
+    st.sampled_from([1.0, LATE]),
+    st.randoms(use_true_random=False),
+)
+def test_a_batch_opens_exactly_what_one_datagram_at_a_time_opens(
+    sends: list[tuple[wire.MessageType, bytes]], rekey_after: int, mangles: list[str], now: float, rng: Random
+) -> None:
+    """Replays, forgeries, bad frames, strangers, a rekey promoted mid-batch and an expired key, in any order.
+
+    The attacker is on-path with every datagram: whatever order and copies reach the
+    gateway, the batch must open the same packets, drop the same with the same reasons,
+    and leave the same windows and key ring as opening them one by one.
+    """
+    a = SecureChannel(POLICY)
+    a.install_current(keypair(K1, K2, 10, 20, initiator=True))
+    sent = []
+    for i, (kind, payload) in enumerate(sends):
+        if i == rekey_after:
+            a.install_current(keypair(K3, K4, 11, 21, initiator=True))
+        sent.append(a.seal(kind, payload))
+    delivery = sent + [rng.choice(sent) for _ in range(len(sent) // 2)]
+    delivery += [MANGLES[m](rng.choice(sent)) for m in mangles]
+    rng.shuffle(delivery)
+    one, batch = receivers()
+    expected = one_at_a_time(one, delivery, now)
+    packets: list[tuple[type, bytes]] = []
+    drops: list[R] = []
+    cuts = sorted(rng.sample(range(1, len(delivery)), k=min(3, len(delivery) - 1)))
+    for start, end in zip([0, *cuts], [*cuts, len(delivery)]):
+        opened = batch.open_data_batch(delivery[start:end], now=now)
+        packets += [(type(p), bytes(p)) for p in opened.packets]
+        drops += opened.drops
+    assert (packets, drops) == expected
+    assert state(batch) == state(one)
+
+
+def test_a_control_frame_in_a_data_batch_is_dropped_and_moves_no_window() -> None:
+    a, b = SecureChannel(POLICY), SecureChannel(POLICY)
+    a.install_current(keypair(K1, K2, 10, 20, initiator=True))
+    b.install_next(keypair(K2, K1, 20, 10, initiator=False))
+    probe = a.seal(wire.MessageType.PROBE, bytes(wire.PROBE_LEN))
+    data = a.seal(wire.MessageType.DATA, b"after the probe")
+    opened = b.open_data_batch([probe, data], now=1.0)
+    assert opened == ([b"after the probe"], [R.MALFORMED])
+    assert b.open_untrusted(probe, now=1.0).msg_type is wire.MessageType.PROBE  # the control lane never saw it

@@ -102,3 +102,57 @@ async def test_a_rekeyed_session_is_found_by_its_new_index(autojump_clock: trio.
             assert (stats.rx_packets, stats.drop_unknown_index) == (1, 0)
             assert written(world) == [PACKET]
             nursery.cancel_scope.cancel()
+
+
+async def _mixed_traffic(*, burst: bool) -> tuple[object, list[bytes]]:
+    """Two sessions' DATA interleaved with what an attacker adds, read in one batch or one datagram per read.
+
+    Returns the gateway's statistics and what it wrote to the TUN.
+    """
+    world = World()
+    alice, bob = Peer(world, 1), Peer(world, 2)
+    stranger = world.net.port(("203.0.113.7", 7))  # holds alice's datagrams, sends from elsewhere
+    async with trio.open_nursery() as nursery:
+        await world.start(nursery)
+        await confirmed(world, alice)
+        await confirmed(world, bob)
+        a = alice.channel.seal_data_batch([PACKET, PACKET + b"a1", PACKET + b"a2", PACKET + b"a3"])
+        b = bob.channel.seal_data_batch([PACKET + b"b0", PACKET + b"b1"])
+        forged = a[3][:-1] + bytes([a[3][-1] ^ 1])
+        unknown = a[2][:4] + (0xDEADBEEF).to_bytes(4, "big") + a[2][8:]
+        short = bytes([wire.PROTOCOL_VERSION, wire.MessageType.DATA.value, 0, 0, 1])
+        probe = alice.channel.seal(wire.MessageType.PROBE, wire.encode_probe_plaintext(
+            wire.Probe(path_id=PathId(1), seq=2, sent_us=9)))
+        sends = [
+            (alice.port, a[0]), (alice.port, a[1]), (bob.port, b[0]), (alice.port, forged), (alice.port, a[1]),
+            (alice.port, unknown), (alice.port, short), (stranger, a[2]), (alice.port, a[2]), (alice.port, probe),
+            (alice.port, a[3]), (bob.port, b[1]), (bob.port, b[0]),
+        ]
+        for port, datagram in sends:
+            port.send_nowait(datagram, GATEWAY)
+            if not burst:
+                await trio.sleep(0.01)  # the gateway reads each datagram on its own
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    return world.gateway.statistics(), written(world)
+
+
+async def test_runs_in_one_read_decide_as_one_datagram_per_read(autojump_clock: trio.abc.Clock) -> None:
+    """Runs of DATA are opened together (``_feed_datagrams``): a run's boundaries must change no outcome.
+
+    Other sessions' DATA, replays, a forgery, an unknown index, a short frame, a PROBE and the
+    session's own DATA from a stranger's endpoint, all in one read, count and deliver exactly
+    as when each datagram is read alone.
+    """
+    with trio.fail_after(60):
+        together, written_together = await _mixed_traffic(burst=True)
+        alone, written_alone = await _mixed_traffic(burst=False)
+    assert together == alone
+    assert written_together == written_alone
+    # a2 reached the gateway first from the stranger: authenticated, not delivered, its counter spent
+    assert written_together == [PACKET, PACKET + b"a1", PACKET + b"b0", PACKET + b"a3", PACKET + b"b1"]
+    counts = {name: getattr(together, name) for name in (
+        "rx_packets", "stray_data", "drop_replayed_counter", "drop_decrypt_failed", "drop_unknown_index")}
+    # replays: a1 and b0 sent twice, a2 after the stranger's copy; unknown index: the forged index and the short frame
+    assert counts == {"rx_packets": 5, "stray_data": 1, "drop_replayed_counter": 3, "drop_decrypt_failed": 1,
+                      "drop_unknown_index": 2}

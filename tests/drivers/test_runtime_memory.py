@@ -406,7 +406,14 @@ async def test_behind_a_flood_the_client_reads_the_close_queued_after_it_in_time
                 autojump_clock.jump(OPEN_COST_S)
                 return open_untrusted(datagram, now=now)
 
+            open_data_batch = channel.open_data_batch
+
+            def costly_batch(datagrams: list[bytes], *, now: float):  # type: ignore[no-untyped-def]
+                autojump_clock.jump(OPEN_COST_S * len(datagrams))
+                return open_data_batch(datagrams, now=now)
+
             channel.open_untrusted = costly_open  # type: ignore[method-assign]
+            channel.open_data_batch = costly_batch  # type: ignore[method-assign]
             stranger = ("198.51.100.9", 51820)
             junk = bytes([wire.PROTOCOL_VERSION, wire.MessageType.DATA]) + bytes(60)
             packets = [ipv4_packet("10.66.0.1", "10.66.0.2", b"%d" % n) for n in range(14_000)]
