@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,16 @@ def test_the_announcer_loads_netlink_only_when_it_opens() -> None:
     modules = modules_after("import jvpn_trio.drivers.announce")
     assert "jvpn_trio.drivers.announce" in modules
     assert loaded(modules, ("pyroute2", "jvpn_trio.drivers.netlink", "jvpn_trio.drivers.routes")) == []
+
+
+def test_the_import_weight_script_measures_every_layer_cumulatively() -> None:
+    """``scripts/import_rss.py`` (docs/benchmarks.md, "Memory per process"): each row adds to the one before."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "import_rss.py"
+    done = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, check=False,
+                          timeout=CHILD_TIMEOUT_S * 3)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert rows[0]["layer"] == "the interpreter alone" and rows[-1]["layer"] == "the serve command"
+    modules = [r["modules"] for r in rows]
+    assert modules == sorted(modules) and modules[-1] > modules[0]
+    assert all(r["VmRSS"] > 0 and r["RssAnon"] + r["RssFile"] <= r["VmRSS"] + 64 for r in rows)
