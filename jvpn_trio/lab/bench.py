@@ -24,14 +24,17 @@ is measured too and reported (jvpn-trio's probing costs a few hundredths of a co
 
 Measurements:
 
-1. *Throughput*, ``--runs`` rounds: ``iperf3`` one TCP stream for ``--iperf-seconds`` (the
-   receiver's Mbit/s), then ``iperf3 -u -l 64 -b 0`` (64-byte payloads at the highest rate the
-   sender manages; the figure is the packets the server *received* per second).  Servers run
-   in the gateway namespace, bound to the address the tunnel delivers to; clients run in the
-   client namespace.  Around each test the CPU time (utime + stime of all threads, from
-   ``/proc/<pid>/stat``) of every tunnel's client and gateway process is read: CPU seconds /
-   wall seconds = cores.  The memory figure is the peak RSS (``VmHWM`` in
-   ``/proc/<pid>/status``) at the end of the run.
+1. *Throughput*, ``--runs`` rounds: ``iperf3`` one TCP stream for ``--iperf-seconds`` from the
+   client namespace to the gateway (upload; the receiver's Mbit/s), then the same stream the
+   other way, ``iperf3 -R`` (download: the gateway's server sends and the client namespace
+   receives, what a laptop mostly does and the only test of the VPN client's receive path; the
+   receiver's Mbit/s again, now the client's own count), then ``iperf3 -u -l 64 -b 0`` (64-byte
+   payloads at the highest rate the sender manages; the figure is the packets the server
+   *received* per second).  Servers run in the gateway namespace, bound to the address the
+   tunnel delivers to; clients run in the client namespace.  Around each test the CPU time
+   (utime + stime of all threads, from ``/proc/<pid>/stat``) of every tunnel's client and
+   gateway process is read: CPU seconds / wall seconds = cores.  The memory figure is the peak
+   RSS (``VmHWM`` in ``/proc/<pid>/status``) at the end of the run.
 2. *Outage* (tunnels only), ``--fault-runs`` times for each fault (default
    :data:`DEFAULT_FAULT_RUNS`, or ``--runs`` if that is more), link down and blackhole: a
    :data:`PROBE_HZ` UDP probe stream (``jvpn_trio.lab.traffic``) runs from the client namespace through the tunnel;
@@ -168,8 +171,10 @@ from jvpn_trio.lab.traffic import Gap, format_endpoint, longest_gap, traffic_arg
 PEERS = (OPENVPN, WIREGUARD, MPTCP)
 
 TCP = "tcp"
+#: One TCP stream the other way (``iperf3 -R``): the gateway sends, the client namespace receives.
+TCP_DOWN = "tcp_down"
 UDP64 = "udp64"
-THROUGHPUT_TESTS = (TCP, UDP64)
+THROUGHPUT_TESTS = (TCP, TCP_DOWN, UDP64)
 
 DEFAULT_RUNS = 3
 #: Fault trials per system and fault in the full run: outages vary more between trials than
@@ -309,7 +314,12 @@ def _number(section: Mapping[str, Any], key: str, where: str) -> float:
 
 
 def parse_iperf_tcp(doc: Mapping[str, Any]) -> float:
-    """Mbit/s the receiver got, from ``iperf3 -J`` TCP output; BenchError if it reports an error."""
+    """Mbit/s the receiver got, from ``iperf3 -J`` TCP output; BenchError if it reports an error.
+
+    ``end.sum_received`` is the receiving end's count in either direction: the server's without
+    ``-R`` (sent back to the client at the end), the client's own with ``-R`` (``end.sum_sent``
+    is then the server's), so the download test reuses this unchanged.
+    """
     _iperf_error(doc)
     received = _section(doc, "end", "sum_received")
     return _number(received, "bits_per_second", "end.sum_received") / 1e6
@@ -517,10 +527,12 @@ class SystemResult:
     reason: str | None = None
     version: str | None = None
     tcp_mbit_runs: tuple[float, ...] = ()
+    #: The download direction (``iperf3 -R``), one per round.
+    tcp_down_mbit_runs: tuple[float, ...] = ()
     udp64_runs: tuple[UdpResult, ...] = ()
     #: fault -> the outage of each run, in the order they ran.
     outages: Mapping[str, tuple[Outage, ...]] = attrs.field(factory=dict)
-    #: test (tcp, udp64) -> one {role: cores} per round.
+    #: test (tcp, tcp_down, udp64) -> one {role: cores} per round.
     cpu_runs: Mapping[str, tuple[CpuSample, ...]] = attrs.field(factory=dict)
     #: client + gateway cores while another system was being measured (the tunnel idle).
     idle_cores_runs: tuple[float, ...] = ()
@@ -535,6 +547,10 @@ class SystemResult:
     @property
     def tcp_mbit(self) -> float | None:
         return median(self.tcp_mbit_runs)
+
+    @property
+    def tcp_down_mbit(self) -> float | None:
+        return median(self.tcp_down_mbit_runs)
 
     @property
     def udp64_pps(self) -> float | None:
@@ -557,6 +573,8 @@ class SystemResult:
         value: float | None
         if metric == "tcp_mbit":
             value = self.tcp_mbit
+        elif metric == "tcp_down_mbit":
+            value = self.tcp_down_mbit
         elif metric == "udp64_pps":
             value = self.udp64_pps
         elif metric in FAULTS:
@@ -577,6 +595,8 @@ class SystemResult:
             return out
         out["tcp_mbit"] = _round_or_none(self.tcp_mbit, 1)
         out["tcp_mbit_runs"] = [round(v, 1) for v in self.tcp_mbit_runs]
+        out["tcp_down_mbit"] = _round_or_none(self.tcp_down_mbit, 1)
+        out["tcp_down_mbit_runs"] = [round(v, 1) for v in self.tcp_down_mbit_runs]
         out["udp64_received_pps"] = _round_or_none(self.udp64_pps, 1)
         out["udp64_runs"] = [
             {"received_pps": round(u.received_pps, 1), "sent_pps": round(u.sent_pps, 1),
@@ -636,16 +656,19 @@ def rows(runs: int, fault_runs: int | None = None) -> tuple[Row, ...]:
     of, faults_of = _median_of(runs), _median_of(runs if fault_runs is None else fault_runs)
     return (
         Row("tcp_mbit", f"TCP, one stream (Mbit/s, {of})"),
+        Row("tcp_down_mbit", f"TCP download, one stream (Mbit/s, {of})"),
         Row("udp64_pps", f"UDP 64 B received (packets/s, {of})"),
         Row(LINK_DOWN, f"outage, link down (s, {faults_of})"),
         Row(BLACKHOLE, f"outage, blackhole (s, {faults_of})"),
         Row("cpu_tcp", "CPU during TCP, client + gateway (cores)"),
+        Row("cpu_tcp_down", "CPU during TCP download, client + gateway (cores)"),
         Row("cpu_udp64", "CPU during UDP 64 B, client + gateway (cores)"),
         Row("peak_rss", "peak RSS, client + gateway (MiB)"),
     )
 
 
 def _reference_cell(metric: str) -> str:
+    """peers.md's figure for a row; ``—`` where it has none (it measured no download)."""
     ref = PEERS_MD_WIREGUARD
     if metric == "tcp_mbit":
         return f"{ref['tcp_mbit']:,.0f}"
@@ -1289,6 +1312,7 @@ class Running:
     throughput: bool = True
     failure: str | None = None
     tcp: list[float] = attrs.Factory(list)
+    tcp_down: list[float] = attrs.Factory(list)
     udp: list[UdpResult] = attrs.Factory(list)
     cpu: dict[str, list[CpuSample]] = attrs.Factory(dict)
     idle: list[float] = attrs.Factory(list)
@@ -1303,6 +1327,7 @@ class Running:
             reason=self.failure,
             version=self.version,
             tcp_mbit_runs=tuple(self.tcp),
+            tcp_down_mbit_runs=tuple(self.tcp_down),
             udp64_runs=tuple(self.udp),
             outages={fault: tuple(runs) for fault, runs in self.outages.items()},
             cpu_runs={test: tuple(samples) for test, samples in self.cpu.items()},
@@ -1312,9 +1337,12 @@ class Running:
         )
 
 
-async def run_iperf(lab: Lab, target: str, *, udp: bool, seconds: float, workdir: Path, tag: str) -> tuple[Any, float]:
+async def run_iperf(
+    lab: Lab, target: str, *, udp: bool, seconds: float, workdir: Path, tag: str, reverse: bool = False
+) -> tuple[Any, float]:
     """One iperf3 test from the client ns to a one-off server on ``target`` in the gateway ns.
 
+    ``reverse`` (``-R``): the server sends and the client receives, the download direction.
     Returns the client's JSON document and the wall time the client ran.
     """
     out, err = workdir / f"iperf-{tag}-server.out", workdir / f"iperf-{tag}-server.err"
@@ -1333,6 +1361,8 @@ async def run_iperf(lab: Lab, target: str, *, udp: bool, seconds: float, workdir
                 "--connect-timeout", str(IPERF_CONNECT_TIMEOUT_MS)]  # fmt: skip
         if udp:
             argv += ["-u", "-l", str(UDP_PAYLOAD_BYTES), "-b", "0"]
+        if reverse:
+            argv.append("-R")
         started = time.monotonic()
         with trio.fail_after(seconds + IPERF_SLACK_S):
             result = await lab.run(lab.client_ns, *argv, check=False)
@@ -1356,7 +1386,8 @@ async def _throughput_test(system: Running, everyone: Sequence[Running], test: s
     """One iperf3 test through ``system``; CPU of every live tunnel is read around it."""
     before = await _all_ticks(everyone)
     doc, wall = await run_iperf(
-        system.lab, system.target, udp=test == UDP64, seconds=settings.iperf_s, workdir=system.workdir, tag=tag
+        system.lab, system.target, udp=test == UDP64, seconds=settings.iperf_s, workdir=system.workdir, tag=tag,
+        reverse=test == TCP_DOWN,
     )
     after = await _all_ticks(everyone)
     for other in everyone:
@@ -1371,6 +1402,9 @@ async def _throughput_test(system: Running, everyone: Sequence[Running], test: s
     if test == TCP:
         system.tcp.append(parse_iperf_tcp(doc))
         _progress(f"  {system.key}: TCP {system.tcp[-1]:,.0f} Mbit/s")
+    elif test == TCP_DOWN:
+        system.tcp_down.append(parse_iperf_tcp(doc))
+        _progress(f"  {system.key}: TCP download {system.tcp_down[-1]:,.0f} Mbit/s")
     else:
         udp = parse_iperf_udp(doc)
         system.udp.append(udp)

@@ -102,6 +102,9 @@ RATIO_COLUMNS = (
 
 # -- figures and ratios --------------------------------------------------------------------------------
 
+#: The figures in Mbit/s: one TCP stream up (client to gateway) and down (``iperf3 -R``).
+MBIT_METRICS = ("tcp_mbit", "tcp_down_mbit")
+
 
 @attrs.frozen
 class Figure:
@@ -141,7 +144,7 @@ def format_figure(metric: str, figure: Figure | None) -> str:
     if figure is None:
         return "—"
     v = figure.value
-    if metric == "tcp_mbit":
+    if metric in MBIT_METRICS:
         text = f"{v:,.0f}"
     elif metric == "udp64_pps":
         text = f"{v / 1000:,.1f} k"

@@ -22,6 +22,8 @@ The timelines figure shows, per fault trial, the probe arrivals the report kept 
 (``runs[i].timeline``: times since the fault, a bounded number on each side of it), so one can
 see whether the stream stopped at once and came back at full rate or trickled.  Reports written
 before the bench kept timelines have none: that figure is then not drawn, the other two are.
+Likewise reports written before the bench measured the TCP download (``tcp_down_mbit``) load and
+plot, with that throughput panel saying "not measured".
 
 matplotlib is an optional dependency (``pip install 'jvpn-trio[plots]'``): it is imported inside
 the rendering functions only, and its absence raises :class:`PlotsUnavailable` with that hint.
@@ -71,8 +73,8 @@ OUTAGES_FILE = "outages.png"
 TIMELINES_FILE = "outage-timelines.png"
 
 DPI = 120
-#: Inches: the throughput figure (two panels side by side) and each outage panel.
-THROUGHPUT_SIZE_IN = (11.0, 5.5)
+#: Inches: the throughput figure (three panels side by side) and each outage panel.
+THROUGHPUT_SIZE_IN = (15.0, 5.5)
 OUTAGE_PANEL_SIZE_IN = (4.2, 5.5)
 #: Inches of the timelines figure: its width; above the panels (titles), below them (axis label,
 #: footer, legend), between two panels (a title and tick labels); each trial's row, and the fewest
@@ -121,8 +123,15 @@ REFERENCE_COLOR = "lightgray"
 #: The throughput panels: (metric in the ratios, title, unit).
 THROUGHPUT_PANELS = (
     ("tcp_mbit", "TCP, one stream", "Mbit/s"),
+    ("tcp_down_mbit", "TCP download, one stream", "Mbit/s"),
     ("udp64_pps", f"UDP {UDP_PAYLOAD_BYTES} B received", "packets/s"),
 )
+#: The TCP panels' JSON fields in a system's entry: metric -> (median, every round).  Reports written
+#: before the bench measured the download have no ``tcp_down_mbit``: that panel is then empty.
+MBIT_FIELDS = {
+    "tcp_mbit": ("tcp_mbit", "tcp_mbit_runs"),
+    "tcp_down_mbit": ("tcp_down_mbit", "tcp_down_mbit_runs"),
+}
 FAULT_TITLES = {LINK_DOWN: "link down", BLACKHOLE: "blackhole"}
 #: The idle section's failovers (jvpn-trio, one group per probing policy): JSON field -> panel title.
 IDLE_FAILOVERS = (
@@ -329,10 +338,12 @@ def plot_data(doc: Any) -> PlotData:
             notes.append(f"{label}: {status}: {entry.get('reason')}")
         elif key == MPTCP:  # no tunnel: its outage points are not a UDP probe stream's gaps
             notes.append(f"{label}'s outage: {MPTCP_OUTAGE_SHORT}")
-        tcp = _optional_number(entry, "tcp_mbit", where)
-        if tcp is not None:
-            runs = tuple(_finite(v, f"{where}tcp_mbit_runs[{i}]") for i, v in enumerate(_list(entry, "tcp_mbit_runs", where)))
-            bars["tcp_mbit"].append(Bar(label, tcp, runs))
+        for metric, (field, runs_field) in MBIT_FIELDS.items():
+            mbit = _optional_number(entry, field, where)
+            if mbit is not None:
+                values = enumerate(_list(entry, runs_field, where))
+                runs = tuple(_finite(v, f"{where}{runs_field}[{i}]") for i, v in values)
+                bars[metric].append(Bar(label, mbit, runs))
         udp = _optional_number(entry, "udp64_received_pps", where)
         if udp is not None:
             runs = tuple(_number(r, "received_pps", f"{where}udp64_runs[{i}].")
@@ -452,7 +463,8 @@ def _headers(figure: Figure, title: str, data: PlotData) -> None:
 
 
 def render_throughput(data: PlotData, path: Path) -> Drawn:
-    """Bars of TCP Mbit/s and UDP 64 B packets/s per system (every round as a dot), same-run ratios in the titles."""
+    """Bars of TCP Mbit/s (upload, download) and UDP 64 B packets/s per system (every round as a dot), same-run
+    ratios in the titles."""
     figure = _new_figure(THROUGHPUT_SIZE_IN)
     axes = figure.subplots(1, len(data.throughput), squeeze=False)[0]
     items: list[str] = []

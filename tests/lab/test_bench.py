@@ -13,7 +13,7 @@ import argparse
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -56,6 +56,18 @@ TCP_DOC: dict[str, Any] = {
     },
 }  # fmt: skip
 
+#: ``iperf3 -c 127.0.0.1 -t 1 -R -J`` (iperf 3.12): the server sent, the client received.  ``sum_sent`` is
+#: then the server's count (with its retransmits), ``sum_received`` the client's own.
+TCP_REVERSE_DOC: dict[str, Any] = {
+    "start": {"test_start": {"protocol": "TCP", "num_streams": 1, "duration": 1, "reverse": 1}},
+    "end": {
+        "sum_sent": {"start": 0, "end": 1.001585, "seconds": 1.001585, "bytes": 1858600960,
+                     "bits_per_second": 14845277914.50551, "retransmits": 14, "sender": False},
+        "sum_received": {"start": 0, "end": 1.00005, "seconds": 1.00005, "bytes": 1851654144,
+                         "bits_per_second": 14812492527.37363, "sender": False},
+    },
+}  # fmt: skip
+
 UDP_DOC: dict[str, Any] = {
     "end": {
         "sum": {"seconds": 2.002783, "bytes": 22706560, "lost_packets": 166436, "packets": 354790,
@@ -68,6 +80,11 @@ UDP_DOC: dict[str, Any] = {
 
 def test_tcp_throughput_is_the_receivers_rate_in_mbit() -> None:
     assert bench.parse_iperf_tcp(TCP_DOC) == pytest.approx(15471.990250743681)
+
+
+def test_tcp_download_throughput_is_the_receiving_clients_rate() -> None:
+    # With -R the receiver is the client itself: sum_received, not the server's sum_sent.
+    assert bench.parse_iperf_tcp(TCP_REVERSE_DOC) == pytest.approx(14812.49252737363)
 
 
 def test_udp_received_rate_counts_what_the_server_got() -> None:
@@ -195,6 +212,7 @@ def test_ratio_carries_bounds() -> None:
     "metric, figure, text",
     [
         ("tcp_mbit", Figure(19965.4), "19,965"),
+        ("tcp_down_mbit", Figure(18412.6), "18,413"),
         ("udp64_pps", Figure(46500.0), "46.5 k"),
         (LINK_DOWN, Figure(0.0127), "0.013"),
         (BLACKHOLE, Figure(2.9951, lower_bound=True), "> 2.995 (no recovery)"),
@@ -221,14 +239,18 @@ def test_format_ratio() -> None:
 def _report(openvpn: SystemResult) -> BenchReport:
     settings = BenchSettings(runs=3, iperf_s=3.0, fault_s=3.0, systems=(BASELINE, JVPN, OPENVPN))
     baseline = SystemResult(key=BASELINE, status=MEASURED, version="no tunnel", tcp_mbit_runs=(15000.0, 14000.0, 16000.0),
+                            tcp_down_mbit_runs=(16000.0, 15000.0, 17000.0),
                             udp64_runs=(UdpResult(200_000.0, 100_000.0, 50.0),))  # fmt: skip
     jvpn = SystemResult(
         key=JVPN, status=MEASURED, version="jvpn-trio 0.1.0", tcp_mbit_runs=(375.0, 380.0, 300.0),
+        tcp_down_mbit_runs=(340.0, 320.0, 360.0),
         udp64_runs=(UdpResult(240_000.0, 20_000.0, 91.0), UdpResult(240_000.0, 24_000.0, 90.0),
                     UdpResult(240_000.0, 16_000.0, 93.0)),
         outages={LINK_DOWN: (_o(0.012), _o(0.014), _o(0.013)), BLACKHOLE: (_o(0.31), _o(0.29), _o(0.30))},
         cpu_runs={"tcp": ({"client": 0.35, "gateway": 0.6}, {"client": 0.4, "gateway": 0.7},
                           {"client": 0.3, "gateway": 0.5}),
+                  "tcp_down": ({"client": 0.5, "gateway": 0.4}, {"client": 0.6, "gateway": 0.5},
+                               {"client": 0.55, "gateway": 0.45}),
                   "udp64": ({"client": 0.4, "gateway": 0.45},)},
         idle_cores_runs=(0.05, 0.04, 0.06),
         peak_rss_kib={"client": 53_000, "gateway": 52_000},
@@ -239,10 +261,11 @@ def _report(openvpn: SystemResult) -> BenchReport:
 
 OPENVPN_MEASURED = SystemResult(
     key=OPENVPN, status=MEASURED, version="OpenVPN 2.6.14, UDP, AES-256-GCM, float, keepalive 1 5",
-    tcp_mbit_runs=(600.0,), udp64_runs=(UdpResult(390_000.0, 40_000.0, 88.0),),
+    tcp_mbit_runs=(600.0,), tcp_down_mbit_runs=(400.0,), udp64_runs=(UdpResult(390_000.0, 40_000.0, 88.0),),
     outages={LINK_DOWN: (_o(0.011), _o(0.010), _o(0.012)),
              BLACKHOLE: (_o(2.99, False), _o(2.99, False), _o(2.99, False))},
-    cpu_runs={"tcp": ({"client": 0.7, "gateway": 0.7},), "udp64": ({"client": 0.4, "gateway": 0.4},)},
+    cpu_runs={"tcp": ({"client": 0.7, "gateway": 0.7},), "tcp_down": ({"client": 0.8, "gateway": 0.8},),
+              "udp64": ({"client": 0.4, "gateway": 0.4},)},
     peak_rss_kib={"client": 9_728, "gateway": 9_728},
 )  # fmt: skip
 
@@ -251,13 +274,69 @@ def test_figures_are_medians_over_the_rounds() -> None:
     jvpn = _report(OPENVPN_MEASURED).result(JVPN)
     assert jvpn is not None
     assert jvpn.tcp_mbit == 375.0 and jvpn.udp64_pps == 20_000.0
+    assert jvpn.tcp_down_mbit == 340.0 and jvpn.figure("tcp_down_mbit") == Figure(340.0)
     assert jvpn.cpu_cores("tcp") == {"client": 0.35, "gateway": 0.6, "total": 0.95}
+    assert jvpn.figure("cpu_tcp_down") == Figure(1.0)
     assert jvpn.cpu_cores("nothing") == {}
     assert jvpn.figure("cpu_tcp") == Figure(0.95)
     assert jvpn.figure(BLACKHOLE) == Figure(0.30)
     assert jvpn.figure("peak_rss") == Figure((53_000 + 52_000) / 1024)
     with pytest.raises(KeyError):
         jvpn.figure("latency")
+
+
+def test_the_download_has_its_rows_after_the_upload_and_is_measured_between_tcp_and_udp() -> None:
+    assert [row.metric for row in bench.rows(1)] == [
+        "tcp_mbit", "tcp_down_mbit", "udp64_pps", LINK_DOWN, BLACKHOLE, "cpu_tcp", "cpu_tcp_down", "cpu_udp64", "peak_rss",
+    ]  # fmt: skip
+    assert bench.THROUGHPUT_TESTS == (bench.TCP, bench.TCP_DOWN, bench.UDP64) == ("tcp", "tcp_down", "udp64")
+
+
+class _IperfLab:
+    """Just enough of a Lab for :func:`bench.run_iperf`: a server that says it listens, a client that
+    answers with a canned iperf3 document, and the client's argv kept."""
+
+    gateway_ns, client_ns = "gw", "cli"
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.client_argv: list[tuple[str, ...]] = []
+
+    async def start_process(self, ns: str, argv: list[str], *, stdout_path: Path, stderr_path: Path) -> Any:
+        assert ns == self.gateway_ns and "-s" in argv
+        stdout_path.write_text("Server listening on 5201\n")
+
+        class Server:
+            returncode = None
+
+            async def terminate(self) -> None:
+                pass
+
+        return Server()
+
+    async def run(self, ns: str, *argv: str, check: bool = True) -> Any:
+        assert ns == self.client_ns
+        self.client_argv.append(argv)
+        return argparse.Namespace(stdout=json.dumps(self.doc).encode(), stderr=b"", returncode=0)
+
+
+@pytest.mark.parametrize(
+    ("test", "doc", "reversed_", "collected"),
+    [(bench.TCP, TCP_DOC, False, "tcp"), (bench.TCP_DOWN, TCP_REVERSE_DOC, True, "tcp_down")],
+)
+async def test_the_download_is_iperf3_reversed_and_collected_apart_from_the_upload(
+    tmp_path: Path, test: str, doc: dict[str, Any], reversed_: bool, collected: str
+) -> None:
+    lab = _IperfLab(doc)
+    system = bench.Running(key=JVPN, lab=cast(Any, lab), workdir=tmp_path, target="10.66.0.1", version="jvpn-trio")
+    settings = BenchSettings(runs=1, iperf_s=1.0, fault_s=1.0, systems=(JVPN,))
+    await bench._throughput_test(system, [system], test, settings, f"{test}-1")
+    (argv,) = lab.client_argv
+    assert argv[:3] == ("iperf3", "-c", "10.66.0.1") and ("-R" in argv) == reversed_ and "-u" not in argv
+    expected = bench.parse_iperf_tcp(doc)
+    assert (system.tcp, system.tcp_down) == (([expected], []) if collected == "tcp" else ([], [expected]))
+    assert system.result().tcp_down_mbit_runs == tuple(system.tcp_down)
+    assert (tmp_path / f"iperf-{test}-1-client.json").exists()
 
 
 def test_rotation_changes_who_goes_first_each_round() -> None:
@@ -284,6 +363,8 @@ def test_table_has_every_system_the_ratios_and_a_labelled_reference_column() -> 
     ]  # fmt: skip
     assert table["status"] == ["measured", "measured", "measured", "", "", "not measured in this run; peers.md figure"]
     assert table["TCP, one stream (Mbit/s, median of 3)"] == ["15,000", "375", "600", "0.025×", "0.62×", "413"]
+    # peers.md measured no download: its column has no figure there.
+    assert table["TCP download, one stream (Mbit/s, median of 3)"] == ["16,000", "340", "400", "0.021×", "0.85×", "—"]
     assert table["UDP 64 B received (packets/s, median of 3)"] == [
         "100.0 k", "20.0 k", "40.0 k", "0.20×", "0.50×", "46.5 k"
     ]  # fmt: skip
@@ -292,6 +373,12 @@ def test_table_has_every_system_the_ratios_and_a_labelled_reference_column() -> 
         "—", "0.300", "> 2.990 (no recovery)", "—", "≤ 0.10×", "> 60 (no recovery)"
     ]  # fmt: skip
     assert table["CPU during TCP, client + gateway (cores)"][1:3] == ["0.95", "1.40"]
+    assert table["CPU during TCP download, client + gateway (cores)"] == ["—", "1.00", "1.60", "—", "0.62×", "—"]
+    titles = list(table)
+    assert titles.index("TCP download, one stream (Mbit/s, median of 3)") == titles.index(
+        "TCP, one stream (Mbit/s, median of 3)") + 1
+    assert titles.index("CPU during TCP download, client + gateway (cores)") == titles.index(
+        "CPU during TCP, client + gateway (cores)") + 1
     assert table["peak RSS, client + gateway (MiB)"][1:3] == ["102.5", "19.0"]
 
 
@@ -303,6 +390,7 @@ def test_an_unavailable_openvpn_is_said_so_and_gets_no_ratio() -> None:
     assert table["status"][2] == "not available: openvpn is not installed (apt-get install -y openvpn)"
     assert table["TCP, one stream (Mbit/s, median of 3)"][2] == "—"
     assert table["TCP, one stream (Mbit/s, median of 3)"][4] == "—"  # jvpn / OpenVPN
+    assert table["TCP download, one stream (Mbit/s, median of 3)"][2::2] == ["—", "—"]  # OpenVPN, jvpn / OpenVPN
     assert "not measured in this run; peers.md figure" in text
     assert "- jvpn-trio: jvpn-trio 0.1.0; idle while the others were measured: 0.05 cores" in text
 
@@ -319,9 +407,15 @@ def test_json_document_round_trips_and_keeps_the_reference_apart() -> None:
     assert jv["cpu_cores"]["tcp"]["median"]["total"] == 0.95 and len(jv["cpu_cores"]["tcp"]["runs"]) == 3
     assert jv["udp64_received_pps"] == 20_000.0 and len(jv["udp64_runs"]) == 3
     assert jv["tcp_mbit"] == 375.0 and jv["tcp_mbit_runs"] == [375.0, 380.0, 300.0]
+    assert jv["tcp_down_mbit"] == 340.0 and jv["tcp_down_mbit_runs"] == [340.0, 320.0, 360.0]
+    assert jv["cpu_cores"]["tcp_down"]["median"] == {"client": 0.55, "gateway": 0.45, "total": 1.0}
+    assert "tcp_down_mbit" not in systems[WIREGUARD_REFERENCE]["reference"]  # peers.md has no download figure
     assert jv["idle_cores"] == 0.05
     assert set(doc["ratios"]) == {"jvpn_over_baseline", "jvpn_over_openvpn"}
     assert doc["ratios"]["jvpn_over_openvpn"][BLACKHOLE] == {"value": pytest.approx(0.1003, abs=1e-4), "bound": "<="}
+    assert doc["ratios"]["jvpn_over_openvpn"]["tcp_down_mbit"] == {"value": 0.85, "bound": "="}
+    assert doc["ratios"]["jvpn_over_openvpn"]["cpu_tcp_down"] == {"value": 0.625, "bound": "="}
+    assert doc["ratios"]["jvpn_over_baseline"]["tcp_down_mbit"] == {"value": 0.0213, "bound": "="}
     assert doc["ratios"]["jvpn_over_baseline"][LINK_DOWN] is None
     assert doc["settings"]["runs"] == 3 and doc["settings"]["jvpn_policy_overrides"] == dict(bench.JVPN_POLICY)
 
@@ -638,9 +732,10 @@ def test_latest_handshakes_parse_and_reject_garbage() -> None:
 
 WIREGUARD_MEASURED = SystemResult(
     key=WIREGUARD, status=MEASURED, version="wireguard-go v0.0.20220316, wireguard-tools v1.0.20210914",
-    tcp_mbit_runs=(400.0,), udp64_runs=(UdpResult(90_000.0, 32_000.0, 64.0),),
+    tcp_mbit_runs=(400.0,), tcp_down_mbit_runs=(425.0,), udp64_runs=(UdpResult(90_000.0, 32_000.0, 64.0),),
     outages={LINK_DOWN: (_o(1.99, False),), BLACKHOLE: (_o(1.99, False),)},
-    cpu_runs={"tcp": ({"client": 0.6, "gateway": 0.5},), "udp64": ({"client": 0.5, "gateway": 0.5},)},
+    cpu_runs={"tcp": ({"client": 0.6, "gateway": 0.5},), "tcp_down": ({"client": 0.5, "gateway": 0.75},),
+              "udp64": ({"client": 0.5, "gateway": 0.5},)},
     peak_rss_kib={"client": 10_240, "gateway": 10_240},
 )  # fmt: skip
 
@@ -660,6 +755,8 @@ def test_a_measured_wireguard_gets_a_column_and_ratios_and_no_reference() -> Non
     ]  # fmt: skip
     assert table["status"][3] == "measured"
     assert table["TCP, one stream (Mbit/s, median of 3)"][3::3] == ["400", "0.94×"]
+    assert table["TCP download, one stream (Mbit/s, median of 3)"][3::3] == ["425", "0.80×"]
+    assert table["CPU during TCP download, client + gateway (cores)"][3::3] == ["1.25", "0.80×"]
     assert table["UDP 64 B received (packets/s, median of 3)"][3] == "32.0 k"
     # The outage rows count the fault trials, not the throughput rounds.
     assert table["outage, blackhole (s, median of 5)"][3] == "> 1.990 (no recovery)"
@@ -669,6 +766,8 @@ def test_a_measured_wireguard_gets_a_column_and_ratios_and_no_reference() -> Non
     assert list(doc["systems"]) == [BASELINE, JVPN, OPENVPN, WIREGUARD]
     assert doc["systems"][WIREGUARD]["tcp_mbit"] == 400.0
     assert doc["ratios"]["jvpn_over_wireguard_go"]["tcp_mbit"] == {"value": 0.9375, "bound": "="}
+    assert doc["ratios"]["jvpn_over_wireguard_go"]["tcp_down_mbit"] == {"value": 0.8, "bound": "="}
+    assert doc["systems"][WIREGUARD]["tcp_down_mbit_runs"] == [425.0]
     assert doc["ratios"]["jvpn_over_wireguard_go"][LINK_DOWN] == {"value": pytest.approx(0.0065, abs=1e-4), "bound": "<="}
     assert doc["settings"]["fault_runs"] == 5
 
@@ -684,10 +783,13 @@ def test_a_missing_wireguard_is_a_row_with_the_reason_and_the_reference_stays_ap
     assert table["TCP, one stream (Mbit/s, median of 3)"][3] == "—"
     assert table["TCP, one stream (Mbit/s, median of 3)"][6] == "—"  # jvpn / wireguard-go: nothing to divide by
     assert table["TCP, one stream (Mbit/s, median of 3)"][-1] == "413"  # the reference, in its own column
+    assert table["TCP download, one stream (Mbit/s, median of 3)"][-1] == "—"  # peers.md measured no download
+    assert table["CPU during TCP download, client + gateway (cores)"][-1] == "—"
     assert f"- wireguard-go: not available: {reason}" in text
     doc = json.loads(json.dumps(report.to_json()))
     assert (doc["systems"][WIREGUARD]["status"], doc["systems"][WIREGUARD]["reason"]) == (NOT_AVAILABLE, reason)
     assert doc["systems"][WIREGUARD]["tcp_mbit"] is None
+    assert (doc["systems"][WIREGUARD]["tcp_down_mbit"], doc["systems"][WIREGUARD]["tcp_down_mbit_runs"]) == (None, [])
     assert doc["systems"][WIREGUARD_REFERENCE]["status"] == bench_report.REFERENCE
     assert all(v is None for v in doc["ratios"]["jvpn_over_wireguard_go"].values())
     assert bench.wireguard_missing_reason(["wireguard-go", "wg"]).startswith("wireguard-go and wg are not installed")
@@ -704,6 +806,7 @@ async def test_wireguard_not_installed_is_reported_not_raised(
     missing = [tool for tool in ("wireguard-go", "wg") if tool not in present]
     assert (result.status, result.reason) == (NOT_AVAILABLE, bench.wireguard_missing_reason(missing))
     assert result.figure("tcp_mbit") is None and result.figure(BLACKHOLE) is None
+    assert result.figure("tcp_down_mbit") is None
 
 
 # -- the real thing, briefly ------------------------------------------------------------------------------
@@ -726,12 +829,16 @@ async def test_quick_bench_of_baseline_jvpn_and_wireguard_produces_every_figure(
     tunnels = (jvpn, wireguard) if wireguard_installed else (jvpn,)
     for result in (baseline, *tunnels):
         assert len(result.tcp_mbit_runs) == 1 and result.tcp_mbit_runs[0] > 0
+        assert len(result.tcp_down_mbit_runs) == 1 and result.tcp_down_mbit_runs[0] > 0  # iperf3 -R: the download
+        assert result.figure("tcp_down_mbit") is not None
         assert len(result.udp64_runs) == 1 and result.udp64_runs[0].received_pps > 0
     for result in tunnels:
         assert result.status == MEASURED, result.reason
         assert {fault: len(runs) for fault, runs in result.outages.items()} == {LINK_DOWN: 1, BLACKHOLE: 1}
-        assert set(result.cpu_runs) == {"tcp", "udp64"} and set(result.peak_rss_kib) == {"client", "gateway"}
-        assert len(result.idle_cores_runs) == 2 * len(tunnels)  # read while the others' TCP and UDP tests ran
+        assert set(result.cpu_runs) == {"tcp", "tcp_down", "udp64"} and set(result.peak_rss_kib) == {"client", "gateway"}
+        assert result.figure("cpu_tcp_down") is not None
+        # Read while the others' TCP upload, TCP download and UDP tests ran.
+        assert len(result.idle_cores_runs) == len(bench.THROUGHPUT_TESTS) * len(tunnels)
     # The CPU and memory figures are the tunnel processes' own, not an `ip netns exec` wrapper's.
     assert all(name.startswith("python") for name in jvpn.details["processes"].values())
     if wireguard_installed:
@@ -759,5 +866,8 @@ async def test_quick_bench_of_baseline_jvpn_and_wireguard_produces_every_figure(
         assert len(idle.idle_failovers) == 1 and idle.idle_failovers[0].recovered
     table = bench.render_table(report)
     assert "jvpn / bare" in table and "jvpn / OpenVPN" not in table
+    download = _table_rows(table)["TCP download, one stream (Mbit/s, 1 run)"]
+    assert "—" not in download[: 1 + len(tunnels)]  # the bare veth and every tunnel measured
+    assert json.loads(json.dumps(report.to_json()))["systems"][JVPN]["tcp_down_mbit"] is not None
     assert "| idle, jvpn-trio |" in table
     assert json.loads(json.dumps(report.to_json()))["idle"]["policies"][bench.FLAT]["status"] == MEASURED

@@ -192,6 +192,7 @@ def test_an_mptcp_column_has_outages_a_ratio_and_says_what_its_outage_is() -> No
             for line in text.splitlines() if line.startswith("| ")}  # fmt: skip
     assert rows["metric"][:3] == ["jvpn-trio", "kernel MPTCP", "jvpn / MPTCP"]
     assert rows["TCP, one stream (Mbit/s, 1 run)"][1:3] == ["—", "—"]
+    assert rows["TCP download, one stream (Mbit/s, 1 run)"][1:3] == ["—", "—"]  # no tunnel, no download either
     assert rows["outage, link down (s, 1 run)"][1:3] == ["0.400", "0.050×"]
     assert rows["outage, blackhole (s, 1 run)"][1:3] == ["> 2.000 (no recovery)", "≤ 0.15×"]
     assert f"- kernel MPTCP's outage: {MPTCP_OUTAGE_MEASURE}; its '> x (no recovery)'" in text

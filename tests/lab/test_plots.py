@@ -50,14 +50,16 @@ def _report(*, with_idle: bool = False) -> BenchReport:
     settings = BenchSettings(runs=3, iperf_s=3.0, fault_s=3.0, systems=(BASELINE, JVPN, OPENVPN, WIREGUARD),
                              fault_runs=3)  # fmt: skip
     baseline = SystemResult(key=BASELINE, status=MEASURED, tcp_mbit_runs=(15000.0, 14000.0, 16000.0),
+                            tcp_down_mbit_runs=(16000.0, 15000.0, 17000.0),
                             udp64_runs=(UdpResult(200_000.0, 100_000.0, 50.0),))  # fmt: skip
     jvpn = SystemResult(
-        key=JVPN, status=MEASURED, tcp_mbit_runs=(375.0, 380.0, 300.0),
+        key=JVPN, status=MEASURED, tcp_mbit_runs=(375.0, 380.0, 300.0), tcp_down_mbit_runs=(340.0, 320.0, 360.0),
         udp64_runs=(UdpResult(240_000.0, 20_000.0, 91.0), UdpResult(240_000.0, 24_000.0, 90.0)),
         outages={LINK_DOWN: (_o(0.012), _o(0.014), _o(0.0)), BLACKHOLE: (_o(0.31), _o(0.29), _o(2.99, False))},
     )  # fmt: skip
     openvpn = SystemResult(
-        key=OPENVPN, status=MEASURED, tcp_mbit_runs=(600.0,), udp64_runs=(UdpResult(390_000.0, 40_000.0, 88.0),),
+        key=OPENVPN, status=MEASURED, tcp_mbit_runs=(600.0,), tcp_down_mbit_runs=(400.0,),
+        udp64_runs=(UdpResult(390_000.0, 40_000.0, 88.0),),
         outages={LINK_DOWN: (_o(0.011), _o(0.010), _o(0.012)),
                  BLACKHOLE: (_o(2.99, False), _o(2.99, False), _o(2.99, False))},
     )  # fmt: skip
@@ -103,13 +105,20 @@ def test_both_figures_are_real_pngs_of_the_configured_size(tmp_path: Path) -> No
 def test_the_plot_data_reads_the_reports_figures_subtitle_and_ratios() -> None:
     data = plots.plot_data(_document(_report()))
     assert data.subtitle.startswith("2026-12-03 03:00 UTC") and "2 CPUs" in data.subtitle and "kernel 6.18" in data.subtitle
-    tcp, udp = data.throughput
+    tcp, down, udp = data.throughput
     assert [(b.system, b.value, b.reference) for b in tcp.bars] == [
         ("bare veth", 15000.0, False), ("jvpn-trio", 375.0, False), ("OpenVPN", 600.0, False),
         (bench_report.LABELS[bench_report.WIREGUARD_REFERENCE], 413.0, True),
     ]  # fmt: skip
     assert tcp.bars[1].runs == (375.0, 380.0, 300.0)
     assert tcp.ratios == ("jvpn / bare 0.025×", "jvpn / OpenVPN 0.62×")
+    # The download: every measured system, no reference bar (peers.md has no download figure).
+    assert (down.metric, down.title, down.unit) == ("tcp_down_mbit", "TCP download, one stream", "Mbit/s")
+    assert [(b.system, b.value, b.reference) for b in down.bars] == [
+        ("bare veth", 16000.0, False), ("jvpn-trio", 340.0, False), ("OpenVPN", 400.0, False),
+    ]  # fmt: skip
+    assert down.bars[1].runs == (340.0, 320.0, 360.0)
+    assert down.ratios == ("jvpn / bare 0.021×", "jvpn / OpenVPN 0.85×")
     assert [b.value for b in udp.bars[:3]] == [100_000.0, 22_000.0, 40_000.0]
     assert any(n.startswith("wireguard-go: not available: wireguard-go is not installed") for n in data.notes)
     assert [p.fault for p in data.outages] == [LINK_DOWN, BLACKHOLE]
@@ -131,6 +140,8 @@ def test_trials_without_recovery_are_drawn_not_dropped(tmp_path: Path) -> None:
 def test_throughput_lists_every_bar_including_the_labelled_reference(tmp_path: Path) -> None:
     drawn = plots.render_throughput(plots.plot_data(_document(_report())), tmp_path / "t.png")
     assert "tcp_mbit: jvpn-trio: 375.0 Mbit/s" in drawn.items
+    assert "tcp_down_mbit: jvpn-trio: 340.0 Mbit/s" in drawn.items
+    assert not any(i.startswith("tcp_down_mbit: wireguard-go (peers.md") for i in drawn.items)
     assert any(i.startswith("udp64_pps: wireguard-go (peers.md") and i.endswith("(reference, not this run)")
                for i in drawn.items)  # fmt: skip
 
@@ -143,12 +154,44 @@ def test_throughput_lists_every_bar_including_the_labelled_reference(tmp_path: P
         ({"benchmark": "jvpn-trio bench"}, "not a jvpn-trio bench report: no systems"),
         ({"benchmark": "jvpn-trio bench", "systems": {"x": {"label": "x", "status": "measured", "tcp_mbit": "fast"}}},
          "not a jvpn-trio bench report: systems.x.tcp_mbit is str"),
+        ({"benchmark": "jvpn-trio bench",
+          "systems": {"x": {"label": "x", "status": "measured", "tcp_down_mbit": 3.0, "tcp_down_mbit_runs": [True]}}},
+         "not a jvpn-trio bench report: systems.x.tcp_down_mbit_runs[0] is not a finite number"),
     ],
 )  # fmt: skip
 def test_a_document_that_is_not_a_report_is_one_line(doc: Any, message: str) -> None:
     with pytest.raises(plots.NotAReport) as info:
         plots.plot_data(doc)
     assert str(info.value) == message
+
+
+#: A report the bench wrote before it measured the TCP download (no ``tcp_down_mbit`` anywhere).
+SAVED_BEFORE_DOWNLOAD = Path(__file__).resolve().parents[2] / "docs" / "img" / "bench-2026-12-03-1654.json"
+
+
+def _without_download(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` as the bench wrote it before the download test: no download figures, rows or CPU."""
+    for entry in doc["systems"].values():
+        for field in ("tcp_down_mbit", "tcp_down_mbit_runs"):
+            entry.pop(field, None)
+        entry.get("cpu_cores", {}).pop("tcp_down", None)
+    for by_metric in doc["ratios"].values():
+        for metric in ("tcp_down_mbit", "cpu_tcp_down"):
+            by_metric.pop(metric, None)
+    return doc
+
+
+@pytest.mark.parametrize("source", ["saved", "stripped"])
+def test_a_report_from_before_the_download_test_still_loads_and_plots(tmp_path: Path, source: str) -> None:
+    doc = json.loads(SAVED_BEFORE_DOWNLOAD.read_text()) if source == "saved" else _without_download(_document(_report()))
+    assert not any("tcp_down_mbit" in entry for entry in doc["systems"].values())
+    data = plots.plot_data(doc)
+    tcp, down, udp = data.throughput
+    assert tcp.bars and udp.bars and (down.bars, down.ratios) == ((), ())
+    drawn = plots.render_all(doc, tmp_path)
+    assert drawn[0].path.name == plots.THROUGHPUT_FILE and drawn[0].path.read_bytes().startswith(PNG_SIGNATURE)
+    assert any(i.startswith("tcp_mbit: jvpn-trio: ") for i in drawn[0].items)
+    assert not any(i.startswith("tcp_down_mbit: ") for i in drawn[0].items)
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
