@@ -161,7 +161,7 @@ class SecureChannel:
         window only when the receiver index changes.  A datagram that is not DATA is
         dropped as MALFORMED (callers pass what :func:`wire.is_data_untrusted` took).
         Outcomes, window and key ring are exactly those of :meth:`open_untrusted`
-        called once per datagram (tests/core/test_channel.py checks both side by side).
+        called once per datagram (tests/core/test_data_path_batch.py checks both side by side).
         """
         packets: list[bytes] = []
         drops: list[ReasonCode] = []
@@ -188,10 +188,9 @@ class SecureChannel:
             if not window.check(counter):
                 drops.append(ReasonCode.REPLAYED_COUNTER)
                 continue
-            if now - keypair.created_at >= reject_after_s or counter >= reject_after_messages:
-                drops.append(ReasonCode.DECRYPT_FAILED)  # the limits check_receivable enforces
-                continue
             try:
+                if now - keypair.created_at >= reject_after_s or counter >= reject_after_messages:
+                    self.keyring.check_receivable(keypair, counter, now)  # raises, as in open_untrusted
                 plaintext = keypair.open(counter, datagram[_HEADER_LEN:], datagram[:_HEADER_LEN], lane=DATA_LANE)
             except DecryptFailed as exc:
                 drops.append(exc.reason)
@@ -201,7 +200,8 @@ class SecureChannel:
                 continue
             if keypair is self.keyring.next and self.keyring.confirm(keypair):
                 self._sync_windows()
-                looked_up = -1  # the ring changed: look the next datagram's index up again
+                looked_up = -1  # a guard: the promoted index keeps its keypair and window today
+            # wire.data_packet's own test, inline: only a DATA_PARTIAL needs the call
             packets.append(wire.data_packet(msg_type, plaintext) if msg_type is partial else plaintext)
         return OpenedData(packets, drops)
 

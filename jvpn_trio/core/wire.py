@@ -755,6 +755,8 @@ def parse_transport_untrusted(data: bytes) -> tuple[MessageType, int, int]:
 #: The receiver index follows version, type and the reserved u16 of the transport header.
 RECEIVER_INDEX_OFFSET = struct.calcsize("!BBH")  # 4
 _RECEIVER_INDEX = struct.Struct("!I")
+#: Where the receiver index ends: ``data[RECEIVER_INDEX_OFFSET:RECEIVER_INDEX_END]`` are its bytes.
+RECEIVER_INDEX_END = RECEIVER_INDEX_OFFSET + _RECEIVER_INDEX.size
 
 
 def peek_receiver_index_untrusted(data: bytes) -> int:

@@ -1083,14 +1083,15 @@ class ClientRuntime:
                 run.append(data)
             else:
                 if run:
-                    self._open_data(path, run, now)
+                    self._open_data_run(path, run, now)
                     run = []
                 await self._on_datagram(path, data, now)
         if run:
-            self._open_data(path, run, now)
+            self._open_data_run(path, run, now)
         self._flush_delivered()
 
-    def _open_data(self, path: ClientPath, run: list[bytes], now: float) -> None:
+    def _open_data_run(self, path: ClientPath, run: list[bytes], now: float) -> None:
+        """Open consecutive DATA from the gateway in one call; count the drops, deliver the rest."""
         opened = self.channel.open_data_batch(run, now=now)
         for reason in opened.drops:
             self._tally.drop[reason] += 1
@@ -1111,10 +1112,7 @@ class ClientRuntime:
         except ChannelDrop as drop:
             self._tally.drop[drop.reason] += 1
             return
-        if opened.msg_type in wire.DATA_TYPES:  # the per-packet path: nothing to decode
-            self._deliver(path, [wire.data_packet(opened.msg_type, opened.plaintext)], now)
-            return
-        try:
+        try:  # never DATA: _receive_batch opens that in runs
             message = wire.decode_plaintext_untrusted(opened.msg_type, opened.plaintext)
         except wire.BadFrame:
             self._tally.drop_malformed_plaintext += 1

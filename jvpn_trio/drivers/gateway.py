@@ -145,7 +145,6 @@ def _reason_counters(prefix: str, reasons: Iterable[ReasonCode]) -> Mapping[Reas
 
 #: The DATA type's byte, and the transport header's receiver index: what the DATA fast path reads first.
 _RECEIVER_INDEX = struct.Struct("!I")
-_RECEIVER_INDEX_END = wire.RECEIVER_INDEX_OFFSET + _RECEIVER_INDEX.size
 
 R = ReasonCode
 #: The counter per reason ``SecureChannel.open_untrusted`` drops a frame for.
@@ -925,7 +924,7 @@ class GatewayRuntime:
         instead of one of each per datagram (docs/benchmarks.md, "Opening DATA in runs").
         Anything else, and a run :meth:`_on_data_run_nowait` declines, goes one by one.
         """
-        is_data, start_of, end_of = wire.is_data_untrusted, wire.RECEIVER_INDEX_OFFSET, _RECEIVER_INDEX_END
+        is_data, start_of, end_of = wire.is_data_untrusted, wire.RECEIVER_INDEX_OFFSET, wire.RECEIVER_INDEX_END
         count, start = len(batch), 0
         while start < count:
             data, addr, reply = batch[start]

@@ -210,3 +210,34 @@ def test_a_control_frame_in_a_data_batch_is_dropped_and_moves_no_window() -> Non
     opened = b.open_data_batch([probe, data], now=1.0)
     assert opened == ([b"after the probe"], [R.MALFORMED])
     assert b.open_untrusted(probe, now=1.0).msg_type is wire.MessageType.PROBE  # the control lane never saw it
+
+
+@pytest.mark.parametrize("counter_from_limit", [-1, 0])
+@pytest.mark.parametrize("age_from_limit", [-1e-6, 0.0])
+def test_a_batch_enforces_the_receive_limits_exactly_at_their_boundary(
+    counter_from_limit: int, age_from_limit: float
+) -> None:
+    """A holder of the key seals at counters around reject_after_messages; the keypair ages to reject_after_s.
+
+    Accepted only strictly below both limits, in the batch as one by one.
+    """
+    policy = Policy(rekey_after_messages=2, reject_after_messages=4)
+    sender = keypair(K1, K2, 10, 20, initiator=True)
+    counter = policy.reject_after_messages + counter_from_limit
+    header = wire.pack_transport_header(wire.MessageType.DATA, 20, counter)
+    datagram = header + sender.seal(counter, b"edge", header, lane=DATA_LANE)
+    now = float(policy.reject_after_s) + age_from_limit
+    outcomes = []
+    for batched in (False, True):
+        b = SecureChannel(policy)
+        b.install_current(keypair(K2, K1, 20, 10, initiator=False))
+        if batched:
+            opened = b.open_data_batch([datagram], now=now)
+            outcomes.append((opened.packets, opened.drops))
+        else:
+            try:
+                outcomes.append(([b.open_untrusted(datagram, now=now).plaintext], []))
+            except ChannelDrop as drop:
+                outcomes.append(([], [drop.reason]))
+    accepted = counter_from_limit < 0 and age_from_limit < 0
+    assert outcomes[0] == outcomes[1] == (([b"edge"], []) if accepted else ([], [R.DECRYPT_FAILED]))

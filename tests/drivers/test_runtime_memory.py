@@ -21,6 +21,7 @@ from jvpn_trio.core import events as ev
 from jvpn_trio.core import offload, wire
 from jvpn_trio.core.actions import EmitEvent, EventKind
 from jvpn_trio.core.ids import PathId
+from jvpn_trio.core.keyring import Keypair
 from jvpn_trio.core.noise import generate_static
 from jvpn_trio.core.policy import Policy
 from jvpn_trio.core.states import ReasonCode, SessionState
@@ -706,4 +707,39 @@ async def test_a_broken_partial_packet_from_a_valid_peer_is_dropped_and_counted(
             assert await world.gw_packets.delivered.receive() == good  # the broken one never came out
             assert world.gw_packets.dropped == 0
             assert world.gateway.statistics().rx_tun_full == 1  # refused by the device, counted
+            nursery.cancel_scope.cancel()
+
+
+async def test_data_before_a_control_frame_is_opened_with_the_keys_before_it(autojump_clock: trio.abc.Clock) -> None:
+    """The client opens DATA in runs, but a control frame ends the run before it.
+
+    While the control frame's input awaits, another task may replace the keys (a takeover's
+    ``install_alone``): the DATA read before that frame was sealed with the keys before it,
+    and must open with them; the DATA after it meets the new keys.
+    """
+    world = World()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, world)
+            await trio.sleep(1.0)
+            client, served = world.client, world.gateway_session()
+            path = client.active_path
+            assert path is not None
+            first, second = (served.channel.seal_data_batch([ipv4_packet("10.66.0.1", "10.66.0.2", text)])[0]
+                             for text in (b"before", b"after"))
+            ack = served.channel.seal(wire.MessageType.PROBE_ACK, wire.encode_probe_ack_plaintext(wire.ProbeAck(
+                path_id=path.path, seq=1, echo_sent_us=0, gateway_state_version=1, bound_path_id=path.path)))
+            submit = client.submit
+
+            async def submit_while_the_keys_change(event, *, at=None):  # type: ignore[no-untyped-def]
+                client.channel.install_alone(Keypair(send_key=bytes(32), recv_key=bytes([7]) * 32, local_index=4242,
+                                                     remote_index=1, is_initiator=True, created_at=at or 0.0))
+                await submit(event, at=at)
+
+            client.submit = submit_while_the_keys_change  # type: ignore[method-assign]
+            received = client.statistics().rx_packets
+            await client._receive_batch(path, [(first, GATEWAY), (ack, GATEWAY_CONTROL), (second, GATEWAY)])
+            stats = client.statistics()
+            assert stats.rx_packets - received == 1  # "before" opened with the old keys
+            assert stats.drop[ReasonCode.STRAY_PACKET] == 1  # "after" met keys it was not sealed with
             nursery.cancel_scope.cancel()
