@@ -1139,7 +1139,7 @@ class ClientRuntime:
         tally.rx_packets += len(packets)
         tally.rx_bytes += sum(map(len, packets))
         if self._packets is not None:
-            self._delivered.extend([packet for packet in packets if packet])  # an empty one is a keepalive
+            self._delivered.extend(packets)
         if self._due_to_report(self._delivery_reported, path.path, now):
             self.submit_nowait(ev.DeliveryObserved(path=path.path))
 

@@ -1041,7 +1041,7 @@ class GatewayRuntime:
         served.rx_packets += count
         served.rx_bytes += size
         if self._packets is not None:
-            self._delivered.extend([packet for packet in packets if packet])  # an empty one is a keepalive
+            self._delivered.extend(packets)
 
     async def _on_message(
         self, served: ServedSession, port: DatagramPort, message: wire.InnerMessage, addr: Address, now: float

@@ -54,7 +54,8 @@ class DeliveryBuffer:
         self._pending: list[bytes] = []
 
     def extend(self, packets: list[bytes]) -> None:
-        self._pending.extend(packets)
+        """Queue what a run opened; an empty packet is a keepalive, counted by the caller, never written."""
+        self._pending.extend([packet for packet in packets if packet])
 
     def flush(self, port: PacketPort) -> int:
         """Write what was added since the last flush to ``port``; how many it dropped."""

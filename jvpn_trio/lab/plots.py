@@ -49,6 +49,7 @@ from jvpn_trio.lab.bench_report import (
     JVPN,
     LABELS,
     LINK_DOWN,
+    MBIT_METRICS,
     MEASURED,
     MPTCP,
     MPTCP_OUTAGE_SHORT,
@@ -126,12 +127,10 @@ THROUGHPUT_PANELS = (
     ("tcp_down_mbit", "TCP download, one stream", "Mbit/s"),
     ("udp64_pps", f"UDP {UDP_PAYLOAD_BYTES} B received", "packets/s"),
 )
-#: The TCP panels' JSON fields in a system's entry: metric -> (median, every round).  Reports written
-#: before the bench measured the download have no ``tcp_down_mbit``: that panel is then empty.
-MBIT_FIELDS = {
-    "tcp_mbit": ("tcp_mbit", "tcp_mbit_runs"),
-    "tcp_down_mbit": ("tcp_down_mbit", "tcp_down_mbit_runs"),
-}
+#: The TCP panels' JSON fields in a system's entry: metric -> (median, every round), named after the
+#: metric as ``SystemResult.to_json`` writes them.  Reports written before the bench measured the
+#: download have no ``tcp_down_mbit``: that panel is then empty.
+MBIT_FIELDS = {metric: (metric, f"{metric}_runs") for metric in MBIT_METRICS}
 FAULT_TITLES = {LINK_DOWN: "link down", BLACKHOLE: "blackhole"}
 #: The idle section's failovers (jvpn-trio, one group per probing policy): JSON field -> panel title.
 IDLE_FAILOVERS = (
